@@ -1,0 +1,3 @@
+from virtio.cli import main
+
+raise SystemExit(main())
