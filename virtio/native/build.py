@@ -1,0 +1,94 @@
+"""Build the native virtqueue core with cffi (API mode).
+
+``python -m virtio.native.build`` compiles ``_vm_native`` next to this file; the
+package also builds it on first import when it is missing.  Spec constants are
+not written twice: the ``#define`` lines the C code uses are generated here from
+``virtio.spec.ring``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+
+def module_name() -> str:
+    """``_vm_native_<hash>``: the hash covers the C sources and the spec defines, so a
+    stale build is never imported after a change."""
+    digest = hashlib.sha256()
+    for name in ("vm_native.h", "vm_native.c", "build.py"):
+        digest.update((HERE / name).read_bytes())
+    digest.update(spec_defines().encode())
+    return "_vm_native_" + digest.hexdigest()[:12]
+
+
+def spec_defines() -> str:
+    """``#define`` lines for every ring constant the C core uses (from virtio.spec.ring)."""
+    from virtio.spec import ring
+
+    lines = []
+    for enum_name in ("VringDescFlag", "VringAvailFlag", "VringUsedFlag", "PackedDescFlag"):
+        for member in getattr(ring, enum_name):
+            lines.append(f"#define {member.name} {int(member)}u")
+    for member in ring.PackedEventFlag:
+        lines.append(f"#define {member.name} {int(member)}u")
+    lines.append(f"#define VRING_PACKED_EVENT_F_WRAP_CTR {ring.VRING_PACKED_EVENT_F_WRAP_CTR}")
+    # A name may appear in two enums (packed reuses NEXT/WRITE/INDIRECT): keep the first.
+    seen: set[str] = set()
+    unique = []
+    for line in lines:
+        name = line.split()[1]
+        if name not in seen:
+            seen.add(name)
+            unique.append(line)
+    return "\n".join(unique)
+
+
+def cdef_text() -> str:
+    header = (HERE / "vm_native.h").read_text()
+    header = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
+    header = "\n".join(line for line in header.splitlines() if not line.startswith("#"))
+    return header
+
+
+def make_ffi(tmpdir: Path | None = None) -> FFI:
+    ffi = FFI()
+    ffi.cdef(cdef_text())
+    source = (HERE / "vm_native.c").read_text().replace("/* VM_SPEC_DEFINES */", spec_defines())
+    ffi.set_source(
+        f"virtio.native.{module_name()}",
+        source,
+        include_dirs=[str(HERE)],
+        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    )
+    return ffi
+
+
+def build(target_dir: Path = HERE) -> Path:
+    """Compile the module into ``target_dir``; returns the path of the shared object.
+
+    Compiles in a scratch directory (so setuptools never reads the project's
+    pyproject.toml) and moves the result into place atomically.
+    """
+    ffi = make_ffi()
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-build-") as tmp:
+        built = Path(ffi.compile(tmpdir=tmp, verbose=False))
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / built.name
+        staging = target.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copy2(built, staging)
+        os.replace(staging, target)
+    return target
+
+
+if __name__ == "__main__":
+    print(build(), file=sys.stderr)

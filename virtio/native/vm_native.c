@@ -1,0 +1,507 @@
+/* Native core of the virtqueue engine: see vm_native.h.  Spec: OASIS virtio 1.4
+ * CS01, §2.7 (split virtqueues) and §2.8 (packed virtqueues).  Guest memory is
+ * little-endian (virtio 1.x, §1.4); this file assumes a little-endian host. */
+#include <string.h>
+#include "vm_native.h"
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the native virtqueue core assumes a little-endian host"
+#endif
+
+/* Spec constants, generated from virtio.spec by the build (build.py). */
+/* VM_SPEC_DEFINES */
+
+#define PAGE_SHIFT 12
+
+/* ---- guest memory -------------------------------------------------------------- */
+
+static inline int vm_find(struct vm_mem *m, uint64_t gpa)
+{
+    uint32_t i = m->last_hit;
+    if (i < m->nregions && gpa - m->regions[i].gpa < m->regions[i].size)
+        return (int)i;
+    for (i = 0; i < m->nregions; i++) {
+        if (gpa - m->regions[i].gpa < m->regions[i].size) {
+            m->last_hit = i;
+            return (int)i;
+        }
+    }
+    return -1;
+}
+
+/* Host pointer for [gpa, gpa+len) if it lies inside ONE region, else NULL.
+ * len == 0 is treated as len == 1 for the lookup. */
+uint8_t *vm_translate(struct vm_mem *m, uint64_t gpa, uint64_t len, uint32_t *region_out)
+{
+    int i = vm_find(m, gpa);
+    if (i < 0)
+        return NULL;
+    struct vm_region *r = &m->regions[i];
+    uint64_t off = gpa - r->gpa;
+    if (len > r->size - off)
+        return NULL;
+    if (region_out)
+        *region_out = (uint32_t)i;
+    return r->host + off;
+}
+
+void vm_log_dirty(struct vm_mem *m, uint64_t gpa, uint64_t len)
+{
+    if (!m->dirty_log || len == 0)
+        return;
+    uint64_t first = gpa >> PAGE_SHIFT, last = (gpa + len - 1) >> PAGE_SHIFT;
+    for (uint64_t p = first; p <= last; p++) {
+        if ((p >> 3) >= m->dirty_log_size)
+            break;
+        __atomic_fetch_or(&m->dirty_log[p >> 3], (uint8_t)(1u << (p & 7)), __ATOMIC_RELAXED);
+    }
+}
+
+uint16_t vm_load_acquire_u16(const uint8_t *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
+uint32_t vm_load_acquire_u32(const uint8_t *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
+void vm_store_release_u16(uint8_t *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
+void vm_store_release_u32(uint8_t *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
+void vm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+
+static int vq_fail(struct vq *q, int err, uint64_t a, uint64_t b, uint64_t c)
+{
+    q->broken = 1;
+    q->error = err;
+    q->err_a = a;
+    q->err_b = b;
+    q->err_c = c;
+    return err;
+}
+
+/* ---- chain building (shared) ----------------------------------------------------- */
+
+struct walk {
+    struct vq_chain *chain;
+    struct vq_seg *segs;
+    uint32_t nseg, max_segs;
+    uint64_t total;
+    int seen_writable;
+};
+
+/* Append the buffer [addr, addr+len) to the chain, split at region borders. */
+static int walk_add(struct vq *q, struct walk *w, uint64_t addr, uint32_t len, int writable)
+{
+    if (writable)
+        w->seen_writable = 1;
+    else if (w->seen_writable)
+        return vq_fail(q, VQ_E_ORDER, addr, len, 0);
+    w->total += len;
+    if (w->total > 0xffffffffull)
+        return vq_fail(q, VQ_E_TOO_BIG, w->total, 0, 0);
+    if (writable)
+        w->chain->writable_len += len;
+    else
+        w->chain->readable_len += len;
+    uint64_t a = addr, left = len;
+    if (left && a + left < a)
+        return vq_fail(q, VQ_E_MEMORY, addr, len, 0);
+    while (left) {
+        int i = vm_find(q->mem, a);
+        if (i < 0)
+            return vq_fail(q, VQ_E_MEMORY, addr, len, 0);
+        struct vm_region *r = &q->mem->regions[i];
+        uint64_t off = a - r->gpa, n = r->size - off;
+        if (n > left)
+            n = left;
+        if (w->nseg >= w->max_segs)
+            return VQ_E_SEGS;
+        struct vq_seg *s = &w->segs[w->nseg++];
+        s->gpa = a;
+        s->offset = off;
+        s->len = (uint32_t)n;
+        s->region = (uint16_t)i;
+        s->writable = (uint16_t)(writable != 0);
+        w->chain->nsegs++;
+        if (!writable)
+            w->chain->nreadable++;
+        a += n;
+        left -= n;
+    }
+    return 0;
+}
+
+/* Walk an indirect table (§2.7.5.3 split / §2.8.x packed).  `packed` selects the
+ * descriptor layout; split tables follow NEXT links, packed ones are sequential. */
+static int walk_indirect(struct vq *q, struct walk *w, uint64_t addr, uint32_t len, int packed)
+{
+    if (len == 0 || len % 16)
+        return vq_fail(q, VQ_E_INDIRECT_LEN, addr, len, 0);
+    uint64_t n = len / 16;
+    if (n > 65536)
+        return vq_fail(q, VQ_E_INDIRECT_LEN, addr, len, 0);
+    const uint8_t *table = vm_translate(q->mem, addr, len, NULL);
+    if (!table)
+        return vq_fail(q, VQ_E_MEMORY, addr, len, 1);
+    uint32_t idx = 0, count = 0;
+    for (;;) {
+        if (count++ >= n)
+            return vq_fail(q, VQ_E_LOOP, n, 1, 0);
+        const uint8_t *d = table + (uint64_t)idx * 16;
+        uint64_t daddr = ld64(d);
+        uint32_t dlen = ld32(d + 8);
+        uint16_t flags = packed ? ld16(d + 14) : ld16(d + 12);
+        uint16_t next = packed ? 0 : ld16(d + 14);
+        if (flags & VRING_DESC_F_INDIRECT)
+            return vq_fail(q, VQ_E_INDIRECT_NESTED, idx, 0, 0);
+        int rc = walk_add(q, w, daddr, dlen, flags & VRING_DESC_F_WRITE);
+        if (rc)
+            return rc;
+        if (packed) {
+            if (++idx >= n)
+                return 0;
+            continue;
+        }
+        if (!(flags & VRING_DESC_F_NEXT))
+            return 0;
+        if (next >= n)
+            return vq_fail(q, VQ_E_NEXT_RANGE, next, n, 1);
+        idx = next;
+    }
+}
+
+/* ---- split ring (§2.7) ------------------------------------------------------------ */
+
+#define SPLIT_AVAIL_IDX(q) ((q)->driver + 2)
+#define SPLIT_AVAIL_RING(q, i) ((q)->driver + 4 + 2 * (uint32_t)(i))
+#define SPLIT_USED_EVENT(q) ((q)->driver + 4 + 2 * (uint32_t)(q)->size)
+#define SPLIT_USED_IDX(q) ((q)->device + 2)
+#define SPLIT_USED_ELEM(q, i) ((q)->device + 4 + 8 * (uint32_t)(i))
+#define SPLIT_AVAIL_EVENT(q) ((q)->device + 4 + 8 * (uint32_t)(q)->size)
+
+static int split_walk(struct vq *q, struct walk *w, uint16_t head)
+{
+    if (head >= q->size)
+        return vq_fail(q, VQ_E_HEAD_RANGE, head, q->size, 0);
+    uint32_t idx = head, count = 0;
+    for (;;) {
+        if (count++ >= q->size)
+            return vq_fail(q, VQ_E_LOOP, head, q->size, 0);
+        uint8_t d[16];
+        memcpy(d, q->desc + idx * 16u, 16); /* read once: the driver may race us */
+        uint64_t addr = ld64(d);
+        uint32_t len = ld32(d + 8);
+        uint16_t flags = ld16(d + 12), next = ld16(d + 14);
+        if (flags & VRING_DESC_F_INDIRECT) {
+            if (!q->indirect)
+                return vq_fail(q, VQ_E_INDIRECT_NOTNEG, idx, 0, 0);
+            if (flags & VRING_DESC_F_NEXT)
+                return vq_fail(q, VQ_E_INDIRECT_NEXT, idx, 0, 0);
+            return walk_indirect(q, w, addr, len, 0);
+        }
+        int rc = walk_add(q, w, addr, len, flags & VRING_DESC_F_WRITE);
+        if (rc)
+            return rc;
+        if (!(flags & VRING_DESC_F_NEXT))
+            return 0;
+        if (next >= q->size)
+            return vq_fail(q, VQ_E_NEXT_RANGE, next, q->size, 0);
+        idx = next;
+    }
+}
+
+static int split_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
+                           struct vq_seg *segs, uint32_t max_segs)
+{
+    uint16_t avail_idx = vm_load_acquire_u16(SPLIT_AVAIL_IDX(q));
+    uint16_t n = (uint16_t)(avail_idx - q->last_avail_idx);
+    if (n > q->size)
+        return vq_fail(q, VQ_E_AVAIL_IDX, avail_idx, q->last_avail_idx, q->size);
+    uint32_t done = 0, seg_used = 0;
+    while (done < nchains && n) {
+        uint16_t head = ld16(SPLIT_AVAIL_RING(q, q->last_avail_idx % q->size));
+        struct vq_chain *c = &chains[done];
+        memset(c, 0, sizeof *c);
+        c->head = head;
+        c->ndesc = 1;
+        c->seg_start = seg_used;
+        struct walk w = {c, segs + seg_used, 0, max_segs - seg_used, 0, 0};
+        int rc = split_walk(q, &w, head);
+        if (rc == VQ_E_SEGS) {
+            if (done == 0)
+                return VQ_E_SEGS;
+            break; /* no room for this chain in the batch: leave it for the next call */
+        }
+        if (rc)
+            return done ? (int)done : rc;
+        seg_used += w.nseg;
+        q->last_avail_idx++;
+        n--;
+        done++;
+    }
+    q->popped += done;
+    return (int)done;
+}
+
+static int split_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens, uint32_t n)
+{
+    uint16_t used = q->used_idx;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *e = SPLIT_USED_ELEM(q, (uint16_t)(used + i) % q->size);
+        st32(e, ids[i]);
+        st32(e + 4, lens[i]);
+    }
+    vm_log_dirty(q->mem, q->device_gpa + 4, 8ull * q->size);
+    q->used_idx = (uint16_t)(used + n);
+    vm_store_release_u16(SPLIT_USED_IDX(q), q->used_idx); /* §2.7.8.2: elements before idx */
+    vm_log_dirty(q->mem, q->device_gpa + 2, 2);
+    return 0;
+}
+
+static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    /* §2.7.10 / §2.7.8: notify iff event lies in [old, new). */
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+/* ---- packed ring (§2.8) ----------------------------------------------------------- */
+
+static inline int packed_is_avail(uint16_t flags, uint8_t wrap)
+{
+    int avail = !!(flags & VRING_PACKED_DESC_F_AVAIL), used = !!(flags & VRING_PACKED_DESC_F_USED);
+    return avail != used && avail == wrap;
+}
+
+static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
+                            struct vq_seg *segs, uint32_t max_segs)
+{
+    uint32_t done = 0, seg_used = 0;
+    while (done < nchains) {
+        uint16_t pos = q->next_avail;
+        uint8_t wrap = q->avail_wrap;
+        uint16_t flags = vm_load_acquire_u16(q->desc + pos * 16u + 14);
+        if (!packed_is_avail(flags, wrap))
+            break;
+        struct vq_chain *c = &chains[done];
+        memset(c, 0, sizeof *c);
+        c->seg_start = seg_used;
+        struct walk w = {c, segs + seg_used, 0, max_segs - seg_used, 0, 0};
+        uint16_t ndesc = 0, id = 0;
+        int rc = 0;
+        for (;;) {
+            if (ndesc >= q->size) {
+                rc = vq_fail(q, VQ_E_LOOP, q->next_avail, q->size, 1);
+                break;
+            }
+            uint8_t d[16];
+            memcpy(d, q->desc + pos * 16u, 16);
+            flags = ld16(d + 14);
+            if (ndesc > 0 && !packed_is_avail(flags, wrap)) {
+                rc = vq_fail(q, VQ_E_PACKED_AVAIL, pos, q->next_avail, 0);
+                break;
+            }
+            ndesc++;
+            id = ld16(d + 12);
+            uint64_t addr = ld64(d);
+            uint32_t len = ld32(d + 8);
+            if (++pos >= q->size) {
+                pos = 0;
+                wrap ^= 1;
+            }
+            if (flags & VRING_DESC_F_INDIRECT) {
+                if (!q->indirect) {
+                    rc = vq_fail(q, VQ_E_INDIRECT_NOTNEG, pos, 0, 1);
+                    break;
+                }
+                if (flags & VRING_DESC_F_NEXT) {
+                    rc = vq_fail(q, VQ_E_INDIRECT_NEXT, pos, 0, 1);
+                    break;
+                }
+                rc = walk_indirect(q, &w, addr, len, 1);
+                break;
+            }
+            rc = walk_add(q, &w, addr, len, flags & VRING_DESC_F_WRITE);
+            if (rc || !(flags & VRING_DESC_F_NEXT))
+                break;
+        }
+        if (rc == VQ_E_SEGS) {
+            if (done == 0)
+                return VQ_E_SEGS;
+            break;
+        }
+        if (rc)
+            return done ? (int)done : rc;
+        c->head = id;   /* §2.8.6: the buffer ID is in the last descriptor of the chain */
+        c->ndesc = ndesc;
+        seg_used += w.nseg;
+        q->next_avail = pos;
+        q->avail_wrap = wrap;
+        done++;
+    }
+    q->popped += done;
+    return (int)done;
+}
+
+static int packed_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+                                 const uint16_t *ndescs, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *d = q->desc + q->next_used * 16u;
+        st32(d + 8, lens[i]);
+        st16(d + 12, ids[i]);
+        uint16_t flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
+        vm_store_release_u16(d + 14, flags); /* §2.8.?: flags written last */
+        vm_log_dirty(q->mem, q->desc_gpa + q->next_used * 16u, 16);
+        uint32_t next = (uint32_t)q->next_used + (ndescs[i] ? ndescs[i] : 1);
+        if (next >= q->size) {
+            next -= q->size;
+            q->used_wrap ^= 1;
+        }
+        q->next_used = (uint16_t)next;
+        q->used_idx += ndescs[i] ? ndescs[i] : 1; /* descriptors used since reset */
+    }
+    return 0;
+}
+
+/* ---- public entry points ---------------------------------------------------------- */
+
+int vq_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
+                 struct vq_seg *segs, uint32_t max_segs)
+{
+    if (q->broken)
+        return VQ_E_BROKEN;
+    if (q->packed)
+        return packed_pop_batch(q, chains, nchains, segs, max_segs);
+    return split_pop_batch(q, chains, nchains, segs, max_segs);
+}
+
+uint32_t vq_avail_count(struct vq *q)
+{
+    if (q->broken)
+        return 0;
+    if (q->packed) {
+        uint16_t flags = vm_load_acquire_u16(q->desc + q->next_avail * 16u + 14);
+        return packed_is_avail(flags, q->avail_wrap) ? 1 : 0;
+    }
+    uint16_t n = (uint16_t)(vm_load_acquire_u16(SPLIT_AVAIL_IDX(q)) - q->last_avail_idx);
+    return n;
+}
+
+int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+                      const uint16_t *ndescs, uint32_t n)
+{
+    if (q->broken)
+        return VQ_E_BROKEN;
+    if (n == 0)
+        return 0;
+    q->used += n;
+    if (q->packed)
+        return packed_add_used_batch(q, ids, lens, ndescs, n);
+    return split_add_used_batch(q, ids, lens, n);
+}
+
+/* Device -> driver: must the device send a used buffer notification now?
+ * (§2.7.7 / §2.7.10 split, §2.8.10 packed).  Call after add_used. */
+int vq_needs_notification(struct vq *q)
+{
+    if (q->broken)
+        return 0;
+    vm_fence(); /* used idx / descriptors visible before reading the driver's event */
+    uint16_t old = q->signalled_used, new_idx = q->used_idx;
+    int valid = q->signalled_used_valid;
+    q->signalled_used = new_idx;
+    q->signalled_used_valid = 1;
+    if (valid && old == new_idx)
+        return 0; /* nothing used since the last notification decision */
+    if (q->packed) {
+        uint16_t flags = ld16(q->driver + 2);
+        if (flags == VRING_PACKED_EVENT_FLAG_DISABLE)
+            return 0;
+        if (flags != VRING_PACKED_EVENT_FLAG_DESC || !q->event_idx || !valid)
+            return 1;
+        uint16_t off_wrap = ld16(q->driver);
+        int32_t off = off_wrap & 0x7fff;
+        if ((off_wrap >> VRING_PACKED_EVENT_F_WRAP_CTR) != q->used_wrap)
+            off -= q->size;
+        uint16_t pending = (uint16_t)(new_idx - old);
+        int32_t newpos = q->next_used, oldpos = newpos - pending;
+        return (uint16_t)(newpos - off - 1) < (uint16_t)(newpos - oldpos);
+    }
+    if (!q->event_idx)
+        return !(ld16(q->driver) & VRING_AVAIL_F_NO_INTERRUPT);
+    if (!valid)
+        return 1;
+    return need_event(ld16(SPLIT_USED_EVENT(q)), new_idx, old);
+}
+
+/* Driver -> device: ask for notifications again.  Returns 1 if buffers became
+ * available meanwhile (the caller must process them: §2.7.10 race). */
+int vq_enable_notification(struct vq *q)
+{
+    if (q->broken)
+        return 0;
+    q->notify_enabled = 1;
+    if (q->packed) {
+        if (q->event_idx) {
+            st16(q->device, (uint16_t)(q->next_avail | (q->avail_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)));
+            vm_store_release_u16(q->device + 2, VRING_PACKED_EVENT_FLAG_DESC);
+        } else {
+            vm_store_release_u16(q->device + 2, VRING_PACKED_EVENT_FLAG_ENABLE);
+        }
+        vm_log_dirty(q->mem, q->device_gpa, 4);
+    } else if (q->event_idx) {
+        vm_store_release_u16(SPLIT_AVAIL_EVENT(q), q->last_avail_idx);
+        vm_log_dirty(q->mem, q->device_gpa + 4 + 8ull * q->size, 2);
+    } else {
+        vm_store_release_u16(q->device, (uint16_t)(ld16(q->device) & ~VRING_USED_F_NO_NOTIFY));
+        vm_log_dirty(q->mem, q->device_gpa, 2);
+    }
+    vm_fence();
+    return vq_avail_count(q) != 0;
+}
+
+void vq_disable_notification(struct vq *q)
+{
+    if (q->broken)
+        return;
+    q->notify_enabled = 0;
+    if (q->packed) {
+        vm_store_release_u16(q->device + 2, VRING_PACKED_EVENT_FLAG_DISABLE);
+        vm_log_dirty(q->mem, q->device_gpa, 4);
+    } else if (!q->event_idx) {
+        vm_store_release_u16(q->device, (uint16_t)(ld16(q->device) | VRING_USED_F_NO_NOTIFY));
+        vm_log_dirty(q->mem, q->device_gpa, 2);
+    }
+    /* split + EVENT_IDX: avail_event is left where it is; the driver notifies
+     * at most once more (§2.7.10). */
+}
+
+/* Complete popped chains in order: chain i with lens[i] bytes written, or with its
+ * whole writable length when lens is NULL.  One used-index update per call. */
+int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens)
+{
+    if (q->broken)
+        return VQ_E_BROKEN;
+    if (n == 0)
+        return 0;
+    q->used += n;
+    if (q->packed) {
+        for (uint32_t i = 0; i < n; i++) {
+            uint16_t id = chains[i].head, nd = chains[i].ndesc;
+            uint32_t len = lens ? lens[i] : chains[i].writable_len;
+            packed_add_used_batch(q, &id, &len, &nd, 1);
+        }
+        return (int)n;
+    }
+    uint16_t used = q->used_idx;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *e = SPLIT_USED_ELEM(q, (uint16_t)(used + i) % q->size);
+        st32(e, chains[i].head);
+        st32(e + 4, lens ? lens[i] : chains[i].writable_len);
+    }
+    vm_log_dirty(q->mem, q->device_gpa + 4, 8ull * q->size);
+    q->used_idx = (uint16_t)(used + n);
+    vm_store_release_u16(SPLIT_USED_IDX(q), q->used_idx);
+    vm_log_dirty(q->mem, q->device_gpa + 2, 2);
+    return (int)n;
+}

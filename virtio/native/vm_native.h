@@ -1,0 +1,107 @@
+/* Native core of the virtqueue engine (virtio 1.4 CS01 §2.7 split, §2.8 packed).
+ *
+ * Everything the driver can write is untrusted: every index, address and length
+ * read from ring memory is validated before use, and every descriptor is read
+ * exactly once into a local copy (no double fetch).  Functions return 0/1 for
+ * success and a negative VQ_E_* code for driver errors; the queue then records
+ * the error and refuses further work until reset.
+ */
+#include <stdint.h>
+#include <stddef.h>
+
+struct vm_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+};
+
+struct vm_mem {
+    struct vm_region *regions;  /* sorted by gpa, non-overlapping */
+    uint32_t nregions;
+    uint32_t last_hit;
+    uint8_t *dirty_log;         /* bit per 4 KiB page of guest-physical space, or NULL */
+    uint64_t dirty_log_size;    /* bytes */
+};
+
+struct vq_seg {
+    uint64_t gpa;
+    uint64_t offset;    /* offset inside region `region` */
+    uint32_t len;
+    uint16_t region;
+    uint16_t writable;
+};
+
+struct vq_chain {
+    uint16_t head;      /* split: head descriptor index; packed: buffer id */
+    uint16_t ndesc;     /* ring descriptors consumed (packed: to skip on add_used) */
+    uint32_t nsegs;
+    uint32_t nreadable; /* the first nreadable segments are device-readable */
+    uint32_t readable_len;
+    uint32_t writable_len;
+    uint32_t seg_start; /* index of its first segment in the batch's segment array */
+};
+
+struct vq {
+    struct vm_mem *mem;
+    uint16_t size;
+    uint8_t packed;
+    uint8_t event_idx;
+    uint8_t indirect;
+    uint8_t broken;
+    uint16_t _pad;
+    uint64_t desc_gpa, driver_gpa, device_gpa;  /* desc table, avail/driver area, used/device area */
+    uint8_t *desc, *driver, *device;           /* host pointers, validated at activation */
+    /* split */
+    uint16_t last_avail_idx;
+    uint16_t used_idx;
+    /* packed */
+    uint16_t next_avail;
+    uint16_t next_used;
+    uint8_t avail_wrap;
+    uint8_t used_wrap;
+    /* notification suppression: device -> driver */
+    uint16_t signalled_used;
+    uint8_t signalled_used_valid;
+    uint8_t notify_enabled;     /* device wants driver->device notifications */
+    /* error reporting */
+    int32_t error;
+    uint64_t err_a, err_b, err_c;
+    /* counters */
+    uint64_t popped, used;
+};
+
+enum {
+    VQ_E_AVAIL_IDX = -1,        /* avail idx moved more than queue size */
+    VQ_E_HEAD_RANGE = -2,       /* head index >= queue size */
+    VQ_E_NEXT_RANGE = -3,       /* next index out of range (table or queue) */
+    VQ_E_LOOP = -4,             /* chain longer than queue size / table: loop */
+    VQ_E_INDIRECT_NESTED = -5,  /* indirect descriptor inside an indirect table */
+    VQ_E_INDIRECT_NEXT = -6,    /* INDIRECT together with NEXT */
+    VQ_E_INDIRECT_LEN = -7,     /* indirect table len 0 or not a multiple of 16 */
+    VQ_E_INDIRECT_NOTNEG = -8,  /* INDIRECT used without VIRTIO_F_INDIRECT_DESC */
+    VQ_E_MEMORY = -9,           /* buffer or table outside guest memory */
+    VQ_E_ORDER = -10,           /* readable descriptor after a writable one */
+    VQ_E_TOO_BIG = -11,         /* chain total length >= 2^32 */
+    VQ_E_SEGS = -12,            /* caller's segment array too small (local) */
+    VQ_E_BROKEN = -13,          /* queue already broken */
+    VQ_E_PACKED_AVAIL = -14,    /* packed: chain continues into a non-available descriptor */
+};
+
+uint8_t *vm_translate(struct vm_mem *m, uint64_t gpa, uint64_t len, uint32_t *region_out);
+void vm_log_dirty(struct vm_mem *m, uint64_t gpa, uint64_t len);
+
+uint16_t vm_load_acquire_u16(const uint8_t *p);
+uint32_t vm_load_acquire_u32(const uint8_t *p);
+void vm_store_release_u16(uint8_t *p, uint16_t v);
+void vm_store_release_u32(uint8_t *p, uint32_t v);
+void vm_fence(void);
+
+int vq_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
+                 struct vq_seg *segs, uint32_t max_segs);
+uint32_t vq_avail_count(struct vq *q);
+int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+                      const uint16_t *ndescs, uint32_t n);
+int vq_needs_notification(struct vq *q);
+int vq_enable_notification(struct vq *q);
+void vq_disable_notification(struct vq *q);
+int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens);

@@ -1,0 +1,465 @@
+"""The device side of a virtqueue: split (virtio 1.4 §2.7) and packed (§2.8) rings.
+
+One ``Virtqueue`` class serves both layouts; the ring walking, validation and
+notification-suppression logic is in the native core (``virtio.native``), so
+popping and completing chains costs a few hundred nanoseconds.  Usage follows
+the spec's device loop (§2.7.10, vm-virtio's ``Queue`` example)::
+
+    while True:
+        q.disable_notification()
+        while (chain := q.pop()) is not None:
+            q.add_used(chain, handle(chain))
+        if q.needs_notification():
+            interrupt()
+        if not q.enable_notification():   # re-check: buffers may have raced in
+            break
+
+A driver error (a malformed chain, an impossible index) raises a ``DriverError``
+subclass naming the spec clause; the queue is then *broken*: later calls raise
+``QueueBrokenError`` until the device is reset (status DEVICE_NEEDS_RESET, §2.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from virtio.errors import (
+    DescriptorChainError,
+    DeviceUsageError,
+    DriverError,
+    GuestMemoryError,
+    InvalidAvailIdx,
+    QueueBrokenError,
+    QueueConfigError,
+)
+from virtio.memory import GuestMemory
+from virtio.native import ffi, lib
+from virtio.queues.chain import DescriptorChain, Segment
+from virtio.queues.state import QueueState
+from virtio.spec.ring import (
+    VRING_AVAIL_ALIGN,
+    VRING_DESC_ALIGN,
+    VRING_PACKED_DESC_ALIGN,
+    VRING_PACKED_DESC_EVENT_SIZE,
+    VRING_PACKED_EVENT_ALIGN,
+    VRING_USED_ALIGN,
+    split_ring_sizes,
+)
+
+_DESC_TABLE = "Basic Facilities of a Virtio Device / Virtqueues / The Virtqueue Descriptor Table"
+_INDIRECT = _DESC_TABLE + " / Indirect Descriptors"
+
+# Native error code -> (exception class, section, message template).  The template
+# sees the native error's detail words as a, b, c.
+_ERRORS: dict[int, tuple[type[DriverError], str, str]] = {
+    lib.VQ_E_HEAD_RANGE: (
+        DescriptorChainError,
+        "2.7.6",
+        "available ring names head descriptor {a}, outside the queue of size {b}",
+    ),
+    lib.VQ_E_NEXT_RANGE: (
+        DescriptorChainError,
+        f"2.7.5 [{_DESC_TABLE}]",
+        "descriptor next index {a} outside the table of {b} descriptors",
+    ),
+    lib.VQ_E_LOOP: (
+        DescriptorChainError,
+        f"2.7.5.3.1 [drivernormative:{_INDIRECT}]",
+        "descriptor chain longer than its table ({b} descriptors): a loop",
+    ),
+    lib.VQ_E_INDIRECT_NESTED: (
+        DescriptorChainError,
+        f"2.7.5.3.1 [drivernormative:{_INDIRECT}]",
+        "VIRTQ_DESC_F_INDIRECT set within an indirect table (entry {a})",
+    ),
+    lib.VQ_E_INDIRECT_NEXT: (
+        DescriptorChainError,
+        f"2.7.5.3.1 [drivernormative:{_INDIRECT}]",
+        "descriptor {a} sets both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT",
+    ),
+    lib.VQ_E_INDIRECT_LEN: (
+        DescriptorChainError,
+        "2.7.5.3",
+        "indirect table at {a:#x} has length {b}: not a non-zero multiple of 16"
+        " (at most 65536 entries)",
+    ),
+    lib.VQ_E_INDIRECT_NOTNEG: (
+        DescriptorChainError,
+        f"2.7.5.3.1 [drivernormative:{_INDIRECT}]",
+        "VIRTQ_DESC_F_INDIRECT used but VIRTIO_F_INDIRECT_DESC was not negotiated",
+    ),
+    lib.VQ_E_MEMORY: (
+        DescriptorChainError,
+        "2.7.5",
+        "buffer [{a:#x}, +{b:#x}) is not inside guest memory",
+    ),
+    lib.VQ_E_ORDER: (
+        DescriptorChainError,
+        "2.7.4.2 [drivernormative:Basic Facilities of a Virtio Device / Message Framing]",
+        "device-readable descriptor [{a:#x}, +{b:#x}) after a device-writable one",
+    ),
+    lib.VQ_E_TOO_BIG: (
+        DescriptorChainError,
+        f"2.7.5.2 [drivernormative:{_DESC_TABLE}]",
+        "descriptor chain longer than 2^32 bytes in total ({a} bytes)",
+    ),
+    lib.VQ_E_PACKED_AVAIL: (
+        DescriptorChainError,
+        "2.8.6",
+        "packed chain continues into descriptor {a} that is not available",
+    ),
+}
+
+
+def _raise_native(q, code: int) -> None:
+    if code == lib.VQ_E_AVAIL_IDX:
+        raise InvalidAvailIdx(int(q.size), (int(q.err_a) - int(q.err_b)) & 0xFFFF)
+    try:
+        cls, section, template = _ERRORS[code]
+    except KeyError:
+        raise DeviceUsageError(f"native virtqueue core returned {code}") from None
+    if q.packed and section.startswith("2.7.5"):
+        section = "2.8.8" if "Indirect" in section or "INDIRECT" in template else "2.8"
+    raise cls(template.format(a=int(q.err_a), b=int(q.err_b), c=int(q.err_c)), section=section)
+
+
+@dataclass(frozen=True)
+class QueueStatistics:
+    popped: int
+    used: int
+    broken: bool
+
+
+class Virtqueue:
+    """A running virtqueue over ``memory``.  Build it with ``QueueConfig.activate``
+    or ``Virtqueue.restore``."""
+
+    BATCH = 64
+
+    def __init__(self, memory: GuestMemory, state: QueueState, name: str = "") -> None:
+        state.validate()
+        self.memory = memory
+        self.name = name
+        self._error: DriverError | None = None
+        q = self._q = ffi.new("struct vq *")
+        q.mem = memory.c_mem
+        q.size = state.size
+        q.packed = state.packed
+        q.event_idx = state.event_idx
+        q.indirect = state.indirect
+        q.desc_gpa, q.driver_gpa, q.device_gpa = (
+            state.desc_addr,
+            state.driver_addr,
+            state.device_addr,
+        )
+        if state.packed:
+            desc_size = 16 * state.size
+            driver_size = device_size = VRING_PACKED_DESC_EVENT_SIZE
+            aligns = (VRING_PACKED_DESC_ALIGN, VRING_PACKED_EVENT_ALIGN, VRING_PACKED_EVENT_ALIGN)
+            section = "2.8.13"
+        else:
+            desc_size, driver_size, device_size = split_ring_sizes(state.size, state.event_idx)
+            aligns = (VRING_DESC_ALIGN, VRING_AVAIL_ALIGN, VRING_USED_ALIGN)
+            section = "2.7.1 [drivernormative:Basic Facilities of a Virtio Device / Virtqueues]"
+        ptrs = []
+        for part, addr, size, align in zip(
+            ("descriptor area", "driver area", "device area"),
+            (state.desc_addr, state.driver_addr, state.device_addr),
+            (desc_size, driver_size, device_size),
+            aligns,
+            strict=True,
+        ):
+            if addr % align:
+                raise QueueConfigError(
+                    f"{part} at {addr:#x} is not {align}-byte aligned", section=section
+                )
+            p = lib.vm_translate(memory.c_mem, addr, size, ffi.NULL)
+            if p == ffi.NULL:
+                raise QueueConfigError(
+                    f"{part} [{addr:#x}, +{size:#x}) is not inside one guest memory region",
+                    section="2.6",
+                )
+            ptrs.append(p)
+        q.desc, q.driver, q.device = ptrs
+        q.last_avail_idx = state.last_avail_idx
+        q.used_idx = state.used_idx
+        q.next_avail = state.next_avail
+        q.next_used = state.next_used
+        q.avail_wrap = state.avail_wrap
+        q.used_wrap = state.used_wrap
+        q.signalled_used = state.signalled_used
+        q.signalled_used_valid = state.signalled_used_valid
+        q.notify_enabled = 1
+        self._cap_chains = self.BATCH
+        self._cap_segs = 1024
+        self._chains = ffi.new("struct vq_chain[]", self._cap_chains)
+        self._segs = ffi.new("struct vq_seg[]", self._cap_segs)
+        self._ids = ffi.new("uint16_t[]", self._cap_chains)
+        self._lens = ffi.new("uint32_t[]", self._cap_chains)
+        self._ndescs = ffi.new("uint16_t[]", self._cap_chains)
+        self._raw_count = 0
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def restore(cls, memory: GuestMemory, state: QueueState, name: str = "") -> Virtqueue:
+        """Rebuild a queue from saved (untrusted) state."""
+        return cls(memory, state, name)
+
+    def state(self) -> QueueState:
+        q = self._q
+        return QueueState(
+            size=q.size,
+            desc_addr=q.desc_gpa,
+            driver_addr=q.driver_gpa,
+            device_addr=q.device_gpa,
+            packed=bool(q.packed),
+            event_idx=bool(q.event_idx),
+            indirect=bool(q.indirect),
+            last_avail_idx=q.last_avail_idx,
+            used_idx=q.used_idx,
+            next_avail=q.next_avail,
+            next_used=q.next_used,
+            avail_wrap=bool(q.avail_wrap),
+            used_wrap=bool(q.used_wrap),
+            signalled_used=q.signalled_used,
+            signalled_used_valid=bool(q.signalled_used_valid),
+        )
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._q.size
+
+    @property
+    def packed(self) -> bool:
+        return bool(self._q.packed)
+
+    @property
+    def event_idx(self) -> bool:
+        return bool(self._q.event_idx)
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._q.broken)
+
+    @property
+    def error(self) -> DriverError | None:
+        """The driver error that broke this queue, if any."""
+        return self._error
+
+    @property
+    def next_avail(self) -> int:
+        """Split: the free-running index of the next available entry; packed: ring position."""
+        return self._q.next_avail if self._q.packed else self._q.last_avail_idx
+
+    @property
+    def next_used(self) -> int:
+        return self._q.next_used if self._q.packed else self._q.used_idx
+
+    def statistics(self) -> QueueStatistics:
+        return QueueStatistics(int(self._q.popped), int(self._q.used), self.broken)
+
+    # -- popping --------------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._q.broken:
+            raise QueueBrokenError(self._error)
+
+    def _fail(self, code: int) -> None:
+        try:
+            _raise_native(self._q, code)
+        except DriverError as exc:
+            self._error = exc
+            raise
+
+    def _pop_native(self, max_chains: int) -> int:
+        self._check()
+        while True:
+            n = lib.vq_pop_batch(
+                self._q, self._chains, min(max_chains, self._cap_chains), self._segs, self._cap_segs
+            )
+            if n != lib.VQ_E_SEGS:
+                break
+            self._cap_segs *= 4  # one chain needs more segments than we had room for
+            self._segs = ffi.new("struct vq_seg[]", self._cap_segs)
+        if n < 0:
+            self._fail(n)
+        return n
+
+    def _chain(self, i: int) -> DescriptorChain:
+        c = self._chains[i]
+        segs = self._segs
+        start = c.seg_start
+        segments = [
+            Segment(s.gpa, s.len, bool(s.writable), s.region, s.offset)
+            for s in (segs[j] for j in range(start, start + c.nsegs))
+        ]
+        return DescriptorChain(
+            self, c.head, c.ndesc, segments, c.nreadable, c.readable_len, c.writable_len
+        )
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or ``None`` when the driver offered nothing new."""
+        if self._pop_native(1) == 0:
+            return None
+        return self._chain(0)
+
+    def pop_batch(self, max_chains: int = BATCH) -> list[DescriptorChain]:
+        """Up to ``max_chains`` available chains (fewer if fewer are available)."""
+        n = self._pop_native(max_chains)
+        return [self._chain(i) for i in range(n)]
+
+    def __iter__(self):
+        while (chain := self.pop()) is not None:
+            yield chain
+
+    def has_available(self) -> bool:
+        """Whether the driver made buffers available that were not popped yet."""
+        self._check()
+        n = lib.vq_avail_count(self._q)
+        if not self._q.packed and n > self._q.size:
+            self._fail(lib.vq_pop_batch(self._q, self._chains, 1, self._segs, self._cap_segs))
+        return n != 0
+
+    # -- completing -----------------------------------------------------------------------
+    def add_used(self, chain: DescriptorChain, length: int) -> None:
+        """Return ``chain`` to the driver with ``length`` bytes written (§2.7.8, §2.8.7)."""
+        self._check()
+        if chain.queue is not self:
+            raise DeviceUsageError("chain belongs to another queue")
+        if not 0 <= length <= chain.writable_len:
+            raise DeviceUsageError(
+                f"used length {length} exceeds the chain's {chain.writable_len} writable bytes"
+            )
+        self._ids[0] = chain.head
+        self._lens[0] = length
+        self._ndescs[0] = chain.ndesc
+        lib.vq_add_used_batch(self._q, self._ids, self._lens, self._ndescs, 1)
+
+    def add_used_batch(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
+        """Return several chains at once (one used-index update)."""
+        self._check()
+        items = list(completions)
+        if len(items) > self._cap_chains:
+            self._grow(len(items))
+        for i, (chain, length) in enumerate(items):
+            if chain.queue is not self or not 0 <= length <= chain.writable_len:
+                raise DeviceUsageError(f"bad completion {chain!r} length {length}")
+            self._ids[i] = chain.head
+            self._lens[i] = length
+            self._ndescs[i] = chain.ndesc
+        lib.vq_add_used_batch(self._q, self._ids, self._lens, self._ndescs, len(items))
+
+    def _grow(self, n: int) -> None:
+        self._cap_chains = n
+        self._chains = ffi.new("struct vq_chain[]", n)
+        self._ids = ffi.new("uint16_t[]", n)
+        self._lens = ffi.new("uint32_t[]", n)
+        self._ndescs = ffi.new("uint16_t[]", n)
+
+    # -- raw batch path (hot loops; no Python objects per chain) ----------------------------
+    def pop_raw(self, max_chains: int) -> int:
+        """Pop up to ``max_chains`` chains into the native arrays ``raw_chains``/``raw_segs``.
+
+        Returns how many.  Complete them with ``add_used_raw``.
+        """
+        if max_chains > self._cap_chains:
+            self._grow(max_chains)
+        n = self._pop_native(max_chains)
+        self._raw_count = n
+        return n
+
+    @property
+    def raw_chains(self):
+        return self._chains
+
+    @property
+    def raw_segs(self):
+        return self._segs
+
+    def add_used_raw(self, lengths: Sequence[int] | None = None) -> int:
+        """Complete every chain of the last ``pop_raw`` in order: ``lengths[i]`` bytes
+        written (default: each chain's whole writable length)."""
+        self._check()
+        n = self._raw_count
+        self._raw_count = 0
+        return lib.vq_add_used_chains(
+            self._q,
+            self._chains,
+            n,
+            ffi.NULL if lengths is None else ffi.new("uint32_t[]", list(lengths)),
+        )
+
+    # -- notifications ----------------------------------------------------------------------
+    def needs_notification(self) -> bool:
+        """After ``add_used``: must the device notify the driver now? (§2.7.7, §2.8.10)"""
+        self._check()
+        return bool(lib.vq_needs_notification(self._q))
+
+    def enable_notification(self) -> bool:
+        """Ask the driver for available-buffer notifications again (§2.7.10, §2.8.10).
+
+        Returns ``True`` if buffers became available meanwhile: process them.
+        """
+        self._check()
+        return bool(lib.vq_enable_notification(self._q))
+
+    def disable_notification(self) -> None:
+        """Tell the driver that notifications are not needed for now."""
+        self._check()
+        lib.vq_disable_notification(self._q)
+
+
+@dataclass
+class QueueConfig:
+    """The queue registers a transport exposes to the driver (``queue_size``,
+    ``queue_desc``, ``queue_driver``, ``queue_device``, ``queue_enable``: §4.1.4.3,
+    §4.2.2), before the queue runs."""
+
+    max_size: int
+    size: int = 0
+    ready: bool = False
+    desc_addr: int = 0
+    driver_addr: int = 0
+    device_addr: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.size:
+            self.size = self.max_size
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = self.driver_addr = self.device_addr = 0
+
+    def activate(
+        self,
+        memory: GuestMemory,
+        *,
+        packed: bool = False,
+        event_idx: bool = False,
+        indirect: bool = False,
+        name: str = "",
+    ) -> Virtqueue:
+        """Validate the configuration against ``memory`` and start the queue."""
+        if not 0 < self.size <= self.max_size:
+            raise QueueConfigError(
+                f"queue size {self.size} outside 1..{self.max_size} (the device maximum)",
+                section="4.2.2.2",
+            )
+        try:
+            return Virtqueue(
+                memory,
+                QueueState(
+                    size=self.size,
+                    desc_addr=self.desc_addr,
+                    driver_addr=self.driver_addr,
+                    device_addr=self.device_addr,
+                    packed=packed,
+                    event_idx=event_idx,
+                    indirect=indirect,
+                ),
+                name,
+            )
+        except GuestMemoryError as exc:
+            raise QueueConfigError(str(exc), section="2.6") from exc
