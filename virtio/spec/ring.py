@@ -187,4 +187,3 @@ def packed_ring_sizes(queue_size: int) -> tuple[int, int, int]:
         VRING_PACKED_DESC_EVENT_SIZE,
         VRING_PACKED_DESC_EVENT_SIZE,
     )
-
