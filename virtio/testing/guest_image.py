@@ -374,7 +374,8 @@ def _build_into(tmp: Path, out: Path, package: str, kver: str, *, fio: bool) -> 
         # decompression of the xz'ed bzImage, which costs ~3 s under TCG.
         kernel_file = "vmlinux"
     _log("writing initrd.img")
-    base_entries = list(_tree_entries(tree)) + [
+    base_entries = [
+        *_tree_entries(tree),
         _CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
         _CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)),
     ]
