@@ -1,0 +1,147 @@
+"""CPU backends: a common run loop contract and the KVM implementation.
+
+A backend runs the guest until it stops and routes every exit through the machine:
+
+* PIO / MMIO -> ``machine.bus`` (accounted + dispatched);
+* HLT -> counted as ``"HLT"``, then ``machine.on_hlt()`` decides: ``True`` resumes the
+  guest at the next instruction (a device interrupt line is up), ``False`` stops;
+* anything fatal (triple fault, entry failure, emulation error) -> :class:`GuestFault`.
+
+Both backends leave the guest with IF=0: an interrupt is "delivered" by resuming the
+halted guest, which then reads the device status (see guest-drivers/runtime.h).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from emulator import exits, memory
+from emulator.exits import FailExit, HltExit, MmioExit, PioExit, ShutdownExit
+from emulator.kvm import KvmError, KvmUnavailable
+
+if TYPE_CHECKING:
+    from emulator.machine import Machine
+
+
+class GuestFault(RuntimeError):
+    """The guest crashed (triple fault, invalid instruction, bad memory access...)."""
+
+
+class ExitLimit(RuntimeError):
+    """The guest did not stop within the allowed number of exits or time."""
+
+
+class CpuBackend(Protocol):
+    name: str
+
+    def reset(self, entry: int, stack: int) -> None: ...
+
+    def run(self, max_exits: int | None = None, deadline: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class KvmCpu:
+    """One long-mode vCPU on /dev/kvm (no in-kernel irqchip: HLT exits to us)."""
+
+    name = "kvm"
+
+    def __init__(self, machine: Machine) -> None:
+        from emulator.vm import Vm
+
+        self.machine = machine
+        self.vm = Vm()
+        try:
+            ram = machine.memory
+            self.vm.set_user_memory_region(0, ram.size, ram.host_addr)
+            self.vcpu = self.vm.create_vcpu(0)
+            self.vcpu.set_cpuid2(self.vm.supported_cpuid())
+        except BaseException:
+            self.vm.close()
+            raise
+
+    def reset(self, entry: int, stack: int) -> None:
+        s = self.vcpu.get_sregs()
+        s.update(memory.long_mode_segments())
+        s["gdt"] = (memory.GDT_ADDR, memory.gdt_limit())
+        s["idt"] = (memory.IDT_ADDR, 0)
+        s["cr0"] = memory.LONG_MODE_CR0
+        s["cr3"] = memory.PML4_ADDR
+        s["cr4"] = memory.LONG_MODE_CR4
+        s["efer"] = memory.LONG_MODE_EFER
+        self.vcpu.set_sregs(s)
+        self.vcpu.set_regs({"rip": entry, "rsp": stack, "rflags": 0x2})
+
+    def run(self, max_exits: int | None = None, deadline: float | None = None) -> None:
+        bus = self.machine.bus
+        vcpu = self.vcpu
+        n = 0
+        while True:
+            e = vcpu.run()
+            n += 1
+            if isinstance(e, PioExit):
+                data = bus.handle_pio(e.port, e.size, e.is_write, e.count, e.data)
+                if not e.is_write:
+                    vcpu.complete_in(e, data)
+            elif isinstance(e, MmioExit):
+                data = bus.handle_mmio(e.addr, e.size, e.is_write, e.data)
+                if not e.is_write:
+                    vcpu.complete_mmio_read(e, data)
+            elif isinstance(e, HltExit):
+                bus.stats.count(e.reason)
+                if not self.machine.on_hlt():
+                    return
+            elif isinstance(e, ShutdownExit | FailExit):
+                bus.stats.count(e.reason)
+                regs = vcpu.get_regs()
+                raise GuestFault(f"kvm: {e} at rip={regs['rip']:#x}")
+            else:
+                bus.stats.count(e.reason)
+            if self.machine.stop_requested:
+                return
+            if max_exits is not None and n >= max_exits:
+                raise ExitLimit(f"guest still running after {n} exits")
+            if deadline is not None and not n & 0x3FF and time.monotonic() > deadline:
+                raise ExitLimit("guest still running at the deadline")
+
+    def regs(self) -> dict[str, int]:
+        return self.vcpu.get_regs()
+
+    def close(self) -> None:
+        self.vm.close()
+
+
+_KVM_PROBE: tuple[bool, str] | None = None
+
+# Probe guest (64-bit): out 0xE9, al ; hlt
+_PROBE_CODE = bytes.fromhex("b04be6e9f4")
+
+
+def kvm_usable(refresh: bool = False) -> tuple[bool, str]:
+    """Can we run a 64-bit guest on /dev/kvm here?  ``(ok, reason)``, cached.
+
+    Opens /dev/kvm, builds a VM with the same long-mode setup the machine uses and runs
+    a two-instruction guest (``out`` + ``hlt``).
+    """
+    global _KVM_PROBE
+    if _KVM_PROBE is not None and not refresh:
+        return _KVM_PROBE
+    from emulator.machine import Machine
+
+    try:
+        m = Machine(ram_size=4 << 20, cpu="kvm")
+        try:
+            m.idle_hlt_stops = True
+            m.memory.write(memory.LOAD_ADDR, _PROBE_CODE)
+            m.start(memory.LOAD_ADDR)
+            m.run(max_exits=10)
+            ok = m.debug.text == "K" and m.bus.stats.by_reason.get(exits.REASON_HLT) == 1
+            _KVM_PROBE = (ok, "ok" if ok else f"probe guest misbehaved: {m.debug.text!r}")
+        finally:
+            m.close()
+    except KvmUnavailable as exc:
+        _KVM_PROBE = (False, str(exc))
+    except (KvmError, GuestFault, ExitLimit, OSError) as exc:
+        _KVM_PROBE = (False, f"long-mode probe failed: {exc}")
+    return _KVM_PROBE

@@ -1,0 +1,182 @@
+"""A machine: memfd RAM + long-mode setup + a CPU backend + the device bus.
+
+Typical use::
+
+    m = Machine(ram_size=32 << 20, cpu="auto")
+    ide = IdeController(MemoryBackend(8 << 20), memory=m.memory, irq=m.irq_line(14))
+    ide.attach(m.bus)
+    m.load_elf(path)                # or m.memory.write(...) + m.start(entry)
+    m.write_params(blob)            # parameter block at memory.PARAMS_ADDR
+    m.run(timeout=30)
+    m.window                        # ExitStats between the guest's BEGIN/END marks
+
+Interrupts: devices get ``machine.irq_line(n)``, a callable taking the line level.
+The guest runs with IF=0; when it executes HLT the backend exits to the machine,
+which resumes the guest (next instruction) if any line is up and stops it otherwise.
+No in-kernel irqchip is created, so the semantics and the exit counts are the same on
+KVM and on the soft CPU.  ``Vm.create_irqchip``/``irqfd``/``ioeventfd`` are available
+for backends that want in-kernel delivery (vhost-user paths).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from emulator import memory
+from emulator.bus import Bus
+from emulator.cpu import CpuBackend, KvmCpu, kvm_usable
+from emulator.devices.debugport import BOCHS_PORT, DEBUG_BASE, DEBUG_LEN, DebugPort
+from emulator.elf import ElfImage, load_elf, parse_elf
+from emulator.exits import REASON_PIO
+from emulator.stats import ExitStats
+
+CPU_CHOICES = ("kvm", "soft", "auto")
+
+
+class GuestHalted(RuntimeError):
+    """The guest halted with no interrupt pending and without reporting a result."""
+
+
+class Machine:
+    def __init__(self, ram_size: int = 64 << 20, cpu: str = "auto") -> None:
+        if cpu not in CPU_CHOICES:
+            raise ValueError(f"cpu must be one of {CPU_CHOICES}, not {cpu!r}")
+        self.requested_cpu = cpu
+        self.memory = memory.GuestRam(ram_size)
+        memory.build_long_mode_tables(self.memory.view)
+        self.bus = Bus()
+        self.debug = DebugPort()
+        self.bus.add_pio(DEBUG_BASE, DEBUG_LEN, self.debug)
+        self.bus.add_pio(BOCHS_PORT, 1, self.debug)
+        self.debug.on_begin = self._begin_window
+        self.debug.on_end = self._end_window
+        self.irq_lines: dict[int, bool] = {}
+        self.devices: dict[str, object] = {"debug": self.debug}
+        self.stop_requested = False
+        # HLT with no line up and no result reported: stop quietly (True) or raise.
+        self.idle_hlt_stops = False
+        self.image: ElfImage | None = None
+        self.cpu: CpuBackend | None = None
+        self.cpu_name: str | None = None
+        self._entry: int | None = None
+        self._begin: tuple[ExitStats, float] | None = None
+        self.window: ExitStats | None = None
+        self.window_seconds: float | None = None
+        self.run_seconds = 0.0
+
+    # -- RAM (for vhost-user hand-off) ----------------------------------------------------
+    @property
+    def ram_fd(self) -> int:
+        return self.memory.fd
+
+    @property
+    def ram_size(self) -> int:
+        return self.memory.size
+
+    @property
+    def ram(self) -> memoryview:
+        return self.memory.view
+
+    # -- interrupts ---------------------------------------------------------------------
+    def irq_line(self, irq: int):
+        """A callable ``set(level: bool)`` for device interrupt line ``irq``."""
+        self.irq_lines.setdefault(irq, False)
+
+        def set_level(level: bool) -> None:
+            self.irq_lines[irq] = bool(level)
+
+        return set_level
+
+    @property
+    def irq_pending(self) -> bool:
+        return any(self.irq_lines.values())
+
+    def on_hlt(self) -> bool:
+        """Called on every guest HLT: resume if a line is up, else stop the run."""
+        if self.debug.result is not None:
+            return False  # the guest reported its result and parked itself
+        if self.irq_pending:
+            return True
+        if self.debug.result is None and not self.idle_hlt_stops:
+            regs = self.cpu.regs() if self.cpu is not None else {}
+            rip = regs.get("rip", 0)
+            raise GuestHalted(f"guest halted with no interrupt pending (rip={rip:#x})")
+        return False
+
+    # -- measurement window (debug port BEGIN/END) -----------------------------------------
+    def _begin_window(self) -> None:
+        self._begin = (self.bus.stats.snapshot(), time.perf_counter())
+
+    def _end_window(self) -> None:
+        now = time.perf_counter()
+        if self._begin is None:
+            return
+        end = self.bus.stats.snapshot()
+        # The END write itself is not part of the workload.
+        end.total -= 1
+        end.by_reason[REASON_PIO] -= 1
+        end.by_device[self.debug.name] -= 1
+        end.by_register[f"{self.debug.name}.cmd"] -= 1
+        self.window = end - self._begin[0]
+        self.window_seconds = now - self._begin[1]
+
+    # -- loading ------------------------------------------------------------------------
+    def load_elf(self, path_or_blob: str | Path | bytes) -> ElfImage:
+        blob = path_or_blob if isinstance(path_or_blob, bytes) else Path(path_or_blob).read_bytes()
+        image = parse_elf(blob)
+        load_elf(image, self.memory.view, min_addr=memory.LOAD_ADDR)
+        self.image = image
+        self.start(image.entry)
+        return image
+
+    def write_params(self, blob: bytes) -> None:
+        if len(blob) > memory.PML4_ADDR - memory.PARAMS_ADDR:
+            raise ValueError("parameter block too large")
+        self.memory.write(memory.PARAMS_ADDR, blob)
+
+    def start(self, entry: int) -> None:
+        """Set the entry point (RIP); the stack is ``memory.STACK_TOP`` minus a return slot."""
+        self._entry = entry
+
+    # -- CPU ---------------------------------------------------------------------------
+    def _make_cpu(self) -> CpuBackend:
+        choice = self.requested_cpu
+        if choice == "auto":
+            ok, _reason = kvm_usable()
+            choice = "kvm" if ok else "soft"
+        if choice == "kvm":
+            cpu: CpuBackend = KvmCpu(self)
+        else:
+            from emulator.soft import SoftCpu
+
+            cpu = SoftCpu(self)
+        self.cpu_name = choice
+        return cpu
+
+    def run(self, max_exits: int | None = None, timeout: float | None = None) -> None:
+        """Run the guest until it halts for good (or reports its result)."""
+        if self._entry is None:
+            raise RuntimeError("nothing to run: load_elf() or start() first")
+        if self.cpu is None:
+            self.cpu = self._make_cpu()
+            # SysV: at function entry RSP + 8 is 16-byte aligned.
+            self.cpu.reset(self._entry, memory.STACK_TOP - 8)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        t0 = time.perf_counter()
+        try:
+            self.cpu.run(max_exits=max_exits, deadline=deadline)
+        finally:
+            self.run_seconds += time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.cpu is not None:
+            self.cpu.close()
+            self.cpu = None
+        self.memory.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,214 @@
+"""Workload runner: one function that boots a guest program against a device path.
+
+A *path* is a registered :class:`WorkloadPath`: which guest program to build, how to
+put devices on the machine's bus, and the parameter block the program reads.  To add
+``virtio-mmio`` later: write ``guest-drivers/virtio_mmio.c`` (+ entry in
+``guest_build.PROGRAMS``), a device exposing ``read/write/register_name`` mapped with
+``machine.bus.add_mmio(...)``, and call :func:`register_path`.
+
+The guest brackets its workload with debug-port BEGIN/END marks; exit counts and
+timings in the result cover only that window.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from emulator import guest_build
+from emulator.devices import ata
+from emulator.devices.ide import IdeController, MemoryBackend
+from emulator.machine import Machine
+
+PARAMS_MAGIC = 0x4F495650  # "PVIO"
+PARAMS_VERSION = 1
+# struct params in guest-drivers/ide.c
+IDE_PARAMS = struct.Struct("<8I2Q4I")
+MODE_PIO = 0
+MODE_PIO_MULTI = 1
+MODE_DMA = 2
+
+REQUEST_BYTES = 4096
+BUF_ADDR = 0x400000  # request buffer (page aligned)
+PRD_ADDR = 0x10000  # PRD table (dword aligned, below the stack)
+PATTERN_KEY = 0x5A5A5A5A_00000000
+DEFAULT_RAM = 32 << 20
+
+
+class WorkloadFailed(RuntimeError):
+    """The guest program reported a non-zero result."""
+
+
+@dataclass
+class WorkloadSpec:
+    path: str
+    total_bytes: int
+    queue_depth: int
+    irq: bool
+    lba48: bool = False
+    seed: int = 0x1234_5678
+
+    @property
+    def nreqs(self) -> int:
+        return self.total_bytes // REQUEST_BYTES
+
+
+@dataclass
+class WorkloadPath:
+    """How to run one I/O path: program name + machine setup returning a verifier."""
+
+    program: str
+    setup: Callable[[Machine, WorkloadSpec], Callable[[], bool]]
+    max_queue_depth: int = 1
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+PATHS: dict[str, WorkloadPath] = {}
+
+
+def register_path(name: str, path: WorkloadPath) -> None:
+    PATHS[name] = path
+
+
+def expected_sector(lba: int, seed: int) -> bytes:
+    """The 512 bytes the guest writes to sector ``lba`` (see fill() in ide.c)."""
+    words = [((lba << 32) | w) ^ seed ^ PATTERN_KEY for w in range(64)]
+    return struct.pack("<64Q", *words)
+
+
+def _ide_setup(mode: int, multiple: int = 0):
+    def setup(m: Machine, spec: WorkloadSpec) -> Callable[[], bool]:
+        sectors_per_req = REQUEST_BYTES // ata.SECTOR_SIZE
+        disk = MemoryBackend(spec.total_bytes + (1 << 20))
+        ide = IdeController(disk, memory=m.memory, irq=m.irq_line(ata.PRIMARY_IRQ))
+        ide.attach(m.bus)
+        m.devices["ide"] = ide
+        m.write_params(
+            IDE_PARAMS.pack(
+                PARAMS_MAGIC, PARAMS_VERSION, mode, int(spec.irq), int(spec.lba48),
+                sectors_per_req, spec.nreqs, multiple, BUF_ADDR, PRD_ADDR,
+                spec.seed, 0, 1, 0,
+            )
+        )  # fmt: skip
+
+        def verify() -> bool:
+            if ide.errors:
+                return False
+            nsect = spec.nreqs * sectors_per_req
+            return all(disk.read(lba, 1) == expected_sector(lba, spec.seed) for lba in range(nsect))
+
+        return verify
+
+    return setup
+
+
+register_path(
+    "ide-pio",
+    WorkloadPath("ide", _ide_setup(MODE_PIO), description="ATA PIO, READ/WRITE SECTORS"),
+)
+register_path(
+    "ide-pio-multi",
+    WorkloadPath(
+        "ide",
+        _ide_setup(MODE_PIO_MULTI, REQUEST_BYTES // ata.SECTOR_SIZE),
+        description="ATA PIO, READ/WRITE MULTIPLE (one DRQ block per request)",
+    ),
+)
+register_path(
+    "ide-dma",
+    WorkloadPath("ide", _ide_setup(MODE_DMA), description="PIIX bus-master DMA (PRD tables)"),
+)
+
+
+def run_workload(
+    path: str,
+    cpu: str = "auto",
+    mib: int = 1,
+    queue_depth: int = 1,
+    irq: bool = False,
+    *,
+    kib: int | None = None,
+    lba48: bool = False,
+    timeout: float | None = 600.0,
+    ram_size: int = DEFAULT_RAM,
+) -> dict:
+    """Write then read-verify ``mib`` MiB (or ``kib`` KiB) in 4 KiB requests.
+
+    Returns ``{"path", "queue_depth", "cpu", "ios", "exits_per_io", "exits_by_reason",
+    "exits_by_register", "mb_per_s", "us_per_io", "verified", ...}``; ``cpu`` is the
+    backend actually used (``auto`` resolves to ``kvm`` or ``soft``).
+    """
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; known: {sorted(PATHS)}")
+    wp = PATHS[path]
+    if not 1 <= queue_depth <= wp.max_queue_depth:
+        raise ValueError(
+            f"path {path!r} supports queue_depth 1..{wp.max_queue_depth} "
+            "(legacy IDE has one command in flight)"
+        )
+    total = (kib << 10) if kib is not None else (mib << 20)
+    if total < REQUEST_BYTES or total % REQUEST_BYTES:
+        raise ValueError("the transfer size must be a positive multiple of 4 KiB")
+    spec = WorkloadSpec(path, total, queue_depth, irq, lba48)
+    elf = guest_build.build(wp.program)
+    m = Machine(ram_size=ram_size, cpu=cpu)
+    try:
+        verify = wp.setup(m, spec)
+        m.load_elf(elf)
+        m.run(timeout=timeout)
+        dbg = m.debug
+        if dbg.result != 0:
+            raise WorkloadFailed(
+                f"{path}: guest result {dbg.result} (errors={dbg.errors}); "
+                f"output: {dbg.text!r}; device errors: {_device_errors(m)}"
+            )
+        window = m.window
+        seconds = m.window_seconds or 0.0
+        ios = dbg.ios
+        assert window is not None
+        return {
+            "path": path,
+            "queue_depth": queue_depth,
+            "cpu": m.cpu_name,
+            "irq": irq,
+            "ios": ios,
+            "exits_per_io": window.total / ios if ios else 0.0,
+            "exits_by_reason": dict(sorted(window.by_reason.items())),
+            "exits_by_register": dict(sorted(window.by_register.items())),
+            "exits_total": window.total,
+            "mb_per_s": (ios * REQUEST_BYTES / 1e6) / seconds if seconds else 0.0,
+            "us_per_io": seconds * 1e6 / ios if ios else 0.0,
+            "us_per_exit": seconds * 1e6 / window.total if window.total else 0.0,
+            "verified": dbg.errors == 0 and verify(),
+        }
+    finally:
+        m.close()
+
+
+def _device_errors(m: Machine) -> list[str]:
+    return [str(e) for d in m.devices.values() for e in getattr(d, "errors", [])]
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m emulator.run")
+    ap.add_argument("path", choices=sorted(PATHS))
+    ap.add_argument("--cpu", choices=["kvm", "soft", "auto"], default="auto")
+    ap.add_argument("--mib", type=int, default=1)
+    ap.add_argument("--kib", type=int)
+    ap.add_argument("--irq", action="store_true")
+    ap.add_argument("--lba48", action="store_true")
+    args = ap.parse_args(argv)
+    res = run_workload(args.path, args.cpu, args.mib, irq=args.irq, kib=args.kib, lba48=args.lba48)
+    json.dump(res, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Software CPU backend on unicorn: same guest binary, same bus, same exit counts.
+
+Guest RAM is the machine's memfd mapping (``mem_map_ptr``), so DMA by devices and
+guest stores see the same bytes.  Port I/O is hooked per instruction (``IN``/``OUT``)
+and every MMIO window on the bus is an ``mmio_map`` region.  Unicorn's 64-bit mode is
+flat (no paging), which equals the identity map the KVM backend builds.
+
+Exit accounting mirrors KVM exactly:
+
+* every ``in``/``out``/MMIO access is one exit;
+* ``rep outs`` is one exit per element (KVM emulates string OUT one element at a time);
+* ``rep ins`` is batched like KVM's read-ahead cache (``pio_in_emulated`` in
+  arch/x86/kvm/emulate.c): one exit fetches ``n = min(bytes left in the destination
+  page, 1024 / size, RCX)`` elements (at least 1);
+* ``hlt`` stops ``emu_start`` with RIP after the instruction -- one ``HLT`` exit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from emulator.cpu import ExitLimit, GuestFault
+from emulator.exits import REASON_HLT, REASON_MMIO, REASON_PIO
+
+try:
+    import unicorn
+    from unicorn import x86_const as ux
+except ImportError:  # pragma: no cover - optional dependency
+    unicorn = None
+    ux = None
+
+if TYPE_CHECKING:
+    from emulator.machine import Machine
+
+PAGE_SIZE = 4096
+PIO_READ_CACHE = 1024  # sizeof(struct read_cache.data) in KVM's emulator
+_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
+_OP_INS = (0x6C, 0x6D)
+_EFLAGS_DF = 1 << 10
+
+
+class SoftCpuUnavailable(RuntimeError):
+    """unicorn is not installed (pip install 'pyvirtio[emulator]')."""
+
+
+class SoftCpu:
+    name = "soft"
+
+    def __init__(self, machine: Machine) -> None:
+        if unicorn is None:
+            raise SoftCpuUnavailable("the soft CPU needs unicorn>=2.1 (extra 'emulator')")
+        self.machine = machine
+        ram = machine.memory
+        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        uc.mem_map_ptr(0, ram.size, unicorn.UC_PROT_ALL, ram.host_addr)
+        self.uc = uc
+        self._ins_left = 0  # elements left in the current emulated KVM read-ahead batch
+        self._stop = False
+        self._error: BaseException | None = None
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, ux.UC_X86_INS_IN)
+        uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, ux.UC_X86_INS_OUT)
+        for m in machine.bus.mmio:
+            start = m.base & ~(PAGE_SIZE - 1)
+            end = (m.end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+            uc.mmio_map(start, end - start, self._on_mmio_read, start, self._on_mmio_write, start)
+        self._pc = 0
+        self._limit: int | None = None
+        self._deadline: float | None = None
+
+    def reset(self, entry: int, stack: int) -> None:
+        self._pc = entry
+        self.uc.reg_write(ux.UC_X86_REG_RSP, stack)
+        self.uc.reg_write(ux.UC_X86_REG_RFLAGS, 0x2)
+
+    # -- hooks (exceptions must not propagate through unicorn's C frames) -------------------
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            self._error = exc
+            self.uc.emu_stop()
+            return 0
+
+    def _is_string_in(self, uc) -> tuple[bool, bool]:
+        rip = uc.reg_read(ux.UC_X86_REG_RIP)
+        code = bytes(uc.mem_read(rip, 15))
+        rep = False
+        i = 0
+        while i < len(code) and (code[i] in _PREFIXES or 0x40 <= code[i] <= 0x4F):
+            rep = rep or code[i] == 0xF3
+            i += 1
+        return (i < len(code) and code[i] in _OP_INS), rep
+
+    def _check_limits(self) -> None:
+        total = self.machine.bus.stats.total
+        if self._limit is not None and total >= self._limit:
+            raise ExitLimit(f"guest still running after {total} exits")
+        if self._deadline is not None and not total & 0x3FF and time.monotonic() > self._deadline:
+            raise ExitLimit("guest still running at the deadline")
+
+    def _in(self, uc, port: int, size: int) -> int:
+        self._check_limits()
+        bus = self.machine.bus
+        is_string, rep = self._is_string_in(uc)
+        if not is_string:
+            self._ins_left = 0
+            bus.account(REASON_PIO, bus.pio, port, size, False)
+            value = bus.access(bus.pio, port, size, None)
+            bus.exit_done()
+            return value
+        if self._ins_left == 0:
+            count = uc.reg_read(ux.UC_X86_REG_RCX) if rep else 1
+            rdi = uc.reg_read(ux.UC_X86_REG_RDI)
+            flags = uc.reg_read(ux.UC_X86_REG_RFLAGS)
+            off = rdi & (PAGE_SIZE - 1)
+            in_page = off if flags & _EFLAGS_DF else PAGE_SIZE - off
+            self._ins_left = max(1, min(in_page, PIO_READ_CACHE // size, count))
+            bus.account(REASON_PIO, bus.pio, port, size, False)
+        self._ins_left -= 1
+        value = bus.access(bus.pio, port, size, None)
+        if self._ins_left == 0:
+            bus.exit_done()
+        return value
+
+    def _on_in(self, uc, port, size, _user):
+        return self._guard(self._in, uc, port, size)
+
+    def _out(self, port: int, size: int, value: int) -> None:
+        self._check_limits()
+        bus = self.machine.bus
+        self._ins_left = 0
+        bus.account(REASON_PIO, bus.pio, port, size, True)
+        bus.access(bus.pio, port, size, value)
+        bus.exit_done()
+        if self.machine.stop_requested:
+            self.uc.emu_stop()
+
+    def _on_out(self, uc, port, size, value, _user):
+        self._guard(self._out, port, size, value)
+
+    def _mmio(self, addr: int, size: int, value: int | None) -> int:
+        self._check_limits()
+        bus = self.machine.bus
+        bus.account(REASON_MMIO, bus.mmio, addr, size, value is not None)
+        out = bus.access(bus.mmio, addr, size, value)
+        bus.exit_done()
+        if self.machine.stop_requested:
+            self.uc.emu_stop()
+        return out
+
+    def _on_mmio_read(self, uc, offset, size, base):
+        return self._guard(self._mmio, base + offset, size, None)
+
+    def _on_mmio_write(self, uc, offset, size, value, base):
+        self._guard(self._mmio, base + offset, size, value)
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self, max_exits: int | None = None, deadline: float | None = None) -> None:
+        stats = self.machine.bus.stats
+        self._limit = None if max_exits is None else stats.total + max_exits
+        self._deadline = deadline
+        while True:
+            timeout_us = 0
+            if deadline is not None:
+                timeout_us = max(1, int((deadline - time.monotonic()) * 1e6))
+            try:
+                self.uc.emu_start(self._pc, -1 & 0xFFFF_FFFF_FFFF_FFFF, timeout=timeout_us)
+            except unicorn.UcError as exc:
+                if self._error is None:
+                    rip = self.uc.reg_read(ux.UC_X86_REG_RIP)
+                    raise GuestFault(f"soft: {exc} at rip={rip:#x}") from exc
+            self._pc = self.uc.reg_read(ux.UC_X86_REG_RIP)
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+            if self.machine.stop_requested:
+                return
+            # emu_start returned by itself: HLT (RIP is past it) or the timeout.
+            if bytes(self.uc.mem_read(self._pc - 1, 1)) != b"\xf4" or (
+                deadline is not None and time.monotonic() > deadline
+            ):
+                raise ExitLimit(f"guest still running at the deadline (rip={self._pc:#x})")
+            stats.count(REASON_HLT)
+            if not self.machine.on_hlt():
+                return
+            self._check_limits()
+
+    def regs(self) -> dict[str, int]:
+        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags"]
+        return {n: self.uc.reg_read(getattr(ux, f"UC_X86_REG_{n.upper()}")) for n in names}
+
+    def close(self) -> None:
+        self.uc = None  # type: ignore[assignment]

@@ -1,0 +1,54 @@
+"""Exit accounting: counts by reason, by device and by register, with snapshots."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExitStats:
+    """Counters of VM exits.  ``by_register`` keys are ``"<device>.<register>"``."""
+
+    total: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+    by_device: Counter = field(default_factory=Counter)
+    by_register: Counter = field(default_factory=Counter)
+    accesses: int = 0  # device register accesses (a batched string IN is one exit, n accesses)
+
+    def count(self, reason: str, device: str | None = None, register: str | None = None) -> None:
+        self.total += 1
+        self.by_reason[reason] += 1
+        if device is not None:
+            self.by_device[device] += 1
+            if register is not None:
+                self.by_register[f"{device}.{register}"] += 1
+
+    def snapshot(self) -> ExitStats:
+        return ExitStats(
+            self.total,
+            Counter(self.by_reason),
+            Counter(self.by_device),
+            Counter(self.by_register),
+            self.accesses,
+        )
+
+    def __sub__(self, other: ExitStats) -> ExitStats:
+        def sub(a: Counter, b: Counter) -> Counter:
+            return Counter({k: a[k] - b[k] for k in a if a[k] - b[k]})
+
+        return ExitStats(
+            self.total - other.total,
+            sub(self.by_reason, other.by_reason),
+            sub(self.by_device, other.by_device),
+            sub(self.by_register, other.by_register),
+            self.accesses - other.accesses,
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "total": self.total,
+            "by_reason": dict(sorted(self.by_reason.items())),
+            "by_device": dict(sorted(self.by_device.items())),
+            "by_register": dict(sorted(self.by_register.items())),
+        }

@@ -1,0 +1,75 @@
+/* Freestanding runtime for pyvirtio guest programs (x86-64, ring 0, identity-mapped).
+ *
+ * The VMM loads the ELF at 0x100000, sets RSP, builds page tables/GDT, and writes a
+ * parameter block at PARAMS_ADDR.  Output and results go through the debug port
+ * (emulator/devices/debugport.py).  Interrupts stay disabled (IF=0): "waiting for an
+ * interrupt" is HLT, which exits to the VMM; the VMM resumes the guest at the next
+ * instruction once a device has raised its line, and the guest then reads the
+ * device's status register (as an interrupt handler would).
+ */
+#ifndef PYVIRTIO_RUNTIME_H
+#define PYVIRTIO_RUNTIME_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned long size_t;
+
+#define PARAMS_ADDR 0x3000UL
+#define PARAMS_MAGIC 0x4F495650u /* "PVIO" */
+
+#define DEBUG_BASE 0x500
+#define DEBUG_CHAR (DEBUG_BASE + 0)
+#define DEBUG_ARG (DEBUG_BASE + 4)
+#define DEBUG_CMD (DEBUG_BASE + 8)
+#define DBG_BEGIN 1
+#define DBG_END 2
+#define DBG_RESULT 3
+#define DBG_IOS 4
+#define DBG_ERRORS 5
+#define DBG_KEY 6
+#define DBG_VALUE 7
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+/* String I/O, as Linux's ioread16_rep/iowrite16_rep. */
+static inline void insw(u16 port, void *buf, size_t n)
+{
+	__asm__ volatile("cld; rep insw" : "+D"(buf), "+c"(n) : "d"(port) : "memory");
+}
+static inline void outsw(u16 port, const void *buf, size_t n)
+{
+	__asm__ volatile("cld; rep outsw" : "+S"(buf), "+c"(n) : "d"(port) : "memory");
+}
+
+static inline u8 mmio_read8(u64 a) { return *(volatile u8 *)a; }
+static inline u16 mmio_read16(u64 a) { return *(volatile u16 *)a; }
+static inline u32 mmio_read32(u64 a) { return *(volatile u32 *)a; }
+static inline void mmio_write8(u64 a, u8 v) { *(volatile u8 *)a = v; }
+static inline void mmio_write16(u64 a, u16 v) { *(volatile u16 *)a = v; }
+static inline void mmio_write32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+
+/* Wait for an interrupt: exits to the VMM (HLT), which resumes us once a line is up. */
+static inline void wait_for_interrupt(void) { __asm__ volatile("hlt" ::: "memory"); }
+
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+
+void dbg_putc(char c);
+void dbg_puts(const char *s);
+void dbg_hex(u64 v);
+void dbg_cmd(u8 cmd, u32 arg);
+void dbg_value(u32 key, u32 value);
+
+int main(void);
+
+#endif
