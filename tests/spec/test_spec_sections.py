@@ -1,0 +1,98 @@
+"""Every spec entry cites a section of the 1.4 spec, and the citations are coherent."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import virtio.spec as spec
+from virtio.spec import Section, sections
+
+NUMBER = re.compile(r"^[1-6](\.[1-9][0-9]*)*$")
+KNOWN = {s.number: s for s in sections.all_sections().values()}
+
+
+@pytest.mark.parametrize("cls", spec.ENUMS, ids=lambda cls: cls.__name__)
+def test_every_enum_member_has_a_known_section(cls: type) -> None:
+    assert cls.__members__
+    for name, member in cls.__members__.items():
+        section = member.section
+        assert isinstance(section, Section), name
+        assert section.version == "1.4", name
+        assert KNOWN.get(section.number) == section, f"{name}: {section} not in sections.py"
+
+
+def test_every_struct_and_constant_has_a_section() -> None:
+    assert spec.STRUCTS.keys() == spec.STRUCT_SECTIONS.keys()
+    for name, section in [
+        *spec.STRUCT_SECTIONS.items(),
+        *((n, s) for n, (_, s) in spec.CONSTANTS.items()),
+    ]:
+        assert KNOWN.get(section.number) == section, name
+
+
+def test_section_constants_are_consistent() -> None:
+    for const, section in sections.all_sections().items():
+        assert NUMBER.match(section.number), const
+        assert const == "S_" + section.number.replace(".", "_"), const
+        assert section.title, const
+        kind = section.title.split(":")[0]
+        if kind == "Device Requirements":
+            assert section.label.startswith("devicenormative:"), const
+        elif kind == "Driver Requirements":
+            assert section.label.startswith("drivernormative:"), const
+        else:
+            assert section.label == "", const
+
+
+def test_parents_are_recorded() -> None:
+    # Every subsection's parent is recorded too (catches typos in numbers).
+    for number in KNOWN:
+        parent = number.rpartition(".")[0]
+        assert not parent or parent in KNOWN, number
+
+
+def test_well_known_numbers() -> None:
+    assert str(sections.S_2_7_5) == "virtio 1.4 §2.7.5 The Virtqueue Descriptor Table"
+    assert sections.S_2_7_5_1.label == (
+        "devicenormative:Basic Facilities of a Virtio Device / Virtqueues / "
+        "The Virtqueue Descriptor Table"
+    )
+    assert spec.ring.VringDescFlag.VRING_DESC_F_INDIRECT.section.number == "2.7.5.3"
+    assert spec.ring.PackedEventFlag.VRING_PACKED_EVENT_FLAG_DESC.section.number == "2.8.10"
+    assert spec.TransportFeature.VIRTIO_F_RING_PACKED.section.number == "6"
+    assert spec.TransportFeature.VIRTIO_F_ANY_LAYOUT.section.number == "6.3"
+    assert spec.DeviceStatus.DRIVER_OK.section.number == "2.1"
+    assert spec.mmio.MmioReg.VIRTIO_MMIO_CONFIG.section.number == "4.2.2"
+    assert spec.STRUCT_SECTIONS["virtio_blk_config"].number == "5.2.4"
+    assert spec.STRUCT_SECTIONS["virtio_input_event"].number == "5.8.6"
+    assert spec.STRUCT_SECTIONS["virtio_net_hdr_v1"].number == "5.1.9"
+
+
+def test_export_cites_every_entry() -> None:
+    data = spec.export()
+    names = [
+        *data["device_ids"],
+        *data["features"],
+        *data["status"],
+        *data["constants"],
+        *data["structs"],
+    ]
+    assert len(names) == len(set(names))
+    assert set(names) == data["sections"].keys() == data["section_refs"].keys()
+    for name, text in data["sections"].items():
+        ref = data["section_refs"][name]
+        assert text == f"{ref['number']} {ref['title']}"
+        assert ref["version"] == "1.4"
+    assert set(data["legacy"]) <= set(names)
+    assert {n for n in data["not_in_1_2"] if "." not in n} <= set(names)
+
+
+def test_split_ring_sizes() -> None:
+    assert spec.ring.split_ring_sizes(256, False) == (4096, 4 + 512, 4 + 2048)
+    assert spec.ring.split_ring_sizes(256, True) == (4096, 6 + 512, 6 + 2048)
+    assert spec.ring.packed_ring_sizes(100) == (1600, 4, 4)
+    for bad in (0, 3, 65536):
+        with pytest.raises(ValueError):
+            spec.ring.split_ring_sizes(bad, False)
