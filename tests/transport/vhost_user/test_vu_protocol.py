@@ -477,10 +477,20 @@ def test_postcopy_mode_makes_mem_table_reply() -> None:
     event = one_event(conn, table, fds[1:])
     assert event.reply is Reply.EXPLICIT
     conn.send_reply(event, m.MemoryTable((region,)))
-    # QEMU's acknowledgement: an empty SET_MEM_TABLE (num_regions 0 in a u64).
+    # QEMU's acknowledgement: SET_MEM_TABLE with a u64 0; nothing to reply.
     ack = one_event(conn, m.encode_request(R.SET_MEM_TABLE, 0))
-    assert ack.payload == m.MemoryTable(()) and ack.reply is Reply.EXPLICIT
-    conn.send_reply(ack, b"")
+    assert ack.payload == m.U64(0) and ack.reply is Reply.NONE
+    single = m.SingleMemoryRegion(region)
+    add = one_event(conn, m.encode_request(R.ADD_MEM_REG, single), make_fds(1))
+    assert add.reply is Reply.EXPLICIT
+    conn.send_reply(add, single)
+    os.close(add.fds[0])
+    ack = one_event(conn, m.encode_request(R.ADD_MEM_REG, 0))  # the memory-slots variant
+    assert ack.payload == m.U64(0) and ack.reply is Reply.NONE
+    stray = make_fds(1)
+    assert isinstance(rejected(conn, m.encode_request(R.REM_MEM_REG, 0), stray).error, IncorrectFds)
+    assert not is_open(stray[0])
+    assert conn.pending_replies == ()
     end = one_event(conn, m.encode_request(R.POSTCOPY_END))
     conn.send_reply(end, 0)
     assert not conn.postcopy_listening

@@ -51,8 +51,13 @@ Spec decisions (see also ``messages.py``):
   protocol feature in the last SET_PROTOCOL_FEATURES.  SET_PROTOCOL_FEATURES must be a
   subset of our GET_PROTOCOL_FEATURES reply.  INBAND_NOTIFICATIONS without BACKEND_REQ and
   REPLY_ACK is fatal (the spec: "the back-end should close the connection").
+* Postcopy: between POSTCOPY_LISTEN and POSTCOPY_END, SET_MEM_TABLE and ADD_MEM_REG have
+  an explicit reply (the mapped bases), and QEMU's u64 acknowledgement of that reply comes
+  back as a ``Request`` with a ``U64`` payload and nothing to answer (``POSTCOPY_ACKS``).
 * Reserved fields (``num`` of GET_VRING_BASE / VRING_KICK, unknown header flag bits
   4-31) are ignored, not rejected.
+* RESET_OWNER / RESET_DEVICE do not reset the negotiated features here (libvhost-user
+  keeps them too); the handler resets the device.
 """
 
 from __future__ import annotations
@@ -205,6 +210,14 @@ def _close_fds(fds: Iterable[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
 
+
+POSTCOPY_ACKS = frozenset(
+    {FrontendRequest.SET_MEM_TABLE, FrontendRequest.ADD_MEM_REG, FrontendRequest.REM_MEM_REG}
+)
+"""In postcopy mode QEMU acknowledges our memory-table reply with one of these requests
+carrying a u64 0 and no fds (SET_MEM_TABLE "Note"; with CONFIGURE_MEM_SLOTS it reuses the
+request number of its last ADD/REM_MEM_REG).  Delivered as ``Request`` with a ``U64``
+payload and nothing to reply."""
 
 _FATAL = spec_section("Message Specification", "Header")
 
@@ -364,8 +377,11 @@ class BackendConnection:
         except ValueError:
             return self._reject(number, flags, UnknownRequest(number), fds)
         spec = REQUESTS[request]
+        postcopy_ack = (
+            self.postcopy_listening and request in POSTCOPY_ACKS and len(data) == U64.SIZE
+        )
         try:
-            payload = self._validate(request, spec, flags, data, fds)
+            payload = self._validate(request, spec, flags, data, fds, postcopy_ack)
         except VhostUserProtocolError as error:
             return self._reject(request, flags, error, fds)
         except BaseException:
@@ -377,7 +393,7 @@ class BackendConnection:
             _close_fds(fds)
             fds = []
         self._apply(request, payload)
-        reply = self._reply_kind(request, flags)
+        reply = self._reply_kind(None if postcopy_ack else request, flags)
         event = Request(request, flags, payload, tuple(fds), reply)
         self._requests += 1
         if reply is not Reply.NONE:
@@ -385,7 +401,13 @@ class BackendConnection:
         return event
 
     def _validate(
-        self, request: FrontendRequest, spec: RequestSpec, flags: int, data: bytes, fds: list[int]
+        self,
+        request: FrontendRequest,
+        spec: RequestSpec,
+        flags: int,
+        data: bytes,
+        fds: list[int],
+        postcopy_ack: bool,
     ) -> Payload | None:
         if flags & HeaderFlags.REPLY:
             raise InvalidMessage(
@@ -394,6 +416,16 @@ class BackendConnection:
                 section=spec_section("Message Specification", "Header"),
             )
         self._check_gate(request, spec)
+        if postcopy_ack:
+            if fds:
+                raise IncorrectFds(
+                    f"{request.name}: postcopy acknowledgement with {len(fds)} fds",
+                    request=request,
+                    expected="0",
+                    received=len(fds),
+                    section=request.section,
+                )
+            return U64.unpack(data)
         if not spec.min_size <= len(data) <= spec.max_size:
             raise PayloadSizeMismatch(request, len(data), spec.expected_size, section=spec.section)
         payload = None
