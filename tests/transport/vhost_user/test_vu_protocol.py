@@ -632,3 +632,40 @@ def test_chunking_does_not_change_events(cuts: list[int]) -> None:
         while (event := conn.next_event()) is not NEED_DATA:
             got.append((event.request, event.payload))
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("request_", "payload"),
+    [
+        (R.IOTLB_MSG, m.IotlbMessage(0, 0x1000, 0, 4, m.IotlbType.UPDATE)),
+        (R.IOTLB_MSG, m.IotlbMessage(0, 0x1000, 0, 3, m.IotlbType.MISS)),
+        (R.SET_DEVICE_STATE_FD, struct.pack("=II", 2, 0)),
+        (R.SET_DEVICE_STATE_FD, struct.pack("=II", 0, 1)),
+        (R.SET_CONFIG, struct.pack("=III", 0xFFFF_FFFF, 4, 0) + bytes(4)),
+        (R.SET_VRING_ENDIAN, m.VringState(0, 2)),
+    ],
+)
+def test_field_range_checks(request_: R, payload: object) -> None:
+    conn = negotiated()
+    fds = make_fds(1) if request_ is R.SET_DEVICE_STATE_FD else []
+    event = rejected(conn, m.encode_request(request_, payload), fds)  # type: ignore[arg-type]
+    assert type(event.error) is InvalidMessage
+    assert event.error.request is request_
+    assert not any(is_open(fd) for fd in fds)
+
+
+def test_iotlb_accepts_unpadded_26_bytes() -> None:
+    conn = negotiated()
+    msg = m.IotlbMessage(0x1000, 0x1000, 0x7000, 1, m.IotlbType.INVALIDATE)
+    event = one_event(conn, raw(R.IOTLB_MSG, payload=msg.pack()[:26]))
+    assert isinstance(event, Request) and event.payload == msg
+
+
+def test_receive_after_close_is_refused_and_fds_closed() -> None:
+    conn = negotiated()
+    conn.close()
+    assert isinstance(conn.next_event(), ConnectionClosed)
+    fds = make_fds(1)
+    with pytest.raises(DeviceUsageError):
+        conn.receive_data(b"\0", fds)
+    assert not is_open(fds[0])

@@ -978,7 +978,7 @@ REQUESTS: dict[FrontendRequest, RequestSpec] = dict(
             reply=ReplyRule.ALWAYS,
             feature=_F.PAGEFAULT,
             reply_fds=1,
-            reply_payload="userfault fd",
+            reply_payload="no payload (QEMU checks size 0) + userfault fd",
         ),
         _row(_R.POSTCOPY_LISTEN, 0, feature=_F.PAGEFAULT),
         _row(_R.POSTCOPY_END, 0, reply=ReplyRule.ALWAYS, feature=_F.PAGEFAULT, reply_payload="u64"),
@@ -1034,7 +1034,7 @@ REQUESTS: dict[FrontendRequest, RequestSpec] = dict(
             reply=ReplyRule.ALWAYS,
             feature=_F.SHARED_OBJECT,
             reply_fds=1,
-            reply_payload="dmabuf fd",
+            reply_payload="u64 status + dmabuf fd (no fd on failure)",
         ),
         _row(
             _R.SET_DEVICE_STATE_FD,
@@ -1073,6 +1073,7 @@ STATUS_REPLIES = frozenset(
         _R.POSTCOPY_END,
         _R.SET_DEVICE_STATE_FD,
         _R.CHECK_DEVICE_STATE,
+        _R.GET_SHARED_OBJECT,
     }
 )
 """Requests whose explicit reply is a u64 status (0 = success), so a failure can be told."""
