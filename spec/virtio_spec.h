@@ -209,6 +209,75 @@
 #define VIRTIO_MMIO_INT_VRING 1 /* §4.2.2 */
 #define VIRTIO_MMIO_INT_CONFIG 2 /* §4.2.2 */
 
+/* PciCapType */
+#define VIRTIO_PCI_CAP_COMMON_CFG 1 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_NOTIFY_CFG 2 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_ISR_CFG 3 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_DEVICE_CFG 4 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_PCI_CFG 5 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_SHARED_MEMORY_CFG 8 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_VENDOR_CFG 9 /* §4.1.4 */
+
+/* PciCapOffset */
+#define VIRTIO_PCI_CAP_VNDR 0 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_NEXT 1 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_LEN 2 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_CFG_TYPE 3 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_BAR 4 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_OFFSET 8 /* §4.1.4 */
+#define VIRTIO_PCI_CAP_LENGTH 12 /* §4.1.4 */
+#define VIRTIO_PCI_NOTIFY_CAP_MULT 16 /* §4.1.4.4 */
+
+/* PciCommonCfg */
+#define VIRTIO_PCI_COMMON_DFSELECT 0 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_DF 4 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_GFSELECT 8 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_GF 12 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_MSIX 16 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_NUMQ 18 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_STATUS 20 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_CFGGENERATION 21 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_SELECT 22 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_SIZE 24 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_MSIX 26 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_ENABLE 28 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_NOFF 30 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_DESCLO 32 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_DESCHI 36 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_AVAILLO 40 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_AVAILHI 44 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_USEDLO 48 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_USEDHI 52 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_NDATA 56 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_Q_RESET 58 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_ADM_Q_IDX 60 /* §4.1.4.3 */
+#define VIRTIO_PCI_COMMON_ADM_Q_NUM 62 /* §4.1.4.3 */
+
+/* PciIsr */
+#define VIRTIO_PCI_ISR_QUEUE 1 /* §4.1.4.5 */
+#define VIRTIO_PCI_ISR_CONFIG 2 /* §4.1.4.5 */
+
+/* PciTransitionalId */
+#define VIRTIO_TRANS_ID_NET 0x1000 /* §4.1.2.1 */
+#define VIRTIO_TRANS_ID_BLOCK 0x1001 /* §4.1.2.1 */
+#define VIRTIO_TRANS_ID_BALLOON 0x1002 /* §4.1.2.1 */
+#define VIRTIO_TRANS_ID_CONSOLE 0x1003 /* §4.1.2.1 */
+#define VIRTIO_TRANS_ID_SCSI 0x1004 /* §4.1.2.1 */
+#define VIRTIO_TRANS_ID_RNG 0x1005 /* §4.1.2.1 */
+#define VIRTIO_TRANS_ID_9P 0x1009 /* §4.1.2.1 */
+
+/* PciLegacyReg */
+#define VIRTIO_PCI_HOST_FEATURES 0 /* §4.1.4.10 */
+#define VIRTIO_PCI_GUEST_FEATURES 4 /* §4.1.4.10 */
+#define VIRTIO_PCI_QUEUE_PFN 8 /* §4.1.4.10 */
+#define VIRTIO_PCI_QUEUE_NUM 12 /* §4.1.4.10 */
+#define VIRTIO_PCI_QUEUE_SEL 14 /* §4.1.4.10 */
+#define VIRTIO_PCI_QUEUE_NOTIFY 16 /* §4.1.4.10 */
+#define VIRTIO_PCI_STATUS 18 /* §4.1.4.10 */
+#define VIRTIO_PCI_ISR 19 /* §4.1.4.10 */
+#define VIRTIO_MSI_CONFIG_VECTOR 20 /* §4.1.4.10 */
+#define VIRTIO_MSI_QUEUE_VECTOR 22 /* §4.1.4.10 */
+
 /* BlkReqType */
 #define VIRTIO_BLK_T_IN 0 /* §5.2.6 */
 #define VIRTIO_BLK_T_OUT 1 /* §5.2.6 */
@@ -403,6 +472,9 @@
 #define VIRTIO_MMIO_MAGIC 0x74726976 /* §4.2.2 */
 #define VIRTIO_MMIO_VERSION_MODERN 2 /* §4.2.2 */
 #define VIRTIO_MMIO_VERSION_LEGACY 1 /* §4.2.4 */
+#define VIRTIO_PCI_VENDOR_ID 0x1af4 /* §4.1.2 */
+#define VIRTIO_PCI_DEVICE_ID_BASE 0x1040 /* §4.1.2 */
+#define VIRTIO_MSI_NO_VECTOR 0xffff /* §4.1.5.1.2 */
 #define VIRTIO_BLK_ID_BYTES 20 /* §5.2.6.1 */
 #define VIRTIO_BLK_SECTOR_SIZE 0x200 /* §5.2.4 */
 #define VIRTIO_BLK_T_BARRIER 0x80000000u /* §5.2.6.3 */
@@ -456,6 +528,77 @@ struct vring_packed_desc_event {
 	uint16_t flags;
 } __attribute__((packed));
 _Static_assert(sizeof(struct vring_packed_desc_event) == 4, "vring_packed_desc_event size");
+
+/* §4.1.4 Virtio Structure PCI Capabilities */
+struct virtio_pci_cap {
+	uint8_t cap_vndr;
+	uint8_t cap_next;
+	uint8_t cap_len;
+	uint8_t cfg_type;
+	uint8_t bar;
+	uint8_t id;
+	uint8_t padding[2];
+	uint32_t offset;
+	uint32_t length;
+} __attribute__((packed));
+_Static_assert(sizeof(struct virtio_pci_cap) == 16, "virtio_pci_cap size");
+
+/* §4.1.4 Virtio Structure PCI Capabilities */
+struct virtio_pci_cap64 {
+	struct virtio_pci_cap cap;
+	uint32_t offset_hi;
+	uint32_t length_hi;
+} __attribute__((packed));
+_Static_assert(sizeof(struct virtio_pci_cap64) == 24, "virtio_pci_cap64 size");
+
+/* §4.1.4.4 Notification structure layout */
+struct virtio_pci_notify_cap {
+	struct virtio_pci_cap cap;
+	uint32_t notify_off_multiplier;
+} __attribute__((packed));
+_Static_assert(sizeof(struct virtio_pci_notify_cap) == 20, "virtio_pci_notify_cap size");
+
+/* §4.1.4.9 PCI configuration access capability */
+struct virtio_pci_cfg_cap {
+	struct virtio_pci_cap cap;
+	uint8_t pci_cfg_data[4];
+} __attribute__((packed));
+_Static_assert(sizeof(struct virtio_pci_cfg_cap) == 20, "virtio_pci_cfg_cap size");
+
+/* §4.1.4.8 Vendor data capability */
+struct virtio_pci_vndr_data {
+	uint8_t cap_vndr;
+	uint8_t cap_next;
+	uint8_t cap_len;
+	uint8_t cfg_type;
+	uint16_t vendor_id;
+} __attribute__((packed));
+_Static_assert(sizeof(struct virtio_pci_vndr_data) == 6, "virtio_pci_vndr_data size");
+
+/* §4.1.4.3 Common configuration structure layout */
+struct virtio_pci_common_cfg {
+	uint32_t device_feature_select;
+	uint32_t device_feature;
+	uint32_t driver_feature_select;
+	uint32_t driver_feature;
+	uint16_t config_msix_vector;
+	uint16_t num_queues;
+	uint8_t device_status;
+	uint8_t config_generation;
+	uint16_t queue_select;
+	uint16_t queue_size;
+	uint16_t queue_msix_vector;
+	uint16_t queue_enable;
+	uint16_t queue_notify_off;
+	uint64_t queue_desc;
+	uint64_t queue_driver;
+	uint64_t queue_device;
+	uint16_t queue_notify_data;
+	uint16_t queue_reset;
+	uint16_t admin_queue_index;
+	uint16_t admin_queue_num;
+} __attribute__((packed));
+_Static_assert(sizeof(struct virtio_pci_common_cfg) == 64, "virtio_pci_common_cfg size");
 
 /* §5.2.4 Device configuration layout */
 struct virtio_blk_geometry {

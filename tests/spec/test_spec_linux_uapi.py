@@ -1,10 +1,10 @@
 """Cross-check every number and layout of ``virtio.spec`` against Linux's uapi headers.
 
-A C program including ``<linux/virtio_{ids,config,ring,blk,net,input,mmio}.h>`` prints
-the value of every macro/enumerator we also define and ``sizeof``/``offsetof`` of every
-struct field; it is compiled with the system ``gcc``.  Names the Linux headers (6.1 on
-the reference machine) lack are listed below with the reason; a newer kernel that has
-them is checked, not flagged.
+A C program including ``<linux/virtio_{ids,config,ring,blk,net,input,mmio,pci}.h>``
+prints the value of every macro/enumerator we also define and ``sizeof``/``offsetof``
+of every struct field; it is compiled with the system ``gcc``.  Names the Linux headers
+(6.1 on the reference machine) lack are listed below with the reason; a newer kernel
+that has them is checked, not flagged.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import virtio.spec as spec
 from virtio.spec import status
 
-HEADERS = ("ids", "config", "ring", "blk", "net", "input", "mmio")
+HEADERS = ("ids", "config", "ring", "blk", "net", "input", "mmio", "pci")
 
 # --- Constants ---------------------------------------------------------------------
 
@@ -136,6 +136,13 @@ EXPECTED_MISSING: dict[str, str] = {
     **{m.name: _NEWER + " (RSS contexts, 1.4)" for m in spec.net.NetCtrlRssCtxCmd},
     # Input.
     "VIRTIO_INPUT_CFG_UNION_SIZE": _OURS + " (size of the u union, 128)",
+    # PCI.
+    "VIRTIO_PCI_CAP_VENDOR_CFG": _NEWER + " (vendor data capability, 1.3)",
+    "VIRTIO_PCI_COMMON_ADM_Q_IDX": _NEWER + " (admin virtqueues, 1.3)",
+    "VIRTIO_PCI_COMMON_ADM_Q_NUM": _NEWER + " (admin virtqueues, 1.3)",
+    "VIRTIO_PCI_ISR_QUEUE": _OURS + " (ISR bit 0, Queue Interrupt)",
+    "VIRTIO_PCI_VENDOR_ID": _OURS + " (0x1AF4; Linux: PCI_VENDOR_ID_REDHAT_QUMRANET)",
+    "VIRTIO_PCI_DEVICE_ID_BASE": _OURS + " (modern Device ID = 0x1040 + Device ID)",
 }
 
 # --- Structs -------------------------------------------------------------------------
@@ -179,12 +186,32 @@ STRUCT_MAP: dict[str, tuple[str, dict[str, str]]] = {
     "virtio_input_absinfo": ("struct virtio_input_absinfo", {}),
     "virtio_input_devids": ("struct virtio_input_devids", {}),
     "virtio_input_event": ("struct virtio_input_event", {}),
+    "virtio_pci_cap": ("struct virtio_pci_cap", {}),
+    "virtio_pci_cap64": ("struct virtio_pci_cap64", {}),
+    "virtio_pci_notify_cap": ("struct virtio_pci_notify_cap", {}),
+    "virtio_pci_cfg_cap": ("struct virtio_pci_cfg_cap", {}),
+    "virtio_pci_common_cfg": (
+        "struct virtio_pci_common_cfg",
+        {
+            "driver_feature_select": "guest_feature_select",
+            "driver_feature": "guest_feature",
+            "config_msix_vector": "msix_config",
+            # Linux splits the le64 addresses into _lo/_hi: compare the offset only.
+            "queue_desc": "@queue_desc_lo",
+            "queue_driver": "@queue_avail_lo",
+            "queue_device": "@queue_used_lo",
+        },
+    ),
 }
 
 # Structs Linux 6.1 has only a prefix of: (first field Linux lacks, reason).
 LINUX_PREFIX: dict[str, tuple[str, str]] = {
     "virtio_blk_config": ("zoned.zone_sectors", "zoned characteristics added in spec 1.3"),
     "virtio_net_config": ("supported_tunnel_types", "inner header hash added in spec 1.3"),
+    "virtio_pci_common_cfg": (
+        "queue_notify_data",
+        "6.1 stops at queue_used_hi; notify data / queue reset / admin queue fields are newer",
+    ),
 }
 
 EXPECTED_MISSING_STRUCTS: dict[str, str] = {
@@ -194,6 +221,7 @@ EXPECTED_MISSING_STRUCTS: dict[str, str] = {
     "virtio_blk_zone_descriptor": "zoned block devices (1.3), not in uapi 6.1",
     "virtio_blk_zone_report": "zoned block devices (1.3), not in uapi 6.1",
     "virtio_net_ctrl_coal_vq": "per-virtqueue coalescing (1.3), not in uapi 6.1",
+    "virtio_pci_vndr_data": "vendor data capability (1.3), not in uapi 6.1",
 }
 
 
@@ -220,13 +248,18 @@ def _c_program() -> str:
     for name, (ctype, fmap) in STRUCT_MAP.items():
         lines.append(f'printf("S {name} %zu\\n", sizeof({ctype}));')
         stop = LINUX_PREFIX.get(name, (None, ""))[0]
-        for field, _offset, _size in spec.struct_fields(spec.STRUCTS[name]):
+        for field, _offset, size in spec.struct_fields(spec.STRUCTS[name]):
             if field == stop:
                 break
             path = fmap.get(field, field)
+            if path.startswith("@"):  # offset only
+                size_expr = str(size)
+                path = path[1:]
+            else:
+                size_expr = f"sizeof((({ctype} *)0)->{path})"
             lines.append(
                 f'printf("F {name} {field} %zu %zu\\n", offsetof({ctype}, {path}),'
-                f" sizeof((({ctype} *)0)->{path}));"
+                f" (size_t)({size_expr}));"
             )
     for num in (1, 2, 256, 1024, 32768):
         lines.append(f'printf("V {num} %u\\n", vring_size({num}, 1));')

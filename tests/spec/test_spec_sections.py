@@ -96,3 +96,17 @@ def test_split_ring_sizes() -> None:
     for bad in (0, 3, 65536):
         with pytest.raises(ValueError):
             spec.ring.split_ring_sizes(bad, False)
+
+
+def test_register_offset_enums_match_structs() -> None:
+    fields = {f: o for f, o, _ in spec.struct_fields(spec.pci.virtio_pci_common_cfg)}
+    offsets = [int(m) for m in spec.pci.PciCommonCfg]
+    expected = sorted(
+        {*fields.values(), fields["queue_desc"] + 4, fields["queue_driver"] + 4,
+         fields["queue_device"] + 4}
+    )  # fmt: skip
+    assert offsets == expected
+    cap = {f: o for f, o, _ in spec.struct_fields(spec.pci.virtio_pci_notify_cap)}
+    assert cap["notify_off_multiplier"] == spec.pci.PciCapOffset.VIRTIO_PCI_NOTIFY_CAP_MULT
+    assert cap["cap.length"] == spec.pci.PciCapOffset.VIRTIO_PCI_CAP_LENGTH
+    assert spec.pci.pci_device_id(spec.DeviceId.VIRTIO_ID_NET) == 0x1041

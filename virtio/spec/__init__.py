@@ -24,7 +24,7 @@ from typing import Any
 
 from construct import Bytes, Construct, FormatField, Renamed, Struct
 
-from virtio.spec import blk, features, ids, input, mmio, net, ring, sections, status
+from virtio.spec import blk, features, ids, input, mmio, net, pci, ring, sections, status
 from virtio.spec._base import SPEC_VERSION, FeatureBit, Section, SpecIntEnum, SpecIntFlag
 from virtio.spec.blk import BlkFeature
 from virtio.spec.features import TransportFeature
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 # Modules in the order their entries appear in exports.
-MODULES: tuple[ModuleType, ...] = (ids, status, features, ring, mmio, blk, net, input)
+MODULES: tuple[ModuleType, ...] = (ids, status, features, ring, mmio, pci, blk, net, input)
 
 FEATURE_GROUPS: dict[str, type[FeatureBit]] = {
     "transport": TransportFeature,

@@ -28,6 +28,9 @@ Numbering differences between versions
   Operation to **5.1.9**.  Sections 5.1.1-5.1.5 are unchanged.
 * Block (5.2.x), input (5.8.x), MMIO (4.2.x) and reserved feature bits (6.x) have
   the same numbers in 1.2, 1.3 and 1.4.
+* PCI: 1.3 added "4.1.4.8 Vendor data capability", so the PCI configuration access
+  capability is 4.1.4.9 in 1.3/1.4 but 4.1.4.8 in 1.2 (and the legacy note after it
+  moved from 4.1.4.9 to 4.1.4.10).
 * The label of 2.7.10 "Available Buffer Notification Suppression" is still the old
   ``sec:.../Virtqueue Notification Suppression`` (the section was renamed in 1.1).
 """
@@ -41,6 +44,7 @@ _BF = "Basic Facilities of a Virtio Device"
 _VQ = f"{_BF} / Virtqueues"
 _PVQ = f"{_BF} / Packed Virtqueues"
 _MMIO = "Virtio Transport Options / Virtio Over MMIO"
+_PCI = "Virtio Transport Options / Virtio Over PCI Bus"
 _NET = "Device Types / Network Device"
 _BLK = "Device Types / Block Device"
 _INPUT = "Device Types / Input Device"
@@ -231,6 +235,30 @@ S_3_3_1 = _drv(
 # --- Chapter 4: Virtio Transport Options --------------------------------------------
 S_4 = Section("4", "Virtio Transport Options")
 S_4_1 = Section("4.1", "Virtio Over PCI Bus")
+S_4_1_1 = _dev("4.1.1", "Virtio Over PCI Bus", _PCI)
+S_4_1_2 = Section("4.1.2", "PCI Device Discovery")
+S_4_1_2_1 = _dev("4.1.2.1", "PCI Device Discovery", f"{_PCI} / PCI Device Discovery")
+S_4_1_2_2 = _drv("4.1.2.2", "PCI Device Discovery", f"{_PCI} / PCI Device Discovery")
+S_4_1_2_3 = Section("4.1.2.3", "Legacy Interfaces: A Note on PCI Device Discovery")
+S_4_1_3 = Section("4.1.3", "PCI Device Layout")
+S_4_1_4 = Section("4.1.4", "Virtio Structure PCI Capabilities")
+S_4_1_4_1 = _drv(
+    "4.1.4.1", "Virtio Structure PCI Capabilities", f"{_PCI} / Virtio Structure PCI Capabilities"
+)
+S_4_1_4_2 = _dev(
+    "4.1.4.2", "Virtio Structure PCI Capabilities", f"{_PCI} / Virtio Structure PCI Capabilities"
+)
+S_4_1_4_3 = Section("4.1.4.3", "Common configuration structure layout")
+S_4_1_4_4 = Section("4.1.4.4", "Notification structure layout")
+S_4_1_4_5 = Section("4.1.4.5", "ISR status capability")
+S_4_1_4_6 = Section("4.1.4.6", "Device-specific configuration")
+S_4_1_4_7 = Section("4.1.4.7", "Shared memory capability")
+S_4_1_4_8 = Section("4.1.4.8", "Vendor data capability")
+S_4_1_4_9 = Section("4.1.4.9", "PCI configuration access capability")
+S_4_1_4_10 = Section("4.1.4.10", "Legacy Interfaces: A Note on PCI Device Layout")
+S_4_1_5 = Section("4.1.5", "PCI-specific Initialization And Device Operation")
+S_4_1_5_1 = Section("4.1.5.1", "Device Initialization")
+S_4_1_5_1_2 = Section("4.1.5.1.2", "MSI-X Vector Configuration")
 S_4_2 = Section("4.2", "Virtio Over MMIO")
 S_4_2_1 = Section("4.2.1", "MMIO Device Discovery")
 S_4_2_2 = Section("4.2.2", "MMIO Device Register Layout")
