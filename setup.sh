@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# pyvirtio: bring a Debian 12 machine (root) to a working state, idempotently.
+#
+#   ./setup.sh                  set up only
+#   ./setup.sh test [ARGS...]   set up, then: .venv/bin/python -m pytest ARGS...
+#   ./setup.sh run [ARGS...]    set up, then: .venv/bin/virtio bench ARGS...
+#
+# Steps (each skipped when already done, so a second run takes about a second):
+#   1. Debian packages (apt-get update only when something is missing);
+#   2. .venv with `pip install -e '.[test,emulator]'` (redone when pyproject.toml changes);
+#   3. the QEMU guest image (kernel + initramfs) in ${PYVIRTIO_CACHE:-~/.cache/pyvirtio}/guest.
+#
+# Environment:
+#   PYVIRTIO_NO_APT=1      never run apt-get (dev machines that have the tools already)
+#   PYVIRTIO_NO_IMAGE=1    do not build the guest image
+#   PYVIRTIO_CACHE=DIR     cache directory (default ~/.cache/pyvirtio)
+#   PYTHON=python3         interpreter used to create .venv
+# Progress goes to stderr; works with CI=true and no stdin.
+set -euo pipefail
+
+# ---------------------------------------------------------------------------
+# Debian packages the project needs.  >>> Extend this list for new needs. <<<
+#   gcc libc6-dev linux-libc-dev   cffi's native code (virtio.native)
+#   qemu-system-x86                qemu-system-x86_64 (guests for integration tests)
+#   qemu-system-common             qemu-storage-daemon (reference vhost-user-blk backend)
+#   qemu-utils                     qemu-img, qemu-nbd
+#   busybox-static kmod cpio       guest initramfs (busybox, depmod)
+#   e2fsprogs fio                  copied into the guest (mkfs.ext4/e2fsck, fio)
+PYVIRTIO_APT_PACKAGES=(
+    gcc
+    libc6-dev
+    linux-libc-dev
+    qemu-system-x86
+    qemu-system-common
+    qemu-utils
+    busybox-static
+    kmod
+    cpio
+    e2fsprogs
+    fio
+)
+# ---------------------------------------------------------------------------
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.pyvirtio-install-stamp"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo -n "$@"
+    else
+        die "need root for: $*"
+    fi
+}
+
+APT_UPDATED=0
+apt_update_once() {
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get -q update >&2
+        APT_UPDATED=1
+    fi
+}
+
+apt_lists_present() {
+    compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null
+}
+
+missing_packages() {
+    # prints the packages of "$@" that are not installed
+    local pkg status
+    for pkg in "$@"; do
+        status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
+        [ "$status" = "installed" ] || printf '%s\n' "$pkg"
+    done
+}
+
+python_needs() {
+    # Debian's own python3 lacks venv / headers unless python3-venv / python3-dev are in.
+    if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        echo python3-venv
+    fi
+    if ! "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' >/dev/null 2>&1; then
+        echo python3-dev
+    fi
+}
+
+step_apt() {
+    if [ "${PYVIRTIO_NO_APT:-0}" = "1" ]; then
+        log "PYVIRTIO_NO_APT=1: skipping apt"
+        return
+    fi
+    command -v dpkg-query >/dev/null 2>&1 || die "dpkg-query not found: this script expects Debian 12"
+    command -v "$PYTHON" >/dev/null 2>&1 || PYVIRTIO_APT_PACKAGES+=(python3)
+    local wanted missing
+    mapfile -t wanted < <(printf '%s\n' "${PYVIRTIO_APT_PACKAGES[@]}"; python_needs 2>/dev/null || true)
+    mapfile -t missing < <(missing_packages "${wanted[@]}")
+    if [ "${#missing[@]}" -eq 0 ]; then
+        log "Debian packages: all ${#wanted[@]} installed"
+        apt_lists_present || apt_update_once   # the guest image builder needs apt-cache
+        return
+    fi
+    apt_update_once
+    log "apt-get install ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -q install -y --no-install-recommends \
+        -o Dpkg::Use-Pty=0 "${missing[@]}" </dev/null >&2
+}
+
+step_venv() {
+    local want have
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        log "removing broken $VENV"
+        rm -rf "$VENV"
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating $VENV ($("$PYTHON" --version 2>&1))"
+        "$PYTHON" -m venv "$VENV"
+        rm -f "$STAMP"
+    fi
+    have="$(cat "$STAMP" 2>/dev/null || true)"
+    if [ "$have" = "$want" ] && "$VENV/bin/python" -c 'import virtio, pytest, trio' >/dev/null 2>&1; then
+        log "venv: up to date"
+        return
+    fi
+    log "pip install -e '.[test,emulator]'"
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+    "$VENV/bin/python" -m pip install -q --upgrade pip </dev/null >&2
+    "$VENV/bin/python" -m pip install -q -e '.[test,emulator]' </dev/null >&2
+    printf '%s\n' "$want" >"$STAMP"
+}
+
+step_image() {
+    if [ "${PYVIRTIO_NO_IMAGE:-0}" = "1" ]; then
+        log "PYVIRTIO_NO_IMAGE=1: skipping the guest image"
+        return
+    fi
+    local py="$VENV/bin/python"
+    if "$py" -m virtio.testing.guest_image --check >/dev/null 2>&1; then
+        log "guest image: cached ($("$py" -m virtio.testing.guest_image 2>/dev/null))"
+        return
+    fi
+    log "building the guest image (~15 s)"
+    if "$py" -m virtio.testing.guest_image >&2; then
+        return
+    fi
+    if [ "${PYVIRTIO_NO_APT:-0}" != "1" ] && [ "$APT_UPDATED" -eq 0 ]; then
+        log "guest image build failed; refreshing apt lists and retrying once"
+        apt_update_once
+        "$py" -m virtio.testing.guest_image >&2 && return
+    fi
+    die "could not build the guest image (see above)"
+}
+
+main() {
+    local cmd="${1:-setup}"
+    case "$cmd" in
+        setup | test | run) [ "$#" -gt 0 ] && shift ;;
+        -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 0 ;;
+        *) die "unknown command '$cmd' (use: setup, test, run)" ;;
+    esac
+    step_apt
+    step_venv
+    step_image
+    log "ready"
+    case "$cmd" in
+        test) exec "$VENV/bin/python" -m pytest "$@" ;;
+        run) exec "$VENV/bin/virtio" bench "$@" ;;
+    esac
+}
+
+main "$@"
