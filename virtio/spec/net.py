@@ -8,8 +8,11 @@ Names follow the spec and Linux ``virtio_net.h``; where they differ: the spec's
 Section numbers: the header and control queue live under "Device Operation", which is
 §5.1.9 in 1.4 but §5.1.6 in 1.2/1.3 (see :mod:`virtio.spec.sections`).
 
-Version notes (1.2 vs 1.4), as far as we know (``NOT_IN_1_2``; from the spec history,
-not re-checked against the 1.2 PDF): added in 1.3 are VIRTIO_NET_F_NOTF_COAL,
+Version notes (1.2 vs 1.4) (``NOT_IN_1_2``): the 1.2 feature list (checked against a
+section-numbered rendering of the 1.2 text) has HOST_USO, HASH_REPORT, GUEST_HDRLEN,
+RSS, RSC_EXT, STANDBY and SPEED_DUPLEX but not CTRL_RX_EXTRA (20; long used by Linux,
+specified later together with the ALLUNI/NOMULTI/NOUNI/NOBCAST commands).  From the
+spec history as remembered (not re-checked): added in 1.3 are VIRTIO_NET_F_NOTF_COAL,
 VIRTIO_NET_F_VQ_NOTF_COAL, VIRTIO_NET_F_GUEST_USO4/6, VIRTIO_NET_F_HASH_TUNNEL with
 ``virtio_net_config.supported_tunnel_types`` and the ``VIRTIO_NET_CTRL_NOTF_COAL`` /
 ``VIRTIO_NET_CTRL_HASH_TUNNEL`` classes; added in 1.4 are VIRTIO_NET_F_DEVICE_STATS
@@ -370,6 +373,11 @@ LEGACY = frozenset(
 )
 NOT_IN_1_2 = frozenset(
     {
+        "VIRTIO_NET_F_CTRL_RX_EXTRA",
+        "VIRTIO_NET_CTRL_RX_ALLUNI",
+        "VIRTIO_NET_CTRL_RX_NOMULTI",
+        "VIRTIO_NET_CTRL_RX_NOUNI",
+        "VIRTIO_NET_CTRL_RX_NOBCAST",
         "VIRTIO_NET_F_DEVICE_STATS",
         "VIRTIO_NET_F_HASH_TUNNEL",
         "VIRTIO_NET_F_VQ_NOTF_COAL",
