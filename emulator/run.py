@@ -162,7 +162,7 @@ def run_workload(
         dbg = m.debug
         if dbg.result != 0:
             raise WorkloadFailed(
-                f"{path}: guest result {dbg.result} (errors={dbg.errors}); "
+                f"{path}: guest result {dbg.result} (errors={dbg.verify_errors}); "
                 f"output: {dbg.text!r}; device errors: {_device_errors(m)}"
             )
         window = m.window
@@ -182,7 +182,7 @@ def run_workload(
             "mb_per_s": (ios * REQUEST_BYTES / 1e6) / seconds if seconds else 0.0,
             "us_per_io": seconds * 1e6 / ios if ios else 0.0,
             "us_per_exit": seconds * 1e6 / window.total if window.total else 0.0,
-            "verified": dbg.errors == 0 and verify(),
+            "verified": dbg.verify_errors == 0 and verify(),
         }
     finally:
         m.close()

@@ -247,7 +247,7 @@ int main(void)
 
 	u32 words = rs * ATA_SECTOR / 8, bad = 0, ios = 0;
 	u64 *buf = (u64 *)P->buf_addr;
-	dbg_cmd(DBG_BEGIN, 0);
+	dbg_mark(DBG_BEGIN);
 	for (u32 r = 0; r < P->nreqs; r++) {
 		u64 lba = P->start_lba + (u64)r * rs;
 		fill(buf, words, lba, P->seed);
@@ -266,7 +266,7 @@ int main(void)
 		bad += check(buf, words, lba, P->seed);
 		ios++;
 	}
-	dbg_cmd(DBG_END, 0);
+	dbg_mark(DBG_END);
 	dbg_cmd(DBG_IOS, ios);
 	dbg_cmd(DBG_ERRORS, bad);
 	dbg_puts("ide: done\n");

@@ -52,7 +52,7 @@ class DebugPort(Device):
         self.arg = 0
         self.result: int | None = None
         self.ios = 0
-        self.errors = 0
+        self.verify_errors = 0
         self.values: dict[int, int] = {}
         self._key = 0
         self.on_begin: Callable[[], None] | None = None
@@ -85,7 +85,7 @@ class DebugPort(Device):
         elif cmd == CMD_IOS:
             self.ios = self.arg
         elif cmd == CMD_ERRORS:
-            self.errors = self.arg
+            self.verify_errors = self.arg
         elif cmd == CMD_KEY:
             self._key = self.arg
         elif cmd == CMD_VALUE:

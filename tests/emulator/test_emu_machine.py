@@ -1,0 +1,306 @@
+"""Guests on both CPU backends: raw code, the IDE guest driver, exit-count equality."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from emu_asm import (
+    HLT,
+    JMP_SELF,
+    UD2,
+    inb,
+    loop_forever,
+    mmio_read32,
+    mmio_write32,
+    outb,
+    outl,
+    rep_insw,
+    rep_outsw,
+    store_al,
+)
+
+from emulator import memory
+from emulator.bus import Device
+from emulator.cpu import ExitLimit, GuestFault
+from emulator.devices import ata
+from emulator.devices.ide import BmdmaError, IdeController, MemoryBackend
+from emulator.machine import GuestHalted, Machine
+from emulator.run import PATHS, WorkloadFailed, run_workload
+
+MMIO_BASE = 0xD000_0000
+
+
+class Counter(Device):
+    name = "ctr"
+    read_registers = {0: "value", 4: "other"}
+    write_registers = {0: "value_w", 4: "other_w"}
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.writes: list[tuple[int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.n += 1
+        return self.n
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+def run_raw(cpu: str, code: bytes, setup=None, max_exits: int = 100_000, ram=8 << 20):
+    m = Machine(ram_size=ram, cpu=cpu)
+    m.idle_hlt_stops = True
+    if setup is not None:
+        setup(m)
+    m.memory.write(memory.LOAD_ADDR, code)
+    m.start(memory.LOAD_ADDR)
+    try:
+        m.run(max_exits=max_exits, timeout=30)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+def test_ram_is_a_shareable_memfd(need_soft):
+    with Machine(ram_size=4 << 20, cpu="soft") as m:
+        assert m.ram_size == 4 << 20 and len(m.ram) == m.ram_size
+        m.ram[0x200000:0x200004] = b"abcd"
+        assert os.pread(m.ram_fd, 4, 0x200000) == b"abcd"
+        os.pwrite(m.ram_fd, b"wxyz", 0x200010)
+        assert bytes(m.ram[0x200010:0x200014]) == b"wxyz"
+        # page tables identity-map the first GiB with 2 MiB pages
+        pd0 = struct.unpack_from("<Q", m.ram, memory.PD_ADDR + 8)[0]
+        assert pd0 & ~0xFFF == 0x200000 and pd0 & memory.PTE_PS
+
+
+def test_pio_and_debug_output(cpu):
+    code = b"".join(outb(0xE9, c) for c in b"hi") + outb(0x500, ord("!")) + HLT
+    with run_raw(cpu, code) as m:
+        assert m.cpu_name == cpu
+        assert m.debug.text == "hi!"
+        assert m.bus.stats.by_reason == {"PIO": 3, "HLT": 1}
+        assert m.bus.stats.by_register == {"debug.char": 3}
+
+
+def test_mmio_read_write(cpu):
+    dev = Counter()
+
+    def setup(m):
+        m.bus.add_mmio(MMIO_BASE, 0x1000, dev)
+
+    code = mmio_read32(MMIO_BASE) + mmio_read32(MMIO_BASE + 4)
+    code += mmio_write32(MMIO_BASE + 4, 0xCAFEBABE) + b"\x89\xc1"  # mov ecx, eax
+    code += outb(0xE9, ord("x")) + HLT
+    with run_raw(cpu, code, setup) as m:
+        assert dev.writes == [(4, 4, 0xCAFEBABE)]
+        assert m.bus.stats.by_reason["MMIO"] == 3
+        assert m.bus.stats.by_register["ctr.value"] == 1
+        assert m.bus.stats.by_register["ctr.other_w"] == 1
+        assert m.cpu.regs()["rcx"] == 2
+
+
+STRING_CASES = [
+    (0x200000, 256),  # one page-aligned sector: one exit
+    (0x200FF0, 256),  # 16 bytes to the page end, then the rest
+    (0x200FF1, 100),
+    (0x200000, 2048),  # 4 KiB: read-ahead cache of 1 KiB -> 4 exits
+]
+
+
+@pytest.mark.parametrize(("dest", "count"), STRING_CASES)
+def test_rep_insw_batching(cpu, dest, count):
+    dev = Counter()
+    code = rep_insw(0x1234, dest, count) + HLT
+    with run_raw(cpu, code, lambda m: m.bus.add_pio(0x1234, 2, dev)) as m:
+        assert dev.n == count
+        words = struct.unpack_from(f"<{count}H", m.ram, dest)
+        assert list(words) == [(i + 1) & 0xFFFF for i in range(count)]
+        in_page = 4096 - (dest & 0xFFF)
+        exits = 0
+        left = count
+        addr = dest
+        while left:  # the rule from KVM's pio_in_emulated()
+            n = max(1, min(4096 - (addr & 0xFFF), 512, left))
+            exits += 1
+            left -= n
+            addr += 2 * n
+        assert in_page > 0
+        assert m.bus.stats.by_reason["PIO"] == exits
+
+
+def test_rep_outsw_one_exit_per_word(cpu):
+    dev = Counter()
+    code = rep_outsw(0x1234, 0x200000, 300) + HLT
+    with run_raw(cpu, code, lambda m: m.bus.add_pio(0x1234, 2, dev)) as m:
+        assert len(dev.writes) == 300
+        assert m.bus.stats.by_reason["PIO"] == 300
+
+
+def test_invalid_instruction_is_a_guest_fault(cpu):
+    with pytest.raises(GuestFault):
+        run_raw(cpu, outb(0xE9, 1) + UD2)
+
+
+def test_halt_without_interrupt_or_result(cpu):
+    m = Machine(ram_size=4 << 20, cpu=cpu)
+    try:
+        m.memory.write(memory.LOAD_ADDR, HLT)
+        m.start(memory.LOAD_ADDR)
+        with pytest.raises(GuestHalted):
+            m.run(max_exits=10)
+    finally:
+        m.close()
+
+
+def test_exit_limit(cpu):
+    with pytest.raises(ExitLimit):
+        run_raw(cpu, loop_forever(outb(0xE9, ord("."))), max_exits=50)
+
+
+def test_exit_limit_deadline_without_exits(cpu):
+    m = Machine(ram_size=4 << 20, cpu=cpu)
+    try:
+        m.memory.write(memory.LOAD_ADDR, JMP_SELF)
+        m.start(memory.LOAD_ADDR)
+        if cpu == "kvm":
+            pytest.skip("a guest that never exits can only be stopped by a signal on KVM")
+        with pytest.raises(ExitLimit):
+            m.run(timeout=0.2)
+    finally:
+        m.close()
+
+
+def test_hlt_wakes_on_device_interrupt(cpu):
+    """IDE raises INTRQ on command completion; the halted guest resumes and acks."""
+
+    def setup(m):
+        ide = IdeController(MemoryBackend(64 * 512), memory=m.memory, irq=m.irq_line(14))
+        ide.attach(m.bus)
+        m.devices["ide"] = ide
+
+    code = outb(ata.PRIMARY_CTRL_BASE, 0)  # nIEN = 0
+    code += outb(ata.PRIMARY_CMD_BASE + ata.REG_COMMAND, ata.CMD_FLUSH_CACHE)
+    code += HLT + inb(ata.PRIMARY_CMD_BASE + ata.REG_STATUS) + store_al(0x5000) + HLT
+    with run_raw(cpu, code, setup) as m:
+        assert m.bus.stats.by_reason["HLT"] == 2
+        assert m.ram[0x5000] == ata.STATUS_DRDY
+        assert not m.irq_pending
+        assert m.devices["ide"].backend.flushes == 1
+
+
+def test_malformed_guest_dma_outside_ram(cpu):
+    """A guest pointing the PRD table past RAM gets ERR, the VMM carries on."""
+
+    def setup(m):
+        ide = IdeController(MemoryBackend(64 * 512), memory=m.memory, irq=m.irq_line(14))
+        ide.attach(m.bus)
+        m.devices["ide"] = ide
+        # a second, well-formed table whose buffer lies outside RAM
+        m.ram[0x6000:0x6008] = struct.pack("<IHH", 0x7000_0000, 512, ata.PRD_EOT)
+
+    bm = ata.BMDMA_BASE
+    cmd = ata.PRIMARY_CMD_BASE
+    code = b""
+    for prdt, out in ((0xFFFF_0000, 0x5000), (0x6000, 0x5001)):
+        code += outl(bm + ata.BM_REG_PRDT, prdt) + outb(bm + ata.BM_REG_COMMAND, ata.BM_CMD_READ)
+        code += outb(cmd + ata.REG_NSECT, 1) + outb(cmd + ata.REG_LBAL, 0)
+        code += outb(cmd + ata.REG_DEVICE, ata.DEVICE_OBS | ata.DEVICE_LBA)
+        code += outb(cmd + ata.REG_COMMAND, ata.CMD_READ_DMA)
+        code += outb(bm + ata.BM_REG_COMMAND, ata.BM_CMD_READ | ata.BM_CMD_START)
+        code += inb(bm + ata.BM_REG_STATUS) + store_al(out)
+        code += outb(bm + ata.BM_REG_COMMAND, 0) + inb(cmd + ata.REG_STATUS)
+        code += outb(bm + ata.BM_REG_STATUS, ata.BM_STATUS_W1C)
+    code += HLT
+    with run_raw(cpu, code, setup) as m:
+        errors = m.devices["ide"].errors
+        assert [type(e) for e in errors] == [BmdmaError, BmdmaError]
+        assert "outside guest RAM" in str(errors[0]) and "outside guest RAM" in str(errors[1])
+        for addr in (0x5000, 0x5001):
+            assert m.ram[addr] & ata.BM_STATUS_ERROR
+
+
+# --- the IDE guest driver -----------------------------------------------------------------
+@pytest.mark.parametrize("path", ["ide-pio", "ide-pio-multi", "ide-dma"])
+@pytest.mark.parametrize("irq", [False, True])
+def test_ide_workload(need_gcc, cpu, path, irq):
+    res = run_workload(path, cpu, kib=16, irq=irq)
+    assert res["verified"] is True
+    assert res["cpu"] == cpu and res["path"] == path and res["queue_depth"] == 1
+    assert res["ios"] == 8  # 4 writes + 4 reads of 4 KiB
+    assert res["exits_per_io"] > 0 and res["us_per_io"] > 0 and res["mb_per_s"] > 0
+    assert sum(res["exits_by_reason"].values()) == res["exits_total"]
+    assert ("HLT" in res["exits_by_reason"]) == irq
+    if path == "ide-dma":
+        assert res["exits_per_io"] < 25
+        assert "ide.bm_status" in res["exits_by_register"]
+    else:
+        assert res["exits_per_io"] > 500  # rep outsw: one exit per word
+
+
+def test_ide_workload_lba48(need_gcc, cpu):
+    res = run_workload("ide-dma", cpu, kib=8, lba48=True)
+    assert res["verified"]
+    assert res["exits_by_register"]["ide.lbal"] == 2 * res["ios"]  # HOB + current
+
+
+def _counts(res: dict) -> tuple:
+    return (res["ios"], res["exits_total"], res["exits_by_reason"], res["exits_by_register"])
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("irq", [False, True])
+def test_exit_counts_equal_between_backends(need_gcc, need_kvm, need_soft, path, irq):
+    soft = run_workload(path, "soft", kib=8, irq=irq)
+    kvm = run_workload(path, "kvm", kib=8, irq=irq)
+    assert _counts(soft) == _counts(kvm)
+    # and deterministic run to run
+    assert _counts(run_workload(path, "soft", kib=8, irq=irq)) == _counts(soft)
+
+
+def test_exit_counts_per_request_are_exact(need_gcc, need_soft):
+    """The per-I/O cost is what the driver code says (polled, 28-bit LBA, 4 KiB)."""
+    r = run_workload("ide-dma", "soft", kib=4)
+    # per I/O: prdt, bm cmd, bm status clear, 5 taskfile, command, start, poll,
+    # stop, ATA status, bm status clear = 14; plus FLUSH CACHE (nsect, device,
+    # command, status = 4) once for the write pass; 2 I/Os
+    assert r["exits_total"] == 2 * 14 + 4
+    p = run_workload("ide-pio", "soft", kib=4)
+    write = 6 + 1 + 8 * (256 + 1)  # taskfile+cmd, DRQ wait, per sector: data + status
+    read = 6 + 8 * (1 + 1) + 1  # taskfile+cmd, per sector: status + rep insw, final status
+    assert p["exits_total"] == write + read + 4
+
+
+def test_run_workload_argument_checks():
+    with pytest.raises(ValueError, match="unknown path"):
+        run_workload("virtio-nope", "soft", 1)
+    with pytest.raises(ValueError, match="queue_depth"):
+        run_workload("ide-dma", "soft", 1, queue_depth=4)
+    with pytest.raises(ValueError, match="multiple of 4 KiB"):
+        run_workload("ide-dma", "soft", kib=3)
+    with pytest.raises(ValueError, match="cpu must be"):
+        Machine(cpu="qemu")
+
+
+def test_guest_reports_failure(need_gcc, need_soft, monkeypatch):
+    """A disk too small for the request makes the guest report E_CAPACITY."""
+    from emulator import run
+
+    real = run._ide_setup
+
+    def tiny(mode, multiple=0):
+        setup = real(mode, multiple)
+
+        def wrapped(m, spec):
+            verify = setup(m, spec)
+            m.devices["ide"].backend = MemoryBackend(4 * 512)
+            return verify
+
+        return wrapped
+
+    monkeypatch.setitem(run.PATHS, "ide-dma", run.WorkloadPath("ide", tiny(run.MODE_DMA)))
+    with pytest.raises(WorkloadFailed, match="guest result 3"):
+        run_workload("ide-dma", "soft", kib=8)
