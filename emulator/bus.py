@@ -20,6 +20,7 @@ ones, writes are dropped, and both are accounted to the pseudo device ``"unmappe
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,6 +71,26 @@ class Mapping:
         return self.base + self.length
 
 
+@dataclass(frozen=True)
+class IoEventFd:
+    """A write of ``size`` bytes (0 = any, MMIO only) at ``addr``, optionally only of value
+    ``datamatch``, signals eventfd ``fd`` instead of reaching the device (KVM_IOEVENTFD)."""
+
+    addr: int
+    size: int
+    fd: int
+    datamatch: int | None = None
+    pio: bool = False
+
+    def matches(self, pio: bool, addr: int, size: int, value: int) -> bool:
+        return (
+            pio == self.pio
+            and addr == self.addr
+            and (self.size == 0 or size == self.size)
+            and (self.datamatch is None or value == self.datamatch)
+        )
+
+
 class BusConflict(ValueError):
     """Two devices were mapped over the same addresses."""
 
@@ -112,6 +133,7 @@ class Bus:
         self.pio = AddressSpace("pio")
         self.mmio = AddressSpace("mmio")
         self.stats = ExitStats()
+        self.ioeventfds: list[IoEventFd] = []
         # Called after every handled exit (e.g. to let the machine look at IRQ lines).
         self.after_exit: list[Callable[[], None]] = []
 
@@ -120,6 +142,26 @@ class Bus:
 
     def add_mmio(self, base: int, length: int, device: BusDevice, offset: int = 0) -> None:
         self.mmio.add(Mapping(base, length, device, offset))
+
+    def add_ioeventfd(self, reg: IoEventFd) -> None:
+        self.ioeventfds.append(reg)
+
+    def remove_ioeventfd(self, reg: IoEventFd) -> None:
+        self.ioeventfds.remove(reg)
+
+    def try_ioeventfd(self, space: AddressSpace, addr: int, size: int, value: int) -> bool:
+        """Signal a matching ioeventfd for a guest write; True if one took the write.
+
+        Such writes never reach the VMM under KVM, so they are not exits: they are
+        only tallied in ``stats.ioeventfd``.
+        """
+        pio = space is self.pio
+        for reg in self.ioeventfds:
+            if reg.matches(pio, addr, size, value):
+                os.eventfd_write(reg.fd, 1)
+                self.stats.ioeventfd += 1
+                return True
+        return False
 
     def devices(self) -> list[BusDevice]:
         seen: dict[int, BusDevice] = {}
@@ -150,6 +192,13 @@ class Bus:
     # -- exits ------------------------------------------------------------------------------
     def handle_pio(self, port: int, size: int, is_write: bool, count: int, data: bytes) -> bytes:
         """One PIO exit of ``count`` accesses; returns the IN data (``count*size`` bytes)."""
+        if (
+            is_write
+            and count == 1
+            and self.ioeventfds
+            and self.try_ioeventfd(self.pio, port, size, int.from_bytes(data, "little"))
+        ):
+            return b""
         self.account(REASON_PIO, self.pio, port, size, is_write)
         if is_write:
             for i in range(count):
@@ -165,6 +214,12 @@ class Bus:
         return out
 
     def handle_mmio(self, addr: int, size: int, is_write: bool, data: bytes) -> bytes:
+        if (
+            is_write
+            and self.ioeventfds
+            and self.try_ioeventfd(self.mmio, addr, size, int.from_bytes(data, "little"))
+        ):
+            return b""
         self.account(REASON_MMIO, self.mmio, addr, size, is_write)
         if is_write:
             self.access(self.mmio, addr, size, int.from_bytes(data, "little"))

@@ -13,12 +13,14 @@ halted guest, which then reads the device status (see guest-drivers/runtime.h).
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
 from emulator import exits, memory
-from emulator.exits import FailExit, HltExit, MmioExit, PioExit, ShutdownExit
-from emulator.kvm import KvmError, KvmUnavailable
+from emulator.exits import FailExit, HltExit, MmioExit, OtherExit, PioExit, ShutdownExit
+from emulator.kvm import KvmError, KvmUnavailable, abi
 
 if TYPE_CHECKING:
     from emulator.machine import Machine
@@ -42,6 +44,13 @@ class CpuBackend(Protocol):
     def close(self) -> None: ...
 
 
+_TIMER_PERIOD = 0.05
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    pass
+
+
 class KvmCpu:
     """One long-mode vCPU on /dev/kvm (no in-kernel irqchip: HLT exits to us)."""
 
@@ -57,6 +66,8 @@ class KvmCpu:
             self.vm.set_user_memory_region(0, ram.size, ram.host_addr)
             self.vcpu = self.vm.create_vcpu(0)
             self.vcpu.set_cpuid2(self.vm.supported_cpuid())
+            for reg in machine.ioeventfds:
+                self.vm.ioeventfd(reg.addr, reg.size, reg.fd, reg.datamatch, reg.pio)
         except BaseException:
             self.vm.close()
             raise
@@ -74,11 +85,30 @@ class KvmCpu:
         self.vcpu.set_regs({"rip": entry, "rsp": stack, "rflags": 0x2})
 
     def run(self, max_exits: int | None = None, deadline: float | None = None) -> None:
+        # A guest spinning without exits never returns from KVM_RUN: with a deadline, a
+        # periodic SIGALRM (main thread only) makes KVM_RUN return with EINTR.
+        timer = deadline is not None and threading.current_thread() is threading.main_thread()
+        if timer:
+            old = signal.signal(signal.SIGALRM, _ignore_signal)
+            signal.setitimer(signal.ITIMER_REAL, _TIMER_PERIOD, _TIMER_PERIOD)
+        try:
+            self._run(max_exits, deadline)
+        finally:
+            if timer:
+                signal.setitimer(signal.ITIMER_REAL, 0, 0)
+                signal.signal(signal.SIGALRM, old)
+
+    def _run(self, max_exits: int | None, deadline: float | None) -> None:
         bus = self.machine.bus
         vcpu = self.vcpu
         n = 0
         while True:
             e = vcpu.run()
+            if isinstance(e, OtherExit) and e.kvm_reason == abi.KVM_EXIT_INTR:
+                # a signal, not a guest exit: not accounted
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ExitLimit("guest still running at the deadline")
+                continue
             n += 1
             if isinstance(e, PioExit):
                 data = bus.handle_pio(e.port, e.size, e.is_write, e.count, e.data)

@@ -20,11 +20,14 @@ for backends that want in-kernel delivery (vhost-user paths).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import time
 from pathlib import Path
 
 from emulator import memory
-from emulator.bus import Bus
+from emulator.bus import Bus, IoEventFd
 from emulator.cpu import CpuBackend, KvmCpu, kvm_usable
 from emulator.devices.debugport import BOCHS_PORT, DEBUG_BASE, DEBUG_LEN, DebugPort
 from emulator.elf import ElfImage, load_elf, parse_elf
@@ -52,6 +55,10 @@ class Machine:
         self.debug.on_begin = self._begin_window
         self.debug.on_end = self._end_window
         self.irq_lines: dict[int, bool] = {}
+        self.ioeventfds: list[IoEventFd] = []
+        self.irqfds: dict[int, int] = {}  # eventfd -> gsi
+        self._edges: set[int] = set()  # gsis raised by an irqfd since the last HLT wake-up
+        self._deadline: float | None = None
         self.devices: dict[str, object] = {"debug": self.debug}
         self.stop_requested = False
         # HLT with no line up and no result reported: stop quietly (True) or raise.
@@ -88,15 +95,62 @@ class Machine:
 
         return set_level
 
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        """Level-triggered line ``irq`` (what ``Vm.set_irq_line`` does with an irqchip)."""
+        self.irq_lines[irq] = bool(level)
+
+    def ioeventfd(
+        self, addr: int, size: int, fd: int, datamatch: int | None = None, pio: bool = False
+    ) -> None:
+        """Guest writes at ``addr`` signal eventfd ``fd`` instead of exiting.
+
+        KVM: a real KVM_IOEVENTFD (the write is handled in the kernel).  Soft CPU: the
+        bus signals the eventfd from the access hook.  Either way the write is not
+        an exit and does not reach the device.
+        """
+        reg = IoEventFd(addr, size, fd, datamatch, pio)
+        self.ioeventfds.append(reg)
+        self.bus.add_ioeventfd(reg)
+        if isinstance(self.cpu, KvmCpu):
+            self.cpu.vm.ioeventfd(addr, size, fd, datamatch, pio)
+
+    def irqfd(self, fd: int, gsi: int) -> None:
+        """Writing to eventfd ``fd`` (e.g. from a vhost-user backend) interrupts the guest.
+
+        There is no in-kernel irqchip (see the module doc), so this is a user-space
+        irqfd: when the guest halts with no line up, the machine waits on the
+        registered eventfds and resumes the guest once one fires.  Same behaviour and
+        exit counts on both CPU backends.
+        """
+        self.irqfds[fd] = gsi
+
+    def _poll_irqfds(self, wait: bool) -> None:
+        if not self.irqfds:
+            return
+        timeout = 0.0
+        if wait:
+            timeout = 1.0 if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        ready, _, _ = select.select(list(self.irqfds), [], [], timeout)
+        for fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)
+            self._edges.add(self.irqfds[fd])
+
     @property
     def irq_pending(self) -> bool:
-        return any(self.irq_lines.values())
+        return any(self.irq_lines.values()) or bool(self._edges)
 
     def on_hlt(self) -> bool:
         """Called on every guest HLT: resume if a line is up, else stop the run."""
         if self.debug.result is not None:
             return False  # the guest reported its result and parked itself
+        self._poll_irqfds(wait=False)
+        while not self.irq_pending and self.irqfds:
+            self._poll_irqfds(wait=True)
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                break
         if self.irq_pending:
+            self._edges.clear()  # edge-triggered: one wake-up per irqfd signal
             return True
         if self.debug.result is None and not self.idle_hlt_stops:
             regs = self.cpu.regs() if self.cpu is not None else {}
@@ -163,6 +217,7 @@ class Machine:
             # SysV: at function entry RSP + 8 is 16-byte aligned.
             self.cpu.reset(self._entry, memory.STACK_TOP - 8)
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._deadline = deadline
         t0 = time.perf_counter()
         try:
             self.cpu.run(max_exits=max_exits, deadline=deadline)

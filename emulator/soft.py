@@ -130,6 +130,8 @@ class SoftCpu:
         self._check_limits()
         bus = self.machine.bus
         self._ins_left = 0
+        if bus.ioeventfds and bus.try_ioeventfd(bus.pio, port, size, value):
+            return
         bus.account(REASON_PIO, bus.pio, port, size, True)
         bus.access(bus.pio, port, size, value)
         bus.exit_done()
@@ -142,6 +144,8 @@ class SoftCpu:
     def _mmio(self, addr: int, size: int, value: int | None) -> int:
         self._check_limits()
         bus = self.machine.bus
+        if value is not None and bus.ioeventfds and bus.try_ioeventfd(bus.mmio, addr, size, value):
+            return 0
         bus.account(REASON_MMIO, bus.mmio, addr, size, value is not None)
         out = bus.access(bus.mmio, addr, size, value)
         bus.exit_done()

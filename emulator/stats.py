@@ -15,6 +15,7 @@ class ExitStats:
     by_device: Counter = field(default_factory=Counter)
     by_register: Counter = field(default_factory=Counter)
     accesses: int = 0  # device register accesses (a batched string IN is one exit, n accesses)
+    ioeventfd: int = 0  # writes taken by an ioeventfd (in-kernel under KVM: not exits)
 
     def count(self, reason: str, device: str | None = None, register: str | None = None) -> None:
         self.total += 1
@@ -31,6 +32,7 @@ class ExitStats:
             Counter(self.by_device),
             Counter(self.by_register),
             self.accesses,
+            self.ioeventfd,
         )
 
     def __sub__(self, other: ExitStats) -> ExitStats:
@@ -43,6 +45,7 @@ class ExitStats:
             sub(self.by_device, other.by_device),
             sub(self.by_register, other.by_register),
             self.accesses - other.accesses,
+            self.ioeventfd - other.ioeventfd,
         )
 
     def as_dict(self) -> dict:

@@ -89,7 +89,11 @@ class Vcpu:
 
     # -- run ---------------------------------------------------------------------------------
     def run(self) -> exits.Exit:
-        ioctl(self.fd, abi.KVM_RUN, 0, "KVM_RUN")
+        """KVM_RUN once.  A signal interrupting it yields ``OtherExit(KVM_EXIT_INTR)``."""
+        try:
+            ioctl(self.fd, abi.KVM_RUN, 0, "KVM_RUN", retry_eintr=False)
+        except InterruptedError:
+            return exits.OtherExit(abi.KVM_EXIT_INTR)
         return exits.decode(self.run_page)
 
     @property

@@ -21,15 +21,27 @@ class KvmUnavailable(RuntimeError):
     """/dev/kvm is absent, not accessible, or not usable for our guests (reason in str())."""
 
 
-def ioctl(fd: int, request: int, arg: int | bytes | bytearray = 0, name: str = "") -> int | bytes:
-    """``fcntl.ioctl`` retrying on EINTR, raising :class:`KvmError` naming the ioctl."""
+def ioctl(
+    fd: int,
+    request: int,
+    arg: int | bytes | bytearray = 0,
+    name: str = "",
+    retry_eintr: bool = True,
+) -> int | bytes:
+    """``fcntl.ioctl`` raising :class:`KvmError` naming the ioctl.
+
+    EINTR is retried unless ``retry_eintr`` is false (then InterruptedError propagates:
+    KVM_RUN uses that to come back to Python when a signal arrives).
+    """
     while True:
         try:
             if isinstance(arg, bytearray):
                 return fcntl.ioctl(fd, request, arg, True)
             return fcntl.ioctl(fd, request, arg)
         except InterruptedError:
-            continue
+            if retry_eintr:
+                continue
+            raise
         except OSError as exc:
             raise KvmError(exc.errno, f"{name or hex(request)}: {os.strerror(exc.errno)}") from exc
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import time
 
 import pytest
 from emu_asm import (
@@ -16,6 +18,7 @@ from emu_asm import (
     mmio_write32,
     outb,
     outl,
+    outw,
     rep_insw,
     rep_outsw,
     store_al,
@@ -165,12 +168,59 @@ def test_exit_limit_deadline_without_exits(cpu):
     try:
         m.memory.write(memory.LOAD_ADDR, JMP_SELF)
         m.start(memory.LOAD_ADDR)
-        if cpu == "kvm":
-            pytest.skip("a guest that never exits can only be stopped by a signal on KVM")
         with pytest.raises(ExitLimit):
             m.run(timeout=0.2)
     finally:
         m.close()
+
+
+RESULT_OK = outl(0x504, 0) + outb(0x508, 3)  # debug port: ARG = 0, CMD = RESULT
+
+
+def test_ioeventfd_takes_writes_without_exits(cpu):
+    dev = Counter()
+    pio_fd = os.eventfd(0, os.EFD_NONBLOCK)
+    mmio_fd = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def setup(m):
+        m.bus.add_pio(0x600, 4, dev)
+        m.bus.add_mmio(MMIO_BASE, 0x1000, dev)
+        m.ioeventfd(0x600, 2, pio_fd, pio=True)
+        m.ioeventfd(MMIO_BASE + 0x50, 4, mmio_fd, datamatch=0)
+
+    code = outw(0x600, 7) + outb(0x600, 1)  # size 1 does not match the 2-byte ioeventfd
+    code += mmio_write32(MMIO_BASE + 0x50, 0) + mmio_write32(MMIO_BASE + 0x50, 1) + HLT
+    try:
+        with run_raw(cpu, code, setup) as m:
+            assert os.eventfd_read(pio_fd) == 1
+            assert os.eventfd_read(mmio_fd) == 1
+            assert dev.writes == [(0, 1, 1), (0x50, 4, 1)]
+            assert m.bus.stats.by_reason == {"PIO": 1, "MMIO": 1, "HLT": 1}
+    finally:
+        os.close(pio_fd)
+        os.close(mmio_fd)
+
+
+def test_irqfd_wakes_halted_guest(cpu):
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+
+    def setup(m):
+        m.irqfd(fd, 5)
+
+    def kick():
+        time.sleep(0.05)
+        os.eventfd_write(fd, 1)
+
+    t = threading.Thread(target=kick)
+    t.start()
+    try:
+        code = HLT + outb(0xE9, ord("w")) + RESULT_OK + HLT
+        with run_raw(cpu, code, setup) as m:
+            assert m.debug.text == "w" and m.debug.result == 0
+            assert m.bus.stats.by_reason["HLT"] == 2
+    finally:
+        t.join()
+        os.close(fd)
 
 
 def test_hlt_wakes_on_device_interrupt(cpu):
@@ -304,3 +354,22 @@ def test_guest_reports_failure(need_gcc, need_soft, monkeypatch):
     monkeypatch.setitem(run.PATHS, "ide-dma", run.WorkloadPath("ide", tiny(run.MODE_DMA)))
     with pytest.raises(WorkloadFailed, match="guest result 3"):
         run_workload("ide-dma", "soft", kib=8)
+
+
+@pytest.mark.kvm
+def test_kvm_vm_irq_and_eventfd_ioctls(need_kvm):
+    from emulator.vm import Vm
+
+    with Vm() as vm:
+        vm.create_irqchip()
+        efd = os.eventfd(0)
+        try:
+            vm.irqfd(efd, 14)
+            vm.set_irq_line(14, True)
+            vm.set_irq_line(14, False)
+            vm.irqfd(efd, 14, deassign=True)
+            vm.ioeventfd(0xD000_0050, 4, efd, datamatch=0)
+            vm.ioeventfd(0xD000_0050, 4, efd, datamatch=0, deassign=True)
+            vm.ioeventfd(0x600, 2, efd, pio=True)
+        finally:
+            os.close(efd)
