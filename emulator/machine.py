@@ -9,6 +9,7 @@ Typical use::
     m.write_params(blob)            # parameter block at memory.PARAMS_ADDR
     m.run(timeout=30)
     m.window                        # ExitStats between the guest's BEGIN/END marks
+    m.phases                        # [(mark, ExitStats, seconds)] between consecutive marks
 
 Interrupts: devices get ``machine.irq_line(n)``, a callable taking the line level.
 The guest runs with IF=0; when it executes HLT the backend exits to the machine,
@@ -29,7 +30,14 @@ from pathlib import Path
 from emulator import memory
 from emulator.bus import Bus, IoEventFd
 from emulator.cpu import CpuBackend, KvmCpu, kvm_usable
-from emulator.devices.debugport import BOCHS_PORT, DEBUG_BASE, DEBUG_LEN, DebugPort
+from emulator.devices.debugport import (
+    BOCHS_PORT,
+    CMD_BEGIN,
+    CMD_END,
+    DEBUG_BASE,
+    DEBUG_LEN,
+    DebugPort,
+)
 from emulator.elf import ElfImage, load_elf, parse_elf
 from emulator.exits import REASON_PIO
 from emulator.stats import ExitStats
@@ -52,8 +60,7 @@ class Machine:
         self.debug = DebugPort()
         self.bus.add_pio(DEBUG_BASE, DEBUG_LEN, self.debug)
         self.bus.add_pio(BOCHS_PORT, 1, self.debug)
-        self.debug.on_begin = self._begin_window
-        self.debug.on_end = self._end_window
+        self.debug.on_mark = self._mark
         self.irq_lines: dict[int, bool] = {}
         self.ioeventfds: list[IoEventFd] = []
         self.irqfds: dict[int, int] = {}  # eventfd -> gsi
@@ -67,9 +74,10 @@ class Machine:
         self.cpu: CpuBackend | None = None
         self.cpu_name: str | None = None
         self._entry: int | None = None
-        self._begin: tuple[ExitStats, float] | None = None
+        self._marks: list[tuple[int, ExitStats, float]] = []
         self.window: ExitStats | None = None
         self.window_seconds: float | None = None
+        self.phases: list[tuple[int, ExitStats, float]] = []
         self.run_seconds = 0.0
 
     # -- RAM (for vhost-user hand-off) ----------------------------------------------------
@@ -158,22 +166,29 @@ class Machine:
             raise GuestHalted(f"guest halted with no interrupt pending (rip={rip:#x})")
         return False
 
-    # -- measurement window (debug port BEGIN/END) -----------------------------------------
-    def _begin_window(self) -> None:
-        self._begin = (self.bus.stats.snapshot(), time.perf_counter())
-
-    def _end_window(self) -> None:
+    # -- measurement window (debug port BEGIN / MARK / END) ---------------------------------
+    def _mark(self, cmd: int) -> None:
+        """Snapshot at a mark; the mark writes themselves are discounted from the counts."""
         now = time.perf_counter()
-        if self._begin is None:
-            return
-        end = self.bus.stats.snapshot()
-        # The END write itself is not part of the workload.
-        end.total -= 1
-        end.by_reason[REASON_PIO] -= 1
-        end.by_device[self.debug.name] -= 1
-        end.by_register[f"{self.debug.name}.cmd"] -= 1
-        self.window = end - self._begin[0]
-        self.window_seconds = now - self._begin[1]
+        if cmd == CMD_BEGIN:
+            self._marks = []
+        elif not self._marks:
+            return  # a MARK or END outside a window
+        snap = self.bus.stats.snapshot()
+        n = len(self._marks) + 1  # mark writes seen in this window, this one included
+        snap.total -= n
+        snap.by_reason[REASON_PIO] -= n
+        snap.by_device[self.debug.name] -= n
+        snap.by_register[f"{self.debug.name}.cmd"] -= n
+        self._marks.append((cmd, snap, now))
+        if cmd == CMD_END:
+            first, last = self._marks[0], self._marks[-1]
+            self.window = last[1] - first[1]
+            self.window_seconds = last[2] - first[2]
+            self.phases = [
+                (a[0], b[1] - a[1], b[2] - a[2])
+                for a, b in zip(self._marks, self._marks[1:], strict=False)
+            ]
 
     # -- loading ------------------------------------------------------------------------
     def load_elf(self, path_or_blob: str | Path | bytes) -> ElfImage:

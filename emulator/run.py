@@ -63,6 +63,10 @@ class WorkloadPath:
     setup: Callable[[Machine, WorkloadSpec], Callable[[], bool]]
     max_queue_depth: int = 1
     description: str = ""
+    # Names of the phases the guest marks (BEGIN starts the first) and how many of the
+    # workload's requests each phase issues: a function of the request count.
+    phases: tuple[str, ...] = ()
+    phase_ios: Callable[[int], tuple[int, ...]] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -105,22 +109,23 @@ def _ide_setup(mode: int, multiple: int = 0):
     return setup
 
 
-register_path(
-    "ide-pio",
-    WorkloadPath("ide", _ide_setup(MODE_PIO), description="ATA PIO, READ/WRITE SECTORS"),
-)
-register_path(
-    "ide-pio-multi",
-    WorkloadPath(
-        "ide",
+IDE_PHASES = ("write", "flush", "read")
+
+
+def _ide_phase_ios(nreqs: int) -> tuple[int, ...]:
+    return (nreqs, 0, nreqs)
+
+
+for _name, _setup, _desc in (
+    ("ide-pio", _ide_setup(MODE_PIO), "ATA PIO, READ/WRITE SECTORS"),
+    (
+        "ide-pio-multi",
         _ide_setup(MODE_PIO_MULTI, REQUEST_BYTES // ata.SECTOR_SIZE),
-        description="ATA PIO, READ/WRITE MULTIPLE (one DRQ block per request)",
+        "ATA PIO, READ/WRITE MULTIPLE (one DRQ block per request)",
     ),
-)
-register_path(
-    "ide-dma",
-    WorkloadPath("ide", _ide_setup(MODE_DMA), description="PIIX bus-master DMA (PRD tables)"),
-)
+    ("ide-dma", _ide_setup(MODE_DMA), "PIIX bus-master DMA (PRD tables)"),
+):
+    register_path(_name, WorkloadPath("ide", _setup, 1, _desc, IDE_PHASES, _ide_phase_ios))
 
 
 def run_workload(
@@ -183,9 +188,27 @@ def run_workload(
             "us_per_io": seconds * 1e6 / ios if ios else 0.0,
             "us_per_exit": seconds * 1e6 / window.total if window.total else 0.0,
             "verified": dbg.verify_errors == 0 and verify(),
+            "phases": _phases(m, wp, spec),
         }
     finally:
         m.close()
+
+
+def _phases(m: Machine, wp: WorkloadPath, spec: WorkloadSpec) -> dict:
+    if not wp.phases or len(m.phases) != len(wp.phases):
+        return {}
+    ios = wp.phase_ios(spec.nreqs) if wp.phase_ios else (0,) * len(wp.phases)
+    out = {}
+    for name, n, (_mark, stats, seconds) in zip(wp.phases, ios, m.phases, strict=True):
+        out[name] = {
+            "ios": n,
+            "exits": stats.total,
+            "exits_per_io": stats.total / n if n else None,
+            "us_per_io": seconds * 1e6 / n if n else None,
+            "seconds": seconds,
+            "exits_by_reason": dict(sorted(stats.by_reason.items())),
+        }
+    return out
 
 
 def _device_errors(m: Machine) -> list[str]:

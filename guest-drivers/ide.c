@@ -255,9 +255,11 @@ int main(void)
 			return E_WRITE;
 		ios++;
 	}
+	dbg_mark(DBG_MARK + 0); /* phase "flush" */
 	if (P->flush &&
 	    ata_nondata(P->lba48 ? ATA_CMD_FLUSH_CACHE_EXT : ATA_CMD_FLUSH_CACHE, 0))
 		return E_FLUSH;
+	dbg_mark(DBG_MARK + 1); /* phase "read" */
 	for (u32 r = 0; r < P->nreqs; r++) {
 		u64 lba = P->start_lba + (u64)r * rs;
 		memset(buf, 0, words * 8);

@@ -30,6 +30,7 @@ typedef unsigned long size_t;
 #define DBG_ERRORS 5
 #define DBG_KEY 6
 #define DBG_VALUE 7
+#define DBG_MARK 0x10 /* DBG_MARK + n: start of phase n + 1 of the measurement window */
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }

@@ -8,14 +8,16 @@ offset    size   meaning (writes)
 ``0``     1      console byte (also mapped at the Bochs port ``0xE9``)
 ``4``     4      ARG: 32-bit argument latched for the next command
 ``8``     1      CMD: ``CMD_BEGIN`` / ``CMD_END`` (measurement window),
+                 ``CMD_MARK + n`` (start of phase n+1 inside the window),
                  ``CMD_RESULT`` (ARG = status, 0 = success, then the guest
                  halts), ``CMD_IOS`` (ARG = I/Os done), ``CMD_ERRORS``
                  (ARG = verify mismatches), ``CMD_KEY`` (ARG = key for the
                  next ``CMD_VALUE``), ``CMD_VALUE`` (ARG = value)
 ========  =====  ==========================================================
 
-Reads return 0.  Measurement hooks (``on_begin``/``on_end``) are called by the
-machine to snapshot the exit counters and the clock.
+Reads return 0.  BEGIN, END and MARK are single one-byte writes (no ARG) so that
+the machine can discount them exactly: ``on_mark(cmd)`` is called for each, and the
+machine snapshots the exit counters and the clock.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ CMD_IOS = 4
 CMD_ERRORS = 5
 CMD_KEY = 6
 CMD_VALUE = 7
+CMD_MARK = 0x10  # 0x10..0xFF: phase marks
 
 
 class DebugPort(Device):
@@ -55,8 +58,7 @@ class DebugPort(Device):
         self.verify_errors = 0
         self.values: dict[int, int] = {}
         self._key = 0
-        self.on_begin: Callable[[], None] | None = None
-        self.on_end: Callable[[], None] | None = None
+        self.on_mark: Callable[[int], None] | None = None
 
     @property
     def text(self) -> str:
@@ -76,10 +78,9 @@ class DebugPort(Device):
             self._command(value & 0xFF)
 
     def _command(self, cmd: int) -> None:
-        if cmd == CMD_BEGIN and self.on_begin is not None:
-            self.on_begin()
-        elif cmd == CMD_END and self.on_end is not None:
-            self.on_end()
+        if cmd in (CMD_BEGIN, CMD_END) or cmd >= CMD_MARK:
+            if self.on_mark is not None:
+                self.on_mark(cmd)
         elif cmd == CMD_RESULT:
             self.result = self.arg
         elif cmd == CMD_IOS:

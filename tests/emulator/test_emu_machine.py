@@ -318,10 +318,17 @@ def test_exit_counts_per_request_are_exact(need_gcc, need_soft):
     # stop, ATA status, bm status clear = 14; plus FLUSH CACHE (nsect, device,
     # command, status = 4) once for the write pass; 2 I/Os
     assert r["exits_total"] == 2 * 14 + 4
-    p = run_workload("ide-pio", "soft", kib=4)
+    assert {k: v["exits"] for k, v in r["phases"].items()} == {"write": 14, "flush": 4, "read": 14}
+    p = run_workload("ide-pio", "soft", kib=8)
     write = 6 + 1 + 8 * (256 + 1)  # taskfile+cmd, DRQ wait, per sector: data + status
     read = 6 + 8 * (1 + 1) + 1  # taskfile+cmd, per sector: status + rep insw, final status
-    assert p["exits_total"] == write + read + 4
+    assert p["phases"]["write"]["exits_per_io"] == write
+    assert p["phases"]["read"]["exits_per_io"] == read
+    assert p["exits_total"] == 2 * (write + read) + 4
+    m = run_workload("ide-pio-multi", "soft", kib=4)
+    # one DRQ block of 8 sectors: rep outsw 2048 exits; rep insw of 4 KiB = 4 exits
+    assert m["phases"]["write"]["exits"] == 6 + 1 + 2048 + 1
+    assert m["phases"]["read"]["exits"] == 6 + 1 + 4 + 1
 
 
 def test_run_workload_argument_checks():
@@ -373,3 +380,14 @@ def test_kvm_vm_irq_and_eventfd_ioctls(need_kvm):
             vm.ioeventfd(0x600, 2, efd, pio=True)
         finally:
             os.close(efd)
+
+
+def test_measurement_marks_are_discounted(cpu):
+    code = outb(0xE9, 1) + outb(0x508, 1)  # BEGIN
+    code += outb(0xE9, 2) + outb(0x508, 0x10)  # phase 2
+    code += outb(0xE9, 3) + outb(0xE9, 4) + outb(0x508, 2) + outb(0xE9, 5) + HLT  # END
+    with run_raw(cpu, code) as m:
+        assert m.window.total == 3 and m.window.by_register == {"debug.char": 3}
+        assert [(mark, st.total) for mark, st, _ in m.phases] == [(1, 1), (0x10, 2)]
+        assert all(sec >= 0 for _, _, sec in m.phases)
+        assert m.bus.stats.total == 9
