@@ -14,6 +14,7 @@ from virtio.testing.blk_checks import (
     BlkDisk,
     host_digest,
     run_all_checks,
+    run_fio,
     sh_queue_count,
     sh_size_sectors,
     stop_process,
@@ -44,6 +45,20 @@ async def test_reference_backend_passes_guest_checks(
         ) as s:
             timings = await run_all_checks(s.guest, s.disk)
     assert set(timings) >= {"check_size", "check_queues", "check_mkfs_mount"}
+
+
+async def test_fio_runs_in_the_guest(
+    guest_image: GuestImage, reference_blk_backend: BackendStarter
+) -> None:
+    with trio.fail_after(150):
+        async with vhost_user_blk_guest(
+            guest_image, reference_blk_backend, num_queues=2, guest_kwargs={"fio": True}
+        ) as s:
+            report = await run_fio(s.guest, s.disk, rw="randrw", runtime=1, numjobs=2)
+    job = report["jobs"][0]
+    assert job["error"] == 0
+    assert job["read"]["io_bytes"] > 0
+    assert job["write"]["io_bytes"] > 0
 
 
 async def test_script_mode_with_vhost_user_blk(

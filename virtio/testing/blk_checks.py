@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -48,6 +49,8 @@ __all__ = [
     "check_size",
     "host_digest",
     "run_all_checks",
+    "run_fio",
+    "sh_fio",
     "start_qemu_storage_daemon",
     "stop_process",
     "vhost_user_blk_guest",
@@ -282,6 +285,25 @@ e2fsck -fn {disk.dev}
 """
 
 
+def sh_fio(
+    disk: BlkDisk,
+    *,
+    rw: str = "randread",
+    bs: str = "4k",
+    iodepth: int = 16,
+    numjobs: int = 1,
+    runtime: float = 3,
+    ioengine: str = "libaio",
+    extra: str = "",
+) -> str:
+    """A time-based O_DIRECT fio run on the disk, JSON on stdout (needs ``fio=True`` guests)."""
+    return (
+        f"fio --name=pyvirtio --filename={disk.dev} --rw={rw} --bs={bs} --direct=1 "
+        f"--ioengine={ioengine} --iodepth={iodepth} --numjobs={numjobs} --group_reporting "
+        f"--time_based --runtime={runtime} --output-format=json {extra}".strip()
+    )
+
+
 def host_digest(image: Path, offset: int, length: int) -> str:
     """md5 of ``length`` bytes of the host image at ``offset``."""
     with open(image, "rb") as f:
@@ -338,6 +360,13 @@ async def check_mkfs_mount(guest: QemuGuest, disk: BlkDisk) -> None:
     out = (await guest.run(sh_mkfs_mount_write(disk), timeout=120)).output
     assert "hello from pyvirtio" in out, out
     assert "blob: OK" in out, out
+
+
+async def run_fio(guest: QemuGuest, disk: BlkDisk, **kwargs: Any) -> dict[str, Any]:
+    """Run :func:`sh_fio` in the guest; fio's JSON report (``jobs[0]["read"]["iops"]``...)."""
+    runtime = float(kwargs.get("runtime", 3))
+    out = (await guest.run(sh_fio(disk, **kwargs), timeout=runtime * 3 + 60)).output
+    return json.loads(out[out.index("{") :])
 
 
 ALL_CHECKS: tuple[Callable[[QemuGuest, BlkDisk], Awaitable[None]], ...] = (
