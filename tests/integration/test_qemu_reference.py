@@ -169,3 +169,32 @@ async def test_harness_commands_errors_plain_disks_and_qmp(guest_image: GuestIma
                     await g.run("true")
             assert g.returncode is not None
             assert "@@PYVIRTIO-READY" in log.read_text()
+
+
+async def test_hotplug_vhost_user_blk(
+    guest_image: GuestImage, reference_blk_backend: BackendStarter
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-t-") as tmp:
+        img = Path(tmp) / "disk.img"
+        with open(img, "wb") as f:
+            f.truncate(16 * MiB)
+        sock = Path(tmp) / "blk.sock"
+        backend = await reference_blk_backend(sock, img, 1)
+        try:
+            with trio.fail_after(120):
+                async with QemuGuest(guest_image, qmp=True) as g:
+                    assert (await g.run("ls /sys/block")).output.strip() == ""
+                    dev_id = await g.hotplug(VhostUserBlk(sock, num_queues=1))
+                    r = await g.run(
+                        "for i in $(seq 100); do [ -e /sys/block/vda ] && break; sleep 0.1; done;"
+                        "cat /sys/block/vda/size"
+                    )
+                    assert r.output.strip() == str(16 * MiB // 512)
+                    await g.run("echo hotplugged | dd of=/dev/vda bs=512 conv=sync,fsync")
+                    await g.unplug(dev_id)
+                    assert (await g.run("ls /sys/block")).output.strip() == ""
+        finally:
+            with trio.CancelScope(shield=True):
+                await stop_process(backend)
+        with open(img, "rb") as f:
+            assert f.read(11) == b"hotplugged\n"

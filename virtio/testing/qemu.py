@@ -177,6 +177,13 @@ class Device:
     def qemu_args(self, index: int, *, accel: str) -> list[str]:
         raise NotImplementedError
 
+    def hotplug_commands(self, index: int) -> list[tuple[str, dict[str, Any]]]:
+        """QMP commands that hot-plug this device; the ``device_add`` one comes last."""
+        raise NotImplementedError(f"{type(self).__name__} does not support hot-plug")
+
+    def device_id(self, index: int) -> str:
+        raise NotImplementedError
+
 
 def _props(props: Mapping[str, object]) -> str:
     out = []
@@ -203,11 +210,36 @@ class VhostUserBlk(Device):
     reconnect: int | None = None
     props: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
+    def device_id(self, index: int) -> str:
+        return f"blk{index}"
+
+    def hotplug_commands(self, index: int) -> list[tuple[str, dict[str, Any]]]:
+        chardev: dict[str, Any] = {
+            "addr": {"type": "unix", "data": {"path": os.fspath(self.socket)}},
+            "server": False,
+        }
+        if self.reconnect is not None:
+            chardev["reconnect"] = self.reconnect
+        device = {
+            "driver": "vhost-user-blk-pci",
+            "id": self.device_id(index),
+            "chardev": f"vublk{index}",
+            "num-queues": self.num_queues,
+            **self.props,
+        }
+        return [
+            (
+                "chardev-add",
+                {"id": f"vublk{index}", "backend": {"type": "socket", "data": chardev}},
+            ),
+            ("device_add", device),
+        ]
+
     def qemu_args(self, index: int, *, accel: str) -> list[str]:
         chardev = f"socket,id=vublk{index},path={os.fspath(self.socket)}"
         if self.reconnect is not None:
             chardev += f",reconnect={self.reconnect}"
-        device = f"vhost-user-blk-pci,id=blk{index},chardev=vublk{index}"
+        device = f"vhost-user-blk-pci,id={self.device_id(index)},chardev=vublk{index}"
         device += f",num-queues={self.num_queues}" + _props(self.props)
         return ["-chardev", chardev, "-device", device]
 
@@ -381,6 +413,27 @@ class QmpClient:
                         raise QmpError(command, reply["error"])
                     return reply.get("return")
 
+    async def wait_event(
+        self, event: str, *, data: Mapping[str, Any] | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Wait for an ``event``, with ``data``'s items in its data; pops it from ``events``."""
+
+        def matches(ev: dict[str, Any]) -> bool:
+            got = ev.get("data", {})
+            return ev.get("event") == event and all(
+                got.get(k) == v for k, v in (data or {}).items()
+            )
+
+        async with self._lock:
+            with trio.fail_after(timeout):
+                while True:
+                    for i, ev in enumerate(self.events):
+                        if matches(ev):
+                            return self.events.pop(i)
+                    msg = await self._read_message()
+                    if "event" in msg:
+                        self.events.append(msg)
+
     async def aclose(self) -> None:
         await self._stream.aclose()
 
@@ -456,6 +509,7 @@ class QemuGuest:
         self._lock = trio.Lock()
         self._seq = 0
         self._jobs = 0
+        self._hotplugged: dict[str, tuple[Device, int]] = {}
         self._broken: str | None = None
         self._t0 = 0.0
 
@@ -617,6 +671,34 @@ class QemuGuest:
             await self._send_command("sync; poweroff -f", self._next_id())
             self._broken = "powered off"
         return await self.wait_exit(timeout)
+
+    # -- hot-plug (needs qmp=True)
+
+    async def hotplug(self, device: Device) -> str:
+        """Hot-plug ``device`` through QMP (only :class:`VhostUserBlk` so far); its qdev id.
+
+        The guest sees it shortly after (ACPI PCI hot-plug): poll ``/sys/block``.
+        """
+        if self.qmp is None:
+            raise QemuError("hot-plug needs QemuGuest(..., qmp=True)")
+        index = 100 + len(self.devices) + len(self._hotplugged)
+        for command, args in device.hotplug_commands(index):
+            await self.qmp.execute(command, args)
+        dev_id = device.device_id(index)
+        self._hotplugged[dev_id] = (device, index)
+        return dev_id
+
+    async def unplug(self, dev_id: str, *, timeout: float = 30.0) -> None:
+        """Ask the guest to release a hot-plugged device; wait until QEMU deleted it."""
+        if self.qmp is None:
+            raise QemuError("unplug needs QemuGuest(..., qmp=True)")
+        await self.qmp.execute("device_del", {"id": dev_id})
+        await self.qmp.wait_event("DEVICE_DELETED", data={"device": dev_id}, timeout=timeout)
+        entry = self._hotplugged.pop(dev_id, None)
+        if entry is not None:
+            for command, args in entry[0].hotplug_commands(entry[1])[:-1]:
+                if command == "chardev-add":
+                    await self.qmp.execute("chardev-remove", {"id": args["id"]})
 
     # -- console I/O
 
