@@ -3,12 +3,12 @@
 A backend runs the guest until it stops and routes every exit through the machine:
 
 * PIO / MMIO -> ``machine.bus`` (accounted + dispatched);
-* HLT -> counted as ``"HLT"``, then ``machine.on_hlt()`` decides: ``True`` resumes the
-  guest at the next instruction (a device interrupt line is up), ``False`` stops;
+* HLT -> counted as ``"HLT"``, then ``machine.on_hlt(IF)`` decides: stop, resume at
+  the next instruction, or deliver an interrupt vector through the guest's IDT;
 * anything fatal (triple fault, entry failure, emulation error) -> :class:`GuestFault`.
 
-Both backends leave the guest with IF=0: an interrupt is "delivered" by resuming the
-halted guest, which then reads the device status (see guest-drivers/runtime.h).
+Interrupts are only delivered at a HLT (see :mod:`emulator.machine`), which keeps the
+exit counts identical on both backends.
 """
 
 from __future__ import annotations
@@ -120,8 +120,13 @@ class KvmCpu:
                     vcpu.complete_mmio_read(e, data)
             elif isinstance(e, HltExit):
                 bus.stats.count(e.reason)
-                if not self.machine.on_hlt():
+                resume, vector = self.machine.on_hlt(vcpu.if_flag)
+                if not resume:
                     return
+                if vector is not None:
+                    if not vcpu.ready_for_interrupt_injection:  # pragma: no cover
+                        raise GuestFault("kvm: halted with IF=1 but not ready for injection")
+                    vcpu.interrupt(vector)
             elif isinstance(e, ShutdownExit | FailExit):
                 bus.stats.count(e.reason)
                 regs = vcpu.get_regs()

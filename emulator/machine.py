@@ -11,12 +11,21 @@ Typical use::
     m.window                        # ExitStats between the guest's BEGIN/END marks
     m.phases                        # [(mark, ExitStats, seconds)] between consecutive marks
 
-Interrupts: devices get ``machine.irq_line(n)``, a callable taking the line level.
-The guest runs with IF=0; when it executes HLT the backend exits to the machine,
-which resumes the guest (next instruction) if any line is up and stops it otherwise.
-No in-kernel irqchip is created, so the semantics and the exit counts are the same on
-KVM and on the soft CPU.  ``Vm.create_irqchip``/``irqfd``/``ioeventfd`` are available
-for backends that want in-kernel delivery (vhost-user paths).
+Interrupts: devices get ``machine.irq_line(n)``, a callable taking the line level
+(``irqfd`` eventfds act as edges).  There is no PIC/APIC model and no in-kernel
+irqchip; interrupts are delivered only when the guest halts, so the semantics and the
+exit counts are the same on KVM and on the soft CPU:
+
+* HLT with IF=0 and a line up: the guest resumes after the HLT ("HLT wake-up") and
+  reads the device status itself;
+* HLT with IF=1 (``sti; hlt``) and a line up: vector ``0x20 + irq`` is delivered
+  through the guest's IDT (KVM_INTERRUPT on KVM, a pushed interrupt frame on the soft
+  CPU); the handler acknowledges the device; lines are level-triggered, no EOI;
+* HLT with no line up: wait on registered irqfds, else stop (or ``GuestHalted``).
+
+``Vm.create_irqchip``/``irqfd``/``ioeventfd`` (KVM ioctls) are available for a
+future backend that wants in-kernel delivery; :meth:`Machine.ioeventfd` and
+:meth:`Machine.irqfd` give the same effect on both CPU backends.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from emulator.exits import REASON_PIO
 from emulator.stats import ExitStats
 
 CPU_CHOICES = ("kvm", "soft", "auto")
+IRQ_VECTOR_BASE = 0x20  # IRQ n -> vector 0x20 + n (the usual PIC remapping)
 
 
 class GuestHalted(RuntimeError):
@@ -66,6 +76,8 @@ class Machine:
         self.irqfds: dict[int, int] = {}  # eventfd -> gsi
         self._edges: set[int] = set()  # gsis raised by an irqfd since the last HLT wake-up
         self._deadline: float | None = None
+        self.irq_vector_base = IRQ_VECTOR_BASE
+        self.interrupts_delivered = 0
         self.devices: dict[str, object] = {"debug": self.debug}
         self.stop_requested = False
         # HLT with no line up and no result reported: stop quietly (True) or raise.
@@ -148,23 +160,36 @@ class Machine:
     def irq_pending(self) -> bool:
         return any(self.irq_lines.values()) or bool(self._edges)
 
-    def on_hlt(self) -> bool:
-        """Called on every guest HLT: resume if a line is up, else stop the run."""
+    def on_hlt(self, interrupts_enabled: bool = False) -> tuple[bool, int | None]:
+        """Called on every guest HLT.  Returns ``(resume, vector)``.
+
+        ``resume`` is False when the run should stop (result reported, or nothing can
+        ever wake the guest and ``idle_hlt_stops``).  With a line up: if the guest
+        halted with IF=1, ``vector`` is ``irq_vector_base + irq`` of the lowest pending
+        line, to be delivered through the IDT; with IF=0 the guest just resumes after
+        the HLT (``vector`` None).
+        """
         if self.debug.result is not None:
-            return False  # the guest reported its result and parked itself
+            return False, None  # the guest reported its result and parked itself
         self._poll_irqfds(wait=False)
         while not self.irq_pending and self.irqfds:
             self._poll_irqfds(wait=True)
             if self._deadline is not None and time.monotonic() > self._deadline:
                 break
         if self.irq_pending:
-            self._edges.clear()  # edge-triggered: one wake-up per irqfd signal
-            return True
-        if self.debug.result is None and not self.idle_hlt_stops:
+            if not interrupts_enabled:
+                self._edges.clear()  # edge-triggered: one wake-up per irqfd signal
+                return True, None
+            levels = [irq for irq, up in self.irq_lines.items() if up]
+            irq = min(levels + sorted(self._edges))
+            self._edges.discard(irq)
+            self.interrupts_delivered += 1
+            return True, self.irq_vector_base + irq
+        if not self.idle_hlt_stops:
             regs = self.cpu.regs() if self.cpu is not None else {}
             rip = regs.get("rip", 0)
             raise GuestHalted(f"guest halted with no interrupt pending (rip={rip:#x})")
-        return False
+        return False, None
 
     # -- measurement window (debug port BEGIN / MARK / END) ---------------------------------
     def _mark(self, cmd: int) -> None:

@@ -29,6 +29,8 @@ IDE_PARAMS = struct.Struct("<8I2Q4I")
 MODE_PIO = 0
 MODE_PIO_MULTI = 1
 MODE_DMA = 2
+IRQ_POLL = 0
+IRQ_MODES = {"hlt": 1, "idt": 2}  # HLT wake-up (IF=0) / delivery through the IDT
 
 REQUEST_BYTES = 4096
 BUF_ADDR = 0x400000  # request buffer (page aligned)
@@ -48,6 +50,12 @@ class WorkloadSpec:
     queue_depth: int
     irq: bool
     lba48: bool = False
+    irq_mode: str = "idt"
+
+    @property
+    def irq_param(self) -> int:
+        return IRQ_MODES[self.irq_mode] if self.irq else IRQ_POLL
+
     seed: int = 0x1234_5678
 
     @property
@@ -92,7 +100,7 @@ def _ide_setup(mode: int, multiple: int = 0):
         m.devices["ide"] = ide
         m.write_params(
             IDE_PARAMS.pack(
-                PARAMS_MAGIC, PARAMS_VERSION, mode, int(spec.irq), int(spec.lba48),
+                PARAMS_MAGIC, PARAMS_VERSION, mode, spec.irq_param, int(spec.lba48),
                 sectors_per_req, spec.nreqs, multiple, BUF_ADDR, PRD_ADDR,
                 spec.seed, 0, 1, 0,
             )
@@ -137,6 +145,7 @@ def run_workload(
     *,
     kib: int | None = None,
     lba48: bool = False,
+    irq_mode: str = "idt",
     timeout: float | None = 600.0,
     ram_size: int = DEFAULT_RAM,
 ) -> dict:
@@ -154,10 +163,12 @@ def run_workload(
             f"path {path!r} supports queue_depth 1..{wp.max_queue_depth} "
             "(legacy IDE has one command in flight)"
         )
+    if irq_mode not in IRQ_MODES:
+        raise ValueError(f"irq_mode must be one of {sorted(IRQ_MODES)}")
     total = (kib << 10) if kib is not None else (mib << 20)
     if total < REQUEST_BYTES or total % REQUEST_BYTES:
         raise ValueError("the transfer size must be a positive multiple of 4 KiB")
-    spec = WorkloadSpec(path, total, queue_depth, irq, lba48)
+    spec = WorkloadSpec(path, total, queue_depth, irq, lba48, irq_mode=irq_mode)
     elf = guest_build.build(wp.program)
     m = Machine(ram_size=ram_size, cpu=cpu)
     try:
@@ -179,6 +190,8 @@ def run_workload(
             "queue_depth": queue_depth,
             "cpu": m.cpu_name,
             "irq": irq,
+            "irq_mode": irq_mode if irq else None,
+            "interrupts": m.interrupts_delivered,
             "ios": ios,
             "exits_per_io": window.total / ios if ios else 0.0,
             "exits_by_reason": dict(sorted(window.by_reason.items())),
@@ -226,8 +239,17 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     ap.add_argument("--kib", type=int)
     ap.add_argument("--irq", action="store_true")
     ap.add_argument("--lba48", action="store_true")
+    ap.add_argument("--irq-mode", choices=sorted(IRQ_MODES), default="idt")
     args = ap.parse_args(argv)
-    res = run_workload(args.path, args.cpu, args.mib, irq=args.irq, kib=args.kib, lba48=args.lba48)
+    res = run_workload(
+        args.path,
+        args.cpu,
+        args.mib,
+        irq=args.irq,
+        kib=args.kib,
+        lba48=args.lba48,
+        irq_mode=args.irq_mode,
+    )
     json.dump(res, sys.stdout, indent=2)
     print()
     return 0

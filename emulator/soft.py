@@ -12,14 +12,17 @@ Exit accounting mirrors KVM exactly:
 * ``rep ins`` is batched like KVM's read-ahead cache (``pio_in_emulated`` in
   arch/x86/kvm/emulate.c): one exit fetches ``n = min(bytes left in the destination
   page, 1024 / size, RCX)`` elements (at least 1);
-* ``hlt`` stops ``emu_start`` with RIP after the instruction -- one ``HLT`` exit.
+* ``hlt`` stops ``emu_start`` with RIP after the instruction -- one ``HLT`` exit;
+  an interrupt due at that HLT (IF=1) is delivered by :meth:`SoftCpu._deliver`.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 from typing import TYPE_CHECKING
 
+from emulator import memory
 from emulator.cpu import ExitLimit, GuestFault
 from emulator.exits import REASON_HLT, REASON_MMIO, REASON_PIO
 
@@ -38,6 +41,14 @@ PIO_READ_CACHE = 1024  # sizeof(struct read_cache.data) in KVM's emulator
 _PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 _OP_INS = (0x6C, 0x6D)
 _EFLAGS_DF = 1 << 10
+_EFLAGS_IF = 1 << 9
+_GATE = struct.Struct("<HHBBHII")  # 64-bit IDT gate descriptor
+_GATE_PRESENT = 0x80
+_GATE_TYPE_MASK = 0x0F
+_GATE_INTERRUPT = 0xE
+_GATE_TRAP = 0xF
+_GATE_TYPES = (_GATE_INTERRUPT, _GATE_TRAP)
+_FRAME = struct.Struct("<5Q")  # RIP, CS, RFLAGS, RSP, SS
 
 
 class SoftCpuUnavailable(RuntimeError):
@@ -70,6 +81,13 @@ class SoftCpu:
 
     def reset(self, entry: int, stack: int) -> None:
         self._pc = entry
+        uc = self.uc
+        # Same descriptor tables as the KVM backend, so IRETQ can reload CS/SS.
+        uc.reg_write(ux.UC_X86_REG_GDTR, (0, memory.GDT_ADDR, memory.gdt_limit(), 0))
+        uc.reg_write(ux.UC_X86_REG_IDTR, (0, memory.IDT_ADDR, 0, 0))
+        uc.reg_write(ux.UC_X86_REG_CS, memory.CODE_SELECTOR)
+        for reg in (ux.UC_X86_REG_SS, ux.UC_X86_REG_DS, ux.UC_X86_REG_ES):
+            uc.reg_write(reg, memory.DATA_SELECTOR)
         self.uc.reg_write(ux.UC_X86_REG_RSP, stack)
         self.uc.reg_write(ux.UC_X86_REG_RFLAGS, 0x2)
 
@@ -186,9 +204,38 @@ class SoftCpu:
             ):
                 raise ExitLimit(f"guest still running at the deadline (rip={self._pc:#x})")
             stats.count(REASON_HLT)
-            if not self.machine.on_hlt():
+            rflags = self.uc.reg_read(ux.UC_X86_REG_RFLAGS)
+            resume, vector = self.machine.on_hlt(bool(rflags & _EFLAGS_IF))
+            if not resume:
                 return
+            if vector is not None:
+                self._deliver(vector, rflags)
             self._check_limits()
+
+    def _deliver(self, vector: int, rflags: int) -> None:
+        """Deliver an external interrupt through the guest IDT, as the CPU does in
+        64-bit mode: align RSP to 16, push SS, RSP, RFLAGS, CS, RIP, clear IF (interrupt
+        gate), jump to the gate's offset.  A bad gate is a fault (a triple fault on KVM)."""
+        uc = self.uc
+        _sel, base, limit, _flags = uc.reg_read(ux.UC_X86_REG_IDTR)
+        if 16 * vector + 15 > limit:
+            raise GuestFault(f"soft: vector {vector:#x} beyond the IDT limit {limit:#x}")
+        gate = bytes(uc.mem_read(base + 16 * vector, 16))
+        off0, selector, _ist, attr, off1, off2, _res = _GATE.unpack(gate)
+        if not attr & _GATE_PRESENT or attr & _GATE_TYPE_MASK not in _GATE_TYPES:
+            raise GuestFault(f"soft: IDT gate {vector:#x} not present or not a 64-bit gate")
+        target = off0 | off1 << 16 | off2 << 32
+        rsp = uc.reg_read(ux.UC_X86_REG_RSP)
+        ss = uc.reg_read(ux.UC_X86_REG_SS)
+        cs = uc.reg_read(ux.UC_X86_REG_CS)
+        new_rsp = (rsp & ~0xF) - _FRAME.size
+        uc.mem_write(new_rsp, _FRAME.pack(self._pc, cs, rflags, rsp, ss))
+        uc.reg_write(ux.UC_X86_REG_RSP, new_rsp)
+        if attr & _GATE_TYPE_MASK == _GATE_INTERRUPT:
+            uc.reg_write(ux.UC_X86_REG_RFLAGS, rflags & ~_EFLAGS_IF)
+        if selector != cs:
+            uc.reg_write(ux.UC_X86_REG_CS, selector)
+        self._pc = target
 
     def regs(self) -> dict[str, int]:
         names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags"]

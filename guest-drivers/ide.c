@@ -2,13 +2,17 @@
  *
  * Modes (params.mode): PIO with READ/WRITE SECTORS (one DRQ block per sector), PIO
  * with READ/WRITE MULTIPLE (params.multiple sectors per DRQ block), or bus-master DMA
- * with a PRD table (PIIX BMDMA, like Linux's ata_piix + libata-sff).  Completion is
- * polled (nIEN=1) or, with params.irq, waited for with HLT (nIEN=0).
+ * with a PRD table (PIIX BMDMA, like Linux's ata_piix + libata-sff).  Completion
+ * (params.irq): IRQ_POLL polls the status registers (nIEN=1); IRQ_HLT halts and reads
+ * the status once woken (nIEN=0, IF=0); IRQ_IDT takes IRQ 14 through the IDT, the
+ * handler reads (and so acknowledges) the status registers.
  */
 #include "runtime.h"
 #include "ata.h"
 
 enum { MODE_PIO = 0, MODE_PIO_MULTI = 1, MODE_DMA = 2 };
+enum { IRQ_POLL = 0, IRQ_HLT = 1, IRQ_IDT = 2 };
+#define IDE_IRQ 14
 
 struct params {
 	u32 magic;
@@ -44,10 +48,29 @@ enum {
 static volatile struct params *const P = (volatile struct params *)PARAMS_ADDR;
 static u32 use_irq;
 
+/* Filled by the interrupt handler (IRQ_IDT). */
+static volatile u8 isr_status, isr_bm;
+static volatile u32 isr_count;
+
+static void ide_isr(int irq)
+{
+	(void)irq;
+	if (P->mode == MODE_DMA)
+		isr_bm = inb(BM_REG_STATUS);
+	isr_status = inb(ATA_REG_STATUS); /* acknowledges INTRQ */
+	isr_count++;
+}
+
 /* Wait until the device can take the next step: BSY clear.  Returns the status. */
 static u8 ata_wait(void)
 {
 	u8 st;
+	if (use_irq == IRQ_IDT) {
+		u32 seen = isr_count;
+		while (isr_count == seen)
+			irq_wait();
+		return isr_status;
+	}
 	if (use_irq) {
 		wait_for_interrupt();
 		return inb(ATA_REG_STATUS); /* acknowledges INTRQ */
@@ -179,17 +202,26 @@ static int dma_rw(u64 lba, u32 count, u64 buf, int write, int lba48)
 	else
 		outb(ATA_REG_COMMAND, lba48 ? ATA_CMD_READ_DMA_EXT : ATA_CMD_READ_DMA);
 	outb(BM_REG_COMMAND, dir | BM_CMD_START);
-	u8 bm;
-	if (use_irq) {
-		wait_for_interrupt();
-		bm = inb(BM_REG_STATUS);
+	u8 bm, st;
+	if (use_irq == IRQ_IDT) {
+		u32 seen = isr_count;
+		while (isr_count == seen)
+			irq_wait();
+		bm = isr_bm;
+		outb(BM_REG_COMMAND, dir); /* stop the engine */
+		st = isr_status;
 	} else {
-		do
+		if (use_irq) {
+			wait_for_interrupt();
 			bm = inb(BM_REG_STATUS);
-		while (!(bm & (BM_STAT_INTR | BM_STAT_ERR)));
+		} else {
+			do
+				bm = inb(BM_REG_STATUS);
+			while (!(bm & (BM_STAT_INTR | BM_STAT_ERR)));
+		}
+		outb(BM_REG_COMMAND, dir); /* stop the engine */
+		st = inb(ATA_REG_STATUS); /* acknowledges INTRQ */
 	}
-	outb(BM_REG_COMMAND, dir); /* stop the engine */
-	u8 st = inb(ATA_REG_STATUS); /* acknowledges INTRQ */
 	outb(BM_REG_STATUS, BM_STAT_INTR | BM_STAT_ERR);
 	if (bm & BM_STAT_ERR || st & (ATA_ERR | ATA_DF | ATA_DRQ))
 		return -1;
@@ -234,6 +266,8 @@ int main(void)
 	if (P->magic != PARAMS_MAGIC || P->req_sectors == 0)
 		return E_PARAMS;
 	use_irq = P->irq;
+	if (use_irq == IRQ_IDT)
+		irq_install(IDE_IRQ, ide_isr);
 	outb(ATA_REG_DEVCTL, use_irq ? 0 : ATA_NIEN);
 	if (ata_identify(ident))
 		return E_IDENTIFY;

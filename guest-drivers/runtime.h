@@ -2,10 +2,16 @@
  *
  * The VMM loads the ELF at 0x100000, sets RSP, builds page tables/GDT, and writes a
  * parameter block at PARAMS_ADDR.  Output and results go through the debug port
- * (emulator/devices/debugport.py).  Interrupts stay disabled (IF=0): "waiting for an
- * interrupt" is HLT, which exits to the VMM; the VMM resumes the guest at the next
- * instruction once a device has raised its line, and the guest then reads the
- * device's status register (as an interrupt handler would).
+ * (emulator/devices/debugport.py).
+ *
+ * Interrupts, two ways (the VMM has no PIC/APIC model; a halted guest is the only
+ * place an interrupt is delivered, which keeps exit counts deterministic):
+ *  - HLT wake-up (IF=0): wait_for_interrupt() halts; the VMM resumes the guest at the
+ *    next instruction once a device line is up; the guest then reads the device.
+ *  - IDT delivery (IF=1 around HLT): irq_install() + irq_wait(); the VMM injects
+ *    vector IRQ_VECTOR_BASE + irq (KVM_INTERRUPT / a unicorn frame push), the
+ *    handler runs and IRETQ returns behind the HLT.  Lines are level-triggered and
+ *    need no EOI: the handler acknowledges the device itself.
  */
 #ifndef PYVIRTIO_RUNTIME_H
 #define PYVIRTIO_RUNTIME_H
@@ -58,6 +64,12 @@ static inline void mmio_write32(u64 a, u32 v) { *(volatile u32 *)a = v; }
 
 /* Wait for an interrupt: exits to the VMM (HLT), which resumes us once a line is up. */
 static inline void wait_for_interrupt(void) { __asm__ volatile("hlt" ::: "memory"); }
+
+#define IRQ_VECTOR_BASE 0x20
+typedef void (*irq_handler_t)(int irq);
+void irq_install(int irq, irq_handler_t handler); /* irq 0..15; loads the IDT */
+/* STI; HLT; CLI: halts with interrupts enabled, the handler runs before we return. */
+static inline void irq_wait(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"); }
 
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
 

@@ -223,6 +223,63 @@ def test_irqfd_wakes_halted_guest(cpu):
         os.close(fd)
 
 
+def idt_gate(handler: int, attr: int = 0x8E) -> bytes:
+    return struct.pack(
+        "<HHBBHII", handler & 0xFFFF, memory.CODE_SELECTOR, 0, attr, handler >> 16 & 0xFFFF,
+        handler >> 32, 0,
+    )  # fmt: skip
+
+
+LIDT = b"\x0f\x01\x1c\x25"  # lidt [disp32]
+STI, CLI, IRETQ = b"\xfb", b"\xfa", b"\x48\xcf"
+
+
+def idt_guest(m: Machine, vector: int, attr: int = 0x8E) -> bytes:
+    """Guest: lidt; sti; hlt; (handler prints I, acks line 3 via port 0x700) print A."""
+    handler = memory.LOAD_ADDR + 0x800
+    idt = 0x20000
+    m.ram[idt + 16 * vector : idt + 16 * vector + 16] = idt_gate(handler, attr)
+    m.ram[0x6000:0x600A] = struct.pack("<HQ", 0xFFF, idt)
+    m.memory.write(handler, outb(0xE9, ord("I")) + outb(0x700, 0) + IRETQ)
+    return LIDT + struct.pack("<I", 0x6000) + STI + HLT + CLI + outb(0xE9, ord("A"))
+
+
+class LineDevice(Device):
+    """Writing 1 raises its line, 0 lowers it."""
+
+    name = "line"
+
+    def __init__(self, set_level) -> None:
+        self.set_level = set_level
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.set_level(bool(value))
+
+
+def test_interrupt_delivered_through_idt(cpu):
+    def setup(m):
+        m.bus.add_pio(0x700, 1, LineDevice(m.irq_line(3)))
+        code = outb(0x700, 1) + idt_guest(m, 0x23) + RESULT_OK + HLT
+        m.memory.write(memory.LOAD_ADDR + 0x100, code)
+
+    code = b"\xe9" + struct.pack("<i", 0x100 - 5)  # jmp to the code placed by setup
+    with run_raw(cpu, code, setup) as m:
+        assert m.debug.text == "IA"
+        assert m.interrupts_delivered == 1
+        assert m.bus.stats.by_reason["HLT"] == 2
+
+
+def test_interrupt_through_missing_gate_is_a_fault(cpu):
+    def setup(m):
+        m.bus.add_pio(0x700, 1, LineDevice(m.irq_line(3)))
+        code = outb(0x700, 1) + idt_guest(m, 0x23, attr=0x0E) + RESULT_OK + HLT
+        m.memory.write(memory.LOAD_ADDR + 0x100, code)
+
+    code = b"\xe9" + struct.pack("<i", 0x100 - 5)
+    with pytest.raises(GuestFault):
+        run_raw(cpu, code, setup)
+
+
 def test_hlt_wakes_on_device_interrupt(cpu):
     """IDE raises INTRQ on command completion; the halted guest resumes and acks."""
 
@@ -273,16 +330,21 @@ def test_malformed_guest_dma_outside_ram(cpu):
 
 
 # --- the IDE guest driver -----------------------------------------------------------------
+IRQ_CASES = [(False, "idt"), (True, "hlt"), (True, "idt")]
+
+
 @pytest.mark.parametrize("path", ["ide-pio", "ide-pio-multi", "ide-dma"])
-@pytest.mark.parametrize("irq", [False, True])
-def test_ide_workload(need_gcc, cpu, path, irq):
-    res = run_workload(path, cpu, kib=16, irq=irq)
+@pytest.mark.parametrize(("irq", "irq_mode"), IRQ_CASES)
+def test_ide_workload(need_gcc, cpu, path, irq, irq_mode):
+    res = run_workload(path, cpu, kib=16, irq=irq, irq_mode=irq_mode)
     assert res["verified"] is True
     assert res["cpu"] == cpu and res["path"] == path and res["queue_depth"] == 1
     assert res["ios"] == 8  # 4 writes + 4 reads of 4 KiB
     assert res["exits_per_io"] > 0 and res["us_per_io"] > 0 and res["mb_per_s"] > 0
     assert sum(res["exits_by_reason"].values()) == res["exits_total"]
     assert ("HLT" in res["exits_by_reason"]) == irq
+    # IDENTIFY, (SET MULTIPLE), one per DRQ block or DMA command, FLUSH
+    assert (res["interrupts"] > res["ios"]) == (irq and irq_mode == "idt")
     if path == "ide-dma":
         assert res["exits_per_io"] < 25
         assert "ide.bm_status" in res["exits_by_register"]
@@ -302,13 +364,15 @@ def _counts(res: dict) -> tuple:
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("irq", [False, True])
-def test_exit_counts_equal_between_backends(need_gcc, need_kvm, need_soft, path, irq):
-    soft = run_workload(path, "soft", kib=8, irq=irq)
-    kvm = run_workload(path, "kvm", kib=8, irq=irq)
+@pytest.mark.parametrize(("irq", "irq_mode"), IRQ_CASES)
+def test_exit_counts_equal_between_backends(need_gcc, need_kvm, need_soft, path, irq, irq_mode):
+    soft = run_workload(path, "soft", kib=8, irq=irq, irq_mode=irq_mode)
+    kvm = run_workload(path, "kvm", kib=8, irq=irq, irq_mode=irq_mode)
     assert _counts(soft) == _counts(kvm)
+    assert soft["interrupts"] == kvm["interrupts"]
     # and deterministic run to run
-    assert _counts(run_workload(path, "soft", kib=8, irq=irq)) == _counts(soft)
+    again = run_workload(path, "soft", kib=8, irq=irq, irq_mode=irq_mode)
+    assert _counts(again) == _counts(soft)
 
 
 def test_exit_counts_per_request_are_exact(need_gcc, need_soft):
