@@ -107,16 +107,18 @@ async def test_backend_killed_and_restarted_with_io_in_flight(
                     "dd if=/dev/urandom of=/tmp/big bs=1M count=4 2>/dev/null; md5sum < /tmp/big"
                 )
             ).output.split()[0]
+            # writes the 4 MiB pattern over and over until told to stop (at least twice)
             job = await g.spawn(
-                "for i in 1 2 3 4 5 6; do "
+                "n=0; while [ ! -e /tmp/stop ] || [ $n -lt 2 ]; do "
                 "dd if=/tmp/big of=/dev/vda bs=4k oflag=direct conv=fsync 2>/dev/null || exit 1; "
-                "done; echo writes-done"
+                "n=$((n+1)); done; echo writes-done"
             )
             await trio.sleep(0.5)
-            assert await job.poll() is None, "the writer finished before the backend was killed"
+            assert await job.poll() is None
             old_pid = s.backend.pid
             await s.restart_backend(kill=True)  # SIGKILL while requests are in flight
             assert s.backend.pid != old_pid
+            await g.run("touch /tmp/stop")
             result = await job.wait(timeout=90)
             assert "writes-done" in result.output
             read = await g.run("dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | md5sum")
