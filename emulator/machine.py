@@ -79,6 +79,7 @@ class Machine:
         self.irq_vector_base = IRQ_VECTOR_BASE
         self.interrupts_delivered = 0
         self.devices: dict[str, object] = {"debug": self.debug}
+        self.closers: list = []  # called by close() (e.g. disk image files)
         self.stop_requested = False
         # HLT with no line up and no result reported: stop quietly (True) or raise.
         self.idle_hlt_stops = False
@@ -268,6 +269,8 @@ class Machine:
         if self.cpu is not None:
             self.cpu.close()
             self.cpu = None
+        while self.closers:
+            self.closers.pop()()
         self.memory.close()
 
     def __enter__(self) -> Machine:

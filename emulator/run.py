@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from emulator import guest_build
 from emulator.devices import ata
-from emulator.devices.ide import IdeController, MemoryBackend
+from emulator.devices.ide import FileBackend, IdeController, MemoryBackend
 from emulator.machine import Machine
 
 PARAMS_MAGIC = 0x4F495650  # "PVIO"
@@ -51,6 +51,7 @@ class WorkloadSpec:
     irq: bool
     lba48: bool = False
     irq_mode: str = "idt"
+    image: str | None = None  # raw disk image file (default: a bytearray)
 
     @property
     def irq_param(self) -> int:
@@ -94,7 +95,9 @@ def expected_sector(lba: int, seed: int) -> bytes:
 def _ide_setup(mode: int, multiple: int = 0):
     def setup(m: Machine, spec: WorkloadSpec) -> Callable[[], bool]:
         sectors_per_req = REQUEST_BYTES // ata.SECTOR_SIZE
-        disk = MemoryBackend(spec.total_bytes + (1 << 20))
+        size = spec.total_bytes + (1 << 20)
+        disk = MemoryBackend(size) if spec.image is None else FileBackend(spec.image, size)
+        m.closers.append(getattr(disk, "close", lambda: None))
         ide = IdeController(disk, memory=m.memory, irq=m.irq_line(ata.PRIMARY_IRQ))
         ide.attach(m.bus)
         m.devices["ide"] = ide
@@ -146,6 +149,7 @@ def run_workload(
     kib: int | None = None,
     lba48: bool = False,
     irq_mode: str = "idt",
+    image: str | None = None,
     timeout: float | None = 600.0,
     ram_size: int = DEFAULT_RAM,
 ) -> dict:
@@ -168,7 +172,7 @@ def run_workload(
     total = (kib << 10) if kib is not None else (mib << 20)
     if total < REQUEST_BYTES or total % REQUEST_BYTES:
         raise ValueError("the transfer size must be a positive multiple of 4 KiB")
-    spec = WorkloadSpec(path, total, queue_depth, irq, lba48, irq_mode=irq_mode)
+    spec = WorkloadSpec(path, total, queue_depth, irq, lba48, irq_mode=irq_mode, image=image)
     elf = guest_build.build(wp.program)
     m = Machine(ram_size=ram_size, cpu=cpu)
     try:
@@ -240,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     ap.add_argument("--irq", action="store_true")
     ap.add_argument("--lba48", action="store_true")
     ap.add_argument("--irq-mode", choices=sorted(IRQ_MODES), default="idt")
+    ap.add_argument("--image", help="raw disk image file (created/resized)")
     args = ap.parse_args(argv)
     res = run_workload(
         args.path,
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
         kib=args.kib,
         lba48=args.lba48,
         irq_mode=args.irq_mode,
+        image=args.image,
     )
     json.dump(res, sys.stdout, indent=2)
     print()

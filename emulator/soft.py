@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from emulator.machine import Machine
 
 PAGE_SIZE = 4096
+IDENTITY_LIMIT = memory.IDENTITY_MAP_GIB << 30
 PIO_READ_CACHE = 1024  # sizeof(struct read_cache.data) in KVM's emulator
 _PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 _OP_INS = (0x6C, 0x6D)
@@ -71,13 +72,37 @@ class SoftCpu:
         self._error: BaseException | None = None
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, ux.UC_X86_INS_IN)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, ux.UC_X86_INS_OUT)
+        self._mapped: set[int] = set()  # MMIO pages routed to the bus
         for m in machine.bus.mmio:
             start = m.base & ~(PAGE_SIZE - 1)
             end = (m.end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-            uc.mmio_map(start, end - start, self._on_mmio_read, start, self._on_mmio_write, start)
+            self._map_mmio(start, end - start)
+        # Like KVM, any guest-physical address below 4 GiB that is not RAM is MMIO (and
+        # reads as all ones unless a device is there): map such pages on first touch.
+        uc.hook_add(
+            unicorn.UC_HOOK_MEM_READ_UNMAPPED | unicorn.UC_HOOK_MEM_WRITE_UNMAPPED,
+            self._on_unmapped,
+        )
         self._pc = 0
         self._limit: int | None = None
         self._deadline: float | None = None
+
+    def _map_mmio(self, start: int, length: int) -> None:
+        pages = [p for p in range(start, start + length, PAGE_SIZE) if p not in self._mapped]
+        for page in pages:  # page by page: windows may share pages
+            self.uc.mmio_map(page, PAGE_SIZE, self._on_mmio_read, page, self._on_mmio_write, page)
+            self._mapped.add(page)
+
+    def _on_unmapped(self, uc, access, address, size, value, _user) -> bool:
+        page = address & ~(PAGE_SIZE - 1)
+        last = (address + max(size, 1) - 1) & ~(PAGE_SIZE - 1)
+        if page < self.machine.memory.size or last >= IDENTITY_LIMIT:
+            return False  # a fault, as on KVM (past the identity map: #PF)
+        try:
+            self._map_mmio(page, last + PAGE_SIZE - page)
+        except unicorn.UcError:
+            return False
+        return True
 
     def reset(self, entry: int, stack: int) -> None:
         self._pc = entry
@@ -102,7 +127,7 @@ class SoftCpu:
 
     def _is_string_in(self, uc) -> tuple[bool, bool]:
         rip = uc.reg_read(ux.UC_X86_REG_RIP)
-        code = bytes(uc.mem_read(rip, 15))
+        code = bytes(uc.mem_read(rip, max(0, min(15, self.machine.memory.size - rip))))
         rep = False
         i = 0
         while i < len(code) and (code[i] in _PREFIXES or 0x40 <= code[i] <= 0x4F):

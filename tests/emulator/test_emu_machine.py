@@ -455,3 +455,52 @@ def test_measurement_marks_are_discounted(cpu):
         assert [(mark, st.total) for mark, st, _ in m.phases] == [(1, 1), (0x10, 2)]
         assert all(sec >= 0 for _, _, sec in m.phases)
         assert m.bus.stats.total == 9
+
+
+def test_unmapped_mmio_reads_all_ones(cpu):
+    dev = Counter()
+
+    def setup(m):
+        m.bus.add_mmio(MMIO_BASE, 0x1000, dev)
+
+    # read a hole, write a hole, then a real device on the page after
+    code = mmio_read32(0xE000_0000) + b"\x89\xc6"  # mov esi, eax
+    code += mmio_write32(0xE000_1000, 5) + mmio_read32(MMIO_BASE) + HLT
+    with run_raw(cpu, code, setup) as m:
+        assert m.cpu.regs()["rsi"] == 0xFFFF_FFFF
+        assert m.bus.stats.by_device == {"unmapped": 2, "ctr": 1}
+        assert m.bus.stats.by_reason["MMIO"] == 3
+
+
+def test_access_beyond_identity_map_faults(cpu):
+    with pytest.raises(GuestFault):
+        run_raw(cpu, mmio_read32(0x1_0000_0000) + HLT)
+
+
+def test_image_file_backend(need_gcc, need_soft, tmp_path):
+    img = tmp_path / "disk.img"
+    res = run_workload("ide-dma", "soft", kib=8, image=str(img))
+    assert res["verified"]
+    assert img.stat().st_size == 8192 + (1 << 20)
+    from emulator.run import expected_sector
+
+    assert img.read_bytes()[512:1024] == expected_sector(1, 0x1234_5678)
+
+
+def test_auto_picks_a_backend(need_soft):
+    from emulator.cpu import kvm_usable
+
+    with Machine(ram_size=4 << 20, cpu="auto") as m:
+        m.idle_hlt_stops = True
+        m.memory.write(memory.LOAD_ADDR, HLT)
+        m.start(memory.LOAD_ADDR)
+        m.run(max_exits=5)
+        assert m.cpu_name == ("kvm" if kvm_usable()[0] else "soft")
+
+
+def test_lazy_package_exports():
+    import emulator
+
+    assert emulator.Machine is Machine and emulator.run_workload is run_workload
+    with pytest.raises(AttributeError):
+        _ = emulator.nope
