@@ -25,6 +25,7 @@ from virtio.testing.qemu import (
     Disk,
     GuestCommandError,
     GuestError,
+    GuestExited,
     GuestTimeout,
     QemuGuest,
     VhostUserBlk,
@@ -200,3 +201,11 @@ async def test_hotplug_vhost_user_blk(
                 await stop_process(backend)
         with open(img, "rb") as f:
             assert f.read(11) == b"hotplugged\n"
+
+
+async def test_qemu_failing_to_start_reports_its_stderr(guest_image: GuestImage) -> None:
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-t-") as tmp:
+        missing = Path(tmp) / "nobody-listens.sock"
+        with trio.fail_after(60), pytest.raises(GuestExited, match="Failed to connect"):
+            async with QemuGuest(guest_image, devices=[VhostUserBlk(missing)]):
+                pass  # pragma: no cover

@@ -27,7 +27,18 @@ terminal): ``cd``, variables and background jobs (``cmd &`` then later
 command's stdin is /dev/null.  For long background I/O use :meth:`QemuGuest.spawn`.
 
 After a command timed out, the shell is still busy with it: the guest is then
-marked broken and further ``run`` calls fail at once (shut it down).
+marked broken and further ``run`` calls fail at once (shut it down).  Every error
+(:class:`GuestTimeout`, :class:`GuestExited`, :class:`GuestCommandError`) carries
+the tail of the console and of QEMU's stderr in its message.
+
+In the guest: busybox (sh, dd, taskset, ...), ``mkfs.ext4``/``e2fsck`` (real
+e2fsprogs), ``fio`` when booted with ``fio=True``, kernel modules for virtio
+pci/mmio/blk/net/input/console/scsi/balloon/rng/vsock/fs, ext4, ata_piix, sd_mod,
+evdev, all loaded at boot; devtmpfs on /dev, /tmp on the initramfs (RAM).
+Boot to the shell takes ~3.5 s under TCG (~5.5 s with ``fio=True``).
+
+Hot-plug: ``QemuGuest(..., qmp=True)``, then ``dev_id = await g.hotplug(VhostUserBlk(sock))``
+and ``await g.unplug(dev_id)``; :attr:`QemuGuest.qmp` runs any other QMP command.
 
 Notes on QEMU 7.2:
 
