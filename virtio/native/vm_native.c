@@ -505,3 +505,21 @@ int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, 
     vm_log_dirty(q->mem, q->device_gpa + 2, 2);
     return (int)n;
 }
+
+/* Split ring: build the chain whose head descriptor is `head` without consuming the
+ * available ring (resubmitting in-flight requests after a backend reconnect,
+ * vhost-user "Inflight I/O tracking").  Same validation as a pop. */
+int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
+                uint32_t max_segs)
+{
+    if (q->broken)
+        return VQ_E_BROKEN;
+    if (q->packed)
+        return VQ_E_BROKEN;
+    memset(chain, 0, sizeof *chain);
+    chain->head = head;
+    chain->ndesc = 1;
+    struct walk w = {chain, segs, 0, max_segs, 0, 0};
+    int rc = split_walk(q, &w, head);
+    return rc ? rc : 1;
+}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from virtio.errors import (
     DescriptorChainError,
@@ -124,6 +125,15 @@ def _raise_native(q, code: int) -> None:
     raise cls(template.format(a=int(q.err_a), b=int(q.err_b), c=int(q.err_c)), section=section)
 
 
+class InflightTracker(Protocol):
+    """Observer of chains entering and leaving the device (vhost-user inflight
+    tracking: a restarted backend resubmits what was popped but never used)."""
+
+    def on_pop(self, chains: Sequence[DescriptorChain]) -> None: ...
+
+    def on_used(self, chains: Sequence[DescriptorChain], used_idx: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class QueueStatistics:
     popped: int
@@ -199,6 +209,7 @@ class Virtqueue:
         self._lens = ffi.new("uint32_t[]", self._cap_chains)
         self._ndescs = ffi.new("uint16_t[]", self._cap_chains)
         self._raw_count = 0
+        self.inflight: InflightTracker | None = None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -302,12 +313,34 @@ class Virtqueue:
         """The next available chain, or ``None`` when the driver offered nothing new."""
         if self._pop_native(1) == 0:
             return None
-        return self._chain(0)
+        chain = self._chain(0)
+        if self.inflight is not None:
+            self.inflight.on_pop((chain,))
+        return chain
 
     def pop_batch(self, max_chains: int = BATCH) -> list[DescriptorChain]:
         """Up to ``max_chains`` available chains (fewer if fewer are available)."""
         n = self._pop_native(max_chains)
-        return [self._chain(i) for i in range(n)]
+        chains = [self._chain(i) for i in range(n)]
+        if chains and self.inflight is not None:
+            self.inflight.on_pop(chains)
+        return chains
+
+    def chain_at(self, head: int) -> DescriptorChain:
+        """Split rings: the chain starting at descriptor ``head``, without touching the
+        available ring (resubmission of in-flight requests after a reconnect)."""
+        self._check()
+        if self.packed or not 0 <= head < self.size:
+            raise DeviceUsageError(f"chain_at({head}) needs a split queue and a head in range")
+        while True:
+            rc = lib.vq_chain_at(self._q, head, self._chains, self._segs, self._cap_segs)
+            if rc != lib.VQ_E_SEGS:
+                break
+            self._cap_segs *= 4
+            self._segs = ffi.new("struct vq_seg[]", self._cap_segs)
+        if rc < 0:
+            self._fail(rc)
+        return self._chain(0)
 
     def __iter__(self):
         while (chain := self.pop()) is not None:
@@ -335,6 +368,8 @@ class Virtqueue:
         self._lens[0] = length
         self._ndescs[0] = chain.ndesc
         lib.vq_add_used_batch(self._q, self._ids, self._lens, self._ndescs, 1)
+        if self.inflight is not None:
+            self.inflight.on_used((chain,), self.next_used)
 
     def add_used_batch(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
         """Return several chains at once (one used-index update)."""
@@ -349,6 +384,8 @@ class Virtqueue:
             self._lens[i] = length
             self._ndescs[i] = chain.ndesc
         lib.vq_add_used_batch(self._q, self._ids, self._lens, self._ndescs, len(items))
+        if self.inflight is not None:
+            self.inflight.on_used([c for c, _ in items], self.next_used)
 
     def _grow(self, n: int) -> None:
         self._cap_chains = n
