@@ -54,6 +54,7 @@ __all__ = [
     "start_qemu_storage_daemon",
     "stop_process",
     "vhost_user_blk_guest",
+    "wait_for_socket",
 ]
 
 BackendStarter = Callable[[Path, Path, int], Awaitable[trio.Process]]
