@@ -87,16 +87,23 @@ class KvmCpu:
     def run(self, max_exits: int | None = None, deadline: float | None = None) -> None:
         # A guest spinning without exits never returns from KVM_RUN: with a deadline, a
         # periodic SIGALRM (main thread only) makes KVM_RUN return with EINTR.
+        # Whoever had SIGALRM / ITIMER_REAL before (e.g. a test timeout) gets both back.
         timer = deadline is not None and threading.current_thread() is threading.main_thread()
         if timer:
+            t0 = time.monotonic()
             old = signal.signal(signal.SIGALRM, _ignore_signal)
-            signal.setitimer(signal.ITIMER_REAL, _TIMER_PERIOD, _TIMER_PERIOD)
+            old_delay, old_interval = signal.setitimer(
+                signal.ITIMER_REAL, _TIMER_PERIOD, _TIMER_PERIOD
+            )
         try:
             self._run(max_exits, deadline)
         finally:
             if timer:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
                 signal.signal(signal.SIGALRM, old)
+                if old_delay > 0:
+                    left = max(old_delay - (time.monotonic() - t0), 1e-3)
+                    signal.setitimer(signal.ITIMER_REAL, left, old_interval)
 
     def _run(self, max_exits: int | None, deadline: float | None) -> None:
         bus = self.machine.bus

@@ -504,3 +504,22 @@ def test_lazy_package_exports():
     assert emulator.Machine is Machine and emulator.run_workload is run_workload
     with pytest.raises(AttributeError):
         _ = emulator.nope
+
+
+@pytest.mark.kvm
+def test_kvm_deadline_timer_restores_sigalrm(need_kvm):
+    import signal
+
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 30.0)
+    try:
+        with run_raw("kvm", outb(0xE9, ord("k")) + HLT) as m:
+            assert m.debug.text == "k"
+        assert signal.getsignal(signal.SIGALRM) is not signal.SIG_IGN
+        delay, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25.0 < delay <= 30.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert fired == []
