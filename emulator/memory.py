@@ -94,8 +94,8 @@ class GuestRam:
 
     def close(self) -> None:
         if self.fd >= 0:
-            self.view.release()
-            with contextlib.suppress(BufferError):  # someone still holds a view
+            with contextlib.suppress(BufferError):  # someone still holds a view: GC unmaps
+                self.view.release()
                 self._mm.close()
             os.close(self.fd)
             self.fd = -1

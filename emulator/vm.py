@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from emulator.kvm import KvmError, abi, ioctl, open_kvm
+from emulator.kvm import KvmError, KvmUnavailable, abi, ioctl, open_kvm
 
 # Where KVM may put its private TSS (3 pages) and identity map page on Intel: below 2 GiB
 # (the ioctl argument is a C int), above any guest RAM we create, below the MMIO window.
@@ -19,6 +19,10 @@ class Vm:
         self.sys_fd = open_kvm(kvm_path)
         self.fd = -1
         try:
+            for cap, name in ((abi.KVM_CAP_USER_MEMORY, "USER_MEMORY"),
+                              (abi.KVM_CAP_EXT_CPUID, "EXT_CPUID")):  # fmt: skip
+                if not ioctl(self.sys_fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION"):
+                    raise KvmUnavailable(f"KVM lacks KVM_CAP_{name}")
             self.fd = ioctl(self.sys_fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
             self.vcpu_mmap_size = ioctl(
                 self.sys_fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"
