@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from emulator.exits import REASON_MMIO, REASON_PIO, Exit, MmioExit, PioExit
+from emulator.exits import CPU_DEVICE, REASON_MMIO, REASON_PIO, Exit, MmioExit, PioExit
 from emulator.stats import ExitStats
 
 UNMAPPED = "unmapped"
@@ -235,7 +235,7 @@ class Bus:
             return self.handle_pio(exit_.port, exit_.size, exit_.is_write, exit_.count, exit_.data)
         if isinstance(exit_, MmioExit):
             return self.handle_mmio(exit_.addr, exit_.size, exit_.is_write, exit_.data)
-        self.stats.count(exit_.reason)
+        self.stats.count(exit_.reason, CPU_DEVICE, exit_.reason.lower())
         return b""
 
     def exit_done(self) -> None:

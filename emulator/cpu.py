@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from emulator import exits, memory
-from emulator.exits import FailExit, HltExit, MmioExit, OtherExit, PioExit, ShutdownExit
+from emulator.exits import CPU_DEVICE, FailExit, HltExit, MmioExit, OtherExit, PioExit, ShutdownExit
 from emulator.kvm import KvmError, KvmUnavailable, abi
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ class KvmCpu:
                 if not e.is_write:
                     vcpu.complete_mmio_read(e, data)
             elif isinstance(e, HltExit):
-                bus.stats.count(e.reason)
+                bus.stats.count(e.reason, CPU_DEVICE, e.reason.lower())
                 resume, vector = self.machine.on_hlt(vcpu.if_flag)
                 if not resume:
                     return
@@ -135,11 +135,11 @@ class KvmCpu:
                         raise GuestFault("kvm: halted with IF=1 but not ready for injection")
                     vcpu.interrupt(vector)
             elif isinstance(e, ShutdownExit | FailExit):
-                bus.stats.count(e.reason)
+                bus.stats.count(e.reason, CPU_DEVICE, e.reason.lower())
                 regs = vcpu.get_regs()
                 raise GuestFault(f"kvm: {e} at rip={regs['rip']:#x}")
             else:
-                bus.stats.count(e.reason)
+                bus.stats.count(e.reason, CPU_DEVICE, e.reason.lower())
             if self.machine.stop_requested:
                 return
             if max_exits is not None and n >= max_exits:

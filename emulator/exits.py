@@ -20,6 +20,9 @@ REASON_HLT = "HLT"
 REASON_SHUTDOWN = "SHUTDOWN"
 REASON_FAIL = "FAIL"
 REASON_OTHER = "OTHER"
+# Exits that involve no device (HLT, SHUTDOWN, ...) are accounted to this pseudo device,
+# with the lower-cased reason as register: every exit has a device and a register.
+CPU_DEVICE = "cpu"
 
 
 @dataclass(frozen=True, slots=True)

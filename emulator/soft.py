@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from emulator import memory
 from emulator.cpu import ExitLimit, GuestFault
-from emulator.exits import REASON_HLT, REASON_MMIO, REASON_PIO
+from emulator.exits import CPU_DEVICE, REASON_HLT, REASON_MMIO, REASON_PIO
 
 try:
     import unicorn
@@ -228,7 +228,7 @@ class SoftCpu:
                 deadline is not None and time.monotonic() > deadline
             ):
                 raise ExitLimit(f"guest still running at the deadline (rip={self._pc:#x})")
-            stats.count(REASON_HLT)
+            stats.count(REASON_HLT, CPU_DEVICE, REASON_HLT.lower())
             rflags = self.uc.reg_read(ux.UC_X86_REG_RFLAGS)
             resume, vector = self.machine.on_hlt(bool(rflags & _EFLAGS_IF))
             if not resume:

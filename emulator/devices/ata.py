@@ -53,6 +53,13 @@ DEVICE_LBA = 1 << 6
 DEVICE_OBS = 0xA0  # obsolete bits 7 and 5, traditionally set
 DEVICE_HEAD_MASK = 0x0F  # LBA bits 27:24 in 28-bit commands
 
+# --- values after power-on / software reset (ATA8-ACS signature, diagnostic code) ----------
+SIGNATURE_NSECT = 0x01
+SIGNATURE_LBAL = 0x01
+SIGNATURE_LBAM = 0x00  # 0x14 would be a PACKET device
+SIGNATURE_LBAH = 0x00
+DIAG_DEVICE0_PASSED = 0x01  # Error register after EXECUTE DEVICE DIAGNOSTIC / reset
+
 # --- device control register bits ----------------------------------------------------------
 DEVCTL_NIEN = 1 << 1
 DEVCTL_SRST = 1 << 2
@@ -130,6 +137,11 @@ ID_COMMAND_ENABLED_2 = 86
 ID_UDMA = 88
 ID_LBA48_SECTORS = 100  # words 100..103
 
+ID_GENCONF_FIXED = 1 << 6  # word 0: fixed (non-removable) ATA device
+ID_MWDMA_MODES_0_2 = 0x0007  # word 63: multiword DMA modes 0-2 supported
+ID_PIO_MODES_3_4 = 0x0003  # word 64: PIO modes 3 and 4 supported
+ID_UDMA_MODES_0_5 = 0x003F  # word 88: Ultra DMA modes 0-5 supported
+ID_STRING_CHARS_PER_WORD = 2
 ID_CAP_LBA = 1 << 9
 ID_CAP_DMA = 1 << 8
 ID_MAX_MULTIPLE_SIG = 0x8000

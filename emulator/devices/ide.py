@@ -69,7 +69,7 @@ class MemoryBackend:
     def __init__(self, data: bytearray | int) -> None:
         self.data = bytearray(data) if isinstance(data, int) else data
         if len(self.data) % ata.SECTOR_SIZE:
-            raise ValueError("image size must be a multiple of 512")
+            raise ValueError(f"image size must be a multiple of {ata.SECTOR_SIZE}")
         self.sectors = len(self.data) // ata.SECTOR_SIZE
         self.flushes = 0
 
@@ -211,10 +211,10 @@ class IdeController(Device):
         self.error = 0
         # Two-deep FIFOs for 48-bit commands: (current, previous/HOB).
         self.features = [0, 0]
-        self.nsect = [1, 0]
-        self.lbal = [1, 0]
-        self.lbam = [0, 0]
-        self.lbah = [0, 0]
+        self.nsect = [ata.SIGNATURE_NSECT, 0]
+        self.lbal = [ata.SIGNATURE_LBAL, 0]
+        self.lbam = [ata.SIGNATURE_LBAM, 0]
+        self.lbah = [ata.SIGNATURE_LBAH, 0]
         self.device = 0
         self.intrq = False
         self._pio_buf = bytearray()
@@ -328,7 +328,7 @@ class IdeController(Device):
         self.devctl = value
         if was_reset and not value & ata.DEVCTL_SRST:
             self._reset_taskfile()
-            self.error = 1  # diagnostic code: device 0 passed
+            self.error = ata.DIAG_DEVICE0_PASSED
             self.bm_command &= ~ata.BM_CMD_START
             self.bm_status &= ~ata.BM_STATUS_ACTIVE
         elif value & ata.DEVCTL_SRST:
@@ -529,11 +529,12 @@ class IdeController(Device):
 
         def put_str(start: int, length: int, text: str) -> None:
             raw = text.encode("ascii")[:length].ljust(length, b" ")
-            for i in range(0, length, 2):  # ATA strings: two chars per word, swapped
-                w[start + i // 2] = raw[i] << 8 | raw[i + 1]
+            step = ata.ID_STRING_CHARS_PER_WORD  # ATA strings: first char in the high byte
+            for i in range(0, length, step):
+                w[start + i // step] = raw[i] << 8 | raw[i + 1]
 
         sectors = self.backend.sectors
-        w[ata.ID_GENERAL_CONFIG] = 0x0040  # fixed device
+        w[ata.ID_GENERAL_CONFIG] = ata.ID_GENCONF_FIXED
         put_str(ata.ID_SERIAL, ata.ID_SERIAL_LEN, self.serial)
         put_str(ata.ID_FIRMWARE, ata.ID_FIRMWARE_LEN, "0.1")
         put_str(ata.ID_MODEL, ata.ID_MODEL_LEN, self.model)
@@ -545,15 +546,15 @@ class IdeController(Device):
         lba28 = min(sectors, ata.MAX_LBA_28 - 1)
         w[ata.ID_LBA28_SECTORS] = lba28 & 0xFFFF
         w[ata.ID_LBA28_SECTORS + 1] = lba28 >> 16
-        w[ata.ID_MWDMA] = 0x0007
-        w[ata.ID_PIO_MODES] = 0x0003
+        w[ata.ID_MWDMA] = ata.ID_MWDMA_MODES_0_2
+        w[ata.ID_PIO_MODES] = ata.ID_PIO_MODES_3_4
         w[ata.ID_MAJOR_VERSION] = ata.ID_MAJOR_ATA8
         cmdset2 = ata.ID_CMDSET2_ONE | ata.ID_CMDSET2_LBA48
         cmdset2 |= ata.ID_CMDSET2_FLUSH | ata.ID_CMDSET2_FLUSH_EXT
         w[ata.ID_COMMAND_SET_2] = cmdset2
         w[ata.ID_COMMAND_ENABLED_2] = cmdset2 & ~ata.ID_CMDSET2_ONE
         w[ata.ID_COMMAND_SET_EXT] = ata.ID_CMDSET2_ONE
-        w[ata.ID_UDMA] = 0x003F
+        w[ata.ID_UDMA] = ata.ID_UDMA_MODES_0_5
         for i in range(4):
             w[ata.ID_LBA48_SECTORS + i] = (sectors >> (16 * i)) & 0xFFFF
         return struct.pack(f"<{ata.IDENTIFY_WORDS}H", *w)

@@ -76,6 +76,7 @@ def test_other_exits_counted_by_reason():
     bus = Bus()
     bus.handle(HltExit())
     assert bus.stats.by_reason == {"HLT": 1} and bus.stats.total == 1
+    assert bus.stats.by_register == {"cpu.hlt": 1}
 
 
 def test_overlap_rejected():

@@ -85,7 +85,7 @@ def test_pio_and_debug_output(cpu):
         assert m.cpu_name == cpu
         assert m.debug.text == "hi!"
         assert m.bus.stats.by_reason == {"PIO": 3, "HLT": 1}
-        assert m.bus.stats.by_register == {"debug.char": 3}
+        assert m.bus.stats.by_register == {"debug.char": 3, "cpu.hlt": 1}
 
 
 def test_mmio_read_write(cpu):
@@ -342,6 +342,7 @@ def test_ide_workload(need_gcc, cpu, path, irq, irq_mode):
     assert res["ios"] == 8  # 4 writes + 4 reads of 4 KiB
     assert res["exits_per_io"] > 0 and res["us_per_io"] > 0 and res["mb_per_s"] > 0
     assert sum(res["exits_by_reason"].values()) == res["exits_total"]
+    assert sum(res["exits_by_register"].values()) == res["exits_total"]
     assert ("HLT" in res["exits_by_reason"]) == irq
     # IDENTIFY, (SET MULTIPLE), one per DRQ block or DMA command, FLUSH
     assert (res["interrupts"] > res["ios"]) == (irq and irq_mode == "idt")
@@ -468,7 +469,7 @@ def test_unmapped_mmio_reads_all_ones(cpu):
     code += mmio_write32(0xE000_1000, 5) + mmio_read32(MMIO_BASE) + HLT
     with run_raw(cpu, code, setup) as m:
         assert m.cpu.regs()["rsi"] == 0xFFFF_FFFF
-        assert m.bus.stats.by_device == {"unmapped": 2, "ctr": 1}
+        assert m.bus.stats.by_device == {"unmapped": 2, "ctr": 1, "cpu": 1}
         assert m.bus.stats.by_reason["MMIO"] == 3
 
 
