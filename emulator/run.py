@@ -200,6 +200,7 @@ def run_workload(
             "exits_per_io": window.total / ios if ios else 0.0,
             "exits_by_reason": dict(sorted(window.by_reason.items())),
             "exits_by_register": dict(sorted(window.by_register.items())),
+            "exits_by_device": dict(sorted(window.by_device.items())),
             "exits_total": window.total,
             "mb_per_s": (ios * REQUEST_BYTES / 1e6) / seconds if seconds else 0.0,
             "us_per_io": seconds * 1e6 / ios if ios else 0.0,
