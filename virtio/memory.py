@@ -69,15 +69,35 @@ class GuestMemory:
         self._c_regions = ffi.new("struct vm_region[]", max(1, len(regs)))
         self._c_bufs = []
         for i, r in enumerate(regs):
-            buf = ffi.from_buffer(r.buffer, require_writable=True)
-            self._c_bufs.append(buf)
             self._c_regions[i].gpa = r.guest_addr
             self._c_regions[i].size = r.size
-            self._c_regions[i].host = ffi.cast("uint8_t *", buf)
+            self._c_regions[i].host = self._host_pointer(r)
         self.c_mem = ffi.new("struct vm_mem *")
         self.c_mem.regions = self._c_regions
         self.c_mem.nregions = len(regs)
         self._dirty_log: memoryview | None = None
+
+    def _host_pointer(self, r: MemoryRegion):
+        """A C pointer to the region's first byte.
+
+        The buffer export is taken on the object that owns the memory (the
+        ``bytearray`` or ``mmap``), never on a memoryview: the garbage collector may
+        clear memoryviews in any order, and one with a live export cannot be cleared.
+        """
+        owner = r._owner if r._owner is not None else r.buffer.obj
+        whole = ffi.from_buffer(owner, require_writable=True)
+        probe = ffi.from_buffer(r.buffer, require_writable=True)
+        offset = int(ffi.cast("uintptr_t", probe)) - int(ffi.cast("uintptr_t", whole))
+        ffi.release(probe)
+        if not 0 <= offset <= len(whole) - r.size:
+            ffi.release(whole)
+            raise DeviceUsageError("region buffer is not a slice of its owner")
+        self._c_bufs.append(whole)
+        return ffi.cast("uint8_t *", whole) + offset
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # -- regions --------------------------------------------------------------------
     @property
@@ -225,9 +245,14 @@ class GuestMemory:
         self._c_bufs.clear()
         for r in self._regions:
             owner = r._owner
-            r.buffer.release()
-            if isinstance(owner, mmap.mmap):
-                owner.close()
+            try:
+                r.buffer.release()
+                if isinstance(owner, mmap.mmap):
+                    owner.close()
+            except BufferError:
+                # Views handed out (chains a device still holds) keep the mapping
+                # alive; it is unmapped when the last of them goes away.
+                pass
 
     def __enter__(self) -> GuestMemory:
         return self
@@ -245,9 +270,11 @@ class BytearrayGuestMemory(GuestMemory):
 
     def __init__(self, size: int = 0, *, regions: Iterable[tuple[int, int]] = ()) -> None:
         spec = list(regions) or [(0, size)]
-        super().__init__(
-            MemoryRegion(guest_addr=a, size=n, buffer=memoryview(bytearray(n))) for a, n in spec
-        )
+        built = []
+        for a, n in spec:
+            backing = bytearray(n)
+            built.append(MemoryRegion(a, n, memoryview(backing), _owner=backing))
+        super().__init__(built)
 
 
 @dataclass(frozen=True)

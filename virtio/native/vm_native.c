@@ -232,8 +232,14 @@ static int split_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchai
                 return VQ_E_SEGS;
             break; /* no room for this chain in the batch: leave it for the next call */
         }
-        if (rc)
-            return done ? (int)done : rc;
+        if (rc) {
+            if (!done)
+                return rc;
+            /* Deliver the good chains first; the bad one fails the next call. */
+            q->broken = 0;
+            q->error = 0;
+            break;
+        }
         seg_used += w.nseg;
         q->last_avail_idx++;
         n--;
@@ -329,8 +335,14 @@ static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t ncha
                 return VQ_E_SEGS;
             break;
         }
-        if (rc)
-            return done ? (int)done : rc;
+        if (rc) {
+            if (!done)
+                return rc;
+            /* Deliver the good chains first; the bad one fails the next call. */
+            q->broken = 0;
+            q->error = 0;
+            break;
+        }
         c->head = id;   /* §2.8.6: the buffer ID is in the last descriptor of the chain */
         c->ndesc = ndesc;
         seg_used += w.nseg;

@@ -38,6 +38,8 @@ from virtio.memory import GuestMemory
 from virtio.native import ffi, lib
 from virtio.queues.chain import DescriptorChain, Segment
 from virtio.queues.state import QueueState
+from virtio.spec import sections as sec
+from virtio.spec._base import Section
 from virtio.spec.ring import (
     VRING_AVAIL_ALIGN,
     VRING_DESC_ALIGN,
@@ -48,66 +50,79 @@ from virtio.spec.ring import (
     split_ring_sizes,
 )
 
-_DESC_TABLE = "Basic Facilities of a Virtio Device / Virtqueues / The Virtqueue Descriptor Table"
-_INDIRECT = _DESC_TABLE + " / Indirect Descriptors"
+def cite(section: Section) -> str:
+    """``"2.7.5.3.1 [drivernormative:...]"``: how errors name the clause broken."""
+    return f"{section.number} [{section.label}]" if section.label else section.number
 
-# Native error code -> (exception class, section, message template).  The template
-# sees the native error's detail words as a, b, c.
-_ERRORS: dict[int, tuple[type[DriverError], str, str]] = {
+
+# Native error code -> (exception class, split-ring section, packed-ring section,
+# message template).  The template sees the native error's detail words a, b, c.
+_ERRORS: dict[int, tuple[type[DriverError], Section, Section, str]] = {
     lib.VQ_E_HEAD_RANGE: (
         DescriptorChainError,
-        "2.7.6",
+        sec.S_2_7_6,
+        sec.S_2_8_13,
         "available ring names head descriptor {a}, outside the queue of size {b}",
     ),
     lib.VQ_E_NEXT_RANGE: (
         DescriptorChainError,
-        f"2.7.5 [{_DESC_TABLE}]",
+        sec.S_2_7_5,
+        sec.S_2_8_19,
         "descriptor next index {a} outside the table of {b} descriptors",
     ),
     lib.VQ_E_LOOP: (
         DescriptorChainError,
-        f"2.7.5.3.1 [drivernormative:{_INDIRECT}]",
+        sec.S_2_7_5_3_1,
+        sec.S_2_8_17,
         "descriptor chain longer than its table ({b} descriptors): a loop",
     ),
     lib.VQ_E_INDIRECT_NESTED: (
         DescriptorChainError,
-        f"2.7.5.3.1 [drivernormative:{_INDIRECT}]",
+        sec.S_2_7_5_3_1,
+        sec.S_2_8_19,
         "VIRTQ_DESC_F_INDIRECT set within an indirect table (entry {a})",
     ),
     lib.VQ_E_INDIRECT_NEXT: (
         DescriptorChainError,
-        f"2.7.5.3.1 [drivernormative:{_INDIRECT}]",
+        sec.S_2_7_5_3_1,
+        sec.S_2_8_19,
         "descriptor {a} sets both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT",
     ),
     lib.VQ_E_INDIRECT_LEN: (
         DescriptorChainError,
-        "2.7.5.3",
+        sec.S_2_7_5_3,
+        sec.S_2_8_7,
         "indirect table at {a:#x} has length {b}: not a non-zero multiple of 16"
         " (at most 65536 entries)",
     ),
     lib.VQ_E_INDIRECT_NOTNEG: (
         DescriptorChainError,
-        f"2.7.5.3.1 [drivernormative:{_INDIRECT}]",
+        sec.S_2_7_5_3_1,
+        sec.S_2_8_19,
         "VIRTQ_DESC_F_INDIRECT used but VIRTIO_F_INDIRECT_DESC was not negotiated",
     ),
     lib.VQ_E_MEMORY: (
         DescriptorChainError,
-        "2.7.5",
+        sec.S_2_7_5,
+        sec.S_2_8_4,
         "buffer [{a:#x}, +{b:#x}) is not inside guest memory",
     ),
     lib.VQ_E_ORDER: (
         DescriptorChainError,
-        "2.7.4.2 [drivernormative:Basic Facilities of a Virtio Device / Message Framing]",
+        sec.S_2_7_4_2,
+        sec.S_2_7_4_2,
         "device-readable descriptor [{a:#x}, +{b:#x}) after a device-writable one",
     ),
     lib.VQ_E_TOO_BIG: (
         DescriptorChainError,
-        f"2.7.5.2 [drivernormative:{_DESC_TABLE}]",
+        sec.S_2_7_5_2,
+        sec.S_2_8_16,
         "descriptor chain longer than 2^32 bytes in total ({a} bytes)",
     ),
     lib.VQ_E_PACKED_AVAIL: (
         DescriptorChainError,
-        "2.8.6",
+        sec.S_2_8_6,
+        sec.S_2_8_6,
         "packed chain continues into descriptor {a} that is not available",
     ),
 }
@@ -117,12 +132,12 @@ def _raise_native(q, code: int) -> None:
     if code == lib.VQ_E_AVAIL_IDX:
         raise InvalidAvailIdx(int(q.size), (int(q.err_a) - int(q.err_b)) & 0xFFFF)
     try:
-        cls, section, template = _ERRORS[code]
+        cls, split_section, packed_section, template = _ERRORS[code]
     except KeyError:
         raise DeviceUsageError(f"native virtqueue core returned {code}") from None
-    if q.packed and section.startswith("2.7.5"):
-        section = "2.8.8" if "Indirect" in section or "INDIRECT" in template else "2.8"
-    raise cls(template.format(a=int(q.err_a), b=int(q.err_b), c=int(q.err_c)), section=section)
+    section = packed_section if q.packed else split_section
+    message = template.format(a=int(q.err_a), b=int(q.err_b), c=int(q.err_c))
+    raise cls(message, section=cite(section))
 
 
 class InflightTracker(Protocol):
@@ -167,11 +182,11 @@ class Virtqueue:
             desc_size = 16 * state.size
             driver_size = device_size = VRING_PACKED_DESC_EVENT_SIZE
             aligns = (VRING_PACKED_DESC_ALIGN, VRING_PACKED_EVENT_ALIGN, VRING_PACKED_EVENT_ALIGN)
-            section = "2.8.13"
+            section = cite(sec.S_2_8_10_1)
         else:
             desc_size, driver_size, device_size = split_ring_sizes(state.size, state.event_idx)
             aligns = (VRING_DESC_ALIGN, VRING_AVAIL_ALIGN, VRING_USED_ALIGN)
-            section = "2.7.1 [drivernormative:Basic Facilities of a Virtio Device / Virtqueues]"
+            section = cite(sec.S_2_7_1)
         ptrs = []
         for part, addr, size, align in zip(
             ("descriptor area", "driver area", "device area"),
@@ -275,6 +290,8 @@ class Virtqueue:
     def _check(self) -> None:
         if self._q.broken:
             raise QueueBrokenError(self._error)
+        if self.memory.closed:
+            raise DeviceUsageError("the guest memory of this queue was closed")
 
     def _fail(self, code: int) -> None:
         try:
@@ -495,6 +512,9 @@ class QueueConfig:
                     packed=packed,
                     event_idx=event_idx,
                     indirect=indirect,
+                    # A fresh queue has signalled nothing yet: notification decisions
+                    # start exact instead of with one unconditional notification.
+                    signalled_used_valid=True,
                 ),
                 name,
             )

@@ -163,6 +163,7 @@ class DriverQueue:
             packed=self.packed,
             event_idx=self.event_idx,
             indirect=self.indirect,
+            signalled_used_valid=True,
         )
 
     @property

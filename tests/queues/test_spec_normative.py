@@ -1,0 +1,335 @@
+"""One test per normative requirement the engine implements, named by section.
+
+Driver requirements (``drivernormative``) are checked by feeding the engine a
+driver that breaks them: it must raise a ``DriverError`` naming the clause and
+break the queue.  Device requirements (``devicenormative``) are checked on what
+the engine writes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from virtio.errors import (
+    DescriptorChainError,
+    DriverError,
+    InvalidAvailIdx,
+    QueueBrokenError,
+    QueueConfigError,
+)
+from virtio.memory import BytearrayGuestMemory, MmapGuestMemory
+from virtio.queues import QueueConfig, QueueState, Virtqueue
+from virtio.spec import sections as sec
+from virtio.spec.ring import PackedDescFlag, VringDescFlag, VringUsedFlag
+from virtio.testing.driver import DriverQueue
+from virtio.testing.queues import make_queue_pair
+
+NEXT = int(VringDescFlag.VRING_DESC_F_NEXT)
+WRITE = int(VringDescFlag.VRING_DESC_F_WRITE)
+INDIRECT = int(VringDescFlag.VRING_DESC_F_INDIRECT)
+AVAIL = int(PackedDescFlag.VRING_PACKED_DESC_F_AVAIL)
+USED = int(PackedDescFlag.VRING_PACKED_DESC_F_USED)
+
+
+def _raw_split(size=4, indirect=True):
+    pair = make_queue_pair(size, indirect=indirect)
+    return pair, pair.driver, pair.device
+
+
+def _offer_heads(drv, *heads):
+    for i, h in enumerate(heads):
+        drv.write_avail(i, h)
+    drv.set_avail_idx(len(heads))
+
+
+def _expect(q, exc_type, section):
+    with pytest.raises(exc_type) as info:
+        q.pop()
+    assert info.value.section.startswith(section.number), info.value.section
+    if section.label:
+        assert section.label in info.value.section
+    assert q.broken
+    with pytest.raises(QueueBrokenError):
+        q.pop()
+    return info.value
+
+
+# -- 2.7.1 drivernormative: Virtqueues (alignment) ---------------------------------------
+@pytest.mark.parametrize(
+    ("desc", "driver", "device"),
+    [(0x1008, 0x2000, 0x3000), (0x1000, 0x2001, 0x3000), (0x1000, 0x2000, 0x3002)],
+)
+def test_spec_2_7_1_misaligned_rings_rejected(desc, driver, device):
+    mem = BytearrayGuestMemory(0x10000)
+    cfg = QueueConfig(max_size=8, desc_addr=desc, driver_addr=driver, device_addr=device)
+    with pytest.raises(QueueConfigError) as info:
+        cfg.activate(mem)
+    assert info.value.section.startswith("2.7.1")
+
+
+def test_spec_2_7_queue_size_power_of_two_and_max():
+    mem = BytearrayGuestMemory(0x100000)
+    for size in (3, 0, 65536):
+        with pytest.raises(QueueConfigError):
+            Virtqueue(
+                mem, QueueState(size=size, desc_addr=0, driver_addr=0x1000, device_addr=0x2000)
+            )
+    # Packed rings (§2.8) allow any size up to 32768.
+    Virtqueue(
+        mem, QueueState(size=3, desc_addr=0, driver_addr=0x1000, device_addr=0x2000, packed=True)
+    )
+
+
+def test_spec_2_6_rings_outside_memory_rejected():
+    mem = BytearrayGuestMemory(0x4000)
+    with pytest.raises(QueueConfigError):
+        QueueConfig(max_size=256, desc_addr=0x3800, driver_addr=0, device_addr=0x1000).activate(mem)
+
+
+# -- 2.7.4.2 drivernormative: Message Framing --------------------------------------------
+def test_spec_2_7_4_2_readable_after_writable_rejected(packed):
+    pair = make_queue_pair(4, packed=packed)
+    drv, q = pair.driver, pair.device
+    base = drv.data_addr
+    if packed:
+        drv.write_desc(0, base, 8, WRITE | NEXT | AVAIL, 0)
+        drv.write_desc(1, base + 8, 8, AVAIL, 0)
+    else:
+        drv.write_desc(0, base, 8, WRITE | NEXT, 1)
+        drv.write_desc(1, base + 8, 8, 0, 0)
+        _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_7_4_2)
+
+
+# -- 2.7.5.1 devicenormative: the device MUST NOT write to a device-readable buffer --------
+def test_spec_2_7_5_1_device_never_writes_readable_buffers(packed):
+    pair = make_queue_pair(8, packed=packed)
+    drv, q = pair.driver, pair.device
+    drv.add([b"R" * 24, b"S" * 8], [16, 3])
+    drv.publish()
+    chain = q.pop()
+    w = chain.writer()
+    assert w.write(b"\xff" * 100) == 19  # only the 19 writable bytes
+    q.add_used(chain, w.written)
+    (used,) = drv.get_used()
+    assert used.data == b"\xff" * 19
+    assert used.readable == [b"R" * 24, b"S" * 8]
+
+
+# -- 2.7.5.2 drivernormative: no chain longer than 2^32 bytes; loops forbidden ----------------
+def test_spec_2_7_5_2_chain_longer_than_4gib_rejected():
+    # 4 GiB + 1 MiB of sparse guest RAM so both 2 GiB buffers really are guest memory.
+    mem = MmapGuestMemory.anonymous((1 << 32) + (1 << 20))
+    drv = DriverQueue(mem, 4, base=0, indirect=False, data_size=4096)
+    q = Virtqueue(mem, drv.state())
+    drv.write_desc(0, 1 << 20, 1 << 31, NEXT, 1)
+    drv.write_desc(1, (1 << 20) + (1 << 31), 1 << 31, NEXT, 2)
+    drv.write_desc(2, drv.data_addr, 16, 0, 0)
+    _offer_heads(drv, 0)
+    err = _expect(q, DescriptorChainError, sec.S_2_7_5_2)
+    assert "2^32" in str(err)
+    mem.close()
+
+
+def test_spec_2_7_5_2_loop_rejected():
+    pair, drv, q = _raw_split(4)
+    drv.write_desc(0, drv.data_addr, 8, NEXT, 1)
+    drv.write_desc(1, drv.data_addr, 8, NEXT, 0)
+    _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_7_5_3_1)
+
+
+def test_spec_2_7_5_next_out_of_range_rejected():
+    pair, drv, q = _raw_split(4)
+    drv.write_desc(0, drv.data_addr, 8, NEXT, 4)
+    _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_7_5)
+
+
+def test_spec_2_7_5_buffer_outside_memory_rejected(packed):
+    pair = make_queue_pair(4, packed=packed)
+    drv, q = pair.driver, pair.device
+    if packed:
+        drv.write_desc(0, 1 << 40, 8, AVAIL, 0)
+    else:
+        drv.write_desc(0, 1 << 40, 8, 0, 0)
+        _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_8_4 if packed else sec.S_2_7_5)
+
+
+# -- 2.7.5.3.1 drivernormative: Indirect Descriptors ----------------------------------------
+def test_spec_2_7_5_3_1_indirect_without_feature_rejected(packed):
+    pair = make_queue_pair(4, packed=packed, indirect=False)
+    drv, q = pair.driver, pair.device
+    table = drv.alloc.alloc(16)
+    pair.memory.write(table, struct.pack("<QIHH", drv.data_addr, 8, 0, 0))
+    if packed:
+        drv.write_desc(0, table, 16, INDIRECT | AVAIL, 0)
+    else:
+        drv.write_desc(0, table, 16, INDIRECT, 0)
+        _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_8_19 if packed else sec.S_2_7_5_3_1)
+
+
+def test_spec_2_7_5_3_1_nested_indirect_rejected(packed):
+    pair = make_queue_pair(4, packed=packed)
+    drv, q = pair.driver, pair.device
+    table = drv.alloc.alloc(32)
+    if packed:  # addr, len, id, flags
+        inner = struct.pack("<QIHH", table, 16, 0, INDIRECT)
+    else:  # addr, len, flags, next
+        inner = struct.pack("<QIHH", table, 16, INDIRECT, 0)
+    pair.memory.write(table, inner + inner)
+    if packed:
+        drv.write_desc(0, table, 32, INDIRECT | AVAIL, 0)
+    else:
+        drv.write_desc(0, table, 32, INDIRECT, 0)
+        _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_8_19 if packed else sec.S_2_7_5_3_1)
+
+
+def test_spec_2_7_5_3_1_indirect_with_next_rejected():
+    pair, drv, q = _raw_split(4)
+    table = drv.alloc.alloc(16)
+    pair.memory.write(table, struct.pack("<QIHH", drv.data_addr, 8, 0, 0))
+    drv.write_desc(0, table, 16, INDIRECT | NEXT, 1)
+    _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_7_5_3_1)
+
+
+def test_spec_2_7_5_3_1_chain_longer_than_queue_size_rejected():
+    pair, drv, q = _raw_split(4)
+    for i in range(4):
+        drv.write_desc(i, drv.data_addr, 8, NEXT, (i + 1) % 4)
+    _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_7_5_3_1)
+
+
+@pytest.mark.parametrize("length", [0, 8, 24])
+def test_spec_2_7_5_3_indirect_table_length_invalid(length):
+    pair, drv, q = _raw_split(4)
+    table = drv.alloc.alloc(32)
+    drv.write_desc(0, table, length, INDIRECT, 0)
+    _offer_heads(drv, 0)
+    _expect(q, DescriptorChainError, sec.S_2_7_5_3)
+
+
+def test_spec_2_7_5_3_2_device_ignores_write_flag_on_table_and_handles_direct_then_indirect():
+    """devicenormative 2.7.5.3.2: ignore WRITE on the descriptor that refers to a table;
+    handle zero or more chained descriptors followed by one indirect descriptor."""
+    pair, drv, q = _raw_split(4)
+    mem = pair.memory
+    a = drv.alloc.alloc(64)
+    mem.write(a, b"head----")
+    table = drv.alloc.alloc(32)
+    mem.write(
+        table, struct.pack("<QIHH", a + 8, 8, NEXT, 1) + struct.pack("<QIHH", a + 16, 8, WRITE, 0)
+    )
+    mem.write(a + 8, b"indirect")
+    drv.write_desc(0, a, 8, NEXT, 1)
+    drv.write_desc(1, table, 32, INDIRECT | WRITE, 0)
+    _offer_heads(drv, 0)
+    chain = q.pop()
+    assert chain.reader().read() == b"head----indirect"
+    assert chain.writable_len == 8
+
+
+# -- 2.7.6 / 2.7.13.3: available ring and idx --------------------------------------------
+def test_spec_2_7_6_head_out_of_range_rejected():
+    pair, drv, q = _raw_split(4)
+    _offer_heads(drv, 7)
+    _expect(q, DescriptorChainError, sec.S_2_7_6)
+
+
+def test_spec_2_7_13_3_avail_idx_moved_more_than_queue_size():
+    pair, drv, q = _raw_split(4)
+    drv.set_avail_idx(5)
+    with pytest.raises(InvalidAvailIdx) as info:
+        q.pop()
+    assert info.value.queue_size == 4 and info.value.reported_len == 5
+    assert q.broken
+
+
+# -- 2.7.8.2 devicenormative: used ring len and idx ------------------------------------------
+def test_spec_2_7_8_2_len_set_before_idx_and_counts_written_bytes():
+    pair, drv, q = _raw_split(4)
+    drv.add([b"abc"], [10])
+    drv.publish()
+    chain = q.pop()
+    chain.writer().write(b"0123456789")
+    q.add_used(chain, 10)
+    used_idx = pair.memory.read_u16(drv.device_addr + 2)
+    elem = struct.unpack("<II", pair.memory.read(drv.device_addr + 4, 8))
+    assert used_idx == 1
+    assert elem == (chain.head, 10)
+
+
+# -- 2.7.10.2 devicenormative: Available Buffer Notification Suppression ----------------------
+def test_spec_2_7_10_2_flags_zero_with_event_idx():
+    pair = make_queue_pair(8, event_idx=True)
+    q, drv = pair.device, pair.driver
+    q.disable_notification()
+    assert pair.memory.read_u16(drv.device_addr) == 0  # MUST set flags to 0
+    q.enable_notification()
+    assert pair.memory.read_u16(drv.device_addr + 4 + 8 * 8) == q.next_avail
+
+
+def test_spec_2_7_10_2_flags_without_event_idx():
+    pair = make_queue_pair(8, event_idx=False)
+    q, drv = pair.device, pair.driver
+    q.disable_notification()
+    assert pair.memory.read_u16(drv.device_addr) == int(VringUsedFlag.VRING_USED_F_NO_NOTIFY)
+    q.enable_notification()
+    assert pair.memory.read_u16(drv.device_addr) == 0
+
+
+# -- 2.8 packed ring ---------------------------------------------------------------------------
+def test_spec_2_8_6_buffer_id_from_last_descriptor_and_device_skips_chain():
+    pair = make_queue_pair(4, packed=True, indirect=False)
+    drv, q = pair.driver, pair.device
+    t1 = drv.add([b"a", b"b"], [4])  # 3 descriptors
+    t2 = drv.add([b"c"], [])
+    drv.publish()
+    c1, c2 = q.pop_batch()
+    assert (c1.head, c1.ndesc, c2.head, c2.ndesc) == (t1, 3, t2, 1)
+    # Complete out of order; the device writes used descriptors in ring order.
+    q.add_used(c2, 0)
+    q.add_used(c1, 4)
+    assert sorted(u.id for u in drv.get_used()) == sorted([t1, t2])
+
+
+def test_spec_2_8_1_wrap_counters_flip_at_ring_end():
+    pair = make_queue_pair(3, packed=True)
+    drv, q = pair.driver, pair.device
+    for lap in range(5):
+        tokens = [drv.add([bytes([lap])]) for _ in range(3)]
+        drv.publish()
+        chains = q.pop_batch()
+        assert [c.head for c in chains] == tokens
+        q.add_used_batch([(c, 0) for c in chains])
+        assert sorted(u.id for u in drv.get_used()) == sorted(tokens)
+    st = q.state()
+    assert st.avail_wrap == st.used_wrap == bool(5 % 2 == 0)
+
+
+def test_spec_2_8_6_chain_into_unavailable_descriptor_rejected():
+    pair = make_queue_pair(4, packed=True)
+    drv, q = pair.driver, pair.device
+    drv.write_desc(0, drv.data_addr, 8, NEXT | AVAIL, 0)
+    drv.write_desc(1, drv.data_addr, 8, USED, 0)  # not available on this lap
+    _expect(q, DescriptorChainError, sec.S_2_8_6)
+
+
+def test_driver_error_only_breaks_its_queue():
+    """A broken queue says so; another queue over the same memory keeps working."""
+    pair_a = make_queue_pair(4)
+    pair_a.driver.set_avail_idx(9)
+    with pytest.raises(DriverError):
+        pair_a.device.pop()
+    pair_b = make_queue_pair(4)
+    pair_b.driver.add([b"ok"], [])
+    pair_b.driver.publish()
+    assert pair_b.device.pop().reader().read() == b"ok"
+    assert isinstance(pair_a.device.error, InvalidAvailIdx)
