@@ -133,7 +133,7 @@ def test_used_event_notifies_exactly_when_idx_passes_it(packed, used_event, comp
         drv.set_interrupts(True, event=used_event | (1 << 15))
     else:
         drv.set_interrupts(True, event=used_event)
-    for i in range(completions):
+    for _ in range(completions):
         drv.add([b"x"], [])
     drv.publish()
     chains = dev.pop_batch(completions)

@@ -134,7 +134,7 @@ def test_spec_2_7_5_2_chain_longer_than_4gib_rejected():
 
 
 def test_spec_2_7_5_2_loop_rejected():
-    pair, drv, q = _raw_split(4)
+    _pair, drv, q = _raw_split(4)
     drv.write_desc(0, drv.data_addr, 8, NEXT, 1)
     drv.write_desc(1, drv.data_addr, 8, NEXT, 0)
     _offer_heads(drv, 0)
@@ -142,7 +142,7 @@ def test_spec_2_7_5_2_loop_rejected():
 
 
 def test_spec_2_7_5_next_out_of_range_rejected():
-    pair, drv, q = _raw_split(4)
+    _pair, drv, q = _raw_split(4)
     drv.write_desc(0, drv.data_addr, 8, NEXT, 4)
     _offer_heads(drv, 0)
     _expect(q, DescriptorChainError, sec.S_2_7_5)
@@ -200,7 +200,7 @@ def test_spec_2_7_5_3_1_indirect_with_next_rejected():
 
 
 def test_spec_2_7_5_3_1_chain_longer_than_queue_size_rejected():
-    pair, drv, q = _raw_split(4)
+    _pair, drv, q = _raw_split(4)
     for i in range(4):
         drv.write_desc(i, drv.data_addr, 8, NEXT, (i + 1) % 4)
     _offer_heads(drv, 0)
@@ -209,7 +209,7 @@ def test_spec_2_7_5_3_1_chain_longer_than_queue_size_rejected():
 
 @pytest.mark.parametrize("length", [0, 8, 24])
 def test_spec_2_7_5_3_indirect_table_length_invalid(length):
-    pair, drv, q = _raw_split(4)
+    _pair, drv, q = _raw_split(4)
     table = drv.alloc.alloc(32)
     drv.write_desc(0, table, length, INDIRECT, 0)
     _offer_heads(drv, 0)
@@ -238,13 +238,13 @@ def test_spec_2_7_5_3_2_device_ignores_write_flag_on_table_and_handles_direct_th
 
 # -- 2.7.6 / 2.7.13.3: available ring and idx --------------------------------------------
 def test_spec_2_7_6_head_out_of_range_rejected():
-    pair, drv, q = _raw_split(4)
+    _pair, drv, q = _raw_split(4)
     _offer_heads(drv, 7)
     _expect(q, DescriptorChainError, sec.S_2_7_6)
 
 
 def test_spec_2_7_13_3_avail_idx_moved_more_than_queue_size():
-    pair, drv, q = _raw_split(4)
+    _pair, drv, q = _raw_split(4)
     drv.set_avail_idx(5)
     with pytest.raises(InvalidAvailIdx) as info:
         q.pop()

@@ -50,6 +50,7 @@ from virtio.spec.ring import (
     split_ring_sizes,
 )
 
+
 def cite(section: Section) -> str:
     """``"2.7.5.3.1 [drivernormative:...]"``: how errors name the clause broken."""
     return f"{section.number} [{section.label}]" if section.label else section.number
