@@ -40,6 +40,7 @@ PAGE_SIZE = 4096
 IDENTITY_LIMIT = memory.IDENTITY_MAP_GIB << 30
 PIO_READ_CACHE = 1024  # sizeof(struct read_cache.data) in KVM's emulator
 _PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
+_REP_PREFIXES = (0xF2, 0xF3)
 _OP_INS = (0x6C, 0x6D)
 _EFLAGS_DF = 1 << 10
 _EFLAGS_IF = 1 << 9
@@ -68,7 +69,6 @@ class SoftCpu:
         uc.mem_map_ptr(0, ram.size, unicorn.UC_PROT_ALL, ram.host_addr)
         self.uc = uc
         self._ins_left = 0  # elements left in the current emulated KVM read-ahead batch
-        self._stop = False
         self._error: BaseException | None = None
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, ux.UC_X86_INS_IN)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, ux.UC_X86_INS_OUT)
@@ -131,7 +131,7 @@ class SoftCpu:
         rep = False
         i = 0
         while i < len(code) and (code[i] in _PREFIXES or 0x40 <= code[i] <= 0x4F):
-            rep = rep or code[i] == 0xF3
+            rep = rep or code[i] in _REP_PREFIXES  # KVM treats REPNE like REP for INS
             i += 1
         return (i < len(code) and code[i] in _OP_INS), rep
 
