@@ -524,3 +524,32 @@ def test_kvm_deadline_timer_restores_sigalrm(need_kvm):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     assert fired == []
+
+
+def test_open_kvm_reports_why(tmp_path):
+    from emulator.kvm import KvmUnavailable, open_kvm
+
+    with pytest.raises(KvmUnavailable, match="does not exist"):
+        open_kvm(str(tmp_path / "no-kvm"))
+
+
+@pytest.mark.kvm
+def test_kvm_vcpu_state_is_long_mode(need_kvm):
+    from emulator.cpu import KvmCpu
+
+    with Machine(ram_size=4 << 20, cpu="kvm") as m:
+        m.idle_hlt_stops = True
+        m.memory.write(memory.LOAD_ADDR, b"\x48\xc7\xc0\x2a\x00\x00\x00" + HLT)  # mov rax, 42
+        m.start(memory.LOAD_ADDR)
+        m.run(max_exits=5)
+        assert isinstance(m.cpu, KvmCpu)
+        regs = m.cpu.vcpu.get_regs()
+        assert regs["rax"] == 42 and regs["rip"] == memory.LOAD_ADDR + 8
+        assert regs["rsp"] == memory.STACK_TOP - 8
+        s = m.cpu.vcpu.get_sregs()
+        assert s["efer"] & memory.EFER_LMA and s["cr0"] & memory.CR0_PG
+        assert s["cs"]["l"] == 1 and s["cs"]["selector"] == memory.CODE_SELECTOR
+        assert s["cr3"] == memory.PML4_ADDR
+        regs["rbx"] = 0x1234
+        m.cpu.vcpu.set_regs(regs)
+        assert m.cpu.vcpu.get_regs()["rbx"] == 0x1234
