@@ -1,0 +1,471 @@
+"""Storage behind a virtio-blk device: the ``BlockBackend`` protocol and two backends.
+
+* ``RawFileBackend``: a raw image file or block device.  Reads and writes go
+  straight between the file and guest memory with ``os.preadv``/``os.pwritev`` on
+  the chain's memoryviews (zero copy).  FLUSH is ``fdatasync`` (durable);
+  DISCARD punches holes (``fallocate(PUNCH_HOLE|KEEP_SIZE)``); WRITE_ZEROES punches
+  holes (UNMAP) or zeroes ranges (``FALLOC_FL_ZERO_RANGE``), falling back to
+  writing zeros.  The blocking calls run in worker threads
+  (``trio.to_thread.run_sync`` under a ``CapacityLimiter``); requests that become
+  ready in the same scheduler tick share one thread hop and one ``fdatasync``
+  (``_ThreadBatcher``).  The image is locked (an OFD lock over the whole file,
+  like QEMU's ``file-posix`` locking) so a second user gets ``ImageLockedError``.
+* ``MemoryBackend``: a ``bytearray``, for tests.
+
+Offsets and lengths are in bytes; the device has already checked them against
+``size`` (virtio-blk capacity, §5.2.4).  Failures raise ``OSError`` or
+``BackendIOError``; the device turns them into VIRTIO_BLK_S_IOERR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import struct
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import trio
+
+from virtio.errors import BackendIOError
+
+log = logging.getLogger(__name__)
+
+Range = tuple[int, int]
+"""(byte offset, byte length)."""
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+"""``<linux/falloc.h>``."""
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_ZERO_CHUNK = 1 << 20
+_NOT_SUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV})
+
+
+class ImageLockedError(BackendIOError):
+    """Another user (process or open file) holds a conflicting lock on the image."""
+
+    def __init__(self, path: str, read_only: bool) -> None:
+        self.path = path
+        self.read_only = read_only
+        want = "shared (read-only)" if read_only else "exclusive (read-write)"
+        super().__init__(
+            f"cannot take a {want} lock on {path!r}: the image is in use by another process"
+        )
+
+
+@runtime_checkable
+class BlockBackend(Protocol):
+    """What ``VirtioBlk`` needs from storage (all offsets/lengths in bytes)."""
+
+    @property
+    def size(self) -> int:
+        """Image size in bytes (capacity = size // 512)."""
+
+    @property
+    def read_only(self) -> bool: ...
+
+    @property
+    def can_unmap(self) -> bool:
+        """Whether discard / unmapping write-zeroes really deallocate (the config
+        field ``write_zeroes_may_unmap``, §5.2.6.2)."""
+
+    async def read(self, offset: int, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` with the bytes at ``offset``."""
+
+    async def write(self, offset: int, views: Sequence[memoryview], *, sync: bool) -> None:
+        """Write ``views`` at ``offset``; ``sync`` makes it durable before returning."""
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+
+    async def discard(self, ranges: Sequence[Range], *, sync: bool) -> None:
+        """Deallocate ``ranges`` if possible (contents afterwards are undefined)."""
+
+    async def write_zeroes(self, ranges: Sequence[Range], *, unmap: bool, sync: bool) -> None:
+        """Zero ``ranges``; with ``unmap`` the space may be deallocated."""
+
+    def close(self) -> None: ...
+
+
+# -- libc fallocate ----------------------------------------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate_fn = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+if _fallocate_fn is not None:
+    _fallocate_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate_fn.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` (Linux); raises ``OSError``."""
+    if _fallocate_fn is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    while _fallocate_fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, f"fallocate(mode={mode:#x}): {os.strerror(err)}")
+
+
+# -- vectored I/O that copes with short transfers and IOV_MAX ----------------------------
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """``views`` minus their first ``n`` bytes."""
+    i = 0
+    while n and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
+def preadv_all(fd: int, offset: int, views: Sequence[memoryview]) -> None:
+    pending = [v for v in views if len(v)]
+    while pending:
+        chunk = pending[:_IOV_MAX]
+        n = os.preadv(fd, chunk, offset)
+        if n == 0:
+            raise BackendIOError(f"unexpected end of image at offset {offset}")
+        offset += n
+        pending = _advance(pending, n)
+
+
+def pwritev_all(fd: int, offset: int, views: Sequence[memoryview]) -> None:
+    pending = [v for v in views if len(v)]
+    while pending:
+        chunk = pending[:_IOV_MAX]
+        n = os.pwritev(fd, chunk, offset)
+        if n == 0:
+            raise BackendIOError(f"image write made no progress at offset {offset}")
+        offset += n
+        pending = _advance(pending, n)
+
+
+# -- batching thread hops ------------------------------------------------------------------
+class _Job:
+    __slots__ = ("done", "error", "fn", "sync")
+
+    def __init__(self, fn: Callable[[], None], sync: bool) -> None:
+        self.fn = fn
+        self.sync = sync
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+class _ThreadBatcher:
+    """Run blocking jobs in worker threads, batching the jobs submitted in the same
+    scheduler tick into one thread hop (and one ``sync_fn`` call for those that
+    asked for durability).
+
+    The first submitter of a tick leads: it yields once (shielded) so that sibling
+    tasks can queue their jobs, then runs the batch - split into chunks of
+    ``max_batch`` run in parallel threads - and wakes the others.  The lead is shielded
+    from cancellation so queued jobs always run and complete.
+    """
+
+    def __init__(
+        self, sync_fn: Callable[[], None], limiter: trio.CapacityLimiter, max_batch: int = 16
+    ) -> None:
+        self._sync_fn = sync_fn
+        self._limiter = limiter
+        self._max_batch = max_batch
+        self._pending: list[_Job] = []
+        self.batches = 0
+        """Thread hops so far (statistics)."""
+
+    async def run(self, fn: Callable[[], None], *, sync: bool = False) -> None:
+        job = _Job(fn, sync)
+        self._pending.append(job)
+        if len(self._pending) == 1:
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                batch, self._pending = self._pending, []
+                await self._dispatch(batch)
+        else:
+            await job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    async def _dispatch(self, batch: list[_Job]) -> None:
+        size = self._max_batch
+        chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
+        try:
+            if len(chunks) == 1:
+                await self._run_chunk(chunks[0])
+            else:
+                async with trio.open_nursery() as nursery:
+                    for chunk in chunks:
+                        nursery.start_soon(self._run_chunk, chunk)
+        finally:
+            for job in batch:
+                job.done.set()
+
+    async def _run_chunk(self, chunk: list[_Job]) -> None:
+        self.batches += 1
+        await trio.to_thread.run_sync(self._work, chunk, limiter=self._limiter)
+
+    def _work(self, chunk: list[_Job]) -> None:
+        synced = []
+        for job in chunk:
+            try:
+                job.fn()
+            except BaseException as exc:  # handed to the submitter
+                job.error = exc
+            else:
+                if job.sync:
+                    synced.append(job)
+        if synced:
+            try:
+                self._sync_fn()
+            except OSError as exc:
+                for job in synced:
+                    job.error = exc
+
+
+# -- backends ------------------------------------------------------------------------------
+_FLOCK = struct.Struct("hhqqi4x")
+"""``struct flock`` on 64-bit Linux (l_type, l_whence, l_start, l_len, l_pid)."""
+
+
+def _lock_image(fd: int, path: str, read_only: bool) -> None:
+    """Lock the whole image: shared for read-only users, exclusive for writers.
+
+    An OFD lock (per open file description, so two opens in one process also
+    conflict) on every byte conflicts with QEMU's ``file-posix`` byte locks too;
+    where OFD locks are missing, ``flock`` is used."""
+    ofd = getattr(fcntl, "F_OFD_SETLK", None)
+    try:
+        if ofd is not None:
+            ltype = fcntl.F_RDLCK if read_only else fcntl.F_WRLCK
+            fcntl.fcntl(fd, ofd, _FLOCK.pack(ltype, os.SEEK_SET, 0, 0, 0))
+        else:
+            fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise ImageLockedError(path, read_only) from exc
+        raise
+
+
+class RawFileBackend:
+    """A raw image (regular file or block device) accessed with positional vectored
+    I/O from worker threads."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        lock: bool = True,
+        max_threads: int = 32,
+        max_batch: int = 16,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags)
+        try:
+            if lock:
+                _lock_image(self.fd, self.path, read_only)
+            self._size = os.lseek(self.fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._punch_ok = True
+        self._zero_range_ok = True
+        self.limiter = trio.CapacityLimiter(max_threads)
+        self._batcher = _ThreadBatcher(self._fdatasync, self.limiter, max_batch)
+        self.sync_calls = 0
+        """``fdatasync`` calls so far (statistics, and for tests)."""
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def can_unmap(self) -> bool:
+        return self._punch_ok and not self._read_only
+
+    @property
+    def batches(self) -> int:
+        """Worker-thread hops so far."""
+        return self._batcher.batches
+
+    # -- blocking primitives (worker threads) ---------------------------------------------
+    def _fdatasync(self) -> None:
+        self.sync_calls += 1
+        os.fdatasync(self.fd)
+
+    def _zero_write(self, offset: int, length: int) -> None:
+        zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
+        while length:
+            n = min(length, len(zeros))
+            pwritev_all(self.fd, offset, [zeros[:n]])
+            offset += n
+            length -= n
+
+    def _punch(self, offset: int, length: int) -> bool:
+        if not self._punch_ok:
+            return False
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in _NOT_SUPPORTED:
+                raise
+            self._punch_ok = False
+            return False
+        return True
+
+    def _zero_range(self, offset: int, length: int) -> bool:
+        if not self._zero_range_ok:
+            return False
+        try:
+            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in _NOT_SUPPORTED:
+                raise
+            self._zero_range_ok = False
+            return False
+        return True
+
+    def _do_discard(self, ranges: Sequence[Range]) -> None:
+        for offset, length in ranges:
+            if length:
+                self._punch(offset, length)  # discard MAY deallocate: no-op if unsupported
+
+    def _do_write_zeroes(self, ranges: Sequence[Range], unmap: bool) -> None:
+        for offset, length in ranges:
+            if not length:
+                continue
+            if unmap and self._punch(offset, length):
+                continue
+            if self._zero_range(offset, length):
+                continue
+            self._zero_write(offset, length)
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise BackendIOError(f"{self.path!r} is open read-only")
+
+    # -- BlockBackend ------------------------------------------------------------------
+    async def read(self, offset: int, views: Sequence[memoryview]) -> None:
+        fd = self.fd
+        await self._batcher.run(lambda: preadv_all(fd, offset, views))
+
+    async def write(self, offset: int, views: Sequence[memoryview], *, sync: bool = False) -> None:
+        self._check_writable()
+        fd = self.fd
+        await self._batcher.run(lambda: pwritev_all(fd, offset, views), sync=sync)
+
+    async def flush(self) -> None:
+        if self._read_only:
+            return
+        await self._batcher.run(_nothing, sync=True)
+
+    async def discard(self, ranges: Sequence[Range], *, sync: bool = False) -> None:
+        self._check_writable()
+        await self._batcher.run(lambda: self._do_discard(ranges), sync=sync)
+
+    async def write_zeroes(
+        self, ranges: Sequence[Range], *, unmap: bool, sync: bool = False
+    ) -> None:
+        self._check_writable()
+        await self._batcher.run(lambda: self._do_write_zeroes(ranges, unmap), sync=sync)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)  # releases the OFD lock
+            self.fd = -1
+
+    def __enter__(self) -> RawFileBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _nothing() -> None:
+    pass
+
+
+class MemoryBackend:
+    """A disk held in a ``bytearray`` (tests, scratch devices).  ``flushes`` counts
+    ``flush`` calls and ``synced_writes`` the writes made with ``sync=True``."""
+
+    def __init__(self, size_or_data: int | bytes | bytearray, *, read_only: bool = False) -> None:
+        if isinstance(size_or_data, int):
+            self.data = bytearray(size_or_data)
+        else:
+            self.data = bytearray(size_or_data)
+        self._read_only = read_only
+        self.flushes = 0
+        self.synced_writes = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def can_unmap(self) -> bool:
+        return not self._read_only
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > len(self.data):
+            raise BackendIOError(f"range [{offset}, +{length}) outside the {self.size}-byte disk")
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise BackendIOError("memory disk is read-only")
+
+    async def read(self, offset: int, views: Sequence[memoryview]) -> None:
+        total = sum(len(v) for v in views)
+        self._check(offset, total)
+        for v in views:
+            v[:] = self.data[offset : offset + len(v)]
+            offset += len(v)
+        await trio.lowlevel.checkpoint()
+
+    async def write(self, offset: int, views: Sequence[memoryview], *, sync: bool = False) -> None:
+        self._check_writable()
+        self._check(offset, sum(len(v) for v in views))
+        for v in views:
+            self.data[offset : offset + len(v)] = v
+            offset += len(v)
+        self.synced_writes += sync
+        await trio.lowlevel.checkpoint()
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        await trio.lowlevel.checkpoint()
+
+    async def discard(self, ranges: Sequence[Range], *, sync: bool = False) -> None:
+        await self.write_zeroes(ranges, unmap=True, sync=sync)
+
+    async def write_zeroes(
+        self, ranges: Sequence[Range], *, unmap: bool, sync: bool = False
+    ) -> None:
+        self._check_writable()
+        for offset, length in ranges:
+            self._check(offset, length)
+        for offset, length in ranges:
+            self.data[offset : offset + length] = bytes(length)
+        self.synced_writes += sync
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        pass

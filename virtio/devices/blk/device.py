@@ -1,0 +1,263 @@
+"""The virtio-blk device model (virtio 1.4 §5.2).
+
+``VirtioBlk`` parses each chain (``request.BlkRequest``, pure), checks it against
+the spec and the device limits, runs it on a ``BlockBackend`` and writes the
+status byte.  Status decisions, with the spec text they follow:
+
+* IN / OUT whose ``data[]`` is not a multiple of 512 bytes, or that reach beyond
+  ``capacity``: VIRTIO_BLK_S_IOERR ("device or driver error", §5.2.6; the
+  drivernormative §5.2.6.1 forbids both: "A driver MUST NOT submit a request which
+  would cause a read or write beyond capacity", "The length of data MUST be a
+  multiple of 512 bytes").  Addresses are always in 512-byte sectors, whatever
+  ``blk_size`` says (§5.2.5).
+* OUT, DISCARD, WRITE_ZEROES (and SECURE_ERASE) when VIRTIO_BLK_F_RO is offered:
+  VIRTIO_BLK_S_IOERR and nothing is written (devicenormative §5.2.6.2: "A device
+  MUST set the status byte to VIRTIO_BLK_S_IOERR for a write request if the
+  VIRTIO_BLK_F_RO feature if offered, and MUST NOT write any data").
+* DISCARD / WRITE_ZEROES: any flag other than ``unmap`` -> UNSUPP; ``unmap`` on a
+  discard -> UNSUPP (devicenormative §5.2.6.2, both MUST).  More segments than
+  ``max_discard_seg``/``max_write_zeroes_seg`` -> UNSUPP (a request shape the
+  device does not support; QEMU answers UNSUPP too); a segment longer than
+  ``max_*_sectors`` or outside ``capacity``, no segment at all or a length that
+  is not a multiple of 16 -> IOERR (driver errors, drivernormative §5.2.6.1; QEMU
+  also answers IOERR).  The feature not negotiated -> UNSUPP.
+* Unknown types, SECURE_ERASE, GET_LIFETIME (features not offered) and the zoned
+  requests -> UNSUPP (devicenormative §5.2.6.2: zoned requests "MUST" be rejected
+  with UNSUPP when VIRTIO_BLK_F_ZONED is not negotiated).
+* FLUSH is always executed (``fdatasync``): VIRTIO_BLK_F_FLUSH is always offered
+  (devicenormative §5.2.5.2 "Devices SHOULD always offer VIRTIO_BLK_F_FLUSH, and
+  MUST offer it if they offer VIRTIO_BLK_F_CONFIG_WCE").
+* GET_ID writes the serial, NUL-padded, into at most 20 bytes of ``data[]``.
+
+Cache mode (devicenormative §5.2.6.2, stable writes): a write is made durable
+before its completion when (1) neither CONFIG_WCE nor FLUSH was negotiated, (2)
+CONFIG_WCE was negotiated and ``writeback`` is 0, or (3) FLUSH was negotiated
+without CONFIG_WCE and the device was configured writethrough.  If CONFIG_WCE is
+negotiated without FLUSH, ``writeback`` starts at 0 (devicenormative §5.2.5.2).
+
+A chain with a header shorter than 16 bytes or no writable status byte raises
+``DescriptorChainError`` (from ``BlkRequest.parse``): the device cannot answer, so
+the framework sets DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+from virtio.device import VirtioDevice
+from virtio.devices.blk.backend import BlockBackend, RawFileBackend
+from virtio.devices.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkOptions, build_config
+from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
+from virtio.errors import BackendIOError
+from virtio.queues.chain import DescriptorChain
+from virtio.spec.blk import (
+    VIRTIO_BLK_SECTOR_SIZE,
+    BlkDiscardFlag,
+    BlkFeature,
+    BlkReqType,
+    BlkStatus,
+)
+from virtio.spec.ids import DeviceId
+
+log = logging.getLogger(__name__)
+
+F = BlkFeature
+T = BlkReqType
+OK = int(BlkStatus.VIRTIO_BLK_S_OK)
+IOERR = int(BlkStatus.VIRTIO_BLK_S_IOERR)
+UNSUPP = int(BlkStatus.VIRTIO_BLK_S_UNSUPP)
+UNMAP = int(BlkDiscardFlag.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+SECTOR = VIRTIO_BLK_SECTOR_SIZE
+
+_IN = int(T.VIRTIO_BLK_T_IN)
+_OUT = int(T.VIRTIO_BLK_T_OUT)
+_FLUSH = int(T.VIRTIO_BLK_T_FLUSH)
+_GET_ID = int(T.VIRTIO_BLK_T_GET_ID)
+_DISCARD = int(T.VIRTIO_BLK_T_DISCARD)
+_WRITE_ZEROES = int(T.VIRTIO_BLK_T_WRITE_ZEROES)
+_WRITES = frozenset({_OUT, _DISCARD, _WRITE_ZEROES, int(T.VIRTIO_BLK_T_SECURE_ERASE)})
+"""Request types that modify the disk (rejected with IOERR on a read-only device)."""
+
+
+class VirtioBlk(VirtioDevice):
+    """virtio-blk (spec §5.2) over a ``BlockBackend``.
+
+    ``device_features``/``queue_max_sizes`` are per instance (from ``options``):
+    SIZE_MAX (if ``size_max``), SEG_MAX, BLK_SIZE, TOPOLOGY, FLUSH, CONFIG_WCE,
+    RO (read-only), MQ (``num_queues`` > 1), DISCARD and WRITE_ZEROES (unless
+    disabled or read-only).  GET_ID needs no feature.
+    """
+
+    device_id: ClassVar[DeviceId] = DeviceId.VIRTIO_ID_BLOCK
+
+    def __init__(self, backend: BlockBackend, options: BlkOptions | None = None) -> None:
+        super().__init__()
+        opts = options if options is not None else BlkOptions()
+        self.backend = backend
+        self.options = opts
+        self.read_only = bool(opts.read_only or backend.read_only)
+        self.capacity = backend.size // SECTOR
+        """Disk size in 512-byte sectors (a trailing partial sector is not exposed)."""
+        self.serial = opts.serial_bytes()
+        self.queue_max_sizes = (opts.queue_size,) * opts.num_queues
+        features = (
+            F.VIRTIO_BLK_F_SEG_MAX.mask
+            | F.VIRTIO_BLK_F_BLK_SIZE.mask
+            | F.VIRTIO_BLK_F_TOPOLOGY.mask
+            | F.VIRTIO_BLK_F_FLUSH.mask
+            | F.VIRTIO_BLK_F_CONFIG_WCE.mask
+        )
+        if opts.size_max:
+            features |= F.VIRTIO_BLK_F_SIZE_MAX.mask
+        if self.read_only:
+            features |= F.VIRTIO_BLK_F_RO.mask
+        if opts.num_queues > 1:
+            features |= F.VIRTIO_BLK_F_MQ.mask
+        self.offers_discard = opts.discard and not self.read_only
+        self.offers_write_zeroes = opts.write_zeroes and not self.read_only
+        if self.offers_discard:
+            features |= F.VIRTIO_BLK_F_DISCARD.mask
+        if self.offers_write_zeroes:
+            features |= F.VIRTIO_BLK_F_WRITE_ZEROES.mask
+        self.device_features = features
+        self.writeback = int(opts.writeback)
+        """The ``writeback`` config field: 1 writeback, 0 writethrough (§5.2.5)."""
+
+    @classmethod
+    def from_options(cls, opts: BlkOptions) -> VirtioBlk:
+        """Open ``opts.path`` as a raw image (locked; read-only if asked) and build
+        the device.  Raises ``OSError`` or ``ImageLockedError``."""
+        if opts.path is None:
+            raise ValueError("BlkOptions.path is required to open an image")
+        backend = RawFileBackend(opts.path, read_only=opts.read_only, lock=opts.lock)
+        return cls(backend, opts)
+
+    def close(self) -> None:
+        """Close the backend (releases the image lock)."""
+        self.backend.close()
+
+    # -- negotiation and configuration -----------------------------------------------------
+    def _negotiated(self, feature: BlkFeature) -> bool:
+        return bool(self.driver_features & feature.mask)
+
+    def ack_features(self, features: int) -> None:
+        super().ack_features(features)
+        if self._negotiated(F.VIRTIO_BLK_F_CONFIG_WCE) and not self._negotiated(
+            F.VIRTIO_BLK_F_FLUSH
+        ):
+            # devicenormative §5.2.5.2: "If VIRTIO_BLK_F_CONFIG_WCE is negotiated but
+            # VIRTIO_BLK_F_FLUSH is not, the device MUST initialize writeback to 0."
+            self.writeback = 0
+
+    def config_bytes(self) -> bytes:
+        return build_config(
+            self.options,
+            capacity=self.capacity,
+            writeback=self.writeback,
+            discard=self.offers_discard,
+            write_zeroes=self.offers_write_zeroes,
+            write_zeroes_may_unmap=self.backend.can_unmap,
+        )
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Only ``writeback`` is writable (§5.2.5: with VIRTIO_BLK_F_CONFIG_WCE the
+        driver writes 0 for writethrough, 1 for writeback); other bytes are ignored."""
+        end = offset + len(data)
+        if not (offset <= WRITEBACK_OFFSET < end) or end > CONFIG_SIZE:
+            log.warning("virtio-blk: ignored config write at %#x (+%d)", offset, len(data))
+            return
+        if not self._negotiated(F.VIRTIO_BLK_F_CONFIG_WCE):
+            log.warning("virtio-blk: writeback written without VIRTIO_BLK_F_CONFIG_WCE")
+            return
+        self.writeback = 1 if data[WRITEBACK_OFFSET - offset] else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.writeback = int(self.options.writeback)
+
+    @property
+    def writethrough(self) -> bool:
+        """Whether writes must be durable when they complete (devicenormative
+        §5.2.6.2, stable writes cases 1 and 2)."""
+        if self._negotiated(F.VIRTIO_BLK_F_CONFIG_WCE):
+            return self.writeback == 0
+        if self._negotiated(F.VIRTIO_BLK_F_FLUSH):
+            return not self.options.writeback
+        return True
+
+    # -- requests ---------------------------------------------------------------------------
+    async def handle(self, queue_index: int, chain: DescriptorChain) -> int:
+        req = BlkRequest.parse(chain)  # DescriptorChainError -> NEEDS_RESET
+        try:
+            status = await self.execute(req)
+        except (OSError, BackendIOError) as exc:
+            log.warning("virtio-blk: %r failed: %s", req, exc)
+            status = IOERR
+        return req.complete(status)
+
+    def _range_ok(self, sector: int, nbytes: int) -> bool:
+        return sector <= self.capacity and nbytes // SECTOR <= self.capacity - sector
+
+    async def execute(self, req: BlkRequest) -> int:
+        """Run a parsed request; return its status byte."""
+        t = req.type
+        if t in _WRITES and self.read_only:
+            return IOERR
+        if t in (_IN, _OUT):
+            if req.data_len % SECTOR or not self._range_ok(req.sector, req.data_len):
+                return IOERR
+            offset = req.sector * SECTOR
+            if t == _IN:
+                await self.backend.read(offset, req.writable_data())
+            else:
+                await self.backend.write(offset, req.readable_data(), sync=self.writethrough)
+            return OK
+        if t == _FLUSH:
+            await self.backend.flush()
+            return OK
+        if t == _GET_ID:
+            req.write_id(self.serial)
+            return OK
+        if t in (_DISCARD, _WRITE_ZEROES):
+            return await self._discard_write_zeroes(req, t == _WRITE_ZEROES)
+        return UNSUPP
+
+    async def _discard_write_zeroes(self, req: BlkRequest, write_zeroes: bool) -> int:
+        opts = self.options
+        if write_zeroes:
+            if not (self.offers_write_zeroes and self._negotiated(F.VIRTIO_BLK_F_WRITE_ZEROES)):
+                return UNSUPP
+            max_seg, max_sectors = opts.max_write_zeroes_seg, opts.max_write_zeroes_sectors
+        else:
+            if not (self.offers_discard and self._negotiated(F.VIRTIO_BLK_F_DISCARD)):
+                return UNSUPP
+            max_seg, max_sectors = opts.max_discard_seg, opts.max_discard_sectors
+        if req.data_len == 0 or req.data_len % SEGMENT_SIZE:
+            return IOERR
+        if req.segment_count > max_seg:
+            return UNSUPP
+        segments = req.segments()
+        for seg in segments:
+            if seg.flags & ~UNMAP or (seg.flags & UNMAP and not write_zeroes):
+                return UNSUPP
+        ranges = []
+        for seg in segments:
+            if seg.num_sectors > max_sectors or not self._range_ok(
+                seg.sector, seg.num_sectors * SECTOR
+            ):
+                return IOERR
+            ranges.append((seg.sector * SECTOR, seg.num_sectors * SECTOR))
+        sync = self.writethrough
+        if not write_zeroes:
+            await self.backend.discard(ranges, sync=sync)
+            return OK
+        # unmap is per segment: the device MAY deallocate those; reads of every
+        # segment return zeroes afterwards either way (devicenormative §5.2.6.2).
+        unmapped = [r for r, s in zip(ranges, segments, strict=True) if s.flags & UNMAP]
+        zeroed = [r for r, s in zip(ranges, segments, strict=True) if not s.flags & UNMAP]
+        if unmapped:
+            await self.backend.write_zeroes(unmapped, unmap=True, sync=sync)
+        if zeroed:
+            await self.backend.write_zeroes(zeroed, unmap=False, sync=sync)
+        return OK
