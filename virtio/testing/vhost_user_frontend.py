@@ -1,0 +1,433 @@
+"""A Python vhost-user front-end for tests: drive a back-end the way QEMU does.
+
+::
+
+    a, b = trio.socket.socketpair()
+    async with trio.open_nursery() as n:
+        n.start_soon(server.serve_connection, b)
+        fe = VhostUserFrontend(a)
+        ram = GuestRam(8 << 20)
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        vq = await fe.setup_vring(0, ram, size=64)     # a DriverQueue in guest RAM
+        vq.driver.add([b"hello"], [16]); vq.publish_and_kick()
+        used = await vq.wait_used()
+        await fe.get_vring_base(0)
+
+``GuestRam`` is memfd-backed guest memory with front-end *user addresses* (what
+ring addresses are expressed in) distinct from guest-physical addresses, so a
+back-end that forgets to translate is caught.  ``FrontendVring`` pairs a
+``DriverQueue`` with its kick/call/err eventfds.  ``raw`` messages (any bytes, any
+fds) are there for hostile tests.  ``EchoDevice`` is a minimal device to serve.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from virtio.device import VirtioDevice
+from virtio.memory import FdRegion, MmapGuestMemory
+from virtio.queues.chain import DescriptorChain
+from virtio.spec.features import TransportFeature as TF
+from virtio.spec.ids import DeviceId
+from virtio.testing.driver import DriverQueue, UsedBuffer, footprint
+from virtio.transport.vhost_user.messages import (
+    HEADER,
+    HEADER_SIZE,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    ConfigSpace,
+    FrontendRequest,
+    HeaderFlags,
+    InflightDescription,
+    MemoryRegion,
+    MemoryTable,
+    SingleMemoryRegion,
+    VringAddr,
+    VringFd,
+    VringState,
+    encode_request,
+)
+
+R = FrontendRequest
+USER_BASE = 0x7F00_0000_0000
+"""Where ``GuestRam`` pretends the front-end mapped guest RAM."""
+
+
+class FrontendError(Exception):
+    """The back-end answered something unexpected (or closed the connection)."""
+
+
+class GuestRam:
+    """Guest RAM as the front-end has it: memfd regions, guest and user addresses.
+
+    ``regions``: ``[(guest_addr, size), ...]`` (default one region at 0).
+    ``memory`` is the front-end's own mapping (write rings and buffers through it).
+    """
+
+    def __init__(
+        self,
+        size: int = 0,
+        *,
+        regions: Sequence[tuple[int, int]] = (),
+        user_base: int = USER_BASE,
+    ) -> None:
+        spec = list(regions) or [(0, size)]
+        self.fds: list[int] = []
+        fr = []
+        for gpa, n in spec:
+            fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(fd, n)
+            self.fds.append(fd)
+            fr.append(FdRegion(gpa, n, fd, 0, user_base + gpa))
+        self.memory = MmapGuestMemory(fr)
+        self.user_base = user_base
+
+    def table(self) -> MemoryTable:
+        return MemoryTable(
+            tuple(MemoryRegion(r.guest_addr, r.size, r.user_addr, 0) for r in self.memory.regions)
+        )
+
+    def user_addr(self, gpa: int) -> int:
+        r = self.memory.region_at(gpa)
+        return r.user_addr + (gpa - r.guest_addr)
+
+    def close(self) -> None:
+        self.memory.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+@dataclass(eq=False)
+class FrontendVring:
+    """One vring from the front-end's side: the driver queue and its eventfds."""
+
+    index: int
+    driver: DriverQueue
+    kick_fd: int
+    call_fd: int
+    err_fd: int
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    def publish_and_kick(self) -> bool:
+        """Publish added buffers; kick if the device asked for it.  Returns whether."""
+        need = self.driver.publish()
+        if need:
+            self.kick()
+        return need
+
+    async def wait_call(self, timeout: float = 5.0) -> None:
+        with trio.fail_after(timeout):
+            await trio.lowlevel.wait_readable(self.call_fd)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.call_fd)
+
+    def error_signalled(self) -> bool:
+        try:
+            return os.eventfd_read(self.err_fd) > 0
+        except BlockingIOError:
+            return False
+
+    async def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[UsedBuffer]:
+        """Wait (via the call eventfd) until ``count`` buffers came back."""
+        out: list[UsedBuffer] = []
+        with trio.fail_after(timeout):
+            while True:
+                out += self.driver.get_used()
+                if len(out) >= count:
+                    return out
+                self.driver.set_interrupts(True)
+                out += self.driver.get_used()
+                if len(out) >= count:
+                    return out
+                with trio.move_on_after(0.05):  # tolerate a back-end that suppresses
+                    await self.wait_call(timeout)
+
+    def close(self) -> None:
+        for fd in (self.kick_fd, self.call_fd, self.err_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class VhostUserFrontend:
+    """The front-end end of a vhost-user connection (a connected unix socket)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self.features = 0
+        self.protocol_features = 0
+        self.vrings: dict[int, FrontendVring] = {}
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str]) -> VhostUserFrontend:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(os.fspath(path))
+        return cls(sock)
+
+    # ------------------------------------------------------------------ raw messages
+
+    async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        view = memoryview(data)
+        sent = await self.sock.sendmsg([view], anc)
+        while sent < len(view):
+            view = view[sent:]
+            sent = await self.sock.send(view)
+
+    async def send(
+        self,
+        request: int,
+        payload: object = None,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = False,
+    ) -> None:
+        await self.send_raw(encode_request(request, payload, need_reply=need_reply), fds)  # type: ignore[arg-type]
+
+    async def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            data, anc, _, _ = await self.sock.recvmsg(
+                65536, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
+            )
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % 4])
+                    self._fds.extend(arr)
+            if not data:
+                raise FrontendError("the back-end closed the connection")
+            self._buf += data
+
+    async def recv_message(self) -> tuple[int, int, bytes, list[int]]:
+        """The next message from the back-end: (request, flags, payload, fds)."""
+        await self._fill(HEADER_SIZE)
+        request, flags, size = HEADER.unpack_from(self._buf)
+        await self._fill(HEADER_SIZE + size)
+        payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + size])
+        del self._buf[: HEADER_SIZE + size]
+        fds, self._fds = self._fds, []
+        return request, flags, payload, fds
+
+    async def recv_reply(self, request: int) -> tuple[bytes, list[int]]:
+        got, flags, payload, fds = await self.recv_message()
+        if got != request or not flags & HeaderFlags.REPLY:
+            raise FrontendError(f"expected a reply to {request}, got {got} flags {flags:#x}")
+        return payload, fds
+
+    async def expect_closed(self, timeout: float = 5.0) -> None:
+        """Wait until the back-end closes the connection (raise if it sends anything)."""
+        with trio.fail_after(timeout):
+            data = await self.sock.recv(4096)
+        if data:
+            raise FrontendError(f"expected the back-end to close, got {data!r}")
+
+    # ------------------------------------------------------------------ requests
+
+    async def request(
+        self,
+        request: int,
+        payload: object = None,
+        fds: Sequence[int] = (),
+        *,
+        reply: bool = False,
+        need_reply: bool = False,
+    ) -> bytes | None:
+        """Send a request; return its explicit reply payload (``reply``), or check the
+        REPLY_ACK (``need_reply``: raises ``FrontendError`` on failure)."""
+        await self.send(request, payload, fds, need_reply=need_reply)
+        if reply:
+            data, extra = await self.recv_reply(request)
+            for fd in extra:
+                os.close(fd)
+            return data
+        if need_reply:
+            data, _ = await self.recv_reply(request)
+            status = int.from_bytes(data, "little")
+            if status != 0:
+                raise FrontendError(f"{R(request).name} failed (status {status})")
+        return None
+
+    async def get_u64(self, request: int) -> int:
+        data = await self.request(request, reply=True)
+        assert data is not None
+        if len(data) != 8:
+            raise FrontendError(f"{R(request).name}: reply of {len(data)} bytes")
+        return int.from_bytes(data, "little")
+
+    async def negotiate(
+        self,
+        *,
+        features: int | None = None,
+        protocol_features: int | None = None,
+        packed: bool = False,
+    ) -> None:
+        """GET/SET_FEATURES and GET/SET_PROTOCOL_FEATURES, then SET_OWNER."""
+        offered = await self.get_u64(R.GET_FEATURES)
+        if offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            pf = await self.get_u64(R.GET_PROTOCOL_FEATURES)
+            self.protocol_features = pf if protocol_features is None else protocol_features & pf
+            await self.request(R.SET_PROTOCOL_FEATURES, self.protocol_features)
+        await self.request(R.SET_OWNER)
+        if features is None:
+            features = offered & ~(1 << 26)
+            if not packed:
+                features &= ~TF.VIRTIO_F_RING_PACKED.mask
+        self.features = features
+        await self.request(R.SET_FEATURES, features, need_reply=self.reply_ack)
+
+    @property
+    def reply_ack(self) -> bool:
+        return bool(self.protocol_features >> 3 & 1)
+
+    async def set_mem_table(self, ram: GuestRam) -> None:
+        await self.request(R.SET_MEM_TABLE, ram.table(), ram.fds, need_reply=self.reply_ack)
+
+    async def add_mem_reg(self, region: MemoryRegion, fd: int) -> None:
+        await self.request(
+            R.ADD_MEM_REG, SingleMemoryRegion(region), [fd], need_reply=self.reply_ack
+        )
+
+    async def setup_vring(
+        self,
+        index: int,
+        ram: GuestRam,
+        *,
+        size: int = 64,
+        base: int = 0,
+        data_size: int = 1 << 20,
+        enable: bool = True,
+        driver: DriverQueue | None = None,
+    ) -> FrontendVring:
+        """SET_VRING_NUM/BASE/ADDR/KICK/CALL/ERR (+ ENABLE) for a new ``DriverQueue``
+        placed at ``ram`` offset ``base``.  The driver queue uses this front-end's
+        negotiated EVENT_IDX / INDIRECT / RING_PACKED bits."""
+        f = self.features
+        if driver is None:
+            driver = DriverQueue(
+                ram.memory,
+                size,
+                base=base,
+                packed=bool(f & TF.VIRTIO_F_RING_PACKED.mask),
+                event_idx=bool(f & TF.VIRTIO_F_EVENT_IDX.mask),
+                indirect=bool(f & TF.VIRTIO_F_INDIRECT_DESC.mask),
+                data_size=data_size,
+            )
+        ack = self.reply_ack
+        await self.request(R.SET_VRING_NUM, VringState(index, driver.size), need_reply=ack)
+        await self.request(R.SET_VRING_BASE, VringState(index, 0), need_reply=ack)
+        await self.set_vring_addr(index, ram, driver)
+        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        vring = FrontendVring(index, driver, kick, call, err)
+        self.vrings[index] = vring
+        await self.request(R.SET_VRING_CALL, VringFd(index), [call], need_reply=ack)
+        await self.request(R.SET_VRING_ERR, VringFd(index), [err], need_reply=ack)
+        await self.request(R.SET_VRING_KICK, VringFd(index), [kick], need_reply=ack)
+        if enable:
+            await self.request(R.SET_VRING_ENABLE, VringState(index, 1), need_reply=ack)
+        return vring
+
+    async def set_vring_addr(
+        self, index: int, ram: GuestRam, driver: DriverQueue, *, flags: int = 0, log: int = 0
+    ) -> None:
+        addr = VringAddr(
+            index,
+            flags,
+            ram.user_addr(driver.desc_addr),
+            ram.user_addr(driver.device_addr),
+            ram.user_addr(driver.driver_addr),
+            log,
+        )
+        await self.request(R.SET_VRING_ADDR, addr, need_reply=self.reply_ack)
+
+    async def get_vring_base(self, index: int) -> int:
+        data = await self.request(R.GET_VRING_BASE, VringState(index, 0), reply=True)
+        assert data is not None
+        return VringState.unpack(data).num
+
+    async def get_config(self, offset: int, size: int) -> bytes:
+        data = await self.request(R.GET_CONFIG, ConfigSpace(offset, 0, bytes(size)), reply=True)
+        assert data is not None
+        return ConfigSpace(0, 0, data[12:]).data if data else b""
+
+    async def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int]:
+        """GET_INFLIGHT_FD: (fd, mmap_size); the fd is the caller's."""
+        await self.send(R.GET_INFLIGHT_FD, InflightDescription(0, 0, num_queues, queue_size))
+        data, fds = await self.recv_reply(R.GET_INFLIGHT_FD)
+        desc = InflightDescription.unpack(data)
+        if len(fds) != 1:
+            raise FrontendError(f"GET_INFLIGHT_FD reply with {len(fds)} fds")
+        return fds[0], desc.mmap_size
+
+    async def set_inflight_fd(self, fd: int, mmap_size: int, num_queues: int, qsize: int) -> None:
+        await self.request(
+            R.SET_INFLIGHT_FD,
+            InflightDescription(mmap_size, 0, num_queues, qsize),
+            [fd],
+            need_reply=self.reply_ack,
+        )
+
+    async def aclose(self) -> None:
+        for vring in self.vrings.values():
+            vring.close()
+        self.vrings.clear()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self.sock.close()
+
+
+def footprint_for(size: int, data_size: int, *, packed: bool = False) -> int:
+    """Bytes of guest RAM one ``setup_vring`` queue needs (rings + data area)."""
+    return footprint(size, packed=packed) + data_size + 64
+
+
+class EchoDevice(VirtioDevice):
+    """A minimal device for transport tests: copies each chain's readable bytes
+    (reversed) into its writable part and returns the count.  ``delay`` makes every
+    request take that long (requests in flight); ``gate`` (a ``trio.Event``), if set,
+    holds every request until it is set."""
+
+    device_id = DeviceId.VIRTIO_ID_CONSOLE
+
+    def __init__(
+        self, num_queues: int = 1, queue_size: int = 256, config: bytes = bytes(range(16))
+    ) -> None:
+        super().__init__()
+        self.queue_max_sizes = (queue_size,) * num_queues
+        self.config = bytearray(config)
+        self.delay = 0.0
+        self.gate: trio.Event | None = None
+        self.handled = 0
+        self.resets = 0
+
+    def config_bytes(self) -> bytes:
+        return bytes(self.config)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.config[offset : offset + len(data)] = data
+
+    def reset(self) -> None:
+        super().reset()
+        self.resets += 1
+
+    async def handle(self, queue_index: int, chain: DescriptorChain) -> int:
+        data = chain.reader().read()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.delay:
+            await trio.sleep(self.delay)
+        self.handled += 1
+        return chain.writer().write(data[::-1][: chain.writable_len])

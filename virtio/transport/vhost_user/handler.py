@@ -1,0 +1,920 @@
+"""vhost-user requests -> a ``VirtioDevice``: features, memory, rings, config, inflight.
+
+``VhostUserHandler`` is the layer between the sans-IO ``BackendConnection`` (which
+has already checked sizes, fd counts and feature gating) and a ``VirtioDevice``.
+It owns everything that needs the device or guest memory; ``server.py`` owns the
+socket.  One handler serves one front-end connection; the device outlives it.
+
+Rings (vhost-user "Ring states").  A ring is *started* by SET_VRING_KICK (an eventfd,
+or the NOFD bit: polling) and *stopped* by GET_VRING_BASE.  With
+``VHOST_USER_F_PROTOCOL_FEATURES`` acked it starts disabled until SET_VRING_ENABLE 1;
+without, it is enabled as soon as it starts.  A ring is *served* while it is started,
+enabled, has a size, addresses and guest memory, and is not broken: the handler
+builds a ``Virtqueue`` (``Virtqueue.restore`` from a ``QueueState``: the ring
+addresses translated from front-end user addresses with ``user_to_guest``, next
+avail from SET_VRING_BASE, the used index read from the used ring) and runs
+``device.serve_queue(active, index)`` for it in its own cancel scope.
+
+Pausing a ring (GET_VRING_BASE, SET_VRING_ENABLE 0, a new memory table or ring
+address while it runs) *drains* it: the queue stops handing out chains, in-flight
+chains complete (up to ``drain_timeout`` s), then its scope is cancelled and its
+state saved, so the reported base counts only chains that were returned.
+
+Inflight tracking (``inflight.py``): with INFLIGHT_SHMFD every split ring records
+popped/used heads in the shared area; when a ring starts on an area that was used
+before (a restarted back-end), heads still in flight are resubmitted to
+``device.handle`` in pop order, and ``last_avail_idx`` becomes used idx + in-flight
+count (the SET_VRING_BASE value is ignored, as libvhost-user does).
+
+Errors.  A request the handler cannot honour (overlapping memory regions, a ring
+outside guest memory, a config access out of bounds) raises a
+``VhostUserProtocolError``; ``handle`` logs it (naming the error type), marks the
+device NEEDS_RESET and answers failure if the protocol has a way to (REPLY_ACK, an
+empty GET_CONFIG, a non-zero status); when a reply is owed that cannot say
+"failed", ``handle`` returns ``None`` and the server closes the connection.  A
+``DriverError`` from the device or a queue (``ActiveDevice.on_driver_error``)
+is logged, sets NEEDS_RESET (GET_STATUS shows it), signals the ring's error eventfd
+and stops that ring; other rings and the connection go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from virtio.device import ActiveDevice, VirtioDevice
+from virtio.errors import DriverError, GuestMemoryError, VirtioError
+from virtio.memory import FdRegion, MmapGuestMemory
+from virtio.queues.chain import DescriptorChain
+from virtio.queues.state import QueueState
+from virtio.queues.virtqueue import Virtqueue
+from virtio.spec.features import TransportFeature as TF
+from virtio.spec.ring import VRING_PACKED_DESC_EVENT_SIZE, split_ring_sizes
+from virtio.spec.status import DeviceStatus
+
+from .errors import InvalidMessage, request_section
+from .inflight import InflightArea, SplitInflightQueue
+from .messages import (
+    STATUS_REPLIES,
+    U64,
+    VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    ConfigSpace,
+    FrontendRequest,
+    InflightDescription,
+    LogDescription,
+    MemoryRegion,
+    MemoryTable,
+    ProtocolFeature,
+    SingleMemoryRegion,
+    VringAddr,
+    VringFd,
+    VringState,
+    config_change_msg,
+    protocol_feature_mask,
+)
+from .protocol import BackendConnection, Outgoing, Reply, Request
+
+log = logging.getLogger(__name__)
+
+_P = ProtocolFeature
+OFFERED_PROTOCOL_FEATURES = protocol_feature_mask(
+    _P.MQ,
+    _P.LOG_SHMFD,
+    _P.REPLY_ACK,
+    _P.BACKEND_REQ,
+    _P.CONFIG,
+    _P.CONFIGURE_MEM_SLOTS,
+    _P.INFLIGHT_SHMFD,
+    _P.RESET_DEVICE,
+    _P.STATUS,
+)
+"""Protocol features this back-end offers (GET_PROTOCOL_FEATURES)."""
+TRANSPORT_FEATURES = 1 << VHOST_USER_F_PROTOCOL_FEATURES | 1 << VHOST_F_LOG_ALL
+"""vhost-user bits in GET_FEATURES that are not the device's (stripped before ack)."""
+MAX_MEM_SLOTS = 32
+POLL_INTERVAL = 0.002
+"""Seconds between polls of a ring whose kick came with the NOFD bit."""
+
+_R = FrontendRequest
+
+
+def _section(request: FrontendRequest) -> str:
+    return request_section(request.name)
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class EventfdNotifier:
+    """``QueueNotifier`` over a ring's kick and call eventfds.
+
+    No kick fd (NOFD bit): ``wait_kick`` polls every ``POLL_INTERVAL`` s.  No call fd:
+    used-buffer notifications are dropped (the front-end polls).  ``stopping``
+    makes ``wait_kick`` sleep until the ring's scope is cancelled (draining).
+    """
+
+    def __init__(self) -> None:
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.stopping = False
+        self.kicks = 0
+        self.calls = 0
+
+    async def wait_kick(self) -> None:
+        if self.stopping:
+            await trio.sleep_forever()
+        fd = self.kick_fd
+        if fd is None:
+            await trio.sleep(POLL_INTERVAL)
+            return
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        except (trio.ClosedResourceError, OSError):
+            return  # the fd was replaced: the caller re-checks the ring
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.eventfd_read(fd)
+        self.kicks += 1
+
+    def notify_used(self) -> None:
+        fd = self.call_fd
+        if fd is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.eventfd_write(fd, 1)
+            self.calls += 1
+
+    def set_kick(self, fd: int | None) -> None:
+        old, self.kick_fd = self.kick_fd, fd
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, False)
+        if old is not None and old != fd:
+            trio.lowlevel.notify_closing(old)
+            _close(old)
+
+    def set_call(self, fd: int | None) -> None:
+        old, self.call_fd = self.call_fd, fd
+        if old is not None and old != fd:
+            _close(old)
+
+    def close(self) -> None:
+        self.set_kick(None)
+        self.set_call(None)
+
+
+class _RingQueue(Virtqueue):
+    """A ``Virtqueue`` that stops handing out chains once ``stopping`` is set."""
+
+    stopping = False
+
+    def pop(self) -> DescriptorChain | None:
+        return None if self.stopping else super().pop()
+
+    def pop_batch(self, max_chains: int = Virtqueue.BATCH) -> list[DescriptorChain]:
+        return [] if self.stopping else super().pop_batch(max_chains)
+
+    def enable_notification(self) -> bool:
+        return False if self.stopping else super().enable_notification()
+
+    def has_available(self) -> bool:
+        return False if self.stopping else super().has_available()
+
+
+class _Tracker:
+    """``InflightTracker``: counts chains in flight and forwards to the shared area."""
+
+    def __init__(self, area: SplitInflightQueue | None) -> None:
+        self.area = area
+        self.outstanding = 0
+        self._idle: trio.Event | None = None
+
+    def on_pop(self, chains) -> None:
+        self.outstanding += len(chains)
+        if self.area is not None:
+            self.area.on_pop(chains)
+
+    def on_used(self, chains, used_idx: int) -> None:
+        self.outstanding -= len(chains)
+        if self.area is not None:
+            self.area.on_used(chains, used_idx)
+        if self.outstanding <= 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        while self.outstanding > 0:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+
+@dataclass(eq=False)
+class Vring:
+    """What the front-end told us about one ring, and its running queue if any."""
+
+    index: int
+    num: int = 0
+    addr: VringAddr | None = None
+    base: int = 0
+    started: bool = False
+    """SET_VRING_KICK received since the last GET_VRING_BASE."""
+    enabled: bool = False
+    broken: bool = False
+    notifier: EventfdNotifier = field(default_factory=EventfdNotifier)
+    err_fd: int | None = None
+    queue: _RingQueue | None = None
+    tracker: _Tracker | None = None
+    scope: trio.CancelScope | None = None
+    done: trio.Event | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.queue is not None
+
+
+class VhostUserHandler:
+    """Serve ``device`` to the front-end on ``conn``; ring tasks run in ``nursery``."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        conn: BackendConnection,
+        nursery: trio.Nursery,
+        *,
+        max_mem_slots: int = MAX_MEM_SLOTS,
+        drain_timeout: float = 5.0,
+        name: str = "vhost-user",
+    ) -> None:
+        self.device = device
+        self.conn = conn
+        self.nursery = nursery
+        self.max_mem_slots = max_mem_slots
+        self.drain_timeout = drain_timeout
+        self.name = name
+        self.offered_features = device.offered_features() | TRANSPORT_FEATURES
+        conn.offered_features = self.offered_features
+        conn.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        if conn.max_queues is None:
+            conn.max_queues = device.num_queues
+        self.features: int | None = None
+        self.status = 0
+        self.needs_reset = False
+        self.memory: MmapGuestMemory | None = None
+        self._regions: list[tuple[MemoryRegion, int]] = []
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.inflight: InflightArea | None = None
+        self.backend_fd: int | None = None
+        self._log_map: mmap.mmap | None = None
+        self._log_view: memoryview | None = None
+        self.driver_errors: list[DriverError] = []
+        self.resubmitted = 0
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, req: Request) -> Outgoing | None:
+        """Carry out ``req``; the reply to send (``None``: close the connection)."""
+        kept: list[int] = []
+        method = getattr(self, "_on_" + req.request.name.lower(), None)
+        try:
+            if method is None:
+                raise InvalidMessage(
+                    f"{req.request.name} is not supported by this back-end",
+                    request=req.request,
+                    section=req.request.section,
+                )
+            result = await method(req, kept)
+        except (DriverError, GuestMemoryError) as exc:
+            log.error(
+                "%s: %s rejected: %s: %s", self.name, req.request.name, type(exc).__name__, exc
+            )
+            self.needs_reset = True
+            return self._failure(req)
+        finally:
+            for fd in req.fds:
+                if fd not in kept:
+                    _close(fd)
+        if req.reply is Reply.EXPLICIT:
+            payload, fds = result if isinstance(result, tuple) else (result, ())
+            return self.conn.send_reply(req, payload, fds)
+        return self.conn.ack(req, True)
+
+    def _failure(self, req: Request) -> Outgoing | None:
+        if req.reply is Reply.NONE:
+            return Outgoing(b"", [])
+        if req.reply is Reply.ACK:
+            return self.conn.ack(req, False)
+        if req.request is _R.GET_CONFIG:
+            return self.conn.send_reply(req, b"")
+        if req.request is _R.GET_INFLIGHT_FD:
+            assert isinstance(req.payload, InflightDescription)
+            p = req.payload
+            return self.conn.send_reply(req, InflightDescription(0, 0, p.num_queues, p.queue_size))
+        if req.request in STATUS_REPLIES:
+            return self.conn.send_reply(req, 1)
+        return None
+
+    def _bad(self, req: Request, message: str) -> InvalidMessage:
+        return InvalidMessage(
+            f"{req.request.name}: {message}", request=req.request, section=req.request.section
+        )
+
+    # ------------------------------------------------------------------ features
+
+    @property
+    def protocol_features_acked(self) -> bool:
+        if self.features is None:
+            return True  # we offer bit 30; QEMU acks it in SET_FEATURES
+        return bool(self.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1)
+
+    @property
+    def logging(self) -> bool:
+        return self.features is not None and bool(self.features >> VHOST_F_LOG_ALL & 1)
+
+    async def _on_get_features(self, req: Request, kept: list[int]) -> int:
+        return self.offered_features
+
+    async def _on_set_features(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, U64)
+        value = req.payload.value
+        extra = value & ~self.offered_features
+        if extra:
+            raise self._bad(req, f"feature bits {extra:#x} were not offered")
+        self.device.ack_features(value & ~TRANSPORT_FEATURES)
+        self.features = value
+        self._apply_log()
+        for ring in self.vrings:
+            self._maybe_start(ring)
+
+    async def _on_get_protocol_features(self, req: Request, kept: list[int]) -> int:
+        return OFFERED_PROTOCOL_FEATURES
+
+    async def _on_set_protocol_features(self, req: Request, kept: list[int]) -> None:
+        pass  # the connection recorded them
+
+    async def _on_set_owner(self, req: Request, kept: list[int]) -> None:
+        pass
+
+    async def _on_reset_owner(self, req: Request, kept: list[int]) -> None:
+        # Deprecated; "back-ends either ignore this message, or use it to disable all rings".
+        for ring in self.vrings:
+            await self._pause(ring)
+            ring.started = False
+
+    async def _on_get_queue_num(self, req: Request, kept: list[int]) -> int:
+        return self.device.num_queues
+
+    # ------------------------------------------------------------------ memory
+
+    async def _on_get_max_mem_slots(self, req: Request, kept: list[int]) -> int:
+        return self.max_mem_slots
+
+    async def _on_set_mem_table(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, MemoryTable)
+        if req.payload.num_regions == 0:
+            raise self._bad(req, "empty memory table")
+        await self._set_regions(req, list(zip(req.payload.regions, req.fds, strict=True)), kept)
+
+    async def _on_add_mem_reg(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, SingleMemoryRegion)
+        if len(self._regions) >= self.max_mem_slots:
+            raise self._bad(req, f"all {self.max_mem_slots} memory slots are in use")
+        await self._set_regions(req, [*self._regions, (req.payload.region, req.fds[0])], kept)
+
+    async def _on_rem_mem_reg(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, SingleMemoryRegion)
+        r = req.payload.region
+        for i, (have, _fd) in enumerate(self._regions):
+            if (have.guest_address, have.user_address, have.size) == (
+                r.guest_address,
+                r.user_address,
+                r.size,
+            ):
+                await self._set_regions(req, self._regions[:i] + self._regions[i + 1 :], kept)
+                return
+        raise self._bad(
+            req,
+            f"no region at guest {r.guest_address:#x} user {r.user_address:#x} size {r.size:#x}",
+        )
+
+    async def _set_regions(
+        self, req: Request, regions: list[tuple[MemoryRegion, int]], kept: list[int]
+    ) -> None:
+        """Validate ``regions`` and switch to them; running rings are re-pointed."""
+        ordered = sorted(regions, key=lambda rf: rf[0].user_address)
+        for (a, _), (b, _) in itertools.pairwise(ordered):
+            if b.user_address < a.user_address + a.size:
+                raise self._bad(req, f"user address ranges overlap at {b.user_address:#x}")
+        try:
+            memory = MmapGuestMemory(
+                FdRegion(r.guest_address, r.size, fd, r.mmap_offset, r.user_address)
+                for r, fd in regions
+            )
+        except GuestMemoryError as exc:
+            raise self._bad(req, str(exc)) from exc
+        except (OSError, ValueError, OverflowError) as exc:
+            raise self._bad(req, f"region cannot be mapped: {exc}") from exc
+        running = [ring for ring in self.vrings if ring.running]
+        for ring in running:
+            await self._pause(ring)
+        old, old_fds = self.memory, {fd for _, fd in self._regions}
+        self.memory = memory
+        self._regions = list(regions)
+        new_fds = {fd for _, fd in regions}
+        kept.extend(fd for fd in req.fds if fd in new_fds)
+        self._apply_log()
+        for ring in self.vrings:
+            self._maybe_start(ring)
+        if old is not None:
+            _close_memory(old)
+        for fd in old_fds - new_fds:
+            _close(fd)
+
+    # ------------------------------------------------------------------ dirty log
+
+    async def _on_set_log_base(self, req: Request, kept: list[int]) -> int:
+        assert isinstance(req.payload, LogDescription)
+        d = req.payload
+        if d.mmap_size == 0:
+            raise self._bad(req, "log of size 0")
+        try:
+            m = mmap.mmap(
+                req.fds[0],
+                d.mmap_size,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=d.mmap_offset,
+            )
+        except (OSError, ValueError, OverflowError) as exc:
+            raise self._bad(req, f"log cannot be mapped: {exc}") from exc
+        self._drop_log()
+        self._log_map = m
+        self._log_view = memoryview(m)
+        self._apply_log()
+        return 0
+
+    async def _on_set_log_fd(self, req: Request, kept: list[int]) -> None:
+        pass  # optional; we never signal it (the fd is closed)
+
+    def _apply_log(self) -> None:
+        if self.memory is not None:
+            self.memory.set_dirty_log(self._log_view if self.logging else None)
+
+    def _drop_log(self) -> None:
+        if self.memory is not None:
+            self.memory.set_dirty_log(None)
+        if self._log_view is not None:
+            self._log_view.release()
+            self._log_view = None
+        if self._log_map is not None:
+            with contextlib.suppress(BufferError):
+                self._log_map.close()
+            self._log_map = None
+
+    # ------------------------------------------------------------------ rings
+
+    async def _on_set_vring_num(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, VringState)
+        ring = self.vrings[req.payload.index]
+        num = req.payload.num
+        limit = self.device.queue_max_sizes[ring.index]
+        if num > limit:
+            raise self._bad(req, f"vring {ring.index} size {num} above the device's {limit}")
+        if not self._packed and num & (num - 1):
+            raise self._bad(req, f"split vring size {num} is not a power of 2")
+        if ring.running:
+            raise self._bad(req, f"vring {ring.index} is running")
+        ring.num = num
+
+    async def _on_set_vring_addr(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, VringAddr)
+        ring = self.vrings[req.payload.index]
+        if self.memory is None:
+            raise self._bad(req, "ring addresses before any memory table")
+        self._translate(req.payload, ring.num or 1)  # raises if outside memory
+        was_running = ring.running
+        if was_running:
+            await self._pause(ring)
+        ring.addr = req.payload
+        self._maybe_start(ring)
+
+    async def _on_set_vring_base(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, VringState)
+        ring = self.vrings[req.payload.index]
+        if ring.running:
+            raise self._bad(req, f"vring {ring.index} is running")
+        num = req.payload.num
+        if self._packed:
+            avail, _, used, _ = req.payload.packed_indices
+            if ring.num and (avail >= ring.num or used >= ring.num):
+                raise self._bad(req, f"packed indices {num:#x} outside the ring of {ring.num}")
+        elif num > 0xFFFF:
+            raise self._bad(req, f"split base {num:#x} is not a 16-bit index")
+        ring.base = num
+
+    async def _on_get_vring_base(self, req: Request, kept: list[int]) -> VringState:
+        assert isinstance(req.payload, VringState)
+        ring = self.vrings[req.payload.index]
+        await self._pause(ring)
+        ring.started = False
+        ring.broken = False
+        ring.notifier.close()
+        return VringState(ring.index, ring.base)
+
+    async def _on_set_vring_kick(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, VringFd)
+        ring = self.vrings[req.payload.index]
+        fd = None if req.payload.no_fd else req.fds[0]
+        if fd is not None:
+            kept.append(fd)
+        ring.notifier.set_kick(fd)
+        ring.started = True
+        self._maybe_start(ring)
+
+    async def _on_set_vring_call(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, VringFd)
+        fd = None if req.payload.no_fd else req.fds[0]
+        if fd is not None:
+            kept.append(fd)
+        self.vrings[req.payload.index].notifier.set_call(fd)
+
+    async def _on_set_vring_err(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, VringFd)
+        ring = self.vrings[req.payload.index]
+        fd = None if req.payload.no_fd else req.fds[0]
+        if fd is not None:
+            kept.append(fd)
+        old, ring.err_fd = ring.err_fd, fd
+        _close(old)
+
+    async def _on_set_vring_enable(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, VringState)
+        ring = self.vrings[req.payload.index]
+        ring.enabled = bool(req.payload.num)
+        if ring.enabled:
+            self._maybe_start(ring)
+        else:
+            await self._pause(ring)
+
+    @property
+    def _packed(self) -> bool:
+        return self.features is not None and bool(self.features & TF.VIRTIO_F_RING_PACKED.mask)
+
+    def _translate(self, addr: VringAddr, num: int) -> tuple[int, int, int]:
+        """Guest-physical (desc, driver, device) addresses; raises outside memory."""
+        assert self.memory is not None
+        if self._packed:
+            sizes = (16 * num, VRING_PACKED_DESC_EVENT_SIZE, VRING_PACKED_DESC_EVENT_SIZE)
+        else:
+            event_idx = self.features is not None and bool(
+                self.features & TF.VIRTIO_F_EVENT_IDX.mask
+            )
+            try:
+                sizes = split_ring_sizes(num, event_idx)
+            except ValueError as exc:
+                raise InvalidMessage(str(exc), section=_section(_R.SET_VRING_NUM)) from exc
+        out = []
+        for what, uaddr, size in zip(
+            ("descriptor table", "available ring", "used ring"),
+            (addr.descriptor, addr.available, addr.used),
+            sizes,
+            strict=True,
+        ):
+            try:
+                out.append(self.memory.user_to_guest(uaddr, size))
+            except GuestMemoryError as exc:
+                raise InvalidMessage(
+                    f"vring {addr.index} {what} at user address {uaddr:#x} (+{size:#x}) is "
+                    "outside guest memory",
+                    request=_R.SET_VRING_ADDR,
+                    section=_section(_R.SET_VRING_ADDR),
+                ) from exc
+        return out[0], out[1], out[2]
+
+    def _ring_enabled(self, ring: Vring) -> bool:
+        return ring.enabled or not self.protocol_features_acked
+
+    def _maybe_start(self, ring: Vring) -> None:
+        """Start serving ``ring`` if everything it needs is there."""
+        if ring.running or ring.broken or not ring.started or not self._ring_enabled(ring):
+            return
+        if self.memory is None or ring.addr is None or not ring.num or self.features is None:
+            return
+        try:
+            queue, tracker, resubmit = self._build_queue(ring)
+        except (DriverError, GuestMemoryError) as exc:
+            self._ring_failed(ring, exc)
+            return
+        ring.queue, ring.tracker = queue, tracker
+        ring.scope = trio.CancelScope()
+        ring.done = trio.Event()
+        queue.stopping = False
+        ring.notifier.stopping = False
+        self.nursery.start_soon(self._run_ring, ring, queue, resubmit)
+
+    def _build_queue(self, ring: Vring) -> tuple[_RingQueue, _Tracker, list[DescriptorChain]]:
+        assert self.memory is not None and ring.addr is not None and self.features is not None
+        features = self.features
+        packed = self._packed
+        desc, driver, device = self._translate(ring.addr, ring.num)
+        if ring.addr.log_used and self.logging and ring.addr.log != device:
+            log.warning(
+                "%s: vring %d logs used-ring writes at %#x, the ring is at guest %#x",
+                self.name,
+                ring.index,
+                ring.addr.log,
+                device,
+            )
+        common = dict(
+            size=ring.num,
+            desc_addr=desc,
+            driver_addr=driver,
+            device_addr=device,
+            packed=packed,
+            event_idx=bool(features & TF.VIRTIO_F_EVENT_IDX.mask),
+            indirect=bool(features & TF.VIRTIO_F_INDIRECT_DESC.mask),
+        )
+        area: SplitInflightQueue | None = None
+        heads: list[int] = []
+        if packed:
+            avail, avail_wrap, used, used_wrap = VringState(ring.index, ring.base).packed_indices
+            state = QueueState(
+                **common,
+                next_avail=avail,
+                avail_wrap=avail_wrap,
+                next_used=used,
+                used_wrap=used_wrap,
+            )
+            if self.inflight is not None:
+                log.warning("%s: inflight tracking of packed rings is not implemented", self.name)
+        else:
+            used_idx = self.memory.read_u16(device + 2)
+            last_avail = ring.base & 0xFFFF
+            if self.inflight is not None and ring.index < self.inflight.num_queues:
+                if ring.num > self.inflight.queue_size:
+                    log.warning(
+                        "%s: vring %d of %d entries exceeds the inflight area's %d: untracked",
+                        self.name,
+                        ring.index,
+                        ring.num,
+                        self.inflight.queue_size,
+                    )
+                else:
+                    area = self.inflight.queue(ring.index)
+                    if area.version == 0:
+                        area.initialize(used_idx)
+                    else:
+                        size = ring.num
+
+                        def head_at(i: int) -> int:
+                            return self.memory.read_u32(device + 4 + 8 * (i % size))  # type: ignore[union-attr]
+
+                        heads = area.recover(used_idx, head_at)
+                        last_avail = (used_idx + len(heads)) & 0xFFFF
+            state = QueueState(**common, last_avail_idx=last_avail, used_idx=used_idx)
+        queue = _RingQueue.restore(self.memory, state, name=f"{self.name}/vq{ring.index}")
+        tracker = _Tracker(area)
+        queue.inflight = tracker
+        chains = []
+        for head in heads:
+            chains.append(queue.chain_at(head))
+        tracker.outstanding += len(chains)
+        if chains:
+            log.info(
+                "%s: vring %d: resubmitting %d in-flight request(s) (heads %s)",
+                self.name,
+                ring.index,
+                len(chains),
+                heads,
+            )
+        return queue, tracker, chains
+
+    async def _run_ring(
+        self, ring: Vring, queue: _RingQueue, resubmit: list[DescriptorChain]
+    ) -> None:
+        assert ring.scope is not None and ring.done is not None
+        assert self.memory is not None and self.features is not None
+        active = ActiveDevice(
+            self.memory,
+            self.features & ~TRANSPORT_FEATURES,
+            {ring.index: queue},
+            {ring.index: ring.notifier},
+            on_driver_error=lambda exc: self._ring_failed(ring, exc),
+        )
+        try:
+            with ring.scope:
+                async with trio.open_nursery() as nursery:
+                    for chain in resubmit:
+                        nursery.start_soon(self._resubmit, ring, queue, chain)
+                    nursery.start_soon(self.device.serve_queue, active, ring.index)
+        finally:
+            ring.done.set()
+
+    async def _resubmit(self, ring: Vring, queue: _RingQueue, chain: DescriptorChain) -> None:
+        try:
+            written = await self.device.handle(ring.index, chain)
+            queue.add_used(chain, written)
+            self.resubmitted += 1
+            if queue.needs_notification():
+                ring.notifier.notify_used()
+        except DriverError as exc:
+            self._ring_failed(ring, exc)
+        except VirtioError as exc:
+            log.error("%s: vring %d: resubmission failed: %s", self.name, ring.index, exc)
+
+    def _device_failed(self, exc: DriverError, ring: Vring | None) -> None:
+        where = f"vring {ring.index}" if ring is not None else "device"
+        log.error(
+            "%s: %s: driver error %s: %s; device needs reset",
+            self.name,
+            where,
+            type(exc).__name__,
+            exc,
+        )
+        self.needs_reset = True
+        self.driver_errors.append(exc)
+        rings = [ring] if ring is not None else [r for r in self.vrings if r.running]
+        for r in rings:
+            if r.err_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(r.err_fd, 1)
+
+    def _ring_failed(self, ring: Vring, exc: DriverError | GuestMemoryError) -> None:
+        if isinstance(exc, GuestMemoryError):
+            exc = InvalidMessage(str(exc), section=_section(_R.SET_VRING_ADDR))
+        self._device_failed(exc, ring)
+        ring.broken = True
+        if ring.scope is not None:
+            ring.scope.cancel()
+
+    async def _pause(self, ring: Vring) -> None:
+        """Stop serving ``ring``: drain in-flight chains, cancel, save its state in ``base``."""
+        queue, tracker = ring.queue, ring.tracker
+        if queue is None or tracker is None:
+            return
+        queue.stopping = True
+        ring.notifier.stopping = True
+        if not queue.broken and tracker.outstanding > 0:
+            with trio.move_on_after(self.drain_timeout):
+                await tracker.wait_idle()
+            if tracker.outstanding > 0:
+                log.warning(
+                    "%s: vring %d: %d request(s) still in flight after %.1f s; cancelled",
+                    self.name,
+                    ring.index,
+                    tracker.outstanding,
+                    self.drain_timeout,
+                )
+        assert ring.scope is not None and ring.done is not None
+        ring.scope.cancel()
+        await ring.done.wait()
+        st = queue.state()
+        if st.packed:
+            ring.base = VringState.packed_num(
+                st.next_avail, st.avail_wrap, st.next_used, st.used_wrap
+            )
+        else:
+            ring.base = st.last_avail_idx
+        ring.queue = None
+        ring.tracker = None
+        ring.scope = None
+
+    # ------------------------------------------------------------------ config
+
+    def _config_range(self, req: Request) -> tuple[ConfigSpace, bytes]:
+        assert isinstance(req.payload, ConfigSpace)
+        p = req.payload
+        config = self.device.config_bytes()
+        if p.offset + p.size > len(config):
+            raise self._bad(
+                req, f"access [{p.offset}, +{p.size}) beyond the {len(config)}-byte config space"
+            )
+        return p, config
+
+    async def _on_get_config(self, req: Request, kept: list[int]) -> ConfigSpace:
+        p, config = self._config_range(req)
+        return ConfigSpace(p.offset, p.flags, config[p.offset : p.offset + p.size])
+
+    async def _on_set_config(self, req: Request, kept: list[int]) -> None:
+        p, _ = self._config_range(req)
+        if p.size:
+            self.device.write_config(p.offset, p.data)
+
+    async def _on_set_backend_req_fd(self, req: Request, kept: list[int]) -> None:
+        fd = req.fds[0]
+        kept.append(fd)
+        old, self.backend_fd = self.backend_fd, fd
+        _close(old)
+
+    def notify_config_change(self) -> bool:
+        """Tell the front-end the config space changed (CONFIG_CHANGE_MSG on the
+        back-end channel).  ``False`` if that channel or CONFIG is not negotiated."""
+        if self.backend_fd is None or not self.conn.has_protocol_feature(_P.CONFIG):
+            return False
+        try:
+            with socket.socket(fileno=os.dup(self.backend_fd)) as sock:
+                sock.send(config_change_msg(), socket.MSG_DONTWAIT)
+        except OSError as exc:
+            log.warning("%s: CONFIG_CHANGE_MSG not sent: %s", self.name, exc)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ inflight
+
+    async def _on_get_inflight_fd(self, req: Request, kept: list[int]):
+        assert isinstance(req.payload, InflightDescription)
+        p = req.payload
+        if not 0 < p.num_queues <= self.device.num_queues or not 0 < p.queue_size <= 32768:
+            raise self._bad(req, f"{p.num_queues} queues of {p.queue_size} entries")
+        area = InflightArea.create(p.num_queues, p.queue_size)
+        self._set_inflight(area)
+        return InflightDescription(area.mmap_size, 0, p.num_queues, p.queue_size), (area.fd,)
+
+    async def _on_set_inflight_fd(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, InflightDescription)
+        p = req.payload
+        if p.num_queues > self.device.num_queues:
+            raise self._bad(req, f"{p.num_queues} queues, the device has {self.device.num_queues}")
+        area = InflightArea(req.fds[0], p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
+        kept.append(req.fds[0])
+        self._set_inflight(area)
+
+    def _set_inflight(self, area: InflightArea | None) -> None:
+        old, self.inflight = self.inflight, area
+        if old is not None:
+            for ring in self.vrings:
+                if ring.tracker is not None:
+                    ring.tracker.area = None
+            with contextlib.suppress(BufferError):
+                old.close()
+
+    # ------------------------------------------------------------------ status, reset
+
+    async def _on_set_status(self, req: Request, kept: list[int]) -> None:
+        assert isinstance(req.payload, U64)
+        value = req.payload.value
+        if value > 0xFF:
+            raise self._bad(req, f"status {value:#x} is not 8 bits")
+        if value == 0:
+            await self.reset()
+        self.status = value & ~DeviceStatus.DEVICE_NEEDS_RESET
+
+    async def _on_get_status(self, req: Request, kept: list[int]) -> int:
+        return self.device_status
+
+    @property
+    def device_status(self) -> int:
+        status = self.status
+        if self.needs_reset or self.device.needs_reset:
+            status |= DeviceStatus.DEVICE_NEEDS_RESET
+        return int(status)
+
+    async def _on_reset_device(self, req: Request, kept: list[int]) -> None:
+        await self.reset()
+
+    async def _on_iotlb_msg(self, req: Request, kept: list[int]) -> int:
+        raise self._bad(req, "VIRTIO_F_ACCESS_PLATFORM is not offered: no IOTLB")
+
+    async def _on_gpu_set_socket(self, req: Request, kept: list[int]) -> None:
+        raise self._bad(req, "not a GPU device")
+
+    async def reset(self) -> None:
+        """Device reset: stop every ring, forget ring state, reset the device."""
+        for ring in self.vrings:
+            await self._pause(ring)
+            ring.notifier.close()
+            _close(ring.err_fd)
+        self.vrings = [Vring(i) for i in range(self.device.num_queues)]
+        self.device.reset()
+        self.status = 0
+        self.needs_reset = False
+
+    async def aclose(self, *, drain: float = 1.0) -> None:
+        """The connection is gone: stop rings (briefly draining), release everything."""
+        self.drain_timeout = min(self.drain_timeout, drain)
+        with trio.CancelScope(shield=True):
+            await self.reset()
+        self._drop_log()
+        self._set_inflight(None)
+        if self.memory is not None:
+            _close_memory(self.memory)
+            self.memory = None
+        for _, fd in self._regions:
+            _close(fd)
+        self._regions = []
+        _close(self.backend_fd)
+        self.backend_fd = None
+
+
+def _close_memory(memory: MmapGuestMemory) -> None:
+    try:
+        memory.close()
+    except BufferError:
+        log.warning("guest memory still referenced; unmapped when released")

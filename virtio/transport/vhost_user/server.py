@@ -1,0 +1,233 @@
+"""trio vhost-user server: the socket side of a back-end.
+
+::
+
+    server = VhostUserServer(device)
+    await server.serve_path("/run/blk.sock")       # listen, one front-end at a time
+    await server.serve_fd(3)                        # an inherited listening or connected fd
+
+``VhostUserServer`` accepts one front-end connection at a time (QEMU connects once
+and reconnects after a back-end restart); when a connection ends, the device is
+reset and the next connection is accepted.  For each connection it reads with
+``recvmsg`` (SCM_RIGHTS fds, close-on-exec), feeds the sans-IO
+``BackendConnection``, hands requests to a ``VhostUserHandler`` and writes replies
+with ``sendmsg``.  Kick and call eventfds are driven by the handler's
+``EventfdNotifier`` (``trio.lowlevel.wait_readable`` + ``os.eventfd_read`` /
+``os.eventfd_write``).
+
+Malformed input never ends the server: a rejected message is logged (naming the
+error type) and answered with a failure if the protocol can say so; a framing
+error, or a failure the protocol cannot express, closes that connection and the
+server goes on accepting.  Every fd received is closed unless the handler keeps it.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from virtio.device import VirtioDevice
+from virtio.errors import DeviceUsageError
+
+from .errors import IncorrectFds, VhostUserProtocolError
+from .handler import VhostUserHandler
+from .protocol import NEED_DATA, BackendConnection, ConnectionClosed, Outgoing, RejectedRequest
+
+log = logging.getLogger(__name__)
+
+SCM_MAX_FD = 253
+"""Most fds Linux passes in one SCM_RIGHTS message: room for all, so none is lost."""
+RECV_SIZE = 65536
+
+
+async def recv_with_fds(sock: trio.socket.SocketType) -> tuple[bytes, list[int]]:
+    """One ``recvmsg``: data and the fds that came with it (close-on-exec)."""
+    data, ancdata, msg_flags, _ = await sock.recvmsg(
+        RECV_SIZE, socket.CMSG_SPACE(SCM_MAX_FD * 4), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if msg_flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise IncorrectFds("ancillary data truncated: fds were lost", received=len(fds))
+    return data, fds
+
+
+async def send_with_fds(sock: trio.socket.SocketType, out: Outgoing) -> None:
+    """Send ``out.data`` with ``out.fds`` attached to its first byte."""
+    data = memoryview(out.data)
+    if not data:
+        return
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out.fds))] if out.fds else []
+    sent = await sock.sendmsg([data], anc)
+    while sent < len(data):
+        data = data[sent:]
+        sent = await sock.send(data)
+
+
+class VhostUserServer:
+    """Serve one ``VirtioDevice`` to vhost-user front-ends, one connection at a time."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        *,
+        name: str | None = None,
+        drain_timeout: float = 5.0,
+        on_handler: Callable[[VhostUserHandler | None], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.name = name or type(device).__name__
+        self.drain_timeout = drain_timeout
+        self.connections = 0
+        self.errors: list[Exception] = []
+        """Protocol errors that closed a connection (most recent last)."""
+        self.handler: VhostUserHandler | None = None
+        """The handler of the current connection, if any."""
+        self._on_handler = on_handler
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ listening
+
+    async def serve_path(
+        self, path: str | os.PathLike[str], *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on a unix socket at ``path`` (replacing a stale socket file) until
+        cancelled; the socket file is removed on exit."""
+        path = Path(path)
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_socket():
+                path.unlink()
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await listener.bind(os.fspath(path))
+            listener.listen(1)
+            log.info("%s: listening on %s", self.name, path)
+            task_status.started(path)
+            await self.serve_listener(listener)
+        finally:
+            listener.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    async def serve_fd(self, fd: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve on an inherited unix socket ``fd``: listening (accept connections until
+        cancelled) or connected (serve that one connection, then return)."""
+        sock = trio.socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM)
+        os.close(fd)
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            task_status.started(fd)
+            if listening:
+                await self.serve_listener(sock)
+            else:
+                await self.serve_connection(sock)
+        finally:
+            sock.close()
+
+    async def serve_listener(self, listener: trio.socket.SocketType) -> None:
+        """Accept and serve connections one at a time, until cancelled."""
+        while True:
+            conn, _ = await listener.accept()
+            await self.serve_connection(conn)
+
+    # ------------------------------------------------------------------ one connection
+
+    async def serve_connection(self, sock: trio.socket.SocketType) -> None:
+        """Serve one front-end until it disconnects or breaks the protocol; then reset
+        the device.  Never raises for the front-end's misbehaviour."""
+        cid = next(self._ids)
+        name = f"{self.name}#{cid}"
+        self.connections += 1
+        log.info("%s: front-end connected", name)
+        conn = BackendConnection(max_queues=self.device.num_queues)
+        try:
+            async with trio.open_nursery() as nursery:
+                handler = VhostUserHandler(
+                    self.device, conn, nursery, drain_timeout=self.drain_timeout, name=name
+                )
+                self.handler = handler
+                if self._on_handler is not None:
+                    self._on_handler(handler)
+                try:
+                    reason = await self._serve(sock, conn, handler, name)
+                    log.info("%s: connection closed: %s", name, reason)
+                finally:
+                    await handler.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:
+            conn.close()
+            sock.close()
+            self.handler = None
+            if self._on_handler is not None:
+                self._on_handler(None)
+
+    async def _serve(
+        self,
+        sock: trio.socket.SocketType,
+        conn: BackendConnection,
+        handler: VhostUserHandler,
+        name: str,
+    ) -> str:
+        while True:
+            try:
+                data, fds = await recv_with_fds(sock)
+            except VhostUserProtocolError as exc:
+                return self._protocol_error(name, exc)
+            except OSError as exc:
+                return f"receive failed: {exc}"
+            conn.receive_data(data, fds)
+            while True:
+                try:
+                    event = conn.next_event()
+                except VhostUserProtocolError as exc:
+                    return self._protocol_error(name, exc)
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, ConnectionClosed):
+                    return "front-end disconnected"
+                if isinstance(event, RejectedRequest):
+                    exc = event.error
+                    log.error(
+                        "%s: rejected request %s: %s: %s",
+                        name,
+                        getattr(event.request, "name", event.request),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    self.errors.append(exc)
+                    out = conn.reject(event)
+                else:
+                    log.debug("%s: %s %s", name, event.request.name, event.payload)
+                    try:
+                        out = await handler.handle(event)
+                    except DeviceUsageError:
+                        raise
+                    if out is None:
+                        self.errors.append(VhostUserProtocolError(f"{event.request.name} failed"))
+                        return f"{event.request.name} failed and its reply cannot say so"
+                if out is None:
+                    return "the failure reply cannot be expressed"
+                try:
+                    await send_with_fds(sock, out)
+                except OSError as exc:
+                    return f"send failed: {exc}"
+
+    def _protocol_error(self, name: str, exc: VhostUserProtocolError) -> str:
+        log.error("%s: protocol error %s: %s; closing", name, type(exc).__name__, exc)
+        self.errors.append(exc)
+        return f"protocol error {type(exc).__name__}"
