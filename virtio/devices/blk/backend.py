@@ -149,66 +149,78 @@ def pwritev_all(fd: int, offset: int, views: Sequence[memoryview]) -> None:
 
 # -- batching thread hops ------------------------------------------------------------------
 class _Job:
-    __slots__ = ("done", "error", "fn", "sync")
+    __slots__ = ("done", "error", "fn", "lead", "sync", "wake")
 
     def __init__(self, fn: Callable[[], None], sync: bool) -> None:
         self.fn = fn
         self.sync = sync
         self.error: BaseException | None = None
-        self.done = trio.Event()
+        self.done = False
+        self.lead = False
+        self.wake = trio.Event()
 
 
 class _ThreadBatcher:
-    """Run blocking jobs in worker threads, batching the jobs submitted in the same
-    scheduler tick into one thread hop (and one ``sync_fn`` call for those that
-    asked for durability).
+    """Run blocking jobs in worker threads with at most ``max_hops`` thread hops in
+    flight; jobs that arrive while every hop is busy queue up and go together in
+    the next hop (up to ``max_batch`` per hop, one ``sync_fn`` call for all of
+    those that asked for durability).
 
-    The first submitter of a tick leads: it yields once (shielded) so that sibling
-    tasks can queue their jobs, then runs the batch - split into chunks of
-    ``max_batch`` run in parallel threads - and wakes the others.  The lead is shielded
-    from cancellation so queued jobs always run and complete.
+    A lone job goes at once (no added latency at queue depth 1); under load the
+    batch size grows by itself.  When a hop finishes, its leader hands the lead to
+    the oldest queued job.  Waiting is shielded from cancellation: a device reset
+    waits for submitted I/O to finish (like QEMU's ``blk_drain``), so guest memory
+    is never touched after the device stopped.
     """
 
     def __init__(
-        self, sync_fn: Callable[[], None], limiter: trio.CapacityLimiter, max_batch: int = 16
+        self,
+        sync_fn: Callable[[], None],
+        limiter: trio.CapacityLimiter,
+        max_hops: int = 8,
+        max_batch: int = 16,
     ) -> None:
         self._sync_fn = sync_fn
         self._limiter = limiter
+        self._max_hops = max_hops
         self._max_batch = max_batch
         self._pending: list[_Job] = []
+        self._hops = 0
         self.batches = 0
         """Thread hops so far (statistics)."""
 
     async def run(self, fn: Callable[[], None], *, sync: bool = False) -> None:
         job = _Job(fn, sync)
         self._pending.append(job)
-        if len(self._pending) == 1:
-            with trio.CancelScope(shield=True):
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                batch, self._pending = self._pending, []
-                await self._dispatch(batch)
-        else:
-            await job.done.wait()
+        with trio.CancelScope(shield=True):
+            if self._hops < self._max_hops:
+                self._hops += 1
+                await self._lead()
+            while not job.done:
+                await job.wake.wait()
+                if job.lead and not job.done:
+                    job.lead = False
+                    job.wake = trio.Event()
+                    await self._lead()
         if job.error is not None:
             raise job.error
 
-    async def _dispatch(self, batch: list[_Job]) -> None:
-        size = self._max_batch
-        chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
+    async def _lead(self) -> None:
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        self.batches += 1
         try:
-            if len(chunks) == 1:
-                await self._run_chunk(chunks[0])
-            else:
-                async with trio.open_nursery() as nursery:
-                    for chunk in chunks:
-                        nursery.start_soon(self._run_chunk, chunk)
+            await trio.to_thread.run_sync(self._work, batch, limiter=self._limiter)
         finally:
             for job in batch:
-                job.done.set()
-
-    async def _run_chunk(self, chunk: list[_Job]) -> None:
-        self.batches += 1
-        await trio.to_thread.run_sync(self._work, chunk, limiter=self._limiter)
+                job.done = True
+                job.wake.set()
+            if self._pending:
+                nxt = self._pending[0]
+                nxt.lead = True
+                nxt.wake.set()
+            else:
+                self._hops -= 1
 
     def _work(self, chunk: list[_Job]) -> None:
         synced = []
@@ -263,6 +275,7 @@ class RawFileBackend:
         read_only: bool = False,
         lock: bool = True,
         max_threads: int = 32,
+        max_hops: int = 8,
         max_batch: int = 16,
     ) -> None:
         self.path = os.fspath(path)
@@ -279,7 +292,7 @@ class RawFileBackend:
         self._punch_ok = True
         self._zero_range_ok = True
         self.limiter = trio.CapacityLimiter(max_threads)
-        self._batcher = _ThreadBatcher(self._fdatasync, self.limiter, max_batch)
+        self._batcher = _ThreadBatcher(self._fdatasync, self.limiter, max_hops, max_batch)
         self.sync_calls = 0
         """``fdatasync`` calls so far (statistics, and for tests)."""
 
