@@ -535,3 +535,9 @@ int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_s
     int rc = split_walk(q, &w, head);
     return rc ? rc : 1;
 }
+
+/* One completion (the per-chain path): avoids marshalling arrays from Python. */
+int vq_add_used1(struct vq *q, uint16_t id, uint32_t len, uint16_t ndesc)
+{
+    return vq_add_used_batch(q, &id, &len, &ndesc, 1);
+}

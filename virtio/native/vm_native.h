@@ -105,5 +105,6 @@ int vq_needs_notification(struct vq *q);
 int vq_enable_notification(struct vq *q);
 void vq_disable_notification(struct vq *q);
 int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens);
+int vq_add_used1(struct vq *q, uint16_t id, uint32_t len, uint16_t ndesc);
 int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
                 uint32_t max_segs);

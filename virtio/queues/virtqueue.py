@@ -21,6 +21,7 @@ subclass naming the spec clause; the queue is then *broken*: later calls raise
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,6 +50,10 @@ from virtio.spec.ring import (
     VRING_USED_ALIGN,
     split_ring_sizes,
 )
+
+_CHAIN = struct.Struct("<HHIIIII")  # struct vq_chain
+_SEG = struct.Struct("<QQIHH")  # struct vq_seg
+assert _CHAIN.size == ffi.sizeof("struct vq_chain") and _SEG.size == ffi.sizeof("struct vq_seg")
 
 
 def cite(section: Section) -> str:
@@ -291,7 +296,7 @@ class Virtqueue:
     def _check(self) -> None:
         if self._q.broken:
             raise QueueBrokenError(self._error)
-        if self.memory.closed:
+        if self.memory._closed:
             raise DeviceUsageError("the guest memory of this queue was closed")
 
     def _fail(self, code: int) -> None:
@@ -316,16 +321,16 @@ class Virtqueue:
         return n
 
     def _chain(self, i: int) -> DescriptorChain:
-        c = self._chains[i]
-        segs = self._segs
-        start = c.seg_start
-        segments = [
-            Segment(s.gpa, s.len, bool(s.writable), s.region, s.offset)
-            for s in (segs[j] for j in range(start, start + c.nsegs))
-        ]
-        return DescriptorChain(
-            self, c.head, c.ndesc, segments, c.nreadable, c.readable_len, c.writable_len
+        # Decode the native records with struct: far cheaper than cffi field access.
+        head, ndesc, nsegs, nreadable, rlen, wlen, start = _CHAIN.unpack(
+            ffi.buffer(self._chains + i, _CHAIN.size)
         )
+        raw = ffi.buffer(self._segs + start, nsegs * _SEG.size)
+        segments = [
+            Segment(gpa, length, bool(writable), region, offset)
+            for gpa, offset, length, region, writable in _SEG.iter_unpack(raw)
+        ]
+        return DescriptorChain(self, head, ndesc, segments, nreadable, rlen, wlen)
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or ``None`` when the driver offered nothing new."""
@@ -382,10 +387,7 @@ class Virtqueue:
             raise DeviceUsageError(
                 f"used length {length} exceeds the chain's {chain.writable_len} writable bytes"
             )
-        self._ids[0] = chain.head
-        self._lens[0] = length
-        self._ndescs[0] = chain.ndesc
-        lib.vq_add_used_batch(self._q, self._ids, self._lens, self._ndescs, 1)
+        lib.vq_add_used1(self._q, chain.head, length, chain.ndesc)
         if self.inflight is not None:
             self.inflight.on_used((chain,), self.next_used)
 
