@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from virtio import __version__
 
 # Subcommand modules, in the order ``virtio --help`` lists them.
-SUBCOMMANDS = ("spec", "serve", "bench", "queue_bench")
+SUBCOMMANDS = ("spec", "serve", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
