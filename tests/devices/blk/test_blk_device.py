@@ -457,3 +457,30 @@ async def test_many_requests_in_flight_on_two_queues(tmp_path, packed: bool) -> 
             assert disk[s * SECTOR : (s + 2) * SECTOR] == data
     finally:
         dev.close()
+
+
+# -- migration dirty log -------------------------------------------------------------------------
+class _MigrationPassDuringRead(MemoryBackend):
+    """Clears the dirty log while a read is in progress, as a migration pass would."""
+
+    log: bytearray
+
+    async def read(self, offset, views) -> None:
+        self.log[:] = bytes(len(self.log))
+        await super().read(offset, views)
+
+
+async def test_read_data_pages_are_logged_after_they_are_filled() -> None:
+    backend = _MigrationPassDuringRead(pattern(DISK, 4))
+    dev = VirtioBlk(backend)
+    async with DeviceHarness.start(dev, queue_size=8, data_size=1 << 16) as h:
+        size = len(h.memory.regions[0].buffer)
+        backend.log = bytearray((size // 4096 + 7) // 8)
+        h.memory.set_dirty_log(memoryview(backend.log))
+        tok = h.submit(0, [hdr(T.VIRTIO_BLK_T_IN, 0)], [4 * 4096, 1])
+        (addr, n), _status = h.queues[0]._inflight[tok].writable
+        used = await h.wait_used(0, tok)
+        h.memory.set_dirty_log(None)
+    assert used.data[:-1] == backend.data[: 4 * 4096]
+    for page in range(addr // 4096, (addr + n - 1) // 4096 + 1):
+        assert backend.log[page // 8] >> (page % 8) & 1, f"page {page} not logged"

@@ -210,6 +210,7 @@ class VirtioBlk(VirtioDevice):
             offset = req.sector * SECTOR
             if t == _IN:
                 await self.backend.read(offset, req.writable_data())
+                req.log_data_dirty()
             else:
                 await self.backend.write(offset, req.readable_data(), sync=self.writethrough)
             return OK

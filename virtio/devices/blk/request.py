@@ -152,6 +152,21 @@ class BlkRequest:
         self.data_written = self.data_len
         return views
 
+    def log_data_dirty(self) -> None:
+        """Log the pages of ``data[]`` dirty again once a zero-copy read has filled
+        them: ``ChainWriter.views`` logs at reservation time, before the worker
+        thread writes, and a migration pass in between would miss the data."""
+        memory = self.chain.queue.memory
+        if not memory.logging:
+            return
+        left = self.data_written
+        for seg in self.chain.segments[self.chain.nreadable :]:
+            if left <= 0:
+                break
+            n = min(left, seg.length)
+            memory.log_dirty(seg.addr, n)
+            left -= n
+
     def segments(self) -> list[Segment]:
         """Decode the DISCARD / WRITE_ZEROES segments (call after checking
         ``segment_count``; a trailing partial segment is ignored)."""
