@@ -139,8 +139,17 @@ async def test_get_id_short_serial_is_nul_padded_and_short_buffer_truncates() ->
 SUNSUPP, SIOERR, SOK = S.VIRTIO_BLK_S_UNSUPP, S.VIRTIO_BLK_S_IOERR, S.VIRTIO_BLK_S_OK
 CAP = DISK // SECTOR
 
+# (name, readable, writable, expected status).  Citations:
+# * beyond capacity / not a multiple of 512 -> IOERR: drivernormative:Device Types /
+#   Block Device / Device Operation (§5.2.6.1) forbids them; IOERR is "device or driver
+#   error" (§5.2.6).
+# * unknown flag, unmap on discard -> UNSUPP: devicenormative:Device Types / Block
+#   Device / Device Operation (§5.2.6.2), "MUST set the status byte to UNSUPP".
+# * zoned requests without VIRTIO_BLK_F_ZONED -> UNSUPP: same devicenormative, "MUST
+#   reject ... with VIRTIO_BLK_S_UNSUPP".
+# * too many segments -> UNSUPP, too many sectors -> IOERR: §5.2.6.1 limits, statuses
+#   as QEMU's virtio_blk_handle_request / _discard_write_zeroes.
 STATUS_CASES = [
-    # (name, readable, writable, expected status)
     ("read-last-sector", [hdr(T.VIRTIO_BLK_T_IN, CAP - 1)], [SECTOR + 1], SOK),
     ("read-beyond-capacity", [hdr(T.VIRTIO_BLK_T_IN, CAP - 1)], [2 * SECTOR + 1], SIOERR),
     ("read-sector-past-end", [hdr(T.VIRTIO_BLK_T_IN, CAP)], [SECTOR + 1], SIOERR),
@@ -204,8 +213,8 @@ async def test_discard_write_zeroes_not_negotiated_is_unsupp() -> None:
 
 
 async def test_read_only_rejects_every_write_with_ioerr() -> None:
-    """devicenormative §5.2.6.2: IOERR for a write request when VIRTIO_BLK_F_RO is
-    offered, and no data written."""
+    """devicenormative:Device Types / Block Device / Device Operation (§5.2.6.2):
+    IOERR for a write request when VIRTIO_BLK_F_RO is offered, and no data written."""
     backend = MemoryBackend(bytes([7]) * DISK)
     dev = VirtioBlk(backend, BlkOptions(read_only=True))
     assert dev.offered_features() & F.VIRTIO_BLK_F_RO.mask
