@@ -196,10 +196,12 @@ class _Tracker:
     def __init__(self, area: SplitInflightQueue | None) -> None:
         self.area = area
         self.outstanding = 0
+        self.popped = 0
         self._idle: trio.Event | None = None
 
     def on_pop(self, chains) -> None:
         self.outstanding += len(chains)
+        self.popped += len(chains)
         if self.area is not None:
             self.area.on_pop(chains)
 
@@ -234,6 +236,12 @@ class Vring:
     tracker: _Tracker | None = None
     scope: trio.CancelScope | None = None
     done: trio.Event | None = None
+    requests: int = 0
+    """Chains popped by earlier runs of this ring (``requests_served`` adds the current)."""
+
+    @property
+    def requests_served(self) -> int:
+        return self.requests + (self.tracker.popped if self.tracker is not None else 0)
 
     @property
     def running(self) -> bool:
@@ -276,6 +284,14 @@ class VhostUserHandler:
         self._log_view: memoryview | None = None
         self.driver_errors: list[DriverError] = []
         self.resubmitted = 0
+        self._retired: dict[int, int] = {}
+
+    def requests_per_vring(self) -> dict[int, int]:
+        """Chains popped per vring index on this connection (statistics)."""
+        out = dict(self._retired)
+        for ring in self.vrings:
+            out[ring.index] = out.get(ring.index, 0) + ring.requests_served
+        return out
 
     # ------------------------------------------------------------------ dispatch
 
@@ -782,6 +798,7 @@ class VhostUserHandler:
             )
         else:
             ring.base = st.last_avail_idx
+        ring.requests += tracker.popped
         ring.queue = None
         ring.tracker = None
         ring.scope = None
@@ -891,6 +908,7 @@ class VhostUserHandler:
             await self._pause(ring)
             ring.notifier.close()
             _close(ring.err_fd)
+            self._retired[ring.index] = self._retired.get(ring.index, 0) + ring.requests_served
         self.vrings = [Vring(i) for i in range(self.device.num_queues)]
         self.device.reset()
         self.status = 0

@@ -100,6 +100,23 @@ class VhostUserServer:
         """The handler of the current connection, if any."""
         self._on_handler = on_handler
         self._ids = itertools.count(1)
+        self._resubmitted = 0
+        self.requests: dict[int, int] = {}
+        """Chains popped per vring index over all connections (statistics)."""
+
+    def requests_per_vring(self) -> dict[int, int]:
+        """Chains popped per vring index, this connection included."""
+        out = dict(self.requests)
+        if self.handler is not None:
+            for index, n in self.handler.requests_per_vring().items():
+                out[index] = out.get(index, 0) + n
+        return out
+
+    @property
+    def resubmitted(self) -> int:
+        """In-flight requests resubmitted after reconnects (all connections so far)."""
+        current = self.handler.resubmitted if self.handler is not None else 0
+        return self._resubmitted + current
 
     # ------------------------------------------------------------------ listening
 
@@ -172,6 +189,10 @@ class VhostUserServer:
         finally:
             conn.close()
             sock.close()
+            if self.handler is not None:
+                self._resubmitted += self.handler.resubmitted
+                for index, n in self.handler.requests_per_vring().items():
+                    self.requests[index] = self.requests.get(index, 0) + n
             self.handler = None
             if self._on_handler is not None:
                 self._on_handler(None)

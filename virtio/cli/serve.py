@@ -1,0 +1,157 @@
+"""``virtio serve DEVICE``: run a vhost-user back-end (QEMU's "Back-end program conventions").
+
+::
+
+    virtio serve blk --socket-path /run/blk.sock --blk-file disk.img [--read-only]
+                     [--num-queues N] [--queue-size N] [--serial ID]
+    virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
+    virtio serve blk --print-capabilities             # JSON on stdout, then exit
+
+Logs go to stderr (``virtio -v serve ...`` for more).  SIGINT/SIGTERM end the
+process cleanly (exit status 0); SIGUSR1 prints statistics on stderr (connections,
+requests resubmitted after reconnects, the image's ``fdatasync`` calls).  Bad
+arguments, a missing image or an image locked by another process print one error
+line and exit non-zero before anything listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any, NoReturn
+
+import trio
+
+log = logging.getLogger("virtio.serve")
+
+BLK_CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
+"""``--print-capabilities`` for blk (vhost-user.json ``VHostUserBackendCapabilitiesBlock``)."""
+
+
+def register(subparsers: Any) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a virtio device as a vhost-user back-end",
+        description="Serve a virtio device to a vhost-user front-end (QEMU) on a unix socket.",
+    )
+    devices = serve.add_subparsers(dest="device", metavar="DEVICE")
+    serve.set_defaults(func=lambda args: _usage(serve))
+    blk = devices.add_parser(
+        "blk",
+        help="virtio-blk over a raw image file or block device",
+        description=(
+            "vhost-user-blk back-end.  QEMU: -chardev socket,id=c,path=PATH "
+            "-device vhost-user-blk-pci,chardev=c,num-queues=N "
+            "(guest RAM must be shared: memory-backend-memfd,share=on)."
+        ),
+    )
+    where = blk.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket")
+    where.add_argument(
+        "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
+    )
+    blk.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")
+    blk.add_argument("--read-only", action="store_true", help="export the image read-only")
+    blk.add_argument("--num-queues", type=int, default=1, metavar="N", help="virtqueues (1)")
+    blk.add_argument(
+        "--queue-size", type=int, default=256, metavar="N", help="maximum virtqueue size (256)"
+    )
+    blk.add_argument("--serial", default="", metavar="ID", help="disk serial (<= 20 ASCII bytes)")
+    blk.add_argument(
+        "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
+    )
+    blk.set_defaults(func=run_blk)
+    blk.error = lambda message: _fail(f"virtio serve blk: {message}", status=2)  # type: ignore[method-assign]
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _fail(message: str, *, status: int = 1) -> NoReturn:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def run_blk(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps(BLK_CAPABILITIES))
+        return 0
+    if args.socket_path is None and args.fd is None:
+        _fail("virtio serve blk: one of --socket-path or --fd is required", status=2)
+    if not args.blk_file:
+        _fail("virtio serve blk: --blk-file is required", status=2)
+    from virtio.devices.blk import BlkOptions, ImageLockedError, VirtioBlk
+
+    try:
+        opts = BlkOptions(
+            path=args.blk_file,
+            read_only=args.read_only,
+            num_queues=args.num_queues,
+            queue_size=args.queue_size,
+            serial=args.serial,
+        )
+    except ValueError as exc:
+        _fail(f"virtio serve blk: {exc}", status=2)
+    try:
+        device = VirtioBlk.from_options(opts)
+    except ImageLockedError as exc:
+        _fail(f"virtio serve blk: {exc}")
+    except OSError as exc:
+        _fail(f"virtio serve blk: cannot open {args.blk_file}: {exc.strerror or exc}")
+    try:
+        return trio.run(_serve, device, args)
+    except OSError as exc:
+        _fail(f"virtio serve blk: {exc}")
+    finally:
+        device.close()
+
+
+def _statistics(device: Any, server: Any) -> str:
+    backend = getattr(device, "backend", None)
+    parts = [
+        f"connections={server.connections}",
+        f"resubmitted={server.resubmitted}",
+        "vring_requests="
+        + ",".join(str(n) for _, n in sorted(server.requests_per_vring().items())),
+        f"fdatasync={getattr(backend, 'sync_calls', 'n/a')}",
+        f"needs_reset={int(device.needs_reset)}",
+    ]
+    return " ".join(parts)
+
+
+async def _serve(device: Any, args: argparse.Namespace) -> int:
+    from virtio.transport.vhost_user.server import VhostUserServer
+
+    server = VhostUserServer(device, name="virtio-blk")
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    with trio.open_signal_receiver(*signals) as receiver:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop() -> None:
+                if args.socket_path is not None:
+                    await server.serve_path(args.socket_path)
+                else:
+                    await server.serve_fd(args.fd)  # a connected fd: one connection
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(serve_then_stop)
+            async for signum in receiver:
+                if signum == signal.SIGUSR1:
+                    print(
+                        f"virtio serve blk: statistics: {_statistics(device, server)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
+                log.warning("%s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    print(
+        f"virtio serve blk: statistics: {_statistics(device, server)}", file=sys.stderr, flush=True
+    )
+    return 0
