@@ -1,0 +1,785 @@
+"""virtio-mmio transport, version 2 (virtio 1.4 §4.2.2-§4.2.3).
+
+``MmioTransport`` is the register file of one virtio-mmio device in front of any
+``VirtioDevice``.  It is pure: ``read(offset, size)`` / ``write(offset, size, value)``
+are what a VMM calls on an MMIO exit inside the device's window (it also has the
+``name`` / ``register_name`` of the emulator's bus protocol, so it can be mapped
+directly with ``bus.add_mmio``).
+
+What it does:
+
+* the register table of §4.2.2 (MagicValue, Version 2, DeviceID, VendorID, feature
+  windows, queue selection and setup, QueueNotify, InterruptStatus/ACK, Status,
+  SHM registers (no shared memory regions: length and base read as all ones),
+  QueueReset (with VIRTIO_F_RING_RESET), ConfigGeneration, the device configuration
+  space from 0x100);
+* the device status state machine (§2.1, §3.1.1): ACKNOWLEDGE -> DRIVER ->
+  FEATURES_OK -> DRIVER_OK, writing 0 resets (§2.4, §4.2.2.1).  At FEATURES_OK the
+  device checks the features: the transport adds its own bits to what the device
+  offers (VIRTIO_F_VERSION_1 is required, the modern interface has no legacy mode;
+  VIRTIO_F_RING_RESET), bits the driver accepted without them being offered or a
+  missing VERSION_1 leave FEATURES_OK clear (the driver reads Status back, §3.1.1
+  step 6);
+* queues are validated and started (``QueueConfig.activate`` with packed / event
+  index / indirect from the negotiated features) when the driver writes QueueReady=1;
+  at DRIVER_OK the transport builds the ``ActiveDevice``;
+* notifications: a QueueNotify write kicks the queue; a used-buffer notification
+  sets InterruptStatus bit 0 and raises the interrupt line (``interrupt(level)``);
+  InterruptACK lowers it once no bit is left.
+
+Driver errors never raise out of ``read``/``write``: every violation becomes a typed
+``DriverError`` subclass (``MmioAccessError``, ``DeviceStatusError``,
+``FeatureNegotiationError``, ``QueueSetupError``, ``NotificationError``, or the
+engine's ``QueueConfigError``/``DescriptorChainError``) naming the spec section,
+appended to ``transport.errors`` and logged.  Errors the device cannot recover from
+set DEVICE_NEEDS_RESET and, if DRIVER_OK is set, send a configuration change
+notification (InterruptStatus bit 1, §2.1.2).  Two kinds leave the device state
+untouched and so do not need a reset: unacceptable features are answered the way
+§3.1.1 provides (FEATURES_OK stays clear), and a forbidden register access is
+dropped (reads return 0).
+
+Execution model (why synchronous).  The emulator's VMM is single-threaded: one vCPU
+loop that stops on every exit.  For exit counts to be deterministic (and equal on KVM
+and the soft CPU) the device must have processed everything the driver made
+available *before* the vCPU resumes after the QueueNotify write: otherwise how
+often the guest polls the used ring depends on thread scheduling.  Device ``handle``
+methods are ``async`` (trio): backends await checkpoints or worker threads
+(``RawFileBackend`` batches ``preadv``/``pwritev`` through ``trio.to_thread``), so
+they cannot be driven by ``coroutine.send`` without trio.  Running the vCPU loop in a
+trio worker thread (``trio.to_thread`` around KVM_RUN) was rejected: the KVM
+backend's deadline uses ``SIGALRM``/``ITIMER_REAL``, which only reaches the main
+thread, so the vCPU has to stay on the main thread.  Hence ``TrioRunner``: one trio
+loop in a background thread for the life of the machine; on a QueueNotify exit the
+transport calls ``runner.call(service)``, which runs the §2.7.10 service loop
+(disable notifications, pop every available chain, ``device.handle`` them
+concurrently so backends can batch, one ``add_used_batch``, an interrupt if the
+driver's suppression allows, re-enable and re-check) and blocks the vCPU thread
+until it is done.  The cost is one thread hand-off per notify (tens of µs), paid
+once per batch at queue depth 32.  A KVM ioeventfd on QueueNotify is deliberately not
+used on this path: it would let the vCPU run on while the device works (that is the
+vhost-user path's model).
+
+Without a runner (``runner=None``) the transport is asynchronous: at DRIVER_OK it
+calls ``on_driver_ok(active)`` so that the owner can run ``device.run(active)`` in a
+trio nursery, and QueueNotify writes wake the queue's ``MmioQueueNotifier`` (call
+``read``/``write`` from the trio thread).  That mode serves devices that override
+``serve_queue`` (the synchronous service loop only uses ``handle``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from virtio.device import ActiveDevice, VirtioDevice
+from virtio.errors import DescriptorChainError, DriverError, QueueBrokenError, QueueConfigError
+from virtio.memory import GuestMemory
+from virtio.queues.chain import DescriptorChain
+from virtio.queues.virtqueue import QueueConfig, Virtqueue
+from virtio.spec.features import TransportFeature as TF
+from virtio.spec.mmio import (
+    VIRTIO_MMIO_MAGIC,
+    VIRTIO_MMIO_VERSION_MODERN,
+    MmioInterrupt,
+    MmioReg,
+)
+from virtio.spec.status import DeviceStatus as S
+
+log = logging.getLogger(__name__)
+
+R = MmioReg
+INT_VRING = int(MmioInterrupt.VIRTIO_MMIO_INT_VRING)
+INT_CONFIG = int(MmioInterrupt.VIRTIO_MMIO_INT_CONFIG)
+CONFIG_BASE = int(R.VIRTIO_MMIO_CONFIG)
+VENDOR_ID = 0x554D4551  # "QEMU" as Linux/QEMU report it; any value is allowed (§4.2.2)
+ALL_ONES_32 = 0xFFFF_FFFF
+
+F_VERSION_1 = TF.VIRTIO_F_VERSION_1.mask
+F_RING_RESET = TF.VIRTIO_F_RING_RESET.mask
+F_RING_PACKED = TF.VIRTIO_F_RING_PACKED.mask
+F_EVENT_IDX = TF.VIRTIO_F_EVENT_IDX.mask
+F_INDIRECT = TF.VIRTIO_F_INDIRECT_DESC.mask
+TRANSPORT_FEATURES = F_VERSION_1 | F_RING_RESET
+"""Bits the transport itself offers on top of the device's."""
+
+ACK, DRIVER, FEATURES_OK, DRIVER_OK = (
+    int(S.ACKNOWLEDGE),
+    int(S.DRIVER),
+    int(S.FEATURES_OK),
+    int(S.DRIVER_OK),
+)
+FAILED, NEEDS_RESET = int(S.FAILED), int(S.DEVICE_NEEDS_RESET)
+DRIVER_BITS = ACK | DRIVER | FEATURES_OK | DRIVER_OK | FAILED
+
+
+# -- typed driver errors -------------------------------------------------------------------
+class MmioAccessError(DriverError):
+    """A register access the register layout forbids: wrong width or alignment, an
+    undefined offset, a write to a read-only or a read of a write-only register, a
+    configuration access outside the configuration space (§4.2.2.2)."""
+
+    section = "4.2.2.2"
+
+
+class DeviceStatusError(DriverError):
+    """A Status write out of the initialization order (§3.1.1) or clearing a bit
+    (§2.1.1)."""
+
+    section = "3.1.1"
+
+
+class FeatureNegotiationError(DriverError):
+    """Features the device did not offer, VERSION_1 not accepted, or feature
+    writes after FEATURES_OK (§2.2.1, §3.1.1, §6.1)."""
+
+    section = "2.2.1"
+
+
+class QueueSetupError(DriverError):
+    """Queue registers used out of order: QueueNum above QueueNumMax, queue setup
+    while the queue is ready, QueueReady before FEATURES_OK, a QueueSel beyond the
+    device's queues (§4.2.2.2, §4.2.3.2)."""
+
+    section = "4.2.3.2"
+
+
+class NotificationError(DriverError):
+    """An available-buffer notification before DRIVER_OK or for a queue that does not
+    exist or is not ready (§3.1.1, §4.2.3.3)."""
+
+    section = "4.2.3.3"
+
+
+# -- register access rules (§4.2.2) ----------------------------------------------------------
+_READ = {
+    R.VIRTIO_MMIO_MAGIC_VALUE,
+    R.VIRTIO_MMIO_VERSION,
+    R.VIRTIO_MMIO_DEVICE_ID,
+    R.VIRTIO_MMIO_VENDOR_ID,
+    R.VIRTIO_MMIO_DEVICE_FEATURES,
+    R.VIRTIO_MMIO_QUEUE_NUM_MAX,
+    R.VIRTIO_MMIO_QUEUE_READY,
+    R.VIRTIO_MMIO_INTERRUPT_STATUS,
+    R.VIRTIO_MMIO_STATUS,
+    R.VIRTIO_MMIO_SHM_LEN_LOW,
+    R.VIRTIO_MMIO_SHM_LEN_HIGH,
+    R.VIRTIO_MMIO_SHM_BASE_LOW,
+    R.VIRTIO_MMIO_SHM_BASE_HIGH,
+    R.VIRTIO_MMIO_QUEUE_RESET,
+    R.VIRTIO_MMIO_CONFIG_GENERATION,
+}
+_WRITE = {
+    R.VIRTIO_MMIO_DEVICE_FEATURES_SEL,
+    R.VIRTIO_MMIO_DRIVER_FEATURES,
+    R.VIRTIO_MMIO_DRIVER_FEATURES_SEL,
+    R.VIRTIO_MMIO_QUEUE_SEL,
+    R.VIRTIO_MMIO_QUEUE_NUM,
+    R.VIRTIO_MMIO_QUEUE_READY,
+    R.VIRTIO_MMIO_QUEUE_NOTIFY,
+    R.VIRTIO_MMIO_INTERRUPT_ACK,
+    R.VIRTIO_MMIO_STATUS,
+    R.VIRTIO_MMIO_QUEUE_DESC_LOW,
+    R.VIRTIO_MMIO_QUEUE_DESC_HIGH,
+    R.VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+    R.VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+    R.VIRTIO_MMIO_QUEUE_USED_LOW,
+    R.VIRTIO_MMIO_QUEUE_USED_HIGH,
+    R.VIRTIO_MMIO_SHM_SEL,
+    R.VIRTIO_MMIO_QUEUE_RESET,
+}
+READ_REGISTERS = frozenset(int(r) for r in _READ)
+WRITE_REGISTERS = frozenset(int(r) for r in _WRITE)
+
+
+def _short_name(reg: MmioReg) -> str:
+    name = reg.name.removeprefix("VIRTIO_MMIO_").lower()
+    return name.replace("queue_avail", "queue_driver").replace("queue_used", "queue_device")
+
+
+REGISTER_NAMES = {int(r): _short_name(r) for r in MmioReg}
+REGISTER_NAMES[CONFIG_BASE] = "config"
+
+
+# -- a trio loop for synchronous callers ---------------------------------------------------
+class TrioRunner:
+    """One trio event loop in a daemon thread; ``call`` runs an async function there and
+    blocks the calling (vCPU) thread until it returns (or re-raises its exception)."""
+
+    def __init__(self, name: str = "virtio-trio") -> None:
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        self.calls = 0
+
+    def _main(self) -> None:
+        async def amain() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            self._ready.set()
+            await self._stop.wait()
+
+        trio.run(amain)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._token is None:
+            raise RuntimeError("TrioRunner is closed")
+        self.calls += 1
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def close(self) -> None:
+        if self._token is None:
+            return
+        token, stop = self._token, self._stop
+        self._token = None
+        assert stop is not None
+        trio.from_thread.run_sync(stop.set, trio_token=token)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> TrioRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MmioQueueNotifier:
+    """``QueueNotifier`` for the asynchronous mode: QueueNotify sets a trio event."""
+
+    def __init__(self, transport: MmioTransport, index: int) -> None:
+        self._transport = transport
+        self.index = index
+        self._event = trio.Event()
+        self.kicks = 0
+
+    def kick(self) -> None:
+        self.kicks += 1
+        self._event.set()
+
+    async def wait_kick(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
+
+    def notify_used(self) -> None:
+        self._transport.used_buffer_notification(self.index)
+
+
+class _QueueRegs:
+    """Per-queue transport state: the registers plus the running queue."""
+
+    def __init__(self, max_size: int) -> None:
+        self.config = QueueConfig(max_size)
+        self.reset_pending = False  # QueueReset reads 1 after a reset until re-enabled
+        self.vq: Virtqueue | None = None
+
+    def reset(self) -> None:
+        self.config.reset()
+        self.vq = None
+
+
+class MmioTransport:
+    """One virtio-mmio (version 2) device.
+
+    ``memory`` is a ``GuestMemory`` or a callable returning one (called when the first
+    queue starts, e.g. to map the VMM's RAM lazily).  ``interrupt(level)`` drives the
+    device's interrupt line.  ``runner``: a ``TrioRunner`` for the synchronous mode
+    (see the module doc); ``None`` for the asynchronous mode, where ``on_driver_ok``
+    receives the ``ActiveDevice``.
+    """
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory | Callable[[], GuestMemory],
+        interrupt: Callable[[bool], None] | None = None,
+        *,
+        runner: TrioRunner | None = None,
+        on_driver_ok: Callable[[ActiveDevice], None] | None = None,
+        name: str = "virtio-mmio",
+        vendor_id: int = VENDOR_ID,
+        ring_reset: bool = True,
+    ) -> None:
+        self.device = device
+        self.name = name
+        self._memory_source = memory
+        self._memory: GuestMemory | None = memory if isinstance(memory, GuestMemory) else None
+        self.interrupt = interrupt or (lambda level: None)
+        self.runner = runner
+        self.on_driver_ok = on_driver_ok
+        self.vendor_id = vendor_id
+        self.transport_features = F_VERSION_1 | (F_RING_RESET if ring_reset else 0)
+        self.errors: list[DriverError] = []
+        self.queues = [_QueueRegs(n) for n in device.queue_max_sizes]
+        self.notifiers = [MmioQueueNotifier(self, i) for i in range(len(self.queues))]
+        self.active: ActiveDevice | None = None
+        self.config_generation = 0
+        self.interrupts_raised = 0
+        self.kicks = 0
+        self._line = False
+        self._reset_state()
+
+    # -- state ----------------------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.shm_sel = 0
+        self.interrupt_status = 0
+        for q in self.queues:
+            q.reset()
+            q.reset_pending = False
+        self.active = None
+        self._update_line()
+
+    def reset(self) -> None:
+        """Device reset (§2.4, §4.2.2.1): status, features, queues and interrupts."""
+        self._reset_state()
+        self.device.reset()
+
+    @property
+    def memory(self) -> GuestMemory:
+        if self._memory is None:
+            source = self._memory_source
+            assert callable(source)
+            self._memory = source()
+        return self._memory
+
+    @property
+    def offered_features(self) -> int:
+        return self.device.offered_features() | self.transport_features
+
+    @property
+    def negotiated(self) -> int:
+        """The accepted features (meaningful once FEATURES_OK is set)."""
+        return self.driver_features if self.status & FEATURES_OK else 0
+
+    def has(self, mask: int) -> bool:
+        return bool(self.negotiated & mask)
+
+    # -- interrupts -------------------------------------------------------------------------
+    def _update_line(self) -> None:
+        level = self.interrupt_status != 0
+        if level and not self._line:
+            self.interrupts_raised += 1
+        if level != self._line or level:
+            self._line = level
+            self.interrupt(level)
+
+    def used_buffer_notification(self, index: int = 0) -> None:
+        """Used Buffer Notification (§2.3, §4.2.3.4): InterruptStatus bit 0 + IRQ."""
+        self.interrupt_status |= INT_VRING
+        self._update_line()
+
+    def config_change_notification(self) -> None:
+        """Configuration Change Notification (§4.2.3.4): InterruptStatus bit 1 + IRQ."""
+        self.interrupt_status |= INT_CONFIG
+        self._update_line()
+
+    def config_changed(self) -> None:
+        """The device changed its configuration space: bump ConfigGeneration (§2.5)
+        and notify the driver if it is running."""
+        self.config_generation = (self.config_generation + 1) & ALL_ONES_32
+        if self.status & DRIVER_OK:
+            self.config_change_notification()
+
+    # -- errors -------------------------------------------------------------------------------
+    def driver_error(self, exc: DriverError, *, needs_reset: bool = True) -> None:
+        """Record a driver error; unless recoverable, DEVICE_NEEDS_RESET (§2.1.2)."""
+        self.errors.append(exc)
+        log.error("%s: driver error: %s", self.name, exc)
+        if not needs_reset or self.status & NEEDS_RESET:
+            return
+        self.status |= NEEDS_RESET
+        self.device.needs_reset = True
+        if self.status & DRIVER_OK:
+            self.config_change_notification()
+
+    # -- bus protocol ----------------------------------------------------------------------------
+    def register_name(self, offset: int, is_write: bool) -> str:
+        if offset >= CONFIG_BASE:
+            return "config"
+        return REGISTER_NAMES.get(offset, f"{offset:#x}")
+
+    def read(self, offset: int, size: int) -> int:
+        try:
+            if offset >= CONFIG_BASE:
+                return self._read_config(offset - CONFIG_BASE, size)
+            self._check_control(offset, size, write=False)
+            return self._read_reg(offset) & ALL_ONES_32
+        except DriverError as exc:
+            self.driver_error(exc, needs_reset=not isinstance(exc, MmioAccessError))
+            return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        try:
+            if offset >= CONFIG_BASE:
+                self._write_config(offset - CONFIG_BASE, size, value)
+                return
+            self._check_control(offset, size, write=True)
+            self._write_reg(offset, value & ALL_ONES_32)
+        except (FeatureNegotiationError, MmioAccessError) as exc:
+            self.driver_error(exc, needs_reset=False)
+        except DriverError as exc:
+            self.driver_error(exc)
+
+    def _check_control(self, offset: int, size: int, *, write: bool) -> None:
+        if size != 4 or offset % 4:
+            raise MmioAccessError(
+                f"{size}-byte access at {offset:#x}: control registers take only 32-bit"
+                " wide and aligned accesses"
+            )
+        allowed = WRITE_REGISTERS if write else READ_REGISTERS
+        if offset in allowed:
+            return
+        other = READ_REGISTERS if write else WRITE_REGISTERS
+        name = REGISTER_NAMES.get(offset)
+        if offset in other:
+            kind = "read-only" if write else "write-only"
+            verb = "write to" if write else "read of"
+            raise MmioAccessError(f"{verb} the {kind} register {name} ({offset:#x})")
+        raise MmioAccessError(f"access to {offset:#x}, which is no register of the layout")
+
+    # -- configuration space -------------------------------------------------------------------
+    def _check_config(self, offset: int, size: int, length: int) -> None:
+        if size not in (1, 2, 4) or offset % size:
+            raise MmioAccessError(
+                f"{size}-byte configuration access at +{offset:#x}: only 8-, 16- and"
+                " aligned 32-bit accesses are allowed"
+            )
+        if offset + size > length:
+            raise MmioAccessError(
+                f"configuration access at +{offset:#x} (+{size}) beyond the"
+                f" {length}-byte configuration space"
+            )
+
+    def _read_config(self, offset: int, size: int) -> int:
+        data = self.device.config_bytes()
+        self._check_config(offset, size, len(data))
+        return int.from_bytes(data[offset : offset + size], "little")
+
+    def _write_config(self, offset: int, size: int, value: int) -> None:
+        self._check_config(offset, size, len(self.device.config_bytes()))
+        self.device.write_config(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    # -- control registers ----------------------------------------------------------------------
+    def _sel(self) -> _QueueRegs | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _read_reg(self, offset: int) -> int:
+        if offset == R.VIRTIO_MMIO_MAGIC_VALUE:
+            return VIRTIO_MMIO_MAGIC
+        if offset == R.VIRTIO_MMIO_VERSION:
+            return VIRTIO_MMIO_VERSION_MODERN
+        if offset == R.VIRTIO_MMIO_DEVICE_ID:
+            return int(self.device.device_id)
+        if offset == R.VIRTIO_MMIO_VENDOR_ID:
+            return self.vendor_id
+        if offset == R.VIRTIO_MMIO_DEVICE_FEATURES:
+            return (self.offered_features >> (32 * self.device_features_sel)) & ALL_ONES_32
+        if offset == R.VIRTIO_MMIO_QUEUE_NUM_MAX:
+            q = self._sel()
+            return q.config.max_size if q else 0  # 0: queue not available (§4.2.3.2)
+        if offset == R.VIRTIO_MMIO_QUEUE_READY:
+            q = self._sel()
+            return int(q.config.ready) if q else 0
+        if offset == R.VIRTIO_MMIO_INTERRUPT_STATUS:
+            return self.interrupt_status
+        if offset == R.VIRTIO_MMIO_STATUS:
+            return self.status
+        if offset in (
+            R.VIRTIO_MMIO_SHM_LEN_LOW,
+            R.VIRTIO_MMIO_SHM_LEN_HIGH,
+            R.VIRTIO_MMIO_SHM_BASE_LOW,
+            R.VIRTIO_MMIO_SHM_BASE_HIGH,
+        ):
+            return ALL_ONES_32  # no shared memory region with this id: length -1 (§4.2.2)
+        if offset == R.VIRTIO_MMIO_QUEUE_RESET:
+            q = self._sel()
+            return int(bool(q and q.reset_pending))
+        if offset == R.VIRTIO_MMIO_CONFIG_GENERATION:
+            return self.config_generation
+        raise AssertionError(offset)  # pragma: no cover - filtered by _check_control
+
+    def _write_reg(self, offset: int, value: int) -> None:
+        if offset == R.VIRTIO_MMIO_STATUS:
+            self._write_status(value)
+        elif offset == R.VIRTIO_MMIO_QUEUE_NOTIFY:
+            self._notify(value)
+        elif offset == R.VIRTIO_MMIO_INTERRUPT_ACK:
+            self.interrupt_status &= ~value
+            self._update_line()
+        elif offset == R.VIRTIO_MMIO_DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == R.VIRTIO_MMIO_DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == R.VIRTIO_MMIO_DRIVER_FEATURES:
+            self._write_driver_features(value)
+        elif offset == R.VIRTIO_MMIO_QUEUE_SEL:
+            self.queue_sel = value
+        elif offset == R.VIRTIO_MMIO_SHM_SEL:
+            self.shm_sel = value
+        elif offset == R.VIRTIO_MMIO_QUEUE_READY:
+            self._write_queue_ready(value)
+        elif offset == R.VIRTIO_MMIO_QUEUE_RESET:
+            self._write_queue_reset(value)
+        else:
+            self._write_queue_setup(offset, value)
+
+    # -- features -------------------------------------------------------------------------------
+    def _write_driver_features(self, value: int) -> None:
+        if self.status & FEATURES_OK:
+            raise FeatureNegotiationError(
+                "DriverFeatures written after FEATURES_OK: the driver must not accept new"
+                " features once the device accepted the set",
+                section="3.1.1",
+            )
+        if not self.status & DRIVER:
+            raise DeviceStatusError(
+                "DriverFeatures written before Status has DRIVER (feature negotiation is"
+                " step 4 of the initialization)",
+                section="3.1.1",
+            )
+        if self.driver_features_sel > 3:
+            raise FeatureNegotiationError(
+                f"DriverFeaturesSel {self.driver_features_sel} selects bits above 127,"
+                " which are reserved",
+                section="2.2",
+            )
+        shift = 32 * self.driver_features_sel
+        mask = ALL_ONES_32 << shift
+        self.driver_features = (self.driver_features & ~mask) | (value << shift)
+
+    def _features_acceptable(self) -> None:
+        """Device side of FEATURES_OK (§2.2.1, §3.1.1); raises if not acceptable."""
+        extra = self.driver_features & ~self.offered_features
+        if extra:
+            raise FeatureNegotiationError(
+                f"driver accepted feature bits {extra:#x} the device did not offer"
+            )
+        if not self.driver_features & F_VERSION_1:
+            raise FeatureNegotiationError(
+                "VIRTIO_F_VERSION_1 not accepted: a version 2 virtio-mmio device has no"
+                " legacy interface",
+                section="6.1",
+            )
+        self.device.ack_features(self.driver_features & self.device.offered_features())
+
+    # -- status ---------------------------------------------------------------------------------
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self.reset()
+            return
+        value &= ~(self.status & NEEDS_RESET)  # the driver may echo NEEDS_RESET back
+        old = self.status & DRIVER_BITS
+        if value & ~(DRIVER_BITS):
+            raise DeviceStatusError(
+                f"driver wrote Status bits {value & ~DRIVER_BITS:#x}: only ACKNOWLEDGE,"
+                " DRIVER, FEATURES_OK, DRIVER_OK and FAILED are the driver's",
+                section="2.1.1",
+            )
+        if old & ~value:
+            raise DeviceStatusError(
+                f"Status {value:#x} clears bits {old & ~value:#x}: the driver must not clear"
+                " a device status bit (only a reset, writing 0, does)",
+                section="2.1.1",
+            )
+        new = value & ~old
+        if new & FAILED:
+            self.status |= FAILED
+            log.info("%s: driver set FAILED", self.name)
+            new &= ~FAILED
+        order = ((ACK, 0), (DRIVER, ACK), (FEATURES_OK, DRIVER), (DRIVER_OK, FEATURES_OK))
+        for bit, needed in order:
+            if not new & bit:
+                continue
+            if needed and not (self.status | (new & needed)) & needed:
+                raise DeviceStatusError(
+                    f"Status bit {S(bit).name} set before {S(needed).name} (initialization order)"
+                )
+            if bit == FEATURES_OK:
+                self._features_acceptable()  # raises: FEATURES_OK stays clear
+            elif bit == DRIVER_OK:
+                self.status |= new & ~DRIVER_OK
+                self._driver_ok()
+            self.status |= bit
+
+    def _driver_ok(self) -> None:
+        queues = {i: q.vq for i, q in enumerate(self.queues) if q.vq is not None}
+        self.active = ActiveDevice(
+            self.memory,
+            self.negotiated,
+            queues,
+            {i: self.notifiers[i] for i in queues},
+            on_driver_error=self.driver_error,
+        )
+        if self.runner is None and self.on_driver_ok is not None:
+            self.on_driver_ok(self.active)
+
+    # -- queues ---------------------------------------------------------------------------------
+    def _selected_for_setup(self, what: str) -> _QueueRegs:
+        q = self._sel()
+        if q is None:
+            raise QueueSetupError(
+                f"{what} written with QueueSel {self.queue_sel}, but the device has"
+                f" {len(self.queues)} queue(s) (QueueNumMax reads 0)"
+            )
+        if q.config.ready:
+            raise QueueSetupError(
+                f"{what} written for queue {self.queue_sel} while QueueReady is 1: queue"
+                " setup happens only while the queue is not ready"
+            )
+        return q
+
+    def _write_queue_setup(self, offset: int, value: int) -> None:
+        name = REGISTER_NAMES[offset]
+        q = self._selected_for_setup(name)
+        c = q.config
+        if offset == R.VIRTIO_MMIO_QUEUE_NUM:
+            if not 0 < value <= c.max_size:
+                raise QueueSetupError(
+                    f"QueueNum {value} for queue {self.queue_sel} outside 1..QueueNumMax"
+                    f" ({c.max_size})",
+                    section="4.2.2.2",
+                )
+            c.size = value
+            return
+        field = {
+            R.VIRTIO_MMIO_QUEUE_DESC_LOW: ("desc_addr", 0),
+            R.VIRTIO_MMIO_QUEUE_DESC_HIGH: ("desc_addr", 32),
+            R.VIRTIO_MMIO_QUEUE_AVAIL_LOW: ("driver_addr", 0),
+            R.VIRTIO_MMIO_QUEUE_AVAIL_HIGH: ("driver_addr", 32),
+            R.VIRTIO_MMIO_QUEUE_USED_LOW: ("device_addr", 0),
+            R.VIRTIO_MMIO_QUEUE_USED_HIGH: ("device_addr", 32),
+        }[MmioReg(offset)]
+        attr, shift = field
+        old = getattr(c, attr)
+        setattr(c, attr, (old & ~(ALL_ONES_32 << shift)) | (value << shift))
+
+    def _write_queue_ready(self, value: int) -> None:
+        q = self._sel()
+        if q is None:
+            raise QueueSetupError(
+                f"QueueReady written for queue {self.queue_sel}, which does not exist"
+            )
+        if value == 0:
+            # Stop using the queue (§4.2.2: the driver writes 0 and reads it back).
+            q.config.ready = False
+            q.vq = None
+            if self.active is not None:
+                self.active.queues.pop(self.queue_sel, None)
+            return
+        if value != 1:
+            raise QueueSetupError(f"QueueReady written with {value}: only 0 and 1 are defined")
+        if q.config.ready:
+            return
+        if not self.status & FEATURES_OK:
+            raise QueueSetupError(
+                "QueueReady=1 before FEATURES_OK: virtqueues are set up after feature"
+                " negotiation (step 7 of the initialization)",
+                section="3.1.1",
+            )
+        if self.status & NEEDS_RESET:
+            return
+        feats = self.negotiated
+        try:
+            vq = q.config.activate(
+                self.memory,
+                packed=bool(feats & F_RING_PACKED),
+                event_idx=bool(feats & F_EVENT_IDX),
+                indirect=bool(feats & F_INDIRECT),
+                name=f"{self.name}.q{self.queue_sel}",
+            )
+        except QueueConfigError as exc:
+            raise QueueConfigError(
+                f"queue {self.queue_sel}: {exc.message}", section=exc.section
+            ) from exc
+        q.config.ready = True
+        q.reset_pending = False
+        q.vq = vq
+        if self.active is not None:
+            self.active.queues[self.queue_sel] = vq
+            self.active.notifiers[self.queue_sel] = self.notifiers[self.queue_sel]
+
+    def _write_queue_reset(self, value: int) -> None:
+        if not self.has(F_RING_RESET):
+            raise QueueSetupError(
+                "QueueReset written but VIRTIO_F_RING_RESET was not negotiated",
+                section="4.2.2.2",
+            )
+        q = self._sel()
+        if q is None:
+            raise QueueSetupError(f"QueueReset for queue {self.queue_sel}, which does not exist")
+        if value != 1:
+            raise QueueSetupError(
+                f"QueueReset written with {value}: the driver resets a queue by writing 1",
+                section="4.2.2.2",
+            )
+        q.reset()
+        q.reset_pending = True
+        if self.active is not None:
+            self.active.queues.pop(self.queue_sel, None)
+
+    # -- notifications ----------------------------------------------------------------------------
+    def _notify(self, value: int) -> None:
+        index = value & 0xFFFF  # without NOTIFICATION_DATA the value is the queue index
+        if self.status & NEEDS_RESET:
+            return  # the device stopped; the driver has to reset it
+        if not self.status & DRIVER_OK:
+            raise NotificationError(
+                f"QueueNotify({index}) before DRIVER_OK: the driver must not notify before"
+                " the device is live",
+                section="3.1.1",
+            )
+        if index >= len(self.queues) or self.queues[index].vq is None:
+            raise NotificationError(f"QueueNotify for queue {index}, which is not ready")
+        self.kicks += 1
+        if self.runner is None:
+            self.notifiers[index].kick()
+            return
+        vq = self.queues[index].vq
+        assert vq is not None
+        self.runner.call(self.service_queue, index, vq)
+
+    async def service_queue(self, index: int, vq: Virtqueue) -> None:
+        """Process every chain available on ``vq`` (the §2.7.10 device loop): handle
+        each batch concurrently, complete it with one used-index update, notify the
+        driver as its suppression settings allow, re-enable and re-check."""
+        device = self.device
+        try:
+            while True:
+                vq.disable_notification()
+                while chains := vq.pop_batch():
+                    lengths = [0] * len(chains)
+                    failed: list[DriverError] = []
+
+                    async def one(i: int, chain: DescriptorChain, lengths=lengths, failed=failed):
+                        try:
+                            lengths[i] = await device.handle(index, chain)
+                        except DriverError as exc:
+                            failed.append(exc)
+
+                    if len(chains) == 1:
+                        await one(0, chains[0])
+                    else:
+                        async with trio.open_nursery() as nursery:
+                            for i, chain in enumerate(chains):
+                                nursery.start_soon(one, i, chain)
+                    if failed:
+                        raise failed[0]
+                    vq.add_used_batch(zip(chains, lengths, strict=True))
+                    if vq.needs_notification():
+                        self.used_buffer_notification(index)
+                if not vq.enable_notification():
+                    return
+        except (DescriptorChainError, DriverError) as exc:
+            self.driver_error(exc)
+        except QueueBrokenError:
+            pass
