@@ -60,6 +60,13 @@ USER_BASE = 0x7F00_0000_0000
 """Where ``GuestRam`` pretends the front-end mapped guest RAM."""
 
 
+def _name(request: int) -> str:
+    try:
+        return R(request).name
+    except ValueError:
+        return f"request {request}"
+
+
 class FrontendError(Exception):
     """The back-end answered something unexpected (or closed the connection)."""
 
@@ -255,14 +262,14 @@ class VhostUserFrontend:
             data, _ = await self.recv_reply(request)
             status = int.from_bytes(data, "little")
             if status != 0:
-                raise FrontendError(f"{R(request).name} failed (status {status})")
+                raise FrontendError(f"{_name(request)} failed (status {status})")
         return None
 
     async def get_u64(self, request: int) -> int:
         data = await self.request(request, reply=True)
         assert data is not None
         if len(data) != 8:
-            raise FrontendError(f"{R(request).name}: reply of {len(data)} bytes")
+            raise FrontendError(f"{_name(request)}: reply of {len(data)} bytes")
         return int.from_bytes(data, "little")
 
     async def negotiate(
@@ -304,20 +311,22 @@ class VhostUserFrontend:
         ram: GuestRam,
         *,
         size: int = 64,
-        base: int = 0,
+        offset: int = 0,
+        vring_base: int = 0,
         data_size: int = 1 << 20,
         enable: bool = True,
         driver: DriverQueue | None = None,
     ) -> FrontendVring:
         """SET_VRING_NUM/BASE/ADDR/KICK/CALL/ERR (+ ENABLE) for a new ``DriverQueue``
-        placed at ``ram`` offset ``base``.  The driver queue uses this front-end's
-        negotiated EVENT_IDX / INDIRECT / RING_PACKED bits."""
+        placed at guest address ``offset`` (or for ``driver``, an existing one: a
+        reconnect).  ``vring_base`` is the SET_VRING_BASE value.  The driver queue
+        uses this front-end's negotiated EVENT_IDX / INDIRECT / RING_PACKED bits."""
         f = self.features
         if driver is None:
             driver = DriverQueue(
                 ram.memory,
                 size,
-                base=base,
+                base=offset,
                 packed=bool(f & TF.VIRTIO_F_RING_PACKED.mask),
                 event_idx=bool(f & TF.VIRTIO_F_EVENT_IDX.mask),
                 indirect=bool(f & TF.VIRTIO_F_INDIRECT_DESC.mask),
@@ -325,7 +334,7 @@ class VhostUserFrontend:
             )
         ack = self.reply_ack
         await self.request(R.SET_VRING_NUM, VringState(index, driver.size), need_reply=ack)
-        await self.request(R.SET_VRING_BASE, VringState(index, 0), need_reply=ack)
+        await self.request(R.SET_VRING_BASE, VringState(index, vring_base), need_reply=ack)
         await self.set_vring_addr(index, ram, driver)
         kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -398,7 +407,7 @@ class EchoDevice(VirtioDevice):
     """A minimal device for transport tests: copies each chain's readable bytes
     (reversed) into its writable part and returns the count.  ``delay`` makes every
     request take that long (requests in flight); ``gate`` (a ``trio.Event``), if set,
-    holds every request until it is set."""
+    holds every request until it is set; ``hold`` holds chosen requests forever."""
 
     device_id = DeviceId.VIRTIO_ID_CONSOLE
 
@@ -410,6 +419,8 @@ class EchoDevice(VirtioDevice):
         self.config = bytearray(config)
         self.delay = 0.0
         self.gate: trio.Event | None = None
+        self.hold: set[bytes] = set()
+        """Requests whose readable bytes are in ``hold`` never complete (until cancelled)."""
         self.handled = 0
         self.resets = 0
 
@@ -425,6 +436,8 @@ class EchoDevice(VirtioDevice):
 
     async def handle(self, queue_index: int, chain: DescriptorChain) -> int:
         data = chain.reader().read()
+        if data in self.hold:
+            await trio.sleep_forever()
         if self.gate is not None:
             await self.gate.wait()
         if self.delay:

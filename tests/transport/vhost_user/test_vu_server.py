@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,6 @@ import trio
 
 from virtio.testing.vhost_user_frontend import EchoDevice, GuestRam, VhostUserFrontend
 from virtio.transport.vhost_user.messages import FrontendRequest as R
-from virtio.transport.vhost_user.messages import VringState
 from virtio.transport.vhost_user.server import VhostUserServer
 
 MiB = 1 << 20
@@ -53,8 +53,8 @@ async def test_bring_up_io_vring_base_and_reconnect(caplog: pytest.LogCaptureFix
                 assert fe.reply_ack
                 assert await fe.get_u64(R.GET_QUEUE_NUM) == 2
                 await fe.set_mem_table(ram)
-                vq0 = await fe.setup_vring(0, ram, size=64, base=0)
-                vq1 = await fe.setup_vring(1, ram, size=64, base=2 * MiB)
+                vq0 = await fe.setup_vring(0, ram, size=64, offset=0)
+                vq1 = await fe.setup_vring(1, ram, size=64, offset=2 * MiB)
                 for vq, text in ((vq0, b"hello"), (vq1, b"world!")):
                     token = vq.driver.add([text], [32])
                     vq.publish_and_kick()
@@ -75,7 +75,7 @@ async def test_bring_up_io_vring_base_and_reconnect(caplog: pytest.LogCaptureFix
             async with connected(server, nursery) as fe:
                 await fe.negotiate()
                 await fe.set_mem_table(ram)
-                vq = await fe.setup_vring(0, ram, size=64, base=4 * MiB)
+                vq = await fe.setup_vring(0, ram, size=64, offset=4 * MiB)
                 vq.driver.add([b"again"], [8])
                 vq.publish_and_kick()
                 (used,) = await vq.wait_used()
@@ -117,4 +117,48 @@ async def test_config_and_status() -> None:
         await fe.request(R.SET_STATUS, 0x0F, need_reply=True)
         assert await fe.get_u64(R.GET_STATUS) == 0x0F
         assert await fe.get_u64(R.GET_MAX_MEM_SLOTS) == 32
-        assert VringState(0, 0)  # keep import used
+
+
+async def test_reconnect_resubmits_in_flight_requests_from_the_inflight_area() -> None:
+    """Out-of-order completion, then the connection dies: B was used, A and C were
+    popped but never used.  A new connection with the same inflight fd resubmits
+    exactly A and C (a back-end restarting at the used index would redo B and lose A)."""
+    device = EchoDevice()
+    server = VhostUserServer(device, drain_timeout=0.2)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery:
+            async with connected(server, nursery) as fe:
+                await fe.negotiate()
+                fd, size = await fe.get_inflight_fd(1, 16)
+                await fe.set_inflight_fd(fd, size, 1, 16)
+                await fe.set_mem_table(ram)
+                vq = await fe.setup_vring(0, ram, size=16)
+                device.hold = {b"AAAA", b"CCCC"}
+                tokens = {name: vq.driver.add([name * 4], [8]) for name in (b"A", b"B", b"C")}
+                vq.publish_and_kick()
+                (used,) = await vq.wait_used()
+                assert used.id == tokens[b"B"]
+                driver = vq.driver
+            device.hold = set()
+            assert server.handler is None
+            async with connected(server, nursery) as fe:
+                await fe.negotiate()
+                await fe.set_inflight_fd(fd, size, 1, 16)
+                await fe.set_mem_table(ram)
+                used_idx = ram.memory.read_u16(driver.device_addr + 2)
+                assert used_idx == 1
+                vq = await fe.setup_vring(0, ram, vring_base=used_idx, driver=driver)
+                got = await vq.wait_used(2)
+                assert {u.id for u in got} == {tokens[b"A"], tokens[b"C"]}
+                assert all(u.data[:4] in (b"AAAA", b"CCCC") for u in got)
+                assert server.resubmitted == 2
+                # the ring goes on normally afterwards
+                vq.driver.add([b"next"], [4])
+                vq.publish_and_kick()
+                (u,) = await vq.wait_used()
+                assert u.data == b"txen"
+                assert await fe.get_vring_base(0) == 4
+            os.close(fd)
+    finally:
+        ram.close()
