@@ -9,22 +9,52 @@ buffers and logs the pages it dirties when migration logging is on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from virtio.errors import DescriptorChainError
+from virtio.spec.sections import S_2_7_4
 
 if TYPE_CHECKING:
-    from virtio.queues.chain import DescriptorChain
+    from virtio.queues.chain import DescriptorChain, Segment
 
 
-class ChainReader:
+class _Cursor:
+    """A position in a list of buffers; ``_take(n)`` consumes up to ``n`` bytes."""
+
+    def __init__(self, views: list[memoryview], segments: list[Segment], total: int) -> None:
+        self._views = views
+        self._segs = segments
+        self._seg = 0
+        self._off = 0
+        self.remaining = total
+
+    def _take(self, n: int) -> Iterator[tuple[int, memoryview]]:
+        """Yield ``(guest address, host view)`` pieces covering the next ``n`` bytes."""
+        n = min(n, self.remaining)
+        self.remaining -= n
+        while n:
+            view = self._views[self._seg]
+            k = min(n, len(view) - self._off)
+            yield self._segs[self._seg].addr + self._off, view[self._off : self._off + k]
+            n -= k
+            self._off += k
+            if self._off == len(view):
+                self._seg += 1
+                self._off = 0
+
+    def skip(self, n: int) -> int:
+        before = self.remaining
+        for _ in self._take(n):
+            pass
+        return before - self.remaining
+
+
+class ChainReader(_Cursor):
     """Sequential reader over the device-readable part of a chain."""
 
     def __init__(self, chain: DescriptorChain) -> None:
-        self._views = chain.readable()
-        self._seg = 0
-        self._off = 0
-        self.remaining = chain.readable_len
+        super().__init__(chain.readable(), chain.segments[: chain.nreadable], chain.readable_len)
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all that remain when ``n < 0``)."""
@@ -39,60 +69,25 @@ class ChainReader:
         if n > self.remaining:
             raise DescriptorChainError(
                 f"device-readable part too short for {what}: need {n}, have {self.remaining}",
-                section="2.7.4",
+                section=S_2_7_4.number,
             )
         return self.read(n)
 
     def readinto(self, buf: bytearray | memoryview) -> int:
         """Fill ``buf`` (as far as the chain goes); returns the bytes copied."""
         dst = memoryview(buf).cast("B")
-        want = min(len(dst), self.remaining)
         pos = 0
-        while pos < want:
-            view = self._views[self._seg]
-            n = min(want - pos, len(view) - self._off)
-            dst[pos : pos + n] = view[self._off : self._off + n]
-            pos += n
-            self._off += n
-            if self._off == len(view):
-                self._seg += 1
-                self._off = 0
-        self.remaining -= pos
+        for _, view in self._take(len(dst)):
+            dst[pos : pos + len(view)] = view
+            pos += len(view)
         return pos
-
-    def skip(self, n: int) -> int:
-        n = min(n, self.remaining)
-        left = n
-        while left:
-            view = self._views[self._seg]
-            k = min(left, len(view) - self._off)
-            left -= k
-            self._off += k
-            if self._off == len(view):
-                self._seg += 1
-                self._off = 0
-        self.remaining -= n
-        return n
 
     def views(self, n: int) -> list[memoryview]:
         """Consume ``n`` bytes and return them as host views (zero copy)."""
-        n = min(n, self.remaining)
-        out = []
-        left = n
-        while left:
-            view = self._views[self._seg]
-            k = min(left, len(view) - self._off)
-            out.append(view[self._off : self._off + k])
-            left -= k
-            self._off += k
-            if self._off == len(view):
-                self._seg += 1
-                self._off = 0
-        self.remaining -= n
-        return out
+        return [view for _, view in self._take(n)]
 
 
-class ChainWriter:
+class ChainWriter(_Cursor):
     """Sequential writer over the device-writable part of a chain.
 
     ``written`` counts the bytes written, the ``len`` to report in ``add_used``
@@ -100,33 +95,21 @@ class ChainWriter:
     """
 
     def __init__(self, chain: DescriptorChain) -> None:
+        super().__init__(chain.writable(), chain.segments[chain.nreadable :], chain.writable_len)
         self._chain = chain
-        self._segs = chain.segments[chain.nreadable :]
-        self._views = chain.writable()
-        self._seg = 0
-        self._off = 0
-        self.remaining = chain.writable_len
+        self._memory = chain.queue.memory
         self.written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write as much of ``data`` as fits; returns the bytes written."""
         src = memoryview(data).cast("B")
-        want = min(len(src), self.remaining)
         pos = 0
-        mem = self._chain.queue.memory
-        logging = mem.logging
-        while pos < want:
-            view = self._views[self._seg]
-            n = min(want - pos, len(view) - self._off)
-            view[self._off : self._off + n] = src[pos : pos + n]
-            if logging:
-                mem.log_dirty(self._segs[self._seg].addr + self._off, n)
-            pos += n
-            self._off += n
-            if self._off == len(view):
-                self._seg += 1
-                self._off = 0
-        self.remaining -= pos
+        log = self._memory.log_dirty if self._memory.logging else None
+        for addr, view in self._take(len(src)):
+            view[:] = src[pos : pos + len(view)]
+            if log is not None:
+                log(addr, len(view))
+            pos += len(view)
         self.written += pos
         return pos
 
@@ -135,7 +118,7 @@ class ChainWriter:
             raise DescriptorChainError(
                 f"device-writable part too short for {what}: need {len(data)}, "
                 f"have {self.remaining}",
-                section="2.7.4",
+                section=S_2_7_4.number,
             )
         self.write(data)
 
@@ -144,43 +127,24 @@ class ChainWriter:
 
         The bytes count as written; with dirty logging on they are logged now.
         """
-        n = min(n, self.remaining)
         out = []
-        left = n
-        mem = self._chain.queue.memory
-        while left:
-            view = self._views[self._seg]
-            k = min(left, len(view) - self._off)
-            out.append(view[self._off : self._off + k])
-            mem.log_dirty(self._segs[self._seg].addr + self._off, k)
-            left -= k
-            self._off += k
-            if self._off == len(view):
-                self._seg += 1
-                self._off = 0
-        self.remaining -= n
-        self.written += n
+        for addr, view in self._take(n):
+            self._memory.log_dirty(addr, len(view))
+            out.append(view)
+        self.written += sum(len(v) for v in out)
         return out
 
     def seek_end(self, tail: int) -> None:
         """Position the writer ``tail`` bytes before the end of the writable part
         (for trailing status bytes such as virtio-blk's ``status``)."""
-        if tail > self._chain.writable_len:
+        total = self._chain.writable_len
+        if tail > total:
             raise DescriptorChainError(
-                f"device-writable part shorter than its {tail}-byte trailer", section="2.7.4"
+                f"device-writable part shorter than its {tail}-byte trailer",
+                section=S_2_7_4.number,
             )
-        target = self._chain.writable_len - tail
         self._seg = 0
         self._off = 0
-        self.remaining = self._chain.writable_len
-        done = 0
-        while done < target:
-            view = self._views[self._seg]
-            k = min(target - done, len(view))
-            done += k
-            if k == len(view):
-                self._seg += 1
-            else:
-                self._off = k
-        self.remaining -= target
-        self.written = max(self.written, target)
+        self.remaining = total
+        self.skip(total - tail)
+        self.written = max(self.written, total - tail)
