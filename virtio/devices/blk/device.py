@@ -193,6 +193,7 @@ class VirtioBlk(VirtioDevice):
             status = await self.execute(req)
         except (OSError, BackendIOError) as exc:
             log.warning("virtio-blk: %r failed: %s", req, exc)
+            req.zero_fill_data()  # a partial read leaves no stale bytes behind
             status = IOERR
         return req.complete(status)
 

@@ -75,6 +75,7 @@ class BlkRequest:
     """
 
     __slots__ = (
+        "_data_views",
         "_reader",
         "_writer",
         "chain",
@@ -107,6 +108,7 @@ class BlkRequest:
             self.kind = None
         self._reader = reader
         self._writer: ChainWriter | None = None
+        self._data_views: list[memoryview] = []
 
     @classmethod
     def parse(cls, chain: DescriptorChain) -> BlkRequest:
@@ -150,7 +152,14 @@ class BlkRequest:
         byte; they count as written (``data_written``)."""
         views = self._get_writer().views(self.data_len)
         self.data_written = self.data_len
+        self._data_views = views
         return views
+
+    def zero_fill_data(self) -> None:
+        """After a failed IN: zero the reserved ``data[]`` so that the ``data_written``
+        bytes reported in the used ring really were written (§2.7.8.2)."""
+        for v in self._data_views:
+            v[:] = bytes(len(v))
 
     def log_data_dirty(self) -> None:
         """Log the pages of ``data[]`` dirty again once a zero-copy read has filled
