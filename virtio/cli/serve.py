@@ -63,6 +63,9 @@ def register(subparsers: Any) -> None:
     blk.add_argument(
         "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
     )
+    blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
+        "--debug-request-delay", type=float, default=0.0, help=argparse.SUPPRESS
+    )
     blk.set_defaults(func=run_blk)
     blk.error = lambda message: _fail(f"virtio serve blk: {message}", status=2)  # type: ignore[method-assign]
 
@@ -103,12 +106,25 @@ def run_blk(args: argparse.Namespace) -> int:
         _fail(f"virtio serve blk: {exc}")
     except OSError as exc:
         _fail(f"virtio serve blk: cannot open {args.blk_file}: {exc.strerror or exc}")
+    if args.debug_request_delay > 0:
+        _delay_requests(device, args.debug_request_delay)
     try:
         return trio.run(_serve, device, args)
     except OSError as exc:
         _fail(f"virtio serve blk: {exc}")
     finally:
         device.close()
+
+
+def _delay_requests(device: Any, seconds: float) -> None:
+    """Testing aid: every request waits ``seconds`` before it runs."""
+    handle = device.handle
+
+    async def delayed(queue_index: int, chain: Any) -> int:
+        await trio.sleep(seconds)
+        return await handle(queue_index, chain)
+
+    device.handle = delayed
 
 
 def _statistics(device: Any, server: Any) -> str:

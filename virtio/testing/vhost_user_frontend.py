@@ -312,14 +312,15 @@ class VhostUserFrontend:
         *,
         size: int = 64,
         offset: int = 0,
-        vring_base: int = 0,
+        vring_base: int | None = None,
         data_size: int = 1 << 20,
         enable: bool = True,
         driver: DriverQueue | None = None,
     ) -> FrontendVring:
         """SET_VRING_NUM/BASE/ADDR/KICK/CALL/ERR (+ ENABLE) for a new ``DriverQueue``
         placed at guest address ``offset`` (or for ``driver``, an existing one: a
-        reconnect).  ``vring_base`` is the SET_VRING_BASE value.  The driver queue
+        reconnect).  ``vring_base`` is the SET_VRING_BASE value (default: a fresh ring,
+        0, or for packed rings both wrap counters set, as QEMU sends).  The driver queue
         uses this front-end's negotiated EVENT_IDX / INDIRECT / RING_PACKED bits."""
         f = self.features
         if driver is None:
@@ -333,6 +334,8 @@ class VhostUserFrontend:
                 data_size=data_size,
             )
         ack = self.reply_ack
+        if vring_base is None:
+            vring_base = VringState.packed_num(0, True, 0, True) if driver.packed else 0
         await self.request(R.SET_VRING_NUM, VringState(index, driver.size), need_reply=ack)
         await self.request(R.SET_VRING_BASE, VringState(index, vring_base), need_reply=ack)
         await self.set_vring_addr(index, ram, driver)

@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import signal
 import socket
+import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
 
+from virtio.spec.features import TransportFeature as TF
 from virtio.testing.vhost_user_frontend import EchoDevice, GuestRam, VhostUserFrontend
+from virtio.transport.vhost_user.messages import (
+    HEADER,
+    VHOST_F_LOG_ALL,
+    BackendRequest,
+    LogDescription,
+    MemoryTable,
+    SingleMemoryRegion,
+    VringState,
+)
 from virtio.transport.vhost_user.messages import FrontendRequest as R
 from virtio.transport.vhost_user.server import VhostUserServer
 
 MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[3]
 
 
 @contextlib.asynccontextmanager
@@ -162,3 +179,242 @@ async def test_reconnect_resubmits_in_flight_requests_from_the_inflight_area() -
             os.close(fd)
     finally:
         ram.close()
+
+
+async def test_dirty_log_marks_written_pages() -> None:
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    log_fd = os.memfd_create("log", os.MFD_CLOEXEC)
+    os.ftruncate(log_fd, 4096)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate()
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=16)
+            reply = await fe.request(R.SET_LOG_BASE, LogDescription(4096, 0), [log_fd], reply=True)
+            assert reply == bytes(8)
+            await fe.request(R.SET_FEATURES, fe.features | 1 << VHOST_F_LOG_ALL, need_reply=True)
+            token = vq.driver.add([b"x" * 6000], [6000])  # spans two pages
+            vq.publish_and_kick()
+            (used,) = await vq.wait_used()
+            assert used.id == token
+            log = os.pread(log_fd, 4096, 0)
+            dirty = {i * 8 + b for i, byte in enumerate(log) for b in range(8) if byte >> b & 1}
+            assert vq.driver.device_addr // 4096 in dirty  # the used ring
+            assert len(dirty) >= 2  # and the written buffer's page
+    finally:
+        os.close(log_fd)
+        ram.close()
+
+
+async def test_add_and_remove_memory_regions_while_running() -> None:
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(regions=[(0, 2 * MiB), (16 * MiB, 2 * MiB)])
+    table = ram.table()
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate()
+            await fe.request(
+                R.SET_MEM_TABLE, MemoryTable(table.regions[:1]), ram.fds[:1], need_reply=True
+            )
+            vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
+            vq.driver.add([b"one"], [3])
+            vq.publish_and_kick()
+            (u,) = await vq.wait_used()
+            assert u.data == b"eno"
+            await fe.add_mem_reg(table.regions[1], ram.fds[1])
+            # a chain in the new region, written by hand (the driver queue's data area is
+            # in region 0): readable at 16 MiB, writable at 16 MiB + 4 KiB
+            d = vq.driver
+            ram.memory.write(16 * MiB, b"two")
+            d.write_desc(5, 16 * MiB, 3, 1, 6)  # NEXT
+            d.write_desc(6, 16 * MiB + 4096, 3, 2)  # WRITE
+            d.write_avail(d._avail_idx, 5)
+            d.set_avail_idx(d._avail_idx + 1)
+            vq.kick()
+            with trio.fail_after(5):
+                while ram.memory.read_u16(d.device_addr + 2) != 2:
+                    await trio.sleep(0.01)
+            assert ram.memory.read(16 * MiB + 4096, 3) == b"owt"
+            await fe.request(R.REM_MEM_REG, SingleMemoryRegion(table.regions[1]), need_reply=True)
+            assert await fe.get_u64(R.GET_STATUS) & 0x40 == 0
+            assert server.handler is not None and server.handler.memory is not None
+            assert len(server.handler.memory.regions) == 1
+            assert await fe.get_vring_base(0) == 2
+    finally:
+        ram.close()
+
+
+async def test_packed_ring_and_its_vring_base() -> None:
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate(packed=True)
+            assert fe.features & TF.VIRTIO_F_RING_PACKED.mask
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=8)
+            assert vq.driver.packed
+            for i in range(10):  # wraps the 8-entry ring
+                vq.driver.add([bytes([65 + i]) * 3], [3])
+                vq.publish_and_kick()
+                (u,) = await vq.wait_used()
+                assert u.data == bytes([65 + i]) * 3
+            # 10 chains of 2 descriptors: 20 = 2 wraps of 8 + 4 (wrap counters back to 1)
+            assert await fe.get_vring_base(0) == VringState.packed_num(4, True, 4, True)
+    finally:
+        ram.close()
+
+
+async def test_disabled_ring_is_not_served_until_enabled() -> None:
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate()
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=16, enable=False)
+            vq.driver.add([b"wait"], [4])
+            vq.driver.publish()
+            vq.kick()
+            await trio.sleep(0.2)
+            assert vq.driver.get_used() == []
+            await fe.request(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+            (u,) = await vq.wait_used()
+            assert u.data == b"tiaw"
+            await fe.request(R.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
+            vq.driver.add([b"later"], [5])
+            vq.publish_and_kick()
+            await trio.sleep(0.2)
+            assert vq.driver.get_used() == []
+            await fe.request(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+            (u,) = await vq.wait_used()
+            assert u.data == b"retal"
+    finally:
+        ram.close()
+
+
+async def test_config_change_message_on_the_backend_channel() -> None:
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate()
+            await fe.request(R.SET_BACKEND_REQ_FD, None, [theirs.fileno()], need_reply=True)
+            theirs.close()
+            assert server.handler is not None
+            device.config[0] = 0xEE
+            assert server.handler.notify_config_change()
+            request, _flags, size = HEADER.unpack(ours.recv(HEADER.size))
+            assert (request, size) == (BackendRequest.CONFIG_CHANGE_MSG, 0)
+            assert await fe.get_config(0, 1) == b"\xee"
+    finally:
+        ours.close()
+
+
+async def test_read_only_blk_device_answers_writes_with_ioerr() -> None:
+    from virtio.devices.blk import MemoryBackend, VirtioBlk
+
+    device = VirtioBlk(MemoryBackend(bytes(range(256)) * 4096, read_only=True))
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate()
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=16)
+            out = struct.pack("<IIQ", 1, 0, 0)  # VIRTIO_BLK_T_OUT, sector 0
+            vq.driver.add([out, bytes(512)], [1])
+            vq.publish_and_kick()
+            (u,) = await vq.wait_used()
+            assert u.data == b"\x01"  # VIRTIO_BLK_S_IOERR
+            read = struct.pack("<IIQ", 0, 0, 1)  # VIRTIO_BLK_T_IN, sector 1
+            vq.driver.add([read], [512, 1])
+            vq.publish_and_kick()
+            (u,) = await vq.wait_used()
+            assert u.data == (bytes(range(256)) * 2) + b"\x00"
+    finally:
+        ram.close()
+
+
+def _run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "virtio", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        **kwargs,
+    )
+
+
+def test_cli_capabilities_and_errors(tmp_path: Path) -> None:
+    r = _run_cli("serve", "blk", "--print-capabilities")
+    assert r.returncode == 0
+    assert json.loads(r.stdout) == {"type": "block", "features": ["read-only", "blk-file"]}
+    sock = os.fspath(tmp_path / "s.sock")
+    r = _run_cli("serve", "blk", "--socket-path", sock, "--blk-file", os.fspath(tmp_path / "no"))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "No such file" in r.stderr
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MiB))
+    r = _run_cli(
+        "serve", "blk", "--socket-path", sock, "--blk-file", os.fspath(img), "--queue-size", "3"
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    r = _run_cli("serve", "blk", "--blk-file", os.fspath(img))
+    assert r.returncode == 2 and "--socket-path" in r.stderr
+    from virtio.devices.blk import RawFileBackend
+
+    with RawFileBackend(img):  # holds the image lock
+        r = _run_cli("serve", "blk", "--socket-path", sock, "--blk-file", os.fspath(img))
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "in use" in r.stderr, r.stderr
+    assert not Path(sock).exists()
+
+
+async def test_cli_serves_an_inherited_listening_fd_and_stops_on_sigterm(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(2 * MiB))
+    path = os.fspath(tmp_path / "blk.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    fd = listener.fileno()
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "virtio", "-v", "serve", "blk", "--fd", str(fd),
+         "--blk-file", os.fspath(img), "--num-queues", "2", "--serial", "abc"],
+        pass_fds=(fd,),
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )  # fmt: skip
+    listener.close()
+    try:
+        with trio.fail_after(20):
+            fe = await VhostUserFrontend.connect(path)
+            try:
+                await fe.negotiate()
+                assert await fe.get_u64(R.GET_QUEUE_NUM) == 2
+                capacity = int.from_bytes(await fe.get_config(0, 8), "little")
+                assert capacity == 2 * MiB // 512
+            finally:
+                await fe.aclose()
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            assert proc.stderr is not None
+            err = b""
+            while chunk := await proc.stderr.receive_some(65536):
+                err += chunk
+            assert b"SIGTERM: shutting down" in err
+            assert b"statistics: connections=1" in err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if proc.stderr is not None:
+            await proc.stderr.aclose()

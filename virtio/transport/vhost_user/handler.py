@@ -852,6 +852,13 @@ class VhostUserHandler:
             raise self._bad(req, f"{p.num_queues} queues of {p.queue_size} entries")
         area = InflightArea.create(p.num_queues, p.queue_size)
         self._set_inflight(area)
+        log.info(
+            "%s: new inflight area: %d queue(s) of %d, %d bytes",
+            self.name,
+            p.num_queues,
+            p.queue_size,
+            area.mmap_size,
+        )
         return InflightDescription(area.mmap_size, 0, p.num_queues, p.queue_size), (area.fd,)
 
     async def _on_set_inflight_fd(self, req: Request, kept: list[int]) -> None:
@@ -862,6 +869,7 @@ class VhostUserHandler:
         area = InflightArea(req.fds[0], p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
         kept.append(req.fds[0])
         self._set_inflight(area)
+        log.info("%s: inflight area set: %d queue(s) of %d", self.name, p.num_queues, p.queue_size)
 
     def _set_inflight(self, area: InflightArea | None) -> None:
         old, self.inflight = self.inflight, area
