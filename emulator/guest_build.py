@@ -45,9 +45,10 @@ CFLAGS = [
 # program name -> C sources (the runtime is always added)
 PROGRAMS = {
     "ide": ["ide.c"],
+    "virtio_blk": ["virtio_blk.c"],
 }
 RUNTIME = ["runtime.c"]
-HEADERS = ["runtime.h", "ata.h", "link.ld"]
+HEADERS = ["runtime.h", "ata.h", "virtio_mmio.h", "../spec/virtio_spec.h", "link.ld"]
 
 
 class GuestBuildError(RuntimeError):

@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     ap.add_argument("--cpu", choices=["kvm", "soft", "auto"], default="auto")
     ap.add_argument("--mib", type=int, default=1)
     ap.add_argument("--kib", type=int)
+    ap.add_argument("--queue-depth", type=int, default=1)
     ap.add_argument("--irq", action="store_true")
     ap.add_argument("--lba48", action="store_true")
     ap.add_argument("--irq-mode", choices=sorted(IRQ_MODES), default="idt")
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
         args.path,
         args.cpu,
         args.mib,
+        args.queue_depth,
         irq=args.irq,
         kib=args.kib,
         lba48=args.lba48,
@@ -262,5 +264,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     return 0
 
 
+# virtio paths register themselves (a module of their own: virtio-blk + virtio-mmio).
+from emulator import virtio_mmio as _virtio_mmio  # noqa: E402, F401
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run the imported module's main: that module holds every registered path.
+    from emulator.run import main as _main
+
+    sys.exit(_main())
