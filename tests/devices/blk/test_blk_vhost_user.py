@@ -46,8 +46,8 @@ async def test_blk_over_vhost_user(tmp_path) -> None:
                 assert cfg.capacity == 4 * MiB // SECTOR and cfg.num_queues == 2
                 await fe.set_mem_table(ram)
                 vqs = [
-                    await fe.setup_vring(0, ram, size=64, base=0),
-                    await fe.setup_vring(1, ram, size=64, base=4 * MiB),
+                    await fe.setup_vring(0, ram, size=64, offset=0),
+                    await fe.setup_vring(1, ram, size=64, offset=4 * MiB),
                 ]
                 data = bytes(range(256)) * 32  # 8 KiB
                 for q, vq in enumerate(vqs):
