@@ -389,7 +389,7 @@ async def _run_model(path: str, ops_list, packed: bool) -> None:
 
 
 @settings(
-    max_examples=100,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
