@@ -75,3 +75,23 @@ def test_restored_queue_with_unknown_signal_state_notifies_once():
     assert q.needs_notification()
     q.add_used(c2, 0)
     assert not q.needs_notification()
+
+
+def test_used_length_is_dirty_logged_whatever_way_it_was_written():
+    """vhost-user migration: pages the device wrote (the first ``len`` writable bytes,
+    §2.7.8.2) are in the dirty log when the used index moves, even when the device
+    filled zero-copy views before logging was switched on."""
+    pair = make_queue_pair(8)
+    drv, q, mem = pair.driver, pair.device, pair.memory
+    drv.add([b"hdr"], [8192])
+    drv.publish()
+    chain = q.pop()
+    for view in chain.writable():  # written behind the writer's back
+        view[:] = b"\x01" * len(view)
+    log = memoryview(bytearray(64))
+    mem.set_dirty_log(log)
+    q.add_used(chain, 5000)
+    seg = chain.segments[chain.nreadable]
+    pages = {p for p in range(64 * 8) if log[p // 8] >> (p % 8) & 1}
+    written = set(range(seg.addr // 4096, (seg.addr + 5000 - 1) // 4096 + 1))
+    assert written <= pages

@@ -387,6 +387,8 @@ class Virtqueue:
             raise DeviceUsageError(
                 f"used length {length} exceeds the chain's {chain.writable_len} writable bytes"
             )
+        if self.memory._dirty_log is not None:
+            self._log_written(chain, length)
         lib.vq_add_used1(self._q, chain.head, length, chain.ndesc)
         if self.inflight is not None:
             self.inflight.on_used((chain,), self.next_used)
@@ -403,9 +405,21 @@ class Virtqueue:
             self._ids[i] = chain.head
             self._lens[i] = length
             self._ndescs[i] = chain.ndesc
+            if self.memory._dirty_log is not None:
+                self._log_written(chain, length)
         lib.vq_add_used_batch(self._q, self._ids, self._lens, self._ndescs, len(items))
         if self.inflight is not None:
             self.inflight.on_used([c for c, _ in items], self.next_used)
+
+    def _log_written(self, chain: DescriptorChain, length: int) -> None:
+        """Migration dirty log: the first ``length`` writable bytes were written (§2.7.8.2),
+        whichever way the device filled them; logged before the used index moves."""
+        for seg in chain.segments[chain.nreadable :]:
+            if length <= 0:
+                break
+            n = min(length, seg.length)
+            self.memory.log_dirty(seg.addr, n)
+            length -= n
 
     def _grow(self, n: int) -> None:
         self._cap_chains = n

@@ -112,13 +112,19 @@ class DeviceHarness:
             devqs[qi] = Virtqueue(memory, dq.state(), name=f"q{qi}")
             notifiers[qi] = MemoryNotifier()
         h = cls(device, memory, dqs, notifiers, features)
-        active = ActiveDevice(memory, features, devqs, notifiers, h.driver_errors.append)
+        active = ActiveDevice(memory, features, devqs, notifiers, h._driver_error)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(device.run, active)
             try:
                 yield h
             finally:
                 nursery.cancel_scope.cancel()
+
+    def _driver_error(self, exc: DriverError) -> None:
+        self.driver_errors.append(exc)
+        for notifier in self.notifiers.values():
+            notifier.notify_used()  # wake waiters: they re-check driver_errors
+        # (counted as an interrupt; tests that count interrupts see the error first)
 
     def submit(
         self,
