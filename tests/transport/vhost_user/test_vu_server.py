@@ -418,3 +418,25 @@ async def test_cli_serves_an_inherited_listening_fd_and_stops_on_sigterm(tmp_pat
             await proc.wait()
         if proc.stderr is not None:
             await proc.stderr.aclose()
+
+
+async def test_without_protocol_features_a_ring_is_enabled_when_kicked() -> None:
+    """vhost-user "Ring states": if VHOST_USER_F_PROTOCOL_FEATURES is not negotiated
+    (bit 30 absent from SET_FEATURES), a ring starts directly enabled."""
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            offered = await fe.get_u64(R.GET_FEATURES)
+            fe.features = offered & ~(1 << 30 | 1 << 26 | TF.VIRTIO_F_RING_PACKED.mask)
+            await fe.request(R.SET_OWNER)
+            await fe.request(R.SET_FEATURES, fe.features)
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=16, enable=False)
+            vq.driver.add([b"on"], [2])
+            vq.publish_and_kick()
+            (u,) = await vq.wait_used()
+            assert u.data == b"no"
+    finally:
+        ram.close()

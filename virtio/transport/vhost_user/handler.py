@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import trio
 
 from virtio.device import ActiveDevice, VirtioDevice
-from virtio.errors import DriverError, GuestMemoryError, VirtioError
+from virtio.errors import DriverError, GuestMemoryError
 from virtio.memory import FdRegion, MmapGuestMemory
 from virtio.queues.chain import DescriptorChain
 from virtio.queues.state import QueueState
@@ -363,7 +363,9 @@ class VhostUserHandler:
         extra = value & ~self.offered_features
         if extra:
             raise self._bad(req, f"feature bits {extra:#x} were not offered")
-        self.device.ack_features(value & ~TRANSPORT_FEATURES)
+        device_bits = value & ~TRANSPORT_FEATURES
+        if self.features is None or device_bits != self.features & ~TRANSPORT_FEATURES:
+            self.device.ack_features(device_bits)  # not again for a LOG_ALL toggle
         self.features = value
         self._apply_log()
         for ring in self.vrings:
@@ -729,9 +731,19 @@ class VhostUserHandler:
                 async with trio.open_nursery() as nursery:
                     for chain in resubmit:
                         nursery.start_soon(self._resubmit, ring, queue, chain)
-                    nursery.start_soon(self.device.serve_queue, active, ring.index)
+                    nursery.start_soon(self._guarded_serve, ring, active)
         finally:
             ring.done.set()
+
+    async def _guarded_serve(self, ring: Vring, active: ActiveDevice) -> None:
+        """``device.serve_queue``; an unexpected exception (a device bug, a failing
+        storage backend) stops this ring, marks NEEDS_RESET and is logged: the
+        process and the other rings go on."""
+        try:
+            await self.device.serve_queue(active, ring.index)
+        except Exception as exc:
+            log.exception("%s: vring %d: the device failed", self.name, ring.index)
+            self._ring_failed(ring, exc)
 
     async def _resubmit(self, ring: Vring, queue: _RingQueue, chain: DescriptorChain) -> None:
         try:
@@ -742,10 +754,11 @@ class VhostUserHandler:
                 ring.notifier.notify_used()
         except DriverError as exc:
             self._ring_failed(ring, exc)
-        except VirtioError as exc:
-            log.error("%s: vring %d: resubmission failed: %s", self.name, ring.index, exc)
+        except Exception as exc:
+            log.exception("%s: vring %d: resubmission failed", self.name, ring.index)
+            self._ring_failed(ring, exc)
 
-    def _device_failed(self, exc: DriverError, ring: Vring | None) -> None:
+    def _device_failed(self, exc: Exception, ring: Vring | None) -> None:
         where = f"vring {ring.index}" if ring is not None else "device"
         log.error(
             "%s: %s: driver error %s: %s; device needs reset",
@@ -755,14 +768,15 @@ class VhostUserHandler:
             exc,
         )
         self.needs_reset = True
-        self.driver_errors.append(exc)
+        if isinstance(exc, DriverError):
+            self.driver_errors.append(exc)
         rings = [ring] if ring is not None else [r for r in self.vrings if r.running]
         for r in rings:
             if r.err_fd is not None:
                 with contextlib.suppress(OSError):
                     os.eventfd_write(r.err_fd, 1)
 
-    def _ring_failed(self, ring: Vring, exc: DriverError | GuestMemoryError) -> None:
+    def _ring_failed(self, ring: Vring, exc: Exception) -> None:
         if isinstance(exc, GuestMemoryError):
             exc = InvalidMessage(str(exc), section=_section(_R.SET_VRING_ADDR))
         self._device_failed(exc, ring)

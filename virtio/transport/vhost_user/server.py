@@ -35,7 +35,6 @@ from pathlib import Path
 import trio
 
 from virtio.device import VirtioDevice
-from virtio.errors import DeviceUsageError
 
 from .errors import IncorrectFds, VhostUserProtocolError
 from .handler import VhostUserHandler
@@ -181,7 +180,12 @@ class VhostUserServer:
                 if self._on_handler is not None:
                     self._on_handler(handler)
                 try:
-                    reason = await self._serve(sock, conn, handler, name)
+                    try:
+                        reason = await self._serve(sock, conn, handler, name)
+                    except Exception as exc:  # a bug of ours: drop this connection only
+                        log.exception("%s: internal error", name)
+                        self.errors.append(exc)
+                        reason = f"internal error {type(exc).__name__}"
                     log.info("%s: connection closed: %s", name, reason)
                 finally:
                     await handler.aclose()
@@ -234,10 +238,7 @@ class VhostUserServer:
                     out = conn.reject(event)
                 else:
                     log.debug("%s: %s %s", name, event.request.name, event.payload)
-                    try:
-                        out = await handler.handle(event)
-                    except DeviceUsageError:
-                        raise
+                    out = await handler.handle(event)
                     if out is None:
                         self.errors.append(VhostUserProtocolError(f"{event.request.name} failed"))
                         return f"{event.request.name} failed and its reply cannot say so"
