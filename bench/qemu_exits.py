@@ -19,6 +19,9 @@ which has one command in flight anyway).  For each run it counts, per I/O:
   running vCPU kicks it out with an IPI, and one for a halted vCPU ends a HLT exit.
 - **LAPIC accesses**: guest MMIO accesses to its local APIC (EOI, timer, ICR...):
   exits on KVM without APICv (xAPIC MMIO or x2APIC MSR writes).
+- **≈exits**: the sum of the four; **of which timer**: EOIs of local timer ticks and
+  APIC timer (re)programming, which follow wall-clock time rather than I/Os (under TCG
+  an I/O takes milliseconds, so they weigh far more per I/O than they would on KVM).
 
 Under TCG there are no vmexits, so these are counted from QEMU trace events
 (``memory_region_ops_read``/``memory_region_ops_write``: every dispatch of a vCPU
