@@ -184,12 +184,17 @@ class VirtioDevice:
                 while True:
                     queue.disable_notification()
                     while True:
-                        await limiter.acquire()
-                        chain = queue.pop()
-                        if chain is None:
+                        if limiter.value == 0:  # max_inflight reached: wait for a slot
+                            await limiter.acquire()
                             limiter.release()
+                            continue
+                        # One native call pops as many chains as there are free slots.
+                        chains = queue.pop_batch(min(limiter.value, Virtqueue.BATCH))
+                        if not chains:
                             break
-                        nursery.start_soon(one, chain)
+                        for chain in chains:
+                            limiter.acquire_nowait()
+                            nursery.start_soon(one, chain)
                     if queue.enable_notification():
                         continue
                     await notifier.wait_kick()
