@@ -405,6 +405,30 @@ def test_queue_reset(memory):
     assert not t.errors
 
 
+def test_queue_reset_while_live_and_re_enable(memory, runner):
+    t, _, _ = make(memory, runner)
+    negotiate(t, VERSION_1 | RING_RESET)
+    setup_queue(t, memory, event_idx=False, size=16)
+    wr(t, R.VIRTIO_MMIO_STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+    wr(t, R.VIRTIO_MMIO_QUEUE_RESET, 1)
+    assert t.active is not None and 0 not in t.active.queues
+    dq = setup_queue(t, memory, event_idx=False, size=16, base=0x40000)
+    assert t.active.queues[0] is t.queues[0].vq
+    dq.add([b"again"], [8])
+    dq.publish()
+    wr(t, R.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
+    assert dq.get_used()[0].data[:5] == b"AGAIN"
+    assert not t.errors
+
+
+def test_new_queue_after_driver_ok(memory):
+    t, _, _ = make(memory)
+    start(t, memory)
+    setup_queue(t, memory, index=1, base=0x40000)
+    err = t.errors[-1]
+    assert isinstance(err, QueueSetupError) and err.section == "2.6.1"
+
+
 def test_queue_reset_without_feature(memory):
     t, _, _ = make(memory)
     negotiate(t)

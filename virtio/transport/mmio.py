@@ -686,6 +686,12 @@ class MmioTransport:
                 " negotiation (step 7 of the initialization)",
                 section="3.1.1",
             )
+        if self.status & DRIVER_OK and not q.reset_pending:
+            raise QueueSetupError(
+                f"queue {self.queue_sel} enabled after DRIVER_OK: a live device takes a new"
+                " queue only after a virtqueue reset (VIRTIO_F_RING_RESET, QueueReset)",
+                section="2.6.1",
+            )
         if self.status & NEEDS_RESET:
             return
         feats = self.negotiated
