@@ -5,7 +5,8 @@ serial, queue count, read-only flag), data integrity with O_DIRECT over the whol
 disk, a file system, durability (fsync reaches the image and the back-end called
 fdatasync), discard and write-zeroes reaching the image, a read-only export, both
 queues in use, and a SIGKILL of the back-end with I/O in flight followed by a
-restart on the same socket (QEMU reconnects; the inflight area lets nothing get lost).
+restart on the same socket (QEMU reconnects; the inflight area lets nothing get lost),
+and a resize announced with CONFIG_CHANGE_MSG.
 """
 
 from __future__ import annotations
@@ -259,6 +260,19 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
                 assert int((await backend_stats(s))["fdatasync"]) > syncs
                 await g.run("umount /mnt/t")
                 timings["fsync"] = round(time.monotonic() - t, 2)
+
+                # -- resize: grow the image, SIGHUP; CONFIG_CHANGE_MSG reaches the guest
+                t = time.monotonic()
+                os.truncate(disk.image, size + 16 * MiB)
+                s.backend.send_signal(signal.SIGHUP)
+                r = await g.run(
+                    "set +x; for i in $(seq 100); do"
+                    f" [ $(cat /sys/block/vda/size) = {(size + 16 * MiB) // 512} ] && break;"
+                    " sleep 0.1; done; cat /sys/block/vda/size"
+                )
+                last = r.output.strip().splitlines()[-1]
+                assert last == str((size + 16 * MiB) // 512), backend_log(s)[-2000:]
+                timings["resize"] = round(time.monotonic() - t, 2)
                 assert "needs reset" not in backend_log(s)
     timings["total"] = round(time.monotonic() - t0, 2)
     print("timings:", timings)

@@ -9,7 +9,9 @@
 
 Logs go to stderr (``virtio -v serve ...`` for more).  SIGINT/SIGTERM end the
 process cleanly (exit status 0); SIGUSR1 prints statistics on stderr (connections,
-requests resubmitted after reconnects, the image's ``fdatasync`` calls).  Bad
+requests resubmitted after reconnects, requests per vring, the image's ``fdatasync``
+calls); SIGHUP re-reads the image size and announces a new capacity to the front-end
+(CONFIG_CHANGE_MSG on the back-end channel: the guest sees the disk resized).  Bad
 arguments, a missing image or an image locked by another process print one error
 line and exit non-zero before anything listens.
 """
@@ -127,6 +129,27 @@ def _delay_requests(device: Any, seconds: float) -> None:
     device.handle = delayed
 
 
+def _resize(device: Any, server: Any) -> None:
+    """SIGHUP: re-read the image size; if it changed, update the capacity and tell the
+    front-end (CONFIG_CHANGE_MSG, which QEMU turns into a config interrupt)."""
+    import os
+
+    try:
+        size = os.lseek(device.backend.fd, 0, os.SEEK_END)
+    except (AttributeError, OSError) as exc:
+        log.warning("resize: cannot read the image size: %s", exc)
+        return
+    capacity = size // 512
+    if capacity == device.capacity:
+        log.info("resize: capacity unchanged (%d sectors)", capacity)
+        return
+    log.warning("resize: capacity %d -> %d sectors", device.capacity, capacity)
+    device.capacity = capacity
+    handler = server.handler
+    if handler is None or not handler.notify_config_change():
+        log.warning("resize: no front-end channel to announce it (CONFIG_CHANGE_MSG not sent)")
+
+
 def _statistics(device: Any, server: Any) -> str:
     backend = getattr(device, "backend", None)
     parts = [
@@ -144,7 +167,7 @@ async def _serve(device: Any, args: argparse.Namespace) -> int:
     from virtio.transport.vhost_user.server import VhostUserServer
 
     server = VhostUserServer(device, name="virtio-blk")
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
     with trio.open_signal_receiver(*signals) as receiver:
         async with trio.open_nursery() as nursery:
 
@@ -157,6 +180,9 @@ async def _serve(device: Any, args: argparse.Namespace) -> int:
 
             nursery.start_soon(serve_then_stop)
             async for signum in receiver:
+                if signum == signal.SIGHUP:
+                    _resize(device, server)
+                    continue
                 if signum == signal.SIGUSR1:
                     print(
                         f"virtio serve blk: statistics: {_statistics(device, server)}",
