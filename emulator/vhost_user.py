@@ -561,7 +561,7 @@ class VhostUserMmioDevice(Device):
         name: str = "vhost-user-blk",
         queue_max: int = DEFAULT_QUEUE_MAX,
         config_size: int | None = None,
-        poll_wait: float = 1.0,
+        poll_wait: float = 5.0,
         ioeventfd: bool = True,
     ) -> None:
         self.name = name

@@ -1,0 +1,305 @@
+"""The VMM's vhost-user front-end: a virtio-mmio device whose model is another process.
+
+* the client against hostile / broken back-ends (socketpair fakes): typed errors;
+* the register file against our back-end, driven from Python (no CPU);
+* the guest workload (``guest-drivers/virtio_blk.c``, the ``virtio-mmio`` program) on
+  both CPU backends against ``python -m virtio serve blk`` and qemu-storage-daemon:
+  data verified by the guest and on the host image, no QueueNotify exit (ioeventfd);
+* the back-end killed in the middle of a run: ``BackendDisconnected``, not a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from emulator import guest_build
+from emulator import run as _run
+from emulator import vhost_user as vu
+from emulator import virtio_mmio as vmmio
+from emulator.devices.debugport import CMD_MARK
+from emulator.machine import Machine
+from virtio.spec.features import TransportFeature as TF
+from virtio.spec.mmio import MmioReg as R
+from virtio.transport.mmio import QueueSetupError
+from virtio.transport.vhost_user.messages import (
+    HEADER,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    FrontendRequest,
+    HeaderFlags,
+    ProtocolFeature,
+)
+
+QSD = shutil.which("qemu-storage-daemon")
+qsd_param = pytest.param(
+    "qsd",
+    marks=pytest.mark.skipif(QSD is None, reason="qemu-storage-daemon not installed"),
+)
+KIB = 128  # 32 requests of 4 KiB
+QD = 8
+BATCHES = 2 * (KIB // 4) // QD + 1  # write + read batches, plus the flush
+
+
+# -- the client against fake back-ends ---------------------------------------------------------
+def _fake_backend(answer):
+    """A socketpair whose far end runs ``answer(sock, request, flags, payload)`` per message."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def serve() -> None:
+        with b:
+            while True:
+                hdr = b.recv(HEADER.size, socket.MSG_WAITALL)
+                if len(hdr) < HEADER.size:
+                    return
+                req, flags, size = HEADER.unpack(hdr)
+                payload = b.recv(size, socket.MSG_WAITALL) if size else b""
+                if answer(b, req, flags, payload) is False:
+                    return
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return vu.VhostUserClient(a, timeout=2.0, name="fake"), t
+
+
+def _reply(sock, req, payload=b"", flags=1 | HeaderFlags.REPLY):
+    sock.sendall(HEADER.pack(req, flags, len(payload)) + payload)
+
+
+def test_client_typed_errors_on_bad_replies():
+    cases = {
+        "wrong request": (
+            lambda s, r, f, p: _reply(s, r + 1, struct.pack("=Q", 0)),
+            vu.InvalidReply,
+            "answered",
+        ),
+        "no REPLY flag": (
+            lambda s, r, f, p: _reply(s, r, struct.pack("=Q", 0), flags=1),
+            vu.InvalidReply,
+            "lack REPLY",
+        ),
+        "version 2": (
+            lambda s, r, f, p: _reply(s, r, struct.pack("=Q", 0), flags=2 | HeaderFlags.REPLY),
+            vu.InvalidReply,
+            "version 2",
+        ),
+        "short u64": (lambda s, r, f, p: _reply(s, r, b"\0\0\0\0"), vu.InvalidReply, "expected 8"),
+        "oversized": (
+            lambda s, r, f, p: s.sendall(HEADER.pack(r, 1 | HeaderFlags.REPLY, 1 << 20)),
+            vu.InvalidReply,
+            "payload of",
+        ),
+        "hang-up": (lambda s, r, f, p: False, vu.BackendDisconnected, "closed the connection"),
+        "silence": (lambda s, r, f, p: time.sleep(1) or False, vu.BackendTimeout, "no reply"),
+    }
+    for what, (answer, exc, text) in cases.items():
+        client, t = _fake_backend(answer)
+        client.sock.settimeout(0.3 if what == "silence" else 2.0)
+        client.timeout = 0.3 if what == "silence" else 2.0
+        with pytest.raises(exc, match=text):
+            client.get_features()
+        # the stream may be out of sync: later requests are refused, not misread
+        with pytest.raises(vu.VhostUserFrontendError, match="unusable"):
+            client.get_features()
+        client.close()
+        t.join(timeout=5)
+        assert not t.is_alive(), what
+
+
+def test_client_reply_ack_failure_and_fds():
+    seen: list[tuple[int, int]] = []
+
+    def answer(s, r, f, p):
+        seen.append((r, f))
+        if r == FrontendRequest.SET_PROTOCOL_FEATURES:
+            return None  # no ack: REPLY_ACK is not on yet
+        if r == FrontendRequest.SET_OWNER:
+            _reply(s, r, struct.pack("=Q", 1))  # failure
+        elif r == FrontendRequest.GET_FEATURES:
+            fd = os.eventfd(0)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+            s.sendmsg([HEADER.pack(r, 1 | HeaderFlags.REPLY, 8) + bytes(8)], anc)
+            os.close(fd)
+        return None
+
+    client, t = _fake_backend(answer)
+    client.set_protocol_features(ProtocolFeature.REPLY_ACK.mask)
+    with pytest.raises(vu.RequestFailed, match="SET_OWNER failed"):
+        client.set_owner()
+    assert seen[-1] == (FrontendRequest.SET_OWNER, 1 | HeaderFlags.NEED_REPLY)
+    with pytest.raises(vu.InvalidReply, match="file descriptor"):
+        client.get_features()
+    client.close()
+    t.join(timeout=5)
+
+
+def test_connect_gives_up_when_the_backend_process_is_gone(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(vu.BackendDisconnected, match="exit status 3"):
+        vu.VhostUserClient.connect(tmp_path / "none.sock", alive=lambda: "exit status 3")
+    with pytest.raises(vu.BackendTimeout, match="no listener"):
+        vu.VhostUserClient.connect(tmp_path / "none.sock", connect_timeout=0.2)
+    assert time.monotonic() - t0 < 5
+
+
+# -- the register file against our back-end (no CPU) --------------------------------------------
+@pytest.fixture
+def ours(tmp_path):
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    sock = str(tmp_path / "vu.sock")
+    proc = vu.BackendProcess(vu.backend_argv("ours", sock, str(image)), tmp_path / "log")
+    yield sock, proc
+    assert proc.stop() == 0, proc.output()
+
+
+def _rd(dev, reg):
+    return dev.read(int(reg), 4)
+
+
+def _wr(dev, reg, value):
+    dev.write(int(reg), 4, value)
+
+
+def test_register_file_against_our_backend(ours):
+    sock, proc = ours
+    with Machine(ram_size=8 << 20, cpu="soft") as m:
+        dev = vu.attach_backend(m, sock, process=proc)
+        c = dev.client
+        assert c.has(ProtocolFeature.REPLY_ACK) and c.has(ProtocolFeature.CONFIG)
+        assert _rd(dev, R.VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976
+        assert _rd(dev, R.VIRTIO_MMIO_VERSION) == 2
+        assert _rd(dev, R.VIRTIO_MMIO_DEVICE_ID) == 2
+        assert not dev.device_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1
+        assert dev.device_features & TF.VIRTIO_F_VERSION_1.mask
+        assert dev.read(0x100, 4) | dev.read(0x104, 4) << 32 == (1 << 20) // 512  # capacity
+        # the handshake, one queue of 16 at 0x10000
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 1)
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 3)
+        feats = TF.VIRTIO_F_VERSION_1.mask | TF.VIRTIO_F_EVENT_IDX.mask
+        for sel in (0, 1):
+            _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel)
+            _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES, feats >> (32 * sel) & 0xFFFF_FFFF)
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 11)
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 11
+        _wr(dev, R.VIRTIO_MMIO_QUEUE_SEL, 0)
+        assert _rd(dev, R.VIRTIO_MMIO_QUEUE_NUM_MAX) == vu.DEFAULT_QUEUE_MAX
+        _wr(dev, R.VIRTIO_MMIO_QUEUE_NUM, 16)
+        # a ring outside RAM is a typed driver error and the queue stays not ready
+        _wr(dev, R.VIRTIO_MMIO_QUEUE_DESC_LOW, 0)
+        _wr(dev, R.VIRTIO_MMIO_QUEUE_DESC_HIGH, 1)
+        _wr(dev, R.VIRTIO_MMIO_QUEUE_READY, 1)
+        assert _rd(dev, R.VIRTIO_MMIO_QUEUE_READY) == 0
+        assert isinstance(dev.errors.pop(), QueueSetupError)
+        for lo, hi, addr in (
+            (R.VIRTIO_MMIO_QUEUE_DESC_LOW, R.VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x10000),
+            (R.VIRTIO_MMIO_QUEUE_AVAIL_LOW, R.VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0x10100),
+            (R.VIRTIO_MMIO_QUEUE_USED_LOW, R.VIRTIO_MMIO_QUEUE_USED_HIGH, 0x11000),
+        ):
+            _wr(dev, lo, addr)
+            _wr(dev, hi, 0)
+        _wr(dev, R.VIRTIO_MMIO_QUEUE_READY, 1)
+        assert _rd(dev, R.VIRTIO_MMIO_QUEUE_READY) == 1
+        sent = c.requests
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 15)  # DRIVER_OK: the hand-off
+        assert c.requests - sent >= 9 and dev.started and dev.queues[0].started
+        assert dev.outstanding() == []
+        # a QueueNotify that reaches the VMM (no ioeventfd took it) still kicks
+        _wr(dev, R.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
+        assert dev.stats.notify_exits == 1 and not dev.errors
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 0)  # reset: GET_VRING_BASE + RESET_DEVICE
+        assert dev.queues[0].base == 0 and not dev.started
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 0
+        assert dev.errors == []
+
+
+# -- the guest workload -------------------------------------------------------------------------
+def _check(r: dict, irq: bool) -> None:
+    assert r["verified"], r
+    assert r["ios"] == 2 * (KIB // 4)
+    regs = r["exits_by_register"]
+    assert not any("queue_notify" in k for k in regs), regs  # ioeventfd: never an exit
+    assert set(r["exits_by_device"]) <= {"vhost-user-blk", "cpu"}, r["exits_by_device"]
+    if irq:
+        hlt = regs["cpu.hlt"]
+        # one wake-up per batch; a back-end may signal once early when a ring starts
+        assert BATCHES <= hlt <= BATCHES + 3, regs
+        assert regs["vhost-user-blk.interrupt_status"] == hlt
+        assert regs["vhost-user-blk.interrupt_ack"] == hlt
+        assert r["exits_total"] == 3 * hlt
+    else:
+        # polling: a Status read waits for the back-end, so at most one exit per batch
+        assert r["exits_total"] == regs.get("vhost-user-blk.status", 0) <= BATCHES, regs
+
+
+@pytest.mark.usefixtures("need_gcc")
+@pytest.mark.parametrize("backend", ["ours", qsd_param])
+@pytest.mark.parametrize("irq", [False, True], ids=["poll", "irq"])
+def test_workload(cpu, backend, irq):
+    r = vu.run_vhost_user(
+        cpu, kib=KIB, queue_depth=QD, irq=irq, irq_mode="idt", backend=backend, timeout=60
+    )
+    assert r["path"] == ("vhost-user" if backend == "ours" else "vhost-user-qsd")
+    assert r["cpu"] == cpu
+    _check(r, irq)
+
+
+@pytest.mark.usefixtures("need_gcc")
+def test_same_program_fewer_exits_than_in_vmm_path(need_soft):
+    """Same guest program and parameters: the in-VMM path exits on every kick."""
+    mmio = _run.run_workload("virtio-mmio", "soft", kib=KIB, queue_depth=QD, irq=True)
+    vhost = _run.run_workload("vhost-user", "soft", kib=KIB, queue_depth=QD, irq=True)
+    assert mmio["exits_by_register"]["virtio-blk.queue_notify"] == BATCHES
+    assert "vhost-user-blk.queue_notify" not in vhost["exits_by_register"]
+    assert _run.PATHS["vhost-user"].program == _run.PATHS["virtio-mmio"].program
+
+
+@pytest.mark.usefixtures("need_gcc")
+def test_hlt_wakeup_mode_and_external_socket(need_soft, ours):
+    sock, _proc = ours  # an already running back-end with a 1 MiB image
+    r = vu.run_vhost_user("soft", kib=KIB, queue_depth=QD, irq=True, irq_mode="hlt", timeout=60)
+    _check(r, True)
+    ext = vu.run_vhost_user("soft", kib=4, queue_depth=1, socket_path=sock, timeout=60)
+    assert ext["verified"] and ext["ios"] == 2
+    assert "vhost-user-socket" not in _run.PATHS
+
+
+@pytest.mark.usefixtures("need_gcc")
+@pytest.mark.parametrize("irq", [False, True], ids=["poll", "irq"])
+def test_backend_killed_mid_run(cpu, irq):
+    """SIGKILL the back-end when the guest starts its flush: typed error, no hang."""
+    spec = _run.WorkloadSpec("vhost-user", KIB << 10, QD, irq, irq_mode="idt")
+    m = Machine(ram_size=_run.DEFAULT_RAM, cpu=cpu)
+    try:
+        _run.PATHS["vhost-user"].setup(m, spec)
+        dev = m.devices["vhost-user-blk"]
+        mark = m.debug.on_mark
+
+        def on_mark(cmd: int) -> None:
+            mark(cmd)
+            if cmd == CMD_MARK:  # write phase done, flush next
+                dev.backend.kill(signal.SIGKILL)
+                dev.backend.proc.wait(timeout=5)
+
+        m.debug.on_mark = on_mark
+        m.load_elf(guest_build.build("virtio_blk"))
+        t0 = time.monotonic()
+        with pytest.raises(vu.BackendDisconnected, match="killed by signal 9"):
+            m.run(timeout=30)
+        assert time.monotonic() - t0 < 15
+        assert m.debug.result is None
+    finally:
+        m.close()
+
+
+def test_paths_registered():
+    for name in ("vhost-user", "vhost-user-qsd"):
+        wp = _run.PATHS[name]
+        assert wp.program == "virtio_blk"
+        assert wp.max_queue_depth == vmmio.MAX_QUEUE_DEPTH
