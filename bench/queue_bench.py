@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from virtio.memory import BytearrayGuestMemory  # noqa: E402
-from virtio.queues import QueueState, Virtqueue  # noqa: E402
-from virtio.spec.ring import PackedDescFlag, VringDescFlag  # noqa: E402
+from virtio.memory import BytearrayGuestMemory
+from virtio.queues import QueueState, Virtqueue
+from virtio.spec.ring import PackedDescFlag, VringDescFlag
 
 NEXT = int(VringDescFlag.VRING_DESC_F_NEXT)
 WRITE = int(VringDescFlag.VRING_DESC_F_WRITE)
