@@ -21,12 +21,14 @@ CPU per I/O <= 2x qsd's).
 
 Usage::
 
-    python bench/vhost_user_blk.py                    # full run (~6-7 min)
+    python bench/vhost_user_blk.py                    # full run (~7 min)
     python bench/vhost_user_blk.py --quick            # smoke run (~25 s, 2 points)
     python bench/vhost_user_blk.py --json             # JSON on stdout instead of the table
     python bench/vhost_user_blk.py --points randread-4k-qd32 --rounds 2 \\
         --py-spy /tmp/prof                            # py-spy record of our back-end per run
     python bench/vhost_user_blk.py --ours-cprofile /tmp/ours.prof   # main thread under cProfile
+    python bench/vhost_user_blk.py --attach-dir /tmp/st \\
+        --attach 'timeout {duration} strace -c -f -p {pid} -o {out}.strace'   # any tool, per run
 
 Progress goes to stderr.  Exit status 0 when every run completed (missing the
 goals is reported, not an error), 2 when QEMU/qsd/the guest image are missing.
@@ -40,7 +42,9 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -186,6 +190,8 @@ class Run:
     seconds: float
     cpu_s: float
     main_cpu_s: float
+    other_backend_cpu_s: float
+    """CPU the other (idle, still connected) back-end used meanwhile."""
 
     @property
     def cpu_us_per_io(self) -> float:
@@ -223,12 +229,14 @@ async def run_one(
     guest: QemuGuest,
     disk: BlkDisk,
     pid: int,
+    idle_pid: int,
     point: Point,
     backend: str,
     rnd: int,
     args: argparse.Namespace,
 ) -> Run:
     profiler: subprocess.Popen[bytes] | None = None
+    attached: subprocess.Popen[bytes] | None = None
     if args.py_spy is not None and backend == OURS:
         out = args.py_spy / f"{point.name}-r{rnd}.txt"
         profiler = subprocess.Popen(
@@ -238,18 +246,34 @@ async def run_one(
                 "--format", "raw", "--threads", "--nonblocking", "--output", str(out),
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=open(out.with_suffix(".log"), "wb"),  # noqa: SIM115 - the child's
         )  # fmt: skip
-    before, t0 = CpuSample.of(pid), time.monotonic()
+    if args.attach is not None and backend in args.attach_to:
+        base = args.attach_dir / f"{backend}-{point.name}-r{rnd}"
+        cmd = args.attach.format(pid=pid, duration=max(1, int(args.runtime)), out=base)
+        attached = subprocess.Popen(
+            shlex.split(cmd),
+            stdout=open(f"{base}.attach.out", "wb"),  # noqa: SIM115 - the child's
+            stderr=subprocess.STDOUT,
+        )
+    before, idle_before, t0 = CpuSample.of(pid), CpuSample.of(idle_pid), time.monotonic()
     report = await run_fio(
         guest, disk, runtime=args.runtime, ioengine=args.ioengine, **point.fio_kwargs()
     )
     seconds = time.monotonic() - t0
     cpu = CpuSample.of(pid) - before
-    if profiler is not None:
-        await trio.to_thread.run_sync(profiler.wait)
+    idle = CpuSample.of(idle_pid) - idle_before
+    for child in (profiler, attached):
+        if child is not None:
+            try:
+                await trio.to_thread.run_sync(child.wait, 15)
+            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGINT)
+                await trio.to_thread.run_sync(child.wait)
     iops, bw, ios, lat = _fio_totals(report)
-    return Run(point.name, backend, rnd, iops, bw, ios, lat, seconds, cpu.total, cpu.main)
+    return Run(
+        point.name, backend, rnd, iops, bw, ios, lat, seconds, cpu.total, cpu.main, idle.total
+    )
 
 
 def summarise(runs: list[Run], points: list[Point]) -> list[dict[str, Any]]:
@@ -278,9 +302,10 @@ def summarise(runs: list[Run], points: list[Point]) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| point | ours IOPS | qsd IOPS | IOPS ours/qsd | ours CPU µs/IO (main thr) "
-        "| qsd CPU µs/IO (main thr) | CPU ours/qsd | goals (IOPS ≥ 0.9, CPU ≤ 2x) |"
+        "| qsd CPU µs/IO (main thr) | CPU ours/qsd | mean lat µs ours/qsd "
+        "| goals (IOPS ≥ 0.9, CPU ≤ 2x) |"
     )
-    out = [head, "|---|---:|---:|---:|---:|---:|---:|---|"]
+    out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         o, q = r[OURS], r[QSD]
         goals = ("ok" if r["iops_goal_met"] else "MISS") + " / "
@@ -289,9 +314,99 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['point']} | {o['iops']:,.0f} | {q['iops']:,.0f} | {r['iops_ratio']:.2f} "
             f"| {o['cpu_us_per_io']:.1f} ({o['main_us_per_io']:.1f}) "
             f"| {q['cpu_us_per_io']:.1f} ({q['main_us_per_io']:.1f}) "
-            f"| {r['cpu_ratio']:.2f} | {goals} |"
+            f"| {r['cpu_ratio']:.2f} | {o['lat_us']:,.0f} / {q['lat_us']:,.0f} | {goals} |"
         )
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- py-spy summary
+
+
+def _frame_function(frame: str) -> str:
+    """``func (path/file.py:123)`` -> ``func (file.py)``."""
+    name, _, where = frame.rpartition(" (")
+    if not name:
+        return frame
+    file = where.rstrip(")").rsplit(":", 1)[0].rsplit("/", 1)[-1]
+    return f"{name} ({file})"
+
+
+def py_spy_summary(
+    directory: Path, runs: list[Run], rate: int, pid: int, top: int = 25
+) -> dict[str, Any]:
+    """Per point: our back-end's sampled (non-idle) CPU per I/O, split main thread /
+    worker threads, and the top functions by self and by inclusive samples, in µs/IO.
+
+    Samples are converted to time as ``samples / rate``; py-spy leaves out idle
+    threads (blocked in epoll/futex), so this approximates on-CPU time.
+    """
+    out: dict[str, Any] = {}
+    for run in runs:
+        if run.backend != OURS:
+            continue
+        path = directory / f"{run.point}-r{run.round}.txt"
+        if not path.exists():
+            continue
+        selfs: dict[str, int] = {}
+        incl: dict[str, int] = {}
+        main = other = 0
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count_s = line.rpartition(" ")
+            if not stack or not count_s.isdigit():
+                continue
+            n = int(count_s)
+            head, _, rest = stack.partition(";")
+            if head.startswith(f"thread ({pid})"):
+                main += n
+            else:
+                other += n
+            funcs = [_frame_function(f) for f in rest.split(";") if f]
+            if not funcs:
+                continue
+            selfs[funcs[-1]] = selfs.get(funcs[-1], 0) + n
+            for f in set(funcs):
+                incl[f] = incl.get(f, 0) + n
+        scale = 1e6 / rate / run.ios if run.ios else 0.0
+
+        total = main + other or 1
+
+        def ranked(
+            d: dict[str, int], scale: float = scale, total: int = total
+        ) -> list[tuple[str, float, float]]:
+            items = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+            return [(f, round(n * scale, 2), round(100 * n / total, 1)) for f, n in items]
+
+        entry = out.setdefault(run.point, [])
+        entry.append(
+            {
+                "round": run.round,
+                "ios": run.ios,
+                "samples": main + other,
+                "sampled_us_per_io": round((main + other) * scale, 2),
+                "main_us_per_io": round(main * scale, 2),
+                "workers_us_per_io": round(other * scale, 2),
+                "measured_cpu_us_per_io": round(run.cpu_us_per_io, 2),
+                "top_self": ranked(selfs),
+                "top_inclusive": ranked(incl),
+            }
+        )
+    return out
+
+
+def format_py_spy(summary: dict[str, Any], top: int = 15) -> str:
+    lines = []
+    for point, entries in summary.items():
+        for e in entries:
+            lines.append(
+                f"== py-spy, our back-end, {point} round {e['round'] + 1}: {e['samples']} samples, "
+                f"sampled {e['sampled_us_per_io']} µs/IO (main {e['main_us_per_io']}, "
+                f"workers {e['workers_us_per_io']}); /proc says {e['measured_cpu_us_per_io']}"
+            )
+            for title, key in (("self", "top_self"), ("inclusive", "top_inclusive")):
+                lines.append(f"  top {title} (µs/IO, % of samples):")
+                for f, us, pct in e[key][:top]:
+                    lines.append(f"    {us:8.2f} {pct:5.1f}%  {f}")
+    return "\n".join(lines)
 
 
 def _version(cmd: list[str]) -> str:
@@ -325,7 +440,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 sock_ours, img_ours, args.num_queues, cprofile=args.ours_cprofile
             )
             procs[QSD] = await start_qemu_storage_daemon(sock_qsd, img_qsd, args.num_queues)
-            say(f"back-ends up: ours pid {procs[OURS].pid}, qsd pid {procs[QSD].pid}")
+            ours_pid = procs[OURS].pid
+            say(f"back-ends up: ours pid {ours_pid}, qsd pid {procs[QSD].pid}")
             devices = [
                 VhostUserBlk(sock_ours, num_queues=args.num_queues),
                 VhostUserBlk(sock_qsd, num_queues=args.num_queues),
@@ -360,7 +476,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 for p in points:
                     for rnd in range(args.rounds):
                         for b in order:
-                            run = await run_one(guest, disks[b], procs[b].pid, p, b, rnd, args)
+                            other = procs[QSD if b == OURS else OURS].pid
+                            run = await run_one(
+                                guest, disks[b], procs[b].pid, other, p, b, rnd, args
+                            )
                             runs.append(run)
                             say(
                                 f"{p.name} round {rnd + 1}/{args.rounds} {b:4}: "
@@ -382,6 +501,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"--- our back-end's log (tail) ---\n{tail}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
     rows = summarise(runs, points)
+    idle = {}
+    for b in (OURS, QSD):
+        others = [r for r in runs if r.backend != b]
+        wall = sum(r.seconds for r in others)
+        idle[b] = round(100 * sum(r.other_backend_cpu_s for r in others) / wall, 2) if wall else 0
+    spy = None
+    if args.py_spy is not None:
+        spy = py_spy_summary(args.py_spy, runs, args.py_spy_rate, ours_pid)
     return {
         "settings": {
             "points": [dataclasses.asdict(p) for p in points],
@@ -404,6 +531,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "disks": info,
         "summary": rows,
         "runs": [r.as_dict() for r in runs],
+        "idle_cpu_percent": idle,
+        "py_spy": spy,
         "all_goals_met": all(r["iops_goal_met"] and r["cpu_goal_met"] for r in rows),
         "wall_seconds": round(time.monotonic() - t_start, 1),
     }
@@ -423,7 +552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke run: 2 points, 1 round of 1 s, 64 MiB"
     )
     ap.add_argument("--json", action="store_true", help="print JSON on stdout, not the table")
-    ap.add_argument("--rounds", type=int, help="runs per back-end per point (default 3)")
+    ap.add_argument("--rounds", type=int, help="runs per back-end per point (default 5)")
     ap.add_argument("--runtime", type=float, help="seconds per fio run (default 8)")
     ap.add_argument("--size-mib", type=int, help="image size in MiB (default 256)")
     ap.add_argument("--num-queues", type=int, default=2, help="virtqueues, both back-ends (2)")
@@ -446,9 +575,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="run our back-end under python -m cProfile -o FILE (main thread only)",
     )
+    ap.add_argument(
+        "--attach",
+        metavar="CMD",
+        help="run CMD during each run of the --attach-to back-end(s); {pid}, {duration} (s) "
+        "and {out} (a path prefix in --attach-dir) are substituted, e.g. "
+        "'perf record -e cpu-clock -g -p {pid} -o {out}.perf -- sleep {duration}'",
+    )
+    ap.add_argument("--attach-dir", type=Path, default=Path("."), help="for --attach's {out}")
+    ap.add_argument(
+        "--attach-to",
+        type=lambda s: s.split(","),
+        default=[OURS],
+        help="back-ends --attach watches: ours (default), qsd or ours,qsd",
+    )
     args = ap.parse_args(argv)
+    if args.attach is not None:
+        args.attach_dir.mkdir(parents=True, exist_ok=True)
     quick = args.quick
-    args.rounds = args.rounds or (1 if quick else 3)
+    args.rounds = args.rounds or (1 if quick else 5)
     args.runtime = args.runtime or (1.0 if quick else 8.0)
     args.size_mib = args.size_mib or (64 if quick else 256)
     args.points = args.points or (list(QUICK_POINTS) if quick else list(POINTS))
@@ -490,7 +635,13 @@ def main(argv: list[str] | None = None) -> int:
                 for b, v in d.items()
             )
         )
+        print(
+            "CPU of each back-end while idle (connected, the other one's fio running): "
+            + ", ".join(f"{b} {v}% of a core" for b, v in result["idle_cpu_percent"].items())
+        )
         print(f"all goals met: {result['all_goals_met']}  ({result['wall_seconds']} s)")
+        if result["py_spy"]:
+            print(format_py_spy(result["py_spy"]))
     return 0
 
 
