@@ -274,6 +274,7 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
                 assert last == str((size + 16 * MiB) // 512), backend_log(s)[-2000:]
                 timings["resize"] = round(time.monotonic() - t, 2)
                 assert "needs reset" not in backend_log(s)
+                assert "rejected" not in backend_log(s)  # QEMU sent nothing we refused
     timings["total"] = round(time.monotonic() - t0, 2)
     print("timings:", timings)
 
@@ -370,3 +371,4 @@ async def test_backend_killed_with_io_in_flight_and_restarted(guest_image: Guest
             assert "inflight area set" in log  # QEMU handed the area back
             assert int(stats["resubmitted"]) > 0  # requests in flight at the kill were redone
             assert "needs reset" not in log
+            assert "rejected" not in log

@@ -440,3 +440,30 @@ async def test_without_protocol_features_a_ring_is_enabled_when_kicked() -> None
             assert u.data == b"no"
     finally:
         ram.close()
+
+
+async def test_status_zero_resets_the_device_but_keeps_the_vring_base() -> None:
+    """QEMU 7.2 sends SET_STATUS 0 when it stops the device: the rings stop, the
+    device is reset, and GET_VRING_BASE still reports where each ring was."""
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate()
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=16)
+            for _ in range(3):
+                vq.driver.add([b"abc"], [3])
+            vq.publish_and_kick()
+            await vq.wait_used(3)
+            resets = device.resets
+            await fe.request(R.SET_STATUS, 0, need_reply=True)
+            assert device.resets == resets + 1
+            vq.driver.add([b"late"], [4])
+            vq.publish_and_kick()
+            await trio.sleep(0.1)
+            assert vq.driver.get_used() == []  # stopped
+            assert await fe.get_vring_base(0) == 3
+    finally:
+        ram.close()

@@ -902,7 +902,15 @@ class VhostUserHandler:
         if value > 0xFF:
             raise self._bad(req, f"status {value:#x} is not 8 bits")
         if value == 0:
-            await self.reset()
+            # A virtio device reset.  QEMU sends it when it stops the device, around the
+            # GET_VRING_BASEs: stop the rings but keep what the front-end told us about
+            # them (GET_VRING_BASE must still answer); a new SET_VRING_KICK restarts.
+            for ring in self.vrings:
+                await self._pause(ring)
+                ring.started = False
+                ring.broken = False
+            self.device.reset()
+            self.needs_reset = False
         self.status = value & ~DeviceStatus.DEVICE_NEEDS_RESET
 
     async def _on_get_status(self, req: Request, kept: list[int]) -> int:
