@@ -372,9 +372,9 @@ def encode_png(width: int, height: int, rgb: bytes) -> bytes:
     )
 
 
-COLORS = {
-    "ide-pio": (214, 96, 77),
+COLORS = {  # by path prefix, first match wins
     "ide-pio-multi": (230, 140, 90),
+    "ide-pio": (214, 96, 77),
     "ide-dma": (244, 165, 40),
     "virtio-mmio": (67, 147, 195),
     "vhost-user": (77, 175, 74),
@@ -416,7 +416,9 @@ def chart_png(rows: list[dict]) -> bytes:
         if not v:
             c.text(label_w + 6, y + 6, "FAILED" if row.get("error") else "0", (200, 0, 0))
             continue
-        color = COLORS.get(row["path"], DEFAULT_COLOR)
+        color = next(
+            (c for name, c in COLORS.items() if row["path"].startswith(name)), DEFAULT_COLOR
+        )
         x1 = max(label_w + 2, xpos(v))
         c.rect(label_w + 1, y, x1, y + bar_h, color)
         mark = "" if row.get("verified") else " !"
