@@ -27,6 +27,7 @@ from virtio.testing.vhost_user_frontend import (
 from virtio.transport.vhost_user.messages import (
     HEADER,
     FrontendRequest,
+    LogDescription,
     MemoryRegion,
     MemoryTable,
     VringAddr,
@@ -259,6 +260,36 @@ async def test_bad_memory_tables(
         assert await status(fe) & NEEDS_RESET
 
     await run_case(scenario, caplog, expect)
+
+
+async def test_empty_memfd_region_rejected_not_sigbus(caplog: pytest.LogCaptureFixture) -> None:
+    """A region backed by a memfd of size 0 would map and then SIGBUS on access."""
+
+    async def scenario(fe: VhostUserFrontend, ram: GuestRam) -> None:
+        await fe.negotiate()
+        fd = _fd_of_size(0)
+        try:
+            table = MemoryTable((MemoryRegion(0, MiB, 0x10000000, 0),))
+            with pytest.raises(FrontendError):
+                await fe.request(R.SET_MEM_TABLE, table, [fd], need_reply=True)
+        finally:
+            os.close(fd)
+        assert await status(fe) & NEEDS_RESET
+
+    await run_case(scenario, caplog, "larger than the file")
+
+
+async def test_log_beyond_its_file_rejected(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(fe: VhostUserFrontend, ram: GuestRam) -> None:
+        await fe.negotiate()
+        fd = _fd_of_size(4096)
+        try:
+            reply = await fe.request(R.SET_LOG_BASE, LogDescription(8192, 0), [fd], reply=True)
+            assert int.from_bytes(reply or b"", "little") != 0
+        finally:
+            os.close(fd)
+
+    await run_case(scenario, caplog, "beyond its file")
 
 
 async def test_zero_size_region_rejected(caplog: pytest.LogCaptureFixture) -> None:

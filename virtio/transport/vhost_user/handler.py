@@ -45,6 +45,7 @@ import logging
 import mmap
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 
 import trio
@@ -430,6 +431,19 @@ class VhostUserHandler:
         for (a, _), (b, _) in itertools.pairwise(ordered):
             if b.user_address < a.user_address + a.size:
                 raise self._bad(req, f"user address ranges overlap at {b.user_address:#x}")
+        for r, fd in regions:
+            # A regular file (memfd) smaller than the region would map fine and SIGBUS
+            # on the first access: refuse it here (MmapGuestMemory lets st_size 0 pass).
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                raise self._bad(req, f"region fd unusable: {exc}") from exc
+            if stat.S_ISREG(st.st_mode) and st.st_size < r.mmap_offset + r.size:
+                raise self._bad(
+                    req,
+                    f"region [{r.guest_address:#x}, +{r.size:#x}) at offset {r.mmap_offset:#x} "
+                    f"is larger than the file that backs it ({st.st_size:#x} bytes)",
+                )
         try:
             memory = MmapGuestMemory(
                 FdRegion(r.guest_address, r.size, fd, r.mmap_offset, r.user_address)
@@ -462,6 +476,12 @@ class VhostUserHandler:
         d = req.payload
         if d.mmap_size == 0:
             raise self._bad(req, "log of size 0")
+        try:
+            st = os.fstat(req.fds[0])
+        except OSError as exc:
+            raise self._bad(req, f"log fd unusable: {exc}") from exc
+        if stat.S_ISREG(st.st_mode) and st.st_size < d.mmap_offset + d.mmap_size:
+            raise self._bad(req, f"log [{d.mmap_offset:#x}, +{d.mmap_size:#x}) beyond its file")
         try:
             m = mmap.mmap(
                 req.fds[0],
