@@ -292,6 +292,24 @@ async def test_log_beyond_its_file_rejected(caplog: pytest.LogCaptureFixture) ->
     await run_case(scenario, caplog, "beyond its file")
 
 
+async def test_kick_fd_that_is_a_regular_file(caplog: pytest.LogCaptureFixture, tmp_path) -> None:
+    """A kick "eventfd" that cannot be polled must not wedge the server loop."""
+
+    async def scenario(fe: VhostUserFrontend, ram: GuestRam) -> None:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
+        with open(tmp_path / "kick", "wb+") as f:
+            await fe.request(R.SET_VRING_KICK, VringFd(0), [f.fileno()], need_reply=True)
+        vq.driver.add([b"polled"], [6])
+        vq.driver.publish()
+        (u,) = await vq.wait_used()
+        assert u.data == b"dellop"
+        assert await fe.get_u64(R.GET_QUEUE_NUM) == 1  # the control path still answers
+
+    await run_case(scenario, caplog, "cannot be waited on")
+
+
 async def test_zero_size_region_rejected(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario(fe: VhostUserFrontend, ram: GuestRam) -> None:
         await fe.negotiate()

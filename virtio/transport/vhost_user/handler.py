@@ -129,6 +129,7 @@ class EventfdNotifier:
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
         self.stopping = False
+        self.poll_fallback = False
         self.kicks = 0
         self.calls = 0
 
@@ -141,8 +142,14 @@ class EventfdNotifier:
             return
         try:
             await trio.lowlevel.wait_readable(fd)
-        except (trio.ClosedResourceError, OSError):
+        except trio.ClosedResourceError:
             return  # the fd was replaced: the caller re-checks the ring
+        except OSError as exc:  # not pollable (a regular file): degrade to polling
+            if not self.poll_fallback:
+                log.error("kick fd %d cannot be waited on (%s): polling instead", fd, exc)
+                self.poll_fallback = True
+            await trio.sleep(POLL_INTERVAL)
+            return
         with contextlib.suppress(BlockingIOError, OSError):
             os.eventfd_read(fd)
         self.kicks += 1
