@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from virtio.device import VirtioDevice
-from virtio.errors import QueueConfigError
+from virtio.errors import DriverError, QueueConfigError
 from virtio.memory import GuestMemory, MemoryRegion
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.ids import DeviceId
@@ -520,3 +522,70 @@ async def test_async_mode_runs_device(memory):
         assert used[0].data[:3] == b"ABC"
         assert rd(t, R.VIRTIO_MMIO_INTERRUPT_STATUS) & INT_VRING
         nursery.cancel_scope.cancel()
+
+
+# -- fuzzing: arbitrary register traffic never raises out of the transport ---------------------
+_OFFSETS = st.one_of(
+    st.sampled_from([int(r) for r in MmioReg]),
+    st.integers(0, 0x1FF),
+)
+_ACCESS = st.tuples(
+    st.booleans(),  # write?
+    _OFFSETS,
+    st.sampled_from([1, 2, 4, 4, 4, 8]),
+    st.one_of(st.integers(0, 0xFFFFFFFF), st.sampled_from([0, 1, 2, 3, 7, 0xB, 0xF, 16])),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(accesses=st.lists(_ACCESS, max_size=60))
+def test_fuzz_register_traffic_never_raises(accesses):
+    buf = bytearray(MEM_SIZE)
+    mem = GuestMemory([MemoryRegion(0, MEM_SIZE, memoryview(buf), _owner=buf)])
+    with TrioRunner() as runner:
+        t, _, line = make(mem, runner)
+        negotiate(t)  # often a live-ish device, so queue/notify paths get exercised
+        for write, offset, size, value in accesses:
+            if write:
+                t.write(offset, size, value & ((1 << (8 * size)) - 1))
+            else:
+                assert 0 <= t.read(offset, size) < 1 << (8 * size)
+        for err in t.errors:
+            assert isinstance(err, DriverError) and err.section
+        assert line.level == (t.interrupt_status != 0)
+        status = rd(t, R.VIRTIO_MMIO_STATUS)
+        wr(t, R.VIRTIO_MMIO_STATUS, 0)
+        assert rd(t, R.VIRTIO_MMIO_STATUS) == 0, status  # a reset always recovers
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    descs=st.lists(
+        st.tuples(st.integers(0, MEM_SIZE + 64), st.integers(0, 300), st.integers(0, 7),
+                  st.integers(0, 20)),
+        min_size=16, max_size=16,
+    ),
+    heads=st.lists(st.integers(0, 20), min_size=1, max_size=8),
+    avail_idx=st.one_of(st.integers(0, 8), st.integers(0, 0xFFFF)),
+    event_idx=st.booleans(),
+)  # fmt: skip
+def test_fuzz_rings_behind_notify(descs, heads, avail_idx, event_idx):
+    buf = bytearray(MEM_SIZE)
+    mem = GuestMemory([MemoryRegion(0, MEM_SIZE, memoryview(buf), _owner=buf)])
+    with TrioRunner() as runner:
+        t, _, line = make(mem, runner)
+        negotiate(t, VERSION_1 | (EVENT_IDX if event_idx else 0))
+        dq = setup_queue(t, mem, size=16, event_idx=event_idx)
+        wr(t, R.VIRTIO_MMIO_STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+        for i, (addr, length, flags, nxt) in enumerate(descs):
+            dq.write_desc(i, addr, length, flags, nxt)
+        for slot, head in enumerate(heads):
+            dq.write_avail(slot, head)
+        dq.set_avail_idx(avail_idx)
+        wr(t, R.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
+        wr(t, R.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
+        for err in t.errors:
+            assert isinstance(err, DriverError) and err.section
+        if t.errors:
+            assert rd(t, R.VIRTIO_MMIO_STATUS) & S.DEVICE_NEEDS_RESET
+            assert rd(t, R.VIRTIO_MMIO_INTERRUPT_STATUS) & INT_CONFIG and line.level
