@@ -20,6 +20,13 @@ address while it runs) *drains* it: the queue stops handing out chains, in-fligh
 chains complete (up to ``drain_timeout`` s), then its scope is cancelled and its
 state saved, so the reported base counts only chains that were returned.
 
+Resets.  SET_STATUS 0 (QEMU 7.2 sends it when it stops the device) stops every
+ring and resets the device but keeps the rings' configuration and base, so the
+GET_VRING_BASEs around it answer correctly; a new SET_VRING_KICK restarts a ring.
+RESET_DEVICE and the end of the connection forget everything (``reset``).
+Packed rings are served and their base reported (avail | wrap << 15, used | wrap
+<< 31), but not tracked in the inflight area: ``Virtqueue.chain_at`` is split-only.
+
 Inflight tracking (``inflight.py``): with INFLIGHT_SHMFD every split ring records
 popped/used heads in the shared area; when a ring starts on an area that was used
 before (a restarted back-end), heads still in flight are resubmitted to
