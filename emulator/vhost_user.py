@@ -647,6 +647,9 @@ class VhostUserMmioDevice(Device):
 
     # -- the notifier thread ------------------------------------------------------------------
     def _notifier(self) -> None:
+        # The KVM backend's deadline timer (SIGALRM) must interrupt KVM_RUN on the vCPU
+        # thread, not this one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         poller = select.poll()
         roles: dict[int, tuple[str, _Queue | None]] = {self._stop_fd: ("stop", None)}
         poller.register(self._stop_fd, select.POLLIN)
@@ -838,7 +841,7 @@ class VhostUserMmioDevice(Device):
             raise QueueSetupError(f"queue {q.index} size {q.num} not in 1..{self.queue_max}")
         if not self.packed and q.num & (q.num - 1):
             raise QueueSetupError(f"split queue {q.index} size {q.num} is not a power of 2")
-        aligns = (16, 8, 8) if self.packed else (16, 2, 4)
+        aligns = (16, 4, 4) if self.packed else (16, 2, 4)  # §2.8.10.1 / §2.7
         ram = self.machine.memory
         for what, addr, size, align in zip(
             ("descriptor area", "driver area", "device area"),
