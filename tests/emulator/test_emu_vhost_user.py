@@ -148,6 +148,135 @@ def test_connect_gives_up_when_the_backend_process_is_gone(tmp_path):
     assert time.monotonic() - t0 < 5
 
 
+def test_backend_that_cannot_start_is_a_typed_error(tmp_path):
+    """The back-end exits at once (no image): the error carries its status and message."""
+    sock = str(tmp_path / "vu.sock")
+    argv = vu.backend_argv("ours", sock, str(tmp_path / "missing" / "disk.img"))
+    proc = vu.BackendProcess(argv, tmp_path / "log")
+    try:
+        with (
+            Machine(ram_size=8 << 20, cpu="soft") as m,
+            pytest.raises(vu.BackendDisconnected, match=r"exit status 1.*cannot open"),
+        ):
+            vu.attach_backend(m, sock, process=proc)
+    finally:
+        proc.stop()
+
+
+class FakeBlk:
+    """A scripted back-end on a socketpair: answers the attach sequence, acks everything
+    (REPLY_ACK) except ``refuse``, keeps the fds it is sent."""
+
+    FEATURES = TF.VIRTIO_F_VERSION_1.mask | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+    PROTOCOL = ProtocolFeature.REPLY_ACK.mask | ProtocolFeature.CONFIG.mask
+
+    def __init__(self, refuse: int | None = None) -> None:
+        self.refuse = refuse
+        self.fds: dict[int, list[int]] = {}
+        self.log: list[int] = []
+        a, self.sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.client = vu.VhostUserClient(a, timeout=2.0, name="fake-blk")
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with self.sock as s:
+            while True:
+                hdr, anc, _, _ = s.recvmsg(HEADER.size, socket.CMSG_SPACE(64))
+                if len(hdr) < HEADER.size:
+                    return
+                req, flags, size = HEADER.unpack(hdr)
+                payload = s.recv(size, socket.MSG_WAITALL) if size else b""
+                fds = vu._fds_from(anc)
+                self.fds.setdefault(req, []).extend(fds)
+                self.log.append(req)
+                if req == FrontendRequest.GET_FEATURES:
+                    _reply(s, req, struct.pack("=Q", self.FEATURES))
+                elif req == FrontendRequest.GET_PROTOCOL_FEATURES:
+                    _reply(s, req, struct.pack("=Q", self.PROTOCOL))
+                elif req == FrontendRequest.GET_CONFIG:
+                    _reply(s, req, payload[:12] + struct.pack("=Q", 2048).ljust(len(payload) - 12))
+                elif req == FrontendRequest.GET_VRING_BASE:
+                    _reply(s, req, struct.pack("=II", 0, 0))
+                elif flags & HeaderFlags.NEED_REPLY:
+                    _reply(s, req, struct.pack("=Q", int(req == self.refuse)))
+
+    def close(self) -> None:
+        for fds in self.fds.values():
+            for fd in fds:
+                os.close(fd)
+
+
+def _driver_ok(dev, ring=0x10000):
+    _wr(dev, R.VIRTIO_MMIO_STATUS, 3)
+    for sel in (0, 1):
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel)
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES, TF.VIRTIO_F_VERSION_1.mask >> (32 * sel))
+    _wr(dev, R.VIRTIO_MMIO_STATUS, 11)
+    _wr(dev, R.VIRTIO_MMIO_QUEUE_NUM, 16)
+    _wr(dev, R.VIRTIO_MMIO_QUEUE_DESC_LOW, ring)
+    _wr(dev, R.VIRTIO_MMIO_QUEUE_AVAIL_LOW, ring + 0x100)
+    _wr(dev, R.VIRTIO_MMIO_QUEUE_USED_LOW, ring + 0x1000)
+    _wr(dev, R.VIRTIO_MMIO_QUEUE_READY, 1)
+    _wr(dev, R.VIRTIO_MMIO_STATUS, 15)
+
+
+def _wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_backend_refusal_and_error_eventfd_need_reset():
+    """A NAK during the DRIVER_OK hand-off, and the back-end's err eventfd: both set
+    DEVICE_NEEDS_RESET and raise a configuration change interrupt (§2.1.2)."""
+    fake = FakeBlk(refuse=FrontendRequest.SET_VRING_ADDR)
+    with Machine(ram_size=8 << 20, cpu="soft") as m:
+        dev = vu.VhostUserMmioDevice(m, fake.client, config_size=8)
+        assert dev.read(0x100, 4) == 2048  # capacity from GET_CONFIG
+        _driver_ok(dev)
+        status = _rd(dev, R.VIRTIO_MMIO_STATUS)
+        assert status & 0x40 and _rd(dev, R.VIRTIO_MMIO_INTERRUPT_STATUS) == 2
+        assert "SET_VRING_ADDR failed" in str(dev.errors[-1])
+    fake.close()
+
+    fake = FakeBlk()
+    with Machine(ram_size=8 << 20, cpu="soft") as m:
+        dev = vu.VhostUserMmioDevice(m, fake.client, config_size=8)
+        _driver_ok(dev)
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 15
+        sent = fake.log[fake.log.index(FrontendRequest.SET_FEATURES) :]
+        assert sent == [
+            FrontendRequest.SET_FEATURES,
+            FrontendRequest.SET_MEM_TABLE,
+            FrontendRequest.SET_VRING_NUM,
+            FrontendRequest.SET_VRING_BASE,
+            FrontendRequest.SET_VRING_ADDR,
+            FrontendRequest.SET_VRING_KICK,
+            FrontendRequest.SET_VRING_CALL,
+            FrontendRequest.SET_VRING_ERR,
+            FrontendRequest.SET_VRING_ENABLE,
+        ]
+        (mem_fd,) = fake.fds[FrontendRequest.SET_MEM_TABLE]
+        assert os.fstat(mem_fd).st_size == 8 << 20  # the guest RAM memfd
+        # a call: InterruptStatus bit 0, and the irqfd wakes a halted guest
+        os.eventfd_write(fake.fds[FrontendRequest.SET_VRING_CALL][0], 1)
+        _wait_for(lambda: dev.isr == 1)
+        assert m.irqfds[dev._irq_fd] == vmmio.VIRTIO_IRQ
+        _wr(dev, R.VIRTIO_MMIO_INTERRUPT_ACK, 1)
+        assert _rd(dev, R.VIRTIO_MMIO_INTERRUPT_STATUS) == 0
+        # an error on the ring
+        os.eventfd_write(fake.fds[FrontendRequest.SET_VRING_ERR][0], 1)
+        _wait_for(lambda: dev.isr == 2)
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) & 0x40
+        assert "error on vring 0" in str(dev.errors[-1])
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 0)
+        assert fake.log[-1] == FrontendRequest.GET_VRING_BASE  # no RESET_DEVICE offered
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 0
+    fake.close()
+
+
 # -- the register file against our back-end (no CPU) --------------------------------------------
 @pytest.fixture
 def ours(tmp_path):
