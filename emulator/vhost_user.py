@@ -617,12 +617,16 @@ class VhostUserMmioDevice(Device):
             _Queue(i, self._new_fd(), self._new_fd(), self._new_fd())
             for i in range(self.num_queues)
         ]
+        try:
+            machine.bus.add_mmio(base, VIRTIO_MMIO_REGION_SIZE, self)
+        except BaseException:
+            self._close_fds()
+            raise
         notify = base + int(R.VIRTIO_MMIO_QUEUE_NOTIFY)
         if ioeventfd:
             for q in self.queues:
                 machine.ioeventfd(notify, 4, q.kick, datamatch=q.index)
         machine.irqfd(self._irq_fd, irq)
-        machine.bus.add_mmio(base, VIRTIO_MMIO_REGION_SIZE, self)
         machine.devices[name] = self
         machine.closers.append(self.close)
         self._reset_registers()
@@ -1040,6 +1044,9 @@ class VhostUserMmioDevice(Device):
                 self.client.sock.settimeout(2.0)
                 self.reset()
         self.client.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
