@@ -73,12 +73,6 @@ static u32 check(const u64 *buf, u32 words, u64 lba, u32 seed)
 	return bad;
 }
 
-static void zero(u64 *buf, u32 words)
-{
-	for (u32 i = 0; i < words; i++)
-		buf[i] = 0;
-}
-
 static inline struct virtio_blk_outhdr *slot_hdr(u32 s)
 {
 	return (struct virtio_blk_outhdr *)(P->hdr_addr + (u64)s * HDR_STRIDE);
@@ -169,7 +163,7 @@ static int phase(u32 type, u32 *bad, u32 *ios)
 			if (type == VIRTIO_BLK_T_OUT)
 				fill(slot_buf(n), words, (u64)next * spr, P->seed);
 			else
-				zero(slot_buf(n), words);
+				memset(slot_buf(n), 0, P->req_bytes); /* as ide.c: same guest work */
 			slot_req[n] = next;
 			submit(n, type, (u64)next * spr, P->req_bytes);
 		}
