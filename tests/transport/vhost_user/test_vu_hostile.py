@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from virtio.spec.ring import VringDescFlag, split_ring_sizes
 from virtio.testing.vhost_user_frontend import (
@@ -467,3 +469,59 @@ async def test_echo_writes_only_its_writable_buffers(caplog: pytest.LogCaptureFi
         logging.getLogger("test").info("benign request done")
 
     await run_case(scenario, caplog, "benign request done")
+
+
+message = st.tuples(
+    st.one_of(st.integers(0, 45), st.sampled_from([99, 0xFFFFFFFF])),
+    st.binary(max_size=48),
+    st.integers(0, 2),  # eventfds attached
+    st.booleans(),  # NEED_REPLY
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=st.lists(message, min_size=1, max_size=12))
+async def test_random_messages_never_break_the_server(messages) -> None:
+    """Random well-framed messages after a partial bring-up: whatever happens to that
+    connection, the server survives and serves the next one."""
+    device = EchoDevice()
+    server = VhostUserServer(device, drain_timeout=0.1)
+    async with trio.open_nursery() as nursery:
+        for step in ("random", "next"):
+            a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            done = trio.Event()
+
+            async def serve(sock=b, done=done) -> None:
+                try:
+                    await server.serve_connection(sock)
+                finally:
+                    done.set()
+
+            nursery.start_soon(serve)
+            fe = VhostUserFrontend(a)
+            ram = GuestRam(2 * MiB)
+            try:
+                with trio.fail_after(10):
+                    if step == "random":
+                        await fe.negotiate()
+                        await fe.set_mem_table(ram)
+                        for request, payload, nfds, need_reply in messages:
+                            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
+                            flags = 1 | (8 if need_reply else 0)
+                            try:
+                                await fe.send_raw(
+                                    HEADER.pack(request, flags, len(payload)) + payload, fds
+                                )
+                            except OSError:
+                                break  # the back-end closed this connection
+                            finally:
+                                for fd in fds:
+                                    os.close(fd)
+                    else:
+                        await _bring_up_and_echo(fe, ram)
+            finally:
+                await fe.aclose()
+                with trio.fail_after(10):
+                    await done.wait()
+                ram.close()
+    assert server.connections == 2
