@@ -104,28 +104,28 @@ QUICK_POINTS = ("randread-4k-qd32", "randwrite-4k-qd32")
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def _ticks(stat_path: str) -> int:
-    """utime + stime (clock ticks) from a /proc stat file."""
+def _ticks(stat_path: str) -> tuple[int, int]:
+    """(utime, stime) in clock ticks from a /proc stat file."""
     with open(stat_path) as f:
         data = f.read()
     fields = data[data.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
 
 
 @dataclasses.dataclass(frozen=True)
 class CpuSample:
-    total: float  # seconds, the whole process (live and exited threads)
-    main: float  # seconds, the main thread only
+    total: float  # seconds, the whole process (live and exited threads), user + system
+    sys: float  # seconds, the whole process, system (kernel) time only
+    main: float  # seconds, the main thread only, user + system
 
     @classmethod
     def of(cls, pid: int) -> CpuSample:
-        return cls(
-            _ticks(f"/proc/{pid}/stat") / CLK_TCK,
-            _ticks(f"/proc/{pid}/task/{pid}/stat") / CLK_TCK,
-        )
+        user, system = _ticks(f"/proc/{pid}/stat")
+        main = sum(_ticks(f"/proc/{pid}/task/{pid}/stat"))
+        return cls((user + system) / CLK_TCK, system / CLK_TCK, main / CLK_TCK)
 
     def __sub__(self, other: CpuSample) -> CpuSample:
-        return CpuSample(self.total - other.total, self.main - other.main)
+        return CpuSample(self.total - other.total, self.sys - other.sys, self.main - other.main)
 
 
 # --------------------------------------------------------------------------- back-ends
@@ -190,6 +190,7 @@ class Run:
     seconds: float
     cpu_s: float
     main_cpu_s: float
+    sys_cpu_s: float
     other_backend_cpu_s: float
     """CPU the other (idle, still connected) back-end used meanwhile."""
 
@@ -201,10 +202,15 @@ class Run:
     def main_us_per_io(self) -> float:
         return self.main_cpu_s / self.ios * 1e6 if self.ios else float("nan")
 
+    @property
+    def sys_us_per_io(self) -> float:
+        return self.sys_cpu_s / self.ios * 1e6 if self.ios else float("nan")
+
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["cpu_us_per_io"] = round(self.cpu_us_per_io, 2)
         d["main_us_per_io"] = round(self.main_us_per_io, 2)
+        d["sys_us_per_io"] = round(self.sys_us_per_io, 2)
         return d
 
 
@@ -243,7 +249,8 @@ async def run_one(
             [
                 args.py_spy_binary, "record", "--pid", str(pid),
                 "--rate", str(args.py_spy_rate), "--duration", str(int(args.runtime)),
-                "--format", "raw", "--threads", "--nonblocking", "--output", str(out),
+                "--format", "raw", "--threads", "--output", str(out),
+                *(["--nonblocking"] if args.py_spy_nonblocking else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=open(out.with_suffix(".log"), "wb"),  # noqa: SIM115 - the child's
@@ -272,7 +279,18 @@ async def run_one(
                 await trio.to_thread.run_sync(child.wait)
     iops, bw, ios, lat = _fio_totals(report)
     return Run(
-        point.name, backend, rnd, iops, bw, ios, lat, seconds, cpu.total, cpu.main, idle.total
+        point.name,
+        backend,
+        rnd,
+        iops,
+        bw,
+        ios,
+        lat,
+        seconds,
+        cpu.total,
+        cpu.main,
+        cpu.sys,
+        idle.total,
     )
 
 
@@ -288,6 +306,7 @@ def summarise(runs: list[Run], points: list[Point]) -> list[dict[str, Any]]:
                 "lat_us": statistics.median(r.lat_us for r in mine),
                 "cpu_us_per_io": statistics.median(r.cpu_us_per_io for r in mine),
                 "main_us_per_io": statistics.median(r.main_us_per_io for r in mine),
+                "sys_us_per_io": statistics.median(r.sys_us_per_io for r in mine),
                 "iops_runs": [round(r.iops) for r in mine],
             }
         row["iops_ratio"] = row[OURS]["iops"] / row[QSD]["iops"] if row[QSD]["iops"] else None
@@ -301,8 +320,8 @@ def summarise(runs: list[Run], points: list[Point]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| point | ours IOPS | qsd IOPS | IOPS ours/qsd | ours CPU µs/IO (main thr) "
-        "| qsd CPU µs/IO (main thr) | CPU ours/qsd | mean lat µs ours/qsd "
+        "| point | ours IOPS | qsd IOPS | IOPS ours/qsd | ours CPU µs/IO (main thr, kernel) "
+        "| qsd CPU µs/IO (main thr, kernel) | CPU ours/qsd | mean lat µs ours/qsd "
         "| goals (IOPS ≥ 0.9, CPU ≤ 2x) |"
     )
     out = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -312,8 +331,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         goals += "ok" if r["cpu_goal_met"] else "MISS"
         out.append(
             f"| {r['point']} | {o['iops']:,.0f} | {q['iops']:,.0f} | {r['iops_ratio']:.2f} "
-            f"| {o['cpu_us_per_io']:.1f} ({o['main_us_per_io']:.1f}) "
-            f"| {q['cpu_us_per_io']:.1f} ({q['main_us_per_io']:.1f}) "
+            f"| {o['cpu_us_per_io']:.1f} ({o['main_us_per_io']:.0f}, {o['sys_us_per_io']:.0f}) "
+            f"| {q['cpu_us_per_io']:.1f} ({q['main_us_per_io']:.0f}, {q['sys_us_per_io']:.0f}) "
             f"| {r['cpu_ratio']:.2f} | {o['lat_us']:,.0f} / {q['lat_us']:,.0f} | {goals} |"
         )
     return "\n".join(out)
@@ -322,23 +341,78 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- py-spy summary
 
 
-def _frame_function(frame: str) -> str:
-    """``func (path/file.py:123)`` -> ``func (file.py)``."""
+IDLE_LEAVES = ("WorkerThread._work", "EpollIOManager.get_events")
+"""Leaf frames that are blocking waits (a worker's ``lock.acquire``, ``epoll.poll``):
+py-spy's idle detection lets many of those through, so they are counted apart."""
+
+CATEGORIES: tuple[tuple[str, Any], ...] = (
+    (
+        "wake a worker thread (lock release = futex wake, ThreadCache.start_thread_soon)",
+        lambda fn, path: fn == "ThreadCache.start_thread_soon",
+    ),
+    (
+        "call eventfd write (EventfdNotifier.notify_used)",
+        lambda fn, path: fn == "EventfdNotifier.notify_used",
+    ),
+    ("preadv/pwritev (workers)", lambda fn, path: fn in ("preadv_all", "pwritev_all")),
+    (
+        "worker -> trio hand-back (run_sync_soon, wakeup socket, to_thread plumbing)",
+        lambda fn, path: (
+            any(
+                k in path
+                for k in (
+                    "_entry_queue.py",
+                    "_wakeup_socketpair.py",
+                    "_threads.py",
+                    "_thread_cache",
+                )
+            )
+            or "outcome" in path
+        ),
+    ),
+    (
+        "trio scheduler: tasks, cancel scopes, events, epoll bookkeeping",
+        lambda fn, path: "trio" in path or "contextlib" in path,
+    ),
+    (
+        "virtqueue: pop, chain decode, chain reader/writer, add_used (virtio/queues)",
+        lambda fn, path: "virtio/queues/" in path or "_vm_native" in path,
+    ),
+    (
+        "blk request: parse, execute, complete (virtio/devices/blk)",
+        lambda fn, path: (
+            "virtio/devices/blk/request.py" in path or ("virtio/devices/blk/device.py" in path)
+        ),
+    ),
+    ("thread batcher (_ThreadBatcher, RawFileBackend)", lambda fn, path: "backend.py" in path),
+    ("serve_queue loop (virtio/device.py)", lambda fn, path: "virtio/device.py" in path),
+    (
+        "vhost-user ring, inflight tracking (virtio/transport)",
+        lambda fn, path: "virtio/transport/" in path,
+    ),
+    ("other", lambda fn, path: True),
+)
+
+
+def _split_frame(frame: str) -> tuple[str, str]:
+    """``func (path/file.py:123)`` -> (``func``, ``path/file.py``)."""
     name, _, where = frame.rpartition(" (")
     if not name:
-        return frame
-    file = where.rstrip(")").rsplit(":", 1)[0].rsplit("/", 1)[-1]
-    return f"{name} ({file})"
+        return frame, ""
+    return name, where.rstrip(")").rsplit(":", 1)[0]
 
 
 def py_spy_summary(
     directory: Path, runs: list[Run], rate: int, pid: int, top: int = 25
 ) -> dict[str, Any]:
-    """Per point: our back-end's sampled (non-idle) CPU per I/O, split main thread /
-    worker threads, and the top functions by self and by inclusive samples, in µs/IO.
+    """Per run of our back-end: py-spy's samples, the blocking waits left out
+    (:data:`IDLE_LEAVES`), split main thread / worker threads, grouped in
+    :data:`CATEGORIES` by leaf frame, and the top functions by self and inclusive
+    samples.
 
-    Samples are converted to time as ``samples / rate``; py-spy leaves out idle
-    threads (blocked in epoll/futex), so this approximates on-CPU time.
+    Each figure is given as a share of the busy samples and as µs/IO, the share
+    applied to the CPU per I/O measured in /proc (py-spy's absolute sample counts
+    are not trustworthy on a loaded machine, its proportions are).
     """
     out: dict[str, Any] = {}
     for run in runs:
@@ -349,47 +423,60 @@ def py_spy_summary(
             continue
         selfs: dict[str, int] = {}
         incl: dict[str, int] = {}
-        main = other = 0
+        cats: dict[str, list[int]] = {}
+        main = other = idle = 0
         for line in path.read_text(errors="replace").splitlines():
             stack, _, count_s = line.rpartition(" ")
             if not stack or not count_s.isdigit():
                 continue
             n = int(count_s)
             head, _, rest = stack.partition(";")
-            if head.startswith(f"thread ({pid})"):
+            frames = [_split_frame(f) for f in rest.split(";") if f]
+            if not frames or frames[-1][0] in IDLE_LEAVES:
+                idle += n
+                continue
+            on_main = head.startswith(f"thread ({pid})")
+            if on_main:
                 main += n
             else:
                 other += n
-            funcs = [_frame_function(f) for f in rest.split(";") if f]
-            if not funcs:
-                continue
+            funcs = [f"{fn} ({p.rsplit('/', 1)[-1]})" for fn, p in frames]
             selfs[funcs[-1]] = selfs.get(funcs[-1], 0) + n
             for f in set(funcs):
                 incl[f] = incl.get(f, 0) + n
-        scale = 1e6 / rate / run.ios if run.ios else 0.0
-
-        total = main + other or 1
+            leaf_fn, leaf_path = frames[-1]
+            for title, match in CATEGORIES:
+                if match(leaf_fn, leaf_path):
+                    slot = cats.setdefault(title, [0, 0])
+                    slot[0 if on_main else 1] += n
+                    break
+        busy = main + other or 1
+        measured = run.cpu_us_per_io
 
         def ranked(
-            d: dict[str, int], scale: float = scale, total: int = total
+            d: dict[str, int], busy: int = busy, measured: float = measured
         ) -> list[tuple[str, float, float]]:
             items = sorted(d.items(), key=lambda kv: -kv[1])[:top]
-            return [(f, round(n * scale, 2), round(100 * n / total, 1)) for f, n in items]
+            return [(f, round(measured * n / busy, 2), round(100 * n / busy, 1)) for f, n in items]
 
-        entry = out.setdefault(run.point, [])
-        entry.append(
+        out.setdefault(run.point, []).append(
             {
                 "round": run.round,
                 "ios": run.ios,
-                "samples": main + other,
-                "sampled_us_per_io": round((main + other) * scale, 2),
-                "main_us_per_io": round(main * scale, 2),
-                "workers_us_per_io": round(other * scale, 2),
-                "measured_cpu_us_per_io": round(run.cpu_us_per_io, 2),
+                "busy_samples": main + other,
+                "idle_samples_left_out": idle,
+                "sampled_busy_us_per_io": round((main + other) * 1e6 / rate / run.ios, 2),
+                "measured_cpu_us_per_io": round(measured, 2),
+                "main_share_percent": round(100 * main / busy, 1),
+                "categories": [
+                    (t, round(measured * sum(v) / busy, 2), round(100 * sum(v) / busy, 1),
+                     round(100 * v[0] / busy, 1), round(100 * v[1] / busy, 1))
+                    for t, v in sorted(cats.items(), key=lambda kv: -sum(kv[1]))
+                ],
                 "top_self": ranked(selfs),
                 "top_inclusive": ranked(incl),
             }
-        )
+        )  # fmt: skip
     return out
 
 
@@ -398,12 +485,18 @@ def format_py_spy(summary: dict[str, Any], top: int = 15) -> str:
     for point, entries in summary.items():
         for e in entries:
             lines.append(
-                f"== py-spy, our back-end, {point} round {e['round'] + 1}: {e['samples']} samples, "
-                f"sampled {e['sampled_us_per_io']} µs/IO (main {e['main_us_per_io']}, "
-                f"workers {e['workers_us_per_io']}); /proc says {e['measured_cpu_us_per_io']}"
+                f"== py-spy, our back-end, {point} round {e['round'] + 1}: "
+                f"{e['busy_samples']} busy samples ({e['idle_samples_left_out']} idle left out, "
+                f"{e['main_share_percent']}% on the main thread); measured "
+                f"{e['measured_cpu_us_per_io']} µs/IO (samples say {e['sampled_busy_us_per_io']})"
             )
+            lines.append(
+                "  by category of the leaf frame (µs/IO, % of busy: total = main + workers):"
+            )
+            for t, us, pct, m, w in e["categories"]:
+                lines.append(f"    {us:8.2f} {pct:5.1f}% = {m:4.1f} + {w:4.1f}  {t}")
             for title, key in (("self", "top_self"), ("inclusive", "top_inclusive")):
-                lines.append(f"  top {title} (µs/IO, % of samples):")
+                lines.append(f"  top {title} (µs/IO, % of busy samples):")
                 for f, us, pct in e[key][:top]:
                     lines.append(f"    {us:8.2f} {pct:5.1f}%  {f}")
     return "\n".join(lines)
@@ -484,7 +577,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                             say(
                                 f"{p.name} round {rnd + 1}/{args.rounds} {b:4}: "
                                 f"{run.iops:9,.0f} IOPS  {run.cpu_us_per_io:7.1f} µs CPU/IO "
-                                f"(main {run.main_us_per_io:.1f})"
+                                f"(main {run.main_us_per_io:.1f}, kernel {run.sys_us_per_io:.1f})"
                             )
         finally:
             with trio.CancelScope(shield=True):
@@ -570,6 +663,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples/s (250)")
     ap.add_argument(
+        "--py-spy-nonblocking",
+        action="store_true",
+        help="py-spy --nonblocking (less intrusive, but idle threads leak into the samples)",
+    )
+    ap.add_argument(
         "--ours-cprofile",
         type=Path,
         metavar="FILE",
@@ -623,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
             f"fio {s['ioengine']} --direct=1, {s['runtime_s']:g} s per run, "
             f"{s['rounds']} round(s) per back-end, num-queues={s['num_queues']}, "
             f"{s['image_mib']} MiB image; medians; CPU = utime+stime of all threads "
-            f"over the fio run / I/Os (main thread's share in parentheses)"
+            f"over the fio run / I/Os (in parentheses: the main thread's share, the kernel's "
+            "(stime) share)"
         )
         print(format_table(result["summary"]))
         d = result["disks"]
