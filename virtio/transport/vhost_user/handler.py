@@ -766,6 +766,18 @@ class VhostUserHandler:
                     for chain in resubmit:
                         nursery.start_soon(self._resubmit, ring, queue, chain)
                     nursery.start_soon(self._guarded_serve, ring, active)
+        except Exception as exc:
+            # An error raised together with our own cancellation (a MultiError that
+            # ``serve_queue`` and ``_guarded_serve`` cannot catch) comes out of the
+            # scope once the Cancelled is filtered: same treatment.
+            log.error(
+                "%s: vring %d: %s while stopping: %s",
+                self.name,
+                ring.index,
+                type(exc).__name__,
+                exc,
+            )
+            self._ring_failed(ring, exc)
         finally:
             ring.done.set()
 

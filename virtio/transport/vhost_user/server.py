@@ -172,24 +172,10 @@ class VhostUserServer:
         log.info("%s: front-end connected", name)
         conn = BackendConnection(max_queues=self.device.num_queues)
         try:
-            async with trio.open_nursery() as nursery:
-                handler = VhostUserHandler(
-                    self.device, conn, nursery, drain_timeout=self.drain_timeout, name=name
-                )
-                self.handler = handler
-                if self._on_handler is not None:
-                    self._on_handler(handler)
-                try:
-                    try:
-                        reason = await self._serve(sock, conn, handler, name)
-                    except Exception as exc:  # a bug of ours: drop this connection only
-                        log.exception("%s: internal error", name)
-                        self.errors.append(exc)
-                        reason = f"internal error {type(exc).__name__}"
-                    log.info("%s: connection closed: %s", name, reason)
-                finally:
-                    await handler.aclose()
-                    nursery.cancel_scope.cancel()
+            await self._serve_with_handler(sock, conn, name)
+        except Exception as exc:  # e.g. a ring task's error surfacing at teardown
+            log.exception("%s: internal error at connection teardown", name)
+            self.errors.append(exc)
         finally:
             conn.close()
             sock.close()
@@ -200,6 +186,28 @@ class VhostUserServer:
             self.handler = None
             if self._on_handler is not None:
                 self._on_handler(None)
+
+    async def _serve_with_handler(
+        self, sock: trio.socket.SocketType, conn: BackendConnection, name: str
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            handler = VhostUserHandler(
+                self.device, conn, nursery, drain_timeout=self.drain_timeout, name=name
+            )
+            self.handler = handler
+            if self._on_handler is not None:
+                self._on_handler(handler)
+            try:
+                try:
+                    reason = await self._serve(sock, conn, handler, name)
+                except Exception as exc:  # a bug of ours: drop this connection only
+                    log.exception("%s: internal error", name)
+                    self.errors.append(exc)
+                    reason = f"internal error {type(exc).__name__}"
+                log.info("%s: connection closed: %s", name, reason)
+            finally:
+                await handler.aclose()
+                nursery.cancel_scope.cancel()
 
     async def _serve(
         self,
