@@ -467,3 +467,27 @@ async def test_status_zero_resets_the_device_but_keeps_the_vring_base() -> None:
             assert await fe.get_vring_base(0) == 3
     finally:
         ram.close()
+
+
+async def test_cli_serves_an_inherited_connected_fd_then_exits(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(MiB))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "virtio", "serve", "blk", "--fd", str(theirs.fileno()),
+         "--blk-file", os.fspath(img), "--read-only"],
+        pass_fds=(theirs.fileno(),),
+        cwd=REPO,
+    )  # fmt: skip
+    theirs.close()
+    try:
+        with trio.fail_after(20):
+            fe = VhostUserFrontend(trio.socket.from_stdlib_socket(ours))
+            await fe.negotiate()
+            assert fe.features & 1 << 5  # VIRTIO_BLK_F_RO
+            await fe.aclose()  # the only connection ends: the back-end exits
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
