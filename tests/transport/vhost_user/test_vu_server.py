@@ -26,6 +26,7 @@ from virtio.transport.vhost_user.messages import (
     LogDescription,
     MemoryTable,
     SingleMemoryRegion,
+    VringFd,
     VringState,
 )
 from virtio.transport.vhost_user.messages import FrontendRequest as R
@@ -491,3 +492,53 @@ async def test_cli_serves_an_inherited_connected_fd_then_exits(tmp_path: Path) -
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_no_fd_leaks_over_a_full_session() -> None:
+    """Everything received (memory, kick/call/err, inflight, log, back-end channel) is
+    closed by the time the connection is gone."""
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def fd_map() -> dict[str, str]:
+        out = {}
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        return out
+
+    device = EchoDevice(num_queues=2)
+    server = VhostUserServer(device)
+    before = open_fds()
+    before_map = fd_map()
+    ram = GuestRam(4 * MiB)
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            async with connected(server, nursery) as fe:
+                await fe.negotiate()
+                fd, size = await fe.get_inflight_fd(2, 16)
+                await fe.set_inflight_fd(fd, size, 2, 16)
+                os.close(fd)
+                log_fd = os.memfd_create("log", os.MFD_CLOEXEC)
+                os.ftruncate(log_fd, 4096)
+                await fe.request(R.SET_LOG_BASE, LogDescription(4096, 0), [log_fd], reply=True)
+                os.close(log_fd)
+                a, b = socket.socketpair()
+                await fe.request(R.SET_BACKEND_REQ_FD, None, [b.fileno()], need_reply=True)
+                a.close()
+                b.close()
+                await fe.set_mem_table(ram)
+                for i in range(2):
+                    vq = await fe.setup_vring(i, ram, size=16, offset=i * MiB)
+                    vq.driver.add([b"fd"], [2])
+                    vq.publish_and_kick()
+                    await vq.wait_used()
+                # replace call fds while running, then stop one ring
+                call = os.eventfd(0, os.EFD_CLOEXEC)
+                await fe.request(R.SET_VRING_CALL, VringFd(0), [call], need_reply=True)
+                os.close(call)
+                await fe.get_vring_base(1)
+    ram.close()  # (its mmap held a dup of the memfd: mmap.mmap dups the fd it maps)
+    after_map = fd_map()
+    assert open_fds() == before, {k: v for k, v in after_map.items() if k not in before_map}
