@@ -81,13 +81,20 @@ the block device.  PUNCH_HOLE on a block device is
 request (unmap allowed) completed, so its success proves write-zeroes reached us."""
 
 
-def our_backend(*extra: str, prepare=None) -> BackendStarter:
-    """A starter for ``python -m virtio -v serve blk`` (stderr to ``<socket>.log``)."""
+_LOGS: dict[str, Path] = {}
+"""Socket path -> the back-end's stderr log."""
+
+
+def our_backend(*extra: str, prepare=None, log_dir: Path | None = None) -> BackendStarter:
+    """A starter for ``python -m virtio -v serve blk`` (stderr to ``<socket>.log``, or
+    to ``log_dir``, which outlives the session's temporary directory)."""
 
     async def start(socket_path: Path, image_path: Path, num_queues: int) -> trio.Process:
         if prepare is not None:
             prepare(image_path)
-        log = open(f"{socket_path}.log", "ab")  # noqa: SIM115 - handed to the child
+        path = Path(f"{socket_path}.log") if log_dir is None else log_dir / "backend.log"
+        _LOGS[os.fspath(socket_path)] = path
+        log = open(path, "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = await trio.lowlevel.open_process(
                 [
@@ -119,7 +126,7 @@ def our_backend(*extra: str, prepare=None) -> BackendStarter:
 
 
 def backend_log(s: BlkSession) -> str:
-    return Path(f"{s.socket}.log").read_text(errors="replace")
+    return _LOGS[os.fspath(s.socket)].read_text(errors="replace")
 
 
 async def backend_stats(s: BlkSession) -> dict[str, str]:
@@ -157,12 +164,12 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     size = 32 * MiB
-    with zeroout_helper() as zo:
+    with zeroout_helper() as zo, tempfile.TemporaryDirectory(prefix="pyvirtio-log-") as logs:
         extra = [] if zo is None else ["-fw_cfg", f"name=opt/pyvirtio/zo,file={zo}"]
         with trio.fail_after(170):
             async with vhost_user_blk_guest(
                 guest_image,
-                our_backend("--serial", "pyvirtio-disk0"),
+                our_backend("--serial", "pyvirtio-disk0", log_dir=Path(logs)),
                 disk_size=size,
                 num_queues=2,
                 guest_kwargs={"extra_args": extra},
@@ -275,6 +282,10 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
                 timings["resize"] = round(time.monotonic() - t, 2)
                 assert "needs reset" not in backend_log(s)
                 assert "rejected" not in backend_log(s)  # QEMU sent nothing we refused
+                session = s
+        # the guest is gone, then the harness sent SIGTERM: a clean exit
+        assert session.backend.returncode == 0, backend_log(session)[-2000:]
+        assert "SIGTERM: shutting down" in backend_log(session)
     timings["total"] = round(time.monotonic() - t0, 2)
     print("timings:", timings)
 
@@ -319,13 +330,14 @@ async def test_backend_killed_with_io_in_flight_and_restarted(guest_image: Guest
     regions; the back-end is SIGKILLed mid-stream and restarted on the same socket.
     QEMU reconnects and hands the new process the inflight area; every writer
     finishes and every region holds its pattern, in the guest and in the image.
-    ``--debug-request-delay`` (20 ms before each request runs) makes sure requests
-    are in flight at the kill, so the new process must resubmit some."""
+    ``--debug-request-delay`` (50 ms before each request runs) keeps requests in
+    flight, and the kill waits for a moment the back-end reports some (SIGUSR1
+    statistics), so the new process must resubmit some."""
     writers = 4
     with trio.fail_after(120):
         async with vhost_user_blk_guest(
             guest_image,
-            our_backend("--debug-request-delay", "0.02"),
+            our_backend("--debug-request-delay", "0.05"),
             disk_size=16 * MiB,
             num_queues=2,
             reconnect=1,
@@ -350,6 +362,10 @@ async def test_backend_killed_with_io_in_flight_and_restarted(guest_image: Guest
                 )
             await trio.sleep(1.0)
             assert await jobs[0].poll() is None
+            for _ in range(50):  # kill at a moment the back-end has requests in flight
+                if int((await backend_stats(s))["in_flight"]) > 0:
+                    break
+                await trio.sleep(0.05)
             old_pid = s.backend.pid
             await s.restart_backend(kill=True)  # SIGKILL while requests are in flight
             assert s.backend.pid != old_pid
@@ -369,7 +385,7 @@ async def test_backend_killed_with_io_in_flight_and_restarted(guest_image: Guest
             resubmits = re.findall(r"resubmitting (\d+) in-flight", log)
             print("after restart:", stats, "resubmissions:", resubmits)
             assert "inflight area set" in log  # QEMU handed the area back
-            assert int(stats["resubmitted"]) > 0  # requests in flight at the kill were redone
+            assert int(stats["resubmitted"]) > 0, log[-4000:]  # in flight at the kill: redone
             assert "needs reset" not in log
             assert "rejected" not in log
 

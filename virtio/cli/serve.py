@@ -155,6 +155,7 @@ def _statistics(device: Any, server: Any) -> str:
     parts = [
         f"connections={server.connections}",
         f"resubmitted={server.resubmitted}",
+        f"in_flight={server.in_flight()}",
         "vring_requests="
         + ",".join(str(n) for _, n in sorted(server.requests_per_vring().items())),
         f"fdatasync={getattr(backend, 'sync_calls', 'n/a')}",

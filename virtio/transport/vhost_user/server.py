@@ -111,6 +111,12 @@ class VhostUserServer:
                 out[index] = out.get(index, 0) + n
         return out
 
+    def in_flight(self) -> int:
+        """Chains popped and not yet returned, on the current connection."""
+        if self.handler is None:
+            return 0
+        return sum(r.tracker.outstanding for r in self.handler.vrings if r.tracker is not None)
+
     @property
     def resubmitted(self) -> int:
         """In-flight requests resubmitted after reconnects (all connections so far)."""
