@@ -542,3 +542,20 @@ async def test_no_fd_leaks_over_a_full_session() -> None:
     ram.close()  # (its mmap held a dup of the memfd: mmap.mmap dups the fd it maps)
     after_map = fd_map()
     assert open_fds() == before, {k: v for k, v in after_map.items() if k not in before_map}
+
+
+async def test_serve_path_replaces_a_stale_socket_but_not_a_live_one(tmp_path: Path) -> None:
+    path = tmp_path / "blk.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(os.fspath(path))
+    stale.close()  # the file stays, nobody listens: stale
+    device = EchoDevice()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(VhostUserServer(device).serve_path, path)
+        fe = await VhostUserFrontend.connect(path)
+        assert await fe.get_u64(R.GET_FEATURES)
+        await fe.aclose()
+        with pytest.raises(OSError, match="another back-end"):
+            await VhostUserServer(EchoDevice()).serve_path(path)
+        nursery.cancel_scope.cancel()
+    assert not path.exists()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -131,9 +132,16 @@ class VhostUserServer:
         """Listen on a unix socket at ``path`` (replacing a stale socket file) until
         cancelled; the socket file is removed on exit."""
         path = Path(path)
-        with contextlib.suppress(FileNotFoundError):
-            if path.is_socket():
-                path.unlink()
+        if path.is_socket():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(os.fspath(path))
+            except OSError:
+                path.unlink(missing_ok=True)  # stale: its server is gone
+            else:
+                raise OSError(errno.EADDRINUSE, f"another back-end is listening on {path}")
+            finally:
+                probe.close()
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await listener.bind(os.fspath(path))
@@ -164,7 +172,12 @@ class VhostUserServer:
     async def serve_listener(self, listener: trio.socket.SocketType) -> None:
         """Accept and serve connections one at a time, until cancelled."""
         while True:
-            conn, _ = await listener.accept()
+            try:
+                conn, _ = await listener.accept()
+            except OSError as exc:  # EMFILE and the like: wait and try again
+                log.error("%s: accept failed: %s", self.name, exc)
+                await trio.sleep(0.1)
+                continue
             await self.serve_connection(conn)
 
     # ------------------------------------------------------------------ one connection
