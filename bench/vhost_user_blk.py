@@ -24,6 +24,7 @@ Usage::
     python bench/vhost_user_blk.py                    # full run (~7 min)
     python bench/vhost_user_blk.py --quick            # smoke run (~25 s, 2 points)
     python bench/vhost_user_blk.py --json             # JSON on stdout instead of the table
+    python bench/vhost_user_blk.py --floor            # CPU cost of trio's building blocks
     python bench/vhost_user_blk.py --points randread-4k-qd32 --rounds 2 \\
         --py-spy /tmp/prof                            # py-spy record of our back-end per run
     python bench/vhost_user_blk.py --ours-cprofile /tmp/ours.prof   # main thread under cProfile
@@ -631,6 +632,55 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def floor_costs(n: int = 20000) -> dict[str, float]:
+    """CPU µs of the trio and syscall building blocks our data path uses, in this
+    process (``--floor``): what each scheduler pass, task, shielded scope or thread hop
+    costs on this machine before any virtio work."""
+    res: dict[str, float] = {}
+    cpu = time.process_time
+
+    async def noop() -> None:
+        pass
+
+    t = cpu()
+    for _ in range(n):
+        await trio.lowlevel.checkpoint()
+    res["trio checkpoint (one scheduler pass incl. epoll_wait)"] = (cpu() - t) / n
+    t = cpu()
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(noop)
+            if i % 32 == 31:
+                await trio.lowlevel.checkpoint()
+    res["spawn + run + finish a trio task (32 per pass)"] = (cpu() - t) / n
+    t = cpu()
+    for _ in range(n // 4):
+        await trio.to_thread.run_sync(_noop)
+    res["trio.to_thread.run_sync(noop) round trip, one at a time"] = (cpu() - t) / (n // 4)
+    t = cpu()
+    for _ in range(n):
+        with trio.CancelScope(shield=True):
+            pass
+    res["with trio.CancelScope(shield=True): pass"] = (cpu() - t) / n
+    t = cpu()
+    for _ in range(n):
+        trio.Event()
+    res["trio.Event()"] = (cpu() - t) / n
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        t = cpu()
+        for _ in range(n):
+            os.eventfd_write(fd, 1)
+        res["os.eventfd_write (nobody waiting)"] = (cpu() - t) / n
+    finally:
+        os.close(fd)
+    return {k: round(v * 1e6, 2) for k, v in res.items()}
+
+
+def _noop() -> None:
+    pass
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -645,6 +695,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke run: 2 points, 1 round of 1 s, 64 MiB"
     )
     ap.add_argument("--json", action="store_true", help="print JSON on stdout, not the table")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="only measure trio/syscall building-block costs in this process (no guest)",
+    )
     ap.add_argument("--rounds", type=int, help="runs per back-end per point (default 5)")
     ap.add_argument("--runtime", type=float, help="seconds per fio run (default 8)")
     ap.add_argument("--size-mib", type=int, help="image size in MiB (default 256)")
@@ -708,6 +763,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.floor:
+        costs = trio.run(floor_costs)
+        if args.json:
+            print(json.dumps(costs, indent=2))
+        else:
+            for k, v in costs.items():
+                print(f"{v:8.2f} µs CPU  {k}")
+        return 0
     try:
         result = trio.run(bench, args)
     except (QemuUnavailable, GuestImageUnavailable) as e:
