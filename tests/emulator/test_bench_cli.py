@@ -41,13 +41,15 @@ def read_png(blob: bytes) -> tuple[int, int, bytes]:
 
 def test_bench_json_mib1_soft(tmp_path, capsys):
     chart = tmp_path / "bench.png"
-    rc = main(["bench", "--json", "--mib", "1", "--cpu", "soft", "--chart", str(chart)])
+    # The paths this bench owns; vhost-user (another component) has its own test below.
+    rc = main(["bench", "--json", "--mib", "1", "--cpu", "soft", "--chart", str(chart),
+               "--paths", "ide-pio", "ide-dma", "virtio-mmio"])  # fmt: skip
     out = capsys.readouterr()
     assert rc == 0, out.err
     doc = json.loads(out.out)
     rows = doc["rows"]
     got = [(r["path"], r["queue_depth"]) for r in rows]
-    assert got[:4] == [("ide-pio", 1), ("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32)]
+    assert got == [("ide-pio", 1), ("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32)]
     for r in rows:
         for key in (
             "path",
@@ -85,13 +87,25 @@ def test_unknown_path_is_an_error(capsys):
     assert main(["bench", "--paths", "nope", "--chart", ""]) == 2
 
 
-def test_vhost_user_skipped_when_not_registered():
+def test_optional_paths_skipped_when_not_registered(capsys):
     from emulator.run import PATHS
 
-    if "vhost-user" in PATHS:
-        pytest.skip("vhost-user path is registered")
-    rows = plan(["ide-dma", "virtio-mmio"], [1, 32], PATHS)
+    registry = {k: v for k, v in PATHS.items() if k in ("ide-dma", "virtio-mmio")}
+    rows = plan(["ide-dma", "virtio-mmio"], [1, 32], registry)
     assert rows == [("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32)]
+
+
+def test_default_paths_include_vhost_user_when_available(tmp_path, capsys):
+    from virtio.cli.bench import load_registry
+
+    if "vhost-user" not in load_registry():
+        pytest.skip("no vhost-user path in this build")
+    rc = main(["bench", "--json", "--kib", "64", "--cpu", "soft", "--chart", ""])
+    out = capsys.readouterr()
+    rows = json.loads(out.out)["rows"]
+    vu = [r for r in rows if r["path"] == "vhost-user"]
+    assert [r["queue_depth"] for r in vu] == [1, 32]
+    assert rc == (0 if all(r["verified"] for r in rows) else 1), out.err
 
 
 def test_failed_verification_exit_status(tmp_path, capsys, monkeypatch):

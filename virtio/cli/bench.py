@@ -25,6 +25,8 @@ from pathlib import Path
 DEFAULT_PATHS = ("ide-pio", "ide-dma", "virtio-mmio", "vhost-user")
 OPTIONAL_PATHS = frozenset({"vhost-user"})
 """Skipped silently when not registered (another component adds them)."""
+PATH_MODULES = ("emulator.vhost_user",)
+"""Modules that register more paths when imported (absent ones are skipped)."""
 DEFAULT_QUEUE_DEPTHS = (1, 32)
 DEFAULT_KIB = 256
 DEFAULT_CHART = "virtio-bench.png"
@@ -131,6 +133,21 @@ def failed_row(path: str, qd: int, cpu: str, irq: bool, exc: BaseException) -> d
     }
 
 
+def load_registry() -> dict:
+    """``emulator.run.PATHS`` after importing the optional path modules."""
+    import importlib
+
+    from emulator import run as emu
+
+    for name in PATH_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return emu.PATHS
+
+
 def run(args: argparse.Namespace) -> int:
     from emulator import run as emu
 
@@ -143,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if kib <= 0 or kib % 4:
         print("virtio bench: the size must be a positive multiple of 4 KiB", file=sys.stderr)
         return 2
-    registry = emu.PATHS
+    registry = load_registry()
     requested = list(args.paths or DEFAULT_PATHS)
     unknown = [p for p in requested if p not in registry and p not in OPTIONAL_PATHS]
     if unknown:
