@@ -127,6 +127,7 @@ def _delay_requests(device: Any, seconds: float) -> None:
         return await handle(queue_index, chain)
 
     device.handle = delayed
+    device.native_dataplane = False  # every request must go through the delayed handle
 
 
 def _resize(device: Any, server: Any) -> None:

@@ -19,13 +19,15 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+SOURCES = ("vm_native.c", "blk_dataplane.c")
+"""C sources, compiled as one translation unit (in this order)."""
 
 
 def module_name() -> str:
     """``_vm_native_<hash>``: the hash covers the C sources and the spec defines, so a
     stale build is never imported after a change."""
     digest = hashlib.sha256()
-    for name in ("vm_native.h", "vm_native.c", "build.py"):
+    for name in ("vm_native.h", *SOURCES, "build.py"):
         digest.update((HERE / name).read_bytes())
     digest.update(spec_defines().encode())
     return "_vm_native_" + digest.hexdigest()[:12]
@@ -33,7 +35,7 @@ def module_name() -> str:
 
 def spec_defines() -> str:
     """``#define`` lines for every ring constant the C core uses (from virtio.spec.ring)."""
-    from virtio.spec import ring
+    from virtio.spec import blk, ring
 
     lines = []
     for enum_name in ("VringDescFlag", "VringAvailFlag", "VringUsedFlag", "PackedDescFlag"):
@@ -42,6 +44,8 @@ def spec_defines() -> str:
     for member in ring.PackedEventFlag:
         lines.append(f"#define {member.name} {int(member)}u")
     lines.append(f"#define VRING_PACKED_EVENT_F_WRAP_CTR {ring.VRING_PACKED_EVENT_F_WRAP_CTR}")
+    for member in (*blk.BlkReqType, *blk.BlkStatus):
+        lines.append(f"#define {member.name} {int(member)}u")
     # A name may appear in two enums (packed reuses NEXT/WRITE/INDIRECT): keep the first.
     seen: set[str] = set()
     unique = []
@@ -56,14 +60,20 @@ def spec_defines() -> str:
 def cdef_text() -> str:
     header = (HERE / "vm_native.h").read_text()
     header = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
-    header = "\n".join(line for line in header.splitlines() if not line.startswith("#"))
+    # Keep integer #defines (cffi exposes them as constants); drop other directives.
+    header = "\n".join(
+        line
+        for line in header.splitlines()
+        if not line.startswith("#") or re.fullmatch(r"#define \w+ \d+", line.strip())
+    )
     return header
 
 
 def make_ffi(tmpdir: Path | None = None) -> FFI:
     ffi = FFI()
     ffi.cdef(cdef_text())
-    source = (HERE / "vm_native.c").read_text().replace("/* VM_SPEC_DEFINES */", spec_defines())
+    source = "\n".join((HERE / name).read_text() for name in SOURCES)
+    source = source.replace("/* VM_SPEC_DEFINES */", spec_defines())
     ffi.set_source(
         f"virtio.native.{module_name()}",
         source,

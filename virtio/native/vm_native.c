@@ -377,7 +377,7 @@ static int packed_add_used_batch(struct vq *q, const uint16_t *ids, const uint32
 
 /* ---- public entry points ---------------------------------------------------------- */
 
-int vq_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
+static int vq_pop_batch_u(struct vq *q, struct vq_chain *chains, uint32_t nchains,
                  struct vq_seg *segs, uint32_t max_segs)
 {
     if (q->broken)
@@ -387,7 +387,7 @@ int vq_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
     return split_pop_batch(q, chains, nchains, segs, max_segs);
 }
 
-uint32_t vq_avail_count(struct vq *q)
+static uint32_t vq_avail_count_u(struct vq *q)
 {
     if (q->broken)
         return 0;
@@ -399,7 +399,7 @@ uint32_t vq_avail_count(struct vq *q)
     return n;
 }
 
-int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+static int vq_add_used_batch_u(struct vq *q, const uint16_t *ids, const uint32_t *lens,
                       const uint16_t *ndescs, uint32_t n)
 {
     if (q->broken)
@@ -414,7 +414,7 @@ int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
 
 /* Device -> driver: must the device send a used buffer notification now?
  * (§2.7.7 / §2.7.10 split, §2.8.10 packed).  Call after add_used. */
-int vq_needs_notification(struct vq *q)
+static int vq_needs_notification_u(struct vq *q)
 {
     if (q->broken)
         return 0;
@@ -448,7 +448,7 @@ int vq_needs_notification(struct vq *q)
 
 /* Driver -> device: ask for notifications again.  Returns 1 if buffers became
  * available meanwhile (the caller must process them: §2.7.10 race). */
-int vq_enable_notification(struct vq *q)
+static int vq_enable_notification_u(struct vq *q)
 {
     if (q->broken)
         return 0;
@@ -469,10 +469,10 @@ int vq_enable_notification(struct vq *q)
         vm_log_dirty(q->mem, q->device_gpa, 2);
     }
     vm_fence();
-    return vq_avail_count(q) != 0;
+    return vq_avail_count_u(q) != 0;
 }
 
-void vq_disable_notification(struct vq *q)
+static void vq_disable_notification_u(struct vq *q)
 {
     if (q->broken)
         return;
@@ -490,7 +490,7 @@ void vq_disable_notification(struct vq *q)
 
 /* Complete popped chains in order: chain i with lens[i] bytes written, or with its
  * whole writable length when lens is NULL.  One used-index update per call. */
-int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens)
+static int vq_add_used_chains_u(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens)
 {
     if (q->broken)
         return VQ_E_BROKEN;
@@ -521,7 +521,7 @@ int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, 
 /* Split ring: build the chain whose head descriptor is `head` without consuming the
  * available ring (resubmitting in-flight requests after a backend reconnect,
  * vhost-user "Inflight I/O tracking").  Same validation as a pop. */
-int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
+static int vq_chain_at_u(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
                 uint32_t max_segs)
 {
     if (q->broken)
@@ -540,4 +540,107 @@ int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_s
 int vq_add_used1(struct vq *q, uint16_t id, uint32_t len, uint16_t ndesc)
 {
     return vq_add_used_batch(q, &id, &len, &ndesc, 1);
+}
+
+/* ---- locked entry points ------------------------------------------------------------
+ * When a queue is shared with a data-plane thread (vq_set_locking), every entry
+ * point below serialises on the queue's mutex; otherwise the lock is NULL and free. */
+#include <pthread.h>
+#include <stdlib.h>
+
+#define VQ_LOCK(q) do { if ((q)->lock) pthread_mutex_lock((pthread_mutex_t *)(q)->lock); } while (0)
+#define VQ_UNLOCK(q) do { if ((q)->lock) pthread_mutex_unlock((pthread_mutex_t *)(q)->lock); } while (0)
+
+int vq_set_locking(struct vq *q, int on)
+{
+    if (on && !q->lock) {
+        pthread_mutex_t *m = malloc(sizeof *m);
+        if (!m || pthread_mutex_init(m, NULL)) {
+            free(m);
+            return -1;
+        }
+        q->lock = m;
+    } else if (!on && q->lock) {
+        pthread_mutex_destroy((pthread_mutex_t *)q->lock);
+        free(q->lock);
+        q->lock = NULL;
+    }
+    return 0;
+}
+
+int vq_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains, struct vq_seg *segs,
+                 uint32_t max_segs)
+{
+    VQ_LOCK(q);
+    int r = vq_pop_batch_u(q, chains, nchains, segs, max_segs);
+    VQ_UNLOCK(q);
+    return r;
+}
+
+uint32_t vq_avail_count(struct vq *q)
+{
+    VQ_LOCK(q);
+    uint32_t r = vq_avail_count_u(q);
+    VQ_UNLOCK(q);
+    return r;
+}
+
+int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+                      const uint16_t *ndescs, uint32_t n)
+{
+    VQ_LOCK(q);
+    int r = vq_add_used_batch_u(q, ids, lens, ndescs, n);
+    VQ_UNLOCK(q);
+    return r;
+}
+
+/* As vq_add_used_batch; returns the used index after the update (for inflight logs). */
+uint16_t vq_add_used_batch_idx(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+                               const uint16_t *ndescs, uint32_t n)
+{
+    VQ_LOCK(q);
+    vq_add_used_batch_u(q, ids, lens, ndescs, n);
+    uint16_t idx = q->packed ? q->next_used : q->used_idx;
+    VQ_UNLOCK(q);
+    return idx;
+}
+
+int vq_needs_notification(struct vq *q)
+{
+    VQ_LOCK(q);
+    int r = vq_needs_notification_u(q);
+    VQ_UNLOCK(q);
+    return r;
+}
+
+int vq_enable_notification(struct vq *q)
+{
+    VQ_LOCK(q);
+    int r = vq_enable_notification_u(q);
+    VQ_UNLOCK(q);
+    return r;
+}
+
+void vq_disable_notification(struct vq *q)
+{
+    VQ_LOCK(q);
+    vq_disable_notification_u(q);
+    VQ_UNLOCK(q);
+}
+
+int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens)
+{
+    VQ_LOCK(q);
+    int r = vq_add_used_chains_u(q, chains, n, lens);
+    VQ_UNLOCK(q);
+    return r;
+}
+
+int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
+                uint32_t max_segs)
+{
+    VQ_LOCK(q);
+    int r = vq_chain_at_u(q, head, chain, segs, max_segs);
+    VQ_UNLOCK(q);
+    return r;
 }

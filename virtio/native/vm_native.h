@@ -68,6 +68,7 @@ struct vq {
     uint64_t err_a, err_b, err_c;
     /* counters */
     uint64_t popped, used;
+    void *lock; /* pthread_mutex_t *, set by vq_set_locking; NULL: no locking */
 };
 
 enum {
@@ -105,6 +106,36 @@ int vq_needs_notification(struct vq *q);
 int vq_enable_notification(struct vq *q);
 void vq_disable_notification(struct vq *q);
 int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens);
+int vq_set_locking(struct vq *q, int on);
+uint16_t vq_add_used_batch_idx(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+                               const uint16_t *ndescs, uint32_t n);
 int vq_add_used1(struct vq *q, uint16_t id, uint32_t len, uint16_t ndesc);
 int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
                 uint32_t max_segs);
+
+/* ---- virtio-blk data plane (blk_dataplane.c) ---------------------------------------- */
+#define BLK_DP_DEFER_MAX 256
+#define BLK_DP_DEFER_SEGS 8192
+
+struct blk_dp {
+    struct vq *q;
+    int kick_fd, call_fd, wake_fd, defer_fd, img_fd;
+    int stop;
+    int read_only, writethrough;
+    uint64_t capacity;          /* sectors */
+    uint8_t *inflight;          /* vhost-user inflight QueueRegionSplit, or NULL */
+    uint16_t inflight_num;
+    uint64_t inflight_counter;
+    /* deferred chains, protected by mu */
+    void *mu_storage[8];
+    struct vq_chain *dchains;
+    struct vq_seg *dsegs;
+    uint32_t nd, nds;
+    /* statistics */
+    uint64_t requests, batches, reads, writes, flushes, syncs, deferred, kicks, calls;
+};
+
+int blk_dp_init(struct blk_dp *dp);
+int blk_dp_run(struct blk_dp *dp);
+uint32_t blk_dp_take(struct blk_dp *dp, struct vq_chain *chains, uint32_t max, struct vq_seg *segs,
+                     uint32_t max_segs);

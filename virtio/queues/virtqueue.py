@@ -289,6 +289,17 @@ class Virtqueue:
     def next_used(self) -> int:
         return self._q.next_used if self._q.packed else self._q.used_idx
 
+    @property
+    def native(self):
+        """The native ``struct vq *`` (for data-plane threads; see ``set_locking``)."""
+        return self._q
+
+    def set_locking(self, on: bool) -> None:
+        """Serialise every native ring operation on a mutex, so that a data-plane
+        thread and Python can both pop and complete chains of this queue."""
+        if lib.vq_set_locking(self._q, int(on)):
+            raise MemoryError("cannot allocate the virtqueue lock")
+
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(int(self._q.popped), int(self._q.used), self.broken)
 
@@ -321,11 +332,16 @@ class Virtqueue:
         return n
 
     def _chain(self, i: int) -> DescriptorChain:
+        return self.chain_from_native(self._chains + i, self._segs)
+
+    def chain_from_native(self, chain, segs) -> DescriptorChain:
+        """A ``DescriptorChain`` from a native ``struct vq_chain *`` whose segments are
+        in the ``struct vq_seg`` array ``segs`` (chains a data-plane thread popped)."""
         # Decode the native records with struct: far cheaper than cffi field access.
         head, ndesc, nsegs, nreadable, rlen, wlen, start = _CHAIN.unpack(
-            ffi.buffer(self._chains + i, _CHAIN.size)
+            ffi.buffer(chain, _CHAIN.size)
         )
-        raw = ffi.buffer(self._segs + start, nsegs * _SEG.size)
+        raw = ffi.buffer(segs + start, nsegs * _SEG.size)
         segments = [
             Segment(gpa, length, bool(writable), region, offset)
             for gpa, offset, length, region, writable in _SEG.iter_unpack(raw)

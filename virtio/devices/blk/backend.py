@@ -293,8 +293,9 @@ class RawFileBackend:
         self._zero_range_ok = True
         self.limiter = trio.CapacityLimiter(max_threads)
         self._batcher = _ThreadBatcher(self._fdatasync, self.limiter, max_hops, max_batch)
-        self.sync_calls = 0
-        """``fdatasync`` calls so far (statistics, and for tests)."""
+        self._sync_calls = 0
+        self.native_sync_counters: list[Callable[[], int]] = []
+        """``fdatasync`` counts of native data planes using this file (dataplane.py)."""
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -310,13 +311,19 @@ class RawFileBackend:
         return self._punch_ok and not self._read_only
 
     @property
+    def sync_calls(self) -> int:
+        """``fdatasync`` calls so far, from Python and native data planes (statistics,
+        and for tests)."""
+        return self._sync_calls + sum(count() for count in self.native_sync_counters)
+
+    @property
     def batches(self) -> int:
         """Worker-thread hops so far."""
         return self._batcher.batches
 
     # -- blocking primitives (worker threads) ---------------------------------------------
     def _fdatasync(self) -> None:
-        self.sync_calls += 1
+        self._sync_calls += 1
         os.fdatasync(self.fd)
 
     def _zero_write(self, offset: int, length: int) -> None:

@@ -45,9 +45,10 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
-from virtio.device import VirtioDevice
+from virtio.device import ActiveDevice, VirtioDevice
 from virtio.devices.blk.backend import BlockBackend, RawFileBackend
 from virtio.devices.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkOptions, build_config
+from virtio.devices.blk.dataplane import BlkDataPlane
 from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
 from virtio.errors import BackendIOError
 from virtio.queues.chain import DescriptorChain
@@ -93,6 +94,10 @@ class VirtioBlk(VirtioDevice):
 
     def __init__(self, backend: BlockBackend, options: BlkOptions | None = None) -> None:
         super().__init__()
+        self._dataplanes: set[BlkDataPlane] = set()
+        self.native_dataplane = True
+        """Serve eventfd-notified queues from the native data plane (``dataplane.py``);
+        False forces the Python loop (``PYVIRTIO_BLK_DATAPLANE=0`` does so globally)."""
         opts = options if options is not None else BlkOptions()
         self.backend = backend
         self.options = opts
@@ -149,6 +154,7 @@ class VirtioBlk(VirtioDevice):
             # devicenormative §5.2.5.2: "If VIRTIO_BLK_F_CONFIG_WCE is negotiated but
             # VIRTIO_BLK_F_FLUSH is not, the device MUST initialize writeback to 0."
             self.writeback = 0
+        self._cache_mode_changed()
 
     def config_bytes(self) -> bytes:
         return build_config(
@@ -171,10 +177,12 @@ class VirtioBlk(VirtioDevice):
             log.warning("virtio-blk: writeback written without VIRTIO_BLK_F_CONFIG_WCE")
             return
         self.writeback = 1 if data[WRITEBACK_OFFSET - offset] else 0
+        self._cache_mode_changed()
 
     def reset(self) -> None:
         super().reset()
         self.writeback = int(self.options.writeback)
+        self._cache_mode_changed()
 
     @property
     def writethrough(self) -> bool:
@@ -187,6 +195,20 @@ class VirtioBlk(VirtioDevice):
         return True
 
     # -- requests ---------------------------------------------------------------------------
+    def _cache_mode_changed(self) -> None:
+        for plane in self._dataplanes:
+            plane.set_writethrough(self.writethrough)
+
+    async def serve_queue(self, active: ActiveDevice, index: int) -> None:
+        """With eventfd notifications and a file backend (vhost-user), serve the queue
+        from the native data plane (``dataplane.py``); otherwise the framework's loop."""
+        if (
+            BlkDataPlane.supported(self, active, index)
+            and await BlkDataPlane(self, active, index).run()
+        ):
+            return
+        await super().serve_queue(active, index)
+
     async def handle(self, queue_index: int, chain: DescriptorChain) -> int:
         req = BlkRequest.parse(chain)  # DescriptorChainError -> NEEDS_RESET
         try:

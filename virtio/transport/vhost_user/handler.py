@@ -53,6 +53,7 @@ import mmap
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -139,6 +140,9 @@ class EventfdNotifier:
         self.poll_fallback = False
         self.kicks = 0
         self.calls = 0
+        self.listeners: list[Callable[[], None]] = []
+        """Called when the kick or call fd changes, before the old one is closed
+        (a native data plane polls these fds itself)."""
 
     async def wait_kick(self) -> None:
         if self.stopping:
@@ -173,12 +177,16 @@ class EventfdNotifier:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.set_blocking(fd, False)
+        for listener in list(self.listeners):
+            listener()
         if old is not None and old != fd:
             trio.lowlevel.notify_closing(old)
             _close(old)
 
     def set_call(self, fd: int | None) -> None:
         old, self.call_fd = self.call_fd, fd
+        for listener in list(self.listeners):
+            listener()
         if old is not None and old != fd:
             _close(old)
 
@@ -256,7 +264,10 @@ class Vring:
 
     @property
     def requests_served(self) -> int:
-        return self.requests + (self.tracker.popped if self.tracker is not None else 0)
+        popped = self.tracker.popped if self.tracker is not None else 0
+        if self.queue is not None:  # a native data plane pops without the tracker
+            popped = max(popped, self.queue.statistics().popped)
+        return self.requests + popped
 
     @property
     def running(self) -> bool:
