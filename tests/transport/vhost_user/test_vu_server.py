@@ -356,12 +356,12 @@ def _run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
 
 def test_cli_capabilities_and_errors(tmp_path: Path) -> None:
     r = _run_cli("serve", "blk", "--print-capabilities")
-    assert r.returncode == 0
+    assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"type": "block", "features": ["read-only", "blk-file"]}
     sock = os.fspath(tmp_path / "s.sock")
     r = _run_cli("serve", "blk", "--socket-path", sock, "--blk-file", os.fspath(tmp_path / "no"))
-    assert r.returncode == 1
-    assert r.stderr.count("\n") == 1 and "No such file" in r.stderr
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1 and "No such file" in r.stderr, r.stderr
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(MiB))
     r = _run_cli(
@@ -369,12 +369,12 @@ def test_cli_capabilities_and_errors(tmp_path: Path) -> None:
     )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     r = _run_cli("serve", "blk", "--blk-file", os.fspath(img))
-    assert r.returncode == 2 and "--socket-path" in r.stderr
+    assert r.returncode == 2 and "--socket-path" in r.stderr, r.stderr
     from virtio.devices.blk import RawFileBackend
 
     with RawFileBackend(img):  # holds the image lock
         r = _run_cli("serve", "blk", "--socket-path", sock, "--blk-file", os.fspath(img))
-    assert r.returncode == 1
+    assert r.returncode == 1, r.stderr
     assert r.stderr.count("\n") == 1 and "in use" in r.stderr, r.stderr
     assert not Path(sock).exists()
 
