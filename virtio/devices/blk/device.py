@@ -50,7 +50,7 @@ from virtio.devices.blk.backend import BlockBackend, RawFileBackend
 from virtio.devices.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkOptions, build_config
 from virtio.devices.blk.dataplane import BlkDataPlane
 from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
-from virtio.errors import BackendIOError
+from virtio.errors import BackendIOError, DriverError
 from virtio.queues.chain import DescriptorChain
 from virtio.spec.blk import (
     VIRTIO_BLK_SECTOR_SIZE,
@@ -202,11 +202,13 @@ class VirtioBlk(VirtioDevice):
     async def serve_queue(self, active: ActiveDevice, index: int) -> None:
         """With eventfd notifications and a file backend (vhost-user), serve the queue
         from the native data plane (``dataplane.py``); otherwise the framework's loop."""
-        if (
-            BlkDataPlane.supported(self, active, index)
-            and await BlkDataPlane(self, active, index).run()
-        ):
-            return
+        if BlkDataPlane.supported(self, active, index):
+            try:
+                if await BlkDataPlane(self, active, index).run():
+                    return
+            except DriverError as exc:  # the thread met a malformed ring
+                self._driver_error(active, exc)
+                return
         await super().serve_queue(active, index)
 
     async def handle(self, queue_index: int, chain: DescriptorChain) -> int:
