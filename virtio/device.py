@@ -198,9 +198,9 @@ class VirtioDevice:
                     if queue.enable_notification():
                         continue
                     await notifier.wait_kick()
-        except DriverError as exc:
-            self._driver_error(active, exc)
-        except QueueBrokenError:
+        except* DriverError as group:  # also when trio groups it with a Cancelled
+            self._driver_error(active, group.exceptions[0])
+        except* QueueBrokenError:
             pass
 
     def _driver_error(self, active: ActiveDevice, exc: DriverError) -> None:

@@ -149,22 +149,22 @@ class BlkDataPlane:
                 nursery.start_soon(self._stop_on_cancel)
                 nursery.start_soon(self._deferred_loop, nursery)
                 rc = await trio.to_thread.run_sync(lib.blk_dp_run, dp)
-                if self._fallback:
-                    nursery.cancel_scope.cancel()
-                    return False
-                if rc == lib.VQ_E_SEGS:
-                    log.warning(
-                        "vq%d: a chain needs more segments than the data plane has: "
-                        "the Python loop takes over",
-                        self.index,
-                    )
-                    nursery.cancel_scope.cancel()
-                    return False
-                if rc < 0:
-                    if self.queue.broken:
-                        self.queue._fail(int(rc))  # raises the DriverError naming the clause
-                    raise OSError(-rc, f"virtio-blk data plane stopped: {os.strerror(-rc)}")
                 nursery.cancel_scope.cancel()
+            # Outside the nursery: errors below reach the caller as themselves, not
+            # wrapped in an exception group.
+            if self._fallback:
+                return False
+            if rc == lib.VQ_E_SEGS:
+                log.warning(
+                    "vq%d: a chain needs more segments than the data plane has: "
+                    "the Python loop takes over",
+                    self.index,
+                )
+                return False
+            if rc < 0:
+                if self.queue.broken:
+                    self.queue._fail(int(rc))  # raises the DriverError naming the clause
+                raise OSError(-rc, f"virtio-blk data plane stopped: {os.strerror(-rc)}")
             return True
         finally:
             if self._area is not None:
