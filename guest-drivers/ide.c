@@ -228,21 +228,6 @@ static int dma_rw(u64 lba, u32 count, u64 buf, int write, int lba48)
 	return 0;
 }
 
-static void fill(u64 *buf, u32 words, u64 lba, u32 seed)
-{
-	for (u32 i = 0; i < words; i++)
-		buf[i] = ((lba + i / 64) << 32 | (i & 63)) ^ seed ^ 0x5A5A5A5A00000000ULL;
-}
-
-static u32 check(const u64 *buf, u32 words, u64 lba, u32 seed)
-{
-	u32 bad = 0;
-	for (u32 i = 0; i < words; i++)
-		if (buf[i] != (((lba + i / 64) << 32 | (i & 63)) ^ seed ^ 0x5A5A5A5A00000000ULL))
-			bad++;
-	return bad;
-}
-
 static int do_io(u64 lba, u32 count, int write)
 {
 	u8 *buf = (u8 *)P->buf_addr;

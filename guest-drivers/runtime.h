@@ -87,4 +87,26 @@ void dbg_value(u32 key, u32 value);
 
 int main(void);
 
+/* The data pattern every workload writes and verifies: word i of the 512-byte
+ * sector at `lba`, salted with `seed` (the host checks the image with the same). */
+static inline u64 pattern_word(u64 lba, u32 i, u32 seed)
+{
+	return ((lba + i / 64) << 32 | (i & 63)) ^ seed ^ 0x5A5A5A5A00000000ULL;
+}
+
+static inline void fill(u64 *buf, u32 words, u64 lba, u32 seed)
+{
+	for (u32 i = 0; i < words; i++)
+		buf[i] = pattern_word(lba, i, seed);
+}
+
+static inline u32 check(const u64 *buf, u32 words, u64 lba, u32 seed)
+{
+	u32 bad = 0;
+	for (u32 i = 0; i < words; i++)
+		if (buf[i] != pattern_word(lba, i, seed))
+			bad++;
+	return bad;
+}
+
 #endif

@@ -59,21 +59,6 @@ static void vblk_isr(int irq)
 	isr_count++;
 }
 
-static void fill(u64 *buf, u32 words, u64 lba, u32 seed)
-{
-	for (u32 i = 0; i < words; i++)
-		buf[i] = ((lba + i / 64) << 32 | (i & 63)) ^ seed ^ 0x5A5A5A5A00000000ULL;
-}
-
-static u32 check(const u64 *buf, u32 words, u64 lba, u32 seed)
-{
-	u32 bad = 0;
-	for (u32 i = 0; i < words; i++)
-		if (buf[i] != (((lba + i / 64) << 32 | (i & 63)) ^ seed ^ 0x5A5A5A5A00000000ULL))
-			bad++;
-	return bad;
-}
-
 static inline struct virtio_blk_outhdr *slot_hdr(u32 s)
 {
 	return (struct virtio_blk_outhdr *)(P->hdr_addr + (u64)s * HDR_STRIDE);
