@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import stat
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -352,7 +353,10 @@ class MmapGuestMemory(GuestMemory):
 
 
 def _fd_size(fd: int) -> int:
+    """Bytes a mapping of ``fd`` may cover.  Regular files (memfds included) have
+    their size: mapping past it would SIGBUS on first access.  Character devices
+    report 0 and are left to ``mmap`` to refuse."""
     st = os.fstat(fd)
-    if st.st_size:
+    if stat.S_ISREG(st.st_mode):
         return st.st_size
-    return 1 << 63  # device files / hugetlbfs report 0: let mmap decide
+    return 1 << 63

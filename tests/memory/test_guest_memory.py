@@ -120,3 +120,13 @@ def test_translate_matches_a_model(addr, length):
         assert inside
         assert sum(len(v) for v in views) == length
     m.close()
+
+
+def test_empty_memfd_region_rejected():
+    """A region over a 0-byte memfd would SIGBUS on first access: refused up front."""
+    fd = os.memfd_create("t")
+    try:
+        with pytest.raises(GuestMemoryError):
+            MmapGuestMemory([FdRegion(0, 0x1000, fd)])
+    finally:
+        os.close(fd)

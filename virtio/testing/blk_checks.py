@@ -268,7 +268,8 @@ def sh_read_digest(disk: BlkDisk, *, skip_blocks: int, count: int, bs: int = 409
 
 
 def sh_mkfs_mount_write(disk: BlkDisk, *, mnt: str = "/mnt/t") -> str:
-    return f"""
+    # A subshell, so the trace (set -x) does not leak into the guest's persistent shell.
+    return f"""(
 set -x
 mkfs.ext4 -q -F {disk.dev} &&
 mkdir -p {mnt} &&
@@ -283,6 +284,7 @@ cat {mnt}/hello.txt &&
 md5sum -c /tmp/blob.md5 &&
 umount {mnt} &&
 e2fsck -fn {disk.dev}
+)
 """
 
 
