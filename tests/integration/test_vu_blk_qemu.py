@@ -380,7 +380,11 @@ async def test_backend_killed_with_io_in_flight_and_restarted(
             await trio.sleep(1.5)
             await g.run("touch /tmp/stop")
             for job in jobs:
-                result = await job.wait(timeout=60)
+                try:
+                    result = await job.wait(timeout=60)
+                except Exception:
+                    print("back-end log (tail):\n" + backend_log(s)[-6000:])
+                    raise
                 assert "writes-done" in result.output
             for w, digest in enumerate(digests):
                 read = await g.run(

@@ -231,7 +231,9 @@ static int dp_wait(struct blk_dp *dp, int kick)
     }
     if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
         return 0;
-    if (kick >= 0 && (p[1].revents & POLLIN)) {
+    /* The kick fd may have been replaced (and the old number reused) while we
+     * slept: only read the fd that is still the ring's kick. */
+    if (kick >= 0 && (p[1].revents & POLLIN) && kick == __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE)) {
         ssize_t rr = read(kick, &v, sizeof v);
         (void)rr;
         dp->kicks++;
