@@ -383,6 +383,8 @@ async def test_backend_killed_with_io_in_flight_and_restarted(
                 try:
                     result = await job.wait(timeout=60)
                 except Exception:
+                    with contextlib.suppress(Exception):
+                        print("stuck:", await backend_stats(s))
                     print("back-end log (tail):\n" + backend_log(s)[-6000:])
                     raise
                 assert "writes-done" in result.output

@@ -162,6 +162,8 @@ def _statistics(device: Any, server: Any) -> str:
         f"fdatasync={getattr(backend, 'sync_calls', 'n/a')}",
         f"needs_reset={int(device.needs_reset)}",
     ]
+    for plane in sorted(getattr(device, "_dataplanes", ()), key=lambda p: p.index):
+        parts.append(f"dataplane{plane.index}=[{plane.debug_state()}]")
     return " ".join(parts)
 
 

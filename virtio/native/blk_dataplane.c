@@ -218,10 +218,38 @@ static int dp_room(struct blk_dp *dp)
 
 /* Wait for a kick (or, with kick < 0, only for a wake).  Returns 1 to go on, 0 to
  * stop, <0 on error. */
+/* Idle for a while with used entries the driver has not acknowledged (split ring,
+ * EVENT_IDX: the driver's used_event lags our used idx) means a used buffer
+ * notification went missing -- e.g. around a back-end restart the front-end was
+ * not listening yet.  Notify again: spurious notifications are allowed (§2.7.7.1). */
+static void dp_rescue(struct blk_dp *dp)
+{
+    struct vq *q = dp->q;
+    if (q->packed || !q->event_idx)
+        return;
+    uint16_t used_event = ld16(q->driver + 4 + 2 * (uint32_t)q->size);
+    if (used_event == q->used_idx)
+        return;
+    pthread_mutex_lock(DP_MU(dp));
+    if (dp->call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(dp->call_fd, &one, sizeof one);
+        (void)w;
+        dp->rescues++;
+    }
+    pthread_mutex_unlock(DP_MU(dp));
+}
+
+#define BLK_DP_IDLE_MS 500
+
 static int dp_wait(struct blk_dp *dp, int kick)
 {
     struct pollfd p[2] = {{dp->wake_fd, POLLIN, 0}, {kick, POLLIN, 0}};
-    int r = poll(p, kick >= 0 ? 2 : 1, -1);
+    int r = poll(p, kick >= 0 ? 2 : 1, kick >= 0 ? BLK_DP_IDLE_MS : -1);
+    if (r == 0) {
+        dp_rescue(dp);
+        return 1;
+    }
     if (r < 0)
         return errno == EINTR ? 1 : -errno;
     uint64_t v;
@@ -232,11 +260,15 @@ static int dp_wait(struct blk_dp *dp, int kick)
     if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
         return 0;
     /* The kick fd may have been replaced (and the old number reused) while we
-     * slept: only read the fd that is still the ring's kick. */
-    if (kick >= 0 && (p[1].revents & POLLIN) && kick == __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE)) {
-        ssize_t rr = read(kick, &v, sizeof v);
-        (void)rr;
-        dp->kicks++;
+     * slept: only read the fd that is still the ring's kick, under the lock. */
+    if (kick >= 0 && (p[1].revents & POLLIN)) {
+        pthread_mutex_lock(DP_MU(dp)); /* blk_dp_set_fds cannot swap it meanwhile */
+        if (kick == dp->kick_fd) {
+            ssize_t rr = read(kick, &v, sizeof v);
+            (void)rr;
+            dp->kicks++;
+        }
+        pthread_mutex_unlock(DP_MU(dp));
     }
     return 1;
 }
@@ -298,13 +330,14 @@ int blk_dp_run(struct blk_dp *dp)
                 uint16_t used_idx = vq_add_used_batch_idx(q, ids, lens, ndescs, done);
                 inflight_used(dp, ids, done, used_idx);
                 if (vq_needs_notification(q)) {
-                    int fd = __atomic_load_n(&dp->call_fd, __ATOMIC_ACQUIRE);
-                    if (fd >= 0) {
+                    pthread_mutex_lock(DP_MU(dp)); /* the fd stays open while we write */
+                    if (dp->call_fd >= 0) {
                         uint64_t one = 1;
-                        ssize_t w = write(fd, &one, sizeof one);
+                        ssize_t w = write(dp->call_fd, &one, sizeof one);
                         (void)w;
                         dp->calls++;
                     }
+                    pthread_mutex_unlock(DP_MU(dp));
                 }
             }
             if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
@@ -359,4 +392,15 @@ uint32_t blk_dp_take(struct blk_dp *dp, struct vq_chain *chains, uint32_t max, s
     dp->nd -= n;
     pthread_mutex_unlock(DP_MU(dp));
     return n;
+}
+
+/* Replace the ring's eventfds.  When this returns the thread no longer reads or
+ * writes the old ones, so the caller may close them (it may still poll() an old
+ * kick number until woken: harmless). */
+void blk_dp_set_fds(struct blk_dp *dp, int kick, int call)
+{
+    pthread_mutex_lock(DP_MU(dp));
+    dp->kick_fd = kick;
+    dp->call_fd = call;
+    pthread_mutex_unlock(DP_MU(dp));
 }

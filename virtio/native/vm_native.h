@@ -132,10 +132,11 @@ struct blk_dp {
     struct vq_seg *dsegs;
     uint32_t nd, nds;
     /* statistics */
-    uint64_t requests, batches, reads, writes, flushes, syncs, deferred, kicks, calls;
+    uint64_t requests, batches, reads, writes, flushes, syncs, deferred, kicks, calls, rescues;
 };
 
 int blk_dp_init(struct blk_dp *dp);
+void blk_dp_set_fds(struct blk_dp *dp, int kick, int call);
 int blk_dp_run(struct blk_dp *dp);
 uint32_t blk_dp_take(struct blk_dp *dp, struct vq_chain *chains, uint32_t max, struct vq_seg *segs,
                      uint32_t max_segs);

@@ -109,14 +109,30 @@ class BlkDataPlane:
         if dp is None:
             return
         call = self.notifier.call_fd
-        dp.call_fd = -1 if call is None else call
         kick = self.notifier.kick_fd
-        if isinstance(kick, int):
-            dp.kick_fd = kick
-        else:
+        if not isinstance(kick, int):
+            kick = -1
             dp.stop = 1
             self._fallback = True
+        # Under the data plane's lock: afterwards the thread never touches the old fds.
+        lib.blk_dp_set_fds(dp, kick, -1 if call is None else call)
         os.eventfd_write(self._wake, 1)
+
+    def debug_state(self) -> str:
+        """One line for diagnostics: ring indices as the driver and we see them."""
+        q = self.queue
+        st = q.state()
+        try:
+            avail = q.memory.read_u16(st.driver_addr + 2) if not st.packed else -1
+        except Exception:  # memory gone: report what we have
+            avail = -1
+        stats = self.statistics()
+        return (
+            f"avail_idx={avail} next_avail={q.next_avail} used={q.next_used} "
+            f"kicks={stats.get('kicks')} calls={stats.get('calls')} reqs={stats.get('requests')} "
+            f"deferred={stats.get('deferred')} rescues={stats.get('rescues')} "
+            f"kick_fd={self._dp.kick_fd} call_fd={self._dp.call_fd}"
+        )
 
     def _syncs(self) -> int:
         return int(self._dp.syncs) if self._dp is not None else 0
@@ -125,7 +141,7 @@ class BlkDataPlane:
         dp = self._dp
         names = (
             "requests", "batches", "reads", "writes", "flushes", "syncs", "deferred", "kicks",
-            "calls",
+            "calls", "rescues",
         )  # fmt: skip
         return {n: int(getattr(dp, n)) for n in names} if dp is not None else {}
 
@@ -140,6 +156,13 @@ class BlkDataPlane:
         if listeners is not None:
             listeners.append(self.fds_changed)
         self.device._dataplanes.add(self)
+        log.info(
+            "vq%d: native data plane on (kick fd %d, call fd %d, inflight %s)",
+            self.index,
+            dp.kick_fd,
+            dp.call_fd,
+            "tracked" if self._area is not None else "untracked",
+        )
         counters = getattr(self.device.backend, "native_sync_counters", None)
         syncs = self._syncs
         if counters is not None:
@@ -167,6 +190,7 @@ class BlkDataPlane:
                 raise OSError(-rc, f"virtio-blk data plane stopped: {os.strerror(-rc)}")
             return True
         finally:
+            log.info("vq%d: native data plane off: %s", self.index, self.statistics())
             if self._area is not None:
                 self._area.counter = max(self._area.counter, int(dp.inflight_counter))
             self.device._dataplanes.discard(self)

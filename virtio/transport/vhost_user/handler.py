@@ -256,6 +256,8 @@ class Vring:
     notifier: EventfdNotifier = field(default_factory=EventfdNotifier)
     err_fd: int | None = None
     queue: _RingQueue | None = None
+    recovered: bool = False
+    """The ring was rebuilt from an inflight area another back-end left (reconnect)."""
     tracker: _Tracker | None = None
     scope: trio.CancelScope | None = None
     done: trio.Event | None = None
@@ -741,6 +743,7 @@ class VhostUserHandler:
 
                         heads = area.recover(used_idx, head_at)
                         last_avail = (used_idx + len(heads)) & 0xFFFF
+                        ring.recovered = True
             state = QueueState(**common, last_avail_idx=last_avail, used_idx=used_idx)
         queue = _RingQueue.restore(self.memory, state, name=f"{self.name}/vq{ring.index}")
         tracker = _Tracker(area)
@@ -771,6 +774,13 @@ class VhostUserHandler:
             {ring.index: ring.notifier},
             on_driver_error=lambda exc: self._ring_failed(ring, exc),
         )
+        if ring.recovered:
+            # Reconnect: the previous back-end may have died between publishing used
+            # entries and signalling them, leaving the driver asleep with nothing left
+            # to kick us for.  One call wakes it; spurious ones are allowed (the driver
+            # MUST handle them, virtio 1.4 §2.7.7.1).
+            ring.recovered = False
+            ring.notifier.notify_used()
         try:
             with ring.scope:
                 async with trio.open_nursery() as nursery:
