@@ -402,6 +402,9 @@ async def test_backend_killed_with_io_in_flight_and_restarted(
                 except Exception:
                     with contextlib.suppress(Exception):
                         print("stuck:", await backend_stats(s))
+                    with contextlib.suppress(Exception):  # what the guest's block layer holds
+                        probe = "cat /sys/block/vda/inflight /sys/block/vda/stat; ps | grep dd"
+                        print("guest:", (await g.run(probe, timeout=10)).output)
                     print("back-end log (tail):\n" + backend_log(s)[-6000:])
                     raise
                 assert "writes-done" in result.output
