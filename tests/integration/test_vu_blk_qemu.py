@@ -328,12 +328,13 @@ async def test_read_only_export_refuses_writes(guest_image: GuestImage) -> None:
 KNOWN_RECONNECT_HANG = pytest.mark.xfail(
     strict=False,
     reason=(
-        "known intermittent bug (about 1 run in 3-8): killed with no request in flight, a "
-        "guest writer can stay blocked after QEMU reconnects although the new back-end has "
-        "consumed and completed every available entry and the driver acknowledged them "
-        "(used_event == used idx); seen with the native data plane and with the Python "
-        "loop (PYVIRTIO_BLK_DATAPLANE=0) alike, so not data-plane specific; under "
-        "investigation"
+        "known intermittent failure (about 1 run in 3-8), not a lost request: when it "
+        "happens the guest block layer has 0 requests in flight, no dd/taskset process is "
+        "alive and the new back-end has consumed and completed every available entry "
+        "(avail = next_avail = used, used_event = used idx), yet the background job's exit "
+        "status file never appears; seen with and without the native data plane "
+        "(PYVIRTIO_BLK_DATAPLANE=0). Suspect: the guest job bookkeeping "
+        "(virtio.testing.qemu GuestJob) around the reconnect; under investigation"
     ),
 )
 
