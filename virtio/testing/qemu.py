@@ -885,7 +885,16 @@ class GuestJob:
         """Wait for it to finish (polling from the host, so a timeout leaves the guest usable)."""
         t0 = time.monotonic()
         with trio.move_on_after(timeout):
-            while (rc := await self.poll()) is None:
+            while True:
+                # A command line can get lost on the serial console (seen while QEMU
+                # was busy reconnecting a vhost-user back-end): give each poll a short
+                # deadline and ask again instead of waiting out the whole timeout.
+                with trio.move_on_after(max(5.0, 10 * poll_interval)) as attempt:
+                    rc = await self.poll()
+                if attempt.cancelled_caught:
+                    continue
+                if rc is not None:
+                    break
                 await trio.sleep(poll_interval)
             result = GuestResult(
                 command=f"job {self.number}",
