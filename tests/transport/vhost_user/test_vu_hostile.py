@@ -63,13 +63,15 @@ async def _bring_up_and_echo(fe: VhostUserFrontend, ram: GuestRam) -> None:
     assert used.data[:11] == b"evila llits"
 
 
-async def run_case(
-    scenario: Scenario, caplog: pytest.LogCaptureFixture, expect_log: str
+async def serve_then_next(
+    scenario: Scenario,
+    *,
+    device: EchoDevice | None = None,
+    drain_timeout: float = 0.3,
+    timeout: float = 10,
 ) -> VhostUserServer:
     """Run ``scenario`` on one connection, then check a new connection still works."""
-    caplog.set_level(logging.INFO)
-    device = EchoDevice()
-    server = VhostUserServer(device, drain_timeout=0.3)
+    server = VhostUserServer(device or EchoDevice(), drain_timeout=drain_timeout)
     async with trio.open_nursery() as nursery:
         for step in ("hostile", "next"):
             a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -85,7 +87,7 @@ async def run_case(
             fe = VhostUserFrontend(a)
             ram = GuestRam(2 * MiB)
             try:
-                with trio.fail_after(10):
+                with trio.fail_after(timeout):
                     if step == "hostile":
                         await scenario(fe, ram)
                     else:
@@ -95,8 +97,17 @@ async def run_case(
                 with trio.fail_after(10):
                     await done.wait()
                 ram.close()
-    assert expect_log in caplog.text, caplog.text
     assert server.connections == 2
+    return server
+
+
+async def run_case(
+    scenario: Scenario, caplog: pytest.LogCaptureFixture, expect_log: str
+) -> VhostUserServer:
+    """``serve_then_next`` for a hostile ``scenario`` that must log ``expect_log``."""
+    caplog.set_level(logging.INFO)
+    server = await serve_then_next(scenario)
+    assert expect_log in caplog.text, caplog.text
     return server
 
 
@@ -488,47 +499,22 @@ message = st.tuples(
 async def test_random_messages_never_break_the_server(messages) -> None:
     """Random well-framed messages after a partial bring-up: whatever happens to that
     connection, the server survives and serves the next one."""
-    device = EchoDevice()
-    server = VhostUserServer(device, drain_timeout=0.1)
-    async with trio.open_nursery() as nursery:
-        for step in ("random", "next"):
-            a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            done = trio.Event()
 
-            async def serve(sock=b, done=done) -> None:
-                try:
-                    await server.serve_connection(sock)
-                finally:
-                    done.set()
-
-            nursery.start_soon(serve)
-            fe = VhostUserFrontend(a)
-            ram = GuestRam(2 * MiB)
+    async def scenario(fe: VhostUserFrontend, ram: GuestRam) -> None:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        for request, payload, nfds, need_reply in messages:
+            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
+            flags = 1 | (8 if need_reply else 0)
             try:
-                with trio.fail_after(10):
-                    if step == "random":
-                        await fe.negotiate()
-                        await fe.set_mem_table(ram)
-                        for request, payload, nfds, need_reply in messages:
-                            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
-                            flags = 1 | (8 if need_reply else 0)
-                            try:
-                                await fe.send_raw(
-                                    HEADER.pack(request, flags, len(payload)) + payload, fds
-                                )
-                            except OSError:
-                                break  # the back-end closed this connection
-                            finally:
-                                for fd in fds:
-                                    os.close(fd)
-                    else:
-                        await _bring_up_and_echo(fe, ram)
+                await fe.send_raw(HEADER.pack(request, flags, len(payload)) + payload, fds)
+            except OSError:
+                break  # the back-end closed this connection
             finally:
-                await fe.aclose()
-                with trio.fail_after(10):
-                    await done.wait()
-                ram.close()
-    assert server.connections == 2
+                for fd in fds:
+                    os.close(fd)
+
+    await serve_then_next(scenario, drain_timeout=0.1)
 
 
 _ring = st.integers(0, 1)
@@ -572,56 +558,33 @@ async def test_random_ring_requests_while_io_runs(ops) -> None:
     """Structured requests (ring sizes, bases, addresses, fds, status, resets, config,
     memory, inflight) in any order while the driver keeps submitting: every request
     gets its reply (or the connection closes), and the next connection is served."""
-    device = EchoDevice(num_queues=2)
-    server = VhostUserServer(device, drain_timeout=0.1)
-    async with trio.open_nursery() as nursery:
-        for step in ("random", "next"):
-            a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            done = trio.Event()
 
-            async def serve(sock=b, done=done) -> None:
-                try:
-                    await server.serve_connection(sock)
-                finally:
-                    done.set()
-
-            nursery.start_soon(serve)
-            fe = VhostUserFrontend(a)
-            ram = GuestRam(2 * MiB)
+    async def scenario(fe: VhostUserFrontend, ram: GuestRam) -> None:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
+        for request, payload in ops:
+            with contextlib.suppress(Exception):
+                vq.driver.add([b"io"], [2])
+                vq.publish_and_kick()
+            fds: list[int] = []
+            if payload == "ram":
+                payload, fds = ram.table(), list(ram.fds)
+            elif payload == "inflight":
+                payload = InflightDescription(0, 0, 2, 16)
+            elif isinstance(payload, VringFd) and not payload.no_fd:
+                fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)]
             try:
-                with trio.fail_after(20):
-                    if step == "next":
-                        await _bring_up_and_echo(fe, ram)
-                        continue
-                    await fe.negotiate()
-                    await fe.set_mem_table(ram)
-                    vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
-                    for request, payload in ops:
-                        with contextlib.suppress(Exception):
-                            vq.driver.add([b"io"], [2])
-                            vq.publish_and_kick()
-                        fds: list[int] = []
-                        if payload == "ram":
-                            payload, fds = ram.table(), list(ram.fds)
-                        elif payload == "inflight":
-                            payload = InflightDescription(0, 0, 2, 16)
-                        elif isinstance(payload, VringFd) and not payload.no_fd:
-                            fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)]
-                        try:
-                            explicit = request in EXPLICIT
-                            await fe.send(request, payload, fds, need_reply=not explicit)
-                            _, extra = await fe.recv_reply(request)
-                            for fd in extra:
-                                os.close(fd)
-                        except (FrontendError, OSError):
-                            break  # the back-end closed this connection
-                        finally:
-                            if payload is not None and fds and not isinstance(payload, MemoryTable):
-                                for fd in fds:
-                                    os.close(fd)
+                explicit = request in EXPLICIT
+                await fe.send(request, payload, fds, need_reply=not explicit)
+                _, extra = await fe.recv_reply(request)
+                for fd in extra:
+                    os.close(fd)
+            except (FrontendError, OSError):
+                break  # the back-end closed this connection
             finally:
-                await fe.aclose()
-                with trio.fail_after(10):
-                    await done.wait()
-                ram.close()
-    assert server.connections == 2
+                if payload is not None and fds and not isinstance(payload, MemoryTable):
+                    for fd in fds:
+                        os.close(fd)
+
+    await serve_then_next(scenario, device=EchoDevice(num_queues=2), drain_timeout=0.1, timeout=20)
