@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from virtio.testing.fds import is_open, make_fds
 from virtio.transport.vhost_user import messages as m
 from virtio.transport.vhost_user.messages import FrontendRequest as R
 from virtio.transport.vhost_user.messages import ProtocolFeature as PF
@@ -126,24 +127,6 @@ CASES = [
 
 def test_cases_cover_every_request() -> None:
     assert {case.request for case in CASES} == set(R)
-
-
-def make_fds(count: int) -> list[int]:
-    """``count`` open fds (read ends of pipes whose write ends are closed)."""
-    fds = []
-    for _ in range(count):
-        r, w = os.pipe()
-        os.close(w)
-        fds.append(r)
-    return fds
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def linux_chunks(

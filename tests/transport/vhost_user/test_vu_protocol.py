@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtio.errors import DeviceUsageError, DriverError
+from virtio.testing.fds import is_open, make_fds
 from virtio.transport.vhost_user import messages as m
 from virtio.transport.vhost_user.errors import (
     IncorrectFds,
@@ -50,23 +51,6 @@ def negotiated(protocol_features: int = ALL_FEATURES, **kwargs: object) -> Backe
         if reply is not None:
             conn.send_reply(event, reply)
     return conn
-
-
-def make_fds(count: int) -> list[int]:
-    fds = []
-    for _ in range(count):
-        r, w = os.pipe()
-        os.close(w)
-        fds.append(r)
-    return fds
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def raw(request: int, flags: int = 1, payload: bytes = b"", size: int | None = None) -> bytes:
