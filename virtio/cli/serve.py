@@ -131,21 +131,19 @@ def _delay_requests(device: Any, seconds: float) -> None:
 
 
 def _resize(device: Any, server: Any) -> None:
-    """SIGHUP: re-read the image size; if it changed, update the capacity and tell the
-    front-end (CONFIG_CHANGE_MSG, which QEMU turns into a config interrupt)."""
-    import os
-
+    """SIGHUP: re-read the image size; if it changed, update the capacity (Python path
+    and data planes alike) and tell the front-end (CONFIG_CHANGE_MSG, which QEMU turns
+    into a config interrupt)."""
+    old = device.capacity
     try:
-        size = os.lseek(device.backend.fd, 0, os.SEEK_END)
-    except (AttributeError, OSError) as exc:
+        changed = device.resize()
+    except OSError as exc:
         log.warning("resize: cannot read the image size: %s", exc)
         return
-    capacity = size // 512
-    if capacity == device.capacity:
-        log.info("resize: capacity unchanged (%d sectors)", capacity)
+    if not changed:
+        log.info("resize: capacity unchanged (%d sectors)", old)
         return
-    log.warning("resize: capacity %d -> %d sectors", device.capacity, capacity)
-    device.capacity = capacity
+    log.warning("resize: capacity %d -> %d sectors", old, device.capacity)
     handler = server.handler
     if handler is None or not handler.notify_config_change():
         log.warning("resize: no front-end channel to announce it (CONFIG_CHANGE_MSG not sent)")

@@ -4,10 +4,18 @@
  * It is an accelerator, not a second device model: a request is served here only
  * when it is well formed and plainly valid (16-byte header alone in the readable
  * part, status byte last, data a multiple of 512 bytes inside the capacity, not a
- * write to a read-only disk, and the I/O succeeds).  Anything else -- GET_ID,
- * DISCARD, WRITE_ZEROES, unknown types, malformed chains, I/O errors -- is handed
- * over ("deferred") to the Python device, which decides the status exactly as it
- * does for every request when the data plane is off.
+ * write to a read-only disk).  Anything else -- GET_ID, DISCARD, WRITE_ZEROES,
+ * unknown types, malformed chains -- is handed over ("deferred") to the Python
+ * device, which decides the status exactly as it does for every request when the
+ * data plane is off.
+ *
+ * An I/O that was tried here and failed is never tried again: it is deferred with
+ * its errno, and Python answers VIRTIO_BLK_S_IOERR (and logs it).  Retrying would
+ * be wrong for fdatasync: Linux reports a writeback error once, so a second call
+ * succeeds although the data may be lost.  A failed fdatasync also sets the
+ * image's sticky error (``sync_err``): every later FLUSH and write-through write
+ * fails with it, on every queue and on the Python path (QEMU's file-posix does the
+ * same after "fsyncgate").
  *
  * Threading: the thread holds no Python state.  Every used-ring update and pop
  * goes through the vq lock (vq_set_locking), so Python may complete deferred
@@ -32,10 +40,11 @@ static inline uint8_t *seg_host(struct vq *q, const struct vq_seg *s)
     return q->mem->regions[s->region].host + s->offset;
 }
 
-static void dp_defer(struct blk_dp *dp, const struct vq_chain *c, const struct vq_seg *segs)
+static void dp_defer(struct blk_dp *dp, const struct vq_chain *c, const struct vq_seg *segs, int err)
 {
     pthread_mutex_lock(DP_MU(dp));
     /* Room for a whole batch is checked before popping (dp_room), so this fits. */
+    dp->derr[dp->nd] = err;
     struct vq_chain *d = &dp->dchains[dp->nd++];
     *d = *c;
     d->seg_start = dp->nds;
@@ -117,6 +126,7 @@ static int build_iov(struct vq *q, const struct vq_seg *segs, uint32_t first, ui
     return len ? -1 : n;
 }
 
+/* Returns 0, or the errno of the failure (EIO for an unexpected end of file). */
 static int full_io(int fd, struct iovec *iov, int n, uint64_t off, int write_)
 {
     while (n > 0) {
@@ -124,10 +134,10 @@ static int full_io(int fd, struct iovec *iov, int n, uint64_t off, int write_)
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            return -1;
+            return errno ? errno : EIO;
         }
         if (r == 0)
-            return -1; /* short read: past the end of the file */
+            return EIO; /* short transfer: past the end of the file */
         off += (uint64_t)r;
         while (n > 0 && (size_t)r >= iov->iov_len) {
             r -= (ssize_t)iov->iov_len;
@@ -142,8 +152,32 @@ static int full_io(int fd, struct iovec *iov, int n, uint64_t off, int write_)
     return 0;
 }
 
-/* Serve one chain.  Returns the used length (>0) or 0 to defer it to Python. */
-static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const struct vq_seg *segs)
+/* fdatasync the image, honouring and setting its sticky writeback error.
+ * Returns 0 or an errno. */
+static int dp_sync(struct blk_dp *dp)
+{
+    int err = dp->sync_err ? __atomic_load_n(dp->sync_err, __ATOMIC_ACQUIRE) : 0;
+    if (err)
+        return err;
+    dp->syncs++;
+    while (fdatasync(dp->img_fd)) {
+        if (errno == EINTR)
+            continue;
+        err = errno ? errno : EIO;
+        if (dp->sync_err) {
+            int zero = 0;
+            __atomic_compare_exchange_n(dp->sync_err, &zero, err, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE);
+        }
+        return err;
+    }
+    return 0;
+}
+
+/* Serve one chain.  Returns the used length (>0), or 0 to defer it to Python with
+ * *err = 0 (not served here) or the errno of the I/O that failed. */
+static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const struct vq_seg *segs,
+                          int *err)
 {
     struct vq *q = dp->q;
     uint8_t hdr[BLK_HDR];
@@ -166,10 +200,13 @@ static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const str
         uint64_t len = c->writable_len - 1u;
         if (c->readable_len != BLK_HDR || len % BLK_SECTOR)
             return 0;
-        if (sector > dp->capacity || len / BLK_SECTOR > dp->capacity - sector)
+        uint64_t cap = __atomic_load_n(&dp->capacity, __ATOMIC_ACQUIRE);
+        if (sector > cap || len / BLK_SECTOR > cap - sector)
             return 0;
         int n = build_iov(q, segs, c->nreadable, c->nsegs, 0, len, iov, BLK_DP_MAX_SEGS);
-        if (n < 0 || full_io(dp->img_fd, iov, n, sector * BLK_SECTOR, 0))
+        if (n < 0)
+            return 0;
+        if ((*err = full_io(dp->img_fd, iov, n, sector * BLK_SECTOR, 0)))
             return 0;
         if (q->mem->dirty_log)
             for (uint32_t i = c->nreadable; i < c->nsegs; i++)
@@ -180,23 +217,22 @@ static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const str
         uint64_t len = c->readable_len - BLK_HDR;
         if (c->writable_len != 1 || dp->read_only || len % BLK_SECTOR)
             return 0;
-        if (sector > dp->capacity || len / BLK_SECTOR > dp->capacity - sector)
+        uint64_t cap = __atomic_load_n(&dp->capacity, __ATOMIC_ACQUIRE);
+        if (sector > cap || len / BLK_SECTOR > cap - sector)
             return 0;
         int n = build_iov(q, segs, 0, c->nreadable, BLK_HDR, len, iov, BLK_DP_MAX_SEGS);
-        if (n < 0 || full_io(dp->img_fd, iov, n, sector * BLK_SECTOR, 1))
+        if (n < 0)
             return 0;
-        if (__atomic_load_n(&dp->writethrough, __ATOMIC_RELAXED)) {
-            dp->syncs++;
-            if (fdatasync(dp->img_fd))
-                return 0;
-        }
+        if ((*err = full_io(dp->img_fd, iov, n, sector * BLK_SECTOR, 1)))
+            return 0;
+        if (__atomic_load_n(&dp->writethrough, __ATOMIC_RELAXED) && (*err = dp_sync(dp)))
+            return 0;
         dp->writes++;
         used = 1;
     } else if (type == VIRTIO_BLK_T_FLUSH) {
         if (c->readable_len != BLK_HDR || c->writable_len != 1)
             return 0;
-        dp->syncs++;
-        if (fdatasync(dp->img_fd))
+        if ((*err = dp_sync(dp)))
             return 0;
         dp->flushes++;
         used = 1;
@@ -315,9 +351,11 @@ int blk_dp_run(struct blk_dp *dp)
             for (int i = 0; i < n; i++)
                 inflight_pop(dp, chains[i].head);
             for (int i = 0; i < n; i++) {
-                uint32_t used = blk_serve(dp, &chains[i], segs + chains[i].seg_start);
+                int err = 0;
+                uint32_t used = blk_serve(dp, &chains[i], segs + chains[i].seg_start, &err);
                 if (!used) {
-                    dp_defer(dp, &chains[i], segs + chains[i].seg_start);
+                    dp->io_errors += err != 0;
+                    dp_defer(dp, &chains[i], segs + chains[i].seg_start, err);
                     continue;
                 }
                 ids[done] = chains[i].head;
@@ -364,13 +402,15 @@ int blk_dp_init(struct blk_dp *dp)
     return pthread_mutex_init(DP_MU(dp), NULL) ? -1 : 0;
 }
 
-/* Move up to max deferred chains (and their segments) out; returns how many. */
+/* Move up to max deferred chains (their segments, and the errno of each one's
+ * failed I/O) out; returns how many. */
 uint32_t blk_dp_take(struct blk_dp *dp, struct vq_chain *chains, uint32_t max, struct vq_seg *segs,
-                     uint32_t max_segs)
+                     uint32_t max_segs, int32_t *errs)
 {
     pthread_mutex_lock(DP_MU(dp));
     uint32_t n = 0, s = 0;
     while (n < dp->nd && n < max && s + dp->dchains[n].nsegs <= max_segs) {
+        errs[n] = dp->derr[n];
         chains[n] = dp->dchains[n];
         memcpy(&segs[s], &dp->dsegs[chains[n].seg_start], chains[n].nsegs * sizeof *segs);
         chains[n].seg_start = s;
@@ -381,6 +421,7 @@ uint32_t blk_dp_take(struct blk_dp *dp, struct vq_chain *chains, uint32_t max, s
     if (n < dp->nd) {
         uint32_t first_seg = dp->dchains[n].seg_start;
         for (uint32_t i = n; i < dp->nd; i++) {
+            dp->derr[i - n] = dp->derr[i];
             dp->dchains[i - n] = dp->dchains[i];
             dp->dchains[i - n].seg_start -= first_seg;
         }

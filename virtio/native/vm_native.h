@@ -130,13 +130,18 @@ struct blk_dp {
     void *mu_storage[8];
     struct vq_chain *dchains;
     struct vq_seg *dsegs;
+    int32_t *derr;              /* per deferred chain: errno of its failed I/O, or 0 */
     uint32_t nd, nds;
+    /* The image's sticky writeback error (shared by every queue of the image and the
+     * Python path): once an fdatasync failed, every later sync fails with it. */
+    int *sync_err;
     /* statistics */
     uint64_t requests, batches, reads, writes, flushes, syncs, deferred, kicks, calls, rescues;
+    uint64_t io_errors;
 };
 
 int blk_dp_init(struct blk_dp *dp);
 void blk_dp_set_fds(struct blk_dp *dp, int kick, int call);
 int blk_dp_run(struct blk_dp *dp);
 uint32_t blk_dp_take(struct blk_dp *dp, struct vq_chain *chains, uint32_t max, struct vq_seg *segs,
-                     uint32_t max_segs);
+                     uint32_t max_segs, int32_t *errs);

@@ -229,3 +229,31 @@ async def test_many_requests_in_flight(rig):
             assert (await rig.wait(t)).data[:-1] == data[i]
         assert plane.statistics()["requests"] == 48
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["dataplane", "python"])
+async def test_shrunk_image_capacity_reaches_both_paths(tmp_path, native):
+    """Shrink the image, resize (SIGHUP does this), write beyond the new capacity:
+    IOERR on both paths, and the file is not grown back (§5.2.6.1: requests beyond
+    ``capacity`` are errors)."""
+    rig = Rig(tmp_path, size=1 << 20)
+    rig.device.native_dataplane = native
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.device.serve_queue, rig.active, 0)
+            last = rig.device.capacity - 1
+            assert (await rig.request([hdr(OUT, last), b"z" * 512], [1])).data == bytes([OK])
+            os.truncate(rig.image, 512 << 10)
+            assert rig.device.resize() is True
+            assert rig.device.capacity == 1024
+            used = await rig.request([hdr(OUT, last), b"z" * 512], [1])
+            assert used.data == bytes([IOERR])
+            used = await rig.request([hdr(IN, 1024)], [512, 1])
+            assert used.data[-1] == IOERR
+            used = await rig.request([hdr(OUT, 1023), b"y" * 512], [1])  # still inside
+            assert used.data == bytes([OK])
+            assert bool(rig.device._dataplanes) is native
+            nursery.cancel_scope.cancel()
+        assert os.path.getsize(rig.image) == 512 << 10
+    finally:
+        rig.close()

@@ -2,7 +2,10 @@
 
 * ``RawFileBackend``: a raw image file or block device.  Reads and writes go
   straight between the file and guest memory with ``os.preadv``/``os.pwritev`` on
-  the chain's memoryviews (zero copy).  FLUSH is ``fdatasync`` (durable);
+  the chain's memoryviews (zero copy).  FLUSH is ``fdatasync`` (durable); a failed
+  ``fdatasync`` sets the image's sticky ``sync_error`` and every later one fails
+  with it (Linux reports a writeback error once and may have dropped the dirty
+  pages, so a later success would be a lie; QEMU's file-posix does the same);
   DISCARD punches holes (``fallocate(PUNCH_HOLE|KEEP_SIZE)``); WRITE_ZEROES punches
   holes (UNMAP) or zeroes ranges (``FALLOC_FL_ZERO_RANGE``), falling back to
   writing zeros.  The blocking calls run in worker threads
@@ -20,7 +23,6 @@ Offsets and lengths are in bytes; the device has already checked them against
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -29,9 +31,11 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
+import cffi
 import trio
 
 from virtio.errors import BackendIOError
+from virtio.native import ffi as native_ffi
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +98,14 @@ class BlockBackend(Protocol):
     def close(self) -> None: ...
 
 
-# -- libc fallocate ----------------------------------------------------------------------
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate_fn = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
-if _fallocate_fn is not None:
-    _fallocate_fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate_fn.restype = ctypes.c_int
+# -- libc fallocate (cffi ABI mode: no compiler needed for one libc call) ---------------
+_ffi = cffi.FFI()
+_ffi.cdef("int fallocate64(int fd, int mode, int64_t offset, int64_t len);")
+_libc = _ffi.dlopen(None)
+try:
+    _fallocate_fn = _libc.fallocate64
+except AttributeError:  # not glibc
+    _fallocate_fn = None
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -107,7 +113,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate_fn is None:
         raise OSError(errno.ENOSYS, "fallocate is not available")
     while _fallocate_fn(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
+        err = _ffi.errno
         if err != errno.EINTR:
             raise OSError(err, f"fallocate(mode={mode:#x}): {os.strerror(err)}")
 
@@ -294,6 +300,9 @@ class RawFileBackend:
         self.limiter = trio.CapacityLimiter(max_threads)
         self._batcher = _ThreadBatcher(self._fdatasync, self.limiter, max_hops, max_batch)
         self._sync_calls = 0
+        self.sync_error_cell = native_ffi.new("int *")
+        """The sticky writeback error (an errno, 0 while none), shared with the native
+        data planes: one cell for every path that syncs this image."""
         self.native_sync_counters: list[Callable[[], int]] = []
         """``fdatasync`` counts of native data planes using this file (dataplane.py)."""
 
@@ -311,6 +320,16 @@ class RawFileBackend:
         return self._punch_ok and not self._read_only
 
     @property
+    def sync_error(self) -> int:
+        """errno of the first failed ``fdatasync`` (sticky), or 0."""
+        return int(self.sync_error_cell[0])
+
+    def refresh_size(self) -> int:
+        """Re-read the image's size (it was grown or shrunk under us) and return it."""
+        self._size = os.lseek(self.fd, 0, os.SEEK_END)
+        return self._size
+
+    @property
     def sync_calls(self) -> int:
         """``fdatasync`` calls so far, from Python and native data planes (statistics,
         and for tests)."""
@@ -323,8 +342,16 @@ class RawFileBackend:
 
     # -- blocking primitives (worker threads) ---------------------------------------------
     def _fdatasync(self) -> None:
+        err = self.sync_error
+        if err:
+            raise OSError(err, f"an earlier flush of {self.path!r} failed: {os.strerror(err)}")
         self._sync_calls += 1
-        os.fdatasync(self.fd)
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            if self.sync_error_cell[0] == 0:
+                self.sync_error_cell[0] = exc.errno or errno.EIO
+            raise
 
     def _zero_write(self, offset: int, length: int) -> None:
         zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))

@@ -6,11 +6,19 @@ queue-service loop (``VirtioDevice.serve_queue``), a thread runs
 pops chains, serves well-formed IN / OUT / FLUSH requests with ``preadv`` /
 ``pwritev`` / ``fdatasync`` straight into guest memory, completes them and signals
 the call eventfd as EVENT_IDX allows -- without the interpreter.  Every other
-request (GET_ID, DISCARD, WRITE_ZEROES, malformed or failing ones) is deferred to
+request (GET_ID, DISCARD, WRITE_ZEROES, malformed ones) is deferred to
 ``VirtioBlk.handle``, the one place where virtio-blk semantics live, and completed
 from Python; the queue's native lock (``Virtqueue.set_locking``) keeps the two
-apart.  Inflight tracking (vhost-user reconnect) is kept in the same shared region
-layout the Python tracker uses.
+apart.  A request whose I/O failed in the thread is deferred with its errno and
+answered VIRTIO_BLK_S_IOERR by ``VirtioBlk.complete_failed`` -- never retried: a
+second ``fdatasync`` after a writeback error would succeed and hide the loss.  The
+image's sticky writeback error (``RawFileBackend.sync_error``) is one cell shared
+by every data plane and the Python path.
+
+Device state the thread uses (capacity, read-only, write-through) reaches it
+through one call, ``update_state``, whenever the device changes it (resize, WCE).
+Inflight tracking (vhost-user reconnect) is kept in the same shared region layout
+the Python tracker uses.
 
 The thread stops when the ring's scope is cancelled (ring stop, reset,
 disconnect): ``stop`` is set and a wake eventfd is written; the data plane
@@ -71,13 +79,15 @@ class BlkDataPlane:
             raise MemoryError("blk_dp_init failed")
         dchains = ffi.new("struct vq_chain[]", lib.BLK_DP_DEFER_MAX)
         dsegs = ffi.new("struct vq_seg[]", lib.BLK_DP_DEFER_SEGS)
-        self._keep += [dchains, dsegs]
-        dp.dchains, dp.dsegs = dchains, dsegs
+        derr = ffi.new("int32_t[]", lib.BLK_DP_DEFER_MAX)
+        self._keep += [dchains, dsegs, derr]
+        dp.dchains, dp.dsegs, dp.derr = dchains, dsegs, derr
         dp.q = self.queue.native
         dp.img_fd = self.device.backend.fd
-        dp.capacity = self.device.capacity
-        dp.read_only = int(self.device.read_only)
-        dp.writethrough = int(self.device.writethrough)
+        cell = getattr(self.device.backend, "sync_error_cell", None)
+        dp.sync_err = cell if cell is not None else ffi.NULL
+        self._dp = dp
+        self.update_state()
         dp.wake_fd = self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         dp.defer_fd = self._defer = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         area = getattr(getattr(self.queue, "inflight", None), "area", None)
@@ -89,16 +99,22 @@ class BlkDataPlane:
             dp.inflight_counter = area.counter
         self._area = area
         self._load_fds(dp)
-        self._dp = dp
 
     def _load_fds(self, dp) -> None:
         call = self.notifier.call_fd
         dp.kick_fd = self.notifier.kick_fd
         dp.call_fd = -1 if call is None else call
 
-    def set_writethrough(self, on: bool) -> None:
-        if self._dp is not None:
-            self._dp.writethrough = int(on)
+    def update_state(self) -> None:
+        """Copy the device state the thread decides by (capacity, read-only,
+        write-through) into it; the device calls this whenever one of them changes."""
+        dp = self._dp
+        if dp is None:
+            return
+        dev = self.device
+        dp.read_only = int(dev.read_only)
+        dp.writethrough = int(dev.writethrough)
+        dp.capacity = dev.capacity  # an aligned 64-bit store: the thread reads it whole
 
     def fds_changed(self) -> None:
         """The ring's kick or call eventfd was replaced: the thread picks them up.
@@ -141,7 +157,7 @@ class BlkDataPlane:
         dp = self._dp
         names = (
             "requests", "batches", "reads", "writes", "flushes", "syncs", "deferred", "kicks",
-            "calls", "rescues",
+            "calls", "rescues", "io_errors",
         )  # fmt: skip
         return {n: int(getattr(dp, n)) for n in names} if dp is not None else {}
 
@@ -213,22 +229,27 @@ class BlkDataPlane:
     async def _deferred_loop(self, nursery: trio.Nursery) -> None:
         chains = ffi.new("struct vq_chain[]", _TAKE)
         segs = ffi.new("struct vq_seg[]", lib.BLK_DP_DEFER_SEGS)
+        errs = ffi.new("int32_t[]", _TAKE)
         while True:
             await trio.lowlevel.wait_readable(self._defer)
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._defer)
-            while n := lib.blk_dp_take(self._dp, chains, _TAKE, segs, lib.BLK_DP_DEFER_SEGS):
+            while n := lib.blk_dp_take(self._dp, chains, _TAKE, segs, lib.BLK_DP_DEFER_SEGS, errs):
                 taken = [self.queue.chain_from_native(chains + i, segs) for i in range(n)]
                 tracker = self.queue.inflight
                 if tracker is not None:
                     tracker.on_pop(taken)
-                for chain in taken:
-                    nursery.start_soon(self._serve_deferred, chain)
+                for i, chain in enumerate(taken):
+                    nursery.start_soon(self._serve_deferred, chain, int(errs[i]))
                 os.eventfd_write(self._wake, 1)  # room again for the thread's next batch
 
-    async def _serve_deferred(self, chain) -> None:
+    async def _serve_deferred(self, chain, err: int) -> None:
         try:
-            written = await self.device.handle(self.index, chain)
+            if err:
+                exc = OSError(err, f"data plane I/O failed: {os.strerror(err)}")
+                written = self.device.complete_failed(chain, exc)
+            else:
+                written = await self.device.handle(self.index, chain)
         except DriverError as exc:
             self.device._driver_error(self.active, exc)
             return

@@ -27,6 +27,13 @@ status byte.  Status decisions, with the spec text they follow:
 * FLUSH is always executed (``fdatasync``): VIRTIO_BLK_F_FLUSH is always offered
   (devicenormative §5.2.5.2 "Devices SHOULD always offer VIRTIO_BLK_F_FLUSH, and
   MUST offer it if they offer VIRTIO_BLK_F_CONFIG_WCE").
+* A failed I/O is answered VIRTIO_BLK_S_IOERR exactly once, as it happened, and
+  never retried (a retried ``fdatasync`` would succeed after Linux dropped the
+  dirty pages).  After a writeback error the image's sticky error fails every later
+  FLUSH and write-through write until the back-end is restarted: what reached the
+  disk is unknown, so durability can no longer be promised (QEMU's file-posix
+  reasons the same way).  Failures are logged through a rate limiter (a guest can
+  cause one per request).
 * GET_ID writes the serial, NUL-padded, into at most 20 bytes of ``data[]``.
 
 Cache mode (devicenormative §5.2.6.2, stable writes): a write is made durable
@@ -42,6 +49,7 @@ the framework sets DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import ClassVar
 
@@ -52,6 +60,7 @@ from virtio.devices.blk.dataplane import BlkDataPlane
 from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
 from virtio.errors import BackendIOError, DriverError
 from virtio.queues.chain import DescriptorChain
+from virtio.ratelimit import LogRateLimiter
 from virtio.spec.blk import (
     VIRTIO_BLK_SECTOR_SIZE,
     BlkDiscardFlag,
@@ -128,6 +137,9 @@ class VirtioBlk(VirtioDevice):
         self.device_features = features
         self.writeback = int(opts.writeback)
         """The ``writeback`` config field: 1 writeback, 0 writethrough (§5.2.5)."""
+        self.errors = LogRateLimiter(log)
+        """Where failed requests are logged (rate-limited: a guest can fail every one)."""
+        self._sync_error_reported = False
 
     @classmethod
     def from_options(cls, opts: BlkOptions) -> VirtioBlk:
@@ -139,7 +151,9 @@ class VirtioBlk(VirtioDevice):
         return cls(backend, opts)
 
     def close(self) -> None:
-        """Close the backend (releases the image lock)."""
+        """Close the backend (releases the image lock); log the failures the rate
+        limiter held back."""
+        self.errors.flush()
         self.backend.close()
 
     # -- negotiation and configuration -----------------------------------------------------
@@ -183,6 +197,22 @@ class VirtioBlk(VirtioDevice):
         super().reset()
         self.writeback = int(self.options.writeback)
         self._cache_mode_changed()
+        self.errors.flush()
+
+    def resize(self, size: int | None = None) -> bool:
+        """Set the capacity from ``size`` bytes (default: the backend's size now, e.g.
+        after the image file was grown or shrunk) and hand it to the data planes.
+        Returns whether the capacity changed; announcing it to the driver (§5.2.4,
+        configuration change notification) is the transport's job."""
+        if size is None:
+            refresh = getattr(self.backend, "refresh_size", None)
+            size = refresh() if refresh is not None else self.backend.size
+        capacity = size // SECTOR
+        if capacity == self.capacity:
+            return False
+        self.capacity = capacity
+        self._state_changed()
+        return True
 
     @property
     def writethrough(self) -> bool:
@@ -196,8 +226,12 @@ class VirtioBlk(VirtioDevice):
 
     # -- requests ---------------------------------------------------------------------------
     def _cache_mode_changed(self) -> None:
+        self._state_changed()
+
+    def _state_changed(self) -> None:
+        """Capacity, read-only or the cache mode changed: tell the data planes."""
         for plane in self._dataplanes:
-            plane.set_writethrough(self.writethrough)
+            plane.update_state()
 
     async def serve_queue(self, active: ActiveDevice, index: int) -> None:
         """With eventfd notifications and a file backend (vhost-user), serve the queue
@@ -216,10 +250,32 @@ class VirtioBlk(VirtioDevice):
         try:
             status = await self.execute(req)
         except (OSError, BackendIOError) as exc:
-            log.warning("virtio-blk: %r failed: %s", req, exc)
-            req.zero_fill_data()  # a partial read leaves no stale bytes behind
-            status = IOERR
+            return self._failed(req, exc)
         return req.complete(status)
+
+    def complete_failed(self, chain: DescriptorChain, exc: OSError | BackendIOError) -> int:
+        """Answer a request whose I/O was tried elsewhere (the native data plane) and
+        failed with ``exc``: VIRTIO_BLK_S_IOERR, without trying it again."""
+        req = BlkRequest.parse(chain)
+        if req.type == _IN:
+            req.writable_data()  # reserve data[] so that it is zeroed, not left stale
+        return self._failed(req, exc)
+
+    def _failed(self, req: BlkRequest, exc: OSError | BackendIOError) -> int:
+        err = getattr(exc, "errno", None)
+        kind = f"IOERR {errno.errorcode.get(err, 'error')}" if err else "IOERR"
+        self.errors.warning(kind, "virtio-blk: %r failed: %s", req, exc)
+        sticky = getattr(self.backend, "sync_error", 0)
+        if sticky and not self._sync_error_reported:
+            self._sync_error_reported = True
+            log.error(
+                "virtio-blk: a flush of the image failed (%s): writes since the last "
+                "successful flush may be lost; every later flush and write-through write "
+                "fails until the back-end is restarted",
+                errno.errorcode.get(sticky, sticky),
+            )
+        req.zero_fill_data()  # a partial read leaves no stale bytes behind
+        return req.complete(IOERR)
 
     def _range_ok(self, sector: int, nbytes: int) -> bool:
         return sector <= self.capacity and nbytes // SECTOR <= self.capacity - sector
