@@ -3,7 +3,7 @@
 ::
 
     virtio serve blk --socket-path /run/blk.sock --blk-file disk.img [--read-only]
-                     [--num-queues N] [--queue-size N] [--serial ID]
+                     [--format raw] [--force] [--num-queues N] [--queue-size N] [--serial ID]
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
 
@@ -12,8 +12,10 @@ process cleanly (exit status 0); SIGUSR1 prints statistics on stderr (connection
 requests resubmitted after reconnects, requests per vring, the image's ``fdatasync``
 calls); SIGHUP re-reads the image size and announces a new capacity to the front-end
 (CONFIG_CHANGE_MSG on the back-end channel: the guest sees the disk resized).  Bad
-arguments, a missing image or an image locked by another process print one error
-line and exit non-zero before anything listens.
+arguments, a missing image, an image locked by another process or an image of
+another format (qcow2, VMDK, ... found by its magic when ``--format`` is not given;
+see ``virtio/devices/blk/probe.py``) print one error line and exit non-zero before
+anything listens.
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ def register(subparsers: Any) -> None:
         "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
     )
     blk.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")
+    blk.add_argument(
+        "--format",
+        choices=("raw", "qcow2"),
+        help="image format (default: probe; an image of another format than raw is refused)",
+    )
+    blk.add_argument(
+        "--force",
+        action="store_true",
+        help="serve a raw image whose size is not a multiple of 512 (the tail is not exposed)",
+    )
     blk.add_argument("--read-only", action="store_true", help="export the image read-only")
     blk.add_argument("--num-queues", type=int, default=1, metavar="N", help="virtqueues (1)")
     blk.add_argument(
@@ -90,7 +102,7 @@ def run_blk(args: argparse.Namespace) -> int:
         _fail("virtio serve blk: one of --socket-path or --fd is required", status=2)
     if not args.blk_file:
         _fail("virtio serve blk: --blk-file is required", status=2)
-    from virtio.devices.blk import BlkOptions, ImageLockedError, VirtioBlk
+    from virtio.devices.blk import BlkOptions, ImageFormatError, ImageLockedError, VirtioBlk
 
     try:
         opts = BlkOptions(
@@ -103,8 +115,8 @@ def run_blk(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _fail(f"virtio serve blk: {exc}", status=2)
     try:
-        device = VirtioBlk.from_options(opts)
-    except ImageLockedError as exc:
+        device = VirtioBlk.from_options(opts, image_format=args.format, force=args.force)
+    except (ImageLockedError, ImageFormatError) as exc:
         _fail(f"virtio serve blk: {exc}")
     except OSError as exc:
         _fail(f"virtio serve blk: cannot open {args.blk_file}: {exc.strerror or exc}")

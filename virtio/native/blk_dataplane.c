@@ -217,6 +217,8 @@ static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const str
         uint64_t len = c->readable_len - BLK_HDR;
         if (c->writable_len != 1 || dp->read_only || len % BLK_SECTOR)
             return 0;
+        if (sector == 0 && dp->guard_sector0)
+            return 0;
         uint64_t cap = __atomic_load_n(&dp->capacity, __ATOMIC_ACQUIRE);
         if (sector > cap || len / BLK_SECTOR > cap - sector)
             return 0;

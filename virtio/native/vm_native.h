@@ -122,6 +122,7 @@ struct blk_dp {
     int kick_fd, call_fd, wake_fd, defer_fd, img_fd;
     int stop;
     int read_only, writethrough;
+    int guard_sector0;          /* probed raw: writes to sector 0 go to Python (probe.py) */
     uint64_t capacity;          /* sectors */
     uint8_t *inflight;          /* vhost-user inflight QueueRegionSplit, or NULL */
     uint16_t inflight_num;

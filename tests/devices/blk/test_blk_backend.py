@@ -89,14 +89,14 @@ def test_second_writer_gets_image_locked_error(tmp_path) -> None:
 def test_from_options_opens_locked_image(tmp_path) -> None:
     path = tmp_path / "disk.img"
     make_image(path, MIB + 100)
-    dev = VirtioBlk.from_options(BlkOptions(path=path, serial="s1"))
+    dev = VirtioBlk.from_options(BlkOptions(path=path, serial="s1"), force=True)
     try:
         assert dev.capacity == MIB // SECTOR
         with pytest.raises(ImageLockedError):
-            VirtioBlk.from_options(BlkOptions(path=path))
+            VirtioBlk.from_options(BlkOptions(path=path), force=True)
     finally:
         dev.close()
-    ro = VirtioBlk.from_options(BlkOptions(path=path, read_only=True))
+    ro = VirtioBlk.from_options(BlkOptions(path=path, read_only=True), force=True)
     ro.close()
     assert ro.read_only and ro.backend.read_only
     with pytest.raises(ValueError):

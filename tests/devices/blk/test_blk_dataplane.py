@@ -18,6 +18,7 @@ import trio
 from virtio.device import ActiveDevice
 from virtio.devices.blk import BlkOptions, VirtioBlk
 from virtio.devices.blk.dataplane import BlkDataPlane
+from virtio.devices.blk.probe import probe
 from virtio.errors import DriverError
 from virtio.memory import MmapGuestMemory
 from virtio.queues import Virtqueue
@@ -183,7 +184,7 @@ async def test_writethrough_switch_reaches_the_thread(rig):
         rig.device.write_config(32, b"\x00")  # writeback = 0
         assert rig.device.writethrough
         before = plane.statistics()["syncs"]
-        used = await rig.request([hdr(OUT, 0), b"y" * 512], [1])
+        used = await rig.request([hdr(OUT, 8), b"y" * 512], [1])
         assert used.data[-1] == OK
         assert plane.statistics()["syncs"] == before + 1
         nursery.cancel_scope.cancel()
@@ -255,5 +256,30 @@ async def test_shrunk_image_capacity_reaches_both_paths(tmp_path, native):
             assert bool(rig.device._dataplanes) is native
             nursery.cancel_scope.cancel()
         assert os.path.getsize(rig.image) == 512 << 10
+    finally:
+        rig.close()
+
+
+# -- the probed-raw rule, on the Python path and the native data plane ----------------
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["dataplane", "python"])
+@pytest.mark.parametrize("explicit", [False, True], ids=["probed", "format-raw"])
+async def test_probed_raw_refuses_a_format_header_in_sector_0(tmp_path, native, explicit):
+    rig = Rig(tmp_path)
+    rig.device.guard_format_change = not explicit  # what from_options decides
+    rig.device.native_dataplane = native
+    qcow2_header = b"QFI\xfb" + struct.pack(">I", 3) + bytes(504)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rig.device.serve_queue, rig.active, 0)
+            used = await rig.request([hdr(OUT, 0), qcow2_header, bytes(3584)], [1])
+            assert used.data == bytes([OK if explicit else IOERR])
+            used = await rig.request([hdr(OUT, 0), b"\xeb\x63\x90" + bytes(509)], [1])
+            assert used.data == bytes([OK])  # an ordinary boot sector is fine
+            used = await rig.request([hdr(OUT, 8), qcow2_header], [1])
+            assert used.data == bytes([OK])  # the magic elsewhere is just data
+            nursery.cancel_scope.cancel()
+        assert (probe(rig.image.read_bytes()[:512]) == "qcow2") is False
     finally:
         rig.close()

@@ -18,5 +18,6 @@ from virtio.devices.blk.backend import RawFileBackend as RawFileBackend
 from virtio.devices.blk.config import BlkOptions as BlkOptions
 from virtio.devices.blk.config import build_config as build_config
 from virtio.devices.blk.device import VirtioBlk as VirtioBlk
+from virtio.devices.blk.probe import ImageFormatError as ImageFormatError
 from virtio.devices.blk.request import BlkRequest as BlkRequest
 from virtio.devices.blk.request import Segment as Segment

@@ -113,6 +113,7 @@ class BlkDataPlane:
             return
         dev = self.device
         dp.read_only = int(dev.read_only)
+        dp.guard_sector0 = int(dev.guard_format_change)
         dp.writethrough = int(dev.writethrough)
         dp.capacity = dev.capacity  # an aligned 64-bit store: the thread reads it whole
 

@@ -57,6 +57,7 @@ from virtio.device import ActiveDevice, VirtioDevice
 from virtio.devices.blk.backend import BlockBackend, RawFileBackend
 from virtio.devices.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkOptions, build_config
 from virtio.devices.blk.dataplane import BlkDataPlane
+from virtio.devices.blk.probe import check_image, write_would_change_format
 from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
 from virtio.errors import BackendIOError, DriverError
 from virtio.queues.chain import DescriptorChain
@@ -137,18 +138,29 @@ class VirtioBlk(VirtioDevice):
         self.device_features = features
         self.writeback = int(opts.writeback)
         """The ``writeback`` config field: 1 writeback, 0 writethrough (§5.2.5)."""
+        self.guard_format_change = False
+        """The format was probed (raw): refuse writes that would make sector 0 look
+        like another format (``probe.py``, QEMU's probed-raw rule)."""
         self.errors = LogRateLimiter(log)
         """Where failed requests are logged (rate-limited: a guest can fail every one)."""
         self._sync_error_reported = False
 
     @classmethod
-    def from_options(cls, opts: BlkOptions) -> VirtioBlk:
+    def from_options(
+        cls, opts: BlkOptions, *, image_format: str | None = None, force: bool = False
+    ) -> VirtioBlk:
         """Open ``opts.path`` as a raw image (locked; read-only if asked) and build
-        the device.  Raises ``OSError`` or ``ImageLockedError``."""
+        the device.  ``image_format`` None probes it: an image of another format is
+        refused (``probe.check_image``; ``force`` accepts a size that is not a whole
+        number of sectors).  Raises ``OSError``, ``ImageLockedError`` or
+        ``ImageFormatError``."""
         if opts.path is None:
             raise ValueError("BlkOptions.path is required to open an image")
+        check_image(opts.path, image_format, force=force)
         backend = RawFileBackend(opts.path, read_only=opts.read_only, lock=opts.lock)
-        return cls(backend, opts)
+        device = cls(backend, opts)
+        device.guard_format_change = image_format is None and not device.read_only
+        return device
 
     def close(self) -> None:
         """Close the backend (releases the image lock); log the failures the rate
@@ -293,7 +305,10 @@ class VirtioBlk(VirtioDevice):
                 await self.backend.read(offset, req.writable_data())
                 req.log_data_dirty()
             else:
-                await self.backend.write(offset, req.readable_data(), sync=self.writethrough)
+                views = req.readable_data()
+                if self.guard_format_change and req.sector == 0 and self._changes_format(views):
+                    return IOERR
+                await self.backend.write(offset, views, sync=self.writethrough)
             return OK
         if t == _FLUSH:
             await self.backend.flush()
@@ -304,6 +319,24 @@ class VirtioBlk(VirtioDevice):
         if t in (_DISCARD, _WRITE_ZEROES):
             return await self._discard_write_zeroes(req, t == _WRITE_ZEROES)
         return UNSUPP
+
+    def _changes_format(self, views: list[memoryview]) -> bool:
+        first = bytearray()
+        for v in views:  # the first sector only
+            first += v[: SECTOR - len(first)]
+            if len(first) == SECTOR:
+                break
+        found = write_would_change_format(0, bytes(first))
+        if found is not None:
+            self.errors.warning(
+                "format",
+                "virtio-blk: refused a write of a %s header to sector 0 of a probed raw "
+                "image (the next start would read it as %s; serve with --format raw to "
+                "allow it)",
+                found,
+                found,
+            )
+        return found is not None
 
     async def _discard_write_zeroes(self, req: BlkRequest, write_zeroes: bool) -> int:
         opts = self.options
