@@ -172,7 +172,7 @@ def _statistics(device: Any, server: Any) -> str:
         f"fdatasync={getattr(backend, 'sync_calls', 'n/a')}",
         f"needs_reset={int(device.needs_reset)}",
     ]
-    for plane in sorted(getattr(device, "_dataplanes", ()), key=lambda p: p.index):
+    for plane in getattr(device, "dataplanes", ()):
         parts.append(f"dataplane{plane.index}=[{plane.debug_state()}]")
     return " ".join(parts)
 

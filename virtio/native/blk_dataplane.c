@@ -1,5 +1,5 @@
-/* virtio-blk data plane: a thread per queue that serves the common requests
- * (IN, OUT, FLUSH) without the Python interpreter (virtio 1.4 §5.2.6).
+/* virtio-blk fast path for the native data plane (dataplane.c): IN, OUT and FLUSH
+ * served without the Python interpreter (virtio 1.4 §5.2.6).
  *
  * It is an accelerator, not a second device model: a request is served here only
  * when it is well formed and plainly valid (16-byte header alone in the readable
@@ -15,75 +15,20 @@
  * succeeds although the data may be lost.  A failed fdatasync also sets the
  * image's sticky error (``sync_err``): every later FLUSH and write-through write
  * fails with it, on every queue and on the Python path (QEMU's file-posix does the
- * same after "fsyncgate").
- *
- * Threading: the thread holds no Python state.  Every used-ring update and pop
- * goes through the vq lock (vq_set_locking), so Python may complete deferred
- * chains concurrently. */
+ * same after "fsyncgate"). */
 #include <errno.h>
-#include <poll.h>
-#include <pthread.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define BLK_DP_BATCH 64
-#define BLK_DP_MAX_SEGS 4096
+#include "dataplane.h"
+
 #define BLK_SECTOR 512u
 #define BLK_HDR 16u
-#define DP_MU(dp) ((pthread_mutex_t *)(void *)(dp)->mu_storage)
-_Static_assert(sizeof(((struct blk_dp *)0)->mu_storage) >= sizeof(pthread_mutex_t), "mutex storage");
 
 static inline uint8_t *seg_host(struct vq *q, const struct vq_seg *s)
 {
     return q->mem->regions[s->region].host + s->offset;
-}
-
-static void dp_defer(struct blk_dp *dp, const struct vq_chain *c, const struct vq_seg *segs, int err)
-{
-    pthread_mutex_lock(DP_MU(dp));
-    /* Room for a whole batch is checked before popping (dp_room), so this fits. */
-    dp->derr[dp->nd] = err;
-    struct vq_chain *d = &dp->dchains[dp->nd++];
-    *d = *c;
-    d->seg_start = dp->nds;
-    memcpy(&dp->dsegs[dp->nds], segs, c->nsegs * sizeof *segs);
-    dp->nds += c->nsegs;
-    pthread_mutex_unlock(DP_MU(dp));
-    uint64_t one = 1;
-    ssize_t rc = write(dp->defer_fd, &one, sizeof one);
-    (void)rc;
-    dp->deferred++;
-}
-
-static void inflight_pop(struct blk_dp *dp, uint16_t head)
-{
-    if (!dp->inflight || head >= dp->inflight_num)
-        return;
-    uint8_t *d = dp->inflight + 16 + 16u * head;
-    memcpy(d + 8, &dp->inflight_counter, 8);
-    dp->inflight_counter++;
-    __atomic_store_n(d, (uint8_t)1, __ATOMIC_RELEASE);
-}
-
-static void inflight_used(struct blk_dp *dp, const uint16_t *heads, uint32_t n, uint16_t used_idx)
-{
-    if (!dp->inflight || n == 0)
-        return;
-    uint16_t last;
-    memcpy(&last, dp->inflight + 12, 2);
-    for (uint32_t i = 0; i < n; i++) {
-        if (heads[i] >= dp->inflight_num)
-            continue;
-        memcpy(dp->inflight + 16 + 16u * heads[i] + 6, &last, 2);
-        last = heads[i];
-    }
-    memcpy(dp->inflight + 12, &last, 2);
-    for (uint32_t i = 0; i < n; i++)
-        if (heads[i] < dp->inflight_num)
-            __atomic_store_n(dp->inflight + 16 + 16u * heads[i], (uint8_t)0, __ATOMIC_RELEASE);
-    __atomic_store_n((uint16_t *)(dp->inflight + 14), used_idx, __ATOMIC_RELEASE);
 }
 
 /* Copy the first `want` readable bytes of the chain into out; returns bytes copied. */
@@ -176,10 +121,10 @@ static int dp_sync(struct blk_dp *dp)
 
 /* Serve one chain.  Returns the used length (>0), or 0 to defer it to Python with
  * *err = 0 (not served here) or the errno of the I/O that failed. */
-static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const struct vq_seg *segs,
-                          int *err)
+static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs, int *err)
 {
-    struct vq *q = dp->q;
+    struct blk_dp *dp = dev;
+    struct vq *q = dp->core.q;
     uint8_t hdr[BLK_HDR];
     if (c->readable_len < BLK_HDR || c->writable_len < 1 || c->nsegs == 0)
         return 0;
@@ -194,7 +139,7 @@ static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const str
         return 0;
     uint8_t *status = seg_host(q, last) + last->len - 1;
     uint64_t status_gpa = last->gpa + last->len - 1;
-    struct iovec iov[BLK_DP_MAX_SEGS];
+    struct iovec iov[DP_MAX_SEGS];
     uint32_t used;
     if (type == VIRTIO_BLK_T_IN) {
         uint64_t len = c->writable_len - 1u;
@@ -203,7 +148,7 @@ static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const str
         uint64_t cap = __atomic_load_n(&dp->capacity, __ATOMIC_ACQUIRE);
         if (sector > cap || len / BLK_SECTOR > cap - sector)
             return 0;
-        int n = build_iov(q, segs, c->nreadable, c->nsegs, 0, len, iov, BLK_DP_MAX_SEGS);
+        int n = build_iov(q, segs, c->nreadable, c->nsegs, 0, len, iov, DP_MAX_SEGS);
         if (n < 0)
             return 0;
         if ((*err = full_io(dp->img_fd, iov, n, sector * BLK_SECTOR, 0)))
@@ -222,7 +167,7 @@ static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const str
         uint64_t cap = __atomic_load_n(&dp->capacity, __ATOMIC_ACQUIRE);
         if (sector > cap || len / BLK_SECTOR > cap - sector)
             return 0;
-        int n = build_iov(q, segs, 0, c->nreadable, BLK_HDR, len, iov, BLK_DP_MAX_SEGS);
+        int n = build_iov(q, segs, 0, c->nreadable, BLK_HDR, len, iov, DP_MAX_SEGS);
         if (n < 0)
             return 0;
         if ((*err = full_io(dp->img_fd, iov, n, sector * BLK_SECTOR, 1)))
@@ -246,204 +191,8 @@ static uint32_t blk_serve(struct blk_dp *dp, const struct vq_chain *c, const str
     return used;
 }
 
-static int dp_room(struct blk_dp *dp)
+void blk_dp_attach(struct blk_dp *b)
 {
-    pthread_mutex_lock(DP_MU(dp));
-    int ok = dp->nd + BLK_DP_BATCH <= BLK_DP_DEFER_MAX && dp->nds + BLK_DP_MAX_SEGS <= BLK_DP_DEFER_SEGS;
-    pthread_mutex_unlock(DP_MU(dp));
-    return ok;
-}
-
-/* Wait for a kick (or, with kick < 0, only for a wake).  Returns 1 to go on, 0 to
- * stop, <0 on error. */
-/* Idle for a while with used entries the driver has not acknowledged (split ring,
- * EVENT_IDX: the driver's used_event lags our used idx) means a used buffer
- * notification went missing -- e.g. around a back-end restart the front-end was
- * not listening yet.  Notify again: spurious notifications are allowed (§2.7.7.1). */
-static void dp_rescue(struct blk_dp *dp)
-{
-    struct vq *q = dp->q;
-    if (q->packed || !q->event_idx)
-        return;
-    uint16_t used_event = ld16(q->driver + 4 + 2 * (uint32_t)q->size);
-    if (used_event == q->used_idx)
-        return;
-    pthread_mutex_lock(DP_MU(dp));
-    if (dp->call_fd >= 0) {
-        uint64_t one = 1;
-        ssize_t w = write(dp->call_fd, &one, sizeof one);
-        (void)w;
-        dp->rescues++;
-    }
-    pthread_mutex_unlock(DP_MU(dp));
-}
-
-#define BLK_DP_IDLE_MS 500
-
-static int dp_wait(struct blk_dp *dp, int kick)
-{
-    struct pollfd p[2] = {{dp->wake_fd, POLLIN, 0}, {kick, POLLIN, 0}};
-    int r = poll(p, kick >= 0 ? 2 : 1, kick >= 0 ? BLK_DP_IDLE_MS : -1);
-    if (r == 0) {
-        dp_rescue(dp);
-        return 1;
-    }
-    if (r < 0)
-        return errno == EINTR ? 1 : -errno;
-    uint64_t v;
-    if (p[0].revents & POLLIN) {
-        ssize_t rr = read(dp->wake_fd, &v, sizeof v); /* stop, new fds, or room */
-        (void)rr;
-    }
-    if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
-        return 0;
-    /* The kick fd may have been replaced (and the old number reused) while we
-     * slept: only read the fd that is still the ring's kick, under the lock. */
-    if (kick >= 0 && (p[1].revents & POLLIN)) {
-        pthread_mutex_lock(DP_MU(dp)); /* blk_dp_set_fds cannot swap it meanwhile */
-        if (kick == dp->kick_fd) {
-            ssize_t rr = read(kick, &v, sizeof v);
-            (void)rr;
-            dp->kicks++;
-        }
-        pthread_mutex_unlock(DP_MU(dp));
-    }
-    return 1;
-}
-
-int blk_dp_run(struct blk_dp *dp)
-{
-    struct vq *q = dp->q;
-    struct vq_chain *chains = calloc(BLK_DP_BATCH, sizeof *chains);
-    struct vq_seg *segs = calloc(BLK_DP_MAX_SEGS, sizeof *segs);
-    uint16_t ids[BLK_DP_BATCH], ndescs[BLK_DP_BATCH];
-    uint32_t lens[BLK_DP_BATCH];
-    int rc = 0;
-    if (!chains || !segs) {
-        rc = -ENOMEM;
-        goto out;
-    }
-    for (;;) {
-        if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
-            goto out;
-        if (!dp_room(dp)) { /* Python has not taken the deferred chains yet */
-            int w = dp_wait(dp, -1);
-            if (w <= 0) {
-                rc = w;
-                goto out;
-            }
-            continue;
-        }
-        vq_disable_notification(q);
-        int more = 0;
-        for (;;) {
-            if (!dp_room(dp)) {
-                more = 1;
-                break;
-            }
-            int n = vq_pop_batch(q, chains, BLK_DP_BATCH, segs, BLK_DP_MAX_SEGS);
-            if (n < 0) {
-                rc = n; /* driver error (queue broken) or a chain beyond our segments */
-                goto out;
-            }
-            if (n == 0)
-                break;
-            dp->batches++;
-            uint32_t done = 0;
-            for (int i = 0; i < n; i++)
-                inflight_pop(dp, chains[i].head);
-            for (int i = 0; i < n; i++) {
-                int err = 0;
-                uint32_t used = blk_serve(dp, &chains[i], segs + chains[i].seg_start, &err);
-                if (!used) {
-                    dp->io_errors += err != 0;
-                    dp_defer(dp, &chains[i], segs + chains[i].seg_start, err);
-                    continue;
-                }
-                ids[done] = chains[i].head;
-                lens[done] = used;
-                ndescs[done] = chains[i].ndesc;
-                done++;
-            }
-            dp->requests += (uint64_t)n;
-            if (done) {
-                uint16_t used_idx = vq_add_used_batch_idx(q, ids, lens, ndescs, done);
-                inflight_used(dp, ids, done, used_idx);
-                if (vq_needs_notification(q)) {
-                    pthread_mutex_lock(DP_MU(dp)); /* the fd stays open while we write */
-                    if (dp->call_fd >= 0) {
-                        uint64_t one = 1;
-                        ssize_t w = write(dp->call_fd, &one, sizeof one);
-                        (void)w;
-                        dp->calls++;
-                    }
-                    pthread_mutex_unlock(DP_MU(dp));
-                }
-            }
-            if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
-                goto out;
-        }
-        if (more)
-            continue;
-        if (vq_enable_notification(q))
-            continue;
-        int w = dp_wait(dp, __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE));
-        if (w <= 0) {
-            rc = w;
-            goto out;
-        }
-    }
-out:
-    free(chains);
-    free(segs);
-    return rc;
-}
-
-int blk_dp_init(struct blk_dp *dp)
-{
-    return pthread_mutex_init(DP_MU(dp), NULL) ? -1 : 0;
-}
-
-/* Move up to max deferred chains (their segments, and the errno of each one's
- * failed I/O) out; returns how many. */
-uint32_t blk_dp_take(struct blk_dp *dp, struct vq_chain *chains, uint32_t max, struct vq_seg *segs,
-                     uint32_t max_segs, int32_t *errs)
-{
-    pthread_mutex_lock(DP_MU(dp));
-    uint32_t n = 0, s = 0;
-    while (n < dp->nd && n < max && s + dp->dchains[n].nsegs <= max_segs) {
-        errs[n] = dp->derr[n];
-        chains[n] = dp->dchains[n];
-        memcpy(&segs[s], &dp->dsegs[chains[n].seg_start], chains[n].nsegs * sizeof *segs);
-        chains[n].seg_start = s;
-        s += chains[n].nsegs;
-        n++;
-    }
-    /* Shift the rest down (rare: more than `max` deferred at once). */
-    if (n < dp->nd) {
-        uint32_t first_seg = dp->dchains[n].seg_start;
-        for (uint32_t i = n; i < dp->nd; i++) {
-            dp->derr[i - n] = dp->derr[i];
-            dp->dchains[i - n] = dp->dchains[i];
-            dp->dchains[i - n].seg_start -= first_seg;
-        }
-        memmove(dp->dsegs, &dp->dsegs[first_seg], (dp->nds - first_seg) * sizeof *segs);
-        dp->nds -= first_seg;
-    } else {
-        dp->nds = 0;
-    }
-    dp->nd -= n;
-    pthread_mutex_unlock(DP_MU(dp));
-    return n;
-}
-
-/* Replace the ring's eventfds.  When this returns the thread no longer reads or
- * writes the old ones, so the caller may close them (it may still poll() an old
- * kick number until woken: harmless). */
-void blk_dp_set_fds(struct blk_dp *dp, int kick, int call)
-{
-    pthread_mutex_lock(DP_MU(dp));
-    dp->kick_fd = kick;
-    dp->call_fd = call;
-    pthread_mutex_unlock(DP_MU(dp));
+    b->core.serve = blk_serve;
+    b->core.dev = b;
 }

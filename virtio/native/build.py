@@ -19,15 +19,17 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("vm_native.c", "blk_dataplane.c")
+SOURCES = ("vm_native.c", "dataplane.c", "blk_dataplane.c")
 """C sources, compiled as one translation unit (in this order)."""
+HEADERS = ("vm_native.h", "dataplane.h")
+"""Headers whose declarations cffi exposes (in this order)."""
 
 
 def module_name() -> str:
     """``_vm_native_<hash>``: the hash covers the C sources and the spec defines, so a
     stale build is never imported after a change."""
     digest = hashlib.sha256()
-    for name in ("vm_native.h", *SOURCES, "build.py"):
+    for name in (*HEADERS, *SOURCES, "build.py"):
         digest.update((HERE / name).read_bytes())
     digest.update(spec_defines().encode())
     return "_vm_native_" + digest.hexdigest()[:12]
@@ -58,7 +60,7 @@ def spec_defines() -> str:
 
 
 def cdef_text() -> str:
-    header = (HERE / "vm_native.h").read_text()
+    header = "\n".join((HERE / name).read_text() for name in HEADERS)
     header = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
     # Keep integer #defines (cffi exposes them as constants); drop other directives.
     header = "\n".join(

@@ -112,37 +112,3 @@ uint16_t vq_add_used_batch_idx(struct vq *q, const uint16_t *ids, const uint32_t
 int vq_add_used1(struct vq *q, uint16_t id, uint32_t len, uint16_t ndesc);
 int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
                 uint32_t max_segs);
-
-/* ---- virtio-blk data plane (blk_dataplane.c) ---------------------------------------- */
-#define BLK_DP_DEFER_MAX 256
-#define BLK_DP_DEFER_SEGS 8192
-
-struct blk_dp {
-    struct vq *q;
-    int kick_fd, call_fd, wake_fd, defer_fd, img_fd;
-    int stop;
-    int read_only, writethrough;
-    int guard_sector0;          /* probed raw: writes to sector 0 go to Python (probe.py) */
-    uint64_t capacity;          /* sectors */
-    uint8_t *inflight;          /* vhost-user inflight QueueRegionSplit, or NULL */
-    uint16_t inflight_num;
-    uint64_t inflight_counter;
-    /* deferred chains, protected by mu */
-    void *mu_storage[8];
-    struct vq_chain *dchains;
-    struct vq_seg *dsegs;
-    int32_t *derr;              /* per deferred chain: errno of its failed I/O, or 0 */
-    uint32_t nd, nds;
-    /* The image's sticky writeback error (shared by every queue of the image and the
-     * Python path): once an fdatasync failed, every later sync fails with it. */
-    int *sync_err;
-    /* statistics */
-    uint64_t requests, batches, reads, writes, flushes, syncs, deferred, kicks, calls, rescues;
-    uint64_t io_errors;
-};
-
-int blk_dp_init(struct blk_dp *dp);
-void blk_dp_set_fds(struct blk_dp *dp, int kick, int call);
-int blk_dp_run(struct blk_dp *dp);
-uint32_t blk_dp_take(struct blk_dp *dp, struct vq_chain *chains, uint32_t max, struct vq_seg *segs,
-                     uint32_t max_segs, int32_t *errs);

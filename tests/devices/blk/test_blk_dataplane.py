@@ -124,9 +124,9 @@ def rig(request, tmp_path):
 async def serve(rig: Rig, nursery: trio.Nursery) -> BlkDataPlane:
     assert BlkDataPlane.supported(rig.device, rig.active, 0)
     nursery.start_soon(rig.device.serve_queue, rig.active, 0)
-    while not rig.device._dataplanes:
+    while not rig.device.dataplanes:
         await trio.sleep(0.001)
-    return next(iter(rig.device._dataplanes))
+    return rig.device.dataplanes[0]
 
 
 async def test_common_requests_are_served_natively(rig):
@@ -253,7 +253,7 @@ async def test_shrunk_image_capacity_reaches_both_paths(tmp_path, native):
             assert used.data[-1] == IOERR
             used = await rig.request([hdr(OUT, 1023), b"y" * 512], [1])  # still inside
             assert used.data == bytes([OK])
-            assert bool(rig.device._dataplanes) is native
+            assert bool(rig.device.dataplanes) is native
             nursery.cancel_scope.cancel()
         assert os.path.getsize(rig.image) == 512 << 10
     finally:

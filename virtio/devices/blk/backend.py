@@ -303,8 +303,7 @@ class RawFileBackend:
         self.sync_error_cell = native_ffi.new("int *")
         """The sticky writeback error (an errno, 0 while none), shared with the native
         data planes: one cell for every path that syncs this image."""
-        self.native_sync_counters: list[Callable[[], int]] = []
-        """``fdatasync`` counts of native data planes using this file (dataplane.py)."""
+        self._sync_sources: list[Callable[[], int]] = []
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -333,7 +332,16 @@ class RawFileBackend:
     def sync_calls(self) -> int:
         """``fdatasync`` calls so far, from Python and native data planes (statistics,
         and for tests)."""
-        return self._sync_calls + sum(count() for count in self.native_sync_counters)
+        return self._sync_calls + sum(count() for count in self._sync_sources)
+
+    def add_sync_source(self, count: Callable[[], int]) -> None:
+        """Count ``count()`` (a native data plane's ``fdatasync`` calls) in ``sync_calls``."""
+        self._sync_sources.append(count)
+
+    def remove_sync_source(self, count: Callable[[], int]) -> None:
+        """Stop asking ``count``; what it counted so far stays in the total."""
+        self._sync_sources.remove(count)
+        self._sync_calls += count()
 
     @property
     def batches(self) -> int:

@@ -237,6 +237,20 @@ class VirtioBlk(VirtioDevice):
         return True
 
     # -- requests ---------------------------------------------------------------------------
+    @property
+    def dataplanes(self) -> tuple[BlkDataPlane, ...]:
+        """The native data planes serving queues now, by queue index."""
+        return tuple(sorted(self._dataplanes, key=lambda p: p.index))
+
+    def backend_sync_sources(self, count, *, add: bool) -> None:
+        """Count a data plane's ``fdatasync`` calls in the backend's total."""
+        if not hasattr(self.backend, "add_sync_source"):
+            return
+        if add:
+            self.backend.add_sync_source(count)
+        else:
+            self.backend.remove_sync_source(count)
+
     def _cache_mode_changed(self) -> None:
         self._state_changed()
 
@@ -249,12 +263,18 @@ class VirtioBlk(VirtioDevice):
         """With eventfd notifications and a file backend (vhost-user), serve the queue
         from the native data plane (``dataplane.py``); otherwise the framework's loop."""
         if BlkDataPlane.supported(self, active, index):
+            plane = BlkDataPlane(self, active, index)
+            self._dataplanes.add(plane)
+            self.backend_sync_sources(plane.syncs, add=True)
             try:
-                if await BlkDataPlane(self, active, index).run():
+                if await plane.run():
                     return
             except DriverError as exc:  # the thread met a malformed ring
                 self._driver_error(active, exc)
                 return
+            finally:
+                self._dataplanes.discard(plane)
+                self.backend_sync_sources(plane.syncs, add=False)
         await super().serve_queue(active, index)
 
     async def handle(self, queue_index: int, chain: DescriptorChain) -> int:

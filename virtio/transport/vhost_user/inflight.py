@@ -8,8 +8,10 @@ back-end records every popped chain in a memfd it hands to the front-end
 back-end process (``SET_INFLIGHT_FD``), which resubmits what was in flight.
 
 Layout (ours to choose, since only back-ends read it; we follow the spec's split
-layout): the buffer is ``num_queues`` regions of ``queue_region_size(queue_size)``
-bytes, each::
+layout), defined once as C structs in ``virtio/native/dataplane.h`` and marked by
+the same C functions (``vu_inflight_pop`` / ``vu_inflight_used``) from Python and
+from the native data plane: the buffer is ``num_queues`` regions of
+``queue_region_size(queue_size)`` bytes, each::
 
     QueueRegionSplit {                       offset
         u64 features;        // 0            0
@@ -44,6 +46,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from virtio.native import ffi, lib
 from virtio.queues.chain import DescriptorChain
 
 from .errors import InvalidMessage, request_section
@@ -52,6 +55,12 @@ INFLIGHT_VERSION = 1
 QUEUE_HEADER = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
 DESC_STATE = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
 ALIGNMENT = 64
+_HDR = "struct vu_inflight_split_hdr"
+_DESC = "struct vu_inflight_desc_split"
+# The struct formats above read what dataplane.h defines: they must agree.
+assert QUEUE_HEADER.size == ffi.sizeof(_HDR) and DESC_STATE.size == ffi.sizeof(_DESC)
+_USED_IDX = ffi.offsetof(_HDR, "used_idx")
+_COUNTER = ffi.offsetof(_DESC, "counter")
 
 
 def queue_region_size(queue_size: int) -> int:
@@ -76,6 +85,8 @@ class SplitInflightQueue:
         self.region = region
         self.desc_num = desc_num
         self.counter = 0
+        self._c = ffi.from_buffer("uint8_t[]", region, require_writable=True)
+        self._cnt = ffi.new("uint64_t *")
 
     # -- header fields ---------------------------------------------------------------
     def _header(self) -> tuple[int, int, int, int, int]:
@@ -104,7 +115,7 @@ class SplitInflightQueue:
         for head in range(self.desc_num):
             off = self._desc_off(head)
             if self.region[off] == 1:
-                heads.append((struct.unpack_from("<Q", self.region, off + 8)[0], head))
+                heads.append((struct.unpack_from("<Q", self.region, off + _COUNTER)[0], head))
         return [h for _, h in sorted(heads)]
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -138,34 +149,24 @@ class SplitInflightQueue:
             head = used_head_at(used_idx + i)
             if 0 <= head < self.desc_num:
                 self.region[self._desc_off(head)] = 0
-        self._set_u16(14, ring_used_idx)
+        self._set_u16(_USED_IDX, ring_used_idx)
         heads = self.in_flight()
         self.counter = 0
         for head in heads:
-            counter = struct.unpack_from("<Q", self.region, self._desc_off(head) + 8)[0]
+            counter = struct.unpack_from("<Q", self.region, self._desc_off(head) + _COUNTER)[0]
             self.counter = max(self.counter, counter + 1)
         return heads
 
     # -- InflightTracker -----------------------------------------------------------------
     def on_pop(self, chains: Sequence[DescriptorChain]) -> None:
-        region = self.region
-        for chain in chains:
-            off = self._desc_off(chain.head)
-            struct.pack_into("<Q", region, off + 8, self.counter)
-            self.counter += 1
-            region[off] = 1
+        heads = [chain.head for chain in chains]
+        self._cnt[0] = self.counter
+        lib.vu_inflight_pop(self._c, self.desc_num, heads, len(heads), self._cnt)
+        self.counter = int(self._cnt[0])
 
     def on_used(self, chains: Sequence[DescriptorChain], used_idx: int) -> None:
-        region = self.region
-        last = self._header()[3]
-        for chain in chains:
-            off = self._desc_off(chain.head)
-            self._set_u16(off + 6, last)
-            last = chain.head
-        self._set_u16(12, last)
-        for chain in chains:
-            region[self._desc_off(chain.head)] = 0
-        self._set_u16(14, used_idx)
+        heads = [chain.head for chain in chains]
+        lib.vu_inflight_used(self._c, self.desc_num, heads, len(heads), used_idx & 0xFFFF)
 
     def statistics(self) -> InflightStatistics:
         return InflightStatistics(len(self.in_flight()), self.counter)
@@ -242,6 +243,7 @@ class InflightArea:
     def close(self) -> None:
         """Unmap and close the fd (the front-end keeps its own copy)."""
         for q in self._queues.values():
+            ffi.release(q._c)
             q.region.release()
         self._queues.clear()
         self._view.release()
