@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from virtio import __version__
 
 # Subcommand modules, in the order ``virtio --help`` lists them.
-SUBCOMMANDS = ("spec", "serve", "bench")
+SUBCOMMANDS = ("spec", "serve", "bench", "descriptors")
 
 
 def build_parser() -> argparse.ArgumentParser:

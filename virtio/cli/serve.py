@@ -98,8 +98,7 @@ def run_blk(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps(BLK_CAPABILITIES))
         return 0
-    if args.socket_path is None and args.fd is None:
-        _fail("virtio serve blk: one of --socket-path or --fd is required", status=2)
+    _socket_from_systemd(args, "blk")
     if not args.blk_file:
         _fail("virtio serve blk: --blk-file is required", status=2)
     from virtio.devices.blk import BlkOptions, ImageFormatError, ImageLockedError, VirtioBlk
@@ -128,6 +127,26 @@ def run_blk(args: argparse.Namespace) -> int:
         _fail(f"virtio serve blk: {exc}")
     finally:
         device.close()
+
+
+def _socket_from_systemd(args: argparse.Namespace, device: str) -> None:
+    """Without --socket-path or --fd, take the socket systemd passed (socket
+    activation: ``LISTEN_FDS``); otherwise exit with a usage error."""
+    from virtio.cli.systemd import listen_fds
+
+    if args.socket_path is not None or args.fd is not None:
+        return
+    fds = listen_fds()
+    if len(fds) == 1:
+        args.fd = fds[0]
+        return
+    if fds:
+        _fail(f"virtio serve {device}: systemd passed {len(fds)} sockets, expected one", status=2)
+    _fail(
+        f"virtio serve {device}: one of --socket-path or --fd is required "
+        "(or a socket from systemd socket activation)",
+        status=2,
+    )
 
 
 def _delay_requests(device: Any, seconds: float) -> None:
@@ -178,6 +197,7 @@ def _statistics(device: Any, server: Any) -> str:
 
 
 async def _serve(device: Any, args: argparse.Namespace) -> int:
+    from virtio.cli.systemd import notify
     from virtio.transport.vhost_user.server import VhostUserServer
 
     server = VhostUserServer(device, name="virtio-blk")
@@ -185,14 +205,15 @@ async def _serve(device: Any, args: argparse.Namespace) -> int:
     with trio.open_signal_receiver(*signals) as receiver:
         async with trio.open_nursery() as nursery:
 
-            async def serve_then_stop() -> None:
+            async def serve_then_stop(task_status=trio.TASK_STATUS_IGNORED) -> None:
                 if args.socket_path is not None:
-                    await server.serve_path(args.socket_path)
-                else:
-                    await server.serve_fd(args.fd)  # a connected fd: one connection
+                    await server.serve_path(args.socket_path, task_status=task_status)
+                else:  # a connected fd: one connection
+                    await server.serve_fd(args.fd, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(serve_then_stop)
+            await nursery.start(serve_then_stop)
+            notify("READY=1")  # systemd Type=notify: we listen now
             async for signum in receiver:
                 if signum == signal.SIGHUP:
                     _resize(device, server)
@@ -205,6 +226,7 @@ async def _serve(device: Any, args: argparse.Namespace) -> int:
                     )
                     continue
                 log.warning("%s: shutting down", signal.Signals(signum).name)
+                notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
     print(

@@ -1,0 +1,90 @@
+"""docs/attach.md's QEMU command line for virtio-blk, run as written.
+
+The ``qemu-blk`` block is parsed: its machine/memory options must be the ones the
+QEMU harness boots every guest with (``-object memory-backend-memfd,...,share=on``
++ ``-numa node,memdev=mem``), and its ``-chardev``/``-device`` options are passed to
+QEMU verbatim (the socket path pointed at a temporary directory); a Linux guest
+must see the disk through our back-end, with the queues the doc asks for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from virtio.testing.qemu import QemuGuest
+
+REPO = Path(__file__).resolve().parents[2]
+DOC = REPO / "docs" / "attach.md"
+MiB = 1 << 20
+
+pytestmark = [pytest.mark.qemu]
+
+
+def doc_block(tag: str) -> list[str]:
+    """The shell words of the fenced block after ``<!-- tag -->`` (no trailing ``...``)."""
+    text = DOC.read_text()
+    m = re.search(rf"<!-- {tag} -->\n```sh\n(.*?)```", text, re.S)
+    assert m, f"no {tag} block in {DOC}"
+    lines = [line.split("#")[0].rstrip() for line in m.group(1).splitlines()]
+    words = shlex.split(" ".join(line.rstrip("\\") for line in lines))
+    return [w for w in words if w != "..."]
+
+
+def options(words: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for flag, value in zip(words[1::2], words[2::2], strict=False):
+        out.setdefault(flag, []).append(value)
+    return out
+
+
+async def test_qemu_blk_command_line_of_the_doc(guest_image, tmp_path: Path) -> None:
+    words = doc_block("qemu-blk")
+    assert words[0] == "qemu-system-x86_64"
+    opts = options(words)
+    assert re.fullmatch(r"memory-backend-memfd,id=mem,size=\d+M,share=on", opts["-object"][0])
+    assert opts["-numa"] == ["node,memdev=mem"]
+    sock = tmp_path / "blk0.sock"
+    chardev = opts["-chardev"][0].replace("/run/pyvirtio/blk0.sock", os.fspath(sock))
+    device = opts["-device"][0]
+    queues = int(re.search(r"num-queues=(\d+)", device).group(1))
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(64 * MiB))
+    backend = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "virtio", "serve", "blk", "--socket-path", os.fspath(sock),
+         "--blk-file", os.fspath(img), "--num-queues", str(queues)],
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(20):
+            while not sock.exists():
+                await trio.sleep(0.01)
+        script = "cat /sys/block/vda/size; ls /sys/block/vda/mq | wc -l"
+        guest = QemuGuest(
+            guest_image, script=script, smp=2, extra_args=["-chardev", chardev, "-device", device]
+        )
+        async with guest:
+            # The doc's memory setup is the one this guest boots with.
+            line = guest.command_line("qemu-system-x86_64")
+            mem = re.sub(r"size=\d+M", "size=", opts["-object"][0])
+            assert mem in [re.sub(r"size=\d+M", "size=", w) for w in line]
+            assert "node,memdev=mem" in line
+            result = await guest.wait_script(timeout=180)
+        assert result.rc == 0, result.output
+        size, nqueues = result.output.split()
+        assert int(size) == 64 * MiB // 512
+        assert int(nqueues) == queues
+    finally:
+        backend.send_signal(signal.SIGTERM)
+        with trio.move_on_after(20):
+            await backend.wait()
+        if backend.returncode is None:
+            backend.kill()
+            await backend.wait()
