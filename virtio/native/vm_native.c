@@ -45,6 +45,44 @@ uint8_t *vm_translate(struct vm_mem *m, uint64_t gpa, uint64_t len, uint32_t *re
     return r->host + off;
 }
 
+/* Whether [gpa, gpa+len) is guest memory, possibly made of several regions that are
+ * adjacent in guest-physical space (the spec only asks for guest-physical contiguity). */
+int vm_range_ok(struct vm_mem *m, uint64_t gpa, uint64_t len)
+{
+    if (len && gpa + len < gpa)
+        return 0;
+    do {
+        int i = vm_find(m, gpa);
+        if (i < 0)
+            return 0;
+        uint64_t n = m->regions[i].size - (gpa - m->regions[i].gpa);
+        if (n >= len)
+            return 1;
+        gpa += n;
+        len -= n;
+    } while (len);
+    return 1;
+}
+
+/* Copy [gpa, gpa+len) into dst across adjacent regions; 0, or -1 outside guest memory. */
+static int vm_read(struct vm_mem *m, uint64_t gpa, uint8_t *dst, uint64_t len)
+{
+    while (len) {
+        int i = vm_find(m, gpa);
+        if (i < 0)
+            return -1;
+        struct vm_region *r = &m->regions[i];
+        uint64_t off = gpa - r->gpa, n = r->size - off;
+        if (n > len)
+            n = len;
+        memcpy(dst, r->host + off, n);
+        dst += n;
+        gpa += n;
+        len -= n;
+    }
+    return 0;
+}
+
 void vm_log_dirty(struct vm_mem *m, uint64_t gpa, uint64_t len)
 {
     if (!m->dirty_log || len == 0)
@@ -131,8 +169,11 @@ static int walk_add(struct vq *q, struct walk *w, uint64_t addr, uint32_t len, i
     return 0;
 }
 
-/* Walk an indirect table (§2.7.5.3 split / §2.8.x packed).  `packed` selects the
- * descriptor layout; split tables follow NEXT links, packed ones are sequential. */
+/* Walk an indirect table (§2.7.5.3 split / §2.8.7 packed).  `packed` selects the
+ * descriptor layout; split tables follow NEXT links, packed ones are sequential.
+ * The table is `len` bytes at guest-physical `addr`: it may cross from one memory
+ * region into an adjacent one, and then each descriptor is gathered from the regions
+ * (still read exactly once, into a local copy). */
 static int walk_indirect(struct vq *q, struct walk *w, uint64_t addr, uint32_t len, int packed)
 {
     if (len == 0 || len % 16)
@@ -141,13 +182,17 @@ static int walk_indirect(struct vq *q, struct walk *w, uint64_t addr, uint32_t l
     if (n > 65536)
         return vq_fail(q, VQ_E_INDIRECT_LEN, addr, len, 0);
     const uint8_t *table = vm_translate(q->mem, addr, len, NULL);
-    if (!table)
-        return vq_fail(q, VQ_E_MEMORY, addr, len, 1);
+    if (!table && !vm_range_ok(q->mem, addr, len))
+        return vq_fail(q, VQ_E_INDIRECT_MEMORY, addr, len, 0);
     uint32_t idx = 0, count = 0;
     for (;;) {
         if (count++ >= n)
             return vq_fail(q, VQ_E_LOOP, n, 1, 0);
-        const uint8_t *d = table + (uint64_t)idx * 16;
+        uint8_t d[16];
+        if (table)
+            memcpy(d, table + (uint64_t)idx * 16, 16);
+        else if (vm_read(q->mem, addr + (uint64_t)idx * 16, d, 16))
+            return vq_fail(q, VQ_E_INDIRECT_MEMORY, addr, len, 0);
         uint64_t daddr = ld64(d);
         uint32_t dlen = ld32(d + 8);
         uint16_t flags = packed ? ld16(d + 14) : ld16(d + 12);

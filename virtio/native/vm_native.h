@@ -86,9 +86,11 @@ enum {
     VQ_E_SEGS = -12,            /* caller's segment array too small (local) */
     VQ_E_BROKEN = -13,          /* queue already broken */
     VQ_E_PACKED_AVAIL = -14,    /* packed: chain continues into a non-available descriptor */
+    VQ_E_INDIRECT_MEMORY = -15, /* indirect table not (contiguously) inside guest memory */
 };
 
 uint8_t *vm_translate(struct vm_mem *m, uint64_t gpa, uint64_t len, uint32_t *region_out);
+int vm_range_ok(struct vm_mem *m, uint64_t gpa, uint64_t len);
 void vm_log_dirty(struct vm_mem *m, uint64_t gpa, uint64_t len);
 
 uint16_t vm_load_acquire_u16(const uint8_t *p);

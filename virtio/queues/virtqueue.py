@@ -113,6 +113,12 @@ _ERRORS: dict[int, tuple[type[DriverError], Section, Section, str]] = {
         sec.S_2_8_4,
         "buffer [{a:#x}, +{b:#x}) is not inside guest memory",
     ),
+    lib.VQ_E_INDIRECT_MEMORY: (
+        DescriptorChainError,
+        sec.S_2_7_5_3,
+        sec.S_2_8_7,
+        "indirect table [{a:#x}, +{b:#x}) is not inside guest memory",
+    ),
     lib.VQ_E_ORDER: (
         DescriptorChainError,
         sec.S_2_7_4_2,
