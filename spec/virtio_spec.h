@@ -57,6 +57,8 @@
 #define VIRTIO_ID_SPI 45 /* §5 */
 #define VIRTIO_ID_TEE 46 /* §5 */
 #define VIRTIO_ID_CPU_BALLOON 47 /* §5 */
+#define VIRTIO_ID_MEDIA 48 /* §5 */
+#define VIRTIO_ID_USB 49 /* §5 */
 
 /* Feature bits (transport): bit numbers, not masks */
 #define VIRTIO_F_NOTIFY_ON_EMPTY 24 /* §6.3 */

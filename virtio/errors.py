@@ -9,6 +9,9 @@ broken (device status NEEDS_RESET, spec §2.1) until it is reset.
 
 from __future__ import annotations
 
+from virtio.spec._base import Section
+from virtio.spec.sections import S_2_7_6, S_2_7_6_1
+
 
 class VirtioError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -31,17 +34,37 @@ class GuestMemoryError(VirtioError):
 class DriverError(VirtioError):
     """The driver (guest or frontend) broke the spec.
 
-    ``section`` names the spec clause, e.g. ``"2.7.5.3.1"`` or a normative label.
+    Cite the clause with a ``Section`` of the index (``virtio.spec.sections``):
+    ``spec_section`` keeps it and ``section`` is its citation text,
+    ``"2.7.5.2 [drivernormative:...]"``.  Where no normative clause covers the
+    fault, cite the informative section that describes the structure: the message
+    then says that no normative clause applies.  (A plain string is still
+    accepted as ``section`` and kept as it is, for callers not yet converted.)
     """
 
     section: str = ""
+    spec_section: Section | None = None
 
-    def __init__(self, message: str, *, section: str | None = None) -> None:
-        if section is not None:
+    def __init__(self, message: str, *, section: Section | str | None = None) -> None:
+        if isinstance(section, Section):
+            self.spec_section = section
+            self.section = section.citation
+        elif section is not None:
             self.section = section
+        elif self.spec_section is not None:
+            self.section = self.spec_section.citation
         self.message = message
-        suffix = f" (virtio 1.4 §{self.section})" if self.section else ""
-        super().__init__(message + suffix)
+        super().__init__(message + self._suffix())
+
+    def _suffix(self) -> str:
+        s = self.spec_section
+        if s is None:
+            return f" (virtio 1.4 §{self.section})" if self.section else ""
+        if s.normative:
+            return f" (virtio {s.version} §{s.citation})"
+        return (
+            f" (no normative clause names this fault; see virtio {s.version} §{s.number} {s.title})"
+        )
 
 
 class QueueConfigError(DriverError):
@@ -49,15 +72,21 @@ class QueueConfigError(DriverError):
 
 
 class InvalidAvailIdx(DriverError):
-    """The driver moved avail idx by more than the queue size (§2.7.6)."""
+    """The driver moved avail idx by more than the queue size.
 
-    section = "2.7.13.3"
+    No normative clause forbids that jump as such (§2.7.6.1 forbids decrementing
+    idx, which a jump may be in disguise); §2.7.6 describes idx as the place of the
+    next entry of a ring of queue-size entries.
+    """
+
+    spec_section = S_2_7_6
 
     def __init__(self, queue_size: int, reported_len: int) -> None:
         self.queue_size = queue_size
         self.reported_len = reported_len
         super().__init__(
             f"avail idx moved by {reported_len} entries, more than the queue size {queue_size}"
+            f" (a jump; a decrement would break §{S_2_7_6_1.number})"
         )
 
 

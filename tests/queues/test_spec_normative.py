@@ -100,7 +100,7 @@ def test_spec_2_7_4_2_readable_after_writable_rejected(packed):
         drv.write_desc(0, base, 8, WRITE | NEXT, 1)
         drv.write_desc(1, base + 8, 8, 0, 0)
         _offer_heads(drv, 0)
-    _expect(q, DescriptorChainError, sec.S_2_7_4_2)
+    _expect(q, DescriptorChainError, sec.S_2_8_17 if packed else sec.S_2_7_4_2)
 
 
 # -- 2.7.5.1 devicenormative: the device MUST NOT write to a device-readable buffer --------
@@ -119,26 +119,57 @@ def test_spec_2_7_5_1_device_never_writes_readable_buffers(packed):
 
 
 # -- 2.7.5.2 drivernormative: no chain longer than 2^32 bytes; loops forbidden ----------------
-def test_spec_2_7_5_2_chain_longer_than_4gib_rejected():
+def test_spec_2_7_5_2_chain_longer_than_4gib_rejected(packed):
     # 4 GiB + 1 MiB of sparse guest RAM so both 2 GiB buffers really are guest memory.
     mem = MmapGuestMemory.anonymous((1 << 32) + (1 << 20))
-    drv = DriverQueue(mem, 4, base=0, indirect=False, data_size=4096)
+    drv = DriverQueue(mem, 4, base=0, packed=packed, indirect=False, data_size=4096)
     q = Virtqueue(mem, drv.state())
-    drv.write_desc(0, 1 << 20, 1 << 31, NEXT, 1)
-    drv.write_desc(1, (1 << 20) + (1 << 31), 1 << 31, NEXT, 2)
-    drv.write_desc(2, drv.data_addr, 16, 0, 0)
-    _offer_heads(drv, 0)
-    err = _expect(q, DescriptorChainError, sec.S_2_7_5_2)
+    avail = AVAIL if packed else 0
+    drv.write_desc(0, 1 << 20, 1 << 31, NEXT | avail, 1)
+    drv.write_desc(1, (1 << 20) + (1 << 31), 1 << 31, NEXT | avail, 2)
+    drv.write_desc(2, drv.data_addr, 16, avail, 0)
+    if not packed:
+        _offer_heads(drv, 0)
+    # Packed rings have no 2^32 clause: the list is "longer than allowed by the device"
+    # (§2.8.17), whose used length is 32 bits.
+    err = _expect(q, DescriptorChainError, sec.S_2_8_17 if packed else sec.S_2_7_5_2)
     assert "2^32" in str(err)
     mem.close()
 
 
 def test_spec_2_7_5_2_loop_rejected():
+    """A loop in a plain chain breaks 2.7.5.2 ("loops in the descriptor chain are
+    forbidden"), not the Indirect Descriptors clause."""
     _pair, drv, q = _raw_split(4)
     drv.write_desc(0, drv.data_addr, 8, NEXT, 1)
     drv.write_desc(1, drv.data_addr, 8, NEXT, 0)
     _offer_heads(drv, 0)
-    _expect(q, DescriptorChainError, sec.S_2_7_5_3_1)
+    err = _expect(q, DescriptorChainError, sec.S_2_7_5_2)
+    assert "Indirect" not in err.section
+    assert "a loop" in str(err)
+
+
+def test_spec_2_7_5_2_loop_inside_indirect_table_rejected():
+    pair, drv, q = _raw_split(4)
+    table = drv.alloc.alloc(48)
+    entries = [
+        (drv.data_addr, 8, NEXT, 1),
+        (drv.data_addr, 8, NEXT, 2),
+        (drv.data_addr, 8, NEXT, 1),
+    ]
+    pair.memory.write(table, b"".join(struct.pack("<QIHH", *e) for e in entries))
+    drv.write_desc(0, table, 48, INDIRECT, 0)
+    _offer_heads(drv, 0)
+    err = _expect(q, DescriptorChainError, sec.S_2_7_5_2)
+    assert f"indirect table at {table:#x} chains more than its 3 descriptors" in str(err)
+
+
+def test_spec_2_8_17_packed_list_longer_than_queue_size_rejected():
+    pair = make_queue_pair(4, packed=True)
+    drv, q = pair.driver, pair.device
+    for i in range(4):  # every descriptor available and chained: the list never ends
+        drv.write_desc(i, drv.data_addr, 8, NEXT | AVAIL, 0)
+    _expect(q, DescriptorChainError, sec.S_2_8_17)
 
 
 def test_spec_2_7_5_next_out_of_range_rejected():
@@ -199,12 +230,25 @@ def test_spec_2_7_5_3_1_indirect_with_next_rejected():
     _expect(q, DescriptorChainError, sec.S_2_7_5_3_1)
 
 
-def test_spec_2_7_5_3_1_chain_longer_than_queue_size_rejected():
+def test_spec_2_7_5_2_chain_through_every_descriptor_is_a_loop():
     _pair, drv, q = _raw_split(4)
     for i in range(4):
         drv.write_desc(i, drv.data_addr, 8, NEXT, (i + 1) % 4)
     _offer_heads(drv, 0)
-    _expect(q, DescriptorChainError, sec.S_2_7_5_3_1)
+    _expect(q, DescriptorChainError, sec.S_2_7_5_2)
+
+
+def test_spec_2_8_19_packed_indirect_in_a_next_list_rejected():
+    """Packed rings forbid an INDIRECT descriptor anywhere in a NEXT-linked list
+    (2.8.19), even as its last element, which split rings allow (2.7.5.3.2)."""
+    pair = make_queue_pair(4, packed=True)
+    drv, q = pair.driver, pair.device
+    table = drv.alloc.alloc(16)
+    pair.memory.write(table, struct.pack("<QIHH", drv.data_addr, 8, 0, 0))
+    drv.write_desc(0, drv.data_addr, 8, NEXT | AVAIL, 0)
+    drv.write_desc(1, table, 16, INDIRECT | AVAIL, 0)
+    err = _expect(q, DescriptorChainError, sec.S_2_8_19)
+    assert "descriptor 1 combines" in str(err)
 
 
 @pytest.mark.parametrize("length", [0, 8, 24])
@@ -213,7 +257,8 @@ def test_spec_2_7_5_3_indirect_table_length_invalid(length):
     table = drv.alloc.alloc(32)
     drv.write_desc(0, table, length, INDIRECT, 0)
     _offer_heads(drv, 0)
-    _expect(q, DescriptorChainError, sec.S_2_7_5_3)
+    err = _expect(q, DescriptorChainError, sec.S_2_7_5_3)
+    assert "no normative clause names this fault" in str(err)
 
 
 def test_spec_2_7_5_3_2_device_ignores_write_flag_on_table_and_handles_direct_then_indirect():
@@ -243,12 +288,18 @@ def test_spec_2_7_6_head_out_of_range_rejected():
     _expect(q, DescriptorChainError, sec.S_2_7_6)
 
 
-def test_spec_2_7_13_3_avail_idx_moved_more_than_queue_size():
+def test_spec_2_7_6_avail_idx_moved_more_than_queue_size():
+    """No normative clause forbids the jump: the error says so and names the
+    informative 2.7.6 (and 2.7.6.1, which a decrement in disguise would break)."""
     _pair, drv, q = _raw_split(4)
     drv.set_avail_idx(5)
     with pytest.raises(InvalidAvailIdx) as info:
         q.pop()
     assert info.value.queue_size == 4 and info.value.reported_len == 5
+    assert info.value.spec_section is sec.S_2_7_6 and info.value.section == "2.7.6"
+    text = str(info.value)
+    assert "no normative clause names this fault" in text
+    assert "§2.7.6 The Virtqueue Available Ring" in text and "§2.7.6.1" in text
     assert q.broken
 
 
@@ -314,12 +365,12 @@ def test_spec_2_8_1_wrap_counters_flip_at_ring_end():
     assert st.avail_wrap == st.used_wrap == bool(5 % 2 == 0)
 
 
-def test_spec_2_8_6_chain_into_unavailable_descriptor_rejected():
+def test_spec_2_8_17_chain_into_unavailable_descriptor_rejected():
     pair = make_queue_pair(4, packed=True)
     drv, q = pair.driver, pair.device
     drv.write_desc(0, drv.data_addr, 8, NEXT | AVAIL, 0)
     drv.write_desc(1, drv.data_addr, 8, USED, 0)  # not available on this lap
-    _expect(q, DescriptorChainError, sec.S_2_8_6)
+    _expect(q, DescriptorChainError, sec.S_2_8_17)
 
 
 def test_driver_error_only_breaks_its_queue():
@@ -333,3 +384,27 @@ def test_driver_error_only_breaks_its_queue():
     pair_b.driver.publish()
     assert pair_b.device.pop().reader().read() == b"ok"
     assert isinstance(pair_a.device.error, InvalidAvailIdx)
+
+
+def test_native_errors_cite_their_layouts_clauses():
+    """Every native error cites a section of the index: split-ring errors a 2.7
+    clause, packed-ring errors a 2.8 one (never the split ring's 2.7.4.2)."""
+    from virtio.native import lib
+    from virtio.queues.virtqueue import _ERRORS
+
+    known = set(sec.all_sections().values())
+    for code, (_cls, split_section, packed_section, _template) in _ERRORS.items():
+        assert split_section in known and packed_section in known, code
+        if code != lib.VQ_E_PACKED_AVAIL:  # packed only
+            assert split_section.number.startswith("2.7."), (code, split_section)
+        assert packed_section.number.startswith("2.8."), (code, packed_section)
+
+
+def test_driver_error_cites_through_the_index():
+    err = DescriptorChainError("bad", section=sec.S_2_8_19)
+    assert err.spec_section is sec.S_2_8_19
+    assert err.section == sec.S_2_8_19.citation
+    assert str(err).endswith(f"(virtio 1.4 §{sec.S_2_8_19.citation})")
+    informative = DescriptorChainError("odd", section=sec.S_2_8_7)
+    assert informative.section == "2.8.7"
+    assert "no normative clause names this fault; see virtio 1.4 §2.8.7" in str(informative)

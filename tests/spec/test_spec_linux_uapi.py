@@ -71,6 +71,8 @@ EXPECTED_MISSING: dict[str, str] = {
             "VIRTIO_ID_SPI",
             "VIRTIO_ID_TEE",
             "VIRTIO_ID_CPU_BALLOON",
+            "VIRTIO_ID_MEDIA",
+            "VIRTIO_ID_USB",
         )
     },
     # Reserved feature bits.

@@ -110,3 +110,35 @@ def test_register_offset_enums_match_structs() -> None:
     assert cap["notify_off_multiplier"] == spec.pci.PciCapOffset.VIRTIO_PCI_NOTIFY_CAP_MULT
     assert cap["cap.length"] == spec.pci.PciCapOffset.VIRTIO_PCI_CAP_LENGTH
     assert spec.pci.pci_device_id(spec.DeviceId.VIRTIO_ID_NET) == 0x1041
+
+
+def test_net_device_operation_tail_as_in_1_4() -> None:
+    """1.4 CS01 inserts Flow filter (5.1.9.6) and IPsec Operation (5.1.9.7) before the
+    legacy framing note, which is 5.1.9.8."""
+    assert sections.S_5_1_9_6.title == "Flow filter"
+    assert sections.S_5_1_9_7.title == "IPsec Operation"
+    assert sections.S_5_1_9_7_4.label == (
+        "devicenormative:Device Types / Network Device / Device Operation / IPsec Operation"
+    )
+    assert sections.S_5_1_9_8.title == "Legacy Interface: Framing Requirements"
+    assert sections.S_5_2_6_4.title == "Legacy Interface: Framing Requirements"
+
+
+def test_device_ids_up_to_49() -> None:
+    assert spec.DeviceId(48).name == "VIRTIO_ID_MEDIA"
+    assert spec.DeviceId(49).name == "VIRTIO_ID_USB"
+    assert max(spec.DeviceId) == 49
+    # 1.2 CS01's table ends at 42 (RDMA); everything after it is newer.
+    newer = {m.name for m in spec.DeviceId if m > 42}
+    assert newer <= spec.NOT_IN_1_2
+    assert "VIRTIO_ID_RDMA" not in spec.NOT_IN_1_2
+    assert spec.export()["device_ids"]["VIRTIO_ID_USB"] == 49
+
+
+def test_section_citation() -> None:
+    assert sections.S_2_7_5_2.normative and not sections.S_2_7_6.normative
+    assert sections.S_2_7_5_2.citation == (
+        "2.7.5.2 [drivernormative:Basic Facilities of a Virtio Device / Virtqueues"
+        " / The Virtqueue Descriptor Table]"
+    )
+    assert sections.S_2_7_6.citation == "2.7.6"

@@ -187,7 +187,7 @@ static int walk_indirect(struct vq *q, struct walk *w, uint64_t addr, uint32_t l
     uint32_t idx = 0, count = 0;
     for (;;) {
         if (count++ >= n)
-            return vq_fail(q, VQ_E_LOOP, n, 1, 0);
+            return vq_fail(q, VQ_E_INDIRECT_LOOP, addr, n, 0);
         uint8_t d[16];
         if (table)
             memcpy(d, table + (uint64_t)idx * 16, 16);
@@ -355,17 +355,20 @@ static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t ncha
             id = ld16(d + 12);
             uint64_t addr = ld64(d);
             uint32_t len = ld32(d + 8);
+            uint16_t cur = pos;
             if (++pos >= q->size) {
                 pos = 0;
                 wrap ^= 1;
             }
             if (flags & VRING_DESC_F_INDIRECT) {
                 if (!q->indirect) {
-                    rc = vq_fail(q, VQ_E_INDIRECT_NOTNEG, pos, 0, 1);
+                    rc = vq_fail(q, VQ_E_INDIRECT_NOTNEG, cur, 0, 1);
                     break;
                 }
-                if (flags & VRING_DESC_F_NEXT) {
-                    rc = vq_fail(q, VQ_E_INDIRECT_NEXT, pos, 0, 1);
+                /* §2.8.19: no INDIRECT descriptor in a list linked by NEXT, neither
+                 * with NEXT itself nor at its end (unlike split rings, §2.7.5.3.2). */
+                if ((flags & VRING_DESC_F_NEXT) || ndesc > 1) {
+                    rc = vq_fail(q, VQ_E_INDIRECT_NEXT, cur, 0, 1);
                     break;
                 }
                 rc = walk_indirect(q, &w, addr, len, 1);

@@ -75,7 +75,7 @@ enum {
     VQ_E_AVAIL_IDX = -1,        /* avail idx moved more than queue size */
     VQ_E_HEAD_RANGE = -2,       /* head index >= queue size */
     VQ_E_NEXT_RANGE = -3,       /* next index out of range (table or queue) */
-    VQ_E_LOOP = -4,             /* chain longer than queue size / table: loop */
+    VQ_E_LOOP = -4,             /* chain longer than queue size: a loop */
     VQ_E_INDIRECT_NESTED = -5,  /* indirect descriptor inside an indirect table */
     VQ_E_INDIRECT_NEXT = -6,    /* INDIRECT together with NEXT */
     VQ_E_INDIRECT_LEN = -7,     /* indirect table len 0 or not a multiple of 16 */
@@ -87,6 +87,7 @@ enum {
     VQ_E_BROKEN = -13,          /* queue already broken */
     VQ_E_PACKED_AVAIL = -14,    /* packed: chain continues into a non-available descriptor */
     VQ_E_INDIRECT_MEMORY = -15, /* indirect table not (contiguously) inside guest memory */
+    VQ_E_INDIRECT_LOOP = -16,   /* split indirect table: NEXT links revisit an entry */
 };
 
 uint8_t *vm_translate(struct vm_mem *m, uint64_t gpa, uint64_t len, uint32_t *region_out);

@@ -69,7 +69,7 @@ class ChainReader(_Cursor):
         if n > self.remaining:
             raise DescriptorChainError(
                 f"device-readable part too short for {what}: need {n}, have {self.remaining}",
-                section=S_2_7_4.number,
+                section=S_2_7_4,
             )
         return self.read(n)
 
@@ -118,7 +118,7 @@ class ChainWriter(_Cursor):
             raise DescriptorChainError(
                 f"device-writable part too short for {what}: need {len(data)}, "
                 f"have {self.remaining}",
-                section=S_2_7_4.number,
+                section=S_2_7_4,
             )
         self.write(data)
 
@@ -141,7 +141,7 @@ class ChainWriter(_Cursor):
         if tail > total:
             raise DescriptorChainError(
                 f"device-writable part shorter than its {tail}-byte trailer",
-                section=S_2_7_4.number,
+                section=S_2_7_4,
             )
         self._seg = 0
         self._off = 0

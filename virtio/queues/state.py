@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from virtio.errors import QueueConfigError
 from virtio.spec.ring import VIRTQUEUE_MAX_SIZE_PACKED, VIRTQUEUE_MAX_SIZE_SPLIT
+from virtio.spec.sections import S_2_6, S_2_7, S_2_8
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,18 @@ class QueueState:
         """Raise ``QueueConfigError`` unless every field is in range; returns self."""
         limit = VIRTQUEUE_MAX_SIZE_PACKED if self.packed else VIRTQUEUE_MAX_SIZE_SPLIT
         if not 1 <= self.size <= limit:
-            raise QueueConfigError(f"queue size {self.size} outside 1..{limit}", section="2.7")
+            raise QueueConfigError(
+                f"queue size {self.size} outside 1..{limit}",
+                section=S_2_8 if self.packed else S_2_7,
+            )
         if not self.packed and self.size & (self.size - 1):
             raise QueueConfigError(
-                f"split queue size {self.size} is not a power of 2", section="2.7"
+                f"split queue size {self.size} is not a power of 2", section=S_2_7
             )
         for name in ("desc_addr", "driver_addr", "device_addr"):
             value = getattr(self, name)
             if not 0 <= value < 1 << 64:
-                raise QueueConfigError(f"{name} {value:#x} is not a 64-bit address", section="2.6")
+                raise QueueConfigError(f"{name} {value:#x} is not a 64-bit address", section=S_2_6)
         for name in ("last_avail_idx", "used_idx", "signalled_used"):
             if not 0 <= getattr(self, name) <= 0xFFFF:
                 raise QueueConfigError(f"{name} {getattr(self, name)} is not a 16-bit index")
@@ -59,7 +63,7 @@ class QueueState:
             if not 0 <= getattr(self, name) < self.size:
                 raise QueueConfigError(
                     f"{name} {getattr(self, name)} outside the ring of size {self.size}",
-                    section="2.8",
+                    section=S_2_8,
                 )
         return self
 

@@ -56,13 +56,10 @@ _SEG = struct.Struct("<QQIHH")  # struct vq_seg
 assert _CHAIN.size == ffi.sizeof("struct vq_chain") and _SEG.size == ffi.sizeof("struct vq_seg")
 
 
-def cite(section: Section) -> str:
-    """``"2.7.5.3.1 [drivernormative:...]"``: how errors name the clause broken."""
-    return f"{section.number} [{section.label}]" if section.label else section.number
-
-
 # Native error code -> (exception class, split-ring section, packed-ring section,
 # message template).  The template sees the native error's detail words a, b, c.
+# Normative clauses where the spec has one; otherwise the informative section that
+# describes the structure (the error then says no normative clause names the fault).
 _ERRORS: dict[int, tuple[type[DriverError], Section, Section, str]] = {
     lib.VQ_E_HEAD_RANGE: (
         DescriptorChainError,
@@ -73,14 +70,20 @@ _ERRORS: dict[int, tuple[type[DriverError], Section, Section, str]] = {
     lib.VQ_E_NEXT_RANGE: (
         DescriptorChainError,
         sec.S_2_7_5,
-        sec.S_2_8_19,
+        sec.S_2_8_7,
         "descriptor next index {a} outside the table of {b} descriptors",
     ),
     lib.VQ_E_LOOP: (
         DescriptorChainError,
-        sec.S_2_7_5_3_1,
-        sec.S_2_8_17,
-        "descriptor chain longer than its table ({b} descriptors): a loop",
+        sec.S_2_7_5_2,  # "loops in the descriptor chain are forbidden"
+        sec.S_2_8_17,  # "longer than the Queue Size ... loops ... are forbidden"
+        "descriptor chain from {a} longer than the queue size {b}: a loop",
+    ),
+    lib.VQ_E_INDIRECT_LOOP: (
+        DescriptorChainError,
+        sec.S_2_7_5_2,
+        sec.S_2_8_17,  # packed tables are sequential: cannot happen
+        "indirect table at {a:#x} chains more than its {b} descriptors: a loop",
     ),
     lib.VQ_E_INDIRECT_NESTED: (
         DescriptorChainError,
@@ -92,7 +95,7 @@ _ERRORS: dict[int, tuple[type[DriverError], Section, Section, str]] = {
         DescriptorChainError,
         sec.S_2_7_5_3_1,
         sec.S_2_8_19,
-        "descriptor {a} sets both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT",
+        "descriptor {a} combines VIRTQ_DESC_F_INDIRECT with VIRTQ_DESC_F_NEXT chaining",
     ),
     lib.VQ_E_INDIRECT_LEN: (
         DescriptorChainError,
@@ -122,19 +125,19 @@ _ERRORS: dict[int, tuple[type[DriverError], Section, Section, str]] = {
     lib.VQ_E_ORDER: (
         DescriptorChainError,
         sec.S_2_7_4_2,
-        sec.S_2_7_4_2,
+        sec.S_2_8_17,
         "device-readable descriptor [{a:#x}, +{b:#x}) after a device-writable one",
     ),
     lib.VQ_E_TOO_BIG: (
         DescriptorChainError,
         sec.S_2_7_5_2,
-        sec.S_2_8_16,
+        sec.S_2_8_17,  # "longer than allowed by the device": used len is 32 bits
         "descriptor chain longer than 2^32 bytes in total ({a} bytes)",
     ),
     lib.VQ_E_PACKED_AVAIL: (
         DescriptorChainError,
-        sec.S_2_8_6,
-        sec.S_2_8_6,
+        sec.S_2_8_17,
+        sec.S_2_8_17,  # first descriptor available before the rest of the list
         "packed chain continues into descriptor {a} that is not available",
     ),
 }
@@ -149,7 +152,7 @@ def _raise_native(q, code: int) -> None:
         raise DeviceUsageError(f"native virtqueue core returned {code}") from None
     section = packed_section if q.packed else split_section
     message = template.format(a=int(q.err_a), b=int(q.err_b), c=int(q.err_c))
-    raise cls(message, section=cite(section))
+    raise cls(message, section=section)
 
 
 class InflightTracker(Protocol):
@@ -194,11 +197,11 @@ class Virtqueue:
             desc_size = 16 * state.size
             driver_size = device_size = VRING_PACKED_DESC_EVENT_SIZE
             aligns = (VRING_PACKED_DESC_ALIGN, VRING_PACKED_EVENT_ALIGN, VRING_PACKED_EVENT_ALIGN)
-            section = cite(sec.S_2_8_10_1)
+            section = sec.S_2_8_11  # alignment table of §2.8.10.1
         else:
             desc_size, driver_size, device_size = split_ring_sizes(state.size, state.event_idx)
             aligns = (VRING_DESC_ALIGN, VRING_AVAIL_ALIGN, VRING_USED_ALIGN)
-            section = cite(sec.S_2_7_1)
+            section = sec.S_2_7_1
         ptrs = []
         for part, addr, size, align in zip(
             ("descriptor area", "driver area", "device area"),
@@ -215,7 +218,7 @@ class Virtqueue:
             if p == ffi.NULL:
                 raise QueueConfigError(
                     f"{part} [{addr:#x}, +{size:#x}) is not inside one guest memory region",
-                    section="2.6",
+                    section=sec.S_2_6,
                 )
             ptrs.append(p)
         q.desc, q.driver, q.device = ptrs
@@ -538,7 +541,7 @@ class QueueConfig:
         if not 0 < self.size <= self.max_size:
             raise QueueConfigError(
                 f"queue size {self.size} outside 1..{self.max_size} (the device maximum)",
-                section="4.2.2.2",
+                section=sec.S_4_2_2_2,
             )
         try:
             return Virtqueue(
@@ -558,4 +561,4 @@ class QueueConfig:
                 name,
             )
         except GuestMemoryError as exc:
-            raise QueueConfigError(str(exc), section="2.6") from exc
+            raise QueueConfigError(str(exc), section=sec.S_2_6) from exc

@@ -22,6 +22,17 @@ class Section(NamedTuple):
         text = f"virtio {self.version} §{self.number} {self.title}"
         return f"{text} [{self.label}]" if self.label else text
 
+    @property
+    def normative(self) -> bool:
+        """Whether this is a normative (requirements) section, i.e. carries a label."""
+        return bool(self.label)
+
+    @property
+    def citation(self) -> str:
+        """How an error names the clause broken: ``"2.7.5.2 [drivernormative:...]"``
+        for a normative section, the bare number for an informative one."""
+        return f"{self.number} [{self.label}]" if self.label else self.number
+
 
 class SpecIntEnum(enum.IntEnum):
     """An ``IntEnum`` whose members carry the ``section`` that defines them.

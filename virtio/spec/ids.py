@@ -4,9 +4,10 @@ Names are Linux ``virtio_ids.h`` ones; IDs Linux had not named when the table wa
 transcribed use the spec's device name.  The table skips 14, 15 and 37 (Linux names 37
 ``VIRTIO_ID_DMABUF``, which the spec does not reserve).
 
-Version notes (1.2 vs 1.4): the IDs above 41 (GPIO) -- 42 RDMA, 43 camera, 44 ISM,
-45 SPI controller, 46 TEE, 47 CPU balloon -- were reserved after 1.2 (``NOT_IN_1_2``;
-from the spec history as remembered, not re-checked against the 1.2 PDF).
+Version notes (checked against the LaTeX sources, ``content.tex`` at tags v1.2-cs01
+and v1.4-cs01): 1.2 ends at 42 (RDMA); 43 camera, 44 ISM, 45 SPI controller (1.3
+drafts: "SPI master"), 46 TEE, 47 CPU balloon, 48 media and 49 USB controller are
+newer (``NOT_IN_1_2``).
 """
 
 from __future__ import annotations
@@ -54,23 +55,26 @@ class DeviceId(SpecIntEnum):
     VIRTIO_ID_AUDIO_POLICY = 39, S_5
     VIRTIO_ID_BT = 40, S_5
     VIRTIO_ID_GPIO = 41, S_5
-    # Added after 1.2:
     VIRTIO_ID_RDMA = 42, S_5
+    # Added after 1.2:
     VIRTIO_ID_CAMERA = 43, S_5
     VIRTIO_ID_ISM = 44, S_5
     VIRTIO_ID_SPI = 45, S_5  # "SPI controller"
     VIRTIO_ID_TEE = 46, S_5
     VIRTIO_ID_CPU_BALLOON = 47, S_5
+    VIRTIO_ID_MEDIA = 48, S_5  # "Media device"
+    VIRTIO_ID_USB = 49, S_5  # "USB controller"
 
 
 NOT_IN_1_2 = frozenset(
     {
-        "VIRTIO_ID_RDMA",
         "VIRTIO_ID_CAMERA",
         "VIRTIO_ID_ISM",
         "VIRTIO_ID_SPI",
         "VIRTIO_ID_TEE",
         "VIRTIO_ID_CPU_BALLOON",
+        "VIRTIO_ID_MEDIA",
+        "VIRTIO_ID_USB",
     }
 )
 

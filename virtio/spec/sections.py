@@ -25,7 +25,9 @@ Numbering differences between versions
   Packet Transmission 5.1.6.2, ..., Control Virtqueue 5.1.6.5).  The 1.4 text
   inserts "5.1.6 Device and driver capabilities", "5.1.7 Device resource objects"
   and "5.1.8 Device parts" (admin-command based flow filters), moving Device
-  Operation to **5.1.9**.  Sections 5.1.1-5.1.5 are unchanged.
+  Operation to **5.1.9**.  Sections 5.1.1-5.1.5 are unchanged.  Inside 5.1.9, 1.4
+  adds "5.1.9.6 Flow filter" and "5.1.9.7 IPsec Operation", so "Legacy Interface:
+  Framing Requirements" is **5.1.9.8** (checked against tag v1.4-cs01).
 * Block (5.2.x), input (5.8.x), MMIO (4.2.x) and reserved feature bits (6.x) have
   the same numbers in 1.2, 1.3 and 1.4.
 * PCI: 1.3 added "4.1.4.8 Vendor data capability", so the PCI configuration access
@@ -348,7 +350,18 @@ S_5_1_9_5_9 = Section("5.1.9.5.9", "Offloads State Configuration")
 S_5_1_9_5_10 = Section("5.1.9.5.10", "Notifications Coalescing")
 S_5_1_9_5_11 = Section("5.1.9.5.11", "Device Statistics")
 S_5_1_9_6 = Section("5.1.9.6", "Flow filter")
-S_5_1_9_7 = Section("5.1.9.7", "Legacy Interface: Framing Requirements")
+S_5_1_9_6_1 = Section("5.1.9.6.1", "Packet processing order")
+S_5_1_9_6_2 = Section("5.1.9.6.2", "Device and driver capabilities")
+S_5_1_9_6_3 = Section("5.1.9.6.3", "Resource objects")
+S_5_1_9_6_4 = _dev("5.1.9.6.4", "Flow filter", f"{_NET} / Device Operation / Flow filter")
+S_5_1_9_6_5 = _drv("5.1.9.6.5", "Flow filter", f"{_NET} / Device Operation / Flow filter")
+S_5_1_9_7 = Section("5.1.9.7", "IPsec Operation")
+S_5_1_9_7_1 = Section("5.1.9.7.1", "Packet processing order")
+S_5_1_9_7_2 = Section("5.1.9.7.2", "Device and driver capabilities")
+S_5_1_9_7_3 = Section("5.1.9.7.3", "Resource objects")
+S_5_1_9_7_4 = _dev("5.1.9.7.4", "IPsec Operation", f"{_NET} / Device Operation / IPsec Operation")
+S_5_1_9_7_5 = _drv("5.1.9.7.5", "IPsec Operation", f"{_NET} / Device Operation / IPsec Operation")
+S_5_1_9_8 = Section("5.1.9.8", "Legacy Interface: Framing Requirements")
 
 # 5.2 Block Device
 S_5_2 = Section("5.2", "Block Device")
