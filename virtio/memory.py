@@ -64,6 +64,8 @@ class GuestMemory:
             if b.guest_addr < a.end:
                 raise GuestMemoryError(b.guest_addr, b.size, "overlaps another region")
         self._regions: list[MemoryRegion] = regs
+        self.buffers: list[memoryview] = [r.buffer for r in regs]
+        """Each region's host buffer, in region order (``Segment.region`` indexes it)."""
         self._starts = [r.guest_addr for r in regs]
         self._closed = False
         # Native view used by the ring core: region table + optional dirty log.

@@ -4,15 +4,27 @@ A ``DescriptorChain`` is what ``Virtqueue.pop`` returns: the validated buffers o
 one chain (indirect tables already expanded), device-readable ones first.  The
 device reads the readable part, writes the writable part and returns the chain
 with ``Virtqueue.add_used(chain, written)``.
+
+A chain popped from the native core keeps its segments as the core's packed
+``struct vq_seg`` records and decodes them only when asked (``segments``), so the
+per-chain path builds no Python object per segment unless a device wants one.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, NamedTuple
 
+from virtio.queues.chain_io import ChainReader, ChainWriter
+
 if TYPE_CHECKING:
-    from virtio.queues.chain_io import ChainReader, ChainWriter
     from virtio.queues.virtqueue import Virtqueue
+
+SEG_RECORD = struct.Struct("<QQIHH")
+"""``struct vq_seg``: guest address, offset in its region, length, region, writable."""
+
+Record = tuple[int, int, int, int, int]
+"""A decoded ``struct vq_seg``: (guest address, region offset, length, region, writable)."""
 
 
 class Segment(NamedTuple):
@@ -25,22 +37,37 @@ class Segment(NamedTuple):
     offset: int
 
 
+_make_segment = Segment._make
+_unpack_record = SEG_RECORD.unpack_from
+_RECORD_SIZE = SEG_RECORD.size
+
+
 class DescriptorChain:
     """A popped descriptor chain.
 
     ``head`` is the split ring's head descriptor index or the packed ring's buffer
     ID; ``ndesc`` the ring descriptors it occupies; ``segments`` its buffers,
-    the first ``nreadable`` device-readable.
+    the first ``nreadable`` device-readable.  ``segments`` may be given as a list
+    of ``Segment``s or as the native ``struct vq_seg`` records (``bytes``).
     """
 
-    __slots__ = ("head", "ndesc", "nreadable", "queue", "readable_len", "segments", "writable_len")
+    __slots__ = (
+        "_records",
+        "_segments",
+        "head",
+        "ndesc",
+        "nreadable",
+        "queue",
+        "readable_len",
+        "writable_len",
+    )
 
     def __init__(
         self,
         queue: Virtqueue,
         head: int,
         ndesc: int,
-        segments: list[Segment],
+        segments: list[Segment] | bytes,
         nreadable: int,
         readable_len: int,
         writable_len: int,
@@ -48,7 +75,8 @@ class DescriptorChain:
         self.queue = queue
         self.head = head
         self.ndesc = ndesc
-        self.segments = segments
+        self._segments = segments
+        self._records: list[Record] | None = None
         self.nreadable = nreadable
         self.readable_len = readable_len
         self.writable_len = writable_len
@@ -59,24 +87,47 @@ class DescriptorChain:
             f"readable={self.readable_len} writable={self.writable_len}>"
         )
 
-    def _view(self, seg: Segment) -> memoryview:
-        buf = self.queue.memory.regions[seg.region].buffer
-        return buf[seg.offset : seg.offset + seg.length]
+    @property
+    def segments(self) -> list[Segment]:
+        """The chain's buffers, device-readable ones first."""
+        segs = self._segments
+        if segs.__class__ is bytes:
+            segs = self._segments = [
+                _make_segment((addr, length, writable != 0, region, offset))
+                for addr, offset, length, region, writable in self.records()
+            ]
+        return segs  # type: ignore[return-value]
+
+    def records(self) -> list[Record]:
+        """The segments as plain tuples ``(addr, region offset, length, region, writable)``
+        (cheaper than ``segments`` on hot paths)."""
+        recs = self._records
+        if recs is None:
+            segs = self._segments
+            if segs.__class__ is bytes:
+                if len(segs) == _RECORD_SIZE:  # the common one-segment chain
+                    recs = [_unpack_record(segs)]  # type: ignore[arg-type]
+                else:
+                    recs = list(SEG_RECORD.iter_unpack(segs))  # type: ignore[arg-type]
+            else:
+                recs = [(s.addr, s.offset, s.length, s.region, int(s.writable)) for s in segs]
+            self._records = recs
+        return recs
+
+    def _views(self, recs: list[Record]) -> list[memoryview]:
+        bufs = self.queue.memory.buffers
+        return [bufs[r][o : o + n] for _, o, n, r, _ in recs]
 
     def readable(self) -> list[memoryview]:
         """Host views of the device-readable buffers (read them, never write them)."""
-        return [self._view(s) for s in self.segments[: self.nreadable]]
+        return self._views(self.records()[: self.nreadable])
 
     def writable(self) -> list[memoryview]:
         """Host views of the device-writable buffers."""
-        return [self._view(s) for s in self.segments[self.nreadable :]]
+        return self._views(self.records()[self.nreadable :])
 
     def reader(self) -> ChainReader:
-        from virtio.queues.chain_io import ChainReader
-
         return ChainReader(self)
 
     def writer(self) -> ChainWriter:
-        from virtio.queues.chain_io import ChainWriter
-
         return ChainWriter(self)

@@ -5,64 +5,95 @@ The device must not assume any particular arrangement of descriptors
 devices read headers and write status bytes through these streams, never
 through individual descriptors.  A ``ChainWriter`` writes only device-writable
 buffers and logs the pages it dirties when migration logging is on.
+
+Host views are cut from the guest memory's region buffers as the stream reaches
+them; a read or write that stays inside one segment takes a single slice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from virtio.errors import DescriptorChainError
 from virtio.spec.sections import S_2_7_4
 
 if TYPE_CHECKING:
-    from virtio.queues.chain import DescriptorChain, Segment
+    from virtio.queues.chain import DescriptorChain, Record
 
 
 class _Cursor:
-    """A position in a list of buffers; ``_take(n)`` consumes up to ``n`` bytes."""
+    """A position in a list of segment records; ``_take(n)`` consumes up to ``n`` bytes."""
 
-    def __init__(self, views: list[memoryview], segments: list[Segment], total: int) -> None:
-        self._views = views
-        self._segs = segments
-        self._seg = 0
-        self._off = 0
-        self.remaining = total
+    __slots__ = ("_bufs", "_off", "_recs", "_seg", "remaining")
 
-    def _take(self, n: int) -> Iterator[tuple[int, memoryview]]:
-        """Yield ``(guest address, host view)`` pieces covering the next ``n`` bytes."""
-        n = min(n, self.remaining)
+    _recs: list[Record]
+    _bufs: list[memoryview]
+    _seg: int
+    _off: int
+    remaining: int
+
+    def _take(self, n: int) -> list[tuple[int, memoryview]]:
+        """``(guest address, host view)`` pieces covering the next ``n`` bytes."""
+        if n > self.remaining:
+            n = self.remaining
         self.remaining -= n
+        out = []
+        recs, bufs = self._recs, self._bufs
+        seg, off = self._seg, self._off
         while n:
-            view = self._views[self._seg]
-            k = min(n, len(view) - self._off)
-            yield self._segs[self._seg].addr + self._off, view[self._off : self._off + k]
+            addr, roff, length, region, _ = recs[seg]
+            k = length - off
+            if k > n:
+                k = n
+            start = roff + off
+            out.append((addr + off, bufs[region][start : start + k]))
             n -= k
-            self._off += k
-            if self._off == len(view):
-                self._seg += 1
-                self._off = 0
+            off += k
+            if off == length:
+                seg += 1
+                off = 0
+        self._seg, self._off = seg, off
+        return out
 
     def skip(self, n: int) -> int:
         before = self.remaining
-        for _ in self._take(n):
-            pass
+        self._take(n)
         return before - self.remaining
 
 
 class ChainReader(_Cursor):
     """Sequential reader over the device-readable part of a chain."""
 
+    __slots__ = ()
+
     def __init__(self, chain: DescriptorChain) -> None:
-        super().__init__(chain.readable(), chain.segments[: chain.nreadable], chain.readable_len)
+        recs = chain._records
+        if recs is None:
+            recs = chain.records()
+        nreadable = chain.nreadable
+        self._recs = recs if nreadable == len(recs) else recs[:nreadable]
+        self._bufs = chain.queue.memory.buffers
+        self._seg = self._off = 0
+        self.remaining = chain.readable_len
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all that remain when ``n < 0``)."""
-        if n < 0 or n > self.remaining:
-            n = self.remaining
-        out = bytearray(n)
-        self.readinto(out)
-        return bytes(out)
+        remaining = self.remaining
+        if n < 0 or n > remaining:
+            n = remaining
+        if n:
+            _, roff, length, region, _ = self._recs[self._seg]
+            off = self._off
+            end = off + n
+            if end <= length:  # inside the current segment: one slice
+                if end == length:
+                    self._seg += 1
+                    end = 0
+                self._off = end
+                self.remaining = remaining - n
+                start = roff + off
+                return bytes(self._bufs[region][start : start + n])
+        return b"".join([view for _, view in self._take(n)])
 
     def read_exact(self, n: int, what: str = "data") -> bytes:
         """Exactly ``n`` bytes, or ``DescriptorChainError`` if the chain is shorter."""
@@ -94,22 +125,52 @@ class ChainWriter(_Cursor):
     (§2.7.8: the device writes at least ``len`` bytes before updating used idx).
     """
 
+    __slots__ = ("_chain", "_memory", "written")
+
     def __init__(self, chain: DescriptorChain) -> None:
-        super().__init__(chain.writable(), chain.segments[chain.nreadable :], chain.writable_len)
+        recs = chain._records
+        if recs is None:
+            recs = chain.records()
+        nreadable = chain.nreadable
+        self._recs = recs[nreadable:] if nreadable else recs
+        self._memory = memory = chain.queue.memory
+        self._bufs = memory.buffers
+        self._seg = self._off = 0
+        self.remaining = chain.writable_len
         self._chain = chain
-        self._memory = chain.queue.memory
         self.written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write as much of ``data`` as fits; returns the bytes written."""
-        src = memoryview(data).cast("B")
+        if data.__class__ is not bytes and data.__class__ is not bytearray:
+            data = memoryview(data).cast("B")
+        n = len(data)
+        remaining = self.remaining
+        if n and n <= remaining:
+            addr, roff, length, region, _ = self._recs[self._seg]
+            off = self._off
+            end = off + n
+            if end <= length:  # inside the current segment: one slice
+                start = roff + off
+                self._bufs[region][start : start + n] = data
+                if end == length:
+                    self._seg += 1
+                    end = 0
+                self._off = end
+                self.remaining = remaining - n
+                self.written += n
+                if self._memory._dirty_log is not None:
+                    self._memory.log_dirty(addr + off, n)
+                return n
+        src = memoryview(data)
         pos = 0
-        log = self._memory.log_dirty if self._memory.logging else None
-        for addr, view in self._take(len(src)):
-            view[:] = src[pos : pos + len(view)]
+        log = self._memory.log_dirty if self._memory._dirty_log is not None else None
+        for addr, view in self._take(n):
+            k = len(view)
+            view[:] = src[pos : pos + k]
             if log is not None:
-                log(addr, len(view))
-            pos += len(view)
+                log(addr, k)
+            pos += k
         self.written += pos
         return pos
 

@@ -37,7 +37,7 @@ from virtio.errors import (
 )
 from virtio.memory import GuestMemory
 from virtio.native import ffi, lib
-from virtio.queues.chain import DescriptorChain, Segment
+from virtio.queues.chain import SEG_RECORD, DescriptorChain
 from virtio.queues.state import QueueState
 from virtio.spec import sections as sec
 from virtio.spec._base import Section
@@ -52,8 +52,16 @@ from virtio.spec.ring import (
 )
 
 _CHAIN = struct.Struct("<HHIIIII")  # struct vq_chain
-_SEG = struct.Struct("<QQIHH")  # struct vq_seg
+_SEG = SEG_RECORD  # struct vq_seg
 assert _CHAIN.size == ffi.sizeof("struct vq_chain") and _SEG.size == ffi.sizeof("struct vq_seg")
+_unpack_chain = _CHAIN.unpack_from
+_CHAIN_SIZE = _CHAIN.size
+_SEG_SIZE = _SEG.size
+_new = object.__new__
+# Native entry points of the per-chain path, looked up once.
+_vq_pop_batch = lib.vq_pop_batch
+_vq_add_used1 = lib.vq_add_used1
+_VQ_E_BROKEN = lib.VQ_E_BROKEN
 
 
 # Native error code -> (exception class, split-ring section, packed-ring section,
@@ -234,12 +242,23 @@ class Virtqueue:
         self._cap_chains = self.BATCH
         self._cap_segs = 1024
         self._chains = ffi.new("struct vq_chain[]", self._cap_chains)
-        self._segs = ffi.new("struct vq_seg[]", self._cap_segs)
+        self._chain_buf = ffi.buffer(self._chains)
+        self._alloc_segs(self._cap_segs)
         self._ids = ffi.new("uint16_t[]", self._cap_chains)
         self._lens = ffi.new("uint32_t[]", self._cap_chains)
         self._ndescs = ffi.new("uint16_t[]", self._cap_chains)
         self._raw_count = 0
         self.inflight: InflightTracker | None = None
+        # Read-ahead of the per-chain path (``pop``): chains validated by one native
+        # batch call but not handed out yet, as copies of their native records.
+        # Anything that observes or moves the ring position first gives them back
+        # (``_unpop``); a queue shared with a data-plane thread reads no ahead.
+        self._ahead = True
+        self._pf_chains = b""
+        self._pf_segs = b""
+        self._pf_next = 0
+        self._pf_count = 0
+        self._pf_pos = (0, 0)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -248,6 +267,7 @@ class Virtqueue:
         return cls(memory, state, name)
 
     def state(self) -> QueueState:
+        self._unpop()
         q = self._q
         return QueueState(
             size=q.size,
@@ -292,6 +312,7 @@ class Virtqueue:
     @property
     def next_avail(self) -> int:
         """Split: the free-running index of the next available entry; packed: ring position."""
+        self._unpop()
         return self._q.next_avail if self._q.packed else self._q.last_avail_idx
 
     @property
@@ -301,16 +322,20 @@ class Virtqueue:
     @property
     def native(self):
         """The native ``struct vq *`` (for data-plane threads; see ``set_locking``)."""
+        self._unpop()
         return self._q
 
     def set_locking(self, on: bool) -> None:
         """Serialise every native ring operation on a mutex, so that a data-plane
         thread and Python can both pop and complete chains of this queue."""
+        self._unpop()
+        self._ahead = not on
         if lib.vq_set_locking(self._q, int(on)):
             raise MemoryError("cannot allocate the virtqueue lock")
 
     def statistics(self) -> QueueStatistics:
-        return QueueStatistics(int(self._q.popped), int(self._q.used), self.broken)
+        ahead = self._pf_count - self._pf_next
+        return QueueStatistics(int(self._q.popped) - ahead, int(self._q.used), self.broken)
 
     # -- popping --------------------------------------------------------------------------
     def _check(self) -> None:
@@ -326,6 +351,11 @@ class Virtqueue:
             self._error = exc
             raise
 
+    def _alloc_segs(self, n: int) -> None:
+        self._cap_segs = n
+        self._segs = ffi.new("struct vq_seg[]", n)
+        self._seg_buf = ffi.buffer(self._segs)
+
     def _pop_native(self, max_chains: int) -> int:
         self._check()
         while True:
@@ -334,14 +364,17 @@ class Virtqueue:
             )
             if n != lib.VQ_E_SEGS:
                 break
-            self._cap_segs *= 4  # one chain needs more segments than we had room for
-            self._segs = ffi.new("struct vq_seg[]", self._cap_segs)
+            self._alloc_segs(self._cap_segs * 4)  # one chain needs more room than we had
         if n < 0:
             self._fail(n)
         return n
 
     def _chain(self, i: int) -> DescriptorChain:
-        return self.chain_from_native(self._chains + i, self._segs)
+        head, ndesc, nsegs, nreadable, rlen, wlen, start = _unpack_chain(
+            self._chain_buf, i * _CHAIN.size
+        )
+        raw = self._seg_buf[start * _SEG_SIZE : (start + nsegs) * _SEG_SIZE]
+        return DescriptorChain(self, head, ndesc, raw, nreadable, rlen, wlen)
 
     def chain_from_native(self, chain, segs) -> DescriptorChain:
         """A ``DescriptorChain`` from a native ``struct vq_chain *`` whose segments are
@@ -350,24 +383,82 @@ class Virtqueue:
         head, ndesc, nsegs, nreadable, rlen, wlen, start = _CHAIN.unpack(
             ffi.buffer(chain, _CHAIN.size)
         )
-        raw = ffi.buffer(segs + start, nsegs * _SEG.size)
-        segments = [
-            Segment(gpa, length, bool(writable), region, offset)
-            for gpa, offset, length, region, writable in _SEG.iter_unpack(raw)
-        ]
-        return DescriptorChain(self, head, ndesc, segments, nreadable, rlen, wlen)
+        raw = ffi.buffer(segs + start, nsegs * _SEG_SIZE)[:]
+        return DescriptorChain(self, head, ndesc, raw, nreadable, rlen, wlen)
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or ``None`` when the driver offered nothing new."""
-        if self._pop_native(1) == 0:
+        # The per-chain path every device's handle sees.  One native call validates
+        # up to BATCH chains; each pop then costs one struct unpack, one bytes copy
+        # of the chain's segment records (decoded only if asked) and the object.
+        i = self._pf_next
+        if i >= self._pf_count:
+            return self._pop_refill()
+        if self.memory._closed:
+            raise DeviceUsageError("the guest memory of this queue was closed")
+        self._pf_next = i + 1
+        head, ndesc, nsegs, nreadable, rlen, wlen, start = _unpack_chain(
+            self._pf_chains, i * _CHAIN_SIZE
+        )
+        chain = _new(DescriptorChain)
+        chain.queue = self
+        chain.head = head
+        chain.ndesc = ndesc
+        chain._segments = self._pf_segs[start * _SEG_SIZE : (start + nsegs) * _SEG_SIZE]
+        chain._records = None
+        chain.nreadable = nreadable
+        chain.readable_len = rlen
+        chain.writable_len = wlen
+        if self.inflight is not None:
+            self.inflight.on_pop((chain,))
+        return chain
+
+    def _pop_refill(self) -> DescriptorChain | None:
+        """``pop`` once the read-ahead is used up: one native batch call."""
+        if self.memory._closed:
+            raise DeviceUsageError("the guest memory of this queue was closed")
+        q = self._q
+        if q.broken:
+            raise QueueBrokenError(self._error)
+        self._pf_pos = (q.next_avail, q.avail_wrap) if q.packed else (q.last_avail_idx, 0)
+        n = self._pop_native(self.BATCH if self._ahead else 1)
+        if n == 0:
             return None
+        if n > 1:
+            *_, nsegs, _, _, _, start = _unpack_chain(self._chain_buf, (n - 1) * _CHAIN_SIZE)
+            self._pf_chains = self._chain_buf[: n * _CHAIN_SIZE]
+            self._pf_segs = self._seg_buf[: (start + nsegs) * _SEG_SIZE]
+            self._pf_count = n
+            self._pf_next = 0
+            return self.pop()
         chain = self._chain(0)
         if self.inflight is not None:
             self.inflight.on_pop((chain,))
         return chain
 
+    def _unpop(self) -> None:
+        """Give the read-ahead chains back to the ring: the next pop validates them
+        again.  (The driver may not touch them: they are available, not used.)"""
+        ahead = self._pf_count - self._pf_next
+        if ahead:
+            q = self._q
+            if q.packed:
+                pos, wrap = self._pf_pos
+                for i in range(self._pf_next):
+                    pos += _unpack_chain(self._pf_chains, i * _CHAIN_SIZE)[1]
+                    if pos >= q.size:
+                        pos -= q.size
+                        wrap ^= 1
+                q.next_avail, q.avail_wrap = pos, wrap
+            else:
+                q.last_avail_idx = (q.last_avail_idx - ahead) & 0xFFFF
+            q.popped -= ahead
+        self._pf_count = self._pf_next = 0
+        self._pf_chains = self._pf_segs = b""
+
     def pop_batch(self, max_chains: int = BATCH) -> list[DescriptorChain]:
         """Up to ``max_chains`` available chains (fewer if fewer are available)."""
+        self._unpop()
         n = self._pop_native(max_chains)
         chains = [self._chain(i) for i in range(n)]
         if chains and self.inflight is not None:
@@ -384,8 +475,7 @@ class Virtqueue:
             rc = lib.vq_chain_at(self._q, head, self._chains, self._segs, self._cap_segs)
             if rc != lib.VQ_E_SEGS:
                 break
-            self._cap_segs *= 4
-            self._segs = ffi.new("struct vq_seg[]", self._cap_segs)
+            self._alloc_segs(self._cap_segs * 4)
         if rc < 0:
             self._fail(rc)
         return self._chain(0)
@@ -397,6 +487,8 @@ class Virtqueue:
     def has_available(self) -> bool:
         """Whether the driver made buffers available that were not popped yet."""
         self._check()
+        if self._pf_next < self._pf_count:
+            return True
         n = lib.vq_avail_count(self._q)
         if not self._q.packed and n > self._q.size:
             self._fail(lib.vq_pop_batch(self._q, self._chains, 1, self._segs, self._cap_segs))
@@ -405,16 +497,19 @@ class Virtqueue:
     # -- completing -----------------------------------------------------------------------
     def add_used(self, chain: DescriptorChain, length: int) -> None:
         """Return ``chain`` to the driver with ``length`` bytes written (§2.7.8, §2.8.7)."""
-        self._check()
+        memory = self.memory
+        if memory._closed:
+            self._check()
         if chain.queue is not self:
             raise DeviceUsageError("chain belongs to another queue")
         if not 0 <= length <= chain.writable_len:
             raise DeviceUsageError(
                 f"used length {length} exceeds the chain's {chain.writable_len} writable bytes"
             )
-        if self.memory._dirty_log is not None:
+        if memory._dirty_log is not None:
             self._log_written(chain, length)
-        lib.vq_add_used1(self._q, chain.head, length, chain.ndesc)
+        if _vq_add_used1(self._q, chain.head, length, chain.ndesc) < 0:
+            self._check()  # a data-plane thread broke the queue meanwhile
         if self.inflight is not None:
             self.inflight.on_used((chain,), self.next_used)
 
@@ -439,16 +534,18 @@ class Virtqueue:
     def _log_written(self, chain: DescriptorChain, length: int) -> None:
         """Migration dirty log: the first ``length`` writable bytes were written (§2.7.8.2),
         whichever way the device filled them; logged before the used index moves."""
-        for seg in chain.segments[chain.nreadable :]:
+        for addr, _, seg_len, _, _ in chain.records()[chain.nreadable :]:
             if length <= 0:
                 break
-            n = min(length, seg.length)
-            self.memory.log_dirty(seg.addr, n)
+            n = min(length, seg_len)
+            self.memory.log_dirty(addr, n)
             length -= n
 
     def _grow(self, n: int) -> None:
+        self._unpop()
         self._cap_chains = n
         self._chains = ffi.new("struct vq_chain[]", n)
+        self._chain_buf = ffi.buffer(self._chains)
         self._ids = ffi.new("uint16_t[]", n)
         self._lens = ffi.new("uint32_t[]", n)
         self._ndescs = ffi.new("uint16_t[]", n)
@@ -459,6 +556,7 @@ class Virtqueue:
 
         Returns how many.  Complete them with ``add_used_raw``.
         """
+        self._unpop()
         if max_chains > self._cap_chains:
             self._grow(max_chains)
         n = self._pop_native(max_chains)
@@ -498,6 +596,7 @@ class Virtqueue:
         Returns ``True`` if buffers became available meanwhile: process them.
         """
         self._check()
+        self._unpop()  # the driver's event index must name the first chain not handed out
         return bool(lib.vq_enable_notification(self._q))
 
     def disable_notification(self) -> None:
