@@ -67,11 +67,9 @@ class ChainReader(_Cursor):
     __slots__ = ()
 
     def __init__(self, chain: DescriptorChain) -> None:
-        recs = chain._records
-        if recs is None:
-            recs = chain.records()
-        nreadable = chain.nreadable
-        self._recs = recs if nreadable == len(recs) else recs[:nreadable]
+        # All records: ``remaining`` (readable_len) stops the cursor before the
+        # device-writable ones.
+        self._recs = chain._records or chain.records()
         self._bufs = chain.queue.memory.buffers
         self._seg = self._off = 0
         self.remaining = chain.readable_len
@@ -128,14 +126,12 @@ class ChainWriter(_Cursor):
     __slots__ = ("_chain", "_memory", "written")
 
     def __init__(self, chain: DescriptorChain) -> None:
-        recs = chain._records
-        if recs is None:
-            recs = chain.records()
-        nreadable = chain.nreadable
-        self._recs = recs[nreadable:] if nreadable else recs
+        # All records, starting at the first device-writable one.
+        self._recs = chain._records or chain.records()
         self._memory = memory = chain.queue.memory
         self._bufs = memory.buffers
-        self._seg = self._off = 0
+        self._seg = chain.nreadable
+        self._off = 0
         self.remaining = chain.writable_len
         self._chain = chain
         self.written = 0
@@ -204,7 +200,7 @@ class ChainWriter(_Cursor):
                 f"device-writable part shorter than its {tail}-byte trailer",
                 section=S_2_7_4,
             )
-        self._seg = 0
+        self._seg = self._chain.nreadable
         self._off = 0
         self.remaining = total
         self.skip(total - tail)
