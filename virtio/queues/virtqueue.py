@@ -556,7 +556,8 @@ class Virtqueue:
 
         Returns how many.  Complete them with ``add_used_raw``.
         """
-        self._unpop()
+        if self._pf_count:
+            self._unpop()
         if max_chains > self._cap_chains:
             self._grow(max_chains)
         n = self._pop_native(max_chains)
