@@ -5,11 +5,11 @@ Everything here is transcribed from the vhost-user specification, QEMU
 "Protocol features", "Front-end message types", "Back-end message types",
 "VHOST_USER_PROTOCOL_F_REPLY_ACK").  There is no I/O here; ``protocol.py`` drives it.
 
-All numbers are in the machine's native byte order ("Message Specification").  Payloads
-are plain frozen dataclasses with ``pack()`` and ``unpack()``; decoding uses ``struct`` (the
-control path runs these for every message, in-band kicks included).  The same layouts are
-also given as ``construct`` Structs (``*_STRUCT``), which document the wire format and which
-the tests check against the ``struct`` codecs.
+All numbers are in the machine's native byte order ("Message Specification").  Each
+payload is declared once: a frozen dataclass whose fields are the spec's field table
+(``_u32()``, ``_u64()``, bit fields of a word, a counted tail), from which ``@_payload``
+derives the ``struct`` format, the sizes, ``pack()``, ``unpack()`` (size-checked, with the
+spec's value ranges) and the decoders of ``REQUESTS``.
 
 Size limit: the spec sets none.  The largest payload QEMU sends is a crypto session
 (about 600 bytes); a memory table is 8 + 8 * 40 bytes, a config access 12 + 256.  We accept
@@ -21,26 +21,17 @@ from __future__ import annotations
 
 import enum
 import struct
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, Union
-
-from construct import Bytes, Int8un, Int16un, Int32un, Int64un, Padding, Struct, this
+from collections.abc import Callable, Collection
+from dataclasses import MISSING, dataclass, field, fields
+from functools import partial
+from operator import attrgetter
+from typing import Any, ClassVar, NamedTuple, TypeVar, dataclass_transform
+from uuid import UUID
 
 from .errors import InvalidMessage, PayloadSizeMismatch, request_section, spec_section
 
-# --------------------------------------------------------------------------------------
-# Header ("Message Specification / Header")
-
-HEADER = struct.Struct("=III")
-"""request (u32), flags (u32), size (u32) of the payload."""
-HEADER_SIZE = HEADER.size  # 12
-HEADER_STRUCT = Struct("request" / Int32un, "flags" / Int32un, "size" / Int32un)
-
 MAX_PAYLOAD_SIZE = 0x1000
 """Largest payload we accept (our choice; see the module docstring)."""
-MAX_MESSAGE_SIZE = HEADER_SIZE + MAX_PAYLOAD_SIZE
 
 VHOST_USER_VERSION = 0x1
 """The only protocol version: the lower 2 bits of ``flags``."""
@@ -186,36 +177,35 @@ def protocol_feature_mask(*features: ProtocolFeature) -> int:
     return mask
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """A message header."""
+class IotlbType(enum.IntEnum):
+    MISS = 1
+    UPDATE = 2
+    INVALIDATE = 3
+    ACCESS_FAIL = 4
 
-    request: int
-    flags: int
-    size: int
 
-    @property
-    def version(self) -> int:
-        return self.flags & HeaderFlags.VERSION_MASK
+class ConfigFlags(enum.IntEnum):
+    """``flags`` of a config space access."""
 
-    @property
-    def is_reply(self) -> bool:
-        return bool(self.flags & HeaderFlags.REPLY)
+    WRITABLE = 0
+    """Front-end message for writable fields."""
+    MIGRATION = 1
+    """Front-end message for live migration (may write read-only fields)."""
 
-    @property
-    def need_reply(self) -> bool:
-        return bool(self.flags & HeaderFlags.NEED_REPLY)
 
-    def pack(self) -> bytes:
-        return HEADER.pack(self.request, self.flags, self.size)
+class TransferDirection(enum.IntEnum):
+    SAVE = 0
+    """Back-end to front-end (migration source)."""
+    LOAD = 1
+    """Front-end to back-end (migration destination)."""
 
-    @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview) -> Header:
-        return cls(*HEADER.unpack_from(data))
+
+class MigrationPhase(enum.IntEnum):
+    STOPPED = 0
 
 
 # --------------------------------------------------------------------------------------
-# Payloads ("Message Specification / Payload")
+# Payloads ("Message Specification / Payload"): field tables, and what they generate
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,61 +220,358 @@ class DecodeContext:
     max_queues: int | None = None
 
 
-def _bad(request: FrontendRequest, what: str) -> InvalidMessage:
-    return InvalidMessage(f"{request.name}: {what}", request=request, section=request.section)
-
-
-def _check_size(request: FrontendRequest, data: bytes, size: int) -> None:
-    if len(data) != size:
-        raise PayloadSizeMismatch(request, len(data), str(size), section=request.section)
-
-
-def _check_queue(request: FrontendRequest, index: int, ctx: DecodeContext) -> None:
-    if ctx.max_queues is not None and index >= ctx.max_queues:
-        raise _bad(request, f"vring index {index} out of range (the device has {ctx.max_queues})")
-
-
-_U64 = struct.Struct("=Q")
-U64_STRUCT = Struct("u64" / Int64un)
+_NO_CONTEXT = DecodeContext()
 
 
 @dataclass(frozen=True, slots=True)
-class U64:
-    """A single 64-bit integer (features, status, MTU, acks, ...)."""
+class _Wire:
+    """A row of a payload's field table: how the field appears on the wire.
 
-    value: int
-    SIZE = 8
+    ``code``: its ``struct`` code (``I`` u32, ``Q`` u64, ``6s2x`` 6 bytes + 2 of padding).
+    ``allowed``: the values the spec defines (``None``: any); an enum class also converts.
+    ``convert``/``encode``: wire value -> attribute and back (``bool``, ``UUID``).
+    ``queue``: a vring index, below ``DecodeContext.max_queues``.
+    ``word``/``mask``: a bit field, bits ``mask`` of the u64 the spec calls ``word``.
+    ``xen``: present only with protocol feature XEN_MMAP (packed when not ``None``).
+    """
+
+    code: str
+    allowed: Collection[int] | None = None
+    convert: Callable[[Any], Any] | None = None
+    encode: Callable[[Any], Any] | None = None
+    queue: bool = False
+    word: str = ""
+    mask: int = 0
+    xen: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    """The variable end of a payload: bytes (``item`` ``None``) or nested payloads.
+
+    ``count``: ``struct`` code of the word counting them, at position ``count_at`` among
+    the fixed words (default: last); without it, exactly one item, or all bytes left.
+    ``skip``: padding bytes before them.  ``most``: the largest count allowed.
+    """
+
+    item: type[Payload] | None = None
+    count: str = ""
+    count_at: int | None = None
+    skip: int = 0
+    most: int | None = None
+
+
+def _f(code: str, default: Any = MISSING, **wire: Any) -> Any:
+    allowed = wire.get("allowed")
+    if isinstance(allowed, type) and issubclass(allowed, enum.Enum):
+        wire.update(allowed=tuple(allowed), convert=allowed)
+    return field(default=default, metadata={"wire": _Wire(code, **wire)})
+
+
+_u8, _u16, _u32, _u64 = (partial(_f, code) for code in "BHIQ")
+
+
+def _bits(word: str, mask: int, default: Any = MISSING, **wire: Any) -> Any:
+    return _f("Q", default, word=word, mask=mask, **wire)
+
+
+def _tail(item: type[Payload] | None = None, **tail: Any) -> Any:
+    return field(metadata={"wire": _Tail(item, **tail)})
+
+
+def _describe(allowed: Collection[int]) -> str:
+    if isinstance(allowed, range):
+        return f"{allowed.start}..{allowed.stop - 1}"
+    return ", ".join(f"{v} ({v.name})" if isinstance(v, enum.Enum) else str(v) for v in allowed)
+
+
+class _Word:
+    """A word of a payload's fixed part: one field, bit fields sharing it, or a count."""
+
+    def __init__(self, code: str, xen: bool = False) -> None:
+        self.code, self.xen, self.mask = code, xen, 0
+        self.fields: list[tuple[str, _Wire, int]] = []  # name, row, shift of its bits
+
+    def add(self, name: str, wire: _Wire) -> None:
+        self.fields.append((name, wire, (wire.mask & -wire.mask).bit_length() - 1))
+        self.mask |= wire.mask
+
+    def get(self, obj: Any, tail: str) -> Any:
+        """This word's wire value for ``obj``."""
+        if not self.fields:
+            return len(getattr(obj, tail))
+        if not self.mask:
+            name, wire, _ = self.fields[0]
+            value = getattr(obj, name)
+            if wire.encode is not None:
+                return wire.encode(value)
+            return 0 if value is None and wire.xen else value
+        word = 0
+        for name, wire, shift in self.fields:
+            bits = int(getattr(obj, name)) << shift
+            if bits & ~wire.mask:
+                raise struct.error(f"{name} {getattr(obj, name)} does not fit in {wire.mask:#x}")
+            word |= bits
+        return word
+
+    def put(self, value: int, into: dict[str, Any], fail: Callable[[str], Exception]) -> None:
+        """Checks the wire ``value`` and stores the fields it holds ``into`` kwargs."""
+        if self.mask and value & ~self.mask:
+            names = "/".join(name for name, _, _ in self.fields)
+            raise fail(f"{self.fields[0][1].word} {value:#x} has bits set beyond {names}")
+        for name, wire, shift in self.fields:
+            v = (value & wire.mask) >> shift if self.mask else value
+            if wire.allowed is not None and v not in wire.allowed:
+                raise fail(f"{name} {v} not in {_describe(wire.allowed)}")
+            into[name] = v if wire.convert is None else wire.convert(v)
+
+
+class _Layout:
+    """The fixed part of a payload, with or without the XEN_MMAP fields."""
+
+    def __init__(self, words: list[_Word], end: int, tail: str) -> None:
+        self.words = words
+        self.struct = struct.Struct("=" + "".join(w.code for w in words) + "x" * end)
+        names = [name for w in words for name, wire, _ in w.fields]
+        # Plain: each word one field, in field order, kept as is (the common case, fast).
+        self.plain = (
+            not tail
+            and all(
+                len(w.fields) == 1 and not (w.mask or w.xen or w.fields[0][1].convert)
+                for w in words
+            )
+            and not any(w.fields[0][1].allowed or w.fields[0][1].encode for w in words)
+        )
+        self.get = attrgetter(*names) if self.plain and len(names) > 1 else None
+        self.tail = tail
+
+    def pack(self, obj: Any) -> bytes:
+        if self.get is not None:
+            return self.struct.pack(*self.get(obj))
+        return self.struct.pack(*[word.get(obj, self.tail) for word in self.words])
+
+
+class _Codec:
+    """``pack``/``unpack`` of one payload class, derived from its field table.
+
+    ``c_padding``: bytes of C padding QEMU sends after the spec's fields (the ``sizeof``
+    of its struct): sent as zeros, accepted with or without.
+    """
+
+    def __init__(self, cls: type[Payload], section: str, c_padding: int) -> None:
+        self.cls, self.section, self.c_padding = cls, section, c_padding
+        self.tail_name, self.tail = "", _Tail()
+        named: dict[str, _Word] = {}
+        words: list[_Word] = []
+        for f in fields(cls):  # type: ignore[arg-type]
+            wire = f.metadata["wire"]
+            if isinstance(wire, _Tail):
+                self.tail_name, self.tail = f.name, wire
+            elif wire.word in named:
+                named[wire.word].add(f.name, wire)
+            else:
+                named[wire.word or f.name] = word = _Word(wire.code, wire.xen)
+                words.append(word)
+                word.add(f.name, wire)
+        if self.tail.count:
+            at = len(words) if self.tail.count_at is None else self.tail.count_at
+            words.insert(at, _Word(self.tail.count))
+        self.queue_fields = [name for w in words for name, wire, _ in w.fields if wire.queue]
+        self.xen_field = next((w.fields[0][0] for w in words if w.xen), "")
+        end = self.tail.skip + c_padding
+        self.base = _Layout([w for w in words if not w.xen], end, self.tail_name)
+        self.full = _Layout(words, end, self.tail_name) if self.xen_field else self.base
+        cls.SECTION = section
+        cls.MIN_SIZE = self.base.struct.size - c_padding
+        cls.MAX_SIZE = self.full.struct.size
+        if self.tail.item is not None:
+            cls.MIN_SIZE += 0 if self.tail.count else self.tail.item.MIN_SIZE
+            cls.MAX_SIZE += (self.tail.most or 1) * self.tail.item.MAX_SIZE
+        elif self.tail_name:
+            cls.MAX_SIZE += MAX_PAYLOAD_SIZE if self.tail.most is None else self.tail.most
+        elif not self.xen_field:
+            cls.SIZE = cls.MAX_SIZE
+
+    def pack(self, obj: Payload) -> bytes:
+        xen = self.xen_field and getattr(obj, self.xen_field) is not None
+        head = (self.full if xen else self.base).pack(obj)
+        if not self.tail_name:
+            return head
+        value = getattr(obj, self.tail_name)
+        if self.tail.item is None:
+            return head + value
+        return head + b"".join(item.pack() for item in (value if self.tail.count else [value]))
+
+    def unpack(self, data: Any, ctx: DecodeContext, request: int | None, shape: bool = True) -> Any:
+        layout = self.full if ctx.xen_mmap else self.base
+        size = layout.struct.size
+        if len(data) != size and not (self.tail_name and len(data) > size):
+            if self.tail_name or not self.c_padding or len(data) != size - self.c_padding:
+                expected = f"{size - self.c_padding} or {size}" if self.c_padding else str(size)
+                expected = f"at least {size}" if self.tail_name else expected
+                raise self.size_error(request, len(data), expected)
+            data = bytes(data).ljust(size, b"\0")
+        if layout.plain:
+            obj = self.cls(*layout.struct.unpack_from(data))
+        else:
+            kwargs: dict[str, Any] = {}
+            count = 1
+            fail = partial(self.invalid, request)
+            for word, value in zip(layout.words, layout.struct.unpack_from(data), strict=True):
+                if word.fields:
+                    word.put(value, kwargs, fail)
+                else:
+                    count = value
+            if self.tail_name:
+                kwargs[self.tail_name] = self.unpack_tail(data[size:], size, count, ctx, request)
+            obj = self.cls(**kwargs)
+        for name in self.queue_fields:
+            if ctx.max_queues is not None and getattr(obj, name) >= ctx.max_queues:
+                what = f"vring index {getattr(obj, name)} out of range"
+                raise self.invalid(request, f"{what} (the device has {ctx.max_queues})")
+        if shape and (problem := obj.shape_error()) is not None:
+            raise self.invalid(request, problem)
+        return obj
+
+    def unpack_tail(
+        self, rest: Any, size: int, count: int, ctx: DecodeContext, request: int | None
+    ) -> Any:
+        tail = self.tail
+        if tail.most is not None and count > tail.most:
+            what = self.tail_name if tail.item else "bytes"
+            raise self.invalid(request, f"{count} {what}, at most {tail.most} allowed")
+        if tail.item is None:
+            if tail.count and len(rest) != count:
+                raise self.size_error(request, size + len(rest), f"{size} + {count}")
+            return bytes(rest)
+        codec = tail.item._codec
+        step = (codec.full if ctx.xen_mmap else codec.base).struct.size
+        if len(rest) != step * count:
+            raise self.size_error(request, size + len(rest), f"{size} + {step} * {count}")
+        chunks = (rest[i * step : (i + 1) * step] for i in range(count))
+        items = tuple(codec.unpack(chunk, ctx, request, shape=False) for chunk in chunks)
+        return items if tail.count else items[0]
+
+    def invalid(self, request: int | None, what: str) -> InvalidMessage:
+        label = getattr(request, "name", self.cls.__name__)
+        section = getattr(request, "section", self.section)
+        return InvalidMessage(f"{label}: {what}", request=request, section=section)
+
+    def size_error(self, request: int | None, size: int, expected: str) -> InvalidMessage:
+        """A ``PayloadSizeMismatch`` (which needs the request), else an ``InvalidMessage``."""
+        if request is None:
+            return self.invalid(None, f"payload of {size} bytes, expected {expected}")
+        section = getattr(request, "section", self.section)
+        return PayloadSizeMismatch(request, size, expected, section=section)
+
+
+_PayloadT = TypeVar("_PayloadT", bound="Payload")
+
+
+class Payload:
+    """Base of the payload classes: ``pack()`` and ``unpack()`` come from the field table.
+
+    ``MIN_SIZE``/``MAX_SIZE`` bound the wire size; ``SIZE`` is that of a fixed-size
+    payload (as QEMU sends it); ``SECTION`` is where the spec defines the layout.
+    """
+
+    __slots__ = ()
+    SIZE: ClassVar[int]
+    MIN_SIZE: ClassVar[int]
+    MAX_SIZE: ClassVar[int]
+    SECTION: ClassVar[str]
+    _codec: ClassVar[_Codec]
 
     def pack(self) -> bytes:
-        return _U64.pack(self.value)
+        return self._codec.pack(self)
 
     @classmethod
-    def unpack(cls, data: bytes) -> U64:
-        return cls(_U64.unpack(data)[0])
+    def unpack(
+        cls: type[_PayloadT],
+        data: bytes | bytearray | memoryview,
+        ctx: DecodeContext | None = None,
+        *,
+        request: int | None = None,
+    ) -> _PayloadT:
+        """Decode exactly one payload.  Raises ``InvalidMessage`` on bad input: with
+        ``request`` given, a wrong size is a ``PayloadSizeMismatch`` citing it."""
+        return cls._codec.unpack(data, ctx or _NO_CONTEXT, request)  # type: ignore[no-any-return]
+
+    def shape_error(self) -> str | None:
+        """What is wrong across fields, beyond each field's range (``None``: nothing)."""
+        return None
 
 
-_VRING_STATE = struct.Struct("=II")
-VRING_STATE_STRUCT = Struct("index" / Int32un, "num" / Int32un)
+@dataclass_transform(frozen_default=True, field_specifiers=(_f, _bits, _tail))
+def _payload(
+    title: str, *, section: str | None = None, c_padding: int = 0
+) -> Callable[[type[_PayloadT]], type[_PayloadT]]:
+    """Makes a frozen dataclass of a payload class, with the codec of its field table."""
+
+    def build(cls: type[_PayloadT]) -> type[_PayloadT]:
+        cls = dataclass(frozen=True, slots=True)(cls)
+        where = section or spec_section("Message Specification", "Payload", title)
+        cls._codec = _Codec(cls, where, c_padding)
+        return cls
+
+    return build
 
 
-@dataclass(frozen=True, slots=True)
-class VringState:
+@_payload("Header", section=spec_section("Message Specification", "Header"))
+class Header(Payload):
+    """A message header: ``request``, ``flags``, ``size`` of the payload (u32 each)."""
+
+    request: int = _u32()
+    flags: int = _u32()
+    size: int = _u32()
+
+    @property
+    def version(self) -> int:
+        return self.flags & HeaderFlags.VERSION_MASK
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & HeaderFlags.REPLY)
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & HeaderFlags.NEED_REPLY)
+
+
+HEADER = Header._codec.base.struct
+"""``struct`` of the header: request (u32), flags (u32), size (u32) of the payload."""
+HEADER_SIZE = HEADER.size  # 12
+MAX_MESSAGE_SIZE = HEADER_SIZE + MAX_PAYLOAD_SIZE
+
+
+@_payload("A single 64-bit integer")
+class U64(Payload):
+    """A single 64-bit integer (features, status, MTU, acks, ...)."""
+
+    value: int = _u64()
+
+
+@_payload("A single 64-bit integer")
+class Status(U64):
+    """A u64 status reply: 0 is success (for SET_DEVICE_STATE_FD, bits 0-7; bit 8 set:
+    no fd)."""
+
+
+@_payload("", section=spec_section("Message Specification", "Payload"))
+class Empty(Payload):
+    """No payload (a reply that carries only fds, e.g. POSTCOPY_ADVISE's)."""
+
+
+@_payload("A vring state description")
+class VringState(Payload):
     """A vring state description: ``index`` and ``num`` (u32 each).
 
     For SET/GET_VRING_BASE ``num`` holds the descriptor index/indices; see
     ``split_next_avail`` and ``packed_indices``.
     """
 
-    index: int
-    num: int
-    SIZE = 8
-
-    def pack(self) -> bytes:
-        return _VRING_STATE.pack(self.index, self.num)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringState:
-        return cls(*_VRING_STATE.unpack(data))
+    index: int = _u32(queue=True)
+    num: int = _u32()
 
     @property
     def split_next_avail(self) -> int:
@@ -303,102 +590,47 @@ class VringState:
         return (avail & 0x7FFF) | avail_wrap << 15 | (used & 0x7FFF) << 16 | used_wrap << 31
 
 
-_VRING_ADDR = struct.Struct("=IIQQQQ")
-VRING_ADDR_STRUCT = Struct(
-    "index" / Int32un,
-    "flags" / Int32un,
-    "descriptor" / Int64un,
-    "used" / Int64un,
-    "available" / Int64un,
-    "log" / Int64un,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class VringAddr:
+@_payload("A vring address description")
+class VringAddr(Payload):
     """A vring address description (user addresses, or IOVAs with VIRTIO_F_IOMMU_PLATFORM)."""
 
-    index: int
-    flags: int
-    descriptor: int
-    used: int
-    available: int
-    log: int
-    SIZE = 40
+    index: int = _u32(queue=True)
+    flags: int = _u32()
+    descriptor: int = _u64()
+    used: int = _u64()
+    available: int = _u64()
+    log: int = _u64()
 
     @property
     def log_used(self) -> bool:
         """``VHOST_VRING_F_LOG``: writes to the used ring are logged at ``log``."""
         return bool(self.flags & (1 << VHOST_VRING_F_LOG))
 
-    def pack(self) -> bytes:
-        return _VRING_ADDR.pack(
-            self.index, self.flags, self.descriptor, self.used, self.available, self.log
-        )
 
-    @classmethod
-    def unpack(cls, data: bytes) -> VringAddr:
-        return cls(*_VRING_ADDR.unpack(data))
+@_payload("A single 64-bit integer")
+class VringFd(Payload):
+    """Payload of SET_VRING_KICK / CALL / ERR: a u64 with the vring index in bits 0-7 and
+    bit 8 "no fd"; the other bits must be 0."""
 
-
-@dataclass(frozen=True, slots=True)
-class VringFd:
-    """Payload of SET_VRING_KICK / CALL / ERR: bits 0-7 vring index, bit 8 "no fd"."""
-
-    index: int
-    no_fd: bool = False
-    SIZE = 8
-
-    def pack(self) -> bytes:
-        return _U64.pack(self.index | (VHOST_USER_VRING_NOFD_MASK if self.no_fd else 0))
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringFd:
-        (value,) = _U64.unpack(data)
-        return cls(value & VHOST_USER_VRING_IDX_MASK, bool(value & VHOST_USER_VRING_NOFD_MASK))
+    index: int = _bits("u64", VHOST_USER_VRING_IDX_MASK, queue=True)
+    no_fd: bool = _bits("u64", VHOST_USER_VRING_NOFD_MASK, False, convert=bool)
 
 
-_REGION = struct.Struct("=QQQQ")
-_XEN_REGION = struct.Struct("=QQQQII")
-MEMORY_REGION_STRUCT = Struct(
-    "guest_address" / Int64un, "size" / Int64un, "user_address" / Int64un, "mmap_offset" / Int64un
-)
-XEN_MEMORY_REGION_STRUCT = Struct(
-    "guest_address" / Int64un,
-    "size" / Int64un,
-    "user_address" / Int64un,
-    "mmap_offset" / Int64un,
-    "xen_mmap_flags" / Int32un,
-    "domid" / Int32un,
-)
-_U64_MAX = (1 << 64) - 1
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryRegion:
+@_payload("Memory region description")
+class MemoryRegion(Payload):
     """A memory region description.  ``xen_mmap_flags`` and ``domid`` are present (not
     ``None``) only when XEN_MMAP is negotiated; the region is then 40 bytes, else 32."""
 
-    guest_address: int
-    size: int
-    user_address: int
-    mmap_offset: int
-    xen_mmap_flags: int | None = None
-    domid: int | None = None
-
-    @staticmethod
-    def wire_size(xen_mmap: bool) -> int:
-        return _XEN_REGION.size if xen_mmap else _REGION.size
-
-    def pack(self) -> bytes:
-        base = (self.guest_address, self.size, self.user_address, self.mmap_offset)
-        if self.xen_mmap_flags is None:
-            return _REGION.pack(*base)
-        return _XEN_REGION.pack(*base, self.xen_mmap_flags, self.domid or 0)
+    guest_address: int = _u64()
+    size: int = _u64()
+    user_address: int = _u64()
+    mmap_offset: int = _u64()
+    xen_mmap_flags: int | None = _u32(None, xen=True)
+    domid: int | None = _u32(None, xen=True)
 
     @classmethod
-    def unpack(cls, data: bytes, xen_mmap: bool = False) -> MemoryRegion:
-        return cls(*(_XEN_REGION if xen_mmap else _REGION).unpack(data))
+    def wire_size(cls, xen_mmap: bool) -> int:
+        return cls.MAX_SIZE if xen_mmap else cls.MIN_SIZE
 
     def shape_error(self) -> str | None:
         """Range checks that need no knowledge of guest memory: non-empty, no 64-bit wrap."""
@@ -409,409 +641,137 @@ class MemoryRegion:
             ("user address", self.user_address),
             ("mmap offset", self.mmap_offset),
         ):
-            if base + self.size - 1 > _U64_MAX:
+            if base + self.size > 1 << 64:
                 return f"memory region {name} {base:#x} + size {self.size:#x} wraps around"
         return None
 
 
-_MEM_HEADER = struct.Struct("=II")
-MEMORY_TABLE_STRUCT = Struct(
-    "num_regions" / Int32un,
-    Padding(4),
-    "regions" / MEMORY_REGION_STRUCT[this.num_regions],
-)
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryTable:
+@_payload("Multiple Memory regions description")
+class MemoryTable(Payload):
     """Multiple memory regions description (SET_MEM_TABLE): ``num regions`` (u32),
     padding (u32), then exactly ``num regions`` regions (QEMU sends no unused slots)."""
 
-    regions: tuple[MemoryRegion, ...]
+    regions: tuple[MemoryRegion, ...] = _tail(
+        MemoryRegion, count="I", skip=4, most=VHOST_MEMORY_BASELINE_NREGIONS
+    )
 
     @property
     def num_regions(self) -> int:
         return len(self.regions)
 
-    def pack(self) -> bytes:
-        return _MEM_HEADER.pack(len(self.regions), 0) + b"".join(r.pack() for r in self.regions)
+    def shape_error(self) -> str | None:
+        for i, region in enumerate(self.regions):
+            if (problem := region.shape_error()) is not None:
+                return f"region {i}: {problem}"
+        return None
 
 
-_SINGLE_PAD = struct.Struct("=Q")
-SINGLE_MEMORY_REGION_STRUCT = Struct(Padding(8), "region" / MEMORY_REGION_STRUCT)
-
-
-@dataclass(frozen=True, slots=True)
-class SingleMemoryRegion:
+@_payload("Single memory region description")
+class SingleMemoryRegion(Payload):
     """Single memory region description (ADD_MEM_REG / REM_MEM_REG): padding u64 + region."""
 
-    region: MemoryRegion
+    region: MemoryRegion = _tail(MemoryRegion, skip=8)
 
-    def pack(self) -> bytes:
-        return _SINGLE_PAD.pack(0) + self.region.pack()
-
-
-_LOG = struct.Struct("=QQ")
-LOG_STRUCT = Struct("mmap_size" / Int64un, "mmap_offset" / Int64un)
+    def shape_error(self) -> str | None:
+        return self.region.shape_error()
 
 
-@dataclass(frozen=True, slots=True)
-class LogDescription:
+@_payload("Log description")
+class LogDescription(Payload):
     """Log description (SET_LOG_BASE): size and offset of the dirty log in the fd."""
 
-    mmap_size: int
-    mmap_offset: int
-    SIZE = 16
-
-    def pack(self) -> bytes:
-        return _LOG.pack(self.mmap_size, self.mmap_offset)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> LogDescription:
-        return cls(*_LOG.unpack(data))
+    mmap_size: int = _u64()
+    mmap_offset: int = _u64()
 
 
-_IOTLB = struct.Struct("=QQQBB")
-IOTLB_STRUCT = Struct(
-    "iova" / Int64un,
-    "size" / Int64un,
-    "user_address" / Int64un,
-    "permissions" / Int8un,
-    "type" / Int8un,
-    Padding(6),
-)
-
-
-class IotlbType(enum.IntEnum):
-    MISS = 1
-    UPDATE = 2
-    INVALIDATE = 3
-    ACCESS_FAIL = 4
-
-
-@dataclass(frozen=True, slots=True)
-class IotlbMessage:
+@_payload("An IOTLB message", c_padding=6)
+class IotlbMessage(Payload):
     """An IOTLB message (``struct vhost_iotlb_msg``: 26 bytes of fields, 32 with the
     C padding QEMU sends).  ``permissions``: 0 none, 1 read, 2 write, 3 read/write."""
 
-    iova: int
-    size: int
-    user_address: int
-    permissions: int
-    type: int
-    SIZE = 32
-
-    def pack(self) -> bytes:
-        fields = (self.iova, self.size, self.user_address, self.permissions, self.type)
-        return _IOTLB.pack(*fields) + bytes(6)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> IotlbMessage:
-        return cls(*_IOTLB.unpack_from(data))
+    iova: int = _u64()
+    size: int = _u64()
+    user_address: int = _u64()
+    permissions: int = _u8(allowed=range(4))
+    type: int = _u8(allowed=IotlbType)
 
 
-_CONFIG_HEADER = struct.Struct("=III")
-CONFIG_HEADER_SIZE = _CONFIG_HEADER.size
-CONFIG_STRUCT = Struct(
-    "offset" / Int32un, "size" / Int32un, "flags" / Int32un, "payload" / Bytes(this.size)
-)
-
-
-class ConfigFlags(enum.IntEnum):
-    """``flags`` of a config space access."""
-
-    WRITABLE = 0
-    """Front-end message for writable fields."""
-    MIGRATION = 1
-    """Front-end message for live migration (may write read-only fields)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigSpace:
+@_payload("Virtio device config space")
+class ConfigSpace(Payload):
     """Virtio device config space access: ``offset``, ``flags`` and ``data`` (``size`` bytes;
-    zeros in a GET_CONFIG request)."""
+    zeros in a GET_CONFIG request).  On the wire: offset, size, flags (u32 each), data."""
 
-    offset: int
-    flags: int
-    data: bytes
+    offset: int = _u32()
+    flags: int = _u32(allowed=ConfigFlags)
+    data: bytes = _tail(count="I", count_at=1, most=VHOST_USER_MAX_CONFIG_SIZE)
 
     @property
     def size(self) -> int:
         return len(self.data)
 
-    def pack(self) -> bytes:
-        return _CONFIG_HEADER.pack(self.offset, len(self.data), self.flags) + self.data
+    def shape_error(self) -> str | None:
+        if self.offset + self.size > 1 << 32:
+            return f"config access at {self.offset:#x} + {self.size} wraps around"
+        return None
 
 
-_AREA = struct.Struct("=QQQ")
-VRING_AREA_STRUCT = Struct("u64" / Int64un, "size" / Int64un, "offset" / Int64un)
+CONFIG_HEADER_SIZE = ConfigSpace.MIN_SIZE  # 12
 
 
-@dataclass(frozen=True, slots=True)
-class VringArea:
+@_payload("Vring area description")
+class VringArea(Payload):
     """Vring area description (back-end VRING_HOST_NOTIFIER_MSG): index (bits 0-7) and
     flags (bit 8: no fd) in ``u64``, then the mmap ``size`` and ``offset`` in the fd."""
 
-    index: int
-    size: int
-    offset: int
-    no_fd: bool = False
-    SIZE = 24
-
-    def pack(self) -> bytes:
-        u64 = (self.index & VHOST_USER_VRING_IDX_MASK) | (
-            VHOST_USER_VRING_NOFD_MASK if self.no_fd else 0
-        )
-        return _AREA.pack(u64, self.size, self.offset)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> VringArea:
-        u64, size, offset = _AREA.unpack(data)
-        return cls(
-            u64 & VHOST_USER_VRING_IDX_MASK, size, offset, bool(u64 & VHOST_USER_VRING_NOFD_MASK)
-        )
+    index: int = _bits("u64", VHOST_USER_VRING_IDX_MASK, queue=True)
+    size: int = _u64()
+    offset: int = _u64()
+    no_fd: bool = _bits("u64", VHOST_USER_VRING_NOFD_MASK, False, convert=bool)
 
 
-_INFLIGHT = struct.Struct("=QQHH")
-INFLIGHT_STRUCT = Struct(
-    "mmap_size" / Int64un, "mmap_offset" / Int64un, "num_queues" / Int16un, "queue_size" / Int16un
-)
-INFLIGHT_WIRE_SIZE = 24
-"""QEMU sends ``sizeof(VhostUserInflight)``: 20 bytes of fields plus 4 of C padding."""
+@_payload("Inflight description", c_padding=4)
+class InflightDescription(Payload):
+    """Inflight description (GET/SET_INFLIGHT_FD).  QEMU sends ``sizeof(VhostUserInflight)``:
+    20 bytes of fields plus 4 of C padding."""
+
+    mmap_size: int = _u64()
+    mmap_offset: int = _u64()
+    num_queues: int = _u16()
+    queue_size: int = _u16()
 
 
-@dataclass(frozen=True, slots=True)
-class InflightDescription:
-    """Inflight description (GET/SET_INFLIGHT_FD)."""
-
-    mmap_size: int
-    mmap_offset: int
-    num_queues: int
-    queue_size: int
-
-    def pack(self) -> bytes:
-        fields = (self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
-        return _INFLIGHT.pack(*fields) + bytes(INFLIGHT_WIRE_SIZE - _INFLIGHT.size)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> InflightDescription:
-        return cls(*_INFLIGHT.unpack_from(data))
+INFLIGHT_WIRE_SIZE = InflightDescription.SIZE  # 24
 
 
-SHARED_OBJECT_STRUCT = Struct("uuid" / Bytes(16))
-
-
-@dataclass(frozen=True, slots=True)
-class SharedObject:
+@_payload("VhostUserShared")
+class SharedObject(Payload):
     """VhostUserShared: a 16-byte UUID in RFC 4122 byte order (first three fields big
     endian), i.e. ``uuid.UUID(bytes=...)``."""
 
-    uuid: uuid.UUID
-    SIZE = 16
-
-    def pack(self) -> bytes:
-        return self.uuid.bytes
-
-    @classmethod
-    def unpack(cls, data: bytes) -> SharedObject:
-        return cls(uuid.UUID(bytes=bytes(data)))
+    uuid: UUID = _f("16s", convert=lambda raw: UUID(bytes=raw), encode=attrgetter("bytes"))
 
 
-class TransferDirection(enum.IntEnum):
-    SAVE = 0
-    """Back-end to front-end (migration source)."""
-    LOAD = 1
-    """Front-end to back-end (migration destination)."""
-
-
-class MigrationPhase(enum.IntEnum):
-    STOPPED = 0
-
-
-_DEVICE_STATE = struct.Struct("=II")
-DEVICE_STATE_STRUCT = Struct("direction" / Int32un, "phase" / Int32un)
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceStateTransfer:
+@_payload("Device state transfer parameters")
+class DeviceStateTransfer(Payload):
     """Device state transfer parameters (SET_DEVICE_STATE_FD)."""
 
-    direction: TransferDirection
-    phase: MigrationPhase
-    SIZE = 8
-
-    def pack(self) -> bytes:
-        return _DEVICE_STATE.pack(self.direction, self.phase)
+    direction: TransferDirection = _u32(allowed=TransferDirection)
+    phase: MigrationPhase = _u32(allowed=MigrationPhase)
 
 
-@dataclass(frozen=True, slots=True)
-class MacAddress:
+@_payload("A single 64-bit integer")
+class MacAddress(Payload):
     """SEND_RARP: a u64 whose first 6 bytes are the guest's MAC address."""
 
-    mac: bytes
-    SIZE = 8
-
-    def pack(self) -> bytes:
-        return self.mac[:6].ljust(8, b"\0")
+    mac: bytes = _f("6s2x")
 
 
-@dataclass(frozen=True, slots=True)
-class Opaque:
+@_payload("", section=spec_section("Message Specification", "Payload"))
+class Opaque(Payload):
     """A payload this module does not interpret (CREATE_CRYPTO_SESSION: QEMU's
     ``VhostUserCryptoSession``, specific to the crypto device)."""
 
-    data: bytes
-
-    def pack(self) -> bytes:
-        return self.data
-
-
-Payload = Union[  # noqa: UP007 - a runtime alias, kept readable
-    U64,
-    VringState,
-    VringAddr,
-    VringFd,
-    MemoryTable,
-    SingleMemoryRegion,
-    LogDescription,
-    IotlbMessage,
-    ConfigSpace,
-    InflightDescription,
-    SharedObject,
-    DeviceStateTransfer,
-    MacAddress,
-    Opaque,
-]
-
-
-class _Packable(Protocol):
-    def pack(self) -> bytes: ...
-
-
-# --------------------------------------------------------------------------------------
-# Decoders: bytes (already within the table's size bounds) -> payload, with shape checks
-
-
-def _decode_u64(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> U64:
-    return U64.unpack(data)
-
-
-def _decode_vring_state(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> VringState:
-    state = VringState.unpack(data)
-    _check_queue(req, state.index, ctx)
-    if req is FrontendRequest.SET_VRING_NUM and not 1 <= state.num <= MAX_QUEUE_SIZE:
-        raise _bad(req, f"queue size {state.num} not in 1..{MAX_QUEUE_SIZE}")
-    if req is FrontendRequest.SET_VRING_ENABLE and state.num > 1:
-        raise _bad(req, f"enable must be 0 or 1, not {state.num}")
-    if req is FrontendRequest.SET_VRING_ENDIAN and state.num > 1:
-        raise _bad(req, f"endianness must be 0 (little) or 1 (big), not {state.num}")
-    return state
-
-
-def _decode_vring_addr(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> VringAddr:
-    addr = VringAddr.unpack(data)
-    _check_queue(req, addr.index, ctx)
-    return addr
-
-
-def _decode_vring_fd(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> VringFd:
-    (value,) = _U64.unpack(data)
-    if value & ~(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK):
-        raise _bad(req, f"payload {value:#x} has bits set beyond the index and NOFD bit")
-    vring = VringFd.unpack(data)
-    _check_queue(req, vring.index, ctx)
-    return vring
-
-
-def _decode_regions(
-    req: FrontendRequest, data: bytes, count: int, ctx: DecodeContext
-) -> tuple[MemoryRegion, ...]:
-    step = MemoryRegion.wire_size(ctx.xen_mmap)
-    regions = []
-    for i in range(count):
-        region = MemoryRegion.unpack(data[i * step : (i + 1) * step], ctx.xen_mmap)
-        problem = region.shape_error()
-        if problem is not None:
-            raise _bad(req, f"region {i}: {problem}")
-        regions.append(region)
-    return tuple(regions)
-
-
-def _decode_memory_table(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> MemoryTable:
-    num, _padding = _MEM_HEADER.unpack_from(data)
-    if num > VHOST_MEMORY_BASELINE_NREGIONS:
-        raise _bad(req, f"{num} regions, at most {VHOST_MEMORY_BASELINE_NREGIONS} allowed")
-    step = MemoryRegion.wire_size(ctx.xen_mmap)
-    if len(data) != _MEM_HEADER.size + num * step:
-        raise PayloadSizeMismatch(
-            req, len(data), f"{_MEM_HEADER.size} + {step} * {num}", section=req.section
-        )
-    return MemoryTable(_decode_regions(req, data[_MEM_HEADER.size :], num, ctx))
-
-
-def _decode_single_region(
-    req: FrontendRequest, data: bytes, ctx: DecodeContext
-) -> SingleMemoryRegion:
-    _check_size(req, data, _SINGLE_PAD.size + MemoryRegion.wire_size(ctx.xen_mmap))
-    return SingleMemoryRegion(_decode_regions(req, data[_SINGLE_PAD.size :], 1, ctx)[0])
-
-
-def _decode_log(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> LogDescription:
-    return LogDescription.unpack(data)
-
-
-def _decode_iotlb(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> IotlbMessage:
-    msg = IotlbMessage.unpack(data)
-    if msg.permissions > 3:
-        raise _bad(req, f"IOTLB permissions {msg.permissions} not in 0..3")
-    if msg.type not in (IotlbType.UPDATE, IotlbType.INVALIDATE):
-        raise _bad(req, f"IOTLB message type {msg.type} is not UPDATE (2) or INVALIDATE (3)")
-    return msg
-
-
-def _decode_config(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> ConfigSpace:
-    offset, size, flags = _CONFIG_HEADER.unpack_from(data)
-    if size > VHOST_USER_MAX_CONFIG_SIZE:
-        raise _bad(req, f"config access of {size} bytes, at most {VHOST_USER_MAX_CONFIG_SIZE}")
-    if len(data) != CONFIG_HEADER_SIZE + size:
-        raise PayloadSizeMismatch(
-            req, len(data), f"{CONFIG_HEADER_SIZE} + {size}", section=req.section
-        )
-    if flags not in (ConfigFlags.WRITABLE, ConfigFlags.MIGRATION):
-        raise _bad(req, f"config flags {flags} not 0 or 1")
-    if offset + size > 1 << 32:
-        raise _bad(req, f"config access at {offset:#x} + {size} wraps around")
-    return ConfigSpace(offset, flags, bytes(data[CONFIG_HEADER_SIZE:]))
-
-
-def _decode_inflight(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> InflightDescription:
-    return InflightDescription.unpack(data)
-
-
-def _decode_shared(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> SharedObject:
-    return SharedObject.unpack(data)
-
-
-def _decode_device_state(
-    req: FrontendRequest, data: bytes, ctx: DecodeContext
-) -> DeviceStateTransfer:
-    direction, phase = _DEVICE_STATE.unpack(data)
-    if direction not in (TransferDirection.SAVE, TransferDirection.LOAD):
-        raise _bad(req, f"transfer direction {direction} not 0 (save) or 1 (load)")
-    if phase != MigrationPhase.STOPPED:
-        raise _bad(req, f"migration phase {phase} unknown (only 0, stopped)")
-    return DeviceStateTransfer(TransferDirection(direction), MigrationPhase(phase))
-
-
-def _decode_mac(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> MacAddress:
-    return MacAddress(bytes(data[:6]))
-
-
-def _decode_opaque(req: FrontendRequest, data: bytes, ctx: DecodeContext) -> Opaque:
-    return Opaque(bytes(data))
-
-
-Decoder = Callable[[FrontendRequest, bytes, DecodeContext], Payload]
+    data: bytes = _tail()
 
 
 # --------------------------------------------------------------------------------------
@@ -841,28 +801,62 @@ class ReplyRule(enum.Enum):
     NEED_REPLY is not set); otherwise they behave like ``NONE``."""
 
 
+class Limit(NamedTuple):
+    """A range one request puts on a payload field, beyond the payload's own ranges."""
+
+    field: str
+    allowed: Collection[int]
+    what: str
+    """How the error message names the field."""
+
+
+Decoder = Callable[[FrontendRequest, bytes, DecodeContext], Payload]
+
+
+def _decode(
+    payload: type[Payload],
+    limits: tuple[Limit, ...],
+    request: FrontendRequest,
+    data: bytes,
+    ctx: DecodeContext,
+) -> Payload:
+    value = payload.unpack(data, ctx, request=request)
+    for name, allowed, what in limits:
+        if (v := getattr(value, name)) not in allowed:
+            raise InvalidMessage(
+                f"{request.name}: {what} {v} not in {_describe(allowed)}",
+                request=request,
+                section=request.section,
+            )
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
     """One row of ``REQUESTS``.
 
-    ``min_size``/``max_size``: bounds on the payload size (equal when it is fixed); the
-    decoder then checks the exact shape (e.g. a memory table's size against its count).
+    ``payload``: the request's payload class (``None``: none); ``min_size``/``max_size``
+    bound its size (the class's bounds unless the row says otherwise), and ``decode``
+    checks its exact shape and the row's ``limits``.
     ``feature``: the protocol feature that must be negotiated (SET_PROTOCOL_FEATURES).
     ``needs_protocol_features``: legal only if our GET_FEATURES reply offered
     ``VHOST_USER_F_PROTOCOL_FEATURES`` (implied by any ``feature``).
-    ``reply_fds``: most fds the back-end's reply may carry.
+    ``reply_payload``: the payload class of the explicit reply (``Status``: a u64 status,
+    so a failure can be told); ``reply_fds``: most fds the back-end's reply may carry.
     """
 
     request: FrontendRequest
     min_size: int
     max_size: int
     decode: Decoder | None
+    payload: type[Payload] | None = None
+    limits: tuple[Limit, ...] = ()
     fds: FdRule = FdRule.NONE
     reply: ReplyRule = ReplyRule.NONE
     feature: ProtocolFeature | None = None
     needs_protocol_features: bool = False
+    reply_payload: type[Payload] | None = None
     reply_fds: int = 0
-    reply_payload: str = ""
 
     @property
     def section(self) -> str:
@@ -875,207 +869,135 @@ class RequestSpec:
         return f"{self.min_size}..{self.max_size}"
 
 
-_R = FrontendRequest
-_F = ProtocolFeature
-_REGION_MAX = _XEN_REGION.size
-_MEM_TABLE_MAX = _MEM_HEADER.size + VHOST_MEMORY_BASELINE_NREGIONS * _REGION_MAX
-_SINGLE_MIN = _SINGLE_PAD.size + _REGION.size
-_SINGLE_MAX = _SINGLE_PAD.size + _XEN_REGION.size
-_CONFIG_MAX = CONFIG_HEADER_SIZE + VHOST_USER_MAX_CONFIG_SIZE
-
-
 def _row(
     request: FrontendRequest,
-    size: int | tuple[int, int],
-    decode: Decoder | None = None,
-    **kwargs: object,
+    payload: type[Payload] | None = None,
+    feature: ProtocolFeature | None = None,
+    *,
+    size: tuple[int, int] | None = None,
+    limits: tuple[Limit, ...] = (),
+    reply: type[Payload] | None = None,
+    postcopy_reply: type[Payload] | None = None,
+    **kwargs: Any,
 ) -> tuple[FrontendRequest, RequestSpec]:
-    lo, hi = (size, size) if isinstance(size, int) else size
-    return request, RequestSpec(request, lo, hi, decode, **kwargs)  # type: ignore[arg-type]
+    """A row; ``reply``: the payload of an explicit reply, ``postcopy_reply``: of the
+    reply in postcopy mode."""
+    lo, hi = size or ((payload.MIN_SIZE, payload.MAX_SIZE) if payload else (0, 0))
+    decode = partial(_decode, payload, limits) if payload else None
+    rule = ReplyRule.ALWAYS if reply else ReplyRule.POSTCOPY if postcopy_reply else ReplyRule.NONE
+    spec = RequestSpec(
+        request, lo, hi, decode, payload, limits, reply=rule, feature=feature,
+        reply_payload=reply or postcopy_reply, **kwargs,
+    )  # fmt: skip
+    return request, spec
 
+
+_R = FrontendRequest
+_F = ProtocolFeature
+_ONE = FdRule.ONE
+_NEEDS_PF = {"needs_protocol_features": True}
 
 REQUESTS: dict[FrontendRequest, RequestSpec] = dict(
     [
-        _row(_R.GET_FEATURES, 0, reply=ReplyRule.ALWAYS, reply_payload="u64"),
-        _row(_R.SET_FEATURES, 8, _decode_u64),
-        _row(_R.SET_OWNER, 0),
-        _row(_R.RESET_OWNER, 0),
-        _row(
-            _R.SET_MEM_TABLE,
-            (_MEM_HEADER.size, _MEM_TABLE_MAX),
-            _decode_memory_table,
-            fds=FdRule.PER_REGION,
-            reply=ReplyRule.POSTCOPY,
-            reply_payload="memory table",
-        ),
+        _row(_R.GET_FEATURES, reply=U64),
+        _row(_R.SET_FEATURES, U64),
+        _row(_R.SET_OWNER),
+        _row(_R.RESET_OWNER),
+        _row(_R.SET_MEM_TABLE, MemoryTable, fds=FdRule.PER_REGION, postcopy_reply=MemoryTable),
         # The spec's table says u64, but QEMU sends the 16-byte log description.
+        _row(_R.SET_LOG_BASE, LogDescription, _F.LOG_SHMFD, fds=_ONE, reply=Status),
+        _row(_R.SET_LOG_FD, fds=_ONE),
         _row(
-            _R.SET_LOG_BASE,
-            LogDescription.SIZE,
-            _decode_log,
-            fds=FdRule.ONE,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.LOG_SHMFD,
-            reply_payload="u64",
+            _R.SET_VRING_NUM,
+            VringState,
+            limits=(Limit("num", range(1, MAX_QUEUE_SIZE + 1), "queue size"),),
         ),
-        _row(_R.SET_LOG_FD, 0, fds=FdRule.ONE),
-        _row(_R.SET_VRING_NUM, 8, _decode_vring_state),
-        _row(_R.SET_VRING_ADDR, VringAddr.SIZE, _decode_vring_addr),
-        _row(_R.SET_VRING_BASE, 8, _decode_vring_state),
+        _row(_R.SET_VRING_ADDR, VringAddr),
+        _row(_R.SET_VRING_BASE, VringState),
+        _row(_R.GET_VRING_BASE, VringState, reply=VringState),
+        _row(_R.SET_VRING_KICK, VringFd, fds=FdRule.VRING),
+        _row(_R.SET_VRING_CALL, VringFd, fds=FdRule.VRING),
+        _row(_R.SET_VRING_ERR, VringFd, fds=FdRule.VRING),
+        _row(_R.GET_PROTOCOL_FEATURES, reply=U64, **_NEEDS_PF),
+        _row(_R.SET_PROTOCOL_FEATURES, U64, **_NEEDS_PF),
+        _row(_R.GET_QUEUE_NUM, None, _F.MQ, reply=U64),
         _row(
-            _R.GET_VRING_BASE,
-            8,
-            _decode_vring_state,
-            reply=ReplyRule.ALWAYS,
-            reply_payload="vring state",
+            _R.SET_VRING_ENABLE, VringState, limits=(Limit("num", range(2), "enable"),), **_NEEDS_PF
         ),
-        _row(_R.SET_VRING_KICK, 8, _decode_vring_fd, fds=FdRule.VRING),
-        _row(_R.SET_VRING_CALL, 8, _decode_vring_fd, fds=FdRule.VRING),
-        _row(_R.SET_VRING_ERR, 8, _decode_vring_fd, fds=FdRule.VRING),
-        _row(
-            _R.GET_PROTOCOL_FEATURES,
-            0,
-            reply=ReplyRule.ALWAYS,
-            needs_protocol_features=True,
-            reply_payload="u64",
-        ),
-        _row(_R.SET_PROTOCOL_FEATURES, 8, _decode_u64, needs_protocol_features=True),
-        _row(_R.GET_QUEUE_NUM, 0, reply=ReplyRule.ALWAYS, feature=_F.MQ, reply_payload="u64"),
-        _row(_R.SET_VRING_ENABLE, 8, _decode_vring_state, needs_protocol_features=True),
-        _row(_R.SEND_RARP, 8, _decode_mac, feature=_F.RARP),
-        _row(_R.NET_SET_MTU, 8, _decode_u64, feature=_F.MTU),
-        _row(_R.SET_BACKEND_REQ_FD, 0, fds=FdRule.ONE, feature=_F.BACKEND_REQ),
+        _row(_R.SEND_RARP, MacAddress, _F.RARP),
+        _row(_R.NET_SET_MTU, U64, _F.MTU),
+        _row(_R.SET_BACKEND_REQ_FD, None, _F.BACKEND_REQ, fds=_ONE),
         # Gated by VIRTIO_F_IOMMU_PLATFORM (a device feature), not by a protocol feature.
         _row(
             _R.IOTLB_MSG,
-            (_IOTLB.size, IotlbMessage.SIZE),
-            _decode_iotlb,
-            reply=ReplyRule.ALWAYS,
-            reply_payload="u64",
+            IotlbMessage,
+            limits=(Limit("type", (IotlbType.UPDATE, IotlbType.INVALIDATE), "message type"),),
+            reply=Status,
         ),
-        _row(_R.SET_VRING_ENDIAN, 8, _decode_vring_state, feature=_F.CROSS_ENDIAN),
         _row(
-            _R.GET_CONFIG,
-            (CONFIG_HEADER_SIZE, _CONFIG_MAX),
-            _decode_config,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.CONFIG,
-            reply_payload="config space",
+            _R.SET_VRING_ENDIAN,
+            VringState,
+            _F.CROSS_ENDIAN,
+            limits=(Limit("num", range(2), "endianness (0 little, 1 big)"),),
         ),
-        _row(_R.SET_CONFIG, (CONFIG_HEADER_SIZE, _CONFIG_MAX), _decode_config, feature=_F.CONFIG),
+        _row(_R.GET_CONFIG, ConfigSpace, _F.CONFIG, reply=ConfigSpace),
+        _row(_R.SET_CONFIG, ConfigSpace, _F.CONFIG),
+        # The session is QEMU's VhostUserCryptoSession, specific to the crypto device.
         _row(
             _R.CREATE_CRYPTO_SESSION,
-            (8, MAX_PAYLOAD_SIZE),
-            _decode_opaque,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.CRYPTO_SESSION,
-            reply_payload="crypto session",
+            Opaque,
+            _F.CRYPTO_SESSION,
+            size=(8, MAX_PAYLOAD_SIZE),
+            reply=Opaque,
         ),
-        _row(_R.CLOSE_CRYPTO_SESSION, 8, _decode_u64, feature=_F.CRYPTO_SESSION),
-        _row(
-            _R.POSTCOPY_ADVISE,
-            0,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.PAGEFAULT,
-            reply_fds=1,
-            reply_payload="no payload (QEMU checks size 0) + userfault fd",
-        ),
-        _row(_R.POSTCOPY_LISTEN, 0, feature=_F.PAGEFAULT),
-        _row(_R.POSTCOPY_END, 0, reply=ReplyRule.ALWAYS, feature=_F.PAGEFAULT, reply_payload="u64"),
+        _row(_R.CLOSE_CRYPTO_SESSION, U64, _F.CRYPTO_SESSION),
+        # The reply carries the userfault fd (QEMU checks its size is 0).
+        _row(_R.POSTCOPY_ADVISE, None, _F.PAGEFAULT, reply=Empty, reply_fds=1),
+        _row(_R.POSTCOPY_LISTEN, None, _F.PAGEFAULT),
+        _row(_R.POSTCOPY_END, None, _F.PAGEFAULT, reply=Status),
         _row(
             _R.GET_INFLIGHT_FD,
-            (_INFLIGHT.size, INFLIGHT_WIRE_SIZE),
-            _decode_inflight,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.INFLIGHT_SHMFD,
+            InflightDescription,
+            _F.INFLIGHT_SHMFD,
+            reply=InflightDescription,
             reply_fds=1,
-            reply_payload="inflight description + fd",
         ),
-        _row(
-            _R.SET_INFLIGHT_FD,
-            (_INFLIGHT.size, INFLIGHT_WIRE_SIZE),
-            _decode_inflight,
-            fds=FdRule.ONE,
-            feature=_F.INFLIGHT_SHMFD,
-        ),
-        _row(_R.GPU_SET_SOCKET, 0, fds=FdRule.ONE),
-        _row(_R.RESET_DEVICE, 0, feature=_F.RESET_DEVICE),
-        _row(_R.VRING_KICK, 8, _decode_vring_state, feature=_F.INBAND_NOTIFICATIONS),
-        _row(
-            _R.GET_MAX_MEM_SLOTS,
-            0,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.CONFIGURE_MEM_SLOTS,
-            reply_payload="u64",
-        ),
+        _row(_R.SET_INFLIGHT_FD, InflightDescription, _F.INFLIGHT_SHMFD, fds=_ONE),
+        _row(_R.GPU_SET_SOCKET, fds=_ONE),
+        _row(_R.RESET_DEVICE, None, _F.RESET_DEVICE),
+        _row(_R.VRING_KICK, VringState, _F.INBAND_NOTIFICATIONS),
+        _row(_R.GET_MAX_MEM_SLOTS, None, _F.CONFIGURE_MEM_SLOTS, reply=U64),
         _row(
             _R.ADD_MEM_REG,
-            (_SINGLE_MIN, _SINGLE_MAX),
-            _decode_single_region,
-            fds=FdRule.ONE,
-            reply=ReplyRule.POSTCOPY,
-            feature=_F.CONFIGURE_MEM_SLOTS,
-            reply_payload="single memory region",
+            SingleMemoryRegion,
+            _F.CONFIGURE_MEM_SLOTS,
+            fds=_ONE,
+            postcopy_reply=SingleMemoryRegion,
         ),
         # The spec's table lists a reply payload, but the text and QEMU only ack it.
-        _row(
-            _R.REM_MEM_REG,
-            (_SINGLE_MIN, _SINGLE_MAX),
-            _decode_single_region,
-            fds=FdRule.TOLERATED_ONE,
-            feature=_F.CONFIGURE_MEM_SLOTS,
-        ),
-        _row(_R.SET_STATUS, 8, _decode_u64, feature=_F.STATUS),
-        _row(_R.GET_STATUS, 0, reply=ReplyRule.ALWAYS, feature=_F.STATUS, reply_payload="u64"),
-        _row(
-            _R.GET_SHARED_OBJECT,
-            SharedObject.SIZE,
-            _decode_shared,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.SHARED_OBJECT,
-            reply_fds=1,
-            reply_payload="u64 status + dmabuf fd (no fd on failure)",
-        ),
+        _row(_R.REM_MEM_REG, SingleMemoryRegion, _F.CONFIGURE_MEM_SLOTS, fds=FdRule.TOLERATED_ONE),
+        _row(_R.SET_STATUS, U64, _F.STATUS),
+        _row(_R.GET_STATUS, None, _F.STATUS, reply=U64),
+        # The reply's dmabuf fd is missing on failure.
+        _row(_R.GET_SHARED_OBJECT, SharedObject, _F.SHARED_OBJECT, reply=Status, reply_fds=1),
         _row(
             _R.SET_DEVICE_STATE_FD,
-            DeviceStateTransfer.SIZE,
-            _decode_device_state,
-            fds=FdRule.ONE,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.DEVICE_STATE,
+            DeviceStateTransfer,
+            _F.DEVICE_STATE,
+            fds=_ONE,
+            reply=Status,
             reply_fds=1,
-            reply_payload="u64 (bit 8: no fd) + optional fd",
         ),
-        _row(
-            _R.CHECK_DEVICE_STATE,
-            0,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.DEVICE_STATE,
-            reply_payload="u64",
-        ),
-        _row(
-            _R.GET_SHMEM_CONFIG,
-            0,
-            reply=ReplyRule.ALWAYS,
-            feature=_F.SHMEM,
-            reply_payload="shared memory config",
-        ),
+        _row(_R.CHECK_DEVICE_STATE, None, _F.DEVICE_STATE, reply=Status),
+        # "VIRTIO Shared Memory Region configuration", not decoded here.
+        _row(_R.GET_SHMEM_CONFIG, None, _F.SHMEM, reply=Opaque),
     ]
 )
-"""For each front-end request: payload size bounds, decoder, fds, reply, gating feature."""
+"""For each front-end request: payload, size bounds, decoder, fds, reply, gating feature."""
 
 assert set(REQUESTS) == set(FrontendRequest)
 
-STATUS_REPLIES = frozenset(
-    {
-        _R.SET_LOG_BASE,
-        _R.IOTLB_MSG,
-        _R.POSTCOPY_END,
-        _R.SET_DEVICE_STATE_FD,
-        _R.CHECK_DEVICE_STATE,
-        _R.GET_SHARED_OBJECT,
-    }
-)
+STATUS_REPLIES = frozenset(r for r, spec in REQUESTS.items() if spec.reply_payload is Status)
 """Requests whose explicit reply is a u64 status (0 = success), so a failure can be told."""
 
 
@@ -1083,14 +1005,14 @@ STATUS_REPLIES = frozenset(
 # Encoding
 
 
-def payload_bytes(payload: _Packable | bytes | bytearray | memoryview | int | None) -> bytes:
+def payload_bytes(payload: Payload | bytes | bytearray | memoryview | int | None) -> bytes:
     """A payload as bytes: ``None`` -> empty, ``int`` -> u64, else ``payload.pack()``."""
     if payload is None:
         return b""
     if isinstance(payload, bytes | bytearray | memoryview):
         return bytes(payload)
     if isinstance(payload, int):
-        return _U64.pack(payload)
+        return U64(payload).pack()
     return payload.pack()
 
 
@@ -1102,14 +1024,14 @@ def encode_message(request: int, flags: int, payload: bytes = b"") -> bytes:
 
 
 def encode_request(
-    request: int, payload: _Packable | bytes | int | None = None, *, need_reply: bool = False
+    request: int, payload: Payload | bytes | int | None = None, *, need_reply: bool = False
 ) -> bytes:
     """A request (front-end side, or back-end side on the back-end channel)."""
     flags = VHOST_USER_VERSION | (HeaderFlags.NEED_REPLY if need_reply else 0)
     return encode_message(request, flags, payload_bytes(payload))
 
 
-def encode_reply(request: int, payload: _Packable | bytes | int | None = None) -> bytes:
+def encode_reply(request: int, payload: Payload | bytes | int | None = None) -> bytes:
     """A reply to ``request``: version 1, REPLY flag set."""
     return encode_message(request, VHOST_USER_VERSION | HeaderFlags.REPLY, payload_bytes(payload))
 
@@ -1121,7 +1043,7 @@ def encode_ack(request: int, success: bool = True) -> bytes:
 
 def encode_backend_request(
     request: BackendRequest,
-    payload: _Packable | bytes | int | None = None,
+    payload: Payload | bytes | int | None = None,
     *,
     need_reply: bool = False,
 ) -> bytes:
@@ -1160,7 +1082,7 @@ def decode_backend_ack(data: bytes, request: BackendRequest) -> int:
     section = spec_section("Back-end message types", f"VHOST_USER_BACKEND_{request.name}")
     if len(data) < HEADER_SIZE:
         raise InvalidMessage("short reply header", request=request, section=section)
-    header = Header.unpack(data)
+    header = Header.unpack(data[:HEADER_SIZE])
     if header.version != VHOST_USER_VERSION or not header.is_reply:
         raise InvalidMessage(
             f"reply flags {header.flags:#x} lack version 1 / REPLY",
@@ -1173,6 +1095,6 @@ def decode_backend_ack(data: bytes, request: BackendRequest) -> int:
             request=request,
             section=section,
         )
-    if header.size != 8 or len(data) != HEADER_SIZE + 8:
+    if header.size != U64.SIZE or len(data) != HEADER_SIZE + U64.SIZE:
         raise InvalidMessage("reply payload is not a u64", request=request, section=section)
-    return _U64.unpack_from(data, HEADER_SIZE)[0]
+    return U64.unpack(data[HEADER_SIZE:]).value
