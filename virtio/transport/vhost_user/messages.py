@@ -6,10 +6,10 @@ Everything here is transcribed from the vhost-user specification, QEMU
 "VHOST_USER_PROTOCOL_F_REPLY_ACK").  There is no I/O here; ``protocol.py`` drives it.
 
 All numbers are in the machine's native byte order ("Message Specification").  Each
-payload is declared once: a frozen dataclass whose fields are the spec's field table
-(``_u32()``, ``_u64()``, bit fields of a word, a counted tail), from which ``@_payload``
-derives the ``struct`` format, the sizes, ``pack()``, ``unpack()`` (size-checked, with the
-spec's value ranges) and the decoders of ``REQUESTS``.
+payload is declared once, as a frozen dataclass whose fields are the spec's field table
+(``u32()``, ``u64()``, bit fields of a word, a counted tail; see ``payload.py``): its
+``struct`` format, sizes, ``pack()`` and ``unpack()`` (size-checked, with the spec's value
+ranges) come from there, and so do the size bounds and decoders of ``REQUESTS``.
 
 Size limit: the spec sets none.  The largest payload QEMU sends is a crypto session
 (about 600 bytes); a memory table is 8 + 8 * 40 bytes, a config access 12 + 256.  We accept
@@ -20,15 +20,27 @@ a larger ``size`` in a header kills the connection (``OversizedMessage``).
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Callable, Collection
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
-from typing import Any, ClassVar, NamedTuple, TypeVar, dataclass_transform
+from typing import Any, NamedTuple
 from uuid import UUID
 
-from .errors import InvalidMessage, PayloadSizeMismatch, request_section, spec_section
+from .errors import InvalidMessage, request_section, spec_section
+from .payload import (
+    DecodeContext,
+    Payload,
+    bits,
+    describe,
+    payload_class,
+    raw,
+    tail,
+    u8,
+    u16,
+    u32,
+    u64,
+)
 
 MAX_PAYLOAD_SIZE = 0x1000
 """Largest payload we accept (our choice; see the module docstring)."""
@@ -205,325 +217,16 @@ class MigrationPhase(enum.IntEnum):
 
 
 # --------------------------------------------------------------------------------------
-# Payloads ("Message Specification / Payload"): field tables, and what they generate
+# Payloads ("Message Specification / Payload"), each declared once: see ``payload.py``
 
 
-@dataclass(frozen=True, slots=True)
-class DecodeContext:
-    """What payload decoding needs to know about the connection.
-
-    ``xen_mmap``: protocol feature XEN_MMAP negotiated (memory regions are 40 bytes, not 32).
-    ``max_queues``: vring indices must be below it (``None``: not checked).
-    """
-
-    xen_mmap: bool = False
-    max_queues: int | None = None
-
-
-_NO_CONTEXT = DecodeContext()
-
-
-@dataclass(frozen=True, slots=True)
-class _Wire:
-    """A row of a payload's field table: how the field appears on the wire.
-
-    ``code``: its ``struct`` code (``I`` u32, ``Q`` u64, ``6s2x`` 6 bytes + 2 of padding).
-    ``allowed``: the values the spec defines (``None``: any); an enum class also converts.
-    ``convert``/``encode``: wire value -> attribute and back (``bool``, ``UUID``).
-    ``queue``: a vring index, below ``DecodeContext.max_queues``.
-    ``word``/``mask``: a bit field, bits ``mask`` of the u64 the spec calls ``word``.
-    ``xen``: present only with protocol feature XEN_MMAP (packed when not ``None``).
-    """
-
-    code: str
-    allowed: Collection[int] | None = None
-    convert: Callable[[Any], Any] | None = None
-    encode: Callable[[Any], Any] | None = None
-    queue: bool = False
-    word: str = ""
-    mask: int = 0
-    xen: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Tail:
-    """The variable end of a payload: bytes (``item`` ``None``) or nested payloads.
-
-    ``count``: ``struct`` code of the word counting them, at position ``count_at`` among
-    the fixed words (default: last); without it, exactly one item, or all bytes left.
-    ``skip``: padding bytes before them.  ``most``: the largest count allowed.
-    """
-
-    item: type[Payload] | None = None
-    count: str = ""
-    count_at: int | None = None
-    skip: int = 0
-    most: int | None = None
-
-
-def _f(code: str, default: Any = MISSING, **wire: Any) -> Any:
-    allowed = wire.get("allowed")
-    if isinstance(allowed, type) and issubclass(allowed, enum.Enum):
-        wire.update(allowed=tuple(allowed), convert=allowed)
-    return field(default=default, metadata={"wire": _Wire(code, **wire)})
-
-
-_u8, _u16, _u32, _u64 = (partial(_f, code) for code in "BHIQ")
-
-
-def _bits(word: str, mask: int, default: Any = MISSING, **wire: Any) -> Any:
-    return _f("Q", default, word=word, mask=mask, **wire)
-
-
-def _tail(item: type[Payload] | None = None, **tail: Any) -> Any:
-    return field(metadata={"wire": _Tail(item, **tail)})
-
-
-def _describe(allowed: Collection[int]) -> str:
-    if isinstance(allowed, range):
-        return f"{allowed.start}..{allowed.stop - 1}"
-    return ", ".join(f"{v} ({v.name})" if isinstance(v, enum.Enum) else str(v) for v in allowed)
-
-
-class _Word:
-    """A word of a payload's fixed part: one field, bit fields sharing it, or a count."""
-
-    def __init__(self, code: str, xen: bool = False) -> None:
-        self.code, self.xen, self.mask = code, xen, 0
-        self.fields: list[tuple[str, _Wire, int]] = []  # name, row, shift of its bits
-
-    def add(self, name: str, wire: _Wire) -> None:
-        self.fields.append((name, wire, (wire.mask & -wire.mask).bit_length() - 1))
-        self.mask |= wire.mask
-
-    def get(self, obj: Any, tail: str) -> Any:
-        """This word's wire value for ``obj``."""
-        if not self.fields:
-            return len(getattr(obj, tail))
-        if not self.mask:
-            name, wire, _ = self.fields[0]
-            value = getattr(obj, name)
-            if wire.encode is not None:
-                return wire.encode(value)
-            return 0 if value is None and wire.xen else value
-        word = 0
-        for name, wire, shift in self.fields:
-            bits = int(getattr(obj, name)) << shift
-            if bits & ~wire.mask:
-                raise struct.error(f"{name} {getattr(obj, name)} does not fit in {wire.mask:#x}")
-            word |= bits
-        return word
-
-    def put(self, value: int, into: dict[str, Any], fail: Callable[[str], Exception]) -> None:
-        """Checks the wire ``value`` and stores the fields it holds ``into`` kwargs."""
-        if self.mask and value & ~self.mask:
-            names = "/".join(name for name, _, _ in self.fields)
-            raise fail(f"{self.fields[0][1].word} {value:#x} has bits set beyond {names}")
-        for name, wire, shift in self.fields:
-            v = (value & wire.mask) >> shift if self.mask else value
-            if wire.allowed is not None and v not in wire.allowed:
-                raise fail(f"{name} {v} not in {_describe(wire.allowed)}")
-            into[name] = v if wire.convert is None else wire.convert(v)
-
-
-class _Layout:
-    """The fixed part of a payload, with or without the XEN_MMAP fields."""
-
-    def __init__(self, words: list[_Word], end: int, tail: str) -> None:
-        self.words = words
-        self.struct = struct.Struct("=" + "".join(w.code for w in words) + "x" * end)
-        names = [name for w in words for name, wire, _ in w.fields]
-        # Plain: each word one field, in field order, kept as is (the common case, fast).
-        self.plain = (
-            not tail
-            and all(
-                len(w.fields) == 1 and not (w.mask or w.xen or w.fields[0][1].convert)
-                for w in words
-            )
-            and not any(w.fields[0][1].allowed or w.fields[0][1].encode for w in words)
-        )
-        self.get = attrgetter(*names) if self.plain and len(names) > 1 else None
-        self.tail = tail
-
-    def pack(self, obj: Any) -> bytes:
-        if self.get is not None:
-            return self.struct.pack(*self.get(obj))
-        return self.struct.pack(*[word.get(obj, self.tail) for word in self.words])
-
-
-class _Codec:
-    """``pack``/``unpack`` of one payload class, derived from its field table.
-
-    ``c_padding``: bytes of C padding QEMU sends after the spec's fields (the ``sizeof``
-    of its struct): sent as zeros, accepted with or without.
-    """
-
-    def __init__(self, cls: type[Payload], section: str, c_padding: int) -> None:
-        self.cls, self.section, self.c_padding = cls, section, c_padding
-        self.tail_name, self.tail = "", _Tail()
-        named: dict[str, _Word] = {}
-        words: list[_Word] = []
-        for f in fields(cls):  # type: ignore[arg-type]
-            wire = f.metadata["wire"]
-            if isinstance(wire, _Tail):
-                self.tail_name, self.tail = f.name, wire
-            elif wire.word in named:
-                named[wire.word].add(f.name, wire)
-            else:
-                named[wire.word or f.name] = word = _Word(wire.code, wire.xen)
-                words.append(word)
-                word.add(f.name, wire)
-        if self.tail.count:
-            at = len(words) if self.tail.count_at is None else self.tail.count_at
-            words.insert(at, _Word(self.tail.count))
-        self.queue_fields = [name for w in words for name, wire, _ in w.fields if wire.queue]
-        self.xen_field = next((w.fields[0][0] for w in words if w.xen), "")
-        end = self.tail.skip + c_padding
-        self.base = _Layout([w for w in words if not w.xen], end, self.tail_name)
-        self.full = _Layout(words, end, self.tail_name) if self.xen_field else self.base
-        cls.SECTION = section
-        cls.MIN_SIZE = self.base.struct.size - c_padding
-        cls.MAX_SIZE = self.full.struct.size
-        if self.tail.item is not None:
-            cls.MIN_SIZE += 0 if self.tail.count else self.tail.item.MIN_SIZE
-            cls.MAX_SIZE += (self.tail.most or 1) * self.tail.item.MAX_SIZE
-        elif self.tail_name:
-            cls.MAX_SIZE += MAX_PAYLOAD_SIZE if self.tail.most is None else self.tail.most
-        elif not self.xen_field:
-            cls.SIZE = cls.MAX_SIZE
-
-    def pack(self, obj: Payload) -> bytes:
-        xen = self.xen_field and getattr(obj, self.xen_field) is not None
-        head = (self.full if xen else self.base).pack(obj)
-        if not self.tail_name:
-            return head
-        value = getattr(obj, self.tail_name)
-        if self.tail.item is None:
-            return head + value
-        return head + b"".join(item.pack() for item in (value if self.tail.count else [value]))
-
-    def unpack(self, data: Any, ctx: DecodeContext, request: int | None, shape: bool = True) -> Any:
-        layout = self.full if ctx.xen_mmap else self.base
-        size = layout.struct.size
-        if len(data) != size and not (self.tail_name and len(data) > size):
-            if self.tail_name or not self.c_padding or len(data) != size - self.c_padding:
-                expected = f"{size - self.c_padding} or {size}" if self.c_padding else str(size)
-                expected = f"at least {size}" if self.tail_name else expected
-                raise self.size_error(request, len(data), expected)
-            data = bytes(data).ljust(size, b"\0")
-        if layout.plain:
-            obj = self.cls(*layout.struct.unpack_from(data))
-        else:
-            kwargs: dict[str, Any] = {}
-            count = 1
-            fail = partial(self.invalid, request)
-            for word, value in zip(layout.words, layout.struct.unpack_from(data), strict=True):
-                if word.fields:
-                    word.put(value, kwargs, fail)
-                else:
-                    count = value
-            if self.tail_name:
-                kwargs[self.tail_name] = self.unpack_tail(data[size:], size, count, ctx, request)
-            obj = self.cls(**kwargs)
-        for name in self.queue_fields:
-            if ctx.max_queues is not None and getattr(obj, name) >= ctx.max_queues:
-                what = f"vring index {getattr(obj, name)} out of range"
-                raise self.invalid(request, f"{what} (the device has {ctx.max_queues})")
-        if shape and (problem := obj.shape_error()) is not None:
-            raise self.invalid(request, problem)
-        return obj
-
-    def unpack_tail(
-        self, rest: Any, size: int, count: int, ctx: DecodeContext, request: int | None
-    ) -> Any:
-        tail = self.tail
-        if tail.most is not None and count > tail.most:
-            what = self.tail_name if tail.item else "bytes"
-            raise self.invalid(request, f"{count} {what}, at most {tail.most} allowed")
-        if tail.item is None:
-            if tail.count and len(rest) != count:
-                raise self.size_error(request, size + len(rest), f"{size} + {count}")
-            return bytes(rest)
-        codec = tail.item._codec
-        step = (codec.full if ctx.xen_mmap else codec.base).struct.size
-        if len(rest) != step * count:
-            raise self.size_error(request, size + len(rest), f"{size} + {step} * {count}")
-        chunks = (rest[i * step : (i + 1) * step] for i in range(count))
-        items = tuple(codec.unpack(chunk, ctx, request, shape=False) for chunk in chunks)
-        return items if tail.count else items[0]
-
-    def invalid(self, request: int | None, what: str) -> InvalidMessage:
-        label = getattr(request, "name", self.cls.__name__)
-        section = getattr(request, "section", self.section)
-        return InvalidMessage(f"{label}: {what}", request=request, section=section)
-
-    def size_error(self, request: int | None, size: int, expected: str) -> InvalidMessage:
-        """A ``PayloadSizeMismatch`` (which needs the request), else an ``InvalidMessage``."""
-        if request is None:
-            return self.invalid(None, f"payload of {size} bytes, expected {expected}")
-        section = getattr(request, "section", self.section)
-        return PayloadSizeMismatch(request, size, expected, section=section)
-
-
-_PayloadT = TypeVar("_PayloadT", bound="Payload")
-
-
-class Payload:
-    """Base of the payload classes: ``pack()`` and ``unpack()`` come from the field table.
-
-    ``MIN_SIZE``/``MAX_SIZE`` bound the wire size; ``SIZE`` is that of a fixed-size
-    payload (as QEMU sends it); ``SECTION`` is where the spec defines the layout.
-    """
-
-    __slots__ = ()
-    SIZE: ClassVar[int]
-    MIN_SIZE: ClassVar[int]
-    MAX_SIZE: ClassVar[int]
-    SECTION: ClassVar[str]
-    _codec: ClassVar[_Codec]
-
-    def pack(self) -> bytes:
-        return self._codec.pack(self)
-
-    @classmethod
-    def unpack(
-        cls: type[_PayloadT],
-        data: bytes | bytearray | memoryview,
-        ctx: DecodeContext | None = None,
-        *,
-        request: int | None = None,
-    ) -> _PayloadT:
-        """Decode exactly one payload.  Raises ``InvalidMessage`` on bad input: with
-        ``request`` given, a wrong size is a ``PayloadSizeMismatch`` citing it."""
-        return cls._codec.unpack(data, ctx or _NO_CONTEXT, request)  # type: ignore[no-any-return]
-
-    def shape_error(self) -> str | None:
-        """What is wrong across fields, beyond each field's range (``None``: nothing)."""
-        return None
-
-
-@dataclass_transform(frozen_default=True, field_specifiers=(_f, _bits, _tail))
-def _payload(
-    title: str, *, section: str | None = None, c_padding: int = 0
-) -> Callable[[type[_PayloadT]], type[_PayloadT]]:
-    """Makes a frozen dataclass of a payload class, with the codec of its field table."""
-
-    def build(cls: type[_PayloadT]) -> type[_PayloadT]:
-        cls = dataclass(frozen=True, slots=True)(cls)
-        where = section or spec_section("Message Specification", "Payload", title)
-        cls._codec = _Codec(cls, where, c_padding)
-        return cls
-
-    return build
-
-
-@_payload("Header", section=spec_section("Message Specification", "Header"))
+@payload_class("Header", section=spec_section("Message Specification", "Header"))
 class Header(Payload):
     """A message header: ``request``, ``flags``, ``size`` of the payload (u32 each)."""
 
-    request: int = _u32()
-    flags: int = _u32()
-    size: int = _u32()
+    request: int = u32()
+    flags: int = u32()
+    size: int = u32()
 
     @property
     def version(self) -> int:
@@ -538,31 +241,31 @@ class Header(Payload):
         return bool(self.flags & HeaderFlags.NEED_REPLY)
 
 
-HEADER = Header._codec.base.struct
+HEADER = Header.STRUCT
 """``struct`` of the header: request (u32), flags (u32), size (u32) of the payload."""
 HEADER_SIZE = HEADER.size  # 12
 MAX_MESSAGE_SIZE = HEADER_SIZE + MAX_PAYLOAD_SIZE
 
 
-@_payload("A single 64-bit integer")
+@payload_class("A single 64-bit integer")
 class U64(Payload):
     """A single 64-bit integer (features, status, MTU, acks, ...)."""
 
-    value: int = _u64()
+    value: int = u64()
 
 
-@_payload("A single 64-bit integer")
+@payload_class("A single 64-bit integer")
 class Status(U64):
     """A u64 status reply: 0 is success (for SET_DEVICE_STATE_FD, bits 0-7; bit 8 set:
     no fd)."""
 
 
-@_payload("", section=spec_section("Message Specification", "Payload"))
+@payload_class()
 class Empty(Payload):
     """No payload (a reply that carries only fds, e.g. POSTCOPY_ADVISE's)."""
 
 
-@_payload("A vring state description")
+@payload_class("A vring state description")
 class VringState(Payload):
     """A vring state description: ``index`` and ``num`` (u32 each).
 
@@ -570,8 +273,8 @@ class VringState(Payload):
     ``split_next_avail`` and ``packed_indices``.
     """
 
-    index: int = _u32(queue=True)
-    num: int = _u32()
+    index: int = u32(queue=True)
+    num: int = u32()
 
     @property
     def split_next_avail(self) -> int:
@@ -590,16 +293,16 @@ class VringState(Payload):
         return (avail & 0x7FFF) | avail_wrap << 15 | (used & 0x7FFF) << 16 | used_wrap << 31
 
 
-@_payload("A vring address description")
+@payload_class("A vring address description")
 class VringAddr(Payload):
     """A vring address description (user addresses, or IOVAs with VIRTIO_F_IOMMU_PLATFORM)."""
 
-    index: int = _u32(queue=True)
-    flags: int = _u32()
-    descriptor: int = _u64()
-    used: int = _u64()
-    available: int = _u64()
-    log: int = _u64()
+    index: int = u32(queue=True)
+    flags: int = u32()
+    descriptor: int = u64()
+    used: int = u64()
+    available: int = u64()
+    log: int = u64()
 
     @property
     def log_used(self) -> bool:
@@ -607,26 +310,26 @@ class VringAddr(Payload):
         return bool(self.flags & (1 << VHOST_VRING_F_LOG))
 
 
-@_payload("A single 64-bit integer")
+@payload_class("A single 64-bit integer")
 class VringFd(Payload):
     """Payload of SET_VRING_KICK / CALL / ERR: a u64 with the vring index in bits 0-7 and
     bit 8 "no fd"; the other bits must be 0."""
 
-    index: int = _bits("u64", VHOST_USER_VRING_IDX_MASK, queue=True)
-    no_fd: bool = _bits("u64", VHOST_USER_VRING_NOFD_MASK, False, convert=bool)
+    index: int = bits("u64", VHOST_USER_VRING_IDX_MASK, queue=True)
+    no_fd: bool = bits("u64", VHOST_USER_VRING_NOFD_MASK, False, convert=bool)
 
 
-@_payload("Memory region description")
+@payload_class("Memory region description")
 class MemoryRegion(Payload):
     """A memory region description.  ``xen_mmap_flags`` and ``domid`` are present (not
     ``None``) only when XEN_MMAP is negotiated; the region is then 40 bytes, else 32."""
 
-    guest_address: int = _u64()
-    size: int = _u64()
-    user_address: int = _u64()
-    mmap_offset: int = _u64()
-    xen_mmap_flags: int | None = _u32(None, xen=True)
-    domid: int | None = _u32(None, xen=True)
+    guest_address: int = u64()
+    size: int = u64()
+    user_address: int = u64()
+    mmap_offset: int = u64()
+    xen_mmap_flags: int | None = u32(None, xen=True)
+    domid: int | None = u32(None, xen=True)
 
     @classmethod
     def wire_size(cls, xen_mmap: bool) -> int:
@@ -646,12 +349,12 @@ class MemoryRegion(Payload):
         return None
 
 
-@_payload("Multiple Memory regions description")
+@payload_class("Multiple Memory regions description")
 class MemoryTable(Payload):
     """Multiple memory regions description (SET_MEM_TABLE): ``num regions`` (u32),
     padding (u32), then exactly ``num regions`` regions (QEMU sends no unused slots)."""
 
-    regions: tuple[MemoryRegion, ...] = _tail(
+    regions: tuple[MemoryRegion, ...] = tail(
         MemoryRegion, count="I", skip=4, most=VHOST_MEMORY_BASELINE_NREGIONS
     )
 
@@ -666,44 +369,44 @@ class MemoryTable(Payload):
         return None
 
 
-@_payload("Single memory region description")
+@payload_class("Single memory region description")
 class SingleMemoryRegion(Payload):
     """Single memory region description (ADD_MEM_REG / REM_MEM_REG): padding u64 + region."""
 
-    region: MemoryRegion = _tail(MemoryRegion, skip=8)
+    region: MemoryRegion = tail(MemoryRegion, skip=8)
 
     def shape_error(self) -> str | None:
         return self.region.shape_error()
 
 
-@_payload("Log description")
+@payload_class("Log description")
 class LogDescription(Payload):
     """Log description (SET_LOG_BASE): size and offset of the dirty log in the fd."""
 
-    mmap_size: int = _u64()
-    mmap_offset: int = _u64()
+    mmap_size: int = u64()
+    mmap_offset: int = u64()
 
 
-@_payload("An IOTLB message", c_padding=6)
+@payload_class("An IOTLB message", c_padding=6)
 class IotlbMessage(Payload):
     """An IOTLB message (``struct vhost_iotlb_msg``: 26 bytes of fields, 32 with the
     C padding QEMU sends).  ``permissions``: 0 none, 1 read, 2 write, 3 read/write."""
 
-    iova: int = _u64()
-    size: int = _u64()
-    user_address: int = _u64()
-    permissions: int = _u8(allowed=range(4))
-    type: int = _u8(allowed=IotlbType)
+    iova: int = u64()
+    size: int = u64()
+    user_address: int = u64()
+    permissions: int = u8(allowed=range(4))
+    type: int = u8(allowed=IotlbType)
 
 
-@_payload("Virtio device config space")
+@payload_class("Virtio device config space")
 class ConfigSpace(Payload):
     """Virtio device config space access: ``offset``, ``flags`` and ``data`` (``size`` bytes;
     zeros in a GET_CONFIG request).  On the wire: offset, size, flags (u32 each), data."""
 
-    offset: int = _u32()
-    flags: int = _u32(allowed=ConfigFlags)
-    data: bytes = _tail(count="I", count_at=1, most=VHOST_USER_MAX_CONFIG_SIZE)
+    offset: int = u32()
+    flags: int = u32(allowed=ConfigFlags)
+    data: bytes = tail(count="I", count_at=1, most=VHOST_USER_MAX_CONFIG_SIZE)
 
     @property
     def size(self) -> int:
@@ -718,60 +421,60 @@ class ConfigSpace(Payload):
 CONFIG_HEADER_SIZE = ConfigSpace.MIN_SIZE  # 12
 
 
-@_payload("Vring area description")
+@payload_class("Vring area description")
 class VringArea(Payload):
     """Vring area description (back-end VRING_HOST_NOTIFIER_MSG): index (bits 0-7) and
     flags (bit 8: no fd) in ``u64``, then the mmap ``size`` and ``offset`` in the fd."""
 
-    index: int = _bits("u64", VHOST_USER_VRING_IDX_MASK, queue=True)
-    size: int = _u64()
-    offset: int = _u64()
-    no_fd: bool = _bits("u64", VHOST_USER_VRING_NOFD_MASK, False, convert=bool)
+    index: int = bits("u64", VHOST_USER_VRING_IDX_MASK, queue=True)
+    size: int = u64()
+    offset: int = u64()
+    no_fd: bool = bits("u64", VHOST_USER_VRING_NOFD_MASK, False, convert=bool)
 
 
-@_payload("Inflight description", c_padding=4)
+@payload_class("Inflight description", c_padding=4)
 class InflightDescription(Payload):
     """Inflight description (GET/SET_INFLIGHT_FD).  QEMU sends ``sizeof(VhostUserInflight)``:
     20 bytes of fields plus 4 of C padding."""
 
-    mmap_size: int = _u64()
-    mmap_offset: int = _u64()
-    num_queues: int = _u16()
-    queue_size: int = _u16()
+    mmap_size: int = u64()
+    mmap_offset: int = u64()
+    num_queues: int = u16()
+    queue_size: int = u16()
 
 
 INFLIGHT_WIRE_SIZE = InflightDescription.SIZE  # 24
 
 
-@_payload("VhostUserShared")
+@payload_class("VhostUserShared")
 class SharedObject(Payload):
     """VhostUserShared: a 16-byte UUID in RFC 4122 byte order (first three fields big
     endian), i.e. ``uuid.UUID(bytes=...)``."""
 
-    uuid: UUID = _f("16s", convert=lambda raw: UUID(bytes=raw), encode=attrgetter("bytes"))
+    uuid: UUID = raw("16s", convert=lambda b: UUID(bytes=b), encode=attrgetter("bytes"))
 
 
-@_payload("Device state transfer parameters")
+@payload_class("Device state transfer parameters")
 class DeviceStateTransfer(Payload):
     """Device state transfer parameters (SET_DEVICE_STATE_FD)."""
 
-    direction: TransferDirection = _u32(allowed=TransferDirection)
-    phase: MigrationPhase = _u32(allowed=MigrationPhase)
+    direction: TransferDirection = u32(allowed=TransferDirection)
+    phase: MigrationPhase = u32(allowed=MigrationPhase)
 
 
-@_payload("A single 64-bit integer")
+@payload_class("A single 64-bit integer")
 class MacAddress(Payload):
     """SEND_RARP: a u64 whose first 6 bytes are the guest's MAC address."""
 
-    mac: bytes = _f("6s2x")
+    mac: bytes = raw("6s2x")
 
 
-@_payload("", section=spec_section("Message Specification", "Payload"))
+@payload_class()
 class Opaque(Payload):
     """A payload this module does not interpret (CREATE_CRYPTO_SESSION: QEMU's
     ``VhostUserCryptoSession``, specific to the crypto device)."""
 
-    data: bytes = _tail()
+    data: bytes = tail(most=MAX_PAYLOAD_SIZE)
 
 
 # --------------------------------------------------------------------------------------
@@ -824,7 +527,7 @@ def _decode(
     for name, allowed, what in limits:
         if (v := getattr(value, name)) not in allowed:
             raise InvalidMessage(
-                f"{request.name}: {what} {v} not in {_describe(allowed)}",
+                f"{request.name}: {what} {v} not in {describe(allowed)}",
                 request=request,
                 section=request.section,
             )
@@ -894,105 +597,76 @@ def _row(
 
 _R = FrontendRequest
 _F = ProtocolFeature
-_ONE = FdRule.ONE
-_NEEDS_PF = {"needs_protocol_features": True}
+_ONE, _VRING = FdRule.ONE, FdRule.VRING
+_PF = {"needs_protocol_features": True}
+_QUEUE_SIZE = Limit("num", range(1, MAX_QUEUE_SIZE + 1), "queue size")
+_ENABLE = Limit("num", range(2), "enable")
+_ENDIANNESS = Limit("num", range(2), "endianness (0 little, 1 big)")
+_IOTLB_TYPE = Limit("type", (IotlbType.UPDATE, IotlbType.INVALIDATE), "message type")
 
-REQUESTS: dict[FrontendRequest, RequestSpec] = dict(
-    [
-        _row(_R.GET_FEATURES, reply=U64),
-        _row(_R.SET_FEATURES, U64),
-        _row(_R.SET_OWNER),
-        _row(_R.RESET_OWNER),
-        _row(_R.SET_MEM_TABLE, MemoryTable, fds=FdRule.PER_REGION, postcopy_reply=MemoryTable),
-        # The spec's table says u64, but QEMU sends the 16-byte log description.
-        _row(_R.SET_LOG_BASE, LogDescription, _F.LOG_SHMFD, fds=_ONE, reply=Status),
-        _row(_R.SET_LOG_FD, fds=_ONE),
-        _row(
-            _R.SET_VRING_NUM,
-            VringState,
-            limits=(Limit("num", range(1, MAX_QUEUE_SIZE + 1), "queue size"),),
-        ),
-        _row(_R.SET_VRING_ADDR, VringAddr),
-        _row(_R.SET_VRING_BASE, VringState),
-        _row(_R.GET_VRING_BASE, VringState, reply=VringState),
-        _row(_R.SET_VRING_KICK, VringFd, fds=FdRule.VRING),
-        _row(_R.SET_VRING_CALL, VringFd, fds=FdRule.VRING),
-        _row(_R.SET_VRING_ERR, VringFd, fds=FdRule.VRING),
-        _row(_R.GET_PROTOCOL_FEATURES, reply=U64, **_NEEDS_PF),
-        _row(_R.SET_PROTOCOL_FEATURES, U64, **_NEEDS_PF),
-        _row(_R.GET_QUEUE_NUM, None, _F.MQ, reply=U64),
-        _row(
-            _R.SET_VRING_ENABLE, VringState, limits=(Limit("num", range(2), "enable"),), **_NEEDS_PF
-        ),
-        _row(_R.SEND_RARP, MacAddress, _F.RARP),
-        _row(_R.NET_SET_MTU, U64, _F.MTU),
-        _row(_R.SET_BACKEND_REQ_FD, None, _F.BACKEND_REQ, fds=_ONE),
-        # Gated by VIRTIO_F_IOMMU_PLATFORM (a device feature), not by a protocol feature.
-        _row(
-            _R.IOTLB_MSG,
-            IotlbMessage,
-            limits=(Limit("type", (IotlbType.UPDATE, IotlbType.INVALIDATE), "message type"),),
-            reply=Status,
-        ),
-        _row(
-            _R.SET_VRING_ENDIAN,
-            VringState,
-            _F.CROSS_ENDIAN,
-            limits=(Limit("num", range(2), "endianness (0 little, 1 big)"),),
-        ),
-        _row(_R.GET_CONFIG, ConfigSpace, _F.CONFIG, reply=ConfigSpace),
-        _row(_R.SET_CONFIG, ConfigSpace, _F.CONFIG),
-        # The session is QEMU's VhostUserCryptoSession, specific to the crypto device.
-        _row(
-            _R.CREATE_CRYPTO_SESSION,
-            Opaque,
-            _F.CRYPTO_SESSION,
-            size=(8, MAX_PAYLOAD_SIZE),
-            reply=Opaque,
-        ),
-        _row(_R.CLOSE_CRYPTO_SESSION, U64, _F.CRYPTO_SESSION),
-        # The reply carries the userfault fd (QEMU checks its size is 0).
-        _row(_R.POSTCOPY_ADVISE, None, _F.PAGEFAULT, reply=Empty, reply_fds=1),
-        _row(_R.POSTCOPY_LISTEN, None, _F.PAGEFAULT),
-        _row(_R.POSTCOPY_END, None, _F.PAGEFAULT, reply=Status),
-        _row(
-            _R.GET_INFLIGHT_FD,
-            InflightDescription,
-            _F.INFLIGHT_SHMFD,
-            reply=InflightDescription,
-            reply_fds=1,
-        ),
-        _row(_R.SET_INFLIGHT_FD, InflightDescription, _F.INFLIGHT_SHMFD, fds=_ONE),
-        _row(_R.GPU_SET_SOCKET, fds=_ONE),
-        _row(_R.RESET_DEVICE, None, _F.RESET_DEVICE),
-        _row(_R.VRING_KICK, VringState, _F.INBAND_NOTIFICATIONS),
-        _row(_R.GET_MAX_MEM_SLOTS, None, _F.CONFIGURE_MEM_SLOTS, reply=U64),
-        _row(
-            _R.ADD_MEM_REG,
-            SingleMemoryRegion,
-            _F.CONFIGURE_MEM_SLOTS,
-            fds=_ONE,
-            postcopy_reply=SingleMemoryRegion,
-        ),
-        # The spec's table lists a reply payload, but the text and QEMU only ack it.
-        _row(_R.REM_MEM_REG, SingleMemoryRegion, _F.CONFIGURE_MEM_SLOTS, fds=FdRule.TOLERATED_ONE),
-        _row(_R.SET_STATUS, U64, _F.STATUS),
-        _row(_R.GET_STATUS, None, _F.STATUS, reply=U64),
-        # The reply's dmabuf fd is missing on failure.
-        _row(_R.GET_SHARED_OBJECT, SharedObject, _F.SHARED_OBJECT, reply=Status, reply_fds=1),
-        _row(
-            _R.SET_DEVICE_STATE_FD,
-            DeviceStateTransfer,
-            _F.DEVICE_STATE,
-            fds=_ONE,
-            reply=Status,
-            reply_fds=1,
-        ),
-        _row(_R.CHECK_DEVICE_STATE, None, _F.DEVICE_STATE, reply=Status),
-        # "VIRTIO Shared Memory Region configuration", not decoded here.
-        _row(_R.GET_SHMEM_CONFIG, None, _F.SHMEM, reply=Opaque),
-    ]
-)
+# fmt: off
+REQUESTS: dict[FrontendRequest, RequestSpec] = dict([
+    #    request                   payload             gating feature
+    _row(_R.GET_FEATURES,          reply=U64),
+    _row(_R.SET_FEATURES,          U64),
+    _row(_R.SET_OWNER),
+    _row(_R.RESET_OWNER),
+    _row(_R.SET_MEM_TABLE,         MemoryTable,        fds=FdRule.PER_REGION,
+         postcopy_reply=MemoryTable),
+    # The spec's table says u64, but QEMU sends the 16-byte log description.
+    _row(_R.SET_LOG_BASE,          LogDescription,     _F.LOG_SHMFD, fds=_ONE, reply=Status),
+    _row(_R.SET_LOG_FD,            fds=_ONE),
+    _row(_R.SET_VRING_NUM,         VringState,         limits=(_QUEUE_SIZE,)),
+    _row(_R.SET_VRING_ADDR,        VringAddr),
+    _row(_R.SET_VRING_BASE,        VringState),
+    _row(_R.GET_VRING_BASE,        VringState,         reply=VringState),
+    _row(_R.SET_VRING_KICK,        VringFd,            fds=_VRING),
+    _row(_R.SET_VRING_CALL,        VringFd,            fds=_VRING),
+    _row(_R.SET_VRING_ERR,         VringFd,            fds=_VRING),
+    _row(_R.GET_PROTOCOL_FEATURES, reply=U64,          **_PF),
+    _row(_R.SET_PROTOCOL_FEATURES, U64,                **_PF),
+    _row(_R.GET_QUEUE_NUM,         None,               _F.MQ, reply=U64),
+    _row(_R.SET_VRING_ENABLE,      VringState,         limits=(_ENABLE,), **_PF),
+    _row(_R.SEND_RARP,             MacAddress,         _F.RARP),
+    _row(_R.NET_SET_MTU,           U64,                _F.MTU),
+    _row(_R.SET_BACKEND_REQ_FD,    None,               _F.BACKEND_REQ, fds=_ONE),
+    # Gated by VIRTIO_F_IOMMU_PLATFORM (a device feature), not by a protocol feature.
+    _row(_R.IOTLB_MSG,             IotlbMessage,       limits=(_IOTLB_TYPE,), reply=Status),
+    _row(_R.SET_VRING_ENDIAN,      VringState,         _F.CROSS_ENDIAN, limits=(_ENDIANNESS,)),
+    _row(_R.GET_CONFIG,            ConfigSpace,        _F.CONFIG, reply=ConfigSpace),
+    _row(_R.SET_CONFIG,            ConfigSpace,        _F.CONFIG),
+    # The session is QEMU's VhostUserCryptoSession, specific to the crypto device.
+    _row(_R.CREATE_CRYPTO_SESSION, Opaque,             _F.CRYPTO_SESSION,
+         size=(8, MAX_PAYLOAD_SIZE), reply=Opaque),
+    _row(_R.CLOSE_CRYPTO_SESSION,  U64,                _F.CRYPTO_SESSION),
+    # The reply carries the userfault fd (QEMU checks its size is 0).
+    _row(_R.POSTCOPY_ADVISE,       None,               _F.PAGEFAULT, reply=Empty, reply_fds=1),
+    _row(_R.POSTCOPY_LISTEN,       None,               _F.PAGEFAULT),
+    _row(_R.POSTCOPY_END,          None,               _F.PAGEFAULT, reply=Status),
+    _row(_R.GET_INFLIGHT_FD,       InflightDescription, _F.INFLIGHT_SHMFD,
+         reply=InflightDescription, reply_fds=1),
+    _row(_R.SET_INFLIGHT_FD,       InflightDescription, _F.INFLIGHT_SHMFD, fds=_ONE),
+    _row(_R.GPU_SET_SOCKET,        fds=_ONE),
+    _row(_R.RESET_DEVICE,          None,               _F.RESET_DEVICE),
+    _row(_R.VRING_KICK,            VringState,         _F.INBAND_NOTIFICATIONS),
+    _row(_R.GET_MAX_MEM_SLOTS,     None,               _F.CONFIGURE_MEM_SLOTS, reply=U64),
+    _row(_R.ADD_MEM_REG,           SingleMemoryRegion, _F.CONFIGURE_MEM_SLOTS, fds=_ONE,
+         postcopy_reply=SingleMemoryRegion),
+    # The spec's table lists a reply payload, but the text and QEMU only ack it.
+    _row(_R.REM_MEM_REG,           SingleMemoryRegion, _F.CONFIGURE_MEM_SLOTS,
+         fds=FdRule.TOLERATED_ONE),
+    _row(_R.SET_STATUS,            U64,                _F.STATUS),
+    _row(_R.GET_STATUS,            None,               _F.STATUS, reply=U64),
+    # The reply's dmabuf fd is missing on failure.
+    _row(_R.GET_SHARED_OBJECT,     SharedObject,       _F.SHARED_OBJECT, reply=Status,
+         reply_fds=1),
+    _row(_R.SET_DEVICE_STATE_FD,   DeviceStateTransfer, _F.DEVICE_STATE, fds=_ONE,
+         reply=Status, reply_fds=1),
+    _row(_R.CHECK_DEVICE_STATE,    None,               _F.DEVICE_STATE, reply=Status),
+    # The reply is a "VIRTIO Shared Memory Region configuration", not decoded here.
+    _row(_R.GET_SHMEM_CONFIG,      None,               _F.SHMEM, reply=Opaque),
+])
+# fmt: on
 """For each front-end request: payload, size bounds, decoder, fds, reply, gating feature."""
 
 assert set(REQUESTS) == set(FrontendRequest)
