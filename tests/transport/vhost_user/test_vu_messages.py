@@ -4,6 +4,9 @@ Each case is fed to a ``BackendConnection`` whole, in chunks of every awkward si
 at a time included), and concatenated with the other cases plus trailing partial data.
 Chunking follows Linux AF_UNIX stream semantics: a ``recvmsg`` glues the bytes of
 consecutive writes but ends right after the write that carried fds.
+
+Then each payload on its own: against bytes written by hand from the spec's field tables,
+Hypothesis round trips, truncated / oversized input and out-of-range fields (typed errors).
 """
 
 from __future__ import annotations
