@@ -4,20 +4,27 @@ Each case is fed to a ``BackendConnection`` whole, in chunks of every awkward si
 at a time included), and concatenated with the other cases plus trailing partial data.
 Chunking follows Linux AF_UNIX stream semantics: a ``recvmsg`` glues the bytes of
 consecutive writes but ends right after the write that carried fds.
+
+Then each payload on its own: against bytes written by hand from the spec's field tables,
+Hypothesis round trips, truncated / oversized input and out-of-range fields (typed errors).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import sys
 import uuid
 from collections import deque
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from virtio.testing.fds import is_open, make_fds
 from virtio.transport.vhost_user import messages as m
+from virtio.transport.vhost_user.errors import PayloadSizeMismatch
 from virtio.transport.vhost_user.messages import FrontendRequest as R
 from virtio.transport.vhost_user.messages import ProtocolFeature as PF
 from virtio.transport.vhost_user.protocol import (
@@ -233,89 +240,290 @@ def test_xen_mmap_regions_are_40_bytes() -> None:
         os.close(fd)
 
 
-# ---------------------------------------------------------------- construct cross-check
+# ---------------------------------------------------------------- payload layouts
+# Each payload against bytes written by hand from the spec's field tables ("Message
+# Specification / Payload"), little endian (the spec's numbers are in native byte order).
 
-CONSTRUCT_CASES = [
-    (m.HEADER_STRUCT, dict(request=5, flags=9, size=40), m.Header(5, 9, 40).pack()),
-    (m.U64_STRUCT, dict(u64=0xDEAD), m.U64(0xDEAD).pack()),
-    (m.VRING_STATE_STRUCT, dict(index=3, num=256), m.VringState(3, 256).pack()),
+LAYOUTS = [
+    (m.Header(5, 9, 40), "05000000 09000000 28000000"),
+    (m.U64(0x0102_0304_0506_0708), "0807060504030201"),
+    (m.Status(1), "0100000000000000"),
+    (m.Empty(), ""),
+    (m.VringState(3, 256), "03000000 00010000"),
     (
-        m.VRING_ADDR_STRUCT,
-        dict(index=1, flags=1, descriptor=2, used=3, available=4, log=5),
-        m.VringAddr(1, 1, 2, 3, 4, 5).pack(),
+        m.VringAddr(1, 1, 0x1000, 0x3000, 0x2000, 0x4000),
+        "01000000 01000000 0010000000000000 0030000000000000 0020000000000000 0040000000000000",
     ),
+    # u64: vring index in bits 0-7, bit 8 "no fd".
+    (m.VringFd(5, no_fd=True), "0501000000000000"),
+    (m.VringFd(1), "0100000000000000"),
     (
-        m.MEMORY_TABLE_STRUCT,
-        dict(
-            num_regions=2,
-            regions=[
-                dict(
-                    guest_address=r.guest_address,
-                    size=r.size,
-                    user_address=r.user_address,
-                    mmap_offset=r.mmap_offset,
-                )
-                for r in (REGION_A, REGION_B)
-            ],
-        ),
-        m.MemoryTable((REGION_A, REGION_B)).pack(),
+        m.MemoryRegion(0x1000, 0x2000, 0x7F00_0000_0000, 0x10),
+        "0010000000000000 0020000000000000 00000000007f0000 1000000000000000",
     ),
+    # XEN_MMAP: xen mmap flags and domid (u32 each) after the four u64.
     (
-        m.SINGLE_MEMORY_REGION_STRUCT,
-        dict(region=dict(guest_address=1, size=2, user_address=3, mmap_offset=4)),
-        m.SingleMemoryRegion(m.MemoryRegion(1, 2, 3, 4)).pack(),
+        m.MemoryRegion(0x1000, 0x2000, 0x7F00_0000_0000, 0x10, xen_mmap_flags=1, domid=7),
+        "0010000000000000 0020000000000000 00000000007f0000 1000000000000000 01000000 07000000",
     ),
+    # num regions (u32), padding (u32), the regions.
     (
-        m.XEN_MEMORY_REGION_STRUCT,
-        dict(guest_address=1, size=2, user_address=3, mmap_offset=4, xen_mmap_flags=5, domid=6),
-        m.MemoryRegion(1, 2, 3, 4, 5, 6).pack(),
+        m.MemoryTable((m.MemoryRegion(0x1000, 0x2000, 0x7F00_0000_0000, 0x10),)),
+        "01000000 00000000 0010000000000000 0020000000000000 00000000007f0000 1000000000000000",
     ),
-    (m.LOG_STRUCT, dict(mmap_size=9, mmap_offset=8), m.LogDescription(9, 8).pack()),
+    (m.MemoryTable(()), "00000000 00000000"),
+    # padding (u64), the region.
     (
-        m.IOTLB_STRUCT,
-        dict(iova=1, size=2, user_address=3, permissions=3, type=2),
-        m.IotlbMessage(1, 2, 3, 3, 2).pack(),
+        m.SingleMemoryRegion(m.MemoryRegion(0x1000, 0x2000, 0x7F00_0000_0000, 0x10)),
+        "0000000000000000 0010000000000000 0020000000000000 00000000007f0000 1000000000000000",
     ),
+    (m.LogDescription(0x10_0000, 0x40), "0000100000000000 4000000000000000"),
+    # iova, size, user address (u64), permissions, type (u8), 6 bytes of C padding.
     (
-        m.CONFIG_STRUCT,
-        dict(offset=4, size=3, flags=1, payload=b"abc"),
-        m.ConfigSpace(4, 1, b"abc").pack(),
+        m.IotlbMessage(0x1000, 0x2000, 0x7F00_0000_0000, 3, m.IotlbType.UPDATE),
+        "0010000000000000 0020000000000000 00000000007f0000 03 02 000000000000",
     ),
+    # offset, size, flags (u32), then size bytes.
+    (m.ConfigSpace(4, 1, b"\x01\x02"), "04000000 02000000 01000000 0102"),
+    (m.ConfigSpace(0, 0, b""), "00000000 00000000 00000000"),
+    # u64 (index bits 0-7, bit 8 no fd), size, offset.
     (
-        m.VRING_AREA_STRUCT,
-        dict(u64=0x102, size=4096, offset=0),
-        m.VringArea(2, 4096, 0, True).pack(),
+        m.VringArea(2, 0x1000, 0x10, no_fd=True),
+        "0201000000000000 0010000000000000 1000000000000000",
     ),
+    # mmap size, mmap offset (u64), num queues, queue size (u16), 4 bytes of C padding.
     (
-        m.INFLIGHT_STRUCT,
-        dict(mmap_size=1, mmap_offset=2, num_queues=3, queue_size=4),
-        m.InflightDescription(1, 2, 3, 4).pack()[:20],
+        m.InflightDescription(0x2000, 0x40, 2, 256),
+        "0020000000000000 4000000000000000 0200 0001 00000000",
     ),
-    (m.SHARED_OBJECT_STRUCT, dict(uuid=UUID.bytes), m.SharedObject(UUID).pack()),
-    (m.DEVICE_STATE_STRUCT, dict(direction=1, phase=0), m.DeviceStateTransfer(1, 0).pack()),  # type: ignore[arg-type]
+    # The UUID in RFC 4122 order (first three components big endian).
+    (m.SharedObject(UUID), "12345678 9abc def0 1234 56789abcdef0"),
+    (
+        m.DeviceStateTransfer(m.TransferDirection.LOAD, m.MigrationPhase.STOPPED),
+        "01000000 00000000",
+    ),
+    (m.MacAddress(bytes.fromhex("525400123456")), "525400123456 0000"),
+    (m.Opaque(b"abc"), "616263"),
 ]
 
-
-@pytest.mark.parametrize(("struct", "fields", "wire"), CONSTRUCT_CASES)
-def test_construct_layouts_match_struct_codecs(struct, fields, wire) -> None:  # type: ignore[no-untyped-def]
-    assert struct.build(fields) == wire
-    parsed = struct.parse(wire)
-    for key, value in fields.items():
-        if key != "regions" and key != "region":
-            assert parsed[key] == value
+PAYLOAD_CLASSES = {
+    c for c in vars(m).values() if isinstance(c, type) and issubclass(c, m.Payload)
+} - {m.Payload}
 
 
-def test_payload_round_trips() -> None:
-    assert m.VringFd.unpack(m.VringFd(7, True).pack()) == m.VringFd(7, True)
-    assert m.VringArea.unpack(m.VringArea(3, 4096, 8).pack()) == m.VringArea(3, 4096, 8)
-    assert m.IotlbMessage.unpack(m.IotlbMessage(1, 2, 3, 1, 3).pack()) == m.IotlbMessage(
-        1, 2, 3, 1, 3
+def context_for(payload: m.Payload) -> m.DecodeContext:
+    """XEN_MMAP when a region of ``payload`` carries the Xen fields."""
+    regions = getattr(payload, "regions", None) or [getattr(payload, "region", payload)]
+    return m.DecodeContext(xen_mmap=getattr(regions[0], "xen_mmap_flags", None) is not None)
+
+
+def test_layouts_cover_every_payload() -> None:
+    assert {type(p) for p, _ in LAYOUTS} == PAYLOAD_CLASSES
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="hand-written bytes are little endian")
+@pytest.mark.parametrize(("payload", "wire"), LAYOUTS, ids=lambda v: type(v).__name__)
+def test_payload_layout(payload: m.Payload, wire: str) -> None:
+    data = bytes.fromhex(wire)
+    assert payload.pack() == data
+    assert type(payload).unpack(data, context_for(payload)) == payload
+    assert type(payload).MIN_SIZE <= len(data) <= type(payload).MAX_SIZE
+
+
+def test_sizes() -> None:
+    """What QEMU sends (``sizeof`` of its structs, C padding included)."""
+    sizes = {
+        m.U64: 8, m.VringState: 8, m.VringAddr: 40, m.VringFd: 8, m.LogDescription: 16,
+        m.IotlbMessage: 32, m.VringArea: 24, m.InflightDescription: 24, m.SharedObject: 16,
+        m.DeviceStateTransfer: 8, m.MacAddress: 8,
+    }  # fmt: skip
+    assert {cls: cls.SIZE for cls in sizes} == sizes
+    assert m.HEADER.size == m.HEADER_SIZE == 12
+    assert m.CONFIG_HEADER_SIZE == 12 and m.INFLIGHT_WIRE_SIZE == 24
+    assert m.MemoryRegion.wire_size(False) == 32 and m.MemoryRegion.wire_size(True) == 40
+
+
+def test_request_size_bounds_follow_the_payloads() -> None:
+    """The table's size bounds (derived from the payload classes) against the spec."""
+    bounds = {
+        R.SET_MEM_TABLE: (8, 8 + 8 * 40),
+        R.SET_LOG_BASE: (16, 16),
+        R.SET_VRING_ADDR: (40, 40),
+        R.IOTLB_MSG: (26, 32),  # the spec's 26 bytes, or QEMU's sizeof 32
+        R.GET_CONFIG: (12, 12 + 256),
+        R.SET_CONFIG: (12, 12 + 256),
+        R.CREATE_CRYPTO_SESSION: (8, m.MAX_PAYLOAD_SIZE),
+        R.GET_INFLIGHT_FD: (20, 24),
+        R.SET_INFLIGHT_FD: (20, 24),
+        R.ADD_MEM_REG: (8 + 32, 8 + 40),
+        R.REM_MEM_REG: (8 + 32, 8 + 40),
+        R.GET_SHARED_OBJECT: (16, 16),
+    }
+    for request, spec in m.REQUESTS.items():
+        if spec.payload is None:
+            assert (spec.min_size, spec.max_size) == (0, 0), request
+            assert spec.decode is None
+        else:
+            expected = bounds.get(request, (8, 8))
+            assert (spec.min_size, spec.max_size) == expected, request
+    assert {
+        R.SET_LOG_BASE, R.IOTLB_MSG, R.POSTCOPY_END, R.SET_DEVICE_STATE_FD,
+        R.CHECK_DEVICE_STATE, R.GET_SHARED_OBJECT,
+    } == m.STATUS_REPLIES  # fmt: skip
+
+
+# ---------------------------------------------------------------- round trips
+
+_u16, _u32, _u64 = (st.integers(0, (1 << bits) - 1) for bits in (16, 32, 64))
+
+
+@st.composite
+def _regions(draw: st.DrawFn, xen: bool) -> m.MemoryRegion:
+    size = draw(st.integers(1, 1 << 48))
+    base = st.integers(0, (1 << 64) - size)
+    extra = (draw(_u32), draw(_u32)) if xen else ()
+    return m.MemoryRegion(draw(base), size, draw(base), draw(base), *extra)
+
+
+@st.composite
+def _config(draw: st.DrawFn) -> m.ConfigSpace:
+    data = draw(st.binary(max_size=m.VHOST_USER_MAX_CONFIG_SIZE))
+    offset = draw(st.integers(0, (1 << 32) - len(data)))
+    return m.ConfigSpace(offset, draw(st.sampled_from(m.ConfigFlags)), data)
+
+
+STRATEGIES: dict[type[m.Payload], st.SearchStrategy[m.Payload]] = {
+    m.Header: st.builds(m.Header, _u32, _u32, _u32),
+    m.U64: st.builds(m.U64, _u64),
+    m.Status: st.builds(m.Status, _u64),
+    m.Empty: st.just(m.Empty()),
+    m.VringState: st.builds(m.VringState, _u32, _u32),
+    m.VringAddr: st.builds(m.VringAddr, _u32, _u32, _u64, _u64, _u64, _u64),
+    m.VringFd: st.builds(m.VringFd, st.integers(0, 255), st.booleans()),
+    m.MemoryRegion: st.booleans().flatmap(_regions),
+    m.MemoryTable: st.booleans().flatmap(
+        lambda xen: st.lists(_regions(xen), max_size=8).map(lambda rs: m.MemoryTable(tuple(rs)))
+    ),
+    m.SingleMemoryRegion: st.booleans().flatmap(_regions).map(m.SingleMemoryRegion),
+    m.LogDescription: st.builds(m.LogDescription, _u64, _u64),
+    m.IotlbMessage: st.builds(
+        m.IotlbMessage, _u64, _u64, _u64, st.integers(0, 3), st.sampled_from(m.IotlbType)
+    ),
+    m.ConfigSpace: _config(),
+    m.VringArea: st.builds(m.VringArea, st.integers(0, 255), _u64, _u64, st.booleans()),
+    m.InflightDescription: st.builds(m.InflightDescription, _u64, _u64, _u16, _u16),
+    m.SharedObject: st.builds(m.SharedObject, st.uuids()),
+    m.DeviceStateTransfer: st.builds(
+        m.DeviceStateTransfer,
+        st.sampled_from(m.TransferDirection),
+        st.just(m.MigrationPhase.STOPPED),
+    ),
+    m.MacAddress: st.builds(m.MacAddress, st.binary(min_size=6, max_size=6)),
+    m.Opaque: st.builds(m.Opaque, st.binary(max_size=m.MAX_PAYLOAD_SIZE)),
+}
+
+
+def test_strategies_cover_every_payload() -> None:
+    assert set(STRATEGIES) == PAYLOAD_CLASSES
+
+
+@settings(max_examples=40, deadline=None)
+@given(payload=st.one_of(*STRATEGIES.values()))
+def test_round_trip(payload: m.Payload) -> None:
+    cls = type(payload)
+    data = payload.pack()
+    assert cls.MIN_SIZE <= len(data) <= cls.MAX_SIZE
+    assert cls.unpack(data, context_for(payload)) == payload
+    assert cls.unpack(memoryview(bytearray(data)), context_for(payload)) == payload
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=st.sampled_from(CASES), cut=st.integers(1, 64), grow=st.integers(1, 64))
+def test_each_request_rejects_truncated_and_oversized_payloads(
+    case: Case, cut: int, grow: int
+) -> None:
+    """Through the table's decoder: a typed ``PayloadSizeMismatch`` naming the request."""
+    spec = m.REQUESTS[case.request]
+    if spec.payload is None or spec.payload is m.Opaque:
+        return
+    assert spec.decode is not None
+    data = case.wire if case.wire is not None else case.payload.pack()  # type: ignore[union-attr]
+    # A fixed-size payload with C padding comes with or without it.
+    valid = (
+        {spec.payload.MIN_SIZE, spec.payload.MAX_SIZE} if hasattr(spec.payload, "SIZE") else set()
     )
-    assert len(m.IotlbMessage(1, 2, 3, 1, 3).pack()) == 32
-    assert len(m.InflightDescription(1, 2, 3, 4).pack()) == m.INFLIGHT_WIRE_SIZE
+    for bad in (data[: max(0, len(data) - cut)], data + bytes(grow)):
+        if spec.min_size <= len(bad) <= spec.max_size and len(bad) not in valid | {len(data)}:
+            with pytest.raises(PayloadSizeMismatch) as info:
+                spec.decode(case.request, bad, m.DecodeContext())
+            assert info.value.request is case.request and info.value.size == len(bad)
+
+
+@pytest.mark.parametrize(("payload", "wire"), LAYOUTS, ids=lambda v: type(v).__name__)
+def test_truncated_and_oversized_unpack(payload: m.Payload, wire: str) -> None:
+    cls, data, ctx = type(payload), bytes.fromhex(wire), context_for(payload)
+    bad = [data + b"\0"] if cls is not m.Opaque else []
+    if data and cls is not m.Opaque:
+        bad += [data[:-1], data[: len(data) // 2]]
+    for short_or_long in bad:
+        with pytest.raises(m.InvalidMessage) as plain:
+            cls.unpack(short_or_long, ctx)
+        assert plain.value.request is None and plain.value.section == cls.SECTION
+        with pytest.raises(PayloadSizeMismatch) as cited:
+            cls.unpack(short_or_long, ctx, request=R.SET_FEATURES)
+        assert cited.value.request is R.SET_FEATURES and cited.value.size == len(short_or_long)
+
+
+@pytest.mark.parametrize(
+    ("cls", "data", "words"),
+    [
+        (m.VringFd, m.U64(1 << 9 | 1).pack(), "bits set beyond"),
+        (m.VringArea, m.U64(1 << 63).pack() + bytes(16), "bits set beyond"),
+        (m.IotlbMessage, bytes(24) + b"\x04\x02", "permissions 4 not in 0..3"),
+        (m.IotlbMessage, bytes(24) + b"\x01\x05", "type 5 not in 1 (MISS)"),
+        (m.ConfigSpace, struct.pack("=III", 0, 0, 2), "flags 2 not in 0 (WRITABLE), 1 (MIGRATION)"),
+        (m.ConfigSpace, struct.pack("=III", 0xFFFF_FFFF, 2, 0) + bytes(2), "wraps around"),
+        (m.ConfigSpace, struct.pack("=III", 0, 257, 0) + bytes(257), "257 bytes, at most 256"),
+        (m.DeviceStateTransfer, struct.pack("=II", 2, 0), "direction 2 not in 0 (SAVE), 1 (LOAD)"),
+        (m.DeviceStateTransfer, struct.pack("=II", 0, 1), "phase 1 not in 0 (STOPPED)"),
+        (m.MemoryRegion, struct.pack("=QQQQ", 0, 0, 0, 0), "size 0"),
+        (m.MemoryRegion, struct.pack("=QQQQ", 1 << 63, (1 << 63) + 1, 0, 0), "guest address"),
+        (m.MemoryTable, struct.pack("=II", 9, 0) + bytes(9 * 32), "9 regions, at most 8"),
+        (
+            m.MemoryTable,
+            struct.pack("=IIQQQQQQQQ", 2, 0, 0, 1, 0, 0, 0, 0, 0, 0),
+            "region 1: memory region of size 0",
+        ),
+        (m.SingleMemoryRegion, bytes(8) + struct.pack("=QQQQ", 0, 2, (1 << 64) - 1, 0), "wraps"),
+    ],
+)
+def test_field_ranges(cls: type[m.Payload], data: bytes, words: str) -> None:
+    with pytest.raises(m.InvalidMessage) as info:
+        cls.unpack(data)
+    assert type(info.value) is m.InvalidMessage
+    assert words in str(info.value) and cls.__name__ in str(info.value)
+
+
+def test_vring_index_checked_against_the_context() -> None:
+    ctx = m.DecodeContext(max_queues=2)
+    for payload in (m.VringState(2, 0), m.VringAddr(2, 0, 0, 0, 0, 0), m.VringFd(2)):
+        type(payload).unpack(payload.pack())  # no limit without a context
+        with pytest.raises(m.InvalidMessage, match="vring index 2 out of range"):
+            type(payload).unpack(payload.pack(), ctx, request=R.SET_VRING_BASE)
+
+
+def test_pack_refuses_what_does_not_fit() -> None:
+    with pytest.raises(struct.error):
+        m.VringFd(256).pack()
+    with pytest.raises(struct.error):
+        m.VringState(1 << 32, 0).pack()
+
+
+def test_ring_state_helpers() -> None:
     state = m.VringState(0, m.VringState.packed_num(5, True, 9, False))
     assert state.packed_indices == (5, True, 9, False)
     assert m.VringState(0, 0x1_0005).split_next_avail == 5
+    assert m.VringAddr(0, 1, 0, 0, 0, 0).log_used and not m.VringAddr(0, 0, 0, 0, 0, 0).log_used
 
 
 def test_enum_numbers_follow_the_spec() -> None:
