@@ -15,6 +15,11 @@ with ``sendmsg``.  Kick and call eventfds are driven by the handler's
 ``EventfdNotifier`` (``trio.lowlevel.wait_readable`` + ``os.eventfd_read`` /
 ``os.eventfd_write``).
 
+Socket path.  ``serve_path`` claims the path with ``SocketPath``: a lock on
+``PATH.lock`` held while serving, a stale socket removed only when proven dead, anything
+else left alone with a clear error, and at exit our own socket removed only if the path
+still names it (see ``socket_path``).
+
 Malformed input never ends the server: a rejected message is logged (naming the
 error type) and answered with a failure if the protocol can say so; a framing
 error, or a failure the protocol cannot express, closes that connection and the
@@ -25,13 +30,11 @@ from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import itertools
 import logging
 import os
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 import trio
 
@@ -40,12 +43,14 @@ from virtio.device import VirtioDevice
 from .errors import IncorrectFds, VhostUserProtocolError
 from .handler import VhostUserHandler
 from .protocol import NEED_DATA, BackendConnection, ConnectionClosed, Outgoing, RejectedRequest
+from .socket_path import SocketPath
 
 log = logging.getLogger(__name__)
 
 SCM_MAX_FD = 253
 """Most fds Linux passes in one SCM_RIGHTS message: room for all, so none is lost."""
 RECV_SIZE = 65536
+LISTEN_BACKLOG = 16
 
 
 async def recv_with_fds(sock: trio.socket.SocketType) -> tuple[bytes, list[int]]:
@@ -129,30 +134,17 @@ class VhostUserServer:
     async def serve_path(
         self, path: str | os.PathLike[str], *, task_status=trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen on a unix socket at ``path`` (replacing a stale socket file) until
-        cancelled; the socket file is removed on exit."""
-        path = Path(path)
-        if path.is_socket():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        """Listen on a unix socket at ``path`` until cancelled (see ``SocketPath``: a
+        stale socket is replaced, anything else at ``path`` raises ``SocketPathError``);
+        our socket is removed on exit if ``path`` still names it."""
+        with SocketPath(path) as claimed:
+            listener = trio.socket.from_stdlib_socket(claimed.bind(LISTEN_BACKLOG))
             try:
-                probe.connect(os.fspath(path))
-            except OSError:
-                path.unlink(missing_ok=True)  # stale: its server is gone
-            else:
-                raise OSError(errno.EADDRINUSE, f"another back-end is listening on {path}")
+                log.info("%s: listening on %s", self.name, claimed.path)
+                task_status.started(claimed.path)
+                await self.serve_listener(listener)
             finally:
-                probe.close()
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await listener.bind(os.fspath(path))
-            listener.listen(1)
-            log.info("%s: listening on %s", self.name, path)
-            task_status.started(path)
-            await self.serve_listener(listener)
-        finally:
-            listener.close()
-            with contextlib.suppress(OSError):
-                path.unlink()
+                listener.close()
 
     async def serve_fd(self, fd: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve on an inherited unix socket ``fd``: listening (accept connections until
