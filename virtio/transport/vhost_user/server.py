@@ -24,6 +24,9 @@ Malformed input never ends the server: a rejected message is logged (naming the
 error type) and answered with a failure if the protocol can say so; a framing
 error, or a failure the protocol cannot express, closes that connection and the
 server goes on accepting.  Every fd received is closed unless the handler keeps it.
+Errors are kept as a bounded history of summaries (``errors``, no exception objects:
+a traceback would keep the dead connection's frames alive) and counted by type
+(``error_counts``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import itertools
 import logging
 import os
 import socket
+from collections import Counter, deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 import trio
 
@@ -50,7 +55,6 @@ log = logging.getLogger(__name__)
 SCM_MAX_FD = 253
 """Most fds Linux passes in one SCM_RIGHTS message: room for all, so none is lost."""
 RECV_SIZE = 65536
-LISTEN_BACKLOG = 16
 
 
 async def recv_with_fds(sock: trio.socket.SocketType) -> tuple[bytes, list[int]]:
@@ -84,6 +88,21 @@ async def send_with_fds(sock: trio.socket.SocketType, out: Outgoing) -> None:
         sent = await sock.send(data)
 
 
+ERROR_HISTORY = 64
+"""How many error summaries ``VhostUserServer.errors`` keeps."""
+LISTEN_BACKLOG = 16
+
+
+class ErrorRecord(NamedTuple):
+    """A summary of one error that rejected a message or closed a connection."""
+
+    connection: str
+    """The connection's log name (``"virtio-blk#3"``)."""
+    kind: str
+    """The exception type's name (``"PartialMessage"``)."""
+    message: str
+
+
 class VhostUserServer:
     """Serve one ``VirtioDevice`` to vhost-user front-ends, one connection at a time."""
 
@@ -99,8 +118,10 @@ class VhostUserServer:
         self.name = name or type(device).__name__
         self.drain_timeout = drain_timeout
         self.connections = 0
-        self.errors: list[Exception] = []
-        """Protocol errors that closed a connection (most recent last)."""
+        self.errors: deque[ErrorRecord] = deque(maxlen=ERROR_HISTORY)
+        """The last ``ERROR_HISTORY`` errors (most recent last)."""
+        self.error_counts: Counter[str] = Counter()
+        """Errors so far by exception type name."""
         self.handler: VhostUserHandler | None = None
         """The handler of the current connection, if any."""
         self._on_handler = on_handler
@@ -128,6 +149,12 @@ class VhostUserServer:
         """In-flight requests resubmitted after reconnects (all connections so far)."""
         current = self.handler.resubmitted if self.handler is not None else 0
         return self._resubmitted + current
+
+    def _record(self, connection: str, exc: BaseException) -> None:
+        """Keep a summary of ``exc`` (not ``exc``: its traceback holds the frames)."""
+        kind = type(exc).__name__
+        self.errors.append(ErrorRecord(connection, kind, str(exc)))
+        self.error_counts[kind] += 1
 
     # ------------------------------------------------------------------ listening
 
@@ -186,7 +213,7 @@ class VhostUserServer:
             await self._serve_with_handler(sock, conn, name)
         except Exception as exc:  # e.g. a ring task's error surfacing at teardown
             log.exception("%s: internal error at connection teardown", name)
-            self.errors.append(exc)
+            self._record(name, exc)
         finally:
             conn.close()
             sock.close()
@@ -213,7 +240,7 @@ class VhostUserServer:
                     reason = await self._serve(sock, conn, handler, name)
                 except Exception as exc:  # a bug of ours: drop this connection only
                     log.exception("%s: internal error", name)
-                    self.errors.append(exc)
+                    self._record(name, exc)
                     reason = f"internal error {type(exc).__name__}"
                 log.info("%s: connection closed: %s", name, reason)
             finally:
@@ -253,14 +280,15 @@ class VhostUserServer:
                         type(exc).__name__,
                         exc,
                     )
-                    self.errors.append(exc)
+                    self._record(name, exc)
                     out = conn.reject(event)
                 else:
                     log.debug("%s: %s %s", name, event.request.name, event.payload)
                     out = await handler.handle(event)
                     if out is None:
-                        self.errors.append(VhostUserProtocolError(f"{event.request.name} failed"))
-                        return f"{event.request.name} failed and its reply cannot say so"
+                        failed = f"{event.request.name} failed and its reply cannot say so"
+                        self._record(name, VhostUserProtocolError(failed))
+                        return failed
                 if out is None:
                     return "the failure reply cannot be expressed"
                 try:
@@ -270,5 +298,5 @@ class VhostUserServer:
 
     def _protocol_error(self, name: str, exc: VhostUserProtocolError) -> str:
         log.error("%s: protocol error %s: %s; closing", name, type(exc).__name__, exc)
-        self.errors.append(exc)
+        self._record(name, exc)
         return f"protocol error {type(exc).__name__}"
