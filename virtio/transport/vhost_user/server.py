@@ -6,14 +6,26 @@
     await server.serve_path("/run/blk.sock")       # listen, one front-end at a time
     await server.serve_fd(3)                        # an inherited listening or connected fd
 
-``VhostUserServer`` accepts one front-end connection at a time (QEMU connects once
+``VhostUserServer`` serves one front-end connection at a time (QEMU connects once
 and reconnects after a back-end restart); when a connection ends, the device is
-reset and the next connection is accepted.  For each connection it reads with
+reset and the next connection is served.  For each connection it reads with
 ``recvmsg`` (SCM_RIGHTS fds, close-on-exec), feeds the sans-IO
 ``BackendConnection``, hands requests to a ``VhostUserHandler`` and writes replies
 with ``sendmsg``.  Kick and call eventfds are driven by the handler's
 ``EventfdNotifier`` (``trio.lowlevel.wait_readable`` + ``os.eventfd_read`` /
 ``os.eventfd_write``).
+
+A second front-end while one is connected.  The listener keeps accepting: a connection
+that arrives while another front-end is connected is closed at once, with a WARNING
+naming the device and the connected front-end ("device busy").  The vhost-user protocol
+has no "busy" message, so the close is the answer: QEMU reports the disconnect and, with
+``reconnect=N`` on its chardev, tries again.  (Otherwise a connection that sends nothing
+would hold the device and leave every later front-end waiting unanswered.)  One that
+arrives while the previous connection is only being torn down (its front-end has gone:
+in-flight requests drain, the device resets) waits for that and is then served, so a
+reconnecting QEMU is not refused.  ``idle_timeout`` (default off) closes a connection
+that has sent *nothing at all* for that long; once a front-end has sent a byte it is
+never timed out (a QEMU that completed bring-up may be silent for days).
 
 Socket path.  ``serve_path`` claims the path with ``SocketPath``: a lock on
 ``PATH.lock`` held while serving, a stale socket removed only when proven dead, anything
@@ -93,6 +105,14 @@ ERROR_HISTORY = 64
 LISTEN_BACKLOG = 16
 
 
+class IdleTimeout(Exception):
+    """A connection sent nothing at all within ``VhostUserServer.idle_timeout``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"sent nothing in {seconds:g} s (idle timeout)")
+        self.seconds = seconds
+
+
 class ErrorRecord(NamedTuple):
     """A summary of one error that rejected a message or closed a connection."""
 
@@ -112,12 +132,20 @@ class VhostUserServer:
         *,
         name: str | None = None,
         drain_timeout: float = 5.0,
+        idle_timeout: float | None = None,
         on_handler: Callable[[VhostUserHandler | None], None] | None = None,
     ) -> None:
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive, not {idle_timeout}")
         self.device = device
         self.name = name or type(device).__name__
         self.drain_timeout = drain_timeout
+        self.idle_timeout = idle_timeout
+        """Close a connection that has sent nothing at all for this long (``None``: never)."""
         self.connections = 0
+        """Connections served (refused ones not counted)."""
+        self.refused = 0
+        """Connections closed at once because another front-end was connected."""
         self.errors: deque[ErrorRecord] = deque(maxlen=ERROR_HISTORY)
         """The last ``ERROR_HISTORY`` errors (most recent last)."""
         self.error_counts: Counter[str] = Counter()
@@ -127,6 +155,8 @@ class VhostUserServer:
         self._on_handler = on_handler
         self._ids = itertools.count(1)
         self._resubmitted = 0
+        self._turn = trio.Lock()  # one connection served at a time
+        self._frontend: str | None = None  # log name of the connected front-end, if any
         self.requests: dict[int, int] = {}
         """Chains popped per vring index over all connections (statistics)."""
 
@@ -149,6 +179,11 @@ class VhostUserServer:
         """In-flight requests resubmitted after reconnects (all connections so far)."""
         current = self.handler.resubmitted if self.handler is not None else 0
         return self._resubmitted + current
+
+    @property
+    def frontend(self) -> str | None:
+        """Log name of the connected front-end (``"virtio-blk#2"``), if one is connected."""
+        return self._frontend
 
     def _record(self, connection: str, exc: BaseException) -> None:
         """Keep a summary of ``exc`` (not ``exc``: its traceback holds the frames)."""
@@ -189,23 +224,55 @@ class VhostUserServer:
             sock.close()
 
     async def serve_listener(self, listener: trio.socket.SocketType) -> None:
-        """Accept and serve connections one at a time, until cancelled."""
-        while True:
-            try:
-                conn, _ = await listener.accept()
-            except OSError as exc:  # EMFILE and the like: wait and try again
-                log.error("%s: accept failed: %s", self.name, exc)
-                await trio.sleep(0.1)
-                continue
-            await self.serve_connection(conn)
+        """Accept connections until cancelled: serve one front-end at a time, close
+        the connections of others at once (see the module docstring)."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as exc:  # EMFILE and the like: wait and try again
+                    log.error("%s: accept failed: %s", self.name, exc)
+                    await trio.sleep(0.1)
+                    continue
+                if self._frontend is not None:
+                    self._refuse(conn)
+                    continue
+                self._frontend = self._next_name()
+                nursery.start_soon(self._serve_named, conn, self._frontend)
+
+    def _next_name(self) -> str:
+        return f"{self.name}#{next(self._ids)}"
+
+    def _refuse(self, sock: trio.socket.SocketType) -> None:
+        name = self._next_name()
+        self.refused += 1
+        log.warning(
+            "%s: device busy: front-end %s is connected; closing the new connection",
+            name,
+            self._frontend,
+        )
+        sock.close()
 
     # ------------------------------------------------------------------ one connection
 
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
         """Serve one front-end until it disconnects or breaks the protocol; then reset
-        the device.  Never raises for the front-end's misbehaviour."""
-        cid = next(self._ids)
-        name = f"{self.name}#{cid}"
+        the device.  Never raises for the front-end's misbehaviour.  Waits for the
+        connection served before, if any, to be torn down first."""
+        name = self._next_name()
+        self._frontend = name
+        await self._serve_named(sock, name)
+
+    async def _serve_named(self, sock: trio.socket.SocketType, name: str) -> None:
+        try:
+            async with self._turn:
+                await self._serve_turn(sock, name)
+        finally:
+            sock.close()
+            if self._frontend == name:
+                self._frontend = None
+
+    async def _serve_turn(self, sock: trio.socket.SocketType, name: str) -> None:
         self.connections += 1
         log.info("%s: front-end connected", name)
         conn = BackendConnection(max_queues=self.device.num_queues)
@@ -244,8 +311,18 @@ class VhostUserServer:
                     reason = f"internal error {type(exc).__name__}"
                 log.info("%s: connection closed: %s", name, reason)
             finally:
+                if self._frontend == name:  # gone: the next front-end may queue up
+                    self._frontend = None
                 await handler.aclose()
                 nursery.cancel_scope.cancel()
+
+    async def _receive(self, sock: trio.socket.SocketType, first: bool) -> tuple[bytes, list[int]]:
+        """The next ``recvmsg``; the first one of a connection under ``idle_timeout``."""
+        if not first or self.idle_timeout is None:
+            return await recv_with_fds(sock)
+        with trio.move_on_after(self.idle_timeout):
+            return await recv_with_fds(sock)
+        raise IdleTimeout(self.idle_timeout)
 
     async def _serve(
         self,
@@ -254,13 +331,19 @@ class VhostUserServer:
         handler: VhostUserHandler,
         name: str,
     ) -> str:
+        first = True
         while True:
             try:
-                data, fds = await recv_with_fds(sock)
+                data, fds = await self._receive(sock, first)
+            except IdleTimeout as exc:
+                log.warning("%s: %s; closing", name, exc)
+                self._record(name, exc)
+                return str(exc)
             except VhostUserProtocolError as exc:
                 return self._protocol_error(name, exc)
             except OSError as exc:
                 return f"receive failed: {exc}"
+            first = False
             conn.receive_data(data, fds)
             while True:
                 try:
