@@ -111,6 +111,25 @@ async def test_frontend_arriving_during_teardown_waits_and_is_served(tmp_path: P
     assert server.connections == 2
 
 
+async def test_frontend_arriving_just_after_a_probe_hung_up_is_served(tmp_path: Path) -> None:
+    """Connect-and-close probes (the test harness's wait_for_socket, a monitoring
+    check) followed at once by the real front-end: it is never refused, even when it is
+    accepted before the server has read the probe's end of file."""
+    server = VhostUserServer(EchoDevice())
+    async with listening(server, tmp_path) as path:
+        for _ in range(20):
+            probe = await VhostUserFrontend.connect(path)
+            await wait_until(lambda: server.frontend is not None)
+            await probe.aclose()
+            fe = await VhostUserFrontend.connect(path)
+            with trio.fail_after(5):
+                assert await served(fe)
+            await fe.aclose()
+            await wait_until(lambda: server.frontend is None)
+    assert server.refused == 0
+    assert server.connections == 40
+
+
 # ------------------------------------------------------------------ idle timeout
 
 

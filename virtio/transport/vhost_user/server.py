@@ -23,9 +23,13 @@ has no "busy" message, so the close is the answer: QEMU reports the disconnect a
 would hold the device and leave every later front-end waiting unanswered.)  One that
 arrives while the previous connection is only being torn down (its front-end has gone:
 in-flight requests drain, the device resets) waits for that and is then served, so a
-reconnecting QEMU is not refused.  ``idle_timeout`` (default off) closes a connection
-that has sent *nothing at all* for that long; once a front-end has sent a byte it is
-never timed out (a QEMU that completed bring-up may be silent for days).
+reconnecting QEMU is not refused; so does one arriving when the connected front-end
+has closed its end but the server has not read the end of file yet (``POLLRDHUP``:
+a connect-and-close probe right before the real front-end).
+
+``idle_timeout`` (default off) closes a connection that has sent *nothing at all* for
+that long; once a front-end has sent a byte it is never timed out (a QEMU that
+completed bring-up may be silent for days).
 
 Socket path.  ``serve_path`` claims the path with ``SocketPath``: a lock on
 ``PATH.lock`` held while serving, a stale socket removed only when proven dead, anything
@@ -48,6 +52,7 @@ import contextlib
 import itertools
 import logging
 import os
+import select
 import socket
 from collections import Counter, deque
 from collections.abc import Callable
@@ -157,6 +162,7 @@ class VhostUserServer:
         self._resubmitted = 0
         self._turn = trio.Lock()  # one connection served at a time
         self._frontend: str | None = None  # log name of the connected front-end, if any
+        self._frontend_sock: trio.socket.SocketType | None = None
         self.requests: dict[int, int] = {}
         """Chains popped per vring index over all connections (statistics)."""
 
@@ -234,14 +240,32 @@ class VhostUserServer:
                     log.error("%s: accept failed: %s", self.name, exc)
                     await trio.sleep(0.1)
                     continue
-                if self._frontend is not None:
+                if self._frontend is not None and not self._frontend_hung_up():
                     self._refuse(conn)
                     continue
-                self._frontend = self._next_name()
-                nursery.start_soon(self._serve_named, conn, self._frontend)
+                name = self._next_name()
+                self._claim(name, conn)
+                nursery.start_soon(self._serve_named, conn, name)
 
     def _next_name(self) -> str:
         return f"{self.name}#{next(self._ids)}"
+
+    def _claim(self, name: str, sock: trio.socket.SocketType) -> None:
+        self._frontend, self._frontend_sock = name, sock
+
+    def _unclaim(self, name: str) -> None:
+        if self._frontend == name:
+            self._frontend, self._frontend_sock = None, None
+
+    def _frontend_hung_up(self) -> bool:
+        """The connected front-end has closed its end, though we may not have read the
+        end of file yet (a connect-and-close probe just before the real front-end)."""
+        sock = self._frontend_sock
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
 
     def _refuse(self, sock: trio.socket.SocketType) -> None:
         name = self._next_name()
@@ -260,7 +284,7 @@ class VhostUserServer:
         the device.  Never raises for the front-end's misbehaviour.  Waits for the
         connection served before, if any, to be torn down first."""
         name = self._next_name()
-        self._frontend = name
+        self._claim(name, sock)
         await self._serve_named(sock, name)
 
     async def _serve_named(self, sock: trio.socket.SocketType, name: str) -> None:
@@ -269,8 +293,7 @@ class VhostUserServer:
                 await self._serve_turn(sock, name)
         finally:
             sock.close()
-            if self._frontend == name:
-                self._frontend = None
+            self._unclaim(name)
 
     async def _serve_turn(self, sock: trio.socket.SocketType, name: str) -> None:
         self.connections += 1
@@ -311,8 +334,7 @@ class VhostUserServer:
                     reason = f"internal error {type(exc).__name__}"
                 log.info("%s: connection closed: %s", name, reason)
             finally:
-                if self._frontend == name:  # gone: the next front-end may queue up
-                    self._frontend = None
+                self._unclaim(name)  # gone: the next front-end may queue up
                 await handler.aclose()
                 nursery.cancel_scope.cancel()
 
