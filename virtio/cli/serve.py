@@ -3,19 +3,27 @@
 ::
 
     virtio serve blk --socket-path /run/blk.sock --blk-file disk.img [--read-only]
-                     [--format raw] [--force] [--num-queues N] [--queue-size N] [--serial ID]
+                     [--format raw] [--force] [--num-queues N] [--queue-size N]
+                     [--serial ID] [--idle-timeout S]
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
 
 Logs go to stderr (``virtio -v serve ...`` for more).  SIGINT/SIGTERM end the
 process cleanly (exit status 0); SIGUSR1 prints statistics on stderr (connections,
-requests resubmitted after reconnects, requests per vring, the image's ``fdatasync``
-calls); SIGHUP re-reads the image size and announces a new capacity to the front-end
-(CONFIG_CHANGE_MSG on the back-end channel: the guest sees the disk resized).  Bad
-arguments, a missing image, an image locked by another process or an image of
-another format (qcow2, VMDK, ... found by its magic when ``--format`` is not given;
-see ``virtio/devices/blk/probe.py``) print one error line and exit non-zero before
-anything listens.
+connections refused as busy, errors, requests resubmitted after reconnects, requests
+per vring, the image's ``fdatasync`` calls); SIGHUP re-reads the image size and
+announces a new capacity to the front-end (CONFIG_CHANGE_MSG on the back-end channel:
+the guest sees the disk resized).  Bad arguments, a missing image, an image locked by
+another process or an image of another format (qcow2, VMDK, ... found by its magic
+when ``--format`` is not given; see ``virtio/devices/blk/probe.py``) print one error
+line and exit non-zero before anything listens.
+
+``--socket-path PATH`` holds a lock on ``PATH.lock`` while serving: a second back-end
+on the same path exits with an error naming the first; a stale socket at ``PATH`` is
+replaced, anything else there (a regular file, a live socket) is left alone with an
+error.  One front-end is served at a time: another one connecting meanwhile is logged
+("device busy") and disconnected at once (QEMU retries with ``reconnect=N``);
+``--idle-timeout S`` also drops a connection that has sent nothing for S seconds.
 """
 
 from __future__ import annotations
@@ -75,6 +83,13 @@ def register(subparsers: Any) -> None:
     )
     blk.add_argument("--serial", default="", metavar="ID", help="disk serial (<= 20 ASCII bytes)")
     blk.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="S",
+        help="close a connection that has sent nothing for S seconds (default: never); "
+        "a front-end that has sent anything is never timed out",
+    )
+    blk.add_argument(
         "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
     )
     blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
@@ -101,6 +116,8 @@ def run_blk(args: argparse.Namespace) -> int:
     _socket_from_systemd(args, "blk")
     if not args.blk_file:
         _fail("virtio serve blk: --blk-file is required", status=2)
+    if args.idle_timeout is not None and not args.idle_timeout > 0:
+        _fail("virtio serve blk: --idle-timeout must be a positive number of seconds", status=2)
     from virtio.devices.blk import BlkOptions, ImageFormatError, ImageLockedError, VirtioBlk
 
     try:
@@ -184,6 +201,8 @@ def _statistics(device: Any, server: Any) -> str:
     backend = getattr(device, "backend", None)
     parts = [
         f"connections={server.connections}",
+        f"refused={server.refused}",
+        f"errors={sum(server.error_counts.values())}",
         f"resubmitted={server.resubmitted}",
         f"in_flight={server.in_flight()}",
         "vring_requests="
@@ -200,7 +219,7 @@ async def _serve(device: Any, args: argparse.Namespace) -> int:
     from virtio.cli.systemd import notify
     from virtio.transport.vhost_user.server import VhostUserServer
 
-    server = VhostUserServer(device, name="virtio-blk")
+    server = VhostUserServer(device, name="virtio-blk", idle_timeout=args.idle_timeout)
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
     with trio.open_signal_receiver(*signals) as receiver:
         async with trio.open_nursery() as nursery:

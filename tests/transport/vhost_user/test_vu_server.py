@@ -11,7 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,13 @@ from virtio.transport.vhost_user.server import VhostUserServer
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[3]
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll real state until ``condition()`` holds; fail after ``timeout`` s."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.005)
 
 
 @contextlib.asynccontextmanager
@@ -118,7 +125,8 @@ async def test_get_vring_base_drains_in_flight_requests() -> None:
             for _ in range(5):
                 vq.driver.add([b"x" * 10], [10])
             vq.publish_and_kick()
-            await trio.sleep(0.05)  # popped, not completed
+            await wait_until(lambda: server.in_flight() == 5)  # popped, not completed
+            assert vq.driver.get_used() == []
             base = await fe.get_vring_base(0)
             assert base == 5
             assert len(vq.driver.get_used()) == 5  # all completed before the reply
@@ -235,9 +243,7 @@ async def test_add_and_remove_memory_regions_while_running() -> None:
             d.write_avail(d._avail_idx, 5)
             d.set_avail_idx(d._avail_idx + 1)
             vq.kick()
-            with trio.fail_after(5):
-                while ram.memory.read_u16(d.device_addr + 2) != 2:
-                    await trio.sleep(0.01)
+            await wait_until(lambda: ram.memory.read_u16(d.device_addr + 2) == 2)
             assert ram.memory.read(16 * MiB + 4096, 3) == b"owt"
             await fe.request(R.REM_MEM_REG, SingleMemoryRegion(table.regions[1]), need_reply=True)
             assert await fe.get_u64(R.GET_STATUS) & 0x40 == 0
@@ -279,18 +285,23 @@ async def test_disabled_ring_is_not_served_until_enabled() -> None:
             await fe.negotiate()
             await fe.set_mem_table(ram)
             vq = await fe.setup_vring(0, ram, size=16, enable=False)
+            assert server.handler is not None
+            ring = server.handler.vrings[0]
             vq.driver.add([b"wait"], [4])
             vq.driver.publish()
             vq.kick()
-            await trio.sleep(0.2)
+            # nothing serves a disabled ring: no queue, nobody reads its kick fd
+            assert not ring.running and ring.notifier.kicks == 0
             assert vq.driver.get_used() == []
             await fe.request(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
             (u,) = await vq.wait_used()
             assert u.data == b"tiaw"
             await fe.request(R.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
+            assert not ring.running  # stopped before the ack
+            kicks = ring.notifier.kicks
             vq.driver.add([b"later"], [5])
             vq.publish_and_kick()
-            await trio.sleep(0.2)
+            assert not ring.running and ring.notifier.kicks == kicks
             assert vq.driver.get_used() == []
             await fe.request(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
             (u,) = await vq.wait_used()
@@ -461,10 +472,11 @@ async def test_status_zero_resets_the_device_but_keeps_the_vring_base() -> None:
             resets = device.resets
             await fe.request(R.SET_STATUS, 0, need_reply=True)
             assert device.resets == resets + 1
+            assert server.handler is not None
+            assert not server.handler.vrings[0].running  # stopped before the ack
             vq.driver.add([b"late"], [4])
             vq.publish_and_kick()
-            await trio.sleep(0.1)
-            assert vq.driver.get_used() == []  # stopped
+            assert vq.driver.get_used() == []
             assert await fe.get_vring_base(0) == 3
     finally:
         ram.close()

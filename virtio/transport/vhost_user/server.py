@@ -6,32 +6,57 @@
     await server.serve_path("/run/blk.sock")       # listen, one front-end at a time
     await server.serve_fd(3)                        # an inherited listening or connected fd
 
-``VhostUserServer`` accepts one front-end connection at a time (QEMU connects once
+``VhostUserServer`` serves one front-end connection at a time (QEMU connects once
 and reconnects after a back-end restart); when a connection ends, the device is
-reset and the next connection is accepted.  For each connection it reads with
+reset and the next connection is served.  For each connection it reads with
 ``recvmsg`` (SCM_RIGHTS fds, close-on-exec), feeds the sans-IO
 ``BackendConnection``, hands requests to a ``VhostUserHandler`` and writes replies
 with ``sendmsg``.  Kick and call eventfds are driven by the handler's
 ``EventfdNotifier`` (``trio.lowlevel.wait_readable`` + ``os.eventfd_read`` /
 ``os.eventfd_write``).
 
+A second front-end while one is connected.  The listener keeps accepting: a connection
+that arrives while another front-end is connected is closed at once, with a WARNING
+naming the device and the connected front-end ("device busy").  The vhost-user protocol
+has no "busy" message, so the close is the answer: QEMU reports the disconnect and, with
+``reconnect=N`` on its chardev, tries again.  (Otherwise a connection that sends nothing
+would hold the device and leave every later front-end waiting unanswered.)  One that
+arrives while the previous connection is only being torn down (its front-end has gone:
+in-flight requests drain, the device resets) waits for that and is then served, so a
+reconnecting QEMU is not refused; so does one arriving when the connected front-end
+has closed its end but the server has not read the end of file yet (``POLLRDHUP``:
+a connect-and-close probe right before the real front-end).
+
+``idle_timeout`` (default off) closes a connection that has sent *nothing at all* for
+that long; once a front-end has sent a byte it is never timed out (a QEMU that
+completed bring-up may be silent for days).
+
+Socket path.  ``serve_path`` claims the path with ``SocketPath``: a lock on
+``PATH.lock`` held while serving, a stale socket removed only when proven dead, anything
+else left alone with a clear error, and at exit our own socket removed only if the path
+still names it (see ``socket_path``).
+
 Malformed input never ends the server: a rejected message is logged (naming the
 error type) and answered with a failure if the protocol can say so; a framing
 error, or a failure the protocol cannot express, closes that connection and the
 server goes on accepting.  Every fd received is closed unless the handler keeps it.
+Errors are kept as a bounded history of summaries (``errors``, no exception objects:
+a traceback would keep the dead connection's frames alive) and counted by type
+(``error_counts``).
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import itertools
 import logging
 import os
+import select
 import socket
+from collections import Counter, deque
 from collections.abc import Callable
-from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
@@ -40,6 +65,7 @@ from virtio.device import VirtioDevice
 from .errors import IncorrectFds, VhostUserProtocolError
 from .handler import VhostUserHandler
 from .protocol import NEED_DATA, BackendConnection, ConnectionClosed, Outgoing, RejectedRequest
+from .socket_path import SocketPath
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +105,29 @@ async def send_with_fds(sock: trio.socket.SocketType, out: Outgoing) -> None:
         sent = await sock.send(data)
 
 
+ERROR_HISTORY = 64
+"""How many error summaries ``VhostUserServer.errors`` keeps."""
+LISTEN_BACKLOG = 16
+
+
+class IdleTimeout(Exception):
+    """A connection sent nothing at all within ``VhostUserServer.idle_timeout``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"sent nothing in {seconds:g} s (idle timeout)")
+        self.seconds = seconds
+
+
+class ErrorRecord(NamedTuple):
+    """A summary of one error that rejected a message or closed a connection."""
+
+    connection: str
+    """The connection's log name (``"virtio-blk#3"``)."""
+    kind: str
+    """The exception type's name (``"PartialMessage"``)."""
+    message: str
+
+
 class VhostUserServer:
     """Serve one ``VirtioDevice`` to vhost-user front-ends, one connection at a time."""
 
@@ -88,19 +137,32 @@ class VhostUserServer:
         *,
         name: str | None = None,
         drain_timeout: float = 5.0,
+        idle_timeout: float | None = None,
         on_handler: Callable[[VhostUserHandler | None], None] | None = None,
     ) -> None:
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive, not {idle_timeout}")
         self.device = device
         self.name = name or type(device).__name__
         self.drain_timeout = drain_timeout
+        self.idle_timeout = idle_timeout
+        """Close a connection that has sent nothing at all for this long (``None``: never)."""
         self.connections = 0
-        self.errors: list[Exception] = []
-        """Protocol errors that closed a connection (most recent last)."""
+        """Connections served (refused ones not counted)."""
+        self.refused = 0
+        """Connections closed at once because another front-end was connected."""
+        self.errors: deque[ErrorRecord] = deque(maxlen=ERROR_HISTORY)
+        """The last ``ERROR_HISTORY`` errors (most recent last)."""
+        self.error_counts: Counter[str] = Counter()
+        """Errors so far by exception type name."""
         self.handler: VhostUserHandler | None = None
         """The handler of the current connection, if any."""
         self._on_handler = on_handler
         self._ids = itertools.count(1)
         self._resubmitted = 0
+        self._turn = trio.Lock()  # one connection served at a time
+        self._frontend: str | None = None  # log name of the connected front-end, if any
+        self._frontend_sock: trio.socket.SocketType | None = None
         self.requests: dict[int, int] = {}
         """Chains popped per vring index over all connections (statistics)."""
 
@@ -124,35 +186,33 @@ class VhostUserServer:
         current = self.handler.resubmitted if self.handler is not None else 0
         return self._resubmitted + current
 
+    @property
+    def frontend(self) -> str | None:
+        """Log name of the connected front-end (``"virtio-blk#2"``), if one is connected."""
+        return self._frontend
+
+    def _record(self, connection: str, exc: BaseException) -> None:
+        """Keep a summary of ``exc`` (not ``exc``: its traceback holds the frames)."""
+        kind = type(exc).__name__
+        self.errors.append(ErrorRecord(connection, kind, str(exc)))
+        self.error_counts[kind] += 1
+
     # ------------------------------------------------------------------ listening
 
     async def serve_path(
         self, path: str | os.PathLike[str], *, task_status=trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Listen on a unix socket at ``path`` (replacing a stale socket file) until
-        cancelled; the socket file is removed on exit."""
-        path = Path(path)
-        if path.is_socket():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        """Listen on a unix socket at ``path`` until cancelled (see ``SocketPath``: a
+        stale socket is replaced, anything else at ``path`` raises ``SocketPathError``);
+        our socket is removed on exit if ``path`` still names it."""
+        with SocketPath(path) as claimed:
+            listener = trio.socket.from_stdlib_socket(claimed.bind(LISTEN_BACKLOG))
             try:
-                probe.connect(os.fspath(path))
-            except OSError:
-                path.unlink(missing_ok=True)  # stale: its server is gone
-            else:
-                raise OSError(errno.EADDRINUSE, f"another back-end is listening on {path}")
+                log.info("%s: listening on %s", self.name, claimed.path)
+                task_status.started(claimed.path)
+                await self.serve_listener(listener)
             finally:
-                probe.close()
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await listener.bind(os.fspath(path))
-            listener.listen(1)
-            log.info("%s: listening on %s", self.name, path)
-            task_status.started(path)
-            await self.serve_listener(listener)
-        finally:
-            listener.close()
-            with contextlib.suppress(OSError):
-                path.unlink()
+                listener.close()
 
     async def serve_fd(self, fd: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve on an inherited unix socket ``fd``: listening (accept connections until
@@ -170,23 +230,72 @@ class VhostUserServer:
             sock.close()
 
     async def serve_listener(self, listener: trio.socket.SocketType) -> None:
-        """Accept and serve connections one at a time, until cancelled."""
-        while True:
-            try:
-                conn, _ = await listener.accept()
-            except OSError as exc:  # EMFILE and the like: wait and try again
-                log.error("%s: accept failed: %s", self.name, exc)
-                await trio.sleep(0.1)
-                continue
-            await self.serve_connection(conn)
+        """Accept connections until cancelled: serve one front-end at a time, close
+        the connections of others at once (see the module docstring)."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as exc:  # EMFILE and the like: wait and try again
+                    log.error("%s: accept failed: %s", self.name, exc)
+                    await trio.sleep(0.1)
+                    continue
+                if self._frontend is not None and not self._frontend_hung_up():
+                    self._refuse(conn)
+                    continue
+                name = self._next_name()
+                self._claim(name, conn)
+                nursery.start_soon(self._serve_named, conn, name)
+
+    def _next_name(self) -> str:
+        return f"{self.name}#{next(self._ids)}"
+
+    def _claim(self, name: str, sock: trio.socket.SocketType) -> None:
+        self._frontend, self._frontend_sock = name, sock
+
+    def _unclaim(self, name: str) -> None:
+        if self._frontend == name:
+            self._frontend, self._frontend_sock = None, None
+
+    def _frontend_hung_up(self) -> bool:
+        """The connected front-end has closed its end, though we may not have read the
+        end of file yet (a connect-and-close probe just before the real front-end)."""
+        sock = self._frontend_sock
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in poller.poll(0))
+
+    def _refuse(self, sock: trio.socket.SocketType) -> None:
+        name = self._next_name()
+        self.refused += 1
+        log.warning(
+            "%s: device busy: front-end %s is connected; closing the new connection",
+            name,
+            self._frontend,
+        )
+        sock.close()
 
     # ------------------------------------------------------------------ one connection
 
     async def serve_connection(self, sock: trio.socket.SocketType) -> None:
         """Serve one front-end until it disconnects or breaks the protocol; then reset
-        the device.  Never raises for the front-end's misbehaviour."""
-        cid = next(self._ids)
-        name = f"{self.name}#{cid}"
+        the device.  Never raises for the front-end's misbehaviour.  Waits for the
+        connection served before, if any, to be torn down first."""
+        name = self._next_name()
+        self._claim(name, sock)
+        await self._serve_named(sock, name)
+
+    async def _serve_named(self, sock: trio.socket.SocketType, name: str) -> None:
+        try:
+            async with self._turn:
+                await self._serve_turn(sock, name)
+        finally:
+            sock.close()
+            self._unclaim(name)
+
+    async def _serve_turn(self, sock: trio.socket.SocketType, name: str) -> None:
         self.connections += 1
         log.info("%s: front-end connected", name)
         conn = BackendConnection(max_queues=self.device.num_queues)
@@ -194,7 +303,7 @@ class VhostUserServer:
             await self._serve_with_handler(sock, conn, name)
         except Exception as exc:  # e.g. a ring task's error surfacing at teardown
             log.exception("%s: internal error at connection teardown", name)
-            self.errors.append(exc)
+            self._record(name, exc)
         finally:
             conn.close()
             sock.close()
@@ -221,12 +330,21 @@ class VhostUserServer:
                     reason = await self._serve(sock, conn, handler, name)
                 except Exception as exc:  # a bug of ours: drop this connection only
                     log.exception("%s: internal error", name)
-                    self.errors.append(exc)
+                    self._record(name, exc)
                     reason = f"internal error {type(exc).__name__}"
                 log.info("%s: connection closed: %s", name, reason)
             finally:
+                self._unclaim(name)  # gone: the next front-end may queue up
                 await handler.aclose()
                 nursery.cancel_scope.cancel()
+
+    async def _receive(self, sock: trio.socket.SocketType, first: bool) -> tuple[bytes, list[int]]:
+        """The next ``recvmsg``; the first one of a connection under ``idle_timeout``."""
+        if not first or self.idle_timeout is None:
+            return await recv_with_fds(sock)
+        with trio.move_on_after(self.idle_timeout):
+            return await recv_with_fds(sock)
+        raise IdleTimeout(self.idle_timeout)
 
     async def _serve(
         self,
@@ -235,13 +353,19 @@ class VhostUserServer:
         handler: VhostUserHandler,
         name: str,
     ) -> str:
+        first = True
         while True:
             try:
-                data, fds = await recv_with_fds(sock)
+                data, fds = await self._receive(sock, first)
+            except IdleTimeout as exc:
+                log.warning("%s: %s; closing", name, exc)
+                self._record(name, exc)
+                return str(exc)
             except VhostUserProtocolError as exc:
                 return self._protocol_error(name, exc)
             except OSError as exc:
                 return f"receive failed: {exc}"
+            first = False
             conn.receive_data(data, fds)
             while True:
                 try:
@@ -261,14 +385,15 @@ class VhostUserServer:
                         type(exc).__name__,
                         exc,
                     )
-                    self.errors.append(exc)
+                    self._record(name, exc)
                     out = conn.reject(event)
                 else:
                     log.debug("%s: %s %s", name, event.request.name, event.payload)
                     out = await handler.handle(event)
                     if out is None:
-                        self.errors.append(VhostUserProtocolError(f"{event.request.name} failed"))
-                        return f"{event.request.name} failed and its reply cannot say so"
+                        failed = f"{event.request.name} failed and its reply cannot say so"
+                        self._record(name, VhostUserProtocolError(failed))
+                        return failed
                 if out is None:
                     return "the failure reply cannot be expressed"
                 try:
@@ -278,5 +403,5 @@ class VhostUserServer:
 
     def _protocol_error(self, name: str, exc: VhostUserProtocolError) -> str:
         log.error("%s: protocol error %s: %s; closing", name, type(exc).__name__, exc)
-        self.errors.append(exc)
+        self._record(name, exc)
         return f"protocol error {type(exc).__name__}"
