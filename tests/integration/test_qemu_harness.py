@@ -22,7 +22,13 @@ import tty
 import pytest
 import trio
 
-from virtio.testing.guest_image import BUSYBOX, GuestImage
+from virtio.testing.guest_image import (
+    BUSYBOX,
+    GuestImage,
+    GuestImageError,
+    GuestImageUnavailable,
+    module_closure,
+)
 from virtio.testing.qemu import LINE_CHUNK, QemuGuest, command_lines
 
 
@@ -97,3 +103,31 @@ async def test_commands_survive_background_jobs_exiting(guest_image: GuestImage)
             text = os.urandom(6000).hex()  # 12,000 characters: 16 console lines
             r = await g.run(f"printf %s {text} | md5sum", timeout=30)
             assert r.output.split()[0] == hashlib.md5(text.encode()).hexdigest()
+
+
+def test_module_closure_names_a_module_modprobe_does_not_know(tmp_path) -> None:
+    release = "0.0.0-test"
+    (tmp_path / "lib" / "modules" / release).mkdir(parents=True)
+    depmod = shutil.which("depmod", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if depmod is None:
+        pytest.skip("depmod (kmod) not installed")
+    subprocess.run([depmod, "-b", str(tmp_path), release], check=True)
+    try:
+        with pytest.raises(GuestImageError, match="kernel module 'virtio_nope'"):
+            module_closure(tmp_path, release, ["virtio_nope"])
+    except GuestImageUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.qemu
+async def test_guest_loads_the_module_closure(guest_image: GuestImage) -> None:
+    """Every module modprobe put in the image (wanted ones and what they need, soft
+    dependencies included) is loaded in the booted guest."""
+    modules = set(guest_image.manifest["modules"])
+    assert {"virtio_blk", "virtio_ring", "ext4", "jbd2", "crc32c_generic"} <= modules
+    with trio.fail_after(120):
+        async with QemuGuest(guest_image) as g:
+            loaded = {
+                ln.split()[0] for ln in (await g.run("cat /proc/modules")).output.splitlines()
+            }
+    assert modules <= loaded, sorted(modules - loaded)
