@@ -24,7 +24,7 @@ set -euo pipefail
 #   qemu-system-x86                qemu-system-x86_64 (guests for integration tests)
 #   qemu-system-common             qemu-storage-daemon (reference vhost-user-blk backend)
 #   qemu-utils                     qemu-img, qemu-nbd
-#   busybox-static kmod cpio       guest initramfs (busybox, depmod)
+#   busybox-static kmod cpio       guest initramfs (busybox, depmod, modprobe)
 #   e2fsprogs fio                  copied into the guest (mkfs.ext4/e2fsck, fio)
 PYVIRTIO_APT_PACKAGES=(
     gcc

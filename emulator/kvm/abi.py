@@ -1,12 +1,16 @@
 """KVM userspace ABI: ioctl numbers, struct layouts and exit-reason codes.
 
 Everything here mirrors ``<linux/kvm.h>`` for x86-64.  Structures are packed and
-unpacked with :mod:`struct` (no ctypes structures, no build step).
+unpacked with :mod:`struct` (no ctypes structures); each :class:`CStruct` names the
+C struct (or member) and fields it covers, and :mod:`emulator.kvm.abi_check`
+compiles a cffi module against the installed ``<linux/kvm.h>`` that checks every
+``KVM_*`` number, ``sizeof`` and ``offsetof`` declared here.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 # --- ioctl number encoding (asm-generic/ioctl.h) --------------------------------------------
 _IOC_NONE = 0
@@ -36,11 +40,42 @@ def _iowr(nr: int, size: int) -> int:
 
 
 # --- struct layouts --------------------------------------------------------------------------
-# struct kvm_userspace_memory_region { u32 slot, flags; u64 guest_phys_addr, memory_size,
-# userspace_addr; }
-USER_MEMORY_REGION = struct.Struct("=IIQQQ")
-# struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags
-REGS = struct.Struct("=18Q")
+class CStruct(struct.Struct):
+    """A little-endian, unpadded ``struct.Struct`` over (part of) a C struct.
+
+    ``fields`` are ``(C field name, struct code)`` in order (``x`` codes are padding:
+    no value in pack/unpack).  ``member``: the layout is that of this member of
+    ``c_type`` (a union arm of ``struct kvm_run``, say); ``offset``: where the first
+    field lies in ``c_type``; ``whole``: the layout covers all of it (else a prefix).
+    """
+
+    def __init__(
+        self,
+        c_type: str,
+        fields: Sequence[tuple[str, str]],
+        *,
+        member: str = "",
+        offset: int = 0,
+        whole: bool = True,
+    ) -> None:
+        super().__init__("=" + "".join(code for _, code in fields))
+        self.c_type = c_type
+        self.member = member
+        self.offset = offset
+        self.whole = whole
+        self.fields: dict[str, int] = {}
+        """C field name -> offset from the first field."""
+        at = 0
+        for name, code in fields:
+            self.fields[name] = at
+            at += struct.calcsize("=" + code)
+
+
+USER_MEMORY_REGION = CStruct(
+    "struct kvm_userspace_memory_region",
+    [("slot", "I"), ("flags", "I"), ("guest_phys_addr", "Q"), ("memory_size", "Q"),
+     ("userspace_addr", "Q")],
+)  # fmt: skip
 REG_NAMES = [
     "rax",
     "rbx",
@@ -61,30 +96,45 @@ REG_NAMES = [
     "rip",
     "rflags",
 ]
-# struct kvm_segment { u64 base; u32 limit; u16 selector; u8 type, present, dpl, db, s, l, g,
-# avl, unusable, padding; }
-SEGMENT = struct.Struct("=QIH10B")
-# struct kvm_dtable { u64 base; u16 limit; u16 padding[3]; }
-DTABLE = struct.Struct("=QH3H")
+REGS = CStruct("struct kvm_regs", [(name, "Q") for name in REG_NAMES])
+SEGMENT = CStruct(
+    "struct kvm_segment",
+    [("base", "Q"), ("limit", "I"), ("selector", "H"), ("type", "B"), ("present", "B"),
+     ("dpl", "B"), ("db", "B"), ("s", "B"), ("l", "B"), ("g", "B"), ("avl", "B"),
+     ("unusable", "B"), ("padding", "B")],
+)  # fmt: skip
+DTABLE = CStruct("struct kvm_dtable", [("base", "Q"), ("limit", "H"), ("padding", "3H")])
 SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-# kvm_sregs: 8 segments, gdt, idt, cr0 cr2 cr3 cr4 cr8 efer apic_base, interrupt_bitmap[4]
-SREGS_SIZE = 8 * SEGMENT.size + 2 * DTABLE.size + 7 * 8 + 4 * 8
-SREGS_CTRL = struct.Struct("=7Q")
+DTABLE_NAMES = ("gdt", "idt")
+# kvm_sregs: 8 segments, gdt, idt, then the control registers and interrupt_bitmap[4]
 SREGS_CTRL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+SREGS_CTRL = CStruct(
+    "struct kvm_sregs",
+    [(name, "Q") for name in SREGS_CTRL_NAMES],
+    offset=len(SEGMENT_NAMES) * SEGMENT.size + len(DTABLE_NAMES) * DTABLE.size,
+    whole=False,
+)
+SREGS_INTERRUPT_BITMAP_SIZE = 4 * 8
+SREGS_SIZE = SREGS_CTRL.offset + SREGS_CTRL.size + SREGS_INTERRUPT_BITMAP_SIZE
 # struct kvm_cpuid2 { u32 nent, padding; struct kvm_cpuid_entry2 entries[]; }
-CPUID2_HEADER = struct.Struct("=II")
-# struct kvm_cpuid_entry2 { u32 function, index, flags, eax, ebx, ecx, edx, padding[3]; }
-CPUID_ENTRY2 = struct.Struct("=10I")
-# struct kvm_irq_level { u32 irq; u32 level; }
-IRQ_LEVEL = struct.Struct("=II")
-# struct kvm_irqfd { u32 fd, gsi, flags, resamplefd; u8 pad[16]; }
-IRQFD = struct.Struct("=IIII16x")
-# struct kvm_ioeventfd { u64 datamatch, addr; u32 len; s32 fd; u32 flags; u8 pad[36]; }
-IOEVENTFD = struct.Struct("=QQIiI36x")
-# struct kvm_interrupt { u32 irq; }
-INTERRUPT = struct.Struct("=I")
-# struct kvm_pit_config { u32 flags; u32 pad[15]; }
-PIT_CONFIG = struct.Struct("=I60x")
+CPUID2_HEADER = CStruct("struct kvm_cpuid2", [("nent", "I"), ("padding", "I")])
+CPUID_ENTRY2 = CStruct(
+    "struct kvm_cpuid_entry2",
+    [("function", "I"), ("index", "I"), ("flags", "I"), ("eax", "I"), ("ebx", "I"),
+     ("ecx", "I"), ("edx", "I"), ("padding", "3I")],
+)  # fmt: skip
+IRQ_LEVEL = CStruct("struct kvm_irq_level", [("irq", "I"), ("level", "I")])
+IRQFD = CStruct(
+    "struct kvm_irqfd",
+    [("fd", "I"), ("gsi", "I"), ("flags", "I"), ("resamplefd", "I"), ("pad", "16x")],
+)
+IOEVENTFD = CStruct(
+    "struct kvm_ioeventfd",
+    [("datamatch", "Q"), ("addr", "Q"), ("len", "I"), ("fd", "i"), ("flags", "I"),
+     ("pad", "36x")],
+)  # fmt: skip
+INTERRUPT = CStruct("struct kvm_interrupt", [("irq", "I")])
+PIT_CONFIG = CStruct("struct kvm_pit_config", [("flags", "I"), ("pad", "60x")])
 
 # --- ioctls ----------------------------------------------------------------------------------
 KVM_GET_API_VERSION = _io(0x00)
@@ -132,30 +182,42 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 
 # --- kvm_run ---------------------------------------------------------------------------------
-# struct kvm_run { u8 request_interrupt_window; u8 immediate_exit; u8 padding1[6];
-#   u32 exit_reason; u8 ready_for_interrupt_injection; u8 if_flag; u16 flags;
-#   u64 cr8; u64 apic_base; union {...} at offset 32; }
-RUN_HEADER = struct.Struct("=BB6xIBBHQQ")
-RUN_REQUEST_INTERRUPT_WINDOW = 0
-RUN_IMMEDIATE_EXIT = 1
-RUN_EXIT_REASON = 8
-RUN_READY_FOR_INJECTION = 12
-RUN_IF_FLAG = 13
-RUN_UNION = 32
-# io: u8 direction; u8 size; u16 port; u32 count; u64 data_offset;
-RUN_IO = struct.Struct("=BBHIQ")
+RUN_HEADER = CStruct(
+    "struct kvm_run",
+    [("request_interrupt_window", "B"), ("immediate_exit", "B"), ("padding1", "6x"),
+     ("exit_reason", "I"), ("ready_for_interrupt_injection", "B"), ("if_flag", "B"),
+     ("flags", "H"), ("cr8", "Q"), ("apic_base", "Q")],
+    whole=False,
+)  # fmt: skip
+RUN_REQUEST_INTERRUPT_WINDOW = RUN_HEADER.fields["request_interrupt_window"]
+RUN_IMMEDIATE_EXIT = RUN_HEADER.fields["immediate_exit"]
+RUN_EXIT_REASON = RUN_HEADER.fields["exit_reason"]
+RUN_READY_FOR_INJECTION = RUN_HEADER.fields["ready_for_interrupt_injection"]
+RUN_IF_FLAG = RUN_HEADER.fields["if_flag"]
+RUN_UNION = RUN_HEADER.size
+"""The exit-reason union (``io``, ``mmio``, ...) follows the header."""
+
+
+def _run_arm(member: str, fields: Sequence[tuple[str, str]], *, whole: bool) -> CStruct:
+    return CStruct("struct kvm_run", fields, member=member, offset=RUN_UNION, whole=whole)
+
+
+RUN_IO = _run_arm(
+    "io",
+    [("direction", "B"), ("size", "B"), ("port", "H"), ("count", "I"), ("data_offset", "Q")],
+    whole=True,
+)
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
-# mmio: u64 phys_addr; u8 data[8]; u32 len; u8 is_write;
-RUN_MMIO = struct.Struct("=Q8sIB")
-# fail_entry: u64 hardware_entry_failure_reason; u32 cpu;
-RUN_FAIL_ENTRY = struct.Struct("=QI")
-# internal: u32 suberror; u32 ndata; u64 data[16];
-RUN_INTERNAL = struct.Struct("=II")
-# system_event: u32 type; u32 ndata; u64 data[16];
-RUN_SYSTEM_EVENT = struct.Struct("=II")
-# ex: u32 exception; u32 error_code;
-RUN_EXCEPTION = struct.Struct("=II")
+RUN_MMIO = _run_arm(
+    "mmio", [("phys_addr", "Q"), ("data", "8s"), ("len", "I"), ("is_write", "B")], whole=False
+)
+RUN_FAIL_ENTRY = _run_arm(
+    "fail_entry", [("hardware_entry_failure_reason", "Q"), ("cpu", "I")], whole=False
+)
+RUN_INTERNAL = _run_arm("internal", [("suberror", "I"), ("ndata", "I")], whole=False)
+RUN_SYSTEM_EVENT = _run_arm("system_event", [("type", "I"), ("ndata", "I")], whole=False)
+RUN_EXCEPTION = _run_arm("ex", [("exception", "I"), ("error_code", "I")], whole=True)
 
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_EXCEPTION = 1

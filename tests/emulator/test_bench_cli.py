@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
-import struct
-import zlib
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.image import imread
 
-from virtio.cli import main
-from virtio.cli.bench import Canvas, chart_png, encode_png, format_table, plan
+from virtio.cli import bench, main
+from virtio.cli.bench import chart_figure, chart_png, format_table, plan
 
 pytestmark = pytest.mark.usefixtures("need_gcc", "need_soft")
 
 
-def read_png(blob: bytes) -> tuple[int, int, bytes]:
-    """Minimal PNG reader (enough for our own encoder's output): checks signature,
-    chunk CRCs, IHDR, returns (width, height, raw scanlines)."""
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, ihdr, kinds = 8, b"", None, []
-    while pos < len(blob):
-        (length,) = struct.unpack(">I", blob[pos : pos + 4])
-        kind = blob[pos + 4 : pos + 8]
-        data = blob[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", blob[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + data) & 0xFFFFFFFF
-        kinds.append(kind)
-        if kind == b"IHDR":
-            ihdr = struct.unpack(">IIBBBBB", data)
-        elif kind == b"IDAT":
-            idat += data
-        pos += 12 + length
-    assert kinds[0] == b"IHDR" and kinds[-1] == b"IEND"
-    width, height, depth, color, *_ = ihdr
-    assert (depth, color) == (8, 2)
-    raw = zlib.decompress(idat)
-    assert len(raw) == height * (1 + 3 * width)
-    return width, height, raw
+def png_size(blob: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG, decoded by matplotlib (raises if it is not one)."""
+    pixels = imread(io.BytesIO(blob), format="png")
+    return pixels.shape[1], pixels.shape[0]
 
 
 def test_bench_json_mib1_soft(tmp_path, capsys):
@@ -70,7 +52,7 @@ def test_bench_json_mib1_soft(tmp_path, capsys):
     assert by[("virtio-mmio", 32)]["exits_per_io"] <= 0.05
     assert by[("ide-pio", 1)]["exits_per_io"] > 1000
     assert "running" in out.err and "done in" in out.err  # progress on stderr
-    width, height, _ = read_png(chart.read_bytes())
+    width, height = png_size(chart.read_bytes())
     assert width > 100 and height > 100
 
 
@@ -80,32 +62,52 @@ def test_bench_table_and_default_chart(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert rc == 0
     assert "exits/IO" in out and "virtio-mmio" in out and "ide-dma" in out
-    read_png((tmp_path / "virtio-bench.png").read_bytes())
+    png_size((tmp_path / "virtio-bench.png").read_bytes())
 
 
 def test_unknown_path_is_an_error(capsys):
     assert main(["bench", "--paths", "nope", "--chart", ""]) == 2
+    assert "unknown path(s) nope" in capsys.readouterr().err
 
 
-def test_optional_paths_skipped_when_not_registered(capsys):
-    from emulator.run import PATHS
+def test_optional_path_skipped_when_not_registered(capsys, monkeypatch):
+    """A build without the vhost-user path module: asking for it skips it (with a
+    note), the other rows run; a non-optional unknown path is still an error."""
+    from emulator import run as emu
 
-    registry = {k: v for k, v in PATHS.items() if k in ("ide-dma", "virtio-mmio")}
-    rows = plan(["ide-dma", "virtio-mmio"], [1, 32], registry)
+    monkeypatch.setattr(bench, "PATH_MODULES", ())
+    monkeypatch.delitem(emu.PATHS, "vhost-user", raising=False)
+    rc = main(["bench", "--json", "--kib", "16", "--cpu", "soft", "--chart", "",
+               "--paths", "ide-dma", "vhost-user"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = json.loads(out.out)["rows"]
+    assert [(r["path"], r["verified"]) for r in rows] == [("ide-dma", True)]
+    assert "vhost-user: not registered in this build, skipped" in out.err
+    assert main(["bench", "--chart", "", "--paths", "ide-dma", "vhost-userx"]) == 2
+
+
+def test_plan_clamps_queue_depths_per_path():
+    registry = bench.load_registry()
+    rows = plan(["ide-dma", "virtio-mmio"], [1, 32, 32], registry)
     assert rows == [("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32)]
 
 
-def test_default_paths_include_vhost_user_when_available(tmp_path, capsys):
-    from virtio.cli.bench import load_registry
-
-    if "vhost-user" not in load_registry():
-        pytest.skip("no vhost-user path in this build")
+def test_default_paths_include_vhost_user(tmp_path, capsys):
+    """The default run has every path, vhost-user included, and all of them verify;
+    vhost-user's data path takes no VMM exit."""
+    assert "vhost-user" in bench.load_registry()
     rc = main(["bench", "--json", "--kib", "64", "--cpu", "soft", "--chart", ""])
     out = capsys.readouterr()
+    assert rc == 0, out.err
     rows = json.loads(out.out)["rows"]
+    assert [r["path"] for r in rows] == [
+        "ide-pio", "ide-dma", "virtio-mmio", "virtio-mmio", "vhost-user", "vhost-user",
+    ]  # fmt: skip
+    assert all(r["verified"] for r in rows), out.err
     vu = [r for r in rows if r["path"] == "vhost-user"]
     assert [r["queue_depth"] for r in vu] == [1, 32]
-    assert rc == (0 if all(r["verified"] for r in rows) else 1), out.err
+    assert [r["exits_per_io"] for r in vu] == [0, 0], vu  # the back-end serves the queues
 
 
 def test_failed_verification_exit_status(tmp_path, capsys, monkeypatch):
@@ -125,18 +127,52 @@ def test_failed_verification_exit_status(tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["rows"][0]["verified"] is False
 
 
-def test_png_encoder_roundtrip():
-    c = Canvas(7, 3)
-    c.rect(1, 1, 3, 2, (10, 20, 30))
-    width, height, raw = read_png(c.png())
-    assert (width, height) == (7, 3)
-    row1 = raw[1 * (1 + 21) : 2 * (1 + 21)]
-    assert row1[0] == 0 and row1[1 + 3 : 1 + 6] == bytes((10, 20, 30))
-    with pytest.raises(ValueError):
-        encode_png(2, 2, b"\0" * 5)
+CHART_ROWS = [
+    {"path": "ide-pio", "queue_depth": 1, "cpu": "soft", "exits_per_io": 1043.2,
+     "verified": True},
+    {"path": "virtio-mmio", "queue_depth": 32, "cpu": "soft", "exits_per_io": 0.039,
+     "verified": True},
+    {"path": "vhost-user", "queue_depth": 1, "cpu": "soft", "exits_per_io": 0.0,
+     "verified": True},
+    {"path": "vhost-user", "queue_depth": 32, "cpu": "soft", "exits_per_io": None,
+     "verified": False, "error": "RuntimeError: boom"},
+    {"path": "ide-dma", "queue_depth": 1, "cpu": "soft", "exits_per_io": 14.0,
+     "verified": False},
+]  # fmt: skip
 
 
-def test_chart_and_table_with_failed_row():
+def test_chart_reads_right():
+    """Values with thousands separators, a zero row says 0 (no bar on a log scale), a
+    failed row says FAILED, an unverified one says so; decade ticks read 1,000."""
+    fig = chart_figure(CHART_ROWS)
+    FigureCanvasAgg(fig).draw()
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "ide-pio qd1 soft", "virtio-mmio qd32 soft", "vhost-user qd1 soft",
+        "vhost-user qd32 soft", "ide-dma qd1 soft",
+    ]  # fmt: skip
+    texts = {round(t.get_position()[1]): t.get_text() for t in ax.texts}
+    assert texts == {
+        0: "1,043",
+        1: "0.039",
+        2: bench.ZERO_LABEL,
+        3: bench.FAILED_LABEL,
+        4: "14  (NOT VERIFIED)",
+    }
+    assert bench.ZERO_LABEL.startswith("0 ")
+    bars = {round(p.get_y() + p.get_height() / 2): p for p in ax.patches}
+    assert sorted(bars) == [0, 1, 4]  # rows with a positive value only
+    for row, bar in bars.items():
+        assert bar.get_x() + bar.get_width() == pytest.approx(CHART_ROWS[row]["exits_per_io"])
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert {"0.01", "1", "1,000", "10,000"} <= set(ticks)
+    lo, hi = ax.get_xlim()
+    assert lo <= 0.01 and hi >= 10_000
+
+
+def test_chart_png_and_table_with_failed_row():
+    width, height = png_size(chart_png(CHART_ROWS))
+    assert (width, height) == (900, 440)  # 9 x (1.9 + 0.5 * 5) inches at 100 dpi
     rows = [
         {"path": "ide-dma", "queue_depth": 1, "cpu": "soft", "exits_per_io": 14.0,
          "verified": True, "ios": 2, "exits_per_io_by_reason": {"PIO": 14.0},
@@ -145,6 +181,5 @@ def test_chart_and_table_with_failed_row():
          "verified": False, "ios": 0, "exits_per_io_by_reason": {}, "exits_per_mib": None,
          "mb_per_s": None, "us_per_io": None, "error": "RuntimeError: boom"},
     ]  # fmt: skip
-    read_png(chart_png(rows))
     table = format_table(rows)
-    assert "FAILED" in table and "boom" in table
+    assert "FAILED" in table and "boom" in table and "3,584" in table

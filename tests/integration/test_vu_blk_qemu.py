@@ -21,12 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
+from virtio.testing.backend_stats import Statistics, counter, parse_statistics
 from virtio.testing.blk_checks import (
     BackendStarter,
     BlkSession,
@@ -129,7 +130,7 @@ def backend_log(s: BlkSession) -> str:
     return _LOGS[os.fspath(s.socket)].read_text(errors="replace")
 
 
-async def backend_stats(s: BlkSession) -> dict[str, str]:
+async def backend_stats(s: BlkSession) -> Statistics:
     """SIGUSR1 the back-end; parse the statistics line it prints on stderr."""
     before = backend_log(s).count("statistics:")
     s.backend.send_signal(signal.SIGUSR1)
@@ -137,7 +138,26 @@ async def backend_stats(s: BlkSession) -> dict[str, str]:
         while backend_log(s).count("statistics:") <= before:
             await trio.sleep(0.05)
     line = [ln for ln in backend_log(s).splitlines() if "statistics:" in ln][before]
-    return dict(kv.split("=", 1) for kv in line.split("statistics:", 1)[1].split())
+    return parse_statistics(line)
+
+
+def vring_requests(stats: Statistics) -> list[int]:
+    """Chains served per vring (``vring_requests=N,M``; empty before any)."""
+    text = stats["vring_requests"]
+    assert isinstance(text, str)
+    return [int(n) for n in text.split(",") if n]
+
+
+async def wait_for_stats(
+    s: BlkSession, what: str, ready: Callable[[Statistics], bool], *, timeout: float = 30.0
+) -> Statistics:
+    """Poll the back-end's statistics until ``ready(stats)``; fail after ``timeout`` s."""
+    stats: Statistics = {}
+    with trio.move_on_after(timeout):
+        while not ready(stats := await backend_stats(s)):
+            await trio.sleep(0.05)
+        return stats
+    raise AssertionError(f"back-end never reported {what} in {timeout} s: {stats}")
 
 
 @contextlib.contextmanager
@@ -241,8 +261,8 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
                 await check_direct_io_pattern(g, disk)
                 await check_parallel_io(g, disk)
                 after = await backend_stats(s)
-                per_ring_before = [int(n) for n in before["vring_requests"].split(",")]
-                per_ring_after = [int(n) for n in after["vring_requests"].split(",")]
+                per_ring_before = vring_requests(before)
+                per_ring_after = vring_requests(after)
                 assert len(per_ring_after) == 2
                 assert all(a > b for a, b in zip(per_ring_after, per_ring_before, strict=True)), (
                     before,
@@ -255,7 +275,7 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
 
                 # -- fsync reaches the image, and the back-end called fdatasync
                 t = time.monotonic()
-                syncs = int((await backend_stats(s))["fdatasync"])
+                syncs = counter(await backend_stats(s), "fdatasync")
                 marker = f"pyvirtio-fsync-marker-{os.getpid()}-{time.time_ns()}"
                 await g.run(
                     "mount -t ext4 /dev/vda /mnt/t && "
@@ -264,7 +284,7 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
                     "sync"
                 )
                 assert marker.encode() in disk.image.read_bytes()
-                assert int((await backend_stats(s))["fdatasync"]) > syncs
+                assert counter(await backend_stats(s), "fdatasync") > syncs
                 await g.run("umount /mnt/t")
                 timings["fsync"] = round(time.monotonic() - t, 2)
 
@@ -325,24 +345,7 @@ async def test_read_only_export_refuses_writes(guest_image: GuestImage) -> None:
             assert s.disk.image.read_bytes()[:MiB] == content
 
 
-KNOWN_RECONNECT_HANG = pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known intermittent test-harness failure (about 1 run in 4-8), not a lost request: "
-        "all four writers finish ('writes-done', exit status 0, files written in the guest), "
-        "the guest block layer has 0 requests in flight and the back-end has completed every "
-        "available entry, but for up to a minute after the back-end restart the guest's "
-        "serial-console shell answers none of the harness's polls (virtio.testing.qemu "
-        "GuestJob.wait); seen with and without the native data plane"
-    ),
-)
-
-
-@pytest.mark.parametrize(
-    "dataplane",
-    [False, pytest.param(True, marks=KNOWN_RECONNECT_HANG)],
-    ids=["python-loop", "native-dataplane"],
-)
+@pytest.mark.parametrize("dataplane", [False, True], ids=["python-loop", "native-dataplane"])
 async def test_backend_killed_with_io_in_flight_and_restarted(
     guest_image: GuestImage, dataplane: bool
 ) -> None:
@@ -385,31 +388,25 @@ async def test_backend_killed_with_io_in_flight_and_restarted(
                         "n=$((n+1)); done; echo writes-done"
                     )
                 )
-            await trio.sleep(1.0)
+            # writes flow on both queues before the kill
+            await wait_for_stats(
+                s, "writes on both queues", lambda st: all(n > 0 for n in vring_requests(st) or [0])
+            )
+            if not dataplane:  # kill with requests in flight
+                await wait_for_stats(
+                    s, "requests in flight", lambda st: counter(st, "in_flight") > 0
+                )
             assert await jobs[0].poll() is None
-            for _ in range(0 if dataplane else 50):  # kill with requests in flight
-                if int((await backend_stats(s))["in_flight"]) > 0:
-                    break
-                await trio.sleep(0.05)
             old_pid = s.backend.pid
-            await s.restart_backend(kill=True)  # SIGKILL while requests are in flight
+            await s.restart_backend(kill=True)  # SIGKILL (with requests in flight)
             assert s.backend.pid != old_pid
-            await trio.sleep(1.5)
+            # QEMU reconnected and the writers' I/O goes on against the new process
+            await wait_for_stats(
+                s, "writes after the restart", lambda st: sum(vring_requests(st)) > 0
+            )
             await g.run("touch /tmp/stop")
             for job in jobs:
-                try:
-                    result = await job.wait(timeout=60)
-                except Exception:
-                    with contextlib.suppress(Exception):
-                        print("stuck:", await backend_stats(s))
-                    with contextlib.suppress(Exception):  # what the guest's block layer holds
-                        probe = (
-                            "cat /sys/block/vda/inflight /sys/block/vda/stat; ps;"
-                            " ls -la /tmp/; cat /tmp/.pyvirtio-job*"
-                        )
-                        print("guest:", (await g.run(probe, timeout=10)).output)
-                    print("back-end log (tail):\n" + backend_log(s)[-6000:])
-                    raise
+                result = await job.wait(timeout=60)
                 assert "writes-done" in result.output
             for w, digest in enumerate(digests):
                 read = await g.run(
@@ -423,7 +420,7 @@ async def test_backend_killed_with_io_in_flight_and_restarted(
             print("after restart:", stats, "resubmissions:", resubmits)
             assert "inflight area set" in log  # QEMU handed the area back
             if not dataplane:  # in flight at the kill: redone
-                assert int(stats["resubmitted"]) > 0, log[-4000:]
+                assert counter(stats, "resubmitted") > 0, log[-4000:]
             assert "needs reset" not in log
             assert "rejected" not in log
 

@@ -25,6 +25,7 @@ from virtio.spec import sections as sec
 from virtio.spec.ring import PackedDescFlag, VringDescFlag, VringUsedFlag
 from virtio.testing.driver import DriverQueue
 from virtio.testing.queues import make_queue_pair
+from virtio.testing.watchpoints import WatchUnavailable, WriteWatch, host_address
 
 NEXT = int(VringDescFlag.VRING_DESC_F_NEXT)
 WRITE = int(VringDescFlag.VRING_DESC_F_WRITE)
@@ -304,17 +305,36 @@ def test_spec_2_7_6_avail_idx_moved_more_than_queue_size():
 
 
 # -- 2.7.8.2 devicenormative: used ring len and idx ------------------------------------------
-def test_spec_2_7_8_2_len_set_before_idx_and_counts_written_bytes():
+@pytest.mark.parametrize("slot", [0, 3])
+def test_spec_2_7_8_2_len_set_before_idx_and_counts_written_bytes(slot):
+    """The engine's stores, as the CPU executes them (hardware write watchpoints on
+    the used element and the used idx): id and len first, idx last."""
     pair, drv, q = _raw_split(4)
+    for _ in range(slot):  # move the used ring on to ``slot``
+        drv.add([b"x"], [])
+        drv.publish()
+        q.add_used(q.pop(), 0)
+        drv.get_used()
     drv.add([b"abc"], [10])
     drv.publish()
     chain = q.pop()
     chain.writer().write(b"0123456789")
-    q.add_used(chain, 10)
+    elem_addr = drv.device_addr + 4 + 8 * slot
+    ranges = {
+        "id": (host_address(pair.memory.slice(elem_addr, 4)), 4),
+        "len": (host_address(pair.memory.slice(elem_addr + 4, 4)), 4),
+        "idx": (host_address(pair.memory.slice(drv.device_addr + 2, 2)), 2),
+    }
+    try:
+        with WriteWatch(ranges) as watch:
+            q.add_used(chain, 10)
+    except WatchUnavailable as exc:
+        pytest.skip(f"no hardware watchpoints here: {exc}")
+    assert watch.order == ["id", "len", "idx"]  # MUST set len prior to updating idx
     used_idx = pair.memory.read_u16(drv.device_addr + 2)
-    elem = struct.unpack("<II", pair.memory.read(drv.device_addr + 4, 8))
-    assert used_idx == 1
-    assert elem == (chain.head, 10)
+    elem = struct.unpack("<II", pair.memory.read(elem_addr, 8))
+    assert used_idx == slot + 1
+    assert elem == (chain.head, 10)  # len: the bytes written into the chain
 
 
 # -- 2.7.10.2 devicenormative: Available Buffer Notification Suppression ----------------------

@@ -140,8 +140,8 @@ def run_blk(args: argparse.Namespace) -> int:
         _delay_requests(device, args.debug_request_delay)
     try:
         return trio.run(_serve, device, args)
-    except OSError as exc:
-        _fail(f"virtio serve blk: {exc}")
+    except* OSError as group:  # trio >= 0.25 raises a nursery's errors as a group
+        _fail(f"virtio serve blk: {_first_leaf(group)}")
     finally:
         device.close()
 
@@ -164,6 +164,13 @@ def _socket_from_systemd(args: argparse.Namespace, device: str) -> None:
         "(or a socket from systemd socket activation)",
         status=2,
     )
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _delay_requests(device: Any, seconds: float) -> None:

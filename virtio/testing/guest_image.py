@@ -15,7 +15,8 @@ Everything is cached in ``${PYVIRTIO_CACHE:-~/.cache/pyvirtio}/guest/<kver>-v<N>
 - ``manifest.json``   what was put in, written last: a directory without it is junk.
 
 Building needs ``apt-get``/``apt-cache`` (with package lists; run ``apt-get update``
-first on a new machine), ``dpkg``, ``depmod`` (kmod) and ``/bin/busybox`` from
+first on a new machine), ``dpkg``, ``depmod`` and ``modprobe`` (kmod: the module
+closure is ``modprobe --show-depends`` on the extracted kernel) and ``/bin/busybox`` from
 ``busybox-static``; no root and no network beyond the Debian mirror.  Building is
 guarded by a lock, so concurrent test runs share one build.
 
@@ -30,7 +31,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import fnmatch
 import gzip
 import json
 import os
@@ -50,21 +50,24 @@ __all__ = [
     "GuestImage",
     "GuestImageError",
     "GuestImageUnavailable",
+    "ModuleClosure",
     "build_image",
     "cache_dir",
     "ensure_image",
     "find_cached_image",
     "kernel_package",
+    "module_closure",
 ]
 
 #: Bump when the image content or the /init protocol changes: old caches are ignored.
-IMAGE_FORMAT = 1
+IMAGE_FORMAT = 2
 
 #: The Debian metapackage whose dependency names the kernel to use.
 KERNEL_METAPACKAGE = "linux-image-amd64"
 
-#: Kernel modules put in the initramfs (with their dependencies) and loaded by /init.
-#: Names as ``modprobe`` spells them (``-`` and ``_`` are the same).
+#: Kernel modules put in the initramfs (with what ``modprobe --show-depends`` says they
+#: need) and loaded by /init, in this order.  Names or aliases as ``modprobe`` takes
+#: them (``-`` and ``_`` are the same); to add one, append it here.
 BASE_MODULES: tuple[str, ...] = (
     # virtio transports and devices
     "virtio_pci",
@@ -185,8 +188,7 @@ def missing_tools() -> list[str]:
     missing = [
         tool for tool in ("apt-get", "apt-cache", "dpkg", "dpkg-deb") if shutil.which(tool) is None
     ]
-    if _which_sbin("depmod") is None:
-        missing.append("depmod (kmod)")
+    missing.extend(f"{tool} (kmod)" for tool in ("depmod", "modprobe") if _which_sbin(tool) is None)
     if not os.path.isfile(BUSYBOX):
         missing.append(f"{BUSYBOX} (busybox-static)")
     return missing
@@ -309,17 +311,15 @@ def _build_into(tmp: Path, out: Path, package: str, kver: str, *, fio: bool) -> 
     if not kernels:
         raise GuestImageError(f"{package} contains no /boot/vmlinuz-*")
     release = kernels[0].name.removeprefix("vmlinuz-")
-    moddir = kroot / "lib" / "modules" / release
+    base = kroot if (kroot / "lib" / "modules" / release).is_dir() else kroot / "usr"
+    moddir = base / "lib" / "modules" / release
     if not moddir.is_dir():
-        moddir = kroot / "usr" / "lib" / "modules" / release
-        if not moddir.is_dir():
-            raise GuestImageError(f"{package} has no lib/modules/{release}")
-        _run(["depmod", "-b", str(kroot / "usr"), release], env=_sbin_env())
-    else:
-        _run(["depmod", "-b", str(kroot), release], env=_sbin_env())
+        raise GuestImageError(f"{package} has no lib/modules/{release}")
+    _run(["depmod", "-b", str(base), release], env=_sbin_env())
 
     config = _read_kconfig(kroot / "boot" / f"config-{release}")
-    modules = _module_closure(moddir, BASE_MODULES)
+    closure = module_closure(base, release, BASE_MODULES)
+    modules = closure.files
 
     # -- base initramfs tree
     tree = tmp / "initramfs"
@@ -351,9 +351,8 @@ def _build_into(tmp: Path, out: Path, package: str, kver: str, *, fio: bool) -> 
         if (moddir / meta).exists():
             shutil.copy2(moddir / meta, tmoddir / meta)
     _run(["depmod", "-b", str(tree), release], env=_sbin_env())
-    loaded = [m for m in BASE_MODULES if _norm(m) in modules]
+    loaded = [m for m in BASE_MODULES if m not in closure.builtin]
     (tree / "etc/pyvirtio/modules").write_text("\n".join(loaded) + "\n")
-    builtin = sorted(set(BASE_MODULES) - set(loaded))
     base_progs = _install_host_programs(tree, BASE_HOST_PROGRAMS)
     for f in BASE_HOST_FILES:
         if os.path.isfile(f):
@@ -403,7 +402,7 @@ def _build_into(tmp: Path, out: Path, package: str, kver: str, *, fio: bool) -> 
         "kernel_package_version": deb_version,
         "modules": sorted(modules),
         "modules_loaded_at_boot": loaded,
-        "modules_builtin_or_absent": builtin,
+        "modules_builtin": list(closure.builtin),
         "kconfig": {
             k: config.get(k)
             for k in (
@@ -465,69 +464,51 @@ def _read_kconfig(path: Path) -> dict[str, str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ModuleClosure:
+    """What the guest's ``modprobe`` loads for a list of wanted modules."""
+
+    files: dict[str, str]
+    """Module name (``-`` spelled ``_``) -> ``.ko`` path relative to the modules
+    directory, for every module to put in the initramfs (dependencies included)."""
+    builtin: tuple[str, ...]
+    """Wanted names that are built into the kernel (nothing to load)."""
+
+
+def module_closure(base: Path, release: str, wanted: Iterable[str]) -> ModuleClosure:
+    """Ask ``modprobe --show-depends`` (``-d base -S release``, no host configuration)
+    what loading each of ``wanted`` loads in the kernel tree under ``base``: hard
+    dependencies, aliases and soft dependencies resolved by kmod itself, from the
+    ``modules.*`` files ``depmod -b base`` wrote.  A name modprobe does not know is a
+    :class:`GuestImageError`."""
+    modprobe = _which_sbin("modprobe")
+    if modprobe is None:
+        raise GuestImageUnavailable("modprobe (kmod) not found")
+    moddir = (base / "lib" / "modules" / release).resolve()
+    files: dict[str, str] = {}
+    builtin: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-modprobe-") as no_config:
+        for name in wanted:
+            cmd = [modprobe, "-C", no_config, "-d", str(base), "-S", release]
+            res = subprocess.run(
+                [*cmd, "--show-depends", name], capture_output=True, text=True, check=False
+            )
+            if res.returncode != 0:
+                raise GuestImageError(f"kernel module {name!r}: {res.stderr.strip()}")
+            for line in res.stdout.splitlines():
+                action, _, rest = line.strip().partition(" ")
+                if action == "builtin":
+                    builtin.append(name)
+                elif action == "insmod":
+                    ko = Path(rest.split()[0]).resolve()
+                    files[_norm(ko.name.split(".ko")[0])] = str(ko.relative_to(moddir))
+                else:
+                    raise GuestImageError(f"modprobe {name}: unexpected line {line!r}")
+    return ModuleClosure(files=files, builtin=tuple(builtin))
+
+
 def _norm(name: str) -> str:
     return name.replace("-", "_")
-
-
-def _module_closure(moddir: Path, wanted: Iterable[str]) -> dict[str, str]:
-    """{module name: path relative to moddir} for ``wanted`` plus hard and soft deps.
-
-    Modules built into the kernel (or absent) are skipped silently: the manifest
-    records which.
-    """
-    deps: dict[str, list[str]] = {}
-    paths: dict[str, str] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        if ":" not in line:
-            continue
-        path, rest = line.split(":", 1)
-        name = _norm(Path(path).name.split(".ko")[0])
-        paths[name] = path
-        deps[name] = [_norm(Path(p).name.split(".ko")[0]) for p in rest.split()]
-    aliases: list[tuple[str, str]] = []
-    alias_file = moddir / "modules.alias"
-    if alias_file.exists():
-        for line in alias_file.read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == "alias":
-                aliases.append((parts[1], _norm(parts[2])))
-    softdeps: dict[str, list[str]] = {}
-    softdep_file = moddir / "modules.softdep"
-    if softdep_file.exists():
-        for line in softdep_file.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == "softdep":
-                softdeps[_norm(parts[1])] = [p for p in parts[2:] if p not in ("pre:", "post:")]
-
-    def resolve(name: str) -> list[str]:
-        n = _norm(name)
-        if n in paths:
-            return [n]
-        return sorted({mod for pat, mod in aliases if fnmatch.fnmatchcase(name, pat)})
-
-    result: dict[str, str] = {}
-    todo = [n for w in wanted for n in resolve(w)]
-    while todo:
-        name = todo.pop()
-        if name in result or name not in paths:
-            continue
-        result[name] = paths[name]
-        todo.extend(deps.get(name, []))
-        for soft in softdeps.get(name, []):
-            todo.extend(resolve(soft))
-        todo.extend(n for s in _modinfo_softdeps(moddir / paths[name]) for n in resolve(s))
-    return result
-
-
-def _modinfo_softdeps(ko: Path) -> list[str]:
-    """softdep names from the module's own .modinfo (modules.softdep is often empty)."""
-    data = ko.read_bytes()
-    out: list[str] = []
-    for m in re.finditer(rb"softdep=([^\x00]*)", data):
-        out.extend(
-            p for p in m.group(1).decode(errors="replace").split() if p not in ("pre:", "post:")
-        )
-    return out
 
 
 def _busybox_version() -> str:
@@ -660,12 +641,20 @@ def _gzip_cpio(entries: Iterable[_CpioEntry]) -> bytes:
 #:   framed by ``@@PYVIRTIO-BEGIN <nonce>@@`` and ``@@PYVIRTIO-EXIT <nonce> <rc>@@``,
 #:   then power off;
 #: - interactive mode: print ``@@PYVIRTIO-READY <nonce>@@``, then read lines
-#:   ``@@C <id> <base64 script>`` from the serial port, source each script in this
-#:   (persistent) shell with stdin from /dev/null, framed by
-#:   ``@@PYVIRTIO-BEGIN <id>@@`` and ``@@PYVIRTIO-DONE <id> <rc>@@``.
+#:   ``@@P <id> <base64 part>`` (zero or more) and ``@@C <id> <base64 last part>``
+#:   from the serial port, source each script in this (persistent) shell with stdin
+#:   from /dev/null, framed by ``@@PYVIRTIO-BEGIN <id>@@`` and
+#:   ``@@PYVIRTIO-DONE <id> <rc>@@``.
 #:
 #: ``<nonce>`` comes from fw_cfg ``opt/pyvirtio/nonce`` (so a script that prints
 #: marker-like text cannot fake the end of its own output).
+#:
+#: The serial tty is in *canonical* mode (no echo, no signal or flow-control
+#: characters, no output processing), so the tty hands ``read`` only whole lines.
+#: In raw mode, busybox ash (1.35) loses the part of a line already read when a
+#: signal interrupts ``read`` while it waits for the rest: a background job of this
+#: shell exiting (SIGCHLD) then swallowed a command.  Canonical mode's line buffer
+#: holds 4095 characters; the harness splits longer commands into ``@@P`` parts.
 INIT_SCRIPT = r"""#!/bin/sh
 # pyvirtio guest /init (generated by virtio.testing.guest_image; do not edit)
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=dumb
@@ -692,17 +681,21 @@ if [ -r "$FW/script/raw" ]; then
     poweroff -f
     exit 0
 fi
-stty -F /dev/ttyS0 raw -echo 2>/dev/null
+stty -F /dev/ttyS0 raw -echo icanon 2>/dev/null
 exec 0</dev/ttyS0 1>/dev/ttyS0 2>&1
 echo "@@PYVIRTIO-READY $nonce@@"
+: > /tmp/.pyvirtio-cmd.b64
 while IFS= read -r __pv_line; do
     case "$__pv_line" in
-        "@@C "*) ;;
+        "@@P "*|"@@C "*) ;;
         *) continue ;;
     esac
     set -- $__pv_line
+    printf '%s' "$3" >> /tmp/.pyvirtio-cmd.b64
+    [ "$1" = "@@C" ] || continue
     __pv_id=$2
-    printf '%s' "$3" | base64 -d > /tmp/.pyvirtio-cmd
+    base64 -d < /tmp/.pyvirtio-cmd.b64 > /tmp/.pyvirtio-cmd
+    : > /tmp/.pyvirtio-cmd.b64
     echo "@@PYVIRTIO-BEGIN $__pv_id@@"
     . /tmp/.pyvirtio-cmd </dev/null
     __pv_rc=$?

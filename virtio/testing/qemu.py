@@ -7,8 +7,10 @@ Its ``/init`` loads the virtio drivers, then either
   powers off (``QemuGuest(..., script=...)`` + :meth:`QemuGuest.wait_script`, or
   :func:`run_guest_script`), or
 - becomes an **interactive** shell on the serial port: :meth:`QemuGuest.run`
-  sends one command at a time (base64, one line) and collects its output and exit
-  status between per-command markers.
+  sends one command at a time (base64, in lines of at most :data:`LINE_CHUNK`
+  characters) and collects its output and exit status between per-command markers.
+  The guest's tty is in canonical mode, so its shell reads whole lines only (see
+  the protocol notes in :mod:`virtio.testing.guest_image`).
 
 Example::
 
@@ -90,6 +92,7 @@ __all__ = [
     "VhostUserBlk",
     "VhostUserNet",
     "check_prerequisites",
+    "command_lines",
     "default_accel",
     "find_qemu",
     "run_guest_script",
@@ -97,6 +100,9 @@ __all__ = [
 
 QEMU_BINARY = "qemu-system-x86_64"
 CONSOLE_TAIL = 4000
+LINE_CHUNK = 1024
+"""Base64 characters per command line: well under the 4095 characters a canonical-mode
+tty line holds in the guest."""
 
 
 # --------------------------------------------------------------------------- errors
@@ -767,9 +773,8 @@ class QemuGuest:
 
     async def _send_command(self, command: str, cmd_id: str) -> None:
         assert self._proc is not None and self._proc.stdin is not None
-        payload = base64.b64encode(command.encode()).decode()
         try:
-            await self._proc.stdin.send_all(f"@@C {cmd_id} {payload}\n".encode())
+            await self._proc.stdin.send_all(command_lines(command, cmd_id))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._broken = "QEMU's stdin is closed"
             raise self._error(GuestExited, "QEMU exited (cannot send the command)") from e
@@ -884,29 +889,33 @@ class GuestJob:
     ) -> GuestResult:
         """Wait for it to finish (polling from the host, so a timeout leaves the guest usable)."""
         t0 = time.monotonic()
-        with trio.move_on_after(timeout):
-            while True:
-                # A command line can get lost on the serial console (seen while QEMU
-                # was busy reconnecting a vhost-user back-end): give each poll a short
-                # deadline and ask again instead of waiting out the whole timeout.
-                with trio.move_on_after(max(5.0, 10 * poll_interval)) as attempt:
-                    rc = await self.poll()
-                if attempt.cancelled_caught:
-                    continue
-                if rc is not None:
-                    break
-                await trio.sleep(poll_interval)
-            result = GuestResult(
-                command=f"job {self.number}",
-                rc=rc,
-                raw=(await self.output()).encode(),
-                seconds=time.monotonic() - t0,
-            )
-            return result.check() if check else result
-        raise self.guest._error(GuestTimeout, f"background job {self.number} still running")
+        while (rc := await self.poll()) is None:
+            if time.monotonic() - t0 >= timeout:
+                raise self.guest._error(
+                    GuestTimeout, f"background job {self.number} still running after {timeout} s"
+                )
+            await trio.sleep(poll_interval)
+        result = GuestResult(
+            command=f"job {self.number}",
+            rc=rc,
+            raw=(await self.output()).encode(),
+            seconds=time.monotonic() - t0,
+        )
+        return result.check() if check else result
 
     async def kill(self, sig: str = "KILL") -> None:
         await self.guest.run(f"kill -{sig} $(cat {self.pid_path}) 2>/dev/null", check=False)
+
+
+def command_lines(command: str, cmd_id: str) -> bytes:
+    """The console lines that hand ``command`` to the guest shell: its base64 text in
+    parts of at most :data:`LINE_CHUNK` characters, ``@@P <id> <part>`` lines then one
+    ``@@C <id> <last part>`` line (the guest runs the command on that one)."""
+    payload = base64.b64encode(command.encode()).decode()
+    parts = [payload[i : i + LINE_CHUNK] for i in range(0, len(payload), LINE_CHUNK)] or [""]
+    lines = [f"@@P {cmd_id} {part}\n" for part in parts[:-1]]
+    lines.append(f"@@C {cmd_id} {parts[-1]}\n")
+    return "".join(lines).encode()
 
 
 def _grow_pipe(stream: Any) -> None:
