@@ -29,6 +29,7 @@ from emulator.machine import Machine
 from virtio.errors import QueueConfigError
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.mmio import MmioReg as R
+from virtio.transport.mmio import DeviceStatusError, FeatureNegotiationError
 from virtio.transport.vhost_user.messages import (
     HEADER,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -439,3 +440,58 @@ def test_paths_registered():
         wp = _run.PATHS[name]
         assert wp.program == "virtio_blk"
         assert wp.max_queue_depth == vmmio.MAX_QUEUE_DEPTH
+
+
+# -- one status machine: the vhost-user path refuses what the in-VMM path refuses --------------
+_ORDER_CASES = {
+    "features-ok-before-driver": [1, 1 | 8],
+    "driver-ok-without-features-ok": [1, 3, 3 | 4],
+    "driver-before-ack": [2],
+    "clear-a-bit": [1, 3, 1],
+}
+
+
+@pytest.mark.parametrize("sequence", list(_ORDER_CASES.values()), ids=list(_ORDER_CASES))
+def test_status_order_enforced_like_in_vmm_path(sequence):
+    """§3.1.1: a Status sequence that skips a step (e.g. DRIVER_OK without FEATURES_OK)
+    is refused on the vhost-user path exactly as on the in-process path (same error
+    type and section, NEEDS_RESET), and nothing is handed to the back-end."""
+    from virtio.memory import GuestMemory, MemoryRegion
+    from virtio.testing.vhost_user_frontend import EchoDevice
+    from virtio.transport.mmio import MmioTransport
+
+    buf = bytearray(1 << 16)
+    local = MmioTransport(EchoDevice(), GuestMemory([MemoryRegion(0, len(buf), memoryview(buf))]))
+    fake = FakeBlk()
+    with Machine(ram_size=8 << 20, cpu="soft") as m:
+        dev = vu.attach(m, fake.client, config_size=8)
+        for t in (local, dev):
+            for value in sequence:
+                _wr(t, R.VIRTIO_MMIO_STATUS, value)
+        (a,), (b,) = local.errors, dev.errors
+        assert type(a) is type(b) is DeviceStatusError
+        assert a.section == b.section and a.message == b.message
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == _rd(local, R.VIRTIO_MMIO_STATUS)
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) & 0x40  # DEVICE_NEEDS_RESET
+        assert FrontendRequest.SET_FEATURES not in fake.log  # no hand-off
+        assert not dev.backend.started
+    fake.close()
+
+
+def test_unoffered_feature_leaves_features_ok_clear():
+    """The driver features the back-end did not offer: FEATURES_OK stays clear on the
+    vhost-user path too (§3.1.1 step 6), with the in-VMM path's typed error."""
+    fake = FakeBlk()
+    with Machine(ram_size=8 << 20, cpu="soft") as m:
+        dev = vu.attach(m, fake.client, config_size=8)
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 1)
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 3)
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1)
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES, 1)  # VERSION_1 ...
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0)
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES, 1 << 7)  # ... and a bit not offered
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 11)
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 3
+        assert isinstance(dev.errors[-1], FeatureNegotiationError)
+        assert dev.errors[-1].section == "2.2.1"
+    fake.close()

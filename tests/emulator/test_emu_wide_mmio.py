@@ -127,10 +127,8 @@ def test_64bit_register_access_is_the_same_driver_error(cpu):
         assert m.cpu.regs()["rcx"] == 0
         assert [type(e) for e in t.errors] == [MmioAccessError, MmioAccessError]
         assert [e.message for e in t.errors] == [
-            "8-byte access at 0x80: control registers take only 32-bit wide and aligned"
-            " accesses",
-            "8-byte access at 0x70: control registers take only 32-bit wide and aligned"
-            " accesses",
+            "8-byte access at 0x80: control registers take only 32-bit wide and aligned accesses",
+            "8-byte access at 0x70: control registers take only 32-bit wide and aligned accesses",
         ]
         assert m.bus.stats.by_register == {
             "virtio.queue_desc_low": 1,
