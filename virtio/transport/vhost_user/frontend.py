@@ -50,7 +50,6 @@ from .messages import (
     ConfigSpace,
     FrontendRequest,
     HeaderFlags,
-    ProtocolFeature,
     ReplyRule,
     VringState,
     encode_request,
@@ -59,6 +58,7 @@ from .messages import (
 from .protocol import (
     NEED_DATA,
     ConnectionClosed,
+    ConnectionEnd,
     ConnectionState,
     MessageFramer,
     Outgoing,
@@ -187,7 +187,7 @@ def _name(request: int) -> str:
         return f"request {request}"
 
 
-class FrontendConnection:
+class FrontendConnection(ConnectionEnd):
     """The front-end side of one vhost-user connection, without I/O.
 
     ``name`` prefixes error messages (e.g. the back-end's socket path).
@@ -209,18 +209,6 @@ class FrontendConnection:
         self._pending: deque[PendingReply] = deque()
 
     # ---------------------------------------------------------------- state
-    @property
-    def state(self) -> ConnectionState:
-        return self._state
-
-    def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
-        return bool(self.protocol_features >> feature & 1)
-
-    @property
-    def reply_ack(self) -> bool:
-        """REPLY_ACK negotiated: requests without an explicit reply ask for an ack."""
-        return self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
-
     @property
     def pending_replies(self) -> tuple[PendingReply, ...]:
         return tuple(self._pending)

@@ -278,7 +278,27 @@ payload and nothing to reply."""
 _FATAL = spec_section("Message Specification", "Header")
 
 
-class BackendConnection:
+class ConnectionEnd:
+    """What both ends of a connection track: its state and the negotiated protocol
+    features (the front-end's last SET_PROTOCOL_FEATURES)."""
+
+    _state: ConnectionState
+    protocol_features: int
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
+        return bool(self.protocol_features >> feature & 1)
+
+    @property
+    def reply_ack(self) -> bool:
+        """REPLY_ACK negotiated."""
+        return self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
+
+
+class BackendConnection(ConnectionEnd):
     """The back-end side of one vhost-user connection, without I/O.
 
     ``max_queues``: vring indices in requests must be below it (``None``: unchecked).
@@ -315,18 +335,6 @@ class BackendConnection:
         self._rejected = 0
 
     # ---------------------------------------------------------------- state
-
-    @property
-    def state(self) -> ConnectionState:
-        return self._state
-
-    def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
-        return bool(self.protocol_features >> feature & 1)
-
-    @property
-    def reply_ack(self) -> bool:
-        """REPLY_ACK negotiated."""
-        return self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
 
     @property
     def pending_replies(self) -> tuple[Request | RejectedRequest, ...]:
