@@ -13,7 +13,13 @@ Exit accounting mirrors KVM exactly:
   arch/x86/kvm/emulate.c): one exit fetches ``n = min(bytes left in the destination
   page, 1024 / size, RCX)`` elements (at least 1);
 * ``hlt`` stops ``emu_start`` with RIP after the instruction -- one ``HLT`` exit;
-  an interrupt due at that HLT (IF=1) is delivered by :meth:`SoftCpu._deliver`.
+  an interrupt due at that HLT (IF=1) is delivered by :meth:`SoftCpu._deliver`;
+* an MMIO access is one exit of its own size at its own address, whatever its width
+  or alignment, as KVM reports it (``KVM_EXIT_MMIO`` carries up to 8 bytes; an access
+  that crosses a page is one exit per page).  Unicorn hands MMIO callbacks aligned
+  pieces of at most 4 bytes (a 64-bit ``mov`` becomes two 32-bit accesses, an unaligned
+  one touches both neighbours), so a memory hook sees the whole access first and does
+  it on the bus (:class:`_WideAccess`); the pieces then only carry its bytes.
 """
 
 from __future__ import annotations
@@ -51,6 +57,30 @@ _GATE_INTERRUPT = 0xE
 _GATE_TRAP = 0xF
 _GATE_TYPES = (_GATE_INTERRUPT, _GATE_TRAP)
 _FRAME = struct.Struct("<5Q")  # RIP, CS, RFLAGS, RSP, SS
+_PIECE = 4  # widest access unicorn hands an MMIO callback
+
+
+class _WideAccess:
+    """One guest MMIO access done on the bus as a whole.  Unicorn then delivers it as
+    aligned pieces (also covering neighbouring bytes): reads are served from ``data``
+    (0 outside the access), writes are dropped."""
+
+    __slots__ = ("addr", "data", "pieces", "size")
+
+    def __init__(self, addr: int, size: int, data: bytes) -> None:
+        self.addr = addr
+        self.size = size
+        self.data = data  # read result (size bytes); empty for a write
+        self.pieces = 0
+
+    def piece(self, addr: int, size: int) -> int:
+        """The value of piece ``[addr, addr + size)`` of a read."""
+        self.pieces += 1
+        lo, hi = max(addr, self.addr), min(addr + size, self.addr + self.size)
+        if not self.data or hi <= lo:
+            return 0
+        part = self.data[lo - self.addr : hi - self.addr]
+        return int.from_bytes(part, "little") << (8 * (lo - addr))
 
 
 class SoftCpuUnavailable(RuntimeError):
@@ -73,6 +103,15 @@ class SoftCpu:
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_in, None, 1, 0, ux.UC_X86_INS_IN)
         uc.hook_add(unicorn.UC_HOOK_INSN, self._on_out, None, 1, 0, ux.UC_X86_INS_OUT)
         self._mapped: set[int] = set()  # MMIO pages routed to the bus
+        self._wide: _WideAccess | None = None
+        # Every guest-physical address past RAM is MMIO: see each access whole.
+        uc.hook_add(
+            unicorn.UC_HOOK_MEM_READ | unicorn.UC_HOOK_MEM_WRITE,
+            self._on_mmio_access,
+            None,
+            ram.size,
+            IDENTITY_LIMIT - 1,
+        )
         for m in machine.bus.mmio:
             start = m.base & ~(PAGE_SIZE - 1)
             end = (m.end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
@@ -196,11 +235,41 @@ class SoftCpu:
             self.uc.emu_stop()
         return out
 
+    def _whole(self, write: bool, addr: int, size: int, value: int) -> None:
+        """A guest access (memory hook, before unicorn splits it): wider than a piece or
+        unaligned, it is done here as one exit per page it touches (like KVM)."""
+        w = self._wide
+        if w is not None and w.addr == addr and w.size == size and not w.pieces:
+            return  # the same access retried after a page was mapped on first touch
+        self._wide = None
+        if size <= _PIECE and addr % size == 0:
+            return  # delivered whole to the MMIO callback
+        value &= (1 << (8 * size)) - 1
+        data = b""
+        first = min(size, PAGE_SIZE - addr % PAGE_SIZE)
+        for start, n in ((0, first), (first, size - first)):
+            if n == 0:
+                continue
+            part = (value >> (8 * start)) & ((1 << (8 * n)) - 1)
+            out = self._mmio(addr + start, n, part if write else None)
+            data += b"" if write else out.to_bytes(n, "little")
+        self._wide = _WideAccess(addr, size, data)
+
+    def _on_mmio_access(self, uc, access, address, size, value, _user):
+        self._guard(self._whole, access == unicorn.UC_MEM_WRITE, address, size, value)
+
+    def _piece(self, addr: int, size: int, value: int | None) -> int:
+        if self._error is not None:
+            return 0  # the access already failed; unicorn finishes the instruction
+        if self._wide is not None:  # a piece of the access the memory hook did
+            return self._wide.piece(addr, size)
+        return self._mmio(addr, size, value)
+
     def _on_mmio_read(self, uc, offset, size, base):
-        return self._guard(self._mmio, base + offset, size, None)
+        return self._guard(self._piece, base + offset, size, None)
 
     def _on_mmio_write(self, uc, offset, size, value, base):
-        self._guard(self._mmio, base + offset, size, value)
+        self._guard(self._piece, base + offset, size, value)
 
     # -- run -----------------------------------------------------------------------------------
     def run(self, max_exits: int | None = None, deadline: float | None = None) -> None:

@@ -2,9 +2,12 @@
 
 The guest sees an ordinary virtio-mmio (version 2) device; the device model lives in
 another process that speaks vhost-user on a unix socket (``python -m virtio serve blk``,
-qemu-storage-daemon's ``vhost-user-blk`` export, or any other back-end).  The VMM only
-runs the control path: the register file, feature negotiation and the ring hand-off.
-The data path bypasses the VMM entirely:
+qemu-storage-daemon's ``vhost-user-blk`` export, or any other back-end).  The register
+file and every driver rule (§3.1.1 status order, §4.2.2 register rules, ring
+validation) are ``virtio.transport.mmio.MmioTransport``'s, exactly as on the in-VMM
+``virtio-mmio`` path; this module supplies its device backend, ``VhostUserBackend``
+(:func:`attach`), which only runs the vhost-user control path: negotiation with the
+back-end and the ring hand-off.  The data path bypasses the VMM entirely:
 
 * guest RAM is the machine's memfd, handed over in SET_MEM_TABLE (one region:
   guest-physical 0, the VMM's own mapping address ``GuestRam.host_addr`` as *user
@@ -29,21 +32,25 @@ Control path (vhost-user ``docs/interop/vhost-user.rst``, in QEMU's order):
 * attach: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (we take MQ, REPLY_ACK, CONFIG,
   RESET_DEVICE, STATUS if offered), SET_OWNER, GET_QUEUE_NUM (with MQ), GET_CONFIG
   (with CONFIG): DeviceFeatures, QueueNumMax count and the config space come from the
-  back-end.  vhost-user has no way to ask for the device type, so ``device_id`` is
-  the caller's (default virtio-blk);
+  back-end (GET_CONFIG asks for the extent ``CONFIG_LAYOUTS`` declares for the device
+  type, or the caller's ``config_size``).  vhost-user has no way to ask for the device
+  type, so ``device_id`` is the caller's (default virtio-blk);
 * DRIVER_OK: SET_FEATURES (the driver's features, plus VHOST_USER_F_PROTOCOL_FEATURES
   if offered), SET_MEM_TABLE, then per ready queue SET_VRING_NUM / BASE / ADDR / KICK
   / CALL / ERR and SET_VRING_ENABLE 1, then SET_STATUS if negotiated;
 * reset (Status 0): GET_VRING_BASE for each started ring (stops it), RESET_DEVICE if
   negotiated, SET_STATUS 0 if negotiated.
 
-Every request without an explicit reply carries NEED_REPLY when REPLY_ACK was
-negotiated, and a non-zero ack raises :class:`RequestFailed`.  Replies are checked
-(version, REPLY flag, request number, size, no stray fds): :class:`InvalidReply`.
+The client (:class:`VhostUserClient`) is blocking I/O around the sans-IO
+``virtio.transport.vhost_user.frontend.FrontendConnection``: every request without an
+explicit reply carries NEED_REPLY when REPLY_ACK was negotiated, and a non-zero ack
+raises :class:`RequestFailed`; replies are checked (version, REPLY flag, request
+number, size, fd count): :class:`InvalidReply`.
 A closed socket is :class:`BackendDisconnected`, a silent one :class:`BackendTimeout`.
 While the guest runs, the notifier thread also watches the socket for a hang-up
 (POLLRDHUP): when the back-end dies, it wakes a halted guest and the guest's next
-access to the device raises :class:`BackendDisconnected` out of ``Machine.run``; so a
+access to the device raises :class:`BackendDisconnected` out of ``Machine.run``
+(``MmioTransport.backend_failed``); so a
 dead back-end is a typed error, never a hang.
 
 Polling drivers.  A driver that polls the used ring and reads Status when it finds
@@ -61,7 +68,6 @@ image; :func:`run_vhost_user` also attaches any back-end socket.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import select
@@ -80,65 +86,62 @@ from pathlib import Path
 
 from emulator import run as _run
 from emulator import virtio_mmio as _vmmio
-from emulator.bus import Device
 from emulator.machine import Machine
 from virtio.errors import DriverError
+from virtio.memory import FdRegion, MmapGuestMemory
+from virtio.queues.virtqueue import Virtqueue, cite
+from virtio.spec import sections as sec
+from virtio.spec.blk import virtio_blk_config
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.ids import DeviceId
-from virtio.spec.mmio import (
-    VIRTIO_MMIO_MAGIC,
-    VIRTIO_MMIO_REGION_SIZE,
-    VIRTIO_MMIO_VERSION_MODERN,
-    MmioInterrupt,
-    MmioReg,
-)
+from virtio.spec.mmio import VIRTIO_MMIO_REGION_SIZE, MmioReg
 from virtio.spec.status import DeviceStatus
-from virtio.transport.mmio import (
-    READ_REGISTERS,
-    REGISTER_NAMES,
-    VENDOR_ID,
-    WRITE_REGISTERS,
-    DeviceStatusError,
-    FeatureNegotiationError,
-    MmioAccessError,
-    NotificationError,
-    QueueSetupError,
+from virtio.transport.mmio import MmioAccessError, MmioTransport
+from virtio.transport.vhost_user.frontend import (
+    Ack,
+    BackendDisconnected,
+    BackendTimeout,
+    FrontendConnection,
+    FrontendError,
+    InvalidReply,
+    RequestFailed,
+    Response,
 )
 from virtio.transport.vhost_user.messages import (
     CONFIG_HEADER_SIZE,
-    HEADER,
-    HEADER_SIZE,
-    MAX_PAYLOAD_SIZE,
     U64,
     VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
-    VHOST_USER_VERSION,
     ConfigFlags,
     ConfigSpace,
     FrontendRequest,
-    HeaderFlags,
     MemoryRegion,
     MemoryTable,
     ProtocolFeature,
     VringAddr,
     VringFd,
     VringState,
-    encode_request,
     protocol_feature_mask,
 )
+from virtio.transport.vhost_user.protocol import NEED_DATA, ConnectionClosed
+
+__all__ = [
+    "BackendDisconnected",
+    "BackendTimeout",
+    "BackendUnsuitable",
+    "InvalidReply",
+    "RequestFailed",
+    "VhostUserBackend",
+    "VhostUserClient",
+    "VhostUserFrontendError",
+    "attach",
+    "attach_backend",
+    "run_vhost_user",
+]
 
 R = MmioReg
 Q = FrontendRequest
-INT_VRING = int(MmioInterrupt.VIRTIO_MMIO_INT_VRING)
-INT_CONFIG = int(MmioInterrupt.VIRTIO_MMIO_INT_CONFIG)
-CONFIG_BASE = int(R.VIRTIO_MMIO_CONFIG)
-ACK, DRIVER, FEATURES_OK, DRIVER_OK = (
-    int(DeviceStatus.ACKNOWLEDGE),
-    int(DeviceStatus.DRIVER),
-    int(DeviceStatus.FEATURES_OK),
-    int(DeviceStatus.DRIVER_OK),
-)
-FAILED, NEEDS_RESET = int(DeviceStatus.FAILED), int(DeviceStatus.DEVICE_NEEDS_RESET)
+NEEDS_RESET = int(DeviceStatus.DEVICE_NEEDS_RESET)
 
 WANTED_PROTOCOL_FEATURES = protocol_feature_mask(
     ProtocolFeature.MQ,
@@ -164,41 +167,26 @@ UNSUPPORTED_TRANSPORT_FEATURES = (
 )
 """Transport feature bits a back-end may offer that this virtio-mmio front-end hides."""
 
-CONFIG_SIZES = {int(DeviceId.VIRTIO_ID_BLOCK): 60}
-"""GET_CONFIG size by device id: QEMU's vhost-user-blk asks for the virtio_blk_config
-fields up to ``write_zeroes_may_unmap`` (60 bytes), which every vhost-user-blk back-end
-answers (libvhost-user refuses larger requests)."""
+CONFIG_LAYOUTS = {int(DeviceId.VIRTIO_ID_BLOCK): (virtio_blk_config, "write_zeroes_may_unmap")}
+"""GET_CONFIG extent by device id: the spec's config struct and the last field asked
+for.  QEMU's vhost-user-blk asks for ``virtio_blk_config`` up to
+``write_zeroes_may_unmap`` (60 bytes), which every vhost-user-blk back-end answers
+(libvhost-user refuses larger requests).  Other types: pass ``config_size``."""
 
 DEFAULT_QUEUE_MAX = 256
 MAX_QUEUES = 64
 REPLY_TIMEOUT = 10.0
+RECV_SIZE = 65536
+MAX_REPLY_FDS = 8
+"""fds one reply read accepts; a reply may carry at most 1 (more: ``InvalidReply``)."""
 
 
 # -- typed errors ------------------------------------------------------------------------
-class VhostUserFrontendError(RuntimeError):
-    """Something went wrong between this front-end and the vhost-user back-end."""
+VhostUserFrontendError = FrontendError
+"""Base of every error between this front-end and its back-end (``frontend.py``)."""
 
 
-class BackendDisconnected(VhostUserFrontendError):
-    """The back-end closed the connection (it exited, crashed or was killed)."""
-
-
-class BackendTimeout(VhostUserFrontendError):
-    """The back-end did not answer (or accept the connection) in time."""
-
-
-class InvalidReply(VhostUserFrontendError):
-    """A reply broke the vhost-user message format (header flags, version, request
-    number, size, file descriptors).  The stream may be out of sync: the client refuses
-    further requests."""
-
-
-class RequestFailed(VhostUserFrontendError):
-    """The back-end answered a request with a failure (a non-zero REPLY_ACK, an empty
-    GET_CONFIG reply)."""
-
-
-class BackendUnsuitable(VhostUserFrontendError):
+class BackendUnsuitable(FrontendError):
     """The back-end cannot back this device (no VIRTIO_F_VERSION_1, no queues, no
     config space...)."""
 
@@ -212,11 +200,13 @@ def _name(request: int) -> str:
 
 # -- the synchronous client ----------------------------------------------------------------
 class VhostUserClient:
-    """A blocking vhost-user front-end on a connected unix stream socket.
+    """A blocking vhost-user front-end on a connected unix stream socket: the I/O around
+    a sans-IO ``FrontendConnection`` (which checks every reply).
 
-    One request at a time (a lock serialises callers).  ``reply_ack`` is set once
-    REPLY_ACK was negotiated (:meth:`set_protocol_features`); from then on every request
-    without an explicit reply asks for an ack and a failure raises ``RequestFailed``.
+    One request at a time (a lock serialises callers).  Once REPLY_ACK is negotiated
+    (:meth:`set_protocol_features`) every request without an explicit reply asks for an
+    ack and a failure raises ``RequestFailed``.  After a broken reply, a timeout or a
+    reset connection the client refuses further requests.
     """
 
     def __init__(self, sock: socket.socket, *, timeout: float = REPLY_TIMEOUT, name: str = ""):
@@ -224,12 +214,9 @@ class VhostUserClient:
         self.sock.settimeout(timeout)
         self.name = name or "vhost-user back-end"
         self.timeout = timeout
-        self.protocol_features = 0
-        self.reply_ack = False
-        self._buf = bytearray()
+        self.conn = FrontendConnection(name=self.name)
         self._lock = threading.Lock()
-        self._broken: VhostUserFrontendError | None = None
-        self.requests = 0
+        self._broken: FrontendError | None = None
 
     @classmethod
     def connect(
@@ -267,18 +254,37 @@ class VhostUserClient:
                 sock.close()
                 raise
 
+    @property
+    def protocol_features(self) -> int:
+        return self.conn.protocol_features
+
+    @property
+    def reply_ack(self) -> bool:
+        return self.conn.reply_ack
+
+    @property
+    def requests(self) -> int:
+        return self.conn.requests
+
+    def has(self, feature: ProtocolFeature) -> bool:
+        return self.conn.has_protocol_feature(feature)
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
+        self.conn.close()
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    # -- raw messages ----------------------------------------------------------------------
+    # -- I/O ---------------------------------------------------------------------------------
+    def _fail(self, exc: FrontendError) -> FrontendError:
+        self._broken = exc
+        return exc
+
     def _send(self, data: bytes, fds: Sequence[int], request: int) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            sent = self.sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
+            sent = socket.send_fds(self.sock, [data], fds, socket.MSG_NOSIGNAL)
             while sent < len(data):
                 sent += self.sock.send(data[sent:], socket.MSG_NOSIGNAL)
         except (BrokenPipeError, ConnectionResetError) as exc:
@@ -290,11 +296,11 @@ class VhostUserClient:
                 BackendTimeout(f"{self.name}: {_name(request)} not accepted in {self.timeout} s")
             ) from exc
 
-    def _fill(self, n: int, request: int) -> None:
-        while len(self._buf) < n:
+    def _next_event(self, request: int) -> Response | Ack:
+        while (event := self.conn.next_event()) is NEED_DATA:
             try:
-                data, anc, _flags, _ = self.sock.recvmsg(
-                    65536, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC
+                data, fds, flags, _ = socket.recv_fds(
+                    self.sock, RECV_SIZE, MAX_REPLY_FDS, socket.MSG_CMSG_CLOEXEC
                 )
             except TimeoutError as exc:
                 raise self._fail(
@@ -308,47 +314,16 @@ class VhostUserClient:
                         f"{self.name}: connection reset while {_name(request)} waited for its reply"
                     )
                 ) from exc
-            fds = _fds_from(anc)
-            if fds:
+            if flags & socket.MSG_CTRUNC:
                 for fd in fds:
                     os.close(fd)
                 raise self._fail(
-                    InvalidReply(
-                        f"{self.name}: the reply to {_name(request)} carried {len(fds)} file "
-                        "descriptor(s); none is defined (vhost-user: Communication)"
-                    )
+                    InvalidReply(f"{self.name}: the reply to {_name(request)} lost fds")
                 )
-            if not data:
-                raise self._fail(
-                    BackendDisconnected(
-                        f"{self.name}: the back-end closed the connection while "
-                        f"{_name(request)} waited for its reply"
-                    )
-                )
-            self._buf += data
-
-    def _recv_reply(self, request: int) -> bytes:
-        self._fill(HEADER_SIZE, request)
-        got, flags, size = HEADER.unpack_from(self._buf)
-        where = f"{self.name}: reply to {_name(request)}"
-        if size > MAX_PAYLOAD_SIZE:
-            raise self._fail(InvalidReply(f"{where}: payload of {size} bytes announced"))
-        if flags & HeaderFlags.VERSION_MASK != VHOST_USER_VERSION:
-            raise self._fail(
-                InvalidReply(f"{where}: version {flags & 3} (flags {flags:#x}), expected 1")
-            )
-        if not flags & HeaderFlags.REPLY:
-            raise self._fail(InvalidReply(f"{where}: flags {flags:#x} lack REPLY (bit 2)"))
-        if got != request:
-            raise self._fail(InvalidReply(f"{where}: the back-end answered {_name(got)}"))
-        self._fill(HEADER_SIZE + size, request)
-        payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + size])
-        del self._buf[: HEADER_SIZE + size]
-        return payload
-
-    def _fail(self, exc: VhostUserFrontendError) -> VhostUserFrontendError:
-        self._broken = exc
-        return exc
+            self.conn.receive_data(data, fds)
+        if isinstance(event, ConnectionClosed):  # pragma: no cover - a reply was awaited
+            raise self._fail(BackendDisconnected(f"{self.name}: connection closed"))
+        return event
 
     # -- requests ----------------------------------------------------------------------------
     def request(
@@ -358,48 +333,33 @@ class VhostUserClient:
         fds: Sequence[int] = (),
         *,
         reply_size: int | None = None,
-        reply: bool = False,
     ) -> bytes | None:
-        """Send ``request``; return its explicit reply (``reply`` or ``reply_size``: the
-        exact size it must have), else wait for the REPLY_ACK if negotiated."""
+        """Send ``request``; return its explicit reply payload (checked by the connection;
+        ``reply_size``: the exact size it must have), else wait for the REPLY_ACK if
+        negotiated."""
         with self._lock:
             if self._broken is not None:
                 raise type(self._broken)(
                     f"{self.name}: connection unusable after an earlier error: {self._broken}"
                 )
-            explicit = reply or reply_size is not None
-            ack = self.reply_ack and not explicit
-            self._send(encode_request(request, payload, need_reply=ack), fds, request)  # type: ignore[arg-type]
-            self.requests += 1
-            if explicit:
-                data = self._recv_reply(request)
-                if reply_size is not None and len(data) != reply_size:
-                    raise self._fail(
-                        InvalidReply(
-                            f"{self.name}: reply to {request.name} has {len(data)} bytes, "
-                            f"expected {reply_size}"
-                        )
-                    )
-                return data
-            if ack:
-                data = self._recv_reply(request)
-                if len(data) != 8:
-                    raise self._fail(
-                        InvalidReply(
-                            f"{self.name}: REPLY_ACK to {request.name} has {len(data)} bytes, "
-                            "expected a u64"
-                        )
-                    )
-                status = U64.unpack(data).value
-                if status:
+            out = self.conn.send_request(request, payload, fds, reply_size=reply_size)
+            self._send(out.data, out.fds, request)
+            if not self.conn.pending_replies:
+                return None
+            event = self._next_event(request)
+            if isinstance(event, Ack):
+                if not event.ok:
                     raise RequestFailed(
-                        f"{self.name}: {request.name} failed (REPLY_ACK status {status})"
+                        f"{self.name}: {request.name} failed (REPLY_ACK status {event.status})"
                     )
-            return None
+                return None
+            for fd in event.fds:  # none of our requests wants one
+                os.close(fd)
+            return event.payload
 
     def get_u64(self, request: FrontendRequest) -> int:
-        data = self.request(request, reply_size=8)
-        assert data is not None
+        data = self.request(request)
+        assert data is not None  # 8 bytes: checked by the connection
         return U64.unpack(data).value
 
     def get_features(self) -> int:
@@ -413,11 +373,6 @@ class VhostUserClient:
 
     def set_protocol_features(self, features: int) -> None:
         self.request(Q.SET_PROTOCOL_FEATURES, features)
-        self.protocol_features = features
-        self.reply_ack = bool(features & ProtocolFeature.REPLY_ACK.mask)
-
-    def has(self, feature: ProtocolFeature) -> bool:
-        return bool(self.protocol_features & feature.mask)
 
     def set_owner(self) -> None:
         self.request(Q.SET_OWNER)
@@ -426,21 +381,9 @@ class VhostUserClient:
         return self.get_u64(Q.GET_QUEUE_NUM)
 
     def get_config(self, offset: int, size: int) -> bytes:
-        data = self.request(
-            Q.GET_CONFIG, ConfigSpace(offset, ConfigFlags.WRITABLE, bytes(size)), reply=True
-        )
-        return self._config_reply(data, offset, size)
-
-    def _config_reply(self, data: bytes | None, offset: int, size: int) -> bytes:
-        if not data:
+        data = self.request(Q.GET_CONFIG, ConfigSpace(offset, ConfigFlags.WRITABLE, bytes(size)))
+        if not data:  # "zero length of payload to indicate an error"
             raise RequestFailed(f"{self.name}: GET_CONFIG of {size} bytes at {offset} failed")
-        if len(data) != CONFIG_HEADER_SIZE + size:
-            raise self._fail(
-                InvalidReply(
-                    f"{self.name}: GET_CONFIG reply of {len(data)} bytes, expected "
-                    f"{CONFIG_HEADER_SIZE} + {size}"
-                )
-            )
         return data[CONFIG_HEADER_SIZE:]
 
     def set_config(self, offset: int, data: bytes) -> None:
@@ -456,7 +399,7 @@ class VhostUserClient:
         self.request(Q.SET_VRING_BASE, VringState(index, base))
 
     def get_vring_base(self, index: int) -> int:
-        data = self.request(Q.GET_VRING_BASE, VringState(index, 0), reply_size=VringState.SIZE)
+        data = self.request(Q.GET_VRING_BASE, VringState(index, 0))
         assert data is not None
         state = VringState.unpack(data)
         if state.index != index:
@@ -485,17 +428,7 @@ class VhostUserClient:
         return self.get_u64(Q.GET_STATUS)
 
 
-def _fds_from(anc: list) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
-# -- the device ------------------------------------------------------------------------------
+# -- the device backend ----------------------------------------------------------------------
 def _eventfd() -> int:
     return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
@@ -507,28 +440,34 @@ def _drain(fd: int) -> int:
         return 0
 
 
+def declared_config_size(device_id: int) -> int:
+    """How many config-space bytes to ask GET_CONFIG for: the fields the device type's
+    ``CONFIG_LAYOUTS`` entry declares."""
+    if device_id not in CONFIG_LAYOUTS:
+        return 0
+    struct_, last = CONFIG_LAYOUTS[device_id]
+    size = 0
+    for sub in struct_.subcons:
+        size += sub.sizeof()
+        if sub.name == last:
+            return size
+    raise ValueError(f"{last} is no field of the config layout")  # pragma: no cover
+
+
 @dataclass(eq=False)
-class _Queue:
+class _Vring:
     index: int
     kick: int
     call: int
     err: int
-    num: int = 0
-    ready: bool = False
-    desc: int = 0
-    driver: int = 0
-    device: int = 0
+    vq: Virtqueue | None = None  # the validated ring (QueueReady=1)
     started: bool = False
     base: int | None = None  # last GET_VRING_BASE answer
-
-    def clear(self) -> None:
-        self.num = self.desc = self.driver = self.device = 0
-        self.ready = self.started = False
 
 
 @dataclass
 class FrontendStats:
-    """What the device saw (exits are counted by the bus; these are host-side events)."""
+    """What the backend saw (exits are counted by the bus; these are host-side events)."""
 
     notify_exits: int = 0  # QueueNotify writes that reached the VMM (no ioeventfd match)
     calls: int = 0  # call eventfd signals relayed to the interrupt line
@@ -539,15 +478,14 @@ class FrontendStats:
     extra: dict = field(default_factory=dict)
 
 
-class VhostUserMmioDevice(Device):
-    """A virtio-mmio v2 register file in the VMM in front of a vhost-user back-end.
+class VhostUserBackend:
+    """The device behind an ``MmioTransport`` when the device model is a vhost-user
+    back-end: ``MmioDevice`` (identity, features and config space from the back-end)
+    and ``MmioBackend`` (rings handed over at DRIVER_OK, kicks and calls by eventfd).
 
-    Maps itself at ``base`` (``VIRTIO_MMIO_REGION_SIZE`` bytes), registers the
-    QueueNotify ioeventfds and the interrupt irqfd with ``machine``, and closes itself
-    with the machine.  Driver mistakes never raise: like ``MmioTransport`` they become
-    typed ``DriverError``s in ``errors``.  Back-end failures raise
-    ``VhostUserFrontendError`` subclasses out of the register access (so out of
-    ``Machine.run``).
+    The transport does the registers and every driver rule; this class only talks to
+    the back-end.  Back-end failures raise ``FrontendError`` subclasses out of the
+    register access (so out of ``Machine.run``).
     """
 
     def __init__(
@@ -555,29 +493,21 @@ class VhostUserMmioDevice(Device):
         machine: Machine,
         client: VhostUserClient,
         *,
-        base: int = _vmmio.MMIO_BASE,
-        irq: int = _vmmio.VIRTIO_IRQ,
         device_id: int = int(DeviceId.VIRTIO_ID_BLOCK),
-        name: str = "vhost-user-blk",
         queue_max: int = DEFAULT_QUEUE_MAX,
         config_size: int | None = None,
         poll_wait: float = 5.0,
-        ioeventfd: bool = True,
     ) -> None:
-        self.name = name
         self.machine = machine
         self.client = client
-        self.base = base
-        self.irq = irq
         self.device_id = device_id
-        self.queue_max = queue_max
         self.poll_wait = poll_wait
-        self.use_ioeventfd = ioeventfd
-        self.errors: list[DriverError] = []
         self.stats = FrontendStats()
-        self.dead: str | None = None
-        self.backend: BackendProcess | None = None  # set by whoever started it
-        self._lock = threading.Lock()
+        self.process: BackendProcess | None = None  # set by whoever started it
+        self.transport: MmioTransport | None = None  # set by attach()
+        self.needs_reset = False
+        self.driver_features = 0
+        self.started = False
         self._closed = False
         self._fds: list[int] = []
         self._thread: threading.Thread | None = None
@@ -591,7 +521,7 @@ class VhostUserMmioDevice(Device):
         nq = client.get_queue_num() if client.has(ProtocolFeature.MQ) else 1
         if nq < 1:
             raise BackendUnsuitable(f"{client.name}: GET_QUEUE_NUM answered {nq}")
-        self.num_queues = min(nq, MAX_QUEUES)
+        self.queue_max_sizes = (queue_max,) * min(nq, MAX_QUEUES)
         self.device_features = (
             self.backend_features & ~VHOST_ONLY_FEATURES & ~UNSUPPORTED_TRANSPORT_FEATURES
         )
@@ -600,7 +530,7 @@ class VhostUserMmioDevice(Device):
                 f"{client.name}: no VIRTIO_F_VERSION_1 in GET_FEATURES "
                 f"({self.backend_features:#x}); virtio-mmio v2 has no legacy interface"
             )
-        size = CONFIG_SIZES.get(device_id, 0) if config_size is None else config_size
+        size = declared_config_size(device_id) if config_size is None else config_size
         self.config = bytearray()
         if size and client.has(ProtocolFeature.CONFIG):
             self.config = bytearray(client.get_config(0, size))
@@ -609,304 +539,132 @@ class VhostUserMmioDevice(Device):
                 f"{client.name}: protocol feature CONFIG not offered: the device config "
                 "space cannot be read"
             )
-
-        # -- notifications ------------------------------------------------------------------
-        self._irq_fd = self._new_fd()
+        self.irq_fd = self._new_fd()
         self._stop_fd = self._new_fd()
-        self.queues = [
-            _Queue(i, self._new_fd(), self._new_fd(), self._new_fd())
-            for i in range(self.num_queues)
+        self.vrings = [
+            _Vring(i, self._new_fd(), self._new_fd(), self._new_fd())
+            for i in range(len(self.queue_max_sizes))
         ]
-        try:
-            machine.bus.add_mmio(base, VIRTIO_MMIO_REGION_SIZE, self)
-        except BaseException:
-            self._close_fds()
-            raise
-        notify = base + int(R.VIRTIO_MMIO_QUEUE_NOTIFY)
-        if ioeventfd:
-            for q in self.queues:
-                machine.ioeventfd(notify, 4, q.kick, datamatch=q.index)
-        machine.irqfd(self._irq_fd, irq)
-        machine.devices[name] = self
-        machine.closers.append(self.close)
-        self._reset_registers()
-        self._thread = threading.Thread(target=self._notifier, name=f"{name}-notify", daemon=True)
-        self._thread.start()
 
     def _new_fd(self) -> int:
         fd = _eventfd()
         self._fds.append(fd)
         return fd
 
-    def _reset_registers(self) -> None:
-        self.status = 0
-        self.isr = 0
-        self.device_features_sel = 0
-        self.driver_features_sel = 0
-        self.driver_features = 0
-        self.queue_sel = 0
-        self.started = False
-        for q in self.queues:
-            q.clear()
-
-    # -- the notifier thread ------------------------------------------------------------------
-    def _notifier(self) -> None:
-        # The KVM backend's deadline timer (SIGALRM) must interrupt KVM_RUN on the vCPU
-        # thread, not this one.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-        poller = select.poll()
-        roles: dict[int, tuple[str, _Queue | None]] = {self._stop_fd: ("stop", None)}
-        poller.register(self._stop_fd, select.POLLIN)
-        for q in self.queues:
-            roles[q.call] = ("call", q)
-            roles[q.err] = ("err", q)
-            poller.register(q.call, select.POLLIN)
-            poller.register(q.err, select.POLLIN)
-        sock = self.client.fileno()
-        roles[sock] = ("socket", None)
-        poller.register(sock, select.POLLRDHUP)
-        while True:
-            for fd, events in poller.poll():
-                role, q = roles[fd]
-                if role == "stop":
-                    return
-                if role == "socket":
-                    poller.unregister(sock)
-                    with self._lock:
-                        self.dead = (
-                            f"{self.client.name}: the back-end hung up "
-                            f"(poll events {events:#x}){self._backend_note()}"
-                        )
-                    os.eventfd_write(self._irq_fd, 1)  # wake a halted guest
-                elif role == "call" and _drain(fd):
-                    with self._lock:
-                        self.isr |= INT_VRING
-                        self.stats.calls += 1
-                    os.eventfd_write(self._irq_fd, 1)
-                elif role == "err" and _drain(fd):
-                    assert q is not None
-                    with self._lock:
-                        self.stats.errors_signalled += 1
-                        self._needs_reset_locked(
-                            f"the back-end signalled an error on vring {q.index}"
-                        )
-                    os.eventfd_write(self._irq_fd, 1)
-
-    def _backend_note(self) -> str:
-        if self.backend is None:
-            return ""
-        reason = self.backend.exit_reason(wait=0.5)
-        return f"; {reason}" if reason else ""
-
-    def _needs_reset_locked(self, message: str) -> None:
-        self.errors.append(DriverError(message, section="2.1.2"))
-        self.status |= NEEDS_RESET
-        if self.status & DRIVER_OK:
-            self.isr |= INT_CONFIG
-
-    def _check_alive(self) -> None:
-        if self.dead is not None:
-            raise BackendDisconnected(self.dead)
-
-    # -- bus protocol -----------------------------------------------------------------------
-    def register_name(self, offset: int, is_write: bool) -> str:
-        if offset >= CONFIG_BASE:
-            return "config"
-        return REGISTER_NAMES.get(offset, f"{offset:#x}")
-
-    def read(self, offset: int, size: int) -> int:
-        self._check_alive()
-        try:
-            if offset >= CONFIG_BASE:
-                return self._read_config(offset - CONFIG_BASE, size)
-            self._check_access(offset, size, READ_REGISTERS, "read")
-            return self._read_reg(offset) & 0xFFFF_FFFF
-        except DriverError as exc:
-            self.errors.append(exc)
-            return 0
-
-    def write(self, offset: int, size: int, value: int) -> None:
-        self._check_alive()
-        try:
-            if offset >= CONFIG_BASE:
-                self._write_config(offset - CONFIG_BASE, size, value)
-                return
-            self._check_access(offset, size, WRITE_REGISTERS, "write")
-            self._write_reg(offset, value)
-        except DriverError as exc:
-            self.errors.append(exc)
-
-    @staticmethod
-    def _check_access(offset: int, size: int, allowed: frozenset[int], what: str) -> None:
-        if size != 4 or offset % 4:
-            raise MmioAccessError(f"{size}-byte {what} at {offset:#x}: registers are 32-bit")
-        if offset not in allowed:
-            raise MmioAccessError(f"{what} of register {offset:#x} is not allowed")
-
-    def _sel_queue(self) -> _Queue | None:
-        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
-
-    def _read_reg(self, offset: int) -> int:
-        q = self._sel_queue()
-        if offset == R.VIRTIO_MMIO_MAGIC_VALUE:
-            return VIRTIO_MMIO_MAGIC
-        if offset == R.VIRTIO_MMIO_VERSION:
-            return VIRTIO_MMIO_VERSION_MODERN
-        if offset == R.VIRTIO_MMIO_DEVICE_ID:
-            return self.device_id
-        if offset == R.VIRTIO_MMIO_VENDOR_ID:
-            return VENDOR_ID
-        if offset == R.VIRTIO_MMIO_DEVICE_FEATURES:
-            sel = self.device_features_sel
-            return self.device_features >> (32 * sel) if sel < 2 else 0
-        if offset == R.VIRTIO_MMIO_QUEUE_NUM_MAX:
-            return self.queue_max if q is not None else 0
-        if offset == R.VIRTIO_MMIO_QUEUE_READY:
-            return int(q is not None and q.ready)
-        if offset == R.VIRTIO_MMIO_INTERRUPT_STATUS:
-            with self._lock:
-                return self.isr
-        if offset == R.VIRTIO_MMIO_STATUS:
-            self._wait_progress()
-            return self.status
-        if offset in (
-            R.VIRTIO_MMIO_SHM_LEN_LOW,
-            R.VIRTIO_MMIO_SHM_LEN_HIGH,
-            R.VIRTIO_MMIO_SHM_BASE_LOW,
-            R.VIRTIO_MMIO_SHM_BASE_HIGH,
-        ):
-            return 0xFFFF_FFFF  # no shared memory region (§4.2.2)
-        return 0  # QueueReset (RING_RESET not offered), ConfigGeneration (never changes)
-
-    def _write_reg(self, offset: int, value: int) -> None:
-        q = self._sel_queue()
-        if offset == R.VIRTIO_MMIO_DEVICE_FEATURES_SEL:
-            self.device_features_sel = value
-        elif offset == R.VIRTIO_MMIO_DRIVER_FEATURES_SEL:
-            self.driver_features_sel = value
-        elif offset == R.VIRTIO_MMIO_DRIVER_FEATURES:
-            if self.status & FEATURES_OK:
-                raise FeatureNegotiationError("DriverFeatures written after FEATURES_OK")
-            if self.driver_features_sel < 2:
-                shift = 32 * self.driver_features_sel
-                mask = 0xFFFF_FFFF << shift
-                self.driver_features = (self.driver_features & ~mask) | (value << shift)
-        elif offset == R.VIRTIO_MMIO_QUEUE_SEL:
-            self.queue_sel = value
-        elif offset == R.VIRTIO_MMIO_QUEUE_NOTIFY:
-            self._notify(value)
-        elif offset == R.VIRTIO_MMIO_INTERRUPT_ACK:
-            with self._lock:
-                self.isr &= ~value
-        elif offset == R.VIRTIO_MMIO_STATUS:
-            self._write_status(value)
-        else:
-            self._write_queue_reg(q, offset, value)
-
-    def _write_queue_reg(self, q: _Queue | None, offset: int, value: int) -> None:
-        if q is None:
-            raise QueueSetupError(f"queue {self.queue_sel} does not exist ({offset:#x} write)")
-        if offset == R.VIRTIO_MMIO_QUEUE_READY:
-            if value == 0:
-                if self.started:
-                    raise QueueSetupError("QueueReady 0 after DRIVER_OK: reset the device")
-                q.ready = False
-            elif value == 1:
-                self._queue_ready(q)
-            else:
-                raise QueueSetupError(f"QueueReady written with {value}")
-            return
-        if q.ready:
-            raise QueueSetupError(f"queue {q.index} set up while ready ({offset:#x} write)")
-        if offset == R.VIRTIO_MMIO_QUEUE_NUM:
-            q.num = value
-        elif offset in (R.VIRTIO_MMIO_QUEUE_DESC_LOW, R.VIRTIO_MMIO_QUEUE_DESC_HIGH):
-            q.desc = _set_half(q.desc, offset == R.VIRTIO_MMIO_QUEUE_DESC_HIGH, value)
-        elif offset in (R.VIRTIO_MMIO_QUEUE_AVAIL_LOW, R.VIRTIO_MMIO_QUEUE_AVAIL_HIGH):
-            q.driver = _set_half(q.driver, offset == R.VIRTIO_MMIO_QUEUE_AVAIL_HIGH, value)
-        elif offset in (R.VIRTIO_MMIO_QUEUE_USED_LOW, R.VIRTIO_MMIO_QUEUE_USED_HIGH):
-            q.device = _set_half(q.device, offset == R.VIRTIO_MMIO_QUEUE_USED_HIGH, value)
-        # SHMSel and QueueReset writes: nothing to select or reset
-
     @property
-    def packed(self) -> bool:
-        return bool(self.driver_features & TF.VIRTIO_F_RING_PACKED.mask)
+    def name(self) -> str:
+        return self.transport.name if self.transport is not None else self.client.name
 
-    def _ring_sizes(self, num: int) -> tuple[int, int, int]:
-        if self.packed:
-            return 16 * num, 4, 4
-        extra = 2 if self.driver_features & TF.VIRTIO_F_EVENT_IDX.mask else 0
-        return 16 * num, 4 + 2 * num + extra, 4 + 8 * num + extra
+    # -- MmioDevice ----------------------------------------------------------------------------
+    def offered_features(self) -> int:
+        return self.device_features
 
-    def _queue_ready(self, q: _Queue) -> None:
-        if not self.status & FEATURES_OK:
-            raise QueueSetupError(f"QueueReady for queue {q.index} before FEATURES_OK")
-        if not 1 <= q.num <= self.queue_max:
-            raise QueueSetupError(f"queue {q.index} size {q.num} not in 1..{self.queue_max}")
-        if not self.packed and q.num & (q.num - 1):
-            raise QueueSetupError(f"split queue {q.index} size {q.num} is not a power of 2")
-        aligns = (16, 4, 4) if self.packed else (16, 2, 4)  # §2.8.10.1 / §2.7
-        ram = self.machine.memory
-        for what, addr, size, align in zip(
-            ("descriptor area", "driver area", "device area"),
-            (q.desc, q.driver, q.device),
-            self._ring_sizes(q.num),
-            aligns,
-            strict=True,
-        ):
-            if addr % align:
-                raise QueueSetupError(
-                    f"queue {q.index} {what} {addr:#x} not {align}-byte aligned", section="2.7"
-                )
-            if not ram.contains(addr, size):
-                raise QueueSetupError(
-                    f"queue {q.index} {what} {addr:#x}+{size:#x} outside guest RAM",
-                    section="2.7",
-                )
-        q.ready = True
+    def ack_features(self, features: int) -> None:
+        self.driver_features = features
 
-    def _notify(self, value: int) -> None:
-        """A QueueNotify write that reached the VMM: no ioeventfd took it."""
-        self.stats.notify_exits += 1
-        if not self.status & DRIVER_OK:
-            raise NotificationError(f"QueueNotify {value} before DRIVER_OK")
-        if value >= len(self.queues) or not self.queues[value].started:
-            raise NotificationError(f"QueueNotify for queue {value}, which is not running")
-        os.eventfd_write(self.queues[value].kick, 1)
+    def config_bytes(self) -> bytes:
+        return bytes(self.config)
 
-    def _write_status(self, value: int) -> None:
-        if value == 0:
-            self.reset()
-            return
-        old = self.status & ~NEEDS_RESET
-        if value & ~0xFF or value & old != old:
-            raise DeviceStatusError(f"Status {value:#x} clears bits of {old:#x}")
-        new = value & ~old
-        if new & FEATURES_OK:
-            self._features_ok()
-            if not self.status & FEATURES_OK:
-                new &= ~FEATURES_OK
-                value &= ~FEATURES_OK
-        if new & DRIVER_OK and not self.status & FEATURES_OK:
-            raise DeviceStatusError("DRIVER_OK without FEATURES_OK")
-        with self._lock:
-            self.status = value | (self.status & NEEDS_RESET)
-        if new & DRIVER_OK and not self.status & NEEDS_RESET:
-            self._start()
+    def write_config(self, offset: int, data: bytes) -> None:
+        try:
+            self.client.set_config(offset, data)
+        except RequestFailed as exc:
+            raise MmioAccessError(f"config write at {offset:#x} refused: {exc}") from exc
+        self.config[offset : offset + len(data)] = data
 
-    def _features_ok(self) -> None:
-        extra = self.driver_features & ~self.device_features
-        if extra:
-            self.errors.append(
-                FeatureNegotiationError(f"driver accepted features {extra:#x} not offered")
+    def reset(self) -> None:
+        """Status 0 (§2.4): stop the back-end's rings and reset it."""
+        c = self.client
+        if self.started:
+            for v in self.vrings:
+                if v.started:
+                    v.base = c.get_vring_base(v.index)
+            if c.has(ProtocolFeature.RESET_DEVICE):
+                c.reset_device()
+            if c.has(ProtocolFeature.STATUS):
+                c.set_status(0)
+            self.stats.resets += 1
+        self.started = False
+        self.needs_reset = False
+        self.driver_features = 0
+        for v in self.vrings:
+            v.vq = None
+            v.started = False
+            for fd in (v.kick, v.call, v.err):
+                _drain(fd)
+
+    # -- MmioBackend ----------------------------------------------------------------------------
+    def start_queue(self, index: int, vq: Virtqueue) -> None:
+        v = self.vrings[index]
+        v.vq = vq
+        if self.started:  # a queue enabled on a live device
+            self._start_vring(v, self.driver_features & TF.VIRTIO_F_RING_PACKED.mask)
+
+    def stop_queue(self, index: int) -> None:
+        v = self.vrings[index]
+        v.vq = None
+        if v.started:
+            v.base = self.client.get_vring_base(index)  # stops the ring
+            v.started = False
+
+    def driver_ok(self, features: int) -> None:
+        """DRIVER_OK: program the back-end and start its rings.  A refusal is raised as a
+        ``DriverError`` (the transport sets DEVICE_NEEDS_RESET)."""
+        c = self.client
+        wire = features
+        if self.backend_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            wire |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
+        self.started = True
+        self.stats.starts += 1
+        try:
+            c.set_features(wire)
+            c.set_mem_table(self.memory_table(), [self.machine.ram_fd])
+            for v in self.vrings:
+                if v.vq is not None:
+                    self._start_vring(v, features & TF.VIRTIO_F_RING_PACKED.mask)
+            if c.has(ProtocolFeature.STATUS):
+                assert self.transport is not None
+                c.set_status(self.transport.status)
+        except RequestFailed as exc:
+            # The back-end refused what the driver set up: the device needs a reset.
+            raise DriverError(str(exc), section=cite(sec.S_2_1_2)) from exc
+        except BackendDisconnected as exc:
+            raise BackendDisconnected(f"{exc}{self._backend_note()}") from exc
+
+    def _start_vring(self, v: _Vring, packed: int) -> None:
+        c = self.client
+        assert v.vq is not None
+        state = v.vq.state()
+        for fd in (v.kick, v.call, v.err):
+            _drain(fd)  # nothing from an earlier session
+        c.set_vring_num(v.index, state.size)
+        c.set_vring_base(v.index, VringState.packed_num(0, True, 0, True) if packed else 0)
+        c.set_vring_addr(
+            VringAddr(
+                v.index,
+                0,
+                self.user_addr(state.desc_addr),
+                self.user_addr(state.device_addr),
+                self.user_addr(state.driver_addr),
+                0,
             )
-            return
-        if not self.driver_features & TF.VIRTIO_F_VERSION_1.mask:
-            self.errors.append(FeatureNegotiationError("VIRTIO_F_VERSION_1 not accepted"))
-            return
-        self.status |= FEATURES_OK
+        )
+        c.set_vring_fd(Q.SET_VRING_KICK, v.index, v.kick)
+        c.set_vring_fd(Q.SET_VRING_CALL, v.index, v.call)
+        c.set_vring_fd(Q.SET_VRING_ERR, v.index, v.err)
+        v.started = True
+        if self.backend_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            c.set_vring_enable(v.index, True)
 
-    # -- the hand-off to the back-end -----------------------------------------------------------
+    def notify(self, index: int) -> None:
+        """A QueueNotify write that reached the VMM (no ioeventfd took it): kick."""
+        self.stats.notify_exits += 1
+        os.eventfd_write(self.vrings[index].kick, 1)
+
+    def status_read(self) -> None:
+        self._wait_progress()
+
+    # -- the hand-off ----------------------------------------------------------------------------
     def user_addr(self, gpa: int) -> int:
         """The front-end user address of guest-physical ``gpa`` (SET_MEM_TABLE scheme)."""
         return self.machine.memory.host_addr + gpa
@@ -915,88 +673,91 @@ class VhostUserMmioDevice(Device):
         ram = self.machine.memory
         return MemoryTable((MemoryRegion(0, ram.size, ram.host_addr, 0),))
 
-    def _start(self) -> None:
-        """DRIVER_OK: program the back-end and start its rings."""
-        c = self.client
-        features = self.driver_features
-        if self.backend_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
-            features |= 1 << VHOST_USER_F_PROTOCOL_FEATURES
-        try:
-            c.set_features(features)
-            c.set_mem_table(self.memory_table(), [self.machine.ram_fd])
-            base = VringState.packed_num(0, True, 0, True) if self.packed else 0
-            for q in self.queues:
-                if not q.ready:
-                    continue
-                for fd in (q.kick, q.call, q.err):
-                    _drain(fd)  # nothing from an earlier session
-                c.set_vring_num(q.index, q.num)
-                c.set_vring_base(q.index, base)
-                c.set_vring_addr(
-                    VringAddr(
-                        q.index,
-                        0,
-                        self.user_addr(q.desc),
-                        self.user_addr(q.device),
-                        self.user_addr(q.driver),
-                        0,
-                    )
-                )
-                c.set_vring_fd(Q.SET_VRING_KICK, q.index, q.kick)
-                c.set_vring_fd(Q.SET_VRING_CALL, q.index, q.call)
-                c.set_vring_fd(Q.SET_VRING_ERR, q.index, q.err)
-                q.started = True
-                self.started = True
-                if features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
-                    c.set_vring_enable(q.index, True)
-            if c.has(ProtocolFeature.STATUS):
-                c.set_status(self.status)
-        except RequestFailed as exc:
-            # The back-end refused what the driver set up: the device needs a reset.
-            with self._lock:
-                self._needs_reset_locked(str(exc))
-            os.eventfd_write(self._irq_fd, 1)
-        except BackendDisconnected as exc:
-            raise BackendDisconnected(f"{exc}{self._backend_note()}") from exc
-        self.started = True
-        self.stats.starts += 1
+    # -- the notifier thread ------------------------------------------------------------------
+    def start_notifier(self, transport: MmioTransport) -> None:
+        self.transport = transport
+        self._thread = threading.Thread(
+            target=self._notifier, name=f"{transport.name}-notify", daemon=True
+        )
+        self._thread.start()
 
-    def reset(self) -> None:
-        """Status 0 (§2.4): stop the back-end's rings and reset it, then our registers."""
-        c = self.client
-        if self.started:
-            for q in self.queues:
-                if q.started:
-                    q.base = c.get_vring_base(q.index)
-            if c.has(ProtocolFeature.RESET_DEVICE):
-                c.reset_device()
-            if c.has(ProtocolFeature.STATUS):
-                c.set_status(0)
-            self.stats.resets += 1
-        with self._lock:
-            self._reset_registers()
-        for q in self.queues:
-            for fd in (q.kick, q.call, q.err):
-                _drain(fd)
+    def interrupt(self, level: bool) -> None:
+        """The transport's interrupt line: an edge on the machine's irqfd (a halted guest
+        wakes up; InterruptStatus says why)."""
+        if level:
+            os.eventfd_write(self.irq_fd, 1)
+
+    def _notifier(self) -> None:
+        # The KVM backend's deadline timer (SIGALRM) must interrupt KVM_RUN on the vCPU
+        # thread, not this one.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        t = self.transport
+        assert t is not None
+        poller = select.poll()
+        roles: dict[int, tuple[str, _Vring | None]] = {self._stop_fd: ("stop", None)}
+        poller.register(self._stop_fd, select.POLLIN)
+        for v in self.vrings:
+            roles[v.call] = ("call", v)
+            roles[v.err] = ("err", v)
+            poller.register(v.call, select.POLLIN)
+            poller.register(v.err, select.POLLIN)
+        sock = self.client.fileno()
+        roles[sock] = ("socket", None)
+        poller.register(sock, select.POLLRDHUP)
+        while True:
+            for fd, events in poller.poll():
+                role, v = roles[fd]
+                if role == "stop":
+                    return
+                if role == "socket":
+                    poller.unregister(sock)
+                    t.backend_failed(
+                        BackendDisconnected(
+                            f"{self.client.name}: the back-end hung up "
+                            f"(poll events {events:#x}){self._backend_note()}"
+                        )
+                    )
+                    os.eventfd_write(self.irq_fd, 1)  # wake a halted guest
+                elif role == "call" and _drain(fd):
+                    assert v is not None
+                    self.stats.calls += 1
+                    t.used_buffer_notification(v.index)
+                elif role == "err" and _drain(fd):
+                    assert v is not None
+                    self.stats.errors_signalled += 1
+                    t.driver_error(
+                        DriverError(
+                            f"the back-end signalled an error on vring {v.index}",
+                            section=cite(sec.S_2_1_2),
+                        )
+                    )
+
+    def _backend_note(self) -> str:
+        if self.process is None:
+            return ""
+        reason = self.process.exit_reason(wait=0.5)
+        return f"; {reason}" if reason else ""
 
     # -- polling drivers -------------------------------------------------------------------------
-    def outstanding(self) -> list[tuple[_Queue, int]]:
-        """Started split queues with requests the back-end has not used yet:
-        ``[(queue, used idx)]`` (indices read from guest RAM)."""
-        if self.packed:
+    def outstanding(self) -> list[tuple[_Vring, int]]:
+        """Started split rings with requests the back-end has not used yet:
+        ``[(vring, used idx)]`` (indices read from guest RAM)."""
+        if self.driver_features & TF.VIRTIO_F_RING_PACKED.mask:
             return []
         ram = self.machine.ram
         out = []
-        for q in self.queues:
-            if q.started:
-                avail = struct.unpack_from("<H", ram, q.driver + 2)[0]
-                used = struct.unpack_from("<H", ram, q.device + 2)[0]
+        for v in self.vrings:
+            if v.started and v.vq is not None:
+                state = v.vq.state()
+                avail = struct.unpack_from("<H", ram, state.driver_addr + 2)[0]
+                used = struct.unpack_from("<H", ram, state.device_addr + 2)[0]
                 if avail != used:
-                    out.append((q, used))
+                    out.append((v, used))
         return out
 
     def _wait_progress(self) -> None:
-        if self.poll_wait <= 0 or not self.status & DRIVER_OK or self.status & NEEDS_RESET:
+        t = self.transport
+        if t is None or self.poll_wait <= 0 or not self.started or t.status & NEEDS_RESET:
             return
         if not self.outstanding():
             return
@@ -1004,32 +765,12 @@ class VhostUserMmioDevice(Device):
         deadline = time.monotonic() + self.poll_wait
         delay = 2e-6
         while time.monotonic() < deadline:
-            self._check_alive()
-            if self.status & NEEDS_RESET or not self.outstanding():
+            if t.broken is not None:
+                raise t.broken
+            if t.status & NEEDS_RESET or not self.outstanding():
                 return
             time.sleep(delay)
             delay = min(delay * 2, 5e-4)
-
-    def _read_config(self, offset: int, size: int) -> int:
-        if size not in (1, 2, 4) or offset % size:
-            raise MmioAccessError(f"{size}-byte config read at {offset:#x}", section="4.2.2.2")
-        if offset + size > len(self.config):
-            raise MmioAccessError(
-                f"config read at {offset:#x}+{size} beyond the {len(self.config)}-byte config "
-                "space the back-end reported",
-                section="4.2.2.2",
-            )
-        return int.from_bytes(self.config[offset : offset + size], "little")
-
-    def _write_config(self, offset: int, size: int, value: int) -> None:
-        if size not in (1, 2, 4) or offset % size or offset + size > len(self.config):
-            raise MmioAccessError(f"{size}-byte config write at {offset:#x}", section="4.2.2.2")
-        data = value.to_bytes(size, "little")
-        try:
-            self.client.set_config(offset, data)
-        except RequestFailed as exc:
-            raise MmioAccessError(f"config write at {offset:#x} refused: {exc}") from exc
-        self.config[offset : offset + size] = data
 
     # -- teardown -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -1039,24 +780,55 @@ class VhostUserMmioDevice(Device):
         if self._thread is not None:
             os.eventfd_write(self._stop_fd, 1)
             self._thread.join(timeout=5)
-        if self.started and self.dead is None:
-            with contextlib.suppress(VhostUserFrontendError, OSError):
+        broken = self.transport is not None and self.transport.broken is not None
+        if self.started and not broken:
+            with contextlib.suppress(FrontendError, OSError):
                 self.client.sock.settimeout(2.0)
                 self.reset()
         self.client.close()
-        self._close_fds()
-
-    def _close_fds(self) -> None:
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds = []
 
 
-def _set_half(old: int, high: bool, value: int) -> int:
-    if high:
-        return (old & 0xFFFF_FFFF) | (value & 0xFFFF_FFFF) << 32
-    return (old & ~0xFFFF_FFFF) | (value & 0xFFFF_FFFF)
+def attach(
+    machine: Machine,
+    client: VhostUserClient,
+    *,
+    base: int = _vmmio.MMIO_BASE,
+    irq: int = _vmmio.VIRTIO_IRQ,
+    name: str = "vhost-user-blk",
+    ioeventfd: bool = True,
+    **backend_kwargs,
+) -> MmioTransport:
+    """Map the device served by ``client``'s back-end as a virtio-mmio device at ``base``:
+    an ``MmioTransport`` in front of a ``VhostUserBackend``, QueueNotify ioeventfds
+    (datamatch = queue index), the interrupt as an irqfd on line ``irq``.  The machine
+    closes it.  ``transport.backend`` is the ``VhostUserBackend``."""
+    backend = VhostUserBackend(machine, client, **backend_kwargs)
+    memories: list[MmapGuestMemory] = []
+
+    def guest_memory() -> MmapGuestMemory:
+        memories.append(MmapGuestMemory([FdRegion(0, machine.ram_size, machine.ram_fd)]))
+        return memories[-1]
+
+    transport = MmioTransport(backend, guest_memory, backend.interrupt, name=name, ring_reset=False)
+    try:
+        machine.bus.add_mmio(base, VIRTIO_MMIO_REGION_SIZE, transport)
+    except BaseException:
+        backend.close()
+        raise
+    if ioeventfd:
+        notify = base + int(R.VIRTIO_MMIO_QUEUE_NOTIFY)
+        for v in backend.vrings:
+            machine.ioeventfd(notify, 4, v.kick, datamatch=v.index)
+    machine.irqfd(backend.irq_fd, irq)
+    machine.devices[name] = transport
+    machine.closers.append(lambda: [mem.close() for mem in memories])
+    machine.closers.append(backend.close)
+    backend.start_notifier(transport)
+    return transport
 
 
 # -- back-end processes ---------------------------------------------------------------------------
@@ -1142,22 +914,23 @@ def attach_backend(
     socket_path: str | os.PathLike[str],
     *,
     process: BackendProcess | None = None,
-    **device_kwargs,
-) -> VhostUserMmioDevice:
-    """Connect to the back-end at ``socket_path`` and map it as a virtio-mmio device."""
+    **kwargs,
+) -> MmioTransport:
+    """Connect to the back-end at ``socket_path`` and map it as a virtio-mmio device
+    (:func:`attach`); ``process``: the back-end process, if started for this run."""
     alive = process.exit_reason if process is not None else None
     client = VhostUserClient.connect(socket_path, alive=alive)
     try:
-        dev = VhostUserMmioDevice(m, client, **device_kwargs)
+        transport = attach(m, client, **kwargs)
     except BaseException as exc:
         client.close()
-        if process is not None and isinstance(exc, VhostUserFrontendError):
+        if process is not None and isinstance(exc, FrontendError):
             reason = process.exit_reason(wait=0.5)
             if reason:
                 raise type(exc)(f"{exc}; {reason}") from exc
         raise
-    dev.backend = process
-    return dev
+    transport.backend.process = process  # type: ignore[attr-defined]
+    return transport
 
 
 # -- workload paths -----------------------------------------------------------------------------

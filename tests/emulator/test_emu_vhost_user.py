@@ -26,9 +26,10 @@ from emulator import vhost_user as vu
 from emulator import virtio_mmio as vmmio
 from emulator.devices.debugport import CMD_MARK
 from emulator.machine import Machine
+from virtio.errors import QueueConfigError
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.mmio import MmioReg as R
-from virtio.transport.mmio import QueueSetupError
+from virtio.transport.mmio import DeviceStatusError, FeatureNegotiationError
 from virtio.transport.vhost_user.messages import (
     HEADER,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -182,12 +183,11 @@ class FakeBlk:
     def _serve(self) -> None:
         with self.sock as s:
             while True:
-                hdr, anc, _, _ = s.recvmsg(HEADER.size, socket.CMSG_SPACE(64))
+                hdr, fds, _, _ = socket.recv_fds(s, HEADER.size, 16)
                 if len(hdr) < HEADER.size:
                     return
                 req, flags, size = HEADER.unpack(hdr)
                 payload = s.recv(size, socket.MSG_WAITALL) if size else b""
-                fds = vu._fds_from(anc)
                 self.fds.setdefault(req, []).extend(fds)
                 self.log.append(req)
                 if req == FrontendRequest.GET_FEATURES:
@@ -233,7 +233,7 @@ def test_backend_refusal_and_error_eventfd_need_reset():
     DEVICE_NEEDS_RESET and raise a configuration change interrupt (§2.1.2)."""
     fake = FakeBlk(refuse=FrontendRequest.SET_VRING_ADDR)
     with Machine(ram_size=8 << 20, cpu="soft") as m:
-        dev = vu.VhostUserMmioDevice(m, fake.client, config_size=8)
+        dev = vu.attach(m, fake.client, config_size=8)
         assert dev.read(0x100, 4) == 2048  # capacity from GET_CONFIG
         _driver_ok(dev)
         status = _rd(dev, R.VIRTIO_MMIO_STATUS)
@@ -243,7 +243,7 @@ def test_backend_refusal_and_error_eventfd_need_reset():
 
     fake = FakeBlk()
     with Machine(ram_size=8 << 20, cpu="soft") as m:
-        dev = vu.VhostUserMmioDevice(m, fake.client, config_size=8)
+        dev = vu.attach(m, fake.client, config_size=8)
         _driver_ok(dev)
         assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 15
         sent = fake.log[fake.log.index(FrontendRequest.SET_FEATURES) :]
@@ -262,13 +262,13 @@ def test_backend_refusal_and_error_eventfd_need_reset():
         assert os.fstat(mem_fd).st_size == 8 << 20  # the guest RAM memfd
         # a call: InterruptStatus bit 0, and the irqfd wakes a halted guest
         os.eventfd_write(fake.fds[FrontendRequest.SET_VRING_CALL][0], 1)
-        _wait_for(lambda: dev.isr == 1)
-        assert m.irqfds[dev._irq_fd] == vmmio.VIRTIO_IRQ
+        _wait_for(lambda: dev.interrupt_status == 1)
+        assert m.irqfds[dev.backend.irq_fd] == vmmio.VIRTIO_IRQ
         _wr(dev, R.VIRTIO_MMIO_INTERRUPT_ACK, 1)
         assert _rd(dev, R.VIRTIO_MMIO_INTERRUPT_STATUS) == 0
         # an error on the ring
         os.eventfd_write(fake.fds[FrontendRequest.SET_VRING_ERR][0], 1)
-        _wait_for(lambda: dev.isr == 2)
+        _wait_for(lambda: dev.interrupt_status == 2)
         assert _rd(dev, R.VIRTIO_MMIO_STATUS) & 0x40
         assert "error on vring 0" in str(dev.errors[-1])
         _wr(dev, R.VIRTIO_MMIO_STATUS, 0)
@@ -300,32 +300,40 @@ def test_register_file_against_our_backend(ours):
     sock, proc = ours
     with Machine(ram_size=8 << 20, cpu="soft") as m:
         dev = vu.attach_backend(m, sock, process=proc)
-        c = dev.client
+        be = dev.backend
+        c = be.client
         assert c.has(ProtocolFeature.REPLY_ACK) and c.has(ProtocolFeature.CONFIG)
         assert _rd(dev, R.VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976
         assert _rd(dev, R.VIRTIO_MMIO_VERSION) == 2
         assert _rd(dev, R.VIRTIO_MMIO_DEVICE_ID) == 2
-        assert not dev.device_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1
-        assert dev.device_features & TF.VIRTIO_F_VERSION_1.mask
+        assert not be.device_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1
+        assert be.device_features & TF.VIRTIO_F_VERSION_1.mask
         assert dev.read(0x100, 4) | dev.read(0x104, 4) << 32 == (1 << 20) // 512  # capacity
-        # the handshake, one queue of 16 at 0x10000
-        _wr(dev, R.VIRTIO_MMIO_STATUS, 1)
-        _wr(dev, R.VIRTIO_MMIO_STATUS, 3)
         feats = TF.VIRTIO_F_VERSION_1.mask | TF.VIRTIO_F_EVENT_IDX.mask
-        for sel in (0, 1):
-            _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel)
-            _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES, feats >> (32 * sel) & 0xFFFF_FFFF)
-        _wr(dev, R.VIRTIO_MMIO_STATUS, 11)
-        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 11
-        _wr(dev, R.VIRTIO_MMIO_QUEUE_SEL, 0)
-        assert _rd(dev, R.VIRTIO_MMIO_QUEUE_NUM_MAX) == vu.DEFAULT_QUEUE_MAX
-        _wr(dev, R.VIRTIO_MMIO_QUEUE_NUM, 16)
-        # a ring outside RAM is a typed driver error and the queue stays not ready
+
+        def handshake() -> None:  # one queue of 16
+            _wr(dev, R.VIRTIO_MMIO_STATUS, 1)
+            _wr(dev, R.VIRTIO_MMIO_STATUS, 3)
+            for sel in (0, 1):
+                _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel)
+                _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES, feats >> (32 * sel) & 0xFFFF_FFFF)
+            _wr(dev, R.VIRTIO_MMIO_STATUS, 11)
+            assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 11
+            _wr(dev, R.VIRTIO_MMIO_QUEUE_SEL, 0)
+            assert _rd(dev, R.VIRTIO_MMIO_QUEUE_NUM_MAX) == vu.DEFAULT_QUEUE_MAX
+            _wr(dev, R.VIRTIO_MMIO_QUEUE_NUM, 16)
+
+        # a ring outside RAM is a typed driver error (the transport's ring validation):
+        # the queue stays not ready and the device needs a reset, as on the in-VMM path
+        handshake()
         _wr(dev, R.VIRTIO_MMIO_QUEUE_DESC_LOW, 0)
         _wr(dev, R.VIRTIO_MMIO_QUEUE_DESC_HIGH, 1)
         _wr(dev, R.VIRTIO_MMIO_QUEUE_READY, 1)
         assert _rd(dev, R.VIRTIO_MMIO_QUEUE_READY) == 0
-        assert isinstance(dev.errors.pop(), QueueSetupError)
+        assert isinstance(dev.errors.pop(), QueueConfigError)
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) & 0x40
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 0)
+        handshake()
         for lo, hi, addr in (
             (R.VIRTIO_MMIO_QUEUE_DESC_LOW, R.VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x10000),
             (R.VIRTIO_MMIO_QUEUE_AVAIL_LOW, R.VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0x10100),
@@ -337,13 +345,13 @@ def test_register_file_against_our_backend(ours):
         assert _rd(dev, R.VIRTIO_MMIO_QUEUE_READY) == 1
         sent = c.requests
         _wr(dev, R.VIRTIO_MMIO_STATUS, 15)  # DRIVER_OK: the hand-off
-        assert c.requests - sent >= 9 and dev.started and dev.queues[0].started
-        assert dev.outstanding() == []
+        assert c.requests - sent >= 9 and be.started and be.vrings[0].started
+        assert be.outstanding() == []
         # a QueueNotify that reaches the VMM (no ioeventfd took it) still kicks
         _wr(dev, R.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
-        assert dev.stats.notify_exits == 1 and not dev.errors
+        assert be.stats.notify_exits == 1 and not dev.errors
         _wr(dev, R.VIRTIO_MMIO_STATUS, 0)  # reset: GET_VRING_BASE + RESET_DEVICE
-        assert dev.queues[0].base == 0 and not dev.started
+        assert be.vrings[0].base == 0 and not be.started
         assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 0
         assert dev.errors == []
 
@@ -413,8 +421,8 @@ def test_backend_killed_mid_run(cpu, irq):
         def on_mark(cmd: int) -> None:
             mark(cmd)
             if cmd == CMD_MARK:  # write phase done, flush next
-                dev.backend.kill(signal.SIGKILL)
-                dev.backend.proc.wait(timeout=5)
+                dev.backend.process.kill(signal.SIGKILL)
+                dev.backend.process.proc.wait(timeout=5)
 
         m.debug.on_mark = on_mark
         m.load_elf(guest_build.build("virtio_blk"))
@@ -432,3 +440,58 @@ def test_paths_registered():
         wp = _run.PATHS[name]
         assert wp.program == "virtio_blk"
         assert wp.max_queue_depth == vmmio.MAX_QUEUE_DEPTH
+
+
+# -- one status machine: the vhost-user path refuses what the in-VMM path refuses --------------
+_ORDER_CASES = {
+    "features-ok-before-driver": [1, 1 | 8],
+    "driver-ok-without-features-ok": [1, 3, 3 | 4],
+    "driver-before-ack": [2],
+    "clear-a-bit": [1, 3, 1],
+}
+
+
+@pytest.mark.parametrize("sequence", list(_ORDER_CASES.values()), ids=list(_ORDER_CASES))
+def test_status_order_enforced_like_in_vmm_path(sequence):
+    """§3.1.1: a Status sequence that skips a step (e.g. DRIVER_OK without FEATURES_OK)
+    is refused on the vhost-user path exactly as on the in-process path (same error
+    type and section, NEEDS_RESET), and nothing is handed to the back-end."""
+    from virtio.memory import GuestMemory, MemoryRegion
+    from virtio.testing.vhost_user_frontend import EchoDevice
+    from virtio.transport.mmio import MmioTransport
+
+    buf = bytearray(1 << 16)
+    local = MmioTransport(EchoDevice(), GuestMemory([MemoryRegion(0, len(buf), memoryview(buf))]))
+    fake = FakeBlk()
+    with Machine(ram_size=8 << 20, cpu="soft") as m:
+        dev = vu.attach(m, fake.client, config_size=8)
+        for t in (local, dev):
+            for value in sequence:
+                _wr(t, R.VIRTIO_MMIO_STATUS, value)
+        (a,), (b,) = local.errors, dev.errors
+        assert type(a) is type(b) is DeviceStatusError
+        assert a.section == b.section and a.message == b.message
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == _rd(local, R.VIRTIO_MMIO_STATUS)
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) & 0x40  # DEVICE_NEEDS_RESET
+        assert FrontendRequest.SET_FEATURES not in fake.log  # no hand-off
+        assert not dev.backend.started
+    fake.close()
+
+
+def test_unoffered_feature_leaves_features_ok_clear():
+    """The driver features the back-end did not offer: FEATURES_OK stays clear on the
+    vhost-user path too (§3.1.1 step 6), with the in-VMM path's typed error."""
+    fake = FakeBlk()
+    with Machine(ram_size=8 << 20, cpu="soft") as m:
+        dev = vu.attach(m, fake.client, config_size=8)
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 1)
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 3)
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1)
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES, 1)  # VERSION_1 ...
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0)
+        _wr(dev, R.VIRTIO_MMIO_DRIVER_FEATURES, 1 << 7)  # ... and a bit not offered
+        _wr(dev, R.VIRTIO_MMIO_STATUS, 11)
+        assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 3
+        assert isinstance(dev.errors[-1], FeatureNegotiationError)
+        assert dev.errors[-1].section == "2.2.1"
+    fake.close()

@@ -23,7 +23,6 @@ fds) are there for hostile tests.  ``EchoDevice`` is a minimal device to serve.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import socket
@@ -33,18 +32,29 @@ from dataclasses import dataclass
 import trio
 
 from virtio.device import VirtioDevice
+from virtio.errors import DeviceUsageError
 from virtio.memory import FdRegion, MmapGuestMemory
 from virtio.queues.chain import DescriptorChain
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.ids import DeviceId
 from virtio.testing.driver import DriverQueue, UsedBuffer, footprint
+from virtio.transport.vhost_user.frontend import (
+    Ack,
+    BackendDisconnected,
+    Expect,
+    FrontendConnection,
+    FrontendError,
+    InvalidReply,
+    RequestFailed,
+    Response,
+)
 from virtio.transport.vhost_user.messages import (
-    HEADER,
-    HEADER_SIZE,
+    CONFIG_HEADER_SIZE,
+    U64,
+    VHOST_F_LOG_ALL,
     VHOST_USER_F_PROTOCOL_FEATURES,
     ConfigSpace,
     FrontendRequest,
-    HeaderFlags,
     InflightDescription,
     MemoryRegion,
     MemoryTable,
@@ -52,8 +62,9 @@ from virtio.transport.vhost_user.messages import (
     VringAddr,
     VringFd,
     VringState,
-    encode_request,
 )
+from virtio.transport.vhost_user.protocol import NEED_DATA, ConnectionClosed, Outgoing
+from virtio.transport.vhost_user.server import recv_with_fds, send_with_fds
 
 R = FrontendRequest
 USER_BASE = 0x7F00_0000_0000
@@ -65,10 +76,6 @@ def _name(request: int) -> str:
         return R(request).name
     except ValueError:
         return f"request {request}"
-
-
-class FrontendError(Exception):
-    """The back-end answered something unexpected (or closed the connection)."""
 
 
 class GuestRam:
@@ -166,14 +173,13 @@ class FrontendVring:
 
 
 class VhostUserFrontend:
-    """The front-end end of a vhost-user connection (a connected unix socket)."""
+    """The front-end end of a vhost-user connection (a connected unix socket): a trio
+    I/O wrapper over the sans-IO ``FrontendConnection``, which checks every reply."""
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
-        self._buf = bytearray()
-        self._fds: list[int] = []
+        self.conn = FrontendConnection(name="back-end")
         self.features = 0
-        self.protocol_features = 0
         self.vrings: dict[int, FrontendVring] = {}
 
     @classmethod
@@ -182,15 +188,19 @@ class VhostUserFrontend:
         await sock.connect(os.fspath(path))
         return cls(sock)
 
+    @property
+    def protocol_features(self) -> int:
+        return self.conn.protocol_features
+
+    @property
+    def reply_ack(self) -> bool:
+        return self.conn.reply_ack
+
     # ------------------------------------------------------------------ raw messages
 
     async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        view = memoryview(data)
-        sent = await self.sock.sendmsg([view], anc)
-        while sent < len(view):
-            view = view[sent:]
-            sent = await self.sock.send(view)
+        """Any bytes, any fds (hostile tests); ``recv_reply`` reads an answer."""
+        await send_with_fds(self.sock, Outgoing(data, list(fds)))
 
     async def send(
         self,
@@ -200,37 +210,28 @@ class VhostUserFrontend:
         *,
         need_reply: bool = False,
     ) -> None:
-        await self.send_raw(encode_request(request, payload, need_reply=need_reply), fds)  # type: ignore[arg-type]
+        out = self.conn.send_request(request, payload, fds, need_reply=need_reply)
+        await send_with_fds(self.sock, out)
 
-    async def _fill(self, n: int) -> None:
-        while len(self._buf) < n:
-            data, anc, _, _ = await self.sock.recvmsg(
-                65536, socket.CMSG_SPACE(16 * 4), socket.MSG_CMSG_CLOEXEC
-            )
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(payload[: len(payload) - len(payload) % 4])
-                    self._fds.extend(arr)
-            if not data:
-                raise FrontendError("the back-end closed the connection")
-            self._buf += data
-
-    async def recv_message(self) -> tuple[int, int, bytes, list[int]]:
-        """The next message from the back-end: (request, flags, payload, fds)."""
-        await self._fill(HEADER_SIZE)
-        request, flags, size = HEADER.unpack_from(self._buf)
-        await self._fill(HEADER_SIZE + size)
-        payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + size])
-        del self._buf[: HEADER_SIZE + size]
-        fds, self._fds = self._fds, []
-        return request, flags, payload, fds
+    async def next_event(self) -> Response | Ack:
+        """The next (checked) reply; ``BackendDisconnected`` at end of file."""
+        while (event := self.conn.next_event()) is NEED_DATA:
+            data, fds = await recv_with_fds(self.sock)
+            self.conn.receive_data(data, fds)
+        if isinstance(event, ConnectionClosed):
+            raise BackendDisconnected("the back-end closed the connection")
+        return event
 
     async def recv_reply(self, request: int) -> tuple[bytes, list[int]]:
-        got, flags, payload, fds = await self.recv_message()
-        if got != request or not flags & HeaderFlags.REPLY:
-            raise FrontendError(f"expected a reply to {request}, got {got} flags {flags:#x}")
-        return payload, fds
+        """The reply to ``request`` (sent by ``send`` or ``send_raw``): payload and fds
+        (an ack comes back as its u64 payload)."""
+        pending = self.conn.pending_replies
+        if not pending or pending[0].request != request:
+            self.conn.expect_reply(request)
+        event = await self.next_event()
+        if isinstance(event, Ack):
+            return U64(event.status).pack(), []
+        return event.payload, list(event.fds)
 
     async def expect_closed(self, timeout: float = 5.0) -> None:
         """Wait until the back-end closes the connection (raise if it sends anything)."""
@@ -250,27 +251,27 @@ class VhostUserFrontend:
         reply: bool = False,
         need_reply: bool = False,
     ) -> bytes | None:
-        """Send a request; return its explicit reply payload (``reply``), or check the
-        REPLY_ACK (``need_reply``: raises ``FrontendError`` on failure)."""
+        """Send a request; return its explicit reply payload (``reply``: the request has
+        one), or check the REPLY_ACK (``need_reply``: ``RequestFailed`` on failure)."""
         await self.send(request, payload, fds, need_reply=need_reply)
-        if reply:
-            data, extra = await self.recv_reply(request)
-            for fd in extra:
-                os.close(fd)
-            return data
-        if need_reply:
-            data, _ = await self.recv_reply(request)
-            status = int.from_bytes(data, "little")
-            if status != 0:
-                raise FrontendError(f"{_name(request)} failed (status {status})")
-        return None
+        pending = self.conn.pending_replies
+        if reply and not (pending and pending[-1].expect is Expect.EXPLICIT):
+            raise DeviceUsageError(f"{_name(request)} has no explicit reply")
+        if not pending:
+            return None
+        event = await self.next_event()
+        if isinstance(event, Ack):
+            if not event.ok:
+                raise RequestFailed(f"{_name(request)} failed (status {event.status})")
+            return None
+        for fd in event.fds:
+            os.close(fd)
+        return event.payload
 
     async def get_u64(self, request: int) -> int:
         data = await self.request(request, reply=True)
-        assert data is not None
-        if len(data) != 8:
-            raise FrontendError(f"{_name(request)}: reply of {len(data)} bytes")
-        return int.from_bytes(data, "little")
+        assert data is not None  # 8 bytes: checked by the connection
+        return U64.unpack(data).value
 
     async def negotiate(
         self,
@@ -283,19 +284,15 @@ class VhostUserFrontend:
         offered = await self.get_u64(R.GET_FEATURES)
         if offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             pf = await self.get_u64(R.GET_PROTOCOL_FEATURES)
-            self.protocol_features = pf if protocol_features is None else protocol_features & pf
-            await self.request(R.SET_PROTOCOL_FEATURES, self.protocol_features)
+            wanted = pf if protocol_features is None else protocol_features & pf
+            await self.request(R.SET_PROTOCOL_FEATURES, wanted)
         await self.request(R.SET_OWNER)
         if features is None:
-            features = offered & ~(1 << 26)
+            features = offered & ~(1 << VHOST_F_LOG_ALL)
             if not packed:
                 features &= ~TF.VIRTIO_F_RING_PACKED.mask
         self.features = features
         await self.request(R.SET_FEATURES, features, need_reply=self.reply_ack)
-
-    @property
-    def reply_ack(self) -> bool:
-        return bool(self.protocol_features >> 3 & 1)
 
     async def set_mem_table(self, ram: GuestRam) -> None:
         await self.request(R.SET_MEM_TABLE, ram.table(), ram.fds, need_reply=self.reply_ack)
@@ -371,16 +368,15 @@ class VhostUserFrontend:
 
     async def get_config(self, offset: int, size: int) -> bytes:
         data = await self.request(R.GET_CONFIG, ConfigSpace(offset, 0, bytes(size)), reply=True)
-        assert data is not None
-        return ConfigSpace(0, 0, data[12:]).data if data else b""
+        return data[CONFIG_HEADER_SIZE:] if data else b""  # empty: the back-end failed
 
     async def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[int, int]:
         """GET_INFLIGHT_FD: (fd, mmap_size); the fd is the caller's."""
         await self.send(R.GET_INFLIGHT_FD, InflightDescription(0, 0, num_queues, queue_size))
         data, fds = await self.recv_reply(R.GET_INFLIGHT_FD)
         desc = InflightDescription.unpack(data)
-        if len(fds) != 1:
-            raise FrontendError(f"GET_INFLIGHT_FD reply with {len(fds)} fds")
+        if len(fds) != 1:  # at most 1: checked by the connection
+            raise InvalidReply(f"GET_INFLIGHT_FD reply with {len(fds)} fds")
         return fds[0], desc.mmap_size
 
     async def set_inflight_fd(self, fd: int, mmap_size: int, num_queues: int, qsize: int) -> None:
@@ -395,9 +391,7 @@ class VhostUserFrontend:
         for vring in self.vrings.values():
             vring.close()
         self.vrings.clear()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        self.conn.close()
         self.sock.close()
 
 

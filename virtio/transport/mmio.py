@@ -59,6 +59,15 @@ once per batch at queue depth 32.  A KVM ioeventfd on QueueNotify is deliberatel
 used on this path: it would let the vCPU run on while the device works (that is the
 vhost-user path's model).
 
+Device backends.  The transport is the one implementation of the register file and of
+the §3.1.1 / §4.2.2 rules; what runs the queues is a *backend* (``MmioBackend``), told
+only the outcome of what the driver did: a validated queue started or stopped,
+DRIVER_OK, a QueueNotify, a Status read.  A ``VirtioDevice`` gets the in-process
+``DeviceBackend`` (below); the emulator's vhost-user front-end
+(``emulator.vhost_user.VhostUserBackend``) hands the rings to another process.  A
+backend may call ``used_buffer_notification``, ``driver_error`` and ``backend_failed``
+from another thread (the register state they touch is locked).
+
 Without a runner (``runner=None``) the transport is asynchronous: at DRIVER_OK it
 calls ``on_driver_ok(active)`` so that the owner can run ``device.run(active)`` in a
 trio nursery, and QueueNotify writes wake the queue's ``MmioQueueNotifier`` (call
@@ -70,8 +79,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -79,7 +88,8 @@ from virtio.device import ActiveDevice, VirtioDevice
 from virtio.errors import DescriptorChainError, DriverError, QueueBrokenError, QueueConfigError
 from virtio.memory import GuestMemory
 from virtio.queues.chain import DescriptorChain
-from virtio.queues.virtqueue import QueueConfig, Virtqueue
+from virtio.queues.virtqueue import QueueConfig, Virtqueue, cite
+from virtio.spec import sections as sec
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.mmio import (
     VIRTIO_MMIO_MAGIC,
@@ -270,6 +280,93 @@ class MmioQueueNotifier:
         self._transport.used_buffer_notification(self.index)
 
 
+@runtime_checkable
+class MmioDevice(Protocol):
+    """The device model a transport exposes (``VirtioDevice`` is one): identity,
+    features, configuration space, reset (§2.4)."""
+
+    device_id: int
+    queue_max_sizes: Sequence[int]
+    needs_reset: bool
+
+    def offered_features(self) -> int: ...
+
+    def ack_features(self, features: int) -> None: ...
+
+    def config_bytes(self) -> bytes: ...
+
+    def write_config(self, offset: int, data: bytes) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+@runtime_checkable
+class MmioBackend(Protocol):
+    """What runs the queues behind an ``MmioTransport``.  Every call comes after the
+    transport applied its rules; a backend raises ``DriverError`` to refuse (the
+    transport then sets DEVICE_NEEDS_RESET), or another exception when it cannot go on
+    (it propagates out of the register access)."""
+
+    def start_queue(self, index: int, vq: Virtqueue) -> None:
+        """QueueReady=1 accepted: ``vq`` is the validated ring (size, addresses, ring
+        features); it runs once the device is live."""
+
+    def stop_queue(self, index: int) -> None:
+        """QueueReady=0 or QueueReset: stop using queue ``index``."""
+
+    def driver_ok(self, features: int) -> None:
+        """DRIVER_OK (§3.1.1 step 8) with the negotiated ``features``: go live."""
+
+    def notify(self, index: int) -> None:
+        """An available buffer notification for a ready queue of a live device (§4.2.3.3)."""
+
+    def status_read(self) -> None:
+        """The driver is about to read Status (drivers poll it)."""
+
+
+class DeviceBackend:
+    """The in-process backend: a ``VirtioDevice`` served in this process, synchronously
+    through the runner (``service_queue``) or by ``device.run`` (asynchronous mode)."""
+
+    def __init__(self, transport: MmioTransport) -> None:
+        self.transport = transport
+
+    def start_queue(self, index: int, vq: Virtqueue) -> None:
+        active = self.transport.active
+        if active is not None:  # re-enabled after a virtqueue reset (§2.6.1)
+            active.queues[index] = vq
+            active.notifiers[index] = self.transport.notifiers[index]
+
+    def stop_queue(self, index: int) -> None:
+        if self.transport.active is not None:
+            self.transport.active.queues.pop(index, None)
+
+    def driver_ok(self, features: int) -> None:
+        t = self.transport
+        queues = {i: q.vq for i, q in enumerate(t.queues) if q.vq is not None}
+        t.active = ActiveDevice(
+            t.memory,
+            features,
+            queues,
+            {i: t.notifiers[i] for i in queues},
+            on_driver_error=t.driver_error,
+        )
+        if t.runner is None and t.on_driver_ok is not None:
+            t.on_driver_ok(t.active)
+
+    def notify(self, index: int) -> None:
+        t = self.transport
+        if t.runner is None:
+            t.notifiers[index].kick()
+            return
+        vq = t.queues[index].vq
+        assert vq is not None
+        t.runner.call(t.service_queue, index, vq)
+
+    def status_read(self) -> None:
+        pass
+
+
 class _QueueRegs:
     """Per-queue transport state: the registers plus the running queue."""
 
@@ -286,7 +383,9 @@ class _QueueRegs:
 class MmioTransport:
     """One virtio-mmio (version 2) device.
 
-    ``memory`` is a ``GuestMemory`` or a callable returning one (called when the first
+    ``device``: a ``VirtioDevice`` (served in process by a ``DeviceBackend``), or an
+    object that is both ``MmioDevice`` and ``MmioBackend`` (e.g. a vhost-user
+    front-end).  ``memory`` is a ``GuestMemory`` or a callable returning one (called when the first
     queue starts, e.g. to map the VMM's RAM lazily).  ``interrupt(level)`` drives the
     device's interrupt line.  ``runner``: a ``TrioRunner`` for the synchronous mode
     (see the module doc); ``None`` for the asynchronous mode, where ``on_driver_ok``
@@ -295,7 +394,7 @@ class MmioTransport:
 
     def __init__(
         self,
-        device: VirtioDevice,
+        device: VirtioDevice | MmioDevice,
         memory: GuestMemory | Callable[[], GuestMemory],
         interrupt: Callable[[bool], None] | None = None,
         *,
@@ -306,7 +405,12 @@ class MmioTransport:
         ring_reset: bool = True,
     ) -> None:
         self.device = device
+        self.backend: MmioBackend = (
+            DeviceBackend(self) if isinstance(device, VirtioDevice) else device  # type: ignore[assignment]
+        )
         self.name = name
+        self._lock = threading.RLock()  # interrupt and status bits: backends use threads
+        self.broken: BaseException | None = None
         self._memory_source = memory
         self._memory: GuestMemory | None = memory if isinstance(memory, GuestMemory) else None
         self.interrupt = interrupt or (lambda level: None)
@@ -340,9 +444,11 @@ class MmioTransport:
         self._update_line()
 
     def reset(self) -> None:
-        """Device reset (§2.4, §4.2.2.1): status, features, queues and interrupts."""
-        self._reset_state()
+        """Device reset (§2.4, §4.2.2.1): the device first (a backend stops its rings, so
+        nothing notifies after), then status, features, queues and interrupts."""
         self.device.reset()
+        with self._lock:
+            self._reset_state()
 
     @property
     def memory(self) -> GuestMemory:
@@ -375,13 +481,15 @@ class MmioTransport:
 
     def used_buffer_notification(self, index: int = 0) -> None:
         """Used Buffer Notification (§2.3, §4.2.3.4): InterruptStatus bit 0 + IRQ."""
-        self.interrupt_status |= INT_VRING
-        self._update_line()
+        with self._lock:
+            self.interrupt_status |= INT_VRING
+            self._update_line()
 
     def config_change_notification(self) -> None:
         """Configuration Change Notification (§4.2.3.4): InterruptStatus bit 1 + IRQ."""
-        self.interrupt_status |= INT_CONFIG
-        self._update_line()
+        with self._lock:
+            self.interrupt_status |= INT_CONFIG
+            self._update_line()
 
     def config_changed(self) -> None:
         """The device changed its configuration space: bump ConfigGeneration (§2.5)
@@ -393,14 +501,20 @@ class MmioTransport:
     # -- errors -------------------------------------------------------------------------------
     def driver_error(self, exc: DriverError, *, needs_reset: bool = True) -> None:
         """Record a driver error; unless recoverable, DEVICE_NEEDS_RESET (§2.1.2)."""
-        self.errors.append(exc)
-        log.error("%s: driver error: %s", self.name, exc)
-        if not needs_reset or self.status & NEEDS_RESET:
-            return
-        self.status |= NEEDS_RESET
-        self.device.needs_reset = True
-        if self.status & DRIVER_OK:
-            self.config_change_notification()
+        with self._lock:
+            self.errors.append(exc)
+            log.error("%s: driver error: %s", self.name, exc)
+            if not needs_reset or self.status & NEEDS_RESET:
+                return
+            self.status |= NEEDS_RESET
+            self.device.needs_reset = True
+            if self.status & DRIVER_OK:
+                self.config_change_notification()
+
+    def backend_failed(self, exc: BaseException) -> None:
+        """The backend cannot go on (e.g. its process died): ``exc`` is raised out of
+        every later register access, so out of the VMM's run loop."""
+        self.broken = exc
 
     # -- bus protocol ----------------------------------------------------------------------------
     def register_name(self, offset: int, is_write: bool) -> str:
@@ -409,6 +523,8 @@ class MmioTransport:
         return REGISTER_NAMES.get(offset, f"{offset:#x}")
 
     def read(self, offset: int, size: int) -> int:
+        if self.broken is not None:
+            raise self.broken
         try:
             if offset >= CONFIG_BASE:
                 return self._read_config(offset - CONFIG_BASE, size)
@@ -419,6 +535,8 @@ class MmioTransport:
             return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if self.broken is not None:
+            raise self.broken
         try:
             if offset >= CONFIG_BASE:
                 self._write_config(offset - CONFIG_BASE, size, value)
@@ -493,6 +611,7 @@ class MmioTransport:
         if offset == R.VIRTIO_MMIO_INTERRUPT_STATUS:
             return self.interrupt_status
         if offset == R.VIRTIO_MMIO_STATUS:
+            self.backend.status_read()
             return self.status
         if offset in (
             R.VIRTIO_MMIO_SHM_LEN_LOW,
@@ -514,8 +633,9 @@ class MmioTransport:
         elif offset == R.VIRTIO_MMIO_QUEUE_NOTIFY:
             self._notify(value)
         elif offset == R.VIRTIO_MMIO_INTERRUPT_ACK:
-            self.interrupt_status &= ~value
-            self._update_line()
+            with self._lock:
+                self.interrupt_status &= ~value
+                self._update_line()
         elif offset == R.VIRTIO_MMIO_DEVICE_FEATURES_SEL:
             self.device_features_sel = value
         elif offset == R.VIRTIO_MMIO_DRIVER_FEATURES_SEL:
@@ -606,22 +726,11 @@ class MmioTransport:
                 )
             if bit == FEATURES_OK:
                 self._features_acceptable()  # raises: FEATURES_OK stays clear
-            elif bit == DRIVER_OK:
-                self.status |= new & ~DRIVER_OK
-                self._driver_ok()
-            self.status |= bit
-
-    def _driver_ok(self) -> None:
-        queues = {i: q.vq for i, q in enumerate(self.queues) if q.vq is not None}
-        self.active = ActiveDevice(
-            self.memory,
-            self.negotiated,
-            queues,
-            {i: self.notifiers[i] for i in queues},
-            on_driver_error=self.driver_error,
-        )
-        if self.runner is None and self.on_driver_ok is not None:
-            self.on_driver_ok(self.active)
+            with self._lock:
+                self.status |= bit
+            if bit == DRIVER_OK and not self.status & NEEDS_RESET:
+                # live (a refusal is a driver error: NEEDS_RESET + config interrupt)
+                self.backend.driver_ok(self.negotiated)
 
     # -- queues ---------------------------------------------------------------------------------
     def _selected_for_setup(self, what: str) -> _QueueRegs:
@@ -633,8 +742,9 @@ class MmioTransport:
             )
         if q.config.ready:
             raise QueueSetupError(
-                f"{what} written for queue {self.queue_sel} while QueueReady is 1: queue"
-                " setup happens only while the queue is not ready"
+                f"{what} written for queue {self.queue_sel} while QueueReady is 1: the"
+                " driver must not access the queue configuration registers then",
+                section=cite(sec.S_4_2_2_2),
             )
         return q
 
@@ -672,9 +782,9 @@ class MmioTransport:
         if value == 0:
             # Stop using the queue (§4.2.2: the driver writes 0 and reads it back).
             q.config.ready = False
-            q.vq = None
-            if self.active is not None:
-                self.active.queues.pop(self.queue_sel, None)
+            if q.vq is not None:
+                q.vq = None
+                self.backend.stop_queue(self.queue_sel)
             return
         if value != 1:
             raise QueueSetupError(f"QueueReady written with {value}: only 0 and 1 are defined")
@@ -710,9 +820,7 @@ class MmioTransport:
         q.config.ready = True
         q.reset_pending = False
         q.vq = vq
-        if self.active is not None:
-            self.active.queues[self.queue_sel] = vq
-            self.active.notifiers[self.queue_sel] = self.notifiers[self.queue_sel]
+        self.backend.start_queue(self.queue_sel, vq)
 
     def _write_queue_reset(self, value: int) -> None:
         if not self.has(F_RING_RESET):
@@ -728,10 +836,11 @@ class MmioTransport:
                 f"QueueReset written with {value}: the driver resets a queue by writing 1",
                 section="4.2.2.2",
             )
+        was_running = q.vq is not None
         q.reset()
         q.reset_pending = True
-        if self.active is not None:
-            self.active.queues.pop(self.queue_sel, None)
+        if was_running:
+            self.backend.stop_queue(self.queue_sel)
 
     # -- notifications ----------------------------------------------------------------------------
     def _notify(self, value: int) -> None:
@@ -747,12 +856,7 @@ class MmioTransport:
         if index >= len(self.queues) or self.queues[index].vq is None:
             raise NotificationError(f"QueueNotify for queue {index}, which is not ready")
         self.kicks += 1
-        if self.runner is None:
-            self.notifiers[index].kick()
-            return
-        vq = self.queues[index].vq
-        assert vq is not None
-        self.runner.call(self.service_queue, index, vq)
+        self.backend.notify(index)
 
     async def service_queue(self, index: int, vq: Virtqueue) -> None:
         """Process every chain available on ``vq`` (the §2.7.10 device loop): handle

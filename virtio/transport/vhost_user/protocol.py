@@ -211,6 +211,62 @@ def _close_fds(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
+class MessageFramer:
+    """Splits a vhost-user byte stream into messages and attaches their fds.
+
+    Shared by both ends (``BackendConnection``, ``FrontendConnection``): the header
+    checks and errors differ, the framing does not.  fds passed to ``feed`` belong to
+    the message that contains the *last byte* of that chunk (see the module doc).
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self._buf_start = 0  # stream offset of self.buf[0]
+        self._fd_batches: deque[tuple[int, list[int]]] = deque()  # (offset of owner byte, fds)
+        self.eof = False
+
+    @property
+    def buffered_fds(self) -> int:
+        return sum(len(fds) for _, fds in self._fd_batches)
+
+    def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
+        """Add what one ``recvmsg`` returned (``b""``: end of file; fds are then closed)."""
+        if not data:
+            self.eof = True
+            _close_fds(fds)  # on a stream socket fds cannot come without a byte
+            return
+        self.buf += data
+        if fds:
+            self._fd_batches.append((self._buf_start + len(self.buf) - 1, list(fds)))
+
+    def header(self) -> tuple[int, int, int] | None:
+        """``(request, flags, size)`` of the next message, or ``None`` if incomplete."""
+        if len(self.buf) < HEADER_SIZE:
+            return None
+        return HEADER.unpack_from(self.buf)
+
+    def take(self, size: int) -> tuple[bytes, list[int]] | None:
+        """Remove the next message (payload ``size`` bytes): ``(payload, fds)``, or
+        ``None`` while it is incomplete."""
+        end = HEADER_SIZE + size
+        if len(self.buf) < end:
+            return None
+        payload = bytes(self.buf[HEADER_SIZE:end])
+        fds: list[int] = []
+        stream_end = self._buf_start + end
+        while self._fd_batches and self._fd_batches[0][0] < stream_end:
+            fds.extend(self._fd_batches.popleft()[1])
+        del self.buf[:end]
+        self._buf_start = stream_end
+        return payload, fds
+
+    def release(self) -> None:
+        """Drop buffered bytes and close buffered fds."""
+        while self._fd_batches:
+            _close_fds(self._fd_batches.popleft()[1])
+        self.buf.clear()
+
+
 POSTCOPY_ACKS = frozenset(
     {FrontendRequest.SET_MEM_TABLE, FrontendRequest.ADD_MEM_REG, FrontendRequest.REM_MEM_REG}
 )
@@ -222,7 +278,27 @@ payload and nothing to reply."""
 _FATAL = spec_section("Message Specification", "Header")
 
 
-class BackendConnection:
+class ConnectionEnd:
+    """What both ends of a connection track: its state and the negotiated protocol
+    features (the front-end's last SET_PROTOCOL_FEATURES)."""
+
+    _state: ConnectionState
+    protocol_features: int
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
+        return bool(self.protocol_features >> feature & 1)
+
+    @property
+    def reply_ack(self) -> bool:
+        """REPLY_ACK negotiated."""
+        return self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
+
+
+class BackendConnection(ConnectionEnd):
     """The back-end side of one vhost-user connection, without I/O.
 
     ``max_queues``: vring indices in requests must be below it (``None``: unchecked).
@@ -253,27 +329,12 @@ class BackendConnection:
         self.postcopy_listening = False
         """Between POSTCOPY_LISTEN and POSTCOPY_END (SET_MEM_TABLE/ADD_MEM_REG reply)."""
         self._state = ConnectionState.OPEN
-        self._buf = bytearray()
-        self._buf_start = 0  # stream offset of self._buf[0]
-        self._fd_batches: deque[tuple[int, list[int]]] = deque()  # (offset of owner byte, fds)
-        self._eof = False
+        self._framer = MessageFramer()
         self._pending: deque[Request | RejectedRequest] = deque()
         self._requests = 0
         self._rejected = 0
 
     # ---------------------------------------------------------------- state
-
-    @property
-    def state(self) -> ConnectionState:
-        return self._state
-
-    def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
-        return bool(self.protocol_features >> feature & 1)
-
-    @property
-    def reply_ack(self) -> bool:
-        """REPLY_ACK negotiated."""
-        return self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
 
     @property
     def pending_replies(self) -> tuple[Request | RejectedRequest, ...]:
@@ -285,8 +346,8 @@ class BackendConnection:
             state=self._state,
             requests=self._requests,
             rejected=self._rejected,
-            buffered_bytes=len(self._buf),
-            buffered_fds=sum(len(fds) for _, fds in self._fd_batches),
+            buffered_bytes=len(self._framer.buf),
+            buffered_fds=self._framer.buffered_fds,
             pending_replies=len(self._pending),
         )
 
@@ -297,9 +358,7 @@ class BackendConnection:
             self._state = ConnectionState.CLOSED
 
     def _release(self) -> None:
-        while self._fd_batches:
-            _close_fds(self._fd_batches.popleft()[1])
-        self._buf.clear()
+        self._framer.release()
 
     def _check_usable(self) -> None:
         if self._state is ConnectionState.ERROR:
@@ -318,33 +377,28 @@ class BackendConnection:
 
         The connection owns ``fds`` from now on (see the module docstring).
         """
-        if self._state is not ConnectionState.OPEN or self._eof:
+        if self._state is not ConnectionState.OPEN or self._framer.eof:
             _close_fds(fds)
             self._check_usable()
             raise DeviceUsageError("receive_data() after end of file or close()")
-        if not data:
-            self._eof = True
-            _close_fds(fds)  # on a stream socket fds cannot come without a byte
-            return
-        self._buf += data
-        if fds:
-            self._fd_batches.append((self._buf_start + len(self._buf) - 1, list(fds)))
+        self._framer.feed(data, fds)
 
     def next_event(self) -> Event | Literal[Sentinel.NEED_DATA]:
         """The next event, or ``NEED_DATA``.  Raises on framing errors (see module doc)."""
         self._check_usable()
         if self._state is ConnectionState.CLOSED:
             return ConnectionClosed()
-        buf = self._buf
-        if len(buf) < HEADER_SIZE:
-            if not self._eof:
+        framer = self._framer
+        header = framer.header()
+        if header is None:
+            if not framer.eof:
                 return NEED_DATA
-            if buf:
-                raise self._fail(PartialMessage(len(buf), None))
+            if framer.buf:
+                raise self._fail(PartialMessage(len(framer.buf), None))
             self._release()
             self._state = ConnectionState.CLOSED
             return ConnectionClosed()
-        request, flags, size = HEADER.unpack_from(buf)
+        request, flags, size = header
         if flags & HeaderFlags.VERSION_MASK != VHOST_USER_VERSION:
             raise self._fail(
                 InvalidMessage(
@@ -355,18 +409,12 @@ class BackendConnection:
             )
         if size > self.max_payload_size:
             raise self._fail(OversizedMessage(request, size, self.max_payload_size))
-        end = HEADER_SIZE + size
-        if len(buf) < end:
-            if self._eof:
-                raise self._fail(PartialMessage(len(buf), end))
+        message = framer.take(size)
+        if message is None:
+            if framer.eof:
+                raise self._fail(PartialMessage(len(framer.buf), HEADER_SIZE + size))
             return NEED_DATA
-        payload = bytes(buf[HEADER_SIZE:end])
-        fds: list[int] = []
-        stream_end = self._buf_start + end
-        while self._fd_batches and self._fd_batches[0][0] < stream_end:
-            fds.extend(self._fd_batches.popleft()[1])
-        del buf[:end]
-        self._buf_start = stream_end
+        payload, fds = message
         return self._process(request, flags, payload, fds)
 
     # ---------------------------------------------------------------- validation
