@@ -160,6 +160,10 @@ class VirtioDevice:
     def __init__(self) -> None:
         self.driver_features = 0
         self.needs_reset = False
+        self.active: ActiveDevice | None = None
+        """The ``ActiveDevice`` serving this device (the latest), for device-initiated
+        events: ``self.active.config_changed()``; ``None`` before DRIVER_OK and after
+        a reset."""
         self._runs: list[ServiceRun | trio.CancelScope] = []
 
     # -- configuration -------------------------------------------------------------------
@@ -236,6 +240,7 @@ class VirtioDevice:
             run.cancel()
         self.driver_features = 0
         self.needs_reset = False
+        self.active = None
 
     # -- operation -------------------------------------------------------------------------
     async def handle(self, queue_index: int, chain: DescriptorChain) -> int:
@@ -277,6 +282,7 @@ class VirtioDevice:
     async def serve_queue(self, active: ActiveDevice, index: int) -> None:
         """Serve queue ``index`` by its role until cancelled; a driver error ends it
         and sets DEVICE_NEEDS_RESET."""
+        self.active = active
         try:
             if self.queue_role(index) is QueueRole.BUFFERS:
                 await self.fill_buffers(index, BufferQueue(active, index))

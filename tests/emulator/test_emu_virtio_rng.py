@@ -28,9 +28,18 @@ PARAMS_MAGIC = 0x4F495650
 QUEUE_SIZE = 64
 
 
-def run_rng(cpu: str, *, nbufs: int, buf_len: int, rounds: int, event_idx: bool, packed: bool):
+def run_rng(
+    cpu: str,
+    *,
+    nbufs: int,
+    buf_len: int,
+    rounds: int,
+    event_idx: bool,
+    packed: bool,
+    device: VirtioRng | None = None,
+):
     elf = guest_build.build("virtio_rng")
-    device = VirtioRng()
+    device = device or VirtioRng()
     with Machine(ram_size=32 << 20, cpu=cpu) as m, TrioRunner(name="virtio-rng") as runner:
         held: list[MmapGuestMemory] = []
 
@@ -75,13 +84,10 @@ def test_guest_reads_random_bytes(cpu, event_idx, packed):
 @pytest.mark.usefixtures("need_gcc")
 def test_buffer_larger_than_max_fill_is_partly_filled(cpu):
     """devicenormative §5.4.6.2: the device MAY use less than the entire buffer."""
-    device_limit = VirtioRng.max_fill
-    VirtioRng.max_fill = 100
-    try:
-        dbg, _, transport, _ = run_rng(
-            cpu, nbufs=4, buf_len=256, rounds=2, event_idx=True, packed=False
-        )
-    finally:
-        VirtioRng.max_fill = device_limit
+    device = VirtioRng()
+    device.max_fill = 100
+    dbg, _, transport, _ = run_rng(
+        cpu, nbufs=4, buf_len=256, rounds=2, event_idx=True, packed=False, device=device
+    )
     assert dbg.result == 0 and dbg.verify_errors == 0, (dbg.text, transport.errors)
     assert dbg.values[1] == 4 * 2 * 100
