@@ -46,6 +46,7 @@ CFLAGS = [
 PROGRAMS = {
     "ide": ["ide.c"],
     "virtio_blk": ["virtio_blk.c"],
+    "virtio_rng": ["virtio_rng.c"],
 }
 RUNTIME = ["runtime.c"]
 HEADERS = ["runtime.h", "ata.h", "virtio_mmio.h", "../spec/virtio_spec.h", "link.ld"]

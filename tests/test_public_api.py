@@ -10,7 +10,8 @@ import sys
 import virtio
 
 EXPECTED = {
-    "ActiveDevice", "BackendIOError", "BytearrayGuestMemory", "ChainReader", "ChainWriter",
+    "ActiveDevice", "BackendIOError", "BufferQueue", "BytearrayGuestMemory", "ChainReader",
+    "ChainWriter", "ConfigAccessError", "ConfigLayout", "DeviceNeedsReset", "QueueRole",
     "DescriptorChain", "DescriptorChainError", "DeviceUsageError", "Disconnected",
     "DriverError", "FdRegion", "GuestMemory", "GuestMemoryError", "InvalidAvailIdx",
     "MemoryRegion", "MmapGuestMemory", "QueueBrokenError", "QueueConfig", "QueueConfigError",

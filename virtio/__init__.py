@@ -7,7 +7,8 @@ General layout (each package builds only on those above it):
 - ``virtio.memory``      guest memory: regions, bounds-checked translation;
 - ``virtio.native``      the cffi core: ring walking, validation, barriers;
 - ``virtio.queues``      the device-side virtqueue engine (split §2.7, packed §2.8);
-- ``virtio.device``      the device-author API;
+- ``virtio.config_space``, ``virtio.service``, ``virtio.device``: the device-author
+  API (configuration layout, the queue-service loop and queue roles, devices);
 - ``virtio.devices``     device models written once against the engine;
 - ``virtio.transport``   vhost-user, virtio-mmio;
 - ``virtio.testing``     the public testing kit (driver-side queues, harnesses).
@@ -17,7 +18,10 @@ The names below are the public surface; ``tests/test_public_api.py`` checks it.
 
 __version__ = "0.1.0"
 
+from virtio.config_space import ConfigAccessError as ConfigAccessError
+from virtio.config_space import ConfigLayout as ConfigLayout
 from virtio.device import ActiveDevice as ActiveDevice
+from virtio.device import DeviceNeedsReset as DeviceNeedsReset
 from virtio.device import QueueNotifier as QueueNotifier
 from virtio.device import VirtioDevice as VirtioDevice
 from virtio.errors import BackendIOError as BackendIOError
@@ -41,3 +45,5 @@ from virtio.queues import DescriptorChain as DescriptorChain
 from virtio.queues import QueueConfig as QueueConfig
 from virtio.queues import QueueState as QueueState
 from virtio.queues import Virtqueue as Virtqueue
+from virtio.service import BufferQueue as BufferQueue
+from virtio.service import QueueRole as QueueRole

@@ -7,6 +7,7 @@
                      [--serial ID] [--idle-timeout S]
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
+    virtio serve rng --socket-path /run/rng.sock      # virtio-rng (os.getrandom)
 
 Logs go to stderr (``virtio -v serve ...`` for more).  SIGINT/SIGTERM end the
 process cleanly (exit status 0); SIGUSR1 prints statistics on stderr (connections,
@@ -41,6 +42,8 @@ log = logging.getLogger("virtio.serve")
 
 BLK_CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 """``--print-capabilities`` for blk (vhost-user.json ``VHostUserBackendCapabilitiesBlock``)."""
+RNG_CAPABILITIES = {"type": "rng"}
+"""``--print-capabilities`` for rng (vhost-user.json ``VHostUserBackendType`` ``rng``)."""
 
 
 def register(subparsers: Any) -> None:
@@ -97,6 +100,29 @@ def register(subparsers: Any) -> None:
     )
     blk.set_defaults(func=run_blk)
     blk.error = lambda message: _fail(f"virtio serve blk: {message}", status=2)  # type: ignore[method-assign]
+    rng = devices.add_parser(
+        "rng",
+        help="virtio-rng (entropy from the host's os.getrandom)",
+        description=(
+            "vhost-user-rng back-end.  QEMU: -chardev socket,id=c,path=PATH "
+            "-device vhost-user-rng-pci,chardev=c "
+            "(guest RAM must be shared: memory-backend-memfd,share=on)."
+        ),
+    )
+    _add_listen_options(rng)
+    rng.set_defaults(func=run_rng)
+    rng.error = lambda message: _fail(f"virtio serve rng: {message}", status=2)  # type: ignore[method-assign]
+
+
+def _add_listen_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket")
+    where.add_argument(
+        "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
+    )
+    parser.add_argument(
+        "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
+    )
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -173,6 +199,33 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
+def run_rng(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps(RNG_CAPABILITIES))
+        return 0
+    _socket_from_systemd(args, "rng")
+    from virtio.devices.rng import VirtioRng
+
+    device = VirtioRng()
+    try:
+        return trio.run(_serve, device, args, "rng", _rng_statistics)
+    except* OSError as group:  # trio >= 0.25 raises a nursery's errors as a group
+        _fail(f"virtio serve rng: {_first_leaf(group)}")
+
+
+def _rng_statistics(device: Any, server: Any) -> str:
+    return " ".join(
+        (
+            f"connections={server.connections}",
+            "vring_requests="
+            + ",".join(str(n) for _, n in sorted(server.requests_per_vring().items())),
+            f"buffers_filled={device.buffers_filled}",
+            f"bytes={device.bytes_served}",
+            f"needs_reset={int(device.needs_reset)}",
+        )
+    )
+
+
 def _delay_requests(device: Any, seconds: float) -> None:
     """Testing aid: every request waits ``seconds`` before it runs."""
     handle = device.handle
@@ -222,11 +275,18 @@ def _statistics(device: Any, server: Any) -> str:
     return " ".join(parts)
 
 
-async def _serve(device: Any, args: argparse.Namespace) -> int:
+async def _serve(
+    device: Any, args: argparse.Namespace, kind: str = "blk", statistics: Any = None
+) -> int:
+    """Serve ``device`` on ``args.socket_path`` / ``args.fd`` until SIGINT/SIGTERM;
+    SIGUSR1 prints ``statistics(device, server)``; SIGHUP resizes (blk only)."""
     from virtio.cli.systemd import notify
     from virtio.transport.vhost_user.server import VhostUserServer
 
-    server = VhostUserServer(device, name="virtio-blk", idle_timeout=args.idle_timeout)
+    statistics = statistics or _statistics
+    server = VhostUserServer(
+        device, name=f"virtio-{kind}", idle_timeout=getattr(args, "idle_timeout", None)
+    )
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
     with trio.open_signal_receiver(*signals) as receiver:
         async with trio.open_nursery() as nursery:
@@ -242,11 +302,12 @@ async def _serve(device: Any, args: argparse.Namespace) -> int:
             notify("READY=1")  # systemd Type=notify: we listen now
             async for signum in receiver:
                 if signum == signal.SIGHUP:
-                    _resize(device, server)
+                    if kind == "blk":
+                        _resize(device, server)
                     continue
                 if signum == signal.SIGUSR1:
                     print(
-                        f"virtio serve blk: statistics: {_statistics(device, server)}",
+                        f"virtio serve {kind}: statistics: {statistics(device, server)}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -256,6 +317,8 @@ async def _serve(device: Any, args: argparse.Namespace) -> int:
                 nursery.cancel_scope.cancel()
                 break
     print(
-        f"virtio serve blk: statistics: {_statistics(device, server)}", file=sys.stderr, flush=True
+        f"virtio serve {kind}: statistics: {statistics(device, server)}",
+        file=sys.stderr,
+        flush=True,
     )
     return 0

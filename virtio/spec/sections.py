@@ -50,6 +50,7 @@ _PCI = "Virtio Transport Options / Virtio Over PCI Bus"
 _NET = "Device Types / Network Device"
 _BLK = "Device Types / Block Device"
 _INPUT = "Device Types / Input Device"
+_RNG = "Device Types / Entropy Device"
 
 
 def _dev(number: str, title: str, path: str) -> Section:
@@ -380,6 +381,17 @@ S_5_2_6_1 = _drv("5.2.6.1", "Device Operation", f"{_BLK} / Device Operation")
 S_5_2_6_2 = _dev("5.2.6.2", "Device Operation", f"{_BLK} / Device Operation")
 S_5_2_6_3 = Section("5.2.6.3", "Legacy Interface: Device Operation")
 S_5_2_6_4 = Section("5.2.6.4", "Legacy Interface: Framing Requirements")
+
+# 5.4 Entropy Device
+S_5_4 = Section("5.4", "Entropy Device")
+S_5_4_1 = Section("5.4.1", "Device ID")
+S_5_4_2 = Section("5.4.2", "Virtqueues")
+S_5_4_3 = Section("5.4.3", "Feature bits")
+S_5_4_4 = Section("5.4.4", "Device configuration layout")
+S_5_4_5 = Section("5.4.5", "Device Initialization")
+S_5_4_6 = Section("5.4.6", "Device Operation")
+S_5_4_6_1 = _drv("5.4.6.1", "Device Operation", f"{_RNG} / Device Operation")
+S_5_4_6_2 = _dev("5.4.6.2", "Device Operation", f"{_RNG} / Device Operation")
 
 # 5.8 Input Device
 S_5_8 = Section("5.8", "Input Device")

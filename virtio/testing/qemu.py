@@ -91,6 +91,7 @@ __all__ = [
     "QmpError",
     "VhostUserBlk",
     "VhostUserNet",
+    "VhostUserRng",
     "check_prerequisites",
     "command_lines",
     "default_accel",
@@ -290,6 +291,19 @@ class VhostUserNet(Device):
             props["mq"] = True
         device += _props({**props, **self.props})
         return ["-chardev", chardev, "-netdev", netdev, "-device", device]
+
+
+@dataclasses.dataclass
+class VhostUserRng(Device):
+    """``vhost-user-rng-pci`` on a back-end listening at ``socket`` (QEMU 7.2 starts it
+    under TCG)."""
+
+    socket: str | os.PathLike[str]
+
+    def qemu_args(self, index: int, *, accel: str) -> list[str]:
+        chardev = f"socket,id=vurng{index},path={os.fspath(self.socket)}"
+        device = f"vhost-user-rng-pci,id=rng{index},chardev=vurng{index}"
+        return ["-chardev", chardev, "-device", device]
 
 
 @dataclasses.dataclass

@@ -85,9 +85,8 @@ from typing import Any, Protocol, runtime_checkable
 import trio
 
 from virtio.device import ActiveDevice, VirtioDevice
-from virtio.errors import DescriptorChainError, DriverError, QueueBrokenError, QueueConfigError
+from virtio.errors import DriverError, QueueConfigError
 from virtio.memory import GuestMemory
-from virtio.queues.chain import DescriptorChain
 from virtio.queues.virtqueue import QueueConfig, Virtqueue, cite
 from virtio.spec import sections as sec
 from virtio.spec.features import TransportFeature as TF
@@ -350,6 +349,7 @@ class DeviceBackend:
             queues,
             {i: t.notifiers[i] for i in queues},
             on_driver_error=t.driver_error,
+            on_config_change=t.config_changed,
         )
         if t.runner is None and t.on_driver_ok is not None:
             t.on_driver_ok(t.active)
@@ -579,12 +579,11 @@ class MmioTransport:
             )
 
     def _read_config(self, offset: int, size: int) -> int:
-        data = self.device.config_bytes()
-        self._check_config(offset, size, len(data))
-        return int.from_bytes(data[offset : offset + size], "little")
+        self._check_config(offset, size, self.device.config_size)
+        return int.from_bytes(self.device.read_config(offset, size), "little")
 
     def _write_config(self, offset: int, size: int, value: int) -> None:
-        self._check_config(offset, size, len(self.device.config_bytes()))
+        self._check_config(offset, size, self.device.config_size)
         self.device.write_config(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
 
     # -- control registers ----------------------------------------------------------------------
@@ -859,37 +858,16 @@ class MmioTransport:
         self.backend.notify(index)
 
     async def service_queue(self, index: int, vq: Virtqueue) -> None:
-        """Process every chain available on ``vq`` (the §2.7.10 device loop): handle
-        each batch concurrently, complete it with one used-index update, notify the
-        driver as its suppression settings allow, re-enable and re-check."""
-        device = self.device
-        try:
-            while True:
-                vq.disable_notification()
-                while chains := vq.pop_batch():
-                    lengths = [0] * len(chains)
-                    failed: list[DriverError] = []
-
-                    async def one(i: int, chain: DescriptorChain, lengths=lengths, failed=failed):
-                        try:
-                            lengths[i] = await device.handle(index, chain)
-                        except DriverError as exc:
-                            failed.append(exc)
-
-                    if len(chains) == 1:
-                        await one(0, chains[0])
-                    else:
-                        async with trio.open_nursery() as nursery:
-                            for i, chain in enumerate(chains):
-                                nursery.start_soon(one, i, chain)
-                    if failed:
-                        raise failed[0]
-                    vq.add_used_batch(zip(chains, lengths, strict=True))
-                    if vq.needs_notification():
-                        self.used_buffer_notification(index)
-                if not vq.enable_notification():
-                    return
-        except (DescriptorChainError, DriverError) as exc:
-            self.driver_error(exc)
-        except QueueBrokenError:
-            pass
+        """QueueNotify in the synchronous mode.  The device's queue services (the
+        framework's loop, ``VirtioDevice.serve_queue``: the same code the asynchronous
+        mode and vhost-user run) live as tasks of the runner's loop (``ServiceRun``,
+        stopped by the device reset); this kicks queue ``index`` and returns once the
+        device has settled: every chain the driver made available is handled and
+        returned, with the notifications the driver asked for."""
+        active = self.active
+        if active is None or active.queues.get(index) is not vq:
+            return  # reset or queue reset since the notify was decoded
+        run = self.device.service_run(active)
+        await run.ensure(index)
+        self.notifiers[index].kick()
+        await run.settle()

@@ -1,36 +1,34 @@
 """virtio-blk options and configuration space (virtio 1.4 §5.2.4).
 
 ``BlkOptions`` is what a user chooses (the ``virtio serve blk`` CLI builds one);
-``build_config`` turns options plus runtime state (capacity, cache mode) into the
-``struct virtio_blk_config`` bytes the driver reads.  Fields whose feature bit is
-not offered read as zero; ``unused0``/``unused1`` are zero (devicenormative
-§5.2.5.2: "The device MUST initialize padding bytes unused0 and unused1 to 0").
+``BLK_CONFIG`` declares the configuration space (``struct virtio_blk_config``, only
+``writeback`` writable: §5.2.5 with VIRTIO_BLK_F_CONFIG_WCE) and ``config_values``
+turns options plus runtime state (capacity, cache mode) into its field values.
+Fields whose feature bit is not offered read as zero; ``unused0``/``unused1`` are
+zero (devicenormative §5.2.5.2: "The device MUST initialize padding bytes unused0
+and unused1 to 0").
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
+from virtio.config_space import ConfigLayout
 from virtio.spec.blk import VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_SECTOR_SIZE, virtio_blk_config
+from virtio.spec.sections import S_5_2_4
 
 MAX_REQUEST_SECTORS = (1 << 31) // VIRTIO_BLK_SECTOR_SIZE - 1
 """Default ``max_discard_sectors`` / ``max_write_zeroes_sectors``: just under 2 GiB
 per segment (QEMU uses the same bound, BDRV_REQUEST_MAX_SECTORS)."""
 
 
-def _field_offset(name: str) -> int:
-    off = 0
-    for sub in virtio_blk_config.subcons:
-        if sub.name == name:
-            return off
-        off += sub.sizeof()
-    raise KeyError(name)
-
-
-WRITEBACK_OFFSET = _field_offset("writeback")
+BLK_CONFIG = ConfigLayout(virtio_blk_config, writable={"writeback"}, section=S_5_2_4)
+"""The virtio-blk configuration space: the spec struct, ``writeback`` writable."""
+WRITEBACK_OFFSET = BLK_CONFIG.field("writeback").offset
 """Offset of ``writeback`` in ``virtio_blk_config`` (32), the only writable field."""
-CONFIG_SIZE = virtio_blk_config.sizeof()
+CONFIG_SIZE = BLK_CONFIG.size
 """Size of ``struct virtio_blk_config`` in virtio 1.4 (96 bytes, with ``zoned``)."""
 
 
@@ -122,7 +120,7 @@ class BlkOptions:
         return self.blk_size // VIRTIO_BLK_SECTOR_SIZE
 
 
-def build_config(
+def config_values(
     opts: BlkOptions,
     *,
     capacity: int,
@@ -130,44 +128,47 @@ def build_config(
     discard: bool,
     write_zeroes: bool,
     write_zeroes_may_unmap: bool,
-) -> bytes:
-    """``struct virtio_blk_config`` (§5.2.4) for ``opts``.  ``capacity`` is in
-    512-byte sectors; ``discard``/``write_zeroes`` say whether those features are
-    offered (their fields are zero otherwise)."""
-    return virtio_blk_config.build(
-        {
-            "capacity": capacity,
-            "size_max": opts.size_max,
-            "seg_max": opts.effective_seg_max,
-            "geometry": {"cylinders": 0, "heads": 0, "sectors": 0},
-            "blk_size": opts.blk_size,
-            "topology": {
-                "physical_block_exp": opts.physical_block_exp,
-                "alignment_offset": opts.alignment_offset,
-                "min_io_size": opts.min_io_size,
-                "opt_io_size": opts.opt_io_size,
-            },
-            "writeback": writeback,
-            "unused0": 0,
-            "num_queues": opts.num_queues,
-            "max_discard_sectors": opts.max_discard_sectors if discard else 0,
-            "max_discard_seg": opts.max_discard_seg if discard else 0,
-            "discard_sector_alignment": opts.effective_discard_alignment if discard else 0,
-            "max_write_zeroes_sectors": opts.max_write_zeroes_sectors if write_zeroes else 0,
-            "max_write_zeroes_seg": opts.max_write_zeroes_seg if write_zeroes else 0,
-            "write_zeroes_may_unmap": int(write_zeroes and write_zeroes_may_unmap),
-            "unused1": bytes(3),
-            "max_secure_erase_sectors": 0,
-            "max_secure_erase_seg": 0,
-            "secure_erase_sector_alignment": 0,
-            "zoned": {
-                "zone_sectors": 0,
-                "max_open_zones": 0,
-                "max_active_zones": 0,
-                "max_append_sectors": 0,
-                "write_granularity": 0,
-                "model": 0,
-                "unused2": bytes(3),
-            },
-        }
-    )
+) -> dict[str, Any]:
+    """The ``struct virtio_blk_config`` (§5.2.4) field values for ``opts``.
+    ``capacity`` is in 512-byte sectors; ``discard``/``write_zeroes`` say whether
+    those features are offered (their fields are zero otherwise)."""
+    return {
+        "capacity": capacity,
+        "size_max": opts.size_max,
+        "seg_max": opts.effective_seg_max,
+        "geometry": {"cylinders": 0, "heads": 0, "sectors": 0},
+        "blk_size": opts.blk_size,
+        "topology": {
+            "physical_block_exp": opts.physical_block_exp,
+            "alignment_offset": opts.alignment_offset,
+            "min_io_size": opts.min_io_size,
+            "opt_io_size": opts.opt_io_size,
+        },
+        "writeback": writeback,
+        "unused0": 0,
+        "num_queues": opts.num_queues,
+        "max_discard_sectors": opts.max_discard_sectors if discard else 0,
+        "max_discard_seg": opts.max_discard_seg if discard else 0,
+        "discard_sector_alignment": opts.effective_discard_alignment if discard else 0,
+        "max_write_zeroes_sectors": opts.max_write_zeroes_sectors if write_zeroes else 0,
+        "max_write_zeroes_seg": opts.max_write_zeroes_seg if write_zeroes else 0,
+        "write_zeroes_may_unmap": int(write_zeroes and write_zeroes_may_unmap),
+        "unused1": bytes(3),
+        "max_secure_erase_sectors": 0,
+        "max_secure_erase_seg": 0,
+        "secure_erase_sector_alignment": 0,
+        "zoned": {
+            "zone_sectors": 0,
+            "max_open_zones": 0,
+            "max_active_zones": 0,
+            "max_append_sectors": 0,
+            "write_granularity": 0,
+            "model": 0,
+            "unused2": bytes(3),
+        },
+    }
+
+
+def build_config(opts: BlkOptions, **state: Any) -> bytes:
+    """``struct virtio_blk_config`` bytes (``config_values``' arguments)."""
+    return BLK_CONFIG.build(config_values(opts, **state))

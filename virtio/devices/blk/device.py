@@ -51,11 +51,11 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from virtio.device import ActiveDevice, VirtioDevice
 from virtio.devices.blk.backend import BlockBackend, RawFileBackend
-from virtio.devices.blk.config import CONFIG_SIZE, WRITEBACK_OFFSET, BlkOptions, build_config
+from virtio.devices.blk.config import BLK_CONFIG, BlkOptions, config_values
 from virtio.devices.blk.dataplane import BlkDataPlane
 from virtio.devices.blk.probe import check_image, write_would_change_format
 from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
@@ -101,6 +101,7 @@ class VirtioBlk(VirtioDevice):
     """
 
     device_id: ClassVar[DeviceId] = DeviceId.VIRTIO_ID_BLOCK
+    config_layout = BLK_CONFIG
 
     def __init__(self, backend: BlockBackend, options: BlkOptions | None = None) -> None:
         super().__init__()
@@ -182,8 +183,8 @@ class VirtioBlk(VirtioDevice):
             self.writeback = 0
         self._cache_mode_changed()
 
-    def config_bytes(self) -> bytes:
-        return build_config(
+    def config_values(self) -> dict[str, Any]:
+        return config_values(
             self.options,
             capacity=self.capacity,
             writeback=self.writeback,
@@ -192,17 +193,13 @@ class VirtioBlk(VirtioDevice):
             write_zeroes_may_unmap=self.backend.can_unmap,
         )
 
-    def write_config(self, offset: int, data: bytes) -> None:
+    def config_field_written(self, name: str, value: Any) -> None:
         """Only ``writeback`` is writable (§5.2.5: with VIRTIO_BLK_F_CONFIG_WCE the
-        driver writes 0 for writethrough, 1 for writeback); other bytes are ignored."""
-        end = offset + len(data)
-        if not (offset <= WRITEBACK_OFFSET < end) or end > CONFIG_SIZE:
-            log.warning("virtio-blk: ignored config write at %#x (+%d)", offset, len(data))
-            return
+        driver writes 0 for writethrough, 1 for writeback)."""
         if not self._negotiated(F.VIRTIO_BLK_F_CONFIG_WCE):
             log.warning("virtio-blk: writeback written without VIRTIO_BLK_F_CONFIG_WCE")
             return
-        self.writeback = 1 if data[WRITEBACK_OFFSET - offset] else 0
+        self.writeback = 1 if value else 0
         self._cache_mode_changed()
 
     def reset(self) -> None:

@@ -773,6 +773,8 @@ class VhostUserHandler:
             {ring.index: queue},
             {ring.index: ring.notifier},
             on_driver_error=lambda exc: self._ring_failed(ring, exc),
+            on_config_change=self.notify_config_change,
+            on_needs_reset=self.device_needs_reset,
         )
         if ring.recovered:
             # Reconnect: the previous back-end may have died between publishing used
@@ -886,22 +888,22 @@ class VhostUserHandler:
 
     # ------------------------------------------------------------------ config
 
-    def _config_range(self, req: Request) -> tuple[ConfigSpace, bytes]:
+    def _config_range(self, req: Request) -> ConfigSpace:
         assert isinstance(req.payload, ConfigSpace)
         p = req.payload
-        config = self.device.config_bytes()
-        if p.offset + p.size > len(config):
+        size = self.device.config_size
+        if p.offset + p.size > size:
             raise self._bad(
-                req, f"access [{p.offset}, +{p.size}) beyond the {len(config)}-byte config space"
+                req, f"access [{p.offset}, +{p.size}) beyond the {size}-byte config space"
             )
-        return p, config
+        return p
 
     async def _on_get_config(self, req: Request, kept: list[int]) -> ConfigSpace:
-        p, config = self._config_range(req)
-        return ConfigSpace(p.offset, p.flags, config[p.offset : p.offset + p.size])
+        p = self._config_range(req)
+        return ConfigSpace(p.offset, p.flags, self.device.read_config(p.offset, p.size))
 
     async def _on_set_config(self, req: Request, kept: list[int]) -> None:
-        p, _ = self._config_range(req)
+        p = self._config_range(req)
         if p.size:
             self.device.write_config(p.offset, p.data)
 
@@ -923,6 +925,19 @@ class VhostUserHandler:
             log.warning("%s: CONFIG_CHANGE_MSG not sent: %s", self.name, exc)
             return False
         return True
+
+    def device_needs_reset(self, exc: Exception) -> None:
+        """The device set DEVICE_NEEDS_RESET itself (``ActiveDevice.set_needs_reset``,
+        §2.1.2): GET_STATUS reports it, every running ring's error eventfd is
+        signalled and the ring stops, and the driver gets a configuration change
+        notification (devicenormative §2.1.2.1) when the back-end channel allows."""
+        self._device_failed(exc, None)
+        for ring in self.vrings:
+            if ring.running:
+                ring.broken = True
+                if ring.scope is not None:
+                    ring.scope.cancel()
+        self.notify_config_change()
 
     # ------------------------------------------------------------------ inflight
 

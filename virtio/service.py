@@ -1,0 +1,293 @@
+"""The queue-service loop, written once (virtio 1.4 §2.7.10 / §2.8.10: notification
+suppression; §2.7.7 / §2.8.10: used buffer notifications).
+
+A device declares a role per queue (``QueueRole``):
+
+* ``REQUESTS``: the driver sends requests (blk, net transmit, input's statusq).
+  ``RequestService.run`` is the §2.7.10 loop: disable notifications, pop batches,
+  run the device's ``handle`` on each chain concurrently (up to ``max_inflight``),
+  return the completions in batches (one used-index update), notify the driver as
+  its suppression settings allow (flags, or EVENT_IDX's ``used_event``:
+  ``Virtqueue.needs_notification``), re-enable notifications and re-check (the
+  driver may have added buffers meanwhile), then wait for the next kick.
+* ``BUFFERS``: the driver posts buffers that the device fills when it has data
+  (net receive, input events, rng).  ``BufferQueue`` hands the device the next
+  available chain (``await buffers.next_buffer()``, ``async for chain in
+  buffers``).  Backpressure: when the driver has posted none, it re-enables
+  notifications (EVENT_IDX: ``avail_event``), re-checks and sleeps until the
+  driver's next kick; no polling.  ``complete`` returns a filled chain and notifies
+  the driver if its suppression settings ask for it.
+
+``ServiceRun`` runs a device's queue services as tasks of a trio loop for a
+transport whose notifications arrive as blocking calls (the emulator's virtio-mmio,
+``MmioTransport.service_queue``), so that transport runs exactly the code the
+asynchronous transports run; ``settle`` returns once the device has nothing left to
+do: every request queue parked with nothing in flight, and every task of the loop
+blocked (``trio.testing.wait_all_tasks_blocked``: a buffer-filling device waits for
+data or for buffers).  A request handler in a worker thread keeps its queue busy;
+a buffer-filling device that works in a worker thread is not waited for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
+
+import trio
+import trio.testing
+
+from virtio.queues.chain import DescriptorChain
+from virtio.queues.virtqueue import Virtqueue
+
+if TYPE_CHECKING:
+    from virtio.device import ActiveDevice, VirtioDevice
+
+log = logging.getLogger(__name__)
+
+
+def _first_item(item: tuple[int, DescriptorChain, int]) -> int:
+    return item[0]
+
+
+class QueueRole(enum.Enum):
+    """Who starts the work on a queue."""
+
+    REQUESTS = "requests"
+    """The driver sends requests; the device answers each (``VirtioDevice.handle``)."""
+    BUFFERS = "buffers"
+    """The driver posts empty buffers; the device fills them when it has data
+    (``VirtioDevice.fill_buffers``)."""
+
+
+class QueueService:
+    """One queue's service: its ring, its notifier, and whether it is idle."""
+
+    def __init__(self, active: ActiveDevice, index: int) -> None:
+        self.index = index
+        self.queue: Virtqueue = active.queues[index]
+        self.notifier = active.notifiers[index]
+        self.outstanding = 0
+        """Chains popped and not yet returned to the driver."""
+        self.completed = 0
+        self.parked = False
+        """Waiting for the driver's next kick (nothing available)."""
+        self.finished = False
+        self._changed = trio.Event()
+        active.services[index] = self
+
+    @property
+    def idle(self) -> bool:
+        return True
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_idle(self) -> None:
+        while not self.idle:
+            await self._changed.wait()
+
+    async def _wait_kick(self) -> None:
+        self.parked = True
+        if self.idle:
+            self._signal()
+        try:
+            await self.notifier.wait_kick()
+        finally:
+            self.parked = False
+
+    def _notify(self) -> None:
+        if self.queue.needs_notification():
+            self.notifier.notify_used()
+
+
+class RequestService(QueueService):
+    """A ``REQUESTS`` queue: the §2.7.10 loop around the device's ``handle``."""
+
+    @property
+    def idle(self) -> bool:
+        return self.finished or (self.parked and self.outstanding == 0)
+
+    async def run(
+        self, handle: Callable[[int, DescriptorChain], Awaitable[int]], max_inflight: int
+    ) -> None:
+        """Serve until cancelled; a ``DriverError`` (from the ring or ``handle``) ends
+        the loop and propagates (the caller sets DEVICE_NEEDS_RESET)."""
+        queue, index = self.queue, self.index
+        limiter = trio.Semaphore(max_inflight)
+        done: list[tuple[int, DescriptorChain, int]] = []
+        flush_wanted = trio.Event()
+        popped = 0
+
+        def flush() -> None:
+            n = len(done)
+            if done and not queue.broken:
+                if n > 1:
+                    done.sort(key=_first_item)  # chains finished together: in pop order
+                queue.add_used_batch([(chain, written) for _, chain, written in done])
+                self._notify()
+            done.clear()
+            self.outstanding -= n
+            self.completed += n
+            if self.idle:
+                self._signal()
+
+        async def one(seq: int, chain: DescriptorChain) -> None:
+            try:
+                written = await handle(index, chain)
+            finally:
+                limiter.release()
+            done.append((seq, chain, written))
+            flush_wanted.set()
+
+        async def completer() -> None:
+            nonlocal flush_wanted
+            while True:
+                await flush_wanted.wait()
+                flush_wanted = trio.Event()
+                # Let other finished handlers append first: one used-idx update for all.
+                await trio.lowlevel.checkpoint()
+                flush()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(completer)
+                while True:
+                    queue.disable_notification()
+                    while True:
+                        if limiter.value == 0:  # max_inflight reached: wait for a slot
+                            await limiter.acquire()
+                            limiter.release()
+                            continue
+                        # One native call pops as many chains as there are free slots.
+                        chains = queue.pop_batch(min(limiter.value, Virtqueue.BATCH))
+                        if not chains:
+                            break
+                        self.outstanding += len(chains)
+                        for chain in chains:
+                            limiter.acquire_nowait()
+                            nursery.start_soon(one, popped, chain)
+                            popped += 1
+                    if queue.enable_notification():
+                        continue  # buffers arrived while notifications were off
+                    await self._wait_kick()
+        finally:
+            self.finished = True
+            self._signal()
+
+
+class BufferQueue(QueueService):
+    """A ``BUFFERS`` queue: the device takes driver-posted chains when it has data.
+
+    ::
+
+        async for chain in buffers:            # waits for the driver when none is posted
+            n = chain.writer().write(data)
+            buffers.complete(chain, n)          # used ring + notification (EVENT_IDX aware)
+    """
+
+    async def next_buffer(self) -> DescriptorChain:
+        """The next available chain; without one, sleep until the driver kicks."""
+        queue = self.queue
+        while True:
+            chain = queue.pop()
+            if chain is not None:
+                self.outstanding += 1
+                return chain
+            if queue.enable_notification():
+                continue  # posted while notifications were off
+            await self._wait_kick()
+            queue.disable_notification()
+
+    def next_buffer_nowait(self) -> DescriptorChain | None:
+        """The next available chain, or ``None`` (e.g. to drop data nobody asked for)."""
+        chain = self.queue.pop()
+        if chain is not None:
+            self.outstanding += 1
+        return chain
+
+    def complete(self, chain: DescriptorChain, written: int) -> None:
+        """Return ``chain`` with ``written`` bytes filled; notify as the driver asked."""
+        self.complete_batch(((chain, written),))
+
+    def complete_batch(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
+        """Return several filled chains with one used-index update."""
+        items = list(completions)
+        self.queue.add_used_batch(items)
+        self.outstanding -= len(items)
+        self.completed += len(items)
+        self._notify()
+
+    def __aiter__(self) -> BufferQueue:
+        return self
+
+    async def __anext__(self) -> DescriptorChain:
+        return await self.next_buffer()
+
+
+class ServiceRun:
+    """A device's queue services as tasks of the current trio loop, for a transport
+    whose notifications are blocking calls (see the module docstring).
+
+    ``ensure(index)`` starts queue ``index``'s service (``VirtioDevice.serve_queue``)
+    or restarts it when the transport gave the queue a new ring (virtqueue reset);
+    ``settle()`` waits until the device has nothing left to do; ``cancel()`` (from any
+    thread: a device reset, §2.4) stops every service and returns when they ended.
+    """
+
+    def __init__(self, device: VirtioDevice, active: ActiveDevice) -> None:
+        self.device = device
+        self.active = active
+        self._token = trio.lowlevel.current_trio_token()
+        self._tasks: dict[int, tuple[Virtqueue, trio.CancelScope, trio.Event]] = {}
+
+    async def ensure(self, index: int) -> None:
+        vq = self.active.queues[index]
+        task = self._tasks.get(index)
+        if task is not None:
+            if task[0] is vq:
+                return
+            task[1].cancel()  # a ring that was reset: its service must not touch it again
+            await task[2].wait()
+        scope, done = trio.CancelScope(), trio.Event()
+        self._tasks[index] = (vq, scope, done)
+        trio.lowlevel.spawn_system_task(self._serve, index, scope, done, name=f"serve-q{index}")
+
+    async def _serve(self, index: int, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            with scope:
+                await self.device.serve_queue(self.active, index)
+        except Exception as exc:  # a device bug: stop the device, keep the loop alive
+            log.exception("%s: queue %d: the device failed", type(self.device).__name__, index)
+            self.active.set_needs_reset(f"queue {index}: {type(exc).__name__}: {exc}")
+        finally:
+            done.set()
+
+    async def settle(self) -> None:
+        await self.active.wait_settled()
+
+    def cancel(self) -> None:
+        try:
+            here = trio.lowlevel.current_trio_token() is self._token
+        except RuntimeError:
+            here = False
+        if here:
+            for _, scope, _ in self._tasks.values():
+                scope.cancel()
+            return
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run(self._cancel_and_wait, trio_token=self._token)
+
+    async def _cancel_and_wait(self) -> None:
+        for _, scope, _ in self._tasks.values():
+            scope.cancel()
+        for _, _, done in self._tasks.values():
+            await done.wait()
+
+
+async def wait_quiescent() -> None:
+    """Until every other task of this trio loop is blocked."""
+    await trio.testing.wait_all_tasks_blocked()
