@@ -173,7 +173,7 @@ class NativeDataPlane:
         listeners = getattr(self.notifier, "listeners", None)
         if listeners is not None:
             listeners.append(self.fds_changed)
-        log.info(
+        log.debug(
             "vq%d: native data plane on (kick fd %d, call fd %d, inflight %s)",
             self.index,
             core.kick_fd,
@@ -203,7 +203,7 @@ class NativeDataPlane:
                 raise OSError(-rc, f"data plane stopped: {os.strerror(-rc)}")
             return True
         finally:
-            log.info("vq%d: native data plane off: %s", self.index, self.statistics())
+            log.debug("vq%d: native data plane off: %s", self.index, self.statistics())
             if self._area is not None:
                 self._area.counter = max(self._area.counter, int(core.inflight_counter))
             if listeners is not None and self.fds_changed in listeners:

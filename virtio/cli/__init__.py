@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
-import sys
 from collections.abc import Sequence
 
 from virtio import __version__
+from virtio.cli.logs import configure as configure_logging
 
 # Subcommand modules, in the order ``virtio --help`` lists them.
 SUBCOMMANDS = ("spec", "serve", "bench", "descriptors")
@@ -43,15 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG
-        if args.verbose > 1
-        else logging.INFO
-        if args.verbose
-        else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

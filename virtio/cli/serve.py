@@ -38,12 +38,23 @@ from typing import Any, NoReturn
 
 import trio
 
+from virtio.cli.logs import add_log_options
+
 log = logging.getLogger("virtio.serve")
 
 BLK_CAPABILITIES = {"type": "block", "features": ["read-only", "blk-file"]}
 """``--print-capabilities`` for blk (vhost-user.json ``VHostUserBackendCapabilitiesBlock``)."""
 RNG_CAPABILITIES = {"type": "rng"}
 """``--print-capabilities`` for rng (vhost-user.json ``VHostUserBackendType`` ``rng``)."""
+
+
+SIGNALS_HELP = """signals:
+  SIGINT, SIGTERM  stop cleanly (exit status 0), printing final statistics
+  SIGUSR1          print statistics on stderr (with a timestamp)
+  SIGHUP           blk: re-read the image size and announce a resize to the guest
+
+Without --socket-path or --fd the socket may come from systemd socket activation
+(LISTEN_FDS); readiness is reported to $NOTIFY_SOCKET (Type=notify)."""
 
 
 def register(subparsers: Any) -> None:
@@ -56,6 +67,7 @@ def register(subparsers: Any) -> None:
     serve.set_defaults(func=lambda args: _usage(serve))
     blk = devices.add_parser(
         "blk",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="virtio-blk over a raw image file or block device",
         description=(
             "vhost-user-blk back-end.  QEMU: -chardev socket,id=c,path=PATH "
@@ -98,10 +110,13 @@ def register(subparsers: Any) -> None:
     blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
         "--debug-request-delay", type=float, default=0.0, help=argparse.SUPPRESS
     )
+    add_log_options(blk)
+    blk.epilog = SIGNALS_HELP
     blk.set_defaults(func=run_blk)
     blk.error = lambda message: _fail(f"virtio serve blk: {message}", status=2)  # type: ignore[method-assign]
     rng = devices.add_parser(
         "rng",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="virtio-rng (entropy from the host's os.getrandom)",
         description=(
             "vhost-user-rng back-end.  QEMU: -chardev socket,id=c,path=PATH "
@@ -110,6 +125,8 @@ def register(subparsers: Any) -> None:
         ),
     )
     _add_listen_options(rng)
+    add_log_options(rng)
+    rng.epilog = SIGNALS_HELP
     rng.set_defaults(func=run_rng)
     rng.error = lambda message: _fail(f"virtio serve rng: {message}", status=2)  # type: ignore[method-assign]
 
@@ -123,6 +140,12 @@ def _add_listen_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
     )
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -251,7 +274,7 @@ def _resize(device: Any, server: Any) -> None:
     if not changed:
         log.info("resize: capacity unchanged (%d sectors)", old)
         return
-    log.warning("resize: capacity %d -> %d sectors", old, device.capacity)
+    log.info("resize: capacity %d -> %d sectors", old, device.capacity)
     handler = server.handler
     if handler is None or not handler.notify_config_change():
         log.warning("resize: no front-end channel to announce it (CONFIG_CHANGE_MSG not sent)")
@@ -307,12 +330,13 @@ async def _serve(
                     continue
                 if signum == signal.SIGUSR1:
                     print(
-                        f"virtio serve {kind}: statistics: {statistics(device, server)}",
+                        f"virtio serve {kind}: statistics: {statistics(device, server)} "
+                        f"time={_now()}",
                         file=sys.stderr,
                         flush=True,
                     )
                     continue
-                log.warning("%s: shutting down", signal.Signals(signum).name)
+                log.info("%s: shutting down", signal.Signals(signum).name)
                 notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break

@@ -948,7 +948,7 @@ class VhostUserHandler:
             raise self._bad(req, f"{p.num_queues} queues of {p.queue_size} entries")
         area = InflightArea.create(p.num_queues, p.queue_size)
         self._set_inflight(area)
-        log.info(
+        log.debug(
             "%s: new inflight area: %d queue(s) of %d, %d bytes",
             self.name,
             p.num_queues,
@@ -965,7 +965,7 @@ class VhostUserHandler:
         area = InflightArea(req.fds[0], p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
         kept.append(req.fds[0])
         self._set_inflight(area)
-        log.info("%s: inflight area set: %d queue(s) of %d", self.name, p.num_queues, p.queue_size)
+        log.debug("%s: inflight area set: %d queue(s) of %d", self.name, p.num_queues, p.queue_size)
 
     def _set_inflight(self, area: InflightArea | None) -> None:
         old, self.inflight = self.inflight, area

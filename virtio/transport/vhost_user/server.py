@@ -208,7 +208,7 @@ class VhostUserServer:
         with SocketPath(path) as claimed:
             listener = trio.socket.from_stdlib_socket(claimed.bind(LISTEN_BACKLOG))
             try:
-                log.info("%s: listening on %s", self.name, claimed.path)
+                log.info("%s: listening on %s (%s)", self.name, claimed.path, self.describe())
                 task_status.started(claimed.path)
                 await self.serve_listener(listener)
             finally:
@@ -221,6 +221,8 @@ class VhostUserServer:
         os.close(fd)
         try:
             listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            what = "listening on" if listening else "serving the connection on"
+            log.info("%s: %s fd %d (%s)", self.name, what, fd, self.describe())
             task_status.started(fd)
             if listening:
                 await self.serve_listener(sock)
@@ -228,6 +230,14 @@ class VhostUserServer:
                 await self.serve_connection(sock)
         finally:
             sock.close()
+
+    def describe(self) -> str:
+        """The device as the listening log line shows it: type, queues, features."""
+        device = self.device
+        return (
+            f"{device.device_id.name.removeprefix('VIRTIO_ID_').lower()} device, "
+            f"{device.num_queues} queue(s), features {device.offered_features():#x}"
+        )
 
     async def serve_listener(self, listener: trio.socket.SocketType) -> None:
         """Accept connections until cancelled: serve one front-end at a time, close
