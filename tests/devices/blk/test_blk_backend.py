@@ -410,3 +410,26 @@ async def test_memory_backend_matches_protocol() -> None:
     assert out == bytes(512) + b"\1" * 512
     with pytest.raises(BackendIOError):
         await b.read(4096 - 512, [memoryview(bytearray(1024))])
+
+
+def test_locked_image_names_the_holder_pid(tmp_path) -> None:
+    """issue 13 §2: a held image lock names the holder's pid (from /proc fdinfo)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "held.img"
+    make_image(path, MIB)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from virtio.devices.blk.backend import RawFileBackend; "
+         f"b = RawFileBackend({str(path)!r}); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ImageLockedError, match=rf"\(pid {holder.pid}\)") as info:
+            RawFileBackend(path)
+        assert info.value.holders == [holder.pid]
+    finally:
+        holder.kill()
+        holder.communicate()

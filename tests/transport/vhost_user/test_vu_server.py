@@ -18,7 +18,13 @@ import pytest
 import trio
 
 from virtio.spec.features import TransportFeature as TF
-from virtio.testing.vhost_user_frontend import EchoDevice, GuestRam, VhostUserFrontend
+from virtio.testing.driver import DriverQueue
+from virtio.testing.vhost_user_frontend import (
+    EchoDevice,
+    FrontendError,
+    GuestRam,
+    VhostUserFrontend,
+)
 from virtio.transport.vhost_user.messages import (
     HEADER,
     VHOST_F_LOG_ALL,
@@ -571,3 +577,28 @@ async def test_serve_path_replaces_a_stale_socket_but_not_a_live_one(tmp_path: P
             await VhostUserServer(EchoDevice()).serve_path(path)
         nursery.cancel_scope.cancel()
     assert not path.exists()
+
+
+async def test_errors_name_their_cause(caplog) -> None:
+    """issue 13 §2: ring addresses with no memory table name the shared-RAM fix; a
+    front-end leaving right after GET_QUEUE_NUM gets the --num-queues hint logged."""
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery:
+            async with connected(server, nursery) as fe:
+                await fe.negotiate()
+                assert await fe.get_u64(R.GET_QUEUE_NUM) == device.num_queues
+            with trio.fail_after(10):
+                while "left right after GET_QUEUE_NUM" not in caplog.text:
+                    await trio.sleep(0.01)  # bounded wait for the server's log line
+            async with connected(server, nursery) as fe:
+                await fe.negotiate()
+                vq_driver = DriverQueue(ram.memory, 16)
+                with pytest.raises(FrontendError):
+                    await fe.set_vring_addr(0, ram, vq_driver)
+            assert "guest RAM is not shared with the back-end" in caplog.text
+            assert "share=on" in caplog.text
+    finally:
+        ram.close()

@@ -55,13 +55,44 @@ _NOT_SUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.
 class ImageLockedError(BackendIOError):
     """Another user (process or open file) holds a conflicting lock on the image."""
 
-    def __init__(self, path: str, read_only: bool) -> None:
+    def __init__(self, path: str, read_only: bool, holders: Sequence[int] = ()) -> None:
         self.path = path
         self.read_only = read_only
+        self.holders = list(holders)
         want = "shared (read-only)" if read_only else "exclusive (read-write)"
+        who = f" (pid {', '.join(map(str, self.holders))})" if self.holders else ""
         super().__init__(
-            f"cannot take a {want} lock on {path!r}: the image is in use by another process"
+            f"cannot take a {want} lock on {path!r}: the image is in use by another process{who}"
         )
+
+
+def lock_holders(path: str) -> list[int]:
+    """Pids of processes holding a lock on ``path``, from ``/proc/PID/fdinfo`` (OFD
+    locks show pid -1 in ``/proc/locks``; the fdinfo of the holding fd names them).
+    Best effort: processes we may not inspect are left out."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    me = os.getpid()
+    found: set[int] = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{name}/fdinfo/{fd}") as f:
+                    if any(line.startswith("lock:") and key in line for line in f):
+                        found.add(int(name))
+                        break
+            except OSError:
+                continue
+    return sorted(found)
 
 
 @runtime_checkable
@@ -266,7 +297,7 @@ def _lock_image(fd: int, path: str, read_only: bool) -> None:
             fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise ImageLockedError(path, read_only) from exc
+            raise ImageLockedError(path, read_only, lock_holders(path)) from exc
         raise
 
 

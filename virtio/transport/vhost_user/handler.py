@@ -326,6 +326,7 @@ class VhostUserHandler:
     async def handle(self, req: Request) -> Outgoing | None:
         """Carry out ``req``; the reply to send (``None``: close the connection)."""
         kept: list[int] = []
+        self.last_request = req.request
         method = getattr(self, "_on_" + req.request.name.lower(), None)
         try:
             if method is None:
@@ -364,6 +365,20 @@ class VhostUserHandler:
         if req.request in STATUS_REPLIES:
             return self.conn.send_reply(req, 1)
         return None
+
+    last_request: FrontendRequest | None = None
+    """The most recent request handled (diagnostics: why did the front-end leave?)."""
+
+    def hint_on_close(self) -> str | None:
+        """What a front-end that left during bring-up most likely disliked, or None."""
+        if self.memory is not None or self.last_request is not _R.GET_QUEUE_NUM:
+            return None
+        return (
+            f"the front-end left right after GET_QUEUE_NUM (we offer "
+            f"{self.device.num_queues} queue(s)): if it wants more (QEMU's "
+            f"vhost-user-blk-pci asks for one per vCPU unless num-queues is set), "
+            f"start the back-end with --num-queues N or set num-queues on the device"
+        )
 
     def _bad(self, req: Request, message: str) -> InvalidMessage:
         return InvalidMessage(
@@ -562,7 +577,13 @@ class VhostUserHandler:
         assert isinstance(req.payload, VringAddr)
         ring = self.vrings[req.payload.index]
         if self.memory is None:
-            raise self._bad(req, "ring addresses before any memory table")
+            # QEMU sends no memory table when guest RAM is not shareable: say so.
+            raise self._bad(
+                req,
+                "ring addresses before any memory table: guest RAM is not shared with the "
+                "back-end (QEMU: -object memory-backend-memfd,id=mem,size=...,share=on with "
+                "-numa node,memdev=mem or -machine memory-backend=mem)",
+            )
         self._translate(req.payload, ring.num or 1)  # raises if outside memory
         was_running = ring.running
         if was_running:

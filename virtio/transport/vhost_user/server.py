@@ -343,6 +343,9 @@ class VhostUserServer:
                     self._record(name, exc)
                     reason = f"internal error {type(exc).__name__}"
                 log.info("%s: connection closed: %s", name, reason)
+                hint = handler.hint_on_close()
+                if hint is not None:
+                    log.warning("%s: %s", name, hint)
             finally:
                 self._unclaim(name)  # gone: the next front-end may queue up
                 await handler.aclose()
