@@ -89,7 +89,7 @@ from emulator import virtio_mmio as _vmmio
 from emulator.machine import Machine
 from virtio.errors import DriverError
 from virtio.memory import FdRegion, MmapGuestMemory
-from virtio.queues.virtqueue import Virtqueue, cite
+from virtio.queues.virtqueue import Virtqueue
 from virtio.spec import sections as sec
 from virtio.spec.blk import virtio_blk_config
 from virtio.spec.features import TransportFeature as TF
@@ -565,6 +565,14 @@ class VhostUserBackend:
     def config_bytes(self) -> bytes:
         return bytes(self.config)
 
+    @property
+    def config_size(self) -> int:
+        return len(self.config)
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """The config bytes read at GET_CONFIG time (the transport checked the range)."""
+        return bytes(self.config[offset : offset + size])
+
     def write_config(self, offset: int, data: bytes) -> None:
         try:
             self.client.set_config(offset, data)
@@ -627,7 +635,7 @@ class VhostUserBackend:
                 c.set_status(self.transport.status)
         except RequestFailed as exc:
             # The back-end refused what the driver set up: the device needs a reset.
-            raise DriverError(str(exc), section=cite(sec.S_2_1_2)) from exc
+            raise DriverError(str(exc), section=sec.S_2_1_2) from exc
         except BackendDisconnected as exc:
             raise BackendDisconnected(f"{exc}{self._backend_note()}") from exc
 
@@ -728,7 +736,7 @@ class VhostUserBackend:
                     t.driver_error(
                         DriverError(
                             f"the back-end signalled an error on vring {v.index}",
-                            section=cite(sec.S_2_1_2),
+                            section=sec.S_2_1_2,
                         )
                     )
 

@@ -87,7 +87,7 @@ import trio
 from virtio.device import ActiveDevice, VirtioDevice
 from virtio.errors import DriverError, QueueConfigError
 from virtio.memory import GuestMemory
-from virtio.queues.virtqueue import QueueConfig, Virtqueue, cite
+from virtio.queues.virtqueue import QueueConfig, Virtqueue
 from virtio.spec import sections as sec
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.mmio import (
@@ -743,7 +743,7 @@ class MmioTransport:
             raise QueueSetupError(
                 f"{what} written for queue {self.queue_sel} while QueueReady is 1: the"
                 " driver must not access the queue configuration registers then",
-                section=cite(sec.S_4_2_2_2),
+                section=sec.S_4_2_2_2,
             )
         return q
 
