@@ -278,7 +278,7 @@ async def test_rng_readable_buffer_is_a_driver_error() -> None:
         token = h.submit(0, readable=[b"x"], writable=[8])
         with pytest.raises(DescriptorChainError) as info:
             await h.wait_used(0, token)
-        assert info.value.section == "5.4.6.1" and dev.needs_reset
+        assert info.value.spec_section.number == "5.4.6.1" and dev.needs_reset
 
 
 class Producer(VirtioDevice):

@@ -47,6 +47,7 @@ from virtio.service import (
     ServiceRun,
     wait_quiescent,
 )
+from virtio.spec import sections as sec
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.ids import DeviceId
 from virtio.spec.sections import S_2_1_2
@@ -188,7 +189,7 @@ class VirtioDevice:
         if extra:
             raise DriverError(
                 f"driver accepted feature bits {extra:#x} the device did not offer",
-                section="2.2.1",
+                section=sec.S_2_2_1,
             )
         self.driver_features = features
 

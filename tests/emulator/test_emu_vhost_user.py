@@ -493,5 +493,5 @@ def test_unoffered_feature_leaves_features_ok_clear():
         _wr(dev, R.VIRTIO_MMIO_STATUS, 11)
         assert _rd(dev, R.VIRTIO_MMIO_STATUS) == 3
         assert isinstance(dev.errors[-1], FeatureNegotiationError)
-        assert dev.errors[-1].section == "2.2.1"
+        assert dev.errors[-1].spec_section.number == "2.2.1"
     fake.close()

@@ -206,7 +206,7 @@ def test_bad_config_access_is_typed_error(memory, offset, size):
     t, _, _ = make(memory)
     assert t.read(int(R.VIRTIO_MMIO_CONFIG) + offset, size) == 0
     assert isinstance(t.errors[-1], MmioAccessError)
-    assert t.errors[-1].section == "4.2.2.2"
+    assert t.errors[-1].spec_section.number == "4.2.2.2"
 
 
 def test_register_names_for_the_bus(memory):
@@ -303,7 +303,7 @@ def test_status_order_violations(memory, sequence, section):
         wr(t, R.VIRTIO_MMIO_STATUS, int(value))
     err = t.errors[-1]
     assert isinstance(err, DeviceStatusError)
-    assert err.section == section
+    assert err.spec_section.number == section
     assert rd(t, R.VIRTIO_MMIO_STATUS) & S.DEVICE_NEEDS_RESET
 
 
@@ -312,7 +312,7 @@ def test_unoffered_feature_leaves_features_ok_clear(memory):
     status = negotiate(t, VERSION_1 | 1 << 7)
     assert status == S.ACKNOWLEDGE | S.DRIVER  # FEATURES_OK not accepted (§3.1.1 step 6)
     err = t.errors[-1]
-    assert isinstance(err, FeatureNegotiationError) and err.section == "2.2.1"
+    assert isinstance(err, FeatureNegotiationError) and err.spec_section.number == "2.2.1"
     # the driver may retry with an acceptable set after a reset
     wr(t, R.VIRTIO_MMIO_STATUS, 0)
     assert negotiate(t) & S.FEATURES_OK
@@ -322,7 +322,7 @@ def test_version_1_required(memory):
     t, _, _ = make(memory)
     assert not negotiate(t, EVENT_IDX) & S.FEATURES_OK
     assert isinstance(t.errors[-1], FeatureNegotiationError)
-    assert t.errors[-1].section == "6.1"
+    assert t.errors[-1].spec_section.number == "6.1"
 
 
 def test_driver_features_after_features_ok(memory):
@@ -330,7 +330,7 @@ def test_driver_features_after_features_ok(memory):
     negotiate(t)
     wr(t, R.VIRTIO_MMIO_DRIVER_FEATURES, 0)
     assert isinstance(t.errors[-1], FeatureNegotiationError)
-    assert t.errors[-1].section == "3.1.1"
+    assert t.errors[-1].spec_section.number == "3.1.1"
 
 
 # -- queues ----------------------------------------------------------------------------------------
@@ -339,7 +339,9 @@ def test_queue_setup_errors(memory):
     negotiate(t)
     wr(t, R.VIRTIO_MMIO_QUEUE_SEL, 0)
     wr(t, R.VIRTIO_MMIO_QUEUE_NUM, 32)  # > QueueNumMax (16)
-    assert isinstance(t.errors[-1], QueueSetupError) and t.errors[-1].section == "4.2.2.2"
+    assert (
+        isinstance(t.errors[-1], QueueSetupError) and t.errors[-1].spec_section.number == "4.2.2.2"
+    )
 
 
 def test_queue_ready_before_features_ok(memory):
@@ -347,7 +349,7 @@ def test_queue_ready_before_features_ok(memory):
     wr(t, R.VIRTIO_MMIO_STATUS, S.ACKNOWLEDGE)
     wr(t, R.VIRTIO_MMIO_STATUS, S.ACKNOWLEDGE | S.DRIVER)
     wr(t, R.VIRTIO_MMIO_QUEUE_READY, 1)
-    assert isinstance(t.errors[-1], QueueSetupError) and t.errors[-1].section == "3.1.1"
+    assert isinstance(t.errors[-1], QueueSetupError) and t.errors[-1].spec_section.number == "3.1.1"
 
 
 def test_queue_registers_locked_while_ready(memory):
@@ -430,7 +432,7 @@ def test_new_queue_after_driver_ok(memory):
     start(t, memory)
     setup_queue(t, memory, index=1, base=0x40000)
     err = t.errors[-1]
-    assert isinstance(err, QueueSetupError) and err.section == "2.6.1"
+    assert isinstance(err, QueueSetupError) and err.spec_section.number == "2.6.1"
 
 
 def test_queue_reset_without_feature(memory):
@@ -445,7 +447,9 @@ def test_notify_before_driver_ok(memory):
     t, _, _ = make(memory)
     negotiate(t)
     wr(t, R.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
-    assert isinstance(t.errors[-1], NotificationError) and t.errors[-1].section == "3.1.1"
+    assert (
+        isinstance(t.errors[-1], NotificationError) and t.errors[-1].spec_section.number == "3.1.1"
+    )
 
 
 def test_notify_unknown_queue(memory, runner):

@@ -20,7 +20,7 @@ __all__ = ["Statistics", "counter", "parse_statistics"]
 Statistics = dict[str, "str | dict[str, str]"]
 
 MARKER = "statistics:"
-_ENTRY = re.compile(r"\s*(\w+)=(?:\[([^\[\]]*)\]|([^\s\[\]]+))")
+_ENTRY = re.compile(r"\s*(\w+)=(?:\[([^\[\]]*)\]|([^\s\[\]]*))")
 
 
 def _entries(text: str, line: str) -> dict[str, str | dict[str, str]]:

@@ -131,21 +131,21 @@ class MmioAccessError(DriverError):
     undefined offset, a write to a read-only or a read of a write-only register, a
     configuration access outside the configuration space (§4.2.2.2)."""
 
-    section = "4.2.2.2"
+    spec_section = sec.S_4_2_2_2
 
 
 class DeviceStatusError(DriverError):
     """A Status write out of the initialization order (§3.1.1) or clearing a bit
     (§2.1.1)."""
 
-    section = "3.1.1"
+    spec_section = sec.S_3_1_1
 
 
 class FeatureNegotiationError(DriverError):
     """Features the device did not offer, VERSION_1 not accepted, or feature
     writes after FEATURES_OK (§2.2.1, §3.1.1, §6.1)."""
 
-    section = "2.2.1"
+    spec_section = sec.S_2_2_1
 
 
 class QueueSetupError(DriverError):
@@ -153,14 +153,14 @@ class QueueSetupError(DriverError):
     while the queue is ready, QueueReady before FEATURES_OK, a QueueSel beyond the
     device's queues (§4.2.2.2, §4.2.3.2)."""
 
-    section = "4.2.3.2"
+    spec_section = sec.S_4_2_3_2
 
 
 class NotificationError(DriverError):
     """An available-buffer notification before DRIVER_OK or for a queue that does not
     exist or is not ready (§3.1.1, §4.2.3.3)."""
 
-    section = "4.2.3.3"
+    spec_section = sec.S_4_2_3_3
 
 
 # -- register access rules (§4.2.2) ----------------------------------------------------------
@@ -658,19 +658,19 @@ class MmioTransport:
             raise FeatureNegotiationError(
                 "DriverFeatures written after FEATURES_OK: the driver must not accept new"
                 " features once the device accepted the set",
-                section="3.1.1",
+                section=sec.S_3_1_1,
             )
         if not self.status & DRIVER:
             raise DeviceStatusError(
                 "DriverFeatures written before Status has DRIVER (feature negotiation is"
                 " step 4 of the initialization)",
-                section="3.1.1",
+                section=sec.S_3_1_1,
             )
         if self.driver_features_sel > 3:
             raise FeatureNegotiationError(
                 f"DriverFeaturesSel {self.driver_features_sel} selects bits above 127,"
                 " which are reserved",
-                section="2.2",
+                section=sec.S_2_2,
             )
         shift = 32 * self.driver_features_sel
         mask = ALL_ONES_32 << shift
@@ -687,7 +687,7 @@ class MmioTransport:
             raise FeatureNegotiationError(
                 "VIRTIO_F_VERSION_1 not accepted: a version 2 virtio-mmio device has no"
                 " legacy interface",
-                section="6.1",
+                section=sec.S_6_1,
             )
         self.device.ack_features(self.driver_features & self.device.offered_features())
 
@@ -702,13 +702,13 @@ class MmioTransport:
             raise DeviceStatusError(
                 f"driver wrote Status bits {value & ~DRIVER_BITS:#x}: only ACKNOWLEDGE,"
                 " DRIVER, FEATURES_OK, DRIVER_OK and FAILED are the driver's",
-                section="2.1.1",
+                section=sec.S_2_1_1,
             )
         if old & ~value:
             raise DeviceStatusError(
                 f"Status {value:#x} clears bits {old & ~value:#x}: the driver must not clear"
                 " a device status bit (only a reset, writing 0, does)",
-                section="2.1.1",
+                section=sec.S_2_1_1,
             )
         new = value & ~old
         if new & FAILED:
@@ -756,7 +756,7 @@ class MmioTransport:
                 raise QueueSetupError(
                     f"QueueNum {value} for queue {self.queue_sel} outside 1..QueueNumMax"
                     f" ({c.max_size})",
-                    section="4.2.2.2",
+                    section=sec.S_4_2_2_2,
                 )
             c.size = value
             return
@@ -793,13 +793,13 @@ class MmioTransport:
             raise QueueSetupError(
                 "QueueReady=1 before FEATURES_OK: virtqueues are set up after feature"
                 " negotiation (step 7 of the initialization)",
-                section="3.1.1",
+                section=sec.S_3_1_1,
             )
         if self.status & DRIVER_OK and not q.reset_pending:
             raise QueueSetupError(
                 f"queue {self.queue_sel} enabled after DRIVER_OK: a live device takes a new"
                 " queue only after a virtqueue reset (VIRTIO_F_RING_RESET, QueueReset)",
-                section="2.6.1",
+                section=sec.S_2_6_1,
             )
         if self.status & NEEDS_RESET:
             return
@@ -825,7 +825,7 @@ class MmioTransport:
         if not self.has(F_RING_RESET):
             raise QueueSetupError(
                 "QueueReset written but VIRTIO_F_RING_RESET was not negotiated",
-                section="4.2.2.2",
+                section=sec.S_4_2_2_2,
             )
         q = self._sel()
         if q is None:
@@ -833,7 +833,7 @@ class MmioTransport:
         if value != 1:
             raise QueueSetupError(
                 f"QueueReset written with {value}: the driver resets a queue by writing 1",
-                section="4.2.2.2",
+                section=sec.S_4_2_2_2,
             )
         was_running = q.vq is not None
         q.reset()
@@ -850,7 +850,7 @@ class MmioTransport:
             raise NotificationError(
                 f"QueueNotify({index}) before DRIVER_OK: the driver must not notify before"
                 " the device is live",
-                section="3.1.1",
+                section=sec.S_3_1_1,
             )
         if index >= len(self.queues) or self.queues[index].vq is None:
             raise NotificationError(f"QueueNotify for queue {index}, which is not ready")

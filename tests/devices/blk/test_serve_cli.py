@@ -75,3 +75,15 @@ def test_socket_it_cannot_bind_is_one_line_of_error(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("virtio serve blk: cannot listen on "), r.stderr
     assert f"directory {missing} does not exist" in r.stderr  # names the path (issue 13 §2)
+
+
+def test_statistics_line_with_empty_values_and_timestamp() -> None:
+    """A back-end that served nothing yet prints ``vring_requests=`` (empty); SIGUSR1
+    lines end with ``time=``."""
+    line = (
+        "virtio serve blk: statistics: connections=0 refused=0 errors=0 resubmitted=0 "
+        "in_flight=0 vring_requests= fdatasync=0 needs_reset=0 time=2026-12-04T17:04:28+00:00"
+    )
+    stats = parse_statistics(line)
+    assert stats["vring_requests"] == "" and stats["needs_reset"] == "0"
+    assert stats["time"] == "2026-12-04T17:04:28+00:00"

@@ -49,7 +49,8 @@ SEGMENT_SIZE = _SEGMENT.size
 STATUS_SIZE = 1
 """The trailing ``u8 status``."""
 
-_SECTION = f"{S_5_2_6.number} [{S_5_2_6.title}], 2.7.4 [Message Framing]"
+_SECTION = S_5_2_6
+"""The request layout; the device must not assume descriptor boundaries (§2.7.4)."""
 
 _IN = int(BlkReqType.VIRTIO_BLK_T_IN)
 _GET_ID = int(BlkReqType.VIRTIO_BLK_T_GET_ID)

@@ -38,7 +38,7 @@ class VirtioRng(VirtioDevice):
                     f"requestq buffer with {chain.readable_len} device-readable and"
                     f" {chain.writable_len} device-writable bytes: the driver MUST NOT"
                     f" place device-readable buffers into the queue [{S_5_4_6_1.label}]",
-                    section=S_5_4_6_1.number,
+                    section=S_5_4_6_1,
                 )
             written = chain.writer().write(os.getrandom(min(chain.writable_len, self.max_fill)))
             buffers.complete(chain, written)
