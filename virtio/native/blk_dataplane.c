@@ -13,9 +13,11 @@
  *
  * Requests of one popped batch are started together (one submission) and finish
  * in any order: the used ring allows it (§2.7.8: "the device MAY ... use
- * descriptors in a different order").  Without O_DIRECT a read or write is first
- * tried inline without blocking (RWF_NOWAIT): served from the page cache, it
- * completes in the same batch, as fast as a synchronous call.
+ * descriptors in a different order").  Without O_DIRECT a read is first tried
+ * inline without blocking (RWF_NOWAIT): served from the page cache, it completes
+ * in the same batch, as fast as a synchronous call.  A buffered write is done
+ * inline too (RWF_NOWAIT, or a plain pwritev2 where the file system does not
+ * support that, e.g. ext4): it only copies into the page cache.
  *
  * FLUSH (§5.2.6: the device makes the writes it completed durable) is an
  * fdatasync on the engine.  A write the driver saw completed has completed in the
@@ -204,20 +206,55 @@ static uint32_t blk_finish_ok(struct blk_dp *dp, struct blk_slot *s)
     return s->used;
 }
 
-/* Try a page-cache read or write without blocking.  Returns 1 when it completed
- * whole, 0 to go asynchronous, or -errno (a fault injected by a test). */
+/* A buffered write, here and now (it copies into the page cache).  Returns 1, or
+ * -errno. */
+static int blk_write_plain(struct blk_dp *dp, struct blk_slot *s, int iovcnt, uint64_t off)
+{
+    struct iovec *iov = s->iov;
+    uint64_t left = s->len;
+    while (left) {
+        ssize_t n = pwritev2(dp->img_fd, iov, iovcnt, (off_t)off, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 && errno ? -errno : -EIO;
+        off += (uint64_t)n;
+        left -= (uint64_t)n;
+        while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (iovcnt > 0 && n) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 1;
+}
+
+/* Page-cache I/O inline, without waiting for the disk.  A read is tried with
+ * RWF_NOWAIT (served from the page cache, or it goes asynchronous).  A write is
+ * tried with RWF_NOWAIT too; where the file system does not support that for
+ * buffered writes (ext4: EOPNOTSUPP) it is written here with a plain pwritev2,
+ * as the data plane always did: a buffered write only copies into the page cache
+ * (io_uring would hand it to a kernel worker thread, several times slower).
+ * Returns 1 when it completed whole, 0 to go asynchronous, or -errno for a
+ * failure that is final (never retried). */
 static int blk_try_inline(struct blk_dp *dp, struct blk_priv *pv, struct blk_slot *s,
                           int iovcnt, uint64_t off, int write_)
 {
-    if (write_ && !pv->nowait_write_ok)
-        return 0;
     int f = dp_fault(write_ ? "pwritev" : "preadv");
     if (f)
         return -f;
+    if (write_ && !pv->nowait_write_ok)
+        return blk_write_plain(dp, s, iovcnt, off);
     ssize_t n = write_ ? pwritev2(dp->img_fd, s->iov, iovcnt, (off_t)off, RWF_NOWAIT)
                        : preadv2(dp->img_fd, s->iov, iovcnt, (off_t)off, RWF_NOWAIT);
-    if (n < 0 && write_ && errno == EOPNOTSUPP)
+    if (n < 0 && write_ && errno == EOPNOTSUPP) {
         pv->nowait_write_ok = 0;
+        return blk_write_plain(dp, s, iovcnt, off);
+    }
     /* EAGAIN, a short transfer (part not cached) or any error: go asynchronous and
      * let the engine report the error, if it is one.  Repeating the part already
      * done is harmless: same bytes, same place. */
