@@ -38,6 +38,7 @@ PYVIRTIO_APT_PACKAGES=(
     cpio
     e2fsprogs
     fio
+    liburing-dev
 )
 # ---------------------------------------------------------------------------
 

@@ -13,6 +13,12 @@ natively and failed is deferred with its errno and answered by
 ``complete_failed`` (never retried).  vhost-user inflight marks are kept in the
 shared region (layout: ``dataplane.h``, the one definition).
 
+A fast path may also work asynchronously (``struct dp``'s start / submit / reap /
+poll_fd): it starts a chain's I/O and reports it later; the thread then also waits
+for completions, publishes each reaped batch with one used index update, and
+before returning waits for everything in progress.  A chain stays marked in flight
+in the inflight region until its used entry is published.
+
 A device's data plane subclasses ``NativeDataPlane``: it allocates its C struct
 (which embeds ``struct dp`` as ``core``), attaches its fast path, copies the
 device state the fast path decides by in ``update_state`` (the device calls it
@@ -45,6 +51,7 @@ log = logging.getLogger(__name__)
 _TAKE = 64
 CORE_STATISTICS = (
     "requests", "batches", "deferred", "kicks", "calls", "rescues", "io_errors",
+    "async_started", "reaps", "publishes", "max_pending", "dropped",
 )  # fmt: skip
 """Counters every data plane keeps (``struct dp``)."""
 
@@ -90,6 +97,10 @@ class NativeDataPlane:
     def complete_failed(self, chain: DescriptorChain, err: int) -> int:
         """Answer a chain whose native I/O failed with ``err``; return the used length."""
         raise NotImplementedError
+
+    def detach(self) -> None:
+        """Release what ``attach`` set up, once the thread has returned (a fast path
+        with asynchronous completion tears its engine down on the thread itself)."""
 
     # -- setup ------------------------------------------------------------------------
     def _build(self) -> None:
@@ -209,6 +220,7 @@ class NativeDataPlane:
             if listeners is not None and self.fds_changed in listeners:
                 listeners.remove(self.fds_changed)
             self.queue.set_locking(False)
+            self.detach()
             lib.dp_destroy(ffi.addressof(core))
             os.close(self._wake)
             os.close(self._defer)

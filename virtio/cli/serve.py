@@ -5,6 +5,7 @@
     virtio serve blk --socket-path /run/blk.sock --blk-file disk.img [--read-only]
                      [--format raw] [--force] [--num-queues N] [--queue-size N]
                      [--serial ID] [--idle-timeout S]
+                     [--cache none|writeback|writethrough|unsafe] [--aio io_uring|threads]
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
     virtio serve rng --socket-path /run/rng.sock      # virtio-rng (os.getrandom)
@@ -30,6 +31,7 @@ error.  One front-end is served at a time: another one connecting meanwhile is l
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -92,6 +94,20 @@ def register(subparsers: Any) -> None:
         help="serve a raw image whose size is not a multiple of 512 (the tail is not exposed)",
     )
     blk.add_argument("--read-only", action="store_true", help="export the image read-only")
+    blk.add_argument(
+        "--cache",
+        choices=("none", "writeback", "writethrough", "unsafe"),
+        default="writeback",
+        help="as QEMU's cache=: none = O_DIRECT, the guest flushes the disk's cache; "
+        "writeback = host page cache, the guest flushes; writethrough = every write "
+        "durable before it completes; unsafe = flushes ignored (default: writeback)",
+    )
+    blk.add_argument(
+        "--aio",
+        choices=("io_uring", "threads"),
+        default="io_uring",
+        help="I/O engine of the data plane (default: io_uring, threads where it cannot run)",
+    )
     blk.add_argument("--num-queues", type=int, default=1, metavar="N", help="virtqueues (1)")
     blk.add_argument(
         "--queue-size", type=int, default=256, metavar="N", help="maximum virtqueue size (256)"
@@ -176,6 +192,8 @@ def run_blk(args: argparse.Namespace) -> int:
             num_queues=args.num_queues,
             queue_size=args.queue_size,
             serial=args.serial,
+            cache=args.cache,
+            aio=args.aio,
         )
     except ValueError as exc:
         _fail(f"virtio serve blk: {exc}", status=2)
@@ -184,9 +202,17 @@ def run_blk(args: argparse.Namespace) -> int:
     except (ImageLockedError, ImageFormatError) as exc:
         _fail(f"virtio serve blk: {exc}")
     except OSError as exc:
-        _fail(f"virtio serve blk: cannot open {args.blk_file}: {exc.strerror or exc}")
+        hint = (
+            " (--cache none needs O_DIRECT, which this file system refuses)"
+            if (args.cache == "none" and exc.errno == errno.EINVAL)
+            else ""
+        )
+        _fail(f"virtio serve blk: cannot open {args.blk_file}: {exc.strerror or exc}{hint}")
     if args.debug_request_delay > 0:
         _delay_requests(device, args.debug_request_delay)
+    from virtio.devices.blk.dataplane import engine_for
+
+    log.info("cache=%s aio=%s (running: %s)", args.cache, args.aio, engine_for(args.aio))
     try:
         return trio.run(_serve, device, args)
     except* OSError as group:  # trio >= 0.25 raises a nursery's errors as a group

@@ -1,21 +1,41 @@
 /* virtio-blk fast path for the native data plane (dataplane.c): IN, OUT and FLUSH
- * served without the Python interpreter (virtio 1.4 §5.2.6).
+ * served without the Python interpreter (virtio 1.4 §5.2.6), asynchronously
+ * through an I/O engine (aio.c: io_uring, or worker threads).
  *
  * It is an accelerator, not a second device model: a request is served here only
  * when it is well formed and plainly valid (16-byte header alone in the readable
  * part, status byte last, data a multiple of 512 bytes inside the capacity, not a
- * write to a read-only disk).  Anything else -- GET_ID, DISCARD, WRITE_ZEROES,
- * unknown types, malformed chains -- is handed over ("deferred") to the Python
- * device, which decides the status exactly as it does for every request when the
- * data plane is off.
+ * write to a read-only disk; with O_DIRECT, offset and length aligned to the
+ * logical block size).  Anything else -- GET_ID, DISCARD, WRITE_ZEROES, unknown
+ * types, malformed chains -- is handed over ("deferred") to the Python device,
+ * which decides the status exactly as it does for every request when the data
+ * plane is off.
+ *
+ * Requests of one popped batch are started together (one submission) and finish
+ * in any order: the used ring allows it (§2.7.8: "the device MAY ... use
+ * descriptors in a different order").  Without O_DIRECT a read is first tried
+ * inline without blocking (RWF_NOWAIT): served from the page cache, it completes
+ * in the same batch, as fast as a synchronous call.  A buffered write is done
+ * inline too (RWF_NOWAIT, or a plain pwritev2 where the file system does not
+ * support that, e.g. ext4): it only copies into the page cache.
+ *
+ * FLUSH (§5.2.6: the device makes the writes it completed durable) is an
+ * fdatasync on the engine.  A write the driver saw completed has completed in the
+ * kernel (its completion was reaped before its used entry was published), so a
+ * sync started after the FLUSH was popped covers every such write; writes still in
+ * flight are not covered, and need not be.  With --cache unsafe it is answered at
+ * once.  Write-through writes are a write linked to an fdatasync.
+ *
+ * With O_DIRECT, guest buffers that are not aligned to the file's memory alignment
+ * (or lengths not multiples of the logical block size) go through a bounce buffer.
  *
  * An I/O that was tried here and failed is never tried again: it is deferred with
  * its errno, and Python answers VIRTIO_BLK_S_IOERR (and logs it).  Retrying would
  * be wrong for fdatasync: Linux reports a writeback error once, so a second call
  * succeeds although the data may be lost.  A failed fdatasync also sets the
- * image's sticky error (``sync_err``): every later FLUSH and write-through write
- * fails with it, on every queue and on the Python path (QEMU's file-posix does the
- * same after "fsyncgate"). */
+ * image's sticky error (``sync_err``, unless O_DIRECT): every later FLUSH and
+ * write-through write fails with it, on every queue and on the Python path (QEMU's
+ * file-posix does the same after "fsyncgate"). */
 #include <errno.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -71,61 +91,187 @@ static int build_iov(struct vq *q, const struct vq_seg *segs, uint32_t first, ui
     return len ? -1 : n;
 }
 
-/* Returns 0, or the errno of the failure (EIO for an unexpected end of file). */
-static int full_io(int fd, struct iovec *iov, int n, uint64_t off, int write_)
+struct blk_slot {
+    uint8_t *status;
+    uint64_t status_gpa;
+    uint32_t used;
+    uint8_t type, bounced;
+    struct iovec *iov;      /* iovcap entries */
+    int iovcap;
+    uint8_t *bounce;        /* aligned, bcap bytes */
+    size_t bcap;
+    uint64_t len;
+    const struct vq_seg *segs; /* the core's copy of the chain's segments */
+    uint32_t first, end;    /* data segments [first, end) */
+};
+
+struct blk_priv {
+    struct aio aio;
+    struct blk_slot *slots;
+    uint32_t nslots;
+    int nowait_write_ok;
+};
+
+static int blk_sync_err(struct blk_dp *dp)
 {
-    while (n > 0) {
-        ssize_t r = write_ ? pwritev(fd, iov, n, (off_t)off) : preadv(fd, iov, n, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno ? errno : EIO;
-        }
-        if (r == 0)
-            return EIO; /* short transfer: past the end of the file */
-        off += (uint64_t)r;
-        while (n > 0 && (size_t)r >= iov->iov_len) {
-            r -= (ssize_t)iov->iov_len;
-            iov++;
-            n--;
-        }
-        if (n > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + r;
-            iov->iov_len -= (size_t)r;
-        }
-    }
-    return 0;
+    return dp->sync_err && !dp->direct ? __atomic_load_n(dp->sync_err, __ATOMIC_ACQUIRE) : 0;
 }
 
-/* fdatasync the image, honouring and setting its sticky writeback error.
- * Returns 0 or an errno. */
-static int dp_sync(struct blk_dp *dp)
+static void blk_set_sync_err(struct blk_dp *dp, int err)
 {
-    int err = dp->sync_err ? __atomic_load_n(dp->sync_err, __ATOMIC_ACQUIRE) : 0;
-    if (err)
-        return err;
-    dp->syncs++;
-    while (fdatasync(dp->img_fd)) {
-        if (errno == EINTR)
+    if (dp->sync_err && !dp->direct) {
+        int zero = 0;
+        __atomic_compare_exchange_n(dp->sync_err, &zero, err, 0, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE);
+    }
+}
+
+static int blk_iov_room(struct blk_slot *s, int want)
+{
+    if (s->iovcap >= want)
+        return 1;
+    int cap = want < 16 ? 16 : want;
+    struct iovec *n = realloc(s->iov, (size_t)cap * sizeof *n);
+    if (!n)
+        return 0;
+    s->iov = n;
+    s->iovcap = cap;
+    return 1;
+}
+
+/* O_DIRECT: whether the iovecs meet the file's alignment. */
+static int blk_aligned(struct blk_dp *dp, const struct iovec *iov, int n)
+{
+    uintptr_t m = dp->mem_align ? dp->mem_align - 1 : 511;
+    uintptr_t l = dp->logical_block ? dp->logical_block - 1 : 511;
+    for (int i = 0; i < n; i++)
+        if (((uintptr_t)iov[i].iov_base & m) || (iov[i].iov_len & l))
+            return 0;
+    return 1;
+}
+
+/* Replace the n guest iovecs by one aligned bounce buffer (a write's data copied
+ * into it now; a read's copied out in blk_finish_ok). */
+static int blk_bounce(struct blk_dp *dp, struct blk_slot *s, int n, int write_)
+{
+    if (s->bcap < s->len) {
+        free(s->bounce);
+        s->bounce = NULL;
+        s->bcap = 0;
+        size_t align = dp->mem_align > 4096 ? dp->mem_align : 4096;
+        void *b;
+        if (posix_memalign(&b, align, s->len))
+            return 0;
+        s->bounce = b;
+        s->bcap = s->len;
+    }
+    if (write_) {
+        uint64_t done = 0;
+        for (int i = 0; i < n; i++) {
+            memcpy(s->bounce + done, s->iov[i].iov_base, s->iov[i].iov_len);
+            done += s->iov[i].iov_len;
+        }
+    }
+    s->iov[0].iov_base = s->bounce;
+    s->iov[0].iov_len = s->len;
+    s->bounced = 1;
+    dp->bounced++;
+    return 1;
+}
+
+/* A finished request: status OK, dirty log, bounce copy-out.  Returns the used length. */
+static uint32_t blk_finish_ok(struct blk_dp *dp, struct blk_slot *s)
+{
+    struct vq *q = dp->core.q;
+    if (s->type == VIRTIO_BLK_T_IN) {
+        if (s->bounced) { /* the guest's iovecs again, then the data into them */
+            int n = build_iov(q, s->segs, s->first, s->end, 0, s->len, s->iov, s->iovcap);
+            uint64_t done = 0;
+            for (int i = 0; i < n; i++) {
+                memcpy(s->iov[i].iov_base, s->bounce + done, s->iov[i].iov_len);
+                done += s->iov[i].iov_len;
+            }
+        }
+        if (q->mem->dirty_log)
+            for (uint32_t i = s->first; i < s->end; i++)
+                vm_log_dirty(q->mem, s->segs[i].gpa, s->segs[i].len);
+        dp->reads++;
+    } else if (s->type == VIRTIO_BLK_T_OUT) {
+        dp->writes++;
+    } else {
+        dp->flushes++;
+    }
+    *s->status = VIRTIO_BLK_S_OK;
+    vm_log_dirty(q->mem, s->status_gpa, 1);
+    return s->used;
+}
+
+/* A buffered write, here and now (it copies into the page cache).  Returns 1, or
+ * -errno. */
+static int blk_write_plain(struct blk_dp *dp, struct blk_slot *s, int iovcnt, uint64_t off)
+{
+    struct iovec *iov = s->iov;
+    uint64_t left = s->len;
+    while (left) {
+        ssize_t n = pwritev2(dp->img_fd, iov, iovcnt, (off_t)off, 0);
+        if (n < 0 && errno == EINTR)
             continue;
-        err = errno ? errno : EIO;
-        if (dp->sync_err) {
-            int zero = 0;
-            __atomic_compare_exchange_n(dp->sync_err, &zero, err, 0, __ATOMIC_ACQ_REL,
-                                        __ATOMIC_ACQUIRE);
+        if (n <= 0)
+            return n < 0 && errno ? -errno : -EIO;
+        off += (uint64_t)n;
+        left -= (uint64_t)n;
+        while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            iovcnt--;
         }
-        return err;
+        if (iovcnt > 0 && n) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
     }
-    return 0;
+    return 1;
 }
 
-/* Serve one chain.  Returns the used length (>0), or 0 to defer it to Python with
- * *err = 0 (not served here) or the errno of the I/O that failed. */
+/* Page-cache I/O inline, without waiting for the disk.  A read is tried with
+ * RWF_NOWAIT (served from the page cache, or it goes asynchronous).  A write is
+ * tried with RWF_NOWAIT too; where the file system does not support that for
+ * buffered writes (ext4: EOPNOTSUPP) it is written here with a plain pwritev2,
+ * as the data plane always did: a buffered write only copies into the page cache
+ * (io_uring would hand it to a kernel worker thread, several times slower).
+ * Returns 1 when it completed whole, 0 to go asynchronous, or -errno for a
+ * failure that is final (never retried). */
+static int blk_try_inline(struct blk_dp *dp, struct blk_priv *pv, struct blk_slot *s,
+                          int iovcnt, uint64_t off, int write_)
+{
+    int f = dp_fault(write_ ? "pwritev" : "preadv");
+    if (f)
+        return -f;
+    if (write_ && !pv->nowait_write_ok)
+        return blk_write_plain(dp, s, iovcnt, off);
+    ssize_t n = write_ ? pwritev2(dp->img_fd, s->iov, iovcnt, (off_t)off, RWF_NOWAIT)
+                       : preadv2(dp->img_fd, s->iov, iovcnt, (off_t)off, RWF_NOWAIT);
+    if (n < 0 && write_ && errno == EOPNOTSUPP) {
+        pv->nowait_write_ok = 0;
+        return blk_write_plain(dp, s, iovcnt, off);
+    }
+    /* EAGAIN, a short transfer (part not cached) or any error: go asynchronous and
+     * let the engine report the error, if it is one.  Repeating the part already
+     * done is harmless: same bytes, same place. */
+    return n >= 0 && (uint64_t)n == s->len;
+}
+
+/* Serve one chain (the core's stable copy).  Returns DP_ASYNC (started), the used
+ * length (>0, done inline), or 0 to defer it to Python with *err = 0 (not served
+ * here) or the errno of the I/O that failed. */
 static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs, int *err)
 {
     struct blk_dp *dp = dev;
+    struct blk_priv *pv = dp->priv;
     struct vq *q = dp->core.q;
     uint8_t hdr[BLK_HDR];
+    if (!pv || c->head >= pv->nslots)
+        return 0;
     if (c->readable_len < BLK_HDR || c->writable_len < 1 || c->nsegs == 0)
         return 0;
     if (gather(q, c, segs, hdr, BLK_HDR) != BLK_HDR)
@@ -137,62 +283,185 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
     const struct vq_seg *last = &segs[c->nsegs - 1];
     if (!last->writable || last->len == 0)
         return 0;
-    uint8_t *status = seg_host(q, last) + last->len - 1;
-    uint64_t status_gpa = last->gpa + last->len - 1;
-    struct iovec iov[DP_MAX_SEGS];
-    uint32_t used;
-    if (type == VIRTIO_BLK_T_IN) {
-        uint64_t len = c->writable_len - 1u;
-        if (c->readable_len != BLK_HDR || len % BLK_SECTOR)
-            return 0;
+    struct blk_slot *s = &pv->slots[c->head];
+    s->status = seg_host(q, last) + last->len - 1;
+    s->status_gpa = last->gpa + last->len - 1;
+    s->type = (uint8_t)type;
+    s->bounced = 0;
+    s->segs = segs;
+    uint32_t slot = c->head;
+    if (type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_OUT) {
+        int write_ = type == VIRTIO_BLK_T_OUT;
+        uint64_t len;
+        if (write_) {
+            len = c->readable_len - BLK_HDR;
+            if (c->writable_len != 1 || dp->read_only || len % BLK_SECTOR)
+                return 0;
+            if (sector == 0 && dp->guard_sector0)
+                return 0;
+            s->first = 0;
+            s->end = c->nreadable;
+        } else {
+            len = c->writable_len - 1u;
+            if (c->readable_len != BLK_HDR || len % BLK_SECTOR)
+                return 0;
+            s->first = c->nreadable;
+            s->end = c->nsegs;
+        }
         uint64_t cap = __atomic_load_n(&dp->capacity, __ATOMIC_ACQUIRE);
         if (sector > cap || len / BLK_SECTOR > cap - sector)
             return 0;
-        int n = build_iov(q, segs, c->nreadable, c->nsegs, 0, len, iov, DP_MAX_SEGS);
+        uint64_t off = sector * BLK_SECTOR;
+        if (dp->direct && dp->logical_block > BLK_SECTOR &&
+            ((off | len) & (dp->logical_block - 1)))
+            return 0; /* not block aligned: Python's buffered path */
+        if (len == 0) {
+            s->used = 1;
+            s->len = 0;
+            return blk_finish_ok(dp, s);
+        }
+        if (!blk_iov_room(s, (int)(s->end - s->first)))
+            return 0;
+        int n = build_iov(q, segs, s->first, s->end, write_ ? BLK_HDR : 0, len, s->iov,
+                          s->iovcap);
         if (n < 0)
             return 0;
-        if ((*err = full_io(dp->img_fd, iov, n, sector * BLK_SECTOR, 0)))
-            return 0;
-        if (q->mem->dirty_log)
-            for (uint32_t i = c->nreadable; i < c->nsegs; i++)
-                vm_log_dirty(q->mem, segs[i].gpa, segs[i].len);
-        dp->reads++;
-        used = (uint32_t)len + 1u;
-    } else if (type == VIRTIO_BLK_T_OUT) {
-        uint64_t len = c->readable_len - BLK_HDR;
-        if (c->writable_len != 1 || dp->read_only || len % BLK_SECTOR)
-            return 0;
-        if (sector == 0 && dp->guard_sector0)
-            return 0;
-        uint64_t cap = __atomic_load_n(&dp->capacity, __ATOMIC_ACQUIRE);
-        if (sector > cap || len / BLK_SECTOR > cap - sector)
-            return 0;
-        int n = build_iov(q, segs, 0, c->nreadable, BLK_HDR, len, iov, DP_MAX_SEGS);
-        if (n < 0)
-            return 0;
-        if ((*err = full_io(dp->img_fd, iov, n, sector * BLK_SECTOR, 1)))
-            return 0;
-        if (__atomic_load_n(&dp->writethrough, __ATOMIC_RELAXED) && (*err = dp_sync(dp)))
-            return 0;
-        dp->writes++;
-        used = 1;
-    } else if (type == VIRTIO_BLK_T_FLUSH) {
+        s->len = len;
+        s->used = write_ ? 1u : (uint32_t)len + 1u;
+        int sync = write_ && __atomic_load_n(&dp->writethrough, __ATOMIC_RELAXED) &&
+                   !dp->no_flush;
+        if (dp->direct && !blk_aligned(dp, s->iov, n)) {
+            if (!blk_bounce(dp, s, n, write_))
+                return 0;
+            n = 1;
+        } else if (!dp->direct && !sync) {
+            int r = blk_try_inline(dp, pv, s, n, off, write_);
+            if (r < 0) {
+                *err = -r;
+                return 0;
+            }
+            if (r > 0) {
+                dp->inline_done++;
+                return blk_finish_ok(dp, s);
+            }
+        }
+        if (sync) {
+            int e = blk_sync_err(dp);
+            if (e) {
+                aio_fail(&pv->aio, slot, e, 1);
+                return DP_ASYNC;
+            }
+            dp->syncs++;
+        }
+        aio_start(&pv->aio, slot, write_ ? (sync ? AIO_WRITE_SYNC : AIO_WRITE) : AIO_READ,
+                  dp->img_fd, s->iov, n, off, len);
+        return DP_ASYNC;
+    }
+    if (type == VIRTIO_BLK_T_FLUSH) {
         if (c->readable_len != BLK_HDR || c->writable_len != 1)
             return 0;
-        if ((*err = dp_sync(dp)))
+        s->used = 1;
+        s->len = 0;
+        if (dp->no_flush)
+            return blk_finish_ok(dp, s);
+        int e = blk_sync_err(dp);
+        if (e) {
+            *err = e;
             return 0;
-        dp->flushes++;
-        used = 1;
-    } else {
-        return 0;
+        }
+        dp->syncs++;
+        aio_start(&pv->aio, slot, AIO_FSYNC, dp->img_fd, NULL, 0, 0, 0);
+        return DP_ASYNC;
     }
-    *status = VIRTIO_BLK_S_OK;
-    vm_log_dirty(q->mem, status_gpa, 1);
-    return used;
+    return 0;
+}
+
+static void blk_submit(void *dev)
+{
+    struct blk_dp *dp = dev;
+    struct blk_priv *pv = dp->priv;
+    uint64_t before = pv->aio.submits;
+    aio_submit(&pv->aio);
+    dp->uring_submits += pv->aio.submits - before;
+}
+
+static uint32_t blk_reap(void *dev, struct dp_done *out, uint32_t max)
+{
+    struct blk_dp *dp = dev;
+    struct blk_priv *pv = dp->priv;
+    struct aio_done done[DP_BATCH];
+    uint32_t n = aio_reap(&pv->aio, done, max < DP_BATCH ? max : DP_BATCH);
+    for (uint32_t i = 0; i < n; i++) {
+        struct blk_slot *s = &pv->slots[done[i].slot];
+        out[i].head = (uint16_t)done[i].slot;
+        out[i].err = done[i].err;
+        if (done[i].err) {
+            if (done[i].sync_failed)
+                blk_set_sync_err(dp, done[i].err);
+            out[i].len = 0;
+        } else {
+            out[i].len = blk_finish_ok(dp, s);
+        }
+    }
+    return n;
+}
+
+static int blk_start(void *dev)
+{
+    struct blk_dp *dp = dev;
+    struct blk_priv *pv = calloc(1, sizeof *pv);
+    uint32_t nslots = dp->core.q->size ? dp->core.q->size : 1;
+    if (!pv)
+        return -ENOMEM;
+    pv->slots = calloc(nslots, sizeof *pv->slots);
+    pv->nslots = nslots;
+    pv->nowait_write_ok = 1;
+    if (!pv->slots) {
+        free(pv);
+        return -ENOMEM;
+    }
+    int e = aio_init(&pv->aio, dp->engine, nslots, dp->threads);
+    if (e < 0) {
+        aio_destroy(&pv->aio);
+        free(pv->slots);
+        free(pv);
+        return e;
+    }
+    dp->engine_used = e;
+    dp->core.poll_fd = pv->aio.efd;
+    __atomic_store_n(&dp->priv, pv, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static void blk_finish(void *dev)
+{
+    struct blk_dp *dp = dev;
+    struct blk_priv *pv = dp->priv;
+    if (!pv)
+        return;
+    dp->priv = NULL;
+    dp->core.poll_fd = -1;
+    aio_destroy(&pv->aio);
+    for (uint32_t i = 0; i < pv->nslots; i++) {
+        free(pv->slots[i].iov);
+        free(pv->slots[i].bounce);
+    }
+    free(pv->slots);
+    free(pv);
 }
 
 void blk_dp_attach(struct blk_dp *b)
 {
     b->core.serve = blk_serve;
     b->core.dev = b;
+    b->core.start = blk_start;
+    b->core.finish = blk_finish;
+    b->core.submit = blk_submit;
+    b->core.reap = blk_reap;
+    b->core.poll_fd = -1;
+}
+
+void blk_dp_detach(struct blk_dp *b)
+{
+    blk_finish(b); /* in case the thread never ran its finish */
 }

@@ -19,7 +19,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("vm_native.c", "dataplane.c", "blk_dataplane.c")
+SOURCES = ("vm_native.c", "dataplane.c", "aio.c", "blk_dataplane.c")
 """C sources, compiled as one translation unit (in this order)."""
 HEADERS = ("vm_native.h", "dataplane.h")
 """Headers whose declarations cffi exposes (in this order)."""
@@ -32,7 +32,16 @@ def module_name() -> str:
     for name in (*HEADERS, *SOURCES, "build.py"):
         digest.update((HERE / name).read_bytes())
     digest.update(spec_defines().encode())
+    digest.update(b"uring" if have_liburing() else b"")
     return "_vm_native_" + digest.hexdigest()[:12]
+
+
+def have_liburing() -> bool:
+    """Whether liburing's header and library are installed (Debian: liburing-dev);
+    without them the data planes use worker threads only."""
+    from ctypes.util import find_library
+
+    return Path("/usr/include/liburing.h").exists() and find_library("uring") is not None
 
 
 def spec_defines() -> str:
@@ -80,6 +89,8 @@ def make_ffi(tmpdir: Path | None = None) -> FFI:
         f"virtio.native.{module_name()}",
         source,
         include_dirs=[str(HERE)],
+        libraries=["uring"] if have_liburing() else [],
+        define_macros=[("_GNU_SOURCE", None)] + ([("HAVE_LIBURING", None)] * have_liburing()),
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     )
     return ffi

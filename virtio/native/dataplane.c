@@ -67,7 +67,22 @@ void vu_inflight_used(uint8_t *region, uint16_t desc_num, const uint16_t *heads,
 static void dp_defer(struct dp *dp, const struct vq_chain *c, const struct vq_seg *segs, int err)
 {
     pthread_mutex_lock(DP_MU(dp));
-    /* Room for a whole batch is checked before popping (dp_room), so this fits. */
+    /* Room for a whole batch is checked before popping (dp_room); failed asynchronous
+     * chains may carry more segments: wait for Python to take some (rare). */
+    while (dp->nd >= DP_DEFER_MAX || dp->nds + c->nsegs > DP_DEFER_SEGS) {
+        pthread_mutex_unlock(DP_MU(dp));
+        if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE)) {
+            dp->dropped++; /* stopping: Python takes no more (inflight tracking has it) */
+            return;
+        }
+        struct pollfd w = {dp->wake_fd, POLLIN, 0};
+        if (poll(&w, 1, 100) > 0) {
+            uint64_t v;
+            ssize_t rr = read(dp->wake_fd, &v, sizeof v);
+            (void)rr;
+        }
+        pthread_mutex_lock(DP_MU(dp));
+    }
     dp->derr[dp->nd] = err;
     struct vq_chain *d = &dp->dchains[dp->nd++];
     *d = *c;
@@ -153,14 +168,19 @@ static void dp_rescue(struct dp *dp)
 
 #define DP_IDLE_MS 500
 
-/* Wait for a kick (or, with kick < 0, only for a wake).  Returns 1 to go on, 0 to
- * stop, <0 on error. */
-static int dp_wait(struct dp *dp, int kick)
+/* Wait for a kick, a completion (poll_fd) or a wake; with kick < 0 and !completions,
+ * only for a wake.  Returns 1 to go on, 0 to stop, <0 on error. */
+static int dp_wait(struct dp *dp, int kick, int completions)
 {
-    struct pollfd p[2] = {{dp->wake_fd, POLLIN, 0}, {kick, POLLIN, 0}};
-    int r = poll(p, kick >= 0 ? 2 : 1, kick >= 0 ? DP_IDLE_MS : -1);
+    struct pollfd p[3] = {{dp->wake_fd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
+    if (kick >= 0)
+        p[1].fd = kick;
+    if (completions && dp->poll_fd >= 0)
+        p[2].fd = dp->poll_fd;
+    int r = poll(p, 3, kick >= 0 ? DP_IDLE_MS : -1);
     if (r == 0) {
-        dp_rescue(dp);
+        if (!dp->pending)
+            dp_rescue(dp);
         return 1;
     }
     if (r < 0)
@@ -170,6 +190,7 @@ static int dp_wait(struct dp *dp, int kick)
         ssize_t rr = read(dp->wake_fd, &v, sizeof v); /* stop, new fds, or room */
         (void)rr;
     }
+    /* poll_fd is the device's (an eventfd it signals): the device's reap clears it. */
     if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
         return 0;
     /* The kick fd may have been replaced (and the old number reused) while we
@@ -186,24 +207,136 @@ static int dp_wait(struct dp *dp, int kick)
     return 1;
 }
 
+/* Used entries gathered for one publication. */
+struct dp_out {
+    uint16_t ids[2 * DP_BATCH], ndescs[2 * DP_BATCH];
+    uint32_t lens[2 * DP_BATCH];
+    uint32_t n;
+};
+
+/* Publish the gathered used entries with one used index update (§2.7.8.2 /
+ * §2.8.21.3), mark them done in the inflight region, notify as EVENT_IDX / flags
+ * allow (§2.7.10 / §2.8.21.3.1). */
+static void dp_publish(struct dp *dp, struct dp_out *o)
+{
+    if (!o->n)
+        return;
+    struct vq *q = dp->q;
+    uint16_t used_idx = vq_add_used_batch_idx(q, o->ids, o->lens, o->ndescs, o->n);
+    if (dp->inflight)
+        vu_inflight_used(dp->inflight, dp->inflight_num, o->ids, o->n, used_idx);
+    dp->publishes++;
+    if (vq_needs_notification(q))
+        dp_call(dp, &dp->calls);
+    o->n = 0;
+}
+
+static void dp_out_add(struct dp_out *o, uint16_t head, uint32_t len, uint16_t ndesc)
+{
+    o->ids[o->n] = head;
+    o->lens[o->n] = len;
+    o->ndescs[o->n] = ndesc;
+    o->n++;
+}
+
+/* Collect up to DP_BATCH asynchronous completions into o (deferring the failed
+ * ones, which needs room: checked by the caller).  Returns how many. */
+static uint32_t dp_reap(struct dp *dp, struct dp_out *o)
+{
+    if (!dp->reap || !dp->pending)
+        return 0;
+    struct dp_done done[DP_BATCH];
+    uint32_t max = 2 * DP_BATCH - o->n;
+    uint32_t n = dp->reap(dp->dev, done, max < DP_BATCH ? max : DP_BATCH);
+    for (uint32_t i = 0; i < n; i++) {
+        struct dp_pend *p = &dp->pend[done[i].head];
+        if (done[i].len)
+            dp_out_add(o, p->chain.head, done[i].len, p->chain.ndesc);
+        else
+            dp_defer(dp, &p->chain, p->segs, done[i].err);
+        p->busy = 0;
+    }
+    dp->pending -= n;
+    if (n)
+        dp->reaps++;
+    return n;
+}
+
+/* Copy a chain into its pending slot (stable while the device works on it).
+ * Returns the slot, or NULL when the head is already in progress (a driver that
+ * made a buffer available twice) or memory is short: then it is served from Python. */
+static struct dp_pend *dp_pend_slot(struct dp *dp, const struct vq_chain *c,
+                                    const struct vq_seg *segs)
+{
+    if (c->head >= dp->q->size)
+        return NULL;
+    struct dp_pend *p = &dp->pend[c->head];
+    if (p->busy)
+        return NULL;
+    if (p->cap < c->nsegs) {
+        uint32_t cap = c->nsegs < 8 ? 8 : c->nsegs;
+        struct vq_seg *n = realloc(p->segs, cap * sizeof *n);
+        if (!n)
+            return NULL;
+        p->segs = n;
+        p->cap = cap;
+    }
+    p->chain = *c;
+    p->chain.seg_start = 0;
+    memcpy(p->segs, segs, c->nsegs * sizeof *segs);
+    return p;
+}
+
+/* Serve one popped chain: complete it now (o), defer it, or leave it in progress. */
+static void dp_serve_one(struct dp *dp, const struct vq_chain *c, const struct vq_seg *segs,
+                         struct dp_out *o)
+{
+    int err = 0;
+    struct dp_pend *p = dp->reap ? dp_pend_slot(dp, c, segs) : NULL;
+    if (dp->reap && !p) {
+        dp_defer(dp, c, segs, 0);
+        return;
+    }
+    uint32_t used = p ? dp->serve(dp->dev, &p->chain, p->segs, &err)
+                      : dp->serve(dp->dev, c, segs, &err);
+    if (used == DP_ASYNC) {
+        p->busy = 1;
+        dp->pending++;
+        dp->async_started++;
+        if (dp->pending > dp->max_pending)
+            dp->max_pending = dp->pending;
+        return;
+    }
+    if (!used) {
+        dp_defer(dp, c, segs, err);
+        return;
+    }
+    dp_out_add(o, c->head, used, c->ndesc);
+}
+
 /* ---- the loop ------------------------------------------------------------------- */
 int dp_run(struct dp *dp)
 {
     struct vq *q = dp->q;
     struct vq_chain *chains = calloc(DP_BATCH, sizeof *chains);
     struct vq_seg *segs = calloc(DP_MAX_SEGS, sizeof *segs);
-    uint16_t ids[DP_BATCH], ndescs[DP_BATCH], heads[DP_BATCH];
-    uint32_t lens[DP_BATCH];
-    int rc = 0;
-    if (!chains || !segs) {
+    struct dp_out *o = calloc(1, sizeof *o);
+    uint16_t heads[DP_BATCH];
+    int rc = 0, started = 0;
+    dp->pending = 0;
+    dp->pend = dp->reap ? calloc(q->size ? q->size : 1, sizeof *dp->pend) : NULL;
+    if (!chains || !segs || !o || (dp->reap && !dp->pend)) {
         rc = -ENOMEM;
         goto out;
     }
+    if (dp->start && (rc = dp->start(dp->dev)) < 0)
+        goto out;
+    started = 1;
     for (;;) {
         if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
             goto out;
         if (!dp_room(dp)) { /* Python has not taken the deferred chains yet */
-            int w = dp_wait(dp, -1);
+            int w = dp_wait(dp, -1, 0);
             if (w <= 0) {
                 rc = w;
                 goto out;
@@ -231,41 +364,59 @@ int dp_run(struct dp *dp)
                 vu_inflight_pop(dp->inflight, dp->inflight_num, heads, (uint32_t)n,
                                 &dp->inflight_counter);
             }
-            uint32_t done = 0;
-            for (int i = 0; i < n; i++) {
-                int err = 0;
-                uint32_t used = dp->serve(dp->dev, &chains[i], segs + chains[i].seg_start, &err);
-                if (!used) {
-                    dp_defer(dp, &chains[i], segs + chains[i].seg_start, err);
-                    continue;
-                }
-                ids[done] = chains[i].head;
-                lens[done] = used;
-                ndescs[done] = chains[i].ndesc;
-                done++;
-            }
+            for (int i = 0; i < n; i++)
+                dp_serve_one(dp, &chains[i], segs + chains[i].seg_start, o);
             dp->requests += (uint64_t)n;
-            if (done) {
-                uint16_t used_idx = vq_add_used_batch_idx(q, ids, lens, ndescs, done);
-                if (dp->inflight)
-                    vu_inflight_used(dp->inflight, dp->inflight_num, ids, done, used_idx);
-                if (vq_needs_notification(q))
-                    dp_call(dp, &dp->calls);
-            }
+            if (dp->submit && dp->pending)
+                dp->submit(dp->dev); /* the whole batch goes to the kernel together */
+            if (dp_room(dp))
+                dp_reap(dp, o); /* whatever finished meanwhile: one publication */
+            dp_publish(dp, o);
             if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
                 goto out;
         }
         if (more)
             continue;
+        /* Completions first: they free guest buffers the driver waits for. */
+        if (dp->pending && dp_reap(dp, o)) {
+            if (o->n <= DP_BATCH && dp_room(dp))
+                dp_reap(dp, o);
+            dp_publish(dp, o);
+            continue;
+        }
         if (vq_enable_notification(q))
             continue;
-        int w = dp_wait(dp, __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE));
+        int w = dp_wait(dp, __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE), 1);
         if (w <= 0) {
             rc = w;
             goto out;
         }
     }
 out:
+    /* Nothing in progress may outlive the loop: guest memory may go away after it. */
+    while (dp->pending && rc != -ENOMEM) {
+        if (dp_room(dp) && dp_reap(dp, o)) {
+            dp_publish(dp, o);
+            continue;
+        }
+        struct pollfd p[2] = {{dp->poll_fd, POLLIN, 0}, {dp->wake_fd, POLLIN, 0}};
+        if (poll(p, 2, 100) > 0 && (p[1].revents & POLLIN)) {
+            uint64_t v;
+            ssize_t rr = read(dp->wake_fd, &v, sizeof v);
+            (void)rr;
+        }
+    }
+    if (o)
+        dp_publish(dp, o);
+    if (started && dp->finish)
+        dp->finish(dp->dev);
+    if (dp->pend) {
+        for (uint32_t i = 0; i < q->size; i++)
+            free(dp->pend[i].segs);
+        free(dp->pend);
+        dp->pend = NULL;
+    }
+    free(o);
     free(chains);
     free(segs);
     return rc;
@@ -290,4 +441,88 @@ void dp_set_fds(struct dp *dp, int kick, int call)
     dp->kick_fd = kick;
     dp->call_fd = call;
     pthread_mutex_unlock(DP_MU(dp));
+}
+
+/* ---- a scripted asynchronous device, for testing the core in-process ------------ */
+/* Every chain is taken asynchronously; the test completes chains in the order it
+ * chooses (dp_script_complete, from any thread) and the core reaps them. */
+#define DP_SCRIPT_MU(s) ((pthread_mutex_t *)(void *)(s)->mu_storage)
+_Static_assert(sizeof(((struct dp_script *)0)->mu_storage) >= sizeof(pthread_mutex_t), "mutex");
+
+static uint32_t dp_script_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs,
+                                int *err)
+{
+    struct dp_script *s = dev;
+    pthread_mutex_lock(DP_SCRIPT_MU(s));
+    if (s->nstarted < DP_SCRIPT_MAX)
+        s->started[s->nstarted++] = c->head;
+    pthread_mutex_unlock(DP_SCRIPT_MU(s));
+    return DP_ASYNC;
+}
+
+static void dp_script_submit(void *dev)
+{
+    ((struct dp_script *)dev)->submits++;
+}
+
+static uint32_t dp_script_reap(void *dev, struct dp_done *out, uint32_t max)
+{
+    struct dp_script *s = dev;
+    uint64_t v;
+    ssize_t rr = read(s->efd, &v, sizeof v);
+    (void)rr;
+    pthread_mutex_lock(DP_SCRIPT_MU(s));
+    uint32_t n = 0;
+    while (n < max && n < s->ndone) {
+        out[n] = s->done[n];
+        n++;
+    }
+    memmove(s->done, s->done + n, (s->ndone - n) * sizeof *s->done);
+    s->ndone -= n;
+    if (s->ndone) {
+        uint64_t one = 1;
+        ssize_t w = write(s->efd, &one, sizeof one);
+        (void)w;
+    }
+    pthread_mutex_unlock(DP_SCRIPT_MU(s));
+    return n;
+}
+
+int dp_script_attach(struct dp_script *s, int efd)
+{
+    if (pthread_mutex_init(DP_SCRIPT_MU(s), NULL))
+        return -1;
+    s->efd = efd;
+    s->core.serve = dp_script_serve;
+    s->core.submit = dp_script_submit;
+    s->core.reap = dp_script_reap;
+    s->core.poll_fd = efd;
+    s->core.dev = s;
+    return 0;
+}
+
+/* Complete n chains at once (len 0: failed with err, deferred to Python). */
+void dp_script_complete(struct dp_script *s, const uint16_t *heads, const uint32_t *lens,
+                        int32_t err, uint32_t n)
+{
+    pthread_mutex_lock(DP_SCRIPT_MU(s));
+    for (uint32_t i = 0; i < n && s->ndone < DP_SCRIPT_MAX; i++) {
+        struct dp_done *d = &s->done[s->ndone++];
+        d->head = heads[i];
+        d->len = lens[i];
+        d->err = lens[i] ? 0 : err;
+    }
+    pthread_mutex_unlock(DP_SCRIPT_MU(s));
+    uint64_t one = 1;
+    ssize_t w = write(s->efd, &one, sizeof one);
+    (void)w;
+}
+
+uint32_t dp_script_started(struct dp_script *s, uint16_t *out, uint32_t max)
+{
+    pthread_mutex_lock(DP_SCRIPT_MU(s));
+    uint32_t n = s->nstarted < max ? s->nstarted : max;
+    memcpy(out, s->started, n * sizeof *out);
+    pthread_mutex_unlock(DP_SCRIPT_MU(s));
+    return n;
 }

@@ -61,12 +61,12 @@ class EventfdPair:
 
 
 class Rig:
-    def __init__(self, tmp_path, *, packed=False, read_only=False, size=1 << 20):
+    def __init__(self, tmp_path, *, packed=False, read_only=False, size=1 << 20, **options):
         image = tmp_path / "disk.img"
         with open(image, "wb") as f:
             f.truncate(size)
         self.device = VirtioBlk.from_options(
-            BlkOptions(path=str(image), read_only=read_only, serial="dp-serial")
+            BlkOptions(path=str(image), read_only=read_only, serial="dp-serial", **options)
         )
         features = self.device.offered_features()
         if not packed:

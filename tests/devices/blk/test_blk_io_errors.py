@@ -3,8 +3,9 @@ reported as success").
 
 A real back-end process (``virtio serve blk``) runs with the fault-injection shim
 (``virtio.testing.faults``: libc calls on the image fail on demand) and is driven
-over vhost-user by the testing kit's front-end, on the native data plane and on
-the Python path (``PYVIRTIO_BLK_DATAPLANE=0``).  devicenormative §5.2.6.2 ties a
+over vhost-user by the testing kit's front-end, on the native data plane with each
+I/O engine (io_uring bypasses libc: the data plane's own fault hook reads the same
+fault files) and on the Python path (``PYVIRTIO_BLK_DATAPLANE=0``).  devicenormative §5.2.6.2 ties a
 FLUSH's success to durability; Linux reports a writeback error to one
 ``fdatasync`` only, so the failed flush must be answered IOERR itself (never
 retried) and every later flush must fail too (the sticky writeback error).
@@ -31,6 +32,8 @@ from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
 from virtio.transport.vhost_user.messages import FrontendRequest as R
 
 MiB = 1 << 20
+ENGINES = {"io_uring": 2, "threads": 1}
+"""``struct blk_dp``'s engine numbers (BLK_AIO_URING / BLK_AIO_THREADS)."""
 REPO = Path(__file__).resolve().parents[3]
 OUT = int(BlkReqType.VIRTIO_BLK_T_OUT)
 IN = int(BlkReqType.VIRTIO_BLK_T_IN)
@@ -66,12 +69,13 @@ class Backend:
 
 
 @asynccontextmanager
-async def backend(tmp_path: Path, *, dataplane: bool, features_off: int = 0):
+async def backend(tmp_path: Path, *, dataplane: str, features_off: int = 0):
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(4 * MiB))
     faults = FaultInjector(tmp_path / "faults")
     env = faults.env()
-    env["PYVIRTIO_BLK_DATAPLANE"] = "1" if dataplane else "0"
+    env["PYVIRTIO_BLK_DATAPLANE"] = "0" if dataplane == "python" else "1"
+    aio = "threads" if dataplane == "python" else dataplane
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = os.fspath(tmp_path / "blk.sock")
     listener.bind(path)
@@ -80,7 +84,7 @@ async def backend(tmp_path: Path, *, dataplane: bool, features_off: int = 0):
     with open(log, "wb") as err:
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "virtio", "serve", "blk", "--fd", str(listener.fileno()),
-             "--blk-file", os.fspath(img)],
+             "--blk-file", os.fspath(img), "--aio", aio],
             pass_fds=(listener.fileno(),),
             stderr=err,
             env=env,
@@ -107,8 +111,9 @@ async def backend(tmp_path: Path, *, dataplane: bool, features_off: int = 0):
         ram.close()
 
 
-@pytest.fixture(params=[True, False], ids=["dataplane", "python"])
-def dataplane(request) -> bool:
+@pytest.fixture(params=["io_uring", "threads", "python"])
+def dataplane(request) -> str:
+    """The native data plane on an I/O engine, or the Python path."""
     return request.param
 
 
@@ -127,6 +132,12 @@ async def test_failed_flush_is_ioerr_and_every_later_flush_fails(tmp_path, datap
         assert await be.status([hdr(FLUSH)]) == IOERR
         used = await be.request([hdr(IN, 8)], [4096, 1])  # reads still work
         assert used.data == b"a" * 4096 + bytes([OK])
+        if dataplane != "python":  # the engine asked for is the one that ran
+            be.proc.send_signal(signal.SIGUSR1)
+            with trio.fail_after(10):
+                while "engine_used=" not in be.stderr():
+                    await trio.sleep(0.02)
+            assert f"engine_used={ENGINES[dataplane]}" in be.stderr()
     text = be.stderr()
     assert text.count("a flush of the image failed (EIO)") == 1, text
     assert "FLUSH" in text and "Input/output error" in text, text

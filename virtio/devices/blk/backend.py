@@ -13,6 +13,18 @@
   ready in the same scheduler tick share one thread hop and one ``fdatasync``
   (``_ThreadBatcher``).  The image is locked (an OFD lock over the whole file,
   like QEMU's ``file-posix`` locking) so a second user gets ``ImageLockedError``.
+  Cache modes as QEMU's ``cache=``: ``writeback`` (page cache; FLUSH syncs),
+  ``none`` (``O_DIRECT``: no host page cache, the disk's volatile cache is
+  flushed by FLUSH), ``writethrough`` (the device starts with its write cache
+  off: every write is durable before it completes) and ``unsafe`` (page cache,
+  every sync ignored: for scratch disks).  With ``O_DIRECT`` the Python path
+  (requests the native data plane defers) uses a second, buffered descriptor of
+  the same file, so that guest buffers and 512-byte requests need no alignment;
+  Linux keeps the two coherent (direct reads write back dirty cached pages first,
+  direct writes invalidate them).  The sticky flush error does not apply with
+  ``O_DIRECT`` (as in QEMU: no dirty page cache can be dropped behind our back).
+  ``block_sizes`` reads the real logical / physical block sizes and memory
+  alignment (``BLKSSZGET``/``BLKPBSZGET``, ``statx`` STATX_DIOALIGN).
 * ``MemoryBackend``: a ``bytearray``, for tests.
 
 Offsets and lengths are in bytes; the device has already checked them against
@@ -27,6 +39,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
@@ -129,14 +142,55 @@ class BlockBackend(Protocol):
     def close(self) -> None: ...
 
 
-# -- libc fallocate (cffi ABI mode: no compiler needed for one libc call) ---------------
+# -- libc fallocate and statx (cffi ABI mode: no compiler needed for libc calls) ------
 _ffi = cffi.FFI()
 _ffi.cdef("int fallocate64(int fd, int mode, int64_t offset, int64_t len);")
+_ffi.cdef("int statx(int dirfd, const char *path, int flags, unsigned int mask, void *buf);")
 _libc = _ffi.dlopen(None)
 try:
     _fallocate_fn = _libc.fallocate64
 except AttributeError:  # not glibc
     _fallocate_fn = None
+try:
+    _statx_fn = _libc.statx
+except AttributeError:  # glibc < 2.28
+    _statx_fn = None
+
+CACHE_MODES = ("none", "writeback", "writethrough", "unsafe")
+"""QEMU's ``cache=`` modes (``directsync`` is not offered)."""
+_BLKSSZGET = 0x1268
+_BLKPBSZGET = 0x127B
+_AT_EMPTY_PATH = 0x1000
+_STATX_DIOALIGN = 0x2000
+_STATX = struct.Struct("<IIQIIIHH")  # mask, blksize, attributes, nlink, uid, gid, mode
+_STATX_DIO_OFFSET = 0x98  # stx_dio_mem_align, stx_dio_offset_align (u32 each)
+
+
+def block_sizes(fd: int) -> tuple[int, int, int]:
+    """(logical block size, physical block size, memory alignment) of an open image:
+    ``BLKSSZGET``/``BLKPBSZGET`` for a block device; for a file the direct-I/O
+    offset and memory alignment from ``statx`` (STATX_DIOALIGN, Linux >= 6.1) and
+    the file system block size as the physical size.  512 where unknown."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        buf = bytearray(4)
+        fcntl.ioctl(fd, _BLKSSZGET, buf)
+        logical = int.from_bytes(buf, "little")
+        fcntl.ioctl(fd, _BLKPBSZGET, buf)
+        physical = int.from_bytes(buf, "little")
+        return logical, max(physical, logical), logical
+    logical = mem = 512
+    if _statx_fn is not None:
+        buf = _ffi.new("char[256]")
+        if _statx_fn(fd, b"", _AT_EMPTY_PATH, _STATX_DIOALIGN, buf) == 0:
+            raw = bytes(_ffi.buffer(buf, 256))
+            if _STATX.unpack_from(raw)[0] & _STATX_DIOALIGN:
+                mem, offset = struct.unpack_from("<II", raw, _STATX_DIO_OFFSET)
+                if offset:  # 0: no direct I/O on this file
+                    logical = max(offset, 512)
+                    mem = max(mem, 1)
+    physical = max(logical, st.st_blksize if st.st_blksize & (st.st_blksize - 1) == 0 else 0)
+    return logical, min(physical, 1 << 16), mem
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -311,18 +365,30 @@ class RawFileBackend:
         *,
         read_only: bool = False,
         lock: bool = True,
+        cache: str = "writeback",
         max_threads: int = 32,
         max_hops: int = 8,
         max_batch: int = 16,
     ) -> None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
         self.path = os.fspath(path)
         self._read_only = read_only
+        self.cache = cache
+        """QEMU's ``cache=`` mode (module doc)."""
+        self.direct = cache == "none"
+        """The image is opened ``O_DIRECT`` (``fd``; ``io_fd`` is buffered)."""
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        self.fd = os.open(self.path, flags)
+        self.fd = os.open(self.path, flags | (os.O_DIRECT if self.direct else 0))
+        self.io_fd = self.fd
+        """The descriptor of the Python path (buffered also with ``O_DIRECT``)."""
         try:
             if lock:
                 _lock_image(self.fd, self.path, read_only)
             self._size = os.lseek(self.fd, 0, os.SEEK_END)
+            self.logical_block_size, self.physical_block_size, self.mem_align = block_sizes(self.fd)
+            if self.direct:
+                self.io_fd = os.open(self.path, flags)
         except BaseException:
             os.close(self.fd)
             raise
@@ -381,14 +447,16 @@ class RawFileBackend:
 
     # -- blocking primitives (worker threads) ---------------------------------------------
     def _fdatasync(self) -> None:
+        if self.cache == "unsafe":
+            return
         err = self.sync_error
         if err:
             raise OSError(err, f"an earlier flush of {self.path!r} failed: {os.strerror(err)}")
         self._sync_calls += 1
         try:
-            os.fdatasync(self.fd)
+            os.fdatasync(self.io_fd)
         except OSError as exc:
-            if self.sync_error_cell[0] == 0:
+            if self.sync_error_cell[0] == 0 and not self.direct:
                 self.sync_error_cell[0] = exc.errno or errno.EIO
             raise
 
@@ -396,7 +464,7 @@ class RawFileBackend:
         zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
         while length:
             n = min(length, len(zeros))
-            pwritev_all(self.fd, offset, [zeros[:n]])
+            pwritev_all(self.io_fd, offset, [zeros[:n]])
             offset += n
             length -= n
 
@@ -404,7 +472,7 @@ class RawFileBackend:
         if not self._punch_ok:
             return False
         try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.io_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno not in _NOT_SUPPORTED:
                 raise
@@ -416,7 +484,7 @@ class RawFileBackend:
         if not self._zero_range_ok:
             return False
         try:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.io_fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno not in _NOT_SUPPORTED:
                 raise
@@ -445,12 +513,12 @@ class RawFileBackend:
 
     # -- BlockBackend ------------------------------------------------------------------
     async def read(self, offset: int, views: Sequence[memoryview]) -> None:
-        fd = self.fd
+        fd = self.io_fd
         await self._batcher.run(lambda: preadv_all(fd, offset, views))
 
     async def write(self, offset: int, views: Sequence[memoryview], *, sync: bool = False) -> None:
         self._check_writable()
-        fd = self.fd
+        fd = self.io_fd
         await self._batcher.run(lambda: pwritev_all(fd, offset, views), sync=sync)
 
     async def flush(self) -> None:
@@ -469,6 +537,10 @@ class RawFileBackend:
         await self._batcher.run(lambda: self._do_write_zeroes(ranges, unmap), sync=sync)
 
     def close(self) -> None:
+        if self.io_fd >= 0 and self.io_fd != self.fd:
+            with contextlib.suppress(OSError):
+                os.close(self.io_fd)
+        self.io_fd = -1
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)  # releases the OFD lock

@@ -69,8 +69,19 @@ class BlkOptions:
     max_write_zeroes_sectors: int = MAX_REQUEST_SECTORS
     max_write_zeroes_seg: int = 32
     lock: bool = True
+    cache: str = "writeback"
+    """QEMU's ``cache=``: none (O_DIRECT), writeback, writethrough (``writeback``
+    starts at 0), unsafe (flushes ignored); see ``backend.RawFileBackend``."""
+    aio: str = "io_uring"
+    """The data plane's I/O engine: io_uring (threads where it cannot run) or threads."""
 
     def __post_init__(self) -> None:
+        if self.cache not in ("none", "writeback", "writethrough", "unsafe"):
+            raise ValueError(
+                f"cache must be none, writeback, writethrough or unsafe: {self.cache!r}"
+            )
+        if self.aio not in ("io_uring", "threads"):
+            raise ValueError(f"aio must be io_uring or threads, not {self.aio!r}")
         if not 1 <= self.num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be in 1..65535, not {self.num_queues}")
         qs = self.queue_size

@@ -49,6 +49,7 @@ the framework sets DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 from typing import Any, ClassVar
@@ -89,6 +90,21 @@ _DISCARD = int(T.VIRTIO_BLK_T_DISCARD)
 _WRITE_ZEROES = int(T.VIRTIO_BLK_T_WRITE_ZEROES)
 _WRITES = frozenset({_OUT, _DISCARD, _WRITE_ZEROES, int(T.VIRTIO_BLK_T_SECURE_ERASE)})
 """Request types that modify the disk (rejected with IOERR on a read-only device)."""
+
+
+def _with_block_sizes(opts: BlkOptions, backend: RawFileBackend) -> BlkOptions:
+    """Unless set by the user, report the image's real logical and physical block
+    sizes (BLK_SIZE, TOPOLOGY's ``physical_block_exp``; §5.2.4): a guest that
+    follows them issues requests O_DIRECT can serve without bouncing."""
+    if opts.blk_size != SECTOR or opts.physical_block_exp:
+        return opts
+    logical = backend.logical_block_size
+    physical = backend.physical_block_size
+    if logical & (logical - 1) or physical & (physical - 1) or physical < logical:
+        return opts
+    return dataclasses.replace(
+        opts, blk_size=logical, physical_block_exp=(physical // logical).bit_length() - 1
+    )
 
 
 class VirtioBlk(VirtioDevice):
@@ -137,7 +153,8 @@ class VirtioBlk(VirtioDevice):
         if self.offers_write_zeroes:
             features |= F.VIRTIO_BLK_F_WRITE_ZEROES.mask
         self.device_features = features
-        self.writeback = int(opts.writeback)
+        self._writeback_default = bool(opts.writeback) and opts.cache != "writethrough"
+        self.writeback = int(self._writeback_default)
         """The ``writeback`` config field: 1 writeback, 0 writethrough (§5.2.5)."""
         self.guard_format_change = False
         """The format was probed (raw): refuse writes that would make sector 0 look
@@ -158,8 +175,15 @@ class VirtioBlk(VirtioDevice):
         if opts.path is None:
             raise ValueError("BlkOptions.path is required to open an image")
         check_image(opts.path, image_format, force=force)
-        backend = RawFileBackend(opts.path, read_only=opts.read_only, lock=opts.lock)
-        device = cls(backend, opts)
+        backend = RawFileBackend(
+            opts.path, read_only=opts.read_only, lock=opts.lock, cache=opts.cache
+        )
+        try:
+            opts = _with_block_sizes(opts, backend)
+            device = cls(backend, opts)
+        except BaseException:
+            backend.close()
+            raise
         device.guard_format_change = image_format is None and not device.read_only
         return device
 
@@ -204,7 +228,7 @@ class VirtioBlk(VirtioDevice):
 
     def reset(self) -> None:
         super().reset()
-        self.writeback = int(self.options.writeback)
+        self.writeback = int(self._writeback_default)
         self._cache_mode_changed()
         self.errors.flush()
 
@@ -230,7 +254,7 @@ class VirtioBlk(VirtioDevice):
         if self._negotiated(F.VIRTIO_BLK_F_CONFIG_WCE):
             return self.writeback == 0
         if self._negotiated(F.VIRTIO_BLK_F_FLUSH):
-            return not self.options.writeback
+            return not self._writeback_default
         return True
 
     # -- requests ---------------------------------------------------------------------------

@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""Real storage: our vhost-user-blk back-end vs qemu-storage-daemon, no VM.
+
+Issue 8 §4.  A guest under TCG cannot issue more than a few thousand requests a
+second (see ``--guest-ceiling``), far below a disk's cold random-read rate, so the
+load comes from a vhost-user front-end without a VM: the handshake and the split
+rings are set up by the project's Python front-end
+(``virtio.testing.vhost_user_frontend``) and a C driver loop (``bench/vu_load.c``)
+keeps ``qd`` requests in flight on each ring, waiting on the call eventfd as a
+guest waits for its interrupt.
+
+Matrices (each point: both back-ends, interleaved A/B then B/A per round, a fresh
+back-end process per run, so ratios come from the same minutes of the machine):
+
+* ``cold``: O_DIRECT (ours ``--cache none --aio io_uring``, qsd
+  ``cache.direct=on,aio=io_uring``), ``echo 3 > /proc/sys/vm/drop_caches`` before
+  every run, a 4 GiB image on the root file system; 4 KiB random read / write at
+  QD 1 and 32, 64 KiB sequential read / write at QD 8; 1 and 2 queues (QD per
+  queue).
+* ``cache``: page cache (ours ``--cache writeback``, qsd ``cache.direct=off,
+  aio=io_uring``), image read into the page cache first; 4 KiB random read / write
+  at QD 1 and 32, 1 and 2 queues.
+
+Per run: IOPS (requests completed / seconds) and the back-end's CPU time per
+request (utime + stime of all its threads, ``/proc/PID/stat``).  Per point: the
+median of the rounds and the spread (min-max), the IOPS ratio ours/qsd and the
+CPU ratio ours/qsd.
+
+Usage (root, for drop_caches)::
+
+    python bench/storage_matrix.py                       # both matrices (~25 min)
+    python bench/storage_matrix.py --matrix cold --rounds 3 --runtime 8
+    python bench/storage_matrix.py --quick               # 2 points, 1 round (~1 min)
+    python bench/storage_matrix.py --backends ours,ours-threads,qsd
+    python bench/storage_matrix.py --matrix cache --backends ours,baseline,qsd \\
+        --baseline-repo /work/main                       # page cache vs an older checkout
+    python bench/storage_matrix.py --json > out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import cffi  # noqa: E402
+import trio  # noqa: E402
+
+from virtio.testing.blk_checks import stop_process, wait_for_socket  # noqa: E402
+from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+QUEUE_SIZE = 256
+PER_QUEUE = 8 * MiB
+"""Guest RAM per queue: rings, headers, status bytes, data buffers."""
+
+
+# --------------------------------------------------------------------------- the C driver
+_CDEF = """
+struct lq {
+    int memfd; uint64_t memsize; uint64_t desc, avail, used; uint32_t size;
+    int kick_fd, call_fd; uint64_t hdr_gpa, st_gpa, data_gpa; uint32_t bs, qd;
+    int write, seq; uint64_t span_sectors; uint64_t first_sector; uint64_t seed;
+    double seconds; uint64_t ios, errors, kicks, waits; double elapsed;
+};
+int lq_run(struct lq *q);
+"""
+
+
+def load_driver() -> tuple[Any, Any]:
+    """Compile ``vu_load.c`` once per source version (cache: ~/.cache/pyvirtio)."""
+    src = Path(__file__).with_name("vu_load.c")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("PYVIRTIO_CACHE", Path.home() / ".cache" / "pyvirtio"))
+    out = cache / f"vu_load-{digest}.so"
+    if not out.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True)
+        os.replace(tmp, out)
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    return ffi, ffi.dlopen(str(out))
+
+
+# --------------------------------------------------------------------------- points
+@dataclasses.dataclass(frozen=True)
+class Point:
+    name: str
+    bs: int
+    qd: int
+    write: bool
+    seq: bool
+    queues: int
+
+
+def points_for(matrix: str) -> list[Point]:
+    shapes = [("randread-4k", 4096, False, False), ("randwrite-4k", 4096, True, False)]
+    out = []
+    for queues in (1, 2):
+        for name, bs, write, seq in shapes:
+            for qd in (1, 32):
+                out.append(Point(f"{name}-qd{qd}-q{queues}", bs, qd, write, seq, queues))
+        if matrix == "cold":
+            out.append(Point(f"seqread-64k-qd8-q{queues}", 65536, 8, False, True, queues))
+            out.append(Point(f"seqwrite-64k-qd8-q{queues}", 65536, 8, True, True, queues))
+    return out
+
+
+# --------------------------------------------------------------------------- back-ends
+def backend_python() -> str:
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def backend_cmd(
+    name: str, matrix: str, sock: Path, image: Path, queues: int, baseline: Path | None = None
+) -> list[str]:
+    direct = matrix == "cold"
+    if name == "baseline":  # another checkout (e.g. main before this work): page cache only
+        if baseline is None or direct:
+            raise SystemExit("the baseline back-end needs --baseline-repo and --matrix cache")
+        return [
+            backend_python(), "-m", "virtio", "serve", "blk",  # run from cwd=baseline
+            "--socket-path", str(sock), "--blk-file", str(image), "--format", "raw",
+            "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
+        ]  # fmt: skip
+    if name.startswith("ours"):
+        aio = "threads" if name == "ours-threads" else "io_uring"
+        return [
+            backend_python(), "-m", "virtio", "serve", "blk",
+            "--socket-path", str(sock), "--blk-file", str(image), "--format", "raw",
+            "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
+            "--cache", "none" if direct else "writeback", "--aio", aio,
+        ]  # fmt: skip
+    qsd = shutil.which("qemu-storage-daemon")
+    if qsd is None:
+        raise SystemExit("qemu-storage-daemon not found (Debian: qemu-system-common)")
+    return [
+        qsd,
+        "--blockdev",
+        f"driver=file,node-name=file0,filename={image},"
+        f"cache.direct={'on' if direct else 'off'},aio=io_uring",
+        "--blockdev", "driver=raw,node-name=disk0,file=file0",
+        "--export",
+        f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+        f"writable=on,num-queues={queues}",
+    ]  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def make_image(path: Path, size: int) -> None:
+    """Every block written (no holes: a hole reads without touching the disk)."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    chunk = bytearray(os.urandom(MiB))
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            chunk[:8] = i.to_bytes(8, "little")
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 * MiB):
+            pass
+
+
+# --------------------------------------------------------------------------- a run
+@dataclasses.dataclass
+class Run:
+    point: str
+    backend: str
+    round: int
+    iops: float
+    ios: int
+    seconds: float
+    cpu_s: float
+    errors: int
+    kicks: int
+    waits: int
+
+    @property
+    def cpu_us_per_io(self) -> float:
+        return self.cpu_s / self.ios * 1e6 if self.ios else float("nan")
+
+
+async def run_one(
+    ffi: Any, lib: Any, point: Point, backend: str, rnd: int, args: argparse.Namespace, work: Path
+) -> Run:
+    sock = work / f"{backend}.sock"
+    sock.unlink(missing_ok=True)
+    if args.matrix_now == "cold":
+        drop_caches()
+    cmd = backend_cmd(backend, args.matrix_now, sock, args.image, point.queues, args.baseline_repo)
+    cwd = args.baseline_repo if backend == "baseline" else REPO
+    with open(work / f"{backend}.log", "ab") as log:
+        proc = await trio.lowlevel.open_process(
+            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd
+        )
+    ram = GuestRam(PER_QUEUE * point.queues)
+    fe = None
+    try:
+        await wait_for_socket(sock, proc, timeout=30)
+        fe = await VhostUserFrontend.connect(sock)
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        qs = []
+        span = args.image.stat().st_size // 512
+        for i in range(point.queues):
+            base = i * PER_QUEUE
+            vring = await fe.setup_vring(i, ram, size=QUEUE_SIZE, offset=base, data_size=4096)
+            d = vring.driver
+            q = ffi.new("struct lq *")
+            q.memfd, q.memsize = ram.fds[0], PER_QUEUE * point.queues
+            q.desc, q.avail, q.used, q.size = d.desc_addr, d.driver_addr, d.device_addr, d.size
+            q.kick_fd, q.call_fd = vring.kick_fd, vring.call_fd
+            q.hdr_gpa, q.st_gpa, q.data_gpa = base + MiB, base + MiB + 65536, base + 2 * MiB
+            q.bs, q.qd, q.write, q.seq = point.bs, point.qd, point.write, point.seq
+            # Sequential streams of different queues start far apart.
+            q.first_sector = (span // point.queues) * i if point.seq else 0
+            q.span_sectors = span // point.queues if point.seq else span
+            q.seed = 0x9E3779B97F4A7C15 * (rnd * 7 + i + 1) & (1 << 64) - 1
+            q.seconds = args.runtime
+            qs.append(q)
+        cpu0 = cpu_seconds(proc.pid)
+        rcs: list[int] = []
+        async with trio.open_nursery() as nursery:
+            for q in qs:
+
+                async def go(q=q) -> None:
+                    rcs.append(await trio.to_thread.run_sync(lib.lq_run, q))
+
+                nursery.start_soon(go)
+        cpu = cpu_seconds(proc.pid) - cpu0
+        if any(rcs):
+            raise RuntimeError(f"{backend} {point.name}: driver loop failed {rcs}")
+        ios = sum(int(q.ios) for q in qs)
+        seconds = max(float(q.elapsed) for q in qs)
+        return Run(
+            point.name,
+            backend,
+            rnd,
+            ios / seconds,
+            ios,
+            seconds,
+            cpu,
+            sum(int(q.errors) for q in qs),
+            sum(int(q.kicks) for q in qs),
+            sum(int(q.waits) for q in qs),
+        )
+    finally:
+        if fe is not None:
+            await fe.aclose()
+        await stop_process(proc)
+        ram.close()
+
+
+# --------------------------------------------------------------------------- summary
+def summarise(runs: list[Run], points: list[Point], backends: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for p in points:
+        row: dict[str, Any] = {"point": p.name}
+        for b in backends:
+            rs = [r for r in runs if r.point == p.name and r.backend == b]
+            if not rs:
+                continue
+            iops = [r.iops for r in rs]
+            row[b] = {
+                "iops": statistics.median(iops),
+                "iops_min": min(iops),
+                "iops_max": max(iops),
+                "cpu_us_per_io": statistics.median(r.cpu_us_per_io for r in rs),
+                "errors": sum(r.errors for r in rs),
+            }
+        ours, qsd = row.get(backends[0]), row.get("qsd")
+        if ours and qsd:
+            row["iops_ratio"] = ours["iops"] / qsd["iops"]
+            row["cpu_ratio"] = ours["cpu_us_per_io"] / qsd["cpu_us_per_io"]
+            # per-round ratios (A and B ran back to back): their spread
+            per = [
+                a.iops / b.iops
+                for a in runs
+                for b in runs
+                if a.point == b.point == p.name
+                and a.round == b.round
+                and a.backend == backends[0]
+                and b.backend == "qsd"
+            ]
+            row["ratio_min"], row["ratio_max"] = min(per), max(per)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
+    head = "| point | " + " | ".join(f"{b} IOPS (min-max) | {b} CPU µs/IO" for b in backends)
+    head += " | IOPS ours/qsd (per-round range) | CPU ours/qsd |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(backends) + 1)]
+    for r in rows:
+        cells = [r["point"]]
+        for b in backends:
+            x = r.get(b)
+            if x is None:
+                cells += ["-", "-"]
+                continue
+            cells.append(
+                f"{x['iops'] / 1000:.1f}k ({x['iops_min'] / 1000:.1f}-{x['iops_max'] / 1000:.1f})"
+            )
+            cells.append(f"{x['cpu_us_per_io']:.1f}")
+        if "iops_ratio" in r:
+            cells.append(f"{r['iops_ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
+            cells.append(f"{r['cpu_ratio']:.2f}")
+        else:
+            cells += ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    ffi, lib = load_driver()
+    backends = args.backends.split(",")
+    make_image(args.image, args.size)
+    out: dict[str, Any] = {"runs": [], "tables": {}}
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-storage-") as tmp:
+        work = Path(tmp)
+        for matrix in args.matrix.split(","):
+            args.matrix_now = matrix
+            points = points_for(matrix)
+            if args.points:
+                points = [p for p in points if p.name in args.points.split(",")]
+            if matrix == "cache":
+                warm(args.image)
+            runs: list[Run] = []
+            for p in points:
+                for rnd in range(args.rounds):
+                    order = backends if rnd % 2 == 0 else backends[::-1]
+                    for b in order:
+                        if matrix == "cache":
+                            warm(args.image)
+                        r = await run_one(ffi, lib, p, b, rnd, args, work)
+                        runs.append(r)
+                        print(
+                            f"[{matrix}] {p.name} {b} r{rnd}: {r.iops / 1000:.1f}k IOPS, "
+                            f"{r.cpu_us_per_io:.1f} µs CPU/IO, errors {r.errors}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+            rows = summarise(runs, points, backends)
+            out["tables"][matrix] = rows
+            out["runs"] += [dataclasses.asdict(r) | {"matrix": matrix} for r in runs]
+            if not args.json:
+                print(f"\n### {matrix}\n\n{format_table(rows, backends)}\n", flush=True)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--matrix", default="cold,cache", help="cold, cache or both (cold,cache)")
+    ap.add_argument("--image", type=Path, default=Path("/var/tmp/pyvirtio-storage-bench.img"))
+    ap.add_argument("--size", type=int, default=4 * GiB, help="image size in bytes (4 GiB)")
+    ap.add_argument("--runtime", type=float, default=8.0, help="seconds per run (8)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--points", default="", help="comma-separated point names")
+    ap.add_argument(
+        "--backends", default="ours,qsd", help="ours, ours-threads, qsd, baseline (the first is A)"
+    )
+    ap.add_argument(
+        "--baseline-repo", type=Path, help="a checkout whose back-end is 'baseline' (page cache)"
+    )
+    ap.add_argument("--quick", action="store_true", help="2 cold points, 1 round, 4 s")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.matrix, args.rounds, args.runtime = "cold", 1, 4.0
+        args.points = args.points or "randread-4k-qd1-q1,randread-4k-qd32-q1"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    out = trio.run(bench, args)
+    out["seconds"] = time.monotonic() - t0
+    if args.json:
+        json.dump(out, sys.stdout, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

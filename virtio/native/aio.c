@@ -1,0 +1,511 @@
+/* Asynchronous file I/O for the data planes: io_uring (liburing, when built with
+ * HAVE_LIBURING and the kernel allows it) or a pool of worker threads.
+ *
+ * A request lives in a slot (the chain's head: unique while in flight) from
+ * aio_start to the aio_reap that reports it.  Requests started between two
+ * aio_submit calls go to the kernel together (one io_uring_enter); completions are
+ * reaped in batches, in whatever order the kernel finishes them.  Short transfers
+ * are continued (the iovec array is advanced in place); an end of file before the
+ * whole transfer is EIO.  AIO_WRITE_SYNC is a write followed by fdatasync (linked
+ * on the ring: the sync starts only if the write completed), and reports which of
+ * the two failed.  The completion eventfd (`efd`) is what the data plane polls.
+ *
+ * Test hook: with a fault directory set (dp_set_fault_dir), each operation first
+ * consults the file named after its libc equivalent ("preadv", "pwritev",
+ * "fdatasync"), the protocol of virtio.testing.faults: "ERRNO COUNT" fails the next
+ * COUNT operations with ERRNO.  io_uring bypasses libc, so the LD_PRELOAD shim
+ * cannot see these operations; this hook makes the same tests run on every engine.
+ * Off (one load of a NULL byte) unless set. */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#ifdef HAVE_LIBURING
+#include <liburing.h>
+#endif
+
+enum { AIO_READ = 0, AIO_WRITE = 1, AIO_WRITE_SYNC = 2, AIO_FSYNC = 3 };
+
+/* ---- fault hook ---------------------------------------------------------------- */
+static char dp_fault_dir_buf[PATH_MAX];
+static pthread_mutex_t dp_fault_mu = PTHREAD_MUTEX_INITIALIZER;
+
+void dp_set_fault_dir(const char *dir)
+{
+    pthread_mutex_lock(&dp_fault_mu);
+    snprintf(dp_fault_dir_buf, sizeof dp_fault_dir_buf, "%s", dir ? dir : "");
+    pthread_mutex_unlock(&dp_fault_mu);
+}
+
+/* The errno to fail the next `name` operation with, or 0. */
+static int dp_fault(const char *name)
+{
+    if (!__atomic_load_n(&dp_fault_dir_buf[0], __ATOMIC_RELAXED))
+        return 0;
+    char path[PATH_MAX + 32];
+    int err = 0;
+    pthread_mutex_lock(&dp_fault_mu);
+    snprintf(path, sizeof path, "%s/%s", dp_fault_dir_buf, name);
+    FILE *f = fopen(path, "r+");
+    if (f) {
+        long e = 0, count = 0;
+        if (fscanf(f, "%ld %ld", &e, &count) == 2 && e > 0 && count != 0) {
+            err = (int)e;
+            if (count > 0)
+                count--;
+            if (count == 0) {
+                unlink(path);
+            } else {
+                rewind(f);
+                fprintf(f, "%ld %ld          \n", e, count);
+            }
+        }
+        fclose(f);
+    }
+    pthread_mutex_unlock(&dp_fault_mu);
+    return err;
+}
+
+static const char *aio_fault_name(int op)
+{
+    return op == AIO_READ ? "preadv" : op == AIO_FSYNC ? "fdatasync" : "pwritev";
+}
+
+/* ---- the engine ---------------------------------------------------------------- */
+struct aio_req {
+    int op, fd;
+    struct iovec *iov;
+    int iovcnt;
+    uint64_t off;
+    uint64_t left;          /* bytes still to transfer */
+    int32_t err;
+    uint8_t sync_failed;    /* err came from the fdatasync */
+    uint8_t sync_fault;     /* test hook: fail the sync of an AIO_WRITE_SYNC */
+    uint8_t ncqe;           /* ring completions outstanding */
+};
+
+struct aio_done {
+    uint32_t slot;
+    int32_t err;
+    int sync_failed;
+};
+
+#define AIO_MAX_THREADS 64
+
+struct aio {
+    int engine; /* BLK_AIO_THREADS / BLK_AIO_URING */
+    int efd;
+    uint32_t nslots;
+    struct aio_req *reqs;
+    /* completed slots (worker threads, synthetic failures): a ring of nslots */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint32_t *cq, cq_head, cq_n;
+    /* worker threads: a ring of queued slots */
+    uint32_t *jq, jq_head, jq_n;
+    int nthreads, maxthreads, idle, stop;
+    pthread_t threads[AIO_MAX_THREADS];
+    uint64_t submits;
+#ifdef HAVE_LIBURING
+    struct io_uring ring;
+    int ring_ok;
+    unsigned queued; /* SQEs prepared since the last submit */
+#endif
+};
+
+static void aio_signal(struct aio *a)
+{
+    uint64_t one = 1;
+    ssize_t w = write(a->efd, &one, sizeof one);
+    (void)w;
+}
+
+/* Report a slot done (caller holds mu). */
+static void aio_post_locked(struct aio *a, uint32_t slot)
+{
+    a->cq[(a->cq_head + a->cq_n) % a->nslots] = slot;
+    a->cq_n++;
+}
+
+static void aio_post(struct aio *a, uint32_t slot)
+{
+    pthread_mutex_lock(&a->mu);
+    aio_post_locked(a, slot);
+    pthread_mutex_unlock(&a->mu);
+    aio_signal(a);
+}
+
+/* Advance r's iovecs past n transferred bytes. */
+static void aio_advance(struct aio_req *r, uint64_t n)
+{
+    r->off += n;
+    r->left -= n;
+    while (r->iovcnt > 0 && n >= r->iov->iov_len) {
+        n -= r->iov->iov_len;
+        r->iov++;
+        r->iovcnt--;
+    }
+    if (r->iovcnt > 0 && n) {
+        r->iov->iov_base = (uint8_t *)r->iov->iov_base + n;
+        r->iov->iov_len -= n;
+    }
+}
+
+/* Synchronous execution (worker threads).  Sets r->err / r->sync_failed. */
+static void aio_run_sync(struct aio_req *r)
+{
+    int fault = dp_fault(aio_fault_name(r->op));
+    if (fault) {
+        r->err = fault;
+        r->sync_failed = r->op == AIO_FSYNC;
+        return;
+    }
+    while (r->op != AIO_FSYNC && r->left) {
+        ssize_t n = r->op == AIO_READ ? preadv2(r->fd, r->iov, r->iovcnt, (off_t)r->off, 0)
+                                      : pwritev2(r->fd, r->iov, r->iovcnt, (off_t)r->off, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            r->err = errno ? errno : EIO;
+            return;
+        }
+        if (n == 0) {
+            r->err = EIO; /* end of file: the image shrank under us */
+            return;
+        }
+        aio_advance(r, (uint64_t)n);
+    }
+    if (r->op == AIO_WRITE_SYNC || r->op == AIO_FSYNC) {
+        int f = r->op == AIO_WRITE_SYNC ? dp_fault("fdatasync") : 0;
+        if (f) {
+            r->err = f;
+            r->sync_failed = 1;
+            return;
+        }
+        while (fdatasync(r->fd)) {
+            if (errno == EINTR)
+                continue;
+            r->err = errno ? errno : EIO;
+            r->sync_failed = 1;
+            return;
+        }
+    }
+}
+
+static void *aio_worker(void *arg)
+{
+    struct aio *a = arg;
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        while (!a->jq_n && !a->stop) {
+            a->idle++;
+            pthread_cond_wait(&a->cv, &a->mu);
+            a->idle--;
+        }
+        if (!a->jq_n && a->stop)
+            break;
+        uint32_t slot = a->jq[a->jq_head];
+        a->jq_head = (a->jq_head + 1) % a->nslots;
+        a->jq_n--;
+        pthread_mutex_unlock(&a->mu);
+        aio_run_sync(&a->reqs[slot]);
+        pthread_mutex_lock(&a->mu);
+        aio_post_locked(a, slot);
+        aio_signal(a);
+    }
+    pthread_mutex_unlock(&a->mu);
+    return NULL;
+}
+
+#ifdef HAVE_LIBURING
+static struct io_uring_sqe *aio_sqe(struct aio *a)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&a->ring);
+    if (!sqe) { /* SQ full: hand over what is queued, then there is room */
+        io_uring_submit(&a->ring);
+        a->submits++;
+        a->queued = 0;
+        sqe = io_uring_get_sqe(&a->ring);
+    }
+    return sqe;
+}
+
+/* Queue r (slot) on the ring. */
+static void aio_uring_queue(struct aio *a, uint32_t slot)
+{
+    struct aio_req *r = &a->reqs[slot];
+    r->ncqe = 0;
+    if (r->op == AIO_WRITE_SYNC && io_uring_sq_space_left(&a->ring) < 2) {
+        io_uring_submit(&a->ring);
+        a->submits++;
+        a->queued = 0;
+    }
+    struct io_uring_sqe *sqe = aio_sqe(a);
+    if (r->op == AIO_FSYNC) {
+        io_uring_prep_fsync(sqe, r->fd, IORING_FSYNC_DATASYNC);
+    } else if (r->op == AIO_READ) {
+        if (r->iovcnt == 1)
+            io_uring_prep_read(sqe, r->fd, r->iov->iov_base, (unsigned)r->iov->iov_len, r->off);
+        else
+            io_uring_prep_readv(sqe, r->fd, r->iov, (unsigned)r->iovcnt, r->off);
+    } else {
+        if (r->iovcnt == 1)
+            io_uring_prep_write(sqe, r->fd, r->iov->iov_base, (unsigned)r->iov->iov_len, r->off);
+        else
+            io_uring_prep_writev(sqe, r->fd, r->iov, (unsigned)r->iovcnt, r->off);
+    }
+    sqe->user_data = (uint64_t)slot << 1;
+    r->ncqe++;
+    a->queued++;
+    if (r->op == AIO_WRITE_SYNC && !r->sync_fault) {
+        /* The sync runs only once the write completed whole (a short or failed write
+         * cancels it: -ECANCELED). */
+        sqe->flags |= IOSQE_IO_LINK;
+        sqe = aio_sqe(a);
+        io_uring_prep_fsync(sqe, r->fd, IORING_FSYNC_DATASYNC);
+        sqe->user_data = (uint64_t)slot << 1 | 1;
+        r->ncqe++;
+        a->queued++;
+    }
+}
+
+/* One ring completion of slot; returns 1 when the request is finished. */
+static int aio_uring_cqe(struct aio *a, uint32_t slot, int is_sync, int res)
+{
+    struct aio_req *r = &a->reqs[slot];
+    r->ncqe--;
+    if (is_sync || r->op == AIO_FSYNC) {
+        if (res < 0 && res != -ECANCELED && !r->err) {
+            r->err = -res;
+            r->sync_failed = 1;
+        }
+    } else if (res < 0) {
+        if (res == -EINTR || res == -EAGAIN)
+            ; /* retried below: nothing was transferred */
+        else if (!r->err)
+            r->err = -res;
+    } else if (res == 0 && r->left) {
+        if (!r->err)
+            r->err = EIO; /* end of file: the image shrank under us */
+    } else {
+        aio_advance(r, (uint64_t)res);
+    }
+    if (r->ncqe)
+        return 0;
+    if (r->err)
+        return 1;
+    if (r->op != AIO_FSYNC && r->left) { /* short transfer: go on from there */
+        aio_uring_queue(a, slot);
+        return 0;
+    }
+    if (r->op == AIO_WRITE_SYNC && r->sync_fault) {
+        r->err = r->sync_fault;
+        r->sync_failed = 1;
+    }
+    return 1;
+}
+#endif
+
+int aio_uring_usable(void)
+{
+#ifdef HAVE_LIBURING
+    struct io_uring ring;
+    if (io_uring_queue_init(4, &ring, 0) < 0)
+        return 0;
+    io_uring_queue_exit(&ring);
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Set up an engine for nslots slots.  Returns the engine running (io_uring falls
+ * back to threads when it cannot be set up), or -errno. */
+static int aio_init(struct aio *a, int engine, uint32_t nslots, int threads)
+{
+    memset(a, 0, sizeof *a);
+    a->nslots = nslots;
+    a->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    a->reqs = calloc(nslots, sizeof *a->reqs);
+    a->cq = calloc(nslots, sizeof *a->cq);
+    a->jq = calloc(nslots, sizeof *a->jq);
+    if (a->efd < 0 || !a->reqs || !a->cq || !a->jq)
+        return -ENOMEM;
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_cond_init(&a->cv, NULL);
+    a->maxthreads = threads > 0 && threads <= AIO_MAX_THREADS ? threads : 16;
+    a->engine = BLK_AIO_THREADS;
+#ifdef HAVE_LIBURING
+    if (engine == BLK_AIO_URING) {
+        unsigned entries = 1;
+        while (entries < 2 * nslots && entries < 4096)
+            entries <<= 1;
+        struct io_uring_params p;
+        memset(&p, 0, sizeof p);
+        /* cq_entries: every slot's completions fit (2 per AIO_WRITE_SYNC) */
+        p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
+        p.cq_entries = 4 * entries;
+        int rc = io_uring_queue_init_params(entries, &a->ring, &p);
+        if (rc == -EINVAL) { /* kernel < 6.0: without the newer flags */
+            memset(&p, 0, sizeof p);
+            p.flags = IORING_SETUP_CQSIZE;
+            p.cq_entries = 4 * entries;
+            rc = io_uring_queue_init_params(entries, &a->ring, &p);
+        }
+        if (rc == 0) {
+            if (io_uring_register_eventfd(&a->ring, a->efd) == 0) {
+                a->ring_ok = 1;
+                a->engine = BLK_AIO_URING;
+            } else {
+                io_uring_queue_exit(&a->ring);
+            }
+        }
+    }
+#else
+    (void)engine;
+#endif
+    return a->engine;
+}
+
+static void aio_destroy(struct aio *a)
+{
+    pthread_mutex_lock(&a->mu);
+    a->stop = 1;
+    pthread_cond_broadcast(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+    for (int i = 0; i < a->nthreads; i++)
+        pthread_join(a->threads[i], NULL);
+#ifdef HAVE_LIBURING
+    if (a->ring_ok)
+        io_uring_queue_exit(&a->ring);
+#endif
+    if (a->efd >= 0)
+        close(a->efd);
+    pthread_mutex_destroy(&a->mu);
+    pthread_cond_destroy(&a->cv);
+    free(a->reqs);
+    free(a->cq);
+    free(a->jq);
+}
+
+/* Start an operation in `slot`.  The iovec array stays the caller's until the slot
+ * is reaped (it is advanced in place on short transfers). */
+static void aio_start(struct aio *a, uint32_t slot, int op, int fd, struct iovec *iov,
+                      int iovcnt, uint64_t off, uint64_t len)
+{
+    struct aio_req *r = &a->reqs[slot];
+    r->op = op;
+    r->fd = fd;
+    r->iov = iov;
+    r->iovcnt = iovcnt;
+    r->off = off;
+    r->left = op == AIO_FSYNC ? 0 : len;
+    r->err = 0;
+    r->sync_failed = 0;
+    r->sync_fault = 0;
+#ifdef HAVE_LIBURING
+    if (a->engine == BLK_AIO_URING) {
+        int f = dp_fault(aio_fault_name(op));
+        if (f) {
+            r->err = f;
+            r->sync_failed = op == AIO_FSYNC;
+            aio_post(a, slot);
+            return;
+        }
+        if (op == AIO_WRITE_SYNC)
+            r->sync_fault = (uint8_t)dp_fault("fdatasync");
+        aio_uring_queue(a, slot);
+        return;
+    }
+#endif
+    pthread_mutex_lock(&a->mu);
+    a->jq[(a->jq_head + a->jq_n) % a->nslots] = slot;
+    a->jq_n++;
+    if ((uint32_t)a->idle < a->jq_n && a->nthreads < a->maxthreads &&
+        pthread_create(&a->threads[a->nthreads], NULL, aio_worker, a) == 0)
+        a->nthreads++;
+    pthread_cond_signal(&a->cv);
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* Finish a slot at once with err (e.g. the sticky writeback error). */
+static void aio_fail(struct aio *a, uint32_t slot, int err, int sync_failed)
+{
+    a->reqs[slot].err = err;
+    a->reqs[slot].sync_failed = (uint8_t)sync_failed;
+    aio_post(a, slot);
+}
+
+/* Hand what aio_start queued to the kernel (one system call for the batch). */
+static void aio_submit(struct aio *a)
+{
+#ifdef HAVE_LIBURING
+    if (a->engine == BLK_AIO_URING && a->queued) {
+        io_uring_submit(&a->ring);
+        a->submits++;
+        a->queued = 0;
+    }
+#else
+    (void)a;
+#endif
+}
+
+/* Up to max finished requests, without blocking.  Clears the eventfd first, so a
+ * completion arriving meanwhile signals it again. */
+static uint32_t aio_reap(struct aio *a, struct aio_done *out, uint32_t max)
+{
+    uint64_t v;
+    ssize_t rr = read(a->efd, &v, sizeof v);
+    (void)rr;
+    uint32_t n = 0;
+    if (__atomic_load_n(&a->cq_n, __ATOMIC_RELAXED)) {
+        pthread_mutex_lock(&a->mu);
+        while (a->cq_n && n < max) {
+            uint32_t slot = a->cq[a->cq_head];
+            a->cq_head = (a->cq_head + 1) % a->nslots;
+            a->cq_n--;
+            out[n].slot = slot;
+            out[n].err = a->reqs[slot].err;
+            out[n].sync_failed = a->reqs[slot].sync_failed;
+            n++;
+        }
+        if (a->cq_n)
+            aio_signal(a); /* more next time */
+        pthread_mutex_unlock(&a->mu);
+    }
+#ifdef HAVE_LIBURING
+    if (a->engine == BLK_AIO_URING) {
+        struct io_uring_cqe *cqes[64];
+        while (n < max) {
+            unsigned want = max - n < 64 ? max - n : 64;
+            unsigned got = io_uring_peek_batch_cqe(&a->ring, cqes, want);
+            if (!got)
+                break;
+            for (unsigned i = 0; i < got; i++) {
+                uint32_t slot = (uint32_t)(cqes[i]->user_data >> 1);
+                int is_sync = (int)(cqes[i]->user_data & 1);
+                int res = cqes[i]->res;
+                /* a resubmission may post more; fine: we re-peek */
+                if (aio_uring_cqe(a, slot, is_sync, res)) {
+                    out[n].slot = slot;
+                    out[n].err = a->reqs[slot].err;
+                    out[n].sync_failed = a->reqs[slot].sync_failed;
+                    n++;
+                }
+            }
+            io_uring_cq_advance(&a->ring, got);
+        }
+        if (a->queued) /* short transfers continued */
+            aio_submit(a);
+        if (n == max && io_uring_cq_ready(&a->ring))
+            aio_signal(a);
+    }
+#endif
+    return n;
+}
