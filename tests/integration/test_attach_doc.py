@@ -88,3 +88,42 @@ async def test_qemu_blk_command_line_of_the_doc(guest_image, tmp_path: Path) -> 
         if backend.returncode is None:
             backend.kill()
             await backend.wait()
+
+
+async def test_qemu_rng_command_line_of_the_doc(guest_image, tmp_path: Path) -> None:
+    opts = options(doc_block("qemu-rng"))
+    assert opts["-numa"] == ["node,memdev=mem"]
+    assert "share=on" in opts["-object"][0]
+    sock = tmp_path / "rng0.sock"
+    chardev = opts["-chardev"][0].replace("/run/pyvirtio/rng0.sock", os.fspath(sock))
+    backend = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "virtio", "serve", "rng", "--socket-path", os.fspath(sock)],
+        cwd=REPO,
+    )
+    try:
+        with trio.fail_after(20):
+            while not sock.exists():
+                await trio.sleep(0.01)
+        script = (
+            "cat /sys/class/misc/hw_random/rng_current; "
+            "dd if=/dev/hwrng bs=256 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n'"
+        )
+        guest = QemuGuest(
+            guest_image,
+            script=script,
+            extra_args=["-chardev", chardev, "-device", opts["-device"][0]],
+        )
+        async with guest:
+            result = await guest.wait_script(timeout=180)
+        assert result.rc == 0, result.output
+        current, hexdata = result.output.split()
+        assert current.startswith("virtio_rng")
+        data = bytes.fromhex(hexdata)
+        assert len(data) == 256 and len(set(data)) > 64  # not constant
+    finally:
+        backend.send_signal(signal.SIGTERM)
+        with trio.move_on_after(20):
+            await backend.wait()
+        if backend.returncode is None:
+            backend.kill()
+            await backend.wait()

@@ -14,7 +14,10 @@ import sys
 
 from virtio.cli import main
 
-EXECUTABLES = {"block": ("pyvirtio-vhost-user-blk", "blk")}
+EXECUTABLES = {
+    "block": ("pyvirtio-vhost-user-blk", "blk"),
+    "rng": ("pyvirtio-vhost-user-rng", "rng"),
+}
 """vhost-user.json backend type -> (console script, ``virtio serve`` device)."""
 
 
@@ -25,3 +28,8 @@ def _run(device: str) -> int:
 def blk() -> int:
     """``pyvirtio-vhost-user-blk``: ``virtio serve blk``."""
     return _run("blk")
+
+
+def rng() -> int:
+    """``pyvirtio-vhost-user-rng``: ``virtio serve rng``."""
+    return _run("rng")
