@@ -212,7 +212,10 @@ def run_blk(args: argparse.Namespace) -> int:
         _delay_requests(device, args.debug_request_delay)
     from virtio.devices.blk.dataplane import engine_for
 
-    log.info("cache=%s aio=%s (running: %s)", args.cache, args.aio, engine_for(args.aio))
+    device.summary = (  # the listening line shows it
+        f"{args.blk_file}, {device.capacity} sectors, cache={args.cache} "
+        f"aio={args.aio} (running: {engine_for(args.aio)})"
+    )
     try:
         return trio.run(_serve, device, args)
     except* OSError as group:  # trio >= 0.25 raises a nursery's errors as a group

@@ -159,6 +159,8 @@ class VirtioBlk(VirtioDevice):
         self.guard_format_change = False
         """The format was probed (raw): refuse writes that would make sector 0 look
         like another format (``probe.py``, QEMU's probed-raw rule)."""
+        self.summary = ""
+        """What the back-end's listening log line says of this disk (image, cache mode)."""
         self.errors = LogRateLimiter(log)
         """Where failed requests are logged (rate-limited: a guest can fail every one)."""
         self._sync_error_reported = False

@@ -234,9 +234,11 @@ class VhostUserServer:
     def describe(self) -> str:
         """The device as the listening log line shows it: type, queues, features."""
         device = self.device
+        extra = getattr(device, "summary", "")
         return (
             f"{device.device_id.name.removeprefix('VIRTIO_ID_').lower()} device, "
             f"{device.num_queues} queue(s), features {device.offered_features():#x}"
+            + (f", {extra}" if extra else "")
         )
 
     async def serve_listener(self, listener: trio.socket.SocketType) -> None:
