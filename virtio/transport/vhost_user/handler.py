@@ -986,7 +986,7 @@ class VhostUserHandler:
         area = InflightArea(req.fds[0], p.mmap_size, p.mmap_offset, p.num_queues, p.queue_size)
         kept.append(req.fds[0])
         self._set_inflight(area)
-        log.debug("%s: inflight area set: %d queue(s) of %d", self.name, p.num_queues, p.queue_size)
+        log.info("%s: inflight area set: %d queue(s) of %d", self.name, p.num_queues, p.queue_size)
 
     def _set_inflight(self, area: InflightArea | None) -> None:
         old, self.inflight = self.inflight, area
