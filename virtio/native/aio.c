@@ -26,6 +26,8 @@
 #include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
+
+#include "faultfile.h"
 #ifdef HAVE_LIBURING
 #include <liburing.h>
 #endif
@@ -52,22 +54,7 @@ static int dp_fault(const char *name)
     int err = 0;
     pthread_mutex_lock(&dp_fault_mu);
     snprintf(path, sizeof path, "%s/%s", dp_fault_dir_buf, name);
-    FILE *f = fopen(path, "r+");
-    if (f) {
-        long e = 0, count = 0;
-        if (fscanf(f, "%ld %ld", &e, &count) == 2 && e > 0 && count != 0) {
-            err = (int)e;
-            if (count > 0)
-                count--;
-            if (count == 0) {
-                unlink(path);
-            } else {
-                rewind(f);
-                fprintf(f, "%ld %ld          \n", e, count);
-            }
-        }
-        fclose(f);
-    }
+    err = fault_file_take(path);
     pthread_mutex_unlock(&dp_fault_mu);
     return err;
 }

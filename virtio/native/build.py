@@ -22,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 SOURCES = ("vm_native.c", "dataplane.c", "aio.c", "blk_dataplane.c")
 """C sources, compiled as one translation unit (in this order)."""
 HEADERS = ("vm_native.h", "dataplane.h")
+PRIVATE_HEADERS = ("faultfile.h",)
+"""Headers the C sources include that cffi does not see (static inline code)."""
 """Headers whose declarations cffi exposes (in this order)."""
 
 
@@ -29,7 +31,7 @@ def module_name() -> str:
     """``_vm_native_<hash>``: the hash covers the C sources and the spec defines, so a
     stale build is never imported after a change."""
     digest = hashlib.sha256()
-    for name in (*HEADERS, *SOURCES, "build.py"):
+    for name in (*HEADERS, *PRIVATE_HEADERS, *SOURCES, "build.py"):
         digest.update((HERE / name).read_bytes())
     digest.update(spec_defines().encode())
     digest.update(b"uring" if have_liburing() else b"")

@@ -25,11 +25,12 @@ CALLS = frozenset({"fdatasync", "fsync", "pwritev", "preadv", "pwrite", "pread"}
 """Calls the shim can fail (``pwritev`` covers ``pwritev64`` and so on)."""
 
 _SOURCE = Path(__file__).with_name("faultshim.c")
+_NATIVE = Path(__file__).resolve().parents[1] / "native"  # faultfile.h, shared with aio.c
 
 
 def shim_path() -> Path:
     """Build (if needed) and return the shim's shared library."""
-    src = _SOURCE.read_bytes()
+    src = _SOURCE.read_bytes() + (_NATIVE / "faultfile.h").read_bytes()
     digest = hashlib.sha256(src).hexdigest()[:12]
     cache = Path(os.environ.get("PYVIRTIO_CACHE", Path.home() / ".cache" / "pyvirtio"))
     out = cache / f"faultshim-{digest}.so"
@@ -37,7 +38,18 @@ def shim_path() -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(
-            ["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp), str(_SOURCE), "-ldl", "-lpthread"],
+            [
+                "cc",
+                "-O2",
+                "-shared",
+                "-fPIC",
+                f"-I{_NATIVE}",
+                "-o",
+                str(tmp),
+                str(_SOURCE),
+                "-ldl",
+                "-lpthread",
+            ],
             check=True,
             capture_output=True,
         )

@@ -20,6 +20,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "faultfile.h"
+
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 
 /* Returns the errno to fail with, or 0 to let the call through. */
@@ -35,22 +37,7 @@ static int armed(const char *name, int fd)
     snprintf(path, sizeof path, "%s/%s", dir, name);
     int err = 0;
     pthread_mutex_lock(&mu);
-    FILE *f = fopen(path, "r+");
-    if (f) {
-        long e = 0, count = 0;
-        if (fscanf(f, "%ld %ld", &e, &count) == 2 && e > 0 && count != 0) {
-            err = (int)e;
-            if (count > 0)
-                count--;
-            if (count == 0) {
-                unlink(path);
-            } else {
-                rewind(f);
-                fprintf(f, "%ld %ld          \n", e, count);
-            }
-        }
-        fclose(f);
-    }
+    err = fault_file_take(path);
     pthread_mutex_unlock(&mu);
     return err;
 }
