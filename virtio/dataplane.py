@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 _TAKE = 64
 CORE_STATISTICS = (
     "requests", "batches", "deferred", "kicks", "calls", "rescues", "io_errors",
-    "async_started", "reaps", "publishes", "max_pending", "dropped",
+    "async_started", "reaps", "publishes", "max_pending", "dropped", "idles",
 )  # fmt: skip
 """Counters every data plane keeps (``struct dp``)."""
 

@@ -169,7 +169,8 @@ static void dp_rescue(struct dp *dp)
 #define DP_IDLE_MS 500
 
 /* Wait for a kick, a completion (poll_fd) or a wake; with kick < 0 and !completions,
- * only for a wake.  Returns 1 to go on, 0 to stop, <0 on error. */
+ * only for a wake.  Returns 1 to go on, 2 when the wait timed out with nothing to do
+ * (the ring must not be touched then), 0 to stop, <0 on error. */
 static int dp_wait(struct dp *dp, int kick, int completions)
 {
     struct pollfd p[3] = {{dp->wake_fd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
@@ -179,9 +180,10 @@ static int dp_wait(struct dp *dp, int kick, int completions)
         p[2].fd = dp->poll_fd;
     int r = poll(p, 3, kick >= 0 ? DP_IDLE_MS : -1);
     if (r == 0) {
+        dp->idles++;
         if (!dp->pending)
             dp_rescue(dp);
-        return 1;
+        return 2;
     }
     if (r < 0)
         return errno == EINTR ? 1 : -errno;
@@ -386,7 +388,16 @@ int dp_run(struct dp *dp)
         }
         if (vq_enable_notification(q))
             continue;
-        int w = dp_wait(dp, __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE), 1);
+        /* Sleep until the driver kicks (or a completion / wake comes).  An idle
+         * timeout is no reason to look at the ring: without a kick the ring's memory
+         * may no longer be a ring at all -- firmware (SeaBIOS) drives the device and
+         * hands over to the OS without a reset, and the OS reuses that memory until
+         * its driver resets the device.  Reading its "avail idx" there, or writing
+         * flags and used entries, would corrupt the guest. */
+        int w;
+        do
+            w = dp_wait(dp, __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE), 1);
+        while (w == 2);
         if (w <= 0) {
             rc = w;
             goto out;

@@ -88,6 +88,7 @@ struct dp {
     /* statistics */
     uint64_t requests, batches, deferred, kicks, calls, rescues, io_errors;
     uint64_t async_started, reaps, publishes, max_pending, dropped;
+    uint64_t idles;             /* waits that timed out with nothing to do */
 };
 
 int dp_init(struct dp *dp);
