@@ -167,21 +167,36 @@ class VirtioBlk(VirtioDevice):
 
     @classmethod
     def from_options(
-        cls, opts: BlkOptions, *, image_format: str | None = None, force: bool = False
+        cls,
+        opts: BlkOptions,
+        *,
+        image_format: str | None = None,
+        force: bool = False,
+        l2_cache_size: int | None = None,
     ) -> VirtioBlk:
-        """Open ``opts.path`` as a raw image (locked; read-only if asked) and build
-        the device.  ``image_format`` None probes it: an image of another format is
-        refused (``probe.check_image``; ``force`` accepts a size that is not a whole
-        number of sectors).  Raises ``OSError``, ``ImageLockedError`` or
-        ``ImageFormatError``."""
+        """Open ``opts.path`` as a raw or (``image_format="qcow2"``) qcow2 image
+        (locked; read-only if asked) and build the device.  ``image_format`` None
+        probes it: an image of another format is refused (``probe.check_image``;
+        ``force`` accepts a size that is not a whole number of sectors).
+        ``l2_cache_size`` sizes a qcow2 image's L2 cache in bytes (None: QEMU's
+        default).  Raises ``OSError``, ``ImageLockedError`` or ``ImageFormatError``."""
         if opts.path is None:
             raise ValueError("BlkOptions.path is required to open an image")
-        check_image(opts.path, image_format, force=force)
-        backend = RawFileBackend(
-            opts.path, read_only=opts.read_only, lock=opts.lock, cache=opts.cache
-        )
+        fmt = check_image(opts.path, image_format, force=force)
+        backend: BlockBackend
+        if fmt == "qcow2":
+            from virtio.devices.blk.qcow2 import Qcow2Backend
+
+            backend = Qcow2Backend(
+                opts.path, read_only=opts.read_only, lock=opts.lock, l2_cache_size=l2_cache_size
+            )
+        else:
+            backend = RawFileBackend(
+                opts.path, read_only=opts.read_only, lock=opts.lock, cache=opts.cache
+            )
         try:
-            opts = _with_block_sizes(opts, backend)
+            if isinstance(backend, RawFileBackend):
+                opts = _with_block_sizes(opts, backend)
             device = cls(backend, opts)
         except BaseException:
             backend.close()

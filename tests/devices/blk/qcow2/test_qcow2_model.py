@@ -31,12 +31,16 @@ CONFIGS = {
     "extl2-16k": {"cluster_size": 16384, "extended_l2": True},
     "extl2-64k-lazy": {"extended_l2": True, "lazy_refcounts": True},
     "refcount8-8k": {"cluster_size": 8192, "refcount_bits": 8},
+    # two-table caches: every L2 load evicts (write-back in metadata order)
+    "512b-tiny-cache": {"cluster_size": 512, "cache": 1024},
+    "extl2-16k-tiny-cache": {"cluster_size": 16384, "extended_l2": True, "cache": 32768},
 }
 BACKED = {
     "backed-64k": {},
     "backed-extl2": {"cluster_size": 32768, "extended_l2": True},
     "backed-v2": {"compat": "0.10", "cluster_size": 4096},
     "backed-512b": {"cluster_size": 512},
+    "backed-512b-tiny-cache": {"cluster_size": 512, "cache": 1024},
 }
 
 
@@ -92,7 +96,12 @@ class Model:
             self.data[first:last] = bytes(last - first)
 
 
-def _run(image: Qcow2Image, path: Path, ops, model: Model) -> Qcow2Image:
+def _open(path: Path, cfg: dict) -> Qcow2Image:
+    cache = cfg.get("cache")
+    return Qcow2Image(path, l2_cache_size=cache, refcount_cache_size=cache)
+
+
+def _run(image: Qcow2Image, path: Path, ops, model: Model, cfg: dict) -> Qcow2Image:
     for op, (sector, count), arg in ops:
         off, n = sector * 512, count * 512
         if op == "write":
@@ -109,7 +118,7 @@ def _run(image: Qcow2Image, path: Path, ops, model: Model) -> Qcow2Image:
             image.flush()
         else:
             image.close()
-            image = Qcow2Image(path)
+            image = _open(path, cfg)
     return image
 
 
@@ -123,7 +132,8 @@ def _make(qimg, tmp: Path, name: str, cfg: dict, backed: bool) -> tuple[Path, by
         base = _data(7, size - 3 * cs - 512)
         base_raw.write_bytes(base)
         backing = qimg.convert(base_raw, tmp / "base.qcow2", "-o", f"cluster_size={cs}")
-    img = qimg.create(tmp / f"{name}.qcow2", size, backing=backing, **cfg)
+    opts = {k: v for k, v in cfg.items() if k != "cache"}
+    img = qimg.create(tmp / f"{name}.qcow2", size, backing=backing, **opts)
     return img, base
 
 
@@ -148,10 +158,10 @@ def test_random_sequences_match_a_raw_model(qimg, tmp_path_factory, name, cfg, b
         tmp = _fresh_dir(tmp_path_factory, name)
         try:
             img, base = _make(qimg, tmp, name, cfg, backed)
-            image = Qcow2Image(img)
+            image = _open(img, cfg)
             model = Model(image, base)
             ops = data.draw(_ops(image.size, image.cs, image.sub_size))
-            image = _run(image, img, ops, model)
+            image = _run(image, img, ops, model, cfg)
             got = bytearray(image.size)
             image.read(0, [memoryview(got)])
             assert got == model.data
@@ -206,7 +216,7 @@ def test_same_result_as_qemu_io(qimg, tmp_path_factory, name, backed):
                     cmds.append(f"write -q -z {'-u ' if arg else ''}{off} {n}")
                 else:
                     cmds.append("flush")
-            _run(image, img, ops, Model(image, base)).close()
+            _run(image, img, ops, Model(image, base), cfg).close()
             if cmds:
                 qimg.io(theirs, *cmds)
             qimg.check(img)

@@ -507,9 +507,8 @@ class Qcow2Image:
         # Extended L2.
         whole = first == 0 and last == SUBCLUSTERS
         if entry & OFLAG_COMPRESSED:
-            if not whole:
-                if not discard:  # partial zeroing of a compressed cluster: copy it out
-                    self._write_zeros(gc, first * ss, last * ss)
+            if not whole:  # no subclusters in a compressed cluster: copy it out
+                self._write_zeros(gc, first * ss, last * ss)
                 return
             self._set_entry(gc, 0, 0 if discard and not backing else ALL_ALLOC << SUBCLUSTERS)
             self._free_later(entry)
