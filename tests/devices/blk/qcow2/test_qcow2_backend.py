@@ -1,7 +1,7 @@
 """``Qcow2Backend`` as the device sees it: through ``VirtioBlk.from_options`` and the
 vhost-user server (Python path: no native data plane for qcow2), concurrent
-requests from trio tasks, QEMU-compatible locking of the image and its backing
-file, and ``virtio serve blk --format qcow2``."""
+requests from trio tasks, QEMU's byte-range locking of the image and its backing
+file (qemu-img and qemu-io are the judges), and ``virtio serve blk --format qcow2``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from virtio.devices.blk import BlkOptions, ImageLockedError, VirtioBlk
+from virtio.devices.blk import BlkOptions, ImageLockedError, RawFileBackend, VirtioBlk
 from virtio.devices.blk.config import CONFIG_SIZE
 from virtio.devices.blk.qcow2 import Qcow2Backend
 from virtio.spec.blk import BlkReqType, BlkStatus, virtio_blk_config, virtio_blk_outhdr
@@ -136,12 +136,21 @@ def test_locks_as_qemu_sees_them(qimg, tmp_path) -> None:
     try:
         r = _run("qemu-img", "info", str(top))
         assert r.returncode != 0 and "lock" in r.stderr, r.stderr  # top: in use
+        assert _run("qemu-img", "info", "-U", str(top)).returncode == 0  # as with QEMU
+        r = _run("qemu-io", "-f", "qcow2", "-c", "read 0 512", str(top))
+        assert r.returncode != 0 and "lock" in r.stderr, r.stderr
         r = _run("qemu-io", "-r", "-f", "qcow2", "-c", "read 0 512", str(base))
         assert r.returncode == 0, r.stderr  # base: other readers welcome
         r = _run("qemu-io", "-f", "qcow2", "-c", "write 0 512", str(base))
         assert r.returncode != 0 and "lock" in r.stderr, r.stderr  # ... writers not
         with pytest.raises(ImageLockedError):
             Qcow2Backend(top)
+        with pytest.raises(ImageLockedError):
+            Qcow2Backend(top, read_only=True)
+        with pytest.raises(ImageLockedError):
+            RawFileBackend(top)  # the whole-file lock of a raw server conflicts too
+        with pytest.raises(ImageLockedError):
+            Qcow2Backend(base)  # a backing file in use cannot be written
         second = Qcow2Backend(qimg.create(tmp_path / "top2.qcow2", 2 * MiB, backing=base))
         second.close()  # two overlays may share one base
     finally:

@@ -1,6 +1,6 @@
 """The files under a qcow2 image: ``HostFile`` (positional I/O on the image file,
-with the sticky flush error of ``RawFileBackend``) and ``RawLayer`` (a raw backing
-file, read-only and shared-locked)."""
+with the sticky flush error of ``RawFileBackend``, locked like QEMU locks images)
+and ``RawLayer`` (a raw backing file, read-only and shared-locked)."""
 
 from __future__ import annotations
 
@@ -51,40 +51,48 @@ class ViewCursor:
 
 # QEMU file-posix image locking: one byte per permission at PERM_BASE + bit (held
 # by whoever has the permission) and at SHARED_BASE + bit (held by whoever does not
-# share it with others).  Permission bits: consistent read 0, write 1,
-# write-unchanged 2, resize 3.
+# share it with others), all read locks.  Permission bits: consistent read 0,
+# write 1, write-unchanged 2, resize 3.
 PERM_BASE = 100
 SHARED_BASE = 200
 PERM_CONSISTENT_READ = 0
 PERM_WRITE = 1
+PERM_WRITE_UNCHANGED = 2
 PERM_RESIZE = 3
+READER = ((PERM_CONSISTENT_READ,), (PERM_WRITE, PERM_RESIZE))
+"""A backing file (or a read-only image): reads, shares everything but write/resize."""
+WRITER = (
+    (PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE),
+    (PERM_WRITE, PERM_RESIZE),
+)
+"""A writable image, as a QEMU guest disk: nobody else may write or resize it."""
 
 
-def lock_backing(fd: int, path: str) -> None:
-    """Lock a backing file the way QEMU locks one: we take "consistent read" and do
-    not share "write" or "resize".  Other readers (QEMU, qemu-img, a second
-    overlay over the same base) coexist; a writer or resizer is refused, and so are
-    we while one is there (``ImageLockedError``)."""
+def lock_like_qemu(fd: int, path: str, *, read_only: bool) -> None:
+    """Lock an image the way QEMU's file-posix does, so that QEMU and qemu-img see
+    it in use (``qemu-img info`` refuses a writer's image; ``-U`` still reads it;
+    readers of a backing file coexist).  Raises ``ImageLockedError`` if another
+    user holds a permission we do not share, or does not share one we take."""
     ofd_get = getattr(fcntl, "F_OFD_GETLK", None)
     ofd_set = getattr(fcntl, "F_OFD_SETLK", None)
     if ofd_get is None or ofd_set is None:
-        _lock_image(fd, path, True)
+        _lock_image(fd, path, read_only)
         return
-    # Refuse if someone holds write/resize, or does not share consistent read.
-    for byte in (PERM_BASE + PERM_WRITE, PERM_BASE + PERM_RESIZE, SHARED_BASE + 0):
+    perms, unshared = READER if read_only else WRITER
+
+    def held(byte: int) -> bool:
         got = fcntl.fcntl(fd, ofd_get, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
-        if _FLOCK.unpack(got)[0] != fcntl.F_UNLCK:
-            raise ImageLockedError(path, True)
+        return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+
+    conflicts = [SHARED_BASE + p for p in perms] + [PERM_BASE + p for p in unshared]
+    if any(held(byte) for byte in conflicts):
+        raise ImageLockedError(path, read_only)
     try:
-        for byte in (
-            PERM_BASE + PERM_CONSISTENT_READ,
-            SHARED_BASE + PERM_WRITE,
-            SHARED_BASE + PERM_RESIZE,
-        ):
+        for byte in [PERM_BASE + p for p in perms] + [SHARED_BASE + p for p in unshared]:
             fcntl.fcntl(fd, ofd_set, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
-            raise ImageLockedError(path, True) from exc
+            raise ImageLockedError(path, read_only) from exc
         raise
 
 
@@ -92,16 +100,14 @@ class HostFile:
     """An open image file: ``pread``/``pwrite``/``preadv``/``pwritev`` and ``sync``
     (``fdatasync``; a failure is sticky, as in ``RawFileBackend``)."""
 
-    def __init__(self, path: str, *, read_only: bool, lock: bool, backing: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool, lock: bool) -> None:
         self.path = path
         self.read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         self.fileno = os.open(path, flags)
         try:
-            if lock and backing:
-                lock_backing(self.fileno, path)
-            elif lock:
-                _lock_image(self.fileno, path, read_only)
+            if lock:
+                lock_like_qemu(self.fileno, path, read_only=read_only)
             self.size = os.fstat(self.fileno).st_size
         except BaseException:
             os.close(self.fileno)
@@ -152,7 +158,7 @@ class RawLayer:
     """A raw backing file: read-only, shared-locked; reads past its end are zeros."""
 
     def __init__(self, path: str, *, lock: bool = True) -> None:
-        self.file = HostFile(path, read_only=True, lock=lock, backing=True)
+        self.file = HostFile(path, read_only=True, lock=lock)
         self.path = path
         self.size = self.file.size
         self.chain_depth = 1

@@ -85,12 +85,11 @@ class Qcow2Image:
         lock: bool = True,
         l2_cache_size: int | None = None,
         refcount_cache_size: int | None = None,
-        backing: bool = False,
         _seen: tuple[str, ...] = (),
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
-        self.f = HostFile(self.path, read_only=read_only, lock=lock, backing=backing)
+        self.f = HostFile(self.path, read_only=read_only, lock=lock)
         self.backing: Qcow2Image | RawLayer | None = None
         try:
             self._open(lock, l2_cache_size, refcount_cache_size, _seen)
@@ -175,7 +174,7 @@ class Qcow2Image:
             with open(path, "rb") as fh:
                 fmt = probe(fh.read(512)) or "raw"
         if fmt == "qcow2":
-            return Qcow2Image(path, read_only=True, lock=lock, backing=True, _seen=seen)
+            return Qcow2Image(path, read_only=True, lock=lock, _seen=seen)
         if fmt == "raw":
             return RawLayer(path, lock=lock)
         raise Qcow2FormatError(f"{self.path}: backing file format {fmt!r} is not supported")

@@ -1,0 +1,164 @@
+"""A qcow2 overlay two levels deep (top.qcow2 -> mid.qcow2 -> base.raw) served by
+``virtio serve blk --format qcow2`` to a real QEMU guest (TCG), next to
+qemu-storage-daemon serving a second overlay over the *same* mid/base chain.
+
+The guest writes the same bytes (O_DIRECT dd of one random pattern, at offsets
+inside, across and past the backing files) and discards the same whole clusters
+on both disks and reads both back.  Once both servers stopped (SIGTERM), on the
+host ``qemu-img compare`` of our top against qemu-storage-daemon's shows
+identical content, ``qemu-img check`` finds nothing wrong in either, and the
+shared backing files are unchanged (both servers had them open read-only at
+once: the locks allow that).  Then our server restarts on the written image
+(QEMU reconnects) for mkfs.ext4 + fsck on our disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from virtio.testing.blk_checks import (
+    BlkDisk,
+    check_mkfs_mount,
+    stop_process,
+    vhost_user_blk_guest,
+    wait_for_socket,
+)
+from virtio.testing.guest_image import GuestImage
+from virtio.testing.qemu import VhostUserBlk
+
+pytestmark = pytest.mark.qemu
+
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 64 * MiB
+
+
+def _img(*args: str, cwd: Path) -> None:
+    subprocess.run(["qemu-img", *args], check=True, cwd=cwd, capture_output=True)
+
+
+def _chain(d: Path) -> None:
+    base = d / "base.raw"
+    with open(base, "wb") as f:
+        f.write(hashlib.sha256(b"base").digest() * (32 * MiB // 32))
+    _img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "mid.qcow2", "48M", cwd=d)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x6d 8M 3M", "mid.qcow2"],
+        check=True,
+        cwd=d,
+        capture_output=True,
+    )
+    for top in ("top.qcow2", "top-qsd.qcow2"):
+        _img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top, "64M", cwd=d)
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+async def _start_qsd(d: Path, sock: Path) -> trio.Process:
+    pidfile = d / "qsd.pid"
+    proc = await trio.lowlevel.open_process(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={d / 'top-qsd.qcow2'},discard=unmap",
+            "--blockdev",
+            "driver=qcow2,node-name=q0,file=f0,discard=unmap",
+            "--export",
+            f"type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path={sock},writable=on",
+            "--pidfile",
+            str(pidfile),
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    with trio.fail_after(20):
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert proc.poll() is None, "qemu-storage-daemon exited"
+            await trio.sleep(0.02)
+    return proc
+
+
+# Offsets in 4 KiB blocks: inside base (and across a 64 KiB cluster boundary),
+# inside mid's own data, past base's end, past mid's end.
+WRITES = [(15, 40), (2100, 300), (9000, 257), (13000, 100), (16000, 33)]
+DISCARDS = [(4 * MiB, 1 * MiB), (8 * MiB + 64 * 1024, 512 * 1024)]  # whole clusters
+
+
+async def test_two_level_overlay_against_qemu_storage_daemon(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    _chain(tmp_path)
+    shared = {n: _md5(tmp_path / n) for n in ("base.raw", "mid.qcow2")}
+    top = tmp_path / "top.qcow2"
+    qsd_sock = tmp_path / "qsd.sock"
+    log = open(tmp_path / "backend.log", "ab")  # noqa: SIM115 - handed to the child
+
+    async def start(socket_path: Path, _raw: Path, num_queues: int) -> trio.Process:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "virtio", "-v", "serve", "blk", "--socket-path",
+             os.fspath(socket_path), "--blk-file", os.fspath(top), "--format", "qcow2",
+             "--num-queues", str(num_queues)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
+        )  # fmt: skip
+        await wait_for_socket(Path(socket_path), proc)
+        return proc
+
+    qsd = await _start_qsd(tmp_path, qsd_sock)
+    try:
+        async with vhost_user_blk_guest(
+            guest_image,
+            start,
+            disk_size=SIZE,
+            num_queues=2,
+            reconnect=1,
+            guest_kwargs={"devices": [VhostUserBlk(qsd_sock)]},
+        ) as s:
+            g = s.guest
+            sizes = (await g.run("cat /sys/block/vda/size /sys/block/vdb/size")).output.split()
+            assert sizes == [str(SIZE // 512)] * 2  # the virtual size
+            await g.run("dd if=/dev/urandom of=/tmp/pat bs=4096 count=300 2>/dev/null")
+            for dev in ("vda", "vdb"):
+                for seek, count in WRITES:
+                    await g.run(
+                        f"dd if=/tmp/pat of=/dev/{dev} bs=4096 seek={seek} count={count} "
+                        "oflag=direct conv=notrunc,fsync 2>/dev/null"
+                    )
+                for off, length in DISCARDS:
+                    await g.run(f"blkdiscard -o {off} -l {length} /dev/{dev} && sync")
+            digests = (
+                await g.run(
+                    "for d in vda vdb; do dd if=/dev/$d bs=1M iflag=direct 2>/dev/null"
+                    " | md5sum; done"
+                )
+            ).output.split()
+            assert digests[0] == digests[2], "the guest reads different disks"
+            # Both servers shut down cleanly (metadata written), then qemu-img judges.
+            assert await s.stop_backend(kill=False) == 0
+            assert await stop_process(qsd) == 0
+            r = subprocess.run(
+                ["qemu-img", "compare", str(top), str(tmp_path / "top-qsd.qcow2")],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stdout + r.stderr
+            for image in (top, tmp_path / "top-qsd.qcow2"):
+                r = subprocess.run(["qemu-img", "check", str(image)], capture_output=True)
+                assert r.returncode == 0, r.stdout + r.stderr
+            await s.restart_backend(kill=False)  # QEMU reconnects to our disk (vda)
+            await check_mkfs_mount(g, BlkDisk("vda", top, SIZE, 2))
+            assert await s.stop_backend(kill=False) == 0  # SIGTERM: clean shutdown
+    finally:
+        log.close()
+        with trio.CancelScope(shield=True):
+            await stop_process(qsd)
+    r = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {n: _md5(tmp_path / n) for n in shared} == shared
