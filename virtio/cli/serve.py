@@ -82,7 +82,11 @@ def register(subparsers: Any) -> None:
     where.add_argument(
         "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
     )
-    blk.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")
+    blk.add_argument(
+        "--blk-file",
+        metavar="PATH",
+        help="image file or block device, or nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=P",
+    )
     blk.add_argument(
         "--format",
         choices=("raw", "qcow2"),
@@ -202,6 +206,7 @@ def run_blk(args: argparse.Namespace) -> int:
     if args.idle_timeout is not None and not args.idle_timeout > 0:
         _fail("virtio serve blk: --idle-timeout must be a positive number of seconds", status=2)
     from virtio.devices.blk import BlkOptions, ImageFormatError, ImageLockedError, VirtioBlk
+    from virtio.devices.blk.nbd import NbdError
 
     try:
         opts = BlkOptions(
@@ -219,7 +224,7 @@ def run_blk(args: argparse.Namespace) -> int:
         device = VirtioBlk.from_options(
             opts, image_format=args.format, force=args.force, l2_cache_size=args.l2_cache_size
         )
-    except (ImageLockedError, ImageFormatError) as exc:
+    except (ImageLockedError, ImageFormatError, NbdError) as exc:
         _fail(f"virtio serve blk: {exc}")
     except OSError as exc:
         hint = (
