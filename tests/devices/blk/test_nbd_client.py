@@ -84,7 +84,7 @@ def nbd_server(kind: str, tmp: Path, *, tcp: bool = False, args: tuple[str, ...]
     port = _free_port()
     where = f"nbd://127.0.0.1:{port}/exp" if tcp else f"nbd+unix:///exp?socket={sock}"
     if kind == "qemu-nbd":
-        img = tmp / "export.raw"
+        img = Path(args[1]) if args[:1] == ("file",) else tmp / "export.raw"
         if not img.exists():
             img.write_bytes(b"")
             os.truncate(img, size)
@@ -255,3 +255,45 @@ def test_device_and_cli(tmp_path):
     )  # fmt: skip
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "cannot open nbd+unix" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit"])
+async def test_qcow2_overlay_over_an_nbd_export(tmp_path, kind):
+    from virtio.devices.blk.qcow2 import Qcow2Backend
+
+    content = random.Random(9).randbytes(4 * MiB)
+    base = tmp_path / "export.raw"
+    base.write_bytes(content)
+    args = ("file", str(base))  # nbdkit's file plugin; qemu-nbd serves the same file
+    with nbd_server(kind, tmp_path, args=args) as server:
+        top = tmp_path / "top.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", server.uri, "-F", "raw",
+             str(top), "6M"],
+            check=True,
+        )  # fmt: skip
+        backend = Qcow2Backend(top)
+        model = bytearray(content + bytes(2 * MiB))
+        try:
+            got = bytearray(backend.size)
+            await backend.read(0, [memoryview(got)])
+            assert got == model  # falls through to the export, zeros past its end
+            data = random.Random(10).randbytes(9 * 512)
+            await backend.write(100 * 512, [memoryview(data)])  # COW from NBD
+            model[100 * 512 : 100 * 512 + len(data)] = data
+            await backend.flush()
+            await backend.read(0, [memoryview(got)])
+            assert got == model
+        finally:
+            backend.close()
+        assert base.read_bytes() == content  # the export is only read
+        r = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        raw = tmp_path / "model.raw"
+        raw.write_bytes(model)
+        r = subprocess.run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(top), str(raw)],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr

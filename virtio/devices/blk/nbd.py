@@ -520,3 +520,36 @@ class NbdBackend:
             except RuntimeError:  # outside trio.run: close the socket itself
                 self._conn.raw.close()
             self._conn = None
+
+
+class NbdLayer:
+    """An NBD export as the read-only backing file of a qcow2 image: blocking
+    reads for ``qcow2/image.py``, which runs in a trio worker thread (the read goes
+    back to the trio loop; outside trio it runs in a loop of its own).  Reads past
+    the export's end are zeros, as for any shorter backing file."""
+
+    def __init__(self, uri: str) -> None:
+        self.backend = NbdBackend(uri, read_only=True)
+        self.path = uri
+        self.size = self.backend.size
+        self.chain_depth = 1
+
+    def read(self, offset: int, views: Sequence[memoryview]) -> None:
+        inside: list[memoryview] = []
+        room = max(0, self.size - offset)
+        for v in views:
+            take = v[:room]
+            if len(take):
+                inside.append(take)
+            room -= len(take)
+            if len(take) < len(v):
+                v[len(take) :] = bytes(len(v) - len(take))
+        if not inside:
+            return
+        try:
+            trio.from_thread.run(self.backend.read, offset, inside)
+        except RuntimeError:  # not in a trio worker thread
+            trio.run(self.backend.read, offset, inside)
+
+    def close(self) -> None:
+        self.backend.close()

@@ -31,6 +31,7 @@ import os
 import struct
 from collections.abc import Sequence
 
+from virtio.devices.blk.nbd import NbdLayer, is_nbd_uri
 from virtio.devices.blk.probe import probe
 from virtio.devices.blk.qcow2.cache import (
     DEFAULT_REFCOUNT_CACHE_CLUSTERS,
@@ -90,7 +91,7 @@ class Qcow2Image:
         self.path = os.fspath(path)
         self.read_only = read_only
         self.f = HostFile(self.path, read_only=read_only, lock=lock)
-        self.backing: Qcow2Image | RawLayer | None = None
+        self.backing: Qcow2Image | RawLayer | NbdLayer | None = None
         try:
             self._open(lock, l2_cache_size, refcount_cache_size, _seen)
         except BaseException:
@@ -161,8 +162,12 @@ class Qcow2Image:
     def _open_backing(self, hdr: Header, lock: bool, seen: tuple[str, ...]):
         name = hdr.backing_file
         assert name is not None
+        if is_nbd_uri(name):  # a remote base image: an NBD export (raw)
+            if hdr.backing_format not in (None, "raw"):
+                raise Qcow2FormatError(f"{self.path}: NBD backing files must be raw")
+            return NbdLayer(name)
         if "://" in name or name.startswith(("json:", "nbd:")):
-            raise Qcow2FormatError(f"{self.path}: backing file {name!r} is not a local file")
+            raise Qcow2FormatError(f"{self.path}: backing file {name!r} is not supported")
         path = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
         real = os.path.realpath(path)
         if real in seen or real == os.path.realpath(self.path):
