@@ -155,6 +155,19 @@ def _l1_offset(path) -> int:
     return struct.unpack(">Q", path.read_bytes()[40:48])[0]
 
 
+def _field(path, offset: int) -> int:
+    return struct.unpack(">Q", path.read_bytes()[offset : offset + 8])[0]
+
+
+def _l2_of_cluster0(path) -> int:
+    return _field(path, _l1_offset(path)) & 0x00FF_FFFF_FFFF_FE00
+
+
+def _data_at(path, what: int) -> None:
+    """Point guest cluster 0's L2 entry (COPIED) at ``what``."""
+    _patch(path, _l2_of_cluster0(path), ">Q", 1 << 63 | what)
+
+
 @pytest.mark.parametrize(
     ("what", "patch"),
     [
@@ -162,6 +175,14 @@ def _l1_offset(path) -> int:
         ("L2 table in the header", lambda p: _patch(p, _l1_offset(p), ">Q", 1 << 63 | 512)),
         ("L2 table past the end", lambda p: _patch(p, _l1_offset(p), ">Q", 1 << 40)),
         ("misaligned L2 table", lambda p: _patch(p, _l1_offset(p), ">Q", 0x10200)),
+        ("data over the refcount table", lambda p: _data_at(p, _field(p, 48))),
+        ("data over the L1 table", lambda p: _data_at(p, _l1_offset(p))),
+        ("data over its own L2 table", lambda p: _data_at(p, _l2_of_cluster0(p))),
+        ("data past the end", lambda p: _data_at(p, 1 << 40)),
+        (
+            "refcount block over the L1 table",
+            lambda p: _patch(p, _field(p, 48), ">Q", _l1_offset(p)),
+        ),
     ],
 )
 def test_hostile_l1_entries_give_a_clear_error(qimg, tmp_path, what, patch):

@@ -129,10 +129,10 @@ class Qcow2Image:
         for e in self.l1:
             check_l1_entry(e, cs)
         self._dirty_l1: set[int] = set()
-        self._reserved = [
-            (0, cs),
-            (hdr.l1_table_offset, hdr.l1_size * 8),
-        ]
+        l1_first = hdr.l1_table_offset >> self.cluster_bits
+        self._l1_clusters = set(range(l1_first, l1_first + -(-hdr.l1_size * 8 // cs)))
+        self._l2_clusters = {(e & OFFSET_MASK) >> self.cluster_bits for e in self.l1}
+        self._l2_clusters.discard(0)
         rc_bytes = refcount_cache_size or DEFAULT_REFCOUNT_CACHE_CLUSTERS * cs
         self.refcounts = Refcounts(
             f,
@@ -144,6 +144,11 @@ class Qcow2Image:
             cache_tables=rc_bytes // cs,
             write_header=self._write_header,
         )
+        for c in self.refcounts.metadata:
+            if c == 0 or c in self._l1_clusters or c in self._l2_clusters:
+                raise Qcow2FormatError(
+                    f"{self.path}: refcount structures overlap other metadata (cluster {c})"
+                )
         entry_size = 16 if self.extended else 8
         l2_bytes = l2_cache_size or default_l2_cache_bytes(self.size, cs, entry_size)
         self.l2_cache = TableCache(
@@ -188,19 +193,26 @@ class Qcow2Image:
     def _write_header(self, offset: int, data: bytes) -> None:
         self.f.pwrite(offset, data)
 
-    def _check_host(self, offset: int, what: str) -> None:
-        """Refuse a host offset that is misaligned, past the limits, or inside the
-        header or the L1 table (a hostile or corrupt image)."""
+    def _check_host(self, offset: int, what: str, *, write: bool = False) -> None:
+        """Refuse a host offset (of data or an L2 table) that is misaligned, past
+        the limits or, for data, past the image's end when written, or that lands
+        on the image's own metadata: header, L1 table, refcount structures, L2
+        tables (a hostile or corrupt image must not make us write over those)."""
         if offset % self.cs or offset >= HOST_OFFSET_LIMIT:
             raise Qcow2FormatError(f"{self.path}: invalid {what} offset {offset:#x}")
-        for start, length in self._reserved:
-            if start <= offset < start + max(length, 1):
-                raise Qcow2FormatError(
-                    f"{self.path}: {what} at {offset:#x} overlaps the image's own metadata"
-                )
-        rt = self.refcounts
-        if rt.table_offset <= offset < rt.table_offset + rt.table_clusters * self.cs:
-            raise Qcow2FormatError(f"{self.path}: {what} at {offset:#x} overlaps the refcounts")
+        c = offset >> self.cluster_bits
+        is_l2 = what == "L2 table"
+        if (
+            c == 0
+            or c in self._l1_clusters
+            or c in self.refcounts.metadata
+            or (not is_l2 and c in self._l2_clusters)
+        ):
+            raise Qcow2FormatError(
+                f"{self.path}: {what} at {offset:#x} overlaps the image's own metadata"
+            )
+        if write and c >= self.refcounts.end:
+            raise Qcow2FormatError(f"{self.path}: {what} at {offset:#x} is past the image's end")
 
     def _load_l2(self, offset: int) -> bytearray:
         data = self.f.pread(offset, self.cs)
@@ -222,6 +234,7 @@ class Qcow2Image:
         if not create:
             return None
         off = self.refcounts.allocate(1)
+        self._l2_clusters.add(off >> self.cluster_bits)
         table = L2Table(self.l2_cache.new(off), self.extended)
         self.l1[l1i] = off | OFLAG_COPIED
         self._dirty_l1.add(l1i)
@@ -403,14 +416,14 @@ class Qcow2Image:
         if not self.extended:
             kind = classify(entry, 0, 0, extended=False, version=self.version)
             if kind is Kind.DATA and self._owned(entry):
-                self._check_host(host, "data cluster")
+                self._check_host(host, "data cluster", write=True)
                 self.f.pwritev(host + start, data)
                 if not entry & OFLAG_COPIED:
                     self._set_entry(gc, entry | OFLAG_COPIED)
                 return
             if kind is Kind.ZERO and host and self._owned(entry):
                 # A preallocated zero cluster: zeros around the new data, in place.
-                self._check_host(host, "data cluster")
+                self._check_host(host, "data cluster", write=True)
                 pad = [memoryview(bytes(start)), *data, memoryview(bytes(self.cs - end))]
                 self.f.pwritev(host, pad)
                 self._set_entry(gc, host | OFLAG_COPIED)
@@ -432,7 +445,7 @@ class Qcow2Image:
             return
         if host and self._owned(entry):
             target = host
-            self._check_host(host, "data cluster")
+            self._check_host(host, "data cluster", write=True)
         else:
             target = self.refcounts.allocate(1)
         lo = s0 * ss if not bitmap >> s0 & 1 else start

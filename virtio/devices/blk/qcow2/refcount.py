@@ -71,6 +71,10 @@ class Refcounts:
             if e & RT_RESERVED or e >= HOST_OFFSET_LIMIT:
                 raise Qcow2FormatError(f"refcount table entry {i} ({e:#x}) is invalid")
         self._dirty_table: set[int] = set()
+        first = table_offset >> cluster_bits
+        self.metadata: set[int] = set(range(first, first + table_clusters))
+        """Clusters of the refcount table and blocks (for overlap checks)."""
+        self.metadata.update(e >> cluster_bits for e in self.table if e)
         self.end = -(-file_size // self.cs)
         """First cluster index past every allocated cluster (the file's end)."""
         self.free_hint = 0
@@ -192,6 +196,7 @@ class Refcounts:
     def _install(self, t: int, cluster: int) -> int:
         off = cluster << self.cluster_bits
         self.table[t] = off
+        self.metadata.add(cluster)
         self._dirty_table.add(t)
         self.end = max(self.end, cluster + 1)
         return off
@@ -256,6 +261,8 @@ class Refcounts:
         self.table = table
         self.table_offset = table_offset
         self.table_clusters = table_clusters
+        self.metadata.difference_update(old)
+        self.metadata.update(area)
         self._dirty_table.clear()
         self.end = max(self.end, area.stop)
         for c in old:  # nothing points to the old table any more
