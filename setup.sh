@@ -26,6 +26,7 @@ set -euo pipefail
 #   qemu-utils                     qemu-img, qemu-nbd
 #   busybox-static kmod cpio       guest initramfs (busybox, depmod, modprobe)
 #   e2fsprogs fio                  copied into the guest (mkfs.ext4/e2fsck, fio)
+#   nbdkit                         second NBD server for the NBD client tests (memory/file, error/delay)
 PYVIRTIO_APT_PACKAGES=(
     gcc
     libc6-dev
@@ -39,6 +40,7 @@ PYVIRTIO_APT_PACKAGES=(
     e2fsprogs
     fio
     liburing-dev
+    nbdkit
 )
 # ---------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 ::
 
     virtio serve blk --socket-path /run/blk.sock --blk-file disk.img [--read-only]
-                     [--format raw] [--force] [--num-queues N] [--queue-size N]
-                     [--serial ID] [--idle-timeout S]
+                     [--format raw|qcow2] [--force] [--l2-cache-size BYTES]
+                     [--num-queues N] [--queue-size N] [--serial ID] [--idle-timeout S]
                      [--cache none|writeback|writethrough|unsafe] [--aio io_uring|threads]
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
@@ -82,11 +82,21 @@ def register(subparsers: Any) -> None:
     where.add_argument(
         "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
     )
-    blk.add_argument("--blk-file", metavar="PATH", help="raw image file or block device")
+    blk.add_argument(
+        "--blk-file",
+        metavar="PATH",
+        help="image file or block device, or nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=P",
+    )
     blk.add_argument(
         "--format",
         choices=("raw", "qcow2"),
         help="image format (default: probe; an image of another format than raw is refused)",
+    )
+    blk.add_argument(
+        "--l2-cache-size",
+        type=_size,
+        metavar="BYTES",
+        help="qcow2: L2 table cache size (default as QEMU: the whole disk, at most 32M)",
     )
     blk.add_argument(
         "--force",
@@ -169,6 +179,18 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def _size(text: str) -> int:
+    """A byte count, with an optional K/M/G suffix (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        value = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
 def _fail(message: str, *, status: int = 1) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
     raise SystemExit(status)
@@ -184,6 +206,7 @@ def run_blk(args: argparse.Namespace) -> int:
     if args.idle_timeout is not None and not args.idle_timeout > 0:
         _fail("virtio serve blk: --idle-timeout must be a positive number of seconds", status=2)
     from virtio.devices.blk import BlkOptions, ImageFormatError, ImageLockedError, VirtioBlk
+    from virtio.devices.blk.nbd import NbdError
 
     try:
         opts = BlkOptions(
@@ -198,8 +221,10 @@ def run_blk(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _fail(f"virtio serve blk: {exc}", status=2)
     try:
-        device = VirtioBlk.from_options(opts, image_format=args.format, force=args.force)
-    except (ImageLockedError, ImageFormatError) as exc:
+        device = VirtioBlk.from_options(
+            opts, image_format=args.format, force=args.force, l2_cache_size=args.l2_cache_size
+        )
+    except (ImageLockedError, ImageFormatError, NbdError) as exc:
         _fail(f"virtio serve blk: {exc}")
     except OSError as exc:
         hint = (

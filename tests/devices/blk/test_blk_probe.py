@@ -96,10 +96,10 @@ def test_unaligned_size_refused_unless_forced(tmp_path):
         dev.close()
 
 
-def test_qcow2_format_is_not_served_yet(tmp_path):
+def test_qcow2_format_needs_a_qcow2_image(tmp_path):
     img = tmp_path / "d.img"
     img.write_bytes(bytes(4096))
-    with pytest.raises(ImageFormatError, match="qcow2 images are not served yet"):
+    with pytest.raises(ImageFormatError, match="is not a qcow2 image"):
         check_image(img, "qcow2")
 
 
@@ -123,7 +123,10 @@ def test_cli_refuses_a_qcow2_image_with_one_line(tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
     assert "is a qcow2 image, not a raw disk" in r.stderr and "--format raw" in r.stderr
-    assert "qemu-img convert -O raw" in r.stderr
+    assert "use --format qcow2" in r.stderr  # served since issue 9
     assert img.read_bytes() == before and not Path(sock).exists()
-    r = _serve("--socket-path", sock, "--blk-file", str(img), "--format", "qcow2")
-    assert r.returncode == 1 and "not served yet" in r.stderr, r.stderr
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(1 << 20))
+    r = _serve("--socket-path", sock, "--blk-file", str(raw), "--format", "qcow2")
+    assert r.returncode == 1 and "is not a qcow2 image" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not Path(sock).exists()

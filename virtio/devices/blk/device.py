@@ -52,13 +52,15 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 from typing import Any, ClassVar
 
 from virtio.device import ActiveDevice, VirtioDevice
 from virtio.devices.blk.backend import BlockBackend, RawFileBackend
 from virtio.devices.blk.config import BLK_CONFIG, BlkOptions, config_values
 from virtio.devices.blk.dataplane import BlkDataPlane
-from virtio.devices.blk.probe import check_image, write_would_change_format
+from virtio.devices.blk.nbd import NbdBackend, is_nbd_uri
+from virtio.devices.blk.probe import ImageFormatError, check_image, write_would_change_format
 from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
 from virtio.errors import BackendIOError, DriverError
 from virtio.queues.chain import DescriptorChain
@@ -167,21 +169,42 @@ class VirtioBlk(VirtioDevice):
 
     @classmethod
     def from_options(
-        cls, opts: BlkOptions, *, image_format: str | None = None, force: bool = False
+        cls,
+        opts: BlkOptions,
+        *,
+        image_format: str | None = None,
+        force: bool = False,
+        l2_cache_size: int | None = None,
     ) -> VirtioBlk:
-        """Open ``opts.path`` as a raw image (locked; read-only if asked) and build
-        the device.  ``image_format`` None probes it: an image of another format is
-        refused (``probe.check_image``; ``force`` accepts a size that is not a whole
-        number of sectors).  Raises ``OSError``, ``ImageLockedError`` or
-        ``ImageFormatError``."""
+        """Open ``opts.path`` as a raw or (``image_format="qcow2"``) qcow2 image
+        (locked; read-only if asked), or an NBD export for an ``nbd://`` /
+        ``nbd+unix://`` URI (``nbd.py``), and build the device.  ``image_format`` None
+        probes it: an image of another format is refused (``probe.check_image``;
+        ``force`` accepts a size that is not a whole number of sectors).
+        ``l2_cache_size`` sizes a qcow2 image's L2 cache in bytes (None: QEMU's
+        default).  Raises ``OSError``, ``ImageLockedError``, ``ImageFormatError`` or
+        ``NbdError``."""
         if opts.path is None:
             raise ValueError("BlkOptions.path is required to open an image")
-        check_image(opts.path, image_format, force=force)
-        backend = RawFileBackend(
-            opts.path, read_only=opts.read_only, lock=opts.lock, cache=opts.cache
-        )
+        backend: BlockBackend
+        if is_nbd_uri(opts.path):  # a remote disk: nothing to probe
+            if image_format not in (None, "raw"):
+                raise ImageFormatError(f"--format {image_format} is not served over NBD")
+            return cls(NbdBackend(os.fspath(opts.path), read_only=opts.read_only), opts)
+        fmt = check_image(opts.path, image_format, force=force)
+        if fmt == "qcow2":
+            from virtio.devices.blk.qcow2 import Qcow2Backend
+
+            backend = Qcow2Backend(
+                opts.path, read_only=opts.read_only, lock=opts.lock, l2_cache_size=l2_cache_size
+            )
+        else:
+            backend = RawFileBackend(
+                opts.path, read_only=opts.read_only, lock=opts.lock, cache=opts.cache
+            )
         try:
-            opts = _with_block_sizes(opts, backend)
+            if isinstance(backend, RawFileBackend):
+                opts = _with_block_sizes(opts, backend)
             device = cls(backend, opts)
         except BaseException:
             backend.close()

@@ -32,8 +32,8 @@ PROBE_BYTES = SECTOR
 
 FORMATS = ("raw", "qcow2")
 """What ``--format`` accepts."""
-SERVED = frozenset({"raw"})
-"""Formats with a backend today (qcow2 has its own issue)."""
+SERVED = frozenset({"raw", "qcow2"})
+"""Formats with a backend (qcow2: ``virtio/devices/blk/qcow2/``)."""
 
 
 class ImageFormatError(BackendIOError):
@@ -73,12 +73,13 @@ def probe(head: bytes, *, tail: bytes = b"", name: str = "") -> str | None:
 
 
 def check_image(path: str | os.PathLike[str], fmt: str | None, *, force: bool = False) -> str:
-    """Decide how ``path`` is served; return the format ("raw").
+    """Decide how ``path`` is served; return the format ("raw" or "qcow2").
 
     ``fmt`` is ``--format`` (None: probe).  Raises ``ImageFormatError`` for an
     image that carries another format's magic when none was given, a ``--format``
-    we cannot serve, or a raw image whose size is not a multiple of 512 bytes
-    (unless ``force``: its trailing partial sector is then not exposed)."""
+    we cannot serve or that the image does not carry (qcow2), or a raw image whose
+    size is not a multiple of 512 bytes (unless ``force``: its trailing partial
+    sector is then not exposed)."""
     path = os.fspath(path)
     if fmt is not None and fmt not in FORMATS:
         raise ImageFormatError(f"unknown --format {fmt!r} (use one of: {', '.join(FORMATS)})")
@@ -93,6 +94,10 @@ def check_image(path: str | os.PathLike[str], fmt: str | None, *, force: bool = 
     if fmt is not None and fmt not in SERVED:
         raise ImageFormatError(f"{path}: {fmt} images are not served yet; use {convert}")
     found = probe(head, tail=tail, name=path)
+    if fmt == "qcow2":
+        if found != "qcow2":
+            raise ImageFormatError(f"{path} is not a qcow2 image ({found or 'no known magic'})")
+        return "qcow2"
     if fmt is None and found is not None:
         hint = f"--format {found}" if found in SERVED else convert
         raise ImageFormatError(

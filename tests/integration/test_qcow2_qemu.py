@@ -1,0 +1,269 @@
+"""A qcow2 overlay two levels deep (top.qcow2 -> mid.qcow2 -> base.raw) served by
+``virtio serve blk --format qcow2`` to a real QEMU guest (TCG), next to
+qemu-storage-daemon serving a second overlay over the *same* mid/base chain.
+
+The guest writes the same bytes (O_DIRECT dd of one random pattern, at offsets
+inside, across and past the backing files) and discards the same whole clusters
+on both disks and reads both back.  Once both servers stopped (SIGTERM), on the
+host ``qemu-img compare`` of our top against qemu-storage-daemon's shows
+identical content, ``qemu-img check`` finds nothing wrong in either, and the
+shared backing files are unchanged (both servers had them open read-only at
+once: the locks allow that).  Then our server restarts on the written image
+(QEMU reconnects) for mkfs.ext4 + fsck on our disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from virtio.testing.blk_checks import (
+    BlkDisk,
+    check_mkfs_mount,
+    stop_process,
+    vhost_user_blk_guest,
+    wait_for_socket,
+)
+from virtio.testing.guest_image import GuestImage
+from virtio.testing.qemu import VhostUserBlk
+
+pytestmark = pytest.mark.qemu
+
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 64 * MiB
+
+
+def _img(*args: str, cwd: Path) -> None:
+    subprocess.run(["qemu-img", *args], check=True, cwd=cwd, capture_output=True)
+
+
+def _chain(d: Path) -> None:
+    base = d / "base.raw"
+    with open(base, "wb") as f:
+        f.write(hashlib.sha256(b"base").digest() * (32 * MiB // 32))
+    _img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "mid.qcow2", "48M", cwd=d)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x6d 8M 3M", "mid.qcow2"],
+        check=True,
+        cwd=d,
+        capture_output=True,
+    )
+    for top in ("top.qcow2", "top-qsd.qcow2"):
+        _img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top, "64M", cwd=d)
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+async def _start_qsd(d: Path, sock: Path) -> trio.Process:
+    pidfile = d / "qsd.pid"
+    proc = await trio.lowlevel.open_process(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={d / 'top-qsd.qcow2'},discard=unmap",
+            "--blockdev",
+            "driver=qcow2,node-name=q0,file=f0,discard=unmap",
+            "--export",
+            f"type=vhost-user-blk,id=e0,node-name=q0,addr.type=unix,addr.path={sock},writable=on",
+            "--pidfile",
+            str(pidfile),
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    with trio.fail_after(20):
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert proc.poll() is None, "qemu-storage-daemon exited"
+            await trio.sleep(0.02)
+    return proc
+
+
+# Offsets in 4 KiB blocks: inside base (and across a 64 KiB cluster boundary),
+# inside mid's own data, past base's end, past mid's end.
+WRITES = [(15, 40), (2100, 300), (9000, 257), (13000, 100), (16000, 33)]
+DISCARDS = [(4 * MiB, 1 * MiB), (8 * MiB + 64 * 1024, 512 * 1024)]  # whole clusters
+
+
+async def test_two_level_overlay_against_qemu_storage_daemon(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    _chain(tmp_path)
+    shared = {n: _md5(tmp_path / n) for n in ("base.raw", "mid.qcow2")}
+    top = tmp_path / "top.qcow2"
+    qsd_sock = tmp_path / "qsd.sock"
+    log = open(tmp_path / "backend.log", "ab")  # noqa: SIM115 - handed to the child
+
+    async def start(socket_path: Path, _raw: Path, num_queues: int) -> trio.Process:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "virtio", "-v", "serve", "blk", "--socket-path",
+             os.fspath(socket_path), "--blk-file", os.fspath(top), "--format", "qcow2",
+             "--num-queues", str(num_queues)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
+        )  # fmt: skip
+        await wait_for_socket(Path(socket_path), proc)
+        return proc
+
+    qsd = await _start_qsd(tmp_path, qsd_sock)
+    try:
+        async with vhost_user_blk_guest(
+            guest_image,
+            start,
+            disk_size=SIZE,
+            num_queues=2,
+            reconnect=1,
+            guest_kwargs={"devices": [VhostUserBlk(qsd_sock)]},
+        ) as s:
+            g = s.guest
+            sizes = (await g.run("cat /sys/block/vda/size /sys/block/vdb/size")).output.split()
+            assert sizes == [str(SIZE // 512)] * 2  # the virtual size
+            await g.run("dd if=/dev/urandom of=/tmp/pat bs=4096 count=300 2>/dev/null")
+            for dev in ("vda", "vdb"):
+                for seek, count in WRITES:
+                    await g.run(
+                        f"dd if=/tmp/pat of=/dev/{dev} bs=4096 seek={seek} count={count} "
+                        "oflag=direct conv=notrunc,fsync 2>/dev/null"
+                    )
+                for off, length in DISCARDS:
+                    await g.run(f"blkdiscard -o {off} -l {length} /dev/{dev} && sync")
+            digests = (
+                await g.run(
+                    "for d in vda vdb; do dd if=/dev/$d bs=1M iflag=direct 2>/dev/null"
+                    " | md5sum; done"
+                )
+            ).output.split()
+            assert digests[0] == digests[2], "the guest reads different disks"
+            # Both servers shut down cleanly (metadata written), then qemu-img judges.
+            assert await s.stop_backend(kill=False) == 0
+            assert await stop_process(qsd) == 0
+            r = subprocess.run(
+                ["qemu-img", "compare", str(top), str(tmp_path / "top-qsd.qcow2")],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stdout + r.stderr
+            for image in (top, tmp_path / "top-qsd.qcow2"):
+                r = subprocess.run(["qemu-img", "check", str(image)], capture_output=True)
+                assert r.returncode == 0, r.stdout + r.stderr
+            await s.restart_backend(kill=False)  # QEMU reconnects to our disk (vda)
+            await check_mkfs_mount(g, BlkDisk("vda", top, SIZE, 2))
+            assert await s.stop_backend(kill=False) == 0  # SIGTERM: clean shutdown
+    finally:
+        log.close()
+        with trio.CancelScope(shield=True):
+            await stop_process(qsd)
+    r = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {n: _md5(tmp_path / n) for n in shared} == shared
+
+
+async def _serve(sock: Path, blk_file: str, log, *extra: str) -> trio.Process:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "virtio", "-v", "serve", "blk", "--socket-path", os.fspath(sock),
+         "--blk-file", blk_file, *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
+    )  # fmt: skip
+    await wait_for_socket(sock, proc)
+    return proc
+
+
+async def _nbd_server(cmd: list[str], sock: Path, log) -> trio.Process:
+    proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, stderr=log)
+    with trio.fail_after(20):
+        while not sock.exists():
+            assert proc.poll() is None, f"{cmd[0]} exited"
+            await trio.sleep(0.02)
+    return proc
+
+
+async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """vda: a qemu-nbd export served through ``--blk-file nbd+unix://...``; vdb: a
+    qcow2 overlay whose backing file is another (read-only) qemu-nbd export.
+    O_DIRECT patterns read back on both, vdb outside them shows the NBD base,
+    mkfs.ext4 + fsck on vda; afterwards the overlay passes qemu-img check, the base
+    is unchanged and the exported file is a clean ext4."""
+    if shutil.which("qemu-nbd") is None:
+        pytest.skip("qemu-nbd is needed (Debian package qemu-utils)")
+    plain = tmp_path / "plain.raw"
+    plain.write_bytes(b"")
+    os.truncate(plain, SIZE)
+    base = tmp_path / "base.raw"
+    base.write_bytes(hashlib.sha256(b"nbd base").digest() * (16 * MiB // 32))
+    qsock, ksock = tmp_path / "plain.sock", tmp_path / "base.sock"
+    log = open(tmp_path / "backend.log", "ab")  # noqa: SIM115 - handed to the children
+    procs: list[trio.Process] = []
+    try:
+        procs.append(
+            await _nbd_server(
+                ["qemu-nbd", "-f", "raw", "-x", "plain", "-t", "-k", str(qsock), str(plain)],
+                qsock,
+                log,
+            )
+        )
+        base_cmd = ["qemu-nbd", "-f", "raw", "-r", "-t", "-k", str(ksock), str(base)]
+        procs.append(await _nbd_server(base_cmd, ksock, log))
+        top = tmp_path / "top.qcow2"
+        _img("create", "-q", "-f", "qcow2", "-b", f"nbd+unix:///?socket={ksock}", "-F", "raw",
+             str(top), "32M", cwd=tmp_path)  # fmt: skip
+        second = tmp_path / "vdb.sock"
+        procs.append(await _serve(second, os.fspath(top), log, "--format", "qcow2"))
+
+        async def start(socket_path: Path, _raw: Path, num_queues: int) -> trio.Process:
+            return await _serve(
+                socket_path, f"nbd+unix:///plain?socket={qsock}", log,
+                "--num-queues", str(num_queues),
+            )  # fmt: skip
+
+        async with vhost_user_blk_guest(
+            guest_image,
+            start,
+            disk_size=SIZE,
+            num_queues=2,
+            guest_kwargs={"devices": [VhostUserBlk(second)]},
+        ) as s:
+            g = s.guest
+            sizes = (await g.run("cat /sys/block/vda/size /sys/block/vdb/size")).output.split()
+            assert sizes == [str(SIZE // 512), str(32 * MiB // 512)]
+            await g.run("dd if=/dev/urandom of=/tmp/pat bs=4096 count=500 2>/dev/null")
+            want = (await g.run("md5sum < /tmp/pat")).output.split()[0]
+            for dev, seek in (("vda", 3000), ("vdb", 1000)):  # vdb: across base's data
+                await g.run(
+                    f"dd if=/tmp/pat of=/dev/{dev} bs=4096 seek={seek} count=500 "
+                    "oflag=direct conv=notrunc,fsync 2>/dev/null"
+                )
+                got = (
+                    await g.run(
+                        f"dd if=/dev/{dev} bs=4096 skip={seek} count=500 iflag=direct "
+                        "2>/dev/null | md5sum"
+                    )
+                ).output.split()[0]
+                assert got == want, dev
+            # vdb outside the written range still shows the NBD base
+            head = (await g.run("dd if=/dev/vdb bs=4096 count=1 iflag=direct 2>/dev/null"
+                                " | md5sum")).output.split()[0]  # fmt: skip
+            assert head == hashlib.md5(base.read_bytes()[:4096]).hexdigest()
+            await check_mkfs_mount(g, BlkDisk("vda", plain, SIZE, 2))
+            assert await s.stop_backend(kill=False) == 0
+        assert await stop_process(procs.pop()) == 0  # our qcow2 server: clean close
+        # (the base export still runs: qemu-img check opens the backing file)
+        r = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        for proc in reversed(procs):
+            with trio.CancelScope(shield=True):
+                await stop_process(proc)
+        log.close()
+    assert base.read_bytes() == hashlib.sha256(b"nbd base").digest() * (16 * MiB // 32)
+    # mkfs.ext4 overwrote vda's pattern; what qemu-nbd's file holds is a clean ext4
+    r = subprocess.run(["e2fsck", "-fn", str(plain)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
