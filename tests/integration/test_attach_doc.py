@@ -14,6 +14,8 @@ import re
 import shlex
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,27 @@ def doc_block(tag: str) -> list[str]:
     return [w for w in words if w != "..."]
 
 
+@asynccontextmanager
+async def backend(sock: Path, device: str, *args: str) -> AsyncIterator[None]:
+    """``virtio serve DEVICE --socket-path SOCK ARGS`` until the block ends."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "virtio", "serve", device, "--socket-path", os.fspath(sock), *args],
+        cwd=REPO,
+    )
+    try:
+        with trio.fail_after(20):
+            while not sock.exists():
+                await trio.sleep(0.01)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(20):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 def options(words: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for flag, value in zip(words[1::2], words[2::2], strict=False):
@@ -57,15 +80,7 @@ async def test_qemu_blk_command_line_of_the_doc(guest_image, tmp_path: Path) -> 
     queues = int(re.search(r"num-queues=(\d+)", device).group(1))
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(64 * MiB))
-    backend = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "virtio", "serve", "blk", "--socket-path", os.fspath(sock),
-         "--blk-file", os.fspath(img), "--num-queues", str(queues)],
-        cwd=REPO,
-    )  # fmt: skip
-    try:
-        with trio.fail_after(20):
-            while not sock.exists():
-                await trio.sleep(0.01)
+    async with backend(sock, "blk", "--blk-file", os.fspath(img), "--num-queues", str(queues)):
         script = "cat /sys/block/vda/size; ls /sys/block/vda/mq | wc -l"
         guest = QemuGuest(
             guest_image, script=script, smp=2, extra_args=["-chardev", chardev, "-device", device]
@@ -81,13 +96,6 @@ async def test_qemu_blk_command_line_of_the_doc(guest_image, tmp_path: Path) -> 
         size, nqueues = result.output.split()
         assert int(size) == 64 * MiB // 512
         assert int(nqueues) == queues
-    finally:
-        backend.send_signal(signal.SIGTERM)
-        with trio.move_on_after(20):
-            await backend.wait()
-        if backend.returncode is None:
-            backend.kill()
-            await backend.wait()
 
 
 async def test_qemu_rng_command_line_of_the_doc(guest_image, tmp_path: Path) -> None:
@@ -96,14 +104,7 @@ async def test_qemu_rng_command_line_of_the_doc(guest_image, tmp_path: Path) -> 
     assert "share=on" in opts["-object"][0]
     sock = tmp_path / "rng0.sock"
     chardev = opts["-chardev"][0].replace("/run/pyvirtio/rng0.sock", os.fspath(sock))
-    backend = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "virtio", "serve", "rng", "--socket-path", os.fspath(sock)],
-        cwd=REPO,
-    )
-    try:
-        with trio.fail_after(20):
-            while not sock.exists():
-                await trio.sleep(0.01)
+    async with backend(sock, "rng"):
         script = (
             "cat /sys/class/misc/hw_random/rng_current; "
             "dd if=/dev/hwrng bs=256 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n'"
@@ -120,10 +121,3 @@ async def test_qemu_rng_command_line_of_the_doc(guest_image, tmp_path: Path) -> 
         assert current.startswith("virtio_rng")
         data = bytes.fromhex(hexdata)
         assert len(data) == 256 and len(set(data)) > 64  # not constant
-    finally:
-        backend.send_signal(signal.SIGTERM)
-        with trio.move_on_after(20):
-            await backend.wait()
-        if backend.returncode is None:
-            backend.kill()
-            await backend.wait()
