@@ -273,3 +273,23 @@ async def test_cli_refuses_a_busy_device_and_times_out_a_silent_connection(
             proc.kill()
             await proc.wait()
         await stderr.aclose()
+
+
+async def test_busy_refusals_are_rate_limited_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local process connecting in a loop cannot flood the log (issue 13 §0.5)."""
+    caplog.set_level(logging.INFO)
+    server = VhostUserServer(EchoDevice(), name="echo")
+    async with listening(server, tmp_path) as path:
+        first = await VhostUserFrontend.connect(path)
+        await wait_until(lambda: server.handler is not None)
+        for _ in range(20):
+            other = await VhostUserFrontend.connect(path)
+            await other.expect_closed(timeout=5)
+            await other.aclose()
+        assert server.refused == 20
+        busy = [r for r in caplog.records if BUSY in r.getMessage()]
+        assert len(busy) == 5  # the burst; the other 15 are counted, not printed
+        assert server.busy_log.suppressed == {"busy": 15}
+        await first.aclose()

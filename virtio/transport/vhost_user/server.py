@@ -61,6 +61,7 @@ from typing import NamedTuple
 import trio
 
 from virtio.device import VirtioDevice
+from virtio.ratelimit import LogRateLimiter
 
 from .errors import IncorrectFds, VhostUserProtocolError
 from .handler import VhostUserHandler
@@ -155,6 +156,8 @@ class VhostUserServer:
         """The last ``ERROR_HISTORY`` errors (most recent last)."""
         self.error_counts: Counter[str] = Counter()
         """Errors so far by exception type name."""
+        self.busy_log = LogRateLimiter(log)
+        """A local process connecting in a loop must not flood the log."""
         self.handler: VhostUserHandler | None = None
         """The handler of the current connection, if any."""
         self._on_handler = on_handler
@@ -282,7 +285,8 @@ class VhostUserServer:
     def _refuse(self, sock: trio.socket.SocketType) -> None:
         name = self._next_name()
         self.refused += 1
-        log.warning(
+        self.busy_log.warning(
+            "busy",
             "%s: device busy: front-end %s is connected; closing the new connection",
             name,
             self._frontend,
