@@ -187,24 +187,13 @@ int main(void)
 	int rc = vm_probe(&dev, VIRTIO_ID_BLOCK);
 	if (rc)
 		return rc;
-	u64 offered = vm_device_features(&dev);
-	if (!(offered & BIT64(VIRTIO_F_VERSION_1)))
-		return VE_FEATURES;
-	u64 want = BIT64(VIRTIO_F_VERSION_1) | BIT64(VIRTIO_BLK_F_FLUSH);
-	if (P->event_idx)
-		want |= BIT64(VIRTIO_F_EVENT_IDX);
-	if (P->packed)
-		want |= BIT64(VIRTIO_F_RING_PACKED);
-	if ((offered & want) != want)
-		return VE_FEATURES;
-	rc = vm_set_features(&dev, want);
+	u64 want = vm_ring_features((int)P->event_idx, (int)P->packed) | BIT64(VIRTIO_BLK_F_FLUSH);
+	rc = vm_accept_features(&dev, want);
 	if (rc)
 		return rc;
 
-	q.dev = &dev;
-	q.index = 0;
-	vq_layout(&q, P->ring_addr, (u16)P->queue_size, (int)P->packed, (int)P->event_idx);
-	rc = vq_setup(&q);
+	rc = vq_init(&q, &dev, 0, P->ring_addr, (u16)P->queue_size, (int)P->packed,
+		     (int)P->event_idx);
 	if (rc)
 		return rc;
 	/* §5.2.4 capacity: a 64-bit field read as two 32-bit accesses (§4.2.2.2). */

@@ -79,6 +79,26 @@ static int vm_set_features(struct vmmio *d, u64 features)
 	return VE_OK;
 }
 
+/* The transport bits every driver here asks for: VERSION_1, plus EVENT_IDX and
+ * RING_PACKED when the run wants them (§6). */
+static u64 vm_ring_features(int event_idx, int packed)
+{
+	u64 want = BIT64(VIRTIO_F_VERSION_1);
+	if (event_idx)
+		want |= BIT64(VIRTIO_F_EVENT_IDX);
+	if (packed)
+		want |= BIT64(VIRTIO_F_RING_PACKED);
+	return want;
+}
+
+/* Accept `want` if the device offers all of it, then FEATURES_OK (§3.1.1 steps 4-6). */
+static int vm_accept_features(struct vmmio *d, u64 want)
+{
+	if ((vm_device_features(d) & want) != want)
+		return VE_FEATURES;
+	return vm_set_features(d, want);
+}
+
 static void vm_driver_ok(struct vmmio *d)
 {
 	vm_wr(d, VIRTIO_MMIO_STATUS,
@@ -215,6 +235,16 @@ static int vq_setup(struct vq *q)
 		dev = (u64)q->used;
 	}
 	return vm_setup_queue(q->dev, q->index, q->size, desc, drv, dev);
+}
+
+/* Lay out queue `index` at `base` and hand it to the device (§3.1.1 step 7, §4.2.3.2). */
+static int vq_init(struct vq *q, struct vmmio *d, u16 index, u64 base, u16 size, int packed,
+		   int event_idx)
+{
+	q->dev = d;
+	q->index = index;
+	vq_layout(q, base, size, packed, event_idx);
+	return vq_setup(q);
 }
 
 /* Add one chain; `id` is the caller's slot (split: its first descriptor is

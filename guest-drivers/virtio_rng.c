@@ -99,21 +99,11 @@ int main(void)
 	int rc = vm_probe(&dev, VIRTIO_ID_RNG);
 	if (rc)
 		return rc;
-	u64 offered = vm_device_features(&dev);
-	u64 want = BIT64(VIRTIO_F_VERSION_1);
-	if (P->event_idx)
-		want |= BIT64(VIRTIO_F_EVENT_IDX);
-	if (P->packed)
-		want |= BIT64(VIRTIO_F_RING_PACKED);
-	if ((offered & want) != want)
-		return VE_FEATURES;
-	rc = vm_set_features(&dev, want);
+	rc = vm_accept_features(&dev, vm_ring_features((int)P->event_idx, (int)P->packed));
 	if (rc)
 		return rc;
-	q.dev = &dev;
-	q.index = 0;
-	vq_layout(&q, P->ring_addr, (u16)P->queue_size, (int)P->packed, (int)P->event_idx);
-	rc = vq_setup(&q);
+	rc = vq_init(&q, &dev, 0, P->ring_addr, (u16)P->queue_size, (int)P->packed,
+		     (int)P->event_idx);
 	if (rc)
 		return rc;
 	vq_interrupts(&q, 0, 0); /* polling */
