@@ -84,6 +84,9 @@ NBD_ERRNO = {1: errno.EPERM, 5: errno.EIO, 12: errno.ENOMEM, 22: errno.EINVAL,
              28: errno.ENOSPC, 75: errno.EOVERFLOW, 95: errno.EOPNOTSUPP,
              108: errno.ESHUTDOWN}  # fmt: skip
 
+MAX_ERROR_MESSAGE = 4096
+"""proto.md: an error chunk's message is at most 4096 bytes; a longer chunk is refused
+before anything of it is buffered (a server must not make us hold gigabytes)."""
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">HHQI")
@@ -330,7 +333,7 @@ class _Connection:
                 n -= len(part)
                 if not n:
                     break
-        elif rtype & REPLY_TYPE_ERROR_BIT and length >= 6:
+        elif rtype & REPLY_TYPE_ERROR_BIT and 6 <= length <= 6 + MAX_ERROR_MESSAGE:
             err, mlen = struct.unpack(">IH", await self._exact(6))
             rest = await self._exact(length - 6)
             p.error = p.error or _error(err, rest[:mlen].decode(errors="replace"))
