@@ -8,11 +8,16 @@
 # Steps (each skipped when already done, so a second run takes about a second):
 #   1. Debian packages (apt-get update only when something is missing);
 #   2. .venv with `pip install -e '.[test,emulator]'` (redone when pyproject.toml changes);
-#   3. the QEMU guest image (kernel + initramfs) in ${PYVIRTIO_CACHE:-~/.cache/pyvirtio}/guest.
+#   3. the QEMU guest image (kernel + initramfs) in ${PYVIRTIO_CACHE:-~/.cache/pyvirtio}/guest;
+#   4. QEMU 10.0 from bookworm-backports, downloaded (apt-get download, with a private apt
+#      list of bookworm-backports only: the system's sources are left alone) and unpacked
+#      (dpkg -x) into ${PYVIRTIO_CACHE:-~/.cache/pyvirtio}/qemu-10.0, beside the system's
+#      QEMU 7.2: the integration tests run real guests on both versions.
 #
 # Environment:
 #   PYVIRTIO_NO_APT=1      never run apt-get (dev machines that have the tools already)
 #   PYVIRTIO_NO_IMAGE=1    do not build the guest image
+#   PYVIRTIO_NO_QEMU10=1   do not fetch QEMU 10.0 (tests needing it skip, saying so)
 #   PYVIRTIO_CACHE=DIR     cache directory (default ~/.cache/pyvirtio)
 #   PYTHON=python3         interpreter used to create .venv
 # Progress goes to stderr; works with CI=true and no stdin.
@@ -162,6 +167,49 @@ step_image() {
     die "could not build the guest image (see above)"
 }
 
+QEMU10_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data)
+QEMU10_VERSION="1:10.0.2+ds-2+deb13u1~bpo12+1"   # bookworm-backports; bump with the archive
+
+step_qemu10() {
+    if [ "${PYVIRTIO_NO_QEMU10:-0}" = "1" ]; then
+        log "PYVIRTIO_NO_QEMU10=1: skipping QEMU 10.0"
+        return
+    fi
+    local cache="${PYVIRTIO_CACHE:-$HOME/.cache/pyvirtio}"
+    local dest="$cache/qemu-10.0"
+    if [ -x "$dest/usr/bin/qemu-system-x86_64" ] && [ "$(cat "$dest/.version" 2>/dev/null)" = "$QEMU10_VERSION" ]; then
+        log "QEMU 10.0: cached ($dest)"
+        return
+    fi
+    local work
+    work="$(mktemp -d)"
+    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs"
+    cat >"$work/backports.sources" <<EOS
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOS
+    local opts=(-o "Dir::Etc::sourcelist=$work/backports.sources" -o Dir::Etc::sourceparts=/dev/null
+        -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o APT::Sandbox::User=root)
+    log "QEMU 10.0: downloading ${QEMU10_PACKAGES[*]} $QEMU10_VERSION from bookworm-backports"
+    apt-get -q "${opts[@]}" update >&2 || { rm -rf "$work"; die "apt-get update of bookworm-backports failed"; }
+    local pkgs=() p
+    for p in "${QEMU10_PACKAGES[@]}"; do pkgs+=("$p=$QEMU10_VERSION"); done
+    (cd "$work/debs" && apt-get -q "${opts[@]}" download "${pkgs[@]}" >&2) \
+        || { rm -rf "$work"; die "could not download QEMU 10.0 from bookworm-backports"; }
+    rm -rf "$dest.new"
+    mkdir -p "$dest.new"
+    for p in "$work"/debs/*.deb; do dpkg -x "$p" "$dest.new"; done
+    printf '%s\n' "$QEMU10_VERSION" >"$dest.new/.version"
+    "$dest.new/usr/bin/qemu-system-x86_64" --version >/dev/null \
+        || { rm -rf "$work" "$dest.new"; die "the unpacked QEMU 10.0 does not run (missing libraries?)"; }
+    rm -rf "$dest" "$work"
+    mv "$dest.new" "$dest"
+    log "QEMU 10.0: unpacked into $dest"
+}
+
 main() {
     local cmd="${1:-setup}"
     case "$cmd" in
@@ -172,6 +220,7 @@ main() {
     step_apt
     step_venv
     step_image
+    step_qemu10
     log "ready"
     case "$cmd" in
         test) exec "$VENV/bin/python" -m pytest "$@" ;;

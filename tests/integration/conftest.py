@@ -8,7 +8,13 @@ import pytest
 
 from virtio.testing.blk_checks import BackendStarter, start_qemu_storage_daemon
 from virtio.testing.guest_image import GuestImage, GuestImageUnavailable, ensure_image
-from virtio.testing.qemu import QemuUnavailable, check_prerequisites
+from virtio.testing.qemu import (
+    QEMU_VERSIONS,
+    QemuBinary,
+    QemuUnavailable,
+    check_prerequisites,
+    qemu_binary,
+)
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +45,13 @@ def reference_blk_backend() -> BackendStarter:
     if shutil.which("qemu-storage-daemon") is None:
         pytest.skip("qemu-storage-daemon not found (Debian package qemu-system-common)")
     return start_qemu_storage_daemon
+
+
+@pytest.fixture(params=QEMU_VERSIONS, ids=[f"qemu{v}" for v in QEMU_VERSIONS])
+def qemu(request) -> QemuBinary:
+    """Each QEMU version the project tests (7.2 from Debian 12, 10.0 from bookworm-backports,
+    unpacked by ``./setup.sh``); a test taking this fixture runs once per version."""
+    try:
+        return qemu_binary(request.param)
+    except QemuUnavailable as e:
+        pytest.skip(f"QEMU {request.param} unavailable: {e}")

@@ -1,4 +1,4 @@
-"""``virtio serve rng`` as the vhost-user-rng back-end of a real QEMU 7.2 guest.
+"""``virtio serve rng`` as the vhost-user-rng back-end of a real guest, on QEMU 7.2 and 10.0.
 
 The guest's own virtio_rng driver (hw_random core) is the judge: it binds to our
 device, ``/dev/hwrng`` returns bytes that are not constant, and the back-end's
@@ -36,7 +36,7 @@ async def _statistics(proc: trio.Process, log: Path) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in line.split("statistics:", 1)[1].split())
 
 
-async def test_linux_guest_reads_hwrng_from_our_backend(guest_image, tmp_path):
+async def test_linux_guest_reads_hwrng_from_our_backend(guest_image, qemu, tmp_path):
     sock, log = tmp_path / "rng.sock", tmp_path / "backend.log"
     with open(log, "ab") as err:
         proc = await trio.lowlevel.open_process(
@@ -48,7 +48,12 @@ async def test_linux_guest_reads_hwrng_from_our_backend(guest_image, tmp_path):
         )
     try:
         await wait_for_socket(sock, proc)
-        async with QemuGuest(guest_image, devices=[VhostUserRng(os.fspath(sock))]) as g:
+        async with QemuGuest(
+            guest_image, devices=[VhostUserRng(os.fspath(sock))], qemu=qemu, qmp=True
+        ) as g:
+            assert g.qmp is not None
+            version = (await g.qmp.execute("query-version"))["qemu"]
+            assert f"{version['major']}.{version['minor']}" == qemu.version
             current = await g.run("cat /sys/class/misc/hw_random/rng_current")
             assert current.output.strip().startswith("virtio_rng"), current.output
             r = await g.run(

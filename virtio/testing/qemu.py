@@ -95,7 +95,10 @@ __all__ = [
     "check_prerequisites",
     "command_lines",
     "default_accel",
+    "QEMU_VERSIONS",
+    "QemuBinary",
     "find_qemu",
+    "qemu_binary",
     "run_guest_script",
 ]
 
@@ -355,6 +358,71 @@ def find_qemu(binary: str = QEMU_BINARY) -> str:
     return path
 
 
+
+QEMU_VERSIONS = ("7.2", "10.0")
+"""The QEMU versions the project tests against: Debian 12's own, and bookworm-backports'
+(unpacked by ``./setup.sh`` into ``${PYVIRTIO_CACHE:-~/.cache/pyvirtio}/qemu-10.0``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuBinary:
+    """One ``qemu-system-x86_64`` to run: its path, and for an unpacked (not installed) QEMU
+    the data and module directories it must be pointed at."""
+
+    path: str
+    version: str
+    data_dir: str | None = None
+    module_dir: str | None = None
+
+    def args(self) -> list[str]:
+        """Arguments that come right after the binary (``-L`` for an unpacked QEMU)."""
+        return ["-L", self.data_dir] if self.data_dir else []
+
+    def env(self) -> dict[str, str] | None:
+        """The environment to run it in (``QEMU_MODULE_DIR`` for an unpacked QEMU), or None."""
+        if not self.module_dir:
+            return None
+        return {**os.environ, "QEMU_MODULE_DIR": self.module_dir}
+
+    def command(self) -> list[str]:
+        """``[path, *args()]``: the start of a command line."""
+        return [self.path, *self.args()]
+
+
+def _unpacked_qemu10() -> Path:
+    base = os.environ.get("PYVIRTIO_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pyvirtio"
+    )
+    return Path(base) / "qemu-10.0"
+
+
+def qemu_binary(version: str | None = None) -> QemuBinary:
+    """The QEMU of ``version`` (one of :data:`QEMU_VERSIONS`; None: the default one, i.e.
+    ``$PYVIRTIO_QEMU`` or the system's).  QemuUnavailable, with the reason, if absent."""
+    if version is None:
+        return QemuBinary(find_qemu(), "default")
+    if version == "7.2":
+        path = shutil.which(QEMU_BINARY)
+        if path is None:
+            raise QemuUnavailable("QEMU 7.2 not found on PATH (./setup.sh installs it)")
+        return QemuBinary(path, "7.2")
+    if version == "10.0":
+        root = _unpacked_qemu10()
+        path = root / "usr" / "bin" / QEMU_BINARY
+        if not os.access(path, os.X_OK):
+            raise QemuUnavailable(
+                f"QEMU 10.0 not unpacked at {root} (./setup.sh fetches it from "
+                "bookworm-backports unless PYVIRTIO_NO_QEMU10=1)"
+            )
+        return QemuBinary(
+            str(path),
+            "10.0",
+            data_dir=str(root / "usr" / "share" / "qemu"),
+            module_dir=str(root / "usr" / "lib" / "x86_64-linux-gnu" / "qemu"),
+        )
+    raise ValueError(f"unknown QEMU version {version!r} (known: {', '.join(QEMU_VERSIONS)})")
+
+
 def check_prerequisites(image: GuestImage | None = None, *, accel: str | None = None) -> str:
     """Raise QemuUnavailable with a clear reason if a guest cannot be booted; else the QEMU path."""
     qemu = find_qemu()
@@ -497,6 +565,8 @@ class QemuGuest:
             command output stays clean; ``dmesg`` in the guest still has everything).
         console_log: also write everything the console prints to this file.
         boot_timeout: seconds to wait for the interactive shell.
+        qemu: which QEMU (:func:`qemu_binary`, e.g. ``qemu_binary("10.0")``); default the
+            system's (or ``$PYVIRTIO_QEMU``).
     """
 
     def __init__(
@@ -515,8 +585,10 @@ class QemuGuest:
         kernel_loglevel: int = 1,
         console_log: str | os.PathLike[str] | None = None,
         boot_timeout: float = 120.0,
+        qemu: QemuBinary | None = None,
     ) -> None:
         self.image = image
+        self.qemu = qemu
         self.devices = list(devices)
         self.extra_args = list(extra_args)
         self.script = script
@@ -574,8 +646,11 @@ class QemuGuest:
             f"console=ttyS0 quiet loglevel={self.kernel_loglevel} panic=-1 {self.append}".strip()
         )
         mem = f"{self.memory_mb}M"
+        if qemu is None:
+            qemu = self.qemu.path if self.qemu is not None else find_qemu()
         args = [
-            qemu or find_qemu(),
+            qemu,
+            *(self.qemu.args() if self.qemu is not None else []),
             "-machine", f"pc,accel={self.accel}",
             "-cpu", "max",
             "-m", mem,
@@ -604,6 +679,8 @@ class QemuGuest:
         if self._proc is not None:
             raise QemuError("guest already started")
         qemu = check_prerequisites(self.image, accel=self.accel)
+        if self.qemu is not None:
+            qemu = self.qemu.path
         self._tmpdir = Path(tempfile.mkdtemp(prefix="pyvirtio-qemu-"))
         try:
             cmd = self.command_line(qemu)
@@ -616,6 +693,7 @@ class QemuGuest:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr_file,
+                env=self.qemu.env() if self.qemu is not None else None,
             )
             _grow_pipe(self._proc.stdout)
             if self.want_qmp:
