@@ -77,6 +77,7 @@ import trio
 from virtio.testing.guest_image import GuestImage
 
 __all__ = [
+    "QEMU_VERSIONS",
     "Disk",
     "GuestCommandError",
     "GuestError",
@@ -84,6 +85,7 @@ __all__ = [
     "GuestJob",
     "GuestResult",
     "GuestTimeout",
+    "QemuBinary",
     "QemuError",
     "QemuGuest",
     "QemuUnavailable",
@@ -95,8 +97,6 @@ __all__ = [
     "check_prerequisites",
     "command_lines",
     "default_accel",
-    "QEMU_VERSIONS",
-    "QemuBinary",
     "find_qemu",
     "qemu_binary",
     "run_guest_script",
@@ -356,7 +356,6 @@ def find_qemu(binary: str = QEMU_BINARY) -> str:
             "./setup.sh installs it)"
         )
     return path
-
 
 
 QEMU_VERSIONS = ("7.2", "10.0")
