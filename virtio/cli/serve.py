@@ -136,6 +136,7 @@ def register(subparsers: Any) -> None:
     blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
         "--debug-request-delay", type=float, default=0.0, help=argparse.SUPPRESS
     )
+    _add_control_option(blk)
     add_log_options(blk)
     blk.epilog = SIGNALS_HELP
     blk.set_defaults(func=run_blk)
@@ -152,9 +153,19 @@ def register(subparsers: Any) -> None:
     )
     _add_listen_options(rng)
     add_log_options(rng)
+    _add_control_option(rng)
     rng.epilog = SIGNALS_HELP
     rng.set_defaults(func=run_rng)
     rng.error = lambda message: _fail(f"virtio serve rng: {message}", status=2)  # type: ignore[method-assign]
+
+
+def _add_control_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        help="also listen on this unix socket for control commands (JSON lines, "
+        'QMP-like: {"execute": "query-commands"}; see virtio/control/)',
+    )
 
 
 def _add_listen_options(parser: argparse.ArgumentParser) -> None:
@@ -353,11 +364,18 @@ def _statistics(device: Any, server: Any) -> str:
 
 
 async def _serve(
-    device: Any, args: argparse.Namespace, kind: str = "blk", statistics: Any = None
+    device: Any,
+    args: argparse.Namespace,
+    kind: str = "blk",
+    statistics: Any = None,
+    registry: Any = None,
 ) -> int:
     """Serve ``device`` on ``args.socket_path`` / ``args.fd`` until SIGINT/SIGTERM;
-    SIGUSR1 prints ``statistics(device, server)``; SIGHUP resizes (blk only)."""
+    SIGUSR1 prints ``statistics(device, server)``; SIGHUP resizes (blk only); with
+    ``--control PATH`` the commands of ``registry`` are served on PATH too."""
     from virtio.cli.systemd import notify
+    from virtio.control import CommandRegistry
+    from virtio.control.server import serve_control
     from virtio.transport.vhost_user.server import VhostUserServer
 
     statistics = statistics or _statistics
@@ -376,6 +394,8 @@ async def _serve(
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve_then_stop)
+            if getattr(args, "control", None):
+                await nursery.start(serve_control, args.control, registry or CommandRegistry())
             notify("READY=1")  # systemd Type=notify: we listen now
             async for signum in receiver:
                 if signum == signal.SIGHUP:
