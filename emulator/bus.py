@@ -136,6 +136,7 @@ class Bus:
         self.ioeventfds: list[IoEventFd] = []
         # Called after every handled exit (e.g. to let the machine look at IRQ lines).
         self.after_exit: list[Callable[[], None]] = []
+        self.last_exit_write = False  # the last PIO/MMIO exit was a write (snapshot points)
 
     def add_pio(self, base: int, length: int, device: BusDevice, offset: int = 0) -> None:
         self.pio.add(Mapping(base, length, device, offset))
@@ -182,6 +183,7 @@ class Bus:
         return 0
 
     def account(self, reason: str, space: AddressSpace, addr: int, size: int, is_write: bool):
+        self.last_exit_write = is_write
         m = space.find(addr, size)
         if m is None:
             self.stats.count(reason, UNMAPPED, f"{space.kind}:{addr:#x}")

@@ -43,6 +43,42 @@ class CpuBackend(Protocol):
 
     def close(self) -> None: ...
 
+    def save_cpu(self) -> dict: ...
+
+    def load_cpu(self, state: dict) -> None: ...
+
+
+GPR_NAMES = tuple(abi.REG_NAMES)
+"""The registers a CPU state carries (``struct kvm_regs`` order: rax..r15, rip, rflags)."""
+LONG_MODE_SELECTORS = {"cs": memory.CODE_SELECTOR, "ss": memory.DATA_SELECTOR}
+
+
+class CpuStateError(RuntimeError):
+    """A saved CPU state this backend cannot take (e.g. a CR3 the soft CPU cannot load)."""
+
+
+def check_cpu_state(state: dict) -> None:
+    """Validate a saved CPU state (untrusted: it comes from a file)."""
+    gprs = state.get("gprs")
+    if not isinstance(gprs, dict) or set(gprs) != set(GPR_NAMES):
+        raise CpuStateError(f"CPU state must have the registers {', '.join(GPR_NAMES)}")
+    for name, value in gprs.items():
+        if not isinstance(value, int) or not 0 <= value < 1 << 64:
+            raise CpuStateError(f"register {name} = {value!r} is not a 64-bit value")
+    for table in ("idt", "gdt"):
+        base, limit = state.get(table, (None, None))
+        if not isinstance(base, int) or not isinstance(limit, int) or not 0 <= limit <= 0xFFFF:
+            raise CpuStateError(f"{table.upper()}R {state.get(table)!r} is not (base, limit)")
+    if state.get("cr3") != memory.PML4_ADDR:
+        raise CpuStateError(
+            f"CR3 {state.get('cr3')!r} is not the emulator's page table ({memory.PML4_ADDR:#x}):"
+            " guest programs run on the identity map the machine builds"
+        )
+    if state.get("selectors") != LONG_MODE_SELECTORS:
+        raise CpuStateError(
+            f"segment selectors {state.get('selectors')!r} are not the flat long-mode ones"
+        )
+
 
 _TIMER_PERIOD = 0.05
 
@@ -149,6 +185,37 @@ class KvmCpu:
 
     def regs(self) -> dict[str, int]:
         return self.vcpu.get_regs()
+
+    def save_cpu(self) -> dict:
+        """The vCPU's architectural state between exits, in the portable form the soft CPU
+        also takes.  A KVM_RUN with ``immediate_exit`` first completes an IN or MMIO read
+        still pending in the run page (KVM's documented way to make the state consistent)."""
+        vcpu = self.vcpu
+        vcpu.run_page[abi.RUN_IMMEDIATE_EXIT] = 1
+        try:
+            e = vcpu.run()
+        finally:
+            vcpu.run_page[abi.RUN_IMMEDIATE_EXIT] = 0
+        if not (isinstance(e, OtherExit) and e.kvm_reason == abi.KVM_EXIT_INTR):
+            raise GuestFault(f"kvm: immediate exit returned {e} instead of EINTR")
+        s = vcpu.get_sregs()
+        return {
+            "gprs": vcpu.get_regs(),
+            "idt": list(s["idt"]),
+            "gdt": list(s["gdt"]),
+            "cr3": s["cr3"],
+            "selectors": {"cs": s["cs"]["selector"], "ss": s["ss"]["selector"]},
+        }
+
+    def load_cpu(self, state: dict) -> None:
+        check_cpu_state(state)
+        gprs = state["gprs"]
+        self.reset(gprs["rip"], gprs["rsp"])
+        s = self.vcpu.get_sregs()
+        s["idt"] = tuple(state["idt"])
+        s["gdt"] = tuple(state["gdt"])
+        self.vcpu.set_sregs(s)
+        self.vcpu.set_regs(dict(gprs))
 
     def close(self) -> None:
         self.vm.close()

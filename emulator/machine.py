@@ -92,6 +92,9 @@ class Machine:
         self.window_seconds: float | None = None
         self.phases: list[tuple[int, ExitStats, float]] = []
         self.run_seconds = 0.0
+        self.pause_at: int | None = None  # see pause_at_exit()
+        self.paused = False
+        self.bus.after_exit.append(self._check_pause)
 
     # -- RAM (for vhost-user hand-off) ----------------------------------------------------
     @property
@@ -191,6 +194,79 @@ class Machine:
             rip = regs.get("rip", 0)
             raise GuestHalted(f"guest halted with no interrupt pending (rip={rip:#x})")
         return False, None
+
+    # -- pause and snapshot state (emulator.snapshot) ----------------------------------------
+    def pause_at_exit(self, n: int) -> None:
+        """Stop ``run()`` after the first PIO/MMIO *write* exit whose number (counting every
+        exit since the machine started, as ``bus.stats.total``) is ``n`` or more; ``paused``
+        is then True and the state can be saved.  Write exits because the guest's
+        instruction is then complete on both CPU backends, and because exit numbers are
+        the same on both, exit ``n`` names the same point of the guest program on each."""
+        if n < 1:
+            raise ValueError("the exit number counts from 1")
+        self.pause_at = n
+
+    def _check_pause(self) -> None:
+        if (
+            self.pause_at is not None
+            and self.bus.stats.total >= self.pause_at
+            and self.bus.last_exit_write
+        ):
+            self.pause_at = None
+            self.paused = True
+            self.stop_requested = True
+
+    def resume(self) -> None:
+        """Clear a pause so that ``run()`` carries on."""
+        self.paused = False
+        self.stop_requested = False
+
+    def save_state(self) -> dict:
+        """The machine's state besides RAM (CPU, interrupt lines, exit counters,
+        measurement marks, every device's state) as plain data; only while paused (or
+        before the first run).  A device without ``save_state`` cannot be saved: a
+        ``RuntimeError`` names it."""
+        if self.cpu is not None and not self.paused:
+            raise RuntimeError("save_state() needs a paused machine (pause_at_exit)")
+        devices = {}
+        for name, dev in self.devices.items():
+            save = getattr(dev, "save_state", None)
+            if save is None:
+                raise RuntimeError(f"device {name!r} ({type(dev).__name__}) cannot be saved")
+            devices[name] = save()
+        now = time.perf_counter()
+        return {
+            "cpu": self.cpu.save_cpu() if self.cpu is not None else None,
+            "entry": self._entry,
+            "irq_lines": [[irq, up] for irq, up in self.irq_lines.items()],
+            "edges": sorted(self._edges),
+            "interrupts_delivered": self.interrupts_delivered,
+            "stats": self.bus.stats.save_state(),
+            "marks": [[cmd, st.save_state(), t - now] for cmd, st, t in self._marks],
+            "devices": devices,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Apply ``save_state()`` output to a machine built the same way (same devices on
+        the same bus, RAM already written); the next ``run()`` carries on from there."""
+        now = time.perf_counter()
+        self.irq_lines = {int(irq): bool(up) for irq, up in state["irq_lines"]}
+        self._edges = {int(g) for g in state["edges"]}
+        self.interrupts_delivered = int(state["interrupts_delivered"])
+        self.bus.stats = ExitStats.from_state(state["stats"])
+        self._marks = [
+            (int(cmd), ExitStats.from_state(st), now + float(dt)) for cmd, st, dt in state["marks"]
+        ]
+        missing = set(self.devices) ^ set(state["devices"])
+        if missing:
+            raise RuntimeError(f"the snapshot's devices differ from this machine's: {missing}")
+        for name, dev in self.devices.items():
+            dev.load_state(state["devices"][name])  # type: ignore[attr-defined]
+        self._entry = state["entry"]
+        if state["cpu"] is not None:
+            if self.cpu is None:
+                self.cpu = self._make_cpu()
+            self.cpu.load_cpu(state["cpu"])
 
     # -- measurement window (debug port BEGIN / MARK / END) ---------------------------------
     def _mark(self, cmd: int) -> None:

@@ -12,6 +12,7 @@ timings in the result cover only that window.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Callable
@@ -152,12 +153,18 @@ def run_workload(
     image: str | None = None,
     timeout: float | None = 600.0,
     ram_size: int = DEFAULT_RAM,
+    save_at: int | None = None,
+    save_to: str | os.PathLike[str] | None = None,
 ) -> dict:
     """Write then read-verify ``mib`` MiB (or ``kib`` KiB) in 4 KiB requests.
 
     Returns ``{"path", "queue_depth", "cpu", "ios", "exits_per_io", "exits_by_reason",
     "exits_by_register", "mb_per_s", "us_per_io", "verified", ...}``; ``cpu`` is the
     backend actually used (``auto`` resolves to ``kvm`` or ``soft``).
+
+    ``save_at=N, save_to=FILE``: pause after exit N (see ``Machine.pause_at_exit``),
+    write a snapshot to FILE (``emulator.snapshot``), and carry on to the end; the
+    result's ``saved_at_exit`` is the exit the snapshot was taken at.
     """
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; known: {sorted(PATHS)}")
@@ -172,44 +179,104 @@ def run_workload(
     total = (kib << 10) if kib is not None else (mib << 20)
     if total < REQUEST_BYTES or total % REQUEST_BYTES:
         raise ValueError("the transfer size must be a positive multiple of 4 KiB")
+    if (save_at is None) != (save_to is None):
+        raise ValueError("save_at and save_to go together")
     spec = WorkloadSpec(path, total, queue_depth, irq, lba48, irq_mode=irq_mode, image=image)
+    recipe = {
+        "kind": "workload", "path": path, "total_bytes": total, "queue_depth": queue_depth,
+        "irq": irq, "lba48": lba48, "irq_mode": irq_mode, "ram_size": ram_size,
+    }  # fmt: skip
     elf = guest_build.build(wp.program)
     m = Machine(ram_size=ram_size, cpu=cpu)
     try:
         verify = wp.setup(m, spec)
         m.load_elf(elf)
-        m.run(timeout=timeout)
-        dbg = m.debug
-        if dbg.result != 0:
-            raise WorkloadFailed(
-                f"{path}: guest result {dbg.result} (errors={dbg.verify_errors}); "
-                f"output: {dbg.text!r}; device errors: {_device_errors(m)}"
-            )
-        window = m.window
-        seconds = m.window_seconds or 0.0
-        ios = dbg.ios
-        assert window is not None
-        return {
-            "path": path,
-            "queue_depth": queue_depth,
-            "cpu": m.cpu_name,
-            "irq": irq,
-            "irq_mode": irq_mode if irq else None,
-            "interrupts": m.interrupts_delivered,
-            "ios": ios,
-            "exits_per_io": window.total / ios if ios else 0.0,
-            "exits_by_reason": dict(sorted(window.by_reason.items())),
-            "exits_by_register": dict(sorted(window.by_register.items())),
-            "exits_by_device": dict(sorted(window.by_device.items())),
-            "exits_total": window.total,
-            "mb_per_s": (ios * REQUEST_BYTES / 1e6) / seconds if seconds else 0.0,
-            "us_per_io": seconds * 1e6 / ios if ios else 0.0,
-            "us_per_exit": seconds * 1e6 / window.total if window.total else 0.0,
-            "verified": dbg.verify_errors == 0 and verify(),
-            "phases": _phases(m, wp, spec),
-        }
+        saved_at = None
+        if save_at is not None:
+            from emulator import snapshot
+
+            m.pause_at_exit(save_at)
+            m.run(timeout=timeout)
+            if m.paused:
+                saved_at = m.bus.stats.total
+                snapshot.write(snapshot.capture(m, recipe), save_to)  # type: ignore[arg-type]
+                m.resume()
+                m.run(timeout=timeout)
+        else:
+            m.run(timeout=timeout)
+        result = _result(m, wp, spec, verify)
+        result["saved_at_exit"] = saved_at
+        return result
     finally:
         m.close()
+
+
+def restore_workload(
+    snapshot_file: str | os.PathLike[str],
+    cpu: str = "auto",
+    *,
+    image: str | None = None,
+    timeout: float | None = 600.0,
+) -> dict:
+    """Restore a workload snapshot (``run_workload(save_at=..., save_to=...)``) in this
+    process on ``cpu`` and run it to the end; the same result dict as ``run_workload``,
+    with ``restored_at_exit``.  The disk is a memory disk, or ``image`` (a raw file the
+    saved disk contents are written into): a recipe's image path is never written."""
+    from emulator import snapshot
+
+    snap = snapshot.read(snapshot_file)
+    r = snap.recipe
+    if r.get("kind") != "workload" or r.get("path") not in PATHS:
+        raise snapshot.SnapshotError(f"{snapshot_file}: not a workload snapshot ({r!r})")
+    wp = PATHS[r["path"]]
+    spec = WorkloadSpec(
+        r["path"], int(r["total_bytes"]), int(r["queue_depth"]), bool(r["irq"]),
+        bool(r["lba48"]), irq_mode=str(r["irq_mode"]), image=image,
+    )  # fmt: skip
+    m = Machine(ram_size=int(r["ram_size"]), cpu=cpu)
+    try:
+        verify = wp.setup(m, spec)
+        snapshot.apply(m, snap)
+        m.run(timeout=timeout)
+        result = _result(m, wp, spec, verify)
+        result["restored_at_exit"] = snap.exits
+        return result
+    finally:
+        m.close()
+
+
+def _result(m: Machine, wp: WorkloadPath, spec: WorkloadSpec, verify: Callable[[], bool]) -> dict:
+    path, queue_depth, irq, irq_mode = spec.path, spec.queue_depth, spec.irq, spec.irq_mode
+    dbg = m.debug
+    if dbg.result != 0:
+        raise WorkloadFailed(
+            f"{path}: guest result {dbg.result} (errors={dbg.verify_errors}); "
+            f"output: {dbg.text!r}; device errors: {_device_errors(m)}"
+        )
+    window = m.window
+    seconds = m.window_seconds or 0.0
+    ios = dbg.ios
+    assert window is not None
+    return {
+        "path": path,
+        "queue_depth": queue_depth,
+        "cpu": m.cpu_name,
+        "irq": irq,
+        "irq_mode": irq_mode if irq else None,
+        "interrupts": m.interrupts_delivered,
+        "ios": ios,
+        "exits_per_io": window.total / ios if ios else 0.0,
+        "exits_by_reason": dict(sorted(window.by_reason.items())),
+        "exits_by_register": dict(sorted(window.by_register.items())),
+        "exits_by_device": dict(sorted(window.by_device.items())),
+        "exits_total": window.total,
+        "mb_per_s": (ios * REQUEST_BYTES / 1e6) / seconds if seconds else 0.0,
+        "us_per_io": seconds * 1e6 / ios if ios else 0.0,
+        "us_per_exit": seconds * 1e6 / window.total if window.total else 0.0,
+        "verified": dbg.verify_errors == 0 and verify(),
+        "phases": _phases(m, wp, spec),
+        "all_exits": m.bus.stats.total,
+    }
 
 
 def _phases(m: Machine, wp: WorkloadPath, spec: WorkloadSpec) -> dict:
@@ -238,8 +305,17 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     import json
 
     ap = argparse.ArgumentParser(prog="python -m emulator.run")
-    ap.add_argument("path", choices=sorted(PATHS))
+    ap.add_argument("path", choices=sorted(PATHS), nargs="?")
     ap.add_argument("--cpu", choices=["kvm", "soft", "auto"], default="auto")
+    ap.add_argument(
+        "--save-at",
+        nargs=2,
+        metavar=("N", "FILE"),
+        help="save a snapshot after exit N (the first write exit from N on) to FILE",
+    )
+    ap.add_argument(
+        "--restore", metavar="FILE", help="restore a snapshot (on --cpu) and run it to the end"
+    )
     ap.add_argument("--mib", type=int, default=1)
     ap.add_argument("--kib", type=int)
     ap.add_argument("--queue-depth", type=int, default=1)
@@ -248,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     ap.add_argument("--irq-mode", choices=sorted(IRQ_MODES), default="idt")
     ap.add_argument("--image", help="raw disk image file (created/resized)")
     args = ap.parse_args(argv)
+    if args.restore:
+        res = restore_workload(args.restore, args.cpu, image=args.image)
+        json.dump(res, sys.stdout, indent=2)
+        print()
+        return 0
+    if args.path is None:
+        ap.error("a path is needed (or --restore FILE)")
     res = run_workload(
         args.path,
         args.cpu,
@@ -258,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
         lba48=args.lba48,
         irq_mode=args.irq_mode,
         image=args.image,
+        save_at=int(args.save_at[0]) if args.save_at else None,
+        save_to=args.save_at[1] if args.save_at else None,
     )
     json.dump(res, sys.stdout, indent=2)
     print()

@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 from emulator import memory
-from emulator.cpu import ExitLimit, GuestFault
+from emulator.cpu import GPR_NAMES, ExitLimit, GuestFault, check_cpu_state
 from emulator.exits import CPU_DEVICE, REASON_HLT, REASON_MMIO, REASON_PIO
 
 try:
@@ -123,6 +123,8 @@ class SoftCpu:
             self._on_unmapped,
         )
         self._pc = 0
+        self._stopped: tuple[int, tuple[str, int, int] | None] | None = None
+        self._swallow: tuple[str, int, int] | None = None
         self._limit: int | None = None
         self._deadline: float | None = None
 
@@ -214,11 +216,14 @@ class SoftCpu:
         self._ins_left = 0
         if bus.ioeventfds and bus.try_ioeventfd(bus.pio, port, size, value):
             return
+        if self._swallow == ("pio", port, size):
+            self._swallow = None
+            return  # the paused instruction completing: its write was done already
         bus.account(REASON_PIO, bus.pio, port, size, True)
         bus.access(bus.pio, port, size, value)
         bus.exit_done()
         if self.machine.stop_requested:
-            self.uc.emu_stop()
+            self._stop_after(("pio", port, size))
 
     def _on_out(self, uc, port, size, value, _user):
         self._guard(self._out, port, size, value)
@@ -228,12 +233,22 @@ class SoftCpu:
         bus = self.machine.bus
         if value is not None and bus.ioeventfds and bus.try_ioeventfd(bus.mmio, addr, size, value):
             return 0
+        if value is not None and self._swallow == ("mmio", addr, size):
+            self._swallow = None
+            return 0  # the paused instruction completing: its write was done already
         bus.account(REASON_MMIO, bus.mmio, addr, size, value is not None)
         out = bus.access(bus.mmio, addr, size, value)
         bus.exit_done()
         if self.machine.stop_requested:
-            self.uc.emu_stop()
+            self._stop_after(("mmio", addr, size) if value is not None else None)
         return out
+
+    def _stop_after(self, write: tuple[str, int, int] | None) -> None:
+        """Stop at the machine's request (a pause).  Unicorn may stop *before* the
+        instruction doing this access retires; ``run`` then completes it with its
+        write swallowed, so that the instruction runs exactly once (as on KVM)."""
+        self._stopped = (self.uc.reg_read(ux.UC_X86_REG_RIP), write)
+        self.uc.emu_stop()
 
     def _whole(self, write: bool, addr: int, size: int, value: int) -> None:
         """A guest access (memory hook, before unicorn splits it): wider than a piece or
@@ -291,6 +306,7 @@ class SoftCpu:
                 err, self._error = self._error, None
                 raise err
             if self.machine.stop_requested:
+                self._finish_stopped_instruction()
                 return
             # emu_start returned by itself: HLT (RIP is past it) or the timeout.
             if bytes(self.uc.mem_read(self._pc - 1, 1)) != b"\xf4" or (
@@ -305,6 +321,22 @@ class SoftCpu:
             if vector is not None:
                 self._deliver(vector, rflags)
             self._check_limits()
+
+    def _finish_stopped_instruction(self) -> None:
+        stopped, self._stopped = self._stopped, None
+        if stopped is None or stopped[0] != self._pc:
+            return  # stopped after the instruction: nothing to finish
+        if stopped[1] is None:
+            raise GuestFault("soft: stopped inside an instruction that read a device")
+        self._swallow = stopped[1]
+        try:
+            self.uc.emu_start(self._pc, -1 & 0xFFFF_FFFF_FFFF_FFFF, count=1)
+        finally:
+            self._swallow = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        self._pc = self.uc.reg_read(ux.UC_X86_REG_RIP)
 
     def _deliver(self, vector: int, rflags: int) -> None:
         """Deliver an external interrupt through the guest IDT, as the CPU does in
@@ -334,6 +366,36 @@ class SoftCpu:
     def regs(self) -> dict[str, int]:
         names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags"]
         return {n: self.uc.reg_read(getattr(ux, f"UC_X86_REG_{n.upper()}")) for n in names}
+
+    def save_cpu(self) -> dict:
+        """The CPU state between exits (see ``KvmCpu.save_cpu``: the same portable form).
+        Only taken when ``emu_start`` has returned, so no instruction is half done."""
+        uc = self.uc
+        gprs = {n: uc.reg_read(getattr(ux, f"UC_X86_REG_{n.upper()}")) for n in GPR_NAMES}
+        gprs["rip"] = self._pc
+        _sel, idt_base, idt_limit, _f = uc.reg_read(ux.UC_X86_REG_IDTR)
+        _sel, gdt_base, gdt_limit, _f = uc.reg_read(ux.UC_X86_REG_GDTR)
+        return {
+            "gprs": gprs,
+            "idt": [idt_base, idt_limit],
+            "gdt": [gdt_base, gdt_limit],
+            "cr3": uc.reg_read(ux.UC_X86_REG_CR3) or memory.PML4_ADDR,
+            "selectors": {
+                "cs": uc.reg_read(ux.UC_X86_REG_CS),
+                "ss": uc.reg_read(ux.UC_X86_REG_SS),
+            },
+        }
+
+    def load_cpu(self, state: dict) -> None:
+        check_cpu_state(state)
+        gprs = state["gprs"]
+        self.reset(gprs["rip"], gprs["rsp"])
+        uc = self.uc
+        for name, value in gprs.items():
+            if name != "rip":
+                uc.reg_write(getattr(ux, f"UC_X86_REG_{name.upper()}"), value)
+        uc.reg_write(ux.UC_X86_REG_IDTR, (0, state["idt"][0], state["idt"][1], 0))
+        uc.reg_write(ux.UC_X86_REG_GDTR, (0, state["gdt"][0], state["gdt"][1], 0))
 
     def close(self) -> None:
         self.uc = None  # type: ignore[assignment]

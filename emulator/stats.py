@@ -55,3 +55,23 @@ class ExitStats:
             "by_device": dict(sorted(self.by_device.items())),
             "by_register": dict(sorted(self.by_register.items())),
         }
+
+    def save_state(self) -> dict:
+        """Everything, for a machine snapshot (``as_dict`` plus the access counters)."""
+        return {**self.as_dict(), "accesses": self.accesses, "ioeventfd": self.ioeventfd}
+
+    @classmethod
+    def from_state(cls, d: dict) -> ExitStats:
+        """Inverse of ``save_state`` (untrusted input: ValueError on a malformed one)."""
+        try:
+            out = cls(
+                int(d["total"]),
+                Counter({str(k): int(v) for k, v in d["by_reason"].items()}),
+                Counter({str(k): int(v) for k, v in d["by_device"].items()}),
+                Counter({str(k): int(v) for k, v in d["by_register"].items()}),
+                int(d.get("accesses", 0)),
+                int(d.get("ioeventfd", 0)),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed exit statistics: {e!r}") from None
+        return out

@@ -234,6 +234,16 @@ class VirtioDevice:
         fields); the device updates its state (later reads may differ, §5.8.4)."""
         raise NotImplementedError(f"{type(self).__name__} declares {name} writable")
 
+    # -- snapshots (the emulator's save/restore) --------------------------------------
+    def save_state(self) -> dict[str, Any]:
+        """Device-type state a snapshot must carry beyond the negotiated features and
+        the queues (which the transport saves): e.g. blk's write-cache mode and disk
+        contents.  Called only when no request is in flight.  Default: nothing."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Apply ``save_state()`` output (untrusted: it comes from a file)."""
+
     def reset(self) -> None:
         """Device reset (§2.4): stop serving, forget negotiated state."""
         runs, self._runs = self._runs, []

@@ -64,6 +64,27 @@ class DebugPort(Device):
     def text(self) -> str:
         return self.output.decode("latin-1")
 
+    def save_state(self) -> dict:
+        """For a machine snapshot: console output so far and every reported value."""
+        return {
+            "output": bytes(self.output),
+            "arg": self.arg,
+            "result": self.result,
+            "ios": self.ios,
+            "verify_errors": self.verify_errors,
+            "values": [[k, v] for k, v in self.values.items()],
+            "key": self._key,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.output = bytearray(state["output"])
+        self.arg = int(state["arg"])
+        self.result = None if state["result"] is None else int(state["result"])
+        self.ios = int(state["ios"])
+        self.verify_errors = int(state["verify_errors"])
+        self.values = {int(k): int(v) for k, v in state["values"]}
+        self._key = int(state["key"])
+
     def read(self, offset: int, size: int) -> int:
         return 0
 

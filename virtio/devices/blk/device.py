@@ -56,7 +56,7 @@ import os
 from typing import Any, ClassVar
 
 from virtio.device import ActiveDevice, VirtioDevice
-from virtio.devices.blk.backend import BlockBackend, RawFileBackend
+from virtio.devices.blk.backend import BlockBackend, MemoryBackend, RawFileBackend
 from virtio.devices.blk.config import BLK_CONFIG, BlkOptions, config_values
 from virtio.devices.blk.dataplane import BlkDataPlane
 from virtio.devices.blk.nbd import NbdBackend, is_nbd_uri
@@ -251,6 +251,28 @@ class VirtioBlk(VirtioDevice):
         self.writeback = 1 if value else 0
         self._cache_mode_changed()
 
+    def save_state(self) -> dict[str, Any]:
+        """For a machine snapshot: the write-cache mode, the capacity and the disk's
+        contents (a snapshot is replayed later, after the original run went on writing
+        the disk, so the contents at the save point travel with it).  Memory disks and
+        raw files only."""
+        return {
+            "writeback": self.writeback,
+            "capacity": self.capacity,
+            "disk": _disk_contents(self.backend),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        disk = state["disk"]
+        if not isinstance(disk, bytes | bytearray) or len(disk) != self.backend.size:
+            raise ValueError(
+                f"virtio-blk: the snapshot's disk is not {self.backend.size} bytes like this one"
+            )
+        _write_disk(self.backend, disk)
+        self.writeback = 1 if state["writeback"] else 0
+        self.capacity = int(state["capacity"])
+        self._cache_mode_changed()
+
     def reset(self) -> None:
         super().reset()
         self.writeback = int(self._writeback_default)
@@ -442,3 +464,20 @@ class VirtioBlk(VirtioDevice):
         if zeroed:
             await self.backend.write_zeroes(zeroed, unmap=False, sync=sync)
         return OK
+
+
+def _disk_contents(backend: BlockBackend) -> bytes:
+    if isinstance(backend, MemoryBackend):
+        return bytes(backend.data)
+    if isinstance(backend, RawFileBackend):
+        return os.pread(backend.io_fd, backend.size, 0)
+    raise RuntimeError(f"a {type(backend).__name__} disk cannot be saved in a snapshot")
+
+
+def _write_disk(backend: BlockBackend, data: bytes) -> None:
+    if isinstance(backend, MemoryBackend):
+        backend.data[:] = data
+    elif isinstance(backend, RawFileBackend):
+        os.pwrite(backend.io_fd, data, 0)
+    else:
+        raise RuntimeError(f"a {type(backend).__name__} disk cannot be restored from a snapshot")
