@@ -47,9 +47,10 @@ PROGRAMS = {
     "ide": ["ide.c"],
     "virtio_blk": ["virtio_blk.c"],
     "virtio_rng": ["virtio_rng.c"],
+    "ne2000": ["ne2000.c"],
 }
 RUNTIME = ["runtime.c"]
-HEADERS = ["runtime.h", "ata.h", "virtio_mmio.h", "../spec/virtio_spec.h", "link.ld"]
+HEADERS = ["runtime.h", "ata.h", "dp8390.h", "virtio_mmio.h", "../spec/virtio_spec.h", "link.ld"]
 
 
 class GuestBuildError(RuntimeError):

@@ -256,6 +256,7 @@ def _result(m: Machine, wp: WorkloadPath, spec: WorkloadSpec, verify: Callable[[
     window = m.window
     seconds = m.window_seconds or 0.0
     ios = dbg.ios
+    io_bytes = wp.extra.get("io_bytes", REQUEST_BYTES)
     assert window is not None
     return {
         "path": path,
@@ -270,7 +271,9 @@ def _result(m: Machine, wp: WorkloadPath, spec: WorkloadSpec, verify: Callable[[
         "exits_by_register": dict(sorted(window.by_register.items())),
         "exits_by_device": dict(sorted(window.by_device.items())),
         "exits_total": window.total,
-        "mb_per_s": (ios * REQUEST_BYTES / 1e6) / seconds if seconds else 0.0,
+        "unit": wp.extra.get("unit", "request"),
+        "io_bytes": io_bytes,
+        "mb_per_s": (ios * io_bytes / 1e6) / seconds if seconds else 0.0,
         "us_per_io": seconds * 1e6 / ios if ios else 0.0,
         "us_per_exit": seconds * 1e6 / window.total if window.total else 0.0,
         "verified": dbg.verify_errors == 0 and verify(),
@@ -282,7 +285,9 @@ def _result(m: Machine, wp: WorkloadPath, spec: WorkloadSpec, verify: Callable[[
 def _phases(m: Machine, wp: WorkloadPath, spec: WorkloadSpec) -> dict:
     if not wp.phases or len(m.phases) != len(wp.phases):
         return {}
-    ios = wp.phase_ios(spec.nreqs) if wp.phase_ios else (0,) * len(wp.phases)
+    count = wp.extra.get("count")  # paths whose I/Os are not 4 KiB requests (packets)
+    n_ios = count(spec.total_bytes, spec.queue_depth) if count else spec.nreqs
+    ios = wp.phase_ios(n_ios) if wp.phase_ios else (0,) * len(wp.phases)
     out = {}
     for name, n, (_mark, stats, seconds) in zip(wp.phases, ios, m.phases, strict=True):
         out[name] = {
@@ -351,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
 
 # virtio paths register themselves (a module of their own: virtio-blk + virtio-mmio).
 from emulator import virtio_mmio as _virtio_mmio  # noqa: E402, F401
+
+# The NE2000 path (two ISA NICs back to back): exits per packet.
+from emulator import ne2000_paths as _ne2000_paths  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     # Run the imported module's main: that module holds every registered path.
