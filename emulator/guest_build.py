@@ -105,6 +105,38 @@ def build(program: str) -> Path:
     return out
 
 
+# The Multiboot stub that runs a guest program in QEMU (bench/qemu_ne2000_exits.py):
+# 32-bit code, linked by its own script and flattened with objcopy.
+STUB_SOURCES = ["qemu_boot.c", "qemu_boot.ld"]
+STUB_CFLAGS = [
+    "-m32",
+    *(f for f in CFLAGS if f not in ("-mcmodel=small", "-mno-red-zone")),
+]
+OBJCOPY = os.environ.get("PYVIRTIO_GUEST_OBJCOPY", "objcopy")
+
+
+def build_qemu_stub() -> Path:
+    """Compile ``guest-drivers/qemu_boot.c`` into a flat Multiboot image; return its path."""
+    if shutil.which(CC) is None or shutil.which(OBJCOPY) is None:
+        raise GuestBuildError(f"{CC!r} and {OBJCOPY!r} are needed for the QEMU boot stub")
+    srcs = [GUEST_DIR / s for s in STUB_SOURCES]
+    out = _build_dir() / f"qemu_boot-{_digest(srcs)}.bin"
+    if out.exists():
+        return out
+    elf = out.with_suffix(f".elf.tmp{os.getpid()}")
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    for cmd in (
+        [CC, *STUB_CFLAGS, "-T", str(srcs[1]), "-o", str(elf), str(srcs[0])],
+        [OBJCOPY, "-O", "binary", str(elf), str(tmp)],
+    ):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise GuestBuildError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    elf.unlink()
+    os.replace(tmp, out)
+    return out
+
+
 def main() -> None:  # pragma: no cover - convenience
     for name in PROGRAMS:
         print(build(name))

@@ -61,7 +61,7 @@ MAX_QUEUE_DEPTH = max_batch()
 
 
 def packet_count(total_bytes: int, batch: int, frame_len: int = FRAME_LEN) -> int:
-    """Frames for a workload of ``total_bytes``: a multiple of 2 × batch, at least one
+    """Frames for a workload of ``total_bytes``: a multiple of 2 * batch, at least one
     batch each way."""
     step = 2 * batch
     return max(step, total_bytes // frame_len // step * step)

@@ -354,11 +354,10 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
     return 0
 
 
-# virtio paths register themselves (a module of their own: virtio-blk + virtio-mmio).
-from emulator import virtio_mmio as _virtio_mmio  # noqa: E402, F401
-
-# The NE2000 path (two ISA NICs back to back): exits per packet.
+# Paths in modules of their own register themselves: the NE2000 path (two ISA NICs back
+# to back, exits per packet) and the virtio paths (virtio-blk + virtio-mmio).
 from emulator import ne2000_paths as _ne2000_paths  # noqa: E402, F401
+from emulator import virtio_mmio as _virtio_mmio  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     # Run the imported module's main: that module holds every registered path.

@@ -9,6 +9,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.image import imread
 
+from emulator.ne2000_paths import MAX_QUEUE_DEPTH
 from virtio.cli import bench, main
 from virtio.cli.bench import chart_figure, chart_png, format_table, plan
 
@@ -89,8 +90,11 @@ def test_optional_path_skipped_when_not_registered(capsys, monkeypatch):
 
 def test_plan_clamps_queue_depths_per_path():
     registry = bench.load_registry()
-    rows = plan(["ide-dma", "virtio-mmio"], [1, 32, 32], registry)
-    assert rows == [("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32)]
+    rows = plan(["ide-dma", "virtio-mmio", "ne2000"], [1, 32, 32], registry)
+    assert rows == [
+        ("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32),
+        ("ne2000", 1), ("ne2000", MAX_QUEUE_DEPTH),
+    ]  # fmt: skip
 
 
 def test_default_paths_include_vhost_user(tmp_path, capsys):
@@ -101,8 +105,9 @@ def test_default_paths_include_vhost_user(tmp_path, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     rows = json.loads(out.out)["rows"]
-    assert [r["path"] for r in rows] == [
-        "ide-pio", "ide-dma", "virtio-mmio", "virtio-mmio", "vhost-user", "vhost-user",
+    assert [(r["path"], r["queue_depth"]) for r in rows] == [
+        ("ide-pio", 1), ("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32),
+        ("vhost-user", 1), ("vhost-user", 32), ("ne2000", 1), ("ne2000", MAX_QUEUE_DEPTH),
     ]  # fmt: skip
     assert all(r["verified"] for r in rows), out.err
     vu = [r for r in rows if r["path"] == "vhost-user"]
@@ -183,3 +188,21 @@ def test_chart_png_and_table_with_failed_row():
     ]  # fmt: skip
     table = format_table(rows)
     assert "FAILED" in table and "boom" in table and "3,584" in table
+
+
+def test_ne2000_rows_count_exits_per_packet_and_per_mib(capsys):
+    rc = main(["bench", "--json", "--kib", "44", "--cpu", "soft", "--chart", "",
+               "--paths", "ne2000", "--queue-depth", "1", "32"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = json.loads(out.out)["rows"]
+    assert [r["queue_depth"] for r in rows] == [1, MAX_QUEUE_DEPTH]
+    for r in rows:
+        assert r["verified"] and r["unit"] == "packet" and r["io_bytes"] == 1514
+        mib = r["ios"] * 1514 / (1 << 20)
+        assert r["exits_per_mib"] == pytest.approx(r["exits_total"] / mib)
+    qd1, batched = rows
+    assert qd1["ios"] == 28 and batched["ios"] == 18
+    assert batched["exits_per_io"] < qd1["exits_per_io"] == 793.0
+    table = format_table(rows)
+    assert "1514 B pkt" in table and "ne2000" in table

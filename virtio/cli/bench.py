@@ -3,8 +3,10 @@
 Each row boots the emulator's guest program for one path (``emulator.run``): it writes
 N 4 KiB requests, flushes, reads them back and checks them, and the VMM checks the
 disk on its own.  Rows: IDE PIO, IDE bus-master DMA, virtio-blk over virtio-mmio in
-the VMM at queue depth 1 and 32, and ``vhost-user`` when a path of that name is
-registered.  The table gives exits per I/O (split by exit reason), exits per MiB,
+the VMM at queue depth 1 and 32, ``vhost-user`` when a path of that name is
+registered, and the network rows: ``ne2000`` (two ISA NE2000s back to back; an I/O is
+one packet, sent by one NIC and received by the other).  The table gives exits per I/O
+(split by exit reason), exits per MiB,
 MB/s and µs per I/O; ``--chart`` writes a PNG bar chart of exits per I/O on a log
 scale (matplotlib).  No QEMU is needed.
 
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_PATHS = ("ide-pio", "ide-dma", "virtio-mmio", "vhost-user")
+DEFAULT_PATHS = ("ide-pio", "ide-dma", "virtio-mmio", "vhost-user", "ne2000")
 OPTIONAL_PATHS = frozenset({"vhost-user"})
 """Skipped silently when not registered (another component adds them)."""
 PATH_MODULES = ("emulator.vhost_user",)
@@ -71,19 +73,19 @@ def register(subparsers) -> None:
 
 # -- planning and running --------------------------------------------------------------------
 def plan(paths: list[str], depths: list[int], registry: dict) -> list[tuple[str, int]]:
+    """(path, queue depth) rows: a depth above a path's maximum runs at that maximum
+    (a batched row for a NIC whose ring holds 9 frames), and IDE always runs at 1."""
     rows = []
     for name in paths:
         wp = registry[name]
-        usable = [qd for qd in depths if 1 <= qd <= wp.max_queue_depth]
-        if not usable:
-            usable = [1]
+        usable = [min(qd, wp.max_queue_depth) for qd in depths if qd >= 1] or [1]
         rows.extend((name, qd) for qd in dict.fromkeys(usable))
     return rows
 
 
 def make_row(res: dict) -> dict:
     ios = res["ios"]
-    mib = ios * REQUEST_BYTES / (1 << 20)
+    mib = ios * res.get("io_bytes", REQUEST_BYTES) / (1 << 20)
     total = res["exits_total"]
     return {
         "path": res["path"],
@@ -91,6 +93,8 @@ def make_row(res: dict) -> dict:
         "cpu": res["cpu"],
         "irq": res["irq"],
         "ios": ios,
+        "unit": res.get("unit", "request"),
+        "io_bytes": res.get("io_bytes", REQUEST_BYTES),
         "exits_total": total,
         "exits_per_io": res["exits_per_io"],
         "exits_by_reason": res["exits_by_reason"],
@@ -224,11 +228,20 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def _unit(row: dict) -> str:
+    """What one I/O of the row is: a 4 KiB request, or a packet of N bytes."""
+    size = row.get("io_bytes", REQUEST_BYTES)
+    if row.get("unit", "request") == "request":
+        return f"{size // 1024}K req" if size % 1024 == 0 else f"{size} B req"
+    return f"{size} B pkt"
+
+
 def format_table(rows: list[dict]) -> str:
     head = [
         "path",
         "qd",
         "cpu",
+        "I/O",
         "I/Os",
         "exits/IO",
         "by reason (per I/O)",
@@ -247,6 +260,7 @@ def format_table(rows: list[dict]) -> str:
                 r["path"],
                 str(r["queue_depth"]),
                 r["cpu"],
+                _unit(r),
                 str(r["ios"]),
                 _fmt(r["exits_per_io"]),
                 reasons or "-",
@@ -259,7 +273,7 @@ def format_table(rows: list[dict]) -> str:
     widths = [
         max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)
     ]
-    right = {1, 3, 4, 6, 7, 8}
+    right = {1, 4, 5, 7, 8, 9}
 
     def line(cells: list[str]) -> str:
         return "  ".join(
@@ -283,6 +297,7 @@ COLORS = {  # by path prefix, first match wins
     "ide-dma": "#f4a528",
     "virtio-mmio": "#4393c3",
     "vhost-user": "#4daf4a",
+    "ne2000": "#8c510a",
 }
 DEFAULT_COLOR = "#7878a0"
 ZERO_LABEL = "0 (no VMM exit)"
@@ -331,7 +346,7 @@ def chart_figure(rows: list[dict]):
             mark = "" if row.get("verified") else "  (NOT VERIFIED)"
             ax.text(v * 1.15, i, _fmt(v, 3) + mark, va="center", color="#282828")
     ax.set_xlabel("VMM exits per I/O (log scale)")
-    ax.set_title("Exits per I/O, 4 KiB requests, write + read-verify")
+    ax.set_title("Exits per I/O: 4 KiB requests (write + read-verify); NICs: per packet")
     fig.text(0.01, 0.005, "pyvirtio emulator: exits counted by the VMM", color="#787878", size=8)
     return fig
 
