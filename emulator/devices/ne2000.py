@@ -389,12 +389,20 @@ class Ne2000:
             return f"runs {end - d.RAM_END} bytes past the buffer RAM"
         return None
 
-    def _dma_step(self) -> int:
+    def _dma_span(self, n: int) -> slice | list[int]:
+        """The next ``n`` NIC addresses of the remote DMA (a slice unless they wrap from
+        PSTOP to PSTART), and the address moves past them."""
         addr = self._dma_addr
-        self._dma_addr += 1
-        if self._ring_ok() and self._dma_addr == self.pstop * 256:
-            self._dma_addr = self.pstart * 256
-        return addr
+        stop = self.pstop * d.PAGE_SIZE
+        if not (self._ring_ok() and addr < stop < addr + n + 1):
+            self._dma_addr = addr + n
+            return slice(addr, addr + n)
+        out = []
+        for _ in range(n):
+            out.append(addr)
+            addr = self.pstart * d.PAGE_SIZE if addr + 1 == stop else addr + 1
+        self._dma_addr = addr
+        return out
 
     def _dma_bytes(self, size: int) -> int:
         if not self.dcr & d.DCR_WTS:
@@ -411,7 +419,8 @@ class Ne2000:
             )
             return (1 << (8 * size)) - 1
         n = min(self._dma_bytes(size), self._dma_left)
-        out = bytes(self.mem[self._dma_step()] for _ in range(n))
+        span = self._dma_span(n)
+        out = self.mem[span] if isinstance(span, slice) else bytes(self.mem[a] for a in span)
         self._dma_advance(n)
         return int.from_bytes(out.ljust(size, b"\xff")[:size], "little")
 
@@ -425,8 +434,13 @@ class Ne2000:
             )
             return
         n = min(self._dma_bytes(size), self._dma_left)
-        for b in value.to_bytes(max(size, n), "little")[:n]:
-            self.mem[self._dma_step()] = b
+        data = value.to_bytes(max(size, n), "little")[:n]
+        span = self._dma_span(n)
+        if isinstance(span, slice):
+            self.mem[span] = data
+        else:
+            for a, b in zip(span, data, strict=True):
+                self.mem[a] = b
         self._dma_advance(n)
 
     def _dma_advance(self, n: int) -> None:
