@@ -50,7 +50,17 @@ PROGRAMS = {
     "ne2000": ["ne2000.c"],
 }
 RUNTIME = ["runtime.c"]
-HEADERS = ["runtime.h", "ata.h", "dp8390.h", "virtio_mmio.h", "../spec/virtio_spec.h", "link.ld"]
+HEADERS = [
+    "runtime.h",
+    "ata.h",
+    "dp8390.h",
+    "virtio_mmio.h",
+    "include/pyvirtio.h",
+    "../spec/virtio_spec.h",
+    "link.ld",
+]
+INCLUDE_DIR = GUEST_DIR / "include"
+TEMPLATES_DIR = GUEST_DIR / "templates"
 
 
 class GuestBuildError(RuntimeError):
@@ -133,6 +143,26 @@ def build_qemu_stub() -> Path:
         if proc.returncode != 0:
             raise GuestBuildError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     elf.unlink()
+
+
+def build_source(source: str | os.PathLike) -> Path:
+    """Compile a user's guest program (one C file) against the runtime and the guest
+    ABI header (``-I guest-drivers/include``: ``#include <pyvirtio.h>``); cached like
+    :func:`build`.  Raises ``GuestBuildError`` with gcc's output on failure."""
+    src = Path(source).resolve()
+    if shutil.which(CC) is None:
+        raise GuestBuildError(f"guest compiler {CC!r} not found")
+    srcs = [GUEST_DIR / s for s in RUNTIME] + [src]
+    deps = srcs + [GUEST_DIR / h for h in HEADERS]
+    out = _build_dir() / f"{src.stem}-{_digest(deps)}.elf"
+    if out.exists():
+        return out
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    cmd = [CC, *CFLAGS, "-I", str(INCLUDE_DIR), "-T", str(GUEST_DIR / "link.ld")]
+    cmd += ["-o", str(tmp), *map(str, srcs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GuestBuildError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     os.replace(tmp, out)
     return out
 

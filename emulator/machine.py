@@ -80,6 +80,9 @@ class Machine:
         self.interrupts_delivered = 0
         self.devices: dict[str, object] = {"debug": self.debug}
         self.closers: list = []  # called by close() (e.g. disk image files)
+        # Called when the guest halts with no line up: each returns True if it made
+        # progress (e.g. a device model completed held requests); see on_hlt.
+        self.idle_hooks: list = []
         self.stop_requested = False
         # HLT with no line up and no result reported: stop quietly (True) or raise.
         self.idle_hlt_stops = False
@@ -176,6 +179,8 @@ class Machine:
         if self.debug.result is not None:
             return False, None  # the guest reported its result and parked itself
         self._poll_irqfds(wait=False)
+        while not self.irq_pending and any([hook() for hook in self.idle_hooks]):
+            pass  # the guest waits: let time-driven device work (completions) happen
         while not self.irq_pending and self.irqfds:
             self._poll_irqfds(wait=True)
             if self._deadline is not None and time.monotonic() > self._deadline:

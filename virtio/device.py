@@ -41,6 +41,7 @@ from virtio.queues.chain import DescriptorChain
 from virtio.queues.virtqueue import Virtqueue
 from virtio.service import (
     BufferQueue,
+    CompletionGate,
     QueueRole,
     QueueService,
     RequestService,
@@ -98,6 +99,7 @@ class ActiveDevice:
         *,
         on_config_change: Callable[[], object] | None = None,
         on_needs_reset: Callable[[VirtioError], None] | None = None,
+        on_driver_report: Callable[[DriverError], None] | None = None,
     ) -> None:
         self.memory = memory
         self.features = features
@@ -106,6 +108,7 @@ class ActiveDevice:
         self.on_driver_error = on_driver_error
         self.on_config_change = on_config_change
         self.on_needs_reset = on_needs_reset
+        self.on_driver_report = on_driver_report
         self.services: dict[int, QueueService] = {}
         """The running queue services (``virtio.service``), by queue index."""
 
@@ -120,6 +123,13 @@ class ActiveDevice:
             log.warning("configuration change not announced: the transport has no channel")
             return False
         return self.on_config_change() is not False
+
+    def report_driver_error(self, exc: DriverError) -> None:
+        """A violation the device answered by itself (a status byte) and that needs
+        no reset: handed to the transport's error list (strict mode, §5.2.6.1...)."""
+        log.warning("driver error (answered, no reset): %s", exc)
+        if self.on_driver_report is not None:
+            self.on_driver_report(exc)
 
     def set_needs_reset(self, reason: str) -> None:
         """The device cannot go on: set DEVICE_NEEDS_RESET (§2.1.2); the transport
@@ -157,6 +167,13 @@ class VirtioDevice:
     max_inflight: int = 128
     """Chains handled concurrently per queue."""
     supports_packed: bool = True
+    strict: bool = False
+    """Report the device-type MUSTs a driver breaks and the device answers with a
+    status anyway (e.g. virtio-blk's §5.2.6.1) as driver errors
+    (``ActiveDevice.report_driver_error``); off by default, on under ``run-driver``."""
+    completion_gate: CompletionGate | None = None
+    """A device-timing model for the completions of every queue (``virtio.service``);
+    ``None``: inline, as the service loop returns them."""
 
     def __init__(self) -> None:
         self.driver_features = 0
@@ -295,14 +312,21 @@ class VirtioDevice:
         and sets DEVICE_NEEDS_RESET."""
         self.active = active
         try:
+            gate = self.completion_gate
             if self.queue_role(index) is QueueRole.BUFFERS:
-                await self.fill_buffers(index, BufferQueue(active, index))
+                await self.fill_buffers(index, BufferQueue(active, index, gate))
             else:
-                await RequestService(active, index).run(self.handle, self.max_inflight)
+                service = RequestService(active, index, gate)
+                await service.run(self.handle, self.max_inflight)
         except* DriverError as group:  # also when trio groups it with a Cancelled
             self._driver_error(active, _first(group))
         except* QueueBrokenError:
             pass
+
+    def strict_violation(self, exc: DriverError) -> None:
+        """In strict mode, report ``exc`` (a rule the device answered with a status)."""
+        if self.strict and self.active is not None:
+            self.active.report_driver_error(exc)
 
     def _driver_error(self, active: ActiveDevice, exc: DriverError) -> None:
         log.error("%s: driver error, device needs reset: %s", type(self).__name__, exc)

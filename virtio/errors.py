@@ -105,6 +105,12 @@ class QueueBrokenError(VirtioError):
         super().__init__(f"virtqueue is broken and needs a device reset: {cause}")
 
 
+class FeaturesRefused(VirtioError):
+    """The device does not accept the feature set the driver chose: FEATURES_OK stays
+    clear (§3.1.1 step 6, §2.2.2 "the device MAY ... fail FEATURES_OK").  Not a driver
+    error: the driver reads Status back and copes."""
+
+
 class DeviceUsageError(VirtioError):
     """Our own code misused an API (a local bug, not the driver's fault)."""
 

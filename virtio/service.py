@@ -33,8 +33,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 import trio.testing
@@ -62,13 +62,34 @@ class QueueRole(enum.Enum):
     (``VirtioDevice.fill_buffers``)."""
 
 
+class CompletionGate(Protocol):
+    """Decides *when* and *in which order* finished chains reach the used ring: a
+    device-timing model (the emulator's ``run-driver --timing``).  Without a gate a
+    service returns every batch at once, in pop order (the inline model).
+
+    ``complete`` takes ownership of ``items``; the gate later calls
+    ``service.return_used(subset)`` (any order, any grouping, from any thread that
+    does not race the service: the emulator calls it from the vCPU thread while the
+    device's loop is idle).  A chain returned out of pop order is allowed (§2.7.8:
+    the device may use buffers in any order unless VIRTIO_F_IN_ORDER).
+    """
+
+    def complete(
+        self, service: QueueService, items: Sequence[tuple[DescriptorChain, int]]
+    ) -> None: ...
+
+
 class QueueService:
     """One queue's service: its ring, its notifier, and whether it is idle."""
 
-    def __init__(self, active: ActiveDevice, index: int) -> None:
+    def __init__(
+        self, active: ActiveDevice, index: int, gate: CompletionGate | None = None
+    ) -> None:
         self.index = index
         self.queue: Virtqueue = active.queues[index]
         self.notifier = active.notifiers[index]
+        self.gate = gate
+        """The device-timing model, or ``None``: completions go out at once."""
         self.outstanding = 0
         """Chains popped and not yet returned to the driver."""
         self.completed = 0
@@ -103,6 +124,16 @@ class QueueService:
         if self.queue.needs_notification():
             self.notifier.notify_used()
 
+    def return_used(self, items: Sequence[tuple[DescriptorChain, int]]) -> bool:
+        """Put ``items`` in the used ring (one index update) and notify the driver if
+        its suppression settings ask for it.  ``False`` (nothing written) once the
+        service ended (device or queue reset) or the queue broke."""
+        if self.finished or self.queue.broken or not items:
+            return False
+        self.queue.add_used_batch(items)
+        self._notify()
+        return True
+
 
 class RequestService(QueueService):
     """A ``REQUESTS`` queue: the §2.7.10 loop around the device's ``handle``."""
@@ -122,13 +153,19 @@ class RequestService(QueueService):
         flush_wanted = trio.Event()
         popped = 0
 
+        gate = self.gate
+
         def flush() -> None:
             n = len(done)
             if done and not queue.broken:
                 if n > 1:
                     done.sort(key=_first_item)  # chains finished together: in pop order
-                queue.add_used_batch([(chain, written) for _, chain, written in done])
-                self._notify()
+                items = [(chain, written) for _, chain, written in done]
+                if gate is None:
+                    queue.add_used_batch(items)
+                    self._notify()
+                else:
+                    gate.complete(self, items)
             done.clear()
             self.outstanding -= n
             self.completed += n
@@ -216,9 +253,12 @@ class BufferQueue(QueueService):
     def complete_batch(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
         """Return several filled chains with one used-index update."""
         items = list(completions)
-        self.queue.add_used_batch(items)
         self.outstanding -= len(items)
         self.completed += len(items)
+        if self.gate is not None:
+            self.gate.complete(self, items)
+            return
+        self.queue.add_used_batch(items)
         self._notify()
 
     def __aiter__(self) -> BufferQueue:

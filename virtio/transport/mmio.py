@@ -85,7 +85,7 @@ from typing import Any, Protocol, runtime_checkable
 import trio
 
 from virtio.device import ActiveDevice, VirtioDevice
-from virtio.errors import DriverError, QueueConfigError
+from virtio.errors import DriverError, FeaturesRefused, QueueConfigError
 from virtio.memory import GuestMemory
 from virtio.queues.state import QueueState
 from virtio.queues.virtqueue import QueueConfig, Virtqueue
@@ -351,6 +351,7 @@ class DeviceBackend:
             {i: t.notifiers[i] for i in queues},
             on_driver_error=t.driver_error,
             on_config_change=t.config_changed,
+            on_driver_report=t.driver_report,
         )
         if t.runner is None and t.on_driver_ok is not None:
             t.on_driver_ok(t.active)
@@ -583,6 +584,11 @@ class MmioTransport:
             if self.status & DRIVER_OK:
                 self.config_change_notification()
 
+    def driver_report(self, exc: DriverError) -> None:
+        """A driver error the device answered itself (strict mode): recorded and
+        logged, no DEVICE_NEEDS_RESET."""
+        self.driver_error(exc, needs_reset=False)
+
     def backend_failed(self, exc: BaseException) -> None:
         """The backend cannot go on (e.g. its process died): ``exc`` is raised out of
         every later register access, so out of the VMM's run loop."""
@@ -796,7 +802,11 @@ class MmioTransport:
                     f"Status bit {S(bit).name} set before {S(needed).name} (initialization order)"
                 )
             if bit == FEATURES_OK:
-                self._features_acceptable()  # raises: FEATURES_OK stays clear
+                try:
+                    self._features_acceptable()  # a DriverError: FEATURES_OK stays clear
+                except FeaturesRefused as exc:
+                    log.info("%s: FEATURES_OK refused by the device: %s", self.name, exc)
+                    return
             with self._lock:
                 self.status |= bit
             if bit == DRIVER_OK and not self.status & NEEDS_RESET:

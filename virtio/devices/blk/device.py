@@ -73,6 +73,7 @@ from virtio.spec.blk import (
     BlkStatus,
 )
 from virtio.spec.ids import DeviceId
+from virtio.spec.sections import S_5_2_6_1
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,8 @@ class VirtioBlk(VirtioDevice):
             return IOERR
         if t in (_IN, _OUT):
             if req.data_len % SECTOR or not self._range_ok(req.sector, req.data_len):
+                if self.strict:
+                    self._io_violation(req)
                 return IOERR
             offset = req.sector * SECTOR
             if t == _IN:
@@ -399,6 +402,14 @@ class VirtioBlk(VirtioDevice):
                 await self.backend.write(offset, views, sync=self.writethrough)
             return OK
         if t == _FLUSH:
+            if req.sector and self.strict:
+                self.strict_violation(
+                    DriverError(
+                        f"FLUSH with sector {req.sector}: a driver MUST set sector to 0 for a"
+                        " VIRTIO_BLK_T_FLUSH request",
+                        section=S_5_2_6_1,
+                    )
+                )
             await self.backend.flush()
             return OK
         if t == _GET_ID:
@@ -407,6 +418,22 @@ class VirtioBlk(VirtioDevice):
         if t in (_DISCARD, _WRITE_ZEROES):
             return await self._discard_write_zeroes(req, t == _WRITE_ZEROES)
         return UNSUPP
+
+    def _io_violation(self, req: BlkRequest) -> None:
+        """Strict mode: name the §5.2.6.1 rule an IN/OUT answered IOERR broke."""
+        kind = "IN" if req.type == _IN else "OUT"
+        if req.data_len % SECTOR:
+            why = (
+                f"{kind} with {req.data_len} bytes of data: the length of data MUST be a"
+                " multiple of 512 bytes"
+            )
+        else:
+            why = (
+                f"{kind} of sectors [{req.sector}, +{req.data_len // SECTOR}) beyond capacity"
+                f" {self.capacity}: a driver MUST NOT submit a request which would cause a"
+                " read or write beyond capacity"
+            )
+        self.strict_violation(DriverError(why, section=S_5_2_6_1))
 
     def _changes_format(self, views: list[memoryview]) -> bool:
         first = bytearray()

@@ -1,0 +1,372 @@
+"""``run_driver``: one guest program against one device, with the toolkit around it.
+
+The device is the project's own ``VirtioDevice`` for the type (``devices.DEVICES``),
+in strict mode, behind the emulator's virtio-mmio transport (synchronous mode:
+``TrioRunner``), with a :class:`~emulator.drvkit.timing.TimingGate` as its completion
+gate.  The transport is mapped through :class:`DriverPort`, which sees every register
+access: it traces them, notices status changes, and gives each driver error its
+context (register, value, queue, guest RIP).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emulator import guest_build
+from emulator.cpu import ExitLimit, GuestFault
+from emulator.drvkit import abi
+from emulator.drvkit.devices import DEVICES, DeviceKind, DeviceOptions
+from emulator.drvkit.inject import Injection, Injector, parse
+from emulator.drvkit.timing import TimingGate, TimingParams
+from emulator.drvkit.trace import Tracer
+from emulator.machine import GuestHalted, Machine
+from virtio.errors import DriverError
+from virtio.memory import FdRegion, MmapGuestMemory
+from virtio.queues.chain import DescriptorChain
+from virtio.service import QueueService
+from virtio.spec.mmio import VIRTIO_MMIO_REGION_SIZE, MmioReg
+from virtio.spec.status import DeviceStatus
+from virtio.transport.mmio import MmioTransport, TrioRunner
+
+MMIO_BASE = 0xD000_0000
+IRQ_LINE = 5
+DEFAULT_RAM = 32 << 20
+_NOTIFY = int(MmioReg.VIRTIO_MMIO_QUEUE_NOTIFY)
+
+
+class RunDriverError(ValueError):
+    """A run that cannot start: unknown device, unavailable transport, bad program."""
+
+
+def status_names(value: int) -> list[str]:
+    return [s.name for s in DeviceStatus if value & int(s)]  # type: ignore[misc]
+
+
+@dataclass
+class DriverRun:
+    """The outcome (``as_dict()`` is the ``--json`` document)."""
+
+    data: dict = field(default_factory=dict)
+
+    @property
+    def success(self) -> bool:
+        return bool(self.data.get("success"))
+
+    @property
+    def exit_status(self) -> int:
+        return 0 if self.success else 1
+
+    @property
+    def driver_errors(self) -> list[dict]:
+        return self.data["driver_errors"]
+
+    def clauses(self) -> list[str]:
+        return [e["clause"] for e in self.driver_errors]
+
+    def as_dict(self) -> dict:
+        return self.data
+
+    def to_json(self) -> str:
+        return json.dumps(self.data, indent=2)
+
+
+class Session:
+    """The pieces of one run, for the port, the gate hooks and the injector."""
+
+    def __init__(self, m: Machine, kind: DeviceKind, opts: DeviceOptions, gate: TimingGate):
+        self.machine = m
+        self.kind = kind
+        self.gate = gate
+        self.device = kind.make(opts)
+        self.tracer: Tracer | None = None
+        self.transport: MmioTransport
+        self.errors: list[dict] = []
+        self._nerr = 0
+        self._status = 0
+        self._irq = False
+        self._vqs: dict[int, object] = {}
+
+    @property
+    def exits(self) -> int:
+        return self.gate.now
+
+    def trace(self, kind: str, **fields: object) -> None:
+        if self.tracer is not None:
+            self.tracer.add(self.gate.now, kind, **fields)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def irq(self, raw):
+        def set_level(level: bool) -> None:
+            raw(level)
+            if bool(level) != self._irq:
+                self._irq = bool(level)
+                self.trace("irq", level=int(level), isr=self.transport.interrupt_status)
+
+        return set_level
+
+    def on_exit(self) -> None:
+        self.gate.tick()
+        self.injector.on_exit(self.gate.now)
+        self.sync()
+
+    def on_idle(self) -> bool:
+        progressed = self.gate.idle()
+        self.sync()
+        return progressed
+
+    def on_release(self, service: QueueService, items: Sequence[tuple[DescriptorChain, int]]):
+        if self.tracer is not None:
+            self.trace(
+                "used",
+                queue=service.index,
+                heads=",".join(str(c.head) for c, _ in items),
+                lens=",".join(str(n) for _, n in items),
+            )
+
+    def on_hold(self, service: QueueService, chain: DescriptorChain, until: int) -> None:
+        self.trace("hold", queue=service.index, head=chain.head, until=until)
+
+    def sync(self, access: dict | None = None) -> None:
+        """After anything the guest or the device did: status changes, new errors."""
+        t = self.transport
+        if t.status != self._status:
+            old, self._status = self._status, t.status
+            self.trace("status", old=old, new=t.status, names="|".join(status_names(t.status)))
+        if len(t.errors) > self._nerr:
+            new = t.errors[self._nerr :]
+            self._nerr = len(t.errors)
+            for exc in new:
+                if isinstance(exc, DriverError):
+                    self._record(exc, access)
+                else:
+                    self.trace("inject-effect", note=str(exc))
+        if self.tracer is not None:
+            for i, q in enumerate(t.queues):
+                if q.vq is not None and self._vqs.get(i) is not q.vq:
+                    self._vqs[i] = q.vq
+                    q.vq.inflight = _PopTracer(self, i, q.vq.packed)
+
+    def _record(self, exc: DriverError, access: dict | None) -> None:
+        s = exc.spec_section
+        entry: dict = {
+            "class": type(exc).__name__,
+            "clause": s.number if s is not None else exc.section.split(" ")[0],
+            "label": s.label if s is not None else "",
+            "section": exc.section,
+            "message": exc.message,
+            "exit": self.gate.now,
+        }
+        if access is not None:
+            entry.update(access)
+            if access.get("register") == "queue_notify":
+                entry["queue"] = access["value"] & 0xFFFF
+        cpu = self.machine.cpu
+        if cpu is not None:
+            try:
+                entry["rip"] = hex(cpu.regs()["rip"])
+            except Exception:  # noqa: BLE001 - best effort: not every backend state gives it
+                pass
+        self.errors.append(entry)
+        self.trace(
+            "error",
+            **{"class": entry["class"]},
+            clause=entry["clause"],
+            label=entry["label"],
+            message=entry["message"],
+            **{k: entry[k] for k in ("register", "rip") if k in entry},
+        )
+
+
+class _PopTracer:
+    """``Virtqueue.inflight`` observer: traces every chain the device takes."""
+
+    def __init__(self, session: Session, index: int, packed: bool) -> None:
+        self.session, self.index, self.ring = session, index, "packed" if packed else "split"
+
+    def on_pop(self, chains: Sequence[DescriptorChain]) -> None:
+        for c in chains:
+            segs = ",".join(
+                f"{s.addr:#x}+{s.length}:{'w' if s.writable else 'r'}" for s in c.segments
+            )
+            self.session.trace(
+                "pop", queue=self.index, head=c.head, ndesc=c.ndesc, ring=self.ring, segs=segs
+            )
+
+    def on_used(self, chains: Sequence[DescriptorChain], used_idx: int) -> None:
+        pass  # traced with the lengths by the gate (Session.on_release)
+
+
+class DriverPort:
+    """The transport as the bus sees it under run-driver (same name and registers)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.transport = session.transport
+        self.name = self.transport.name
+
+    def register_name(self, offset: int, is_write: bool) -> str:
+        return self.transport.register_name(offset, is_write)
+
+    def read(self, offset: int, size: int) -> int:
+        s = self.session
+        value = self.transport.read(offset, size)
+        reg = self.transport.register_name(offset, False)
+        s.trace("read", reg=reg, off=offset, size=size, value=value)
+        s.sync({"register": reg, "access": "read", "offset": offset, "size": size, "value": value})
+        return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        s = self.session
+        reg = self.transport.register_name(offset, True)
+        s.trace("write", reg=reg, off=offset, size=size, value=value)
+        if offset == _NOTIFY and size == 4:
+            s.trace("notify", queue=value & 0xFFFF)
+        self.transport.write(offset, size, value)
+        s.sync({"register": reg, "access": "write", "offset": offset, "size": size, "value": value})
+
+
+def _load_program(program: str | Path) -> Path:
+    path = Path(program)
+    if not path.exists():
+        raise RunDriverError(f"{program}: no such file")
+    if path.suffix == ".c":
+        return guest_build.build_source(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"\x7fELF":
+            raise RunDriverError(f"{program}: neither a .c file nor an ELF executable")
+    return path
+
+
+def template_path(device: str) -> Path:
+    """The template driver of a device type (``guest-drivers/templates``)."""
+    return guest_build.TEMPLATES_DIR / DEVICES[device].template
+
+
+def run_driver(
+    program: str | Path,
+    device: str = "blk",
+    *,
+    transport: str = "mmio",
+    cpu: str = "auto",
+    disk: str | None = None,
+    timing: str = "inline",
+    seed: int = 0,
+    timing_params: TimingParams | None = None,
+    inject: Sequence[str | Injection] = (),
+    trace: str | Path | None = None,
+    strict: bool = True,
+    args: Sequence[int] = (),
+    timeout: float = 120.0,
+    ram_size: int = DEFAULT_RAM,
+) -> DriverRun:
+    """Run guest ``program`` (a C file or an ELF) against a ``device`` and report."""
+    if device not in DEVICES:
+        raise RunDriverError(f"unknown device {device!r}; known: {', '.join(sorted(DEVICES))}")
+    if transport != "mmio":
+        raise RunDriverError(
+            f"--transport {transport}: the emulator has no virtio-{transport} transport yet"
+            " (issue 12 §6); use --transport mmio"
+        )
+    if len(args) > abi.MAX_ARGS:
+        raise RunDriverError(f"at most {abi.MAX_ARGS} --arg values")
+    injections = [i if isinstance(i, Injection) else parse(i) for i in inject]
+    elf = _load_program(program)
+    kind = DEVICES[device]
+    gate = TimingGate(timing, seed, timing_params)
+    opts = DeviceOptions(disk=disk)
+    m = Machine(ram_size=ram_size, cpu=cpu)
+    runner: TrioRunner | None = None
+    halt: str | None = None
+    try:
+        m.closers.extend(opts.closers)
+        s = Session(m, kind, opts, gate)
+        m.closers.extend(opts.closers[len(m.closers) :])
+        s.tracer = Tracer() if trace is not None else None
+        s.device.strict = strict
+        s.device.completion_gate = gate
+        s.injector = Injector(s, injections)
+        s.injector.setup_device()
+        gate.on_complete.append(s.injector.on_complete)
+        gate.on_hold = s.on_hold if s.tracer is not None else None
+        gate.on_release = s.on_release
+        held: list[MmapGuestMemory] = []
+
+        def guest_memory() -> MmapGuestMemory:
+            held.append(MmapGuestMemory([FdRegion(0, m.ram_size, m.ram_fd)]))
+            return held[-1]
+
+        m.closers.append(lambda: [mem.close() for mem in held])
+        runner = TrioRunner(name=f"run-driver-{device}")
+        s.transport = MmioTransport(
+            s.device, guest_memory, s.irq(m.irq_line(IRQ_LINE)), runner=runner,
+            name=f"virtio-{device}",
+        )  # fmt: skip
+        m.bus.add_mmio(MMIO_BASE, VIRTIO_MMIO_REGION_SIZE, DriverPort(s))
+        m.bus.after_exit.append(s.on_exit)
+        m.idle_hooks.append(s.on_idle)
+        image = m.load_elf(elf)
+        params = abi.Params(
+            int(kind.device_id), transport, MMIO_BASE, IRQ_LINE, ram_size,
+            abi.heap_base(image.end), tuple(args),
+        )  # fmt: skip
+        m.write_params(params.pack())
+        if s.tracer is not None:
+            s.tracer.restart_clock()
+        try:
+            m.run(timeout=timeout)
+        except GuestHalted as exc:
+            halt = f"halted: {exc}"
+        except ExitLimit as exc:
+            halt = f"timeout: {exc}"
+        except GuestFault as exc:
+            halt = f"guest fault: {exc}"
+        s.sync()
+        dbg = m.debug
+        if halt is not None:
+            s.trace("halt", reason=halt)
+        elif dbg.result is not None:
+            s.trace("result", value=dbg.result)
+        t = s.transport
+        result = dbg.result
+        data = {
+            "program": str(program),
+            "device": device,
+            "transport": transport,
+            "cpu": m.cpu_name,
+            "timing": timing,
+            "seed": seed,
+            "strict": strict,
+            "args": list(args),
+            "result": result,
+            "result_name": abi.RESULT_NAMES.get(result or 0, "ok" if result == 0 else ""),
+            "halt": halt,
+            "success": result == 0 and halt is None and not s.errors,
+            "output": dbg.text,
+            "progress": dbg.ios,
+            "values": {str(k): v for k, v in sorted(dbg.values.items())},
+            "driver_errors": s.errors,
+            "device_status": {
+                "value": t.status,
+                "names": status_names(t.status),
+                "needs_reset": bool(t.status & int(DeviceStatus.DEVICE_NEEDS_RESET)),
+                "failed": bool(t.status & int(DeviceStatus.FAILED)),
+            },
+            "device_events": [str(e) for e in t.errors if not isinstance(e, DriverError)],
+            "exits_total": m.bus.stats.total,
+            "exits_by_reason": dict(sorted(m.bus.stats.by_reason.items())),
+            "interrupts_raised": t.interrupts_raised,
+            "requests_served": gate.released,
+            "requests_held_at_end": gate.held,
+            "injections": s.injector.log,
+        }
+        if s.tracer is not None and trace is not None:
+            lines, chrome = s.tracer.write(trace)
+            data["trace"] = {"lines": str(lines), "chrome_json": str(chrome)}
+        return DriverRun(data)
+    finally:
+        if runner is not None:
+            runner.close()
+        m.close()

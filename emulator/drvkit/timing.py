@@ -1,0 +1,136 @@
+"""Device timing models (``run-driver --timing``): when, and in which order, finished
+requests reach the used ring.
+
+A :class:`TimingGate` is the ``CompletionGate`` of ``virtio.service``: the device's
+queue services hand it every finished chain instead of writing the used ring, so the
+model applies to any device and any transport.  Its clock is the guest's exits
+(``tick`` after each one): exit counts are the same on KVM and the software CPU, so a
+run is reproducible from its mode and seed on either.  When the guest halts with
+nothing pending, the machine calls ``idle``: time jumps to the next held completion
+(a device finishing while the CPU sleeps).
+
+Modes (delays in exits):
+
+* ``inline``: at once, in pop order (the device the emulator always had);
+* ``deferred``: every completion ``delay`` exits later, in order;
+* ``reorder``: each completion 0-2 exits later, ties in a random order (§2.7.8: a
+  device may use buffers in any order unless VIRTIO_F_IN_ORDER is negotiated);
+* ``batch``: held until ``batch`` completions are held, the oldest has waited
+  ``batch_wait`` exits, or the guest waits; then all are written with one used-index
+  update: one interrupt for several;
+* ``slow-start``: the first ``slow`` completions ``long_delay`` exits late, then inline;
+* ``random``: per completion a delay of 0-``max_delay`` exits, ties in a random order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from virtio.queues.chain import DescriptorChain
+from virtio.service import QueueService
+
+MODES = ("inline", "deferred", "reorder", "batch", "slow-start", "random")
+NEVER = 1 << 62
+"""Later than any deadline."""
+
+
+@dataclass
+class TimingParams:
+    delay: int = 3
+    batch: int = 4
+    batch_wait: int = 16
+    slow: int = 4
+    long_delay: int = 24
+    max_delay: int = 8
+
+
+Hook = Callable[[int, QueueService, DescriptorChain, int], bool]
+"""``(completion number, service, chain, written) -> keep``: called for every
+completion when the device finishes it (injections); False drops it."""
+
+
+class TimingGate:
+    def __init__(self, mode: str = "inline", seed: int = 0, params: TimingParams | None = None):
+        if mode not in MODES:
+            raise ValueError(f"timing mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.seed = seed
+        self.params = params or TimingParams()
+        self.rng = random.Random(seed)
+        self.now = 0
+        """Exits so far: the device clock."""
+        self.completed = 0
+        """Completions the device finished (the request number of injections)."""
+        self.released = 0
+        """Completions written to a used ring."""
+        self._held: list[tuple[int, float, int, QueueService, DescriptorChain, int]] = []
+        self._seq = itertools.count()
+        self.on_complete: list[Hook] = []
+        self.on_hold: Callable[[QueueService, DescriptorChain, int], None] | None = None
+        self.on_release: Callable[[QueueService, Sequence[tuple[DescriptorChain, int]]], None]
+        self.on_release = lambda service, items: None
+
+    # -- CompletionGate ------------------------------------------------------------------
+    def complete(self, service: QueueService, items: Sequence[tuple[DescriptorChain, int]]):
+        p, rng = self.params, self.rng
+        for chain, written in items:
+            self.completed += 1
+            if not all([hook(self.completed, service, chain, written) for hook in self.on_complete]):
+                continue
+            seq = next(self._seq)
+            mode, delay, key = self.mode, 0, float(seq)
+            if mode == "deferred":
+                delay = p.delay
+            elif mode == "reorder":
+                delay, key = rng.randint(0, 2), rng.random()
+            elif mode == "batch":
+                delay = p.batch_wait
+            elif mode == "slow-start":
+                delay = p.long_delay if self.completed <= p.slow else 0
+            elif mode == "random":
+                delay, key = rng.randint(0, p.max_delay), rng.random()
+            heapq.heappush(self._held, (self.now + delay, key, seq, service, chain, written))
+            if delay and self.on_hold is not None:
+                self.on_hold(service, chain, self.now + delay)
+        if self.mode == "batch" and len(self._held) >= p.batch:
+            self._release(NEVER)  # a full batch
+        else:
+            self._release(self.now)
+
+    # -- the clock -----------------------------------------------------------------------
+    def tick(self) -> None:
+        """One guest exit went by."""
+        self.now += 1
+        if self._held and self._held[0][0] <= self.now:
+            self._release(self.now)
+
+    def idle(self) -> bool:
+        """The guest waits with nothing pending: finish the next held completion(s).
+        True if something was released."""
+        if not self._held:
+            return False
+        due = self._held[0][0]
+        self.now = max(self.now, due)
+        self._release(due)
+        return True
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def _release(self, until: int) -> None:
+        if self.mode == "batch" and self._held and self._held[0][0] <= until:
+            until = NEVER  # the oldest is due: the whole batch goes
+        groups: dict[int, tuple[QueueService, list[tuple[DescriptorChain, int]]]] = {}
+        held = self._held
+        while held and held[0][0] <= until:
+            _, _, _, service, chain, written = heapq.heappop(held)
+            groups.setdefault(id(service), (service, []))[1].append((chain, written))
+        for service, items in groups.values():
+            if service.return_used(items):
+                self.released += len(items)
+                self.on_release(service, items)

@@ -1,0 +1,103 @@
+/* pyvirtio guest ABI, version 1: what a program run by `virtio run-driver` can rely on.
+ * Documented in docs/driver-toolkit.md; the host side is emulator/drvkit/abi.py.
+ *
+ * Machine: one x86-64 vCPU in long mode, ring 0, the first 4 GiB identity-mapped
+ * (MMIO windows uncached), the program linked at 0x100000 (guest-drivers/link.ld),
+ * RSP set below 0x80000, interrupts off.  `main` is called with no arguments; its
+ * return value is the program's result (0: success).  Build: run-driver compiles a
+ * .c file with the project's freestanding flags, guest-drivers/runtime.c and
+ * -I guest-drivers/include, so `#include <pyvirtio.h>` is all a driver needs.
+ *
+ * Parameters: struct pv_params at PV_PARAMS_ADDR (read-only for the program):
+ * which device and transport, where its registers are, its interrupt line, the free
+ * RAM the program may use for rings and buffers, and up to PV_MAX_ARGS integers
+ * from `--arg`.
+ *
+ * Reporting (the debug port, runtime.h): console text with dbg_puts/dbg_hex,
+ * progress with pv_progress(n) (JSON "progress"), named numbers with
+ * pv_value(key, value) (JSON "values"), the result with `return` from main.
+ *
+ * Device timing: the emulated device's clock is the guest's exits.  Under
+ * `--timing` other than inline, requests complete some exits after they were made
+ * available; a driver that busy-waits on a ring MUST call pv_pause() in its loop
+ * (one exit, no side effect), or wait for an interrupt (irq_wait / wait_for_interrupt:
+ * a halted guest lets the device finish what it holds).
+ *
+ * Interrupts: line `irq_line` is delivered as vector IRQ_VECTOR_BASE + irq_line
+ * through the IDT at `sti; hlt` (irq_install + irq_wait), or wakes a HLT with IF=0
+ * (wait_for_interrupt).  Lines are level-triggered; the handler acknowledges the
+ * device (virtio-mmio: InterruptStatus / InterruptACK, §4.2.3.4).
+ */
+#ifndef PYVIRTIO_H
+#define PYVIRTIO_H
+
+#include "../runtime.h"
+#include "../virtio_mmio.h"
+
+#define PV_ABI_VERSION 1
+#define PV_PARAMS_ADDR PARAMS_ADDR
+#define PV_MAX_ARGS 16
+
+enum { PV_TRANSPORT_MMIO = 1, PV_TRANSPORT_PCI = 2 };
+
+struct pv_params {
+	u32 magic; /* PARAMS_MAGIC ("PVIO") */
+	u32 abi_version; /* PV_ABI_VERSION */
+	u32 device_id; /* virtio device ID (§5): 1 net, 2 block, 4 entropy, 18 input */
+	u32 transport; /* PV_TRANSPORT_* */
+	u64 regs_base; /* virtio-mmio: the register window (§4.2.2) */
+	u32 irq_line; /* the device's interrupt line */
+	u32 nargs; /* how many of args[] were given */
+	u64 ram_size; /* guest RAM bytes */
+	u64 heap_base; /* free RAM for rings and buffers: [heap_base, heap_base + heap_size) */
+	u64 heap_size;
+	u64 args[PV_MAX_ARGS]; /* --arg values, in order; the rest 0 */
+};
+
+#define PV_P ((volatile struct pv_params *)PV_PARAMS_ADDR)
+
+/* args[i], or `dflt` when fewer were given. */
+static inline u64 pv_arg(u32 i, u64 dflt) { return i < PV_P->nargs ? PV_P->args[i] : dflt; }
+
+/* Check the block is there and of this ABI version. */
+static inline int pv_params_ok(void)
+{
+	return PV_P->magic == PARAMS_MAGIC && PV_P->abi_version == PV_ABI_VERSION;
+}
+
+/* Bump allocator over the free RAM (zeroed, `align` a power of two). */
+static u64 pv_heap_next;
+static inline void *pv_alloc(u64 size, u64 align)
+{
+	if (!pv_heap_next)
+		pv_heap_next = PV_P->heap_base;
+	u64 p = (pv_heap_next + align - 1) & ~(align - 1);
+	if (p + size > PV_P->heap_base + PV_P->heap_size)
+		return 0;
+	pv_heap_next = p + size;
+	memset((void *)p, 0, size);
+	return (void *)p;
+}
+
+/* One exit and nothing else: the device clock's tick (see "Device timing"). */
+#define PV_TICK_PORT (DEBUG_BASE + 12)
+static inline void pv_pause(void) { (void)inl(PV_TICK_PORT); }
+
+static inline void pv_progress(u32 n) { dbg_cmd(DBG_IOS, n); }
+static inline void pv_value(u32 key, u32 value) { dbg_value(key, value); }
+
+/* Result codes the templates use (any non-zero value is a failure). */
+enum {
+	PV_OK = 0,
+	PV_E_PARAMS = 1,
+	PV_E_PROBE = 2,
+	PV_E_FEATURES = 5,
+	PV_E_FEATURES_OK = 6,
+	PV_E_QUEUE = 7,
+	PV_E_IO = 9,
+	PV_E_VERIFY = 12,
+	PV_E_NEEDS_RESET = 13,
+	PV_E_NOMEM = 14,
+};
+
+#endif
