@@ -74,8 +74,6 @@ def _rng(opts: DeviceOptions) -> VirtioDevice:
 
 
 register(
-    DeviceKind(
-        "blk", DeviceId.VIRTIO_ID_BLOCK, _blk, "blk.c", _blk_grow, {"ioerr": 1, "unsupp": 2}
-    )
+    DeviceKind("blk", DeviceId.VIRTIO_ID_BLOCK, _blk, "blk.c", _blk_grow, {"ioerr": 1, "unsupp": 2})
 )
 register(DeviceKind("rng", DeviceId.VIRTIO_ID_RNG, _rng, "rng.c"))

@@ -62,7 +62,8 @@ def parse(spec: str) -> Injection:
         raise InjectSpecError(
             f"bad --inject {spec!r}: KIND[=VALUE][@req=N|@exit=N], KIND one of {', '.join(KINDS)}"
         )
-    inj = Injection(m["kind"], int(m["value"]) if m["value"] else None, m["when"], int(m["at"] or 0))
+    value = int(m["value"]) if m["value"] else None
+    inj = Injection(m["kind"], value, m["when"], int(m["at"] or 0))
     if inj.kind in TRIGGERED and inj.when is None:
         raise InjectSpecError(f"--inject {spec!r}: {inj.kind} needs @req=N or @exit=N")
     if inj.kind in SETUP and inj.when is not None:

@@ -10,6 +10,7 @@ context (register, value, queue, guest RIP).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,9 +94,9 @@ class Session:
     def exits(self) -> int:
         return self.gate.now
 
-    def trace(self, kind: str, **fields: object) -> None:
+    def trace(self, event: str, /, **fields: object) -> None:
         if self.tracer is not None:
-            self.tracer.add(self.gate.now, kind, **fields)
+            self.tracer.add(self.gate.now, event, **fields)
 
     # -- hooks ----------------------------------------------------------------------------
     def irq(self, raw):
@@ -165,10 +166,8 @@ class Session:
                 entry["queue"] = access["value"] & 0xFFFF
         cpu = self.machine.cpu
         if cpu is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort: the CPU state may not give it
                 entry["rip"] = hex(cpu.regs()["rip"])
-            except Exception:  # noqa: BLE001 - best effort: not every backend state gives it
-                pass
         self.errors.append(entry)
         self.trace(
             "error",

@@ -13,7 +13,7 @@ Modes (delays in exits):
 
 * ``inline``: at once, in pop order (the device the emulator always had);
 * ``deferred``: every completion ``delay`` exits later, in order;
-* ``reorder``: each completion 0-2 exits later, ties in a random order (§2.7.8: a
+* ``reorder``: each completion 0-4 exits later, ties in a random order (§2.7.8: a
   device may use buffers in any order unless VIRTIO_F_IN_ORDER is negotiated);
 * ``batch``: held until ``batch`` completions are held, the oldest has waited
   ``batch_wait`` exits, or the guest waits; then all are written with one used-index
@@ -79,14 +79,15 @@ class TimingGate:
         p, rng = self.params, self.rng
         for chain, written in items:
             self.completed += 1
-            if not all([hook(self.completed, service, chain, written) for hook in self.on_complete]):
+            n = self.completed
+            if not all([hook(n, service, chain, written) for hook in self.on_complete]):
                 continue
             seq = next(self._seq)
             mode, delay, key = self.mode, 0, float(seq)
             if mode == "deferred":
                 delay = p.delay
             elif mode == "reorder":
-                delay, key = rng.randint(0, 2), rng.random()
+                delay, key = rng.randint(0, 4), rng.random()
             elif mode == "batch":
                 delay = p.batch_wait
             elif mode == "slow-start":

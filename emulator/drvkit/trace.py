@@ -7,8 +7,9 @@ Line format (one event per line, UTF-8; ``#`` lines are comments)::
 
 ``SEQ`` numbers the events from 0, ``EXIT`` is the guest time in exits (the device
 clock of ``--timing``; identical on KVM and the software CPU), ``T_US`` wall-clock
-microseconds since the start.  Values are integers (decimal or ``0x`` hex), bare
-words, or JSON strings in double quotes.  Kinds and their keys:
+microseconds since the start.  Values are integers (decimal, or ``0x`` hex for
+``value off isr old new`` above 9), bare words, or JSON strings in double quotes.
+Kinds and their keys:
 
 =============  ===================================================================
 ``read``       register read: ``reg off size value``
@@ -57,11 +58,14 @@ class Event:
     fields: dict = field(default_factory=dict)
 
 
-def _fmt(value: object) -> str:
+_HEX_KEYS = frozenset({"value", "off", "isr", "old", "new"})
+
+
+def _fmt(value: object, key: str = "") -> str:
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, int):
-        return hex(value) if value > 9 else str(value)
+        return hex(value) if key in _HEX_KEYS and value > 9 else str(value)
     text = str(value)
     if not text or any(c.isspace() or c in '"=' for c in text):
         return json.dumps(text)
@@ -69,7 +73,7 @@ def _fmt(value: object) -> str:
 
 
 def format_event(e: Event) -> str:
-    pairs = " ".join(f"{k}={_fmt(v)}" for k, v in e.fields.items())
+    pairs = " ".join(f"{k}={_fmt(v, k)}" for k, v in e.fields.items())
     return f"{e.seq} {e.exit} {e.t_us} {e.kind}" + (f" {pairs}" if pairs else "")
 
 
@@ -113,9 +117,9 @@ class Tracer:
         """T_US counts from now (the guest starts)."""
         self._t0 = time.perf_counter()
 
-    def add(self, exit_: int, kind: str, **fields: object) -> None:
+    def add(self, exit_: int, event: str, /, **fields: object) -> None:
         t = int((time.perf_counter() - self._t0) * 1e6)
-        self.events.append(Event(len(self.events), exit_, t, kind, fields))
+        self.events.append(Event(len(self.events), exit_, t, event, fields))
 
     def write(self, path: str | Path) -> tuple[Path, Path]:
         path = Path(path)
@@ -217,5 +221,5 @@ def annotate(e: Event) -> str:
     where = f"§{s.number} {s.title}" if isinstance(s, Section) else f"§{s}"
     if e.kind == "error" and e.fields.get("label"):
         where += f" [{e.fields['label']}]"
-    pairs = " ".join(f"{k}={_fmt(v)}" for k, v in e.fields.items() if k not in ("label",))
+    pairs = " ".join(f"{k}={_fmt(v, k)}" for k, v in e.fields.items() if k != "label")
     return f"{e.exit:>7} {e.kind:<7} {pairs}  <- {where}"

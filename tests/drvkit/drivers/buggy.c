@@ -1,0 +1,200 @@
+/* A catalogue of buggy virtio drivers (tests/drvkit/test_buggy_drivers.py): args[0]
+ * picks the bug, everything else is a correct virtio-blk (or virtio-rng) driver over
+ * virtio-mmio that writes, flushes and reads back a few requests.  The program
+ * returns 0 whenever it "thinks" it worked: run-driver must catch the bug itself. */
+#include <pyvirtio.h>
+
+enum {
+	NONE,
+	WIDTH,		  /* 16-bit access to a control register (§4.2.2.2) */
+	RO_WRITE,	  /* write to the read-only MagicValue (§4.2.2.2) */
+	ORDER,		  /* DRIVER_OK without FEATURES_OK (§3.1.1) */
+	CLEAR_BIT,	  /* clears ACKNOWLEDGE (§2.1.1) */
+	UNOFFERED,	  /* accepts a feature that was not offered (§2.2.1) */
+	NO_VERSION_1,	  /* does not accept VIRTIO_F_VERSION_1 (§6.1) */
+	QUEUE_NUM,	  /* QueueNum above QueueNumMax (§4.2.2.2) */
+	SETUP_READY,	  /* queue address written while QueueReady is 1 (§4.2.2.2) */
+	EARLY_NOTIFY,	  /* QueueNotify before DRIVER_OK (§3.1.1) */
+	BAD_NEXT,	  /* descriptor `next` outside the table (§2.7.5) */
+	AVAIL_JUMP,	  /* avail idx moved by more than the queue size (§2.7.6) */
+	FLUSH_SECTOR,	  /* FLUSH with a non-zero sector (§5.2.6.1) */
+	BEYOND_CAPACITY,  /* read beyond capacity (§5.2.6.1) */
+	ODD_LENGTH,	  /* OUT with 100 bytes of data (§5.2.6.1) */
+	WRITABLE_FIRST,	  /* device-writable descriptor before a readable one (§2.7.4.2) */
+	LATE_FEATURES,	  /* DriverFeatures written after FEATURES_OK (§3.1.1) */
+	CONFIG_BEYOND,	  /* configuration read beyond its end (§4.2.2.2) */
+	RNG_READABLE,	  /* device-readable buffer in the entropy requestq (§5.4.6.1) */
+	/* timing-only races: correct under --timing inline */
+	RACE_NO_RECHECK = 101, /* sleeps without re-checking the ring after enabling (§2.7.10) */
+	RACE_USED_EVENT,     /* used_event one too far: waits for an interrupt never due (§2.7.7) */
+};
+
+#define REQ 4096u
+#define D 4
+
+static struct vmmio dev;
+static struct vq q;
+static u32 bug;
+static struct virtio_blk_outhdr *hdr;
+static volatile u8 *status;
+static u8 *buf;
+
+static void submit(u16 s, u32 type, u64 sector, u32 len)
+{
+	hdr[s].type = type;
+	hdr[s].reserved = 0;
+	hdr[s].sector = sector;
+	status[s] = 0xFF;
+	struct vq_seg segs[3];
+	u32 n = 0;
+	if (bug == WRITABLE_FIRST)
+		segs[n++] = (struct vq_seg){ (u64)&status[s], 1, 1 };
+	segs[n++] = (struct vq_seg){ (u64)&hdr[s], sizeof(hdr[s]), 0 };
+	if (len)
+		segs[n++] = (struct vq_seg){ (u64)(buf + (u64)s * REQ), len, type == VIRTIO_BLK_T_IN };
+	if (bug != WRITABLE_FIRST)
+		segs[n++] = (struct vq_seg){ (u64)&status[s], 1, 1 };
+	vq_add(&q, s, segs, n);
+	if (bug == BAD_NEXT && !q.packed)
+		q.desc[s * n].next = 0x7fff;
+}
+
+static void publish(void)
+{
+	if (bug == AVAIL_JUMP)
+		q.avail_idx = (u16)(q.avail_idx + q.size + 1);
+	vq_publish(&q);
+}
+
+/* One completion's slot, or -1 once the device gave up (NEEDS_RESET / nothing comes). */
+static int wait_one(void)
+{
+	u16 id;
+	u32 len;
+	for (u32 tries = 0; tries < 100000; tries++) {
+		if (vq_get_used(&q, &id, &len))
+			return id;
+		if (vm_rd(&dev, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET)
+			return -1;
+		if (bug == RACE_NO_RECHECK) {
+			vm_ack_interrupt(&dev); /* exits: the device may finish here */
+			vq_interrupts(&q, 1, 1);
+			wait_for_interrupt(); /* no re-check after enabling */
+			continue;
+		}
+		if (bug == RACE_USED_EVENT) {
+			*q.used_event = q.last_used + 1; /* should be last_used */
+			mb();
+			if (vq_get_used(&q, &id, &len))
+				return id;
+			wait_for_interrupt();
+			vm_ack_interrupt(&dev);
+			continue;
+		}
+		pv_pause();
+	}
+	return -1;
+}
+
+static int io(u32 type, u32 first, u32 n, u32 len, u32 *bad)
+{
+	for (u32 i = 0; i < n; i++) {
+		u16 s = (u16)i;
+		if (type == VIRTIO_BLK_T_OUT)
+			fill((u64 *)(buf + (u64)s * REQ), REQ / 8, (u64)(first + i) * 8, 3);
+		else
+			memset(buf + (u64)s * REQ, 0, REQ);
+		submit(s, type, (u64)(first + i) * 8, len);
+	}
+	publish();
+	for (u32 i = 0; i < n; i++) {
+		int s = wait_one();
+		if (s < 0)
+			return 0; /* the device stopped: this driver does not care */
+		if (type == VIRTIO_BLK_T_IN)
+			*bad += check((u64 *)(buf + (u64)s * REQ), REQ / 8, (u64)(first + s) * 8, 3);
+		if (status[s] != VIRTIO_BLK_S_OK)
+			(*bad)++;
+	}
+	return 0;
+}
+
+static int blk(void)
+{
+	u32 st = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+	if (bug == WIDTH)
+		(void)mmio_read16(dev.base + VIRTIO_MMIO_STATUS);
+	if (bug == RO_WRITE)
+		vm_wr(&dev, VIRTIO_MMIO_MAGIC_VALUE, 0);
+	if (bug == CLEAR_BIT)
+		vm_wr(&dev, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_DRIVER);
+	u64 want = BIT64(VIRTIO_F_VERSION_1) | BIT64(VIRTIO_F_EVENT_IDX) | BIT64(VIRTIO_BLK_F_FLUSH);
+	if (bug == UNOFFERED)
+		want |= BIT64(VIRTIO_BLK_F_SCSI);
+	if (bug == NO_VERSION_1)
+		want &= ~BIT64(VIRTIO_F_VERSION_1);
+	if (bug != ORDER) {
+		vm_set_features(&dev, want);
+		st |= VIRTIO_CONFIG_S_FEATURES_OK;
+	}
+	if (bug == LATE_FEATURES)
+		vm_wr(&dev, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+	if (bug == CONFIG_BEYOND)
+		(void)vm_rd(&dev, VIRTIO_MMIO_CONFIG + 0xF0);
+	void *ring = pv_alloc(64 << 10, 4096);
+	hdr = pv_alloc(sizeof(*hdr) * D, 16);
+	status = pv_alloc(D, 1);
+	buf = pv_alloc((u64)D * REQ, 4096);
+	u32 max = vm_rd(&dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
+	u16 size = bug == QUEUE_NUM ? (u16)(max + 1) : 64;
+	vq_layout(&q, (u64)ring, size, 0, 1);
+	q.dev = &dev;
+	q.index = 0;
+	vm_wr(&dev, VIRTIO_MMIO_QUEUE_SEL, 0);
+	vm_wr(&dev, VIRTIO_MMIO_QUEUE_NUM, size);
+	vm_wr64(&dev, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u64)q.desc);
+	vm_wr64(&dev, VIRTIO_MMIO_QUEUE_DRIVER_LOW, VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u64)q.avail);
+	vm_wr64(&dev, VIRTIO_MMIO_QUEUE_DEVICE_LOW, VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u64)q.used);
+	vm_wr(&dev, VIRTIO_MMIO_QUEUE_READY, 1);
+	if (bug == SETUP_READY)
+		vm_wr64(&dev, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u64)q.desc);
+	if (bug == EARLY_NOTIFY)
+		vm_wr(&dev, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+	vq_interrupts(&q, 0, 0);
+	vm_wr(&dev, VIRTIO_MMIO_STATUS, st | VIRTIO_CONFIG_S_DRIVER_OK);
+
+	u32 bad = 0;
+	u64 capacity = vm_rd(&dev, VIRTIO_MMIO_CONFIG) | (u64)vm_rd(&dev, VIRTIO_MMIO_CONFIG + 4) << 32;
+	io(VIRTIO_BLK_T_OUT, 0, D, bug == ODD_LENGTH ? 100 : REQ, &bad);
+	submit(0, VIRTIO_BLK_T_FLUSH, bug == FLUSH_SECTOR ? 5 : 0, 0);
+	publish();
+	wait_one();
+	io(VIRTIO_BLK_T_IN, bug == BEYOND_CAPACITY ? (u32)(capacity / 8) : 0, D, REQ, &bad);
+	pv_value(1, bad);
+	vm_wr(&dev, VIRTIO_MMIO_STATUS, 0);
+	/* The races show as wrong data or a hang; the spec bugs are for run-driver. */
+	return bug >= RACE_NO_RECHECK && bad ? PV_E_VERIFY : PV_OK;
+}
+
+static int rng(void)
+{
+	vm_set_features(&dev, BIT64(VIRTIO_F_VERSION_1));
+	void *ring = pv_alloc(16 << 10, 4096);
+	u8 *b = pv_alloc(64, 16);
+	vq_init(&q, &dev, 0, (u64)ring, 16, 0, 0);
+	vm_driver_ok(&dev);
+	struct vq_seg seg = { (u64)b, 64, bug != RNG_READABLE };
+	vq_add(&q, 0, &seg, 1);
+	vq_publish(&q);
+	wait_one();
+	return PV_OK;
+}
+
+int main(void)
+{
+	bug = (u32)pv_arg(0, NONE);
+	dev.base = PV_P->regs_base;
+	if (vm_probe(&dev, PV_P->device_id))
+		return PV_E_PROBE;
+	return PV_P->device_id == VIRTIO_ID_RNG ? rng() : blk();
+}
