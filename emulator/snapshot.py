@@ -142,7 +142,10 @@ def write(snap: Snapshot, path: str | os.PathLike[str]) -> None:
 
 def read(path: str | os.PathLike[str]) -> Snapshot:
     """Read a snapshot file; SnapshotError names what is wrong with a bad one."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot read: {e.strerror or e}") from None
     if len(data) < _HEAD.size:
         raise SnapshotError(f"{path}: too short for a snapshot")
     magic, version, hdrlen = _HEAD.unpack_from(data)

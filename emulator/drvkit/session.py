@@ -11,6 +11,7 @@ context (register, value, queue, guest RIP).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,49 @@ class Session:
     @property
     def exits(self) -> int:
         return self.gate.now
+
+    # -- snapshots (run-driver --save-at / --restore, emulator/snapshot.py) ----------------
+    def save_state(self) -> dict:
+        t = self.transport
+        return {
+            "transport": t.save_state(),
+            "events": [[isinstance(e, DriverError), str(e)] for e in t.errors],
+            "gate": self.gate.save_state(),
+            "injector": {"log": self.injector.log, "refusals": self.injector._refusals},
+            "errors": self.errors,
+            "status": self._status,
+            "irq": self._irq,
+        }
+
+    def load_state(self, state: dict) -> None:
+        t = self.transport
+        t.load_state(state["transport"])
+        t.errors = [
+            DriverError(f"(before the snapshot) {msg}") if driver else RuntimeError(msg)
+            for driver, msg in state["events"]
+        ]  # type: ignore[misc]
+        self._nerr = len(t.errors)
+        self.errors = list(state["errors"])
+        self._status, self._irq = int(state["status"]), bool(state["irq"])
+        self.injector.log = list(state["injector"]["log"])
+        self.injector._refusals = int(state["injector"]["refusals"])
+        indices = sorted({int(h[3]) for h in state["gate"]["held"]})
+        services: dict[int, QueueService] = {}
+        if indices:
+            active = t.active
+            if active is None:
+                raise ValueError("held completions but the device is not live")
+
+            async def start_services() -> None:
+                run = t.device.service_run(active)  # type: ignore[union-attr]
+                for i in indices:
+                    await run.ensure(i)
+                await run.settle()
+
+            assert t.runner is not None
+            t.runner.call(start_services)
+            services = dict(active.services)
+        self.gate.load_state(state["gate"], services)
 
     def trace(self, event: str, /, **fields: object) -> None:
         if self.tracer is not None:
@@ -245,7 +289,7 @@ def template_path(device: str) -> Path:
 
 
 def run_driver(
-    program: str | Path,
+    program: str | Path | None,
     device: str = "blk",
     *,
     transport: str = "mmio",
@@ -260,8 +304,34 @@ def run_driver(
     args: Sequence[int] = (),
     timeout: float = 120.0,
     ram_size: int = DEFAULT_RAM,
+    save_at: int | None = None,
+    save_to: str | Path | None = None,
+    restore: str | Path | None = None,
 ) -> DriverRun:
-    """Run guest ``program`` (a C file or an ELF) against a ``device`` and report."""
+    """Run guest ``program`` (a C file or an ELF) against a ``device`` and report.
+
+    ``save_at=N, save_to=FILE``: pause after exit N (the first write exit from N on),
+    save the VM to FILE (``emulator.snapshot``: RAM, CPU, device and queue state,
+    requests the timing model holds, injections done), then carry on.
+    ``restore=FILE``: instead of loading ``program``, restore FILE and carry on from
+    there (on ``cpu``, which may differ from the one that saved it); the device, timing
+    model, seed, injections, strictness and arguments are the snapshot's (the values
+    given here are ignored); the disk is a memory disk unless ``disk`` names a raw file,
+    which the saved contents are written into."""
+    snap = None
+    if restore is not None:
+        from emulator import snapshot
+
+        snap = snapshot.read(restore)
+        r = snap.recipe
+        if r.get("kind") != "run-driver":
+            raise RunDriverError(f"{restore}: not a run-driver snapshot")
+        device, transport, timing = str(r["device"]), str(r["transport"]), str(r["timing"])
+        seed, strict, ram_size = int(r["seed"]), bool(r["strict"]), int(r["ram_size"])
+        timing_params = TimingParams(**r["timing_params"])
+        inject, args = list(r["inject"]), [int(a) for a in r["args"]]
+    if (save_at is None) != (save_to is None):
+        raise RunDriverError("save_at and save_to go together")
     if device not in DEVICES:
         raise RunDriverError(f"unknown device {device!r}; known: {', '.join(sorted(DEVICES))}")
     if transport != "mmio":
@@ -272,9 +342,16 @@ def run_driver(
     if len(args) > abi.MAX_ARGS:
         raise RunDriverError(f"at most {abi.MAX_ARGS} --arg values")
     injections = [i if isinstance(i, Injection) else parse(i) for i in inject]
-    elf = _load_program(program)
+    elf = _load_program(program) if snap is None else None
     kind = DEVICES[device]
     gate = TimingGate(timing, seed, timing_params)
+    recipe = {
+        "kind": "run-driver", "device": device, "transport": transport, "timing": timing,
+        "seed": seed, "timing_params": dataclasses.asdict(gate.params),
+        "inject": [i.text for i in injections], "strict": strict, "args": list(args),
+        "ram_size": ram_size,
+    }  # fmt: skip
+    saved_at: int | None = None
     opts = DeviceOptions(disk=disk)
     m = Machine(ram_size=ram_size, cpu=cpu)
     runner: TrioRunner | None = None
@@ -306,16 +383,36 @@ def run_driver(
         m.bus.add_mmio(MMIO_BASE, VIRTIO_MMIO_REGION_SIZE, DriverPort(s))
         m.bus.after_exit.append(s.on_exit)
         m.idle_hooks.append(s.on_idle)
-        image = m.load_elf(elf)
-        params = abi.Params(
-            int(kind.device_id), transport, MMIO_BASE, IRQ_LINE, ram_size,
-            abi.heap_base(image.end), tuple(args),
-        )  # fmt: skip
-        m.write_params(params.pack())
+        m.devices["run-driver"] = s
+        if snap is None:
+            assert elf is not None
+            image = m.load_elf(elf)
+            params = abi.Params(
+                int(kind.device_id), transport, MMIO_BASE, IRQ_LINE, ram_size,
+                abi.heap_base(image.end), tuple(args),
+            )  # fmt: skip
+            m.write_params(params.pack())
+        else:
+            from emulator import snapshot
+
+            snapshot.apply(m, snap)
+            s.trace("restored", file=str(restore), exit=s.exits)
         if s.tracer is not None:
             s.tracer.restart_clock()
         try:
-            m.run(timeout=timeout)
+            if save_at is not None:
+                from emulator import snapshot
+
+                m.pause_at_exit(save_at)
+                m.run(timeout=timeout)
+                if m.paused:
+                    saved_at = m.bus.stats.total
+                    snapshot.write(snapshot.capture(m, recipe), save_to)  # type: ignore[arg-type]
+                    s.trace("saved", file=str(save_to), exit=s.exits)
+                    m.resume()
+                    m.run(timeout=timeout)
+            else:
+                m.run(timeout=timeout)
         except GuestHalted as exc:
             halt = f"halted: {exc}"
         except ExitLimit as exc:
@@ -360,6 +457,8 @@ def run_driver(
             "requests_served": gate.released,
             "requests_held_at_end": gate.held,
             "injections": s.injector.log,
+            "saved_at_exit": saved_at,
+            "restored_from": str(restore) if restore is not None else None,
         }
         if s.tracer is not None and trace is not None:
             lines, chrome = s.tracer.write(trace)

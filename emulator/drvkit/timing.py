@@ -25,7 +25,6 @@ Modes (delays in exits):
 from __future__ import annotations
 
 import heapq
-import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ class TimingGate:
         self.released = 0
         """Completions written to a used ring."""
         self._held: list[tuple[int, float, int, QueueService, DescriptorChain, int]] = []
-        self._seq = itertools.count()
+        self._seq = 0  # sequence number of the next completion (ties, snapshots)
         self.on_complete: list[Hook] = []
         self.on_hold: Callable[[QueueService, DescriptorChain, int], None] | None = None
         self.on_release: Callable[[QueueService, Sequence[tuple[DescriptorChain, int]]], None]
@@ -82,7 +81,8 @@ class TimingGate:
             n = self.completed
             if not all([hook(n, service, chain, written) for hook in self.on_complete]):
                 continue
-            seq = next(self._seq)
+            seq = self._seq
+            self._seq += 1
             mode, delay, key = self.mode, 0, float(seq)
             if mode == "deferred":
                 delay = p.delay
@@ -122,6 +122,45 @@ class TimingGate:
     @property
     def held(self) -> int:
         return len(self._held)
+
+    # -- snapshots (run-driver --save-at / --restore) -------------------------------------
+    def save_state(self) -> dict:
+        """The clock, counters, the seeded generator's state and every held completion
+        (queue, head, descriptors, bytes written: what the used entry needs)."""
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "now": self.now,
+            "completed": self.completed,
+            "released": self.released,
+            "seq": self._seq,
+            "rng": [version, list(internal), gauss],
+            "held": [
+                [due, key, seq, service.index, chain.head, chain.ndesc, written]
+                for due, key, seq, service, chain, written in self._held
+            ],
+        }
+
+    def load_state(self, state: dict, services: dict[int, QueueService]) -> None:
+        """Apply ``save_state()`` output; ``services`` are the running queue services
+        the held completions go back through.  A held chain is rebuilt from its head and
+        descriptor count: its data is already in guest memory, only the used entry is due."""
+        self.now, self.completed = int(state["now"]), int(state["completed"])
+        self.released, self._seq = int(state["released"]), int(state["seq"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        held = []
+        for due, key, seq, index, head, ndesc, written in state["held"]:
+            service = services.get(int(index))
+            if service is None:
+                raise ValueError(f"held completion for queue {index}, which is not running")
+            q = service.queue
+            limit = q.size
+            if not 0 <= int(head) < limit or not 1 <= int(ndesc) <= limit or int(written) < 0:
+                raise ValueError(f"held completion head {head} ndesc {ndesc} out of range")
+            chain = DescriptorChain(q, int(head), int(ndesc), b"", 0, 0, int(written))
+            held.append((int(due), float(key), int(seq), service, chain, int(written)))
+        heapq.heapify(held)
+        self._held = held
 
     def _release(self, until: int) -> None:
         if self.mode == "batch" and self._held and self._held[0][0] <= until:

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("program", help="a .c file, an ELF, or 'template'")
+    p.add_argument(
+        "program", nargs="?", help="a .c file, an ELF, or 'template' (not with --restore)"
+    )
     p.add_argument("--device", choices=sorted(DEVICES), default="blk")
     p.add_argument(
         "--transport",
@@ -57,6 +59,19 @@ def register(subparsers) -> None:
     )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument(
+        "--save-at",
+        nargs=2,
+        metavar=("N", "FILE"),
+        help="save the running VM after exit N (the first write exit from N on) to FILE,"
+        " then carry on",
+    )
+    p.add_argument(
+        "--restore",
+        metavar="FILE",
+        help="restore a VM saved with --save-at (on --cpu) and carry on; the device,"
+        " timing, seed and injections are the snapshot's",
+    )
     p.set_defaults(func=run)
 
 
@@ -65,8 +80,19 @@ def run(args: argparse.Namespace) -> int:
     from emulator.drvkit.inject import InjectSpecError
     from emulator.drvkit.session import template_path
     from emulator.guest_build import GuestBuildError
+    from emulator.snapshot import SnapshotError
 
+    if (args.program is None) == (args.restore is None):
+        print("virtio run-driver: give PROGRAM or --restore FILE (one of them)", file=sys.stderr)
+        return 2
     program = template_path(args.device) if args.program == "template" else args.program
+    try:
+        save_at = int(args.save_at[0]) if args.save_at else None
+    except ValueError:
+        print(
+            f"virtio run-driver: --save-at N: {args.save_at[0]!r} is not a number", file=sys.stderr
+        )
+        return 2
     try:
         res = run_driver(
             program,
@@ -81,11 +107,20 @@ def run(args: argparse.Namespace) -> int:
             strict=not args.no_strict,
             args=args.arg,
             timeout=args.timeout,
+            save_at=save_at,
+            save_to=args.save_at[1] if args.save_at else None,
+            restore=args.restore,
         )
-    except (RunDriverError, InjectSpecError, GuestBuildError) as exc:
+    except (RunDriverError, InjectSpecError, GuestBuildError, SnapshotError) as exc:
         print(f"virtio run-driver: {exc}", file=sys.stderr)
         return 2
     d = res.as_dict()
+    if save_at is not None and d["saved_at_exit"] is None:
+        print(
+            f"virtio run-driver: nothing saved: the run ended at exit {d['exits_total']},"
+            f" before a write exit numbered {save_at} or more",
+            file=sys.stderr,
+        )
     if args.json:
         print(res.to_json())
         return res.exit_status

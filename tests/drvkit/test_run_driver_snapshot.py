@@ -1,0 +1,81 @@
+"""``run-driver --save-at N FILE`` / ``--restore FILE`` (issue 12 §7): a VM saved with
+requests held by the timing model restores on the other CPU and carries on; a failing
+driver replays its failure from the snapshot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emulator import snapshot
+from emulator.drvkit.session import run_driver, template_path
+
+BUGGY = Path(__file__).parent / "drivers" / "buggy.c"
+RACE_NO_RECHECK = 101  # see test_buggy_drivers.py
+SAVE_AT = 60  # in the middle of the template's requests (held completions there: checked)
+
+
+def _held(path) -> int:
+    return len(snapshot.read(path).machine["devices"]["run-driver"]["gate"]["held"])
+
+
+@pytest.mark.parametrize("timing", ["deferred", "random", "batch"])
+@pytest.mark.parametrize(("save_cpu", "restore_cpu"), [("kvm", "soft"), ("soft", "kvm")])
+def test_saved_with_held_requests_carries_on_elsewhere(
+    timing, save_cpu, restore_cpu, tmp_path, need_kvm
+):
+    snap = tmp_path / "vm.snap"
+    whole = run_driver(template_path("blk"), "blk", cpu=save_cpu, timing=timing, seed=3,
+                       save_at=SAVE_AT, save_to=snap, timeout=300).as_dict()  # fmt: skip
+    assert whole["success"] and whole["saved_at_exit"] >= SAVE_AT, whole
+    assert _held(snap) > 0  # requests completed by the device, used entries not yet written
+    again = run_driver(None, cpu=restore_cpu, restore=snap, timeout=300).as_dict()
+    assert again["success"], again
+    assert (again["cpu"], again["timing"], again["seed"]) == (restore_cpu, timing, 3)
+    for key in ("exits_total", "requests_served", "output", "progress", "interrupts_raised"):
+        assert again[key] == whole[key], key
+    assert again["requests_held_at_end"] == 0
+
+
+def test_a_race_replays_from_just_before_it(tmp_path):
+    """The no-recheck race (fails under deferred timing): save a few exits before the
+    failure, restore, and the same failure happens at the same exit."""
+    failing = run_driver(BUGGY, "blk", args=[RACE_NO_RECHECK], cpu="soft", timing="deferred",
+                         seed=7, timeout=60).as_dict()  # fmt: skip
+    assert not failing["success"] and failing["halt"].startswith("halted")
+    snap = tmp_path / "race.snap"
+    save_at = failing["exits_total"] - 8
+    saved = run_driver(BUGGY, "blk", args=[RACE_NO_RECHECK], cpu="soft", timing="deferred",
+                       seed=7, timeout=60, save_at=save_at, save_to=snap).as_dict()  # fmt: skip
+    assert saved["saved_at_exit"] is not None and saved["saved_at_exit"] >= save_at
+    replay = run_driver(None, cpu="soft", restore=snap, timeout=60).as_dict()
+    assert (replay["halt"], replay["exits_total"]) == (failing["halt"], failing["exits_total"])
+    assert not replay["success"]
+
+
+def test_restore_refuses_other_snapshots(tmp_path):
+    from emulator import run
+    from emulator.drvkit import RunDriverError
+
+    snap = tmp_path / "w.snap"
+    run.run_workload("virtio-mmio", "soft", kib=64, save_at=30, save_to=snap)
+    with pytest.raises(RunDriverError, match="not a run-driver snapshot"):
+        run_driver(None, cpu="soft", restore=snap)
+    with pytest.raises(snapshot.SnapshotError, match="cannot read"):
+        run_driver(None, cpu="soft", restore=tmp_path / "missing.snap")
+
+
+def test_cli(tmp_path, capsys):
+    from virtio.cli import main
+
+    snap = tmp_path / "vm.snap"
+    assert main(["run-driver", "template", "--cpu", "soft", "--timing", "deferred",
+                 "--save-at", "60", str(snap)]) == 0  # fmt: skip
+    assert snap.exists()
+    assert main(["run-driver", "--restore", str(snap), "--cpu", "soft"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["run-driver", "--cpu", "soft"]) == 2
+    assert main(["run-driver", "template", "--cpu", "soft", "--save-at", "100000",
+                 str(tmp_path / "late.snap")]) == 0  # fmt: skip
+    assert "nothing saved" in capsys.readouterr().err
