@@ -28,9 +28,10 @@ or set DEVICE_NEEDS_RESET itself (``active.set_needs_reset(reason)``, §2.1.2).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import trio
 
@@ -52,6 +53,7 @@ from virtio.spec import sections as sec
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.ids import DeviceId
 from virtio.spec.sections import S_2_1_2
+from virtio.stats import DEFAULT_KINDS, DEFAULT_STATUSES, DeviceStats
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,11 @@ class VirtioDevice:
     completion_gate: CompletionGate | None = None
     """A device-timing model for the completions of every queue (``virtio.service``);
     ``None``: inline, as the service loop returns them."""
+    stats_kinds: ClassVar[tuple[str, ...]] = DEFAULT_KINDS
+    """Names of the request kinds the device counts (``stats.queue(i).record``), at
+    most ``VQS_KINDS``; the default counts every request as ``requests``."""
+    stats_statuses: ClassVar[tuple[str, ...]] = DEFAULT_STATUSES
+    """Names of the statuses the device counts, at most ``VQS_STATUSES``."""
 
     def __init__(self) -> None:
         self.driver_features = 0
@@ -183,6 +190,48 @@ class VirtioDevice:
         events: ``self.active.config_changed()``; ``None`` before DRIVER_OK and after
         a reset."""
         self._runs: list[ServiceRun | trio.CancelScope] = []
+
+    # -- statistics and control ------------------------------------------------------------
+    @property
+    def stats(self) -> DeviceStats:
+        """This device's statistics, per queue, across every connection and reset
+        (``virtio.stats``)."""
+        stats = self.__dict__.get("_stats")
+        if stats is None:
+            stats = self._stats = DeviceStats(
+                tuple(self.queue_max_sizes), self.stats_kinds, self.stats_statuses
+            )
+        return stats
+
+    @contextlib.contextmanager
+    def counting(self, active: ActiveDevice, index: int) -> Iterator[None]:
+        """While serving queue ``index``: its ring counts into ``stats``."""
+        queue = active.queues[index]
+        stats = self.stats.queue(index)
+        stats.attach(queue)
+        try:
+            yield
+        finally:
+            stats.detach(queue)
+
+    def control_commands(self) -> dict[str, ControlCommand]:
+        """Control-socket commands this device adds (``virtio.control``): name ->
+        ``ControlCommand(handler, help)``; a handler takes the request's arguments and
+        returns a JSON-able value (or raises ``ArgumentError``).  Several exports may
+        offer the same name: the request's ``export`` argument picks one (see
+        ``virtio.control.exports``).  Default: none."""
+        return {}
+
+    def describe_config(self) -> dict[str, Any]:
+        """What ``query-config`` shows of this device (JSON-able); subclasses add to it."""
+        return {
+            "device": self.device_id.name.removeprefix("VIRTIO_ID_").lower(),
+            "queues": self.num_queues,
+            "queue_sizes": list(self.queue_max_sizes),
+            "features": f"{self.offered_features():#x}",
+            "driver_features": f"{self.driver_features:#x}",
+            "needs_reset": self.needs_reset,
+        }
 
     # -- configuration -------------------------------------------------------------------
     @property
@@ -313,11 +362,12 @@ class VirtioDevice:
         self.active = active
         try:
             gate = self.completion_gate
-            if self.queue_role(index) is QueueRole.BUFFERS:
-                await self.fill_buffers(index, BufferQueue(active, index, gate))
-            else:
-                service = RequestService(active, index, gate)
-                await service.run(self.handle, self.max_inflight)
+            with self.counting(active, index):
+                if self.queue_role(index) is QueueRole.BUFFERS:
+                    await self.fill_buffers(index, BufferQueue(active, index, gate))
+                else:
+                    service = RequestService(active, index, gate)
+                    await service.run(self.handle, self.max_inflight)
         except* DriverError as group:  # also when trio groups it with a Cancelled
             self._driver_error(active, _first(group))
         except* QueueBrokenError:
@@ -333,6 +383,13 @@ class VirtioDevice:
         self.needs_reset = True
         if active.on_driver_error is not None:
             active.on_driver_error(exc)
+
+
+class ControlCommand(NamedTuple):
+    """A control-socket command a device offers (``VirtioDevice.control_commands``)."""
+
+    handler: Callable[[dict[str, Any]], Any]
+    help: str = ""
 
 
 def _first(group: BaseExceptionGroup) -> Any:

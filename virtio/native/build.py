@@ -19,7 +19,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("vm_native.c", "dataplane.c", "aio.c", "blk_dataplane.c")
+SOURCES = ("vm_native.c", "stats.c", "dataplane.c", "aio.c", "blk_dataplane.c")
 """C sources, compiled as one translation unit (in this order)."""
 HEADERS = ("vm_native.h", "dataplane.h")
 PRIVATE_HEADERS = ("faultfile.h",)

@@ -118,6 +118,12 @@ void dp_script_complete(struct dp_script *s, const uint16_t *heads, const uint32
 uint32_t dp_script_started(struct dp_script *s, uint16_t *out, uint32_t max);
 
 /* ---- virtio-blk fast path (virtio 1.4 §5.2.6): IN, OUT, FLUSH -------------------- */
+/* Request kinds of the blk statistics (vq_stats_request; virtio/devices/blk/device.py
+ * names them in this order: in, out, flush, get-id, discard, write-zeroes, other);
+ * the status index is the status byte (§5.2.6: OK 0, IOERR 1, UNSUPP 2). */
+#define BLK_STAT_IN 0
+#define BLK_STAT_OUT 1
+#define BLK_STAT_FLUSH 2
 #define BLK_AIO_THREADS 1
 #define BLK_AIO_URING 2
 

@@ -430,9 +430,11 @@ static int vq_pop_batch_u(struct vq *q, struct vq_chain *chains, uint32_t nchain
 {
     if (q->broken)
         return VQ_E_BROKEN;
-    if (q->packed)
-        return packed_pop_batch(q, chains, nchains, segs, max_segs);
-    return split_pop_batch(q, chains, nchains, segs, max_segs);
+    int n = q->packed ? packed_pop_batch(q, chains, nchains, segs, max_segs)
+                      : split_pop_batch(q, chains, nchains, segs, max_segs);
+    if (n > 0 && q->stats)
+        vq_stats_popped(q->stats, chains, (uint32_t)n);
+    return n;
 }
 
 static uint32_t vq_avail_count_u(struct vq *q)
@@ -455,6 +457,8 @@ static int vq_add_used_batch_u(struct vq *q, const uint16_t *ids, const uint32_t
     if (n == 0)
         return 0;
     q->used += n;
+    if (q->stats)
+        vq_stats_used(q->stats, ids, n);
     if (q->packed)
         return packed_add_used_batch(q, ids, lens, ndescs, n);
     return split_add_used_batch(q, ids, lens, n);
@@ -462,6 +466,8 @@ static int vq_add_used_batch_u(struct vq *q, const uint16_t *ids, const uint32_t
 
 /* Device -> driver: must the device send a used buffer notification now?
  * (§2.7.7 / §2.7.10 split, §2.8.10 packed).  Call after add_used. */
+static int vq_notification_due(struct vq *q, uint16_t old, uint16_t new_idx, int valid);
+
 static int vq_needs_notification_u(struct vq *q)
 {
     if (q->broken)
@@ -473,6 +479,15 @@ static int vq_needs_notification_u(struct vq *q)
     q->signalled_used_valid = 1;
     if (valid && old == new_idx)
         return 0; /* nothing used since the last notification decision */
+    int due = vq_notification_due(q, old, new_idx, valid);
+    if (q->stats)
+        vq_stats_notify(q->stats, due);
+    return due;
+}
+
+/* The driver's suppression settings: notify for used entries (old, new_idx]? */
+static int vq_notification_due(struct vq *q, uint16_t old, uint16_t new_idx, int valid)
+{
     if (q->packed) {
         uint16_t flags = ld16(q->driver + 2);
         if (flags == VRING_PACKED_EVENT_FLAG_DISABLE)
@@ -545,6 +560,8 @@ static int vq_add_used_chains_u(struct vq *q, const struct vq_chain *chains, uin
     if (n == 0)
         return 0;
     q->used += n;
+    if (q->stats)
+        vq_stats_used_chains(q->stats, chains, n);
     if (q->packed) {
         for (uint32_t i = 0; i < n; i++) {
             uint16_t id = chains[i].head, nd = chains[i].ndesc;

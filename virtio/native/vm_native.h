@@ -41,6 +41,34 @@ struct vq_chain {
     uint32_t seg_start; /* index of its first segment in the batch's segment array */
 };
 
+/* Per-queue statistics, owned by the device (virtio/stats.py): they outlive the
+ * rings and connections that feed them.  The ring core stamps each chain's pop time
+ * and, when it is used, counts it with its latency (pop to used entry) and the
+ * used-buffer notification decisions (§2.7.7 / §2.8.10 suppression); the device
+ * counts requests, bytes and statuses by its own kinds (vq_stats_request), from a
+ * data-plane thread or from Python.  Readers (Python) load whole aligned words. */
+#define VQS_KINDS 8
+#define VQS_STATUSES 4
+#define VQS_LAT_BUCKETS 24  /* bucket b: latency in [2^(b-1), 2^b) us; 0: < 1 us; last: the rest */
+
+struct vq_stats {
+    uint64_t completed;         /* used entries published (any path) */
+    uint64_t native;            /* ... of which by a native data-plane thread */
+    uint64_t notify_sent, notify_suppressed;
+    uint64_t requests[VQS_KINDS], bytes[VQS_KINDS], status[VQS_STATUSES];
+    uint64_t latency[VQS_LAT_BUCKETS];
+    uint64_t latency_sum_ns, latency_count;
+    uint64_t *t0;               /* pop time by head / buffer id (CLOCK_MONOTONIC ns; 0: none) */
+    uint32_t t0_size;
+    uint32_t _pad;
+};
+
+void vq_stats_request(struct vq_stats *s, uint32_t kind, uint32_t status, uint64_t bytes);
+void vq_stats_popped(struct vq_stats *s, const struct vq_chain *chains, uint32_t n);
+void vq_stats_used(struct vq_stats *s, const uint16_t *ids, uint32_t n);
+void vq_stats_used_chains(struct vq_stats *s, const struct vq_chain *chains, uint32_t n);
+void vq_stats_notify(struct vq_stats *s, int sent);
+
 struct vq {
     struct vm_mem *mem;
     uint16_t size;
@@ -69,6 +97,7 @@ struct vq {
     /* counters */
     uint64_t popped, used;
     void *lock; /* pthread_mutex_t *, set by vq_set_locking; NULL: no locking */
+    struct vq_stats *stats;     /* the device's statistics of this queue, or NULL */
 };
 
 enum {

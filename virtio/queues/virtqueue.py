@@ -333,6 +333,12 @@ class Virtqueue:
         if lib.vq_set_locking(self._q, int(on)):
             raise MemoryError("cannot allocate the virtqueue lock")
 
+    def attach_stats(self, stats) -> None:
+        """Count into the native ``struct vq_stats *`` ``stats`` (``virtio.stats``; the
+        owner keeps it alive) from now on."""
+        self._stats = stats
+        self._q.stats = stats
+
     def statistics(self) -> QueueStatistics:
         ahead = self._pf_count - self._pf_next
         return QueueStatistics(int(self._q.popped) - ahead, int(self._q.used), self.broken)

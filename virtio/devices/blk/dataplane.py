@@ -104,7 +104,7 @@ class BlkDataPlane(NativeDataPlane):
 
     def complete_failed(self, chain: DescriptorChain, err: int) -> int:
         exc = OSError(err, f"data plane I/O failed: {os.strerror(err)}")
-        return self.device.complete_failed(chain, exc)
+        return self.device.complete_failed(chain, exc, self.index)
 
     def syncs(self) -> int:
         """``fdatasync`` calls of this data plane so far."""

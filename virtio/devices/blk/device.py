@@ -93,6 +93,13 @@ _DISCARD = int(T.VIRTIO_BLK_T_DISCARD)
 _WRITE_ZEROES = int(T.VIRTIO_BLK_T_WRITE_ZEROES)
 _WRITES = frozenset({_OUT, _DISCARD, _WRITE_ZEROES, int(T.VIRTIO_BLK_T_SECURE_ERASE)})
 """Request types that modify the disk (rejected with IOERR on a read-only device)."""
+STATS_KINDS = ("in", "out", "flush", "get-id", "discard", "write-zeroes", "other")
+"""Request kinds counted per queue (the native fast path counts in/out/flush by the
+same indices: ``BLK_STAT_*`` in ``dataplane.h``)."""
+_KIND = {_IN: 0, _OUT: 1, _FLUSH: 2, _GET_ID: 3, _DISCARD: 4, _WRITE_ZEROES: 5}
+_KIND_OTHER = len(STATS_KINDS) - 1
+STATS_STATUSES = ("ok", "ioerr", "unsupp", "other")
+"""Statuses counted per queue; the index is the status byte (§5.2.6)."""
 
 
 def _with_block_sizes(opts: BlkOptions, backend: RawFileBackend) -> BlkOptions:
@@ -121,6 +128,8 @@ class VirtioBlk(VirtioDevice):
 
     device_id: ClassVar[DeviceId] = DeviceId.VIRTIO_ID_BLOCK
     config_layout = BLK_CONFIG
+    stats_kinds = STATS_KINDS
+    stats_statuses = STATS_STATUSES
 
     def __init__(self, backend: BlockBackend, options: BlkOptions | None = None) -> None:
         super().__init__()
@@ -336,8 +345,9 @@ class VirtioBlk(VirtioDevice):
             self._dataplanes.add(plane)
             self.backend_sync_sources(plane.syncs, add=True)
             try:
-                if await plane.run():
-                    return
+                with self.counting(active, index):
+                    if await plane.run():
+                        return
             except DriverError as exc:  # the thread met a malformed ring
                 self._driver_error(active, exc)
                 return
@@ -351,18 +361,30 @@ class VirtioBlk(VirtioDevice):
         try:
             status = await self.execute(req)
         except (OSError, BackendIOError) as exc:
-            return self._failed(req, exc)
+            return self._failed(req, exc, queue_index)
+        self._count(queue_index, req, status)
         return req.complete(status)
 
-    def complete_failed(self, chain: DescriptorChain, exc: OSError | BackendIOError) -> int:
+    def _count(self, queue_index: int, req: BlkRequest, status: int) -> None:
+        t = req.type
+        nbytes = req.data_len if t in (_IN, _OUT) and status == OK else 0
+        self.stats.queue(queue_index).record(_KIND.get(t, _KIND_OTHER), status, nbytes)
+
+    def complete_failed(
+        self, chain: DescriptorChain, exc: OSError | BackendIOError, queue_index: int | None = None
+    ) -> int:
         """Answer a request whose I/O was tried elsewhere (the native data plane) and
         failed with ``exc``: VIRTIO_BLK_S_IOERR, without trying it again."""
         req = BlkRequest.parse(chain)
         if req.type == _IN:
             req.writable_data()  # reserve data[] so that it is zeroed, not left stale
-        return self._failed(req, exc)
+        return self._failed(req, exc, queue_index)
 
-    def _failed(self, req: BlkRequest, exc: OSError | BackendIOError) -> int:
+    def _failed(
+        self, req: BlkRequest, exc: OSError | BackendIOError, queue_index: int | None = None
+    ) -> int:
+        if queue_index is not None:
+            self._count(queue_index, req, IOERR)
         err = getattr(exc, "errno", None)
         kind = f"IOERR {errno.errorcode.get(err, 'error')}" if err else "IOERR"
         self.errors.warning(kind, "virtio-blk: %r failed: %s", req, exc)

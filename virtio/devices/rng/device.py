@@ -32,6 +32,7 @@ class VirtioRng(VirtioDevice):
         self.bytes_served = 0
 
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
+        stats = self.stats.queue(queue_index)
         async for chain in buffers:
             if chain.readable_len or not chain.writable_len:
                 raise DescriptorChainError(
@@ -42,5 +43,6 @@ class VirtioRng(VirtioDevice):
                 )
             written = chain.writer().write(os.getrandom(min(chain.writable_len, self.max_fill)))
             buffers.complete(chain, written)
+            stats.record(0, 0, written)
             self.buffers_filled += 1
             self.bytes_served += written
