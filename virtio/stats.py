@@ -111,9 +111,7 @@ class DeviceStats:
     ) -> None:
         self.kinds = kinds
         self.statuses = statuses
-        self.queues = [
-            QueueStats(i, size, kinds, statuses) for i, size in enumerate(queue_sizes)
-        ]
+        self.queues = [QueueStats(i, size, kinds, statuses) for i, size in enumerate(queue_sizes)]
 
     def queue(self, index: int) -> QueueStats:
         return self.queues[index]

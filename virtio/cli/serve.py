@@ -31,6 +31,7 @@ error.  One front-end is served at a time: another one connecting meanwhile is l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -59,14 +60,38 @@ Without --socket-path or --fd the socket may come from systemd socket activation
 (LISTEN_FDS); readiness is reported to $NOTIFY_SOCKET (Type=notify)."""
 
 
+EXPORTS_HELP = """several exports in one process (as qemu-storage-daemon's --export):
+  virtio serve --export blk,id=disk0,socket-path=/run/d0.sock,blk-file=d0.img \\
+               --export blk,id=disk1,socket-path=/run/d1.sock,blk-file=d1.raw,read-only=on \\
+               --export rng,socket-path=/run/rng.sock --control /run/virtio.ctl
+
+  TYPE is blk or rng; KEY=VALUE are the long options of 'virtio serve TYPE' without
+  the dashes (flags take on/off); id= names the export (default TYPE0, TYPE1, ...);
+  a literal comma in a value is written ",,".  With --control, exports can be added
+  and removed at run time (export-add, export-del) and queried (query-exports,
+  query-stats, query-config); see docs/operations.md."""
+
+
 def register(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve",
-        help="serve a virtio device as a vhost-user back-end",
-        description="Serve a virtio device to a vhost-user front-end (QEMU) on a unix socket.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="serve virtio devices as vhost-user back-ends",
+        description="Serve a virtio device to a vhost-user front-end (QEMU) on a unix socket, "
+        "or several (--export).",
+        epilog=EXPORTS_HELP + "\n\n" + SIGNALS_HELP,
     )
+    serve.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="TYPE,KEY=VALUE,...",
+        help="serve this export (repeatable); see below",
+    )
+    _add_control_option(serve)
+    add_log_options(serve)
     devices = serve.add_subparsers(dest="device", metavar="DEVICE")
-    serve.set_defaults(func=lambda args: _usage(serve))
+    serve.set_defaults(func=lambda args: run_exports(args, serve))
     blk = devices.add_parser(
         "blk",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,6 +102,38 @@ def register(subparsers: Any) -> None:
             "(guest RAM must be shared: memory-backend-memfd,share=on)."
         ),
     )
+    _add_blk_options(blk)
+    blk.add_argument(
+        "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
+    )
+    _add_control_option(blk)
+    add_log_options(blk)
+    blk.epilog = SIGNALS_HELP
+    blk.set_defaults(func=run_blk)
+    blk.error = lambda message: _fail(f"virtio serve blk: {message}", status=2)  # type: ignore[method-assign]
+    rng = devices.add_parser(
+        "rng",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="virtio-rng (entropy from the host's os.getrandom)",
+        description=(
+            "vhost-user-rng back-end.  QEMU: -chardev socket,id=c,path=PATH "
+            "-device vhost-user-rng-pci,chardev=c "
+            "(guest RAM must be shared: memory-backend-memfd,share=on)."
+        ),
+    )
+    _add_rng_options(rng)
+    rng.add_argument(
+        "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
+    )
+    add_log_options(rng)
+    _add_control_option(rng)
+    rng.epilog = SIGNALS_HELP
+    rng.set_defaults(func=run_rng)
+    rng.error = lambda message: _fail(f"virtio serve rng: {message}", status=2)  # type: ignore[method-assign]
+
+
+def _add_blk_options(blk: argparse.ArgumentParser) -> None:
+    """The options of one blk export (command line and --export / export-add)."""
     where = blk.add_mutually_exclusive_group()
     where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket")
     where.add_argument(
@@ -130,33 +187,18 @@ def register(subparsers: Any) -> None:
         help="close a connection that has sent nothing for S seconds (default: never); "
         "a front-end that has sent anything is never timed out",
     )
-    blk.add_argument(
-        "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
-    )
     blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
         "--debug-request-delay", type=float, default=0.0, help=argparse.SUPPRESS
     )
-    _add_control_option(blk)
-    add_log_options(blk)
-    blk.epilog = SIGNALS_HELP
-    blk.set_defaults(func=run_blk)
-    blk.error = lambda message: _fail(f"virtio serve blk: {message}", status=2)  # type: ignore[method-assign]
-    rng = devices.add_parser(
-        "rng",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="virtio-rng (entropy from the host's os.getrandom)",
-        description=(
-            "vhost-user-rng back-end.  QEMU: -chardev socket,id=c,path=PATH "
-            "-device vhost-user-rng-pci,chardev=c "
-            "(guest RAM must be shared: memory-backend-memfd,share=on)."
-        ),
+
+
+def _add_rng_options(rng: argparse.ArgumentParser) -> None:
+    """The options of one rng export."""
+    where = rng.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket")
+    where.add_argument(
+        "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
     )
-    _add_listen_options(rng)
-    add_log_options(rng)
-    _add_control_option(rng)
-    rng.epilog = SIGNALS_HELP
-    rng.set_defaults(func=run_rng)
-    rng.error = lambda message: _fail(f"virtio serve rng: {message}", status=2)  # type: ignore[method-assign]
 
 
 def _add_control_option(parser: argparse.ArgumentParser) -> None:
@@ -166,23 +208,6 @@ def _add_control_option(parser: argparse.ArgumentParser) -> None:
         help="also listen on this unix socket for control commands (JSON lines, "
         'QMP-like: {"execute": "query-commands"}; see virtio/control/)',
     )
-
-
-def _add_listen_options(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket")
-    where.add_argument(
-        "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
-    )
-    parser.add_argument(
-        "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
-    )
-
-
-def _now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -207,15 +232,22 @@ def _fail(message: str, *, status: int = 1) -> NoReturn:
     raise SystemExit(status)
 
 
-def run_blk(args: argparse.Namespace) -> int:
-    if args.print_capabilities:
-        print(json.dumps(BLK_CAPABILITIES))
-        return 0
-    _socket_from_systemd(args, "blk")
+class ExportError(Exception):
+    """An export cannot be made: bad options (``status`` 2) or the device cannot be
+    opened (1).  The command line prints it and exits; ``export-add`` answers it."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- building one export -------------------------------------------------------------------
+def build_blk(args: argparse.Namespace) -> Any:
+    """The ``VirtioBlk`` of a blk export's options (ExportError if it cannot be)."""
     if not args.blk_file:
-        _fail("virtio serve blk: --blk-file is required", status=2)
+        raise ExportError("--blk-file is required", status=2)
     if args.idle_timeout is not None and not args.idle_timeout > 0:
-        _fail("virtio serve blk: --idle-timeout must be a positive number of seconds", status=2)
+        raise ExportError("--idle-timeout must be a positive number of seconds", status=2)
     from virtio.devices.blk import BlkOptions, ImageFormatError, ImageLockedError, VirtioBlk
     from virtio.devices.blk.nbd import NbdError
 
@@ -230,20 +262,20 @@ def run_blk(args: argparse.Namespace) -> int:
             aio=args.aio,
         )
     except ValueError as exc:
-        _fail(f"virtio serve blk: {exc}", status=2)
+        raise ExportError(str(exc), status=2) from None
     try:
         device = VirtioBlk.from_options(
             opts, image_format=args.format, force=args.force, l2_cache_size=args.l2_cache_size
         )
     except (ImageLockedError, ImageFormatError, NbdError) as exc:
-        _fail(f"virtio serve blk: {exc}")
+        raise ExportError(str(exc)) from None
     except OSError as exc:
         hint = (
             " (--cache none needs O_DIRECT, which this file system refuses)"
             if (args.cache == "none" and exc.errno == errno.EINVAL)
             else ""
         )
-        _fail(f"virtio serve blk: cannot open {args.blk_file}: {exc.strerror or exc}{hint}")
+        raise ExportError(f"cannot open {args.blk_file}: {exc.strerror or exc}{hint}") from None
     if args.debug_request_delay > 0:
         _delay_requests(device, args.debug_request_delay)
     from virtio.devices.blk.dataplane import engine_for
@@ -252,12 +284,142 @@ def run_blk(args: argparse.Namespace) -> int:
         f"{args.blk_file}, {device.capacity} sectors, cache={args.cache} "
         f"aio={args.aio} (running: {engine_for(args.aio)})"
     )
+    return device
+
+
+def build_rng(args: argparse.Namespace) -> Any:
+    from virtio.devices.rng import VirtioRng
+
+    return VirtioRng()
+
+
+EXPORT_TYPES = {"blk": (_add_blk_options, build_blk), "rng": (_add_rng_options, build_rng)}
+"""Device types an export can have: (their options, the device builder)."""
+
+
+def make_export(kind: str, args: argparse.Namespace, export_id: str, *, name: str) -> Any:
+    """An ``Export`` (not serving yet) of device type ``kind`` from its options."""
+    from virtio.exports import Export
+    from virtio.transport.vhost_user.server import VhostUserServer
+
+    if args.socket_path is None and args.fd is None:
+        raise ExportError("socket-path (or fd) is required", status=2)
+    device = EXPORT_TYPES[kind][1](args)
+    server = VhostUserServer(device, name=name, idle_timeout=getattr(args, "idle_timeout", None))
+    options = {
+        k.replace("_", "-"): v
+        for k, v in vars(args).items()
+        if v not in (None, False, "") and not k.startswith("debug")
+    }
+    return Export(
+        export_id,
+        kind,
+        device,
+        server,
+        socket_path=args.socket_path,
+        fd=args.fd,
+        options=options,
+        close=getattr(device, "close", None),
+    )
+
+
+class _ExportParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ExportError(message, status=2)
+
+
+def _export_parser(kind: str) -> argparse.ArgumentParser:
+    parser = _ExportParser(prog=f"export {kind}", add_help=False, exit_on_error=False)
+    EXPORT_TYPES[kind][0](parser)
+    return parser
+
+
+def export_argv(parser: argparse.ArgumentParser, options: dict[str, Any]) -> list[str]:
+    """``{"socket-path": P, "read-only": True}`` -> ``["--socket-path", P, "--read-only"]``
+    (flags take a boolean or on/off/yes/no/true/false)."""
+    flags = {a.dest for a in parser._actions if a.nargs == 0}
+    argv: list[str] = []
+    for key, value in options.items():
+        opt = key.replace("_", "-")
+        if opt.replace("-", "_") in flags:
+            if isinstance(value, str):
+                if value.lower() not in ("on", "off", "yes", "no", "true", "false", ""):
+                    raise ExportError(f"{opt}: expected on or off, not {value!r}", status=2)
+                value = value.lower() in ("on", "yes", "true", "")
+            if value:
+                argv.append(f"--{opt}")
+        else:
+            argv += [f"--{opt}", str(value)]
+    return argv
+
+
+def parse_export_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``TYPE,KEY=VALUE,...`` -> (type, {key: value}); ``,,`` is a literal comma and a
+    KEY without ``=`` is a flag set on."""
+    parts = [p.replace("\0", ",") for p in spec.replace(",,", "\0").split(",")]
+    kind, options = parts[0].strip(), {}
+    if kind.startswith("type="):
+        kind = kind.removeprefix("type=")
+    for part in parts[1:]:
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if key in options:
+            raise ExportError(f"{key} given twice", status=2)
+        options[key] = value if sep else "on"
+    return kind, options
+
+
+def export_from_options(
+    kind: str, options: dict[str, Any], default_id: str, *, name: str | None = None
+) -> Any:
+    """An ``Export`` from export options (``--export`` / ``export-add``'s arguments)."""
+    if kind not in EXPORT_TYPES:
+        raise ExportError(
+            f"unknown export type {kind!r} (known: {', '.join(EXPORT_TYPES)})", status=2
+        )
+    options = dict(options)
+    export_id = str(options.pop("id", default_id))
+    parser = _export_parser(kind)
+    args = parser.parse_args(export_argv(parser, options))
+    return make_export(kind, args, export_id, name=name or f"virtio-{kind}[{export_id}]")
+
+
+# -- the single-device forms ---------------------------------------------------------------
+def run_blk(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps(BLK_CAPABILITIES))
+        return 0
+    return _run_single("blk", args)
+
+
+def run_rng(args: argparse.Namespace) -> int:
+    if args.print_capabilities:
+        print(json.dumps(RNG_CAPABILITIES))
+        return 0
+    return _run_single("rng", args)
+
+
+def _run_single(kind: str, args: argparse.Namespace) -> int:
+    """``virtio serve KIND ...``: the one-export case of ``virtio serve --export``."""
+    _socket_from_systemd(args, kind)
     try:
-        return trio.run(_serve, device, args)
+        export = make_export(kind, args, f"{kind}0", name=f"virtio-{kind}")
+    except ExportError as exc:
+        _fail(f"virtio serve {kind}: {exc}", status=exc.status)
+    try:
+        return trio.run(_serve_exports, [export], args, f"virtio serve {kind}")
     except* OSError as group:  # trio >= 0.25 raises a nursery's errors as a group
-        _fail(f"virtio serve blk: {_first_leaf(group)}")
+        _fail(f"virtio serve {kind}: {_first_leaf(group)}")
     finally:
-        device.close()
+        _close(export)
+
+
+def _close(export: Any) -> None:
+    close, export.close = export.close, None
+    if close is not None:
+        close()
 
 
 def _socket_from_systemd(args: argparse.Namespace, device: str) -> None:
@@ -287,31 +449,37 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
-def run_rng(args: argparse.Namespace) -> int:
-    if args.print_capabilities:
-        print(json.dumps(RNG_CAPABILITIES))
-        return 0
-    _socket_from_systemd(args, "rng")
-    from virtio.devices.rng import VirtioRng
-
-    device = VirtioRng()
+# -- several exports -----------------------------------------------------------------------
+def run_exports(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``virtio serve --export SPEC [--export SPEC ...] [--control PATH]``."""
+    if not args.export:
+        return _usage(parser)
+    exports: list[Any] = []
+    counts: dict[str, int] = {}
     try:
-        return trio.run(_serve, device, args, "rng", _rng_statistics)
-    except* OSError as group:  # trio >= 0.25 raises a nursery's errors as a group
-        _fail(f"virtio serve rng: {_first_leaf(group)}")
-
-
-def _rng_statistics(device: Any, server: Any) -> str:
-    return " ".join(
-        (
-            f"connections={server.connections}",
-            "vring_requests="
-            + ",".join(str(n) for _, n in sorted(server.requests_per_vring().items())),
-            f"buffers_filled={device.buffers_filled}",
-            f"bytes={device.bytes_served}",
-            f"needs_reset={int(device.needs_reset)}",
-        )
-    )
+        for spec in args.export:
+            kind, options = parse_export_spec(spec)
+            n = counts.get(kind, 0)
+            counts[kind] = n + 1
+            try:
+                export = export_from_options(kind, options, f"{kind}{n}")
+            except ExportError as exc:
+                raise ExportError(f"--export {spec}: {exc}", exc.status) from None
+            if any(e.id == export.id for e in exports):
+                _close(export)
+                raise ExportError(f"--export {spec}: id {export.id!r} is used twice", 2)
+            exports.append(export)
+    except ExportError as exc:
+        for export in exports:
+            _close(export)
+        _fail(f"virtio serve: {exc}", status=exc.status)
+    try:
+        return trio.run(_serve_exports, exports, args, "virtio serve")
+    except* OSError as group:
+        _fail(f"virtio serve: {_first_leaf(group)}")
+    finally:
+        for export in exports:
+            _close(export)
 
 
 def _delay_requests(device: Any, seconds: float) -> None:
@@ -326,41 +494,41 @@ def _delay_requests(device: Any, seconds: float) -> None:
     device.native_dataplane = False  # every request must go through the delayed handle
 
 
-def _resize(device: Any, server: Any) -> None:
-    """SIGHUP: re-read the image size; if it changed, update the capacity (Python path
-    and data planes alike) and tell the front-end (CONFIG_CHANGE_MSG, which QEMU turns
-    into a config interrupt)."""
-    old = device.capacity
+def _print_statistics(prefix: str, exports: Any, *, single: bool, stamp: bool) -> None:
+    """One line per export, from the same snapshot ``query-stats`` returns."""
+    from virtio.exports import now
+
+    time = f" time={now()}" if stamp else ""
+    for export in list(exports):
+        who = "" if single else f" export {export.id} ({export.kind}):"
+        print(
+            f"{prefix}:{who} statistics: {export.statistics_line()}{time}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _factory(arguments: dict[str, Any], taken: Any) -> Any:
+    """``export-add``: an export from the control request's arguments."""
+    from virtio.control import ArgumentError
+
+    arguments = dict(arguments)
+    kind = arguments.pop("type", None)
+    if not isinstance(kind, str):
+        raise ArgumentError(f"'type' is required: one of {', '.join(EXPORT_TYPES)}")
+    if "id" not in arguments:
+        n = 0
+        while f"{kind}{n}" in taken:
+            n += 1
+        arguments["id"] = f"{kind}{n}"
+    if str(arguments["id"]) in taken:
+        raise ArgumentError(f"an export with id {arguments['id']!r} exists already")
+    if "fd" in arguments:
+        raise ArgumentError("export-add takes socket-path, not fd")
     try:
-        changed = device.resize()
-    except OSError as exc:
-        log.warning("resize: cannot read the image size: %s", exc)
-        return
-    if not changed:
-        log.info("resize: capacity unchanged (%d sectors)", old)
-        return
-    log.info("resize: capacity %d -> %d sectors", old, device.capacity)
-    handler = server.handler
-    if handler is None or not handler.notify_config_change():
-        log.warning("resize: no front-end channel to announce it (CONFIG_CHANGE_MSG not sent)")
-
-
-def _statistics(device: Any, server: Any) -> str:
-    backend = getattr(device, "backend", None)
-    parts = [
-        f"connections={server.connections}",
-        f"refused={server.refused}",
-        f"errors={sum(server.error_counts.values())}",
-        f"resubmitted={server.resubmitted}",
-        f"in_flight={server.in_flight()}",
-        "vring_requests="
-        + ",".join(str(n) for _, n in sorted(server.requests_per_vring().items())),
-        f"fdatasync={getattr(backend, 'sync_calls', 'n/a')}",
-        f"needs_reset={int(device.needs_reset)}",
-    ]
-    for plane in getattr(device, "dataplanes", ()):
-        parts.append(f"dataplane{plane.index}=[{plane.debug_state()}]")
-    return " ".join(parts)
+        return export_from_options(kind, arguments, str(arguments["id"]))
+    except ExportError as exc:
+        raise ArgumentError(str(exc)) from None
 
 
 async def _serve(
@@ -370,53 +538,69 @@ async def _serve(
     statistics: Any = None,
     registry: Any = None,
 ) -> int:
-    """Serve ``device`` on ``args.socket_path`` / ``args.fd`` until SIGINT/SIGTERM;
-    SIGUSR1 prints ``statistics(device, server)``; SIGHUP resizes (blk only); with
-    ``--control PATH`` the commands of ``registry`` are served on PATH too."""
-    from virtio.cli.systemd import notify
-    from virtio.control import CommandRegistry
-    from virtio.control.server import serve_control
+    """Serve one ``device`` built by the caller (a device type's ``run_*``) on
+    ``args.socket_path`` / ``args.fd``: the single-device form.  ``statistics(device,
+    server)``, if given, replaces the server's words of the SIGUSR1 line; ``registry``
+    is the control socket's (the caller may have registered commands in it)."""
+    from virtio.exports import Export
     from virtio.transport.vhost_user.server import VhostUserServer
 
-    statistics = statistics or _statistics
     server = VhostUserServer(
         device, name=f"virtio-{kind}", idle_timeout=getattr(args, "idle_timeout", None)
     )
+    export = Export(f"{kind}0", kind, device, server, socket_path=args.socket_path, fd=args.fd)
+    if statistics is not None:
+        export.statistics_words = lambda: statistics(device, server)
+    return await _serve_exports([export], args, f"virtio serve {kind}", registry)
+
+
+async def _serve_exports(
+    exports: list[Any], args: argparse.Namespace, prefix: str, registry: Any = None
+) -> int:
+    """Serve ``exports`` until SIGINT/SIGTERM (or, for an inherited connected fd, until
+    that connection ends); SIGUSR1 prints statistics; SIGHUP resizes blk exports;
+    with ``--control PATH`` the control commands are served on PATH too."""
+    from virtio.cli.systemd import notify
+    from virtio.control.server import serve_control
+    from virtio.exports import ExportSet
+
+    single = prefix != "virtio serve"
+    control = getattr(args, "control", None)
+    exports_set = ExportSet(registry)
+    served = list(exports)  # every export of this run, for the final statistics
+
+    def factory(arguments: dict[str, Any]) -> Any:
+        export = _factory(arguments, exports_set.exports)
+        served.append(export)
+        return export
+
+    exports_set.factory = factory
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
     with trio.open_signal_receiver(*signals) as receiver:
         async with trio.open_nursery() as nursery:
-
-            async def serve_then_stop(task_status=trio.TASK_STATUS_IGNORED) -> None:
-                if args.socket_path is not None:
-                    await server.serve_path(args.socket_path, task_status=task_status)
-                else:  # a connected fd: one connection
-                    await server.serve_fd(args.fd, task_status=task_status)
-                nursery.cancel_scope.cancel()
-
-            await nursery.start(serve_then_stop)
-            if getattr(args, "control", None):
-                await nursery.start(serve_control, args.control, registry or CommandRegistry())
+            if single or not control:  # nothing left to serve: stop
+                exports_set.on_empty = nursery.cancel_scope.cancel
+            await nursery.start(exports_set.run)
+            for export in exports:
+                await exports_set.add(export)
+            if control:
+                await nursery.start(serve_control, control, exports_set.registry)
             notify("READY=1")  # systemd Type=notify: we listen now
             async for signum in receiver:
                 if signum == signal.SIGHUP:
-                    if kind == "blk":
-                        _resize(device, server)
+                    for export in list(exports_set.exports.values()):
+                        if export.kind == "blk":
+                            with contextlib.suppress(OSError):
+                                export.device.resize_and_announce()
                     continue
                 if signum == signal.SIGUSR1:
-                    print(
-                        f"virtio serve {kind}: statistics: {statistics(device, server)} "
-                        f"time={_now()}",
-                        file=sys.stderr,
-                        flush=True,
+                    _print_statistics(
+                        prefix, exports_set.exports.values(), single=single, stamp=True
                     )
                     continue
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
-    print(
-        f"virtio serve {kind}: statistics: {statistics(device, server)}",
-        file=sys.stderr,
-        flush=True,
-    )
+    _print_statistics(prefix, served, single=single, stamp=False)
     return 0

@@ -55,7 +55,7 @@ import logging
 import os
 from typing import Any, ClassVar
 
-from virtio.device import ActiveDevice, VirtioDevice
+from virtio.device import ActiveDevice, ControlCommand, VirtioDevice
 from virtio.devices.blk.backend import BlockBackend, MemoryBackend, RawFileBackend
 from virtio.devices.blk.config import BLK_CONFIG, BlkOptions, config_values
 from virtio.devices.blk.dataplane import BlkDataPlane
@@ -304,6 +304,73 @@ class VirtioBlk(VirtioDevice):
         self._state_changed()
         return True
 
+    def resize_and_announce(self, size: int | None = None) -> dict[str, Any]:
+        """``resize`` (SIGHUP, the ``resize`` control command), then tell the driver
+        (§5.2.4 capacity; configuration change notification, §2.5.2: vhost-user's
+        CONFIG_CHANGE_MSG).  With ``size``, a raw image file is first truncated or
+        extended to ``size`` bytes (a multiple of 512)."""
+        if size is not None:
+            self._set_image_size(size)
+        old = self.capacity
+        try:
+            changed = self.resize()
+        except OSError as exc:
+            log.warning("resize: cannot read the image size: %s", exc)
+            raise
+        result = {"capacity": self.capacity, "previous": old, "changed": changed}
+        if not changed:
+            log.info("resize: capacity unchanged (%d sectors)", old)
+            return {**result, "announced": False}
+        log.info("resize: capacity %d -> %d sectors", old, self.capacity)
+        active = self.active
+        announced = active is not None and active.config_changed()
+        if not announced:
+            log.warning("resize: no front-end channel to announce it (CONFIG_CHANGE_MSG not sent)")
+        return {**result, "announced": announced}
+
+    def _set_image_size(self, size: int) -> None:
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % SECTOR:
+            raise ValueError(f"size must be a positive multiple of {SECTOR} bytes, not {size!r}")
+        fd = getattr(self.backend, "fd", None)
+        if self.read_only or not isinstance(self.backend, RawFileBackend) or fd is None:
+            raise ValueError("only a writable raw image file can be resized here")
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("a block device is resized by its owner; resize re-reads it")
+        os.ftruncate(fd, size)
+
+    def control_commands(self) -> dict[str, ControlCommand]:
+        def resize(arguments: dict[str, Any]) -> dict[str, Any]:
+            return self.resize_and_announce(arguments.get("size"))
+
+        return {
+            "resize": ControlCommand(
+                resize,
+                "re-read the image size, or with size (bytes) truncate/extend a raw image "
+                "file to it; the guest is told (config change)",
+            )
+        }
+
+    def statistics_words(self) -> list[str]:
+        """Extra words of the SIGUSR1 line: each data plane's ring indices and counters."""
+        return [f"dataplane{p.index}=[{p.debug_state()}]" for p in self.dataplanes]
+
+    def describe_config(self) -> dict[str, Any]:
+        backend = self.backend
+        return {
+            **super().describe_config(),
+            "image": os.fspath(self.options.path) if self.options.path is not None else None,
+            "format": type(backend).__name__,
+            "capacity": self.capacity,
+            "read_only": self.read_only,
+            "serial": self.serial.rstrip(b"\0").decode("ascii", "replace"),
+            "cache": self.options.cache,
+            "aio": self.options.aio,
+            "writeback": self.writeback,
+            "dataplanes": [p.index for p in self.dataplanes],
+        }
+
     @property
     def writethrough(self) -> bool:
         """Whether writes must be durable when they complete (devicenormative
@@ -341,6 +408,7 @@ class VirtioBlk(VirtioDevice):
         """With eventfd notifications and a file backend (vhost-user), serve the queue
         from the native data plane (``dataplane.py``); otherwise the framework's loop."""
         if BlkDataPlane.supported(self, active, index):
+            self.active = active
             plane = BlkDataPlane(self, active, index)
             self._dataplanes.add(plane)
             self.backend_sync_sources(plane.syncs, add=True)

@@ -25,11 +25,15 @@ class VirtioRng(VirtioDevice):
     queue_max_sizes = (256,)
     queue_roles = (QueueRole.BUFFERS,)
     max_fill = 64 << 10
+    stats_kinds = ("buffers",)
 
     def __init__(self) -> None:
         super().__init__()
         self.buffers_filled = 0
         self.bytes_served = 0
+
+    def statistics_words(self) -> list[str]:
+        return [f"buffers_filled={self.buffers_filled}", f"bytes={self.bytes_served}"]
 
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
         stats = self.stats.queue(queue_index)
