@@ -15,7 +15,7 @@ from virtio import __version__
 from virtio.cli.logs import configure as configure_logging
 
 # Subcommand modules, in the order ``virtio --help`` lists them.
-SUBCOMMANDS = ("spec", "serve", "bench", "descriptors", "run_driver", "trace")
+SUBCOMMANDS = ("spec", "serve", "stat", "bench", "descriptors", "run_driver", "trace")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -206,7 +206,20 @@ def _add_control_option(parser: argparse.ArgumentParser) -> None:
         "--control",
         metavar="PATH",
         help="also listen on this unix socket for control commands (JSON lines, "
-        'QMP-like: {"execute": "query-commands"}; see virtio/control/)',
+        'QMP-like: {"execute": "query-commands"}; see docs/operations.md)',
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the statistics for Prometheus on http://ADDRESS:PORT/metrics "
+        "(0: any free port, logged)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+        help="address of the metrics endpoint (default 127.0.0.1)",
     )
 
 
@@ -531,6 +544,18 @@ def _factory(arguments: dict[str, Any], taken: Any) -> Any:
         raise ArgumentError(str(exc)) from None
 
 
+async def _serve_metrics(port: int, address: str, exports_set: Any) -> None:
+    """The Prometheus endpoint until cancelled (``virtio.metrics``)."""
+    from virtio.metrics import start_metrics_server
+
+    stop = start_metrics_server(port, address, exports_set.snapshot)
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):  # a scrape in progress waits for this thread
+            await trio.to_thread.run_sync(stop)
+
+
 async def _serve(
     device: Any,
     args: argparse.Namespace,
@@ -585,6 +610,9 @@ async def _serve_exports(
                 await exports_set.add(export)
             if control:
                 await nursery.start(serve_control, control, exports_set.registry)
+            port = getattr(args, "metrics_port", None)
+            if port is not None:
+                nursery.start_soon(_serve_metrics, port, args.metrics_address, exports_set)
             notify("READY=1")  # systemd Type=notify: we listen now
             async for signum in receiver:
                 if signum == signal.SIGHUP:
