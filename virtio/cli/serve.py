@@ -342,7 +342,7 @@ class _ExportParser(argparse.ArgumentParser):
 
 
 def _export_parser(kind: str) -> argparse.ArgumentParser:
-    parser = _ExportParser(prog=f"export {kind}", add_help=False, exit_on_error=False)
+    parser = _ExportParser(prog=f"export {kind}", add_help=False)
     EXPORT_TYPES[kind][0](parser)
     return parser
 

@@ -1,0 +1,273 @@
+"""Several exports in one process and the operations commands (``virtio serve
+--export``, virtio/exports.py, --control, --metrics-port, ``virtio stat``): the
+syntax in-process, then real ``virtio serve`` processes driven over vhost-user by
+the Python front-end."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from virtio.cli.serve import (
+    ExportError,
+    _export_parser,
+    export_argv,
+    parse_export_spec,
+)
+from virtio.control.client import ControlClient, ControlReplyError
+from virtio.spec.blk import BlkReqType, BlkStatus, virtio_blk_outhdr
+from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
+
+MiB = 1 << 20
+T = BlkReqType
+OK = int(BlkStatus.VIRTIO_BLK_S_OK)
+IOERR = int(BlkStatus.VIRTIO_BLK_S_IOERR)
+
+
+def test_export_spec_syntax() -> None:
+    kind, opts = parse_export_spec("blk,id=d0,socket-path=/a,,b,blk-file=x.img,read-only")
+    assert kind == "blk"
+    assert opts == {"id": "d0", "socket-path": "/a,b", "blk-file": "x.img", "read-only": "on"}
+    assert parse_export_spec("type=rng,socket-path=/r") == ("rng", {"socket-path": "/r"})
+    parser = _export_parser("blk")
+    argv = export_argv(
+        parser, {"socket-path": "/s", "read-only": "off", "num_queues": 2, "force": True}
+    )
+    assert argv == ["--socket-path", "/s", "--num-queues", "2", "--force"]
+    with pytest.raises(ExportError, match="expected on or off"):
+        export_argv(parser, {"read-only": "maybe"})
+    with pytest.raises(ExportError, match="given twice"):
+        parse_export_spec("blk,id=a,id=b")
+    with pytest.raises(ExportError, match="unrecognized arguments"):
+        parser.parse_args(export_argv(parser, {"no-such-option": "1"}))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "virtio", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_bad_exports_exit_2_with_one_line(tmp_path) -> None:
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(MiB))
+    sock = f"socket-path={tmp_path}/s"
+    cases = [
+        (["--export", "floppy," + sock], "unknown export type 'floppy'"),
+        (["--export", "blk," + sock], "blk-file is required"),
+        (
+            ["--export", f"blk,id=a,{sock}1,blk-file={img}", "--export", f"rng,id=a,{sock}2"],
+            "id 'a' is used twice",
+        ),
+        (["--export", f"blk,{sock},blk-file={img},num-queues=x"], "invalid int value"),
+    ]
+    for argv, message in cases:
+        r = run_cli("serve", *argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert run_cli("serve").returncode == 2  # nothing to serve: usage
+
+
+class Backend:
+    """A ``virtio serve --export ...`` process with a control socket."""
+
+    def __init__(self, tmp: Path, *exports: str, metrics: bool = False) -> None:
+        self.tmp = tmp
+        self.control = tmp / "ctl"
+        self.log = tmp / "serve.log"
+        argv = [sys.executable, "-m", "virtio", "serve", "--control", str(self.control)]
+        for spec in exports:
+            argv += ["--export", spec]
+        if metrics:
+            argv += ["--metrics-port", "0"]
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stderr=self._log, stdout=self._log)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    async def wait_ready(self) -> None:
+        with trio.fail_after(30):
+            while not self.control.exists():
+                assert self.proc.poll() is None, self.text()
+                await trio.sleep(0.05)
+
+    async def wait_log(self, pattern: str, count: int = 1) -> re.Match[str]:
+        with trio.fail_after(15):
+            while len(found := list(re.finditer(pattern, self.text()))) < count:
+                await trio.sleep(0.05)
+        return found[count - 1]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=30)
+        self._log.close()
+        return rc
+
+
+def hdr(req_type: int, sector: int = 0) -> bytes:
+    return virtio_blk_outhdr.build({"type": req_type, "reserved": 0, "sector": sector})
+
+
+async def blk_session(path: Path, ram: GuestRam, writes: int, sector: int = 8) -> None:
+    """Connect to a blk export, write ``writes`` x 4 KiB and read each back, flush."""
+    fe = await VhostUserFrontend.connect(path)
+    await fe.negotiate()
+    await fe.set_mem_table(ram)
+    vq = await fe.setup_vring(0, ram, size=64, offset=0)
+    data = os.urandom(4096)
+    for i in range(writes):
+        vq.driver.add([hdr(T.VIRTIO_BLK_T_OUT, sector + 8 * i), data], [1])
+        vq.publish_and_kick()
+        (used,) = await vq.wait_used()
+        assert used.data == bytes([OK])
+        vq.driver.add([hdr(T.VIRTIO_BLK_T_IN, sector + 8 * i)], [len(data) + 1])
+        vq.publish_and_kick()
+        (used,) = await vq.wait_used()
+        assert used.data == data + bytes([OK])
+    vq.driver.add([hdr(T.VIRTIO_BLK_T_FLUSH)], [1])
+    vq.publish_and_kick()
+    await vq.wait_used()
+    await fe.aclose()
+
+
+def export_stats(reply: dict, export_id: str) -> dict:
+    (e,) = [e for e in reply["exports"] if e["id"] == export_id]
+    return e
+
+
+async def test_exports_stats_commands_metrics_and_stat(tmp_path) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    a.write_bytes(bytes(4 * MiB))
+    b.write_bytes(bytes(2 * MiB))
+    be = Backend(
+        tmp_path,
+        f"blk,id=disk0,socket-path={tmp_path}/a.sock,blk-file={a}",
+        f"blk,id=disk1,socket-path={tmp_path}/b.sock,blk-file={b},read-only=on",
+        f"rng,socket-path={tmp_path}/r.sock",
+        metrics=True,
+    )
+    ram = GuestRam(8 * MiB)
+    try:
+        await be.wait_ready()
+        port = int((await be.wait_log(r"metrics: http://127\.0\.0\.1:(\d+)/metrics")).group(1))
+        async with await ControlClient.connect(be.control) as ctl:
+            exports = await ctl.execute("query-exports")
+            assert [(e["id"], e["type"]) for e in exports] == [
+                ("disk0", "blk"), ("disk1", "blk"), ("rng0", "rng"),
+            ]  # fmt: skip
+            # Two connections: the first one's requests stay in the totals.
+            await blk_session(tmp_path / "a.sock", ram, writes=3)
+            await blk_session(tmp_path / "a.sock", ram, writes=2)
+            d0 = export_stats(await ctl.execute("query-stats"), "disk0")
+            assert d0["connections"] == 2
+            t = d0["totals"]
+            assert t["requests"]["out"] == 5 and t["requests"]["in"] == 5
+            assert t["requests"]["flush"] == 2 and t["completed"] == 12
+            assert t["bytes"]["out"] == t["bytes"]["in"] == 5 * 4096
+            assert t["status"]["ok"] == 12 and t["in_flight"] == 0
+            assert t["dataplane"] == 12  # the native data plane served all of them
+            assert t["latency"]["count"] == 12
+            # one notification decision per request (each was waited for alone); this
+            # front-end leaves used_event at 0, so EVENT_IDX suppresses most of them
+            notes = t["notifications"]
+            assert notes["sent"] + notes["suppressed"] == 12 and notes["sent"] >= 2
+            assert (
+                export_stats(await ctl.execute("query-stats"), "disk1")["totals"]["completed"] == 0
+            )
+            # Writes to the read-only export: IOERR, counted as such.
+            fe = await VhostUserFrontend.connect(tmp_path / "b.sock")
+            await fe.negotiate()
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=64, offset=0)
+            vq.driver.add([hdr(T.VIRTIO_BLK_T_OUT, 8), bytes(512)], [1])
+            vq.publish_and_kick()
+            assert (await vq.wait_used())[0].data == bytes([IOERR])
+            await fe.aclose()
+            d1 = await ctl.execute("query-stats", export="disk1", queue=0)
+            (q0,) = d1["exports"][0]["queues"]
+            assert q0["status"]["ioerr"] == 1 and q0["requests"]["out"] == 1
+            with pytest.raises(ControlReplyError, match="no queue 3"):
+                await ctl.execute("query-stats", export="disk1", queue=3)
+
+            # The same figures on SIGUSR1, in the Prometheus endpoint and in virtio stat.
+            be.proc.send_signal(signal.SIGUSR1)
+            line = (await be.wait_log(r"export disk0 \(blk\): statistics: (.*) time=")).group(1)
+            words = dict(w.split("=", 1) for w in line.split())
+            assert words["completed"] == "12" and words["req_out"] == "5"
+            assert words["connections"] == "2" and words["dataplane"] == "12"
+            url = f"http://127.0.0.1:{port}/metrics"
+            text = await trio.to_thread.run_sync(
+                lambda: urllib.request.urlopen(url, timeout=10).read().decode()
+            )
+            assert (
+                'virtio_requests_total{export="disk0",kind="out",queue="0",type="blk"} 5.0' in text
+            )
+            assert (
+                'virtio_request_status_total{export="disk1",queue="0",status="ioerr",type="blk"}'
+                " 1.0" in text
+            )
+            assert (
+                'virtio_request_latency_seconds_count{export="disk0",queue="0",type="blk"} 12.0'
+                in text
+            )
+            assert 'virtio_connections_total{export="disk0",type="blk"} 2.0' in text
+            stat = await trio.to_thread.run_sync(
+                lambda: run_cli("stat", "--control", str(be.control), "--once")
+            )
+            assert stat.returncode == 0, stat.stderr
+            row = [ln.split() for ln in stat.stdout.splitlines() if ln.startswith("disk0 ")]
+            assert row[-1][:9] == ["disk0", "*", "12", "-", "0", "100%", "20.0K", "20.0K", "0"]
+
+            # Device commands are routed by export; resize reaches the image.
+            with pytest.raises(ControlReplyError, match="name the export"):
+                await ctl.execute("resize")
+            r = await ctl.execute("resize", export="disk0", size=8 * MiB)
+            assert (r["previous"], r["capacity"], r["changed"]) == (8192, 16384, True)
+            assert a.stat().st_size == 8 * MiB
+            with pytest.raises(ControlReplyError, match="raw image file"):
+                await ctl.execute("resize", export="disk1", size=4 * MiB)
+            cfg = await ctl.execute("query-config", export="disk0")
+            assert cfg[0]["capacity"] == 16384 and cfg[0]["read_only"] is False
+
+            # Exports come and go at run time; a taken path is refused, nothing else moves.
+            added = await ctl.execute(
+                "export-add", type="blk", id="disk2", **{"socket-path": str(tmp_path / "c.sock"),
+                "blk-file": str(b), "read-only": True},
+            )  # fmt: skip
+            assert added["id"] == "disk2" and (tmp_path / "c.sock").is_socket()
+            with pytest.raises(ControlReplyError, match="exists already"):
+                await ctl.execute("export-add", type="rng", id="disk2", **{"socket-path": "x"})
+            with pytest.raises(ControlReplyError, match=r"a\.sock"):
+                await ctl.execute(
+                    "export-add", type="rng", **{"socket-path": str(tmp_path / "a.sock")}
+                )
+            await ctl.execute("export-del", id="disk2")
+            assert not (tmp_path / "c.sock").exists()
+            assert [e["id"] for e in await ctl.execute("query-exports")] == [
+                "disk0", "disk1", "rng0",
+            ]  # fmt: skip
+            with pytest.raises(ControlReplyError, match="no export"):
+                await ctl.execute("export-del", id="disk2")
+            await blk_session(tmp_path / "a.sock", ram, writes=1)  # still serving
+            level = await ctl.execute("set-log-level", level="debug", logger="virtio")
+            assert level == {"logger": "virtio", "level": "debug"}
+            with pytest.raises(ControlReplyError, match="level must be"):
+                await ctl.execute("set-log-level", level="loud")
+    finally:
+        ram.close()
+        rc = await trio.to_thread.run_sync(be.stop)
+    assert rc == 0, be.text()
+    text = be.text()
+    assert "export disk2 (blk) removed" in text
+    final = [ln for ln in text.splitlines() if "export disk0 (blk): statistics:" in ln][-1]
+    assert "completed=15 " in final and "time=" not in final
