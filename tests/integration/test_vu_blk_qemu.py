@@ -126,6 +126,15 @@ def our_backend(*extra: str, prepare=None, log_dir: Path | None = None) -> Backe
     return start
 
 
+async def query_totals(control: Path) -> dict:
+    """The export's ``totals`` from ``query-stats`` on the back-end's control socket."""
+    from virtio.control.client import ControlClient
+
+    async with await ControlClient.connect(control) as client:
+        (export,) = (await client.execute("query-stats"))["exports"]
+    return export["totals"]
+
+
 def backend_log(s: BlkSession) -> str:
     return _LOGS[os.fspath(s.socket)].read_text(errors="replace")
 
@@ -187,9 +196,12 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
     with zeroout_helper() as zo, tempfile.TemporaryDirectory(prefix="pyvirtio-log-") as logs:
         extra = [] if zo is None else ["-fw_cfg", f"name=opt/pyvirtio/zo,file={zo}"]
         with trio.fail_after(170):
+            control = Path(logs) / "control.sock"
             async with vhost_user_blk_guest(
                 guest_image,
-                our_backend("--serial", "pyvirtio-disk0", log_dir=Path(logs)),
+                our_backend(
+                    "--serial", "pyvirtio-disk0", "--control", str(control), log_dir=Path(logs)
+                ),
                 disk_size=size,
                 num_queues=2,
                 guest_kwargs={"extra_args": extra},
@@ -206,6 +218,7 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
 
                 # -- the whole disk: random pattern, O_DIRECT, read back, host image
                 t = time.monotonic()
+                stats_before = await query_totals(control)
                 wrote = (
                     await g.run(
                         f"dd if=/dev/urandom of=/tmp/whole bs=1M count={size // MiB} 2>/dev/null"
@@ -219,6 +232,14 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
                 ).output.split()[0]
                 assert wrote == read
                 assert host_digest(disk.image, 0, size) == wrote
+                # ... and the control socket's statistics counted the guest's I/O
+                stats = await query_totals(control)
+                assert stats["bytes"]["out"] - stats_before["bytes"]["out"] >= size
+                assert stats["bytes"]["in"] - stats_before["bytes"]["in"] >= size
+                assert stats["requests"]["out"] - stats_before["requests"]["out"] >= size // MiB
+                assert stats["status"]["ioerr"] == 0 and stats["in_flight"] == 0
+                assert stats["dataplane"] > stats_before["dataplane"]
+                assert stats["latency"]["count"] == stats["completed"]
                 timings["whole_disk_pattern"] = round(time.monotonic() - t, 2)
 
                 # -- discard reaches the image: hole punched, zeros read back

@@ -9,6 +9,14 @@
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
     virtio serve rng --socket-path /run/rng.sock      # virtio-rng (os.getrandom)
+    virtio serve --export blk,id=d0,socket-path=/run/d0.sock,blk-file=d0.img \
+                 --export rng,socket-path=/run/rng.sock --control /run/virtio.ctl
+                                                      # several exports, one process
+
+Every form may add ``--control PATH`` (the control socket: query-stats, query-config,
+set-log-level, resize, export-add/export-del, ...) and ``--metrics-port PORT``
+(Prometheus); see docs/operations.md.  A single-device form is the one-export case of
+``--export`` (``_run_single``).
 
 Logs go to stderr (``virtio -v serve ...`` for more).  SIGINT/SIGTERM end the
 process cleanly (exit status 0); SIGUSR1 prints statistics on stderr (connections,
