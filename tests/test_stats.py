@@ -115,3 +115,31 @@ def test_sum_and_quantile() -> None:
     buckets[10] = 10  # [512, 1024) us
     assert latency_quantile(buckets, 0.5) == 8
     assert latency_quantile(buckets, 0.99) == 1024
+
+
+async def test_latency_histogram_measures_pop_to_used(tmp_path) -> None:
+    """Requests held 20 ms by the device land in the [16.4, 32.8) ms bucket or above."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(4 * MiB))
+    dev = VirtioBlk.from_options(BlkOptions(path=path, num_queues=2))
+    dev.native_dataplane = False
+    handle = dev.handle
+
+    async def slow(queue_index, chain):
+        await trio.sleep(0.02)
+        return await handle(queue_index, chain)
+
+    dev.handle = slow
+    server = VhostUserServer(dev)
+    ram = GuestRam(8 * MiB)
+    try:
+        with trio.fail_after(30):
+            await one_connection(server, ram, rounds=1)
+    finally:
+        ram.close()
+        dev.close()
+    lat = dev.stats.snapshot()["totals"]["latency"]
+    assert lat["count"] == 10
+    assert sum(lat["buckets_us"][15:]) == 10  # bucket 15: [16384, 32768) us
+    assert lat["sum_us"] >= 10 * 20_000
+    assert latency_quantile(lat["buckets_us"], 0.5) >= 32768

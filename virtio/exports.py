@@ -67,6 +67,12 @@ class Export:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
 
+    def release(self) -> None:
+        """Close the device's resources once (``close``); later calls do nothing."""
+        close, self.close = self.close, None
+        if close is not None:
+            close()
+
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -243,8 +249,7 @@ class ExportSet:
             del self.exports[export.id]
             for name in list(self._routes):
                 self._unroute(name, export.id)
-            if export.close is not None:
-                export.close()
+            export.release()
         export.done.set()
 
     # -- device commands ------------------------------------------------------------------

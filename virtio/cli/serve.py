@@ -438,9 +438,7 @@ def _run_single(kind: str, args: argparse.Namespace) -> int:
 
 
 def _close(export: Any) -> None:
-    close, export.close = export.close, None
-    if close is not None:
-        close()
+    export.release()
 
 
 def _socket_from_systemd(args: argparse.Namespace, device: str) -> None:
