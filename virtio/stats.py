@@ -27,6 +27,9 @@ LATENCY_BUCKETS = lib.VQS_LAT_BUCKETS
 LATENCY_BOUNDS_US = tuple(1 << b for b in range(LATENCY_BUCKETS - 1))
 """Upper bounds (exclusive, microseconds) of the latency buckets; the last is open."""
 
+LATENCY_SAMPLE = 4
+"""Latency is measured for one popped batch in this many (a power of two): two clock
+reads per sampled batch; 1 measures every request."""
 DEFAULT_KINDS = ("requests",)
 DEFAULT_STATUSES = ("ok",)
 
@@ -41,7 +44,12 @@ class QueueStats:
     """One queue's counters (native memory; see the module docstring)."""
 
     def __init__(
-        self, index: int, size: int, kinds: tuple[str, ...], statuses: tuple[str, ...]
+        self,
+        index: int,
+        size: int,
+        kinds: tuple[str, ...],
+        statuses: tuple[str, ...],
+        latency_sample: int = LATENCY_SAMPLE,
     ) -> None:
         self.index = index
         self.kinds = _names(kinds, lib.VQS_KINDS)
@@ -50,6 +58,18 @@ class QueueStats:
         self._t0 = ffi.new("uint64_t[]", max(size, 1))
         self.c.t0 = self._t0
         self.c.t0_size = max(size, 1)
+        self.latency_sample = latency_sample
+
+    @property
+    def latency_sample(self) -> int:
+        """Latency measured for one popped batch in this many (a power of two)."""
+        return int(self.c.sample_mask) + 1
+
+    @latency_sample.setter
+    def latency_sample(self, every: int) -> None:
+        if every < 1 or every & (every - 1):
+            raise ValueError(f"latency sample must be a power of two, not {every}")
+        self.c.sample_mask = every - 1
         self._queue: Virtqueue | None = None
 
     def record(self, kind: int, status: int, nbytes: int = 0) -> None:
@@ -93,6 +113,7 @@ class QueueStats:
                 "suppressed": int(c.notify_suppressed),
             },
             "latency": {
+                "sampled": f"1/{self.latency_sample} of popped batches",
                 "count": count,
                 "sum_us": int(c.latency_sum_ns) // 1000,
                 "buckets_us": [int(c.latency[b]) for b in range(LATENCY_BUCKETS)],
@@ -116,6 +137,11 @@ class DeviceStats:
     def queue(self, index: int) -> QueueStats:
         return self.queues[index]
 
+    def set_latency_sample(self, every: int) -> None:
+        """Measure the latency of one popped batch in ``every`` (1: all), every queue."""
+        for q in self.queues:
+            q.latency_sample = every
+
     def snapshot(self) -> dict[str, Any]:
         """Every queue's figures and their sums (``totals``)."""
         queues = [q.snapshot() for q in self.queues]
@@ -126,6 +152,8 @@ def sum_queues(queues: list[dict[str, Any]]) -> dict[str, Any]:
     """The element-wise sum of queue snapshots (nested dicts and lists of ints)."""
 
     def add(a: Any, b: Any) -> Any:
+        if isinstance(a, str):
+            return a
         if isinstance(a, dict):
             return {k: add(a[k], b[k]) for k in a}
         if isinstance(a, list):

@@ -239,7 +239,7 @@ async def test_guest_driver_on_our_backend(guest_image: GuestImage) -> None:
                 assert stats["requests"]["out"] - stats_before["requests"]["out"] >= size // MiB
                 assert stats["status"]["ioerr"] == 0 and stats["in_flight"] == 0
                 assert stats["dataplane"] > stats_before["dataplane"]
-                assert stats["latency"]["count"] == stats["completed"]
+                assert 0 < stats["latency"]["count"] <= stats["completed"]  # sampled
                 timings["whole_disk_pattern"] = round(time.monotonic() - t, 2)
 
                 # -- discard reaches the image: hole punched, zeros read back

@@ -60,7 +60,8 @@ struct vq_stats {
     uint64_t latency_sum_ns, latency_count;
     uint64_t *t0;               /* pop time by head / buffer id (CLOCK_MONOTONIC ns; 0: none) */
     uint32_t t0_size;
-    uint32_t _pad;
+    uint32_t sample_mask;       /* latency of one popped batch in sample_mask + 1 (2^k - 1) */
+    uint64_t pops;              /* non-empty pops (latency sampling) */
 };
 
 void vq_stats_request(struct vq_stats *s, uint32_t kind, uint32_t status, uint64_t bytes);
