@@ -74,7 +74,7 @@ class QueueStats:
 
     def record(self, kind: int, status: int, nbytes: int = 0) -> None:
         """One request of kind index ``kind`` finished with status index ``status``."""
-        lib.vq_stats_request(self.c, kind, status, nbytes)
+        lib.vq_stats_request(self.c, 0, kind, status, nbytes)
 
     def attach(self, queue: Virtqueue) -> None:
         """``queue`` serves this queue now: it counts into these statistics."""
@@ -105,9 +105,9 @@ class QueueStats:
             "in_flight": self.in_flight(),
             "dataplane": native,
             "python": completed - native,
-            "requests": {k: int(c.requests[i]) for i, k in enumerate(self.kinds)},
-            "bytes": {k: int(c.bytes[i]) for i, k in enumerate(self.kinds)},
-            "status": {s: int(c.status[i]) for i, s in enumerate(self.statuses)},
+            "requests": {k: _both(c.requests, i) for i, k in enumerate(self.kinds)},
+            "bytes": {k: _both(c.bytes, i) for i, k in enumerate(self.kinds)},
+            "status": {s: _both(c.status, i) for i, s in enumerate(self.statuses)},
             "notifications": {
                 "sent": int(c.notify_sent),
                 "suppressed": int(c.notify_suppressed),
@@ -119,6 +119,11 @@ class QueueStats:
                 "buckets_us": [int(c.latency[b]) for b in range(LATENCY_BUCKETS)],
             },
         }
+
+
+def _both(pair: Any, i: int) -> int:
+    """A counter's Python and data-plane copies, summed."""
+    return int(pair[0][i]) + int(pair[1][i])
 
 
 class DeviceStats:

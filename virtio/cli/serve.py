@@ -434,11 +434,7 @@ def _run_single(kind: str, args: argparse.Namespace) -> int:
     except* OSError as group:  # trio >= 0.25 raises a nursery's errors as a group
         _fail(f"virtio serve {kind}: {_first_leaf(group)}")
     finally:
-        _close(export)
-
-
-def _close(export: Any) -> None:
-    export.release()
+        export.release()
 
 
 def _socket_from_systemd(args: argparse.Namespace, device: str) -> None:
@@ -485,12 +481,12 @@ def run_exports(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             except ExportError as exc:
                 raise ExportError(f"--export {spec}: {exc}", exc.status) from None
             if any(e.id == export.id for e in exports):
-                _close(export)
+                export.release()
                 raise ExportError(f"--export {spec}: id {export.id!r} is used twice", 2)
             exports.append(export)
     except ExportError as exc:
         for export in exports:
-            _close(export)
+            export.release()
         _fail(f"virtio serve: {exc}", status=exc.status)
     try:
         return trio.run(_serve_exports, exports, args, "virtio serve")
@@ -498,7 +494,7 @@ def run_exports(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         _fail(f"virtio serve: {_first_leaf(group)}")
     finally:
         for export in exports:
-            _close(export)
+            export.release()
 
 
 def _delay_requests(device: Any, seconds: float) -> None:

@@ -196,13 +196,13 @@ static uint32_t blk_finish_ok(struct blk_dp *dp, struct blk_slot *s)
             for (uint32_t i = s->first; i < s->end; i++)
                 vm_log_dirty(q->mem, s->segs[i].gpa, s->segs[i].len);
         dp->reads++;
-        vq_stats_request(q->stats, BLK_STAT_IN, VIRTIO_BLK_S_OK, s->len);
+        vq_stats_request(q->stats, 1, BLK_STAT_IN, VIRTIO_BLK_S_OK, s->len);
     } else if (s->type == VIRTIO_BLK_T_OUT) {
         dp->writes++;
-        vq_stats_request(q->stats, BLK_STAT_OUT, VIRTIO_BLK_S_OK, s->len);
+        vq_stats_request(q->stats, 1, BLK_STAT_OUT, VIRTIO_BLK_S_OK, s->len);
     } else {
         dp->flushes++;
-        vq_stats_request(q->stats, BLK_STAT_FLUSH, VIRTIO_BLK_S_OK, 0);
+        vq_stats_request(q->stats, 1, BLK_STAT_FLUSH, VIRTIO_BLK_S_OK, 0);
     }
     *s->status = VIRTIO_BLK_S_OK;
     vm_log_dirty(q->mem, s->status_gpa, 1);

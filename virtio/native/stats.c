@@ -4,8 +4,8 @@
  *
  * Writers: the ring core (vm_native.c) under the queue's lock when a data-plane
  * thread shares the queue (pop stamps, completions, latency, notifications); the
- * device's request counts (vq_stats_request) from a data-plane thread and from
- * Python at the same time, hence atomic adds.  Python reads the words as they are
+ * device's request counts (vq_stats_request) in two copies, one written by the
+ * data-plane thread and one by Python, so no word has two writers.  Python reads the words as they are
  * (aligned 64-bit loads: each value is whole, the set is not a snapshot). */
 #include <time.h>
 
@@ -16,15 +16,12 @@ static inline uint64_t vq_stats_now(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static inline void vq_stats_add(uint64_t *p, uint64_t v)
-{
-    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
-}
-
 /* One request of the device's kind `kind` (e.g. blk: in, out, flush, ...) finished
- * with the device's status index `status`, moving `bytes` of data.  Out-of-range
- * indices count in the last slot ("other"). */
-void vq_stats_request(struct vq_stats *s, uint32_t kind, uint32_t status, uint64_t bytes)
+ * with the device's status index `status`, moving `bytes` of data; counted by the
+ * data-plane thread (native) or by Python.  Out-of-range indices count in the last
+ * slot ("other"). */
+void vq_stats_request(struct vq_stats *s, int native, uint32_t kind, uint32_t status,
+                      uint64_t bytes)
 {
     if (!s)
         return;
@@ -32,9 +29,10 @@ void vq_stats_request(struct vq_stats *s, uint32_t kind, uint32_t status, uint64
         kind = VQS_KINDS - 1;
     if (status >= VQS_STATUSES)
         status = VQS_STATUSES - 1;
-    vq_stats_add(&s->requests[kind], 1);
-    vq_stats_add(&s->bytes[kind], bytes);
-    vq_stats_add(&s->status[status], 1);
+    int p = native != 0;
+    s->requests[p][kind]++;
+    s->bytes[p][kind] += bytes;
+    s->status[p][status]++;
 }
 
 /* n chains were popped now: stamp their heads -- for one popped batch in

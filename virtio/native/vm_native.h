@@ -55,7 +55,9 @@ struct vq_stats {
     uint64_t completed;         /* used entries published (any path) */
     uint64_t native;            /* ... of which by a native data-plane thread */
     uint64_t notify_sent, notify_suppressed;
-    uint64_t requests[VQS_KINDS], bytes[VQS_KINDS], status[VQS_STATUSES];
+    /* by the path that counted them, [0] Python, [1] the data-plane thread: one
+     * writer per word, no atomic operations */
+    uint64_t requests[2][VQS_KINDS], bytes[2][VQS_KINDS], status[2][VQS_STATUSES];
     uint64_t latency[VQS_LAT_BUCKETS];
     uint64_t latency_sum_ns, latency_count;
     uint64_t *t0;               /* pop time by head / buffer id (CLOCK_MONOTONIC ns; 0: none) */
@@ -64,7 +66,8 @@ struct vq_stats {
     uint64_t pops;              /* non-empty pops (latency sampling) */
 };
 
-void vq_stats_request(struct vq_stats *s, uint32_t kind, uint32_t status, uint64_t bytes);
+void vq_stats_request(struct vq_stats *s, int native, uint32_t kind, uint32_t status,
+                      uint64_t bytes);
 void vq_stats_popped(struct vq_stats *s, const struct vq_chain *chains, uint32_t n);
 void vq_stats_used(struct vq_stats *s, const uint16_t *ids, uint32_t n);
 void vq_stats_used_chains(struct vq_stats *s, const struct vq_chain *chains, uint32_t n);
