@@ -24,6 +24,7 @@ from virtio.cli.serve import (
 )
 from virtio.control.client import ControlClient, ControlReplyError
 from virtio.spec.blk import BlkReqType, BlkStatus, virtio_blk_outhdr
+from virtio.testing.backend_stats import parse_statistics
 from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
 
 MiB = 1 << 20
@@ -203,7 +204,7 @@ async def test_exports_stats_commands_metrics_and_stat(tmp_path) -> None:
             # The same figures on SIGUSR1, in the Prometheus endpoint and in virtio stat.
             be.proc.send_signal(signal.SIGUSR1)
             line = (await be.wait_log(r"export disk0 \(blk\): statistics: (.*) time=")).group(1)
-            words = dict(w.split("=", 1) for w in line.split())
+            words = parse_statistics(line)  # the harness's parser reads every word
             assert words["completed"] == "12" and words["req_out"] == "5"
             assert words["connections"] == "2" and words["dataplane"] == "12"
             url = f"http://127.0.0.1:{port}/metrics"

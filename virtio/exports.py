@@ -131,9 +131,10 @@ class Export:
             f"dataplane={t.get('dataplane', 0)}",
             f"python={t.get('python', 0)}",
         ]
-        words += [f"req_{k}={n}" for k, n in t.get("requests", {}).items() if n]
-        words += [f"bytes_{k}={n}" for k, n in t.get("bytes", {}).items() if n]
-        words += [f"status_{k}={n}" for k, n in t.get("status", {}).items() if n]
+        for group, prefix in (("requests", "req"), ("bytes", "bytes"), ("status", "status")):
+            words += [
+                f"{prefix}_{k.replace('-', '_')}={n}" for k, n in t.get(group, {}).items() if n
+            ]
         notes = t.get("notifications", {})
         words += [
             f"notify_sent={notes.get('sent', 0)}",
