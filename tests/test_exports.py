@@ -203,10 +203,12 @@ async def test_exports_stats_commands_metrics_and_stat(tmp_path) -> None:
 
             # The same figures on SIGUSR1, in the Prometheus endpoint and in virtio stat.
             be.proc.send_signal(signal.SIGUSR1)
-            line = (await be.wait_log(r"export disk0 \(blk\): statistics: (.*) time=")).group(1)
+            line = (await be.wait_log(r"export disk0 \(blk\): (statistics: .* time=\S+)")).group(1)
             words = parse_statistics(line)  # the harness's parser reads every word
             assert words["completed"] == "12" and words["req_out"] == "5"
             assert words["connections"] == "2" and words["dataplane"] == "12"
+            # chains popped per vring: the data plane's, across both connections
+            assert words["vring_requests"] == "12"
             url = f"http://127.0.0.1:{port}/metrics"
             text = await trio.to_thread.run_sync(
                 lambda: urllib.request.urlopen(url, timeout=10).read().decode()

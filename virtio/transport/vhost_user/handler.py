@@ -902,7 +902,8 @@ class VhostUserHandler:
             )
         else:
             ring.base = st.last_avail_idx
-        ring.requests += tracker.popped
+        # the native data plane pops without the tracker: the queue counted them all
+        ring.requests += max(tracker.popped, queue.statistics().popped)
         ring.queue = None
         ring.tracker = None
         ring.scope = None
