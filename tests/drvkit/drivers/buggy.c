@@ -33,6 +33,7 @@ enum {
 #define D 4
 
 static struct vmmio dev;
+static struct vdev vdev; /* the rings' view of dev (virtio_dev.h) */
 static struct vq q;
 static u32 bug;
 static struct virtio_blk_outhdr *hdr;
@@ -181,7 +182,8 @@ static int rng(void)
 	vm_set_features(&dev, BIT64(VIRTIO_F_VERSION_1));
 	void *ring = pv_alloc(16 << 10, 4096);
 	u8 *b = pv_alloc(64, 16);
-	vq_init(&q, &dev, 0, (u64)ring, 16, 0, 0);
+	vdev = vd_from_mmio(&dev);
+	vq_init(&q, &vdev, 0, (u64)ring, 16, 0, 0);
 	vm_driver_ok(&dev);
 	struct vq_seg seg = { (u64)b, 64, bug != RNG_READABLE };
 	vq_add(&q, 0, &seg, 1);
