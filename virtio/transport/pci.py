@@ -573,8 +573,8 @@ class PciTransport(VirtioTransport):
             return self.driver_features_sel
         if name == "driver_feature":
             # valid bits the driver wrote (§4.1.4.3.1)
-            window = (self.driver_features >> (32 * self.driver_features_sel)) & ALL_ONES_32
-            return window & self.read_device_features()
+            shift = 32 * self.driver_features_sel
+            return (self.driver_features & self.offered_features) >> shift & ALL_ONES_32
         if name == "config_msix_vector":
             return self.config_vector
         if name == "num_queues":
