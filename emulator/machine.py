@@ -77,7 +77,9 @@ class Machine:
         self.irqfds: dict[int, int | None] = {}  # eventfd -> gsi (None: the MSI wake-up)
         self._msi: set[int] = set()  # vectors of MSI messages not delivered yet
         self._msi_lock = threading.Lock()
-        self._wake_fd: int | None = None  # wakes a halted guest for lines set by threads
+        # Wakes a guest halted in on_hlt when another thread raises a line or an MSI.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.irqfds[self._wake_fd] = None
         self._edges: set[int] = set()  # gsis raised by an irqfd since the last HLT wake-up
         self._deadline: float | None = None
         self.irq_vector_base = IRQ_VECTOR_BASE
@@ -175,12 +177,8 @@ class Machine:
     def wake(self) -> None:
         """Make a guest halted in :meth:`on_hlt` look again at its lines and MSIs (for
         devices that raise them from another thread)."""
-        with self._msi_lock:
-            if self._wake_fd is None:
-                self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                self.irqfds[self._wake_fd] = None
-                self.closers.append(lambda fd=self._wake_fd: os.close(fd))
-        os.eventfd_write(self._wake_fd, 1)
+        if self._wake_fd >= 0:
+            os.eventfd_write(self._wake_fd, 1)
 
     def _poll_irqfds(self, wait: bool) -> None:
         if not self.irqfds:
@@ -395,6 +393,10 @@ class Machine:
             self.cpu = None
         while self.closers:
             self.closers.pop()()
+        if self._wake_fd >= 0:
+            self.irqfds.pop(self._wake_fd, None)
+            os.close(self._wake_fd)
+            self._wake_fd = -1
         self.memory.close()
 
     def __enter__(self) -> Machine:
