@@ -149,7 +149,9 @@ static int blk(void)
 	u32 max = vm_rd(&dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
 	u16 size = bug == QUEUE_NUM ? (u16)(max + 1) : 64;
 	vq_layout(&q, (u64)ring, size, 0, 1);
-	q.dev = &dev;
+	vdev = vd_from_mmio(&dev);
+	q.dev = &vdev;
+	q.notify = dev.base + VIRTIO_MMIO_QUEUE_NOTIFY;
 	q.index = 0;
 	vm_wr(&dev, VIRTIO_MMIO_QUEUE_SEL, 0);
 	vm_wr(&dev, VIRTIO_MMIO_QUEUE_NUM, size);
