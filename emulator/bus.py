@@ -114,6 +114,12 @@ class AddressSpace:
         self._bases.insert(i, m.base)
         self._maps.insert(i, m)
 
+    def remove(self, base: int) -> Mapping:
+        """Unmap the window at ``base`` (e.g. a PCI BAR that moved)."""
+        i = self._bases.index(base)
+        del self._bases[i]
+        return self._maps.pop(i)
+
     def find(self, addr: int, size: int = 1) -> Mapping | None:
         i = bisect.bisect(self._bases, addr) - 1
         if i >= 0:
@@ -143,6 +149,9 @@ class Bus:
 
     def add_mmio(self, base: int, length: int, device: BusDevice, offset: int = 0) -> None:
         self.mmio.add(Mapping(base, length, device, offset))
+
+    def remove_mmio(self, base: int) -> None:
+        self.mmio.remove(base)
 
     def add_ioeventfd(self, reg: IoEventFd) -> None:
         self.ioeventfds.append(reg)

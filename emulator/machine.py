@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import threading
 import time
 from pathlib import Path
 
@@ -73,7 +74,12 @@ class Machine:
         self.debug.on_mark = self._mark
         self.irq_lines: dict[int, bool] = {}
         self.ioeventfds: list[IoEventFd] = []
-        self.irqfds: dict[int, int] = {}  # eventfd -> gsi
+        self.irqfds: dict[int, int | None] = {}  # eventfd -> gsi (None: the MSI wake-up)
+        self._msi: set[int] = set()  # vectors of MSI messages not delivered yet
+        self._msi_lock = threading.Lock()
+        # Wakes a guest halted in on_hlt when another thread raises a line or an MSI.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.irqfds[self._wake_fd] = None
         self._edges: set[int] = set()  # gsis raised by an irqfd since the last HLT wake-up
         self._deadline: float | None = None
         self.irq_vector_base = IRQ_VECTOR_BASE
@@ -151,6 +157,29 @@ class Machine:
         """
         self.irqfds[fd] = gsi
 
+    def remove_ioeventfd(self, reg: IoEventFd) -> None:
+        """Undo :meth:`ioeventfd` (e.g. the notify area of a PCI BAR that moved)."""
+        self.ioeventfds.remove(reg)
+        self.bus.remove_ioeventfd(reg)
+        if isinstance(self.cpu, KvmCpu):
+            self.cpu.vm.ioeventfd(reg.addr, reg.size, reg.fd, reg.datamatch, reg.pio, deassign=True)
+
+    def deliver_msi(self, vector: int) -> None:
+        """An MSI message for ``vector`` (a PCI function's memory write to the interrupt
+        range), from any thread.  Edge-triggered: delivered at the guest's next HLT,
+        through the IDT (IF=1) or as a wake-up (IF=0), like the lines.  There is no
+        in-kernel irqchip on either backend (see the module doc), so on KVM this is
+        KVM_INTERRUPT injection rather than KVM's MSI routing."""
+        with self._msi_lock:
+            self._msi.add(vector)
+        self.wake()
+
+    def wake(self) -> None:
+        """Make a guest halted in :meth:`on_hlt` look again at its lines and MSIs (for
+        devices that raise them from another thread)."""
+        if self._wake_fd >= 0:
+            os.eventfd_write(self._wake_fd, 1)
+
     def _poll_irqfds(self, wait: bool) -> None:
         if not self.irqfds:
             return
@@ -161,11 +190,13 @@ class Machine:
         for fd in ready:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(fd)
-            self._edges.add(self.irqfds[fd])
+            gsi = self.irqfds[fd]
+            if gsi is not None:
+                self._edges.add(gsi)
 
     @property
     def irq_pending(self) -> bool:
-        return any(self.irq_lines.values()) or bool(self._edges)
+        return any(self.irq_lines.values()) or bool(self._edges) or bool(self._msi)
 
     def on_hlt(self, interrupts_enabled: bool = False) -> tuple[bool, int | None]:
         """Called on every guest HLT.  Returns ``(resume, vector)``.
@@ -181,16 +212,26 @@ class Machine:
         self._poll_irqfds(wait=False)
         while not self.irq_pending and any([hook() for hook in self.idle_hooks]):
             pass  # the guest waits: let time-driven device work (completions) happen
-        while not self.irq_pending and self.irqfds:
+        # Wait only if something outside the vCPU thread can interrupt (a real irqfd).
+        while not self.irq_pending and any(g is not None for g in self.irqfds.values()):
             self._poll_irqfds(wait=True)
             if self._deadline is not None and time.monotonic() > self._deadline:
                 break
         if self.irq_pending:
             if not interrupts_enabled:
                 self._edges.clear()  # edge-triggered: one wake-up per irqfd signal
+                with self._msi_lock:
+                    self._msi.clear()
                 return True, None
             levels = [irq for irq, up in self.irq_lines.items() if up]
-            irq = min(levels + sorted(self._edges))
+            lines = levels + sorted(self._edges)
+            with self._msi_lock:
+                msi = min(self._msi, default=None)
+                if msi is not None and (not lines or msi < self.irq_vector_base + min(lines)):
+                    self._msi.discard(msi)
+                    self.interrupts_delivered += 1
+                    return True, msi
+            irq = min(lines)
             self._edges.discard(irq)
             self.interrupts_delivered += 1
             return True, self.irq_vector_base + irq
@@ -352,6 +393,10 @@ class Machine:
             self.cpu = None
         while self.closers:
             self.closers.pop()()
+        if self._wake_fd >= 0:
+            self.irqfds.pop(self._wake_fd, None)
+            os.close(self._wake_fd)
+            self._wake_fd = -1
         self.memory.close()
 
     def __enter__(self) -> Machine:

@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin CLI
 # to back, exits per packet) and the virtio paths (virtio-blk + virtio-mmio).
 from emulator import ne2000_paths as _ne2000_paths  # noqa: E402, F401
 from emulator import virtio_mmio as _virtio_mmio  # noqa: E402, F401
+from emulator.pci import virtio as _virtio_pci  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     # Run the imported module's main: that module holds every registered path.

@@ -1,6 +1,8 @@
-/* virtio-blk over virtio-mmio: write then read-verify a region in 4 KiB requests.
+/* virtio-blk over virtio-mmio or virtio-pci: write then read-verify a region in 4 KiB
+ * requests.
  *
- * Modern (version 2) virtio-mmio driver (virtio 1.4 §4.2.3, §5.2): probe, status
+ * Modern driver (virtio 1.4 §4.2.3 or §4.1.5, §5.2; mmio_base 0: find the device on the
+ * PCI bus, virtio_dev.h): probe, status
  * handshake, feature negotiation (VERSION_1, FLUSH, optionally EVENT_IDX and
  * RING_PACKED per the parameter block), one request queue, split or packed ring.
  *
@@ -8,16 +10,19 @@
  * publishes them with one avail-index update and notifies once per batch when the
  * device has not suppressed notifications (VRING_USED_F_NO_NOTIFY / avail_event).
  * Completion: polling the used ring (IRQ_POLL, used buffer notifications disabled),
- * HLT until the device interrupts (IRQ_HLT, IF=0: then read + ack InterruptStatus), or
- * the IDT (IRQ_IDT: the handler reads and acks InterruptStatus).  With interrupts the
- * driver asks for one notification per batch (used_event = last of the batch).
+ * HLT until the device interrupts (IRQ_HLT, IF=0: then read + ack InterruptStatus, or
+ * read the ISR status), or the IDT (IRQ_IDT: the handler reads and acks
+ * InterruptStatus; over virtio-pci the queues and configuration changes have MSI-X
+ * vectors 0x20 + irq_line and 0x20 + irq_line + 1, and the handlers touch no register).
+ * With interrupts the driver asks for one notification per batch (used_event = last of
+ * the batch).
  *
  * Phases and reporting match ide.c: BEGIN, write, MARK+0 flush, MARK+1 read, END;
  * DBG_IOS / DBG_ERRORS / DBG_RESULT.  Request r covers sectors [8r, 8r + 8) and is
  * filled with the same pattern as ide.c (emulator.run.expected_sector).
  */
 #include "runtime.h"
-#include "virtio_mmio.h"
+#include "virtqueue.h"
 
 enum { IRQ_POLL = 0, IRQ_HLT = 1, IRQ_IDT = 2 };
 
@@ -30,7 +35,7 @@ struct params {
 	u32 queue_depth;
 	u32 event_idx;
 	u32 packed;
-	u64 mmio_base;
+	u64 mmio_base; /* 0: virtio-pci, the device is found on the PCI bus */
 	u64 ring_addr;
 	u64 buf_addr; /* queue_depth * REQ_BYTES */
 	u64 hdr_addr; /* queue_depth * HDR_STRIDE: header + status per slot */
@@ -47,7 +52,7 @@ struct params {
 #define SEGS 3
 
 static volatile struct params *const P = (volatile struct params *)PARAMS_ADDR;
-static struct vmmio dev;
+static struct vdev dev;
 static struct vq q;
 static u32 use_irq;
 static volatile u32 isr_count, isr_bits;
@@ -55,7 +60,15 @@ static volatile u32 isr_count, isr_bits;
 static void vblk_isr(int irq)
 {
 	(void)irq;
-	isr_bits |= vm_ack_interrupt(&dev);
+	isr_bits |= vd_ack_interrupt(&dev);
+	isr_count++;
+}
+
+/* MSI-X configuration vector: a configuration change (DEVICE_NEEDS_RESET). */
+static void vblk_config_isr(int irq)
+{
+	(void)irq;
+	isr_bits |= VD_INT_CONFIG;
 	isr_count++;
 }
 
@@ -100,9 +113,9 @@ static int wait_irq(u32 *seen)
 		isr_bits = 0;
 	} else {
 		wait_for_interrupt();
-		isr = vm_ack_interrupt(&dev);
+		isr = vd_ack_interrupt(&dev);
 	}
-	return (isr & VIRTIO_MMIO_INT_CONFIG) ? -1 : 0;
+	return (isr & VD_INT_CONFIG) ? -1 : 0;
 }
 
 /* Publish the batch and wait until `count` requests completed; their slots go to
@@ -135,7 +148,7 @@ static int run_batch(u32 count, u16 *done)
 		} else {
 			/* A long silence: ask the device whether it stopped (one exit). */
 			spins = 0;
-			if (vm_rd(&dev, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET)
+			if (vd_status(&dev) & VIRTIO_CONFIG_S_NEEDS_RESET)
 				return -1;
 		}
 	}
@@ -179,32 +192,40 @@ int main(void)
 	if (P->magic != PARAMS_MAGIC || P->queue_depth == 0 || P->queue_depth > MAX_SLOTS ||
 	    P->queue_depth * SEGS > P->queue_size || P->req_bytes % VIRTIO_BLK_SECTOR_SIZE)
 		return VE_PARAMS;
-	dev.base = P->mmio_base;
 	use_irq = P->irq;
-	if (use_irq == IRQ_IDT)
+	if (use_irq == IRQ_IDT) {
 		irq_install((int)P->irq_line, vblk_isr);
+		if (P->mmio_base == 0 && P->irq_line < 15)
+			irq_install((int)P->irq_line + 1, vblk_config_isr);
+	}
 
-	int rc = vm_probe(&dev, VIRTIO_ID_BLOCK);
+	int rc = vd_open(&dev, P->mmio_base, VIRTIO_ID_BLOCK);
 	if (rc)
 		return rc;
-	u64 want = vm_ring_features((int)P->event_idx, (int)P->packed) | BIT64(VIRTIO_BLK_F_FLUSH);
-	rc = vm_accept_features(&dev, want);
+	u64 want = vd_ring_features((int)P->event_idx, (int)P->packed) | BIT64(VIRTIO_BLK_F_FLUSH);
+	rc = vd_accept_features(&dev, want);
 	if (rc)
 		return rc;
+	if (use_irq == IRQ_IDT) {
+		rc = vd_use_vectors(&dev, IRQ_VECTOR_BASE + P->irq_line,
+				    IRQ_VECTOR_BASE + P->irq_line + 1);
+		if (rc)
+			return rc;
+	}
 
 	rc = vq_init(&q, &dev, 0, P->ring_addr, (u16)P->queue_size, (int)P->packed,
 		     (int)P->event_idx);
 	if (rc)
 		return rc;
-	/* §5.2.4 capacity: a 64-bit field read as two 32-bit accesses (§4.2.2.2). */
-	u64 cap_lo = vm_rd(&dev, VIRTIO_MMIO_CONFIG);
-	u64 cap_hi = vm_rd(&dev, VIRTIO_MMIO_CONFIG + 4);
+	/* §5.2.4 capacity: a 64-bit field read as two 32-bit accesses (§4.2.2.2, §4.1.3.1). */
+	u64 cap_lo = vd_config_read32(&dev, 0);
+	u64 cap_hi = vd_config_read32(&dev, 4);
 	u64 capacity = cap_lo | cap_hi << 32;
 	u64 sectors = (u64)P->nreqs * (P->req_bytes / VIRTIO_BLK_SECTOR_SIZE);
 	if (capacity < sectors)
 		return VE_CAPACITY;
 	vq_interrupts(&q, 0, 0);
-	vm_driver_ok(&dev);
+	vd_driver_ok(&dev);
 	dbg_puts("virtio-blk: start\n");
 
 	u32 bad = 0, ios = 0;
@@ -232,6 +253,6 @@ int main(void)
 	dbg_cmd(DBG_ERRORS, bad);
 	dbg_value(1, q.kicks);
 	dbg_puts("virtio-blk: done\n");
-	vm_wr(&dev, VIRTIO_MMIO_STATUS, 0); /* reset: the device lets go of the rings */
+	vd_reset(&dev); /* the device lets go of the rings */
 	return bad ? VE_VERIFY : VE_OK;
 }

@@ -1,6 +1,6 @@
-/* virtio-rng over virtio-mmio: ask the entropy device for random bytes and check them.
+/* virtio-rng over virtio-mmio or virtio-pci: ask the entropy device for random bytes and check them.
  *
- * Modern (version 2) virtio-mmio driver (virtio 1.4 §4.2.3, §5.4): probe, status
+ * Modern driver (virtio 1.4 §4.2.3 or §4.1.5, §5.4; mmio_base 0: virtio-pci): probe, status
  * handshake, feature negotiation (VERSION_1, optionally EVENT_IDX and RING_PACKED
  * per the parameter block), one requestq (§5.4.2), split or packed ring.
  *
@@ -14,7 +14,7 @@
  * 1 (bytes received) and 2 (kicks), and the result (VE_*).
  */
 #include "runtime.h"
-#include "virtio_mmio.h"
+#include "virtqueue.h"
 
 struct params {
 	u32 magic;
@@ -35,7 +35,7 @@ struct params {
 #define POLL_SPINS 200000u
 
 static volatile struct params *const P = (volatile struct params *)PARAMS_ADDR;
-static struct vmmio dev;
+static struct vdev dev;
 static struct vq q;
 
 static inline u8 *buf(u32 s) { return (u8 *)(P->buf_addr + (u64)s * P->buf_len); }
@@ -83,7 +83,7 @@ static int run_round(u32 *bad, u32 *filled, u32 *bytes)
 			__asm__ volatile("pause");
 		} else {
 			spins = 0;
-			if (vm_rd(&dev, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET)
+			if (vd_status(&dev) & VIRTIO_CONFIG_S_NEEDS_RESET)
 				return VE_NEEDS_RESET;
 		}
 	}
@@ -95,11 +95,10 @@ int main(void)
 	if (P->magic != PARAMS_MAGIC || P->nbufs == 0 || P->nbufs > MAX_BUFS ||
 	    P->nbufs > P->queue_size || P->buf_len == 0)
 		return VE_PARAMS;
-	dev.base = P->mmio_base;
-	int rc = vm_probe(&dev, VIRTIO_ID_RNG);
+	int rc = vd_open(&dev, P->mmio_base, VIRTIO_ID_RNG);
 	if (rc)
 		return rc;
-	rc = vm_accept_features(&dev, vm_ring_features((int)P->event_idx, (int)P->packed));
+	rc = vd_accept_features(&dev, vd_ring_features((int)P->event_idx, (int)P->packed));
 	if (rc)
 		return rc;
 	rc = vq_init(&q, &dev, 0, P->ring_addr, (u16)P->queue_size, (int)P->packed,
@@ -107,7 +106,7 @@ int main(void)
 	if (rc)
 		return rc;
 	vq_interrupts(&q, 0, 0); /* polling */
-	vm_driver_ok(&dev);
+	vd_driver_ok(&dev);
 	dbg_puts("virtio-rng: start\n");
 
 	u32 bad = 0, filled = 0, bytes = 0;
@@ -123,6 +122,6 @@ int main(void)
 	dbg_value(1, bytes);
 	dbg_value(2, q.kicks);
 	dbg_puts("virtio-rng: done\n");
-	vm_wr(&dev, VIRTIO_MMIO_STATUS, 0);
+	vd_reset(&dev);
 	return bad ? VE_VERIFY : VE_OK;
 }

@@ -32,7 +32,7 @@
 #define PYVIRTIO_H
 
 #include "../runtime.h"
-#include "../virtio_mmio.h"
+#include "../virtqueue.h" /* virtio_dev.h: virtio-mmio and virtio-pci */
 
 #define PV_ABI_VERSION 1
 #define PV_PARAMS_ADDR PARAMS_ADDR

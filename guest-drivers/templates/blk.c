@@ -15,6 +15,7 @@
 #define MAXD 32
 
 static struct vmmio dev;
+static struct vdev vdev; /* the rings' view of dev (virtio_dev.h) */
 static struct vq q;
 static u32 use_irq;
 static volatile u32 isr_bits, isr_count;
@@ -134,7 +135,8 @@ int main(void)
 	buf = pv_alloc((u64)MAXD * REQ, 4096);
 	if (!ring || !hdr || !status || !buf || !depth)
 		return PV_E_NOMEM;
-	if (vq_init(&q, &dev, 0, (u64)ring, (u16)qsize, packed, event_idx))
+	vdev = vd_from_mmio(&dev);
+	if (vq_init(&q, &vdev, 0, (u64)ring, (u16)qsize, packed, event_idx))
 		return PV_E_QUEUE;
 	u64 capacity = vm_rd(&dev, VIRTIO_MMIO_CONFIG) | (u64)vm_rd(&dev, VIRTIO_MMIO_CONFIG + 4) << 32;
 	if (capacity < (u64)nreqs * 8)

@@ -10,6 +10,7 @@
 #define MAXB 64
 
 static struct vmmio dev;
+static struct vdev vdev; /* the rings' view of dev (virtio_dev.h) */
 static struct vq q;
 static volatile u32 isr_bits, isr_count;
 
@@ -46,7 +47,8 @@ int main(void)
 	u8 *bufs = pv_alloc((u64)nbufs * len, 16);
 	if (!ring || !bufs)
 		return PV_E_NOMEM;
-	if (vq_init(&q, &dev, 0, (u64)ring, (u16)qsize, packed, event_idx))
+	vdev = vd_from_mmio(&dev);
+	if (vq_init(&q, &vdev, 0, (u64)ring, (u16)qsize, packed, event_idx))
 		return PV_E_QUEUE;
 	vq_interrupts(&q, 0, 0);
 	vm_driver_ok(&dev);

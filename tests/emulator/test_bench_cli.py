@@ -107,12 +107,18 @@ def test_default_paths_include_vhost_user(tmp_path, capsys):
     rows = json.loads(out.out)["rows"]
     assert [(r["path"], r["queue_depth"]) for r in rows] == [
         ("ide-pio", 1), ("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32),
-        ("vhost-user", 1), ("vhost-user", 32), ("ne2000", 1), ("ne2000", MAX_QUEUE_DEPTH),
+        ("virtio-pci", 1), ("virtio-pci", 32), ("vhost-user", 1), ("vhost-user", 32),
+        ("vhost-user-pci", 1), ("vhost-user-pci", 32),
+        ("ne2000", 1), ("ne2000", MAX_QUEUE_DEPTH),
     ]  # fmt: skip
     assert all(r["verified"] for r in rows), out.err
-    vu = [r for r in rows if r["path"] == "vhost-user"]
-    assert [r["queue_depth"] for r in vu] == [1, 32]
-    assert [r["exits_per_io"] for r in vu] == [0, 0], vu  # the back-end serves the queues
+    by = {(r["path"], r["queue_depth"]): r for r in rows}
+    for qd in (1, 32):  # same exits per request over both transports
+        assert by[("virtio-pci", qd)]["exits_per_io"] == by[("virtio-mmio", qd)]["exits_per_io"]
+    for path in ("vhost-user", "vhost-user-pci"):  # the back-end serves the queues
+        vu = [r for r in rows if r["path"] == path]
+        assert [r["queue_depth"] for r in vu] == [1, 32]
+        assert [r["exits_per_io"] for r in vu] == [0, 0], vu
 
 
 def test_failed_verification_exit_status(tmp_path, capsys, monkeypatch):

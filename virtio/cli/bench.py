@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_PATHS = ("ide-pio", "ide-dma", "virtio-mmio", "vhost-user", "ne2000")
-OPTIONAL_PATHS = frozenset({"vhost-user"})
+DEFAULT_PATHS = (
+    "ide-pio", "ide-dma", "virtio-mmio", "virtio-pci", "vhost-user", "vhost-user-pci", "ne2000",
+)  # fmt: skip
+OPTIONAL_PATHS = frozenset({"vhost-user", "vhost-user-pci"})
 """Skipped silently when not registered (another component adds them)."""
 PATH_MODULES = ("emulator.vhost_user",)
 """Modules that register more paths when imported (absent ones are skipped)."""

@@ -244,6 +244,8 @@ S_4_1_2_1 = _dev("4.1.2.1", "PCI Device Discovery", f"{_PCI} / PCI Device Discov
 S_4_1_2_2 = _drv("4.1.2.2", "PCI Device Discovery", f"{_PCI} / PCI Device Discovery")
 S_4_1_2_3 = Section("4.1.2.3", "Legacy Interfaces: A Note on PCI Device Discovery")
 S_4_1_3 = Section("4.1.3", "PCI Device Layout")
+S_4_1_3_1 = _drv("4.1.3.1", "PCI Device Layout", f"{_PCI} / PCI Device Layout")
+S_4_1_3_2 = _dev("4.1.3.2", "PCI Device Layout", f"{_PCI} / PCI Device Layout")
 S_4_1_4 = Section("4.1.4", "Virtio Structure PCI Capabilities")
 S_4_1_4_1 = _drv(
     "4.1.4.1", "Virtio Structure PCI Capabilities", f"{_PCI} / Virtio Structure PCI Capabilities"
@@ -252,16 +254,74 @@ S_4_1_4_2 = _dev(
     "4.1.4.2", "Virtio Structure PCI Capabilities", f"{_PCI} / Virtio Structure PCI Capabilities"
 )
 S_4_1_4_3 = Section("4.1.4.3", "Common configuration structure layout")
+# The labels of 4.1.4.3-4.1.4.9 say "PCI Device Layout", though the sections sit in
+# 4.1.4 "Virtio Structure PCI Capabilities" (transport-pci.tex).
+_PCI_LAYOUT = f"{_PCI} / PCI Device Layout"
+S_4_1_4_3_1 = _dev(
+    "4.1.4.3.1",
+    "Common configuration structure layout",
+    f"{_PCI_LAYOUT} / Common configuration structure layout",
+)
+S_4_1_4_3_2 = _drv(
+    "4.1.4.3.2",
+    "Common configuration structure layout",
+    f"{_PCI_LAYOUT} / Common configuration structure layout",
+)
 S_4_1_4_4 = Section("4.1.4.4", "Notification structure layout")
+S_4_1_4_4_1 = _dev(
+    "4.1.4.4.1", "Notification capability", f"{_PCI_LAYOUT} / Notification capability"
+)
 S_4_1_4_5 = Section("4.1.4.5", "ISR status capability")
+S_4_1_4_5_1 = _dev("4.1.4.5.1", "ISR status capability", f"{_PCI_LAYOUT} / ISR status capability")
+S_4_1_4_5_2 = _drv("4.1.4.5.2", "ISR status capability", f"{_PCI_LAYOUT} / ISR status capability")
 S_4_1_4_6 = Section("4.1.4.6", "Device-specific configuration")
+S_4_1_4_6_1 = _dev(
+    "4.1.4.6.1", "Device-specific configuration", f"{_PCI_LAYOUT} / Device-specific configuration"
+)
 S_4_1_4_7 = Section("4.1.4.7", "Shared memory capability")
 S_4_1_4_8 = Section("4.1.4.8", "Vendor data capability")
 S_4_1_4_9 = Section("4.1.4.9", "PCI configuration access capability")
+S_4_1_4_9_1 = _dev(
+    "4.1.4.9.1",
+    "PCI configuration access capability",
+    f"{_PCI_LAYOUT} / PCI configuration access capability",
+)
+S_4_1_4_9_2 = _drv(
+    "4.1.4.9.2",
+    "PCI configuration access capability",
+    f"{_PCI_LAYOUT} / PCI configuration access capability",
+)
 S_4_1_4_10 = Section("4.1.4.10", "Legacy Interfaces: A Note on PCI Device Layout")
 S_4_1_5 = Section("4.1.5", "PCI-specific Initialization And Device Operation")
 S_4_1_5_1 = Section("4.1.5.1", "Device Initialization")
 S_4_1_5_1_2 = Section("4.1.5.1.2", "MSI-X Vector Configuration")
+_PCI_OP = f"{_PCI} / PCI-specific Initialization And Device Operation"
+S_4_1_5_1_2_1 = _dev(
+    "4.1.5.1.2.1",
+    "MSI-X Vector Configuration",
+    f"{_PCI_OP} / Device Initialization / MSI-X Vector Configuration",
+)
+S_4_1_5_1_2_2 = _drv(
+    "4.1.5.1.2.2",
+    "MSI-X Vector Configuration",
+    f"{_PCI_OP} / Device Initialization / MSI-X Vector Configuration",
+)
+S_4_1_5_1_3 = Section("4.1.5.1.3", "Virtqueue Configuration")
+S_4_1_5_2 = Section("4.1.5.2", "Available Buffer Notifications")
+S_4_1_5_2_1 = _drv(
+    "4.1.5.2.1", "Available Buffer Notifications", f"{_PCI_OP} / Available Buffer Notifications"
+)
+S_4_1_5_3 = Section("4.1.5.3", "Used Buffer Notifications")
+S_4_1_5_3_1 = _dev(
+    "4.1.5.3.1", "Used Buffer Notifications", f"{_PCI_OP} / Used Buffer Notifications"
+)
+S_4_1_5_4 = Section("4.1.5.4", "Notification of Device Configuration Changes")
+S_4_1_5_4_1 = _dev(
+    "4.1.5.4.1",
+    "Notification of Device Configuration Changes",
+    f"{_PCI_OP} / Notification of Device Configuration Changes",
+)
+S_4_1_5_5 = Section("4.1.5.5", "Driver Handling Interrupts")
 S_4_2 = Section("4.2", "Virtio Over MMIO")
 S_4_2_1 = Section("4.2.1", "MMIO Device Discovery")
 S_4_2_2 = Section("4.2.2", "MMIO Device Register Layout")

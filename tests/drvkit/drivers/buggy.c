@@ -33,6 +33,7 @@ enum {
 #define D 4
 
 static struct vmmio dev;
+static struct vdev vdev; /* the rings' view of dev (virtio_dev.h) */
 static struct vq q;
 static u32 bug;
 static struct virtio_blk_outhdr *hdr;
@@ -148,7 +149,9 @@ static int blk(void)
 	u32 max = vm_rd(&dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
 	u16 size = bug == QUEUE_NUM ? (u16)(max + 1) : 64;
 	vq_layout(&q, (u64)ring, size, 0, 1);
-	q.dev = &dev;
+	vdev = vd_from_mmio(&dev);
+	q.dev = &vdev;
+	q.notify = dev.base + VIRTIO_MMIO_QUEUE_NOTIFY;
 	q.index = 0;
 	vm_wr(&dev, VIRTIO_MMIO_QUEUE_SEL, 0);
 	vm_wr(&dev, VIRTIO_MMIO_QUEUE_NUM, size);
@@ -181,7 +184,8 @@ static int rng(void)
 	vm_set_features(&dev, BIT64(VIRTIO_F_VERSION_1));
 	void *ring = pv_alloc(16 << 10, 4096);
 	u8 *b = pv_alloc(64, 16);
-	vq_init(&q, &dev, 0, (u64)ring, 16, 0, 0);
+	vdev = vd_from_mmio(&dev);
+	vq_init(&q, &vdev, 0, (u64)ring, 16, 0, 0);
 	vm_driver_ok(&dev);
 	struct vq_seg seg = { (u64)b, 64, bug != RNG_READABLE };
 	vq_add(&q, 0, &seg, 1);
