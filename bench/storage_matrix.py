@@ -132,13 +132,15 @@ def backend_cmd(
     name: str, matrix: str, sock: Path, image: Path, queues: int, baseline: Path | None = None
 ) -> list[str]:
     direct = matrix == "cold"
-    if name == "baseline":  # another checkout (e.g. main before this work): page cache only
-        if baseline is None or direct:
-            raise SystemExit("the baseline back-end needs --baseline-repo and --matrix cache")
+    if name == "baseline":  # another checkout (e.g. main before this work)
+        if baseline is None:
+            raise SystemExit("the baseline back-end needs --baseline-repo")
         return [
             backend_python(), "-m", "virtio", "serve", "blk",  # run from cwd=baseline
             "--socket-path", str(sock), "--blk-file", str(image), "--format", "raw",
             "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
+            # cold: a checkout with --cache/--aio (page cache: the defaults, any checkout)
+            *(["--cache", "none", "--aio", "io_uring"] if direct else []),
         ]  # fmt: skip
     if name.startswith("ours"):
         aio = "threads" if name == "ours-threads" else "io_uring"

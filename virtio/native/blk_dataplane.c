@@ -406,6 +406,27 @@ static uint32_t blk_reap(void *dev, struct dp_done *out, uint32_t max)
     return n;
 }
 
+static int blk_watch(void *dev, int kick, int wake)
+{
+#ifdef HAVE_LIBURING
+    return aio_uring_watch(&((struct blk_priv *)((struct blk_dp *)dev)->priv)->aio, kick, wake);
+#else
+    (void)dev, (void)kick, (void)wake;
+    return -ENOSYS;
+#endif
+}
+
+static int blk_wait(void *dev, int want, int timeout_ms)
+{
+#ifdef HAVE_LIBURING
+    return aio_uring_wait(&((struct blk_priv *)((struct blk_dp *)dev)->priv)->aio, want,
+                          timeout_ms);
+#else
+    (void)dev, (void)want, (void)timeout_ms;
+    return -ENOSYS;
+#endif
+}
+
 static int blk_start(void *dev)
 {
     struct blk_dp *dp = dev;
@@ -428,7 +449,15 @@ static int blk_start(void *dev)
         return e;
     }
     dp->engine_used = e;
-    dp->core.poll_fd = pv->aio.efd;
+    if (aio_waits_in_ring(&pv->aio)) { /* one io_uring_enter per wait, and per wake-up */
+        dp->core.poll_fd = -1;
+        dp->core.watch = blk_watch;
+        dp->core.wait = blk_wait;
+        dp->ring_wait = 1;
+    } else {
+        dp->ring_wait = 0;
+        dp->core.poll_fd = pv->aio.efd;
+    }
     __atomic_store_n(&dp->priv, pv, __ATOMIC_RELEASE);
     return 0;
 }
@@ -441,6 +470,8 @@ static void blk_finish(void *dev)
         return;
     dp->priv = NULL;
     dp->core.poll_fd = -1;
+    dp->core.watch = NULL;
+    dp->core.wait = NULL;
     aio_destroy(&pv->aio);
     for (uint32_t i = 0; i < pv->nslots; i++) {
         free(pv->slots[i].iov);

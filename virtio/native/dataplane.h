@@ -34,6 +34,10 @@ void vu_inflight_used(uint8_t *region, uint16_t desc_num, const uint16_t *heads,
 #define DP_DEFER_MAX 256
 #define DP_DEFER_SEGS 8192
 #define DP_ASYNC 4294967295
+/* events of a device's own wait (struct dp.wait) */
+#define DP_EV_KICK 1
+#define DP_EV_WAKE 2
+#define DP_EV_DONE 4
 
 /* A chain served asynchronously, reported by the device's reap callback: used
  * length > 0 to complete it, or 0 to defer it to Python with the errno of the I/O
@@ -77,6 +81,17 @@ struct dp {
     void (*submit)(void *dev);
     uint32_t (*reap)(void *dev, struct dp_done *out, uint32_t max);
     int poll_fd;
+    /* Optional, instead of poll() on the eventfds and poll_fd: the device waits in
+     * its own mechanism (an io_uring that also reads the kick and wake eventfds: one
+     * system call per wait, which also submits, and one wake-up per event).  watch
+     * names the eventfds to wait on: called with the core's lock held whenever the
+     * ring's kick eventfd changed (-1: none), so the fd numbers are still the ones
+     * meant.  wait blocks until one of the DP_EV_* events in `want` happened (kicks
+     * and wakes are consumed; completions are left for reap) or timeout_ms (< 0:
+     * none) passed, and returns the events, 0 on timeout, or -errno. */
+    int (*watch)(void *dev, int kick, int wake);
+    int (*wait)(void *dev, int want, int timeout_ms);
+    int watched_kick;           /* the kick eventfd last given to watch (-2: none yet) */
     struct dp_pend *pend;       /* q->size slots, by head (buffer id), while running */
     uint32_t pending;           /* chains in progress */
     /* deferred chains, protected by mu */
@@ -137,6 +152,7 @@ struct blk_dp {
     uint32_t logical_block, mem_align;
     /* the I/O engine asked for (BLK_AIO_*) and the one running */
     int engine, engine_used, threads;
+    int ring_wait;              /* io_uring: the thread waits in the ring (1), or polls */
     void *priv;
     uint64_t reads, writes, flushes, syncs;
     uint64_t inline_done, bounced, uring_submits;

@@ -60,7 +60,7 @@ class BlkDataPlane(NativeDataPlane):
     c_type: ClassVar[str] = "struct blk_dp"
     device_statistics: ClassVar[tuple[str, ...]] = (
         "reads", "writes", "flushes", "syncs", "inline_done", "bounced", "uring_submits",
-        "engine_used",
+        "engine_used", "ring_wait",
     )  # fmt: skip
     device: VirtioBlk
 
