@@ -136,6 +136,30 @@ uint32_t dp_script_started(struct dp_script *s, uint16_t *out, uint32_t max);
 #define BLK_AIO_THREADS 1
 #define BLK_AIO_URING 2
 
+/* A qcow2 image's allocated clusters, for reads without Python (blk_dataplane.c;
+ * filled and invalidated by virtio/devices/blk/qcow2/native.py).  host[gc] is the
+ * host offset of guest cluster gc when the whole cluster is plain data in the top
+ * image (not compressed, zero, unallocated or partly allocated), else 0: "ask
+ * Python".  Python clears an entry before the L2 entry behind it changes, and
+ * before a freed host cluster can be reused calls qcow2_map_synchronize, which
+ * waits for every native read that may have looked the old offset up (readers are
+ * counted per epoch parity). */
+struct qcow2_map {
+    uint64_t *host;             /* nclusters entries (mmap, pages touched on use) */
+    uint64_t nclusters;
+    uint32_t cluster_bits;
+    uint32_t epoch;
+    int64_t readers[2];
+    uint64_t hits, misses, syncs;
+};
+
+int qcow2_map_init(struct qcow2_map *m, uint64_t nclusters, uint32_t cluster_bits);
+void qcow2_map_destroy(struct qcow2_map *m);
+void qcow2_map_set(struct qcow2_map *m, uint64_t gc, uint64_t host);
+void qcow2_map_set_many(struct qcow2_map *m, const uint64_t *gcs, const uint64_t *hosts,
+                        uint32_t n);
+void qcow2_map_synchronize(struct qcow2_map *m);
+
 struct blk_dp {
     struct dp core;
     int img_fd;
@@ -150,12 +174,16 @@ struct blk_dp {
      * defer), flushes ignored (unsafe) */
     int direct, no_flush;
     uint32_t logical_block, mem_align;
+    /* qcow2: allocated-cluster reads through this map (img_fd is the qcow2 file);
+     * everything else is deferred to Python.  NULL for raw images. */
+    struct qcow2_map *qmap;
     /* the I/O engine asked for (BLK_AIO_*) and the one running */
     int engine, engine_used, threads;
     int ring_wait;              /* io_uring: the thread waits in the ring (1), or polls */
     void *priv;
     uint64_t reads, writes, flushes, syncs;
     uint64_t inline_done, bounced, uring_submits;
+    uint64_t qcow2_reads, qcow2_deferred;
 };
 
 void blk_dp_attach(struct blk_dp *b);
