@@ -25,6 +25,10 @@ back-end process per run, so ratios come from the same minutes of the machine):
   allocated image (``qemu-img convert`` of the raw image), ``fresh-*`` a new
   overlay over the raw image (every read falls through to the base; made afresh
   before every run); 4 KiB random read / write at QD 1 and 32.
+* ``nbd`` (issue 9 §3): both back-ends on the same NBD export, a ``qemu-nbd``
+  (``--cache=none --aio=io_uring``) of the raw image started for every run, caches
+  dropped; ours ``--blk-file nbd+unix://...``, qsd ``driver=nbd``; 4 KiB random
+  read / write at QD 1 and 32, one queue.
 
 Per run: IOPS (requests completed / seconds) and the back-end's CPU time per
 request (utime + stime of all its threads, ``/proc/PID/stat``).  Per point: the
@@ -112,12 +116,17 @@ class Point:
     write: bool
     seq: bool
     queues: int
-    image: str = "raw"  # raw, qcow2-alloc, qcow2-fresh
+    image: str = "raw"  # raw, qcow2-alloc, qcow2-fresh, nbd
 
 
 def points_for(matrix: str) -> list[Point]:
     shapes = [("randread-4k", 4096, False, False), ("randwrite-4k", 4096, True, False)]
     out = []
+    if matrix == "nbd":
+        for name, bs, write, seq in shapes:
+            for qd in (1, 32):
+                out.append(Point(f"nbd-{name}-qd{qd}", bs, qd, write, seq, 1, "nbd"))
+        return out
     if matrix == "qcow2":
         for kind in ("alloc", "fresh"):
             for name, bs, write, seq in shapes:
@@ -151,6 +160,21 @@ def backend_cmd(
     fmt: str = "raw",
 ) -> list[str]:
     direct = matrix in ("cold", "qcow2")
+    if fmt == "nbd":  # image: the NBD server's unix socket, export "disk"
+        if name.startswith("ours"):
+            return [
+                backend_python(), "-m", "virtio", "serve", "blk",
+                "--socket-path", str(sock), "--blk-file", f"nbd+unix:///disk?socket={image}",
+                "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
+            ]  # fmt: skip
+        return [
+            shutil.which("qemu-storage-daemon") or "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=nbd,node-name=disk0,server.type=unix,server.path={image},export=disk",
+            "--export",
+            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+            f"writable=on,num-queues={queues}",
+        ]  # fmt: skip
     if name == "baseline":  # another checkout (e.g. main before this work)
         if baseline is None:
             raise SystemExit("the baseline back-end needs --baseline-repo")
@@ -260,9 +284,21 @@ async def run_one(
     sock = work / f"{backend}.sock"
     sock.unlink(missing_ok=True)
     image, fmt = args.image, "raw"
-    if point.image != "raw":
+    nbd_server = None
+    if point.image == "nbd":
+        image, fmt = work / "nbd.sock", "nbd"
+        image.unlink(missing_ok=True)
+        nbd_server = subprocess.Popen(
+            ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-k", str(image),
+             "--cache=none", "--aio=io_uring", str(args.image)],
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        with trio.fail_after(20):
+            while not image.exists():
+                await trio.sleep(0.02)
+    elif point.image != "raw":
         image, fmt = qcow2_image(args, point.image, work), "qcow2"
-    if args.matrix_now in ("cold", "qcow2"):
+    if args.matrix_now in ("cold", "qcow2", "nbd"):
         drop_caches()
     cmd = backend_cmd(backend, args.matrix_now, sock, image, point.queues, args.baseline_repo, fmt)
     cwd = args.baseline_repo if backend == "baseline" else REPO
@@ -326,6 +362,9 @@ async def run_one(
             await fe.aclose()
         await stop_process(proc)
         ram.close()
+        if nbd_server is not None:
+            nbd_server.terminate()
+            nbd_server.wait(10)
 
 
 # --------------------------------------------------------------------------- summary
@@ -428,7 +467,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--matrix", default="cold,cache", help="cold, cache, qcow2, or several (cold,cache)"
+        "--matrix", default="cold,cache", help="cold, cache, qcow2, nbd, or several (cold,cache)"
     )
     ap.add_argument("--image", type=Path, default=Path("/var/tmp/pyvirtio-storage-bench.img"))
     ap.add_argument("--size", type=int, default=4 * GiB, help="image size in bytes (4 GiB)")
