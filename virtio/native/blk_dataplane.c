@@ -37,12 +37,14 @@
  * write-through write fails with it, on every queue and on the Python path (QEMU's
  * file-posix does the same after "fsyncgate").
  *
- * qcow2 images (qmap set): only reads are served here, and only of guest clusters
- * the map names (allocated plain data in the top image, the run of clusters of one
- * request contiguous in the file): the read goes to the host offset, on the same
- * engine and with the same cache mode as a raw image.  Everything else -- a cluster
- * the map does not know, writes, FLUSH, DISCARD ... -- is deferred to the Python
- * qcow2 code (virtio/devices/blk/qcow2/), which owns the metadata. */
+ * qcow2 images (qmap set): reads of guest clusters the map names (allocated plain
+ * data in the top image, the run of clusters of one request contiguous in the file),
+ * and writes into such clusters when the map also marks them writable in place
+ * (QCOW2_MAP_IN_PLACE: the image owns them, refcount 1 -- a write there changes no
+ * metadata), go to the host offset, on the same engine and with the same cache mode
+ * as a raw image.  Everything else -- a cluster the map does not know, write-through
+ * writes, FLUSH, DISCARD ... -- is deferred to the Python qcow2 code
+ * (virtio/devices/blk/qcow2/), which owns the metadata. */
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -163,17 +165,22 @@ static int qcow2_enter(struct qcow2_map *m)
 }
 
 /* The host offset of guest bytes [off, off + len) when the map names every cluster
- * of it and they are contiguous in the file; 0 otherwise.  Called counted in. */
-static uint64_t qcow2_lookup(struct qcow2_map *m, uint64_t off, uint64_t len)
+ * of it (for a write: writable in place) and they are contiguous in the file; 0
+ * otherwise.  Called counted in. */
+static uint64_t qcow2_lookup(struct qcow2_map *m, uint64_t off, uint64_t len, int write_)
 {
     uint32_t cb = m->cluster_bits;
     uint64_t gc = off >> cb, last = (off + len - 1) >> cb;
+    uint64_t need = write_ ? QCOW2_MAP_IN_PLACE : 0;
     if (last >= m->nclusters)
         return 0;
     uint64_t h = __atomic_load_n(&m->host[gc], __ATOMIC_SEQ_CST);
+    if ((h & need) != need)
+        return 0;
     for (uint64_t g = gc + 1; h && g <= last; g++)
         if (__atomic_load_n(&m->host[g], __ATOMIC_SEQ_CST) != h + ((g - gc) << cb))
-            return 0;
+            return 0; /* (the flags must match too) */
+    h &= ~(uint64_t)QCOW2_MAP_IN_PLACE;
     return h ? h + (off & (((uint64_t)1 << cb) - 1)) : 0;
 }
 
@@ -377,7 +384,7 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
     const struct vq_seg *last = &segs[c->nsegs - 1];
     if (!last->writable || last->len == 0)
         return 0;
-    if (dp->qmap && type != VIRTIO_BLK_T_IN)
+    if (dp->qmap && type != VIRTIO_BLK_T_IN && type != VIRTIO_BLK_T_OUT)
         return 0; /* qcow2: the image's metadata is Python's */
     struct blk_slot *s = &pv->slots[c->head];
     s->qparity = -1;
@@ -415,8 +422,10 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
             return blk_finish_ok(dp, s);
         }
         if (dp->qmap) { /* guest offset -> host offset, or Python's */
+            if (write_ && __atomic_load_n(&dp->writethrough, __ATOMIC_RELAXED))
+                return 0; /* Python's, with the image's sticky flush error */
             s->qparity = (int8_t)qcow2_enter(dp->qmap);
-            off = qcow2_lookup(dp->qmap, off, len);
+            off = qcow2_lookup(dp->qmap, off, len, write_);
             if (!off) {
                 dp->qcow2_deferred++;
                 blk_qleave(dp, s);
@@ -456,11 +465,13 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
             }
             if (r > 0) {
                 dp->inline_done++;
-                dp->qcow2_reads += dp->qmap != NULL;
+                dp->qcow2_reads += dp->qmap && !write_;
+                dp->qcow2_writes += dp->qmap && write_;
                 return blk_finish_ok(dp, s);
             }
         }
-        dp->qcow2_reads += dp->qmap != NULL;
+        dp->qcow2_reads += dp->qmap && !write_;
+        dp->qcow2_writes += dp->qmap && write_;
         if (sync) {
             int e = blk_sync_err(dp);
             if (e) {

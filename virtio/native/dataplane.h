@@ -140,10 +140,12 @@ uint32_t dp_script_started(struct dp_script *s, uint16_t *out, uint32_t max);
  * filled and invalidated by virtio/devices/blk/qcow2/native.py).  host[gc] is the
  * host offset of guest cluster gc when the whole cluster is plain data in the top
  * image (not compressed, zero, unallocated or partly allocated), else 0: "ask
- * Python".  Python clears an entry before the L2 entry behind it changes, and
+ * Python"; with QCOW2_MAP_IN_PLACE set when a write may go there too.  Python clears an entry before the L2 entry behind it changes, and
  * before a freed host cluster can be reused calls qcow2_map_synchronize, which
  * waits for every native read that may have looked the old offset up (readers are
  * counted per epoch parity). */
+#define QCOW2_MAP_IN_PLACE 1 /* host[gc] flag: writable in place (refcount 1) */
+
 struct qcow2_map {
     uint64_t *host;             /* nclusters entries (mmap, pages touched on use) */
     uint64_t nclusters;
@@ -183,7 +185,7 @@ struct blk_dp {
     void *priv;
     uint64_t reads, writes, flushes, syncs;
     uint64_t inline_done, bounced, uring_submits;
-    uint64_t qcow2_reads, qcow2_deferred;
+    uint64_t qcow2_reads, qcow2_writes, qcow2_deferred;
 };
 
 void blk_dp_attach(struct blk_dp *b);

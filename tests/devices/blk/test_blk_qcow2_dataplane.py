@@ -4,7 +4,8 @@ path of an allocated-cluster read does not enter the Python interpreter").
 The data plane serves a read itself when the image's cluster map
 (``virtio/devices/blk/qcow2/native.py``, ``struct qcow2_map``) names every cluster of
 it; writes, FLUSH, DISCARD and reads of unallocated, zero, compressed or backing
-clusters go to the Python qcow2 code.  Checked here through the data plane as
+clusters go to the Python qcow2 code; a write is the data plane's own only into
+clusters the image owns (refcount 1: no metadata changes).  Checked here through the data plane as
 vhost-user drives it (kick and call eventfds): native reads on both engines and
 with and without O_DIRECT, a discarded cluster whose space is reused by another
 guest cluster, and an L2 entry pointing into the image's own metadata.
@@ -69,6 +70,35 @@ async def test_allocated_cluster_reads_never_reach_python(tmp_path, cache, aio):
     finally:
         rig.close()
     _check(rig.image)
+
+
+async def test_writes_into_owned_clusters_are_native_and_reach_the_image(tmp_path):
+    rig = Rig(tmp_path, image_format="qcow2", size=4 << 20)
+    first, second = os.urandom(CS), os.urandom(8192)
+    ok = bytes([OK])
+    want = first[:8192] + second + first[16384:]
+    try:
+        async with trio.open_nursery() as nursery:
+            plane = await serve(rig, nursery)
+            assert (await rig.request([hdr(OUT, 4 * SPC), first], [1])).data == ok  # allocates
+            before = plane.statistics()
+            assert (await rig.request([hdr(OUT, 4 * SPC + 16), second], [1])).data == ok
+            assert (await rig.request([hdr(OUT, 6 * SPC), second], [1])).data == ok
+            assert (await rig.request([hdr(FLUSH)], [1])).data == ok
+            after = plane.statistics()
+            # in place: native; an unallocated cluster and the flush: Python
+            assert after["qcow2_writes"] - before["qcow2_writes"] == 1, after
+            assert after["deferred"] - before["deferred"] == 2, after
+            assert (await rig.request([hdr(IN, 4 * SPC)], [CS, 1])).data == want + ok
+            nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    _check(rig.image)
+    raw = tmp_path / "out.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(rig.image), str(raw)], check=True)
+    data = raw.read_bytes()
+    assert data[4 * CS : 5 * CS] == want
+    assert data[6 * CS : 6 * CS + 8192] == second
 
 
 async def test_discarded_cluster_is_not_read_natively_once_its_space_is_reused(tmp_path):

@@ -60,7 +60,8 @@ class BlkDataPlane(NativeDataPlane):
     c_type: ClassVar[str] = "struct blk_dp"
     device_statistics: ClassVar[tuple[str, ...]] = (
         "reads", "writes", "flushes", "syncs", "inline_done", "bounced", "uring_submits",
-        "engine_used", "ring_wait", "qcow2_reads", "qcow2_deferred",
+        "engine_used", "ring_wait", "qcow2_reads", "qcow2_writes",
+        "qcow2_deferred",
     )  # fmt: skip
     device: VirtioBlk
 

@@ -60,7 +60,7 @@ from virtio.devices.blk.qcow2.mapping import (
     check_l2_entry,
     classify,
 )
-from virtio.devices.blk.qcow2.native import NativeMap, fill_from_table, plain_host
+from virtio.devices.blk.qcow2.native import NativeMap, fill_from_table, map_value
 from virtio.devices.blk.qcow2.refcount import Refcounts
 from virtio.errors import BackendIOError
 
@@ -279,9 +279,15 @@ class Qcow2Image:
         self.l2_cache.mark_dirty(self.l1[l1i] & OFFSET_MASK)
         if native is not None and l1i in self._native_l1:
             # our writers put the data in place before the entry names it
-            host = plain_host(entry, bitmap, extended=self.extended, version=self.version)
-            if host:
-                native.set(gc, host)
+            value = map_value(
+                entry,
+                bitmap,
+                extended=self.extended,
+                version=self.version,
+                writable=not self.read_only,
+            )
+            if value:
+                native.set(gc, value)
 
     def _free_later(self, entry: int) -> None:
         """The cluster(s) ``entry`` pointed to are no longer referenced by it: give

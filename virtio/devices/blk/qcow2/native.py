@@ -2,7 +2,10 @@
 ``virtio/native/blk_dataplane.c``): guest cluster -> host offset of every cluster
 that is plain allocated data in the top image, so that the read of such a cluster
 never enters the interpreter (issue 9 §1: "the hot path of an allocated-cluster
-read does not enter the Python interpreter").
+read does not enter the Python interpreter").  A cluster the image owns (the COPIED
+bit: refcount 1) is marked ``IN_PLACE``: a write there changes no metadata, so the
+data plane writes it too (not write-through writes: those stay with the image's
+sticky flush error in Python).
 
 ``Qcow2Image`` keeps the map true (``image.py``):
 
@@ -28,10 +31,13 @@ from virtio.devices.blk.qcow2.mapping import (
     ALL_ALLOC,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
+    OFLAG_COPIED,
     OFLAG_ZERO,
     check_l2_entry,
 )
 from virtio.native import ffi, lib
+
+IN_PLACE = lib.QCOW2_MAP_IN_PLACE
 
 
 def plain_host(entry: int, bitmap: int, *, extended: bool, version: int) -> int:
@@ -44,6 +50,15 @@ def plain_host(entry: int, bitmap: int, *, extended: bool, version: int) -> int:
     elif version >= 3 and entry & OFLAG_ZERO:
         return 0
     return entry & OFFSET_MASK
+
+
+def map_value(entry: int, bitmap: int, *, extended: bool, version: int, writable: bool) -> int:
+    """The map's value for an L2 entry: its plain host offset (0: not mapped), with
+    ``IN_PLACE`` when the image is writable and owns the cluster."""
+    host = plain_host(entry, bitmap, extended=extended, version=version)
+    if host and writable and entry & OFLAG_COPIED:
+        host |= IN_PLACE
+    return host
 
 
 class NativeMap:
@@ -82,20 +97,23 @@ def fill_from_table(native: NativeMap, image: Any, first_gc: int, table: bytes |
     """Enter the plain data clusters of one L2 table (guest clusters from
     ``first_gc``) that pass the checks a Python read makes; others stay 0."""
     extended = image.extended
+    writable = not image.read_only
     n = len(table) // (16 if extended else 8)
     words = struct.unpack(f">{n * 2 if extended else n}Q", table)
     gcs: list[int] = []
     hosts: list[int] = []
     for i in range(n):
         entry, bitmap = (words[2 * i], words[2 * i + 1]) if extended else (words[i], 0)
-        host = plain_host(entry, bitmap, extended=extended, version=image.version)
-        if not host or first_gc + i >= native.c.nclusters:
+        value = map_value(
+            entry, bitmap, extended=extended, version=image.version, writable=writable
+        )
+        if not value or first_gc + i >= native.c.nclusters:
             continue
         try:
             check_l2_entry(entry, bitmap, extended=extended, cluster_size=image.cs)
-            image._check_host(host, "data cluster")
+            image._check_host(value & OFFSET_MASK, "data cluster", write=bool(value & IN_PLACE))
         except Qcow2FormatError:
             continue  # Python refuses it when the guest reads it
         gcs.append(first_gc + i)
-        hosts.append(host)
+        hosts.append(value)
     native.set_many(gcs, hosts)
