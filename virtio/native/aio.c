@@ -475,6 +475,15 @@ int aio_uring_usable(void)
 #endif
 }
 
+/* Tests: 0 makes new io_uring engines wait on efd with poll() as on kernels whose
+ * eventfd READs do not wait (the fallback), 1 (default) waits in the ring. */
+static int aio_ring_wait_allowed = 1;
+
+void aio_set_ring_wait(int on)
+{
+    __atomic_store_n(&aio_ring_wait_allowed, on, __ATOMIC_RELAXED);
+}
+
 #ifdef HAVE_LIBURING
 /* Whether a READ of an empty non-blocking eventfd waits on this kernel (instead of
  * failing with EAGAIN): what waiting in the ring needs, since the kick eventfds the
@@ -544,7 +553,8 @@ static int aio_init(struct aio *a, int engine, uint32_t nslots, int threads)
         if (rc == 0) {
             a->ring_ok = 1;
             a->engine = BLK_AIO_URING;
-            a->wait_in_ring = aio_uring_reads_wait(a);
+            a->wait_in_ring = __atomic_load_n(&aio_ring_wait_allowed, __ATOMIC_RELAXED) &&
+                              aio_uring_reads_wait(a);
             if (!a->wait_in_ring && io_uring_register_eventfd(&a->ring, a->efd) != 0) {
                 io_uring_queue_exit(&a->ring);
                 a->ring_ok = 0;

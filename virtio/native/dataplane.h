@@ -197,5 +197,8 @@ int aio_uring_usable(void);
 /* Fault injection for tests (off unless a directory is set): the files "preadv",
  * "pwritev", "fdatasync" in it hold "ERRNO COUNT" (virtio.testing.faults). */
 void dp_set_fault_dir(const char *dir);
+/* Tests: 0 makes new io_uring engines poll their completion eventfd (the fallback
+ * where eventfd READs on the ring do not wait) instead of waiting in the ring. */
+void aio_set_ring_wait(int on);
 
 #endif

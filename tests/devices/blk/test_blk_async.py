@@ -316,3 +316,28 @@ async def test_io_uring_waits_in_its_ring_and_follows_a_replaced_kick_eventfd(tm
             nursery.cancel_scope.cancel()
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+async def test_io_uring_without_waiting_in_its_ring(tmp_path, cache):
+    # The fallback for kernels where a READ of a non-blocking eventfd on the ring
+    # fails instead of waiting: completions signal an eventfd the thread polls.
+    lib.aio_set_ring_wait(0)
+    rig = Rig(tmp_path, aio="io_uring", cache=cache, size=1 << 20)
+    data = {i: os.urandom(4096) for i in range(16)}
+    try:
+        async with trio.open_nursery() as nursery:
+            plane = await serve(rig, nursery)
+            tokens = [rig.submit([hdr(OUT, 8 * i), d], [1]) for i, d in data.items()]
+            tokens.append(rig.submit([hdr(FLUSH)], [1]))
+            for t in tokens:
+                assert (await rig.wait(t)).data == bytes([OK])
+            for i, d in data.items():
+                used = await rig.request([hdr(IN, 8 * i)], [4096, 1])
+                assert used.data == d + bytes([OK])
+            stats = plane.statistics()
+            assert (stats["engine_used"], stats["ring_wait"]) == (lib.BLK_AIO_URING, 0)
+            nursery.cancel_scope.cancel()
+    finally:
+        lib.aio_set_ring_wait(1)
+        rig.close()
