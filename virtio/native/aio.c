@@ -549,12 +549,19 @@ static int aio_init(struct aio *a, int engine, uint32_t nslots, int threads)
             p.cq_entries = 4 * entries + 16;
             rc = io_uring_queue_init_params(entries, &a->ring, &p);
             a->defer_taskrun = rc == 0 && (flags[i] & IORING_SETUP_DEFER_TASKRUN);
+            if (rc == 0)
+                a->wait_in_ring = __atomic_load_n(&aio_ring_wait_allowed, __ATOMIC_RELAXED) &&
+                                  aio_uring_reads_wait(a);
+            if (rc == 0 && a->defer_taskrun && !a->wait_in_ring) {
+                /* polling efd instead: completions must be posted without our
+                 * GETEVENTS, which DEFER_TASKRUN would hold back */
+                io_uring_queue_exit(&a->ring);
+                rc = -EINVAL;
+            }
         }
         if (rc == 0) {
             a->ring_ok = 1;
             a->engine = BLK_AIO_URING;
-            a->wait_in_ring = __atomic_load_n(&aio_ring_wait_allowed, __ATOMIC_RELAXED) &&
-                              aio_uring_reads_wait(a);
             if (!a->wait_in_ring && io_uring_register_eventfd(&a->ring, a->efd) != 0) {
                 io_uring_queue_exit(&a->ring);
                 a->ring_ok = 0;
