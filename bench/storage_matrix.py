@@ -20,6 +20,15 @@ back-end process per run, so ratios come from the same minutes of the machine):
 * ``cache``: page cache (ours ``--cache writeback``, qsd ``cache.direct=off,
   aio=io_uring``), image read into the page cache first; 4 KiB random read / write
   at QD 1 and 32, 1 and 2 queues.
+* ``qcow2`` (issue 9 §3): the same cold O_DIRECT set-up on qcow2 (ours ``--format
+  qcow2``, qsd ``driver=qcow2``), 64 KiB clusters, one queue: ``alloc-*`` a fully
+  allocated image (``qemu-img convert`` of the raw image), ``fresh-*`` a new
+  overlay over the raw image (every read falls through to the base; made afresh
+  before every run); 4 KiB random read / write at QD 1 and 32.
+* ``nbd`` (issue 9 §3): both back-ends on the same NBD export, a ``qemu-nbd``
+  (``--cache=none --aio=io_uring``) of the raw image started for every run, caches
+  dropped; ours ``--blk-file nbd+unix://...``, qsd ``driver=nbd``; 4 KiB random
+  read / write at QD 1 and 32, one queue.
 
 Per run: IOPS (requests completed / seconds) and the back-end's CPU time per
 request (utime + stime of all its threads, ``/proc/PID/stat``).  Per point: the
@@ -107,11 +116,24 @@ class Point:
     write: bool
     seq: bool
     queues: int
+    image: str = "raw"  # raw, qcow2-alloc, qcow2-fresh, nbd
 
 
 def points_for(matrix: str) -> list[Point]:
     shapes = [("randread-4k", 4096, False, False), ("randwrite-4k", 4096, True, False)]
     out = []
+    if matrix == "nbd":
+        for name, bs, write, seq in shapes:
+            for qd in (1, 32):
+                out.append(Point(f"nbd-{name}-qd{qd}", bs, qd, write, seq, 1, "nbd"))
+        return out
+    if matrix == "qcow2":
+        for kind in ("alloc", "fresh"):
+            for name, bs, write, seq in shapes:
+                for qd in (1, 32):
+                    p = Point(f"{kind}-{name}-qd{qd}", bs, qd, write, seq, 1, f"qcow2-{kind}")
+                    out.append(p)
+        return out
     for queues in (1, 2):
         for name, bs, write, seq in shapes:
             for qd in (1, 32):
@@ -129,22 +151,45 @@ def backend_python() -> str:
 
 
 def backend_cmd(
-    name: str, matrix: str, sock: Path, image: Path, queues: int, baseline: Path | None = None
+    name: str,
+    matrix: str,
+    sock: Path,
+    image: Path,
+    queues: int,
+    baseline: Path | None = None,
+    fmt: str = "raw",
 ) -> list[str]:
-    direct = matrix == "cold"
-    if name == "baseline":  # another checkout (e.g. main before this work): page cache only
-        if baseline is None or direct:
-            raise SystemExit("the baseline back-end needs --baseline-repo and --matrix cache")
+    direct = matrix in ("cold", "qcow2")
+    if fmt == "nbd":  # image: the NBD server's unix socket, export "disk"
+        if name.startswith("ours"):
+            return [
+                backend_python(), "-m", "virtio", "serve", "blk",
+                "--socket-path", str(sock), "--blk-file", f"nbd+unix:///disk?socket={image}",
+                "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
+            ]  # fmt: skip
+        return [
+            shutil.which("qemu-storage-daemon") or "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=nbd,node-name=disk0,server.type=unix,server.path={image},export=disk",
+            "--export",
+            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+            f"writable=on,num-queues={queues}",
+        ]  # fmt: skip
+    if name == "baseline":  # another checkout (e.g. main before this work)
+        if baseline is None:
+            raise SystemExit("the baseline back-end needs --baseline-repo")
         return [
             backend_python(), "-m", "virtio", "serve", "blk",  # run from cwd=baseline
             "--socket-path", str(sock), "--blk-file", str(image), "--format", "raw",
             "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
+            # cold: a checkout with --cache/--aio (page cache: the defaults, any checkout)
+            *(["--cache", "none", "--aio", "io_uring"] if direct else []),
         ]  # fmt: skip
     if name.startswith("ours"):
         aio = "threads" if name == "ours-threads" else "io_uring"
         return [
             backend_python(), "-m", "virtio", "serve", "blk",
-            "--socket-path", str(sock), "--blk-file", str(image), "--format", "raw",
+            "--socket-path", str(sock), "--blk-file", str(image), "--format", fmt,
             "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
             "--cache", "none" if direct else "writeback", "--aio", aio,
         ]  # fmt: skip
@@ -156,7 +201,7 @@ def backend_cmd(
         "--blockdev",
         f"driver=file,node-name=file0,filename={image},"
         f"cache.direct={'on' if direct else 'off'},aio=io_uring",
-        "--blockdev", "driver=raw,node-name=disk0,file=file0",
+        "--blockdev", f"driver={fmt},node-name=disk0,file=file0",
         "--export",
         f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
         f"writable=on,num-queues={queues}",
@@ -186,6 +231,26 @@ def make_image(path: Path, size: int) -> None:
             f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
+
+
+def qcow2_image(args: argparse.Namespace, kind: str, work: Path) -> Path:
+    """The qcow2 image of a point: ``qcow2-alloc`` every cluster allocated (made once,
+    next to the raw image; writes go in place, it stays allocated), ``qcow2-fresh`` a
+    new empty overlay over the raw image (made for every run)."""
+    if kind == "qcow2-alloc":
+        path = args.image.with_suffix(".alloc.qcow2")
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                            "-o", "cluster_size=65536", str(args.image), str(tmp)],
+                           check=True)  # fmt: skip
+            tmp.rename(path)
+        return path
+    path = work / "fresh.qcow2"
+    path.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
+                    "-b", str(args.image), "-F", "raw", str(path)], check=True)  # fmt: skip
+    return path
 
 
 def warm(path: Path) -> None:
@@ -218,9 +283,24 @@ async def run_one(
 ) -> Run:
     sock = work / f"{backend}.sock"
     sock.unlink(missing_ok=True)
-    if args.matrix_now == "cold":
+    image, fmt = args.image, "raw"
+    nbd_server = None
+    if point.image == "nbd":
+        image, fmt = work / "nbd.sock", "nbd"
+        image.unlink(missing_ok=True)
+        nbd_server = subprocess.Popen(
+            ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-k", str(image),
+             "--cache=none", "--aio=io_uring", str(args.image)],
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        with trio.fail_after(20):
+            while not image.exists():
+                await trio.sleep(0.02)
+    elif point.image != "raw":
+        image, fmt = qcow2_image(args, point.image, work), "qcow2"
+    if args.matrix_now in ("cold", "qcow2", "nbd"):
         drop_caches()
-    cmd = backend_cmd(backend, args.matrix_now, sock, args.image, point.queues, args.baseline_repo)
+    cmd = backend_cmd(backend, args.matrix_now, sock, image, point.queues, args.baseline_repo, fmt)
     cwd = args.baseline_repo if backend == "baseline" else REPO
     with open(work / f"{backend}.log", "ab") as log:
         proc = await trio.lowlevel.open_process(
@@ -234,7 +314,7 @@ async def run_one(
         await fe.negotiate()
         await fe.set_mem_table(ram)
         qs = []
-        span = args.image.stat().st_size // 512
+        span = args.size // 512  # the virtual size (a qcow2 file is larger)
         for i in range(point.queues):
             base = i * PER_QUEUE
             vring = await fe.setup_vring(i, ram, size=QUEUE_SIZE, offset=base, data_size=4096)
@@ -282,6 +362,9 @@ async def run_one(
             await fe.aclose()
         await stop_process(proc)
         ram.close()
+        if nbd_server is not None:
+            nbd_server.terminate()
+            nbd_server.wait(10)
 
 
 # --------------------------------------------------------------------------- summary
@@ -383,7 +466,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--matrix", default="cold,cache", help="cold, cache or both (cold,cache)")
+    ap.add_argument(
+        "--matrix", default="cold,cache", help="cold, cache, qcow2, nbd, or several (cold,cache)"
+    )
     ap.add_argument("--image", type=Path, default=Path("/var/tmp/pyvirtio-storage-bench.img"))
     ap.add_argument("--size", type=int, default=4 * GiB, help="image size in bytes (4 GiB)")
     ap.add_argument("--runtime", type=float, default=8.0, help="seconds per run (8)")

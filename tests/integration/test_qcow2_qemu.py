@@ -27,7 +27,9 @@ import trio
 from virtio.testing.blk_checks import (
     BlkDisk,
     check_mkfs_mount,
+    start_server,
     stop_process,
+    stop_server,
     vhost_user_blk_guest,
     wait_for_socket,
 )
@@ -175,8 +177,9 @@ async def _serve(sock: Path, blk_file: str, log, *extra: str) -> trio.Process:
     return proc
 
 
-async def _nbd_server(cmd: list[str], sock: Path, log) -> trio.Process:
-    proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, stderr=log)
+async def _nbd_server(cmd: list[str], sock: Path, log) -> subprocess.Popen:
+    # start_server, not open_process: nbdkit dies with the thread that forked it
+    proc = start_server(cmd, stderr=log)
     with trio.fail_after(20):
         while not sock.exists():
             assert proc.poll() is None, f"{cmd[0]} exited"
@@ -184,16 +187,30 @@ async def _nbd_server(cmd: list[str], sock: Path, log) -> trio.Process:
     return proc
 
 
+def _nbd_cmd(kind: str, image: Path, sock: Path, *, export: str, read_only: bool) -> list[str]:
+    """qemu-nbd or nbdkit's file plugin serving ``image`` on the unix socket ``sock``
+    (qemu-nbd as ``export``; nbdkit's file plugin serves any export name)."""
+    ro = ["-r"] if read_only else []
+    if kind == "qemu-nbd":
+        name = ["-x", export] if export else []
+        return ["qemu-nbd", "-f", "raw", *name, *ro, "-t", "-k", str(sock), str(image)]
+    return ["nbdkit", "-f", *ro, "-U", str(sock), "file", str(image)]
+
+
+@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit"])
 async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
-    guest_image: GuestImage, tmp_path: Path
+    guest_image: GuestImage, tmp_path: Path, kind: str
 ) -> None:
-    """vda: a qemu-nbd export served through ``--blk-file nbd+unix://...``; vdb: a
-    qcow2 overlay whose backing file is another (read-only) qemu-nbd export.
-    O_DIRECT patterns read back on both, vdb outside them shows the NBD base,
-    mkfs.ext4 + fsck on vda; afterwards the overlay passes qemu-img check, the base
-    is unchanged and the exported file is a clean ext4."""
-    if shutil.which("qemu-nbd") is None:
-        pytest.skip("qemu-nbd is needed (Debian package qemu-utils)")
+    """vda: an export of ``kind`` (qemu-nbd, or nbdkit's file plugin) served through
+    ``--blk-file nbd+unix://...``; vdb: a qcow2 overlay whose backing file is another
+    (read-only) export of the same server kind.  O_DIRECT patterns read back on
+    both, vdb outside them shows the NBD base, mkfs.ext4 + fsck on vda; afterwards
+    the overlay passes qemu-img check, the base is unchanged and the exported file
+    is a clean ext4."""
+    if shutil.which(kind) is None:
+        pytest.skip(
+            f"{kind} is needed (Debian package {'qemu-utils' if kind == 'qemu-nbd' else kind})"
+        )
     plain = tmp_path / "plain.raw"
     plain.write_bytes(b"")
     os.truncate(plain, SIZE)
@@ -201,17 +218,13 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
     base.write_bytes(hashlib.sha256(b"nbd base").digest() * (16 * MiB // 32))
     qsock, ksock = tmp_path / "plain.sock", tmp_path / "base.sock"
     log = open(tmp_path / "backend.log", "ab")  # noqa: SIM115 - handed to the children
+    servers: list[subprocess.Popen] = []
     procs: list[trio.Process] = []
     try:
-        procs.append(
-            await _nbd_server(
-                ["qemu-nbd", "-f", "raw", "-x", "plain", "-t", "-k", str(qsock), str(plain)],
-                qsock,
-                log,
-            )
-        )
-        base_cmd = ["qemu-nbd", "-f", "raw", "-r", "-t", "-k", str(ksock), str(base)]
-        procs.append(await _nbd_server(base_cmd, ksock, log))
+        cmd = _nbd_cmd(kind, plain, qsock, export="plain", read_only=False)
+        servers.append(await _nbd_server(cmd, qsock, log))
+        cmd = _nbd_cmd(kind, base, ksock, export="", read_only=True)
+        servers.append(await _nbd_server(cmd, ksock, log))
         top = tmp_path / "top.qcow2"
         _img("create", "-q", "-f", "qcow2", "-b", f"nbd+unix:///?socket={ksock}", "-F", "raw",
              str(top), "32M", cwd=tmp_path)  # fmt: skip
@@ -262,6 +275,9 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
         for proc in reversed(procs):
             with trio.CancelScope(shield=True):
                 await stop_process(proc)
+        for server in reversed(servers):
+            with trio.CancelScope(shield=True):
+                await stop_server(server)
         log.close()
     assert base.read_bytes() == hashlib.sha256(b"nbd base").digest() * (16 * MiB // 32)
     # mkfs.ext4 overwrote vda's pattern; what qemu-nbd's file holds is a clean ext4

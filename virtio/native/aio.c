@@ -8,7 +8,16 @@
  * are continued (the iovec array is advanced in place); an end of file before the
  * whole transfer is EIO.  AIO_WRITE_SYNC is a write followed by fdatasync (linked
  * on the ring: the sync starts only if the write completed), and reports which of
- * the two failed.  The completion eventfd (`efd`) is what the data plane polls.
+ * the two failed.
+
+ * Waiting.  With worker threads, the completion eventfd (`efd`) is what the data
+ * plane polls, beside its kick and wake eventfds.  With io_uring the data plane
+ * thread waits in the ring itself (aio_uring_wait): the kick and wake eventfds are
+ * registered files on the ring, each with an 8-byte READ kept armed, so a kick, a
+ * wake and an I/O completion all end one io_uring_enter -- the same call that
+ * submits what the last batch queued -- and the ring is set up with
+ * DEFER_TASKRUN, so the thread is woken once per wait, not once per completion.
+ * Kicks are consumed by those READs (as the data plane's read() did).
  *
  * Test hook: with a fault directory set (dp_set_fault_dir), each operation first
  * consults the file named after its libc equivalent ("preadv", "pwritev",
@@ -85,6 +94,15 @@ struct aio_done {
 
 #define AIO_MAX_THREADS 64
 
+/* user_data of the ring's control requests (I/O is slot << 1 | is_sync) */
+#define AIO_CTL (1ULL << 63)
+#define AIO_CTL_KICK (1ULL << 32)
+#define AIO_CTL_WAKE (2ULL << 32)
+#define AIO_CTL_CANCEL (3ULL << 32)
+#define AIO_CTL_KIND (3ULL << 32)
+#define AIO_FIX_KICK 0
+#define AIO_FIX_WAKE 1
+
 struct aio {
     int engine; /* BLK_AIO_THREADS / BLK_AIO_URING */
     int efd;
@@ -99,10 +117,16 @@ struct aio {
     int nthreads, maxthreads, idle, stop;
     pthread_t threads[AIO_MAX_THREADS];
     uint64_t submits;
+    int wait_in_ring; /* io_uring: the data plane waits in the ring (else on efd) */
 #ifdef HAVE_LIBURING
     struct io_uring ring;
     int ring_ok;
+    int defer_taskrun; /* completions are posted only when we ask (GETEVENTS) */
     unsigned queued; /* SQEs prepared since the last submit */
+    /* waiting in the ring: kick/wake eventfds as fixed files 0 and 1 */
+    int files_ok, have_kick, kick_armed, wake_armed, kicked, woken;
+    uint32_t kick_gen;
+    uint64_t kick_buf, wake_buf;
 #endif
 };
 
@@ -125,7 +149,8 @@ static void aio_post(struct aio *a, uint32_t slot)
     pthread_mutex_lock(&a->mu);
     aio_post_locked(a, slot);
     pthread_mutex_unlock(&a->mu);
-    aio_signal(a);
+    if (!a->wait_in_ring) /* else aio_uring_wait looks at cq_n */
+        aio_signal(a);
 }
 
 /* Advance r's iovecs past n transferred bytes. */
@@ -297,6 +322,144 @@ static int aio_uring_cqe(struct aio *a, uint32_t slot, int is_sync, int res)
     }
     return 1;
 }
+
+/* A control completion: the kick or wake eventfd was read, or a cancellation. */
+static void aio_uring_ctl(struct aio *a, uint64_t ud, int res)
+{
+    uint64_t kind = ud & AIO_CTL_KIND;
+    if (kind == AIO_CTL_KICK) {
+        if ((uint32_t)ud != a->kick_gen)
+            return; /* the read of a kick eventfd since replaced */
+        a->kick_armed = 0;
+        if (res != -ECANCELED)
+            a->kicked = 1; /* an error too: the ring is looked at, as after poll()'s POLLERR */
+    } else if (kind == AIO_CTL_WAKE) {
+        a->wake_armed = 0;
+        if (res != -ECANCELED)
+            a->woken = 1;
+    }
+}
+
+/* Move every posted completion out of the ring: I/O that finished goes to the
+ * completed list (cq), kicks and wakes become flags.  No system call. */
+static void aio_uring_drain(struct aio *a)
+{
+    struct io_uring_cqe *cqes[64];
+    unsigned got;
+    while ((got = io_uring_peek_batch_cqe(&a->ring, cqes, 64))) {
+        for (unsigned i = 0; i < got; i++) {
+            uint64_t ud = cqes[i]->user_data;
+            int res = cqes[i]->res;
+            if (ud & AIO_CTL) {
+                aio_uring_ctl(a, ud, res);
+                continue;
+            }
+            uint32_t slot = (uint32_t)(ud >> 1);
+            /* a resubmission of a short transfer queues more: submitted later */
+            if (aio_uring_cqe(a, slot, (int)(ud & 1), res)) {
+                pthread_mutex_lock(&a->mu);
+                aio_post_locked(a, slot);
+                pthread_mutex_unlock(&a->mu);
+            }
+        }
+        io_uring_cq_advance(&a->ring, got);
+    }
+}
+
+/* Keep a READ armed on the kick (when there is one) and on the wake eventfd. */
+static void aio_uring_arm(struct aio *a)
+{
+    if (!a->files_ok)
+        return;
+    struct io_uring_sqe *sqe;
+    if (a->have_kick && !a->kick_armed) {
+        sqe = aio_sqe(a);
+        io_uring_prep_read(sqe, AIO_FIX_KICK, &a->kick_buf, sizeof a->kick_buf, 0);
+        sqe->flags |= IOSQE_FIXED_FILE;
+        sqe->user_data = AIO_CTL | AIO_CTL_KICK | a->kick_gen;
+        a->kick_armed = 1;
+        a->queued++;
+    }
+    if (!a->wake_armed) {
+        sqe = aio_sqe(a);
+        io_uring_prep_read(sqe, AIO_FIX_WAKE, &a->wake_buf, sizeof a->wake_buf, 0);
+        sqe->flags |= IOSQE_FIXED_FILE;
+        sqe->user_data = AIO_CTL | AIO_CTL_WAKE;
+        a->wake_armed = 1;
+        a->queued++;
+    }
+}
+
+/* The eventfds to wait on (kick may be -1).  The caller guarantees the numbers are
+ * the ones meant (held under the data plane's lock): registering takes the ring's
+ * own reference to the files, so later closes of these numbers do not matter. */
+static int aio_uring_watch(struct aio *a, int kick, int wake)
+{
+    int fds[2] = {kick, wake};
+    int rc;
+    if (!a->files_ok) {
+        rc = io_uring_register_files(&a->ring, fds, 2);
+        if (rc < 0)
+            return rc;
+        a->files_ok = 1;
+    } else {
+        rc = io_uring_register_files_update(&a->ring, AIO_FIX_KICK, &fds[0], 1);
+        if (rc < 0)
+            return rc;
+        if (a->kick_armed) { /* the old kick's read: cancelled, its completion ignored */
+            struct io_uring_sqe *sqe = aio_sqe(a);
+            io_uring_prep_cancel64(sqe, AIO_CTL | AIO_CTL_KICK | a->kick_gen, 0);
+            sqe->user_data = AIO_CTL | AIO_CTL_CANCEL;
+            a->queued++;
+            a->kick_armed = 0;
+        }
+    }
+    a->kick_gen++;
+    a->have_kick = kick >= 0;
+    return 0;
+}
+
+/* Wait until one of `want` (DP_EV_*) happened or timeout_ms passed (< 0: no
+ * timeout), submitting whatever is queued in the same system call.  Returns the
+ * events (kicks and wakes consumed), 0 on timeout, or -errno. */
+static int aio_uring_wait(struct aio *a, int want, int timeout_ms)
+{
+    int slept = 0;
+    for (;;) {
+        aio_uring_drain(a);
+        int ev = 0;
+        if ((want & DP_EV_KICK) && a->kicked)
+            ev |= DP_EV_KICK;
+        if ((want & DP_EV_WAKE) && a->woken)
+            ev |= DP_EV_WAKE;
+        if ((want & DP_EV_DONE) && __atomic_load_n(&a->cq_n, __ATOMIC_RELAXED))
+            ev |= DP_EV_DONE;
+        if (ev) {
+            if (ev & DP_EV_KICK)
+                a->kicked = 0;
+            if (ev & DP_EV_WAKE)
+                a->woken = 0;
+            return ev;
+        }
+        if (slept && timeout_ms >= 0)
+            return 0; /* timed out (or woken by something not wanted: the same to the caller) */
+        aio_uring_arm(a);
+        int rc;
+        if (timeout_ms < 0) {
+            rc = io_uring_submit_and_wait(&a->ring, 1);
+        } else {
+            struct io_uring_cqe *cqe;
+            struct __kernel_timespec ts = {timeout_ms / 1000, (timeout_ms % 1000) * 1000000LL};
+            rc = io_uring_submit_and_wait_timeout(&a->ring, &cqe, 1, &ts, NULL);
+        }
+        if (a->queued)
+            a->submits++;
+        a->queued = 0;
+        if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
+            return rc;
+        slept = 1;
+    }
+}
 #endif
 
 int aio_uring_usable(void)
@@ -311,6 +474,44 @@ int aio_uring_usable(void)
     return 0;
 #endif
 }
+
+/* Tests: 0 makes new io_uring engines wait on efd with poll() as on kernels whose
+ * eventfd READs do not wait (the fallback), 1 (default) waits in the ring. */
+static int aio_ring_wait_allowed = 1;
+
+void aio_set_ring_wait(int on)
+{
+    __atomic_store_n(&aio_ring_wait_allowed, on, __ATOMIC_RELAXED);
+}
+
+#ifdef HAVE_LIBURING
+/* Whether a READ of an empty non-blocking eventfd waits on this kernel (instead of
+ * failing with EAGAIN): what waiting in the ring needs, since the kick eventfds the
+ * front-end sends are non-blocking. */
+static int aio_uring_reads_wait(struct aio *a)
+{
+    int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (efd < 0)
+        return 0;
+    uint64_t buf = 0, one = 1;
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&a->ring);
+    io_uring_prep_read(sqe, efd, &buf, sizeof buf, 0);
+    sqe->user_data = AIO_CTL | AIO_CTL_CANCEL;
+    io_uring_submit_and_get_events(&a->ring);
+    struct io_uring_cqe *cqe = NULL;
+    int waits = io_uring_peek_cqe(&a->ring, &cqe) != 0; /* nothing posted yet */
+    if (cqe)
+        io_uring_cqe_seen(&a->ring, cqe);
+    ssize_t w = write(efd, &one, sizeof one); /* completes the read if it waits */
+    (void)w;
+    if (waits && io_uring_wait_cqe(&a->ring, &cqe) == 0) {
+        waits = cqe->res == (int)sizeof buf;
+        io_uring_cqe_seen(&a->ring, cqe);
+    }
+    close(efd);
+    return waits;
+}
+#endif
 
 /* Set up an engine for nslots slots.  Returns the engine running (io_uring falls
  * back to threads when it cannot be set up), or -errno. */
@@ -333,24 +534,38 @@ static int aio_init(struct aio *a, int engine, uint32_t nslots, int threads)
         unsigned entries = 1;
         while (entries < 2 * nslots && entries < 4096)
             entries <<= 1;
-        struct io_uring_params p;
-        memset(&p, 0, sizeof p);
-        /* cq_entries: every slot's completions fit (2 per AIO_WRITE_SYNC) */
-        p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
-        p.cq_entries = 4 * entries;
-        int rc = io_uring_queue_init_params(entries, &a->ring, &p);
-        if (rc == -EINVAL) { /* kernel < 6.0: without the newer flags */
+        /* cq_entries: every slot's completions fit (2 per AIO_WRITE_SYNC), and the
+         * kick/wake reads and cancellations */
+        static const unsigned flags[] = {
+            IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+            IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN,
+            IORING_SETUP_CQSIZE, /* kernel < 6.0 */
+        };
+        int rc = -EINVAL;
+        for (unsigned i = 0; i < sizeof flags / sizeof *flags && rc == -EINVAL; i++) {
+            struct io_uring_params p;
             memset(&p, 0, sizeof p);
-            p.flags = IORING_SETUP_CQSIZE;
-            p.cq_entries = 4 * entries;
+            p.flags = flags[i];
+            p.cq_entries = 4 * entries + 16;
             rc = io_uring_queue_init_params(entries, &a->ring, &p);
+            a->defer_taskrun = rc == 0 && (flags[i] & IORING_SETUP_DEFER_TASKRUN);
+            if (rc == 0)
+                a->wait_in_ring = __atomic_load_n(&aio_ring_wait_allowed, __ATOMIC_RELAXED) &&
+                                  aio_uring_reads_wait(a);
+            if (rc == 0 && a->defer_taskrun && !a->wait_in_ring) {
+                /* polling efd instead: completions must be posted without our
+                 * GETEVENTS, which DEFER_TASKRUN would hold back */
+                io_uring_queue_exit(&a->ring);
+                rc = -EINVAL;
+            }
         }
         if (rc == 0) {
-            if (io_uring_register_eventfd(&a->ring, a->efd) == 0) {
-                a->ring_ok = 1;
-                a->engine = BLK_AIO_URING;
-            } else {
+            a->ring_ok = 1;
+            a->engine = BLK_AIO_URING;
+            if (!a->wait_in_ring && io_uring_register_eventfd(&a->ring, a->efd) != 0) {
                 io_uring_queue_exit(&a->ring);
+                a->ring_ok = 0;
+                a->engine = BLK_AIO_THREADS;
             }
         }
     }
@@ -433,8 +648,13 @@ static void aio_fail(struct aio *a, uint32_t slot, int err, int sync_failed)
 static void aio_submit(struct aio *a)
 {
 #ifdef HAVE_LIBURING
-    if (a->engine == BLK_AIO_URING && a->queued) {
-        io_uring_submit(&a->ring);
+    /* Waiting in the ring: the data plane's next wait submits them, in the same
+     * system call (it waits right after the batch; no I/O is left unsubmitted). */
+    if (a->engine == BLK_AIO_URING && a->queued && !a->wait_in_ring) {
+        if (a->defer_taskrun)
+            io_uring_submit_and_get_events(&a->ring);
+        else
+            io_uring_submit(&a->ring);
         a->submits++;
         a->queued = 0;
     }
@@ -443,13 +663,21 @@ static void aio_submit(struct aio *a)
 #endif
 }
 
-/* Up to max finished requests, without blocking.  Clears the eventfd first, so a
- * completion arriving meanwhile signals it again. */
+/* Up to max finished requests, without blocking.  With worker threads (or a ring
+ * that signals efd) the eventfd is cleared first, so a completion arriving
+ * meanwhile signals it again. */
 static uint32_t aio_reap(struct aio *a, struct aio_done *out, uint32_t max)
 {
-    uint64_t v;
-    ssize_t rr = read(a->efd, &v, sizeof v);
-    (void)rr;
+    int uring = a->engine == BLK_AIO_URING, signal_efd = !a->wait_in_ring;
+    if (signal_efd) {
+        uint64_t v;
+        ssize_t rr = read(a->efd, &v, sizeof v);
+        (void)rr;
+    }
+#ifdef HAVE_LIBURING
+    if (uring)
+        aio_uring_drain(a); /* posted ring completions join the completed list */
+#endif
     uint32_t n = 0;
     if (__atomic_load_n(&a->cq_n, __ATOMIC_RELAXED)) {
         pthread_mutex_lock(&a->mu);
@@ -462,37 +690,18 @@ static uint32_t aio_reap(struct aio *a, struct aio_done *out, uint32_t max)
             out[n].sync_failed = a->reqs[slot].sync_failed;
             n++;
         }
-        if (a->cq_n)
+        if (a->cq_n && signal_efd)
             aio_signal(a); /* more next time */
         pthread_mutex_unlock(&a->mu);
     }
-#ifdef HAVE_LIBURING
-    if (a->engine == BLK_AIO_URING) {
-        struct io_uring_cqe *cqes[64];
-        while (n < max) {
-            unsigned want = max - n < 64 ? max - n : 64;
-            unsigned got = io_uring_peek_batch_cqe(&a->ring, cqes, want);
-            if (!got)
-                break;
-            for (unsigned i = 0; i < got; i++) {
-                uint32_t slot = (uint32_t)(cqes[i]->user_data >> 1);
-                int is_sync = (int)(cqes[i]->user_data & 1);
-                int res = cqes[i]->res;
-                /* a resubmission may post more; fine: we re-peek */
-                if (aio_uring_cqe(a, slot, is_sync, res)) {
-                    out[n].slot = slot;
-                    out[n].err = a->reqs[slot].err;
-                    out[n].sync_failed = a->reqs[slot].sync_failed;
-                    n++;
-                }
-            }
-            io_uring_cq_advance(&a->ring, got);
-        }
-        if (a->queued) /* short transfers continued */
-            aio_submit(a);
-        if (n == max && io_uring_cq_ready(&a->ring))
-            aio_signal(a);
-    }
-#endif
+    if (uring)
+        aio_submit(a); /* short transfers continued (waiting in the ring: at the wait) */
     return n;
+}
+
+/* The device's wait (struct dp.wait / watch), when the engine waits in its ring;
+ * 0 when it does not (the data plane then polls efd). */
+static int aio_waits_in_ring(struct aio *a)
+{
+    return a->wait_in_ring;
 }

@@ -35,10 +35,21 @@
  * succeeds although the data may be lost.  A failed fdatasync also sets the
  * image's sticky error (``sync_err``, unless O_DIRECT): every later FLUSH and
  * write-through write fails with it, on every queue and on the Python path (QEMU's
- * file-posix does the same after "fsyncgate"). */
+ * file-posix does the same after "fsyncgate").
+ *
+ * qcow2 images (qmap set): reads of guest clusters the map names (allocated plain
+ * data in the top image, the run of clusters of one request contiguous in the file),
+ * and writes into such clusters when the map also marks them writable in place
+ * (QCOW2_MAP_IN_PLACE: the image owns them, refcount 1 -- a write there changes no
+ * metadata), go to the host offset, on the same engine and with the same cache mode
+ * as a raw image.  Everything else -- a cluster the map does not know, write-through
+ * writes, FLUSH, DISCARD ... -- is deferred to the Python qcow2 code
+ * (virtio/devices/blk/qcow2/), which owns the metadata. */
 #include <errno.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "dataplane.h"
@@ -91,7 +102,90 @@ static int build_iov(struct vq *q, const struct vq_seg *segs, uint32_t first, ui
     return len ? -1 : n;
 }
 
+/* ---- qcow2 cluster map ------------------------------------------------------------ */
+int qcow2_map_init(struct qcow2_map *m, uint64_t nclusters, uint32_t cluster_bits)
+{
+    memset(m, 0, sizeof *m);
+    if (!nclusters)
+        nclusters = 1;
+    if (nclusters > ((uint64_t)1 << 40) || cluster_bits < 9 || cluster_bits > 21)
+        return -EINVAL;
+    void *p = mmap(NULL, nclusters * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    m->host = p;
+    m->nclusters = nclusters;
+    m->cluster_bits = cluster_bits;
+    return 0;
+}
+
+void qcow2_map_destroy(struct qcow2_map *m)
+{
+    if (m->host)
+        munmap(m->host, m->nclusters * sizeof(uint64_t));
+    m->host = NULL;
+    m->nclusters = 0;
+}
+
+void qcow2_map_set(struct qcow2_map *m, uint64_t gc, uint64_t host)
+{
+    if (gc < m->nclusters)
+        __atomic_store_n(&m->host[gc], host, __ATOMIC_SEQ_CST);
+}
+
+void qcow2_map_set_many(struct qcow2_map *m, const uint64_t *gcs, const uint64_t *hosts,
+                        uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        qcow2_map_set(m, gcs[i], hosts[i]);
+}
+
+/* Wait until no native read can still use an offset cleared before this call. */
+void qcow2_map_synchronize(struct qcow2_map *m)
+{
+    uint32_t old = __atomic_fetch_add(&m->epoch, 1, __ATOMIC_SEQ_CST);
+    struct timespec pause = {0, 20000};
+    while (__atomic_load_n(&m->readers[old & 1], __ATOMIC_SEQ_CST) > 0)
+        nanosleep(&pause, NULL);
+    m->syncs++;
+}
+
+/* Count a reader in the current epoch (re-checked after counting, so a
+ * synchronize that flipped meanwhile is not missed); returns its parity. */
+static int qcow2_enter(struct qcow2_map *m)
+{
+    for (;;) {
+        uint32_t e = __atomic_load_n(&m->epoch, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&m->readers[e & 1], 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&m->epoch, __ATOMIC_SEQ_CST) == e)
+            return (int)(e & 1);
+        __atomic_sub_fetch(&m->readers[e & 1], 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* The host offset of guest bytes [off, off + len) when the map names every cluster
+ * of it (for a write: writable in place) and they are contiguous in the file; 0
+ * otherwise.  Called counted in. */
+static uint64_t qcow2_lookup(struct qcow2_map *m, uint64_t off, uint64_t len, int write_)
+{
+    uint32_t cb = m->cluster_bits;
+    uint64_t gc = off >> cb, last = (off + len - 1) >> cb;
+    uint64_t need = write_ ? QCOW2_MAP_IN_PLACE : 0;
+    if (last >= m->nclusters)
+        return 0;
+    uint64_t h = __atomic_load_n(&m->host[gc], __ATOMIC_SEQ_CST);
+    if ((h & need) != need)
+        return 0;
+    for (uint64_t g = gc + 1; h && g <= last; g++)
+        if (__atomic_load_n(&m->host[g], __ATOMIC_SEQ_CST) != h + ((g - gc) << cb))
+            return 0; /* (the flags must match too) */
+    h &= ~(uint64_t)QCOW2_MAP_IN_PLACE;
+    return h ? h + (off & (((uint64_t)1 << cb) - 1)) : 0;
+}
+
 struct blk_slot {
+    int8_t qparity;         /* qcow2: the map epoch parity this read counts in, or -1 */
     uint8_t *status;
     uint64_t status_gpa;
     uint32_t used;
@@ -111,6 +205,13 @@ struct blk_priv {
     uint32_t nslots;
     int nowait_write_ok;
 };
+
+static void blk_qleave(struct blk_dp *dp, struct blk_slot *s)
+{
+    if (s->qparity >= 0)
+        __atomic_sub_fetch(&dp->qmap->readers[s->qparity], 1, __ATOMIC_SEQ_CST);
+    s->qparity = -1;
+}
 
 static int blk_sync_err(struct blk_dp *dp)
 {
@@ -286,7 +387,10 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
     const struct vq_seg *last = &segs[c->nsegs - 1];
     if (!last->writable || last->len == 0)
         return 0;
+    if (dp->qmap && type != VIRTIO_BLK_T_IN && type != VIRTIO_BLK_T_OUT)
+        return 0; /* qcow2: the image's metadata is Python's */
     struct blk_slot *s = &pv->slots[c->head];
+    s->qparity = -1;
     s->status = seg_host(q, last) + last->len - 1;
     s->status_gpa = last->gpa + last->len - 1;
     s->type = (uint8_t)type;
@@ -315,39 +419,62 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
         if (sector > cap || len / BLK_SECTOR > cap - sector)
             return 0;
         uint64_t off = sector * BLK_SECTOR;
-        if (dp->direct && dp->logical_block > BLK_SECTOR &&
-            ((off | len) & (dp->logical_block - 1)))
-            return 0; /* not block aligned: Python's buffered path */
         if (len == 0) {
             s->used = 1;
             s->len = 0;
             return blk_finish_ok(dp, s);
         }
-        if (!blk_iov_room(s, (int)(s->end - s->first)))
+        if (dp->qmap) { /* guest offset -> host offset, or Python's */
+            if (write_ && __atomic_load_n(&dp->writethrough, __ATOMIC_RELAXED))
+                return 0; /* Python's, with the image's sticky flush error */
+            s->qparity = (int8_t)qcow2_enter(dp->qmap);
+            off = qcow2_lookup(dp->qmap, off, len, write_);
+            if (!off) {
+                dp->qcow2_deferred++;
+                blk_qleave(dp, s);
+                return 0;
+            }
+        }
+        if (dp->direct && dp->logical_block > BLK_SECTOR &&
+            ((off | len) & (dp->logical_block - 1))) {
+            blk_qleave(dp, s);
+            return 0; /* not block aligned: Python's buffered path */
+        }
+        int n = blk_iov_room(s, (int)(s->end - s->first))
+                    ? build_iov(q, segs, s->first, s->end, write_ ? BLK_HDR : 0, len, s->iov,
+                                s->iovcap)
+                    : -1;
+        if (n < 0) {
+            blk_qleave(dp, s);
             return 0;
-        int n = build_iov(q, segs, s->first, s->end, write_ ? BLK_HDR : 0, len, s->iov,
-                          s->iovcap);
-        if (n < 0)
-            return 0;
+        }
         s->len = len;
         s->used = write_ ? 1u : (uint32_t)len + 1u;
         int sync = write_ && __atomic_load_n(&dp->writethrough, __ATOMIC_RELAXED) &&
                    !dp->no_flush;
         if (dp->direct && !blk_aligned(dp, s->iov, n)) {
-            if (!blk_bounce(dp, s, n, write_))
+            if (!blk_bounce(dp, s, n, write_)) {
+                blk_qleave(dp, s);
                 return 0;
+            }
             n = 1;
         } else if (!dp->direct && !sync) {
             int r = blk_try_inline(dp, pv, s, n, off, write_);
+            if (r != 0)
+                blk_qleave(dp, s);
             if (r < 0) {
                 *err = -r;
                 return 0;
             }
             if (r > 0) {
                 dp->inline_done++;
+                dp->qcow2_reads += dp->qmap && !write_;
+                dp->qcow2_writes += dp->qmap && write_;
                 return blk_finish_ok(dp, s);
             }
         }
+        dp->qcow2_reads += dp->qmap && !write_;
+        dp->qcow2_writes += dp->qmap && write_;
         if (sync) {
             int e = blk_sync_err(dp);
             if (e) {
@@ -396,6 +523,7 @@ static uint32_t blk_reap(void *dev, struct dp_done *out, uint32_t max)
     uint32_t n = aio_reap(&pv->aio, done, max < DP_BATCH ? max : DP_BATCH);
     for (uint32_t i = 0; i < n; i++) {
         struct blk_slot *s = &pv->slots[done[i].slot];
+        blk_qleave(dp, s); /* the read is done: its cluster may be reused now */
         out[i].head = (uint16_t)done[i].slot;
         out[i].err = done[i].err;
         if (done[i].err) {
@@ -407,6 +535,27 @@ static uint32_t blk_reap(void *dev, struct dp_done *out, uint32_t max)
         }
     }
     return n;
+}
+
+static int blk_watch(void *dev, int kick, int wake)
+{
+#ifdef HAVE_LIBURING
+    return aio_uring_watch(&((struct blk_priv *)((struct blk_dp *)dev)->priv)->aio, kick, wake);
+#else
+    (void)dev, (void)kick, (void)wake;
+    return -ENOSYS;
+#endif
+}
+
+static int blk_wait(void *dev, int want, int timeout_ms)
+{
+#ifdef HAVE_LIBURING
+    return aio_uring_wait(&((struct blk_priv *)((struct blk_dp *)dev)->priv)->aio, want,
+                          timeout_ms);
+#else
+    (void)dev, (void)want, (void)timeout_ms;
+    return -ENOSYS;
+#endif
 }
 
 static int blk_start(void *dev)
@@ -431,7 +580,15 @@ static int blk_start(void *dev)
         return e;
     }
     dp->engine_used = e;
-    dp->core.poll_fd = pv->aio.efd;
+    if (aio_waits_in_ring(&pv->aio)) { /* one io_uring_enter per wait, and per wake-up */
+        dp->core.poll_fd = -1;
+        dp->core.watch = blk_watch;
+        dp->core.wait = blk_wait;
+        dp->ring_wait = 1;
+    } else {
+        dp->ring_wait = 0;
+        dp->core.poll_fd = pv->aio.efd;
+    }
     __atomic_store_n(&dp->priv, pv, __ATOMIC_RELEASE);
     return 0;
 }
@@ -444,6 +601,8 @@ static void blk_finish(void *dev)
         return;
     dp->priv = NULL;
     dp->core.poll_fd = -1;
+    dp->core.watch = NULL;
+    dp->core.wait = NULL;
     aio_destroy(&pv->aio);
     for (uint32_t i = 0; i < pv->nslots; i++) {
         free(pv->slots[i].iov);

@@ -171,8 +171,42 @@ static void dp_rescue(struct dp *dp)
 /* Wait for a kick, a completion (poll_fd) or a wake; with kick < 0 and !completions,
  * only for a wake.  Returns 1 to go on, 2 when the wait timed out with nothing to do
  * (the ring must not be touched then), 0 to stop, <0 on error. */
+static int dp_wait_device(struct dp *dp, int kick, int completions)
+{
+    if (kick >= 0) {
+        pthread_mutex_lock(DP_MU(dp)); /* dp_set_fds cannot swap (and the caller close) */
+        kick = dp->kick_fd;
+        if (kick != dp->watched_kick) {
+            int rc = dp->watch(dp->dev, kick, dp->wake_fd);
+            if (rc < 0) {
+                pthread_mutex_unlock(DP_MU(dp));
+                return rc;
+            }
+            dp->watched_kick = kick;
+        }
+        pthread_mutex_unlock(DP_MU(dp));
+    }
+    int want = DP_EV_WAKE | (kick >= 0 ? DP_EV_KICK : 0) | (completions ? DP_EV_DONE : 0);
+    int ev = dp->wait(dp->dev, want, kick >= 0 ? DP_IDLE_MS : -1);
+    if (ev == 0) {
+        dp->idles++;
+        if (!dp->pending)
+            dp_rescue(dp);
+        return 2;
+    }
+    if (ev < 0)
+        return ev == -EINTR ? 1 : ev;
+    if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
+        return 0;
+    if (ev & DP_EV_KICK)
+        dp->kicks++;
+    return 1;
+}
+
 static int dp_wait(struct dp *dp, int kick, int completions)
 {
+    if (dp->wait)
+        return dp_wait_device(dp, kick, completions);
     struct pollfd p[3] = {{dp->wake_fd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, POLLIN, 0}};
     if (kick >= 0)
         p[1].fd = kick;
@@ -328,6 +362,7 @@ int dp_run(struct dp *dp)
     uint16_t heads[DP_BATCH];
     int rc = 0, started = 0;
     dp->pending = 0;
+    dp->watched_kick = -2;
     dp->pend = dp->reap ? calloc(q->size ? q->size : 1, sizeof *dp->pend) : NULL;
     if (!chains || !segs || !o || (dp->reap && !dp->pend)) {
         rc = -ENOMEM;
@@ -410,6 +445,12 @@ out:
     while (dp->pending && rc != -ENOMEM) {
         if (dp_room(dp) && dp_reap(dp, o)) {
             dp_publish(dp, o);
+            continue;
+        }
+        if (dp->wait) {
+            int ev = dp->wait(dp->dev, DP_EV_DONE | DP_EV_WAKE, 100);
+            if (ev < 0 && ev != -EINTR)
+                poll(NULL, 0, 100); /* not seen with a working ring; never spin */
             continue;
         }
         struct pollfd p[2] = {{dp->poll_fd, POLLIN, 0}, {dp->wake_fd, POLLIN, 0}};

@@ -34,6 +34,10 @@ void vu_inflight_used(uint8_t *region, uint16_t desc_num, const uint16_t *heads,
 #define DP_DEFER_MAX 256
 #define DP_DEFER_SEGS 8192
 #define DP_ASYNC 4294967295
+/* events of a device's own wait (struct dp.wait) */
+#define DP_EV_KICK 1
+#define DP_EV_WAKE 2
+#define DP_EV_DONE 4
 
 /* A chain served asynchronously, reported by the device's reap callback: used
  * length > 0 to complete it, or 0 to defer it to Python with the errno of the I/O
@@ -77,6 +81,17 @@ struct dp {
     void (*submit)(void *dev);
     uint32_t (*reap)(void *dev, struct dp_done *out, uint32_t max);
     int poll_fd;
+    /* Optional, instead of poll() on the eventfds and poll_fd: the device waits in
+     * its own mechanism (an io_uring that also reads the kick and wake eventfds: one
+     * system call per wait, which also submits, and one wake-up per event).  watch
+     * names the eventfds to wait on: called with the core's lock held whenever the
+     * ring's kick eventfd changed (-1: none), so the fd numbers are still the ones
+     * meant.  wait blocks until one of the DP_EV_* events in `want` happened (kicks
+     * and wakes are consumed; completions are left for reap) or timeout_ms (< 0:
+     * none) passed, and returns the events, 0 on timeout, or -errno. */
+    int (*watch)(void *dev, int kick, int wake);
+    int (*wait)(void *dev, int want, int timeout_ms);
+    int watched_kick;           /* the kick eventfd last given to watch (-2: none yet) */
     struct dp_pend *pend;       /* q->size slots, by head (buffer id), while running */
     uint32_t pending;           /* chains in progress */
     /* deferred chains, protected by mu */
@@ -127,6 +142,32 @@ uint32_t dp_script_started(struct dp_script *s, uint16_t *out, uint32_t max);
 #define BLK_AIO_THREADS 1
 #define BLK_AIO_URING 2
 
+/* A qcow2 image's allocated clusters, for reads without Python (blk_dataplane.c;
+ * filled and invalidated by virtio/devices/blk/qcow2/native.py).  host[gc] is the
+ * host offset of guest cluster gc when the whole cluster is plain data in the top
+ * image (not compressed, zero, unallocated or partly allocated), else 0: "ask
+ * Python"; with QCOW2_MAP_IN_PLACE set when a write may go there too.  Python clears an entry before the L2 entry behind it changes, and
+ * before a freed host cluster can be reused calls qcow2_map_synchronize, which
+ * waits for every native read that may have looked the old offset up (readers are
+ * counted per epoch parity). */
+#define QCOW2_MAP_IN_PLACE 1 /* host[gc] flag: writable in place (refcount 1) */
+
+struct qcow2_map {
+    uint64_t *host;             /* nclusters entries (mmap, pages touched on use) */
+    uint64_t nclusters;
+    uint32_t cluster_bits;
+    uint32_t epoch;
+    int64_t readers[2];
+    uint64_t hits, misses, syncs;
+};
+
+int qcow2_map_init(struct qcow2_map *m, uint64_t nclusters, uint32_t cluster_bits);
+void qcow2_map_destroy(struct qcow2_map *m);
+void qcow2_map_set(struct qcow2_map *m, uint64_t gc, uint64_t host);
+void qcow2_map_set_many(struct qcow2_map *m, const uint64_t *gcs, const uint64_t *hosts,
+                        uint32_t n);
+void qcow2_map_synchronize(struct qcow2_map *m);
+
 struct blk_dp {
     struct dp core;
     int img_fd;
@@ -141,11 +182,16 @@ struct blk_dp {
      * defer), flushes ignored (unsafe) */
     int direct, no_flush;
     uint32_t logical_block, mem_align;
+    /* qcow2: allocated-cluster reads through this map (img_fd is the qcow2 file);
+     * everything else is deferred to Python.  NULL for raw images. */
+    struct qcow2_map *qmap;
     /* the I/O engine asked for (BLK_AIO_*) and the one running */
     int engine, engine_used, threads;
+    int ring_wait;              /* io_uring: the thread waits in the ring (1), or polls */
     void *priv;
     uint64_t reads, writes, flushes, syncs;
     uint64_t inline_done, bounced, uring_submits;
+    uint64_t qcow2_reads, qcow2_writes, qcow2_deferred;
 };
 
 void blk_dp_attach(struct blk_dp *b);
@@ -157,5 +203,8 @@ int aio_uring_usable(void);
 /* Fault injection for tests (off unless a directory is set): the files "preadv",
  * "pwritev", "fdatasync" in it hold "ERRNO COUNT" (virtio.testing.faults). */
 void dp_set_fault_dir(const char *dir);
+/* Tests: 0 makes new io_uring engines poll their completion eventfd (the fallback
+ * where eventfd READs on the ring do not wait) instead of waiting in the ring. */
+void aio_set_ring_wait(int on);
 
 #endif

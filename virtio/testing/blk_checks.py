@@ -52,7 +52,9 @@ __all__ = [
     "run_fio",
     "sh_fio",
     "start_qemu_storage_daemon",
+    "start_server",
     "stop_process",
+    "stop_server",
     "vhost_user_blk_guest",
     "wait_for_socket",
 ]
@@ -90,6 +92,30 @@ async def stop_process(proc: trio.Process, *, grace: float = 5.0) -> int:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
     return await proc.wait()
+
+
+def start_server(cmd: list[str], *, stderr: Any = None) -> subprocess.Popen:
+    """Start a storage server the test does not own (qemu-nbd, nbdkit) from the
+    calling thread -- the trio thread, alive for the whole test.
+
+    Not ``trio.lowlevel.open_process``: that forks from a trio worker thread, and
+    the worker thread exits after 10 idle seconds.  nbdkit (1.32.5 here, with or
+    without ``--exit-with-parent``) sets ``PR_SET_PDEATHSIG(SIGTERM)`` at start-up,
+    and the kernel sends that signal when the *thread* that forked the process
+    exits: nbdkit then shut down ~10 s into a test, failing every request in flight
+    with ESHUTDOWN (what looked like "nbdkit fails after the guest's first reads")."""
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=stderr)
+
+
+async def stop_server(proc: subprocess.Popen, *, grace: float = 5.0) -> int:
+    """SIGTERM a :func:`start_server` process, SIGKILL after ``grace`` s; its status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            await trio.to_thread.run_sync(proc.wait, grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return await trio.to_thread.run_sync(proc.wait)
 
 
 async def wait_for_socket(

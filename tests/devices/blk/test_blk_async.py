@@ -284,3 +284,60 @@ async def test_direct_cache_defers_unaligned_requests_on_4k_images(tmp_path, eng
         assert backend.direct and backend.io_fd != backend.fd
     finally:
         rig.close()
+
+
+async def test_io_uring_waits_in_its_ring_and_follows_a_replaced_kick_eventfd(tmp_path):
+    # One io_uring_enter per wait: kicks, wakes and completions all end it (the kick
+    # and wake eventfds are read by requests on the ring itself).  When vhost-user
+    # replaces the kick eventfd (SET_VRING_KICK again) and the old number is reused
+    # for an unrelated file, the ring must follow the new eventfd and never read the
+    # reused number.
+    rig = Rig(tmp_path, aio="io_uring", cache="writeback", size=1 << 20)
+    try:
+        async with trio.open_nursery() as nursery:
+            plane = await serve(rig, nursery)
+            assert (await rig.request([hdr(IN, 0)], [512, 1])).data[-1:] == bytes([OK])
+            assert plane.statistics()["ring_wait"] == 1
+            old = rig.notifier.kick_fd
+            rig.notifier.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
+            plane.fds_changed()
+            decoy = os.eventfd(0, os.EFD_NONBLOCK)
+            os.dup2(decoy, old)  # the old number now names an unrelated eventfd
+            os.close(decoy)
+            os.eventfd_write(old, 5)
+            kicks = plane.statistics()["kicks"]
+            with trio.fail_after(10):
+                for i in range(1, 4):
+                    used = await rig.request([hdr(IN, i)], [512, 1])
+                    assert used.data[-1:] == bytes([OK])
+            assert plane.statistics()["kicks"] > kicks
+            assert os.eventfd_read(old) == 5  # untouched by the data plane
+            os.close(old)
+            nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+async def test_io_uring_without_waiting_in_its_ring(tmp_path, cache):
+    # The fallback for kernels where a READ of a non-blocking eventfd on the ring
+    # fails instead of waiting: completions signal an eventfd the thread polls.
+    lib.aio_set_ring_wait(0)
+    rig = Rig(tmp_path, aio="io_uring", cache=cache, size=1 << 20)
+    data = {i: os.urandom(4096) for i in range(16)}
+    try:
+        async with trio.open_nursery() as nursery:
+            plane = await serve(rig, nursery)
+            tokens = [rig.submit([hdr(OUT, 8 * i), d], [1]) for i, d in data.items()]
+            tokens.append(rig.submit([hdr(FLUSH)], [1]))
+            for t in tokens:
+                assert (await rig.wait(t)).data == bytes([OK])
+            for i, d in data.items():
+                used = await rig.request([hdr(IN, 8 * i)], [4096, 1])
+                assert used.data == d + bytes([OK])
+            stats = plane.statistics()
+            assert (stats["engine_used"], stats["ring_wait"]) == (lib.BLK_AIO_URING, 0)
+            nursery.cancel_scope.cancel()
+    finally:
+        lib.aio_set_ring_wait(1)
+        rig.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import subprocess
 
 import pytest
 import trio
@@ -62,13 +63,28 @@ class EventfdPair:
 
 class Rig:
     def __init__(
-        self, tmp_path, *, packed=False, read_only=False, size=1 << 20, event_idx=True, **options
+        self,
+        tmp_path,
+        *,
+        packed=False,
+        read_only=False,
+        size=1 << 20,
+        event_idx=True,
+        image_format=None,
+        **options,
     ):
-        image = tmp_path / "disk.img"
-        with open(image, "wb") as f:
-            f.truncate(size)
+        if image_format == "qcow2":  # made by qemu-img, as users make them
+            image = tmp_path / "disk.qcow2"
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(size)], check=True
+            )
+        else:
+            image = tmp_path / "disk.img"
+            with open(image, "wb") as f:
+                f.truncate(size)
         self.device = VirtioBlk.from_options(
-            BlkOptions(path=str(image), read_only=read_only, serial="dp-serial", **options)
+            BlkOptions(path=str(image), read_only=read_only, serial="dp-serial", **options),
+            image_format=image_format,
         )
         features = self.device.offered_features()
         if not packed:

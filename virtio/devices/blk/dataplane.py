@@ -60,7 +60,8 @@ class BlkDataPlane(NativeDataPlane):
     c_type: ClassVar[str] = "struct blk_dp"
     device_statistics: ClassVar[tuple[str, ...]] = (
         "reads", "writes", "flushes", "syncs", "inline_done", "bounced", "uring_submits",
-        "engine_used",
+        "engine_used", "ring_wait", "qcow2_reads", "qcow2_writes",
+        "qcow2_deferred",
     )  # fmt: skip
     device: VirtioBlk
 
@@ -82,6 +83,8 @@ class BlkDataPlane(NativeDataPlane):
         c.no_flush = int(getattr(backend, "cache", "") == "unsafe")
         c.logical_block = getattr(backend, "logical_block_size", 512)
         c.mem_align = getattr(backend, "mem_align", 512)
+        native_map = getattr(backend, "native_map", None)  # qcow2: allocated-cluster reads
+        c.qmap = native_map() if native_map is not None else ffi.NULL
         c.engine = ENGINES[engine_for(getattr(self.device.options, "aio", "io_uring"))]
         c.threads = 16
         faults = os.environ.get("PYVIRTIO_FAULTS_DIR")

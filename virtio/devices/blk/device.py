@@ -206,7 +206,11 @@ class VirtioBlk(VirtioDevice):
             from virtio.devices.blk.qcow2 import Qcow2Backend
 
             backend = Qcow2Backend(
-                opts.path, read_only=opts.read_only, lock=opts.lock, l2_cache_size=l2_cache_size
+                opts.path,
+                read_only=opts.read_only,
+                lock=opts.lock,
+                l2_cache_size=l2_cache_size,
+                cache=opts.cache,
             )
         else:
             backend = RawFileBackend(

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from virtio.devices.blk.qcow2 import Qcow2Image
+from virtio.devices.blk.qcow2.native import map_value
 
 CONFIGS = {
     "64k": {},
@@ -98,7 +99,31 @@ class Model:
 
 def _open(path: Path, cfg: dict) -> Qcow2Image:
     cache = cfg.get("cache")
-    return Qcow2Image(path, l2_cache_size=cache, refcount_cache_size=cache)
+    image = Qcow2Image(path, l2_cache_size=cache, refcount_cache_size=cache)
+    image.enable_native_reads()  # the map the native data plane reads through
+    return image
+
+
+def _check_native_map(image: Qcow2Image, model: Model, *, complete: bool) -> None:
+    """Every cluster the native map names is plain data at that host offset now,
+    and reading it there (what the native data plane does) gives the model's bytes;
+    ``complete`` (every L2 table used since the image was opened): it names every
+    plain data cluster."""
+    native = image.native
+    assert native is not None
+    cs = image.cs
+    for gc in range(-(-image.size // cs)):
+        host = native.lookup(gc)
+        if host or complete:
+            entry, bitmap = image._entry(gc)
+            want = map_value(
+                entry, bitmap, extended=image.extended, version=image.version, writable=True
+            )
+            assert host == want, (gc, host, want)
+        if host:
+            n = min(cs, image.size - gc * cs)
+            at = host & ~1  # (without the IN_PLACE flag)
+            assert os.pread(image.f.fileno, n, at) == model.data[gc * cs : gc * cs + n], gc
 
 
 def _run(image: Qcow2Image, path: Path, ops, model: Model, cfg: dict) -> Qcow2Image:
@@ -162,9 +187,11 @@ def test_random_sequences_match_a_raw_model(qimg, tmp_path_factory, name, cfg, b
             model = Model(image, base)
             ops = data.draw(_ops(image.size, image.cs, image.sub_size))
             image = _run(image, img, ops, model, cfg)
+            _check_native_map(image, model, complete=False)
             got = bytearray(image.size)
             image.read(0, [memoryview(got)])
             assert got == model.data
+            _check_native_map(image, model, complete=True)
             image.close()
             report = qimg.check(img)
             assert report.get("leaks", 0) == 0, report

@@ -3,19 +3,26 @@
 The image code (``image.py``) is blocking; requests run in one worker thread at a
 time through the same ``_ThreadBatcher`` as ``RawFileBackend`` (requests ready in
 the same scheduler tick share one thread hop, and one flush for all those that
-asked for durability).  The guest sees the virtual size.  There is no ``fd``
-attribute: the native data plane serves raw files only, so every qcow2 request
-takes the Python path.
+asked for durability).  The guest sees the virtual size.
+
+The native data plane serves reads of allocated clusters itself: ``fd`` (the image,
+``O_DIRECT`` with ``cache="none"``) and ``native_map()`` (the cluster map,
+``native.py``); every other request is deferred to this Python path.  Cache modes
+as for raw images: ``none`` reads allocated clusters with ``O_DIRECT`` (the Python
+path -- metadata, copy-on-write, backing files -- stays buffered, and a FLUSH makes
+all of it durable), ``writethrough`` is the device's write cache off,
+``unsafe`` ignores flushes (metadata is still written on close).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
-from virtio.devices.blk.backend import Range, _ThreadBatcher
+from virtio.devices.blk.backend import CACHE_MODES, Range, _ThreadBatcher, block_sizes
 from virtio.devices.blk.qcow2.image import Qcow2Image
 from virtio.errors import BackendIOError
 
@@ -33,9 +40,14 @@ class Qcow2Backend:
         lock: bool = True,
         l2_cache_size: int | None = None,
         refcount_cache_size: int | None = None,
+        cache: str = "writeback",
         max_batch: int = 16,
     ) -> None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
         self.path = os.fspath(path)
+        self.cache = cache
+        self.direct = cache == "none"
         self.image = Qcow2Image(
             self.path,
             read_only=read_only,
@@ -43,9 +55,24 @@ class Qcow2Backend:
             l2_cache_size=l2_cache_size,
             refcount_cache_size=refcount_cache_size,
         )
+        image = self.image
+        try:
+            self.fd = image.f.fileno
+            """What the native data plane reads allocated clusters from."""
+            if self.direct:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            self.logical_block_size, _, self.mem_align = block_sizes(self.fd)
+        except BaseException:
+            image.close()
+            raise
+        sync = _nothing if cache == "unsafe" else image.flush
         self._batcher = _ThreadBatcher(
-            self.image.flush, trio.CapacityLimiter(1), max_hops=1, max_batch=max_batch
+            sync, trio.CapacityLimiter(1), max_hops=1, max_batch=max_batch
         )
+
+    def native_map(self) -> Any:
+        """The image's cluster map for the native data plane (``struct qcow2_map *``)."""
+        return self.image.enable_native_reads().c
 
     @property
     def size(self) -> int:
@@ -82,7 +109,7 @@ class Qcow2Backend:
         await self._batcher.run(lambda: image.write(offset, views), sync=sync)
 
     async def flush(self) -> None:
-        if self.image.read_only:
+        if self.image.read_only or self.cache == "unsafe":
             return
         await self._batcher.run(_nothing, sync=True)
 
@@ -103,6 +130,9 @@ class Qcow2Backend:
 
     def close(self) -> None:
         """Write back the metadata and release the images (and their locks)."""
+        if self.fd != self.image.f.fileno and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
         self.image.close()
 
     def __enter__(self) -> Qcow2Backend:

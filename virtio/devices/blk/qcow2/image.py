@@ -60,6 +60,7 @@ from virtio.devices.blk.qcow2.mapping import (
     check_l2_entry,
     classify,
 )
+from virtio.devices.blk.qcow2.native import NativeMap, fill_from_table, map_value
 from virtio.devices.blk.qcow2.refcount import Refcounts
 from virtio.errors import BackendIOError
 
@@ -155,6 +156,9 @@ class Qcow2Image:
             l2_bytes // cs, cs, self._load_l2, self.f.pwrite, self.write_metadata
         )
         self._pending_free: list[tuple[int, int]] = []
+        self.native: NativeMap | None = None
+        """The cluster map of the native read path (``native.py``), once enabled."""
+        self._native_l1: set[int] = set()
         self._compressed: tuple[int, bytes] | None = None
         if hdr.backing_file:
             self.backing = self._open_backing(hdr, lock, (*seen, os.path.realpath(self.path)))
@@ -220,6 +224,14 @@ class Qcow2Image:
             raise Qcow2FormatError(f"{self.path}: L2 table at {offset:#x} is past the end")
         return bytearray(data)
 
+    def enable_native_reads(self) -> NativeMap:
+        """The cluster map for the native data plane (created on the first call;
+        filled as L2 tables are used).  Call it outside the image's worker thread
+        only before requests run, or between them."""
+        if self.native is None:
+            self.native = NativeMap(self.size, self.cluster_bits)
+        return self.native
+
     def _l2(self, l1i: int, *, create: bool = False) -> L2Table | None:
         entry = self.l1[l1i]
         off = entry & OFFSET_MASK
@@ -230,7 +242,11 @@ class Qcow2Image:
                     raise SharedClusterError(f"{self.path}: L2 table shared with a snapshot")
                 self.l1[l1i] = entry | OFLAG_COPIED
                 self._dirty_l1.add(l1i)
-            return L2Table(self.l2_cache.get(off), self.extended)
+            buf = self.l2_cache.get(off)
+            if self.native is not None and l1i not in self._native_l1:
+                fill_from_table(self.native, self, l1i * self.l2_entries, buf)
+                self._native_l1.add(l1i)
+            return L2Table(buf, self.extended)
         if not create:
             return None
         off = self.refcounts.allocate(1)
@@ -238,6 +254,7 @@ class Qcow2Image:
         table = L2Table(self.l2_cache.new(off), self.extended)
         self.l1[l1i] = off | OFLAG_COPIED
         self._dirty_l1.add(l1i)
+        self._native_l1.add(l1i)  # all unallocated: nothing to enter
         return table
 
     def _entry(self, gc: int) -> tuple[int, int]:
@@ -255,8 +272,22 @@ class Qcow2Image:
         l1i, l2i = divmod(gc, self.l2_entries)
         table = self._l2(l1i, create=True)
         assert table is not None
+        native = self.native
+        if native is not None:  # no native read may use the old mapping from now on
+            native.clear(gc)
         table.set(l2i, entry, bitmap)
         self.l2_cache.mark_dirty(self.l1[l1i] & OFFSET_MASK)
+        if native is not None and l1i in self._native_l1:
+            # our writers put the data in place before the entry names it
+            value = map_value(
+                entry,
+                bitmap,
+                extended=self.extended,
+                version=self.version,
+                writable=not self.read_only,
+            )
+            if value:
+                native.set(gc, value)
 
     def _free_later(self, entry: int) -> None:
         """The cluster(s) ``entry`` pointed to are no longer referenced by it: give
@@ -286,6 +317,8 @@ class Qcow2Image:
                 self._dirty_l1.clear()
         if self._pending_free:
             frees, self._pending_free = self._pending_free, []
+            if self.native is not None:  # native reads that looked these up are done
+                self.native.synchronize()
             self.f.sync()
             for off, length in frees:
                 first = off >> self.cluster_bits
@@ -555,6 +588,10 @@ class Qcow2Image:
                 self.flush()
         finally:
             self.f.close()
+            native = getattr(self, "native", None)  # (an open that failed early: none)
+            if native is not None:
+                native.close()
+                self.native = None
             if self.backing is not None:
                 self.backing.close()
                 self.backing = None
