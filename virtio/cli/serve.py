@@ -131,6 +131,12 @@ def register(subparsers: Any) -> None:
         "a front-end that has sent anything is never timed out",
     )
     blk.add_argument(
+        "--incoming",
+        action="store_true",
+        help="the destination of a live migration: do not lock the image (the source's "
+        "back-end holds the lock while its QEMU runs; the image is shared)",
+    )
+    blk.add_argument(
         "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
     )
     blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
@@ -228,6 +234,7 @@ def run_blk(args: argparse.Namespace) -> int:
             serial=args.serial,
             cache=args.cache,
             aio=args.aio,
+            lock=not args.incoming,
         )
     except ValueError as exc:
         _fail(f"virtio serve blk: {exc}", status=2)

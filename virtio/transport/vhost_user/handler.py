@@ -548,7 +548,17 @@ class VhostUserHandler:
 
     def _apply_log(self) -> None:
         if self.memory is not None:
-            self.memory.set_dirty_log(self._log_view if self.logging else None)
+            view = self._log_view if self.logging else None
+            if (view is None) != (not self.memory.logging):
+                if view is not None:
+                    log.info(
+                        "%s: dirty page logging on (live migration): %d-byte log",
+                        self.name,
+                        len(view),
+                    )
+                else:
+                    log.info("%s: dirty page logging off", self.name)
+            self.memory.set_dirty_log(view)
 
     def _drop_log(self) -> None:
         if self.memory is not None:
