@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
 
 from virtio.errors import DeviceUsageError
 from virtio.native import ffi, lib
-from virtio.testing.queues import make_queue_pair
+from virtio.testing.queues import QueuePair, make_queue_pair
 from virtio.testing.vhost_user_frontend import EchoDevice, GuestRam, VhostUserFrontend
 from virtio.transport.vhost_user.errors import InvalidMessage
 from virtio.transport.vhost_user.inflight import (
@@ -145,12 +145,20 @@ async def test_clean_restart_resubmits_nothing_and_wraps_correctly() -> None:
         ram.close()
 
 
-def _pair_with_region(size: int = 8):
+@contextlib.contextmanager
+def _pair_with_region(size: int = 8) -> Iterator[tuple[QueuePair, PackedInflightQueue]]:
+    """A packed queue pair whose device queue marks a region over a bytearray.  The
+    region is released explicitly, as ``InflightArea.close`` does (a cffi buffer
+    over a memoryview must not be torn down by the cycle collector)."""
     pair = make_queue_pair(size, packed=True)
     region = PackedInflightQueue(memoryview(bytearray(packed_region_size(size))), size)
     region.initialize(0, True)
     region.attach(pair.device)
-    return pair, region
+    try:
+        yield pair, region
+    finally:
+        PackedInflightQueue.detach(pair.device)
+        region.release()
 
 
 def _flags(pair):
@@ -161,19 +169,19 @@ def test_used_batch_cut_before_the_ring_showed_it_is_rolled_back() -> None:
     """The region moved to the end of a batch (entries freed, used_idx advanced) but
     the crash came before the ring showed it: recovery undoes it, the chain is still
     in flight and resubmitted, at the old used position."""
-    pair, region = _pair_with_region()
-    a = pair.driver.add([b"A"], [4])
-    pair.driver.publish()
-    chain = pair.device.pop()
-    assert chain is not None and chain.head == a
-    ids = ffi.new("uint16_t[]", [a])
-    lib.vu_ifp_used_prepare(region.ctx, ids, 1, 2, 1)  # ... and the process dies here
-    got = region.recover(_flags(pair))
-    assert [bid for bid, _ in got.chains] == [a]
-    assert (got.used_idx, got.used_wrap, got.next_avail, got.avail_wrap) == (0, True, 2, True)
-    # the recorded descriptors rebuild the same chain
-    again = pair.device.packed_chain_recorded(got.chains[0][1])
-    assert (again.head, again.ndesc, again.readable_len, again.writable_len) == (a, 2, 1, 4)
+    with _pair_with_region() as (pair, region):
+        a = pair.driver.add([b"A"], [4])
+        pair.driver.publish()
+        chain = pair.device.pop()
+        assert chain is not None and chain.head == a
+        ids = ffi.new("uint16_t[]", [a])
+        lib.vu_ifp_used_prepare(region.ctx, ids, 1, 2, 1)  # ... and the process dies here
+        got = region.recover(_flags(pair))
+        assert [bid for bid, _ in got.chains] == [a]
+        assert (got.used_idx, got.used_wrap, got.next_avail, got.avail_wrap) == (0, True, 2, True)
+        # the recorded descriptors rebuild the same chain
+        again = pair.device.packed_chain_recorded(got.chains[0][1])
+        assert (again.head, again.ndesc, again.readable_len, again.writable_len) == (a, 2, 1, 4)
 
 
 def test_used_batch_the_ring_showed_is_committed_even_if_the_driver_reused_the_slot() -> None:
@@ -181,40 +189,40 @@ def test_used_batch_the_ring_showed_is_committed_even_if_the_driver_reused_the_s
     driver consumed the used element and already put a new buffer in that slot:
     the slot no longer holds the original available descriptor, so the batch is
     committed (the chain is not redone, which would complete it twice)."""
-    pair, region = _pair_with_region(size=2)
-    a = pair.driver.add([b"A"], [4])  # slots 0-1
-    pair.driver.publish()
-    chain = pair.device.pop()
-    assert chain is not None
-    hdr = region.hdr
-    before = (hdr.old_free_head, hdr.old_used_idx, hdr.old_used_wrap_counter)
-    pair.device.add_used(chain, 4)
-    (u,) = pair.driver.get_used()
-    assert u.id == a
-    # crash between the ring update and the commit: the old_* fields and the mark
-    hdr.old_free_head, hdr.old_used_idx, hdr.old_used_wrap_counter = before
-    region.descs[0].inflight = 1
-    pair.driver.add([b"B"], [4])  # the driver reuses slots 0-1 (next lap)
-    pair.driver.publish()
-    assert _flags(pair)(0) & (1 << 7 | 1 << 15) == 1 << 15  # available, wrap counter 0
-    got = region.recover(_flags(pair))
-    assert got.chains == []
-    assert (got.used_idx, got.used_wrap, got.next_avail, got.avail_wrap) == (0, False, 0, False)
+    with _pair_with_region(size=2) as (pair, region):
+        a = pair.driver.add([b"A"], [4])  # slots 0-1
+        pair.driver.publish()
+        chain = pair.device.pop()
+        assert chain is not None
+        hdr = region.hdr
+        before = (hdr.old_free_head, hdr.old_used_idx, hdr.old_used_wrap_counter)
+        pair.device.add_used(chain, 4)
+        (u,) = pair.driver.get_used()
+        assert u.id == a
+        # crash between the ring update and the commit: the old_* fields and the mark
+        hdr.old_free_head, hdr.old_used_idx, hdr.old_used_wrap_counter = before
+        region.descs[0].inflight = 1
+        pair.driver.add([b"B"], [4])  # the driver reuses slots 0-1 (next lap)
+        pair.driver.publish()
+        assert _flags(pair)(0) & (1 << 7 | 1 << 15) == 1 << 15  # available, wrap counter 0
+        got = region.recover(_flags(pair))
+        assert got.chains == []
+        assert (got.used_idx, got.used_wrap, got.next_avail, got.avail_wrap) == (0, False, 0, False)
 
 
 def test_a_pop_cut_short_is_not_in_flight() -> None:
     """The crash came while a chain's descriptors were being copied: its head entry
     is marked but old_free_head never moved past it; recovery drops it and the ring
     pops it again (next_avail stays at it)."""
-    pair, region = _pair_with_region()
-    pair.driver.add([b"A"], [4])
-    pair.driver.publish()
-    desc = bytes(pair.memory.read(pair.driver.desc_addr, 16))
-    lib.vu_ifp_pop_desc(region.ctx, desc, 1)  # first descriptor recorded, then death
-    assert region.descs[0].inflight == 1
-    got = region.recover(_flags(pair))
-    assert got.chains == [] and (got.next_avail, got.avail_wrap) == (0, True)
-    assert region.descs[0].inflight == 0
+    with _pair_with_region() as (pair, region):
+        pair.driver.add([b"A"], [4])
+        pair.driver.publish()
+        desc = bytes(pair.memory.read(pair.driver.desc_addr, 16))
+        lib.vu_ifp_pop_desc(region.ctx, desc, 1)  # first descriptor recorded, then death
+        assert region.descs[0].inflight == 1
+        got = region.recover(_flags(pair))
+        assert got.chains == [] and (got.next_avail, got.avail_wrap) == (0, True)
+        assert region.descs[0].inflight == 0
 
 
 @pytest.mark.parametrize(
@@ -232,25 +240,25 @@ def test_a_pop_cut_short_is_not_in_flight() -> None:
 def test_a_corrupt_region_is_refused(corrupt) -> None:
     """The region lives in memory the front-end hands us: anything inconsistent is
     an ``InvalidMessage``, never an out-of-range access."""
-    pair, region = _pair_with_region()
-    pair.driver.add([b"A"], [4])
-    pair.driver.publish()
-    assert pair.device.pop() is not None
-    corrupt(region)
-    with pytest.raises(InvalidMessage):
-        region.recover(_flags(pair))
+    with _pair_with_region() as (pair, region):
+        pair.driver.add([b"A"], [4])
+        pair.driver.publish()
+        assert pair.device.pop() is not None
+        corrupt(region)
+        with pytest.raises(InvalidMessage):
+            region.recover(_flags(pair))
 
 
 def test_recorded_chain_is_validated_like_a_pop() -> None:
     """A recorded descriptor outside guest memory breaks the queue with the driver
     error a pop would raise; a record of the wrong size is a usage error."""
-    pair, _ = _pair_with_region()
-    bad = (1 << 40).to_bytes(8, "little") + (16).to_bytes(4, "little") + bytes(4)
-    with pytest.raises(DeviceUsageError):
-        pair.device.packed_chain_recorded(bad[:15])
-    with pytest.raises(Exception) as info:
-        pair.device.packed_chain_recorded(bad)
-    assert "memory" in str(info.value)
+    with _pair_with_region() as (pair, _region):
+        bad = (1 << 40).to_bytes(8, "little") + (16).to_bytes(4, "little") + bytes(4)
+        with pytest.raises(DeviceUsageError):
+            pair.device.packed_chain_recorded(bad[:15])
+        with pytest.raises(Exception) as info:
+            pair.device.packed_chain_recorded(bad)
+        assert "memory" in str(info.value)
 
 
 def test_a_region_sized_for_split_only_is_not_used_for_packed() -> None:
