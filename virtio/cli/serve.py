@@ -195,6 +195,12 @@ def _add_blk_options(blk: argparse.ArgumentParser) -> None:
         help="close a connection that has sent nothing for S seconds (default: never); "
         "a front-end that has sent anything is never timed out",
     )
+    blk.add_argument(
+        "--incoming",
+        action="store_true",
+        help="the destination of a live migration: do not lock the image (the source's "
+        "back-end holds the lock while its QEMU runs; the image is shared)",
+    )
     blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
         "--debug-request-delay", type=float, default=0.0, help=argparse.SUPPRESS
     )
@@ -281,6 +287,7 @@ def build_blk(args: argparse.Namespace) -> Any:
             serial=args.serial,
             cache=args.cache,
             aio=args.aio,
+            lock=not args.incoming,
         )
     except ValueError as exc:
         raise ExportError(str(exc), status=2) from None

@@ -19,9 +19,9 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("vm_native.c", "stats.c", "dataplane.c", "aio.c", "blk_dataplane.c")
+SOURCES = ("vm_native.c", "stats.c", "inflight.c", "dataplane.c", "aio.c", "blk_dataplane.c")
 """C sources, compiled as one translation unit (in this order)."""
-HEADERS = ("vm_native.h", "dataplane.h")
+HEADERS = ("vm_native.h", "inflight.h", "dataplane.h")
 PRIVATE_HEADERS = ("faultfile.h",)
 """Headers the C sources include that cffi does not see (static inline code)."""
 """Headers whose declarations cffi exposes (in this order)."""
@@ -57,6 +57,9 @@ def spec_defines() -> str:
     for member in ring.PackedEventFlag:
         lines.append(f"#define {member.name} {int(member)}u")
     lines.append(f"#define VRING_PACKED_EVENT_F_WRAP_CTR {ring.VRING_PACKED_EVENT_F_WRAP_CTR}")
+    from virtio.spec.features import TransportFeature
+
+    lines.append(f"#define VIRTIO_F_RING_PACKED_BIT {int(TransportFeature.VIRTIO_F_RING_PACKED)}")
     for member in (*blk.BlkReqType, *blk.BlkStatus):
         lines.append(f"#define {member.name} {int(member)}u")
     # A name may appear in two enums (packed reuses NEXT/WRITE/INDIRECT): keep the first.

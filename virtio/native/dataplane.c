@@ -4,7 +4,8 @@
  * notifications, pop a batch, serve, publish the used entries with one index
  * update, notify as EVENT_IDX / flags allow, re-enable and re-check before
  * sleeping), the eventfd wait, the hand-over ("deferral") of chains the device's
- * fast path does not serve to the Python device, vhost-user inflight marks, and the
+ * fast path does not serve to the Python device, vhost-user inflight marks of split
+ * rings (packed rings are marked by the queue core itself, inflight.c), and the
  * lost-interrupt rescue.  A device supplies only `serve` (blk_dataplane.c).
  *
  * Threading: the thread holds no Python state.  Every used-ring update and pop
@@ -21,47 +22,6 @@
 
 #define DP_MU(dp) ((pthread_mutex_t *)(void *)(dp)->mu_storage)
 _Static_assert(sizeof(((struct dp *)0)->mu_storage) >= sizeof(pthread_mutex_t), "mutex storage");
-_Static_assert(sizeof(struct vu_inflight_split_hdr) == 16, "QueueRegionSplit header");
-_Static_assert(sizeof(struct vu_inflight_desc_split) == 16, "DescStateSplit");
-
-/* ---- inflight region ------------------------------------------------------------ */
-static inline struct vu_inflight_desc_split *inflight_desc(uint8_t *region, uint16_t head)
-{
-    return (struct vu_inflight_desc_split *)(region + sizeof(struct vu_inflight_split_hdr)) + head;
-}
-
-void vu_inflight_pop(uint8_t *region, uint16_t desc_num, const uint16_t *heads, uint32_t n,
-                     uint64_t *counter)
-{
-    for (uint32_t i = 0; i < n; i++) {
-        if (heads[i] >= desc_num)
-            continue;
-        struct vu_inflight_desc_split *d = inflight_desc(region, heads[i]);
-        d->counter = (*counter)++;
-        __atomic_store_n(&d->inflight, (uint8_t)1, __ATOMIC_RELEASE);
-    }
-}
-
-void vu_inflight_used(uint8_t *region, uint16_t desc_num, const uint16_t *heads, uint32_t n,
-                      uint16_t used_idx)
-{
-    if (n == 0)
-        return;
-    struct vu_inflight_split_hdr *h = (struct vu_inflight_split_hdr *)region;
-    uint16_t last = h->last_batch_head;
-    for (uint32_t i = 0; i < n; i++) {
-        if (heads[i] >= desc_num)
-            continue;
-        inflight_desc(region, heads[i])->next = last;
-        last = heads[i];
-    }
-    h->last_batch_head = last;
-    for (uint32_t i = 0; i < n; i++)
-        if (heads[i] < desc_num)
-            __atomic_store_n(&inflight_desc(region, heads[i])->inflight, (uint8_t)0,
-                             __ATOMIC_RELEASE);
-    __atomic_store_n(&h->used_idx, used_idx, __ATOMIC_RELEASE);
-}
 
 /* ---- deferral to Python --------------------------------------------------------- */
 static void dp_defer(struct dp *dp, const struct vq_chain *c, const struct vq_seg *segs, int err)

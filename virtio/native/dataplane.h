@@ -1,32 +1,8 @@
 /* Native data plane: a thread per eventfd-notified virtqueue (dataplane.c), with a
- * device-specific fast path (blk_dataplane.c), and the vhost-user inflight region
- * layout (one definition: Python's virtio.transport.vhost_user.inflight uses these
- * structs and functions through cffi).  Needs vm_native.h first. */
+ * device-specific fast path (blk_dataplane.c).  Needs vm_native.h and inflight.h
+ * (the vhost-user inflight region layout) first. */
 #ifndef PYVIRTIO_DATAPLANE_H
 #define PYVIRTIO_DATAPLANE_H
-
-/* ---- vhost-user inflight I/O tracking, split layout (vhost-user "Inflight I/O
- * tracking": QueueRegionSplit / DescStateSplit) ----------------------------------- */
-struct vu_inflight_split_hdr {
-    uint64_t features;
-    uint16_t version;
-    uint16_t desc_num;
-    uint16_t last_batch_head;
-    uint16_t used_idx;
-};
-
-struct vu_inflight_desc_split {
-    uint8_t inflight;
-    uint8_t padding[5];
-    uint16_t next;
-    uint64_t counter;
-};
-
-/* Mark heads popped (counter order) / completed (one batch, then used_idx). */
-void vu_inflight_pop(uint8_t *region, uint16_t desc_num, const uint16_t *heads, uint32_t n,
-                     uint64_t *counter);
-void vu_inflight_used(uint8_t *region, uint16_t desc_num, const uint16_t *heads, uint32_t n,
-                      uint16_t used_idx);
 
 /* ---- generic data plane --------------------------------------------------------- */
 #define DP_BATCH 64

@@ -3,6 +3,7 @@
  * little-endian (virtio 1.x, §1.4); this file assumes a little-endian host. */
 #include <string.h>
 #include "vm_native.h"
+#include "inflight.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the native virtqueue core assumes a little-endian host"
@@ -323,10 +324,35 @@ static inline int packed_is_avail(uint16_t flags, uint8_t wrap)
     return avail != used && avail == wrap;
 }
 
+/* One descriptor of a packed chain (a local copy `d`, ring slot or recorded):
+ * indirect table or buffer.  Returns a VQ_E_* code or 0; *end is set when the
+ * chain ends with it. */
+static int packed_chain_desc(struct vq *q, struct walk *w, const uint8_t *d, uint16_t ndesc,
+                             uint16_t slot, int *end)
+{
+    uint16_t flags = ld16(d + 14);
+    uint64_t addr = ld64(d);
+    uint32_t len = ld32(d + 8);
+    *end = 1;
+    if (flags & VRING_DESC_F_INDIRECT) {
+        if (!q->indirect)
+            return vq_fail(q, VQ_E_INDIRECT_NOTNEG, slot, 0, 1);
+        /* §2.8.19: no INDIRECT descriptor in a list linked by NEXT, neither
+         * with NEXT itself nor at its end (unlike split rings, §2.7.5.3.2). */
+        if ((flags & VRING_DESC_F_NEXT) || ndesc > 1)
+            return vq_fail(q, VQ_E_INDIRECT_NEXT, slot, 0, 1);
+        return walk_indirect(q, w, addr, len, 1);
+    }
+    int rc = walk_add(q, w, addr, len, flags & VRING_DESC_F_WRITE);
+    *end = rc || !(flags & VRING_DESC_F_NEXT);
+    return rc;
+}
+
 static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
                             struct vq_seg *segs, uint32_t max_segs)
 {
     uint32_t done = 0, seg_used = 0;
+    struct vu_inflight_packed *ip = q->inflight;
     while (done < nchains) {
         uint16_t pos = q->next_avail;
         uint8_t wrap = q->avail_wrap;
@@ -338,8 +364,8 @@ static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t ncha
         c->seg_start = seg_used;
         struct walk w = {c, segs + seg_used, 0, max_segs - seg_used, 0, 0};
         uint16_t ndesc = 0, id = 0;
-        int rc = 0;
-        for (;;) {
+        int rc = 0, end = 0;
+        while (!end) {
             if (ndesc >= q->size) {
                 rc = vq_fail(q, VQ_E_LOOP, q->next_avail, q->size, 1);
                 break;
@@ -351,33 +377,21 @@ static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t ncha
                 rc = vq_fail(q, VQ_E_PACKED_AVAIL, pos, q->next_avail, 0);
                 break;
             }
+            if (ip)
+                vu_ifp_pop_desc(ip, d, ndesc == 0);
             ndesc++;
             id = ld16(d + 12);
-            uint64_t addr = ld64(d);
-            uint32_t len = ld32(d + 8);
             uint16_t cur = pos;
             if (++pos >= q->size) {
                 pos = 0;
                 wrap ^= 1;
             }
-            if (flags & VRING_DESC_F_INDIRECT) {
-                if (!q->indirect) {
-                    rc = vq_fail(q, VQ_E_INDIRECT_NOTNEG, cur, 0, 1);
-                    break;
-                }
-                /* §2.8.19: no INDIRECT descriptor in a list linked by NEXT, neither
-                 * with NEXT itself nor at its end (unlike split rings, §2.7.5.3.2). */
-                if ((flags & VRING_DESC_F_NEXT) || ndesc > 1) {
-                    rc = vq_fail(q, VQ_E_INDIRECT_NEXT, cur, 0, 1);
-                    break;
-                }
-                rc = walk_indirect(q, &w, addr, len, 1);
-                break;
-            }
-            rc = walk_add(q, &w, addr, len, flags & VRING_DESC_F_WRITE);
-            if (rc || !(flags & VRING_DESC_F_NEXT))
+            rc = packed_chain_desc(q, &w, d, ndesc, cur, &end);
+            if (rc)
                 break;
         }
+        if (ip)
+            vu_ifp_pop_end(ip, id, rc == 0);
         if (rc == VQ_E_SEGS) {
             if (done == 0)
                 return VQ_E_SEGS;
@@ -402,15 +416,58 @@ static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t ncha
     return (int)done;
 }
 
+/* Packed ring: the chain of n recorded ring descriptors (16 bytes each, as the ring
+ * held them when popped: resubmission from the inflight area after a back-end
+ * restart).  Same validation as a pop; the ring is not touched. */
+static int vq_packed_chain_recorded_u(struct vq *q, const uint8_t *descs, uint16_t n,
+                                      struct vq_chain *c, struct vq_seg *segs, uint32_t max_segs)
+{
+    if (q->broken)
+        return VQ_E_BROKEN;
+    if (!q->packed || n == 0 || n > q->size)
+        return vq_fail(q, VQ_E_LOOP, n, q->size, 1);
+    memset(c, 0, sizeof *c);
+    struct walk w = {c, segs, 0, max_segs, 0, 0};
+    int rc = 0, end = 0;
+    uint16_t i = 0;
+    while (!end && i < n) {
+        const uint8_t *d = descs + 16u * i;
+        c->head = ld16(d + 12);
+        rc = packed_chain_desc(q, &w, d, ++i, 0, &end);
+        if (rc)
+            return rc;
+    }
+    if (!end || i != n) /* the record's length and its NEXT flags disagree */
+        return vq_fail(q, VQ_E_PACKED_AVAIL, i, n, 0);
+    c->ndesc = n;
+    return 1;
+}
+
 static int packed_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
                                  const uint16_t *ndescs, uint32_t n)
 {
+    /* Where the batch ends: the inflight region moves there before the ring shows it. */
+    uint16_t first = q->next_used;
+    uint8_t first_wrap = q->used_wrap, end_wrap = q->used_wrap;
+    uint32_t end = first;
+    for (uint32_t i = 0; i < n; i++) {
+        end += ndescs[i] ? ndescs[i] : 1;
+        if (end >= q->size) {
+            end -= q->size;
+            end_wrap ^= 1;
+        }
+    }
+    if (q->inflight)
+        vu_ifp_used_prepare(q->inflight, ids, n, (uint16_t)end, end_wrap);
+    /* The first element's flags are written last (§2.8.21.3.1 batching): the driver,
+     * and a restarted back-end reading old_used_idx, see all of the batch or none. */
     for (uint32_t i = 0; i < n; i++) {
         uint8_t *d = q->desc + q->next_used * 16u;
         st32(d + 8, lens[i]);
         st16(d + 12, ids[i]);
         uint16_t flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
-        vm_store_release_u16(d + 14, flags); /* §2.8.?: flags written last */
+        if (i > 0)
+            vm_store_release_u16(d + 14, flags);
         vm_log_dirty(q->mem, q->desc_gpa + q->next_used * 16u, 16);
         uint32_t next = (uint32_t)q->next_used + (ndescs[i] ? ndescs[i] : 1);
         if (next >= q->size) {
@@ -420,6 +477,11 @@ static int packed_add_used_batch(struct vq *q, const uint16_t *ids, const uint32
         q->next_used = (uint16_t)next;
         q->used_idx += ndescs[i] ? ndescs[i] : 1; /* descriptors used since reset */
     }
+    if (n)
+        vm_store_release_u16(q->desc + first * 16u + 14,
+                             first_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0);
+    if (q->inflight)
+        vu_ifp_used_commit(q->inflight, ids, n);
     return 0;
 }
 
@@ -708,4 +770,22 @@ int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_s
     int r = vq_chain_at_u(q, head, chain, segs, max_segs);
     VQ_UNLOCK(q);
     return r;
+}
+
+int vq_packed_chain_recorded(struct vq *q, const uint8_t *descs, uint16_t n,
+                             struct vq_chain *chain, struct vq_seg *segs, uint32_t max_segs)
+{
+    VQ_LOCK(q);
+    int r = vq_packed_chain_recorded_u(q, descs, n, chain, segs, max_segs);
+    VQ_UNLOCK(q);
+    return r;
+}
+
+/* Packed rings: mark pops and used batches in an inflight region from now on (NULL:
+ * stop).  Under the lock, so a data-plane thread never sees it half set. */
+void vq_set_inflight(struct vq *q, struct vu_inflight_packed *ip)
+{
+    VQ_LOCK(q);
+    q->inflight = q->packed ? ip : NULL;
+    VQ_UNLOCK(q);
 }

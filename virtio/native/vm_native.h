@@ -102,6 +102,8 @@ struct vq {
     uint64_t popped, used;
     void *lock; /* pthread_mutex_t *, set by vq_set_locking; NULL: no locking */
     struct vq_stats *stats;     /* the device's statistics of this queue, or NULL */
+    /* packed ring: vhost-user inflight tracking (inflight.h), set by vq_set_inflight */
+    struct vu_inflight_packed *inflight;
 };
 
 enum {
@@ -148,3 +150,7 @@ uint16_t vq_add_used_batch_idx(struct vq *q, const uint16_t *ids, const uint32_t
 int vq_add_used1(struct vq *q, uint16_t id, uint32_t len, uint16_t ndesc);
 int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
                 uint32_t max_segs);
+struct vu_inflight_packed;
+void vq_set_inflight(struct vq *q, struct vu_inflight_packed *ip);
+int vq_packed_chain_recorded(struct vq *q, const uint8_t *descs, uint16_t n,
+                             struct vq_chain *chain, struct vq_seg *segs, uint32_t max_segs);

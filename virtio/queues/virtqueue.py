@@ -486,6 +486,25 @@ class Virtqueue:
             self._fail(rc)
         return self._chain(0)
 
+    def packed_chain_recorded(self, descs: bytes) -> DescriptorChain:
+        """Packed rings: the chain made of ``descs``, 16-byte ring descriptors as they
+        were when it was popped (resubmission from the vhost-user inflight area after a
+        restart: the ring slots may hold used elements by now).  Validated as a pop."""
+        self._check()
+        n = len(descs) // 16
+        if not self.packed or len(descs) % 16 or not 0 < n <= self.size:
+            raise DeviceUsageError(f"{len(descs)} bytes of packed descriptors for this queue")
+        while True:
+            rc = lib.vq_packed_chain_recorded(
+                self._q, descs, n, self._chains, self._segs, self._cap_segs
+            )
+            if rc != lib.VQ_E_SEGS:
+                break
+            self._alloc_segs(self._cap_segs * 4)
+        if rc < 0:
+            self._fail(rc)
+        return self._chain(0)
+
     def __iter__(self):
         while (chain := self.pop()) is not None:
             yield chain

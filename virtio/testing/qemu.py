@@ -566,6 +566,9 @@ class QemuGuest:
         boot_timeout: seconds to wait for the interactive shell.
         qemu: which QEMU (:func:`qemu_binary`, e.g. ``qemu_binary("10.0")``); default the
             system's (or ``$PYVIRTIO_QEMU``).
+        incoming: a live-migration destination (``-incoming URI``, e.g. ``unix:PATH``):
+            :meth:`start` returns once QEMU runs (use ``qmp=True``); after the
+            migration, :meth:`take_over_console` lets :meth:`run` talk to the guest.
     """
 
     def __init__(
@@ -585,9 +588,11 @@ class QemuGuest:
         console_log: str | os.PathLike[str] | None = None,
         boot_timeout: float = 120.0,
         qemu: QemuBinary | None = None,
+        incoming: str | None = None,
     ) -> None:
         self.image = image
         self.qemu = qemu
+        self.incoming = incoming
         self.devices = list(devices)
         self.extra_args = list(extra_args)
         self.script = script
@@ -669,6 +674,8 @@ class QemuGuest:
             args += ["-fw_cfg", f"name=opt/pyvirtio/script,file={script_path}"]
         if self.want_qmp:
             args += ["-qmp", f"unix:{tmp / 'qmp.sock'},server=on,wait=off"]
+        if self.incoming is not None:
+            args += ["-incoming", self.incoming]
         for i, dev in enumerate(self.devices):
             args += dev.qemu_args(i, accel=self.accel)
         return args + self.extra_args
@@ -700,7 +707,7 @@ class QemuGuest:
                     self.qmp = await QmpClient.connect(self._tmpdir / "qmp.sock")
                 except (OSError, trio.TooSlowError, QemuError) as e:
                     raise self._error(GuestExited, f"QMP connection failed: {e!r}") from e
-            if self.script is None:
+            if self.script is None and self.incoming is None:
                 await self._expect(
                     re.compile(rb"@@PYVIRTIO-READY " + self.nonce.encode() + rb"@@\r?\n"),
                     0,
@@ -779,6 +786,14 @@ class QemuGuest:
             await self._send_command("sync; poweroff -f", self._next_id())
             self._broken = "powered off"
         return await self.wait_exit(timeout)
+
+    def take_over_console(self, source: QemuGuest) -> None:
+        """Live migration: this (destination) QEMU now runs the guest ``source`` booted.
+        Its shell, background jobs and command numbering carry over; call once the
+        migration completed (the source's console is not read any more)."""
+        self.nonce = source.nonce
+        self._seq = source._seq
+        self._jobs = source._jobs
 
     # -- hot-plug (needs qmp=True)
 

@@ -25,13 +25,16 @@ ring and resets the device but keeps the rings' configuration and base, so the
 GET_VRING_BASEs around it answer correctly; a new SET_VRING_KICK restarts a ring.
 RESET_DEVICE and the end of the connection forget everything (``reset``).
 Packed rings are served and their base reported (avail | wrap << 15, used | wrap
-<< 31), but not tracked in the inflight area: ``Virtqueue.chain_at`` is split-only.
+<< 31).
 
-Inflight tracking (``inflight.py``): with INFLIGHT_SHMFD every split ring records
-popped/used heads in the shared area; when a ring starts on an area that was used
-before (a restarted back-end), heads still in flight are resubmitted to
-``device.handle`` in pop order, and ``last_avail_idx`` becomes used idx + in-flight
-count (the SET_VRING_BASE value is ignored, as libvhost-user does).
+Inflight tracking (``inflight.py``): with INFLIGHT_SHMFD every ring records what it
+popped and used in the shared area (split: heads; packed: copies of the chains'
+ring descriptors, marked by the queue core).  When a ring starts on an area that
+was used before (a restarted back-end), the requests still in flight are resubmitted
+to ``device.handle`` in pop order ("resumed N in-flight request(s)" once done), and
+the next available position becomes the used position + what was in flight (the
+SET_VRING_BASE value is ignored, as libvhost-user does; for packed rings QEMU's
+value is stale after a crash anyway).
 
 Errors.  A request the handler cannot honour (overlapping memory regions, a ring
 outside guest memory, a config access out of bounds) raises a
@@ -69,7 +72,7 @@ from virtio.spec.ring import VRING_PACKED_DESC_EVENT_SIZE, split_ring_sizes
 from virtio.spec.status import DeviceStatus
 
 from .errors import InvalidMessage, request_section
-from .inflight import InflightArea, SplitInflightQueue
+from .inflight import InflightArea, PackedInflightQueue, PackedRecovery, SplitInflightQueue
 from .messages import (
     STATUS_REPLIES,
     U64,
@@ -545,7 +548,17 @@ class VhostUserHandler:
 
     def _apply_log(self) -> None:
         if self.memory is not None:
-            self.memory.set_dirty_log(self._log_view if self.logging else None)
+            view = self._log_view if self.logging else None
+            if (view is None) != (not self.memory.logging):
+                if view is not None:
+                    log.info(
+                        "%s: dirty page logging on (live migration): %d-byte log",
+                        self.name,
+                        len(view),
+                    )
+                else:
+                    log.info("%s: dirty page logging off", self.name)
+            self.memory.set_dirty_log(view)
 
     def _drop_log(self) -> None:
         if self.memory is not None:
@@ -729,8 +742,24 @@ class VhostUserHandler:
         )
         area: SplitInflightQueue | None = None
         heads: list[int] = []
+        packed_area: PackedInflightQueue | None = None
+        recovered: PackedRecovery | None = None
         if packed:
             avail, avail_wrap, used, used_wrap = VringState(ring.index, ring.base).packed_indices
+            packed_area = self._inflight_region(ring, packed=True)
+            if packed_area is not None:
+                if packed_area.version == 0:
+                    packed_area.initialize(used, used_wrap)
+                else:
+                    # A restarted back-end: the region, not SET_VRING_BASE (QEMU's copy
+                    # is stale after a crash), knows where the device was.
+                    def slot_flags(i: int) -> int:
+                        return self.memory.read_u16(desc + 16 * i + 14)  # type: ignore[union-attr]
+
+                    recovered = packed_area.recover(slot_flags)
+                    avail, avail_wrap = recovered.next_avail, recovered.avail_wrap
+                    used, used_wrap = recovered.used_idx, recovered.used_wrap
+                    ring.recovered = True
             state = QueueState(
                 **common,
                 next_avail=avail,
@@ -738,50 +767,74 @@ class VhostUserHandler:
                 next_used=used,
                 used_wrap=used_wrap,
             )
-            if self.inflight is not None:
-                log.warning("%s: inflight tracking of packed rings is not implemented", self.name)
         else:
             used_idx = self.memory.read_u16(device + 2)
             last_avail = ring.base & 0xFFFF
-            if self.inflight is not None and ring.index < self.inflight.num_queues:
-                if ring.num > self.inflight.queue_size:
-                    log.warning(
-                        "%s: vring %d of %d entries exceeds the inflight area's %d: untracked",
-                        self.name,
-                        ring.index,
-                        ring.num,
-                        self.inflight.queue_size,
-                    )
+            area = self._inflight_region(ring, packed=False)
+            if area is not None:
+                if area.version == 0:
+                    area.initialize(used_idx)
                 else:
-                    area = self.inflight.queue(ring.index)
-                    if area.version == 0:
-                        area.initialize(used_idx)
-                    else:
-                        size = ring.num
+                    size = ring.num
 
-                        def head_at(i: int) -> int:
-                            return self.memory.read_u32(device + 4 + 8 * (i % size))  # type: ignore[union-attr]
+                    def head_at(i: int) -> int:
+                        return self.memory.read_u32(device + 4 + 8 * (i % size))  # type: ignore[union-attr]
 
-                        heads = area.recover(used_idx, head_at)
-                        last_avail = (used_idx + len(heads)) & 0xFFFF
-                        ring.recovered = True
+                    heads = area.recover(used_idx, head_at)
+                    last_avail = (used_idx + len(heads)) & 0xFFFF
+                    ring.recovered = True
             state = QueueState(**common, last_avail_idx=last_avail, used_idx=used_idx)
         queue = _RingQueue.restore(self.memory, state, name=f"{self.name}/vq{ring.index}")
         tracker = _Tracker(area)
         queue.inflight = tracker
+        if packed_area is not None:
+            packed_area.attach(queue)
         chains = []
         for head in heads:
             chains.append(queue.chain_at(head))
+        if recovered is not None:
+            heads = [buffer_id for buffer_id, _ in recovered.chains]
+            for _, descs in recovered.chains:
+                chains.append(queue.packed_chain_recorded(descs))
         tracker.outstanding += len(chains)
         if chains:
             log.info(
-                "%s: vring %d: resubmitting %d in-flight request(s) (heads %s)",
+                "%s: vring %d: resubmitting %d in-flight request(s) (%s %s)",
                 self.name,
                 ring.index,
                 len(chains),
+                "buffer ids" if packed else "heads",
                 heads,
             )
         return queue, tracker, chains
+
+    def _inflight_region(
+        self, ring: Vring, *, packed: bool
+    ) -> SplitInflightQueue | PackedInflightQueue | None:
+        """Ring ``ring``'s region of the inflight area, or None (no area, or the ring
+        does not fit it: untracked, logged)."""
+        if self.inflight is None or ring.index >= self.inflight.num_queues:
+            return None
+        if ring.num > self.inflight.queue_size:
+            log.warning(
+                "%s: vring %d of %d entries exceeds the inflight area's %d: untracked",
+                self.name,
+                ring.index,
+                ring.num,
+                self.inflight.queue_size,
+            )
+            return None
+        if not packed:
+            return self.inflight.queue(ring.index)
+        region = self.inflight.packed_queue(ring.index)
+        if region is None:
+            log.warning(
+                "%s: vring %d: the inflight area has no room for the packed layout "
+                "(an older back-end made it): untracked",
+                self.name,
+                ring.index,
+            )
+        return region
 
     async def _run_ring(
         self, ring: Vring, queue: _RingQueue, resubmit: list[DescriptorChain]
@@ -807,8 +860,8 @@ class VhostUserHandler:
         try:
             with ring.scope:
                 async with trio.open_nursery() as nursery:
-                    for chain in resubmit:
-                        nursery.start_soon(self._resubmit, ring, queue, chain)
+                    if resubmit:
+                        nursery.start_soon(self._resubmit_all, ring, queue, resubmit)
                     nursery.start_soon(self._guarded_serve, ring, active)
         except Exception as exc:
             # An error raised together with our own cancellation (a MultiError that
@@ -834,6 +887,22 @@ class VhostUserHandler:
         except Exception as exc:
             log.exception("%s: vring %d: the device failed", self.name, ring.index)
             self._ring_failed(ring, exc)
+
+    async def _resubmit_all(
+        self, ring: Vring, queue: _RingQueue, chains: list[DescriptorChain]
+    ) -> None:
+        """Run the in-flight requests a previous back-end left, concurrently; one line
+        once they all completed (vhost-user "Inflight I/O tracking")."""
+        before = self.resubmitted
+        async with trio.open_nursery() as nursery:
+            for chain in chains:
+                nursery.start_soon(self._resubmit, ring, queue, chain)
+        log.info(
+            "%s: vring %d: resumed %d in-flight request(s)",
+            self.name,
+            ring.index,
+            self.resubmitted - before,
+        )
 
     async def _resubmit(self, ring: Vring, queue: _RingQueue, chain: DescriptorChain) -> None:
         try:
@@ -995,6 +1064,8 @@ class VhostUserHandler:
             for ring in self.vrings:
                 if ring.tracker is not None:
                     ring.tracker.area = None
+                if ring.queue is not None and ring.queue.packed:
+                    PackedInflightQueue.detach(ring.queue)
             with contextlib.suppress(BufferError):
                 old.close()
 
