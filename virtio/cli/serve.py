@@ -9,6 +9,8 @@
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
     virtio serve rng --socket-path /run/rng.sock      # virtio-rng (os.getrandom)
+    virtio serve input --socket-path /run/in.sock --kind tablet --control /run/in.ctl
+                                                      # virtio-input (serve_input.py)
 
 Logs go to stderr (``virtio -v serve ...`` for more).  SIGINT/SIGTERM end the
 process cleanly (exit status 0); SIGUSR1 prints statistics on stderr (connections,
@@ -157,6 +159,11 @@ def register(subparsers: Any) -> None:
     rng.epilog = SIGNALS_HELP
     rng.set_defaults(func=run_rng)
     rng.error = lambda message: _fail(f"virtio serve rng: {message}", status=2)  # type: ignore[method-assign]
+    from virtio.cli.serve_input import register_input
+
+    register_input(
+        devices, _add_listen_options, add_log_options, _add_control_option, SIGNALS_HELP, _fail
+    )
 
 
 def _add_control_option(parser: argparse.ArgumentParser) -> None:
@@ -369,6 +376,7 @@ async def _serve(
     kind: str = "blk",
     statistics: Any = None,
     registry: Any = None,
+    background: Any = (),
 ) -> int:
     """Serve ``device`` on ``args.socket_path`` / ``args.fd`` until SIGINT/SIGTERM;
     SIGUSR1 prints ``statistics(device, server)``; SIGHUP resizes (blk only); with
@@ -396,6 +404,8 @@ async def _serve(
             await nursery.start(serve_then_stop)
             if getattr(args, "control", None):
                 await nursery.start(serve_control, args.control, registry or CommandRegistry())
+            for task in background:  # e.g. an input device's evdev reader
+                nursery.start_soon(task)
             notify("READY=1")  # systemd Type=notify: we listen now
             async for signum in receiver:
                 if signum == signal.SIGHUP:
