@@ -120,8 +120,10 @@ async def test_guest_sees_our_input_devices_and_their_events(guest_image, qemu, 
                 dump = f"od -An -v -tx1 /tmp/{kind}.raw | tr -d ' \\n'"
                 got: list[tuple[int, int, int]] = []
                 with trio.move_on_after(120):
-                    while int((await g.run(f"wc -c < /tmp/{kind}.raw")).output) < least * 24:
-                        await trio.sleep(0.3)
+                    sizes = [-1]
+                    while sizes[-1] < least * 24 and sizes[-10:].count(sizes[-1]) < 10:
+                        sizes.append(int((await g.run(f"wc -c < /tmp/{kind}.raw")).output))
+                        await trio.sleep(0.3)  # until all there, or nothing new for 3 s
                     # Small captures are polled until done; a large one is read once,
                     # after its reader stopped (big outputs while it runs come back short).
                     while least == 1 and not done(_records((await g.run(dump)).output.strip())):
@@ -154,11 +156,20 @@ async def test_guest_sees_our_input_devices_and_their_events(guest_image, qemu, 
                                {"type": "EV_SYN", "code": "SYN_REPORT", "value": 0}]  # fmt: skip
                 return (await _call(kbd_ctl, "inject", events=events))["events"]
 
-            got = await capture("keyboard", burst, lambda r: len(r) >= 1000, 1000)
-            assert [v for t, c, v in got if t == e.EV_KEY and c == e.KEY_B] == [
-                1 - i % 2 for i in range(500)
-            ]
-            assert not [ev for ev in got if ev[:2] == (e.EV_SYN, e.SYN_DROPPED)]
+            def all_or_dropped(records) -> bool:
+                return len(records) >= 1000 or (e.EV_SYN, e.SYN_DROPPED, 0) in records
+
+            got = await capture("keyboard", burst, all_or_dropped, 1000)
+            stats = (await _call(kbd_ctl, "query-input"))["statistics"]
+            # Our side: all 1,000 events went into the eventq, none dropped or held.
+            assert (stats["events"], stats["events_dropped"], stats["held"]) == (1020, 0, 0)
+            values = [v for t, c, v in got if t == e.EV_KEY and c == e.KEY_B]
+            if (e.EV_SYN, e.SYN_DROPPED, 0) not in got:
+                assert values == [1 - i % 2 for i in range(500)]
+            else:
+                # The guest's evdev client buffer overflowed (its reader, under TCG on a
+                # busy host, fell behind): Linux drops and says so; what it kept is in order.
+                assert values and len(values) < 500 and all(v in (0, 1) for v in values)
 
             async def fingers() -> int:
                 n = 0
