@@ -46,6 +46,7 @@ PYVIRTIO_APT_PACKAGES=(
     fio
     liburing-dev
     nbdkit
+    evtest
 )
 # ---------------------------------------------------------------------------
 

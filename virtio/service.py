@@ -239,6 +239,48 @@ class BufferQueue(QueueService):
             await self._wait_kick()
             queue.disable_notification()
 
+    async def next_buffers(self, count: int) -> list[DescriptorChain]:
+        """``count`` chains popped together, once the driver has posted that many
+        (a group that must not be split, virtio-input §5.8.6).  Nothing is popped
+        while waiting, so a paused or reset ring (GET_VRING_BASE) finds no chain
+        held."""
+        queue = self.queue
+        while True:
+            have = queue.available_chains(count)
+            if have >= count:
+                chains = self.next_buffers_nowait(count)
+                if chains is not None:
+                    return chains
+                await self._wait_kick()  # the ring stopped handing out chains (paused)
+                continue
+            # Ask for a kick when one more chain arrives, then count again (the driver
+            # may have posted meanwhile).
+            queue.enable_notification_after(have)
+            if queue.available_chains(count) >= count:
+                queue.disable_notification()
+                continue
+            await self._wait_kick()
+            queue.disable_notification()
+
+    def next_buffers_nowait(self, count: int) -> list[DescriptorChain] | None:
+        """``count`` chains if the driver has posted that many, else ``None`` (and
+        nothing is popped)."""
+        queue = self.queue
+        if queue.available_chains(count) < count:
+            return None
+        chains: list[DescriptorChain] = []
+        while len(chains) < count:
+            chain = queue.pop()
+            if chain is None:  # the ring stopped handing out chains (draining)
+                break
+            chains.append(chain)
+        self.outstanding += len(chains)
+        if len(chains) < count:
+            if chains:
+                self.complete_batch((c, 0) for c in chains)
+            return None
+        return chains
+
     def next_buffer_nowait(self) -> DescriptorChain | None:
         """The next available chain, or ``None`` (e.g. to drop data nobody asked for)."""
         chain = self.queue.pop()

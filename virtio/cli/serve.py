@@ -9,6 +9,8 @@
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
     virtio serve rng --socket-path /run/rng.sock      # virtio-rng (os.getrandom)
+    virtio serve input --socket-path /run/in.sock --kind tablet --control /run/in.ctl
+                                                      # virtio-input (serve_input.py)
     virtio serve --export blk,id=d0,socket-path=/run/d0.sock,blk-file=d0.img \
                  --export rng,socket-path=/run/rng.sock --control /run/virtio.ctl
                                                       # several exports, one process
@@ -139,6 +141,11 @@ def register(subparsers: Any) -> None:
     rng.set_defaults(func=run_rng)
     rng.error = lambda message: _fail(f"virtio serve rng: {message}", status=2)  # type: ignore[method-assign]
 
+    from virtio.cli.serve_input import register_input
+
+    register_input(
+        devices, _add_listen_options, add_log_options, _add_control_option, SIGNALS_HELP, _fail
+    )
 
 def _add_blk_options(blk: argparse.ArgumentParser) -> None:
     """The options of one blk export (command line and --export / export-add)."""
@@ -212,6 +219,14 @@ def _add_rng_options(rng: argparse.ArgumentParser) -> None:
     where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket")
     where.add_argument(
         "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
+    )
+
+
+def _add_listen_options(parser: argparse.ArgumentParser) -> None:
+    """--socket-path / --fd and --print-capabilities (devices with their own run_*)."""
+    _add_rng_options(parser)
+    parser.add_argument(
+        "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
     )
 
 
@@ -571,6 +586,7 @@ async def _serve(
     kind: str = "blk",
     statistics: Any = None,
     registry: Any = None,
+    background: Any = (),
 ) -> int:
     """Serve one ``device`` built by the caller (a device type's ``run_*``) on
     ``args.socket_path`` / ``args.fd``: the single-device form.  ``statistics(device,
@@ -585,11 +601,18 @@ async def _serve(
     export = Export(f"{kind}0", kind, device, server, socket_path=args.socket_path, fd=args.fd)
     if statistics is not None:
         export.statistics_words = lambda: statistics(device, server)
-    return await _serve_exports([export], args, f"virtio serve {kind}", registry)
+    return await _serve_exports(
+        [export], args, f"virtio serve {kind}", registry, background=background
+    )
 
 
 async def _serve_exports(
-    exports: list[Any], args: argparse.Namespace, prefix: str, registry: Any = None
+    exports: list[Any],
+    args: argparse.Namespace,
+    prefix: str,
+    registry: Any = None,
+    *,
+    background: Any = (),
 ) -> int:
     """Serve ``exports`` until SIGINT/SIGTERM (or, for an inherited connected fd, until
     that connection ends); SIGUSR1 prints statistics; SIGHUP resizes blk exports;
@@ -622,6 +645,8 @@ async def _serve_exports(
             port = getattr(args, "metrics_port", None)
             if port is not None:
                 nursery.start_soon(_serve_metrics, port, args.metrics_address, exports_set)
+            for task in background:  # e.g. an input device's evdev reader
+                nursery.start_soon(task)
             notify("READY=1")  # systemd Type=notify: we listen now
             async for signum in receiver:
                 if signum == signal.SIGHUP:

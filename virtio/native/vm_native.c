@@ -573,21 +573,51 @@ static int vq_notification_due(struct vq *q, uint16_t old, uint16_t new_idx, int
 
 /* Driver -> device: ask for notifications again.  Returns 1 if buffers became
  * available meanwhile (the caller must process them: §2.7.10 race). */
-static int vq_enable_notification_u(struct vq *q)
+/* Where the `skip`-th available chain after the device's position ends (packed):
+ * the descriptor position and wrap counter a notification should be asked for. */
+static void packed_skip_chains(struct vq *q, uint32_t skip, uint16_t *pos_out, uint8_t *wrap_out)
+{
+    uint16_t pos = q->next_avail;
+    uint8_t wrap = q->avail_wrap;
+    uint32_t walked = 0;
+    while (skip && walked < q->size) {
+        uint16_t flags = vm_load_acquire_u16(q->desc + pos * 16u + 14);
+        if (!packed_is_avail(flags, wrap))
+            break;
+        walked++;
+        if (++pos >= q->size) {
+            pos = 0;
+            wrap ^= 1;
+        }
+        if (!(flags & VRING_DESC_F_NEXT))
+            skip--;
+    }
+    *pos_out = pos;
+    *wrap_out = wrap;
+}
+
+/* Enable available-buffer notifications; with EVENT_IDX, ask for one only once the
+ * driver makes a chain available beyond the first `skip` ones not popped yet (a
+ * device waiting for a group of buffers, vq_avail_chains). */
+static int vq_enable_notification_u(struct vq *q, uint32_t skip)
 {
     if (q->broken)
         return 0;
     q->notify_enabled = 1;
     if (q->packed) {
         if (q->event_idx) {
-            st16(q->device, (uint16_t)(q->next_avail | (q->avail_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)));
+            uint16_t pos = q->next_avail;
+            uint8_t wrap = q->avail_wrap;
+            if (skip)
+                packed_skip_chains(q, skip, &pos, &wrap);
+            st16(q->device, (uint16_t)(pos | (wrap << VRING_PACKED_EVENT_F_WRAP_CTR)));
             vm_store_release_u16(q->device + 2, VRING_PACKED_EVENT_FLAG_DESC);
         } else {
             vm_store_release_u16(q->device + 2, VRING_PACKED_EVENT_FLAG_ENABLE);
         }
         vm_log_dirty(q->mem, q->device_gpa, 4);
     } else if (q->event_idx) {
-        vm_store_release_u16(SPLIT_AVAIL_EVENT(q), q->last_avail_idx);
+        vm_store_release_u16(SPLIT_AVAIL_EVENT(q), (uint16_t)(q->last_avail_idx + skip));
         vm_log_dirty(q->mem, q->device_gpa + 4 + 8ull * q->size, 2);
     } else {
         vm_store_release_u16(q->device, (uint16_t)(ld16(q->device) & ~VRING_USED_F_NO_NOTIFY));
@@ -712,6 +742,45 @@ uint32_t vq_avail_count(struct vq *q)
     return r;
 }
 
+/* How many chains (up to `max`) the driver has made available and the device has
+ * not popped, without popping them (a device that must deliver a group of buffers
+ * at once, virtio-input §5.8.6, waits until enough are there).  Split: the avail
+ * index distance; packed: the chains of available descriptors, followed by their
+ * NEXT flags (contents are validated when popped). */
+static uint32_t vq_avail_chains_u(struct vq *q, uint32_t max)
+{
+    if (q->broken || max == 0)
+        return 0;
+    if (!q->packed) {
+        uint32_t n = (uint16_t)(vm_load_acquire_u16(SPLIT_AVAIL_IDX(q)) - q->last_avail_idx);
+        return n < max ? n : max;
+    }
+    uint32_t chains = 0, walked = 0;
+    uint16_t pos = q->next_avail;
+    uint8_t wrap = q->avail_wrap;
+    while (chains < max && walked < q->size) {
+        uint16_t flags = vm_load_acquire_u16(q->desc + pos * 16u + 14);
+        if (!packed_is_avail(flags, wrap))
+            break;
+        walked++;
+        if (++pos >= q->size) {
+            pos = 0;
+            wrap ^= 1;
+        }
+        if (!(flags & VRING_DESC_F_NEXT))
+            chains++;
+    }
+    return chains;
+}
+
+uint32_t vq_avail_chains(struct vq *q, uint32_t max)
+{
+    VQ_LOCK(q);
+    uint32_t r = vq_avail_chains_u(q, max);
+    VQ_UNLOCK(q);
+    return r;
+}
+
 int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
                       const uint16_t *ndescs, uint32_t n)
 {
@@ -743,7 +812,15 @@ int vq_needs_notification(struct vq *q)
 int vq_enable_notification(struct vq *q)
 {
     VQ_LOCK(q);
-    int r = vq_enable_notification_u(q);
+    int r = vq_enable_notification_u(q, 0);
+    VQ_UNLOCK(q);
+    return r;
+}
+
+int vq_enable_notification_after(struct vq *q, uint32_t skip)
+{
+    VQ_LOCK(q);
+    int r = vq_enable_notification_u(q, skip);
     VQ_UNLOCK(q);
     return r;
 }

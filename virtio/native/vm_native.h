@@ -138,10 +138,12 @@ void vm_fence(void);
 int vq_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
                  struct vq_seg *segs, uint32_t max_segs);
 uint32_t vq_avail_count(struct vq *q);
+uint32_t vq_avail_chains(struct vq *q, uint32_t max);
 int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
                       const uint16_t *ndescs, uint32_t n);
 int vq_needs_notification(struct vq *q);
 int vq_enable_notification(struct vq *q);
+int vq_enable_notification_after(struct vq *q, uint32_t skip);
 void vq_disable_notification(struct vq *q);
 int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens);
 int vq_set_locking(struct vq *q, int on);

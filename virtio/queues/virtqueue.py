@@ -519,6 +519,17 @@ class Virtqueue:
             self._fail(lib.vq_pop_batch(self._q, self._chains, 1, self._segs, self._cap_segs))
         return n != 0
 
+    def available_chains(self, limit: int) -> int:
+        """How many chains (up to ``limit``) the driver made available that were not
+        popped yet, without popping any: a device that delivers a group of buffers at
+        once (virtio-input, §5.8.6) waits until the whole group fits.  Chains are
+        validated when popped, not here."""
+        self._check()
+        ahead = self._pf_count - self._pf_next
+        if ahead >= limit:
+            return limit
+        return ahead + int(lib.vq_avail_chains(self._q, limit - ahead))
+
     # -- completing -----------------------------------------------------------------------
     def add_used(self, chain: DescriptorChain, length: int) -> None:
         """Return ``chain`` to the driver with ``length`` bytes written (§2.7.8, §2.8.7)."""
@@ -624,6 +635,15 @@ class Virtqueue:
         self._check()
         self._unpop()  # the driver's event index must name the first chain not handed out
         return bool(lib.vq_enable_notification(self._q))
+
+    def enable_notification_after(self, skip: int) -> bool:
+        """``enable_notification``, but with EVENT_IDX the driver is asked to notify
+        only when it makes a chain available beyond the first ``skip`` not popped yet
+        (a device waiting for ``skip + 1`` or more buffers, ``available_chains``).
+        Returns ``True`` if any chain is available (the caller counts again)."""
+        self._check()
+        self._unpop()
+        return bool(lib.vq_enable_notification_after(self._q, skip))
 
     def disable_notification(self) -> None:
         """Tell the driver that notifications are not needed for now."""

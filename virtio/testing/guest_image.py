@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: Bump when the image content or the /init protocol changes: old caches are ignored.
-IMAGE_FORMAT = 2
+IMAGE_FORMAT = 3
 
 #: The Debian metapackage whose dependency names the kernel to use.
 KERNEL_METAPACKAGE = "linux-image-amd64"
@@ -101,6 +101,7 @@ BASE_MODULES: tuple[str, ...] = (
 BASE_HOST_PROGRAMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("/usr/sbin/mke2fs", "/usr/sbin/mke2fs", ("mkfs.ext4", "mkfs.ext3", "mkfs.ext2")),
     ("/usr/sbin/e2fsck", "/usr/sbin/e2fsck", ("fsck.ext4", "fsck.ext3", "fsck.ext2")),
+    ("/usr/bin/evtest", "/usr/bin/evtest", ()),  # virtio-input checks (Debian evtest)
 )
 BASE_HOST_FILES: tuple[str, ...] = ("/etc/mke2fs.conf",)
 

@@ -92,6 +92,7 @@ __all__ = [
     "QmpClient",
     "QmpError",
     "VhostUserBlk",
+    "VhostUserInput",
     "VhostUserNet",
     "VhostUserRng",
     "check_prerequisites",
@@ -306,6 +307,19 @@ class VhostUserRng(Device):
     def qemu_args(self, index: int, *, accel: str) -> list[str]:
         chardev = f"socket,id=vurng{index},path={os.fspath(self.socket)}"
         device = f"vhost-user-rng-pci,id=rng{index},chardev=vurng{index}"
+        return ["-chardev", chardev, "-device", device]
+
+
+@dataclasses.dataclass
+class VhostUserInput(Device):
+    """``vhost-user-input-pci`` on a back-end at ``socket`` (QEMU 10.0 runs it under
+    TCG; QEMU 7.2 refuses it without KVM: "vhost initialization failed: requires kvm")."""
+
+    socket: str | os.PathLike[str]
+
+    def qemu_args(self, index: int, *, accel: str) -> list[str]:
+        chardev = f"socket,id=vuinput{index},path={os.fspath(self.socket)}"
+        device = f"vhost-user-input-pci,id=input{index},chardev=vuinput{index}"
         return ["-chardev", chardev, "-device", device]
 
 

@@ -215,6 +215,12 @@ class _RingQueue(Virtqueue):
     def has_available(self) -> bool:
         return False if self.stopping else super().has_available()
 
+    def available_chains(self, limit: int) -> int:
+        return 0 if self.stopping else super().available_chains(limit)
+
+    def enable_notification_after(self, skip: int) -> bool:
+        return False if self.stopping else super().enable_notification_after(skip)
+
 
 class _Tracker:
     """``InflightTracker``: counts chains in flight and forwards to the shared area."""
