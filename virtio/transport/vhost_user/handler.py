@@ -235,6 +235,16 @@ class _Tracker:
         if self.outstanding <= 0 and self._idle is not None:
             self._idle.set()
 
+    def on_give_back(self, chains, used_idx: int) -> None:
+        """Chains popped and returned to the ring unused (``Virtqueue.give_back``):
+        no longer in flight, nor counted as served."""
+        self.outstanding -= len(chains)
+        self.popped -= len(chains)
+        if self.area is not None:
+            self.area.on_used(chains, used_idx)
+        if self.outstanding <= 0 and self._idle is not None:
+            self._idle.set()
+
     async def wait_idle(self) -> None:
         while self.outstanding > 0:
             self._idle = trio.Event()
