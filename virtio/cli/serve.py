@@ -9,6 +9,7 @@
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
     virtio serve rng --socket-path /run/rng.sock      # virtio-rng (os.getrandom)
+    virtio serve net --socket-path A --socket-path B [--tap IF]  # see serve_net.py
 
 Logs go to stderr (``virtio -v serve ...`` for more).  SIGINT/SIGTERM end the
 process cleanly (exit status 0); SIGUSR1 prints statistics on stderr (connections,
@@ -157,6 +158,9 @@ def register(subparsers: Any) -> None:
     rng.epilog = SIGNALS_HELP
     rng.set_defaults(func=run_rng)
     rng.error = lambda message: _fail(f"virtio serve rng: {message}", status=2)  # type: ignore[method-assign]
+    from virtio.cli.serve_net import register_net
+
+    register_net(devices, _fail, SIGNALS_HELP)
 
 
 def _add_control_option(parser: argparse.ArgumentParser) -> None:

@@ -79,6 +79,7 @@ from .messages import (
     FrontendRequest,
     InflightDescription,
     LogDescription,
+    MacAddress,
     MemoryRegion,
     MemoryTable,
     ProtocolFeature,
@@ -307,7 +308,10 @@ class VhostUserHandler:
         self.name = name
         self.offered_features = device.offered_features() | TRANSPORT_FEATURES
         conn.offered_features = self.offered_features
-        conn.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        if callable(getattr(device, "send_rarp", None)):  # virtio-net: migration announce
+            self.offered_protocol_features |= protocol_feature_mask(_P.RARP)
+        conn.offered_protocol_features = self.offered_protocol_features
         if conn.max_queues is None:
             conn.max_queues = device.num_queues
         self.features: int | None = None
@@ -315,6 +319,8 @@ class VhostUserHandler:
         self.needs_reset = False
         self.memory: MmapGuestMemory | None = None
         self._regions: list[tuple[MemoryRegion, int]] = []
+        self._region_refs: dict[tuple[int, int, int, int], int] = {}
+        """ADD_MEM_REGs of a region beyond the first (``_on_add_mem_reg``)."""
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.inflight: InflightArea | None = None
         self.backend_fd: int | None = None
@@ -425,7 +431,7 @@ class VhostUserHandler:
             self._maybe_start(ring)
 
     async def _on_get_protocol_features(self, req: Request, kept: list[int]) -> int:
-        return OFFERED_PROTOCOL_FEATURES
+        return self.offered_protocol_features
 
     async def _on_set_protocol_features(self, req: Request, kept: list[int]) -> None:
         pass  # the connection recorded them
@@ -451,10 +457,22 @@ class VhostUserHandler:
         assert isinstance(req.payload, MemoryTable)
         if req.payload.num_regions == 0:
             raise self._bad(req, "empty memory table")
+        self._region_refs.clear()
         await self._set_regions(req, list(zip(req.payload.regions, req.fds, strict=True)), kept)
+
+    @staticmethod
+    def _region_key(r: MemoryRegion) -> tuple[int, int, int, int]:
+        return (r.guest_address, r.user_address, r.size, r.mmap_offset)
 
     async def _on_add_mem_reg(self, req: Request, kept: list[int]) -> None:
         assert isinstance(req.payload, SingleMemoryRegion)
+        key = self._region_key(req.payload.region)
+        if any(self._region_key(have) == key for have, _ in self._regions):
+            # QEMU 7.2's vhost-user-net sends every ADD_MEM_REG (and REM_MEM_REG) once
+            # per queue pair (one vhost_dev each): the same region again is counted,
+            # not mapped twice, and stays until removed as often as it was added.
+            self._region_refs[key] = self._region_refs.get(key, 1) + 1
+            return
         if len(self._regions) >= self.max_mem_slots:
             raise self._bad(req, f"all {self.max_mem_slots} memory slots are in use")
         await self._set_regions(req, [*self._regions, (req.payload.region, req.fds[0])], kept)
@@ -462,6 +480,12 @@ class VhostUserHandler:
     async def _on_rem_mem_reg(self, req: Request, kept: list[int]) -> None:
         assert isinstance(req.payload, SingleMemoryRegion)
         r = req.payload.region
+        key = self._region_key(r)
+        refs = self._region_refs.pop(key, 1)
+        if refs > 1:
+            if refs > 2:
+                self._region_refs[key] = refs - 1
+            return
         for i, (have, _fd) in enumerate(self._regions):
             if (have.guest_address, have.user_address, have.size) == (
                 r.guest_address,
@@ -1039,6 +1063,12 @@ class VhostUserHandler:
     async def _on_reset_device(self, req: Request, kept: list[int]) -> None:
         await self.reset()
 
+    async def _on_send_rarp(self, req: Request, kept: list[int]) -> None:
+        """SEND_RARP (a migrated guest without GUEST_ANNOUNCE): the device announces
+        the MAC address on its network (offered only by devices with ``send_rarp``)."""
+        assert isinstance(req.payload, MacAddress)
+        self.device.send_rarp(req.payload.mac)  # type: ignore[attr-defined]
+
     async def _on_iotlb_msg(self, req: Request, kept: list[int]) -> int:
         raise self._bad(req, "VIRTIO_F_ACCESS_PLATFORM is not offered: no IOTLB")
 
@@ -1070,6 +1100,7 @@ class VhostUserHandler:
         for _, fd in self._regions:
             _close(fd)
         self._regions = []
+        self._region_refs.clear()
         _close(self.backend_fd)
         self.backend_fd = None
 
