@@ -196,13 +196,34 @@ def test_ping_both_ways_and_jumbo(rig):
     assert st["port0"]["needs_reset"] == "0" and st["port1"]["needs_reset"] == "0"
 
 
+def _listen(rig: NetRig, guest: str, port: int) -> None:
+    """A busybox ``nc`` listener whose received bytes' sha256 lands in a file.  Its
+    stdin never ends (busybox's small nc exits on EOF from either side)."""
+    rig.run(
+        guest,
+        f"rm -f /tmp/rx{port}.sha; "
+        f"(sleep 100000 | nc -l -p {port} | sha256sum > /tmp/rx{port}.sha) >/dev/null 2>&1 &",
+    )
+
+
+def _received(rig: NetRig, guest: str, port: int, timeout: int = 600) -> str:
+    """The listener's sha256, once the sender closed the connection."""
+    out = rig.run(
+        guest,
+        f"for i in $(seq {timeout * 5}); do [ -s /tmp/rx{port}.sha ] && break; sleep 0.2; done; "
+        f"cat /tmp/rx{port}.sha",
+        timeout=timeout + 30,
+    )
+    return out.output.split()[0]
+
+
 def _transfer(rig: NetRig, sender: str, receiver: str, ip: str, mib: int, port: int) -> None:
     """``mib`` MiB of random data over TCP (busybox nc); sha256 equal on both ends."""
-    rig.run(receiver, f"(nc -l -p {port} | sha256sum > /tmp/rx{port}.sha) >/dev/null 2>&1 &")
+    _listen(rig, receiver, port)
     rig.run(sender, f"dd if=/dev/urandom of=/tmp/tx bs=1M count={mib} 2>/dev/null")
     sent = rig.run(sender, "sha256sum < /tmp/tx").output.split()[0]
-    rig.run(sender, f"nc -w 30 {ip} {port} < /tmp/tx", timeout=900)
-    got = rig.run(receiver, f"wait; cat /tmp/rx{port}.sha", timeout=120).output.split()[0]
+    rig.run(sender, f"nc {ip} {port} < /tmp/tx", timeout=900)
+    got = _received(rig, receiver, port)
     rig.run(sender, "rm -f /tmp/tx")
     assert got == sent
 
@@ -226,11 +247,11 @@ def test_transfer_into_two_queue_pairs(rig):
 
 
 def test_tap_in_namespace(rig):
-    r = rig.ns(f"ping -c 3 -W 10 {IP_A}")
+    r = rig.ns(f"busybox ping -c 3 -W 10 {IP_A}")
     assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
     # TCP from the namespace's stack to guest B (partial checksums and TSO from the
     # host kernel, completed or segmented for B)
-    rig.run("b", "(nc -l -p 5010 | sha256sum > /tmp/rx5010.sha) >/dev/null 2>&1 &")
+    _listen(rig, "b", 5010)
     data = os.urandom(4 << 20)
     (rig.tmp / "tap.bin").write_bytes(data)
     send = (
@@ -239,7 +260,7 @@ def test_tap_in_namespace(rig):
     )
     r = rig.ns(f'{sys.executable} -c "{send}" {IP_B} {rig.tmp / "tap.bin"}')
     assert r.returncode == 0, r.stderr
-    got = rig.run("b", "wait; cat /tmp/rx5010.sha").output.split()[0]
+    got = _received(rig, "b", 5010)
     assert got == hashlib.sha256(data).hexdigest()
     st = rig.statistics()
     assert int(st["tap"]["in_packets"]) > 0 and int(st["tap"]["out_packets"]) > 0
