@@ -26,8 +26,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from virtio.devices.net.packet import GSO_TCPV4, HDR, NEEDS_CSUM
 from virtio.testing.blk_checks import wait_for_socket
+from virtio.testing.net_frames import BROADCAST, ether, tcp4
 from virtio.testing.qemu import GuestResult, QemuGuest, VhostUserNet
+from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -121,6 +124,7 @@ class NetRig:
         a_sock, b_sock = self.tmp / "a.sock", self.tmp / "b.sock"
         cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-m", "virtio", "-v"]
         cmd += ["serve", "net", "--socket-path", str(a_sock), "--socket-path", str(b_sock)]
+        cmd += ["--socket-path", str(self.tmp / "h.sock")]  # the hostile port
         cmd += ["--tap", "vtap0", "--mtu", str(MTU), "--num-queue-pairs", "2"]
         with open(self.log, "ab") as err:
             self.proc = await trio.lowlevel.open_process(
@@ -264,3 +268,70 @@ def test_tap_in_namespace(rig):
     assert got == hashlib.sha256(data).hexdigest()
     st = rig.statistics()
     assert int(st["tap"]["in_packets"]) > 0 and int(st["tap"]["out_packets"]) > 0
+
+
+HOSTILE_MAC = bytes.fromhex("5254000000ee")
+
+
+def _hdr(flags=0, gso=0, hdr_len=0, gso_size=0, start=0, offset=0) -> bytes:
+    return HDR.pack(flags, gso, hdr_len, gso_size, start, offset, 0)
+
+
+async def _hostile_port(rig: NetRig) -> dict[str, int]:
+    """A vhost-user front-end on the third port: a receive ring that stalls and a
+    transmit ring of malformed packets.  Returns GET_VRING_BASE's answers."""
+    ram = GuestRam(8 << 20)
+    fe = await VhostUserFrontend.connect(rig.tmp / "h.sock")
+    try:
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        rx = await fe.setup_vring(0, ram, size=64, data_size=1 << 20)
+        tx = await fe.setup_vring(1, ram, size=64, offset=4 << 20, data_size=2 << 20)
+        # receive: two 20-byte buffers, never enough for a packet with MRG_RXBUF: the
+        # device must take them, give them back and wait (holding nothing)
+        rx.driver.add([], [20])
+        rx.driver.add([], [20])
+        rx.publish_and_kick()
+        good = ether(BROADCAST, HOSTILE_MAC, b"hello" * 20)
+        bad_tcp = tcp4(BROADCAST, HOSTILE_MAC, b"x" * 3000, partial=True)
+        hostile = [
+            [_hdr() + ether(BROADCAST, HOSTILE_MAC, b"j" * (MTU + 100))],  # over the MTU
+            [_hdr(), b"\0" * (70 << 10)],  # over 64 KiB
+            [_hdr(NEEDS_CSUM, 0, 0, 0, 5000, 6) + good],  # csum_start outside
+            [_hdr(NEEDS_CSUM, GSO_TCPV4, 54, 0, 34, 16) + bad_tcp],  # gso_size 0
+            [_hdr(NEEDS_CSUM, GSO_TCPV4, 54, 1, 34, 16) + bad_tcp],  # 3000 segments
+            [_hdr(NEEDS_CSUM, GSO_TCPV4, 54, 100, 34, 16) + good],  # TSO, not TCP
+            [b"", b""],  # zero-length buffers
+            [_hdr() + good],  # and one good packet
+        ]
+        for bufs in hostile:
+            tx.driver.add(bufs, [])
+        tx.publish_and_kick()
+        await tx.wait_used(len(hostile), timeout=10)
+        # the stalled receive ring stops at once (nothing held), base unchanged
+        with trio.fail_after(2):
+            rx_base = await fe.get_vring_base(0)
+        tx_base = await fe.get_vring_base(1)
+        return {"rx_base": rx_base, "tx_base": tx_base}
+    finally:
+        await fe.aclose()
+        ram.close()
+
+
+def test_hostile_port_drops_and_counts_others_unaffected(rig):
+    before = rig.statistics()
+    bases = rig.call(_hostile_port, rig)
+    assert bases == {"rx_base": 0, "tx_base": 8}
+    st = rig.statistics()
+    h = st["port2"]
+    assert h["needs_reset"] == "0"
+    assert int(h["dropped_oversized"]) == 2
+    assert int(h["dropped_bad_csum"]) == 1
+    assert int(h["dropped_bad_gso"]) == 3
+    assert int(h["dropped_runt"]) == 1
+    assert int(h["in_packets"]) == 1  # the good one, flooded to the guests and the tap
+    for port in ("port0", "port1"):
+        assert int(st[port]["out_packets"]) > int(before[port]["out_packets"])
+    # the guests did not notice
+    assert "0% packet loss" in rig.run("a", f"ping -c 3 -W 10 {IP_B}").output
+    assert "0% packet loss" in rig.run("b", f"ping -c 2 -W 10 -s 8900 {IP_A}").output

@@ -31,9 +31,10 @@ VLAN_HLEN = 4
 MIN_FRAME = ETH_HLEN
 MAX_GSO_FRAME = 65535 + ETH_HLEN + VLAN_HLEN
 """The largest frame a port may send: an IP packet of 64 KiB with its link header."""
-MAX_SEGMENTS = 4096
+MAX_SEGMENTS = 1024
 """A GSO packet cut into more segments than this is refused (a tiny ``gso_size``
-would make one packet cost thousands of frames)."""
+would make one packet cost thousands of frames; TCP's smallest usable MSS cuts 64 KiB
+into fewer than 800)."""
 
 
 @dataclass(slots=True)
