@@ -296,6 +296,26 @@ async def test_same_region_added_twice_is_counted_not_refused() -> None:
         ram.close()
 
 
+async def test_packed_vring_base_with_only_the_avail_half() -> None:
+    """QEMU and DPDK's virtio-user send SET_VRING_BASE for a packed ring as
+    ``avail | wrap << 15`` only: the used side starts there too (found with
+    dpdk-testpmd: used descriptors written with wrap counter 0 were never seen)."""
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate(packed=True)
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=8, vring_base=1 << 15)
+            vq.driver.add([b"abc"], [3])
+            vq.publish_and_kick()
+            (u,) = await vq.wait_used()
+            assert u.data == b"cba"
+    finally:
+        ram.close()
+
+
 async def test_packed_ring_and_its_vring_base() -> None:
     device = EchoDevice()
     server = VhostUserServer(device)

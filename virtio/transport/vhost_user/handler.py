@@ -765,6 +765,11 @@ class VhostUserHandler:
         heads: list[int] = []
         if packed:
             avail, avail_wrap, used, used_wrap = VringState(ring.index, ring.base).packed_indices
+            if ring.base >> 16 == 0:
+                # QEMU and DPDK's virtio-user send only the avail half (bits 0-15:
+                # "last_avail_idx | wrap << 15"); a ring started there has nothing in
+                # flight, so the used index and wrap counter are the avail ones.
+                used, used_wrap = avail, avail_wrap
             state = QueueState(
                 **common,
                 next_avail=avail,
