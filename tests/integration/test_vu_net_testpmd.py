@@ -4,6 +4,7 @@ testpmds forward on the same lcore so the back-end keeps a core of the two."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from virtio.testing.testpmd import Testpmd, have_testpmd
 pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 RUN_SECONDS = 3
+SERVE = [sys.executable, "-m", "virtio", "-v", "serve", "net"]
 
 
 async def _backend(tmp: Path):
@@ -24,8 +26,7 @@ async def _backend(tmp: Path):
     log = tmp / "backend.log"
     with open(log, "ab") as err:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "virtio", "-v", "serve", "net"]
-            + ["--socket-path", str(a), "--socket-path", str(b)],
+            [*SERVE, "--socket-path", str(a), "--socket-path", str(b)],
             stderr=err,
             cwd=REPO,
         )
@@ -39,8 +40,6 @@ async def _stop(proc, log: Path) -> dict[str, dict[str, str]]:
     with trio.fail_after(20):
         assert await proc.wait() == 0, log.read_text()[-3000:]
     line = [ln for ln in log.read_text().splitlines() if "statistics:" in ln][-1]
-    import re
-
     return {
         m.group(1): dict(kv.split("=", 1) for kv in m.group(2).split())
         for m in re.finditer(r"(\w+)=\[([^\]]*)\]", line)

@@ -53,7 +53,9 @@ def register_net(devices: Any, fail: Any, signals_help: str) -> None:
     net.add_argument("--tap", metavar="IFNAME", help="tap interface as uplink (created if absent)")
     net.add_argument("--mac", default="52:54:00:12:34:56", help="first port's MAC address")
     net.add_argument("--mtu", type=int, default=1500, help="MTU offered (VIRTIO_NET_F_MTU)")
-    net.add_argument("--num-queue-pairs", type=int, default=1, metavar="N", help="queue pairs")
+    net.add_argument(
+        "-q", "--num-queue-pairs", type=int, default=1, metavar="N", help="queue pairs"
+    )
     net.add_argument(
         "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
     )
