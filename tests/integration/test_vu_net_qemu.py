@@ -29,7 +29,14 @@ import trio
 from virtio.devices.net.packet import GSO_TCPV4, HDR, NEEDS_CSUM
 from virtio.testing.blk_checks import wait_for_socket
 from virtio.testing.net_frames import BROADCAST, ether, tcp4
-from virtio.testing.qemu import GuestResult, QemuGuest, VhostUserNet
+from virtio.testing.qemu import (
+    QEMU_VERSIONS,
+    GuestResult,
+    QemuGuest,
+    QemuUnavailable,
+    VhostUserNet,
+    qemu_binary,
+)
 from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
@@ -56,8 +63,9 @@ class NetRig:
     """The back-end, the namespace and the two guests, run by a trio loop in a
     thread for the module's tests (``call`` runs an async function there)."""
 
-    def __init__(self, image, tmp: Path) -> None:
+    def __init__(self, image, tmp: Path, qemu=None) -> None:
         self.image = image
+        self.qemu = qemu
         self.tmp = tmp
         self.netns = f"pyvirtio-{uuid.uuid4().hex[:8]}"
         self.log = tmp / "backend.log"
@@ -135,11 +143,13 @@ class NetRig:
             await wait_for_socket(a_sock, self.proc, timeout=30)
             self.a = QemuGuest(
                 self.image,
+                qemu=self.qemu,
                 devices=[VhostUserNet(os.fspath(a_sock), queues=2, mac="52:54:00:00:00:0a",
                                       props={"host_mtu": MTU})],
             )  # fmt: skip
             self.b = QemuGuest(
                 self.image,
+                qemu=self.qemu,
                 devices=[VhostUserNet(os.fspath(b_sock), mac="52:54:00:00:00:0b",
                                       props={"host_mtu": MTU, **NO_GUEST_OFFLOADS})],
             )  # fmt: skip
@@ -165,11 +175,17 @@ class NetRig:
                 await self.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def rig(guest_image, tmp_path_factory):
+@pytest.fixture(scope="module", params=QEMU_VERSIONS, ids=[f"qemu{v}" for v in QEMU_VERSIONS])
+def rig(request, guest_image, tmp_path_factory):
+    """The rig on each QEMU version (``vectors=0`` under TCG on both: the harness's
+    default for vhost-user-net, which QEMU 7.2 needs)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 (network namespace, tap)")
-    r = NetRig(guest_image, tmp_path_factory.mktemp("net"))
+    try:
+        qemu = qemu_binary(request.param)
+    except QemuUnavailable as e:
+        pytest.skip(f"QEMU {request.param} unavailable: {e}")
+    r = NetRig(guest_image, tmp_path_factory.mktemp("net"), qemu)
     try:
         r.start()
         yield r
