@@ -216,6 +216,37 @@ class RequestService(QueueService):
             self._signal()
 
 
+class OrderedRequestService(QueueService):
+    """A ``REQUESTS`` queue whose chains must be handled in ring order, one at a
+    time and without awaiting (net transmit, §5.1.9.2: a flow's packets leave in the
+    order the driver queued them): the same §2.7.10 loop as ``RequestService``,
+    completing each popped batch with one used-index update."""
+
+    @property
+    def idle(self) -> bool:
+        return self.finished or self.parked
+
+    async def run(self, handle: Callable[[int, DescriptorChain], int]) -> None:
+        queue, index = self.queue, self.index
+        try:
+            while True:
+                queue.disable_notification()
+                while chains := queue.pop_batch(Virtqueue.BATCH):
+                    self.outstanding += len(chains)
+                    done = [(chain, handle(index, chain)) for chain in chains]
+                    queue.add_used_batch(done)
+                    self.outstanding -= len(chains)
+                    self.completed += len(chains)
+                    self._notify()
+                    await trio.lowlevel.checkpoint()
+                if queue.enable_notification():
+                    continue
+                await self._wait_kick()
+        finally:
+            self.finished = True
+            self._signal()
+
+
 class BufferQueue(QueueService):
     """A ``BUFFERS`` queue: the device takes driver-posted chains when it has data.
 
@@ -287,6 +318,31 @@ class BufferQueue(QueueService):
         if chain is not None:
             self.outstanding += 1
         return chain
+
+    def give_back(self, chains: list[DescriptorChain]) -> None:
+        """Return the latest popped ``chains`` unused (``Virtqueue.give_back``): a
+        device never holds buffers while it waits, so a ring stop (vhost-user
+        GET_VRING_BASE, a reset) does not wait for them."""
+        self.queue.give_back(chains)
+        self.outstanding -= len(chains)
+
+    async def wait_for_more(self) -> None:
+        """Sleep until the driver posts buffers beyond those available now (a packet
+        that needs more room than is posted: net receive with MRG_RXBUF).  Takes
+        every available chain, asks for a notification past them (EVENT_IDX's
+        ``avail_event``, §2.7.10), gives them back and waits for the kick."""
+        queue = self.queue
+        while True:
+            taken: list[DescriptorChain] = []
+            while batch := queue.pop_batch(Virtqueue.BATCH):
+                taken += batch
+            more = queue.enable_notification()
+            queue.give_back(taken)
+            if more:
+                return  # posted while we looked
+            await self._wait_kick()
+            queue.disable_notification()
+            return
 
     def complete(self, chain: DescriptorChain, written: int) -> None:
         """Return ``chain`` with ``written`` bytes filled; notify as the driver asked."""

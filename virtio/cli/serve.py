@@ -11,6 +11,7 @@
     virtio serve rng --socket-path /run/rng.sock      # virtio-rng (os.getrandom)
     virtio serve input --socket-path /run/in.sock --kind tablet --control /run/in.ctl
                                                       # virtio-input (serve_input.py)
+    virtio serve net --socket-path A --socket-path B [--tap IF]  # see serve_net.py
     virtio serve --export blk,id=d0,socket-path=/run/d0.sock,blk-file=d0.img \
                  --export rng,socket-path=/run/rng.sock --control /run/virtio.ctl
                                                       # several exports, one process
@@ -146,6 +147,9 @@ def register(subparsers: Any) -> None:
     register_input(
         devices, _add_listen_options, add_log_options, _add_control_option, SIGNALS_HELP, _fail
     )
+    from virtio.cli.serve_net import register_net
+
+    register_net(devices, _fail, SIGNALS_HELP)
 
 def _add_blk_options(blk: argparse.ArgumentParser) -> None:
     """The options of one blk export (command line and --export / export-add)."""

@@ -462,6 +462,32 @@ class Virtqueue:
         self._pf_count = self._pf_next = 0
         self._pf_chains = self._pf_segs = b""
 
+    def give_back(self, chains: Sequence[DescriptorChain]) -> None:
+        """Return the most recently popped ``chains`` (in pop order) to the ring
+        unused: the next pop hands them out again.  A buffer-filling device (net
+        receive) that popped buffers for data that did not fit gives them back
+        instead of holding them (the driver may not touch them: they are still
+        available, §2.7.13 / §2.8.21), so a ring stop never waits on them."""
+        if not chains:
+            return
+        self._check()
+        self._unpop()
+        q = self._q
+        n = len(chains)
+        if q.packed:
+            back = sum(chain.ndesc for chain in chains)
+            pos, wrap = q.next_avail - back, q.avail_wrap
+            while pos < 0:
+                pos += q.size
+                wrap ^= 1
+            q.next_avail, q.avail_wrap = pos, wrap
+        else:
+            q.last_avail_idx = (q.last_avail_idx - n) & 0xFFFF
+        q.popped -= n
+        unpop = getattr(self.inflight, "on_give_back", None)
+        if unpop is not None:
+            unpop(chains, self.next_used)
+
     def pop_batch(self, max_chains: int = BATCH) -> list[DescriptorChain]:
         """Up to ``max_chains`` available chains (fewer if fewer are available)."""
         self._unpop()

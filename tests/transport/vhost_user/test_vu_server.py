@@ -25,6 +25,7 @@ from virtio.testing.vhost_user_frontend import (
     GuestRam,
     VhostUserFrontend,
 )
+from virtio.transport.vhost_user.frontend import RequestFailed
 from virtio.transport.vhost_user.messages import (
     HEADER,
     VHOST_F_LOG_ALL,
@@ -256,6 +257,61 @@ async def test_add_and_remove_memory_regions_while_running() -> None:
             assert server.handler is not None and server.handler.memory is not None
             assert len(server.handler.memory.regions) == 1
             assert await fe.get_vring_base(0) == 2
+    finally:
+        ram.close()
+
+
+async def test_same_region_added_twice_is_counted_not_refused() -> None:
+    """QEMU 7.2's vhost-user-net with N queue pairs sends each ADD_MEM_REG and
+    REM_MEM_REG N times (one vhost_dev per pair): the region stays mapped until it
+    was removed as often as it was added; the device never needs a reset."""
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(regions=[(0, 2 * MiB), (16 * MiB, 2 * MiB)])
+    table = ram.table()
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate()
+            for _ in range(2):
+                await fe.add_mem_reg(table.regions[0], ram.fds[0])
+                await fe.add_mem_reg(table.regions[1], ram.fds[1])
+            vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
+            vq.driver.add([b"one"], [3])
+            vq.publish_and_kick()
+            assert (await vq.wait_used())[0].data == b"eno"
+            handler = server.handler
+            assert handler is not None and handler.memory is not None
+            assert len(handler.memory.regions) == 2
+            await fe.request(R.REM_MEM_REG, SingleMemoryRegion(table.regions[1]), need_reply=True)
+            assert len(handler.memory.regions) == 2  # added twice: still there
+            await fe.request(R.REM_MEM_REG, SingleMemoryRegion(table.regions[1]), need_reply=True)
+            assert len(handler.memory.regions) == 1
+            assert await fe.get_u64(R.GET_STATUS) & 0x40 == 0
+            # one removal too many is still an error
+            with pytest.raises(RequestFailed):
+                await fe.request(
+                    R.REM_MEM_REG, SingleMemoryRegion(table.regions[1]), need_reply=True
+                )
+    finally:
+        ram.close()
+
+
+async def test_packed_vring_base_with_only_the_avail_half() -> None:
+    """QEMU and DPDK's virtio-user send SET_VRING_BASE for a packed ring as
+    ``avail | wrap << 15`` only: the used side starts there too (found with
+    dpdk-testpmd: used descriptors written with wrap counter 0 were never seen)."""
+    device = EchoDevice()
+    server = VhostUserServer(device)
+    ram = GuestRam(4 * MiB)
+    try:
+        async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+            await fe.negotiate(packed=True)
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=8, vring_base=1 << 15)
+            vq.driver.add([b"abc"], [3])
+            vq.publish_and_kick()
+            (u,) = await vq.wait_used()
+            assert u.data == b"cba"
     finally:
         ram.close()
 

@@ -82,6 +82,7 @@ from .messages import (
     FrontendRequest,
     InflightDescription,
     LogDescription,
+    MacAddress,
     MemoryRegion,
     MemoryTable,
     ProtocolFeature,
@@ -244,6 +245,16 @@ class _Tracker:
         if self.outstanding <= 0 and self._idle is not None:
             self._idle.set()
 
+    def on_give_back(self, chains, used_idx: int) -> None:
+        """Chains popped and returned to the ring unused (``Virtqueue.give_back``):
+        no longer in flight, nor counted as served."""
+        self.outstanding -= len(chains)
+        self.popped -= len(chains)
+        if self.area is not None:
+            self.area.on_used(chains, used_idx)
+        if self.outstanding <= 0 and self._idle is not None:
+            self._idle.set()
+
     async def wait_idle(self) -> None:
         while self.outstanding > 0:
             self._idle = trio.Event()
@@ -306,7 +317,10 @@ class VhostUserHandler:
         self.name = name
         self.offered_features = device.offered_features() | TRANSPORT_FEATURES
         conn.offered_features = self.offered_features
-        conn.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        self.offered_protocol_features = OFFERED_PROTOCOL_FEATURES
+        if callable(getattr(device, "send_rarp", None)):  # virtio-net: migration announce
+            self.offered_protocol_features |= protocol_feature_mask(_P.RARP)
+        conn.offered_protocol_features = self.offered_protocol_features
         if conn.max_queues is None:
             conn.max_queues = device.num_queues
         self.features: int | None = None
@@ -314,6 +328,8 @@ class VhostUserHandler:
         self.needs_reset = False
         self.memory: MmapGuestMemory | None = None
         self._regions: list[tuple[MemoryRegion, int]] = []
+        self._region_refs: dict[tuple[int, int, int, int], int] = {}
+        """ADD_MEM_REGs of a region beyond the first (``_on_add_mem_reg``)."""
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.inflight: InflightArea | None = None
         self.backend_fd: int | None = None
@@ -424,7 +440,7 @@ class VhostUserHandler:
             self._maybe_start(ring)
 
     async def _on_get_protocol_features(self, req: Request, kept: list[int]) -> int:
-        return OFFERED_PROTOCOL_FEATURES
+        return self.offered_protocol_features
 
     async def _on_set_protocol_features(self, req: Request, kept: list[int]) -> None:
         pass  # the connection recorded them
@@ -450,10 +466,22 @@ class VhostUserHandler:
         assert isinstance(req.payload, MemoryTable)
         if req.payload.num_regions == 0:
             raise self._bad(req, "empty memory table")
+        self._region_refs.clear()
         await self._set_regions(req, list(zip(req.payload.regions, req.fds, strict=True)), kept)
+
+    @staticmethod
+    def _region_key(r: MemoryRegion) -> tuple[int, int, int, int]:
+        return (r.guest_address, r.user_address, r.size, r.mmap_offset)
 
     async def _on_add_mem_reg(self, req: Request, kept: list[int]) -> None:
         assert isinstance(req.payload, SingleMemoryRegion)
+        key = self._region_key(req.payload.region)
+        if any(self._region_key(have) == key for have, _ in self._regions):
+            # QEMU 7.2's vhost-user-net sends every ADD_MEM_REG (and REM_MEM_REG) once
+            # per queue pair (one vhost_dev each): the same region again is counted,
+            # not mapped twice, and stays until removed as often as it was added.
+            self._region_refs[key] = self._region_refs.get(key, 1) + 1
+            return
         if len(self._regions) >= self.max_mem_slots:
             raise self._bad(req, f"all {self.max_mem_slots} memory slots are in use")
         await self._set_regions(req, [*self._regions, (req.payload.region, req.fds[0])], kept)
@@ -461,6 +489,12 @@ class VhostUserHandler:
     async def _on_rem_mem_reg(self, req: Request, kept: list[int]) -> None:
         assert isinstance(req.payload, SingleMemoryRegion)
         r = req.payload.region
+        key = self._region_key(r)
+        refs = self._region_refs.pop(key, 1)
+        if refs > 1:
+            if refs > 2:
+                self._region_refs[key] = refs - 1
+            return
         for i, (have, _fd) in enumerate(self._regions):
             if (have.guest_address, have.user_address, have.size) == (
                 r.guest_address,
@@ -752,6 +786,11 @@ class VhostUserHandler:
         recovered: PackedRecovery | None = None
         if packed:
             avail, avail_wrap, used, used_wrap = VringState(ring.index, ring.base).packed_indices
+            if ring.base >> 16 == 0:
+                # QEMU and DPDK's virtio-user send only the avail half (bits 0-15:
+                # "last_avail_idx | wrap << 15"); a ring started there has nothing in
+                # flight, so the used index and wrap counter are the avail ones.
+                used, used_wrap = avail, avail_wrap
             packed_area = self._inflight_region(ring, packed=True)
             if packed_area is not None:
                 if packed_area.version == 0:
@@ -1107,6 +1146,12 @@ class VhostUserHandler:
     async def _on_reset_device(self, req: Request, kept: list[int]) -> None:
         await self.reset()
 
+    async def _on_send_rarp(self, req: Request, kept: list[int]) -> None:
+        """SEND_RARP (a migrated guest without GUEST_ANNOUNCE): the device announces
+        the MAC address on its network (offered only by devices with ``send_rarp``)."""
+        assert isinstance(req.payload, MacAddress)
+        self.device.send_rarp(req.payload.mac)  # type: ignore[attr-defined]
+
     async def _on_iotlb_msg(self, req: Request, kept: list[int]) -> int:
         raise self._bad(req, "VIRTIO_F_ACCESS_PLATFORM is not offered: no IOTLB")
 
@@ -1138,6 +1183,7 @@ class VhostUserHandler:
         for _, fd in self._regions:
             _close(fd)
         self._regions = []
+        self._region_refs.clear()
         _close(self.backend_fd)
         self.backend_fd = None
 

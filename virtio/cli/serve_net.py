@@ -1,0 +1,171 @@
+"""``virtio serve net``: vhost-user-net ports on one learning switch, with a tap uplink.
+
+::
+
+    virtio serve net --socket-path /run/a.sock [--socket-path /run/b.sock ...]
+                     [--tap IFNAME] [--mac MAC] [--mtu N] [--num-queue-pairs N]
+    virtio serve net --print-capabilities      # {"type": "net"}
+
+Every socket is one port (one guest NIC); the ports and the optional tap sit on one
+switch (``virtio/devices/net/switch.py``).  ``--mac`` is the first port's address in
+its configuration space (the next ports count up from it; QEMU's own ``mac=`` is what
+a QEMU guest sees).  SIGUSR1 prints statistics (per port: the switch's counters,
+packets per queue, receive-side drops); SIGINT/SIGTERM stop cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from virtio.cli.logs import add_log_options
+
+log = logging.getLogger("virtio.serve")
+
+NET_CAPABILITIES = {"type": "net"}
+"""``--print-capabilities`` for net (vhost-user.json ``VHostUserBackendType`` ``net``)."""
+
+
+def register_net(devices: Any, fail: Any, signals_help: str) -> None:
+    net = devices.add_parser(
+        "net",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="virtio-net ports on a learning switch (optional tap uplink)",
+        description=(
+            "vhost-user-net back-end.  QEMU: -chardev socket,id=c,path=PATH "
+            "-netdev vhost-user,id=n,chardev=c[,queues=N] -device virtio-net-pci,netdev=n "
+            "(guest RAM must be shared: memory-backend-memfd,share=on)."
+        ),
+    )
+    net.add_argument(
+        "--socket-path",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="listen on this unix socket: one port per socket (repeatable)",
+    )
+    net.add_argument("--tap", metavar="IFNAME", help="tap interface as uplink (created if absent)")
+    net.add_argument("--mac", default="52:54:00:12:34:56", help="first port's MAC address")
+    net.add_argument("--mtu", type=int, default=1500, help="MTU offered (VIRTIO_NET_F_MTU)")
+    net.add_argument(
+        "-q", "--num-queue-pairs", type=int, default=1, metavar="N", help="queue pairs"
+    )
+    net.add_argument(
+        "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
+    )
+    add_log_options(net)
+    net.epilog = signals_help
+    net.set_defaults(func=run_net)
+    net.error = lambda message: fail(f"virtio serve net: {message}", status=2)  # type: ignore[method-assign]
+
+
+def run_net(args: argparse.Namespace) -> int:
+    from virtio.cli.serve import _fail
+
+    if args.print_capabilities:
+        print(json.dumps(NET_CAPABILITIES))
+        return 0
+    if not args.socket_path:
+        _fail("virtio serve net: at least one --socket-path is needed", status=2)
+    from virtio.devices.net import Switch, VirtioNet
+    from virtio.devices.net.device import parse_mac
+
+    try:
+        mac = int.from_bytes(parse_mac(args.mac), "big")
+        switch = Switch()
+        ports = [
+            VirtioNet(
+                name=f"port{i}",
+                switch=switch,
+                mac=(mac + i).to_bytes(6, "big"),
+                mtu=args.mtu,
+                num_queue_pairs=args.num_queue_pairs,
+            )
+            for i in range(len(args.socket_path))
+        ]
+    except ValueError as exc:
+        _fail(f"virtio serve net: {exc}", status=2)
+    tap = None
+    if args.tap:
+        from virtio.devices.net.tap import TapPort
+
+        try:
+            tap = TapPort(args.tap, switch)
+        except OSError as exc:
+            _fail(f"virtio serve net: tap {args.tap}: {exc}")
+    try:
+        return trio.run(_serve_ports, ports, tap, args)
+    except* OSError as group:
+        _fail(f"virtio serve net: {_first_leaf(group)}")
+    finally:
+        if tap is not None:
+            tap.close()
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def statistics(ports: list[Any], servers: list[Any], tap: Any) -> str:
+    """One line: per port its switch counters, packets per queue and device drops."""
+    switch = ports[0].switch
+    parts = []
+    for port, server in zip(ports, servers, strict=True):
+        st = port.statistics()
+        queues = ",".join(f"{q}:{n}" for q, n in st["queues"].items())
+        fields = [f"connections={server.connections}", f"queues={queues or '-'}"]
+        fields += [f"{k}={v}" for k, v in st["port"].items()]
+        fields += [f"rx_{k}={v}" for k, v in sorted(st["errors"].items())]
+        fields.append(f"needs_reset={int(port.needs_reset)}")
+        parts.append(f"{port.name}=[{' '.join(fields)}]")
+    if tap is not None:
+        c = switch.counters[tap.name].as_dict()
+        parts.append(f"tap=[{' '.join(f'{k}={v}' for k, v in c.items())}]")
+    parts.append(f"addresses={len(switch.addresses())}")
+    return " ".join(parts)
+
+
+async def _serve_ports(ports: list[Any], tap: Any, args: argparse.Namespace) -> int:
+    from virtio.cli.serve import _now
+    from virtio.cli.systemd import notify
+    from virtio.transport.vhost_user.server import VhostUserServer
+
+    servers = [VhostUserServer(p, name=f"virtio-net/{p.name}") for p in ports]
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+    with trio.open_signal_receiver(*signals) as receiver:
+        async with trio.open_nursery() as nursery:
+            for server, path in zip(servers, args.socket_path, strict=True):
+                await nursery.start(server.serve_path, path)
+            if tap is not None:
+                nursery.start_soon(tap.run)
+            notify("READY=1")
+            async for signum in receiver:
+                if signum == signal.SIGHUP:
+                    continue
+                if signum == signal.SIGUSR1:
+                    line = statistics(ports, servers, tap)
+                    print(
+                        f"virtio serve net: statistics: {line} time={_now()}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                notify("STOPPING=1")
+                nursery.cancel_scope.cancel()
+                break
+    print(
+        f"virtio serve net: statistics: {statistics(ports, servers, tap)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0

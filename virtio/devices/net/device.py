@@ -1,0 +1,532 @@
+"""virtio-net, the network device (virtio 1.4 §5.1), as one port of a ``Switch``.
+
+Queues (§5.1.2): receiveq1, transmitq1, ..., receiveqN, transmitqN, then controlq.
+The control queue is at index 2N with VIRTIO_NET_F_MQ and at 2 without it; under
+vhost-user the front-end (QEMU) keeps it and this device never sees it, in the
+emulator the device serves it.
+
+* Transmit (§5.1.9.2) is an ordered ``REQUESTS`` queue: each chain is the
+  ``virtio_net_hdr`` and one frame, checked (``packet.check_transmit``: offloads the
+  driver negotiated, ``csum_start``/``csum_offset`` inside the frame, a sane
+  ``gso_size``, the MTU); a bad one is dropped and counted, the port goes on.  Good
+  ones go to the switch, which hands them to other ports' ``deliver``.
+* Receive (§5.1.9.4) is a ``BUFFERS`` queue fed by a bounded backlog per receive
+  queue (a stalled ring loses its own packets only).  Without
+  VIRTIO_NET_F_MRG_RXBUF a packet takes one buffer and must fit it (the big-packet
+  rules of §5.1.9.3.1 are the driver's: it posts buffers of 65562 bytes with the
+  GUEST_TSO features, 1526 without); a packet that does not fit is dropped and the
+  buffer given back.  With it, a packet fills as many buffers as it needs,
+  all but the last completely, and ``num_buffers`` says how many (§5.1.9.4.1);
+  when fewer are posted the buffers taken are given back and the device waits for
+  the driver: it never holds buffers while waiting, so a ring stop does not wait on
+  it.  Receive queues are picked by a hash of the flow (§5.1.9.5.6: a flow stays on
+  one queue).
+* Configuration (§5.1.4): mac, status (LINK_UP, ANNOUNCE), max_virtqueue_pairs, mtu,
+  speed, duplex.  Control commands (§5.1.9.5): RX mode, MAC tables and address,
+  VLAN filter, MQ pairs, announce ack.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from collections import Counter, deque
+
+import trio
+
+from virtio.config_space import ConfigLayout
+from virtio.device import ActiveDevice, VirtioDevice
+from virtio.devices.net.offload import RxOffloads
+from virtio.devices.net.packet import (
+    ETH_HLEN,
+    HDR,
+    HDR_LEGACY,
+    Packet,
+    PacketRefused,
+    TxOffloads,
+    check_transmit,
+)
+from virtio.devices.net.switch import Switch
+from virtio.queues.chain import DescriptorChain
+from virtio.ratelimit import LogRateLimiter
+from virtio.service import BufferQueue, OrderedRequestService, QueueRole
+from virtio.spec.features import TransportFeature as TF
+from virtio.spec.ids import DeviceId
+from virtio.spec.net import (
+    NetCtrlAck,
+    NetCtrlAnnounceCmd,
+    NetCtrlClass,
+    NetCtrlMacCmd,
+    NetCtrlMqCmd,
+    NetCtrlRxCmd,
+    NetCtrlVlanCmd,
+    NetStatus,
+    virtio_net_config,
+)
+from virtio.spec.net import NetFeature as NF
+from virtio.spec.sections import S_5_1_4
+
+log = logging.getLogger(__name__)
+
+NET_CONFIG = ConfigLayout(virtio_net_config, writable=set(), section=S_5_1_4)
+
+FEATURES = (
+    NF.VIRTIO_NET_F_CSUM,
+    NF.VIRTIO_NET_F_GUEST_CSUM,
+    NF.VIRTIO_NET_F_MAC,
+    NF.VIRTIO_NET_F_MTU,
+    NF.VIRTIO_NET_F_MRG_RXBUF,
+    NF.VIRTIO_NET_F_STATUS,
+    NF.VIRTIO_NET_F_CTRL_VQ,
+    NF.VIRTIO_NET_F_CTRL_RX,
+    NF.VIRTIO_NET_F_CTRL_VLAN,
+    NF.VIRTIO_NET_F_CTRL_MAC_ADDR,
+    NF.VIRTIO_NET_F_GUEST_ANNOUNCE,
+    NF.VIRTIO_NET_F_MQ,
+    NF.VIRTIO_NET_F_SPEED_DUPLEX,
+    NF.VIRTIO_NET_F_HOST_TSO4,
+    NF.VIRTIO_NET_F_HOST_TSO6,
+    NF.VIRTIO_NET_F_GUEST_TSO4,
+    NF.VIRTIO_NET_F_GUEST_TSO6,
+    NF.VIRTIO_NET_F_HOST_ECN,
+    NF.VIRTIO_NET_F_GUEST_ECN,
+)
+"""The device-type bits offered (issue 10 §1)."""
+
+RX_BACKLOG = 1024
+"""Packets queued per receive queue for a driver that posts no buffers."""
+MAX_VLAN = 4095
+ETH_P_8021Q = 0x8100
+ETH_P_RARP = 0x8035
+DUPLEX_FULL = 1
+
+
+def _mask(bits) -> int:
+    out = 0
+    for bit in bits:
+        out |= bit.mask
+    return out
+
+
+def parse_mac(text: str) -> bytes:
+    """``"52:54:00:12:34:56"`` -> 6 bytes (``ValueError`` otherwise)."""
+    mac = bytes.fromhex(text.replace(":", "").replace("-", ""))
+    if len(mac) != 6:
+        raise ValueError(f"{text!r} is not a MAC address")
+    if mac[0] & 1:
+        raise ValueError(f"{text} is a multicast address")
+    return mac
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """A RARP "reverse request" from ``mac`` (what QEMU's ``qemu_announce_self`` and
+    DPDK send for a migrated guest), so switches learn where ``mac`` is now."""
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 3, mac, b"\0" * 4, mac, b"\0" * 4)
+    frame = b"\xff" * 6 + mac + struct.pack("!H", ETH_P_RARP) + arp
+    return frame.ljust(60, b"\0")
+
+
+def flow_hash(frame: bytes) -> int:
+    """A hash of the packet's flow: IPv4/IPv6 addresses and TCP/UDP ports, or the
+    MAC addresses for anything else (§5.1.9.5.6: one flow, one receive queue)."""
+    off = ETH_HLEN
+    (ethertype,) = struct.unpack_from("!H", frame, 12)
+    if ethertype == ETH_P_8021Q and len(frame) >= off + 4:
+        (ethertype,) = struct.unpack_from("!H", frame, 16)
+        off += 4
+    if ethertype == 0x0800 and len(frame) >= off + 20:
+        l4 = off + (frame[off] & 0x0F) * 4
+        key = frame[off + 12 : off + 20]
+        if frame[off + 9] in (6, 17):
+            key += frame[l4 : l4 + 4]
+    elif ethertype == 0x86DD and len(frame) >= off + 40:
+        key = frame[off + 8 : off + 40]
+        if frame[off + 6] in (6, 17):
+            key += frame[off + 40 : off + 44]
+    else:
+        key = frame[:12]
+    return zlib.crc32(key)
+
+
+class _Backlog:
+    """Packets waiting for one receive queue's buffers."""
+
+    def __init__(self, limit: int) -> None:
+        self.packets: deque[Packet] = deque()
+        self.limit = limit
+        self._ready = trio.Event()
+
+    def put(self, packet: Packet) -> bool:
+        if len(self.packets) >= self.limit:
+            return False
+        self.packets.append(packet)
+        self._ready.set()
+        return True
+
+    async def get(self) -> Packet:
+        while not self.packets:
+            self._ready = trio.Event()
+            await self._ready.wait()
+        return self.packets.popleft()
+
+
+class VirtioNet(VirtioDevice):
+    """One virtio-net port on ``switch`` (a private switch when none is given)."""
+
+    device_id = DeviceId.VIRTIO_ID_NET
+    config_layout = NET_CONFIG
+    device_features = _mask(FEATURES)
+
+    def __init__(
+        self,
+        *,
+        name: str = "net0",
+        switch: Switch | None = None,
+        mac: bytes = b"\x52\x54\x00\x12\x34\x56",
+        mtu: int = 1500,
+        num_queue_pairs: int = 1,
+        queue_size: int = 256,
+        speed: int = 10000,
+        rx_backlog: int = RX_BACKLOG,
+    ) -> None:
+        super().__init__()
+        if not 1 <= num_queue_pairs <= 0x8000:
+            raise ValueError(f"{num_queue_pairs} queue pairs: 1 to 32768")
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu}: 68 to 65535")
+        self.name = name
+        self.mac = mac
+        self.mtu = mtu
+        self.speed = speed
+        self.max_pairs = num_queue_pairs
+        self.queue_max_sizes = (queue_size,) * (2 * num_queue_pairs) + (64,)
+        self.rx_backlog = rx_backlog
+        self.switch = switch if switch is not None else Switch()
+        self.switch.add_port(self)
+        self.queue_packets: Counter[int] = Counter()
+        """Packets through each queue (received into receiveqs, sent from transmitqs)."""
+        self.queue_bytes: Counter[int] = Counter()
+        self.errors: Counter[str] = Counter()
+        """Receive-side drops and bad buffers, control queue errors, by reason."""
+        self._limit = LogRateLimiter(log)
+        self._rx: dict[int, _Backlog] = {}
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.pairs = self.max_pairs
+        """Queue pairs in use (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, §5.1.9.5.5)."""
+        self.announce_pending = False
+        self.promisc = True  # as QEMU's virtio-net after reset
+        self.allmulti = False
+        self.uc_table: set[bytes] = set()
+        self.mc_table: set[bytes] = set()
+        self.vlans: set[int] = set()
+
+    # -- features and configuration ----------------------------------------------------
+    def has(self, feature: NF) -> bool:
+        return bool(self.driver_features & feature.mask)
+
+    @property
+    def hdr_size(self) -> int:
+        """12 bytes with VERSION_1 or MRG_RXBUF, else the legacy 10 (§5.1.9.1)."""
+        modern = self.driver_features & (
+            TF.VIRTIO_F_VERSION_1.mask | NF.VIRTIO_NET_F_MRG_RXBUF.mask
+        )
+        return HDR.size if modern else HDR_LEGACY.size
+
+    @property
+    def tx_offloads(self) -> TxOffloads:
+        return TxOffloads(
+            self.has(NF.VIRTIO_NET_F_CSUM),
+            self.has(NF.VIRTIO_NET_F_HOST_TSO4),
+            self.has(NF.VIRTIO_NET_F_HOST_TSO6),
+            self.has(NF.VIRTIO_NET_F_HOST_ECN),
+        )
+
+    @property
+    def rx_offloads(self) -> RxOffloads:
+        return RxOffloads(
+            self.has(NF.VIRTIO_NET_F_GUEST_CSUM),
+            self.has(NF.VIRTIO_NET_F_GUEST_TSO4),
+            self.has(NF.VIRTIO_NET_F_GUEST_TSO6),
+            self.has(NF.VIRTIO_NET_F_GUEST_ECN),
+        )
+
+    def config_values(self) -> dict[str, object]:
+        status = int(NetStatus.VIRTIO_NET_S_LINK_UP)
+        if self.announce_pending:
+            status |= int(NetStatus.VIRTIO_NET_S_ANNOUNCE)
+        return {
+            "mac": self.mac,
+            "status": status,
+            "max_virtqueue_pairs": self.max_pairs,
+            "mtu": self.mtu,
+            "speed": self.speed,
+            "duplex": DUPLEX_FULL,
+            "rss_max_key_size": 0,
+            "rss_max_indirection_table_length": 0,
+            "supported_hash_types": 0,
+            "supported_tunnel_types": 0,
+        }
+
+    @property
+    def ctrl_index(self) -> int:
+        """The control queue's index (§5.1.2)."""
+        return 2 * self.max_pairs if self.has(NF.VIRTIO_NET_F_MQ) else 2
+
+    def queue_role(self, index: int) -> QueueRole:
+        if index != self.ctrl_index and index % 2 == 0:
+            return QueueRole.BUFFERS
+        return QueueRole.REQUESTS
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_state()
+        self.switch.forget(self)
+
+    # -- serving ---------------------------------------------------------------------------
+    async def serve_queue(self, active: ActiveDevice, index: int) -> None:
+        if index == self.ctrl_index and self.has(NF.VIRTIO_NET_F_CTRL_VQ):
+            if self.has(NF.VIRTIO_NET_F_MQ):
+                self.pairs = 1  # §5.1.9.5.5: only the first pair until VQ_PAIRS_SET
+            await super().serve_queue(active, index)
+        elif index % 2 == 1 and index < 2 * self.max_pairs:
+            self.active = active
+            await OrderedRequestService(active, index).run(self._transmit)
+        else:
+            await super().serve_queue(active, index)
+
+    # -- transmit (§5.1.9.2) -----------------------------------------------------------------
+    def _transmit(self, index: int, chain: DescriptorChain) -> int:
+        hdr_size = self.hdr_size
+        if chain.readable_len < hdr_size + ETH_HLEN:
+            self._refused(
+                PacketRefused("runt", f"transmit buffer of {chain.readable_len} bytes", "5.1.9.2")
+            )
+            return 0
+        if chain.readable_len > hdr_size + 65535 + 18:
+            self._refused(
+                PacketRefused(
+                    "oversized", f"transmit buffer of {chain.readable_len} bytes", "5.1.9"
+                )
+            )
+            return 0
+        packet = Packet.parse(chain.reader().read(), hdr_size)
+        try:
+            check_transmit(packet, self.tx_offloads, self.mtu)
+        except PacketRefused as exc:
+            self._refused(exc)
+            return 0
+        self.queue_packets[index] += 1
+        self.queue_bytes[index] += len(packet.frame)
+        self.switch.forward(self, packet)
+        return 0
+
+    def _refused(self, exc: PacketRefused) -> None:
+        self.switch.drop(self, exc.reason)
+        self._limit.warning(exc.reason, "%s: transmitted packet dropped: %s", self.name, exc)
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Announce ``mac`` on the switch as if the guest sent a RARP (vhost-user
+        SEND_RARP after a migration: the guest has no GUEST_ANNOUNCE)."""
+        log.info("%s: announcing %s (RARP)", self.name, mac.hex(":"))
+        self.switch.forward(self, Packet(rarp_frame(mac)))
+
+    def announce(self) -> bool:
+        """Ask the driver to announce itself (GUEST_ANNOUNCE, §5.1.9.5.4): status
+        ANNOUNCE and a configuration change notification.  ``False`` without the
+        feature or a running device."""
+        if not self.has(NF.VIRTIO_NET_F_GUEST_ANNOUNCE) or self.active is None:
+            return False
+        self.announce_pending = True
+        return self.active.config_changed()
+
+    # -- receive (§5.1.9.4) --------------------------------------------------------------------
+    def _accepts(self, frame: bytes) -> bool:
+        """The receive filter (§5.1.9.5.1-3) the driver set up, if it did."""
+        if (
+            self.has(NF.VIRTIO_NET_F_CTRL_VLAN)
+            and len(frame) >= 16
+            and struct.unpack_from("!H", frame, 12)[0] == ETH_P_8021Q
+            and struct.unpack_from("!H", frame, 14)[0] & 0xFFF not in self.vlans
+        ):
+            return False
+        if self.promisc:
+            return True
+        dst = frame[:6]
+        if dst == b"\xff" * 6:
+            return True
+        if dst[0] & 1:
+            return self.allmulti or dst in self.mc_table
+        return dst == self.mac or dst in self.uc_table
+
+    def deliver(self, packet: Packet) -> bool:
+        """Queue ``packet`` for a receive queue (the switch calls this; never blocks)."""
+        if not self._accepts(packet.frame):
+            self.errors["filtered"] += 1
+            return True  # the driver asked not to see it: not a drop
+        running = [i for i in sorted(self._rx) if i // 2 < self.pairs]
+        if not running:
+            self.errors["link_down"] += 1
+            return False
+        index = running[flow_hash(packet.frame) % len(running)]
+        if not self._rx[index].put(packet):
+            self.errors["backlog_full"] += 1
+            return False
+        return True
+
+    async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
+        backlog = _Backlog(self.rx_backlog)
+        self._rx[queue_index] = backlog
+        try:
+            while True:
+                packet = await backlog.get()
+                while not self._receive(queue_index, buffers, packet):
+                    await buffers.wait_for_more()
+        finally:
+            if self._rx.get(queue_index) is backlog:
+                del self._rx[queue_index]
+            if backlog.packets:
+                self.errors["stopped"] += len(backlog.packets)
+
+    def _receive(self, index: int, buffers: BufferQueue, packet: Packet) -> bool:
+        """Write ``packet`` into posted buffers: ``True`` when done (delivered or
+        dropped), ``False`` when the driver must post more first."""
+        mrg = self.has(NF.VIRTIO_NET_F_MRG_RXBUF)
+        hdr_size = self.hdr_size
+        total = hdr_size + len(packet.frame)
+        taken: list[DescriptorChain] = []
+        room = 0
+        while room < total:
+            chain = buffers.next_buffer_nowait()
+            if chain is None:
+                buffers.give_back(taken)
+                if len(taken) >= buffers.queue.size:  # every buffer posted: never enough
+                    self._rx_drop("too_big", index, total)
+                    return True
+                return False
+            if chain.readable_len or chain.writable_len < hdr_size:
+                # §5.1.9.3.1: receive buffers are device-writable and hold at least
+                # the header.  Return this one (and any taken) empty: dropped.
+                buffers.complete_batch([(c, 0) for c in [*taken, chain]])
+                self._rx_drop("bad_buffer", index, total)
+                return True
+            taken.append(chain)
+            room += chain.writable_len
+            if not mrg:
+                break
+        if room < total:  # without MRG_RXBUF: one buffer, too small for this packet
+            buffers.give_back(taken)
+            self._rx_drop("too_big", index, total)
+            return True
+        data = packet.header(len(taken), legacy=hdr_size == HDR_LEGACY.size) + packet.frame
+        done = []
+        pos = 0
+        for chain in taken:
+            n = chain.writer().write(data[pos : pos + chain.writable_len])
+            pos += n
+            done.append((chain, n))
+        buffers.complete_batch(done)
+        self.queue_packets[index] += 1
+        self.queue_bytes[index] += len(packet.frame)
+        return True
+
+    def _rx_drop(self, reason: str, index: int, size: int) -> None:
+        self.errors[reason] += 1
+        self._limit.warning(
+            reason, "%s: rx%d: %d-byte packet dropped: %s", self.name, index, size, reason
+        )
+
+    # -- control queue (§5.1.9.5) ------------------------------------------------------------
+    async def handle(self, queue_index: int, chain: DescriptorChain) -> int:
+        if queue_index != self.ctrl_index:  # not reached: transmit queues are ordered
+            return 0
+        if chain.writable_len < 1 or chain.readable_len < 2:
+            self.errors["ctrl_malformed"] += 1
+            self._limit.warning("ctrl", "%s: malformed control command dropped", self.name)
+            return 0
+        data = chain.reader().read()
+        try:
+            ok = self._command(data[0], data[1], data[2:])
+        except (ValueError, struct.error) as exc:
+            self._limit.warning("ctrl", "%s: control command refused: %s", self.name, exc)
+            ok = False
+        if not ok:
+            self.errors["ctrl_refused"] += 1
+        ack = NetCtrlAck.VIRTIO_NET_OK if ok else NetCtrlAck.VIRTIO_NET_ERR
+        return chain.writer().write(bytes([int(ack)]))
+
+    def _command(self, cls: int, cmd: int, data: bytes) -> bool:
+        if cls == NetCtrlClass.VIRTIO_NET_CTRL_RX and self.has(NF.VIRTIO_NET_F_CTRL_RX):
+            if len(data) != 1:
+                raise ValueError(f"RX command with {len(data)} bytes of data")
+            if cmd == NetCtrlRxCmd.VIRTIO_NET_CTRL_RX_PROMISC:
+                self.promisc = bool(data[0])
+            elif cmd == NetCtrlRxCmd.VIRTIO_NET_CTRL_RX_ALLMULTI:
+                self.allmulti = bool(data[0])
+            else:
+                return False  # ALLUNI ... NOBCAST need CTRL_RX_EXTRA (not offered)
+            return True
+        if cls == NetCtrlClass.VIRTIO_NET_CTRL_MAC:
+            if cmd == NetCtrlMacCmd.VIRTIO_NET_CTRL_MAC_ADDR_SET and self.has(
+                NF.VIRTIO_NET_F_CTRL_MAC_ADDR
+            ):
+                if len(data) != 6:
+                    raise ValueError("MAC_ADDR_SET without 6 bytes")
+                self.mac = parse_mac(data.hex())
+                return True
+            if cmd == NetCtrlMacCmd.VIRTIO_NET_CTRL_MAC_TABLE_SET and self.has(
+                NF.VIRTIO_NET_F_CTRL_RX
+            ):
+                uc, rest = _mac_table(data)
+                mc, rest = _mac_table(rest)
+                if rest:
+                    raise ValueError("MAC_TABLE_SET with trailing bytes")
+                self.uc_table, self.mc_table = set(uc), set(mc)
+                return True
+            return False
+        if cls == NetCtrlClass.VIRTIO_NET_CTRL_VLAN and self.has(NF.VIRTIO_NET_F_CTRL_VLAN):
+            (vid,) = struct.unpack("<H", data)
+            if vid > MAX_VLAN:
+                return False
+            if cmd == NetCtrlVlanCmd.VIRTIO_NET_CTRL_VLAN_ADD:
+                self.vlans.add(vid)
+            elif cmd == NetCtrlVlanCmd.VIRTIO_NET_CTRL_VLAN_DEL:
+                self.vlans.discard(vid)
+            else:
+                return False
+            return True
+        if cls == NetCtrlClass.VIRTIO_NET_CTRL_ANNOUNCE and self.has(
+            NF.VIRTIO_NET_F_GUEST_ANNOUNCE
+        ):
+            if cmd != NetCtrlAnnounceCmd.VIRTIO_NET_CTRL_ANNOUNCE_ACK:
+                return False
+            self.announce_pending = False
+            return True
+        if cls == NetCtrlClass.VIRTIO_NET_CTRL_MQ and self.has(NF.VIRTIO_NET_F_MQ):
+            if cmd != NetCtrlMqCmd.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET:
+                return False
+            (pairs,) = struct.unpack("<H", data)
+            if not 1 <= pairs <= self.max_pairs:
+                return False
+            self.pairs = pairs
+            return True
+        return False
+
+    def statistics(self) -> dict[str, object]:
+        """Counters: the switch's for this port, per queue, receive-side errors."""
+        return {
+            "port": self.switch.counters[self.name].as_dict(),
+            "queues": dict(sorted(self.queue_packets.items())),
+            "errors": dict(self.errors),
+        }
+
+
+def _mac_table(data: bytes) -> tuple[list[bytes], bytes]:
+    """One ``virtio_net_ctrl_mac`` table (§5.1.9.5.2): u32 entries, then the MACs."""
+    (n,) = struct.unpack_from("<I", data)
+    end = 4 + 6 * n
+    if end > len(data):
+        raise ValueError(f"MAC table of {n} entries in {len(data)} bytes")
+    return [data[4 + 6 * i : 10 + 6 * i] for i in range(n)], data[end:]
