@@ -88,8 +88,11 @@ class Run:
     cpu_ns_per_pkt: float
 
 
+OURS_REPO = REPO  # --ours-repo: benchmark another checkout's backend (e.g. a branch)
+
+
 def python() -> str:
-    venv = REPO / ".venv" / "bin" / "python"
+    venv = OURS_REPO / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 
 
@@ -100,7 +103,7 @@ def ours_available() -> bool:
             [python(), "-m", "virtio", "serve", "net", "--print-capabilities"],
             capture_output=True,
             timeout=30,
-            cwd=REPO,
+            cwd=OURS_REPO,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -125,7 +128,7 @@ def ours_backend(a: Path, b: Path, qp: int) -> Iterator[int]:
         "--socket-path", str(a), "--socket-path", str(b),
         "--num-queue-pairs", str(qp),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=OURS_REPO, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_socket(a, proc=proc)
         wait_for_socket(b, proc=proc)
@@ -181,7 +184,10 @@ def main() -> int:
     ap.add_argument("--tx-first", type=int, default=8, help="bursts seeding the loop")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--ours-repo", type=Path, default=REPO, help="checkout whose backend to run")
     args = ap.parse_args()
+    global OURS_REPO
+    OURS_REPO = args.ours_repo.resolve()
     try:
         find_testpmd()
     except TestpmdUnavailable as e:
