@@ -32,7 +32,7 @@ set -euo pipefail
 #   busybox-static kmod cpio       guest initramfs (busybox, depmod, modprobe)
 #   e2fsprogs fio                  copied into the guest (mkfs.ext4/e2fsck, fio)
 #   nbdkit                         second NBD server for the NBD client tests (memory/file, error/delay)
-#   dpdk-dev                       dpdk-testpmd: VM-less virtio-user front-end for the net tests/bench
+#   dpdk-dev                       dpdk-testpmd: vhost PMD (net anchor) and virtio-user (VM-less net peer)
 PYVIRTIO_APT_PACKAGES=(
     gcc
     libc6-dev
