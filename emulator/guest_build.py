@@ -146,6 +146,8 @@ def build_qemu_stub() -> Path:
         if proc.returncode != 0:
             raise GuestBuildError(f"{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
     elf.unlink()
+    os.replace(tmp, out)
+    return out
 
 
 def build_source(source: str | os.PathLike) -> Path:

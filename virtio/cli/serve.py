@@ -151,6 +151,7 @@ def register(subparsers: Any) -> None:
 
     register_net(devices, _fail, SIGNALS_HELP)
 
+
 def _add_blk_options(blk: argparse.ArgumentParser) -> None:
     """The options of one blk export (command line and --export / export-add)."""
     where = blk.add_mutually_exclusive_group()
