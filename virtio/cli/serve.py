@@ -274,6 +274,13 @@ def _size(text: str) -> int:
     return value
 
 
+def _now() -> str:
+    """A UTC timestamp for statistics lines (``virtio serve net`` uses it too)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
 def _fail(message: str, *, status: int = 1) -> NoReturn:
     print(message, file=sys.stderr, flush=True)
     raise SystemExit(status)
