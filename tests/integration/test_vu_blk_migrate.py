@@ -102,5 +102,11 @@ async def test_live_migration_under_fio_verify(
 
 async def _sectors(guest: QemuGuest) -> int:
     """Sectors read + written on /dev/vda so far (its /sys stat)."""
-    fields = (await guest.run("cat /sys/block/vda/stat")).output.split()
-    return int(fields[2]) + int(fields[6])
+    out = (await guest.run("cat /sys/block/vda/stat")).output
+    # The console may interleave a kernel message with the command's output: use the
+    # line that is the stat record (all numbers).
+    for line in reversed(out.splitlines()):
+        fields = line.split()
+        if len(fields) >= 7 and all(f.isdigit() for f in fields):
+            return int(fields[2]) + int(fields[6])
+    raise AssertionError(f"no /sys/block/vda/stat record in {out!r}")
