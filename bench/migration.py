@@ -15,6 +15,7 @@ Usage::
 
     python bench/migration.py                 # 3 rounds per back-end, QEMU 7.2 and 10.0
     python bench/migration.py --rounds 1 --qemu 7.2
+    python bench/migration.py --rounds 6 --qemu 7.2   # the QEMU 7.2 TCG breakage (migration.md)
     python bench/migration.py --json
 
 Exit status 0 when every migration completed and verified, 1 otherwise, 2 when
@@ -45,6 +46,7 @@ from virtio.testing.migration import migrate  # noqa: E402
 from virtio.testing.qemu import (  # noqa: E402
     QEMU_VERSIONS,
     GuestJob,
+    QemuError,
     QemuGuest,
     QemuUnavailable,
     VhostUserBlk,
@@ -154,7 +156,10 @@ async def main_async(args) -> int:
         per = results.setdefault(version, {name: [] for name in starters})
         for r in range(args.rounds):
             for name, start in starters.items():
-                run = await one_migration(image, qemu, start)
+                try:
+                    run = await one_migration(image, qemu, start)
+                except (QemuError, trio.TooSlowError) as e:  # the guest broke: a result too
+                    run = {"verified": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
                 ok &= run["verified"]
                 per[name].append(run)
                 print(f"QEMU {version} round {r + 1} {name}: {run}", file=sys.stderr)
@@ -166,7 +171,8 @@ async def main_async(args) -> int:
         for name, runs in per.items():
 
             def med(key: str, runs=runs) -> float:
-                return statistics.median(run[key] for run in runs)
+                values = [run[key] for run in runs if key in run]
+                return statistics.median(values) if values else float("nan")
 
             print(
                 f"{version:6} {name:9} {med('downtime_ms'):12.0f} {med('total_ms'):9.0f} "

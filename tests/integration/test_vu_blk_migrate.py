@@ -23,7 +23,7 @@ from test_vu_blk_qemu import our_backend
 from virtio.testing.blk_checks import stop_process
 from virtio.testing.guest_image import GuestImage
 from virtio.testing.migration import migrate
-from virtio.testing.qemu import GuestJob, QemuBinary, QemuGuest, VhostUserBlk
+from virtio.testing.qemu import GuestJob, GuestTimeout, QemuBinary, QemuGuest, VhostUserBlk
 
 pytestmark = pytest.mark.qemu
 
@@ -38,11 +38,23 @@ FIO_LOOP = (
     " n=$((n+1)); done; echo fio-ok $n"
 )
 
+# Measured with /tmp loops of bench/migration.py's one_migration (docs/migration.md): on
+# QEMU 7.2 under TCG the guest breaks after switch-over with qemu-storage-daemon as the
+# back-end too (3 of 6 migrations: fio hung or verify failed), while both back-ends
+# migrate cleanly on QEMU 10.0 (qsd 5/5, ours 6/6).  Real users have KVM; the test keeps
+# QEMU 10.0, where a failure is ours.
+QEMU_72_TCG = (
+    "QEMU 7.2 under TCG corrupts or hangs the migrated guest under disk I/O with "
+    "qemu-storage-daemon as well (docs/migration.md); checked on QEMU 10.0"
+)
+
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 async def test_live_migration_under_fio_verify(
     guest_image: GuestImage, qemu: QemuBinary, packed: bool
 ) -> None:
+    if qemu.version == "7.2":
+        pytest.skip(QEMU_72_TCG)
     props = {"packed": True} if packed else {}
     with tempfile.TemporaryDirectory(prefix="pyvirtio-mig-") as tmp, trio.fail_after(240):
         work = Path(tmp)
@@ -78,7 +90,10 @@ async def test_live_migration_under_fio_verify(
                     job = GuestJob(dst, job.number)
                     assert await job.poll() in (None, 0), await job.output()
                     await dst.run("touch /tmp/stop")
-                    result = await job.wait(timeout=120, check=False)
+                    try:
+                        result = await job.wait(timeout=120, check=False)
+                    except GuestTimeout:
+                        raise AssertionError(await _stuck_report(dst, src_sock, dst_sock)) from None
                     assert result.rc == 0 and "fio-ok" in result.output, result.output[-3000:]
                     assert await _sectors(dst) > reads_before  # I/O went on after the switch
                     # every block fio wrote verifies once more, read on the destination
@@ -110,3 +125,23 @@ async def _sectors(guest: QemuGuest) -> int:
         if len(fields) >= 7 and all(f.isdigit() for f in fields):
             return int(fields[2]) + int(fields[6])
     raise AssertionError(f"no /sys/block/vda/stat record in {out!r}")
+
+
+async def _stuck_report(dst: QemuGuest, src_sock: Path, dst_sock: Path) -> str:
+    """What the guest and both back-ends say when fio does not finish after the switch:
+    requests the guest still counts in flight (a lost request or interrupt) or progress
+    (slowness)."""
+    parts = []
+    for cmd in (
+        "cat /sys/block/vda/inflight /sys/block/vda/stat",
+        "sleep 2; cat /sys/block/vda/inflight /sys/block/vda/stat",
+        "grep -i virtio /proc/interrupts",
+        "ps -o pid,stat,time,args | grep -v ' ps '",
+        "tail -c 1500 /tmp/fio.out",
+    ):
+        r = await dst.run(cmd, check=False)
+        parts.append(f"$ {cmd}\n{r.output}")
+    for sock in (src_sock, dst_sock):
+        log = Path(f"{sock}.log").read_text(errors="replace")
+        parts.append(f"--- {sock.name}.log (tail) ---\n{log[-2500:]}")
+    return "fio did not finish after the switch-over\n" + "\n".join(parts)

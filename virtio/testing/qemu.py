@@ -877,6 +877,10 @@ class QemuGuest:
         if self._tmpdir is not None:
             with contextlib.suppress(OSError):
                 stderr = (self._tmpdir / "qemu.stderr").read_text(errors="replace")[-CONSOLE_TAIL:]
+        if self._proc is not None and self._proc.returncode is not None:
+            rc = self._proc.returncode
+            how = f"signal {-rc}" if rc < 0 else f"status {rc}"
+            message += f" (QEMU pid {self._proc.pid} ended with {how})"
         return cls(message, console=self.console[-CONSOLE_TAIL:], stderr=stderr)
 
     def _check_usable(self) -> None:
