@@ -210,6 +210,8 @@ async def _reference_identity(rig: Rig) -> None:
     for s in (ours_k, qemu_k):
         assert _bits(s["ev"]) & (1 << e.EV_KEY | 1 << e.EV_LED | 1 << e.EV_REP) and s["led"] == "7"
     assert _bits(ours_k["ev"]) & (1 << e.EV_MSC) and not _bits(qemu_k["ev"]) & (1 << e.EV_MSC)
+    ours_keys, qemu_keys = _bits(ours_k["key"]), _bits(qemu_k["key"])
+    assert qemu_keys & ~ours_keys == 0 and bin(ours_keys).count("1") > bin(qemu_keys).count("1")
     # Tablets: the same ABS_X/ABS_Y and wheel; QEMU's adds side/extra buttons, BTN_TOUCH
     # and the wheel as BTN_GEAR_DOWN/UP.
     assert _bits(ours_t["abs"]) == _bits(qemu_t["abs"]) == 1 << e.ABS_X | 1 << e.ABS_Y
