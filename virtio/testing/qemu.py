@@ -324,6 +324,32 @@ class VhostUserInput(Device):
 
 
 @dataclasses.dataclass
+class QemuVirtioInput(Device):
+    """QEMU's own ``virtio-keyboard-pci`` / ``virtio-tablet-pci`` / ``virtio-mouse-pci``
+    (``kind``), the reference for ``virtio serve input``; QMP ``input-send-event``
+    (events from :func:`qmp_key`, :func:`qmp_abs`) drives it.  ``serial`` -> ``uniq``."""
+
+    kind: str
+    serial: str | None = None
+
+    def qemu_args(self, index: int, *, accel: str) -> list[str]:
+        if self.kind not in ("keyboard", "tablet", "mouse"):
+            raise ValueError(f"no virtio-{self.kind}-pci in QEMU")
+        props = _props({"id": f"qinput{index}", "serial": self.serial})
+        return ["-device", f"virtio-{self.kind}-pci{props}"]
+
+
+def qmp_key(qcode: str, down: bool) -> dict[str, Any]:
+    """One ``input-send-event`` key event (``qcode``: QEMU's key name, e.g. ``"a"``)."""
+    return {"type": "key", "data": {"down": down, "key": {"type": "qcode", "data": qcode}}}
+
+
+def qmp_abs(axis: str, value: int) -> dict[str, Any]:
+    """One ``input-send-event`` absolute axis event (``axis`` ``x``/``y``, 0..0x7fff)."""
+    return {"type": "abs", "data": {"axis": axis, "value": value}}
+
+
+@dataclasses.dataclass
 class Disk(Device):
     """A plain disk image: ``interface`` ``virtio`` (virtio-blk-pci) or ``ide``."""
 

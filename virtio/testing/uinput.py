@@ -8,6 +8,7 @@ Skip when :func:`uinput_unavailable` returns a reason (no ``/dev/uinput``: the
 
 from __future__ import annotations
 
+import gzip
 import os
 
 from evdev import AbsInfo as EvdevAbsInfo
@@ -22,7 +23,14 @@ UINPUT = "/dev/uinput"
 def uinput_unavailable() -> str | None:
     """Why uinput devices cannot be made here, or ``None``."""
     if not os.path.exists(UINPUT):
-        return f"{UINPUT} absent (kernel without uinput, or module not loaded)"
+        release = os.uname().release
+        try:
+            with gzip.open("/proc/config.gz", "rt") as f:
+                if "# CONFIG_INPUT_UINPUT is not set" in f.read():
+                    return f"{UINPUT} absent: kernel {release} is built without uinput"
+        except OSError:
+            pass
+        return f"{UINPUT} absent (kernel {release} without uinput, or `modprobe uinput` not run)"
     if not os.access(UINPUT, os.R_OK | os.W_OK):
         return f"{UINPUT} not writable"
     return None

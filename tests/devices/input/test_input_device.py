@@ -81,6 +81,36 @@ def test_hostile_config_writes_are_logged_and_change_nothing(caplog) -> None:
     assert select(dev, Sel.VIRTIO_INPUT_CFG_ID_NAME) == b"pyvirtio keyboard"
 
 
+def test_the_front_ends_whole_struct_echo_is_not_logged(caplog) -> None:
+    """QEMU's vhost-user-input writes its whole copy of the struct (read before the
+    driver changed ``select``) on every select: not a read-only write, no log line."""
+    dev = VirtioInput(builtin("tablet"))
+    with caplog.at_level(logging.WARNING):
+        copy = bytearray(dev.read_config(0, len(dev.config_bytes())))
+        for sel, sub in [(Sel.VIRTIO_INPUT_CFG_ID_NAME, 0), (Sel.VIRTIO_INPUT_CFG_ABS_INFO, 0)]:
+            copy[0] = sel
+            dev.write_config(0, bytes(copy))  # select changed, the rest stale
+            copy[1] = sub
+            dev.write_config(0, bytes(copy))
+            copy = bytearray(dev.read_config(0, len(copy)))  # the front-end re-reads
+            assert copy[2] > 0
+    assert caplog.text == "" and dev.config_ignored == 0
+    assert struct.unpack_from("<2i", copy, 8) == (0, 32767)
+
+
+def test_a_config_write_storm_is_rate_limited_and_the_device_keeps_answering(caplog) -> None:
+    dev = VirtioInput(builtin("keyboard"))
+    with caplog.at_level(logging.WARNING):
+        for i in range(1000):
+            dev.write_config(2, bytes([i % 200 + 1]))  # size: read-only
+            dev.write_config(0, bytes([0x80 + i % 64]))  # select out of range
+            assert dev.read_config(2, 1) == b"\0"
+    assert dev.config_ignored == 1000
+    assert caplog.text.count("read-only configuration field size") == 5
+    assert caplog.text.count("not a virtio_input_config_select") == 5
+    assert select(dev, Sel.VIRTIO_INPUT_CFG_ID_NAME) == b"pyvirtio keyboard"
+
+
 def test_frame_adds_a_missing_syn_report() -> None:
     a, syn = (e.EV_KEY, e.KEY_A, 1), (e.EV_SYN, e.SYN_REPORT, 0)
     assert frame([a]) == [[a, syn]]
@@ -153,6 +183,11 @@ async def test_status_leds_and_hostile_status_events(caplog) -> None:
             await h.request(1, [b"\x11\x00"])  # shorter than an event
         assert seen == [(e.EV_LED, e.LED_CAPSL, 1)] and dev.leds == {e.LED_CAPSL: 1}
         assert dev.status_unknown == 3 and caplog.text.count("ignored") == 3
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            for i in range(200):  # a storm of unknown status events: a few log lines
+                await h.request(1, [EVENT.pack(0x10 + i % 16, 0x300 + i, i)])
+        assert dev.status_unknown == 203 and caplog.text.count("ignored") <= 5
         # Still working: an event goes out.
         dev.inject([(e.EV_KEY, e.KEY_Q, 1)])
         tokens = [h.submit(0, writable=[8]) for _ in range(2)]

@@ -115,6 +115,10 @@ class VirtioInput(VirtioDevice):
         self._wakeup = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._limiter = LogRateLimiter(log)
+        self._served = bytearray(INPUT_CONFIG.size)
+        """The configuration bytes last read, per offset (see ``write_config``)."""
+        self.config_ignored = 0
+        """Driver writes to read-only configuration fields (ignored)."""
 
     # -- configuration space (§5.8.4) ------------------------------------------------
     def config_values(self) -> dict[str, Any]:
@@ -126,6 +130,35 @@ class VirtioInput(VirtioDevice):
             "reserved": bytes(5),
             "u": data.ljust(VIRTIO_INPUT_CFG_UNION_SIZE, b"\0"),
         }
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        data = super().read_config(offset, size)
+        self._served[offset : offset + len(data)] = data
+        return data
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Writable fields (select, subsel) go to ``config_field_written``; a change
+        to a read-only field is ignored with a rate-limited log line, unless the
+        written bytes are what this device last served there: QEMU's
+        vhost-user-input front-end writes the whole struct (its copy, read before
+        the driver changed ``select``) on every select, which is not a driver write."""
+        layout = self.config_layout
+        assert layout is not None
+        layout.check(offset, len(data))
+        image = self.config_bytes()
+        new = image[:offset] + bytes(data) + image[offset + len(data) :]
+        for f in layout.fields_in(offset, len(data)):
+            value = new[f.offset : f.end]
+            if f.writable:
+                self.config_field_written(f.name, int.from_bytes(value, "little"))
+            elif value != image[f.offset : f.end] and value != self._served[f.offset : f.end]:
+                self.config_ignored += 1
+                self._limiter.warning(
+                    "config",
+                    "virtio-input: driver wrote the read-only configuration field %s (ignored, %s)",
+                    f.name,
+                    S_5_8_4,
+                )
 
     def config_field_written(self, name: str, value: Any) -> None:
         if name == "select" and value not in _SELECTS:
@@ -293,4 +326,5 @@ class VirtioInput(VirtioDevice):
             "held": self._held,
             "status": len(self.status_events),
             "status_ignored": self.status_unknown,
+            "config_ignored": self.config_ignored,
         }

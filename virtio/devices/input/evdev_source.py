@@ -54,11 +54,12 @@ def capabilities_of(dev: InputDevice, *, name: str | None = None, serial: str | 
 
 
 class EvdevSource:
-    """An opened (and grabbed) evdev; ``run(device)`` forwards its events."""
+    """An opened (and grabbed) evdev; ``run(device)`` forwards its events.  ``dev``:
+    an already opened ``InputDevice`` (tests pass one whose fd is a socket)."""
 
-    def __init__(self, path: str, *, grab: bool = True) -> None:
+    def __init__(self, path: str, *, grab: bool = True, dev: InputDevice | None = None) -> None:
         self.path = path
-        self.dev = InputDevice(path)
+        self.dev = InputDevice(path) if dev is None else dev
         self.grabbed = False
         self.events_read = 0
         self.groups_lost = 0
