@@ -72,8 +72,18 @@ async def test_allocated_cluster_reads_never_reach_python(tmp_path, cache, aio):
     _check(rig.image)
 
 
-async def test_writes_into_owned_clusters_are_native_and_reach_the_image(tmp_path):
-    rig = Rig(tmp_path, image_format="qcow2", size=4 << 20)
+@pytest.mark.parametrize(
+    ("cache", "aio"),
+    [
+        ("writeback", "io_uring"),
+        ("none", "io_uring"),
+        ("none", "threads"),
+    ],
+)
+async def test_writes_into_owned_clusters_are_native_and_reach_the_image(tmp_path, cache, aio):
+    # cache=none: the O_DIRECT descriptor the data plane uses must be writable (it was
+    # opened read-only once, and every native write failed EBADF -> IOERR)
+    rig = Rig(tmp_path, image_format="qcow2", cache=cache, aio=aio, size=4 << 20)
     first, second = os.urandom(CS), os.urandom(8192)
     ok = bytes([OK])
     want = first[:8192] + second + first[16384:]

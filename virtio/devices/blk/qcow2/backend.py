@@ -5,8 +5,9 @@ time through the same ``_ThreadBatcher`` as ``RawFileBackend`` (requests ready i
 the same scheduler tick share one thread hop, and one flush for all those that
 asked for durability).  The guest sees the virtual size.
 
-The native data plane serves reads of allocated clusters itself: ``fd`` (the image,
-``O_DIRECT`` with ``cache="none"``) and ``native_map()`` (the cluster map,
+The native data plane serves reads of allocated clusters, and writes into those the
+image owns, itself: ``fd`` (the image, ``O_DIRECT`` with ``cache="none"``, writable
+unless the image is read-only) and ``native_map()`` (the cluster map,
 ``native.py``); every other request is deferred to this Python path.  Cache modes
 as for raw images: ``none`` reads allocated clusters with ``O_DIRECT`` (the Python
 path -- metadata, copy-on-write, backing files -- stays buffered, and a FLUSH makes
@@ -58,9 +59,10 @@ class Qcow2Backend:
         image = self.image
         try:
             self.fd = image.f.fileno
-            """What the native data plane reads allocated clusters from."""
-            if self.direct:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            """What the native data plane reads and writes allocated clusters through."""
+            if self.direct:  # writable like the image: owned clusters are written here
+                mode = os.O_RDONLY if read_only else os.O_RDWR
+                self.fd = os.open(self.path, mode | os.O_CLOEXEC | os.O_DIRECT)
             self.logical_block_size, _, self.mem_align = block_sizes(self.fd)
         except BaseException:
             image.close()
