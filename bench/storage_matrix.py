@@ -343,6 +343,10 @@ async def run_one(
         cpu = cpu_seconds(proc.pid) - cpu0
         if any(rcs):
             raise RuntimeError(f"{backend} {point.name}: driver loop failed {rcs}")
+        errors = sum(int(q.errors) for q in qs)
+        if errors:  # a rate of failing requests measures an error path, not the back-end
+            tail = (work / f"{backend}.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{backend} {point.name}: {errors} requests failed; log:\n{tail}")
         ios = sum(int(q.ios) for q in qs)
         seconds = max(float(q.elapsed) for q in qs)
         return Run(
@@ -353,7 +357,7 @@ async def run_one(
             ios,
             seconds,
             cpu,
-            sum(int(q.errors) for q in qs),
+            errors,
             sum(int(q.kicks) for q in qs),
             sum(int(q.waits) for q in qs),
         )

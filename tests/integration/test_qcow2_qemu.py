@@ -10,6 +10,11 @@ identical content, ``qemu-img check`` finds nothing wrong in either, and the
 shared backing files are unchanged (both servers had them open read-only at
 once: the locks allow that).  Then our server restarts on the written image
 (QEMU reconnects) for mkfs.ext4 + fsck on our disk.
+
+A third disk, ours with ``--cache none``, is an overlay one level over the raw base
+(its unallocated clusters read by the native data plane from base.raw): it reads
+the base unchanged, takes the same writes and discards, and then reads what the
+two-level disk reads wherever mid.qcow2 has no data of its own.
 """
 
 from __future__ import annotations
@@ -60,6 +65,10 @@ def _chain(d: Path) -> None:
     )
     for top in ("top.qcow2", "top-qsd.qcow2"):
         _img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top, "64M", cwd=d)
+    # one level over the raw base: read natively from base.raw (QCOW2_MAP_BACKING)
+    _img(
+        "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top-raw.qcow2", "64M", cwd=d
+    )
 
 
 def _md5(path: Path) -> str:
@@ -115,20 +124,28 @@ async def test_two_level_overlay_against_qemu_storage_daemon(
         return proc
 
     qsd = await _start_qsd(tmp_path, qsd_sock)
+    top_raw, raw_sock = tmp_path / "top-raw.qcow2", tmp_path / "raw.sock"
+    ours_raw: trio.Process | None = None
     try:
+        ours_raw = await _serve(raw_sock, str(top_raw), log, "--format", "qcow2", "--cache", "none")
         async with vhost_user_blk_guest(
             guest_image,
             start,
             disk_size=SIZE,
             num_queues=2,
             reconnect=1,
-            guest_kwargs={"devices": [VhostUserBlk(qsd_sock)]},
+            guest_kwargs={"devices": [VhostUserBlk(qsd_sock), VhostUserBlk(raw_sock)]},
         ) as s:
             g = s.guest
-            sizes = (await g.run("cat /sys/block/vda/size /sys/block/vdb/size")).output.split()
-            assert sizes == [str(SIZE // 512)] * 2  # the virtual size
+            sizes = (await g.run("cat /sys/block/vd[abc]/size")).output.split()
+            assert sizes == [str(SIZE // 512)] * 3  # the virtual size
+            # vdc (over base.raw, O_DIRECT): the base as it is, read by the data plane
+            base_md5 = (
+                await g.run("dd if=/dev/vdc bs=1M count=32 iflag=direct 2>/dev/null | md5sum")
+            ).output.split()[0]
+            assert base_md5 == shared["base.raw"]
             await g.run("dd if=/dev/urandom of=/tmp/pat bs=4096 count=300 2>/dev/null")
-            for dev in ("vda", "vdb"):
+            for dev in ("vda", "vdb", "vdc"):
                 for seek, count in WRITES:
                     await g.run(
                         f"dd if=/tmp/pat of=/dev/{dev} bs=4096 seek={seek} count={count} "
@@ -143,6 +160,16 @@ async def test_two_level_overlay_against_qemu_storage_daemon(
                 )
             ).output.split()
             assert digests[0] == digests[2], "the guest reads different disks"
+            # vdc equals vda except where mid.qcow2 has data of its own ([8M, 11M))
+            parts = (
+                await g.run(
+                    "for d in vda vdc; do dd if=/dev/$d bs=1M count=8 iflag=direct 2>/dev/null"
+                    " | md5sum; dd if=/dev/$d bs=1M skip=11 iflag=direct 2>/dev/null | md5sum;"
+                    " done"
+                )
+            ).output.split()
+            assert parts[0:4:2] == parts[4:8:2], "the raw-backed overlay reads otherwise"
+            assert await stop_process(ours_raw) == 0
             # Both servers shut down cleanly (metadata written), then qemu-img judges.
             assert await s.stop_backend(kill=False) == 0
             assert await stop_process(qsd) == 0
@@ -162,8 +189,11 @@ async def test_two_level_overlay_against_qemu_storage_daemon(
         log.close()
         with trio.CancelScope(shield=True):
             await stop_process(qsd)
-    r = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+            if ours_raw is not None:
+                await stop_process(ours_raw)
+    for image in (top, top_raw):
+        r = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
     assert {n: _md5(tmp_path / n) for n in shared} == shared
 
 

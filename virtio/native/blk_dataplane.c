@@ -164,28 +164,34 @@ static int qcow2_enter(struct qcow2_map *m)
     }
 }
 
-/* The host offset of guest bytes [off, off + len) when the map names every cluster
- * of it (for a write: writable in place) and they are contiguous in the file; 0
- * otherwise.  Called counted in. */
-static uint64_t qcow2_lookup(struct qcow2_map *m, uint64_t off, uint64_t len, int write_)
+/* Where guest bytes [off, off + len) are: 1 with *host set when the map names every
+ * cluster of it (for a write: writable in place) and they are contiguous in one file
+ * (*backing: the raw backing file, else the image); 0 otherwise.  Called counted in. */
+static int qcow2_lookup(struct qcow2_map *m, uint64_t off, uint64_t len, int write_,
+                        uint64_t *host, int *backing)
 {
     uint32_t cb = m->cluster_bits;
     uint64_t gc = off >> cb, last = (off + len - 1) >> cb;
     uint64_t need = write_ ? QCOW2_MAP_IN_PLACE : 0;
+    const uint64_t flags = QCOW2_MAP_IN_PLACE | QCOW2_MAP_BACKING;
     if (last >= m->nclusters)
         return 0;
     uint64_t h = __atomic_load_n(&m->host[gc], __ATOMIC_SEQ_CST);
-    if ((h & need) != need)
+    if (!h || (h & need) != need)
         return 0;
-    for (uint64_t g = gc + 1; h && g <= last; g++)
+    for (uint64_t g = gc + 1; g <= last; g++)
         if (__atomic_load_n(&m->host[g], __ATOMIC_SEQ_CST) != h + ((g - gc) << cb))
             return 0; /* (the flags must match too) */
-    h &= ~(uint64_t)QCOW2_MAP_IN_PLACE;
-    return h ? h + (off & (((uint64_t)1 << cb) - 1)) : 0;
+    *backing = (h & QCOW2_MAP_BACKING) != 0;
+    if (*backing && write_)
+        return 0; /* (never IN_PLACE too; kept explicit) */
+    *host = (h & ~flags) + (off & (((uint64_t)1 << cb) - 1));
+    return *backing || (h & ~flags);
 }
 
 struct blk_slot {
     int8_t qparity;         /* qcow2: the map epoch parity this read counts in, or -1 */
+    int fd;                 /* the image, or (qcow2) its raw backing file */
     uint8_t *status;
     uint64_t status_gpa;
     uint32_t used;
@@ -353,8 +359,8 @@ static int blk_try_inline(struct blk_dp *dp, struct blk_priv *pv, struct blk_slo
         return -f;
     if (write_ && !pv->nowait_write_ok)
         return blk_write_plain(dp, s, iovcnt, off);
-    ssize_t n = write_ ? pwritev2(dp->img_fd, s->iov, iovcnt, (off_t)off, RWF_NOWAIT)
-                       : preadv2(dp->img_fd, s->iov, iovcnt, (off_t)off, RWF_NOWAIT);
+    ssize_t n = write_ ? pwritev2(s->fd, s->iov, iovcnt, (off_t)off, RWF_NOWAIT)
+                       : preadv2(s->fd, s->iov, iovcnt, (off_t)off, RWF_NOWAIT);
     if (n < 0 && write_ && errno == EOPNOTSUPP) {
         pv->nowait_write_ok = 0;
         return blk_write_plain(dp, s, iovcnt, off);
@@ -391,6 +397,7 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
         return 0; /* qcow2: the image's metadata is Python's */
     struct blk_slot *s = &pv->slots[c->head];
     s->qparity = -1;
+    s->fd = dp->img_fd;
     s->status = seg_host(q, last) + last->len - 1;
     s->status_gpa = last->gpa + last->len - 1;
     s->type = (uint8_t)type;
@@ -428,11 +435,16 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
             if (write_ && __atomic_load_n(&dp->writethrough, __ATOMIC_RELAXED))
                 return 0; /* Python's, with the image's sticky flush error */
             s->qparity = (int8_t)qcow2_enter(dp->qmap);
-            off = qcow2_lookup(dp->qmap, off, len, write_);
-            if (!off) {
+            int backing = 0;
+            if (!qcow2_lookup(dp->qmap, off, len, write_, &off, &backing) ||
+                (backing && dp->backing_fd < 0)) {
                 dp->qcow2_deferred++;
                 blk_qleave(dp, s);
                 return 0;
+            }
+            if (backing) {
+                s->fd = dp->backing_fd;
+                dp->qcow2_backing_reads++;
             }
         }
         if (dp->direct && dp->logical_block > BLK_SECTOR &&
@@ -484,7 +496,7 @@ static uint32_t blk_serve(void *dev, const struct vq_chain *c, const struct vq_s
             dp->syncs++;
         }
         aio_start(&pv->aio, slot, write_ ? (sync ? AIO_WRITE_SYNC : AIO_WRITE) : AIO_READ,
-                  dp->img_fd, s->iov, n, off, len);
+                  s->fd, s->iov, n, off, len);
         return DP_ASYNC;
     }
     if (type == VIRTIO_BLK_T_FLUSH) {

@@ -127,6 +127,9 @@ uint32_t dp_script_started(struct dp_script *s, uint16_t *out, uint32_t max);
  * waits for every native read that may have looked the old offset up (readers are
  * counted per epoch parity). */
 #define QCOW2_MAP_IN_PLACE 1 /* host[gc] flag: writable in place (refcount 1) */
+/* host[gc] flag: the cluster is unallocated in the top image and wholly inside its raw
+ * backing file; the offset (gc << cluster_bits) is read from blk_dp.backing_fd */
+#define QCOW2_MAP_BACKING 2
 
 struct qcow2_map {
     uint64_t *host;             /* nclusters entries (mmap, pages touched on use) */
@@ -168,6 +171,10 @@ struct blk_dp {
     uint64_t reads, writes, flushes, syncs;
     uint64_t inline_done, bounced, uring_submits;
     uint64_t qcow2_reads, qcow2_writes, qcow2_deferred;
+    /* qcow2 over one raw backing file: the file QCOW2_MAP_BACKING reads come from
+     * (O_DIRECT like img_fd under direct), -1 otherwise */
+    int backing_fd;
+    uint64_t qcow2_backing_reads;
 };
 
 void blk_dp_attach(struct blk_dp *b);

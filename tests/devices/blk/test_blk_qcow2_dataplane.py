@@ -72,8 +72,18 @@ async def test_allocated_cluster_reads_never_reach_python(tmp_path, cache, aio):
     _check(rig.image)
 
 
-async def test_writes_into_owned_clusters_are_native_and_reach_the_image(tmp_path):
-    rig = Rig(tmp_path, image_format="qcow2", size=4 << 20)
+@pytest.mark.parametrize(
+    ("cache", "aio"),
+    [
+        ("writeback", "io_uring"),
+        ("none", "io_uring"),
+        ("none", "threads"),
+    ],
+)
+async def test_writes_into_owned_clusters_are_native_and_reach_the_image(tmp_path, cache, aio):
+    # cache=none: the O_DIRECT descriptor the data plane uses must be writable (it was
+    # opened read-only once, and every native write failed EBADF -> IOERR)
+    rig = Rig(tmp_path, image_format="qcow2", cache=cache, aio=aio, size=4 << 20)
     first, second = os.urandom(CS), os.urandom(8192)
     ok = bytes([OK])
     want = first[:8192] + second + first[16384:]
@@ -167,3 +177,69 @@ async def test_l2_entry_pointing_at_the_images_metadata_is_refused(tmp_path):
             nursery.cancel_scope.cancel()
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize(
+    ("cache", "aio"), [("writeback", "io_uring"), ("none", "io_uring"), ("none", "threads")]
+)
+async def test_unallocated_clusters_over_a_raw_backing_file_are_read_natively(tmp_path, cache, aio):
+    """A fresh overlay over a raw file: clusters the overlay does not have are read
+    from the base by the data plane (``QCOW2_MAP_BACKING``); a cluster only partly
+    inside the base, past it, written (copy-on-write) or discarded (a zero cluster
+    over a backing file) is Python's or read from the overlay, never the stale base."""
+    base = tmp_path / "base.raw"
+    base_bytes = os.urandom(3 * CS + CS // 2)  # cluster 3 half inside the base
+    base.write_bytes(base_bytes)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+         str(top), str(4 << 20)],
+        check=True,
+    )  # fmt: skip
+    rig = Rig(tmp_path, image_format="qcow2", image=top, cache=cache, aio=aio)
+    ok = bytes([OK])
+    new = os.urandom(4096)
+    try:
+        async with trio.open_nursery() as nursery:
+            plane = await serve(rig, nursery)
+
+            async def read(sector: int, n: int) -> bytes:
+                used = await rig.request([hdr(IN, sector)], [n, 1])
+                assert used.data[-1:] == ok
+                return used.data[:-1]
+
+            assert await read(0, 4096) == base_bytes[:4096]  # Python's: enters the region
+            s0 = plane.statistics()
+            assert s0["deferred"] == 1 and s0["qcow2_backing_reads"] == 0, s0
+            assert await read(SPC + 8, 4096) == base_bytes[CS + 4096 : CS + 8192]
+            assert await read(SPC - 8, 8192) == base_bytes[CS - 4096 : CS + 4096]  # 2 clusters
+            s1 = plane.statistics()
+            assert s1["qcow2_backing_reads"] - s0["qcow2_backing_reads"] == 2, s1
+            assert await read(3 * SPC, CS) == base_bytes[3 * CS :] + bytes(CS // 2)
+            assert await read(10 * SPC, 4096) == bytes(4096)  # past the base
+            s2 = plane.statistics()
+            assert s2["qcow2_backing_reads"] == s1["qcow2_backing_reads"], s2
+            assert s2["deferred"] - s1["deferred"] >= 2, s2  # (+ a first L2 lookup)
+            # copy-on-write into cluster 1, discard of cluster 2
+            assert (await rig.request([hdr(OUT, SPC + 8), new], [1])).data == ok
+            assert (
+                await rig.request([hdr(DISCARD), struct.pack("<QII", 2 * SPC, SPC, 0)], [1])
+            ).data == ok
+            want1 = base_bytes[CS : CS + 4096] + new + base_bytes[CS + 8192 : 2 * CS]
+            s3 = plane.statistics()
+            assert await read(SPC, CS) == want1
+            assert await read(2 * SPC, CS) == bytes(CS)
+            assert await read(8, 4096) == base_bytes[4096:8192]  # cluster 0: the base still
+            s4 = plane.statistics()
+            assert s4["qcow2_backing_reads"] - s3["qcow2_backing_reads"] == 1, s4
+            assert s4["qcow2_reads"] - s3["qcow2_reads"] == 2, s4  # cluster 1 from the top
+            nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    _check(top)
+    raw = tmp_path / "out.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(raw)], check=True)
+    data = raw.read_bytes()
+    assert data[CS : 2 * CS] == want1
+    assert data[2 * CS : 3 * CS] == bytes(CS)
+    assert data[:CS] == base_bytes[:CS]

@@ -61,7 +61,7 @@ class BlkDataPlane(NativeDataPlane):
     device_statistics: ClassVar[tuple[str, ...]] = (
         "reads", "writes", "flushes", "syncs", "inline_done", "bounced", "uring_submits",
         "engine_used", "ring_wait", "qcow2_reads", "qcow2_writes",
-        "qcow2_deferred",
+        "qcow2_deferred", "qcow2_backing_reads",
     )  # fmt: skip
     device: VirtioBlk
 
@@ -85,6 +85,7 @@ class BlkDataPlane(NativeDataPlane):
         c.mem_align = getattr(backend, "mem_align", 512)
         native_map = getattr(backend, "native_map", None)  # qcow2: allocated-cluster reads
         c.qmap = native_map() if native_map is not None else ffi.NULL
+        c.backing_fd = getattr(backend, "backing_fd", -1)  # qcow2 over a raw file
         c.engine = ENGINES[engine_for(getattr(self.device.options, "aio", "io_uring"))]
         c.threads = 16
         faults = os.environ.get("PYVIRTIO_FAULTS_DIR")

@@ -5,8 +5,10 @@ time through the same ``_ThreadBatcher`` as ``RawFileBackend`` (requests ready i
 the same scheduler tick share one thread hop, and one flush for all those that
 asked for durability).  The guest sees the virtual size.
 
-The native data plane serves reads of allocated clusters itself: ``fd`` (the image,
-``O_DIRECT`` with ``cache="none"``) and ``native_map()`` (the cluster map,
+The native data plane serves reads of allocated clusters, and writes into those the
+image owns, itself: ``fd`` (the image, ``O_DIRECT`` with ``cache="none"``, writable
+unless the image is read-only), ``backing_fd`` (a raw backing file, for reads of
+clusters the image does not have) and ``native_map()`` (the cluster map,
 ``native.py``); every other request is deferred to this Python path.  Cache modes
 as for raw images: ``none`` reads allocated clusters with ``O_DIRECT`` (the Python
 path -- metadata, copy-on-write, backing files -- stays buffered, and a FLUSH makes
@@ -23,6 +25,7 @@ from typing import Any
 import trio
 
 from virtio.devices.blk.backend import CACHE_MODES, Range, _ThreadBatcher, block_sizes
+from virtio.devices.blk.qcow2.hostfile import RawLayer
 from virtio.devices.blk.qcow2.image import Qcow2Image
 from virtio.errors import BackendIOError
 
@@ -58,11 +61,15 @@ class Qcow2Backend:
         image = self.image
         try:
             self.fd = image.f.fileno
-            """What the native data plane reads allocated clusters from."""
-            if self.direct:
-                self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            """What the native data plane reads and writes allocated clusters through."""
+            if self.direct:  # writable like the image: owned clusters are written here
+                mode = os.O_RDONLY if read_only else os.O_RDWR
+                self.fd = os.open(self.path, mode | os.O_CLOEXEC | os.O_DIRECT)
             self.logical_block_size, _, self.mem_align = block_sizes(self.fd)
+            self.backing_fd = self._open_backing_fd()
         except BaseException:
+            if self.fd != image.f.fileno:
+                os.close(self.fd)
             image.close()
             raise
         sync = _nothing if cache == "unsafe" else image.flush
@@ -70,9 +77,25 @@ class Qcow2Backend:
             sync, trio.CapacityLimiter(1), max_hops=1, max_batch=max_batch
         )
 
+    def _open_backing_fd(self) -> int:
+        """The raw backing file for the data plane's reads of unallocated clusters
+        (``O_DIRECT`` under ``cache="none"``, block sizes no larger than the image's),
+        or -1: a qcow2 or NBD backing file, a deeper chain, or none."""
+        layer = self.image.backing
+        if not isinstance(layer, RawLayer):
+            return -1
+        if not self.direct:
+            return layer.file.fileno
+        fd = os.open(layer.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        lbs, _, align = block_sizes(fd)
+        if lbs > self.logical_block_size or align > self.mem_align:
+            os.close(fd)
+            return -1
+        return fd
+
     def native_map(self) -> Any:
         """The image's cluster map for the native data plane (``struct qcow2_map *``)."""
-        return self.image.enable_native_reads().c
+        return self.image.enable_native_reads(backing=self.backing_fd >= 0).c
 
     @property
     def size(self) -> int:
@@ -133,6 +156,12 @@ class Qcow2Backend:
         if self.fd != self.image.f.fileno and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1
+        backing = self.image.backing
+        if self.backing_fd >= 0 and not (
+            isinstance(backing, RawLayer) and self.backing_fd == backing.file.fileno
+        ):
+            os.close(self.backing_fd)
+        self.backing_fd = -1
         self.image.close()
 
     def __enter__(self) -> Qcow2Backend:

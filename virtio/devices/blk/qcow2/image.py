@@ -60,7 +60,7 @@ from virtio.devices.blk.qcow2.mapping import (
     check_l2_entry,
     classify,
 )
-from virtio.devices.blk.qcow2.native import NativeMap, fill_from_table, map_value
+from virtio.devices.blk.qcow2.native import NativeMap, fill_backing, fill_from_table, map_value
 from virtio.devices.blk.qcow2.refcount import Refcounts
 from virtio.errors import BackendIOError
 
@@ -159,6 +159,9 @@ class Qcow2Image:
         self.native: NativeMap | None = None
         """The cluster map of the native read path (``native.py``), once enabled."""
         self._native_l1: set[int] = set()
+        self.native_backing_size = 0
+        """Size of the raw backing file the native data plane reads unallocated
+        clusters from (0: it does not; ``enable_native_reads``)."""
         self._compressed: tuple[int, bytes] | None = None
         if hdr.backing_file:
             self.backing = self._open_backing(hdr, lock, (*seen, os.path.realpath(self.path)))
@@ -224,12 +227,16 @@ class Qcow2Image:
             raise Qcow2FormatError(f"{self.path}: L2 table at {offset:#x} is past the end")
         return bytearray(data)
 
-    def enable_native_reads(self) -> NativeMap:
+    def enable_native_reads(self, *, backing: bool = False) -> NativeMap:
         """The cluster map for the native data plane (created on the first call;
-        filled as L2 tables are used).  Call it outside the image's worker thread
-        only before requests run, or between them."""
+        filled as L2 tables are used).  ``backing``: the data plane also reads
+        unallocated clusters from the raw backing file (only if there is exactly
+        that).  Call it outside the image's worker thread only before requests
+        run, or between them."""
         if self.native is None:
             self.native = NativeMap(self.size, self.cluster_bits)
+            if backing and isinstance(self.backing, RawLayer):
+                self.native_backing_size = self.backing.size
         return self.native
 
     def _l2(self, l1i: int, *, create: bool = False) -> L2Table | None:
@@ -247,6 +254,9 @@ class Qcow2Image:
                 fill_from_table(self.native, self, l1i * self.l2_entries, buf)
                 self._native_l1.add(l1i)
             return L2Table(buf, self.extended)
+        if self.native is not None and self.native_backing_size and l1i not in self._native_l1:
+            fill_backing(self.native, self, l1i * self.l2_entries, self.l2_entries)
+            self._native_l1.add(l1i)  # no table: every cluster is the backing file's
         if not create:
             return None
         off = self.refcounts.allocate(1)
@@ -254,7 +264,7 @@ class Qcow2Image:
         table = L2Table(self.l2_cache.new(off), self.extended)
         self.l1[l1i] = off | OFLAG_COPIED
         self._dirty_l1.add(l1i)
-        self._native_l1.add(l1i)  # all unallocated: nothing to enter
+        self._native_l1.add(l1i)  # all unallocated: nothing (more) to enter
         return table
 
     def _entry(self, gc: int) -> tuple[int, int]:

@@ -17,8 +17,11 @@ sticky flush error in Python).
 * before clusters an L2 entry stopped naming are given back to the allocator,
   ``synchronize`` waits for every native read that may still use them.
 
-Anything not in the map (unallocated, zero, compressed, partly allocated
-subclusters, the backing chain) is deferred to the Python read path.
+A cluster unallocated in the top image over a raw backing file (one level, not NBD)
+is entered as the same offset in that file with ``BACKING`` (reads only) when the
+back-end gave the data plane that file (``Qcow2Backend.backing_fd``).  Anything else
+not in the map (zero, compressed, partly allocated subclusters, deeper or qcow2/NBD
+backing chains) is deferred to the Python read path.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from virtio.devices.blk.qcow2.mapping import (
 from virtio.native import ffi, lib
 
 IN_PLACE = lib.QCOW2_MAP_IN_PLACE
+BACKING = lib.QCOW2_MAP_BACKING
 
 
 def plain_host(entry: int, bitmap: int, *, extended: bool, version: int) -> int:
@@ -93,9 +97,31 @@ class NativeMap:
         lib.qcow2_map_destroy(self.c)
 
 
+def backing_value(gc: int, cluster_bits: int, backing_size: int) -> int:
+    """The map's value for guest cluster ``gc`` unallocated in the top image over a raw
+    backing file of ``backing_size`` bytes: the same offset there, with ``BACKING``,
+    when the whole cluster lies inside that file (else 0: Python reads the part past
+    its end as zeros)."""
+    if (gc + 1) << cluster_bits > backing_size:
+        return 0
+    return gc << cluster_bits | BACKING
+
+
+def fill_backing(native: NativeMap, image: Any, first_gc: int, count: int) -> None:
+    """Enter guest clusters ``[first_gc, first_gc + count)`` of an L2 table the image
+    does not have (all unallocated) as reads from the raw backing file."""
+    size, cb = image.native_backing_size, image.cluster_bits
+    last = min(first_gc + count, native.c.nclusters, size >> cb)
+    gcs = list(range(first_gc, last))
+    native.set_many(gcs, [gc << cb | BACKING for gc in gcs])
+
+
 def fill_from_table(native: NativeMap, image: Any, first_gc: int, table: bytes | bytearray) -> None:
     """Enter the plain data clusters of one L2 table (guest clusters from
-    ``first_gc``) that pass the checks a Python read makes; others stay 0."""
+    ``first_gc``) that pass the checks a Python read makes, and (over a raw backing
+    file served natively) its wholly unallocated ones; others stay 0."""
+    backing_size = image.native_backing_size
+    cb = image.cluster_bits
     extended = image.extended
     writable = not image.read_only
     n = len(table) // (16 if extended else 8)
@@ -107,7 +133,15 @@ def fill_from_table(native: NativeMap, image: Any, first_gc: int, table: bytes |
         value = map_value(
             entry, bitmap, extended=extended, version=image.version, writable=writable
         )
-        if not value or first_gc + i >= native.c.nclusters:
+        if first_gc + i >= native.c.nclusters:
+            continue
+        if entry == 0 and bitmap == 0:  # unallocated as a whole: the backing file's
+            value = backing_value(first_gc + i, cb, backing_size) if backing_size else 0
+            if value:
+                gcs.append(first_gc + i)
+                hosts.append(value)
+            continue
+        if not value:
             continue
         try:
             check_l2_entry(entry, bitmap, extended=extended, cluster_size=image.cs)
