@@ -4,8 +4,9 @@ Each row boots the emulator's guest program for one path (``emulator.run``): it 
 N 4 KiB requests, flushes, reads them back and checks them, and the VMM checks the
 disk on its own.  Rows: IDE PIO, IDE bus-master DMA, virtio-blk over virtio-mmio in
 the VMM at queue depth 1 and 32, ``vhost-user`` when a path of that name is
-registered, and the network rows: ``ne2000`` (two ISA NE2000s back to back; an I/O is
-one packet, sent by one NIC and received by the other).  The table gives exits per I/O
+registered, and the network rows: ``ne2000`` (two ISA NE2000s back to back) and
+``virtio-net`` (two virtio-net NICs over virtio-mmio on the switch); an I/O is one
+packet, sent by one NIC and received by the other.  The table gives exits per I/O
 (split by exit reason), exits per MiB,
 MB/s and µs per I/O; ``--chart`` writes a PNG bar chart of exits per I/O on a log
 scale (matplotlib).  No QEMU is needed.
@@ -24,10 +25,11 @@ from pathlib import Path
 
 DEFAULT_PATHS = (
     "ide-pio", "ide-dma", "virtio-mmio", "virtio-pci", "vhost-user", "vhost-user-pci", "ne2000",
+    "virtio-net",
 )  # fmt: skip
 OPTIONAL_PATHS = frozenset({"vhost-user", "vhost-user-pci"})
 """Skipped silently when not registered (another component adds them)."""
-PATH_MODULES = ("emulator.vhost_user",)
+PATH_MODULES = ("emulator.vhost_user", "emulator.virtio_net_paths")
 """Modules that register more paths when imported (absent ones are skipped)."""
 DEFAULT_QUEUE_DEPTHS = (1, 32)
 DEFAULT_KIB = 256
@@ -300,6 +302,7 @@ COLORS = {  # by path prefix, first match wins
     "virtio-mmio": "#4393c3",
     "vhost-user": "#4daf4a",
     "ne2000": "#8c510a",
+    "virtio-net": "#2166ac",
 }
 DEFAULT_COLOR = "#7878a0"
 ZERO_LABEL = "0 (no VMM exit)"
