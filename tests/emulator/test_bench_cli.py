@@ -110,6 +110,7 @@ def test_default_paths_include_vhost_user(tmp_path, capsys):
         ("virtio-pci", 1), ("virtio-pci", 32), ("vhost-user", 1), ("vhost-user", 32),
         ("vhost-user-pci", 1), ("vhost-user-pci", 32),
         ("ne2000", 1), ("ne2000", MAX_QUEUE_DEPTH), ("virtio-net", 1), ("virtio-net", 32),
+        ("virtio-input", 1), ("virtio-input", 32),
     ]  # fmt: skip
     assert all(r["verified"] for r in rows), out.err
     by = {(r["path"], r["queue_depth"]): r for r in rows}

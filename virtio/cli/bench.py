@@ -6,7 +6,9 @@ disk on its own.  Rows: IDE PIO, IDE bus-master DMA, virtio-blk over virtio-mmio
 the VMM at queue depth 1 and 32, ``vhost-user`` when a path of that name is
 registered, and the network rows: ``ne2000`` (two ISA NE2000s back to back) and
 ``virtio-net`` (two virtio-net NICs over virtio-mmio on the switch); an I/O is one
-packet, sent by one NIC and received by the other.  The table gives exits per I/O
+packet, sent by one NIC and received by the other; ``virtio-input`` (a keyboard over
+virtio-mmio, events injected while the guest sleeps; an I/O is one input event, the
+queue depth the burst of key groups per injection).  The table gives exits per I/O
 (split by exit reason), exits per MiB,
 MB/s and µs per I/O; ``--chart`` writes a PNG bar chart of exits per I/O on a log
 scale (matplotlib).  No QEMU is needed.
@@ -25,11 +27,11 @@ from pathlib import Path
 
 DEFAULT_PATHS = (
     "ide-pio", "ide-dma", "virtio-mmio", "virtio-pci", "vhost-user", "vhost-user-pci", "ne2000",
-    "virtio-net",
+    "virtio-net", "virtio-input",
 )  # fmt: skip
 OPTIONAL_PATHS = frozenset({"vhost-user", "vhost-user-pci"})
 """Skipped silently when not registered (another component adds them)."""
-PATH_MODULES = ("emulator.vhost_user", "emulator.virtio_net_paths")
+PATH_MODULES = ("emulator.vhost_user", "emulator.virtio_net_paths", "emulator.virtio_input_paths")
 """Modules that register more paths when imported (absent ones are skipped)."""
 DEFAULT_QUEUE_DEPTHS = (1, 32)
 DEFAULT_KIB = 256
@@ -237,6 +239,8 @@ def _unit(row: dict) -> str:
     size = row.get("io_bytes", REQUEST_BYTES)
     if row.get("unit", "request") == "request":
         return f"{size // 1024}K req" if size % 1024 == 0 else f"{size} B req"
+    if row.get("unit") == "event":
+        return "input event"
     return f"{size} B pkt"
 
 
@@ -303,6 +307,7 @@ COLORS = {  # by path prefix, first match wins
     "vhost-user": "#4daf4a",
     "ne2000": "#8c510a",
     "virtio-net": "#2166ac",
+    "virtio-input": "#762a83",
 }
 DEFAULT_COLOR = "#7878a0"
 ZERO_LABEL = "0 (no VMM exit)"
