@@ -234,3 +234,18 @@ def test_virtio_net_rows_next_to_ne2000(capsys):
     assert rows[("virtio-net", 1)]["exits_per_io_by_reason"] == {"MMIO": 1.0}
     assert rows[("ne2000", 1)]["exits_per_io"] > 500 * rows[("virtio-net", 1)]["exits_per_io"]
     assert "virtio-net" in format_table(list(rows.values()))
+
+
+def test_virtio_input_rows_exits_per_event(capsys):
+    """virtio-input rows: an I/O is one input event; single key groups cost 3 exits per
+    group (HLT, InterruptStatus, InterruptACK), a burst of 32 groups the same 3."""
+    rc = main(["bench", "--json", "--kib", "4", "--cpu", "soft", "--chart", "",
+               "--paths", "virtio-input", "--queue-depth", "1", "32"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = json.loads(out.out)["rows"]
+    assert [r["queue_depth"] for r in rows] == [1, 32]
+    for r in rows:
+        assert r["verified"] and r["unit"] == "event" and r["ios"] == 512
+    assert rows[0]["exits_per_io"] == 1.5 and rows[1]["exits_per_io"] == 3 / 64
+    assert "input event" in format_table(rows)
