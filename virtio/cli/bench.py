@@ -42,7 +42,7 @@ REQUEST_BYTES = 4096
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="exits per I/O: IDE PIO / DMA vs virtio-blk (virtio-mmio, vhost-user) in the VMM",
+        help="exits per I/O in the VMM: IDE vs virtio-blk, NE2000 vs virtio-net, virtio-input",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--cpu", choices=["kvm", "soft", "auto"], default="auto")
