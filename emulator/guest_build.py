@@ -48,6 +48,8 @@ PROGRAMS = {
     "virtio_blk": ["virtio_blk.c"],
     "virtio_rng": ["virtio_rng.c"],
     "ne2000": ["ne2000.c"],
+    "virtio_net": ["virtio_net.c"],
+    "virtio_input": ["virtio_input.c"],
 }
 RUNTIME = ["runtime.c"]
 HEADERS = [

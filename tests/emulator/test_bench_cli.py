@@ -109,7 +109,8 @@ def test_default_paths_include_vhost_user(tmp_path, capsys):
         ("ide-pio", 1), ("ide-dma", 1), ("virtio-mmio", 1), ("virtio-mmio", 32),
         ("virtio-pci", 1), ("virtio-pci", 32), ("vhost-user", 1), ("vhost-user", 32),
         ("vhost-user-pci", 1), ("vhost-user-pci", 32),
-        ("ne2000", 1), ("ne2000", MAX_QUEUE_DEPTH),
+        ("ne2000", 1), ("ne2000", MAX_QUEUE_DEPTH), ("virtio-net", 1), ("virtio-net", 32),
+        ("virtio-input", 1), ("virtio-input", 32),
     ]  # fmt: skip
     assert all(r["verified"] for r in rows), out.err
     by = {(r["path"], r["queue_depth"]): r for r in rows}
@@ -212,3 +213,39 @@ def test_ne2000_rows_count_exits_per_packet_and_per_mib(capsys):
     assert batched["exits_per_io"] < qd1["exits_per_io"] == 793.0
     table = format_table(rows)
     assert "1514 B pkt" in table and "ne2000" in table
+
+
+def test_virtio_net_rows_next_to_ne2000(capsys):
+    """virtio-net and NE2000 rows in one run: exits per packet and per MiB, the
+    virtio rows at one QueueNotify per batch (1 at QD1, 1/32 batched)."""
+    rc = main(["bench", "--json", "--kib", "96", "--cpu", "soft", "--chart", "",
+               "--paths", "ne2000", "virtio-net", "--queue-depth", "1", "32"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = {(r["path"], r["queue_depth"]): r for r in json.loads(out.out)["rows"]}
+    assert set(rows) == {("ne2000", 1), ("ne2000", MAX_QUEUE_DEPTH), ("virtio-net", 1),
+                         ("virtio-net", 32)}  # fmt: skip
+    for r in rows.values():
+        assert r["verified"] and r["unit"] == "packet" and r["io_bytes"] == 1514
+        mib = r["ios"] * 1514 / (1 << 20)
+        assert r["exits_per_mib"] == pytest.approx(r["exits_total"] / mib)
+    assert rows[("virtio-net", 1)]["exits_per_io"] == 1.0
+    assert rows[("virtio-net", 32)]["exits_per_io"] == 1 / 32
+    assert rows[("virtio-net", 1)]["exits_per_io_by_reason"] == {"MMIO": 1.0}
+    assert rows[("ne2000", 1)]["exits_per_io"] > 500 * rows[("virtio-net", 1)]["exits_per_io"]
+    assert "virtio-net" in format_table(list(rows.values()))
+
+
+def test_virtio_input_rows_exits_per_event(capsys):
+    """virtio-input rows: an I/O is one input event; single key groups cost 3 exits per
+    group (HLT, InterruptStatus, InterruptACK), a burst of 32 groups the same 3."""
+    rc = main(["bench", "--json", "--kib", "4", "--cpu", "soft", "--chart", "",
+               "--paths", "virtio-input", "--queue-depth", "1", "32"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = json.loads(out.out)["rows"]
+    assert [r["queue_depth"] for r in rows] == [1, 32]
+    for r in rows:
+        assert r["verified"] and r["unit"] == "event" and r["ios"] == 512
+    assert rows[0]["exits_per_io"] == 1.5 and rows[1]["exits_per_io"] == 3 / 64
+    assert "input event" in format_table(rows)

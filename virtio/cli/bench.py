@@ -4,8 +4,11 @@ Each row boots the emulator's guest program for one path (``emulator.run``): it 
 N 4 KiB requests, flushes, reads them back and checks them, and the VMM checks the
 disk on its own.  Rows: IDE PIO, IDE bus-master DMA, virtio-blk over virtio-mmio in
 the VMM at queue depth 1 and 32, ``vhost-user`` when a path of that name is
-registered, and the network rows: ``ne2000`` (two ISA NE2000s back to back; an I/O is
-one packet, sent by one NIC and received by the other).  The table gives exits per I/O
+registered, and the network rows: ``ne2000`` (two ISA NE2000s back to back) and
+``virtio-net`` (two virtio-net NICs over virtio-mmio on the switch); an I/O is one
+packet, sent by one NIC and received by the other; ``virtio-input`` (a keyboard over
+virtio-mmio, events injected while the guest sleeps; an I/O is one input event, the
+queue depth the burst of key groups per injection).  The table gives exits per I/O
 (split by exit reason), exits per MiB,
 MB/s and µs per I/O; ``--chart`` writes a PNG bar chart of exits per I/O on a log
 scale (matplotlib).  No QEMU is needed.
@@ -24,10 +27,11 @@ from pathlib import Path
 
 DEFAULT_PATHS = (
     "ide-pio", "ide-dma", "virtio-mmio", "virtio-pci", "vhost-user", "vhost-user-pci", "ne2000",
+    "virtio-net", "virtio-input",
 )  # fmt: skip
 OPTIONAL_PATHS = frozenset({"vhost-user", "vhost-user-pci"})
 """Skipped silently when not registered (another component adds them)."""
-PATH_MODULES = ("emulator.vhost_user",)
+PATH_MODULES = ("emulator.vhost_user", "emulator.virtio_net_paths", "emulator.virtio_input_paths")
 """Modules that register more paths when imported (absent ones are skipped)."""
 DEFAULT_QUEUE_DEPTHS = (1, 32)
 DEFAULT_KIB = 256
@@ -38,7 +42,7 @@ REQUEST_BYTES = 4096
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="exits per I/O: IDE PIO / DMA vs virtio-blk (virtio-mmio, vhost-user) in the VMM",
+        help="exits per I/O in the VMM: IDE vs virtio-blk, NE2000 vs virtio-net, virtio-input",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--cpu", choices=["kvm", "soft", "auto"], default="auto")
@@ -235,6 +239,8 @@ def _unit(row: dict) -> str:
     size = row.get("io_bytes", REQUEST_BYTES)
     if row.get("unit", "request") == "request":
         return f"{size // 1024}K req" if size % 1024 == 0 else f"{size} B req"
+    if row.get("unit") == "event":
+        return "input event"
     return f"{size} B pkt"
 
 
@@ -300,6 +306,8 @@ COLORS = {  # by path prefix, first match wins
     "virtio-mmio": "#4393c3",
     "vhost-user": "#4daf4a",
     "ne2000": "#8c510a",
+    "virtio-net": "#2166ac",
+    "virtio-input": "#762a83",
 }
 DEFAULT_COLOR = "#7878a0"
 ZERO_LABEL = "0 (no VMM exit)"
