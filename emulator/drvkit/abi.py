@@ -18,9 +18,10 @@ TRANSPORT_MMIO = 1
 TRANSPORT_PCI = 2
 TRANSPORTS = {"mmio": TRANSPORT_MMIO, "pci": TRANSPORT_PCI}
 
-PV_PARAMS = struct.Struct(f"<4IQ2I3Q{MAX_ARGS}Q")
+PV_PARAMS = struct.Struct(f"<4IQ2I3Q{MAX_ARGS}Q2I")
 """magic, abi_version, device_id, transport, regs_base, irq_line, nargs, ram_size,
-heap_base, heap_size, args[16]."""
+heap_base, heap_size, args[16], pci_bdf, reserved (appended: older programs never
+read them)."""
 
 HEAP_MIN = 0x200000
 """The heap never starts below 2 MiB (page tables, parameters and stack are below 1 MiB,
@@ -50,6 +51,9 @@ class Params:
     ram_size: int
     heap_base: int
     args: tuple[int, ...] = ()
+    pci_bdf: int = 0
+    """virtio-pci: the function's configuration address (bus << 16 | device << 11 |
+    function << 8, as mechanism #1 takes it); 0 over virtio-mmio."""
 
     def pack(self) -> bytes:
         if len(self.args) > MAX_ARGS:
@@ -58,7 +62,7 @@ class Params:
         return PV_PARAMS.pack(
             PARAMS_MAGIC, ABI_VERSION, self.device_id, TRANSPORTS[self.transport],
             self.regs_base, self.irq_line, len(self.args), self.ram_size,
-            self.heap_base, self.ram_size - self.heap_base, *args,
+            self.heap_base, self.ram_size - self.heap_base, *args, self.pci_bdf, 0,
         )  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """``run_driver``: one guest program against one device, with the toolkit around it.
 
 The device is the project's own ``VirtioDevice`` for the type (``devices.DEVICES``),
-in strict mode, behind the emulator's virtio-mmio transport (synchronous mode:
-``TrioRunner``), with a :class:`~emulator.drvkit.timing.TimingGate` as its completion
+in strict mode, behind the emulator's virtio-mmio transport or, with
+``transport="pci"``, a virtio-pci function on bus 0 (``emulator.pci``; synchronous
+mode: ``TrioRunner``), with a :class:`~emulator.drvkit.timing.TimingGate` as its completion
 gate.  The transport is mapped through :class:`DriverPort`, which sees every register
 access: it traces them, notices status changes, and gives each driver error its
 context (register, value, queue, guest RIP).
@@ -32,6 +33,7 @@ from virtio.service import QueueService
 from virtio.spec.mmio import VIRTIO_MMIO_REGION_SIZE, MmioReg
 from virtio.spec.status import DeviceStatus
 from virtio.transport.mmio import MmioTransport, TrioRunner
+from virtio.transport.pci import PciTransport
 
 MMIO_BASE = 0xD000_0000
 IRQ_LINE = 5
@@ -84,7 +86,7 @@ class Session:
         self.gate = gate
         self.device = kind.make(opts)
         self.tracer: Tracer | None = None
-        self.transport: MmioTransport
+        self.transport: MmioTransport | PciTransport
         self.errors: list[dict] = []
         self._nerr = 0
         self._status = 0
@@ -148,7 +150,9 @@ class Session:
             raw(level)
             if bool(level) != self._irq:
                 self._irq = bool(level)
-                self.trace("irq", level=int(level), isr=self.transport.interrupt_status)
+                t = self.transport
+                isr = t.isr if isinstance(t, PciTransport) else t.interrupt_status
+                self.trace("irq", level=int(level), isr=isr)
 
         return set_level
 
@@ -250,6 +254,10 @@ class DriverPort:
         self.transport = session.transport
         self.name = self.transport.name
 
+    def __getattr__(self, name: str):
+        # virtio-pci: the PciFunction reads the BARs, IDs and capabilities through here.
+        return getattr(self.__dict__["transport"], name)
+
     def register_name(self, offset: int, is_write: bool) -> str:
         return self.transport.register_name(offset, is_write)
 
@@ -265,10 +273,31 @@ class DriverPort:
         s = self.session
         reg = self.transport.register_name(offset, True)
         s.trace("write", reg=reg, off=offset, size=size, value=value)
-        if offset == _NOTIFY and size == 4:
+        if (offset == _NOTIFY and size == 4) or reg == "queue_notify":
             s.trace("notify", queue=value & 0xFFFF)
         self.transport.write(offset, size, value)
         s.sync({"register": reg, "access": "write", "offset": offset, "size": size, "value": value})
+
+
+def _plug_pci(m: Machine, s: Session, guest_memory, runner: TrioRunner, device: str):
+    """The device as a virtio-pci function on bus 0 (BAR 0 assigned as firmware would,
+    INTx on ``VIRTIO_PCI_IRQ``, MSI-X delivered by the machine), its BAR seen through a
+    :class:`DriverPort`.  Returns (BAR 0 address, INTx line, bus/device/function)."""
+    from emulator.pci.function import PciFunction
+    from emulator.pci.host import pci_host
+    from emulator.pci.virtio import VIRTIO_PCI_IRQ, _allocator
+
+    t = PciTransport(s.device, guest_memory, runner=runner, name=f"virtio-{device}")
+    s.transport = t
+    function = PciFunction(m, DriverPort(s), irq=VIRTIO_PCI_IRQ)
+    function.assign_bars(_allocator(m))
+    pci_host(m).add(function)
+    m.irq_line(VIRTIO_PCI_IRQ)
+    t.intx = s.irq(function.set_intx)
+    t.msi = function.send_msi
+    t.function = function  # type: ignore[attr-defined]
+    assert function.slot is not None
+    return function.bar_base[0], VIRTIO_PCI_IRQ, function.slot << 11
 
 
 def _load_program(program: str | Path) -> Path:
@@ -334,11 +363,8 @@ def run_driver(
         raise RunDriverError("save_at and save_to go together")
     if device not in DEVICES:
         raise RunDriverError(f"unknown device {device!r}; known: {', '.join(sorted(DEVICES))}")
-    if transport != "mmio":
-        raise RunDriverError(
-            f"--transport {transport}: the emulator has no virtio-{transport} transport yet"
-            " (issue 12 §6); use --transport mmio"
-        )
+    if transport not in abi.TRANSPORTS:
+        raise RunDriverError(f"unknown transport {transport!r}; known: mmio, pci")
     if len(args) > abi.MAX_ARGS:
         raise RunDriverError(f"at most {abi.MAX_ARGS} --arg values")
     injections = [i if isinstance(i, Injection) else parse(i) for i in inject]
@@ -376,11 +402,15 @@ def run_driver(
 
         m.closers.append(lambda: [mem.close() for mem in held])
         runner = TrioRunner(name=f"run-driver-{device}")
-        s.transport = MmioTransport(
-            s.device, guest_memory, s.irq(m.irq_line(IRQ_LINE)), runner=runner,
-            name=f"virtio-{device}",
-        )  # fmt: skip
-        m.bus.add_mmio(MMIO_BASE, VIRTIO_MMIO_REGION_SIZE, DriverPort(s))
+        if transport == "pci":
+            regs_base, irq_line, pci_bdf = _plug_pci(m, s, guest_memory, runner, device)
+        else:
+            s.transport = MmioTransport(
+                s.device, guest_memory, s.irq(m.irq_line(IRQ_LINE)), runner=runner,
+                name=f"virtio-{device}",
+            )  # fmt: skip
+            m.bus.add_mmio(MMIO_BASE, VIRTIO_MMIO_REGION_SIZE, DriverPort(s))
+            regs_base, irq_line, pci_bdf = MMIO_BASE, IRQ_LINE, 0
         m.bus.after_exit.append(s.on_exit)
         m.idle_hooks.append(s.on_idle)
         m.devices["run-driver"] = s
@@ -388,8 +418,8 @@ def run_driver(
             assert elf is not None
             image = m.load_elf(elf)
             params = abi.Params(
-                int(kind.device_id), transport, MMIO_BASE, IRQ_LINE, ram_size,
-                abi.heap_base(image.end), tuple(args),
+                int(kind.device_id), transport, regs_base, irq_line, ram_size,
+                abi.heap_base(image.end), tuple(args), pci_bdf,
             )  # fmt: skip
             m.write_params(params.pack())
         else:

@@ -45,13 +45,15 @@ struct pv_params {
 	u32 abi_version; /* PV_ABI_VERSION */
 	u32 device_id; /* virtio device ID (§5): 1 net, 2 block, 4 entropy, 18 input */
 	u32 transport; /* PV_TRANSPORT_* */
-	u64 regs_base; /* virtio-mmio: the register window (§4.2.2) */
+	u64 regs_base; /* virtio-mmio: the register window (§4.2.2); virtio-pci: BAR 0 */
 	u32 irq_line; /* the device's interrupt line */
 	u32 nargs; /* how many of args[] were given */
 	u64 ram_size; /* guest RAM bytes */
 	u64 heap_base; /* free RAM for rings and buffers: [heap_base, heap_base + heap_size) */
 	u64 heap_size;
 	u64 args[PV_MAX_ARGS]; /* --arg values, in order; the rest 0 */
+	u32 pci_bdf; /* virtio-pci: bus << 16 | device << 11 | function << 8 (0xCF8 form) */
+	u32 reserved;
 };
 
 #define PV_P ((volatile struct pv_params *)PV_PARAMS_ADDR)
@@ -63,6 +65,39 @@ static inline u64 pv_arg(u32 i, u64 dflt) { return i < PV_P->nargs ? PV_P->args[
 static inline int pv_params_ok(void)
 {
 	return PV_P->magic == PARAMS_MAGIC && PV_P->abi_version == PV_ABI_VERSION;
+}
+
+/* The run's device over either transport (virtio_dev.h), found, reset and at
+ * ACKNOWLEDGE|DRIVER (§3.1.1 steps 1-3): virtio-mmio at regs_base, virtio-pci by
+ * enumerating bus 0 (§4.1.2.2), which must find the function at pci_bdf. */
+static inline int pv_open(struct vdev *d, u32 device_id)
+{
+	if (PV_P->transport != PV_TRANSPORT_PCI)
+		return vd_open(d, PV_P->regs_base, device_id);
+	int rc = vd_open(d, 0, device_id);
+	return rc ? rc : (d->vp.bdf == PV_P->pci_bdf ? 0 : VE_NO_PCI_DEVICE);
+}
+
+/* The largest size queue `index` takes (virtio-mmio QueueNumMax, virtio-pci
+ * queue_size after queue_select, §4.1.4.3). */
+static inline u32 pv_queue_max(struct vdev *d, u32 index)
+{
+	if (!d->pci) {
+		vm_wr(&d->mmio, VIRTIO_MMIO_QUEUE_SEL, index);
+		return vm_rd(&d->mmio, VIRTIO_MMIO_QUEUE_NUM_MAX);
+	}
+	mmio_write16(d->vp.common + VIRTIO_PCI_COMMON_Q_SELECT, (u16)index);
+	return mmio_read16(d->vp.common + VIRTIO_PCI_COMMON_Q_SIZE);
+}
+
+/* Give up on the device: set FAILED (§3.1.1 step 8). */
+static inline void pv_fail(struct vdev *d)
+{
+	u32 s = vd_status(d) | VIRTIO_CONFIG_S_FAILED;
+	if (d->pci)
+		vp_set_status(&d->vp, (u8)s);
+	else
+		vm_wr(&d->mmio, VIRTIO_MMIO_STATUS, s);
 }
 
 /* Bump allocator over the free RAM (zeroed, `align` a power of two). */

@@ -1,5 +1,5 @@
-/* Template: a minimal virtio-blk driver over virtio-mmio (virtio 1.4 §3.1.1, §4.2.3,
- * §5.2), correct under every `run-driver --timing` mode.  Copy it and change it.
+/* Template: a minimal virtio-blk driver over virtio-mmio or virtio-pci (virtio 1.4
+ * §3.1.1, §4.1.5, §4.2.3, §5.2), correct under every `run-driver --timing` mode.  Copy it and change it.
  *
  * Writes `nreqs` 4 KiB requests (a pattern), flushes, reads them back and checks
  * them, with up to `depth` requests in flight.  Completions are matched by the used
@@ -14,8 +14,7 @@
 #define REQ 4096u
 #define MAXD 32
 
-static struct vmmio dev;
-static struct vdev vdev; /* the rings' view of dev (virtio_dev.h) */
+static struct vdev vdev; /* either transport (virtio_dev.h, pv_open) */
 static struct vq q;
 static u32 use_irq;
 static volatile u32 isr_bits, isr_count;
@@ -26,7 +25,7 @@ static u8 *buf;
 static void isr(int irq)
 {
 	(void)irq;
-	isr_bits |= vm_ack_interrupt(&dev);
+	isr_bits |= vd_ack_interrupt(&vdev);
 	isr_count++;
 }
 
@@ -53,9 +52,9 @@ static int wait_one(void)
 		u32 len;
 		if (vq_get_used(&q, &id, &len))
 			return id;
-		if (isr_bits & VIRTIO_MMIO_INT_CONFIG) {
-			isr_bits &= ~VIRTIO_MMIO_INT_CONFIG;
-			if (vm_rd(&dev, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET)
+		if (isr_bits & VD_INT_CONFIG) {
+			isr_bits &= ~VD_INT_CONFIG;
+			if (vd_status(&vdev) & VIRTIO_CONFIG_S_NEEDS_RESET)
 				return -1;
 			dbg_puts("blk: configuration changed\n");
 		}
@@ -113,18 +112,17 @@ int main(void)
 	int packed = (int)pv_arg(3, 0), event_idx = (int)pv_arg(4, 1);
 	if (!pv_params_ok() || PV_P->device_id != VIRTIO_ID_BLOCK || !depth || depth > MAXD)
 		return PV_E_PARAMS;
-	dev.base = PV_P->regs_base;
 	if (use_irq)
 		irq_install((int)PV_P->irq_line, isr);
-	int rc = vm_probe(&dev, VIRTIO_ID_BLOCK);
+	int rc = pv_open(&vdev, VIRTIO_ID_BLOCK);
 	if (rc)
 		return PV_E_PROBE;
-	rc = vm_accept_features(&dev, vm_ring_features(event_idx, packed) | BIT64(VIRTIO_BLK_F_FLUSH));
+	rc = vd_accept_features(&vdev, vd_ring_features(event_idx, packed) | BIT64(VIRTIO_BLK_F_FLUSH));
 	if (rc) {
-		vm_wr(&dev, VIRTIO_MMIO_STATUS, vm_rd(&dev, VIRTIO_MMIO_STATUS) | VIRTIO_CONFIG_S_FAILED);
+		pv_fail(&vdev);
 		return rc;
 	}
-	u32 qsize = vm_rd(&dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
+	u32 qsize = pv_queue_max(&vdev, 0);
 	if (qsize > 128)
 		qsize = 128;
 	if (qsize < 3 * depth)
@@ -135,14 +133,13 @@ int main(void)
 	buf = pv_alloc((u64)MAXD * REQ, 4096);
 	if (!ring || !hdr || !status || !buf || !depth)
 		return PV_E_NOMEM;
-	vdev = vd_from_mmio(&dev);
 	if (vq_init(&q, &vdev, 0, (u64)ring, (u16)qsize, packed, event_idx))
 		return PV_E_QUEUE;
-	u64 capacity = vm_rd(&dev, VIRTIO_MMIO_CONFIG) | (u64)vm_rd(&dev, VIRTIO_MMIO_CONFIG + 4) << 32;
+	u64 capacity = vd_config_read32(&vdev, 0) | (u64)vd_config_read32(&vdev, 4) << 32;
 	if (capacity < (u64)nreqs * 8)
 		return PV_E_PARAMS;
 	vq_interrupts(&q, 0, 0);
-	vm_driver_ok(&dev);
+	vd_driver_ok(&vdev);
 
 	u32 bad = 0;
 	rc = phase(VIRTIO_BLK_T_OUT, nreqs, depth, &bad);
@@ -160,6 +157,6 @@ int main(void)
 		return rc;
 	pv_value(1, q.kicks);
 	dbg_puts("blk: done\n");
-	vm_wr(&dev, VIRTIO_MMIO_STATUS, 0);
+	vd_reset(&vdev);
 	return bad ? PV_E_VERIFY : PV_OK;
 }

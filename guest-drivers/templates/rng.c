@@ -1,4 +1,4 @@
-/* Template: a minimal virtio-rng driver over virtio-mmio (virtio 1.4 §5.4), correct
+/* Template: a minimal virtio-rng driver over virtio-mmio or virtio-pci (virtio 1.4 §5.4), correct
  * under every `run-driver --timing` mode.  Posts `nbufs` device-writable buffers
  * (drivernormative §5.4.6.1: never device-readable ones), `rounds` times, and checks
  * that each comes back with 1..len bytes (devicenormative §5.4.6.2).
@@ -9,15 +9,14 @@
 
 #define MAXB 64
 
-static struct vmmio dev;
-static struct vdev vdev; /* the rings' view of dev (virtio_dev.h) */
+static struct vdev vdev; /* either transport (virtio_dev.h, pv_open) */
 static struct vq q;
 static volatile u32 isr_bits, isr_count;
 
 static void isr(int irq)
 {
 	(void)irq;
-	isr_bits |= vm_ack_interrupt(&dev);
+	isr_bits |= vd_ack_interrupt(&vdev);
 	isr_count++;
 }
 
@@ -28,17 +27,16 @@ int main(void)
 	int packed = (int)pv_arg(4, 0), event_idx = (int)pv_arg(5, 1);
 	if (!pv_params_ok() || PV_P->device_id != VIRTIO_ID_RNG || !nbufs || nbufs > MAXB || !len)
 		return PV_E_PARAMS;
-	dev.base = PV_P->regs_base;
 	if (use_irq)
 		irq_install((int)PV_P->irq_line, isr);
-	if (vm_probe(&dev, VIRTIO_ID_RNG))
+	if (pv_open(&vdev, VIRTIO_ID_RNG))
 		return PV_E_PROBE;
-	int rc = vm_accept_features(&dev, vm_ring_features(event_idx, packed));
+	int rc = vd_accept_features(&vdev, vd_ring_features(event_idx, packed));
 	if (rc) {
-		vm_wr(&dev, VIRTIO_MMIO_STATUS, vm_rd(&dev, VIRTIO_MMIO_STATUS) | VIRTIO_CONFIG_S_FAILED);
+		pv_fail(&vdev);
 		return rc;
 	}
-	u32 qsize = vm_rd(&dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
+	u32 qsize = pv_queue_max(&vdev, 0);
 	if (qsize > 64)
 		qsize = 64;
 	if (nbufs > qsize)
@@ -47,11 +45,10 @@ int main(void)
 	u8 *bufs = pv_alloc((u64)nbufs * len, 16);
 	if (!ring || !bufs)
 		return PV_E_NOMEM;
-	vdev = vd_from_mmio(&dev);
 	if (vq_init(&q, &vdev, 0, (u64)ring, (u16)qsize, packed, event_idx))
 		return PV_E_QUEUE;
 	vq_interrupts(&q, 0, 0);
-	vm_driver_ok(&dev);
+	vd_driver_ok(&vdev);
 	u32 filled = 0, bad = 0;
 	for (u32 r = 0; r < rounds; r++) {
 		for (u32 s = 0; s < nbufs; s++) {
@@ -68,8 +65,7 @@ int main(void)
 				pv_progress(++filled);
 				continue;
 			}
-			if (isr_bits & VIRTIO_MMIO_INT_CONFIG &&
-			    vm_rd(&dev, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET)
+			if (isr_bits & VD_INT_CONFIG && vd_status(&vdev) & VIRTIO_CONFIG_S_NEEDS_RESET)
 				return PV_E_NEEDS_RESET;
 			if (!use_irq) {
 				pv_pause();
@@ -88,6 +84,6 @@ int main(void)
 		}
 	}
 	dbg_puts("rng: done\n");
-	vm_wr(&dev, VIRTIO_MMIO_STATUS, 0);
+	vd_reset(&vdev);
 	return bad ? PV_E_VERIFY : PV_OK;
 }

@@ -35,6 +35,15 @@ CATALOGUE = {
     17: ("blk", sec.S_4_2_2_2, "MmioAccessError"),  # config read past its end
     18: ("rng", sec.S_5_4_6_1, "DescriptorChainError"),  # readable entropy buffer
 }
+PCI_CATALOGUE = {  # the register bugs made in the common configuration structure
+    **CATALOGUE,
+    1: ("blk", sec.S_4_1_3_1, "PciAccessError"),  # 16-bit read of the 8-bit device_status
+    2: ("blk", sec.S_4_1_4_3_2, "PciAccessError"),  # write to num_queues
+    7: ("blk", sec.S_4_1_4_3_2, "QueueSetupError"),  # queue_size 257 (> max, not 2^n)
+    8: ("blk", sec.S_4_1_4_3_2, "QueueSetupError"),  # queue_desc_lo while queue_enable
+    17: ("blk", sec.S_4_1_4_6, "PciAccessError"),  # past the device configuration
+}
+"""§4.1: over virtio-pci every transport-independent bug is reported identically."""
 RACE_NO_RECHECK = 101
 RACE_USED_EVENT = 102
 
@@ -63,6 +72,23 @@ def test_bug_is_named_by_its_clause(bug):
     assert first["label"] == section.label
     assert first["rip"].startswith("0x1")  # inside the program, linked at 1 MiB
     assert "register" in first and "exit" in first
+
+
+@pytest.mark.parametrize("bug", sorted(PCI_CATALOGUE))
+def test_bug_over_pci_is_named_by_its_clause(bug):
+    device, section, cls = PCI_CATALOGUE[bug]
+    res = run(bug, device, transport="pci")
+    d = res.as_dict()
+    assert d["result"] == 0 and not res.success, d
+    first = res.driver_errors[0]
+    assert (first["clause"], first["class"], first["label"]) == (
+        section.number, cls, section.label,
+    ), d["driver_errors"]  # fmt: skip
+    assert first["rip"].startswith("0x1") and "register" in first
+
+
+def test_correct_variant_passes_over_pci():
+    assert all(run(0, dev, transport="pci").success for dev in ("blk", "rng"))
 
 
 def test_strict_checks_are_off_with_no_strict():

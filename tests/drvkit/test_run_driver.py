@@ -152,11 +152,36 @@ def test_cli_text_report_names_the_clause(capsys):
     assert out.rstrip().splitlines()[-1].startswith("FAIL:")
 
 
-def test_pci_transport_is_refused_clearly(capsys):
-    assert cli(["run-driver", "template", "--transport", "pci", "--cpu", "soft"]) == 2
-    assert "no virtio-pci transport yet" in capsys.readouterr().err
+@pytest.mark.parametrize("mode", ["inline", "deferred", "random"])
+@pytest.mark.parametrize("device", ["blk", "rng"])
+def test_templates_over_pci(device, mode):
+    """The same template finds its device on bus 0 (§4.1.2.2) and passes over virtio-pci."""
+    d = template(device, transport="pci", timing=mode, seed=2).as_dict()
+    assert d["success"] and d["transport"] == "pci", d
+    assert d["requests_held_at_end"] == 0 and d["requests_served"] >= 32
+    if mode != "inline":
+        assert d["interrupts_raised"] > 0  # INTx, acknowledged by the ISR status read
+
+
+def test_pci_injections_and_trace(tmp_path, capsys):
+    trace = tmp_path / "pci.trace"
+    rc = cli(
+        ["run-driver", "template", "--transport", "pci", "--cpu", "soft", "--timing",
+         "deferred", "--inject", "config-change@req=5", "--inject", "ioerr@req=20",
+         "--trace", str(trace), "--json"]
+    )  # fmt: skip
+    d = json.loads(capsys.readouterr().out)
+    assert rc == 1 and d["result"] == 9 and not d["driver_errors"]  # I/O error, no bug
+    assert [i["inject"] for i in d["injections"]] == ["config-change@req=5", "ioerr@req=20"]
+    events = list(read_trace(trace))
+    regs = {e.fields.get("reg") for e in events if e.kind in ("read", "write")}
+    assert {"device_status", "queue_enable", "queue_notify", "isr"} <= regs
+    assert {"notify", "irq", "inject", "pop", "used"} <= {e.kind for e in events}
+
+
+def test_unknown_transport_is_refused():
     with pytest.raises(RunDriverError):
-        template("blk", transport="pci")
+        template("blk", transport="ccw")
 
 
 def test_program_must_be_c_or_elf(tmp_path):

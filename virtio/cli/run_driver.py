@@ -36,7 +36,8 @@ def register(subparsers) -> None:
         "--transport",
         choices=["mmio", "pci"],
         default="mmio",
-        help="virtio-mmio (default); pci is not in the emulator yet",
+        help="virtio-mmio (default) or virtio-pci (a function on bus 0; its BAR 0, INTx line"
+        " and bus/device/function are in the parameters)",
     )
     p.add_argument("--cpu", choices=["kvm", "soft", "auto"], default="auto")
     p.add_argument("--disk", metavar="IMAGE", help="raw disk image (blk; default: 8 MiB in memory)")

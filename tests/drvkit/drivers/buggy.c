@@ -1,7 +1,9 @@
 /* A catalogue of buggy virtio drivers (tests/drvkit/test_buggy_drivers.py): args[0]
  * picks the bug, everything else is a correct virtio-blk (or virtio-rng) driver over
- * virtio-mmio that writes, flushes and reads back a few requests.  The program
- * returns 0 whenever it "thinks" it worked: run-driver must catch the bug itself. */
+ * virtio-mmio or virtio-pci that writes, flushes and reads back a few requests.  The
+ * program returns 0 whenever it "thinks" it worked: run-driver must catch the bug
+ * itself.  Over virtio-pci the register bugs make the same mistake in the common
+ * configuration structure (§4.1.4.3) instead of the virtio-mmio registers. */
 #include <pyvirtio.h>
 
 enum {
@@ -32,8 +34,9 @@ enum {
 #define REQ 4096u
 #define D 4
 
-static struct vmmio dev;
-static struct vdev vdev; /* the rings' view of dev (virtio_dev.h) */
+static struct vdev vdev; /* either transport (pv_open) */
+#define MM (&vdev.mmio)
+#define COMMON(f) (vdev.vp.common + VIRTIO_PCI_COMMON_##f)
 static struct vq q;
 static u32 bug;
 static struct virtio_blk_outhdr *hdr;
@@ -75,10 +78,10 @@ static int wait_one(void)
 	for (u32 tries = 0; tries < 100000; tries++) {
 		if (vq_get_used(&q, &id, &len))
 			return id;
-		if (vm_rd(&dev, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET)
+		if (vd_status(&vdev) & VIRTIO_CONFIG_S_NEEDS_RESET)
 			return -1;
 		if (bug == RACE_NO_RECHECK) {
-			vm_ack_interrupt(&dev); /* exits: the device may finish here */
+			vd_ack_interrupt(&vdev); /* exits: the device may finish here */
 			vq_interrupts(&q, 1, 1);
 			wait_for_interrupt(); /* no re-check after enabling */
 			continue;
@@ -89,7 +92,7 @@ static int wait_one(void)
 			if (vq_get_used(&q, &id, &len))
 				return id;
 			wait_for_interrupt();
-			vm_ack_interrupt(&dev);
+			vd_ack_interrupt(&vdev);
 			continue;
 		}
 		pv_pause();
@@ -120,73 +123,119 @@ static int io(u32 type, u32 first, u32 n, u32 len, u32 *bad)
 	return 0;
 }
 
+static void set_status(u32 st)
+{
+	if (vdev.pci)
+		vp_set_status(&vdev.vp, (u8)st);
+	else
+		vm_wr(MM, VIRTIO_MMIO_STATUS, st);
+}
+
+static void set_features(u64 want)
+{
+	if (vdev.pci)
+		vp_set_features(&vdev.vp, want);
+	else
+		vm_set_features(MM, want);
+}
+
+/* Queue 0 set-up by hand (the bugs happen in the middle of it). */
+static void setup_queue(u16 size)
+{
+	q.dev = &vdev;
+	q.index = 0;
+	if (!vdev.pci) {
+		q.notify = vdev.mmio.base + VIRTIO_MMIO_QUEUE_NOTIFY;
+		vm_wr(MM, VIRTIO_MMIO_QUEUE_SEL, 0);
+		vm_wr(MM, VIRTIO_MMIO_QUEUE_NUM, size);
+		vm_wr64(MM, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u64)q.desc);
+		vm_wr64(MM, VIRTIO_MMIO_QUEUE_DRIVER_LOW, VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u64)q.avail);
+		vm_wr64(MM, VIRTIO_MMIO_QUEUE_DEVICE_LOW, VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u64)q.used);
+		vm_wr(MM, VIRTIO_MMIO_QUEUE_READY, 1);
+		if (bug == SETUP_READY)
+			vm_wr64(MM, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u64)q.desc);
+		if (bug == EARLY_NOTIFY)
+			vm_wr(MM, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+		return;
+	}
+	mmio_write16(COMMON(Q_SELECT), 0);
+	mmio_write16(COMMON(Q_SIZE), size);
+	mmio_write32(COMMON(Q_DESCLO), (u32)(u64)q.desc);
+	mmio_write32(COMMON(Q_DESCHI), (u32)((u64)q.desc >> 32));
+	mmio_write32(COMMON(Q_AVAILLO), (u32)(u64)q.avail);
+	mmio_write32(COMMON(Q_AVAILHI), (u32)((u64)q.avail >> 32));
+	mmio_write32(COMMON(Q_USEDLO), (u32)(u64)q.used);
+	mmio_write32(COMMON(Q_USEDHI), (u32)((u64)q.used >> 32));
+	q.notify = vdev.vp.notify + (u64)mmio_read16(COMMON(Q_NOFF)) * vdev.vp.notify_mult;
+	mmio_write16(COMMON(Q_ENABLE), 1);
+	if (bug == SETUP_READY)
+		mmio_write32(COMMON(Q_DESCLO), (u32)(u64)q.desc);
+	if (bug == EARLY_NOTIFY)
+		mmio_write16(q.notify, 0);
+}
+
 static int blk(void)
 {
 	u32 st = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
-	if (bug == WIDTH)
-		(void)mmio_read16(dev.base + VIRTIO_MMIO_STATUS);
-	if (bug == RO_WRITE)
-		vm_wr(&dev, VIRTIO_MMIO_MAGIC_VALUE, 0);
+	if (bug == WIDTH) /* pci: 16-bit access to the 8-bit device_status */
+		(void)mmio_read16(vdev.pci ? COMMON(STATUS) : vdev.mmio.base + VIRTIO_MMIO_STATUS);
+	if (bug == RO_WRITE) { /* pci: num_queues is read-only */
+		if (vdev.pci)
+			mmio_write16(COMMON(NUMQ), 0);
+		else
+			vm_wr(MM, VIRTIO_MMIO_MAGIC_VALUE, 0);
+	}
 	if (bug == CLEAR_BIT)
-		vm_wr(&dev, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_DRIVER);
+		set_status(VIRTIO_CONFIG_S_DRIVER);
 	u64 want = BIT64(VIRTIO_F_VERSION_1) | BIT64(VIRTIO_F_EVENT_IDX) | BIT64(VIRTIO_BLK_F_FLUSH);
 	if (bug == UNOFFERED)
 		want |= BIT64(VIRTIO_BLK_F_SCSI);
 	if (bug == NO_VERSION_1)
 		want &= ~BIT64(VIRTIO_F_VERSION_1);
 	if (bug != ORDER) {
-		vm_set_features(&dev, want);
+		set_features(want);
 		st |= VIRTIO_CONFIG_S_FEATURES_OK;
 	}
-	if (bug == LATE_FEATURES)
-		vm_wr(&dev, VIRTIO_MMIO_DRIVER_FEATURES, 0);
-	if (bug == CONFIG_BEYOND)
-		(void)vm_rd(&dev, VIRTIO_MMIO_CONFIG + 0xF0);
+	if (bug == LATE_FEATURES) {
+		if (vdev.pci)
+			mmio_write32(COMMON(GF), 0);
+		else
+			vm_wr(MM, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+	}
+	if (bug == CONFIG_BEYOND) /* pci: past the device configuration structure's length */
+		(void)(vdev.pci ? mmio_read32(vdev.vp.device + vdev.vp.device_len)
+				: vm_rd(MM, VIRTIO_MMIO_CONFIG + 0xF0));
 	void *ring = pv_alloc(64 << 10, 4096);
 	hdr = pv_alloc(sizeof(*hdr) * D, 16);
 	status = pv_alloc(D, 1);
 	buf = pv_alloc((u64)D * REQ, 4096);
-	u32 max = vm_rd(&dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
+	u32 max = pv_queue_max(&vdev, 0);
 	u16 size = bug == QUEUE_NUM ? (u16)(max + 1) : 64;
 	vq_layout(&q, (u64)ring, size, 0, 1);
-	vdev = vd_from_mmio(&dev);
-	q.dev = &vdev;
-	q.notify = dev.base + VIRTIO_MMIO_QUEUE_NOTIFY;
-	q.index = 0;
-	vm_wr(&dev, VIRTIO_MMIO_QUEUE_SEL, 0);
-	vm_wr(&dev, VIRTIO_MMIO_QUEUE_NUM, size);
-	vm_wr64(&dev, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u64)q.desc);
-	vm_wr64(&dev, VIRTIO_MMIO_QUEUE_DRIVER_LOW, VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u64)q.avail);
-	vm_wr64(&dev, VIRTIO_MMIO_QUEUE_DEVICE_LOW, VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u64)q.used);
-	vm_wr(&dev, VIRTIO_MMIO_QUEUE_READY, 1);
-	if (bug == SETUP_READY)
-		vm_wr64(&dev, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u64)q.desc);
-	if (bug == EARLY_NOTIFY)
-		vm_wr(&dev, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+	setup_queue(size);
 	vq_interrupts(&q, 0, 0);
-	vm_wr(&dev, VIRTIO_MMIO_STATUS, st | VIRTIO_CONFIG_S_DRIVER_OK);
+	set_status(st | VIRTIO_CONFIG_S_DRIVER_OK);
 
 	u32 bad = 0;
-	u64 capacity = vm_rd(&dev, VIRTIO_MMIO_CONFIG) | (u64)vm_rd(&dev, VIRTIO_MMIO_CONFIG + 4) << 32;
+	u64 capacity = vd_config_read32(&vdev, 0) | (u64)vd_config_read32(&vdev, 4) << 32;
 	io(VIRTIO_BLK_T_OUT, 0, D, bug == ODD_LENGTH ? 100 : REQ, &bad);
 	submit(0, VIRTIO_BLK_T_FLUSH, bug == FLUSH_SECTOR ? 5 : 0, 0);
 	publish();
 	wait_one();
 	io(VIRTIO_BLK_T_IN, bug == BEYOND_CAPACITY ? (u32)(capacity / 8) : 0, D, REQ, &bad);
 	pv_value(1, bad);
-	vm_wr(&dev, VIRTIO_MMIO_STATUS, 0);
+	set_status(0);
 	/* The races show as wrong data or a hang; the spec bugs are for run-driver. */
 	return bug >= RACE_NO_RECHECK && bad ? PV_E_VERIFY : PV_OK;
 }
 
 static int rng(void)
 {
-	vm_set_features(&dev, BIT64(VIRTIO_F_VERSION_1));
+	set_features(BIT64(VIRTIO_F_VERSION_1));
 	void *ring = pv_alloc(16 << 10, 4096);
 	u8 *b = pv_alloc(64, 16);
-	vdev = vd_from_mmio(&dev);
 	vq_init(&q, &vdev, 0, (u64)ring, 16, 0, 0);
-	vm_driver_ok(&dev);
+	vd_driver_ok(&vdev);
 	struct vq_seg seg = { (u64)b, 64, bug != RNG_READABLE };
 	vq_add(&q, 0, &seg, 1);
 	vq_publish(&q);
@@ -197,8 +246,7 @@ static int rng(void)
 int main(void)
 {
 	bug = (u32)pv_arg(0, NONE);
-	dev.base = PV_P->regs_base;
-	if (vm_probe(&dev, PV_P->device_id))
+	if (pv_open(&vdev, PV_P->device_id))
 		return PV_E_PROBE;
 	return PV_P->device_id == VIRTIO_ID_RNG ? rng() : blk();
 }
