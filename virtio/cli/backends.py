@@ -17,6 +17,8 @@ from virtio.cli import main
 EXECUTABLES = {
     "block": ("pyvirtio-vhost-user-blk", "blk"),
     "rng": ("pyvirtio-vhost-user-rng", "rng"),
+    "net": ("pyvirtio-vhost-user-net", "net"),
+    "input": ("pyvirtio-vhost-user-input", "input"),
 }
 """vhost-user.json backend type -> (console script, ``virtio serve`` device)."""
 
@@ -33,3 +35,13 @@ def blk() -> int:
 def rng() -> int:
     """``pyvirtio-vhost-user-rng``: ``virtio serve rng``."""
     return _run("rng")
+
+
+def net() -> int:
+    """``pyvirtio-vhost-user-net``: ``virtio serve net``."""
+    return _run("net")
+
+
+def input_() -> int:
+    """``pyvirtio-vhost-user-input``: ``virtio serve input``."""
+    return _run("input")

@@ -159,7 +159,12 @@ def test_descriptor_files_follow_vhost_user_json(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     files = sorted(tmp_path.glob("*.json"))
-    assert [f.name for f in files] == ["50-pyvirtio-blk.json", "50-pyvirtio-rng.json"]
+    assert [f.name for f in files] == [
+        "50-pyvirtio-blk.json",
+        "50-pyvirtio-input.json",
+        "50-pyvirtio-net.json",
+        "50-pyvirtio-rng.json",
+    ]
     for f in files:
         doc = json.loads(f.read_text())
         # VhostUserBackend: description (str), type (enum), binary (absolute), *tags
