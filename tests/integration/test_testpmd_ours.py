@@ -10,6 +10,8 @@ test if a port is not probed (no retry).
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,8 +39,22 @@ if subprocess.run([*SERVE, "--print-capabilities"], capture_output=True, cwd=REP
     pytest.skip("virtio serve net not available", allow_module_level=True)
 
 
+class Serve:
+    """The running ``virtio serve net``: its process and its stderr log."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc, self.log = proc, log
+
+    def statistics(self) -> str:
+        """Ask for a statistics line (SIGUSR1) and return it once logged."""
+        before = self.log.read_text().count("statistics:")
+        self.proc.send_signal(signal.SIGUSR1)
+        _poll(lambda: self.log.read_text().count("statistics:") > before)
+        return [ln for ln in self.log.read_text().splitlines() if "statistics:" in ln][-1]
+
+
 @pytest.fixture
-def switch(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+def serve(tmp_path: Path) -> Iterator[tuple[Path, Path, Serve]]:
     """``virtio serve net`` with two ports on CPU 1; stopped by SIGTERM, must exit 0."""
     a, b = tmp_path / "a.sock", tmp_path / "b.sock"
     log = tmp_path / "serve.log"
@@ -52,7 +68,7 @@ def switch(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     try:
         wait_for_socket(a, proc=proc)
         wait_for_socket(b, proc=proc)
-        yield a, b
+        yield a, b, Serve(proc, log)
     finally:
         proc.terminate()
         assert proc.wait(20) == 0, log.read_text()[-3000:]
@@ -66,11 +82,11 @@ def _poll(cond, timeout: float = 20.0) -> None:
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-def test_txonly_through_switch_into_rxonly(switch: tuple[Path, Path], packed: bool) -> None:
+def test_txonly_through_switch_into_rxonly(serve: tuple[Path, Path, Serve], packed: bool) -> None:
     """A sends, B only receives: once A stops and the switch has drained A's ring,
     B has received exactly the frames A sent (rxonly keeps B's ring empty, so the
     switch has no reason to drop one)."""
-    a, b = switch
+    a, b, _ = serve
     with (
         Testpmd([VirtioUserPort(b, packed_vq=packed)], forward_cpu=1, forward_mode="rxonly") as rx,
         Testpmd([VirtioUserPort(a, packed_vq=packed)], forward_cpu=0, forward_mode="txonly") as tx,
@@ -89,9 +105,15 @@ def test_txonly_through_switch_into_rxonly(switch: tuple[Path, Path], packed: bo
         assert got.rx_bytes == 64 * got.rx_packets
 
 
-def test_io_loop_through_switch(switch: tuple[Path, Path]) -> None:
-    """io forward loop seeded by tx_first: both ports receive what the switch forwards."""
-    a, b = switch
+def test_io_loop_through_switch(serve: tuple[Path, Path, Serve]) -> None:
+    """io forward loop seeded by tx_first: both ports receive what the switch forwards,
+    and while the frontends are connected the switch has learned both ports' source
+    addresses (testpmd's own MACs: tx_first frames carry them as source and io forward
+    sends each frame back out of the port it came from, via the other side).  Every
+    frame is flooded: io forward never rewrites the destination, testpmd's default peer
+    address 02:00:00:00:00:0N, which no port ever sends from.  At disconnect each port's
+    addresses are forgotten, so the exit line reads addresses=0."""
+    a, b, srv = serve
     with Testpmd([VirtioUserPort(a), VirtioUserPort(b)], forward_cpu=0, forward_mode="io") as fe:
         fe.start(tx_first=4)
         _poll(lambda: min(s.rx_packets for s in fe.port_stats().values()) >= 2000)
@@ -99,3 +121,12 @@ def test_io_loop_through_switch(switch: tuple[Path, Path]) -> None:
         st = fe.port_stats()
         for port in (0, 1):
             assert 0 < st[port].rx_packets <= st[1 - port].tx_packets
+        line = srv.statistics()
+        assert re.search(r"\baddresses=2\b", line), line
+        for port in ("port0", "port1"):
+            fields = dict(
+                f.split("=", 1) for f in re.search(rf"{port}=\[([^]]*)\]", line)[1].split()
+            )
+            assert int(fields["flooded"]) == int(fields["in_packets"]) > 0, line
+    # testpmd gone: both connections end and their addresses are forgotten
+    _poll(lambda: re.search(r"\baddresses=0\b", srv.statistics()) is not None)

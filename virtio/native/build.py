@@ -19,9 +19,17 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("vm_native.c", "stats.c", "inflight.c", "dataplane.c", "aio.c", "blk_dataplane.c")
+SOURCES = (
+    "vm_native.c",
+    "stats.c",
+    "inflight.c",
+    "dataplane.c",
+    "aio.c",
+    "blk_dataplane.c",
+    "net_fdb.c",
+)
 """C sources, compiled as one translation unit (in this order)."""
-HEADERS = ("vm_native.h", "inflight.h", "dataplane.h")
+HEADERS = ("vm_native.h", "inflight.h", "dataplane.h", "net_fdb.h")
 PRIVATE_HEADERS = ("faultfile.h",)
 """Headers the C sources include that cffi does not see (static inline code)."""
 """Headers whose declarations cffi exposes (in this order)."""
