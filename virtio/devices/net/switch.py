@@ -9,6 +9,10 @@ counted as dropped).  Virtio-net devices (``device.py``) and the tap uplink
 loses its own packets and nobody else's.
 
 Time comes from ``clock`` (monotonic seconds), so ageing is testable without sleeping.
+
+The address table is native (``fdb.py``, virtio/native/net_fdb.c): the same table
+serves this Python path and the native per-packet path (issue 10 §2).  A switch has
+at most ``MAX_PORTS`` ports.
 """
 
 from __future__ import annotations
@@ -78,67 +82,70 @@ class PortCounters:
         return out
 
 
-@dataclass
-class _Entry:
-    port: Port
-    seen: float
-
-
 class Switch:
     def __init__(
         self, *, ageing: float = DEFAULT_AGEING, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        from virtio.devices.net.fdb import NativeFdb
+
         self.ageing = ageing
         self.clock = clock
         self.ports: list[Port] = []
         self.counters: dict[str, PortCounters] = {}
-        self._table: dict[bytes, _Entry] = {}
+        self._fdb = NativeFdb(ageing=ageing, clock=clock)
+        self._slots: list[Port | None] = []
+        """Port number in the native table -> port (None: free number)."""
 
     # -- ports ---------------------------------------------------------------------------
     def add_port(self, port: Port) -> None:
         if port.name in self.counters:
             raise ValueError(f"a port named {port.name!r} is already on the switch")
+        from virtio.devices.net.fdb import MAX_PORTS
+
+        if None in self._slots:
+            self._slots[self._slots.index(None)] = port
+        elif len(self._slots) < MAX_PORTS:
+            self._slots.append(port)
+        else:
+            raise ValueError(f"a switch has at most {MAX_PORTS} ports")
         self.ports.append(port)
         self.counters[port.name] = PortCounters()
 
     def remove_port(self, port: Port) -> None:
         self.ports.remove(port)
         self.forget(port)
+        self._slots[self._number(port)] = None
+
+    def _number(self, port: Port) -> int:
+        for i, p in enumerate(self._slots):
+            if p is port:
+                return i
+        raise ValueError(f"port {port.name!r} is not on the switch")
 
     def forget(self, port: Port) -> None:
         """Drop every address learned on ``port`` (its guest went away or migrated)."""
-        for mac in [m for m, e in self._table.items() if e.port is port]:
-            del self._table[mac]
+        self._fdb.forget(self._number(port))
 
     # -- learning --------------------------------------------------------------------------
     def lookup(self, mac: bytes) -> Port | None:
         """The port ``mac`` was last seen on, unless the entry aged out."""
-        entry = self._table.get(mac)
-        if entry is None:
-            return None
-        if self.clock() - entry.seen > self.ageing:
-            del self._table[mac]
-            return None
-        return entry.port
+        number = self._fdb.lookup(mac)
+        return None if number is None else self._slots[number]
 
     def learn(self, mac: bytes, port: Port) -> None:
-        if mac[0] & 1 or mac == b"\0" * 6:
-            return  # a group address or zero is never a source
-        entry = self._table.pop(mac, None)  # re-inserted: dict order is age order
-        if entry is not None and entry.port is not port:
-            log.info("switch: %s moved %s -> %s", mac.hex(":"), entry.port.name, port.name)
-        if len(self._table) >= MAX_ADDRESSES:
-            del self._table[next(iter(self._table))]
-        self._table[mac] = _Entry(port, self.clock())
+        """Learn ``mac`` on ``port``: a group address or zero is never learned, a full
+        table (``MAX_ADDRESSES``) drops the least recently learned address."""
+        if not mac[0] & 1 and log.isEnabledFor(logging.INFO):
+            old = self._fdb.lookup(mac)
+            if old is not None and self._slots[old] is not port:
+                log.info(
+                    "switch: %s moved %s -> %s", mac.hex(":"), self._slots[old].name, port.name
+                )
+        self._fdb.learn(mac, self._number(port))
 
     def addresses(self) -> dict[str, str]:
         """Learned (unexpired) addresses -> port names."""
-        now = self.clock()
-        return {
-            mac.hex(":"): e.port.name
-            for mac, e in self._table.items()
-            if now - e.seen <= self.ageing
-        }
+        return {mac: self._slots[n].name for mac, n in self._fdb.addresses().items()}
 
     # -- forwarding ------------------------------------------------------------------------
     def drop(self, port: Port, reason: str) -> None:
