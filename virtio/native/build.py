@@ -27,9 +27,10 @@ SOURCES = (
     "aio.c",
     "blk_dataplane.c",
     "net_fdb.c",
+    "net_dataplane.c",
 )
 """C sources, compiled as one translation unit (in this order)."""
-HEADERS = ("vm_native.h", "inflight.h", "dataplane.h", "net_fdb.h")
+HEADERS = ("vm_native.h", "inflight.h", "dataplane.h", "net_fdb.h", "net_dataplane.h")
 PRIVATE_HEADERS = ("faultfile.h",)
 """Headers the C sources include that cffi does not see (static inline code)."""
 """Headers whose declarations cffi exposes (in this order)."""

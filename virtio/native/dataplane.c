@@ -309,7 +309,7 @@ static void dp_serve_one(struct dp *dp, const struct vq_chain *c, const struct v
         dp_defer(dp, c, segs, err);
         return;
     }
-    dp_out_add(o, c->head, used, c->ndesc);
+    dp_out_add(o, c->head, used == DP_USED_ZERO ? 0 : used, c->ndesc);
 }
 
 /* ---- the loop ------------------------------------------------------------------- */

@@ -10,6 +10,9 @@
 #define DP_DEFER_MAX 256
 #define DP_DEFER_SEGS 8192
 #define DP_ASYNC 4294967295
+/* serve: complete the chain now with used length 0 (e.g. a virtio-net transmit
+ * buffer: the device writes nothing into it) */
+#define DP_USED_ZERO 4294967294
 /* events of a device's own wait (struct dp.wait) */
 #define DP_EV_KICK 1
 #define DP_EV_WAKE 2

@@ -4,7 +4,10 @@
  * (backward-shift deletion, so no tombstones), plus a doubly linked list of the
  * entries in learning order: re-learning moves an entry to the tail, a full table
  * evicts the head (the least recently learned address), as switch.py's dict does.
- * Not thread-safe: one switch thread owns it. */
+ * Thread-safe: every exported function takes the table's mutex; the native
+ * per-packet path (net_dataplane.c) holds it (fdb_lock) around its own
+ * decision and calls the unlocked fdb_* helpers. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,6 +25,7 @@ struct fdb_entry {
 };
 
 struct vm_net_fdb {
+    pthread_mutex_t mu;
     double ageing;
     uint32_t count, head, tail;
     struct fdb_entry slot[FDB_SLOTS];
@@ -42,11 +46,23 @@ struct vm_net_fdb *vm_net_fdb_new(double ageing)
     if (t) {
         t->ageing = ageing;
         t->head = t->tail = FDB_NONE;
+        if (pthread_mutex_init(&t->mu, NULL)) {
+            free(t);
+            return NULL;
+        }
     }
     return t;
 }
 
-void vm_net_fdb_free(struct vm_net_fdb *t) { free(t); }
+void vm_net_fdb_free(struct vm_net_fdb *t)
+{
+    if (t)
+        pthread_mutex_destroy(&t->mu);
+    free(t);
+}
+
+static void fdb_lock(struct vm_net_fdb *t) { pthread_mutex_lock(&t->mu); }
+static void fdb_unlock(struct vm_net_fdb *t) { pthread_mutex_unlock(&t->mu); }
 
 static uint32_t fdb_find(const struct vm_net_fdb *t, const uint8_t *mac)
 {
@@ -102,7 +118,7 @@ static void fdb_delete(struct vm_net_fdb *t, uint32_t i)
     }
 }
 
-void vm_net_fdb_learn(struct vm_net_fdb *t, const uint8_t *mac, uint32_t port, double now)
+static void fdb_learn(struct vm_net_fdb *t, const uint8_t *mac, uint32_t port, double now)
 {
     static const uint8_t zero[6];
     if ((mac[0] & 1) || memcmp(mac, zero, 6) == 0)
@@ -125,7 +141,7 @@ void vm_net_fdb_learn(struct vm_net_fdb *t, const uint8_t *mac, uint32_t port, d
     fdb_append(t, i);
 }
 
-int64_t vm_net_fdb_lookup(struct vm_net_fdb *t, const uint8_t *mac, double now)
+static int64_t fdb_lookup(struct vm_net_fdb *t, const uint8_t *mac, double now)
 {
     uint32_t i = fdb_find(t, mac);
     if (i == FDB_NONE)
@@ -137,7 +153,7 @@ int64_t vm_net_fdb_lookup(struct vm_net_fdb *t, const uint8_t *mac, double now)
     return t->slot[i].port;
 }
 
-void vm_net_fdb_forget(struct vm_net_fdb *t, uint32_t port)
+static void fdb_forget(struct vm_net_fdb *t, uint32_t port)
 {
     uint32_t i = t->head;
     while (i != FDB_NONE) {
@@ -153,7 +169,7 @@ void vm_net_fdb_forget(struct vm_net_fdb *t, uint32_t port)
 
 uint32_t vm_net_fdb_count(const struct vm_net_fdb *t) { return t->count; }
 
-uint32_t vm_net_fdb_dump(struct vm_net_fdb *t, double now, uint8_t *macs, uint32_t *ports, uint32_t max)
+static uint32_t fdb_dump(struct vm_net_fdb *t, double now, uint8_t *macs, uint32_t *ports, uint32_t max)
 {
     uint32_t n = 0;
     for (uint32_t i = t->head; i != FDB_NONE && n < max; i = t->slot[i].next) {
@@ -170,7 +186,7 @@ struct vm_net_port_counters *vm_net_fdb_counters(struct vm_net_fdb *t, uint32_t 
     return port < NET_FDB_MAX_PORTS ? &t->ports[port] : NULL;
 }
 
-uint32_t vm_net_fdb_decide(struct vm_net_fdb *t, uint32_t src, const uint8_t *frame, uint32_t len, double now)
+static uint32_t fdb_decide(struct vm_net_fdb *t, uint32_t src, const uint8_t *frame, uint32_t len, double now)
 {
     struct vm_net_port_counters *c = &t->ports[src % NET_FDB_MAX_PORTS];
     if (len < 14) {
@@ -179,8 +195,8 @@ uint32_t vm_net_fdb_decide(struct vm_net_fdb *t, uint32_t src, const uint8_t *fr
     }
     c->in_packets++;
     c->in_bytes += len;
-    vm_net_fdb_learn(t, frame + 6, src, now);
-    int64_t target = (frame[0] & 1) ? -1 : vm_net_fdb_lookup(t, frame, now);
+    fdb_learn(t, frame + 6, src, now);
+    int64_t target = (frame[0] & 1) ? -1 : fdb_lookup(t, frame, now);
     if (target < 0) {
         c->flooded++;
         return NET_FDB_FLOOD;
@@ -192,7 +208,7 @@ uint32_t vm_net_fdb_decide(struct vm_net_fdb *t, uint32_t src, const uint8_t *fr
     return (uint32_t)target;
 }
 
-void vm_net_fdb_delivered(struct vm_net_fdb *t, uint32_t port, uint32_t len, int ok)
+static void fdb_delivered(struct vm_net_fdb *t, uint32_t port, uint32_t len, int ok)
 {
     struct vm_net_port_counters *c = &t->ports[port % NET_FDB_MAX_PORTS];
     if (ok) {
@@ -201,4 +217,49 @@ void vm_net_fdb_delivered(struct vm_net_fdb *t, uint32_t port, uint32_t len, int
     } else {
         c->dropped_no_room++;
     }
+}
+
+void vm_net_fdb_learn(struct vm_net_fdb *t, const uint8_t *mac, uint32_t port, double now)
+{
+    fdb_lock(t);
+    fdb_learn(t, mac, port, now);
+    fdb_unlock(t);
+}
+
+int64_t vm_net_fdb_lookup(struct vm_net_fdb *t, const uint8_t *mac, double now)
+{
+    fdb_lock(t);
+    int64_t r = fdb_lookup(t, mac, now);
+    fdb_unlock(t);
+    return r;
+}
+
+void vm_net_fdb_forget(struct vm_net_fdb *t, uint32_t port)
+{
+    fdb_lock(t);
+    fdb_forget(t, port);
+    fdb_unlock(t);
+}
+
+uint32_t vm_net_fdb_dump(struct vm_net_fdb *t, double now, uint8_t *macs, uint32_t *ports, uint32_t max)
+{
+    fdb_lock(t);
+    uint32_t r = fdb_dump(t, now, macs, ports, max);
+    fdb_unlock(t);
+    return r;
+}
+
+uint32_t vm_net_fdb_decide(struct vm_net_fdb *t, uint32_t src, const uint8_t *frame, uint32_t len, double now)
+{
+    fdb_lock(t);
+    uint32_t r = fdb_decide(t, src, frame, len, now);
+    fdb_unlock(t);
+    return r;
+}
+
+void vm_net_fdb_delivered(struct vm_net_fdb *t, uint32_t port, uint32_t len, int ok)
+{
+    fdb_lock(t);
+    fdb_delivered(t, port, len, ok);
+    fdb_unlock(t);
 }

@@ -28,6 +28,7 @@ emulator the device serves it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import zlib
@@ -37,6 +38,7 @@ import trio
 
 from virtio.config_space import ConfigLayout
 from virtio.device import ActiveDevice, VirtioDevice
+from virtio.devices.net import dataplane as native
 from virtio.devices.net.offload import RxOffloads
 from virtio.devices.net.packet import (
     ETH_HLEN,
@@ -48,6 +50,8 @@ from virtio.devices.net.packet import (
     check_transmit,
 )
 from virtio.devices.net.switch import Switch
+from virtio.errors import DriverError
+from virtio.native import lib
 from virtio.queues.chain import DescriptorChain
 from virtio.ratelimit import LogRateLimiter
 from virtio.service import BufferQueue, OrderedRequestService, QueueRole
@@ -202,8 +206,6 @@ class VirtioNet(VirtioDevice):
         self.max_pairs = num_queue_pairs
         self.queue_max_sizes = (queue_size,) * (2 * num_queue_pairs) + (64,)
         self.rx_backlog = rx_backlog
-        self.switch = switch if switch is not None else Switch()
-        self.switch.add_port(self)
         self.queue_packets: Counter[int] = Counter()
         """Packets through each queue (received into receiveqs, sent from transmitqs)."""
         self.queue_bytes: Counter[int] = Counter()
@@ -211,7 +213,16 @@ class VirtioNet(VirtioDevice):
         """Receive-side drops and bad buffers, control queue errors, by reason."""
         self._limit = LogRateLimiter(log)
         self._rx: dict[int, _Backlog] = {}
+        self.native_dataplane = True
+        """Under vhost-user (eventfd notifications) serve transmit queues from the
+        native per-packet path (``dataplane.py``); set before ``run``."""
+        self.native_port = native.new_port()
+        """This port for the native path (``struct net_port``)."""
+        self._native_rx: native.NativeRx | None = None
+        self._dataplanes: dict[int, native.NetDataPlane] = {}
+        self.switch = switch if switch is not None else Switch()
         self._reset_state()
+        self.switch.add_port(self)
 
     def _reset_state(self) -> None:
         self.pairs = self.max_pairs
@@ -222,6 +233,18 @@ class VirtioNet(VirtioDevice):
         self.uc_table: set[bytes] = set()
         self.mc_table: set[bytes] = set()
         self.vlans: set[int] = set()
+        self._native_state()
+
+    def _native_state(self) -> None:
+        """Whether frames may be written into receiveq1 natively: the receive filter
+        lets everything through and it is the only receive queue in use (the
+        others are picked by flow hash in Python)."""
+        port = getattr(self, "native_port", None)
+        if port is None:
+            return
+        running = [i for i in self._rx if i // 2 < self.pairs]
+        port.native = int(self.promisc and running == [0] and self._native_rx is not None)
+        port.vlan_filter = int(self.has(NF.VIRTIO_NET_F_CTRL_VLAN))
 
     # -- features and configuration ----------------------------------------------------
     def has(self, feature: NF) -> bool:
@@ -293,6 +316,17 @@ class VirtioNet(VirtioDevice):
             await super().serve_queue(active, index)
         elif index % 2 == 1 and index < 2 * self.max_pairs:
             self.active = active
+            if native.NetDataPlane.supported(self, active, index):
+                plane = native.NetDataPlane(self, active, index)
+                self._dataplanes[index] = plane
+                try:
+                    if await plane.run():
+                        return
+                except DriverError as exc:  # the thread met a malformed ring
+                    self._driver_error(active, exc)
+                    return
+                finally:
+                    self._dataplanes.pop(index, None)
             await OrderedRequestService(active, index).run(self._transmit)
         else:
             await super().serve_queue(active, index)
@@ -374,21 +408,46 @@ class VirtioNet(VirtioDevice):
         if not self._rx[index].put(packet):
             self.errors["backlog_full"] += 1
             return False
+        if index == 0:
+            self.native_port.held += 1  # the native path waits for this backlog
         return True
 
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
         backlog = _Backlog(self.rx_backlog)
-        self._rx[queue_index] = backlog
+        rx = None
+        if queue_index == 0 and native.NativeRx.supported(self, buffers.notifier):
+            rx = native.NativeRx(self, buffers)
+        with contextlib.ExitStack() as stack:
+            if rx is not None:
+                self._native_rx = stack.enter_context(rx)
+            self._rx[queue_index] = backlog
+            self._native_state()
+            try:
+                while True:
+                    packet = await backlog.get()
+                    while not self._receive_locked(queue_index, buffers, packet):
+                        await buffers.wait_for_more()
+                    if queue_index == 0:
+                        self.native_port.held -= 1
+            finally:
+                if self._rx.get(queue_index) is backlog:
+                    del self._rx[queue_index]
+                if rx is not None:
+                    self._native_rx = None
+                self._native_state()
+                if backlog.packets:
+                    self.errors["stopped"] += len(backlog.packets)
+
+    def _receive_locked(self, index: int, buffers: BufferQueue, packet: Packet) -> bool:
+        """``_receive`` holding the port's lock while native threads may write into
+        the same ring."""
+        if index != 0 or self._native_rx is None:
+            return self._receive(index, buffers, packet)
+        lib.net_port_lock(self.native_port)
         try:
-            while True:
-                packet = await backlog.get()
-                while not self._receive(queue_index, buffers, packet):
-                    await buffers.wait_for_more()
+            return self._receive(index, buffers, packet)
         finally:
-            if self._rx.get(queue_index) is backlog:
-                del self._rx[queue_index]
-            if backlog.packets:
-                self.errors["stopped"] += len(backlog.packets)
+            lib.net_port_unlock(self.native_port)
 
     def _receive(self, index: int, buffers: BufferQueue, packet: Packet) -> bool:
         """Write ``packet`` into posted buffers: ``True`` when done (delivered or
@@ -440,7 +499,9 @@ class VirtioNet(VirtioDevice):
 
     # -- control queue (§5.1.9.5) ------------------------------------------------------------
     async def handle(self, queue_index: int, chain: DescriptorChain) -> int:
-        if queue_index != self.ctrl_index:  # not reached: transmit queues are ordered
+        if queue_index != self.ctrl_index:
+            if queue_index % 2 == 1 and queue_index < 2 * self.max_pairs:
+                return self._transmit(queue_index, chain)  # deferred by the data plane
             return 0
         if chain.writable_len < 1 or chain.readable_len < 2:
             self.errors["ctrl_malformed"] += 1
@@ -463,6 +524,7 @@ class VirtioNet(VirtioDevice):
                 raise ValueError(f"RX command with {len(data)} bytes of data")
             if cmd == NetCtrlRxCmd.VIRTIO_NET_CTRL_RX_PROMISC:
                 self.promisc = bool(data[0])
+                self._native_state()
             elif cmd == NetCtrlRxCmd.VIRTIO_NET_CTRL_RX_ALLMULTI:
                 self.allmulti = bool(data[0])
             else:
@@ -511,15 +573,21 @@ class VirtioNet(VirtioDevice):
             if not 1 <= pairs <= self.max_pairs:
                 return False
             self.pairs = pairs
+            self._native_state()
             return True
         return False
 
     def statistics(self) -> dict[str, object]:
         """Counters: the switch's for this port, per queue, receive-side errors."""
+        tx = [p.statistics() for _, p in sorted(self._dataplanes.items())]
         return {
-            "port": self.switch.counters[self.name].as_dict(),
+            "port": self.switch.port_statistics(self),
             "queues": dict(sorted(self.queue_packets.items())),
             "errors": dict(self.errors),
+            "native": {
+                "tx": {k: sum(s.get(k, 0) for s in tx) for k in native.TX_STATISTICS},
+                "rx": native.rx_statistics(self.native_port),
+            },
         }
 
 

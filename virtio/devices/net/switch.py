@@ -26,6 +26,7 @@ from typing import Protocol
 
 from virtio.devices.net.offload import OffloadError, RxOffloads, adapt, check_segmentable
 from virtio.devices.net.packet import GSO_NONE, Packet
+from virtio.native import ffi, lib
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,11 @@ class Switch:
         self._fdb = NativeFdb(ageing=ageing, clock=clock)
         self._slots: list[Port | None] = []
         """Port number in the native table -> port (None: free number)."""
+        self.native_ports = ffi.new("struct net_port *[]", lib.NET_FDB_MAX_PORTS)
+        """Port number -> ``struct net_port *`` for the native per-packet path
+        (``dataplane.py``); a port without one (the tap) gets one that is never
+        native, so a flood that includes it goes through Python."""
+        self._native_keep: dict[int, object] = {}
 
     # -- ports ---------------------------------------------------------------------------
     def add_port(self, port: Port) -> None:
@@ -108,13 +114,33 @@ class Switch:
             self._slots.append(port)
         else:
             raise ValueError(f"a switch has at most {MAX_PORTS} ports")
+        number = self._number(port)
+        native = getattr(port, "native_port", None)
+        if native is None:
+            from virtio.devices.net.dataplane import new_port
+
+            native = new_port()  # native stays 0
+        self._native_keep[number] = native
+        self.native_ports[number] = native
         self.ports.append(port)
         self.counters[port.name] = PortCounters()
 
     def remove_port(self, port: Port) -> None:
         self.ports.remove(port)
         self.forget(port)
-        self._slots[self._number(port)] = None
+        number = self._number(port)
+        self.native_ports[number] = ffi.NULL
+        self._native_keep.pop(number, None)
+        self._slots[number] = None
+
+    def number(self, port: Port) -> int:
+        """``port``'s number in the native table (``fdb.py``)."""
+        return self._number(port)
+
+    @property
+    def native_fdb(self):
+        """The native table (``struct vm_net_fdb *``) for the native per-packet path."""
+        return self._fdb._t
 
     def _number(self, port: Port) -> int:
         for i, p in enumerate(self._slots):
@@ -200,5 +226,14 @@ class Switch:
                 c.dropped["no_room"] += 1
         return delivered
 
+    def port_statistics(self, port: Port) -> dict[str, int]:
+        """``port``'s counters: the Python path's plus the native path's (``fdb.py``
+        counts what the native per-packet path switched)."""
+        out = self.counters[port.name].as_dict()
+        for key, value in self._fdb.counters(self._number(port)).items():
+            if value or not key.startswith("dropped_"):
+                out[key] = out.get(key, 0) + value
+        return out
+
     def statistics(self) -> dict[str, dict[str, int]]:
-        return {name: c.as_dict() for name, c in self.counters.items()}
+        return {p.name: self.port_statistics(p) for p in self.ports}

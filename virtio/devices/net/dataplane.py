@@ -1,0 +1,134 @@
+"""virtio-net's native per-packet path: a port's transmit queue on the generic data
+plane (``virtio/dataplane.py``) with the net fast path
+(``virtio/native/net_dataplane.c``), and the port's first receive queue written by
+it (``NativeRx``).
+
+The fast path serves the common case -- a frame without GSO, asking nothing or only
+NEEDS_CSUM from a port that negotiated GUEST_CSUM, to native ports whose receive
+ring has buffers -- by copying it once from the sender's buffers into the
+receiver's (virtio 1.4 §5.1.6.2-§5.1.6.4).  Everything else is deferred, before it
+was learned or counted, to ``VirtioNet._transmit`` (``handle``): the Python switch
+decides and counts it exactly as without the data plane.  Counters say which path
+served what (``tx_native`` vs ``py_*`` here, ``rx_native`` per receiving port).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from virtio.dataplane import NativeDataPlane
+from virtio.native import ffi, lib
+from virtio.spec.net import NetFeature as NF
+
+if TYPE_CHECKING:
+    from virtio.device import ActiveDevice
+    from virtio.devices.net.device import VirtioNet
+    from virtio.queues.chain import DescriptorChain
+    from virtio.service import BufferQueue
+
+TX_STATISTICS = (
+    "tx_native", "tx_native_bytes", "tx_flooded", "tx_hairpin", "flood_no_room",
+    "py_malformed", "py_offload", "py_port", "py_no_room",
+)  # fmt: skip
+"""Counters of a transmit data plane (``struct net_dp``)."""
+RX_STATISTICS = ("rx_native", "rx_native_bytes", "rx_calls", "rx_deferred")
+"""Counters of a port's natively written receive queue (``struct net_port``)."""
+
+
+def enabled(device: VirtioNet) -> bool:
+    """The native path is on for ``device`` (``PYVIRTIO_NET_DATAPLANE=0``: off)."""
+    return os.environ.get("PYVIRTIO_NET_DATAPLANE", "1") != "0" and device.native_dataplane
+
+
+def new_port() -> Any:
+    """A ``struct net_port`` (its mutex destroyed with it)."""
+    port = ffi.new("struct net_port *")
+    if lib.net_port_init(port):
+        raise MemoryError("net_port_init failed")
+    return port
+
+
+class NetDataPlane(NativeDataPlane):
+    """One virtio-net transmit queue's native data plane."""
+
+    c_type: ClassVar[str] = "struct net_dp"
+    device_statistics: ClassVar[tuple[str, ...]] = TX_STATISTICS
+    device: VirtioNet
+
+    @staticmethod
+    def supported(device: VirtioNet, active: ActiveDevice, index: int) -> bool:
+        return enabled(device) and NativeDataPlane.notifier_supported(active, index)
+
+    def attach(self, c: Any) -> None:
+        dev = self.device
+        sw = dev.switch
+        c.fdb = sw.native_fdb
+        c.ports = sw.native_ports
+        c.src = sw.number(dev)
+        lib.net_dp_attach(c)
+
+    def update_state(self) -> None:
+        c = self.c
+        if c is None:
+            return
+        dev = self.device
+        c.hdr_size = dev.hdr_size
+        c.mtu = dev.mtu
+        c.csum = int(dev.has(NF.VIRTIO_NET_F_CSUM))
+
+    def complete_failed(self, chain: DescriptorChain, err: int) -> int:
+        return 0  # not reached: the fast path defers with err 0 only
+
+
+class NativeRx:
+    """A port's first receive queue while native transmit threads may write into it
+    (``net_port_attach``); every Python write holds the port's lock (``locked``)."""
+
+    def __init__(self, device: VirtioNet, buffers: BufferQueue) -> None:
+        self.device = device
+        self.port = device.native_port
+        self.queue = buffers.queue
+        self.notifier = buffers.notifier
+        self.listeners = getattr(self.notifier, "listeners", None)
+
+    def __enter__(self) -> NativeRx:
+        dev = self.device
+        self.queue.set_locking(True)
+        call = getattr(self.notifier, "call_fd", None)
+        self.port.held = 0
+        lib.net_port_attach(
+            self.port,
+            self.queue.native,
+            -1 if call is None else call,
+            dev.hdr_size,
+            int(dev.has(NF.VIRTIO_NET_F_MRG_RXBUF)),
+            int(dev.has(NF.VIRTIO_NET_F_GUEST_CSUM)),
+        )
+        if self.listeners is not None:
+            self.listeners.append(self._fds_changed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.listeners is not None and self._fds_changed in self.listeners:
+            self.listeners.remove(self._fds_changed)
+        lib.net_port_detach(self.port)  # afterwards no thread touches the ring
+        self.port.held = 0
+        self.queue.set_locking(False)
+
+    def _fds_changed(self) -> None:
+        call = getattr(self.notifier, "call_fd", None)
+        lib.net_port_set_call(self.port, -1 if call is None else call)
+
+    @staticmethod
+    def supported(device: VirtioNet, notifier: object) -> bool:
+        return (
+            enabled(device)
+            and isinstance(getattr(notifier, "kick_fd", None), int)
+            and hasattr(notifier, "call_fd")
+            and not getattr(notifier, "poll_fallback", False)
+        )
+
+
+def rx_statistics(port: Any) -> dict[str, int]:
+    return {n: int(getattr(port, n)) for n in RX_STATISTICS}

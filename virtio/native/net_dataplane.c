@@ -1,0 +1,389 @@
+/* virtio-net's native per-packet path (virtio 1.4 §5.1.6): the fast path of a
+ * port's transmit queue under the generic data plane (dataplane.c).
+ *
+ * For each transmitted chain (§5.1.6.2): read the virtio_net_hdr, learn the source
+ * MAC and find the destination(s) in the switch's forwarding database (net_fdb.c),
+ * and copy the frame once from the source guest's buffers into the destination
+ * port's receive buffers (§5.1.6.3, §5.1.6.4): with VIRTIO_NET_F_MRG_RXBUF over as
+ * many buffers as it needs, all but the last filled, num_buffers saying how many;
+ * without it into one buffer that must hold it.  Each destination ring gets one
+ * used index update and at most one notification per packet (EVENT_IDX decides).
+ *
+ * It is an accelerator, not a second switch: only the common case is served here
+ * -- a frame without GSO whose header asks nothing or only NEEDS_CSUM to a port
+ * that negotiated GUEST_CSUM (passed through unchanged, as switch.py does), of a
+ * length the Python path would accept, to native ports whose receive ring has the
+ * buffers right now.  Everything else (malformed or hostile headers, TSO,
+ * checksum completion, the tap uplink, receive filters, a destination with a
+ * backlog in Python, a ring short of buffers) is deferred, before anything was
+ * learned or counted, to VirtioNet._transmit, which decides and counts it exactly
+ * as without the data plane; the causes are counted (py_*).
+ *
+ * Locks: the forwarding database's mutex is held for the decision and the copy
+ * (the decision must not change between the check and the count), and inside it
+ * the destination port's mutex (net_port.mu), which every writer of that receive
+ * ring holds.  The Python path takes the port mutex only (never the database's
+ * while holding it).  A port whose Python path holds packets (held > 0) is not
+ * written natively, so a packet never overtakes the backlog. */
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "net_dataplane.h"
+
+#define NET_PORT_MU(p) ((pthread_mutex_t *)(void *)(p)->mu_storage)
+_Static_assert(sizeof(((struct net_port *)0)->mu_storage) >= sizeof(pthread_mutex_t), "mutex");
+
+#define NET_HDR_MAX 12
+#define NET_ETH_HLEN 14
+#define NET_VLAN_HLEN 4
+#define NET_HDR_F_NEEDS_CSUM 1u
+#define NET_ETH_P_8021Q 0x8100u
+
+/* ---- ports ------------------------------------------------------------------------ */
+int net_port_init(struct net_port *p)
+{
+    p->rxq = NULL;
+    p->call_fd = -1;
+    return pthread_mutex_init(NET_PORT_MU(p), NULL) ? -1 : 0;
+}
+
+void net_port_destroy(struct net_port *p) { pthread_mutex_destroy(NET_PORT_MU(p)); }
+void net_port_lock(struct net_port *p) { pthread_mutex_lock(NET_PORT_MU(p)); }
+void net_port_unlock(struct net_port *p) { pthread_mutex_unlock(NET_PORT_MU(p)); }
+
+/* From now on frames may be written into q natively (the caller turned the
+ * queue's locking on: Python's own operations on it serialise with ours). */
+void net_port_attach(struct net_port *p, struct vq *q, int call_fd, uint32_t hdr_size,
+                     int mrg_rxbuf, int guest_csum)
+{
+    net_port_lock(p);
+    p->rxq = q;
+    p->call_fd = call_fd;
+    p->hdr_size = hdr_size;
+    p->mrg_rxbuf = (uint8_t)!!mrg_rxbuf;
+    p->guest_csum = (uint8_t)!!guest_csum;
+    net_port_unlock(p);
+}
+
+/* When this returns no thread touches the ring (or its memory) any more. */
+void net_port_detach(struct net_port *p)
+{
+    net_port_lock(p);
+    p->rxq = NULL;
+    p->call_fd = -1;
+    net_port_unlock(p);
+}
+
+void net_port_set_call(struct net_port *p, int call_fd)
+{
+    net_port_lock(p);
+    p->call_fd = call_fd;
+    net_port_unlock(p);
+}
+
+/* ---- copying ---------------------------------------------------------------------- */
+static inline uint8_t *net_host(struct vq *q, const struct vq_seg *s)
+{
+    return q->mem->regions[s->region].host + s->offset;
+}
+
+/* A read position in a chain's readable segments. */
+struct net_cursor {
+    struct vq *q;
+    const struct vq_seg *segs;
+    uint32_t nsegs, i, off;
+};
+
+static void net_cursor_skip(struct net_cursor *c, uint32_t n)
+{
+    while (n && c->i < c->nsegs) {
+        uint32_t left = c->segs[c->i].len - c->off;
+        uint32_t k = n < left ? n : left;
+        c->off += k;
+        n -= k;
+        if (c->off == c->segs[c->i].len) {
+            c->i++;
+            c->off = 0;
+        }
+    }
+}
+
+static uint32_t net_cursor_read(struct net_cursor *c, uint8_t *out, uint32_t n)
+{
+    uint32_t got = 0;
+    while (got < n && c->i < c->nsegs) {
+        uint32_t left = c->segs[c->i].len - c->off;
+        uint32_t k = n - got < left ? n - got : left;
+        memcpy(out + got, net_host(c->q, &c->segs[c->i]) + c->off, k);
+        got += k;
+        c->off += k;
+        if (c->off == c->segs[c->i].len) {
+            c->i++;
+            c->off = 0;
+        }
+    }
+    return got;
+}
+
+/* The parsed transmit chain. */
+struct net_frame {
+    struct net_cursor body;     /* at the first frame byte */
+    uint32_t len;               /* frame bytes */
+    uint8_t hdr[NET_HDR_MAX];   /* flags .. csum_offset as sent (num_buffers: ours) */
+    uint8_t eth[NET_ETH_HLEN + NET_VLAN_HLEN];
+};
+
+/* Give the last k popped chains back to the ring (they were not used: the next
+ * pop hands them out again; the driver may not touch them meanwhile, §2.7.13). */
+static void net_give_back(struct vq *q, const struct vq_chain *ch, uint32_t k)
+{
+    if (!k || q->broken)
+        return;
+    if (q->packed) {
+        int32_t back = 0;
+        for (uint32_t i = 0; i < k; i++)
+            back += ch[i].ndesc;
+        int32_t pos = (int32_t)q->next_avail - back;
+        uint8_t wrap = q->avail_wrap;
+        while (pos < 0) {
+            pos += q->size;
+            wrap ^= 1;
+        }
+        q->next_avail = (uint16_t)pos;
+        q->avail_wrap = wrap;
+    } else {
+        q->last_avail_idx = (uint16_t)(q->last_avail_idx - k);
+    }
+    q->popped -= k;
+}
+
+enum { NET_RX_OK = 1, NET_RX_DEFER = 0 };
+
+/* Write the frame into port p's receive ring (p->mu held).  NET_RX_OK, or
+ * NET_RX_DEFER with the ring as it was: short of buffers, or a buffer the Python
+ * path must judge (readable, shorter than the header, too small without
+ * MRG_RXBUF), or a ring error (the ring core marked the queue broken). */
+static int net_rx_write(struct net_port *p, const struct net_frame *f)
+{
+    struct vq *q = p->rxq;
+    struct vq_chain ch[NET_RX_MAX_BUFS];
+    struct vq_seg segs[NET_RX_MAX_SEGS];
+    uint16_t ids[NET_RX_MAX_BUFS], ndescs[NET_RX_MAX_BUFS];
+    uint32_t lens[NET_RX_MAX_BUFS];
+    uint32_t total = p->hdr_size + f->len, room = 0, k = 0, nseg = 0;
+    int rc = NET_RX_DEFER;
+    VQ_LOCK(q);
+    while (room < total) {
+        if (k == NET_RX_MAX_BUFS)
+            goto back;
+        int r = vq_pop_batch_u(q, &ch[k], 1, segs + nseg, NET_RX_MAX_SEGS - nseg);
+        if (r <= 0)
+            goto back; /* none posted, or an error (the queue is broken now) */
+        ch[k].seg_start = nseg;
+        nseg += ch[k].nsegs;
+        k++;
+        /* §5.1.6.3.1: receive buffers are device-writable and hold the header */
+        if (ch[k - 1].nreadable || ch[k - 1].writable_len < p->hdr_size)
+            goto back;
+        room += ch[k - 1].writable_len;
+        if (!p->mrg_rxbuf)
+            break;
+    }
+    if (room < total)
+        goto back;
+    /* header (num_buffers: §5.1.6.4), then the frame, buffer after buffer */
+    uint8_t hdr[NET_HDR_MAX];
+    memcpy(hdr, f->hdr, 10);
+    hdr[10] = (uint8_t)k;
+    hdr[11] = (uint8_t)(k >> 8);
+    struct net_cursor body = f->body;
+    uint32_t hdr_left = p->hdr_size, left = total;
+    for (uint32_t b = 0; b < k; b++) {
+        uint32_t in_buf = ch[b].writable_len < left ? ch[b].writable_len : left;
+        uint32_t want = in_buf;
+        for (uint32_t s = ch[b].seg_start; want && s < ch[b].seg_start + ch[b].nsegs; s++) {
+            uint8_t *dst = net_host(q, &segs[s]);
+            uint32_t n = segs[s].len < want ? segs[s].len : want, done = 0;
+            if (hdr_left) {
+                uint32_t h = hdr_left < n ? hdr_left : n;
+                memcpy(dst, hdr + (p->hdr_size - hdr_left), h);
+                hdr_left -= h;
+                done = h;
+            }
+            done += net_cursor_read(&body, dst + done, n - done);
+            vm_log_dirty(q->mem, segs[s].gpa, n);
+            want -= n;
+        }
+        ids[b] = ch[b].head;
+        ndescs[b] = ch[b].ndesc;
+        lens[b] = in_buf;
+        left -= in_buf;
+    }
+    vq_add_used_batch_u(q, ids, lens, ndescs, k);
+    if (q->stats)
+        q->stats->native += k;
+    if (vq_needs_notification_u(q) && p->call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(p->call_fd, &one, sizeof one);
+        (void)w;
+        p->rx_calls++;
+    }
+    p->rx_native++;
+    p->rx_native_bytes += f->len;
+    VQ_UNLOCK(q);
+    return NET_RX_OK;
+back:
+    net_give_back(q, ch, k);
+    VQ_UNLOCK(q);
+    p->rx_deferred++;
+    return rc;
+}
+
+/* ---- the transmit fast path ------------------------------------------------------- */
+static inline uint16_t net_le16(const uint8_t *b) { return (uint16_t)(b[0] | b[1] << 8); }
+
+/* Whether port p takes this frame natively (p->mu held). */
+static int net_port_takes(const struct net_port *p, const struct net_frame *f)
+{
+    if (!p->native || !p->rxq || p->held > 0 || p->rxq->broken)
+        return 0;
+    if ((f->hdr[0] & NET_HDR_F_NEEDS_CSUM) && !p->guest_csum)
+        return 0; /* checksum completion: switch.py / offload.py */
+    if (p->vlan_filter && f->len >= NET_ETH_HLEN + 2 &&
+        ((uint32_t)f->eth[12] << 8 | f->eth[13]) == NET_ETH_P_8021Q)
+        return 0; /* the VLAN filter: VirtioNet._accepts */
+    return 1;
+}
+
+static double net_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* Python's time.monotonic() */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Parse and check a transmitted chain as VirtioNet._transmit and check_transmit
+ * would; 1 when it is the plain case served here. */
+static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs,
+                     struct net_frame *f)
+{
+    uint32_t hs = n->hdr_size;
+    if (c->nreadable != c->nsegs || c->readable_len < hs + NET_ETH_HLEN ||
+        c->readable_len > hs + n->mtu + NET_ETH_HLEN + NET_VLAN_HLEN) {
+        n->py_malformed++; /* runt, oversized, writable parts: Python judges */
+        return 0;
+    }
+    f->len = c->readable_len - hs;
+    struct net_cursor cur = {n->core.q, segs, c->nsegs, 0, 0};
+    memset(f->hdr, 0, sizeof f->hdr);
+    net_cursor_read(&cur, f->hdr, hs < 10 ? hs : 10);
+    net_cursor_skip(&cur, hs > 10 ? hs - 10 : 0); /* the sender's num_buffers */
+    f->body = cur;
+    net_cursor_read(&cur, f->eth, f->len < sizeof f->eth ? f->len : (uint32_t)sizeof f->eth);
+    uint8_t flags = f->hdr[0], gso_type = f->hdr[1];
+    if (gso_type != 0 || (flags & ~NET_HDR_F_NEEDS_CSUM)) {
+        n->py_offload++; /* GSO (segmentation), DATA_VALID or unknown flags */
+        return 0;
+    }
+    if (flags & NET_HDR_F_NEEDS_CSUM) {
+        uint32_t start = net_le16(f->hdr + 6), off = net_le16(f->hdr + 8);
+        if (!n->csum || start >= f->len || start + off + 2 > f->len) {
+            n->py_malformed++; /* refused by check_transmit: counted there */
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs,
+                             int *err)
+{
+    struct net_dp *n = dev;
+    struct net_frame f;
+    *err = 0;
+    if (!net_parse(n, c, segs, &f))
+        return 0;
+    struct vm_net_fdb *t = n->fdb;
+    double now = net_now();
+    fdb_lock(t);
+    /* Where it goes, without learning or counting yet (fdb_decide does both once
+     * the packet is known to be served here): the source is learned first there,
+     * so a frame to its own (learnable) source address is a hairpin. */
+    static const uint8_t zero[6];
+    int64_t target;
+    if (f.eth[0] & 1)
+        target = -1;
+    else if (memcmp(f.eth, f.eth + 6, 6) == 0 && memcmp(f.eth, zero, 6) != 0)
+        target = n->src;
+    else
+        target = fdb_lookup(t, f.eth, now);
+    if (target == (int64_t)n->src) {
+        fdb_decide(t, n->src, f.eth, f.len, now); /* counted: dropped_hairpin */
+        fdb_unlock(t);
+        n->tx_hairpin++;
+        return DP_USED_ZERO;
+    }
+    if (target >= 0) {
+        struct net_port *p = target < NET_FDB_MAX_PORTS ? n->ports[target] : NULL;
+        int ok = 0;
+        if (p) {
+            net_port_lock(p);
+            if (net_port_takes(p, &f))
+                ok = net_rx_write(p, &f) == NET_RX_OK ? 1 : -1;
+            net_port_unlock(p);
+        }
+        if (ok <= 0) {
+            fdb_unlock(t);
+            if (ok < 0)
+                n->py_no_room++;
+            else
+                n->py_port++;
+            return 0;
+        }
+        fdb_decide(t, n->src, f.eth, f.len, now);
+        fdb_delivered(t, (uint32_t)target, f.len, 1);
+        fdb_unlock(t);
+        n->tx_native++;
+        n->tx_native_bytes += f.len;
+        return DP_USED_ZERO;
+    }
+    /* flood: every other port, all of them native (else Python floods it) */
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
+        struct net_port *p = n->ports[i];
+        if (i == n->src || !p)
+            continue;
+        net_port_lock(p);
+        int takes = net_port_takes(p, &f);
+        net_port_unlock(p);
+        if (!takes) {
+            fdb_unlock(t);
+            n->py_port++;
+            return 0;
+        }
+    }
+    fdb_decide(t, n->src, f.eth, f.len, now); /* counted: in, flooded */
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
+        struct net_port *p = n->ports[i];
+        if (i == n->src || !p)
+            continue;
+        net_port_lock(p);
+        int ok = net_port_takes(p, &f) && net_rx_write(p, &f) == NET_RX_OK;
+        net_port_unlock(p);
+        fdb_delivered(t, i, f.len, ok); /* a port short of buffers loses it */
+        n->flood_no_room += !ok;
+    }
+    fdb_unlock(t);
+    n->tx_native++;
+    n->tx_native_bytes += f.len;
+    n->tx_flooded++;
+    return DP_USED_ZERO;
+}
+
+void net_dp_attach(struct net_dp *n)
+{
+    n->core.serve = net_dp_serve;
+    n->core.dev = n;
+}

@@ -1,0 +1,54 @@
+/* virtio-net's native per-packet path (net_dataplane.c): a port's transmit queue
+ * served by a data-plane thread (dataplane.c), frames switched with the native
+ * forwarding database (net_fdb.h) and copied once into the destination port's
+ * receive buffers.  Needs dataplane.h and net_fdb.h first. */
+#ifndef PYVIRTIO_NET_DATAPLANE_H
+#define PYVIRTIO_NET_DATAPLANE_H
+
+#define NET_RX_MAX_BUFS 64  /* receive buffers one packet may span natively */
+#define NET_RX_MAX_SEGS 256 /* their segments */
+
+/* One switch port as the native path sees it: its first receive queue when that
+ * queue may be written natively, and the state the decision needs.  Every write
+ * into that ring -- native transmit threads of any port, and the Python path
+ * (net_port_lock around VirtioNet._receive) -- holds `mu`. */
+struct net_port {
+    void *mu_storage[8];
+    struct vq *rxq;             /* receiveq1, or NULL: Python path only */
+    int call_fd;                /* its used buffer notification eventfd, or -1 */
+    uint32_t hdr_size;          /* 10 or 12 (§5.1.6.1) */
+    uint8_t mrg_rxbuf;          /* VIRTIO_NET_F_MRG_RXBUF negotiated */
+    uint8_t guest_csum;         /* VIRTIO_NET_F_GUEST_CSUM negotiated */
+    uint8_t native;             /* frames to this port may be delivered natively */
+    uint8_t vlan_filter;        /* CTRL_VLAN negotiated: tagged frames go to Python */
+    int32_t held;               /* packets the Python path holds for this port */
+    /* counters (written under mu) */
+    uint64_t rx_native, rx_native_bytes, rx_calls, rx_deferred;
+};
+
+int net_port_init(struct net_port *p);
+void net_port_destroy(struct net_port *p);
+void net_port_attach(struct net_port *p, struct vq *q, int call_fd, uint32_t hdr_size,
+                     int mrg_rxbuf, int guest_csum);
+void net_port_detach(struct net_port *p);
+void net_port_set_call(struct net_port *p, int call_fd);
+void net_port_lock(struct net_port *p);
+void net_port_unlock(struct net_port *p);
+
+struct net_dp {
+    struct dp core;
+    struct vm_net_fdb *fdb;
+    struct net_port **ports;    /* NET_FDB_MAX_PORTS entries (NULL: no port) */
+    uint32_t src;               /* this port's number */
+    uint32_t hdr_size;          /* this port's header size */
+    uint32_t mtu;
+    uint8_t csum;               /* VIRTIO_NET_F_CSUM negotiated by this port */
+    uint8_t _pad[3];
+    /* transmitted frames served natively, and those handed to Python by cause */
+    uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin, flood_no_room;
+    uint64_t py_malformed, py_offload, py_port, py_no_room;
+};
+
+void net_dp_attach(struct net_dp *n);
+
+#endif
