@@ -220,6 +220,8 @@ class VirtioNet(VirtioDevice):
         """This port for the native path (``struct net_port``)."""
         self._native_rx: native.NativeRx | None = None
         self._dataplanes: dict[int, native.NetDataPlane] = {}
+        self.native_tx: Counter[str] = Counter()
+        """Counters of stopped transmit data planes (running ones: ``statistics``)."""
         self.switch = switch if switch is not None else Switch()
         self._reset_state()
         self.switch.add_port(self)
@@ -327,6 +329,7 @@ class VirtioNet(VirtioDevice):
                     return
                 finally:
                     self._dataplanes.pop(index, None)
+                    self._fold(index, plane.statistics())
             await OrderedRequestService(active, index).run(self._transmit)
         else:
             await super().serve_queue(active, index)
@@ -356,6 +359,12 @@ class VirtioNet(VirtioDevice):
         self.queue_bytes[index] += len(packet.frame)
         self.switch.forward(self, packet)
         return 0
+
+    def _fold(self, index: int, stats: dict[str, int]) -> None:
+        """Keep a stopped transmit data plane's counters."""
+        self.native_tx.update({k: stats.get(k, 0) for k in native.TX_STATISTICS})
+        self.queue_packets[index] += stats.get("tx_native", 0) + stats.get("tx_hairpin", 0)
+        self.queue_bytes[index] += stats.get("tx_native_bytes", 0)
 
     def _refused(self, exc: PacketRefused) -> None:
         self.switch.drop(self, exc.reason)
@@ -578,16 +587,21 @@ class VirtioNet(VirtioDevice):
         return False
 
     def statistics(self) -> dict[str, object]:
-        """Counters: the switch's for this port, per queue, receive-side errors."""
-        tx = [p.statistics() for _, p in sorted(self._dataplanes.items())]
+        """Counters: the switch's for this port, per queue, receive-side errors, and
+        what the native path served (``native``: its share of the same counts)."""
+        packets = Counter(self.queue_packets)
+        tx = Counter(self.native_tx)
+        for index, plane in list(self._dataplanes.items()):
+            stats = plane.statistics()
+            tx.update({k: stats.get(k, 0) for k in native.TX_STATISTICS})
+            packets[index] += stats.get("tx_native", 0) + stats.get("tx_hairpin", 0)
+        rx = native.rx_statistics(self.native_port)
+        packets[0] += rx["rx_native"]
         return {
             "port": self.switch.port_statistics(self),
-            "queues": dict(sorted(self.queue_packets.items())),
+            "queues": {k: v for k, v in sorted(packets.items()) if v},
             "errors": dict(self.errors),
-            "native": {
-                "tx": {k: sum(s.get(k, 0) for s in tx) for k in native.TX_STATISTICS},
-                "rx": native.rx_statistics(self.native_port),
-            },
+            "native": {"tx": {k: tx[k] for k in native.TX_STATISTICS}, "rx": rx},
         }
 
 
