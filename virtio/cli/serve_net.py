@@ -57,6 +57,19 @@ def register_net(devices: Any, fail: Any, signals_help: str) -> None:
         "-q", "--num-queue-pairs", type=int, default=1, metavar="N", help="queue pairs"
     )
     net.add_argument(
+        "--poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="native transmit threads poll an idle ring this long before sleeping "
+        "(0: sleep at once; a busy peer's next burst then needs no kick)",
+    )
+    net.add_argument(
+        "--no-native",
+        action="store_true",
+        help="switch every packet in Python (no native per-packet path)",
+    )
+    net.add_argument(
         "--print-capabilities", action="store_true", help="print capabilities as JSON and exit"
     )
     add_log_options(net)
@@ -89,6 +102,11 @@ def run_net(args: argparse.Namespace) -> int:
             )
             for i in range(len(args.socket_path))
         ]
+        if args.poll_us < 0:
+            raise ValueError(f"--poll-us {args.poll_us}: not negative")
+        for port in ports:
+            port.native_dataplane = not args.no_native
+            port.poll_us = args.poll_us
     except ValueError as exc:
         _fail(f"virtio serve net: {exc}", status=2)
     tap = None

@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "dataplane.h"
@@ -312,6 +313,32 @@ static void dp_serve_one(struct dp *dp, const struct vq_chain *c, const struct v
     dp_out_add(o, c->head, used == DP_USED_ZERO ? 0 : used, c->ndesc);
 }
 
+static uint64_t dp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Poll the ring (notifications still off) for up to spin_ns: 1 when chains came. */
+static int dp_spin(struct dp *dp)
+{
+    uint64_t end = dp_now_ns() + dp->spin_ns;
+    dp->spins++;
+    do {
+        if (vq_avail_count(dp->q)) {
+            dp->spin_hits++;
+            return 1;
+        }
+        if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
+            return 0;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    } while (dp_now_ns() < end);
+    return 0;
+}
+
 /* ---- the loop ------------------------------------------------------------------- */
 int dp_run(struct dp *dp)
 {
@@ -368,6 +395,8 @@ int dp_run(struct dp *dp)
             dp->requests += (uint64_t)n;
             if (dp->submit && dp->pending)
                 dp->submit(dp->dev); /* the whole batch goes to the kernel together */
+            if (dp->batch_end)
+                dp->batch_end(dp->dev);
             if (dp_room(dp))
                 dp_reap(dp, o); /* whatever finished meanwhile: one publication */
             dp_publish(dp, o);
@@ -383,6 +412,8 @@ int dp_run(struct dp *dp)
             dp_publish(dp, o);
             continue;
         }
+        if (dp->spin_ns && !dp->pending && dp_spin(dp))
+            continue;
         if (vq_enable_notification(q))
             continue;
         /* Sleep until the driver kicks (or a completion / wake comes).  An idle

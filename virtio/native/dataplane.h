@@ -83,6 +83,15 @@ struct dp {
     uint64_t requests, batches, deferred, kicks, calls, rescues, io_errors;
     uint64_t async_started, reaps, publishes, max_pending, dropped;
     uint64_t idles;             /* waits that timed out with nothing to do */
+    /* Optional: called after each popped batch was served, before its used entries
+     * are published (a device that writes other rings publishes those here). */
+    void (*batch_end)(void *dev);
+    /* Poll the ring this long (ns) for new chains before re-enabling driver
+     * notifications and sleeping (0: sleep at once).  A busy peer's next burst is
+     * then taken without a kick and a wake-up; an idle ring costs this much CPU
+     * once per idle period. */
+    uint64_t spin_ns;
+    uint64_t spins, spin_hits;  /* polls done, and those that found chains */
 };
 
 int dp_init(struct dp *dp);

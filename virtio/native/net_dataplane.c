@@ -51,7 +51,38 @@ int net_port_init(struct net_port *p)
 }
 
 void net_port_destroy(struct net_port *p) { pthread_mutex_destroy(NET_PORT_MU(p)); }
-void net_port_lock(struct net_port *p) { pthread_mutex_lock(NET_PORT_MU(p)); }
+
+/* Publish the gathered used entries with one used index update and notify as
+ * EVENT_IDX / flags allow (§2.7.8.2, §2.7.10); mu held. */
+static void net_port_flush(struct net_port *p)
+{
+    struct vq *q = p->rxq;
+    if (!p->npend || !q)
+        return;
+    VQ_LOCK(q);
+    vq_add_used_batch_u(q, p->pend_ids, p->pend_lens, p->pend_ndescs, p->npend);
+    if (q->stats)
+        q->stats->native += p->npend;
+    int notify = vq_needs_notification_u(q);
+    VQ_UNLOCK(q);
+    p->npend = 0;
+    p->rx_publishes++;
+    if (notify && p->call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(p->call_fd, &one, sizeof one);
+        (void)w;
+        p->rx_calls++;
+    }
+}
+
+/* The Python path's entry: what native threads wrote so far is published first,
+ * so the used ring keeps the order packets arrived in. */
+void net_port_lock(struct net_port *p)
+{
+    pthread_mutex_lock(NET_PORT_MU(p));
+    net_port_flush(p);
+}
+
 void net_port_unlock(struct net_port *p) { pthread_mutex_unlock(NET_PORT_MU(p)); }
 
 /* From now on frames may be written into q natively (the caller turned the
@@ -72,6 +103,7 @@ void net_port_attach(struct net_port *p, struct vq *q, int call_fd, uint32_t hdr
 void net_port_detach(struct net_port *p)
 {
     net_port_lock(p);
+    p->npend = 0;
     p->rxq = NULL;
     p->call_fd = -1;
     net_port_unlock(p);
@@ -171,10 +203,10 @@ static int net_rx_write(struct net_port *p, const struct net_frame *f)
     struct vq *q = p->rxq;
     struct vq_chain ch[NET_RX_MAX_BUFS];
     struct vq_seg segs[NET_RX_MAX_SEGS];
-    uint16_t ids[NET_RX_MAX_BUFS], ndescs[NET_RX_MAX_BUFS];
-    uint32_t lens[NET_RX_MAX_BUFS];
     uint32_t total = p->hdr_size + f->len, room = 0, k = 0, nseg = 0;
     int rc = NET_RX_DEFER;
+    if (p->npend + NET_RX_MAX_BUFS > NET_RX_PEND)
+        net_port_flush(p);
     VQ_LOCK(q);
     while (room < total) {
         if (k == NET_RX_MAX_BUFS)
@@ -217,19 +249,11 @@ static int net_rx_write(struct net_port *p, const struct net_frame *f)
             vm_log_dirty(q->mem, segs[s].gpa, n);
             want -= n;
         }
-        ids[b] = ch[b].head;
-        ndescs[b] = ch[b].ndesc;
-        lens[b] = in_buf;
+        p->pend_ids[p->npend] = ch[b].head;
+        p->pend_ndescs[p->npend] = ch[b].ndesc;
+        p->pend_lens[p->npend] = in_buf;
+        p->npend++;
         left -= in_buf;
-    }
-    vq_add_used_batch_u(q, ids, lens, ndescs, k);
-    if (q->stats)
-        q->stats->native += k;
-    if (vq_needs_notification_u(q) && p->call_fd >= 0) {
-        uint64_t one = 1;
-        ssize_t w = write(p->call_fd, &one, sizeof one);
-        (void)w;
-        p->rx_calls++;
     }
     p->rx_native++;
     p->rx_native_bytes += f->len;
@@ -330,10 +354,11 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         struct net_port *p = target < NET_FDB_MAX_PORTS ? n->ports[target] : NULL;
         int ok = 0;
         if (p) {
-            net_port_lock(p);
+            pthread_mutex_lock(NET_PORT_MU(p));
             if (net_port_takes(p, &f))
                 ok = net_rx_write(p, &f) == NET_RX_OK ? 1 : -1;
-            net_port_unlock(p);
+            pthread_mutex_unlock(NET_PORT_MU(p));
+            n->touched[target] = 1;
         }
         if (ok <= 0) {
             fdb_unlock(t);
@@ -355,9 +380,9 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         struct net_port *p = n->ports[i];
         if (i == n->src || !p)
             continue;
-        net_port_lock(p);
+        pthread_mutex_lock(NET_PORT_MU(p));
         int takes = net_port_takes(p, &f);
-        net_port_unlock(p);
+        pthread_mutex_unlock(NET_PORT_MU(p));
         if (!takes) {
             fdb_unlock(t);
             n->py_port++;
@@ -369,9 +394,10 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         struct net_port *p = n->ports[i];
         if (i == n->src || !p)
             continue;
-        net_port_lock(p);
+        pthread_mutex_lock(NET_PORT_MU(p));
         int ok = net_port_takes(p, &f) && net_rx_write(p, &f) == NET_RX_OK;
-        net_port_unlock(p);
+        pthread_mutex_unlock(NET_PORT_MU(p));
+        n->touched[i] = 1;
         fdb_delivered(t, i, f.len, ok); /* a port short of buffers loses it */
         n->flood_no_room += !ok;
     }
@@ -382,8 +408,24 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
     return DP_USED_ZERO;
 }
 
+/* End of a transmit batch: one publication per destination ring written. */
+static void net_dp_batch_end(void *dev)
+{
+    struct net_dp *n = dev;
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
+        struct net_port *p = n->touched[i] ? n->ports[i] : NULL;
+        n->touched[i] = 0;
+        if (p) {
+            pthread_mutex_lock(NET_PORT_MU(p));
+            net_port_flush(p);
+            pthread_mutex_unlock(NET_PORT_MU(p));
+        }
+    }
+}
+
 void net_dp_attach(struct net_dp *n)
 {
     n->core.serve = net_dp_serve;
+    n->core.batch_end = net_dp_batch_end;
     n->core.dev = n;
 }

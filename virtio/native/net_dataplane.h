@@ -7,6 +7,7 @@
 
 #define NET_RX_MAX_BUFS 64  /* receive buffers one packet may span natively */
 #define NET_RX_MAX_SEGS 256 /* their segments */
+#define NET_RX_PEND 256     /* used entries a port gathers before one publication */
 
 /* One switch port as the native path sees it: its first receive queue when that
  * queue may be written natively, and the state the decision needs.  Every write
@@ -22,8 +23,13 @@ struct net_port {
     uint8_t native;             /* frames to this port may be delivered natively */
     uint8_t vlan_filter;        /* CTRL_VLAN negotiated: tagged frames go to Python */
     int32_t held;               /* packets the Python path holds for this port */
+    /* used entries written natively and not yet published (under mu): one used
+     * index update and one notification per batch of the transmitting thread */
+    uint16_t pend_ids[NET_RX_PEND], pend_ndescs[NET_RX_PEND];
+    uint32_t pend_lens[NET_RX_PEND];
+    uint32_t npend;
     /* counters (written under mu) */
-    uint64_t rx_native, rx_native_bytes, rx_calls, rx_deferred;
+    uint64_t rx_native, rx_native_bytes, rx_calls, rx_deferred, rx_publishes;
 };
 
 int net_port_init(struct net_port *p);
@@ -47,6 +53,7 @@ struct net_dp {
     /* transmitted frames served natively, and those handed to Python by cause */
     uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin, flood_no_room;
     uint64_t py_malformed, py_offload, py_port, py_no_room;
+    uint8_t touched[NET_FDB_MAX_PORTS]; /* ports written in this batch */
 };
 
 void net_dp_attach(struct net_dp *n);

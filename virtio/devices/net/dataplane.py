@@ -32,7 +32,7 @@ TX_STATISTICS = (
     "py_malformed", "py_offload", "py_port", "py_no_room",
 )  # fmt: skip
 """Counters of a transmit data plane (``struct net_dp``)."""
-RX_STATISTICS = ("rx_native", "rx_native_bytes", "rx_calls", "rx_deferred")
+RX_STATISTICS = ("rx_native", "rx_native_bytes", "rx_calls", "rx_deferred", "rx_publishes")
 """Counters of a port's natively written receive queue (``struct net_port``)."""
 
 
@@ -66,6 +66,7 @@ class NetDataPlane(NativeDataPlane):
         c.fdb = sw.native_fdb
         c.ports = sw.native_ports
         c.src = sw.number(dev)
+        c.core.spin_ns = max(0, dev.poll_us) * 1000
         lib.net_dp_attach(c)
 
     def update_state(self) -> None:
@@ -76,6 +77,12 @@ class NetDataPlane(NativeDataPlane):
         c.hdr_size = dev.hdr_size
         c.mtu = dev.mtu
         c.csum = int(dev.has(NF.VIRTIO_NET_F_CSUM))
+
+    def statistics(self) -> dict[str, int]:
+        out = super().statistics()
+        if self.c is not None:
+            out.update(spins=int(self.c.core.spins), spin_hits=int(self.c.core.spin_hits))
+        return out
 
     def complete_failed(self, chain: DescriptorChain, err: int) -> int:
         return 0  # not reached: the fast path defers with err 0 only

@@ -216,6 +216,8 @@ class VirtioNet(VirtioDevice):
         self.native_dataplane = True
         """Under vhost-user (eventfd notifications) serve transmit queues from the
         native per-packet path (``dataplane.py``); set before ``run``."""
+        self.poll_us = 0
+        """Native transmit threads poll an idle ring this long before sleeping."""
         self.native_port = native.new_port()
         """This port for the native path (``struct net_port``)."""
         self._native_rx: native.NativeRx | None = None
