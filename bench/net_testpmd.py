@@ -119,14 +119,23 @@ def dpdk_backend(a: Path, b: Path, qp: int) -> Iterator[int]:
         yield vh.pid
 
 
+def ours_backend(extra: list[str]):
+    """``virtio serve net`` (with ``extra`` arguments) as a backend."""
+
+    def backend(a: Path, b: Path, qp: int):
+        return _ours(a, b, qp, extra)
+
+    return backend
+
+
 @contextlib.contextmanager
-def ours_backend(a: Path, b: Path, qp: int) -> Iterator[int]:
+def _ours(a: Path, b: Path, qp: int, extra: list[str]) -> Iterator[int]:
     """``virtio serve net`` with two ports, pinned to the backend CPU; yields its pid."""
     cmd = [
         "taskset", "-c", str(BACKEND_CPU),
         python(), "-m", "virtio", "serve", "net",
         "--socket-path", str(a), "--socket-path", str(b),
-        "--num-queue-pairs", str(qp),
+        "--num-queue-pairs", str(qp), *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=OURS_REPO, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -185,6 +194,14 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--ours-repo", type=Path, default=REPO, help="checkout whose backend to run")
+    ap.add_argument(
+        "--ours-args",
+        action="append",
+        default=None,
+        metavar="ARGS",
+        help="extra arguments for virtio serve net, e.g. '--poll-us 50' (repeatable: one "
+        "column of ours per value, all in the same run; default: one with none)",
+    )
     args = ap.parse_args()
     global OURS_REPO
     OURS_REPO = args.ours_repo.resolve()
@@ -202,7 +219,12 @@ def main() -> int:
         for q in args.queue_pairs.split(",")
     ]
     have_ours = ours_available()
-    backends = {"dpdk": dpdk_backend} | ({"ours": ours_backend} if have_ours else {})
+    variants = args.ours_args or [""]
+    backends = {"dpdk": dpdk_backend}
+    if have_ours:
+        for v in variants:
+            backends[f"ours {v}".strip()] = ours_backend(v.split())
+    ours_names = [n for n in backends if n != "dpdk"] or ["ours"]
     results: dict[str, dict[str, Run | None]] = {}
     for point in points:
         runs: dict[str, list[Run]] = {name: [] for name in backends}
@@ -211,7 +233,8 @@ def main() -> int:
                 print(f"[{point.label}] round {rnd + 1} {name} ...", file=sys.stderr, flush=True)
                 runs[name].append(measure(backend, point, args.duration, args.tx_first))
         results[point.label] = {name: median(r) for name, r in runs.items()}
-        results[point.label].setdefault("ours", None)
+        for name in ours_names:
+            results[point.label].setdefault(name, None)
 
     if args.json:
         out = {
@@ -228,15 +251,18 @@ def main() -> int:
     print(hdr)
     print("-" * len(hdr))
     for label, row in results.items():
-        d, o = row["dpdk"], row["ours"]
+        d = row["dpdk"]
         assert d is not None
-        left = f"{label:<20} {d.mpps:>9.2f} {d.gbps:>7.2f} {d.cpu_ns_per_pkt:>10.0f}  "
-        if o is None:
-            print(left + NOT_AVAILABLE)
-        else:
+        for name in ours_names:
+            o = row[name]
+            left = f"{label:<20} {d.mpps:>9.2f} {d.gbps:>7.2f} {d.cpu_ns_per_pkt:>10.0f}  "
+            if o is None:
+                print(left + NOT_AVAILABLE)
+                continue
+            tag = f"  [{name[5:]}]" if len(ours_names) > 1 else ""
             print(
                 left + f"{o.mpps:>9.2f} {o.gbps:>7.2f} {o.cpu_ns_per_pkt:>10.0f}  "
-                f"{o.mpps / d.mpps:>6.2f} {o.gbps / d.gbps:>8.2f}"
+                f"{o.mpps / d.mpps:>6.2f} {o.gbps / d.gbps:>8.2f}{tag}"
             )
     print(
         f"\nfrontend: testpmd virtio-user x2, io forward, CPU {FRONTEND_CPU}; backend on CPU "

@@ -144,9 +144,12 @@ def statistics(ports: list[Any], servers: list[Any], tap: Any) -> str:
         fields += [f"{k}={v}" for k, v in st["port"].items()]
         fields += [f"rx_{k}={v}" for k, v in sorted(st["errors"].items())]
         fields.append(f"needs_reset={int(port.needs_reset)}")
+        nat = st["native"]  # the native per-packet path's share, and what it handed over
+        fields += [f"{k}={v}" for k, v in nat["tx"].items() if v]
+        fields += [f"{k}={v}" for k, v in nat["rx"].items() if v]
         parts.append(f"{port.name}=[{' '.join(fields)}]")
     if tap is not None:
-        c = switch.counters[tap.name].as_dict()
+        c = switch.port_statistics(tap)
         parts.append(f"tap=[{' '.join(f'{k}={v}' for k, v in c.items())}]")
     parts.append(f"addresses={len(switch.addresses())}")
     return " ".join(parts)

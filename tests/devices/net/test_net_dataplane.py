@@ -135,11 +135,12 @@ def _frames():
     ]
 
 
-async def _scenario(frames, native: bool, without_b: int, rx_size: int):
+async def _scenario(frames, native: bool, without_b: int, rx_size: int, poll_us: int = 0):
     sw = Switch()
     a = VirtioNet(name="a", switch=sw, mac=MAC_A)
     b = VirtioNet(name="b", switch=sw, mac=MAC_B)
     a.native_dataplane = b.native_dataplane = native
+    a.poll_us = b.poll_us = poll_us
     ga, gb = Guest(a), Guest(b, without_b)
     guests = {"a": ga, "b": gb}
     try:
@@ -168,18 +169,19 @@ MRG = NF.VIRTIO_NET_F_MRG_RXBUF.mask
 
 
 @pytest.mark.parametrize(
-    ("without_b", "rx_size"),
+    ("without_b", "rx_size", "poll_us"),
     [
-        (0, 512),  # MRG_RXBUF, small buffers: frames span several (num_buffers > 1)
-        (MRG, 4096),  # one buffer per packet (§5.1.6.3)
-        (MRG, 1200),  # ... too small for some: dropped by both paths alike
-        (GUEST_CSUM | GUEST_TSO | NF.VIRTIO_NET_F_GUEST_ECN.mask, 1536),  # b: no offloads
+        (0, 512, 0),  # MRG_RXBUF, small buffers: frames span several (num_buffers > 1)
+        (0, 512, 200),  # ... with the transmit threads polling before they sleep
+        (MRG, 4096, 0),  # one buffer per packet (§5.1.6.3)
+        (MRG, 1200, 0),  # ... too small for some: dropped by both paths alike
+        (GUEST_CSUM | GUEST_TSO | NF.VIRTIO_NET_F_GUEST_ECN.mask, 1536, 0),  # b: no offloads
     ],
 )
-async def test_native_path_delivers_what_the_python_path_delivers(without_b, rx_size):
+async def test_native_path_delivers_what_the_python_path_delivers(without_b, rx_size, poll_us):
     frames = _frames()
     py = await _scenario(frames, False, without_b, rx_size)
-    nat = await _scenario(frames, True, without_b, rx_size)
+    nat = await _scenario(frames, True, without_b, rx_size, poll_us)
     for name in ("a", "b"):
         py_rx, py_stats = py[name]
         nat_rx, nat_stats = nat[name]
