@@ -19,11 +19,11 @@
  * learned or counted, to VirtioNet._transmit, which decides and counts it exactly
  * as without the data plane; the causes are counted (py_*).
  *
- * Locks: the forwarding database's mutex is held for the decision and the copy
- * (the decision must not change between the check and the count), and inside it
- * the destination port's mutex (net_port.mu), which every writer of that receive
- * ring holds.  The Python path takes the port mutex only (never the database's
- * while holding it).  A port whose Python path holds packets (held > 0) is not
+ * Locks: the forwarding database's mutex is held for the lookup, and again for
+ * learning and counting once the packet was delivered (what was decided is what
+ * is counted); the copy holds only the destination port's mutex (net_port.mu),
+ * which every writer of that receive ring holds.  No lock is taken while another
+ * is held, so transmit threads of different ports copy in parallel.  A port whose Python path holds packets (held > 0) is not
  * written natively, so a packet never overtakes the backlog. */
 #include <errno.h>
 #include <pthread.h>
@@ -322,6 +322,22 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
     return 1;
 }
 
+/* Count a packet switched natively as fdb_decide would have (decision `target`:
+ * a port, -1 flood, the source itself: hairpin) and learn its source; database
+ * lock held. */
+static void net_count(struct vm_net_fdb *t, uint32_t src, const struct net_frame *f,
+                      int64_t target, double now)
+{
+    struct vm_net_port_counters *c = &t->ports[src % NET_FDB_MAX_PORTS];
+    c->in_packets++;
+    c->in_bytes += f->len;
+    fdb_learn(t, f->eth + 6, src, now);
+    if (target < 0)
+        c->flooded++;
+    else if (target == (int64_t)src)
+        c->dropped_hairpin++;
+}
+
 static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs,
                              int *err)
 {
@@ -331,21 +347,30 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
     if (!net_parse(n, c, segs, &f))
         return 0;
     struct vm_net_fdb *t = n->fdb;
-    double now = net_now();
-    fdb_lock(t);
-    /* Where it goes, without learning or counting yet (fdb_decide does both once
-     * the packet is known to be served here): the source is learned first there,
-     * so a frame to its own (learnable) source address is a hairpin. */
+    if (!n->now_valid) { /* once per batch: ageing is counted in seconds */
+        n->now = net_now();
+        n->now_valid = 1;
+    }
+    double now = n->now;
+    /* Where it goes, without learning or counting yet (net_count does both once
+     * the packet is known to be served here): switch.py learns the source first,
+     * so a frame to its own (learnable) source address is a hairpin.  The copy
+     * runs outside the database's lock (transmit threads of other ports switch
+     * meanwhile); what it decided is what is counted. */
     static const uint8_t zero[6];
     int64_t target;
-    if (f.eth[0] & 1)
+    if (f.eth[0] & 1) {
         target = -1;
-    else if (memcmp(f.eth, f.eth + 6, 6) == 0 && memcmp(f.eth, zero, 6) != 0)
+    } else if (memcmp(f.eth, f.eth + 6, 6) == 0 && memcmp(f.eth, zero, 6) != 0) {
         target = n->src;
-    else
+    } else {
+        fdb_lock(t);
         target = fdb_lookup(t, f.eth, now);
+        fdb_unlock(t);
+    }
     if (target == (int64_t)n->src) {
-        fdb_decide(t, n->src, f.eth, f.len, now); /* counted: dropped_hairpin */
+        fdb_lock(t);
+        net_count(t, n->src, &f, target, now); /* dropped_hairpin */
         fdb_unlock(t);
         n->tx_hairpin++;
         return DP_USED_ZERO;
@@ -361,14 +386,14 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
             n->touched[target] = 1;
         }
         if (ok <= 0) {
-            fdb_unlock(t);
             if (ok < 0)
                 n->py_no_room++;
             else
                 n->py_port++;
             return 0;
         }
-        fdb_decide(t, n->src, f.eth, f.len, now);
+        fdb_lock(t);
+        net_count(t, n->src, &f, target, now);
         fdb_delivered(t, (uint32_t)target, f.len, 1);
         fdb_unlock(t);
         n->tx_native++;
@@ -376,6 +401,7 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         return DP_USED_ZERO;
     }
     /* flood: every other port, all of them native (else Python floods it) */
+    uint8_t ok[NET_FDB_MAX_PORTS];
     for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
         struct net_port *p = n->ports[i];
         if (i == n->src || !p)
@@ -384,23 +410,26 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         int takes = net_port_takes(p, &f);
         pthread_mutex_unlock(NET_PORT_MU(p));
         if (!takes) {
-            fdb_unlock(t);
             n->py_port++;
             return 0;
         }
     }
-    fdb_decide(t, n->src, f.eth, f.len, now); /* counted: in, flooded */
     for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
         struct net_port *p = n->ports[i];
+        ok[i] = 0;
         if (i == n->src || !p)
             continue;
         pthread_mutex_lock(NET_PORT_MU(p));
-        int ok = net_port_takes(p, &f) && net_rx_write(p, &f) == NET_RX_OK;
+        ok[i] = 1 + (net_port_takes(p, &f) && net_rx_write(p, &f) == NET_RX_OK);
         pthread_mutex_unlock(NET_PORT_MU(p));
         n->touched[i] = 1;
-        fdb_delivered(t, i, f.len, ok); /* a port short of buffers loses it */
-        n->flood_no_room += !ok;
+        n->flood_no_room += ok[i] == 1; /* a port short of buffers loses it */
     }
+    fdb_lock(t);
+    net_count(t, n->src, &f, -1, now); /* in, flooded */
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++)
+        if (ok[i])
+            fdb_delivered(t, i, f.len, ok[i] == 2);
     fdb_unlock(t);
     n->tx_native++;
     n->tx_native_bytes += f.len;
@@ -412,6 +441,7 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
 static void net_dp_batch_end(void *dev)
 {
     struct net_dp *n = dev;
+    n->now_valid = 0;
     for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
         struct net_port *p = n->touched[i] ? n->ports[i] : NULL;
         n->touched[i] = 0;

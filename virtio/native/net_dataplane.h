@@ -54,6 +54,8 @@ struct net_dp {
     uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin, flood_no_room;
     uint64_t py_malformed, py_offload, py_port, py_no_room;
     uint8_t touched[NET_FDB_MAX_PORTS]; /* ports written in this batch */
+    double now;                 /* monotonic seconds, read once per batch */
+    int now_valid;
 };
 
 void net_dp_attach(struct net_dp *n);
