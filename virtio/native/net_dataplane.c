@@ -194,39 +194,66 @@ static void net_give_back(struct vq *q, const struct vq_chain *ch, uint32_t k)
 
 enum { NET_RX_OK = 1, NET_RX_DEFER = 0 };
 
-/* Write the frame into port p's receive ring (p->mu held).  NET_RX_OK, or
- * NET_RX_DEFER with the ring as it was: short of buffers, or a buffer the Python
- * path must judge (readable, shorter than the header, too small without
- * MRG_RXBUF), or a ring error (the ring core marked the queue broken). */
-static int net_rx_write(struct net_port *p, const struct net_frame *f)
+/* Reserve receive buffers of port p for the frame (p->mu held): pop as many
+ * chains as it needs.  NET_RX_OK, or NET_RX_DEFER with the ring as it was: short of
+ * buffers, or a buffer the Python path must judge (readable, shorter than the
+ * header, too small without MRG_RXBUF), or a ring error (the ring core marked the
+ * queue broken).  Python does not touch the ring while p->mu is held and p->held
+ * is 0, so the reservation stays valid until net_rx_commit / net_rx_cancel. */
+static int net_rx_reserve(struct net_port *p, const struct net_frame *f, struct net_resv *r)
 {
     struct vq *q = p->rxq;
-    struct vq_chain ch[NET_RX_MAX_BUFS];
-    struct vq_seg segs[NET_RX_MAX_SEGS];
-    uint32_t total = p->hdr_size + f->len, room = 0, k = 0, nseg = 0;
-    int rc = NET_RX_DEFER;
+    uint32_t total = p->hdr_size + f->len, room = 0, nseg = 0;
+    r->k = 0;
     if (p->npend + NET_RX_MAX_BUFS > NET_RX_PEND)
         net_port_flush(p);
     VQ_LOCK(q);
     while (room < total) {
-        if (k == NET_RX_MAX_BUFS)
+        if (r->k == NET_RX_MAX_BUFS)
             goto back;
-        int r = vq_pop_batch_u(q, &ch[k], 1, segs + nseg, NET_RX_MAX_SEGS - nseg);
-        if (r <= 0)
+        struct vq_chain *c = &r->ch[r->k];
+        int n = vq_pop_batch_u(q, c, 1, r->segs + nseg, NET_RX_MAX_SEGS - nseg);
+        if (n <= 0)
             goto back; /* none posted, or an error (the queue is broken now) */
-        ch[k].seg_start = nseg;
-        nseg += ch[k].nsegs;
-        k++;
+        c->seg_start = nseg;
+        nseg += c->nsegs;
+        r->k++;
         /* §5.1.6.3.1: receive buffers are device-writable and hold the header */
-        if (ch[k - 1].nreadable || ch[k - 1].writable_len < p->hdr_size)
+        if (c->nreadable || c->writable_len < p->hdr_size)
             goto back;
-        room += ch[k - 1].writable_len;
+        room += c->writable_len;
         if (!p->mrg_rxbuf)
             break;
     }
     if (room < total)
         goto back;
-    /* header (num_buffers: §5.1.6.4), then the frame, buffer after buffer */
+    VQ_UNLOCK(q);
+    return NET_RX_OK;
+back:
+    net_give_back(q, r->ch, r->k);
+    VQ_UNLOCK(q);
+    r->k = 0;
+    p->rx_deferred++;
+    return NET_RX_DEFER;
+}
+
+/* Give a reservation back unused (p->mu held). */
+static void net_rx_cancel(struct net_port *p, struct net_resv *r)
+{
+    struct vq *q = p->rxq;
+    VQ_LOCK(q);
+    net_give_back(q, r->ch, r->k);
+    VQ_UNLOCK(q);
+    r->k = 0;
+}
+
+/* Write the frame into the reserved buffers: the header (num_buffers: §5.1.6.4),
+ * then the frame, buffer after buffer, all but the last filled; their used entries
+ * wait in p->pend for the batch's publication (p->mu held). */
+static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct net_resv *r)
+{
+    struct vq *q = p->rxq;
+    uint32_t k = r->k, total = p->hdr_size + f->len;
     uint8_t hdr[NET_HDR_MAX];
     memcpy(hdr, f->hdr, 10);
     hdr[10] = (uint8_t)k;
@@ -234,11 +261,12 @@ static int net_rx_write(struct net_port *p, const struct net_frame *f)
     struct net_cursor body = f->body;
     uint32_t hdr_left = p->hdr_size, left = total;
     for (uint32_t b = 0; b < k; b++) {
-        uint32_t in_buf = ch[b].writable_len < left ? ch[b].writable_len : left;
+        const struct vq_chain *c = &r->ch[b];
+        uint32_t in_buf = c->writable_len < left ? c->writable_len : left;
         uint32_t want = in_buf;
-        for (uint32_t s = ch[b].seg_start; want && s < ch[b].seg_start + ch[b].nsegs; s++) {
-            uint8_t *dst = net_host(q, &segs[s]);
-            uint32_t n = segs[s].len < want ? segs[s].len : want, done = 0;
+        for (uint32_t s = c->seg_start; want && s < c->seg_start + c->nsegs; s++) {
+            uint8_t *dst = net_host(q, &r->segs[s]);
+            uint32_t n = r->segs[s].len < want ? r->segs[s].len : want, done = 0;
             if (hdr_left) {
                 uint32_t h = hdr_left < n ? hdr_left : n;
                 memcpy(dst, hdr + (p->hdr_size - hdr_left), h);
@@ -246,24 +274,18 @@ static int net_rx_write(struct net_port *p, const struct net_frame *f)
                 done = h;
             }
             done += net_cursor_read(&body, dst + done, n - done);
-            vm_log_dirty(q->mem, segs[s].gpa, n);
+            vm_log_dirty(q->mem, r->segs[s].gpa, n);
             want -= n;
         }
-        p->pend_ids[p->npend] = ch[b].head;
-        p->pend_ndescs[p->npend] = ch[b].ndesc;
+        p->pend_ids[p->npend] = c->head;
+        p->pend_ndescs[p->npend] = c->ndesc;
         p->pend_lens[p->npend] = in_buf;
         p->npend++;
         left -= in_buf;
     }
+    r->k = 0;
     p->rx_native++;
     p->rx_native_bytes += f->len;
-    VQ_UNLOCK(q);
-    return NET_RX_OK;
-back:
-    net_give_back(q, ch, k);
-    VQ_UNLOCK(q);
-    p->rx_deferred++;
-    return rc;
 }
 
 /* ---- the transmit fast path ------------------------------------------------------- */
@@ -380,8 +402,11 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         int ok = 0;
         if (p) {
             pthread_mutex_lock(NET_PORT_MU(p));
-            if (net_port_takes(p, &f))
-                ok = net_rx_write(p, &f) == NET_RX_OK ? 1 : -1;
+            if (net_port_takes(p, &f)) {
+                ok = net_rx_reserve(p, &f, &n->resv[0]) == NET_RX_OK ? 1 : -1;
+                if (ok > 0)
+                    net_rx_commit(p, &f, &n->resv[0]);
+            }
             pthread_mutex_unlock(NET_PORT_MU(p));
             n->touched[target] = 1;
         }
@@ -400,36 +425,46 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         n->tx_native_bytes += f.len;
         return DP_USED_ZERO;
     }
-    /* flood: every other port, all of them native (else Python floods it) */
-    uint8_t ok[NET_FDB_MAX_PORTS];
-    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
+    /* flood: every other port, all of them native with room (else Python floods
+     * it): buffers reserved in every one, ports locked in ascending order, before
+     * anything is written */
+    struct net_port *held[NET_FLOOD_MAX];
+    uint32_t nheld = 0, failed = 0;
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS && !failed; i++) {
         struct net_port *p = n->ports[i];
         if (i == n->src || !p)
             continue;
+        if (nheld == NET_FLOOD_MAX) {
+            failed = 1; /* more ports than reservations: Python floods */
+            break;
+        }
         pthread_mutex_lock(NET_PORT_MU(p));
-        int takes = net_port_takes(p, &f);
-        pthread_mutex_unlock(NET_PORT_MU(p));
-        if (!takes) {
+        held[nheld] = p;
+        n->resv_port[nheld] = i;
+        n->resv[nheld].k = 0;
+        nheld++;
+        if (!net_port_takes(p, &f)) {
+            failed = 1;
             n->py_port++;
-            return 0;
+        } else if (net_rx_reserve(p, &f, &n->resv[nheld - 1]) != NET_RX_OK) {
+            failed = 1;
+            n->py_no_room++;
         }
     }
-    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
-        struct net_port *p = n->ports[i];
-        ok[i] = 0;
-        if (i == n->src || !p)
-            continue;
-        pthread_mutex_lock(NET_PORT_MU(p));
-        ok[i] = 1 + (net_port_takes(p, &f) && net_rx_write(p, &f) == NET_RX_OK);
-        pthread_mutex_unlock(NET_PORT_MU(p));
-        n->touched[i] = 1;
-        n->flood_no_room += ok[i] == 1; /* a port short of buffers loses it */
+    for (uint32_t j = nheld; j-- > 0;) {
+        if (failed)
+            net_rx_cancel(held[j], &n->resv[j]);
+        else
+            net_rx_commit(held[j], &f, &n->resv[j]);
+        n->touched[n->resv_port[j]] = 1;
+        pthread_mutex_unlock(NET_PORT_MU(held[j]));
     }
+    if (failed)
+        return 0;
     fdb_lock(t);
     net_count(t, n->src, &f, -1, now); /* in, flooded */
-    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++)
-        if (ok[i])
-            fdb_delivered(t, i, f.len, ok[i] == 2);
+    for (uint32_t j = 0; j < nheld; j++)
+        fdb_delivered(t, n->resv_port[j], f.len, 1);
     fdb_unlock(t);
     n->tx_native++;
     n->tx_native_bytes += f.len;

@@ -41,6 +41,15 @@ void net_port_set_call(struct net_port *p, int call_fd);
 void net_port_lock(struct net_port *p);
 void net_port_unlock(struct net_port *p);
 
+#define NET_FLOOD_MAX 8      /* other ports a flood reaches natively */
+
+/* Receive buffers reserved for one frame (net_dataplane.c). */
+struct net_resv {
+    struct vq_chain ch[NET_RX_MAX_BUFS];
+    struct vq_seg segs[NET_RX_MAX_SEGS];
+    uint32_t k;
+};
+
 struct net_dp {
     struct dp core;
     struct vm_net_fdb *fdb;
@@ -51,9 +60,11 @@ struct net_dp {
     uint8_t csum;               /* VIRTIO_NET_F_CSUM negotiated by this port */
     uint8_t _pad[3];
     /* transmitted frames served natively, and those handed to Python by cause */
-    uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin, flood_no_room;
+    uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin;
     uint64_t py_malformed, py_offload, py_port, py_no_room;
     uint8_t touched[NET_FDB_MAX_PORTS]; /* ports written in this batch */
+    struct net_resv resv[NET_FLOOD_MAX];
+    uint32_t resv_port[NET_FLOOD_MAX];
     double now;                 /* monotonic seconds, read once per batch */
     int now_valid;
 };

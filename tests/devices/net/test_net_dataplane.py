@@ -61,16 +61,20 @@ class EventfdPair:
 class Guest:
     """One guest with one virtio-net port: receiveq1 and transmitq1."""
 
-    def __init__(self, device: VirtioNet, without: int = 0) -> None:
+    def __init__(self, device: VirtioNet, without: int = 0, packed: bool = False) -> None:
         self.device = device
-        features = device.offered_features() & ~TF.VIRTIO_F_RING_PACKED.mask & ~without
+        features = device.offered_features() & ~without
+        if not packed:
+            features &= ~TF.VIRTIO_F_RING_PACKED.mask
         features &= ~NF.VIRTIO_NET_F_MQ.mask
         device.ack_features(features)
-        per_queue = footprint(QSIZE) + DATA
+        per_queue = footprint(QSIZE, packed=packed) + DATA
         self.mem = MmapGuestMemory.anonymous(2 * per_queue + 4096)
         self.drv, queues, self.notifiers = {}, {}, {}
         for qi in (RX, TX):
-            dq = DriverQueue(self.mem, QSIZE, base=qi * per_queue, indirect=True, data_size=DATA)
+            dq = DriverQueue(
+                self.mem, QSIZE, base=qi * per_queue, packed=packed, indirect=True, data_size=DATA
+            )
             self.drv[qi] = dq
             queues[qi] = Virtqueue(self.mem, dq.state(), name=f"{device.name}q{qi}")
             self.notifiers[qi] = EventfdPair()
@@ -135,16 +139,26 @@ def _frames():
     ]
 
 
-async def _scenario(frames, native: bool, without_b: int, rx_size: int, poll_us: int = 0):
+async def _scenario(
+    frames,
+    native: bool,
+    without_b: int,
+    rx_size: int,
+    poll_us: int = 0,
+    packed: bool = False,
+    bad_rx: int = 0,
+):
     sw = Switch()
     a = VirtioNet(name="a", switch=sw, mac=MAC_A)
     b = VirtioNet(name="b", switch=sw, mac=MAC_B)
     a.native_dataplane = b.native_dataplane = native
     a.poll_us = b.poll_us = poll_us
-    ga, gb = Guest(a), Guest(b, without_b)
+    ga, gb = Guest(a, packed=packed), Guest(b, without_b, packed)
     guests = {"a": ga, "b": gb}
     try:
         async with trio.open_nursery() as nursery:
+            for _ in range(bad_rx):  # §5.1.6.3.1 violated: a device-readable part
+                gb.post(RX, readable=[b"\0" * 16], writable=[rx_size])
             for g in (ga, gb):
                 nursery.start_soon(g.device.run, g.active)
                 for _ in range(QSIZE // 2):
@@ -169,19 +183,23 @@ MRG = NF.VIRTIO_NET_F_MRG_RXBUF.mask
 
 
 @pytest.mark.parametrize(
-    ("without_b", "rx_size", "poll_us"),
+    ("without_b", "rx_size", "poll_us", "packed"),
     [
-        (0, 512, 0),  # MRG_RXBUF, small buffers: frames span several (num_buffers > 1)
-        (0, 512, 200),  # ... with the transmit threads polling before they sleep
-        (MRG, 4096, 0),  # one buffer per packet (§5.1.6.3)
-        (MRG, 1200, 0),  # ... too small for some: dropped by both paths alike
-        (GUEST_CSUM | GUEST_TSO | NF.VIRTIO_NET_F_GUEST_ECN.mask, 1536, 0),  # b: no offloads
+        # MRG_RXBUF, small buffers: frames span several (num_buffers > 1)
+        (0, 512, 0, False),
+        (0, 512, 0, True),  # packed rings (buffers given back: §2.8.21)
+        (0, 512, 200, False),  # transmit threads polling before they sleep
+        (MRG, 4096, 0, False),  # one buffer per packet (§5.1.6.3)
+        (MRG, 1200, 0, True),  # ... too small for some: dropped by both paths alike
+        (GUEST_CSUM | GUEST_TSO | NF.VIRTIO_NET_F_GUEST_ECN.mask, 1536, 0, False),
     ],
 )
-async def test_native_path_delivers_what_the_python_path_delivers(without_b, rx_size, poll_us):
+async def test_native_path_delivers_what_the_python_path_delivers(
+    without_b, rx_size, poll_us, packed
+):
     frames = _frames()
-    py = await _scenario(frames, False, without_b, rx_size)
-    nat = await _scenario(frames, True, without_b, rx_size, poll_us)
+    py = await _scenario(frames, False, without_b, rx_size, packed=packed)
+    nat = await _scenario(frames, True, without_b, rx_size, poll_us, packed)
     for name in ("a", "b"):
         py_rx, py_stats = py[name]
         nat_rx, nat_stats = nat[name]
@@ -248,3 +266,21 @@ async def test_python_backlog_is_not_overtaken():
     finally:
         ga.close()
         gb.close()
+
+
+async def test_hostile_receive_buffers_judged_by_python():
+    """Receive buffers with a device-readable part (§5.1.6.3.1): the native path
+    gives them back untouched and hands the packet over; Python drops it and
+    returns the buffers (``bad_buffer``), as without the native path."""
+    frames = _frames()[:4]
+    py = await _scenario(frames, False, 0, 512, bad_rx=2)
+    nat = await _scenario(frames, True, 0, 512, bad_rx=2)
+    for name in ("a", "b"):
+        assert nat[name][0] == py[name][0]
+        native = nat[name][1].pop("native")
+        py[name][1].pop("native")
+        assert nat[name][1] == py[name][1]
+        nat[name] = native
+    assert py["b"][1]["errors"]["bad_buffer"] == 2
+    assert nat["a"]["tx"]["py_no_room"] == 2  # each frame meeting a bad buffer
+    assert nat["b"]["rx"]["rx_native"] >= 1

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from virtio.service import BufferQueue
 
 TX_STATISTICS = (
-    "tx_native", "tx_native_bytes", "tx_flooded", "tx_hairpin", "flood_no_room",
+    "tx_native", "tx_native_bytes", "tx_flooded", "tx_hairpin",
     "py_malformed", "py_offload", "py_port", "py_no_room",
 )  # fmt: skip
 """Counters of a transmit data plane (``struct net_dp``)."""
