@@ -6,25 +6,32 @@
  * and copy the frame once from the source guest's buffers into the destination
  * port's receive buffers (§5.1.6.3, §5.1.6.4): with VIRTIO_NET_F_MRG_RXBUF over as
  * many buffers as it needs, all but the last filled, num_buffers saying how many;
- * without it into one buffer that must hold it.  Each destination ring gets one
- * used index update and at most one notification per packet (EVENT_IDX decides).
+ * without it into one buffer that must hold it.  The used entries of each
+ * destination ring wait for the end of the transmit batch: one used index update
+ * and at most one notification per batch per ring (EVENT_IDX decides).
  *
  * It is an accelerator, not a second switch: only the common case is served here
  * -- a frame without GSO whose header asks nothing or only NEEDS_CSUM to a port
  * that negotiated GUEST_CSUM (passed through unchanged, as switch.py does), of a
- * length the Python path would accept, to native ports whose receive ring has the
- * buffers right now.  Everything else (malformed or hostile headers, TSO,
- * checksum completion, the tap uplink, receive filters, a destination with a
- * backlog in Python, a ring short of buffers) is deferred, before anything was
- * learned or counted, to VirtioNet._transmit, which decides and counts it exactly
- * as without the data plane; the causes are counted (py_*).
+ * length the Python path would accept, to native ports whose receive rings have
+ * the buffers right now (a flood: every other port, up to NET_FLOOD_MAX, buffers
+ * reserved in all of them before any is written).  Everything else (malformed or
+ * hostile headers, TSO, checksum completion, the tap uplink, receive filters, a
+ * destination with a backlog in Python, a ring short of buffers or with buffers
+ * §5.1.6.3.1 forbids) is deferred, before anything was learned or counted, to
+ * VirtioNet._transmit, which decides and counts it exactly as without the data
+ * plane; the causes are counted (py_*).  Within one flow a deferred frame may
+ * reach its receiver after a later frame served natively (only when the ring
+ * was short of buffers and got more meanwhile).
  *
  * Locks: the forwarding database's mutex is held for the lookup, and again for
  * learning and counting once the packet was delivered (what was decided is what
- * is counted); the copy holds only the destination port's mutex (net_port.mu),
- * which every writer of that receive ring holds.  No lock is taken while another
- * is held, so transmit threads of different ports copy in parallel.  A port whose Python path holds packets (held > 0) is not
- * written natively, so a packet never overtakes the backlog. */
+ * is counted); the copy holds only destination ports' mutexes (net_port.mu, taken
+ * in ascending port order), which every writer of that receive ring holds.  The
+ * database's mutex is never taken while a port's is held, so transmit threads of
+ * different ports copy in parallel.  A port whose Python path holds packets
+ * (held > 0) is not written natively, so a packet never overtakes the backlog,
+ * and Python does not touch the ring while a native thread holds the port. */
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
