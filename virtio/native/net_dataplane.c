@@ -248,6 +248,8 @@ back:
 static void net_rx_cancel(struct net_port *p, struct net_resv *r)
 {
     struct vq *q = p->rxq;
+    if (!r->k || !q)
+        return; /* nothing reserved (a port that takes nothing natively: no ring) */
     VQ_LOCK(q);
     net_give_back(q, r->ch, r->k);
     VQ_UNLOCK(q);

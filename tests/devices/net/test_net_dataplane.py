@@ -23,6 +23,7 @@ import trio.testing
 
 from virtio.device import ActiveDevice
 from virtio.devices.net import Switch, VirtioNet
+from virtio.devices.net.offload import RxOffloads
 from virtio.devices.net.packet import GSO_TCPV4, HDR, NEEDS_CSUM
 from virtio.memory import MmapGuestMemory
 from virtio.queues import Virtqueue
@@ -284,3 +285,51 @@ async def test_hostile_receive_buffers_judged_by_python():
     assert py["b"][1]["errors"]["bad_buffer"] == 2
     assert nat["a"]["tx"]["py_no_room"] == 2  # each frame meeting a bad buffer
     assert nat["b"]["rx"]["rx_native"] >= 1
+
+
+class PythonPort:
+    """A port that is no virtio-net device (as the tap uplink): never native."""
+
+    name = "uplink"
+    rx_offloads = RxOffloads(True, True, True, True)
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def deliver(self, packet) -> bool:
+        self.got.append(packet.frame)
+        return True
+
+
+async def test_flood_with_a_python_port_goes_through_python():
+    """A flood that includes a port without a native receive ring (the tap) is
+    switched by Python for every port; unicast between native ports stays native."""
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B)
+    uplink = PythonPort()
+    sw.add_port(uplink)
+    ga, gb = Guest(a), Guest(b)
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+                for _ in range(4):
+                    g.post(RX, writable=[2048])
+            await trio.testing.wait_all_tasks_blocked()
+            flood = ether(BROADCAST, MAC_A, b"f" * 50, 0x0806)
+            token = ga.post(TX, readable=[_hdr() + flood])
+            await ga.wait_used(TX, token)
+            await trio.testing.wait_all_tasks_blocked()
+            token = gb.post(TX, readable=[_hdr() + ether(MAC_A, MAC_B, b"u" * 50)])
+            await gb.wait_used(TX, token)
+            await trio.testing.wait_all_tasks_blocked()
+            assert uplink.got == [flood]
+            assert [d[12:] for d in gb.collect()] == [flood]
+            assert [d[12:] for d in ga.collect()] == [ether(MAC_A, MAC_B, b"u" * 50)]
+            assert a.statistics()["native"]["tx"]["py_port"] == 1
+            assert b.statistics()["native"]["tx"]["tx_native"] == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        ga.close()
+        gb.close()
