@@ -100,7 +100,7 @@ class Switch:
         """Port number -> ``struct net_port *`` for the native per-packet path
         (``dataplane.py``); a port without one (the tap) gets one that is never
         native, so a flood that includes it goes through Python."""
-        self._native_keep: dict[int, object] = {}
+        self._native_keep: list[object] = []
 
     # -- ports ---------------------------------------------------------------------------
     def add_port(self, port: Port) -> None:
@@ -120,7 +120,7 @@ class Switch:
             from virtio.devices.net.dataplane import new_port
 
             native = new_port()  # native stays 0
-        self._native_keep[number] = native
+        self._native_keep.append(native)
         self.native_ports[number] = native
         self.ports.append(port)
         self.counters[port.name] = PortCounters()
@@ -129,9 +129,8 @@ class Switch:
         self.ports.remove(port)
         self.forget(port)
         number = self._number(port)
-        self.native_ports[number] = ffi.NULL
-        self._native_keep.pop(number, None)
-        self._slots[number] = None
+        self.native_ports[number] = ffi.NULL  # (its struct stays allocated: a
+        self._slots[number] = None  # transmit thread may have just read the pointer)
 
     def number(self, port: Port) -> int:
         """``port``'s number in the native table (``fdb.py``)."""
