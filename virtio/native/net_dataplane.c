@@ -439,7 +439,10 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
      * anything is written */
     struct net_port *held[NET_FLOOD_MAX];
     uint32_t nheld = 0, failed = 0;
-    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS && !failed; i++) {
+    uint32_t nports = n->nports ? __atomic_load_n(n->nports, __ATOMIC_ACQUIRE) : NET_FDB_MAX_PORTS;
+    if (nports > NET_FDB_MAX_PORTS)
+        nports = NET_FDB_MAX_PORTS;
+    for (uint32_t i = 0; i < nports && !failed; i++) {
         struct net_port *p = n->ports[i];
         if (i == n->src || !p)
             continue;
@@ -486,7 +489,8 @@ static void net_dp_batch_end(void *dev)
 {
     struct net_dp *n = dev;
     n->now_valid = 0;
-    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
+    uint32_t nports = n->nports ? __atomic_load_n(n->nports, __ATOMIC_ACQUIRE) : NET_FDB_MAX_PORTS;
+    for (uint32_t i = 0; i < nports && i < NET_FDB_MAX_PORTS; i++) {
         struct net_port *p = n->touched[i] ? n->ports[i] : NULL;
         n->touched[i] = 0;
         if (p) {

@@ -54,6 +54,7 @@ struct net_dp {
     struct dp core;
     struct vm_net_fdb *fdb;
     struct net_port **ports;    /* NET_FDB_MAX_PORTS entries (NULL: no port) */
+    const uint32_t *nports;     /* entries in use (the switch's, may grow), or NULL: all */
     uint32_t src;               /* this port's number */
     uint32_t hdr_size;          /* this port's header size */
     uint32_t mtu;

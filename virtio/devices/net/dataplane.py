@@ -65,6 +65,7 @@ class NetDataPlane(NativeDataPlane):
         sw = dev.switch
         c.fdb = sw.native_fdb
         c.ports = sw.native_ports
+        c.nports = sw.native_count
         c.src = sw.number(dev)
         c.core.spin_ns = max(0, dev.poll_us) * 1000
         lib.net_dp_attach(c)

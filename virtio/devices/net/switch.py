@@ -101,6 +101,8 @@ class Switch:
         (``dataplane.py``); a port without one (the tap) gets one that is never
         native, so a flood that includes it goes through Python."""
         self._native_keep: list[object] = []
+        self.native_count = ffi.new("uint32_t *")
+        """Port numbers in use (the native path looks no further)."""
 
     # -- ports ---------------------------------------------------------------------------
     def add_port(self, port: Port) -> None:
@@ -122,6 +124,7 @@ class Switch:
             native = new_port()  # native stays 0
         self._native_keep.append(native)
         self.native_ports[number] = native
+        self.native_count[0] = len(self._slots)
         self.ports.append(port)
         self.counters[port.name] = PortCounters()
 
