@@ -26,10 +26,11 @@ SOURCES = (
     "dataplane.c",
     "aio.c",
     "blk_dataplane.c",
+    "nbd_dataplane.c",
     "net_fdb.c",
 )
 """C sources, compiled as one translation unit (in this order)."""
-HEADERS = ("vm_native.h", "inflight.h", "dataplane.h", "net_fdb.h")
+HEADERS = ("vm_native.h", "inflight.h", "dataplane.h", "nbd_dataplane.h", "net_fdb.h")
 PRIVATE_HEADERS = ("faultfile.h",)
 """Headers the C sources include that cffi does not see (static inline code)."""
 """Headers whose declarations cffi exposes (in this order)."""

@@ -60,6 +60,7 @@ from virtio.devices.blk.backend import BlockBackend, MemoryBackend, RawFileBacke
 from virtio.devices.blk.config import BLK_CONFIG, BlkOptions, config_values
 from virtio.devices.blk.dataplane import BlkDataPlane
 from virtio.devices.blk.nbd import NbdBackend, is_nbd_uri
+from virtio.devices.blk.nbd_dataplane import NbdDataPlane
 from virtio.devices.blk.probe import ImageFormatError, check_image, write_would_change_format
 from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
 from virtio.errors import BackendIOError, DriverError
@@ -409,11 +410,16 @@ class VirtioBlk(VirtioDevice):
             plane.update_state()
 
     async def serve_queue(self, active: ActiveDevice, index: int) -> None:
-        """With eventfd notifications and a file backend (vhost-user), serve the queue
-        from the native data plane (``dataplane.py``); otherwise the framework's loop."""
-        if BlkDataPlane.supported(self, active, index):
+        """With eventfd notifications and a file or NBD backend (vhost-user), serve the
+        queue from the native data plane (``dataplane.py``, ``nbd_dataplane.py``);
+        otherwise the framework's loop."""
+        kinds = (NbdDataPlane, BlkDataPlane)
+        kind = next((k for k in kinds if k.supported(self, active, index)), None)
+        plane = kind(self, active, index) if kind is not None else None
+        if plane is not None and not await plane.prepare():
+            plane = None
+        if plane is not None:
             self.active = active
-            plane = BlkDataPlane(self, active, index)
             self._dataplanes.add(plane)
             self.backend_sync_sources(plane.syncs, add=True)
             try:
@@ -426,6 +432,7 @@ class VirtioBlk(VirtioDevice):
             finally:
                 self._dataplanes.discard(plane)
                 self.backend_sync_sources(plane.syncs, add=False)
+                plane.close_unused()
         await super().serve_queue(active, index)
 
     async def handle(self, queue_index: int, chain: DescriptorChain) -> int:

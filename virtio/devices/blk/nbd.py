@@ -62,6 +62,7 @@ TF_SEND_FLUSH = 1 << 2
 TF_SEND_FUA = 1 << 3
 TF_SEND_TRIM = 1 << 5
 TF_SEND_WRITE_ZEROES = 1 << 6
+TF_CAN_MULTI_CONN = 1 << 8
 
 CMD_READ = 0
 CMD_WRITE = 1
@@ -378,6 +379,8 @@ class NbdBackend:
         self._conn: _Connection | None = None
         self._reconnect_lock: trio.Lock | None = None
         self.reconnects = 0
+        self.native_connections = 0
+        """Connections handed to native data planes (``nbd_dataplane.py``) and open."""
 
     def _connect_blocking(self) -> tuple[socket.socket, ExportInfo]:
         sock = self.address.connect(self._timeout)
@@ -395,6 +398,38 @@ class NbdBackend:
     @property
     def read_only(self) -> bool:
         return self._read_only
+
+    @property
+    def multi_conn(self) -> bool:
+        """NBD_FLAG_CAN_MULTI_CONN: a FLUSH on one connection covers writes completed
+        on every connection of this export (proto.md)."""
+        return bool(self.info.flags & TF_CAN_MULTI_CONN)
+
+    def _durable_here(self, sync: bool) -> bool:
+        """Whether a write from Python must be flushed on Python's connection before it
+        completes: when native connections exist and the server does not promise that
+        their FLUSH covers this connection too."""
+        return sync or (self.native_connections > 0 and not self.multi_conn)
+
+    def transmission_socket(self, timeout: float = 5.0) -> tuple[socket.socket, ExportInfo]:
+        """A connection in transmission phase for a native data plane (blocking; call
+        it in a worker thread).  Python's own connection is handed over while Python
+        has not used it (a server that allows one client, such as ``qemu-nbd``'s
+        default ``-e 1``, still gets a native path); Python reconnects when it needs
+        one.  Otherwise a new connection and handshake."""
+        if self._sock is not None and self._conn is None:
+            sock, self._sock = self._sock, None
+            return sock, self.info
+        sock = self.address.connect(timeout)
+        try:
+            info = handshake(sock, self.address.export)
+        except BaseException:
+            sock.close()
+            raise
+        if info.size != self.info.size:
+            sock.close()
+            raise NbdError(f"{self.uri}: export size changed")
+        return sock, info
 
     @property
     def can_unmap(self) -> bool:
@@ -420,7 +455,7 @@ class NbdBackend:
                     raise NbdError(f"{self.uri}: export size changed across a reconnect")
                 self.info = info
                 self._sock = sock
-                self.reconnects += 1
+                self.reconnects += self._conn is not None
             self._conn = _Connection(self._sock, self.info)
             self._sock = None
             return self._conn
@@ -468,6 +503,7 @@ class NbdBackend:
 
     async def write(self, offset: int, views: Sequence[memoryview], *, sync: bool = False) -> None:
         self._check_writable()
+        sync = self._durable_here(sync)
         fua = sync and bool(self.info.flags & TF_SEND_FUA)
         for off, n, piece in self._chunks(offset, views):
             await self._do(CMD_WRITE, off, n, flags=CMD_FLAG_FUA if fua else 0, payload=piece)
@@ -492,7 +528,7 @@ class NbdBackend:
         self._check_writable()
         if self.info.flags & TF_SEND_TRIM:
             await self._ranges(CMD_TRIM, ranges, 0)
-            if sync:
+            if self._durable_here(sync):
                 await self.flush()
 
     async def write_zeroes(
@@ -509,7 +545,7 @@ class NbdBackend:
                     await self.write(offset, [zeros[:n]])
                     offset += n
                     length -= n
-        if sync:
+        if self._durable_here(sync):
             await self.flush()
 
     def close(self) -> None:
