@@ -24,7 +24,8 @@
  * Python, never retried.  A broken connection (EOF, socket error, a reply that
  * breaks the protocol) fails every request in flight with its errno; from then on
  * every request goes to Python, which reconnects (nbd.py) -- the documented
- * behaviour of the Python client, unchanged. */
+ * behaviour of the Python client, unchanged -- until Python hands over a new
+ * connection for this thread (new_fd, taken with the next request). */
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
@@ -483,6 +484,15 @@ static uint32_t nbd_serve(void *dev, const struct vq_chain *c, const struct vq_s
     struct nbd_priv *pv = dp->priv;
     struct vq *q = dp->core.q;
     uint8_t hdr[BLK_HDR];
+    if (pv && dp->broken && __atomic_load_n(&dp->new_fd, __ATOMIC_ACQUIRE) >= 0) {
+        /* Python reconnected for us: everything of the old connection has failed
+         * already (nbd_fail_all), nothing of it is read any more */
+        int fd = __atomic_exchange_n(&dp->new_fd, -1, __ATOMIC_ACQ_REL);
+        close(dp->sock_fd);
+        dp->sock_fd = fd;
+        dp->broken = 0;
+        dp->reconnects++;
+    }
     if (!pv || dp->broken || c->head >= pv->nslots)
         return 0;
     if (c->readable_len < BLK_HDR || c->writable_len < 1 || c->nsegs == 0)
@@ -725,4 +735,7 @@ void nbd_dp_detach(struct nbd_dp *n)
     if (n->sock_fd >= 0)
         close(n->sock_fd);
     n->sock_fd = -1;
+    int fd = __atomic_exchange_n(&n->new_fd, -1, __ATOMIC_ACQ_REL);
+    if (fd >= 0)
+        close(fd);
 }

@@ -17,9 +17,12 @@ struct nbd_dp {
     /* errno of the failure that ended the connection (0: up); then every request
      * goes to Python, which reconnects */
     int broken;
+    /* a new connection from Python for a broken one (-1: none); the thread takes it
+     * (atomic exchange) with the next request */
+    int new_fd;
     void *priv;
     uint64_t reads, writes, flushes, syncs;
-    uint64_t sends, recvs, server_errors, conn_failed, bytes_in, bytes_out;
+    uint64_t sends, recvs, server_errors, conn_failed, reconnects, bytes_in, bytes_out;
 };
 
 void nbd_dp_attach(struct nbd_dp *n);

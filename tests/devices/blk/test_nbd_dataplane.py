@@ -6,7 +6,8 @@ IN / OUT / FLUSH (virtio 1.4 §5.2.6) must be served by the thread (its counters
 so) with many requests in flight, the data must be on the server (read back over a
 connection of its own), an NBD error reply must reach the guest request as
 VIRTIO_BLK_S_IOERR, and a server killed with requests in flight must fail them with
-IOERR while the device goes on serving (Python reconnects)."""
+IOERR while the device goes on serving (Python reconnects, then the thread gets a
+new connection)."""
 
 from __future__ import annotations
 
@@ -158,5 +159,15 @@ async def test_server_killed_mid_io_fails_requests_then_device_goes_on(tmp_path)
             used = await rig.request([hdr(IN, 8)], [4096, 1])
             assert used.data == data + bytes([OK])
             assert plane.statistics()["deferred"] == 4 + 2
+            # Meanwhile a new connection for the thread: native again.
+            with trio.fail_after(20):
+                while plane.c.new_fd < 0 and not plane.statistics()["reconnects"]:
+                    await trio.sleep(0.01)
+            reads = plane.statistics()["reads"]
+            used = await rig.request([hdr(IN, 8)], [4096, 1])
+            assert used.data == data + bytes([OK])
+            stats = plane.statistics()
+            assert stats["reconnects"] == 1 and stats["reads"] == reads + 1
+            assert stats["deferred"] == 4 + 2
             nursery.cancel_scope.cancel()
         rig.close()  # before the new server stops: it waits for its clients

@@ -12,8 +12,9 @@ before they complete.
 
 Errors: an NBD error reply fails that request (IOERR, logged by
 ``VirtioBlk.complete_failed``); a lost connection fails every request in flight
-(IOERR) and from then on the queue's requests are served by Python, which
-reconnects (``nbd.py``'s documented behaviour).  Everything the native path does not
+(IOERR); the queue's requests are then served by Python, which reconnects
+(``nbd.py``'s documented behaviour), until a new connection for the thread is up
+(retried in the background).  Everything the native path does not
 do (GET_ID, DISCARD, WRITE_ZEROES, oversized or malformed requests, write-through
 writes without FUA) is deferred to ``VirtioBlk.handle`` as for a file.
 """
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
     from virtio.device import ActiveDevice
     from virtio.devices.blk.device import VirtioBlk
+    from virtio.queues.chain import DescriptorChain
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,14 @@ class NbdDataPlane(BlkDataPlane):
     c_type: ClassVar[str] = "struct nbd_dp"
     device_statistics: ClassVar[tuple[str, ...]] = (
         "reads", "writes", "flushes", "syncs", "sends", "recvs", "server_errors",
-        "conn_failed", "bytes_in", "bytes_out", "broken",
+        "conn_failed", "reconnects", "bytes_in", "bytes_out", "broken",
     )  # fmt: skip
 
     def __init__(self, device: VirtioBlk, active: ActiveDevice, index: int) -> None:
         super().__init__(device, active, index)
         self._sock: socket.socket | None = None
+        self._nursery: trio.Nursery | None = None
+        self._reconnecting = False
 
     @staticmethod
     def supported(device: VirtioBlk, active: ActiveDevice, index: int) -> bool:
@@ -88,6 +92,7 @@ class NbdDataPlane(BlkDataPlane):
         c.structured = int(info.structured)
         c.tflags = info.flags
         c.max_payload = info.max_payload
+        c.new_fd = -1
         backend.native_connections += 1
         lib.nbd_dp_attach(c)
 
@@ -96,12 +101,51 @@ class NbdDataPlane(BlkDataPlane):
             return
         lib.nbd_dp_detach(self.c)
         self.device.backend.native_connections -= 1  # type: ignore[attr-defined]
-        if self.c.broken:
+
+    async def run(self) -> bool:
+        async with trio.open_nursery() as nursery:  # for _reconnect
+            self._nursery = nursery
+            try:
+                return await super().run()
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    def complete_failed(self, chain: DescriptorChain, err: int) -> int:
+        c = self.c
+        if c is not None and c.broken and not self._reconnecting and self._nursery:
             log.warning(
-                "vq%d: the native NBD connection was lost (%s)",
+                "vq%d: the native NBD connection was lost (%s): requests in flight fail, "
+                "Python serves the queue until a new connection is up",
                 self.index,
-                os.strerror(self.c.broken),
+                os.strerror(c.broken),
             )
+            self._reconnecting = True
+            self._nursery.start_soon(self._reconnect)
+        return super().complete_failed(chain, err)
+
+    async def _reconnect(self) -> None:
+        """A new connection for the thread, retried with growing pauses (0.5 s to
+        30 s) while the server is away; the thread takes it with its next request."""
+        backend: NbdBackend = self.device.backend  # type: ignore[assignment]
+        pause = 0.5
+        try:
+            while True:
+                await trio.sleep(pause)  # back-off between attempts
+                try:
+                    sock, _info = await trio.to_thread.run_sync(
+                        backend.transmission_socket, abandon_on_cancel=True
+                    )
+                except (OSError, NbdError) as exc:
+                    log.debug("vq%d: NBD reconnect failed: %s", self.index, exc)
+                    pause = min(pause * 2, 30.0)
+                    continue
+                sock.setblocking(False)
+                self.c.new_fd = sock.detach()
+                log.info("vq%d: native NBD connection re-established", self.index)
+                return
+        finally:
+            self._reconnecting = False
 
     def close_unused(self) -> None:
         """Close a connection that ``prepare`` got but no thread took over."""
