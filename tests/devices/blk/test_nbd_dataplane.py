@@ -127,7 +127,7 @@ async def test_server_error_reaches_the_guest_as_ioerr(tmp_path, caplog):
                 assert used.data[-1] == IOERR
                 assert (await rig.request([hdr(OUT, 16), data], [1])).data == bytes([OK])
                 stats = plane.statistics()
-                assert stats["server_errors"] == 1 and stats["io_errors"] == 1
+                assert stats["server_errors"] == 1 and stats["reads"] == 0
                 assert stats["writes"] == 2 and stats["conn_failed"] == 0
                 nursery.cancel_scope.cancel()
             logged = [r.getMessage() for r in caplog.records if "VIRTIO_BLK_T_IN" in r.getMessage()]
@@ -150,7 +150,6 @@ async def test_server_killed_mid_io_fails_requests_then_device_goes_on(tmp_path)
             for t in tokens:
                 assert (await rig.wait(t)).data[-1] == IOERR
             assert plane.statistics()["conn_failed"] == 1
-            assert plane.statistics()["io_errors"] == 4
             # A server back on the same socket: Python reconnects and serves.
             again = later.enter_context(nbd_server("nbdkit", tmp_path, size=MiB))
             assert again.uri == server.uri
