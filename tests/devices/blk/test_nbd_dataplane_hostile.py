@@ -115,8 +115,9 @@ HOSTILE = {
     "data-too-long": lambda c: chunk(1, struct.pack(">Q", 0) + b"X" * 1024, c),
     "hole-outside": lambda c: chunk(2, struct.pack(">QI", 100, 1000), c),
     "chunk-type": lambda c: chunk(77, b"xyz", c),
-    "huge-error": lambda c: chunk(nbd.REPLY_TYPE_ERROR_BIT | 1, b"", c)[:-4]
-    + struct.pack(">I", 1 << 30),
+    "huge-error": lambda c: (
+        chunk(nbd.REPLY_TYPE_ERROR_BIT | 1, b"", c)[:-4] + struct.pack(">I", 1 << 30)
+    ),
     "eof-in-data": lambda c: chunk(1, struct.pack(">Q", 0) + b"X" * 100, c)[:-400],
 }
 
