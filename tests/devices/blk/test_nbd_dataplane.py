@@ -15,11 +15,12 @@ import contextlib
 import os
 import random
 import struct
+import subprocess
 
 import pytest
 import trio
 from test_blk_dataplane import FLUSH, GET_ID, IN, IOERR, OK, OUT, Rig, hdr
-from test_nbd_client import MiB, nbd_server
+from test_nbd_client import QEMU_NBD, MiB, _wait_ready, nbd_server
 
 from virtio.devices.blk.nbd import NbdBackend
 from virtio.devices.blk.nbd_dataplane import NbdDataPlane
@@ -170,3 +171,37 @@ async def test_server_killed_mid_io_fails_requests_then_device_goes_on(tmp_path)
             assert stats["deferred"] == 4 + 2
             nursery.cancel_scope.cancel()
         rig.close()  # before the new server stops: it waits for its clients
+
+
+async def test_a_server_with_one_client_slot_keeps_the_python_path(tmp_path):
+    # qemu-nbd's default -e 1: the data plane's handshake is never answered; the disk
+    # is served by Python (its connection) and the server is not asked again.
+    if QEMU_NBD is None:
+        pytest.skip("qemu-nbd is not installed")
+    img, sock = tmp_path / "one.raw", tmp_path / "one.sock"
+    img.write_bytes(b"")
+    os.truncate(img, MiB)
+    cmd = [QEMU_NBD, "-f", "raw", "-x", "exp", "-t", "-k", str(sock), str(img)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"nbd+unix:///exp?socket={sock}"
+        _wait_ready(uri, proc)
+        rig = Rig(tmp_path, image=uri)
+        try:
+            async with trio.open_nursery() as nursery:
+                assert NbdDataPlane.supported(rig.device, rig.active, 0)
+                nursery.start_soon(rig.device.serve_queue, rig.active, 0)
+                data = os.urandom(4096)
+                assert (await rig.request([hdr(OUT, 8), data], [1])).data == bytes([OK])
+                used = await rig.request([hdr(IN, 8)], [4096, 1])
+                assert used.data == data + bytes([OK])
+                assert not rig.device.dataplanes
+                assert "timed out" in (rig.device.backend.native_refused or "")
+                assert not NbdDataPlane.supported(rig.device, rig.active, 0)
+                nursery.cancel_scope.cancel()
+        finally:
+            rig.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert img.read_bytes()[4096:8192] == data

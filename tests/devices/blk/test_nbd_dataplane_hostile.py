@@ -76,7 +76,8 @@ def _connection(s: socket.socket, hostile, disk: bytearray) -> None:
 
 @contextlib.contextmanager
 def hostile_server(path: Path, hostile) -> Iterator[str]:
-    """The first connection (the data plane's) is hostile, later ones behave."""
+    """The second connection (the data plane's: the first is Python's) is hostile,
+    the others behave."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(8)
@@ -85,18 +86,18 @@ def hostile_server(path: Path, hostile) -> Iterator[str]:
     threads = []
 
     def accept() -> None:
-        first = True
+        n = 0
         while True:
             try:
                 s, _ = listener.accept()
             except OSError:
                 return
             t = threading.Thread(
-                target=_connection, args=(s, hostile if first else None, disk), daemon=True
+                target=_connection, args=(s, hostile if n == 1 else None, disk), daemon=True
             )
             t.start()
             threads.append(t)
-            first = False
+            n += 1
 
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
@@ -133,7 +134,7 @@ async def test_malformed_reply_fails_the_request_and_the_device_goes_on(tmp_path
                 assert used.data == bytes(512) + bytes([IOERR])  # zeroed, not "X"
                 stats = plane.statistics()
                 assert stats["conn_failed"] == 1 and stats["reads"] == 0
-                used = await rig.request([hdr(IN, 0)], [512, 1])  # Python, a new connection
+                used = await rig.request([hdr(IN, 0)], [512, 1])  # Python's connection
                 assert used.data == b"d" * 512 + bytes([OK])
                 nursery.cancel_scope.cancel()
         finally:

@@ -25,6 +25,7 @@ server is back.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 import urllib.parse
@@ -358,6 +359,14 @@ class _Connection:
         await self.stream.aclose()
 
 
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether an idle transmission-phase socket is readable: a server sends nothing
+    unasked, so that is its end of file (or garbage: either way not usable)."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
+
+
 def _error(code: int, msg: str) -> NbdError:
     e = NBD_ERRNO.get(code, errno.EIO)
     exc = NbdError(f"NBD server error {errno.errorcode.get(e, code)}{': ' + msg if msg else ''}")
@@ -381,6 +390,8 @@ class NbdBackend:
         self.reconnects = 0
         self.native_connections = 0
         """Connections handed to native data planes (``nbd_dataplane.py``) and open."""
+        self.native_refused: str | None = None
+        """Why the server gave a native data plane no connection (not asked again)."""
 
     def _connect_blocking(self) -> tuple[socket.socket, ExportInfo]:
         sock = self.address.connect(self._timeout)
@@ -411,15 +422,11 @@ class NbdBackend:
         their FLUSH covers this connection too."""
         return sync or (self.native_connections > 0 and not self.multi_conn)
 
-    def transmission_socket(self, timeout: float = 5.0) -> tuple[socket.socket, ExportInfo]:
-        """A connection in transmission phase for a native data plane (blocking; call
-        it in a worker thread).  Python's own connection is handed over while Python
-        has not used it (a server that allows one client, such as ``qemu-nbd``'s
-        default ``-e 1``, still gets a native path); Python reconnects when it needs
-        one.  Otherwise a new connection and handshake."""
-        if self._sock is not None and self._conn is None:
-            sock, self._sock = self._sock, None
-            return sock, self.info
+    def transmission_socket(self, timeout: float = 1.0) -> tuple[socket.socket, ExportInfo]:
+        """A new connection in transmission phase for a native data plane (blocking:
+        call it in a worker thread).  Python keeps its own: it must be able to serve
+        what the data plane hands it.  A server that takes no second client
+        (``qemu-nbd``'s default ``-e 1`` leaves it unanswered) times out."""
         sock = self.address.connect(timeout)
         try:
             info = handshake(sock, self.address.export)
@@ -443,6 +450,9 @@ class NbdBackend:
         async with self._reconnect_lock:
             if self._conn is not None and self._conn.broken is None:
                 return self._conn
+            if self._sock is not None and _peer_gone(self._sock):
+                self._sock.close()  # idle since the handshake, and the server went away
+                self._sock = None
             if self._sock is None:  # the old connection broke: a new handshake
                 if self._conn is not None:
                     await self._conn.stream.aclose()
@@ -455,7 +465,7 @@ class NbdBackend:
                     raise NbdError(f"{self.uri}: export size changed across a reconnect")
                 self.info = info
                 self._sock = sock
-                self.reconnects += self._conn is not None
+                self.reconnects += 1
             self._conn = _Connection(self._sock, self.info)
             self._sock = None
             return self._conn

@@ -4,7 +4,10 @@ FLUSH from the queue's thread, several in flight, without the interpreter.
 
 Each queue's thread gets a connection of its own in transmission phase
 (``NbdBackend.transmission_socket``: Python does the handshake, the thread only
-sends requests and parses simple and structured replies).  Without
+sends requests and parses simple and structured replies); Python keeps its own
+for what the thread hands it.  A server that takes no further client (``qemu-nbd``
+without ``-e 2`` or more) leaves that handshake unanswered: after a 1 s timeout
+the disk is served by Python as before, and the server is not asked again.  Without
 NBD_FLAG_CAN_MULTI_CONN a FLUSH on one connection need not cover writes of another,
 so then only a single-queue device gets a native path, and the writes Python still
 does (DISCARD, WRITE_ZEROES, deferred writes) are flushed on Python's connection
@@ -66,6 +69,7 @@ class NbdDataPlane(BlkDataPlane):
             and isinstance(backend, NbdBackend)
             and NbdDataPlane.notifier_supported(active, index)
             and (backend.multi_conn or len(device.queue_max_sizes) == 1)
+            and backend.native_refused is None
         )
 
     async def prepare(self) -> bool:
@@ -74,10 +78,12 @@ class NbdDataPlane(BlkDataPlane):
         try:
             self._sock, self._info = await trio.to_thread.run_sync(backend.transmission_socket)
         except (OSError, NbdError) as exc:
+            backend.native_refused = str(exc) or type(exc).__name__
             log.warning(
-                "vq%d: no NBD connection for the native data plane (%s): Python serves it",
-                self.index,
-                exc,
+                "%s gave the native data plane no connection of its own (%s): Python "
+                "serves the disk (qemu-nbd: allow more clients with -e 2 or more)",
+                backend.uri,
+                backend.native_refused,
             )
             return False
         return True
