@@ -61,6 +61,7 @@ struct nbd_slot {
     uint64_t status_gpa;
     uint32_t used, gen;
     uint64_t off, len;
+    uint64_t covered;           /* bytes of a read the data and hole chunks covered */
     const struct vq_seg *segs;
     uint32_t first, end;
     int err;                    /* the server's error for this request (errno) */
@@ -244,11 +245,21 @@ static int nbd_inside(struct nbd_slot *s, uint64_t off, uint64_t n)
     return off >= s->off && n <= s->len && off - s->off <= s->len - n;
 }
 
-static void nbd_chunk_end(struct nbd_priv *pv)
+/* The end of a structured reply chunk; with NBD_REPLY_FLAG_DONE the request's end.
+ * A successful read must have been covered whole by its data and hole chunks
+ * (proto.md: chunks do not overlap), else the guest would see stale bytes: EIO. */
+static void nbd_chunk_end(struct nbd_dp *dp, struct nbd_priv *pv)
 {
+    struct nbd_slot *s = pv->rslot;
     pv->rstate = RX_HDR;
-    if (pv->rflags & NBD_REPLY_FLAG_DONE)
-        nbd_complete(pv, pv->rslot, pv->rslot->err);
+    if (!(pv->rflags & NBD_REPLY_FLAG_DONE))
+        return;
+    int err = s->err;
+    if (!err && s->type == VIRTIO_BLK_T_IN && s->covered != s->len) {
+        err = EIO;
+        dp->server_errors++;
+    }
+    nbd_complete(pv, s, err);
 }
 
 /* Parse the replies in the receive buffer.  Returns 0 (needs more bytes) or -EPROTO. */
@@ -309,7 +320,7 @@ static int nbd_parse(struct nbd_dp *dp)
                      len <= 6 + NBD_MAX_ERROR_MESSAGE)
                 pv->rstate = RX_ERROR;
             else if (type == NBD_REPLY_TYPE_NONE && len == 0)
-                nbd_chunk_end(pv);
+                nbd_chunk_end(dp, pv);
             else
                 return -EPROTO;
             continue;
@@ -323,6 +334,7 @@ static int nbd_parse(struct nbd_dp *dp)
             pv->rpos += 8;
             pv->rat = off - s->off;
             pv->rleft = n;
+            s->covered += n;
             pv->rstate = RX_DATA;
             continue;
         }
@@ -333,8 +345,9 @@ static int nbd_parse(struct nbd_dp *dp)
             if (!nbd_inside(s, off, n))
                 return -EPROTO;
             pv->rpos += 12;
+            s->covered += n;
             nbd_copy_in(dp, s, off - s->off, NULL, n);
-            nbd_chunk_end(pv);
+            nbd_chunk_end(dp, pv);
             continue;
         }
         case RX_ERROR:
@@ -345,7 +358,7 @@ static int nbd_parse(struct nbd_dp *dp)
                 dp->server_errors++;
             }
             pv->rpos += pv->rclen;
-            nbd_chunk_end(pv);
+            nbd_chunk_end(dp, pv);
             continue;
         case RX_DATA: {
             if (pv->rleft) {
@@ -364,7 +377,7 @@ static int nbd_parse(struct nbd_dp *dp)
                 pv->rstate = RX_HDR;
                 nbd_complete(pv, s, 0);
             } else {
-                nbd_chunk_end(pv);
+                nbd_chunk_end(dp, pv);
             }
             continue;
         }
@@ -474,6 +487,7 @@ static int nbd_queue(struct nbd_dp *dp, struct nbd_slot *s, uint16_t cmd, uint16
     }
     s->busy = 1;
     s->err = 0;
+    s->covered = 0;
     pv->inflight++;
     return 1;
 }

@@ -69,7 +69,9 @@ def _connection(s: socket.socket, hostile, disk: bytearray) -> None:
                 s.sendall(struct.pack(">II", nbd.SIMPLE_REPLY_MAGIC, 0) + c)
             elif hostile is not None:
                 s.sendall(hostile(c))
-                return
+                if hostile not in KEEP_SERVING:
+                    return
+                hostile = None
             else:
                 s.sendall(chunk(1, struct.pack(">Q", off) + disk[off : off + length], c))
 
@@ -121,6 +123,31 @@ HOSTILE = {
     ),
     "eof-in-data": lambda c: chunk(1, struct.pack(">Q", 0) + b"X" * 100, c)[:-400],
 }
+
+
+def _short(c: bytes) -> bytes:
+    return chunk(1, struct.pack(">Q", 0) + b"X" * 256, c)  # 256 of 512 bytes, then DONE
+
+
+KEEP_SERVING = {_short}
+"""Well-formed replies that are still wrong: the request fails, the connection stays."""
+
+
+async def test_read_not_covered_whole_is_ioerr_and_the_connection_stays(tmp_path):
+    with hostile_server(tmp_path / "nbd.sock", _short) as uri:
+        rig = Rig(tmp_path, image=uri)
+        try:
+            async with trio.open_nursery() as nursery:
+                plane = await serve_nbd(rig, nursery)
+                used = await rig.request([hdr(IN, 0)], [512, 1])
+                assert used.data == bytes(512) + bytes([IOERR])
+                used = await rig.request([hdr(IN, 0)], [512, 1])  # native, same connection
+                assert used.data == b"d" * 512 + bytes([OK])
+                stats = plane.statistics()
+                assert (stats["server_errors"], stats["conn_failed"], stats["reads"]) == (1, 0, 1)
+                nursery.cancel_scope.cancel()
+        finally:
+            rig.close()
 
 
 @pytest.mark.parametrize("kind", list(HOSTILE))
