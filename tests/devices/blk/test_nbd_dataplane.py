@@ -50,10 +50,13 @@ async def read_export(uri: str, size: int) -> bytes:
         backend.close()
 
 
-@pytest.mark.parametrize("kind", ["qemu-nbd", "nbdkit"])
-async def test_requests_in_flight_are_served_natively(tmp_path, kind):
+@pytest.mark.parametrize(
+    ("kind", "tcp"), [("qemu-nbd", False), ("nbdkit", False), ("nbdkit", True)],
+    ids=["qemu-nbd", "nbdkit", "nbdkit-tcp"],
+)  # fmt: skip
+async def test_requests_in_flight_are_served_natively(tmp_path, kind, tcp):
     size = 2 * MiB
-    with nbd_server(kind, tmp_path, size=size) as server:
+    with nbd_server(kind, tmp_path, size=size, tcp=tcp) as server:
         rig = Rig(tmp_path, image=server.uri, packed=kind == "nbdkit")
         model = bytearray(size)
         rng = random.Random(kind)
@@ -240,3 +243,24 @@ async def test_writethrough_writes_are_fua_or_go_to_python(tmp_path, fua):
     flushes = [line for line in lines if " Flush " in line]
     assert len(writes) == 1 and ("fua=1" in writes[0]) == fua
     assert len(flushes) == (0 if fua else 1)
+
+
+async def test_stop_with_the_server_not_answering_ends_in_bounded_time(tmp_path):
+    # A reset (ring stop) while the server sits on a read: the thread gives it 3 s,
+    # then fails it; it never waits for the server, nor writes its reply later.
+    delayed = ("--filter=delay", "memory", "size=1M", "delay-read=60")
+    with nbd_server("nbdkit", tmp_path, args=delayed) as server:
+        rig = Rig(tmp_path, image=server.uri)
+        try:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    plane = await serve_nbd(rig, nursery)
+                    rig.submit([hdr(IN, 8)], [4096, 1])
+                    while plane.statistics()["async_started"] < 1:
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+            stats = plane.statistics()
+            assert stats["conn_failed"] == 1 and stats["reads"] == 0
+            assert not rig.device.dataplanes
+        finally:
+            rig.close()

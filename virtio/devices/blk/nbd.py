@@ -20,6 +20,10 @@ Server gone: every request in flight fails with ``BackendIOError`` (the guest
 sees VIRTIO_BLK_S_IOERR, nothing is retried: a write may or may not have
 happened); the next request reconnects (a new handshake) and goes on if the
 server is back.
+
+Under vhost-user, well-formed IN / OUT / FLUSH do not come here: each queue's
+native data plane sends them on a connection of its own
+(``nbd_dataplane.py``, ``transmission_socket``).
 """
 
 from __future__ import annotations
