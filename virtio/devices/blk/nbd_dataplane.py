@@ -7,7 +7,8 @@ Each queue's thread gets a connection of its own in transmission phase
 sends requests and parses simple and structured replies); Python keeps its own
 for what the thread hands it.  A server that takes no further client (``qemu-nbd``
 without ``-e 2`` or more) leaves that handshake unanswered: after a 1 s timeout
-the disk is served by Python as before, and the server is not asked again.  Without
+the disk is served by Python as before, and the server is not asked again (other
+failures, e.g. a server that is down, are retried at the next queue start).  Without
 NBD_FLAG_CAN_MULTI_CONN a FLUSH on one connection need not cover writes of another,
 so then only a single-queue device gets a native path, and the writes Python still
 does (DISCARD, WRITE_ZEROES, deferred writes) are flushed on Python's connection
@@ -78,12 +79,14 @@ class NbdDataPlane(BlkDataPlane):
         try:
             self._sock, self._info = await trio.to_thread.run_sync(backend.transmission_socket)
         except (OSError, NbdError) as exc:
-            backend.native_refused = str(exc) or type(exc).__name__
+            why = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):  # no further client taken: not asked again
+                backend.native_refused = why
             log.warning(
                 "%s gave the native data plane no connection of its own (%s): Python "
-                "serves the disk (qemu-nbd: allow more clients with -e 2 or more)",
+                "serves the queue (qemu-nbd: allow more clients with -e 2 or more)",
                 backend.uri,
-                backend.native_refused,
+                why,
             )
             return False
         return True
