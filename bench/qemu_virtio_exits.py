@@ -22,7 +22,8 @@ Workloads:
   file, BARs assigned by its firmware.
 
 ``virtio-net-packed`` and ``virtio-blk-pci-packed`` are the same with the packed ring
-(``packed=on`` on QEMU's devices, the emulator's ``-packed`` paths).
+(``packed=on`` on QEMU's devices, the emulator's ``-packed`` paths), and
+``virtio-net-noevent`` without EVENT_IDX (``event_idx=off``, flag-based suppression).
 
 Both QEMU devices run with ``ioeventfd=off``: with an ioeventfd QEMU's memory core signals
 the eventfd before the trace point, so a notify would not be traced (on KVM it is still
@@ -206,9 +207,9 @@ class Workload:
     deviation_key: int | None = None
 
 
-def _net_params(npackets: int, qd: int, *, packed: bool) -> bytes:
+def _net_params(npackets: int, qd: int, *, packed: bool, event_idx: bool = True) -> bytes:
     p = vnet.params(
-        npackets, qd, emu.IRQ_POLL, emu.WorkloadSpec.seed, event_idx=True, packed=packed
+        npackets, qd, emu.IRQ_POLL, emu.WorkloadSpec.seed, event_idx=event_idx, packed=packed
     )
     # the same block with QEMU's slot addresses in mmio_base[] (struct params, virtio_net.c)
     fields = list(vnet.NET_PARAMS.unpack(p))
@@ -216,7 +217,7 @@ def _net_params(npackets: int, qd: int, *, packed: bool) -> bytes:
     return vnet.NET_PARAMS.pack(*fields)
 
 
-def _net_devices(tmp: Path, npackets: int, *, packed: bool) -> list[str]:
+def _net_devices(tmp: Path, npackets: int, *, packed: bool, event_idx: bool = True) -> list[str]:
     args = [
         "-global", "virtio-mmio.force-legacy=false",  # modern virtio-mmio (version 2)
         "-global", "virtio-mmio.ioeventfd=off",
@@ -225,7 +226,8 @@ def _net_devices(tmp: Path, npackets: int, *, packed: bool) -> list[str]:
         args += [
             "-netdev", f"hubport,id=n{i},hubid=0",
             "-device",
-            f"virtio-net-device,netdev=n{i},mac={mac.hex(':')},packed={_on(packed)}",
+            f"virtio-net-device,netdev=n{i},mac={mac.hex(':')},packed={_on(packed)},"
+            f"event_idx={_on(event_idx)}",
         ]  # fmt: skip
     return args
 
@@ -255,7 +257,8 @@ def _on(flag: bool) -> str:
 
 
 def _workloads() -> dict[str, Workload]:
-    """Split ring + EVENT_IDX (the emulator's default paths) and packed ring variants."""
+    """Split ring + EVENT_IDX (the emulator's default paths), packed ring variants, and
+    virtio-net without EVENT_IDX."""
     out = {}
     for packed, suffix in ((False, ""), (True, "-packed")):
         for w in (
@@ -289,6 +292,14 @@ def _workloads() -> dict[str, Workload]:
             ),
         ):
             out[w.name] = w
+    noevent = dataclasses.replace(  # flag-based notification suppression (no EVENT_IDX)
+        out["virtio-net"],
+        name="virtio-net-noevent",
+        path="virtio-net-noevent",
+        params=functools.partial(_net_params, packed=False, event_idx=False),
+        devices=functools.partial(_net_devices, packed=False, event_idx=False),
+    )
+    out[noevent.name] = noevent
     return out
 
 
