@@ -90,6 +90,11 @@ class Machine:
         # progress (e.g. a device model completed held requests); see on_hlt.
         self.idle_hooks: list = []
         self.stop_requested = False
+        # Set from another thread by fail(): the vCPU stops and run() raises it.
+        self.async_error: BaseException | None = None
+        # Devices outside the VMM whose failure the VMM detects and reports with fail()
+        # (vhost-user back-ends): a guest need not poll them for liveness.
+        self.watched_devices = 0
         # HLT with no line up and no result reported: stop quietly (True) or raise.
         self.idle_hlt_stops = False
         self.image: ElfImage | None = None
@@ -386,6 +391,18 @@ class Machine:
             self.cpu.run(max_exits=max_exits, deadline=deadline)
         finally:
             self.run_seconds += time.perf_counter() - t0
+
+    def fail(self, exc: BaseException) -> None:
+        """From any thread: stop the vCPU and make :meth:`run` raise ``exc`` (the first
+        one wins), even while the guest spins on RAM without exits -- e.g. a polling
+        driver whose device lives in a vhost-user back-end that just died.  The soft CPU
+        stops at once; KVM_RUN returns at the deadline timer's next tick (every 50 ms
+        when ``run`` has a timeout; without one, at the guest's next exit)."""
+        if self.async_error is None:
+            self.async_error = exc
+        cpu = self.cpu
+        if cpu is not None:
+            cpu.kick()
 
     def close(self) -> None:
         if self.cpu is not None:
