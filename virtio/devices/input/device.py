@@ -107,8 +107,10 @@ class VirtioInput(VirtioDevice):
         self.groups_split = 0
         """Groups longer than the eventq, delivered in ring-sized pieces."""
         self.record_latency = False
-        self.latencies_ns: collections.deque[int] = collections.deque(maxlen=100_000)
-        """Injection-to-used-ring time of each group (with ``record_latency``)."""
+        self.latency_log: collections.deque[tuple[int, int]] = collections.deque(maxlen=100_000)
+        """``(injected, used)`` ``time.monotonic_ns()`` of each group (with
+        ``record_latency``): when ``inject`` took it, and when its last event was in
+        the used ring (used index stored, the driver notified if it asked)."""
         self._pending: collections.deque[tuple[list[Event], int]] = collections.deque()
         self._held = 0
         self._lock = threading.Lock()
@@ -259,7 +261,7 @@ class VirtioInput(VirtioDevice):
             self.events_delivered += len(group)
             self.groups_delivered += 1
             if self.record_latency:
-                self.latencies_ns.append(time.monotonic_ns() - injected)
+                self.latency_log.append((injected, time.monotonic_ns()))
 
     @staticmethod
     def _check_event_buffer(chain: DescriptorChain) -> None:
