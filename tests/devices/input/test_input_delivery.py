@@ -61,9 +61,7 @@ async def test_inject_from_another_thread_is_delivered_by_the_loops_first_callba
             # Runs on the loop right after the callback inject queued (FIFO): the
             # group must already be in the used ring, without the eventq task's turn.
             seen.append(
-                trio.from_thread.run_sync(
-                    lambda: _events(h.queues[0].get_used()), trio_token=token
-                )
+                trio.from_thread.run_sync(lambda: _events(h.queues[0].get_used()), trio_token=token)
             )
 
         thread = threading.Thread(target=injector)
