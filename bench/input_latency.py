@@ -18,7 +18,10 @@ SYN_REPORT) come one every ``--interval-us`` from ``--source``:
 Figures, all from ``time.monotonic_ns()`` (one clock for every process):
 
 * ``device``: ``inject`` to the group in the used ring (used index stored, call
-  eventfd written): ``VirtioInput.latency_log``, the device side alone;
+  eventfd written): ``VirtioInput.latency_log``, the device side alone, including
+  groups that had to wait for the front-end to post buffers (counted as "waited");
+* ``device, buffers ready``: the same for the groups that went out at injection
+  (the driver had posted the buffers, no group was waiting): the device's own cost;
 * ``sent→used`` (``control``): the client's send to the used ring: adds the control
   socket (read, JSON, dispatch);
 * ``frontend``: the source (send, or ``inject``) to the front-end seeing the used index
@@ -214,17 +217,21 @@ def run(source: str, groups: int, interval_us: float) -> dict:
             client.join(10)
     if stats["groups_dropped"] or len(seen) != groups or len(log) != groups:
         raise SystemExit(f"lost groups: {stats}, {len(seen)}/{groups} seen, {len(log)} logged")
-    origin = sent if sent is not None else [i for i, _ in log]
+    origin = sent if sent is not None else [i for i, _, _ in log]
     res = {
         "source": source,
         "groups": groups,
         "interval_us": interval_us,
         "load": [*load_before, *os.getloadavg()[:1]],
-        "device": percentiles([u - i for i, u in log]),
+        "waited": sum(not direct for _, _, direct in log),
+        "device": percentiles([u - i for i, u, _ in log]),
     }
+    ready = [u - i for i, u, direct in log if direct]
+    if ready:
+        res["device, buffers ready"] = percentiles(ready)
     if sent is not None:
-        res["sent→inject"] = percentiles([i - s for s, (i, _) in zip(sent, log, strict=True)])
-        res["sent→used"] = percentiles([u - s for s, (_, u) in zip(sent, log, strict=True)])
+        res["sent→inject"] = percentiles([i - s for s, (i, _, _) in zip(sent, log, strict=True)])
+        res["sent→used"] = percentiles([u - s for s, (_, u, _) in zip(sent, log, strict=True)])
     res["frontend"] = percentiles([f - o for f, o in zip(seen, origin, strict=True)])
     return res
 
@@ -234,11 +241,11 @@ def table(res: dict) -> str:
     out = [
         f"source {res['source']}: {res['groups']} key groups, one every"
         f" {res['interval_us']:g} µs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-        f" (1-min after: {load[3]:.2f})",
+        f" (1-min after: {load[3]:.2f}); {res['waited']} groups waited for buffers",
         "| latency | n | p50 µs | p90 µs | p99 µs | max µs |",
         "|---|---|---|---|---|---|",
     ]
-    for name in ("device", "sent→inject", "sent→used", "frontend"):
+    for name in ("device", "device, buffers ready", "sent→inject", "sent→used", "frontend"):
         if name in res:
             r = res[name]
             out.append(

@@ -107,10 +107,14 @@ class VirtioInput(VirtioDevice):
         self.groups_split = 0
         """Groups longer than the eventq, delivered in ring-sized pieces."""
         self.record_latency = False
-        self.latency_log: collections.deque[tuple[int, int]] = collections.deque(maxlen=100_000)
-        """``(injected, used)`` ``time.monotonic_ns()`` of each group (with
-        ``record_latency``): when ``inject`` took it, and when its last event was in
-        the used ring (used index stored, the driver notified if it asked)."""
+        self.latency_log: collections.deque[tuple[int, int, bool]] = collections.deque(
+            maxlen=100_000
+        )
+        """``(injected, used, at_inject)`` of each group (with ``record_latency``):
+        ``time.monotonic_ns()`` when ``inject`` took it and when its last event was in
+        the used ring (used index stored, the driver notified if it asked); whether it
+        went out at injection (else it waited: for the driver's buffers, or behind a
+        group that did)."""
         self._pending: collections.deque[tuple[list[Event], int]] = collections.deque()
         self._held = 0
         self._lock = threading.Lock()
@@ -249,18 +253,18 @@ class VirtioInput(VirtioDevice):
                 (chain, chain.writer().write(EVENT.pack(*ev)))
                 for chain, ev in zip(chains, group, strict=True)
             )
-            self._delivered(group, injected)
+            self._delivered(group, injected, at_inject=True)
         self._fill_idle = False
         self._wakeup.set()
 
-    def _delivered(self, group: Sequence[Event], injected: int) -> None:
+    def _delivered(self, group: Sequence[Event], injected: int, *, at_inject: bool) -> None:
         with self._lock:
             self._pending.popleft()
             self._held -= len(group)
         self.events_delivered += len(group)
         self.groups_delivered += 1
         if self.record_latency:
-            self.latency_log.append((injected, time.monotonic_ns()))
+            self.latency_log.append((injected, time.monotonic_ns(), at_inject))
 
     def clear(self) -> None:
         """Forget held events (a reset: they were meant for the previous driver)."""
@@ -312,7 +316,7 @@ class VirtioInput(VirtioDevice):
                     (chain, chain.writer().write(EVENT.pack(*ev)))
                     for chain, ev in zip(chains, piece, strict=True)
                 )
-            self._delivered(group, injected)
+            self._delivered(group, injected, at_inject=False)
 
     @staticmethod
     def _event_buffer_ok(chain: DescriptorChain) -> bool:
