@@ -111,10 +111,11 @@ class VirtioInput(VirtioDevice):
             maxlen=100_000
         )
         """``(injected, used, at_inject)`` of each group (with ``record_latency``):
-        ``time.monotonic_ns()`` when ``inject`` took it and when its last event was in
-        the used ring (used index stored, the driver notified if it asked); whether it
+        ``time.monotonic_ns()`` when ``inject`` took it and when the used index that
+        holds its last event was stored (the driver is notified right after); whether it
         went out at injection (else it waited: for the driver's buffers, or behind a
         group that did)."""
+        self._stored_ns = 0
         self._pending: collections.deque[tuple[list[Event], int]] = collections.deque()
         self._held = 0
         self._lock = threading.Lock()
@@ -250,12 +251,20 @@ class VirtioInput(VirtioDevice):
                 buffers.give_back(chains)  # the task pops them again and fails the queue
                 break
             buffers.complete_batch(
-                (chain, chain.writer().write(EVENT.pack(*ev)))
-                for chain, ev in zip(chains, group, strict=True)
+                (
+                    (chain, chain.writer().write(EVENT.pack(*ev)))
+                    for chain, ev in zip(chains, group, strict=True)
+                ),
+                on_stored=self._stamp,
             )
             self._delivered(group, injected, at_inject=True)
         self._fill_idle = False
         self._wakeup.set()
+
+    def _stamp(self) -> None:
+        """``complete_batch``'s probe: when the used index was stored."""
+        if self.record_latency:
+            self._stored_ns = time.monotonic_ns()
 
     def _delivered(self, group: Sequence[Event], injected: int, *, at_inject: bool) -> None:
         with self._lock:
@@ -264,7 +273,7 @@ class VirtioInput(VirtioDevice):
         self.events_delivered += len(group)
         self.groups_delivered += 1
         if self.record_latency:
-            self.latency_log.append((injected, time.monotonic_ns(), at_inject))
+            self.latency_log.append((injected, self._stored_ns, at_inject))
 
     def clear(self) -> None:
         """Forget held events (a reset: they were meant for the previous driver)."""
@@ -313,8 +322,11 @@ class VirtioInput(VirtioDevice):
                 for chain in chains:
                     self._check_event_buffer(chain)
                 buffers.complete_batch(
-                    (chain, chain.writer().write(EVENT.pack(*ev)))
-                    for chain, ev in zip(chains, piece, strict=True)
+                    (
+                        (chain, chain.writer().write(EVENT.pack(*ev)))
+                        for chain, ev in zip(chains, piece, strict=True)
+                    ),
+                    on_stored=self._stamp,
                 )
             self._delivered(group, injected, at_inject=False)
 
