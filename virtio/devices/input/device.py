@@ -285,6 +285,7 @@ class VirtioInput(VirtioDevice):
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._buffers = buffers
+        self._fill_idle = False  # not parked yet (a ring restart: the old task's flag)
         try:
             await self._fill(buffers)
         finally:
