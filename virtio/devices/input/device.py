@@ -18,6 +18,11 @@ gives it 4 entries) cannot go out whole: it is delivered in ring-sized pieces, w
 a Linux driver's input core reassembles (it passes nothing on before SYN_REPORT).
 While waiting for buffers the device holds none (``BufferQueue.next_buffers``), so
 pausing the ring (vhost-user GET_VRING_BASE) or a reset never waits on it.
+
+Latency (issue 11 §5): a group whose buffers are already posted, with no group
+waiting before it, is delivered by ``inject`` itself (on the device's loop, before
+it returns; from another thread, in the loop's first callback), not by waking the
+eventq task, which then only handles groups that wait for buffers.
 """
 
 from __future__ import annotations
