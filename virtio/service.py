@@ -348,8 +348,15 @@ class BufferQueue(QueueService):
         """Return ``chain`` with ``written`` bytes filled; notify as the driver asked."""
         self.complete_batch(((chain, written),))
 
-    def complete_batch(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
-        """Return several filled chains with one used-index update."""
+    def complete_batch(
+        self,
+        completions: Iterable[tuple[DescriptorChain, int]],
+        *,
+        on_stored: Callable[[], object] | None = None,
+    ) -> None:
+        """Return several filled chains with one used-index update.  ``on_stored``
+        (a latency probe) is called right after the used index is stored, before the
+        driver is notified (not with a completion gate: it decides when)."""
         items = list(completions)
         self.outstanding -= len(items)
         self.completed += len(items)
@@ -357,6 +364,8 @@ class BufferQueue(QueueService):
             self.gate.complete(self, items)
             return
         self.queue.add_used_batch(items)
+        if on_stored is not None:
+            on_stored()
         self._notify()
 
     def __aiter__(self) -> BufferQueue:
