@@ -19,10 +19,9 @@ it, A is migrated (``migrate`` over a unix socket).  What has to hold:
   the frame.  A fourth port, a listener driven by the testing kit's front-end
   (``virtio/testing/net_sniffer.py``), must receive that frame, and the switch must
   have A on the destination port right after it.  Without the announcement, frames
-  for A would go to the stopped source port (QEMU 7.2) or be flooded to every port
-  (QEMU 10 resets the stopped device and the switch forgets its addresses) until A
-  sent something.  (GUEST_ANNOUNCE is the path of the disk+NIC migration in
-  ``test_vu_blk_migrate.py``.)
+  for A would be flooded to every port (QEMU resets the stopped source device and the
+  switch forgets its addresses) until A sent something.  (GUEST_ANNOUNCE is the path
+  of the disk+NIC migration in ``test_vu_blk_migrate.py``.)
 
 Afterwards the sha256 A computed over what it received equals B's.  Both QEMU
 versions (fixture ``qemu``); the downtime is printed.
@@ -105,9 +104,9 @@ async def test_live_migration_under_tcp_stream(guest_image: GuestImage, qemu: Qe
     assert "dirty page logging on" in log, log[-3000:]
     check_rarp(rarps[0], MAC_A)
     # SEND_RARP reached the destination port (port1) -- QEMU announces before it
-    # resumes the guest -- and its RARP taught the switch where A is now.  (QEMU 10
-    # resets a stopped vhost-user device, SET_STATUS 0, so the source port forgot A
-    # already; QEMU 7.2 does not, and A moves from port0.)
+    # resumes the guest -- and its RARP taught the switch where A is now.  (QEMU
+    # resets the stopped source device, SET_STATUS 0, and the switch forgets a reset
+    # port's addresses: "had it on no port".  A QEMU that did not would show port0.)
     first = re.search(
         r"port1: announcing (\S+) \(RARP\): the switch had it on (.+), now on (\S+)", log
     )
