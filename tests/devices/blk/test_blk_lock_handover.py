@@ -8,7 +8,8 @@ way QEMU drives them: the source's rings stop with ``GET_VRING_BASE`` while
 lock; the destination takes it when its first vring starts; a source whose
 migration failed takes it back when its rings restart.  A third writer is refused
 while either holds it; a QEMU ``qemu-io`` too (its ``file-posix`` byte locks
-conflict with ours).
+conflict with ours).  ``virtio serve blk --incoming`` starts on an image another
+process holds; without ``--incoming`` it is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ import trio
 from virtio.devices.blk import BlkOptions, ImageLockedError, VirtioBlk
 from virtio.devices.blk.backend import RawFileBackend
 from virtio.spec.blk import BlkReqType, BlkStatus, virtio_blk_outhdr
+from virtio.testing.blk_checks import stop_process, wait_for_socket
 from virtio.testing.vhost_user_frontend import FrontendVring, GuestRam, VhostUserFrontend
 from virtio.transport.vhost_user.messages import VHOST_F_LOG_ALL
 from virtio.transport.vhost_user.messages import FrontendRequest as R
@@ -206,3 +209,32 @@ def test_lock_refuses_qemu_io_while_held(image: Path) -> None:
         assert r.returncode == 0 and "wrote 512/512 bytes" in r.stdout, r
     finally:
         a.close()
+
+
+async def test_serve_incoming_starts_on_a_locked_image(image: Path, tmp_path: Path) -> None:
+    """``serve blk --incoming`` listens while the source holds the lock; without
+    ``--incoming`` the same command is refused, naming the lock."""
+    held = RawFileBackend(image)
+    sock = tmp_path / "dst.sock"
+    base = [sys.executable, "-m", "virtio", "serve", "blk", "--blk-file", str(image)]
+    try:
+        r = subprocess.run(
+            [*base, "--socket-path", str(tmp_path / "x.sock")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode != 0 and "lock" in r.stderr, r
+        proc = await trio.lowlevel.open_process(
+            [*base, "--socket-path", str(sock), "--incoming"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await wait_for_socket(sock, proc, timeout=60)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stop_process(proc)
+    finally:
+        held.close()
