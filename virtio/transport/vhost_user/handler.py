@@ -1161,7 +1161,13 @@ class VhostUserHandler:
         """SEND_RARP (a migrated guest without GUEST_ANNOUNCE): the device announces
         the MAC address on its network (offered only by devices with ``send_rarp``)."""
         assert isinstance(req.payload, MacAddress)
-        self.device.send_rarp(req.payload.mac)  # type: ignore[attr-defined]
+        mac = req.payload.mac
+        if mac[0] & 1 or mac == bytes(6):  # a RARP source must be one station
+            log.warning(
+                "%s: SEND_RARP for %s ignored: not a unicast address", self.name, mac.hex(":")
+            )
+            return
+        self.device.send_rarp(mac)  # type: ignore[attr-defined]
 
     async def _on_iotlb_msg(self, req: Request, kept: list[int]) -> int:
         raise self._bad(req, "VIRTIO_F_ACCESS_PLATFORM is not offered: no IOTLB")
