@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from virtio.testing.blk_checks import wait_for_socket
-from virtio.testing.qemu import GuestJob, QemuError, QemuGuest
+from virtio.testing.qemu import GuestJob, GuestTimeout, QemuError, QemuGuest
 
 __all__ = ["MigrationFailed", "TcpStream", "migrate", "rx_bytes", "start_switch"]
 
@@ -118,9 +118,13 @@ class TcpStream:
             raise AssertionError(f"no route to {self.ip}: {r.output}")
         self.job = await self.sender.spawn(f"{data} | nc {self.ip} {self.port}")
 
-    async def finish(self, receiver: QemuGuest) -> tuple[str, str]:
+    async def finish(self, receiver: QemuGuest, *, timeout: float = 300) -> tuple[str, str]:
         assert self.job is not None
-        result = await self.job.wait(timeout=300, check=False)
+        try:
+            result = await self.job.wait(timeout=timeout, check=False)
+        except GuestTimeout as exc:
+            report = await self._report(receiver)
+            raise AssertionError(f"the stream stalled: {exc}\n{report}") from exc
         if result.rc != 0:
             raise AssertionError(f"the sender failed: {result.output[-2000:]}")
         got = await receiver.run(
@@ -128,3 +132,21 @@ class TcpStream:
             timeout=150,
         )
         return self.sent, got.output.split()[0]
+
+    async def _report(self, receiver: QemuGuest) -> str:
+        """Both ends' view of a stalled stream (counters, sockets, kernel messages)."""
+        parts = []
+        for name, guest in (("sender", self.sender), ("receiver", receiver)):
+            for cmd in (
+                "cat /proc/net/dev; ip neigh; cat /proc/net/tcp",
+                "sleep 2; cat /proc/net/dev",
+                "dmesg | tail -20",
+            ):
+                try:
+                    with trio.fail_after(30):
+                        r = await guest.run(cmd, timeout=25, check=False)
+                    parts.append(f"--- {name}: $ {cmd}\n{r.output}")
+                except (QemuError, trio.TooSlowError) as exc:
+                    parts.append(f"--- {name}: $ {cmd}: {type(exc).__name__}")
+                    break
+        return "\n".join(parts)
