@@ -164,6 +164,7 @@ async def _migrate_under_fio(
             dst_devices.append(nics[1])
         try:
             assert lock_holders(os.fspath(image)) == [src_be.pid]
+            _qemu_io_refused(image)  # a third writer, while the source holds the lock
             async with QemuGuest(
                 guest_image,
                 devices=src_devices,
