@@ -211,8 +211,9 @@ def _add_blk_options(blk: argparse.ArgumentParser) -> None:
     blk.add_argument(
         "--incoming",
         action="store_true",
-        help="the destination of a live migration: do not lock the image (the source's "
-        "back-end holds the lock while its QEMU runs; the image is shared)",
+        help="the destination of a live migration: lock the image only when QEMU starts "
+        "the device, after the source's back-end released it at the switch-over (the "
+        "image is shared)",
     )
     blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
         "--debug-request-delay", type=float, default=0.0, help=argparse.SUPPRESS
@@ -315,7 +316,7 @@ def build_blk(args: argparse.Namespace) -> Any:
             serial=args.serial,
             cache=args.cache,
             aio=args.aio,
-            lock=not args.incoming,
+            incoming=args.incoming,
         )
     except ValueError as exc:
         raise ExportError(str(exc), status=2) from None
