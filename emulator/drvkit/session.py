@@ -92,6 +92,8 @@ class Session:
         self._status = 0
         self._irq = False
         self._vqs: dict[int, object] = {}
+        self.host = None
+        """The device's host side (``DeviceKind.host``: input's typist), or ``None``."""
 
     @property
     def exits(self) -> int:
@@ -159,10 +161,20 @@ class Session:
     def on_exit(self) -> None:
         self.gate.tick()
         self.injector.on_exit(self.gate.now)
+        if self.host is not None:
+            self.host.on_exit(self.gate.now)
         self.sync()
 
     def on_idle(self) -> bool:
-        progressed = self.gate.idle()
+        """The guest sleeps with nothing pending: the device finishes what it holds,
+        else the host acts, else time jumps to the next ``@exit=N`` injection."""
+        progressed = self.gate.idle() or (self.host is not None and self.host.on_idle())
+        if not progressed:
+            at = self.injector.next_exit(self.gate.now)
+            if at is not None:
+                self.gate.now = at
+                self.injector.on_exit(at)
+                progressed = True
         self.sync()
         return progressed
 
@@ -300,6 +312,17 @@ def _plug_pci(m: Machine, s: Session, guest_memory, runner: TrioRunner, device: 
     return function.bar_base[0], VIRTIO_PCI_IRQ, function.slot << 11
 
 
+def _device_counters(device) -> dict:
+    """What the device type counts for the driver developer (net: the wire; input:
+    events delivered and status events)."""
+    wire = getattr(device, "wire_statistics", None)
+    if wire is not None:
+        return {**wire(), "errors": dict(device.errors)}
+    if hasattr(device, "status_events"):
+        return {**device.statistics(), "status_events": [list(e) for e in device.status_events]}
+    return {}
+
+
 def _load_program(program: str | Path) -> Path:
     path = Path(program)
     if not path.exists():
@@ -371,6 +394,7 @@ def run_driver(
     elf = _load_program(program) if snap is None else None
     kind = DEVICES[device]
     gate = TimingGate(timing, seed, timing_params)
+    gate.in_order = set(kind.in_order)
     recipe = {
         "kind": "run-driver", "device": device, "transport": transport, "timing": timing,
         "seed": seed, "timing_params": dataclasses.asdict(gate.params),
@@ -391,6 +415,8 @@ def run_driver(
         s.device.completion_gate = gate
         s.injector = Injector(s, injections)
         s.injector.setup_device()
+        if kind.host is not None:
+            s.host = kind.host(s)
         gate.on_complete.append(s.injector.on_complete)
         gate.on_hold = s.on_hold if s.tracer is not None else None
         gate.on_release = s.on_release
@@ -487,6 +513,7 @@ def run_driver(
             "requests_served": gate.released,
             "requests_held_at_end": gate.held,
             "injections": s.injector.log,
+            "device_counters": _device_counters(s.device),
             "saved_at_exit": saved_at,
             "restored_from": str(restore) if restore is not None else None,
         }

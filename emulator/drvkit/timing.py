@@ -20,6 +20,9 @@ Modes (delays in exits):
   update: one interrupt for several;
 * ``slow-start``: the first ``slow`` completions ``long_delay`` exits late, then inline;
 * ``random``: per completion a delay of 0-``max_delay`` exits, ties in a random order.
+
+Queues listed in ``in_order`` are delayed the same way but never reordered: their used
+ring order carries meaning (virtio-input's eventq: the order of the events, §5.8.6).
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class TimingGate:
         self.on_hold: Callable[[QueueService, DescriptorChain, int], None] | None = None
         self.on_release: Callable[[QueueService, Sequence[tuple[DescriptorChain, int]]], None]
         self.on_release = lambda service, items: None
+        self.in_order: set[int] = set()
+        """Queue indices whose completions keep their order (delays only)."""
+        self._last_due: dict[int, int] = {}
 
     # -- CompletionGate ------------------------------------------------------------------
     def complete(self, service: QueueService, items: Sequence[tuple[DescriptorChain, int]]):
@@ -94,7 +100,12 @@ class TimingGate:
                 delay = p.long_delay if self.completed <= p.slow else 0
             elif mode == "random":
                 delay, key = rng.randint(0, p.max_delay), rng.random()
-            heapq.heappush(self._held, (self.now + delay, key, seq, service, chain, written))
+            due = self.now + delay
+            if service.index in self.in_order:
+                due, key = max(due, self._last_due.get(service.index, 0)), float(seq)
+                self._last_due[service.index] = due
+                delay = due - self.now
+            heapq.heappush(self._held, (due, key, seq, service, chain, written))
             if delay and self.on_hold is not None:
                 self.on_hold(service, chain, self.now + delay)
         if self.mode == "batch" and len(self._held) >= p.batch:
@@ -134,6 +145,7 @@ class TimingGate:
             "released": self.released,
             "seq": self._seq,
             "rng": [version, list(internal), gauss],
+            "last_due": {str(k): v for k, v in self._last_due.items()},
             "held": [
                 [due, key, seq, service.index, chain.head, chain.ndesc, written]
                 for due, key, seq, service, chain, written in self._held
@@ -146,6 +158,7 @@ class TimingGate:
         descriptor count: its data is already in guest memory, only the used entry is due."""
         self.now, self.completed = int(state["now"]), int(state["completed"])
         self.released, self._seq = int(state["released"]), int(state["seq"])
+        self._last_due = {int(k): int(v) for k, v in state.get("last_due", {}).items()}
         version, internal, gauss = state["rng"]
         self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
         held = []

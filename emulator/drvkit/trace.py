@@ -22,6 +22,7 @@ Kinds and their keys:
 ``hold``       a finished chain held by the timing model: ``queue head until``
 ``used``       used entries written: ``queue heads lens`` (comma-separated, in ring order)
 ``inject``     an injected fault: ``kind spec note``
+``host``       the device's host side acted (input: keys typed): ``note``
 ``error``      a driver error: ``class clause label message`` (+ ``reg``/``rip``)
 ``result``     the program's result: ``value``
 ``halt``       the run ended otherwise: ``reason``
@@ -189,6 +190,10 @@ _INJECT_SECTIONS = {
     "queue-num-max": sec.S_4_2_3_2,
     "ioerr": sec.S_5_2_6,
     "unsupp": sec.S_5_2_6,
+    "link-down": sec.S_5_1_4,
+    "link-up": sec.S_5_1_4,
+    "drop": sec.S_5_1_9_2,
+    "dup": sec.S_5_1_9_2,
 }
 
 
@@ -211,6 +216,7 @@ def section_of(e: Event) -> Section | str:
         "hold": sec.S_2_7_8,
         "used": sec.S_2_7_8,
         "inject": _INJECT_SECTIONS.get(str(f.get("kind")), sec.S_2),
+        "host": sec.S_5_8_6,
         "result": sec.S_3_1_1,
         "halt": sec.S_3_1_1,
     }.get(k, str(f.get("clause", "?")) if k == "error" else "?")
