@@ -124,7 +124,8 @@ class Session:
         self._status, self._irq = int(state["status"]), bool(state["irq"])
         self.injector.log = list(state["injector"]["log"])
         self.injector._refusals = int(state["injector"]["refusals"])
-        indices = sorted({int(h[3]) for h in state["gate"]["held"]})
+        gate_state = state["gate"]
+        indices = sorted({int(h[3]) for h in [*gate_state["held"], *gate_state.get("waiting", [])]})
         services: dict[int, QueueService] = {}
         if indices:
             active = t.active
@@ -189,6 +190,25 @@ class Session:
 
     def on_hold(self, service: QueueService, chain: DescriptorChain, until: int) -> None:
         self.trace("hold", queue=service.index, head=chain.head, until=until)
+
+    def on_defer(self, service: QueueService, chain: DescriptorChain, until: int) -> None:
+        self.trace("defer", queue=service.index, head=chain.head, until=until)
+
+    def device_call(self, starts: list) -> None:
+        """Start requests the timing model admits, in the device's loop, and return
+        once the device settled (their work done or parked)."""
+        t = self.transport
+        active = t.active
+        if active is None or t.runner is None:
+            return
+
+        async def run() -> None:
+            for start in starts:
+                start()
+            await active.wait_settled()
+
+        t.runner.call(run)
+        self.sync()
 
     def sync(self, access: dict | None = None) -> None:
         """After anything the guest or the device did: status changes, new errors."""
@@ -419,6 +439,8 @@ def run_driver(
             s.host = kind.host(s)
         gate.on_complete.append(s.injector.on_complete)
         gate.on_hold = s.on_hold if s.tracer is not None else None
+        gate.on_defer = s.on_defer if s.tracer is not None else None
+        gate.device_call = s.device_call
         gate.on_release = s.on_release
         held: list[MmapGuestMemory] = []
 

@@ -19,6 +19,7 @@ Kinds and their keys:
 ``status``     device status changed: ``old new names`` (§2.1)
 ``pop``        the device took a chain: ``queue head ndesc ring segs`` (``segs``:
                ``ADDR+LEN:r|w`` comma-separated)
+``defer``      a request the timing model lets the device process later: ``queue head until``
 ``hold``       a finished chain held by the timing model: ``queue head until``
 ``used``       used entries written: ``queue heads lens`` (comma-separated, in ring order)
 ``inject``     an injected fault: ``kind spec note``
@@ -161,7 +162,7 @@ def chrome_trace(events: Iterable[Event]) -> dict:
             out.append({**base, "ph": "C", "name": "irq", "tid": 2,
                         "args": {"level": e.fields.get("level", 0)}})  # fmt: skip
         else:
-            tid = 2 if e.kind in ("hold", "inject") else 1
+            tid = 2 if e.kind in ("defer", "hold", "inject") else 1
             name = e.kind if e.kind not in ("read", "write") else f"{e.kind} {e.fields.get('reg')}"
             scope = "g" if e.kind in ("error", "inject", "status", "result", "halt") else "t"
             out.append({**base, "ph": "i", "s": scope, "name": name, "tid": tid})
@@ -213,6 +214,7 @@ def section_of(e: Event) -> Section | str:
         "irq": sec.S_4_2_3_4,
         "status": sec.S_2_1,
         "pop": sec.S_2_8_21 if packed else sec.S_2_7_13,
+        "defer": sec.S_2_7_13,
         "hold": sec.S_2_7_8,
         "used": sec.S_2_7_8,
         "inject": _INJECT_SECTIONS.get(str(f.get("kind")), sec.S_2),
