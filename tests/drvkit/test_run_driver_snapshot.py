@@ -100,3 +100,25 @@ def test_cli(tmp_path, capsys):
     assert main(["run-driver", "template", "--cpu", "soft", "--save-at", "100000",
                  str(tmp_path / "late.snap")]) == 0  # fmt: skip
     assert "nothing saved" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("save_cpu", "restore_cpu"), [("kvm", "soft"), ("soft", "kvm")])
+def test_pci_saved_mid_io_carries_on_elsewhere(save_cpu, restore_cpu, tmp_path, need_kvm):
+    """``--transport pci``: the host bridge, the function's BAR and Command, the
+    transport's registers and the timing model's held requests are saved mid-I/O on one
+    CPU; the blk template (write, flush, read and verify) finishes on the other."""
+    snap = tmp_path / "vm.snap"
+    kw = {"transport": "pci", "timing": "random", "seed": 3, "timeout": 300}
+    ref = run_driver(template_path("blk"), "blk", cpu="soft", **kw).as_dict()
+    assert ref["success"], ref
+    save_at = ref["exits_total"] * 2 // 3  # past the PCI enumeration, requests in flight
+    whole = run_driver(template_path("blk"), "blk", cpu=save_cpu, save_at=save_at,
+                       save_to=snap, **kw).as_dict()  # fmt: skip
+    assert whole["success"] and whole["saved_at_exit"] is not None, whole
+    saved = snapshot.read(snap).machine["devices"]
+    assert 0 < saved["run-driver"]["gate"]["released"] < ref["requests_served"]  # mid-I/O
+    assert saved["pci-host"]["slots"][1][1]["command"] & 0x2  # the BAR decodes
+    again = run_driver(None, cpu=restore_cpu, restore=snap, timeout=300).as_dict()
+    assert again["success"] and again["transport"] == "pci", again
+    for key in ("exits_total", "requests_served", "output", "progress", "values"):
+        assert again[key] == whole[key] == ref[key], key
