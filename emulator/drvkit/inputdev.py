@@ -108,7 +108,19 @@ class Typist:
         return self._type()
 
     def save_state(self) -> dict:
-        return {"next": self.next, "last": self.last}
+        device = self.session.device
+        assert isinstance(device, VirtioInput)
+        return {"next": self.next, "last": self.last, "delivered": device.events_delivered}
 
     def load_state(self, state: dict) -> None:
-        self.next, self.last = int(state["next"]), int(state["last"])
+        """Where the script was; events typed and not delivered are typed again (whole
+        groups: the device delivers nothing else)."""
+        nxt, delivered = int(state["next"]), int(state["delivered"])
+        if not 0 <= delivered <= nxt <= len(self.events):
+            raise ValueError(f"typist state {delivered}/{nxt} out of range")
+        self.next, self.last = nxt, int(state["last"])
+        device = self.session.device
+        assert isinstance(device, VirtioInput)
+        device.events_delivered = delivered
+        if nxt > delivered:
+            device.inject(self.events[delivered:nxt])

@@ -161,5 +161,32 @@ class RunDriverNet(VirtioNet):
     def _violation(self, message: str) -> None:
         self.strict_violation(DriverError(message, section=S_5_1_9_2_1))
 
+    # -- snapshots (run-driver --save-at / --restore) -------------------------------------
+    def save_state(self) -> dict:
+        """The wire (link, frame count, faults, echoes) and the frames waiting for
+        receive buffers (the device settled: nothing else is in flight)."""
+        return {
+            **super().save_state(),
+            "link_up": self.wire.link_up,
+            "frames": self.wire.frames,
+            "faults": dict(self.wire.faults),
+            "echoed": self.echo.echoed,
+            "backlog": [p.frame for b in self._rx.values() for p in b.packets],
+        }
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.wire.link_up = bool(state["link_up"])
+        self.wire.frames = int(state["frames"])
+        self.wire.faults.update({str(k): int(v) for k, v in state["faults"].items()})
+        self.echo.echoed = int(state["echoed"])
+        self._restored = [bytes(f) for f in state["backlog"]]
+
+    def after_restore(self) -> None:
+        """The receive queues serve again: the saved backlog goes back into them."""
+        for frame in getattr(self, "_restored", []):
+            self.deliver(Packet(frame))
+        self._restored = []
+
     def wire_statistics(self) -> dict[str, int]:
         return {"frames_sent": self.wire.frames, "echoed": self.echo.echoed, **self.wire.faults}

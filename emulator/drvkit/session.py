@@ -29,7 +29,7 @@ from emulator.machine import GuestHalted, Machine
 from virtio.errors import DriverError
 from virtio.memory import FdRegion, MmapGuestMemory
 from virtio.queues.chain import DescriptorChain
-from virtio.service import QueueService
+from virtio.service import QueueRole, QueueService
 from virtio.spec.mmio import VIRTIO_MMIO_REGION_SIZE, MmioReg
 from virtio.spec.status import DeviceStatus
 from virtio.transport.mmio import MmioTransport, TrioRunner
@@ -110,6 +110,7 @@ class Session:
             "errors": self.errors,
             "status": self._status,
             "irq": self._irq,
+            "host": self.host.save_state() if self.host is not None else None,
         }
 
     def load_state(self, state: dict) -> None:
@@ -124,18 +125,32 @@ class Session:
         self._status, self._irq = int(state["status"]), bool(state["irq"])
         self.injector.log = list(state["injector"]["log"])
         self.injector._refusals = int(state["injector"]["refusals"])
+        if self.host is not None and state.get("host") is not None:
+            self.host.load_state(state["host"])
         gate_state = state["gate"]
-        indices = sorted({int(h[3]) for h in [*gate_state["held"], *gate_state.get("waiting", [])]})
+        held = {int(h[3]) for h in [*gate_state["held"], *gate_state.get("waiting", [])]}
         services: dict[int, QueueService] = {}
-        if indices:
-            active = t.active
-            if active is None:
-                raise ValueError("held completions but the device is not live")
+        active = t.active
+        if held and active is None:
+            raise ValueError("held completions but the device is not live")
+        if active is not None:
+            # Buffer queues serve again at once: they wait for data, not for a kick (net
+            # receive, input events); request queues start at their next notification.
+            device = self.device
+            filled = {
+                i
+                for i, q in enumerate(t.queues)
+                if q.vq is not None and device.queue_role(i) is QueueRole.BUFFERS
+            }
+            indices = sorted(held | filled)
 
             async def start_services() -> None:
-                run = t.device.service_run(active)  # type: ignore[union-attr]
+                run = device.service_run(active)
                 for i in indices:
                     await run.ensure(i)
+                restored = getattr(device, "after_restore", None)
+                if restored is not None:
+                    restored()
                 await run.settle()
 
             assert t.runner is not None

@@ -122,3 +122,27 @@ def test_pci_saved_mid_io_carries_on_elsewhere(save_cpu, restore_cpu, tmp_path, 
     assert again["success"] and again["transport"] == "pci", again
     for key in ("exits_total", "requests_served", "output", "progress", "values"):
         assert again[key] == whole[key] == ref[key], key
+
+
+@pytest.mark.parametrize(
+    ("device", "transport", "inject"),
+    [("net", "mmio", ["link-down@exit=70", "link-up@exit=140"]), ("net", "pci", []),
+     ("input", "mmio", []), ("input", "pci", [])],
+)  # fmt: skip
+def test_net_and_input_carry_on_after_restore(device, transport, inject, tmp_path):
+    """The receive queue / eventq serve again without a kick; the wire (link state,
+    frames in the backlog) and the typist's script position come back."""
+    snap = tmp_path / "vm.snap"
+    kw = {"transport": transport, "timing": "random", "seed": 2, "inject": inject}
+    ref = run_driver(template_path(device), device, cpu="soft", **kw).as_dict()
+    assert ref["success"], ref
+    save_at = ref["exits_total"] * 2 // 3 if transport == "pci" else ref["exits_total"] // 2
+    whole = run_driver(template_path(device), device, cpu="soft", save_at=save_at,
+                       save_to=snap, **kw).as_dict()  # fmt: skip
+    assert whole["saved_at_exit"] is not None
+    released = snapshot.read(snap).machine["devices"]["run-driver"]["gate"]["released"]
+    assert 0 < released < ref["requests_served"]  # mid-run
+    again = run_driver(None, cpu="soft", restore=snap).as_dict()
+    assert again["success"], again
+    for key in ("exits_total", "requests_served", "output", "progress", "values", "injections"):
+        assert again[key] == ref[key], key
