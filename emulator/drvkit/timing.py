@@ -205,6 +205,11 @@ class TimingGate:
     def save_state(self) -> dict:
         """The clock, counters, the seeded generator's state and every held completion
         (queue, head, descriptors, bytes written: what the used entry needs)."""
+        if any(service.queue.packed for *_, service, _ in self._waiting):
+            raise RuntimeError(
+                "a request on a packed ring waits for the device (timing): not saved;"
+                " pick another exit, or a split ring"
+            )
         version, internal, gauss = self.rng.getstate()
         return {
             "now": self.now,
