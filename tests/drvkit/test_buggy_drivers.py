@@ -158,3 +158,11 @@ def test_status_written_when_processed_not_when_made_available(tmp_path):
     defer = next(e for e in events if e.kind == "defer")
     used = next(e for e in events if e.kind == "used" and e.exit >= defer.exit)
     assert used.exit == defer.fields["until"] > defer.exit
+
+
+@pytest.mark.parametrize(("bug", "mode", "survives"), WORK_RACES)
+def test_races_with_the_device_work_over_pci(bug, mode, survives):
+    """The timing model sits in the service layer: the same races over virtio-pci."""
+    assert run(bug, transport="pci").success
+    d = run(bug, transport="pci", timing=mode, seed=7).as_dict()
+    assert d["result"] == 12 and d["values"]["1"] > 0 and not d["driver_errors"], d
