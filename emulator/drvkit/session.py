@@ -209,9 +209,10 @@ class Session:
     def on_defer(self, service: QueueService, chain: DescriptorChain, until: int) -> None:
         self.trace("defer", queue=service.index, head=chain.head, until=until)
 
-    def device_call(self, starts: list) -> None:
+    def device_call(self, starts: list, queues: list[int]) -> None:
         """Start requests the timing model admits, in the device's loop, and return
-        once the device settled (their work done or parked)."""
+        once the device settled (their work done or parked).  A driver error found
+        meanwhile names the queue (``admitted``: not during a register access)."""
         t = self.transport
         active = t.active
         if active is None or t.runner is None:
@@ -223,7 +224,7 @@ class Session:
             await active.wait_settled()
 
         t.runner.call(run)
-        self.sync()
+        self.sync({"queue": queues[0], "admitted": True} if len(queues) == 1 else None)
 
     def sync(self, access: dict | None = None) -> None:
         """After anything the guest or the device did: status changes, new errors."""
@@ -257,7 +258,7 @@ class Session:
         }
         if access is not None:
             entry.update(access)
-            if access.get("register") == "queue_notify":
+            if access.get("register") == "queue_notify" and "value" in access:
                 entry["queue"] = access["value"] & 0xFFFF
         cpu = self.machine.cpu
         if cpu is not None:

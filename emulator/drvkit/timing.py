@@ -85,9 +85,10 @@ class TimingGate:
         self._waiting: list[tuple[int, float, int, Callable[[], None], QueueService, int]] = []
         """Requests popped, not yet admitted: (due, key, seq, start, service, head)."""
         self._admitted = 0
-        self.device_call: Callable[[list[Callable[[], None]]], None] | None = None
-        """Runs start callables in the device's loop and returns once it settled (the
-        session sets it); without it requests are admitted at once."""
+        self.device_call: Callable[[list[Callable[[], None]], list[int]], None] | None = None
+        """Runs start callables (of requests of the listed queues) in the device's loop
+        and returns once it settled (the session sets it); without it requests are
+        admitted at once."""
         self.on_defer: Callable[[QueueService, DescriptorChain, int], None] | None = None
         self.in_order: set[int] = set()
         """Queue indices whose completions keep their order (delays only)."""
@@ -119,13 +120,14 @@ class TimingGate:
         return False
 
     def _admit_due(self, until: int) -> None:
-        starts = []
+        starts, queues = [], set()
         while self._waiting and self._waiting[0][0] <= until:
-            start = heapq.heappop(self._waiting)[3]
-            starts.append(start)
+            item = heapq.heappop(self._waiting)
+            starts.append(item[3])
+            queues.add(item[4].index)
         if starts:
             assert self.device_call is not None
-            self.device_call(starts)
+            self.device_call(starts, sorted(queues))
 
     def complete(self, service: QueueService, items: Sequence[tuple[DescriptorChain, int]]):
         p, rng = self.params, self.rng

@@ -194,3 +194,16 @@ def test_cli_runs_net_and_input(capsys):
     for device in ("net", "input"):
         assert cli(["run-driver", "template", "--device", device, "--cpu", "soft"]) == 0
         assert capsys.readouterr().out.splitlines()[-1].startswith("PASS")
+
+
+@pytest.mark.parametrize(("device", "bug"), [("net", 1), ("input", 1)])
+def test_same_run_on_kvm_and_soft(device, bug, need_kvm):
+    """Exits are the device's clock: the same errors at the same exits on both CPUs."""
+    runs = [
+        buggy(device, bug, cpu=cpu, timing="random", seed=4).as_dict() for cpu in ("soft", "kvm")
+    ]
+    keys = ("clause", "message", "exit", "queue")
+    soft, kvm = ([{k: e[k] for k in keys} for e in d["driver_errors"]] for d in runs)
+    assert soft == kvm and soft
+    assert runs[0]["exits_total"] == runs[1]["exits_total"]
+    assert runs[0]["values"] == runs[1]["values"]
