@@ -291,6 +291,7 @@ class Machine:
             "entry": self._entry,
             "irq_lines": [[irq, up] for irq, up in self.irq_lines.items()],
             "edges": sorted(self._edges),
+            "msi": sorted(self._msi),  # MSI messages sent, not yet taken by the CPU
             "interrupts_delivered": self.interrupts_delivered,
             "stats": self.bus.stats.save_state(),
             "marks": [[cmd, st.save_state(), t - now] for cmd, st, t in self._marks],
@@ -303,6 +304,8 @@ class Machine:
         now = time.perf_counter()
         self.irq_lines = {int(irq): bool(up) for irq, up in state["irq_lines"]}
         self._edges = {int(g) for g in state["edges"]}
+        with self._msi_lock:
+            self._msi = {int(v) & 0xFF for v in state.get("msi", [])}
         self.interrupts_delivered = int(state["interrupts_delivered"])
         self.bus.stats = ExitStats.from_state(state["stats"])
         self._marks = [
