@@ -6,7 +6,8 @@ The same migration, once per back-end and round (alternating): a TCG guest
 ``vhost-user-blk-pci`` disk runs fio (4k random writes with crc32c verify, 2 jobs,
 queue depth 8) and is migrated over a unix socket to a second QEMU on this machine,
 whose disk is served by a second back-end process on the same image (ours with
-``--incoming``; qsd with ``locking=off``).  Reported per back-end: QEMU's
+``--incoming``: the image lock is handed over at the switch-over; qsd with
+``locking=off``).  Reported per back-end: QEMU's
 ``downtime`` (ms the guest was stopped), ``total-time`` and ``setup-time`` (ms),
 RAM transferred, medians over rounds; each migration is checked (fio's verify
 passes on the destination).

@@ -26,7 +26,8 @@ back-end process per run, so ratios come from the same minutes of the machine):
   overlay over the raw image (every read falls through to the base; made afresh
   before every run); 4 KiB random read / write at QD 1 and 32.
 * ``nbd`` (issue 9 §3): both back-ends on the same NBD export, a ``qemu-nbd``
-  (``--cache=none --aio=io_uring``) of the raw image started for every run, caches
+  (``--cache=none --aio=io_uring -e 2``: two clients, Python's connection and our
+  data plane's; qsd uses one) of the raw image started for every run, caches
   dropped; ours ``--blk-file nbd+unix://...``, qsd ``driver=nbd``; 4 KiB random
   read / write at QD 1 and 32, one queue.
 
@@ -289,7 +290,7 @@ async def run_one(
         image, fmt = work / "nbd.sock", "nbd"
         image.unlink(missing_ok=True)
         nbd_server = subprocess.Popen(
-            ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-k", str(image),
+            ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-e", "2", "-k", str(image),
              "--cache=none", "--aio=io_uring", str(args.image)],
             stdin=subprocess.DEVNULL,
         )  # fmt: skip

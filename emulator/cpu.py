@@ -43,6 +43,9 @@ class CpuBackend(Protocol):
 
     def close(self) -> None: ...
 
+    def kick(self) -> None:
+        """From another thread: make ``run`` look at ``machine.async_error`` soon."""
+
     def save_cpu(self) -> dict: ...
 
     def load_cpu(self, state: dict) -> None: ...
@@ -147,6 +150,8 @@ class KvmCpu:
         n = 0
         while True:
             e = vcpu.run()
+            if self.machine.async_error is not None:
+                raise self.machine.async_error
             if isinstance(e, OtherExit) and e.kvm_reason == abi.KVM_EXIT_INTR:
                 # a signal, not a guest exit: not accounted
                 if deadline is not None and time.monotonic() > deadline:
@@ -216,6 +221,11 @@ class KvmCpu:
         s["gdt"] = tuple(state["gdt"])
         self.vcpu.set_sregs(s)
         self.vcpu.set_regs(dict(gprs))
+
+    def kick(self) -> None:
+        """Nothing to do: with a deadline, the periodic SIGALRM already makes KVM_RUN
+        return every ``_TIMER_PERIOD`` (signals go to the vCPU thread, the main one), and
+        ``_run`` checks ``machine.async_error`` after every return."""
 
     def close(self) -> None:
         self.vm.close()

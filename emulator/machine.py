@@ -90,6 +90,11 @@ class Machine:
         # progress (e.g. a device model completed held requests); see on_hlt.
         self.idle_hooks: list = []
         self.stop_requested = False
+        # Set from another thread by fail(): the vCPU stops and run() raises it.
+        self.async_error: BaseException | None = None
+        # Devices outside the VMM whose failure the VMM detects and reports with fail()
+        # (vhost-user back-ends): a guest need not poll them for liveness.
+        self.watched_devices = 0
         # HLT with no line up and no result reported: stop quietly (True) or raise.
         self.idle_hlt_stops = False
         self.image: ElfImage | None = None
@@ -286,6 +291,7 @@ class Machine:
             "entry": self._entry,
             "irq_lines": [[irq, up] for irq, up in self.irq_lines.items()],
             "edges": sorted(self._edges),
+            "msi": sorted(self._msi),  # MSI messages sent, not yet taken by the CPU
             "interrupts_delivered": self.interrupts_delivered,
             "stats": self.bus.stats.save_state(),
             "marks": [[cmd, st.save_state(), t - now] for cmd, st, t in self._marks],
@@ -298,6 +304,8 @@ class Machine:
         now = time.perf_counter()
         self.irq_lines = {int(irq): bool(up) for irq, up in state["irq_lines"]}
         self._edges = {int(g) for g in state["edges"]}
+        with self._msi_lock:
+            self._msi = {int(v) & 0xFF for v in state.get("msi", [])}
         self.interrupts_delivered = int(state["interrupts_delivered"])
         self.bus.stats = ExitStats.from_state(state["stats"])
         self._marks = [
@@ -386,6 +394,18 @@ class Machine:
             self.cpu.run(max_exits=max_exits, deadline=deadline)
         finally:
             self.run_seconds += time.perf_counter() - t0
+
+    def fail(self, exc: BaseException) -> None:
+        """From any thread: stop the vCPU and make :meth:`run` raise ``exc`` (the first
+        one wins), even while the guest spins on RAM without exits -- e.g. a polling
+        driver whose device lives in a vhost-user back-end that just died.  The soft CPU
+        stops at once; KVM_RUN returns at the deadline timer's next tick (every 50 ms
+        when ``run`` has a timeout; without one, at the guest's next exit)."""
+        if self.async_error is None:
+            self.async_error = exc
+        cpu = self.cpu
+        if cpu is not None:
+            cpu.kick()
 
     def close(self) -> None:
         if self.cpu is not None:

@@ -190,6 +190,7 @@ def run_workload(
     m = Machine(ram_size=ram_size, cpu=cpu)
     try:
         verify = wp.setup(m, spec)
+        _watched_polling(m, wp)
         m.load_elf(elf)
         saved_at = None
         if save_at is not None:
@@ -243,6 +244,16 @@ def restore_workload(
         return result
     finally:
         m.close()
+
+
+def _watched_polling(m: Machine, wp: WorkloadPath) -> None:
+    """A device the VMM watches itself (a vhost-user back-end: ``Machine.fail`` when it
+    hangs up): tell the virtio-blk program never to read Status while it polls, so the
+    polled rows take no exit however long the back-end takes (``poll_spins``)."""
+    if m.watched_devices and wp.program == "virtio_blk":
+        from emulator import virtio_mmio
+
+        virtio_mmio.write_poll_spins(m, virtio_mmio.POLL_FOREVER)
 
 
 def _result(m: Machine, wp: WorkloadPath, spec: WorkloadSpec, verify: Callable[[], bool]) -> dict:

@@ -3,9 +3,12 @@
 A snapshot holds the guest RAM, the vCPU state (portable between the KVM and the soft
 CPU: general registers, RIP, RFLAGS, IDTR/GDTR; segments and control registers are the
 flat long mode every machine sets up, and are checked), the machine's interrupt lines,
-exit counters and measurement marks, every device's state (the virtio-mmio transport's
-registers, each virtqueue's ``QueueState``, the device's own state such as blk's disk
-contents), and a *recipe*: plain data saying how to build the same machine again (for
+exit counters, MSI messages not yet taken and measurement marks, every device's state
+(the virtio-mmio transport's registers; for virtio-pci the host bridge's CONFIG_ADDRESS,
+each function's Command, BARs and Interrupt Line, the BAR allocator, and the transport's
+common configuration, ISR status, MSI-X vectors, table and pending bits; each
+virtqueue's ``QueueState``; the device's own state such as blk's disk contents), and a
+*recipe*: plain data saying how to build the same machine again (for
 workloads, the ``run_workload`` arguments).  Restoring builds the machine from the
 recipe, then overwrites RAM and state, and the guest carries on from the instruction
 after the saved exit.

@@ -24,6 +24,7 @@ Exit accounting mirrors KVM exactly:
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -295,6 +296,8 @@ class SoftCpu:
             timeout_us = 0
             if deadline is not None:
                 timeout_us = max(1, int((deadline - time.monotonic()) * 1e6))
+            if self.machine.async_error is not None:
+                raise self.machine.async_error
             try:
                 self.uc.emu_start(self._pc, -1 & 0xFFFF_FFFF_FFFF_FFFF, timeout=timeout_us)
             except unicorn.UcError as exc:
@@ -302,6 +305,8 @@ class SoftCpu:
                     rip = self.uc.reg_read(ux.UC_X86_REG_RIP)
                     raise GuestFault(f"soft: {exc} at rip={rip:#x}") from exc
             self._pc = self.uc.reg_read(ux.UC_X86_REG_RIP)
+            if self.machine.async_error is not None:
+                raise self.machine.async_error
             if self._error is not None:
                 err, self._error = self._error, None
                 raise err
@@ -396,6 +401,15 @@ class SoftCpu:
                 uc.reg_write(getattr(ux, f"UC_X86_REG_{name.upper()}"), value)
         uc.reg_write(ux.UC_X86_REG_IDTR, (0, state["idt"][0], state["idt"][1], 0))
         uc.reg_write(ux.UC_X86_REG_GDTR, (0, state["gdt"][0], state["gdt"][1], 0))
+
+    def kick(self) -> None:
+        """From another thread: unicorn's ``emu_stop`` (thread-safe: it is how unicorn's
+        own timeout thread stops a run) returns ``emu_start``; ``run`` then raises
+        ``machine.async_error``, which it also checks before each ``emu_start``."""
+        uc = self.uc
+        if uc is not None:
+            with contextlib.suppress(unicorn.UcError):
+                uc.emu_stop()
 
     def close(self) -> None:
         self.uc = None  # type: ignore[assignment]

@@ -50,15 +50,19 @@ A closed socket is :class:`BackendDisconnected`, a silent one :class:`BackendTim
 While the guest runs, the notifier thread also watches the socket for a hang-up
 (POLLRDHUP): when the back-end dies, it wakes a halted guest and the guest's next
 access to the device raises :class:`BackendDisconnected` out of ``Machine.run``
-(``MmioTransport.backend_failed``); so a
-dead back-end is a typed error, never a hang.
+(``MmioTransport.backend_failed``), and a guest spinning on guest RAM is stopped with
+the same error (``Machine.fail``); so a dead back-end is a typed error, never a hang.
 
-Polling drivers.  A driver that polls the used ring and reads Status when it finds
-nothing (``guest-drivers/virtio_blk.c`` does) would otherwise make one exit per spin
-while the back-end works.  So a Status read while requests are outstanding on a split
-ring (avail idx != used idx) waits, up to ``poll_wait`` seconds, for the back-end to
-catch up before it returns: at most one exit per batch, like the in-VMM path whose
-QueueNotify exit returns when the batch is done.  ``poll_wait=0`` turns this off.
+Polling drivers.  With a back-end attached (``Machine.watched_devices``), the workload
+runner tells ``guest-drivers/virtio_blk.c`` never to read Status while it polls
+(``poll_spins`` = ``POLL_FOREVER``): the VMM watches the back-end itself and stops a
+spinning vCPU when it hangs up (:meth:`Machine.fail`), so a polled run takes no exit at
+all however slow the back-end is (``vhost-user`` and ``vhost-user-pci`` alike).  A
+driver that polls the used ring and reads Status when it finds nothing would otherwise
+make one exit per spin while the back-end works.  So a Status read while requests are
+outstanding on a split ring (avail idx != used idx) waits, up to ``poll_wait`` seconds,
+for the back-end to catch up before it returns: at most one exit per batch, like the
+in-VMM path whose QueueNotify exit returns when the batch is done.  ``poll_wait=0`` turns this off.
 
 The workload paths ``vhost-user`` (our back-end) and ``vhost-user-qsd``
 (qemu-storage-daemon) run ``guest-drivers/virtio_blk.c`` -- the very program of the
@@ -499,6 +503,7 @@ class VhostUserBackend:
         poll_wait: float = 5.0,
     ) -> None:
         self.machine = machine
+        machine.watched_devices += 1  # the runner's polling guests rely on the notifier
         self.client = client
         self.device_id = device_id
         self.poll_wait = poll_wait
@@ -719,13 +724,15 @@ class VhostUserBackend:
                     return
                 if role == "socket":
                     poller.unregister(sock)
-                    t.backend_failed(
-                        BackendDisconnected(
-                            f"{self.client.name}: the back-end hung up "
-                            f"(poll events {events:#x}){self._backend_note()}"
-                        )
+                    exc = BackendDisconnected(
+                        f"{self.client.name}: the back-end hung up "
+                        f"(poll events {events:#x}){self._backend_note()}"
                     )
+                    t.backend_failed(exc)
                     os.eventfd_write(self.irq_fd, 1)  # wake a halted guest
+                    # and stop one that spins on the used ring (it never asks Status:
+                    # POLL_FOREVER in the workload's parameters)
+                    self.machine.fail(exc)
                 elif role == "call" and _drain(fd):
                     assert v is not None
                     self.stats.calls += 1

@@ -23,6 +23,7 @@ import os
 import struct
 from collections.abc import Callable
 
+from emulator import memory
 from emulator import run as _run
 from emulator.machine import Machine
 from virtio.devices.blk import BlkOptions, MemoryBackend, RawFileBackend, VirtioBlk
@@ -41,6 +42,17 @@ BUF_ADDR = 0x400000
 
 # struct params in guest-drivers/virtio_blk.c
 VIRTIO_PARAMS = struct.Struct("<8I4Q4I")
+# ... and its last field, poll_spins, written apart (a zero, left by writers of the
+# fields above, means the program's default): used-ring polls between two Status reads.
+POLL_SPINS_PARAM = struct.Struct("<I")
+POLL_FOREVER = 0xFFFF_FFFF
+"""``poll_spins``: never read Status while polling (a device the VMM watches itself)."""
+
+
+def write_poll_spins(m: Machine, spins: int) -> None:
+    """Set ``poll_spins`` in a ``virtio_blk.c`` parameter block already written."""
+    m.memory.write(memory.PARAMS_ADDR + VIRTIO_PARAMS.size, POLL_SPINS_PARAM.pack(spins))
+
 
 # Guest result codes (VE_* in guest-drivers/virtio_mmio.h)
 RESULT_NAMES = {

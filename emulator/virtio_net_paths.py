@@ -39,6 +39,8 @@ MAX_QUEUE_DEPTH = 64  # MAX_BATCH in guest-drivers/virtio_net.c
 RING_ADDR = 0x300000  # 4 queues * 64 KiB
 BUF_ADDR = 0x400000  # 2 NICs * 1 MiB
 
+VALUE_BAD_HEADERS = 5  # dbg_value key: receive headers with num_buffers != 1 or a GSO type
+
 # struct params in guest-drivers/virtio_net.c
 NET_PARAMS = struct.Struct("<12I2Q2Q")
 
@@ -107,6 +109,7 @@ def _setup(*, event_idx: bool, packed: bool):
             return (
                 not any(t.errors for t in transports)
                 and m.debug.ios == npackets
+                and m.debug.values.get(VALUE_BAD_HEADERS) == 0
                 and all(
                     ports[n.name]["in_packets"] == half and ports[n.name]["out_packets"] == half
                     for n in nics

@@ -43,11 +43,14 @@ struct params {
 	u32 queue_size;
 	u32 flush;
 	u32 req_bytes;
+	u32 poll_spins; /* empty used-ring polls before a Status read; 0: POLL_SPINS,
+			 * POLL_FOREVER: never (the VMM watches the device itself) */
 };
 
 #define HDR_STRIDE 32
 #define STATUS_OFFSET 16
 #define POLL_SPINS 200000u /* used-ring polls between two device-status reads */
+#define POLL_FOREVER 0xFFFFFFFFu
 #define MAX_SLOTS 64
 #define SEGS 3
 
@@ -129,6 +132,7 @@ static int run_batch(u32 count, u16 *done)
 	if (use_irq && wait_irq(&seen))
 		return -1;
 	u32 got = 0, spins = 0;
+	u32 budget = P->poll_spins ? P->poll_spins : POLL_SPINS;
 	while (got < count) {
 		u16 id;
 		u32 len;
@@ -140,7 +144,7 @@ static int run_batch(u32 count, u16 *done)
 		if (use_irq) {
 			if (wait_irq(&seen))
 				return -1;
-		} else if (++spins < POLL_SPINS) {
+		} else if (budget == POLL_FOREVER || ++spins < budget) {
 			/* A device beside the vCPU (vhost-user) completes while we spin on
 			 * guest memory: no exit.  An in-VMM device has already completed
 			 * everything when the notify exit returns, so this never spins. */

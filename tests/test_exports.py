@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -275,3 +277,118 @@ async def test_exports_stats_commands_metrics_and_stat(tmp_path) -> None:
     assert "export disk2 (blk) removed" in text
     final = [ln for ln in text.splitlines() if "export disk0 (blk): statistics:" in ln][-1]
     assert "completed=15 " in final and "time=" not in final
+
+
+EVENT = struct.Struct("<HHi")  # struct virtio_input_event (virtio 1.4 §5.8.6)
+
+
+async def eventq_of(path: Path, ram: GuestRam, buffers: int) -> tuple[VhostUserFrontend, Any]:
+    """A front-end on an input export with ``buffers`` event buffers posted."""
+    fe = await VhostUserFrontend.connect(path)
+    await fe.negotiate()
+    await fe.set_mem_table(ram)
+    eventq = await fe.setup_vring(0, ram, size=16)
+    await fe.setup_vring(1, ram, size=16, offset=2 * MiB)
+    for _ in range(buffers):
+        eventq.driver.add([], [EVENT.size])
+    eventq.publish_and_kick()
+    return fe, eventq
+
+
+async def test_input_exports_beside_blk_commands_routed_by_export(tmp_path) -> None:
+    """Two input devices and a disk in one process (issue 13 §4: several devices of any
+    type): each keyboard's ``inject`` reaches its own eventq only, picked by
+    ``export``; an input export added and removed at run time takes its commands along."""
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(MiB))
+    be = Backend(
+        tmp_path,
+        f"input,id=kbd,kind=keyboard,serial=K1,socket-path={tmp_path}/k.sock",
+        f"input,id=tab,kind=tablet,socket-path={tmp_path}/t.sock",
+        f"blk,id=disk,socket-path={tmp_path}/d.sock,blk-file={img}",
+    )
+    ram = GuestRam(4 * MiB)
+    try:
+        await be.wait_ready()
+        async with await ControlClient.connect(be.control) as ctl:
+            exports = await ctl.execute("query-exports")
+            assert [(e["id"], e["type"]) for e in exports] == [
+                ("kbd", "input"), ("tab", "input"), ("disk", "blk"),
+            ]  # fmt: skip
+            with pytest.raises(ControlReplyError, match="name the export"):
+                await ctl.execute("key", key="KEY_A")
+            fe, eventq = await eventq_of(tmp_path / "k.sock", ram, buffers=4)
+            r = await ctl.execute("key", export="kbd", key="KEY_A", value=1)
+            assert r == {"groups": 1, "events": 2, "dropped": 0}
+            used = await eventq.wait_used(2)
+            assert [EVENT.unpack(u.data) for u in used] == [(1, 30, 1), (0, 0, 0)]  # EV_KEY A
+            # the tablet has no keys: refused by *its* capabilities, the keyboard unaffected
+            with pytest.raises(ControlReplyError, match="no key KEY_A"):
+                await ctl.execute("key", export="tab", key="KEY_A")
+            q = await ctl.execute("query-input", export="kbd")
+            assert q["statistics"]["events"] == 2 and q["driver"] is True
+            assert (await ctl.execute("query-input", export="tab"))["statistics"]["events"] == 0
+            await fe.aclose()
+            added = await ctl.execute(
+                "export-add", type="input", id="mouse",
+                **{"kind": "mouse", "socket-path": str(tmp_path / "m.sock")},
+            )  # fmt: skip
+            assert added["id"] == "mouse"
+            fe, eventq = await eventq_of(tmp_path / "m.sock", ram, buffers=4)
+            await ctl.execute("move", export="mouse", x=3, y=-2)
+            used = await eventq.wait_used(3)
+            assert [EVENT.unpack(u.data) for u in used] == [(2, 0, 3), (2, 1, -2), (0, 0, 0)]
+            await fe.aclose()
+            await ctl.execute("export-del", id="mouse")
+            with pytest.raises(ControlReplyError, match="no export 'mouse' has it"):
+                await ctl.execute("move", export="mouse", x=1, y=1)
+            with pytest.raises(ControlReplyError, match="evdev-path or --kind"):
+                await ctl.execute("export-add", type="input", **{"socket-path": "x.sock"})
+    finally:
+        ram.close()
+        rc = await trio.to_thread.run_sync(be.stop)
+    assert rc == 0, be.text()
+
+
+async def test_export_tasks_run_while_served_and_a_failing_one_stops_only_its_export(
+    tmp_path,
+) -> None:
+    """``Export.tasks`` (an input export's evdev reader): cancelled when the export is
+    removed; one that fails stops its own export, the others keep serving."""
+    from virtio.devices.rng import VirtioRng
+    from virtio.exports import Export, ExportSet
+    from virtio.transport.vhost_user.server import VhostUserServer
+
+    ran, cancelled = trio.Event(), trio.Event()
+
+    async def reader() -> None:
+        ran.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async def broken() -> None:
+        raise OSError(19, "No such device")  # the evdev went away
+
+    def export(name: str, task: Any) -> Export:
+        dev = VirtioRng()
+        return Export(
+            name, "rng", dev, VhostUserServer(dev), socket_path=str(tmp_path / name),
+            tasks=[task],
+        )  # fmt: skip
+
+    async with trio.open_nursery() as nursery:
+        exports = ExportSet()
+        await nursery.start(exports.run)
+        await exports.add(export("a", reader))
+        await exports.add(export("b", broken))
+        await ran.wait()
+        with trio.fail_after(10):
+            while "b" in exports.exports:
+                await trio.sleep(0.01)
+        assert list(exports.exports) == ["a"] and not (tmp_path / "b").exists()
+        assert not cancelled.is_set()
+        await exports.remove("a")
+        assert cancelled.is_set()
+        nursery.cancel_scope.cancel()

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from virtio.control import ArgumentError, CommandRegistry, ControlError
-from virtio.device import VirtioDevice
+from virtio.device import ControlCommand, VirtioDevice
 from virtio.stats import latency_quantile
 from virtio.transport.vhost_user.server import VhostUserServer
 
@@ -64,6 +64,11 @@ class Export:
     """Releases the device's resources (image lock) once it is no longer served."""
     statistics_words: Callable[[], str] | None = None
     """Replaces the server's words of ``statistics_line`` (a device type's own line)."""
+    tasks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    """Run while the export is served (an input device's evdev reader): one failing
+    stops this export, not the others."""
+    commands: dict[str, ControlCommand] = field(default_factory=dict)
+    """Control commands of this export beside ``device.control_commands()``."""
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -192,7 +197,8 @@ class ExportSet:
         except BaseException:
             self._forget(export)
             raise
-        for name, command in export.device.control_commands().items():
+        commands = {**export.device.control_commands(), **export.commands}
+        for name, command in commands.items():
             self._route(name, export.id, command.handler, command.help)
         if len(self.exports) > 1 or self._added:
             log.info("export %s (%s) added", export.id, export.kind)
@@ -229,12 +235,14 @@ class ExportSet:
 
         try:
             with export.scope:
-                server = export.server
-                if export.socket_path is not None:
-                    await server.serve_path(export.socket_path, task_status=_Status(mark_started))
+                if not export.tasks:  # listening errors reach add() as they are
+                    await self._listen(export, mark_started)
                 else:
-                    assert export.fd is not None
-                    await server.serve_fd(export.fd, task_status=_Status(mark_started))
+                    async with trio.open_nursery() as nursery:
+                        for task in export.tasks:
+                            nursery.start_soon(task)
+                        await self._listen(export, mark_started)
+                        nursery.cancel_scope.cancel()  # served to the end: tasks stop too
         except Exception as exc:
             if not started:
                 raise
@@ -244,6 +252,15 @@ class ExportSet:
             self._forget(export)
             if stopped_by_itself and not self.exports and self.on_empty is not None:
                 self.on_empty()
+
+    @staticmethod
+    async def _listen(export: Export, mark_started: Callable[[Any], None]) -> None:
+        server = export.server
+        if export.socket_path is not None:
+            await server.serve_path(export.socket_path, task_status=_Status(mark_started))
+        else:
+            assert export.fd is not None
+            await server.serve_fd(export.fd, task_status=_Status(mark_started))
 
     def _forget(self, export: Export) -> None:
         if self.exports.get(export.id) is export:
@@ -267,9 +284,10 @@ class ExportSet:
                 if export_id is None and len(routes) == 1:
                     export_id = next(iter(routes))
                 if export_id not in routes:
-                    raise ArgumentError(
-                        f"{name}: name the export ('export': one of {', '.join(routes)})"
-                    )
+                    which = f"one of {', '.join(routes)}"
+                    if export_id is None:
+                        raise ArgumentError(f"{name}: name the export ('export': {which})")
+                    raise ArgumentError(f"{name}: no export {export_id!r} has it ({which})")
                 rest = {k: v for k, v in arguments.items() if k != "export"}
                 return routes[export_id](rest)
 

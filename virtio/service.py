@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -138,9 +139,24 @@ class QueueService:
 class RequestService(QueueService):
     """A ``REQUESTS`` queue: the §2.7.10 loop around the device's ``handle``."""
 
+    deferred = 0
+    """Chains popped whose processing the gate has not admitted yet (``admit``)."""
+    _start: Callable[[int, DescriptorChain], None] | None = None
+
     @property
     def idle(self) -> bool:
-        return self.finished or (self.parked and self.outstanding == 0)
+        return self.finished or (self.parked and self.outstanding == self.deferred)
+
+    def resubmit(self, chain: DescriptorChain) -> Callable[[], None]:
+        """A chain popped before (a restored snapshot's request the gate had not
+        admitted), counted as waiting; the returned callable starts it (from the
+        device's trio loop)."""
+        if self._start is None:
+            raise RuntimeError("the service is not running")
+        start = self._start
+        self.outstanding += 1
+        self.deferred += 1
+        return lambda: start(1 << 62, chain)
 
     async def run(
         self, handle: Callable[[int, DescriptorChain], Awaitable[int]], max_inflight: int
@@ -189,8 +205,17 @@ class RequestService(QueueService):
                 await trio.lowlevel.checkpoint()
                 flush()
 
+        admit = getattr(gate, "admit", None)
+
         try:
             async with trio.open_nursery() as nursery:
+
+                def start(seq: int, chain: DescriptorChain) -> None:
+                    self.deferred -= 1
+                    if not self.finished:
+                        nursery.start_soon(one, seq, chain)
+
+                self._start = start
                 nursery.start_soon(completer)
                 while True:
                     queue.disable_notification()
@@ -206,13 +231,19 @@ class RequestService(QueueService):
                         self.outstanding += len(chains)
                         for chain in chains:
                             limiter.acquire_nowait()
-                            nursery.start_soon(one, popped, chain)
+                            if admit is not None and not admit(
+                                self, chain, functools.partial(start, popped, chain)
+                            ):
+                                self.deferred += 1  # the gate starts it later
+                            else:
+                                nursery.start_soon(one, popped, chain)
                             popped += 1
                     if queue.enable_notification():
                         continue  # buffers arrived while notifications were off
                     await self._wait_kick()
         finally:
             self.finished = True
+            self._start = None
             self._signal()
 
 
@@ -348,8 +379,15 @@ class BufferQueue(QueueService):
         """Return ``chain`` with ``written`` bytes filled; notify as the driver asked."""
         self.complete_batch(((chain, written),))
 
-    def complete_batch(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
-        """Return several filled chains with one used-index update."""
+    def complete_batch(
+        self,
+        completions: Iterable[tuple[DescriptorChain, int]],
+        *,
+        on_stored: Callable[[], object] | None = None,
+    ) -> None:
+        """Return several filled chains with one used-index update.  ``on_stored``
+        (a latency probe) is called right after the used index is stored, before the
+        driver is notified (not with a completion gate: it decides when)."""
         items = list(completions)
         self.outstanding -= len(items)
         self.completed += len(items)
@@ -357,6 +395,8 @@ class BufferQueue(QueueService):
             self.gate.complete(self, items)
             return
         self.queue.add_used_batch(items)
+        if on_stored is not None:
+            on_stored()
         self._notify()
 
     def __aiter__(self) -> BufferQueue:

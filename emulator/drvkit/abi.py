@@ -38,6 +38,7 @@ RESULT_NAMES = {
     12: "verification failed",
     13: "device needs reset",
     14: "out of memory",
+    15: "frames lost",
 }
 """``PV_E_*`` of pyvirtio.h (what the templates return; any non-zero is a failure)."""
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from virtio.device import VirtioDevice
 from virtio.spec.ids import DeviceId
+
+if TYPE_CHECKING:
+    from emulator.drvkit.session import Session
 
 SECTOR = 512
 DEFAULT_DISK = 8 << 20
@@ -36,6 +40,18 @@ class DeviceKind:
     """Change the configuration space for ``--inject config-change``; returns a note."""
     statuses: dict[str, int] = field(default_factory=dict)
     """Request statuses ``--inject NAME@req=N`` may force (the last writable byte)."""
+    events: dict[str, Callable[[VirtioDevice], str]] = field(default_factory=dict)
+    """Device-specific events ``--inject NAME@req=N|@exit=N`` (net: link-down,
+    link-up): change the device, return a note; a configuration change notification
+    follows (§2.5.2)."""
+    wire: bool = False
+    """Frames on a wire: ``--inject drop@pkt=N`` / ``dup@pkt=N`` apply (net)."""
+    in_order: frozenset[int] = frozenset()
+    """Queues whose used ring order carries meaning: timing modes delay their
+    completions but never reorder them (input's eventq)."""
+    host: Callable[[Session], object] | None = None
+    """A host side feeding the device (input: a typist), with ``on_exit(now)`` and
+    ``on_idle() -> bool`` (something happened)."""
 
 
 DEVICES: dict[str, DeviceKind] = {}
@@ -77,3 +93,42 @@ register(
     DeviceKind("blk", DeviceId.VIRTIO_ID_BLOCK, _blk, "blk.c", _blk_grow, {"ioerr": 1, "unsupp": 2})
 )
 register(DeviceKind("rng", DeviceId.VIRTIO_ID_RNG, _rng, "rng.c"))
+
+
+def _net(opts: DeviceOptions) -> VirtioDevice:
+    from emulator.drvkit.netdev import RunDriverNet
+
+    return RunDriverNet()
+
+
+def _link(up: bool) -> Callable[[VirtioDevice], str]:
+    def change(device: VirtioDevice) -> str:
+        return device.set_link(up)  # type: ignore[attr-defined]
+
+    return change
+
+
+def _input(opts: DeviceOptions) -> VirtioDevice:
+    from emulator.drvkit.inputdev import RunDriverInput
+
+    return RunDriverInput()
+
+
+def _typist(session: Session) -> object:
+    from emulator.drvkit.inputdev import Typist
+
+    return Typist(session)
+
+
+register(
+    DeviceKind(
+        "net", DeviceId.VIRTIO_ID_NET, _net, "net.c",
+        events={"link-down": _link(False), "link-up": _link(True)}, wire=True,
+    )
+)  # fmt: skip
+register(
+    DeviceKind(
+        "input", DeviceId.VIRTIO_ID_INPUT, _input, "input.c", in_order=frozenset({0}),
+        host=_typist,
+    )
+)  # fmt: skip

@@ -2,8 +2,9 @@
 with, each logged in the trace and the JSON result.
 
 ``SPEC`` is ``KIND[=VALUE][@TRIGGER]``, ``TRIGGER`` ``req=N`` (when the device
-finishes its N-th request, counting from 1 over all queues) or ``exit=N`` (after the
-guest's N-th exit):
+finishes its N-th request, counting from 1 over all queues), ``exit=N`` (after the
+guest's N-th exit; a guest that sleeps before it lets the time jump there, as the
+timing model does) or ``pkt=N`` (net: the N-th frame the driver transmits):
 
 ==========================  ===============================================================
 ``spurious-irq@T``          a used buffer notification with nothing new in the ring (§2.3)
@@ -16,6 +17,11 @@ guest's N-th exit):
 ``queue-num-max=N``         QueueNumMax reads N (§4.2.3.2)
 ``ioerr@req=N``,            the request completes with that status (blk: VIRTIO_BLK_S_*,
 ``unsupp@req=N``            §5.2.6) in its last device-writable byte
+``link-down@T``,            net: ``status`` VIRTIO_NET_S_LINK_UP cleared / set (§5.1.4)
+``link-up@T``               with a configuration change notification; frames sent while
+                            the link is down are lost
+``drop@pkt=N``,             net: the N-th transmitted frame is lost on the wire /
+``dup@pkt=N``               reaches the peer twice (so comes back twice)
 ==========================  ===============================================================
 """
 
@@ -33,10 +39,15 @@ from virtio.spec.status import DeviceStatus
 if TYPE_CHECKING:
     from emulator.drvkit.session import Session
 
-_SPEC = re.compile(r"^(?P<kind>[a-z-]+)(?:=(?P<value>\d+))?(?:@(?P<when>req|exit)=(?P<at>\d+))?$")
-TRIGGERED = ("spurious-irq", "config-change", "needs-reset", "ioerr", "unsupp")
+_SPEC = re.compile(
+    r"^(?P<kind>[a-z-]+)(?:=(?P<value>\d+))?(?:@(?P<when>req|exit|pkt)=(?P<at>\d+))?$"
+)
+EVENTS = ("link-down", "link-up")
+"""Device-specific events (``DeviceKind.events``)."""
+WIRE = ("drop", "dup")
+TRIGGERED = ("spurious-irq", "config-change", "needs-reset", "ioerr", "unsupp", *EVENTS)
 SETUP = ("features-ok-refused", "queue-num-max")
-KINDS = TRIGGERED + SETUP
+KINDS = TRIGGERED + SETUP + WIRE
 
 
 class InjectSpecError(ValueError):
@@ -64,7 +75,9 @@ def parse(spec: str) -> Injection:
         )
     value = int(m["value"]) if m["value"] else None
     inj = Injection(m["kind"], value, m["when"], int(m["at"] or 0))
-    if inj.kind in TRIGGERED and inj.when is None:
+    if inj.kind in WIRE and inj.when != "pkt":
+        raise InjectSpecError(f"--inject {spec!r}: {inj.kind} applies to a frame: @pkt=N")
+    if inj.kind in TRIGGERED and inj.when not in ("req", "exit"):
         raise InjectSpecError(f"--inject {spec!r}: {inj.kind} needs @req=N or @exit=N")
     if inj.kind in SETUP and inj.when is not None:
         raise InjectSpecError(f"--inject {spec!r}: {inj.kind} applies at set-up, no trigger")
@@ -90,6 +103,10 @@ class Injector:
                 raise InjectSpecError(f"--inject {inj.text}: no such status for {kind.name}")
             if inj.kind == "config-change" and kind.config_change is None:
                 raise InjectSpecError(f"--inject {inj.text}: {kind.name} has no config to change")
+            if inj.kind in EVENTS and inj.kind not in kind.events:
+                raise InjectSpecError(f"--inject {inj.text}: not an event of {kind.name}")
+            if inj.kind in WIRE and not kind.wire:
+                raise InjectSpecError(f"--inject {inj.text}: {kind.name} has no wire")
         self._refusals = 0
 
     # -- set-up -----------------------------------------------------------------------------
@@ -102,6 +119,18 @@ class Injector:
                 self._done(inj, f"QueueNumMax {inj.value}")
             elif inj.kind == "features-ok-refused":
                 self._wrap_ack_features(inj)
+        if any(inj.kind in WIRE for inj in self.injections):
+            device.wire.hook = self.on_frame  # type: ignore[attr-defined]
+
+    def on_frame(self, n: int) -> str | None:
+        """Net: the fault (``drop``/``dup``) for the driver's N-th transmitted frame."""
+        fault = None
+        for inj in self.injections:
+            if inj.when == "pkt" and inj.at == n:
+                fault = inj.kind
+                what = "lost" if fault == "drop" else "sent twice"
+                self._done(inj, f"transmitted frame {n} {what}")
+        return fault
 
     def _wrap_ack_features(self, inj: Injection) -> None:
         device = self.session.device
@@ -129,6 +158,12 @@ class Injector:
             if inj.when == "exit" and inj.at == n:
                 self._fire(inj, None, None)
 
+    def next_exit(self, now: int) -> int | None:
+        """The exit of the next ``@exit=N`` injection after ``now`` (a sleeping guest
+        lets the time jump there), or ``None``."""
+        due = [inj.at for inj in self.injections if inj.when == "exit" and inj.at > now]
+        return min(due, default=None)
+
     def _fire(self, inj: Injection, service: QueueService | None, chain) -> bool:
         s = self.session
         t = s.transport
@@ -147,6 +182,10 @@ class Injector:
             else:  # not live yet: only the status bit (§2.1.2)
                 t.status |= int(DeviceStatus.DEVICE_NEEDS_RESET)
             return False
+        elif inj.kind in EVENTS:
+            note = s.kind.events[inj.kind](s.device)
+            t.config_changed()
+            self._done(inj, note)
         elif inj.kind in ("ioerr", "unsupp"):
             status = s.kind.statuses[inj.kind]
             w = chain.writer()
@@ -160,5 +199,7 @@ class Injector:
         entry = {"inject": inj.text, "kind": inj.kind, "exit": s.exits, "note": note}
         if inj.when == "req":
             entry["request"] = inj.at
+        elif inj.when == "pkt":
+            entry["frame"] = inj.at
         self.log.append(entry)
         s.trace("inject", kind=inj.kind, spec=inj.text, note=note)

@@ -29,7 +29,7 @@ from emulator.machine import GuestHalted, Machine
 from virtio.errors import DriverError
 from virtio.memory import FdRegion, MmapGuestMemory
 from virtio.queues.chain import DescriptorChain
-from virtio.service import QueueService
+from virtio.service import QueueRole, QueueService
 from virtio.spec.mmio import VIRTIO_MMIO_REGION_SIZE, MmioReg
 from virtio.spec.status import DeviceStatus
 from virtio.transport.mmio import MmioTransport, TrioRunner
@@ -92,6 +92,8 @@ class Session:
         self._status = 0
         self._irq = False
         self._vqs: dict[int, object] = {}
+        self.host = None
+        """The device's host side (``DeviceKind.host``: input's typist), or ``None``."""
 
     @property
     def exits(self) -> int:
@@ -108,6 +110,7 @@ class Session:
             "errors": self.errors,
             "status": self._status,
             "irq": self._irq,
+            "host": self.host.save_state() if self.host is not None else None,
         }
 
     def load_state(self, state: dict) -> None:
@@ -122,17 +125,32 @@ class Session:
         self._status, self._irq = int(state["status"]), bool(state["irq"])
         self.injector.log = list(state["injector"]["log"])
         self.injector._refusals = int(state["injector"]["refusals"])
-        indices = sorted({int(h[3]) for h in state["gate"]["held"]})
+        if self.host is not None and state.get("host") is not None:
+            self.host.load_state(state["host"])
+        gate_state = state["gate"]
+        held = {int(h[3]) for h in [*gate_state["held"], *gate_state.get("waiting", [])]}
         services: dict[int, QueueService] = {}
-        if indices:
-            active = t.active
-            if active is None:
-                raise ValueError("held completions but the device is not live")
+        active = t.active
+        if held and active is None:
+            raise ValueError("held completions but the device is not live")
+        if active is not None:
+            # Buffer queues serve again at once: they wait for data, not for a kick (net
+            # receive, input events); request queues start at their next notification.
+            device = self.device
+            filled = {
+                i
+                for i, q in enumerate(t.queues)
+                if q.vq is not None and device.queue_role(i) is QueueRole.BUFFERS
+            }
+            indices = sorted(held | filled)
 
             async def start_services() -> None:
-                run = t.device.service_run(active)  # type: ignore[union-attr]
+                run = device.service_run(active)
                 for i in indices:
                     await run.ensure(i)
+                restored = getattr(device, "after_restore", None)
+                if restored is not None:
+                    restored()
                 await run.settle()
 
             assert t.runner is not None
@@ -159,10 +177,20 @@ class Session:
     def on_exit(self) -> None:
         self.gate.tick()
         self.injector.on_exit(self.gate.now)
+        if self.host is not None:
+            self.host.on_exit(self.gate.now)
         self.sync()
 
     def on_idle(self) -> bool:
-        progressed = self.gate.idle()
+        """The guest sleeps with nothing pending: the device finishes what it holds,
+        else the host acts, else time jumps to the next ``@exit=N`` injection."""
+        progressed = self.gate.idle() or (self.host is not None and self.host.on_idle())
+        if not progressed:
+            at = self.injector.next_exit(self.gate.now)
+            if at is not None:
+                self.gate.now = at
+                self.injector.on_exit(at)
+                progressed = True
         self.sync()
         return progressed
 
@@ -177,6 +205,26 @@ class Session:
 
     def on_hold(self, service: QueueService, chain: DescriptorChain, until: int) -> None:
         self.trace("hold", queue=service.index, head=chain.head, until=until)
+
+    def on_defer(self, service: QueueService, chain: DescriptorChain, until: int) -> None:
+        self.trace("defer", queue=service.index, head=chain.head, until=until)
+
+    def device_call(self, starts: list, queues: list[int]) -> None:
+        """Start requests the timing model admits, in the device's loop, and return
+        once the device settled (their work done or parked).  A driver error found
+        meanwhile names the queue (``admitted``: not during a register access)."""
+        t = self.transport
+        active = t.active
+        if active is None or t.runner is None:
+            return
+
+        async def run() -> None:
+            for start in starts:
+                start()
+            await active.wait_settled()
+
+        t.runner.call(run)
+        self.sync({"queue": queues[0], "admitted": True} if len(queues) == 1 else None)
 
     def sync(self, access: dict | None = None) -> None:
         """After anything the guest or the device did: status changes, new errors."""
@@ -210,7 +258,7 @@ class Session:
         }
         if access is not None:
             entry.update(access)
-            if access.get("register") == "queue_notify":
+            if access.get("register") == "queue_notify" and "value" in access:
                 entry["queue"] = access["value"] & 0xFFFF
         cpu = self.machine.cpu
         if cpu is not None:
@@ -300,6 +348,17 @@ def _plug_pci(m: Machine, s: Session, guest_memory, runner: TrioRunner, device: 
     return function.bar_base[0], VIRTIO_PCI_IRQ, function.slot << 11
 
 
+def _device_counters(device) -> dict:
+    """What the device type counts for the driver developer (net: the wire; input:
+    events delivered and status events)."""
+    wire = getattr(device, "wire_statistics", None)
+    if wire is not None:
+        return {**wire(), "errors": dict(device.errors)}
+    if hasattr(device, "status_events"):
+        return {**device.statistics(), "status_events": [list(e) for e in device.status_events]}
+    return {}
+
+
 def _load_program(program: str | Path) -> Path:
     path = Path(program)
     if not path.exists():
@@ -371,6 +430,7 @@ def run_driver(
     elf = _load_program(program) if snap is None else None
     kind = DEVICES[device]
     gate = TimingGate(timing, seed, timing_params)
+    gate.in_order = set(kind.in_order)
     recipe = {
         "kind": "run-driver", "device": device, "transport": transport, "timing": timing,
         "seed": seed, "timing_params": dataclasses.asdict(gate.params),
@@ -391,8 +451,12 @@ def run_driver(
         s.device.completion_gate = gate
         s.injector = Injector(s, injections)
         s.injector.setup_device()
+        if kind.host is not None:
+            s.host = kind.host(s)
         gate.on_complete.append(s.injector.on_complete)
         gate.on_hold = s.on_hold if s.tracer is not None else None
+        gate.on_defer = s.on_defer if s.tracer is not None else None
+        gate.device_call = s.device_call
         gate.on_release = s.on_release
         held: list[MmapGuestMemory] = []
 
@@ -487,6 +551,7 @@ def run_driver(
             "requests_served": gate.released,
             "requests_held_at_end": gate.held,
             "injections": s.injector.log,
+            "device_counters": _device_counters(s.device),
             "saved_at_exit": saved_at,
             "restored_from": str(restore) if restore is not None else None,
         }

@@ -1,25 +1,35 @@
-"""Device timing models (``run-driver --timing``): when, and in which order, finished
-requests reach the used ring.
+"""Device timing models (``run-driver --timing``): when the device does the work of a
+request, and when, and in which order, finished requests reach the used ring.
 
-A :class:`TimingGate` is the ``CompletionGate`` of ``virtio.service``: the device's
-queue services hand it every finished chain instead of writing the used ring, so the
-model applies to any device and any transport.  Its clock is the guest's exits
+A :class:`TimingGate` is the ``CompletionGate`` of ``virtio.service``: a request
+queue's service (``RequestService``) asks it to ``admit`` every chain it pops before
+the device processes it (reads its data, writes its status), and the device's queue
+services hand it every finished chain instead of writing the used ring, so the model
+applies to any device and any transport.  Request queues (blk) are delayed at
+admission: the device's work itself happens late, so a driver that reads a status
+byte before the used entry, or rewrites a buffer still in flight, sees it.  Buffer
+queues (rng, net receive, input events) are delayed at completion.  Its clock is the guest's exits
 (``tick`` after each one): exit counts are the same on KVM and the software CPU, so a
 run is reproducible from its mode and seed on either.  When the guest halts with
 nothing pending, the machine calls ``idle``: time jumps to the next held completion
 (a device finishing while the CPU sleeps).
 
-Modes (delays in exits):
+Modes (delays in exits; "a request": its processing for request queues, its
+completion for buffer queues):
 
 * ``inline``: at once, in pop order (the device the emulator always had);
-* ``deferred``: every completion ``delay`` exits later, in order;
-* ``reorder``: each completion 0-4 exits later, ties in a random order (§2.7.8: a
+* ``deferred``: every request ``delay`` exits later, in order;
+* ``reorder``: each request 0-4 exits later, ties in a random order (§2.7.8: a
   device may use buffers in any order unless VIRTIO_F_IN_ORDER is negotiated);
-* ``batch``: held until ``batch`` completions are held, the oldest has waited
-  ``batch_wait`` exits, or the guest waits; then all are written with one used-index
-  update: one interrupt for several;
-* ``slow-start``: the first ``slow`` completions ``long_delay`` exits late, then inline;
-* ``random``: per completion a delay of 0-``max_delay`` exits, ties in a random order.
+* ``batch``: processed at once; completions held until ``batch`` are held, the oldest
+  has waited ``batch_wait`` exits, or the guest waits; then all are written with one
+  used-index update: one interrupt for several;
+* ``slow-start``: the first ``slow`` requests ``long_delay`` exits late, then inline;
+* ``random``: per request a delay of 0-``max_delay`` exits (request queues: then as
+  much again for the completion), ties in a random order.
+
+Queues listed in ``in_order`` are delayed the same way but never reordered: their used
+ring order carries meaning (virtio-input's eventq: the order of the events, §5.8.6).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from virtio.queues.chain import DescriptorChain
-from virtio.service import QueueService
+from virtio.service import QueueService, RequestService
 
 MODES = ("inline", "deferred", "reorder", "batch", "slow-start", "random")
 NEVER = 1 << 62
@@ -72,8 +82,53 @@ class TimingGate:
         self.on_hold: Callable[[QueueService, DescriptorChain, int], None] | None = None
         self.on_release: Callable[[QueueService, Sequence[tuple[DescriptorChain, int]]], None]
         self.on_release = lambda service, items: None
+        self._waiting: list[tuple[int, float, int, Callable[[], None], QueueService, int]] = []
+        """Requests popped, not yet admitted: (due, key, seq, start, service, head)."""
+        self._admitted = 0
+        self.device_call: Callable[[list[Callable[[], None]], list[int]], None] | None = None
+        """Runs start callables (of requests of the listed queues) in the device's loop
+        and returns once it settled (the session sets it); without it requests are
+        admitted at once."""
+        self.on_defer: Callable[[QueueService, DescriptorChain, int], None] | None = None
+        self.in_order: set[int] = set()
+        """Queue indices whose completions keep their order (delays only)."""
+        self._last_due: dict[int, int] = {}
 
     # -- CompletionGate ------------------------------------------------------------------
+    def admit(self, service: QueueService, chain: DescriptorChain, start: Callable[[], None]):
+        """May the device process ``chain`` now?  If not, ``start`` runs when it is due."""
+        p, rng, mode = self.params, self.rng, self.mode
+        if self.device_call is None or mode in ("inline", "batch"):
+            return True
+        self._admitted += 1
+        delay, key = 0, float(self._seq)
+        if mode == "deferred":
+            delay = p.delay
+        elif mode == "reorder":
+            delay, key = rng.randint(0, 4), rng.random()
+        elif mode == "slow-start":
+            delay = p.long_delay if self._admitted <= p.slow else 0
+        elif mode == "random":
+            delay, key = rng.randint(0, p.max_delay), rng.random()
+        if delay == 0:
+            return True
+        seq = self._seq
+        self._seq += 1
+        heapq.heappush(self._waiting, (self.now + delay, key, seq, start, service, chain.head))
+        if self.on_defer is not None:
+            self.on_defer(service, chain, self.now + delay)
+        return False
+
+    def _admit_due(self, until: int) -> None:
+        starts, queues = [], set()
+        while self._waiting and self._waiting[0][0] <= until:
+            item = heapq.heappop(self._waiting)
+            starts.append(item[3])
+            queues.add(item[4].index)
+        if starts:
+            assert self.device_call is not None
+            self.device_call(starts, sorted(queues))
+
     def complete(self, service: QueueService, items: Sequence[tuple[DescriptorChain, int]]):
         p, rng = self.params, self.rng
         for chain, written in items:
@@ -84,7 +139,16 @@ class TimingGate:
             seq = self._seq
             self._seq += 1
             mode, delay, key = self.mode, 0, float(seq)
-            if mode == "deferred":
+            if isinstance(service, RequestService) and self.device_call is not None:
+                if mode == "reorder":  # processed late already: only the order of ties
+                    key = rng.random()
+                elif mode in ("deferred", "slow-start"):
+                    pass
+                elif mode == "random":
+                    delay, key = rng.randint(0, p.max_delay), rng.random()
+                elif mode == "batch":
+                    delay = p.batch_wait
+            elif mode == "deferred":
                 delay = p.delay
             elif mode == "reorder":
                 delay, key = rng.randint(0, 4), rng.random()
@@ -94,7 +158,12 @@ class TimingGate:
                 delay = p.long_delay if self.completed <= p.slow else 0
             elif mode == "random":
                 delay, key = rng.randint(0, p.max_delay), rng.random()
-            heapq.heappush(self._held, (self.now + delay, key, seq, service, chain, written))
+            due = self.now + delay
+            if service.index in self.in_order:
+                due, key = max(due, self._last_due.get(service.index, 0)), float(seq)
+                self._last_due[service.index] = due
+                delay = due - self.now
+            heapq.heappush(self._held, (due, key, seq, service, chain, written))
             if delay and self.on_hold is not None:
                 self.on_hold(service, chain, self.now + delay)
         if self.mode == "batch" and len(self._held) >= p.batch:
@@ -106,12 +175,22 @@ class TimingGate:
     def tick(self) -> None:
         """One guest exit went by."""
         self.now += 1
+        if self._waiting and self._waiting[0][0] <= self.now:
+            self._admit_due(self.now)
         if self._held and self._held[0][0] <= self.now:
             self._release(self.now)
 
     def idle(self) -> bool:
-        """The guest waits with nothing pending: finish the next held completion(s).
-        True if something was released."""
+        """The guest waits with nothing pending: the device does the next request(s)
+        it has not started, or finishes the next held completion(s).  True if
+        something happened."""
+        if self._waiting and (not self._held or self._waiting[0][0] <= self._held[0][0]):
+            due = self._waiting[0][0]
+            self.now = max(self.now, due)
+            self._admit_due(due)
+            if self._held and self._held[0][0] <= self.now:
+                self._release(self.now)
+            return True
         if not self._held:
             return False
         due = self._held[0][0]
@@ -121,12 +200,18 @@ class TimingGate:
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        """Requests not yet admitted plus completions not yet written."""
+        return len(self._held) + len(self._waiting)
 
     # -- snapshots (run-driver --save-at / --restore) -------------------------------------
     def save_state(self) -> dict:
         """The clock, counters, the seeded generator's state and every held completion
         (queue, head, descriptors, bytes written: what the used entry needs)."""
+        if any(service.queue.packed for *_, service, _ in self._waiting):
+            raise RuntimeError(
+                "a request on a packed ring waits for the device (timing): not saved;"
+                " pick another exit, or a split ring"
+            )
         version, internal, gauss = self.rng.getstate()
         return {
             "now": self.now,
@@ -134,9 +219,15 @@ class TimingGate:
             "released": self.released,
             "seq": self._seq,
             "rng": [version, list(internal), gauss],
+            "last_due": {str(k): v for k, v in self._last_due.items()},
             "held": [
                 [due, key, seq, service.index, chain.head, chain.ndesc, written]
                 for due, key, seq, service, chain, written in self._held
+            ],
+            "admitted": self._admitted,
+            "waiting": [
+                [due, key, seq, service.index, head]
+                for due, key, seq, _, service, head in self._waiting
             ],
         }
 
@@ -146,6 +237,7 @@ class TimingGate:
         descriptor count: its data is already in guest memory, only the used entry is due."""
         self.now, self.completed = int(state["now"]), int(state["completed"])
         self.released, self._seq = int(state["released"]), int(state["seq"])
+        self._last_due = {int(k): int(v) for k, v in state.get("last_due", {}).items()}
         version, internal, gauss = state["rng"]
         self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
         held = []
@@ -161,6 +253,19 @@ class TimingGate:
             held.append((int(due), float(key), int(seq), service, chain, int(written)))
         heapq.heapify(held)
         self._held = held
+        self._admitted = int(state.get("admitted", 0))
+        waiting = []
+        for due, key, seq, index, head in state.get("waiting", []):
+            service = services.get(int(index))
+            if not isinstance(service, RequestService):
+                raise ValueError(f"request waiting on queue {index}, which serves no requests")
+            if service.queue.packed:
+                raise ValueError("requests waiting for the device on a packed ring: not restorable")
+            chain = service.queue.chain_at(int(head))  # validated as a pop
+            start = service.resubmit(chain)
+            waiting.append((int(due), float(key), int(seq), start, service, int(head)))
+        heapq.heapify(waiting)
+        self._waiting = waiting
 
     def _release(self, until: int) -> None:
         if self.mode == "batch" and self._held and self._held[0][0] <= until:

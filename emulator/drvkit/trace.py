@@ -19,9 +19,11 @@ Kinds and their keys:
 ``status``     device status changed: ``old new names`` (§2.1)
 ``pop``        the device took a chain: ``queue head ndesc ring segs`` (``segs``:
                ``ADDR+LEN:r|w`` comma-separated)
+``defer``      a request the timing model lets the device process later: ``queue head until``
 ``hold``       a finished chain held by the timing model: ``queue head until``
 ``used``       used entries written: ``queue heads lens`` (comma-separated, in ring order)
 ``inject``     an injected fault: ``kind spec note``
+``host``       the device's host side acted (input: keys typed): ``note``
 ``error``      a driver error: ``class clause label message`` (+ ``reg``/``rip``)
 ``result``     the program's result: ``value``
 ``halt``       the run ended otherwise: ``reason``
@@ -160,7 +162,7 @@ def chrome_trace(events: Iterable[Event]) -> dict:
             out.append({**base, "ph": "C", "name": "irq", "tid": 2,
                         "args": {"level": e.fields.get("level", 0)}})  # fmt: skip
         else:
-            tid = 2 if e.kind in ("hold", "inject") else 1
+            tid = 2 if e.kind in ("defer", "hold", "inject") else 1
             name = e.kind if e.kind not in ("read", "write") else f"{e.kind} {e.fields.get('reg')}"
             scope = "g" if e.kind in ("error", "inject", "status", "result", "halt") else "t"
             out.append({**base, "ph": "i", "s": scope, "name": name, "tid": tid})
@@ -189,6 +191,10 @@ _INJECT_SECTIONS = {
     "queue-num-max": sec.S_4_2_3_2,
     "ioerr": sec.S_5_2_6,
     "unsupp": sec.S_5_2_6,
+    "link-down": sec.S_5_1_4,
+    "link-up": sec.S_5_1_4,
+    "drop": sec.S_5_1_9_2,
+    "dup": sec.S_5_1_9_2,
 }
 
 
@@ -208,9 +214,11 @@ def section_of(e: Event) -> Section | str:
         "irq": sec.S_4_2_3_4,
         "status": sec.S_2_1,
         "pop": sec.S_2_8_21 if packed else sec.S_2_7_13,
+        "defer": sec.S_2_7_13,
         "hold": sec.S_2_7_8,
         "used": sec.S_2_7_8,
         "inject": _INJECT_SECTIONS.get(str(f.get("kind")), sec.S_2),
+        "host": sec.S_5_8_6,
         "result": sec.S_3_1_1,
         "halt": sec.S_3_1_1,
     }.get(k, str(f.get("clause", "?")) if k == "error" else "?")

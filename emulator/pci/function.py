@@ -116,6 +116,32 @@ class PciFunction:
         for index, size in self.bar_size.items():
             self.bar_base[index] = allocator.allocate(size)
 
+    # -- snapshots ---------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The header's writable state: Command, BAR addresses, Interrupt Line, the
+        INTx level the device drives (the device's own state is saved by its owner)."""
+        return {
+            "command": self.command,
+            "bars": [[i, b] for i, b in sorted(self.bar_base.items())],
+            "interrupt_line": self.interrupt_line,
+            "intx_level": self._intx_level,
+            "msi_dropped": self.msi_dropped,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Apply ``save_state()`` output: BARs remapped as the saved Command decodes them."""
+        bars = {int(i): int(b) for i, b in state["bars"]}
+        if set(bars) != set(self.bar_size):
+            raise ValueError(f"{self.name}: the snapshot's BARs are {sorted(bars)}")
+        for index, base in bars.items():
+            if base & (self.bar_size[index] - 1) or not 0 <= base <= 0xFFFF_FFF0:
+                raise ValueError(f"{self.name}: BAR {index} at {base:#x} is not aligned")
+        self.bar_base = bars
+        self.interrupt_line = int(state["interrupt_line"]) & 0xFF
+        self.msi_dropped = int(state["msi_dropped"])
+        self._intx_level = bool(state["intx_level"])
+        self._set_command(int(state["command"]) & CMD_WRITABLE)
+
     # -- configuration space -----------------------------------------------------------------
     def _header(self) -> bytearray:
         h = bytearray(HEADER_END)
@@ -243,6 +269,15 @@ class BarAllocator:
     def __init__(self, base: int = PCI_MMIO_BASE, end: int = PCI_MMIO_END) -> None:
         self.next = base
         self.end = end
+
+    def save_state(self) -> dict:
+        return {"next": self.next}
+
+    def load_state(self, state: dict) -> None:
+        nxt = int(state["next"])
+        if not PCI_MMIO_BASE <= nxt <= self.end:
+            raise ValueError(f"BAR allocator at {nxt:#x}: outside the PCI memory window")
+        self.next = nxt
 
     def allocate(self, size: int) -> int:
         base = (self.next + size - 1) & ~(size - 1)

@@ -67,6 +67,22 @@ class PciHostBridge:
             return None, 0
         return self.slots.get(dev), self.address & 0xFC
 
+    # -- snapshots -------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """CONFIG_ADDRESS and every function's header state, by slot."""
+        return {
+            "address": self.address,
+            "slots": [[slot, f.save_state()] for slot, f in sorted(self.slots.items())],
+        }
+
+    def load_state(self, state: dict) -> None:
+        saved = {int(slot): fs for slot, fs in state["slots"]}
+        if set(saved) != set(self.slots):
+            raise ValueError(f"PCI bus 0: the snapshot's slots are {sorted(saved)}")
+        self.address = int(state["address"]) & 0x80FF_FFFC
+        for slot, function in self.slots.items():
+            function.load_state(saved[slot])
+
     # -- bus protocol ----------------------------------------------------------------------
     def register_name(self, offset: int, is_write: bool) -> str:
         return "config_address" if offset < 4 else "config_data"

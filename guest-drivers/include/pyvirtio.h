@@ -23,6 +23,11 @@
  * (one exit, no side effect), or wait for an interrupt (irq_wait / wait_for_interrupt:
  * a halted guest lets the device finish what it holds).
  *
+ * Devices (`--device`): blk (§5.2), rng (§5.4), net (§5.1: the device's wire has a peer
+ * that sends every unicast frame back to its sender, addresses swapped), input (§5.8:
+ * the built-in keyboard; the host types PV_INPUT_EVENTS events, the sequence of
+ * pv_input_expected(), when the guest sleeps or every 64 exits).
+ *
  * Interrupts: line `irq_line` is delivered as vector IRQ_VECTOR_BASE + irq_line
  * through the IDT at `sti; hlt` (irq_install + irq_wait), or wakes a HLT with IF=0
  * (wait_for_interrupt).  Lines are level-triggered; the handler acknowledges the
@@ -100,6 +105,18 @@ static inline void pv_fail(struct vdev *d)
 		vm_wr(&d->mmio, VIRTIO_MMIO_STATUS, s);
 }
 
+/* The device configuration space (§2.5) over either transport: 8/16/32-bit fields
+ * at `offset` (virtio-mmio: from 0x100, §4.2.2; virtio-pci: the device-specific
+ * configuration capability, §4.1.4.6). */
+static inline u64 pv_config_addr(struct vdev *d, u32 offset)
+{
+	return d->pci ? d->vp.device + offset : d->mmio.base + VIRTIO_MMIO_CONFIG + offset;
+}
+static inline u8 pv_config_read8(struct vdev *d, u32 off) { return mmio_read8(pv_config_addr(d, off)); }
+static inline u16 pv_config_read16(struct vdev *d, u32 off) { return mmio_read16(pv_config_addr(d, off)); }
+static inline u32 pv_config_read32(struct vdev *d, u32 off) { return mmio_read32(pv_config_addr(d, off)); }
+static inline void pv_config_write8(struct vdev *d, u32 off, u8 v) { mmio_write8(pv_config_addr(d, off), v); }
+
 /* Bump allocator over the free RAM (zeroed, `align` a power of two). */
 static u64 pv_heap_next;
 static inline void *pv_alloc(u64 size, u64 align)
@@ -121,6 +138,26 @@ static inline void pv_pause(void) { (void)inl(PV_TICK_PORT); }
 static inline void pv_progress(u32 n) { dbg_cmd(DBG_IOS, n); }
 static inline void pv_value(u32 key, u32 value) { dbg_value(key, value); }
 
+/* virtio-input: event i of what the host types (emulator/drvkit/inputdev.py): even i
+ * a key (code 16..55, pressed for even groups), odd i EV_SYN/SYN_REPORT. */
+#define PV_INPUT_EVENTS 32
+struct pv_input_event {
+	u16 type;
+	u16 code;
+	u32 value;
+};
+static inline struct pv_input_event pv_input_expected(u32 i)
+{
+	struct pv_input_event ev = { 0, 0, 0 }; /* EV_SYN, SYN_REPORT */
+	if (i & 1)
+		return ev;
+	u32 g = i / 2, h = g * 2654435761u;
+	ev.type = 1; /* EV_KEY */
+	ev.code = (u16)(16 + (h >> 16) % 40);
+	ev.value = (g & 1) ? 0 : 1;
+	return ev;
+}
+
 /* Result codes the templates use (any non-zero value is a failure). */
 enum {
 	PV_OK = 0,
@@ -133,6 +170,7 @@ enum {
 	PV_E_VERIFY = 12,
 	PV_E_NEEDS_RESET = 13,
 	PV_E_NOMEM = 14,
+	PV_E_LOST = 15, /* net: frames sent that never came back */
 };
 
 #endif

@@ -249,3 +249,23 @@ def test_virtio_input_rows_exits_per_event(capsys):
         assert r["verified"] and r["unit"] == "event" and r["ios"] == 512
     assert rows[0]["exits_per_io"] == 1.5 and rows[1]["exits_per_io"] == 3 / 64
     assert "input event" in format_table(rows)
+
+
+def test_default_size_is_quick_per_unit_and_full_restores_it(capsys):
+    """Without --kib/--mib, input events and packets run a short default (16 KiB of
+    events, 64 KiB of packets) so the default run stays quick; --full runs them at
+    the requests' 256 KiB; an explicit size applies to every path."""
+    registry = bench.load_registry()
+    assert bench.path_kib(registry["virtio-input"], 256, False, False) == 16
+    assert bench.path_kib(registry["ne2000"], 256, False, False) == 64
+    assert bench.path_kib(registry["virtio-mmio"], 256, False, False) == 256
+    assert bench.path_kib(registry["virtio-input"], 256, False, True) == 256
+    assert bench.path_kib(registry["virtio-input"], 96, True, False) == 96
+    for extra, events in (([], 16 * 1024 // 8), (["--full"], 256 * 1024 // 8)):
+        rc = main(["bench", "--json", "--cpu", "soft", "--chart", "", "--paths", "virtio-input",
+                   "--queue-depth", "32", *extra])  # fmt: skip
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        (row,) = json.loads(out.out)["rows"]
+        assert row["verified"] and row["ios"] == events and row["kib"] == events * 8 // 1024
+        assert row["exits_per_io"] == 3 / 64  # the same per event at either size

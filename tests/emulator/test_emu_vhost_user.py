@@ -495,3 +495,42 @@ def test_unoffered_feature_leaves_features_ok_clear():
         assert isinstance(dev.errors[-1], FeatureNegotiationError)
         assert dev.errors[-1].spec_section.number == "2.2.1"
     fake.close()
+
+
+@pytest.mark.usefixtures("need_gcc")
+@pytest.mark.parametrize("path", ["vhost-user", "vhost-user-pci"])
+def test_polled_run_takes_no_exit_however_slow_the_backend(cpu, path):
+    """The back-end is stopped (SIGSTOP) for the first 0.3 s of the measurement window,
+    far longer than the guest's 200,000-poll Status budget: the polled run still takes
+    0 exits, because with a back-end the VMM watches (``Machine.watched_devices``) the
+    program never asks Status (``poll_spins`` = POLL_FOREVER), and data, kicks and
+    completions never leave guest RAM and the eventfds."""
+    wp = _run.PATHS[path]
+    spec = _run.WorkloadSpec(path, KIB << 10, QD, False)
+    m = Machine(ram_size=_run.DEFAULT_RAM, cpu=cpu)
+    resume = None
+    try:
+        verify = wp.setup(m, spec)
+        _run._watched_polling(m, wp)
+        assert m.watched_devices == 1
+        proc = m.devices["vhost-user-blk"].backend.process.proc
+        mark = m.debug.on_mark
+
+        def on_mark(cmd: int) -> None:
+            nonlocal resume
+            mark(cmd)
+            if resume is None:  # BEGIN: the back-end stalls while the guest polls
+                proc.send_signal(signal.SIGSTOP)
+                resume = threading.Timer(0.3, proc.send_signal, (signal.SIGCONT,))
+                resume.start()
+
+        m.debug.on_mark = on_mark
+        m.load_elf(guest_build.build(wp.program))
+        m.run(timeout=60)
+        assert m.debug.result == 0 and verify()
+        assert m.debug.ios == 2 * (KIB // 4)
+        assert m.window is not None and m.window.total == 0, dict(m.window.by_register)
+    finally:
+        if resume is not None:
+            resume.join()
+        m.close()

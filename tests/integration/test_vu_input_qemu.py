@@ -350,7 +350,9 @@ async def _stalled_reader(
             await trio.sleep(0.1)
     delivered = stats["events"] - before
     with trio.fail_after(120):  # the device gave them to the guest; wait for its reader
-        await rig.g.run(f"kill -CONT $(cat /tmp/{node}.pid)")
+        # the guest may still be taking the burst's interrupts: the block's budget, not
+        # run()'s 60 s default (a 1,000-event burst on a TCG guest at load 16 took longer)
+        await rig.g.run(f"kill -CONT $(cat /tmp/{node}.pid)", timeout=120)
         while not done(await rig.read(node)):
             await trio.sleep(0.1)
     return await rig.read(node, stop=True), delivered

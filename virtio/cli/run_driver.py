@@ -31,7 +31,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "program", nargs="?", help="a .c file, an ELF, or 'template' (not with --restore)"
     )
-    p.add_argument("--device", choices=sorted(DEVICES), default="blk")
+    p.add_argument(
+        "--device",
+        choices=sorted(DEVICES),
+        default="blk",
+        help="blk (8 MiB disk), net (a peer echoes frames), input (a keyboard that types), rng",
+    )
     p.add_argument(
         "--transport",
         choices=["mmio", "pci"],
@@ -48,7 +53,7 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="SPEC",
-        help=f"KIND[=N][@req=N|@exit=N], KIND one of {', '.join(KINDS)} (repeatable)",
+        help=f"KIND[=N][@req=N|@exit=N|@pkt=N], KIND one of {', '.join(KINDS)} (repeatable)",
     )
     p.add_argument("--trace", metavar="FILE", help="write a trace (and FILE.json for Perfetto)")
     p.add_argument(

@@ -48,6 +48,7 @@ import json
 import logging
 import signal
 import sys
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import trio
@@ -76,7 +77,7 @@ EXPORTS_HELP = """several exports in one process (as qemu-storage-daemon's --exp
                --export blk,id=disk1,socket-path=/run/d1.sock,blk-file=d1.raw,read-only=on \\
                --export rng,socket-path=/run/rng.sock --control /run/virtio.ctl
 
-  TYPE is blk or rng; KEY=VALUE are the long options of 'virtio serve TYPE' without
+  TYPE is blk, rng or input; KEY=VALUE are the long options of 'virtio serve TYPE' without
   the dashes (flags take on/off); id= names the export (default TYPE0, TYPE1, ...);
   a literal comma in a value is written ",,".  With --control, exports can be added
   and removed at run time (export-add, export-del) and queried (query-exports,
@@ -210,8 +211,9 @@ def _add_blk_options(blk: argparse.ArgumentParser) -> None:
     blk.add_argument(
         "--incoming",
         action="store_true",
-        help="the destination of a live migration: do not lock the image (the source's "
-        "back-end holds the lock while its QEMU runs; the image is shared)",
+        help="the destination of a live migration: lock the image only when QEMU starts "
+        "the device, after the source's back-end released it at the switch-over (the "
+        "image is shared)",
     )
     blk.add_argument(  # testing aid: keeps requests in flight (reconnect tests)
         "--debug-request-delay", type=float, default=0.0, help=argparse.SUPPRESS
@@ -314,7 +316,7 @@ def build_blk(args: argparse.Namespace) -> Any:
             serial=args.serial,
             cache=args.cache,
             aio=args.aio,
-            lock=not args.incoming,
+            incoming=args.incoming,
         )
     except ValueError as exc:
         raise ExportError(str(exc), status=2) from None
@@ -348,8 +350,53 @@ def build_rng(args: argparse.Namespace) -> Any:
     return VirtioRng()
 
 
-EXPORT_TYPES = {"blk": (_add_blk_options, build_blk), "rng": (_add_rng_options, build_rng)}
-"""Device types an export can have: (their options, the device builder)."""
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    """The options of one input export (a built-in --kind or an evdev)."""
+    from virtio.cli.serve_input import add_input_source_options
+
+    _add_rng_options(parser)
+    add_input_source_options(parser)
+
+
+def build_input(args: argparse.Namespace) -> Built:
+    """A virtio-input export: the device, its evdev reader (if any) as the export's
+    task, and its control commands (``inject``, ``type``, ... with ``export``)."""
+    from virtio.cli.serve_input import build_input_device
+    from virtio.control import CommandRegistry
+    from virtio.device import ControlCommand
+    from virtio.devices.input.control import register_input_commands
+
+    try:
+        device, source = build_input_device(args)
+    except ValueError as exc:
+        raise ExportError(str(exc), status=2) from None
+    except OSError as exc:
+        raise ExportError(f"{args.evdev_path}: {exc}") from None
+    scratch = CommandRegistry()
+    register_input_commands(scratch, device)
+    commands = {n: ControlCommand(h, help) for n, (h, help) in scratch.entries().items()}
+    if source is None:
+        return Built(device, commands=commands)
+    return Built(device, tasks=[lambda: source.run(device)], close=source.close, commands=commands)
+
+
+@dataclass
+class Built:
+    """What a device builder made beyond the device (see ``Export``)."""
+
+    device: Any
+    tasks: list[Any] = field(default_factory=list)
+    close: Any = None
+    commands: dict[str, Any] = field(default_factory=dict)
+
+
+EXPORT_TYPES = {
+    "blk": (_add_blk_options, build_blk),
+    "rng": (_add_rng_options, build_rng),
+    "input": (_add_input_options, build_input),
+}
+"""Device types an export can have: (their options, the device builder: a device or a
+``Built``)."""
 
 
 def make_export(kind: str, args: argparse.Namespace, export_id: str, *, name: str) -> Any:
@@ -359,7 +406,10 @@ def make_export(kind: str, args: argparse.Namespace, export_id: str, *, name: st
 
     if args.socket_path is None and args.fd is None:
         raise ExportError("socket-path (or fd) is required", status=2)
-    device = EXPORT_TYPES[kind][1](args)
+    built = EXPORT_TYPES[kind][1](args)
+    if not isinstance(built, Built):
+        built = Built(built, close=getattr(built, "close", None))
+    device = built.device
     server = VhostUserServer(device, name=name, idle_timeout=getattr(args, "idle_timeout", None))
     options = {
         k.replace("_", "-"): v
@@ -374,7 +424,9 @@ def make_export(kind: str, args: argparse.Namespace, export_id: str, *, name: st
         socket_path=args.socket_path,
         fd=args.fd,
         options=options,
-        close=getattr(device, "close", None),
+        close=built.close,
+        tasks=built.tasks,
+        commands=built.commands,
     )
 
 

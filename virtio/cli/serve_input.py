@@ -27,8 +27,6 @@ INPUT_CAPABILITIES = {"type": "input"}
 
 
 def register_input(devices: Any, add_listen, add_log, add_control, epilog: str, fail) -> None:
-    from virtio.devices.input.capabilities import KINDS
-
     p = devices.add_parser(
         "input",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,15 +40,37 @@ def register_input(devices: Any, add_listen, add_log, add_control, epilog: str, 
     add_listen(p)
     add_log(p)
     add_control(p)
+    add_input_source_options(p)
+    p.epilog = epilog
+    p.set_defaults(func=lambda args: run_input(args, fail))
+    p.error = lambda message: fail(f"virtio serve input: {message}", status=2)  # type: ignore[method-assign]
+
+
+def add_input_source_options(p: argparse.ArgumentParser) -> None:
+    """Where the events come from (``serve input`` and ``--export input,...``)."""
+    from virtio.devices.input.capabilities import KINDS
+
     src = p.add_mutually_exclusive_group()
     src.add_argument("--evdev-path", metavar="DEV", help="pass through /dev/input/eventN")
     src.add_argument("--kind", choices=KINDS, help="a built-in device driven by --control")
     p.add_argument("--no-grab", action="store_true", help="do not EVIOCGRAB the evdev")
     p.add_argument("--name", help="device name the guest sees (default: the source's)")
     p.add_argument("--serial", help="serial (uniq) the guest sees")
-    p.epilog = epilog
-    p.set_defaults(func=lambda args: run_input(args, fail))
-    p.error = lambda message: fail(f"virtio serve input: {message}", status=2)  # type: ignore[method-assign]
+
+
+def build_input_device(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(VirtioInput, its EvdevSource or None) from the source options; ValueError when
+    neither or both sources are given, OSError when the evdev cannot be opened."""
+    from virtio.devices.input import VirtioInput, builtin
+    from virtio.devices.input.evdev_source import EvdevSource
+
+    if (args.evdev_path is None) == (args.kind is None):
+        raise ValueError("one of --evdev-path or --kind is required")
+    if args.evdev_path is not None:
+        source = EvdevSource(args.evdev_path, grab=not args.no_grab)
+        caps = source.capabilities(name=args.name, serial=args.serial)
+        return VirtioInput(caps, status_sink=source.write_status), source
+    return VirtioInput(builtin(args.kind, name=args.name, serial=args.serial or "")), None
 
 
 def run_input(args: argparse.Namespace, fail) -> int:
@@ -59,24 +79,15 @@ def run_input(args: argparse.Namespace, fail) -> int:
         return 0
     from virtio.cli.serve import _first_leaf, _serve, _socket_from_systemd
     from virtio.control import CommandRegistry
-    from virtio.devices.input import VirtioInput, builtin
     from virtio.devices.input.control import register_input_commands
-    from virtio.devices.input.evdev_source import EvdevSource
 
     _socket_from_systemd(args, "input")
-    if (args.evdev_path is None) == (args.kind is None):
-        fail("virtio serve input: one of --evdev-path or --kind is required", status=2)
-    source = None
-    if args.evdev_path is not None:
-        try:
-            source = EvdevSource(args.evdev_path, grab=not args.no_grab)
-        except OSError as exc:
-            fail(f"virtio serve input: {args.evdev_path}: {exc}")
-        caps = source.capabilities(name=args.name, serial=args.serial)
-        device = VirtioInput(caps, status_sink=source.write_status)
-    else:
-        caps = builtin(args.kind, name=args.name, serial=args.serial or "")
-        device = VirtioInput(caps)
+    try:
+        device, source = build_input_device(args)
+    except ValueError as exc:
+        fail(f"virtio serve input: {exc}", status=2)
+    except OSError as exc:
+        fail(f"virtio serve input: {args.evdev_path}: {exc}")
     registry = CommandRegistry()
     register_input_commands(registry, device)
 

@@ -54,6 +54,10 @@ class CommandRegistry:
     def names(self) -> list[str]:
         return sorted(self._commands)
 
+    def entries(self) -> dict[str, tuple[Handler, str]]:
+        """The registered commands but ``query-commands``: name -> (handler, help)."""
+        return {n: c for n, c in self._commands.items() if n != "query-commands"}
+
     def _query_commands(self, arguments: dict[str, Any]) -> list[dict[str, str]]:
         return [{"name": n, "help": self._commands[n][1]} for n in self.names()]
 

@@ -26,11 +26,19 @@ SOURCES = (
     "dataplane.c",
     "aio.c",
     "blk_dataplane.c",
+    "nbd_dataplane.c",
     "net_fdb.c",
     "net_dataplane.c",
 )
 """C sources, compiled as one translation unit (in this order)."""
-HEADERS = ("vm_native.h", "inflight.h", "dataplane.h", "net_fdb.h", "net_dataplane.h")
+HEADERS = (
+    "vm_native.h",
+    "inflight.h",
+    "dataplane.h",
+    "nbd_dataplane.h",
+    "net_fdb.h",
+    "net_dataplane.h",
+)
 PRIVATE_HEADERS = ("faultfile.h",)
 """Headers the C sources include that cffi does not see (static inline code)."""
 """Headers whose declarations cffi exposes (in this order)."""

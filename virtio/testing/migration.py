@@ -6,17 +6,29 @@
     info = await migrate(src, dst, "unix:/tmp/x/mig.sock")   # query-migrate's answer
     dst.take_over_console(src)
     print(info["downtime"], info["total-time"])            # milliseconds
+
+For the NIC of a migrated guest: ``start_switch`` (a ``virtio serve net`` process, one
+port per socket, its log in a file), ``TcpStream`` (random data over TCP from a peer
+guest into the migrated one, sha256 compared at both ends) and ``rx_bytes``.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from virtio.testing.qemu import QemuError, QemuGuest
+from virtio.testing.blk_checks import wait_for_socket
+from virtio.testing.qemu import GuestJob, GuestTimeout, QemuError, QemuGuest
 
-__all__ = ["MigrationFailed", "migrate"]
+__all__ = ["MigrationFailed", "TcpStream", "migrate", "rx_bytes", "start_switch"]
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class MigrationFailed(QemuError):
@@ -48,3 +60,93 @@ async def migrate(
         while not (await dst.qmp.execute("query-status")).get("running"):
             await trio.sleep(poll)
     return info
+
+
+async def start_switch(sockets: Sequence[Path], log_path: Path) -> trio.Process:
+    """``python -m virtio serve net`` with one port per socket (``port0``, ``port1``,
+    ... in this order), stderr appended to ``log_path``; returns once every socket
+    listens.  The caller stops it (``blk_checks.stop_process``)."""
+    cmd = [sys.executable, "-m", "virtio", "serve", "net"]
+    for sock in sockets:
+        cmd += ["--socket-path", os.fspath(sock)]
+    with open(log_path, "ab") as err:
+        proc = await trio.lowlevel.open_process(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO
+        )
+    try:
+        for sock in sockets:
+            await wait_for_socket(sock, proc, timeout=30)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+async def rx_bytes(guest: QemuGuest, ifname: str = "eth0") -> int:
+    """Bytes ``ifname`` received so far (its /sys statistics)."""
+    out = (await guest.run(f"cat /sys/class/net/{ifname}/statistics/rx_bytes")).output
+    return int(next(w for w in reversed(out.split()) if w.isdigit()))
+
+
+class TcpStream:
+    """``rounds`` x 16 MiB of random data sent by ``sender`` to ``receiver_ip`` (the
+    receiver listens on ``port``) with busybox ``nc``; both ends compute its sha256.
+
+    ``await start(receiver)`` sets it up and starts it; after a migration,
+    ``await finish(receiver)`` (the guest now running the receiver) waits for the end
+    and returns (sent, received) digests."""
+
+    def __init__(self, sender: QemuGuest, receiver_ip: str, *, rounds: int = 4, port: int = 5001):
+        self.sender = sender
+        self.ip = receiver_ip
+        self.rounds = rounds
+        self.port = port
+        self.size = rounds * 16 << 20
+        self.sent = ""
+        self.job: GuestJob | None = None
+
+    async def start(self, receiver: QemuGuest) -> None:
+        data = f"for i in $(seq {self.rounds}); do cat /tmp/tx; done"
+        await self.sender.run("dd if=/dev/urandom of=/tmp/tx bs=1M count=16 2>/dev/null")
+        self.sent = (await self.sender.run(f"{data} | sha256sum")).output.split()[0]
+        # its stdin never ends: busybox's small nc stops on EOF from either side
+        await receiver.run(
+            f"(sleep 100000 | nc -l -p {self.port} | sha256sum > /tmp/rx.sha) >/dev/null 2>&1 &"
+        )
+        r = await self.sender.run(f"ping -c 1 -W 10 {self.ip}")
+        if r.rc != 0:
+            raise AssertionError(f"no route to {self.ip}: {r.output}")
+        self.job = await self.sender.spawn(f"{data} | nc {self.ip} {self.port}")
+
+    async def finish(self, receiver: QemuGuest, *, timeout: float = 300) -> tuple[str, str]:
+        assert self.job is not None
+        try:
+            result = await self.job.wait(timeout=timeout, check=False)
+        except GuestTimeout as exc:
+            report = await self._report(receiver)
+            raise AssertionError(f"the stream stalled: {exc}\n{report}") from exc
+        if result.rc != 0:
+            raise AssertionError(f"the sender failed: {result.output[-2000:]}")
+        got = await receiver.run(
+            "for i in $(seq 600); do [ -s /tmp/rx.sha ] && break; sleep 0.2; done; cat /tmp/rx.sha",
+            timeout=150,
+        )
+        return self.sent, got.output.split()[0]
+
+    async def _report(self, receiver: QemuGuest) -> str:
+        """Both ends' view of a stalled stream (counters, sockets, kernel messages)."""
+        parts = []
+        for name, guest in (("sender", self.sender), ("receiver", receiver)):
+            for cmd in (
+                "cat /proc/net/dev; ip neigh; cat /proc/net/tcp",
+                "sleep 2; cat /proc/net/dev",
+                "dmesg | tail -20",
+            ):
+                try:
+                    with trio.fail_after(30):
+                        r = await guest.run(cmd, timeout=25, check=False)
+                    parts.append(f"--- {name}: $ {cmd}\n{r.output}")
+                except (QemuError, trio.TooSlowError) as exc:
+                    parts.append(f"--- {name}: $ {cmd}: {type(exc).__name__}")
+                    break
+        return "\n".join(parts)

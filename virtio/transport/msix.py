@@ -60,6 +60,35 @@ class MsixTable:
             self.entries = [[0, 0, 0, VECTOR_MASKED] for _ in range(self.size)]
             self.pending = 0
 
+    # -- snapshots -------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        with self._lock:
+            return {
+                "enabled": self.enabled,
+                "function_mask": self.function_mask,
+                "entries": [list(e) for e in self.entries],
+                "pending": self.pending,
+                "messages": self.messages,
+            }
+
+    def load_state(self, state: dict) -> None:
+        """Apply ``save_state()`` output (validated: a snapshot is untrusted input)."""
+        entries = state["entries"]
+        if len(entries) != self.size or any(
+            len(e) != 4 or not all(isinstance(v, int) and 0 <= v <= 0xFFFF_FFFF for v in e)
+            for e in entries
+        ):
+            raise ValueError(f"MSI-X: the snapshot's table is not {self.size} entries")
+        pending = int(state["pending"])
+        if not 0 <= pending < 1 << self.size:
+            raise ValueError("MSI-X: pending bits beyond the table")
+        with self._lock:
+            self.enabled = bool(state["enabled"])
+            self.function_mask = bool(state["function_mask"])
+            self.entries = [list(e) for e in entries]
+            self.pending = pending
+            self.messages = int(state["messages"])
+
     # -- the capability's Message Control --------------------------------------------------
     @property
     def control(self) -> int:

@@ -21,6 +21,7 @@ import pytest
 
 from virtio.devices.blk import BlkOptions, ImageFormatError, VirtioBlk
 from virtio.devices.blk.probe import check_image, probe
+from virtio.testing.qemu_img import qemu_img_create
 
 REPO = Path(__file__).resolve().parents[3]
 QEMU_IMG = shutil.which("qemu-img")
@@ -57,17 +58,7 @@ def _secret(extra: list[str]) -> list[str]:
 @pytest.mark.parametrize("fmt", sorted(CREATABLE))
 def test_probe_names_what_qemu_img_made(tmp_path, fmt):
     img = tmp_path / f"disk.{fmt}"
-    for _ in range(5):
-        made = subprocess.run(
-            [QEMU_IMG, "create", "-q", "-f", fmt, *CREATABLE[fmt], str(img), "16M"],
-            capture_output=True,
-            text=True,
-        )
-        # LUKS: qemu-img times PBKDF2 by the thread's CPU time and gives up when a busy
-        # machine hands it none ("Unable to get accurate CPU usage"): its limit, not ours
-        if made.returncode == 0 or "accurate CPU usage" not in made.stderr:
-            break
-    assert made.returncode == 0, f"qemu-img create -f {fmt}: {made.stderr}"
+    qemu_img_create("-f", fmt, *CREATABLE[fmt], str(img), "16M")  # retries LUKS calibration
     head = img.read_bytes()[:512]
     assert probe(head) == fmt == qemu_img_format(img, CREATABLE[fmt])
     with pytest.raises(ImageFormatError, match=rf"is a {fmt} image, not a raw disk"):

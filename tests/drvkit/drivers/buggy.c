@@ -3,7 +3,8 @@
  * virtio-mmio or virtio-pci that writes, flushes and reads back a few requests.  The
  * program returns 0 whenever it "thinks" it worked: run-driver must catch the bug
  * itself.  Over virtio-pci the register bugs make the same mistake in the common
- * configuration structure (§4.1.4.3) instead of the virtio-mmio registers. */
+ * configuration structure (§4.1.4.3) instead of the virtio-mmio registers.  The races
+ * (101-105) are correct under `--timing inline` and fail under some other mode. */
 #include <pyvirtio.h>
 
 enum {
@@ -29,6 +30,10 @@ enum {
 	/* timing-only races: correct under --timing inline */
 	RACE_NO_RECHECK = 101, /* sleeps without re-checking the ring after enabling (§2.7.10) */
 	RACE_USED_EVENT,     /* used_event one too far: waits for an interrupt never due (§2.7.7) */
+	RACE_REFILL,	     /* rewrites a buffer still in flight (§2.7.13: it is the device's
+				until its used entry, §2.7.14) */
+	RACE_ORDER,	     /* takes the i-th used entry for the i-th request (§2.7.8: any order) */
+	RACE_STATUS_EARLY,   /* reads the status byte before the used entry (§2.7.14, §5.2.6) */
 };
 
 #define REQ 4096u
@@ -111,10 +116,17 @@ static int io(u32 type, u32 first, u32 n, u32 len, u32 *bad)
 		submit(s, type, (u64)(first + i) * 8, len);
 	}
 	publish();
+	if (bug == RACE_REFILL && type == VIRTIO_BLK_T_OUT) /* "the device copied it at the notify" */
+		fill((u64 *)buf, REQ / 8, (u64)(first + 100) * 8, 3);
+	if (bug == RACE_STATUS_EARLY) /* "the status is there once the notify returned" */
+		for (u32 i = 0; i < n; i++)
+			*bad += status[i] != VIRTIO_BLK_S_OK;
 	for (u32 i = 0; i < n; i++) {
 		int s = wait_one();
 		if (s < 0)
 			return 0; /* the device stopped: this driver does not care */
+		if (bug == RACE_ORDER)
+			s = (int)i; /* the id of the used entry ignored */
 		if (type == VIRTIO_BLK_T_IN)
 			*bad += check((u64 *)(buf + (u64)s * REQ), REQ / 8, (u64)(first + s) * 8, 3);
 		if (status[s] != VIRTIO_BLK_S_OK)

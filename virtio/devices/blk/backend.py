@@ -355,6 +355,15 @@ def _lock_image(fd: int, path: str, read_only: bool) -> None:
         raise
 
 
+def _unlock_image(fd: int) -> None:
+    """Drop the lock ``_lock_image`` took on ``fd`` (the file stays open)."""
+    ofd = getattr(fcntl, "F_OFD_SETLK", None)
+    if ofd is not None:
+        fcntl.fcntl(fd, ofd, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 class RawFileBackend:
     """A raw image (regular file or block device) accessed with positional vectored
     I/O from worker threads."""
@@ -382,9 +391,11 @@ class RawFileBackend:
         self.fd = os.open(self.path, flags | (os.O_DIRECT if self.direct else 0))
         self.io_fd = self.fd
         """The descriptor of the Python path (buffered also with ``O_DIRECT``)."""
+        self.lock_held = False
+        """This back-end holds the image's lock (``take_lock`` / ``release_lock``)."""
         try:
             if lock:
-                _lock_image(self.fd, self.path, read_only)
+                self.take_lock()
             self._size = os.lseek(self.fd, 0, os.SEEK_END)
             self.logical_block_size, self.physical_block_size, self.mem_align = block_sizes(self.fd)
             if self.direct:
@@ -536,7 +547,22 @@ class RawFileBackend:
         self._check_writable()
         await self._batcher.run(lambda: self._do_write_zeroes(ranges, unmap), sync=sync)
 
+    # -- the image lock (live migration hands it over: docs/migration.md) ----------------
+    def take_lock(self) -> None:
+        """Lock the image (shared if read-only, else exclusive) unless held already;
+        ``ImageLockedError`` naming the holders if another user has it."""
+        if not self.lock_held:
+            _lock_image(self.fd, self.path, self._read_only)
+            self.lock_held = True
+
+    def release_lock(self) -> None:
+        """Let another user lock the image; the image stays open."""
+        if self.lock_held:
+            _unlock_image(self.fd)
+            self.lock_held = False
+
     def close(self) -> None:
+        self.lock_held = False
         if self.io_fd >= 0 and self.io_fd != self.fd:
             with contextlib.suppress(OSError):
                 os.close(self.io_fd)

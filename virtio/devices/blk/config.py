@@ -45,7 +45,9 @@ class BlkOptions:
     defaults to ``queue_size - 2`` (as QEMU); ``size_max = 0`` does not offer
     VIRTIO_BLK_F_SIZE_MAX.  ``discard`` / ``write_zeroes`` offer those requests with
     the given limits.  ``lock`` takes a lock on the image so that a second user
-    fails with ``ImageLockedError``.
+    fails with ``ImageLockedError``.  ``incoming``: the destination of a live
+    migration, which takes the lock (of a raw image) only when its first vring
+    starts, after the source's back-end released it (``VirtioBlk.ring_starting``).
     """
 
     path: str | os.PathLike[str] | None = None
@@ -69,6 +71,7 @@ class BlkOptions:
     max_write_zeroes_sectors: int = MAX_REQUEST_SECTORS
     max_write_zeroes_seg: int = 32
     lock: bool = True
+    incoming: bool = False
     cache: str = "writeback"
     """QEMU's ``cache=``: none (O_DIRECT), writeback, writethrough (``writeback``
     starts at 0), unsafe (flushes ignored); see ``backend.RawFileBackend``."""

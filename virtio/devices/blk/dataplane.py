@@ -74,6 +74,13 @@ class BlkDataPlane(NativeDataPlane):
             and isinstance(getattr(device.backend, "fd", None), int)
         )
 
+    async def prepare(self) -> bool:
+        """Get what the thread needs before it starts; False: the Python loop serves."""
+        return True
+
+    def close_unused(self) -> None:
+        """Release what ``prepare`` got when the data plane does not run after all."""
+
     def attach(self, c: Any) -> None:
         backend = self.device.backend
         c.img_fd = backend.fd

@@ -60,6 +60,7 @@ from virtio.devices.blk.backend import BlockBackend, MemoryBackend, RawFileBacke
 from virtio.devices.blk.config import BLK_CONFIG, BlkOptions, config_values
 from virtio.devices.blk.dataplane import BlkDataPlane
 from virtio.devices.blk.nbd import NbdBackend, is_nbd_uri
+from virtio.devices.blk.nbd_dataplane import NbdDataPlane
 from virtio.devices.blk.probe import ImageFormatError, check_image, write_would_change_format
 from virtio.devices.blk.request import SEGMENT_SIZE, BlkRequest
 from virtio.errors import BackendIOError, DriverError
@@ -208,13 +209,16 @@ class VirtioBlk(VirtioDevice):
             backend = Qcow2Backend(
                 opts.path,
                 read_only=opts.read_only,
-                lock=opts.lock,
+                lock=opts.lock and not opts.incoming,
                 l2_cache_size=l2_cache_size,
                 cache=opts.cache,
             )
         else:
             backend = RawFileBackend(
-                opts.path, read_only=opts.read_only, lock=opts.lock, cache=opts.cache
+                opts.path,
+                read_only=opts.read_only,
+                lock=opts.lock and not opts.incoming,
+                cache=opts.cache,
             )
         try:
             if isinstance(backend, RawFileBackend):
@@ -231,6 +235,43 @@ class VirtioBlk(VirtioDevice):
         limiter held back."""
         self.errors.flush()
         self.backend.close()
+
+    # -- live migration: the image lock changes hands (docs/migration.md) ------------------
+    def _locked_image(self) -> RawFileBackend | None:
+        """The raw image whose lock this device hands over (qcow2 and NBD do not)."""
+        backend = self.backend
+        return backend if self.options.lock and isinstance(backend, RawFileBackend) else None
+
+    def ring_starting(self, index: int) -> None:
+        """Vring ``index`` is about to be served: hold the image lock first.  The
+        destination of a live migration (``BlkOptions.incoming``) takes it here, and a
+        source whose migration failed takes it back when QEMU restarts its rings.
+        Raises ``ImageLockedError`` (naming the holders) while anyone else holds it."""
+        image = self._locked_image()
+        if image is not None and not image.lock_held:
+            image.take_lock()
+            log.info("%s: image lock taken (vring %d starting)", image.path, index)
+
+    async def rings_stopped_for_migration(self) -> None:
+        """Every vring was stopped with dirty logging on: the switch-over of a live
+        migration (QEMU's GET_VRING_BASE after VHOST_F_LOG_ALL).  Flush, then release
+        the image lock for the destination's back-end, as QEMU inactivates the
+        source's images.  A failed flush keeps the lock: the destination then cannot
+        start on an image whose last writes may be lost."""
+        image = self._locked_image()
+        if image is None or not image.lock_held:
+            return
+        try:
+            await image.flush()
+        except (OSError, BackendIOError) as exc:
+            log.error(
+                "%s: flush before the migration's switch-over failed: %s; keeping the lock",
+                image.path,
+                exc,
+            )
+            return
+        image.release_lock()
+        log.info("%s: image lock released (live migration: the destination takes it)", image.path)
 
     # -- negotiation and configuration -----------------------------------------------------
     def _negotiated(self, feature: BlkFeature) -> bool:
@@ -409,11 +450,16 @@ class VirtioBlk(VirtioDevice):
             plane.update_state()
 
     async def serve_queue(self, active: ActiveDevice, index: int) -> None:
-        """With eventfd notifications and a file backend (vhost-user), serve the queue
-        from the native data plane (``dataplane.py``); otherwise the framework's loop."""
-        if BlkDataPlane.supported(self, active, index):
+        """With eventfd notifications and a file or NBD backend (vhost-user), serve the
+        queue from the native data plane (``dataplane.py``, ``nbd_dataplane.py``);
+        otherwise the framework's loop."""
+        kinds = (NbdDataPlane, BlkDataPlane)
+        kind = next((k for k in kinds if k.supported(self, active, index)), None)
+        plane = kind(self, active, index) if kind is not None else None
+        if plane is not None and not await plane.prepare():
+            plane = None
+        if plane is not None:
             self.active = active
-            plane = BlkDataPlane(self, active, index)
             self._dataplanes.add(plane)
             self.backend_sync_sources(plane.syncs, add=True)
             try:
@@ -426,6 +472,7 @@ class VirtioBlk(VirtioDevice):
             finally:
                 self._dataplanes.discard(plane)
                 self.backend_sync_sources(plane.syncs, add=False)
+                plane.close_unused()
         await super().serve_queue(active, index)
 
     async def handle(self, queue_index: int, chain: DescriptorChain) -> int:

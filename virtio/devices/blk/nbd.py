@@ -20,11 +20,16 @@ Server gone: every request in flight fails with ``BackendIOError`` (the guest
 sees VIRTIO_BLK_S_IOERR, nothing is retried: a write may or may not have
 happened); the next request reconnects (a new handshake) and goes on if the
 server is back.
+
+Under vhost-user, well-formed IN / OUT / FLUSH do not come here: each queue's
+native data plane sends them on a connection of its own
+(``nbd_dataplane.py``, ``transmission_socket``).
 """
 
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 import urllib.parse
@@ -62,6 +67,7 @@ TF_SEND_FLUSH = 1 << 2
 TF_SEND_FUA = 1 << 3
 TF_SEND_TRIM = 1 << 5
 TF_SEND_WRITE_ZEROES = 1 << 6
+TF_CAN_MULTI_CONN = 1 << 8
 
 CMD_READ = 0
 CMD_WRITE = 1
@@ -357,6 +363,14 @@ class _Connection:
         await self.stream.aclose()
 
 
+def _peer_gone(sock: socket.socket) -> bool:
+    """Whether an idle transmission-phase socket is readable: a server sends nothing
+    unasked, so that is its end of file (or garbage: either way not usable)."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    return bool(p.poll(0))
+
+
 def _error(code: int, msg: str) -> NbdError:
     e = NBD_ERRNO.get(code, errno.EIO)
     exc = NbdError(f"NBD server error {errno.errorcode.get(e, code)}{': ' + msg if msg else ''}")
@@ -378,6 +392,10 @@ class NbdBackend:
         self._conn: _Connection | None = None
         self._reconnect_lock: trio.Lock | None = None
         self.reconnects = 0
+        self.native_connections = 0
+        """Connections handed to native data planes (``nbd_dataplane.py``) and open."""
+        self.native_refused: str | None = None
+        """Why the server gave a native data plane no connection (not asked again)."""
 
     def _connect_blocking(self) -> tuple[socket.socket, ExportInfo]:
         sock = self.address.connect(self._timeout)
@@ -397,6 +415,34 @@ class NbdBackend:
         return self._read_only
 
     @property
+    def multi_conn(self) -> bool:
+        """NBD_FLAG_CAN_MULTI_CONN: a FLUSH on one connection covers writes completed
+        on every connection of this export (proto.md)."""
+        return bool(self.info.flags & TF_CAN_MULTI_CONN)
+
+    def _durable_here(self, sync: bool) -> bool:
+        """Whether a write from Python must be flushed on Python's connection before it
+        completes: when native connections exist and the server does not promise that
+        their FLUSH covers this connection too."""
+        return sync or (self.native_connections > 0 and not self.multi_conn)
+
+    def transmission_socket(self, timeout: float = 1.0) -> tuple[socket.socket, ExportInfo]:
+        """A new connection in transmission phase for a native data plane (blocking:
+        call it in a worker thread).  Python keeps its own: it must be able to serve
+        what the data plane hands it.  A server that takes no second client
+        (``qemu-nbd``'s default ``-e 1`` leaves it unanswered) times out."""
+        sock = self.address.connect(timeout)
+        try:
+            info = handshake(sock, self.address.export)
+        except BaseException:
+            sock.close()
+            raise
+        if info.size != self.info.size:
+            sock.close()
+            raise NbdError(f"{self.uri}: export size changed")
+        return sock, info
+
+    @property
     def can_unmap(self) -> bool:
         return not self._read_only and bool(self.info.flags & TF_SEND_TRIM)
 
@@ -408,6 +454,9 @@ class NbdBackend:
         async with self._reconnect_lock:
             if self._conn is not None and self._conn.broken is None:
                 return self._conn
+            if self._sock is not None and _peer_gone(self._sock):
+                self._sock.close()  # idle since the handshake, and the server went away
+                self._sock = None
             if self._sock is None:  # the old connection broke: a new handshake
                 if self._conn is not None:
                     await self._conn.stream.aclose()
@@ -468,6 +517,7 @@ class NbdBackend:
 
     async def write(self, offset: int, views: Sequence[memoryview], *, sync: bool = False) -> None:
         self._check_writable()
+        sync = self._durable_here(sync)
         fua = sync and bool(self.info.flags & TF_SEND_FUA)
         for off, n, piece in self._chunks(offset, views):
             await self._do(CMD_WRITE, off, n, flags=CMD_FLAG_FUA if fua else 0, payload=piece)
@@ -492,7 +542,7 @@ class NbdBackend:
         self._check_writable()
         if self.info.flags & TF_SEND_TRIM:
             await self._ranges(CMD_TRIM, ranges, 0)
-            if sync:
+            if self._durable_here(sync):
                 await self.flush()
 
     async def write_zeroes(
@@ -509,7 +559,7 @@ class NbdBackend:
                     await self.write(offset, [zeros[:n]])
                     offset += n
                     length -= n
-        if sync:
+        if self._durable_here(sync):
             await self.flush()
 
     def close(self) -> None:

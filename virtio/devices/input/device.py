@@ -18,6 +18,11 @@ gives it 4 entries) cannot go out whole: it is delivered in ring-sized pieces, w
 a Linux driver's input core reassembles (it passes nothing on before SYN_REPORT).
 While waiting for buffers the device holds none (``BufferQueue.next_buffers``), so
 pausing the ring (vhost-user GET_VRING_BASE) or a reset never waits on it.
+
+Latency (issue 11 §5): a group whose buffers are already posted, with no group
+waiting before it, is delivered by ``inject`` itself (on the device's loop, before
+it returns; from another thread, in the loop's first callback), not by waking the
+eventq task, which then only handles groups that wait for buffers.
 """
 
 from __future__ import annotations
@@ -107,13 +112,25 @@ class VirtioInput(VirtioDevice):
         self.groups_split = 0
         """Groups longer than the eventq, delivered in ring-sized pieces."""
         self.record_latency = False
-        self.latencies_ns: collections.deque[int] = collections.deque(maxlen=100_000)
-        """Injection-to-used-ring time of each group (with ``record_latency``)."""
+        self.latency_log: collections.deque[tuple[int, int, bool]] = collections.deque(
+            maxlen=100_000
+        )
+        """``(injected, used, at_inject)`` of each group (with ``record_latency``):
+        ``time.monotonic_ns()`` when ``inject`` took it and when the used index that
+        holds its last event was stored (the driver is notified right after); whether it
+        went out at injection (else it waited: for the driver's buffers, or behind a
+        group that did)."""
+        self._stored_ns = 0
         self._pending: collections.deque[tuple[list[Event], int]] = collections.deque()
         self._held = 0
         self._lock = threading.Lock()
         self._wakeup = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._buffers: BufferQueue | None = None
+        """The eventq's service while ``fill_buffers`` runs."""
+        self._fill_idle = False
+        """``fill_buffers`` is parked on ``_wakeup`` with nothing pending (only read and
+        written on the loop's thread)."""
         self._limiter = LogRateLimiter(log)
         self._served = bytearray(INPUT_CONFIG.size)
         """The configuration bytes last read, per offset (see ``write_config``)."""
@@ -209,10 +226,59 @@ class VirtioInput(VirtioDevice):
         except RuntimeError:
             current = None
         if current is token:
-            self._wakeup.set()
+            self._deliver_now()
         else:
             with contextlib.suppress(trio.RunFinishedError):  # the loop has ended
-                token.run_sync_soon(self._wakeup.set)
+                token.run_sync_soon(self._deliver_now)
+
+    def _deliver_now(self) -> None:
+        """On the loop's thread, right after ``inject``: deliver the held groups the
+        posted buffers already fit, here and now, rather than waking ``fill_buffers``
+        and waiting for the scheduler to run it (a task switch and whatever else is
+        runnable: a control-socket reply, other devices).  Only while that task is
+        parked with nothing pending, so groups still go out in order; what does not
+        fit yet is left to it (it waits for the driver's buffers)."""
+        buffers = self._buffers
+        if buffers is None or not self._fill_idle:
+            return  # not running, or the task is delivering: it takes the new groups next
+        while True:
+            with self._lock:
+                item = self._pending[0] if self._pending else None
+            if item is None:
+                return
+            group, injected = item
+            if len(group) > buffers.queue.size:
+                break  # delivered in pieces by the task
+            chains = buffers.next_buffers_nowait(len(group))
+            if chains is None:
+                break
+            if not all(self._event_buffer_ok(c) for c in chains):
+                buffers.give_back(chains)  # the task pops them again and fails the queue
+                break
+            buffers.complete_batch(
+                (
+                    (chain, chain.writer().write(EVENT.pack(*ev)))
+                    for chain, ev in zip(chains, group, strict=True)
+                ),
+                on_stored=self._stamp,
+            )
+            self._delivered(group, injected, at_inject=True)
+        self._fill_idle = False
+        self._wakeup.set()
+
+    def _stamp(self) -> None:
+        """``complete_batch``'s probe: when the used index was stored."""
+        if self.record_latency:
+            self._stored_ns = time.monotonic_ns()
+
+    def _delivered(self, group: Sequence[Event], injected: int, *, at_inject: bool) -> None:
+        with self._lock:
+            self._pending.popleft()
+            self._held -= len(group)
+        self.events_delivered += len(group)
+        self.groups_delivered += 1
+        if self.record_latency:
+            self.latency_log.append((injected, self._stored_ns, at_inject))
 
     def clear(self) -> None:
         """Forget held events (a reset: they were meant for the previous driver)."""
@@ -223,13 +289,25 @@ class VirtioInput(VirtioDevice):
     # -- eventq ------------------------------------------------------------------------
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
         self._token = trio.lowlevel.current_trio_token()
+        self._buffers = buffers
+        self._fill_idle = False  # not parked yet (a ring restart: the old task's flag)
+        try:
+            await self._fill(buffers)
+        finally:
+            if self._buffers is buffers:
+                self._buffers = None
+                self._fill_idle = False
+
+    async def _fill(self, buffers: BufferQueue) -> None:
         size = buffers.queue.size
         while True:
             with self._lock:
                 item = self._pending[0] if self._pending else None
-                if item is None:
-                    self._wakeup = trio.Event()
             if item is None:
+                # Parked: ``_deliver_now`` delivers what ``inject`` brings while the
+                # buffers suffice, and wakes this task for the rest.
+                self._wakeup = trio.Event()
+                self._fill_idle = True
                 await self._wakeup.wait()
                 continue
             group, injected = item
@@ -250,20 +328,21 @@ class VirtioInput(VirtioDevice):
                 for chain in chains:
                     self._check_event_buffer(chain)
                 buffers.complete_batch(
-                    (chain, chain.writer().write(EVENT.pack(*ev)))
-                    for chain, ev in zip(chains, piece, strict=True)
+                    (
+                        (chain, chain.writer().write(EVENT.pack(*ev)))
+                        for chain, ev in zip(chains, piece, strict=True)
+                    ),
+                    on_stored=self._stamp,
                 )
-            with self._lock:
-                self._pending.popleft()
-                self._held -= len(group)
-            self.events_delivered += len(group)
-            self.groups_delivered += 1
-            if self.record_latency:
-                self.latencies_ns.append(time.monotonic_ns() - injected)
+            self._delivered(group, injected, at_inject=False)
+
+    @staticmethod
+    def _event_buffer_ok(chain: DescriptorChain) -> bool:
+        return not chain.readable_len and chain.writable_len >= EVENT.size
 
     @staticmethod
     def _check_event_buffer(chain: DescriptorChain) -> None:
-        if chain.readable_len or chain.writable_len < EVENT.size:
+        if not VirtioInput._event_buffer_ok(chain):
             raise DescriptorChainError(
                 f"eventq buffer with {chain.readable_len} device-readable and"
                 f" {chain.writable_len} device-writable bytes: buffers MUST be"

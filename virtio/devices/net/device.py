@@ -375,8 +375,16 @@ class VirtioNet(VirtioDevice):
     def send_rarp(self, mac: bytes) -> None:
         """Announce ``mac`` on the switch as if the guest sent a RARP (vhost-user
         SEND_RARP after a migration: the guest has no GUEST_ANNOUNCE)."""
-        log.info("%s: announcing %s (RARP)", self.name, mac.hex(":"))
+        was = self.switch.lookup(mac)
         self.switch.forward(self, Packet(rarp_frame(mac)))
+        now = self.switch.lookup(mac)
+        log.info(
+            "%s: announcing %s (RARP): the switch had it on %s, now on %s",
+            self.name,
+            mac.hex(":"),
+            was.name if was is not None else "no port",
+            now.name if now is not None else "no port",
+        )
 
     def announce(self) -> bool:
         """Ask the driver to announce itself (GUEST_ANNOUNCE, §5.1.9.5.4): status

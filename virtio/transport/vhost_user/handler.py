@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 import trio
 
 from virtio.device import ActiveDevice, VirtioDevice
-from virtio.errors import DriverError, GuestMemoryError
+from virtio.errors import BackendIOError, DriverError, GuestMemoryError
 from virtio.memory import FdRegion, MmapGuestMemory
 from virtio.queues.chain import DescriptorChain
 from virtio.queues.state import QueueState
@@ -665,6 +665,9 @@ class VhostUserHandler:
         ring.started = False
         ring.broken = False
         ring.notifier.close()
+        stopped = getattr(self.device, "rings_stopped_for_migration", None)
+        if stopped is not None and self.logging and not any(r.running for r in self.vrings):
+            await stopped()  # a live migration's switch-over (blk: image lock hand-over)
         return VringState(ring.index, ring.base)
 
     async def _on_set_vring_kick(self, req: Request, kept: list[int]) -> None:
@@ -745,6 +748,13 @@ class VhostUserHandler:
         if ring.running or ring.broken or not ring.started or not self._ring_enabled(ring):
             return
         if self.memory is None or ring.addr is None or not ring.num or self.features is None:
+            return
+        starting = getattr(self.device, "ring_starting", None)
+        try:
+            if starting is not None:  # blk: take the image lock (live migration)
+                starting(ring.index)
+        except BackendIOError as exc:
+            self._ring_failed(ring, exc)
             return
         try:
             queue, tracker, resubmit = self._build_queue(ring)
@@ -965,9 +975,10 @@ class VhostUserHandler:
     def _device_failed(self, exc: Exception, ring: Vring | None) -> None:
         where = f"vring {ring.index}" if ring is not None else "device"
         log.error(
-            "%s: %s: driver error %s: %s; device needs reset",
+            "%s: %s: %s %s: %s; device needs reset",
             self.name,
             where,
+            "back-end error" if isinstance(exc, BackendIOError) else "driver error",
             type(exc).__name__,
             exc,
         )
@@ -1150,7 +1161,13 @@ class VhostUserHandler:
         """SEND_RARP (a migrated guest without GUEST_ANNOUNCE): the device announces
         the MAC address on its network (offered only by devices with ``send_rarp``)."""
         assert isinstance(req.payload, MacAddress)
-        self.device.send_rarp(req.payload.mac)  # type: ignore[attr-defined]
+        mac = req.payload.mac
+        if mac[0] & 1 or mac == bytes(6):  # a RARP source must be one station
+            log.warning(
+                "%s: SEND_RARP for %s ignored: not a unicast address", self.name, mac.hex(":")
+            )
+            return
+        self.device.send_rarp(mac)  # type: ignore[attr-defined]
 
     async def _on_iotlb_msg(self, req: Request, kept: list[int]) -> int:
         raise self._bad(req, "VIRTIO_F_ACCESS_PLATFORM is not offered: no IOTLB")

@@ -13,6 +13,7 @@ import pytest
 from virtio.devices.blk.qcow2 import Qcow2FormatError, Qcow2Image
 from virtio.devices.blk.qcow2.header import EXT_FEATURE_NAMES, Header
 from virtio.errors import BackendIOError
+from virtio.testing.qemu_img import qemu_img_create
 
 
 @pytest.mark.parametrize(
@@ -104,13 +105,10 @@ def test_snapshots_and_bitmaps(qimg, tmp_path):
 
 def test_encrypted_and_external_data_file_are_refused(qimg, tmp_path):
     enc = tmp_path / "e.qcow2"
-    subprocess.run(
-        [
-            "qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
-            "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            str(enc), "1M",
-        ],
-        check=True,
+    qemu_img_create(
+        "-f", "qcow2", "--object", "secret,id=s0,data=pw",
+        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        str(enc), "1M",
     )  # fmt: skip
     with pytest.raises(Qcow2FormatError, match="encrypted"):
         Qcow2Image(enc)
