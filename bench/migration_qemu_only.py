@@ -13,6 +13,10 @@ QEMU on this machine, but only QEMU-built-in devices, so no code of ours runs:
   (``cache=none``), running bench/migration.py's fio loop (4k random writes with
   crc32c verify, 2 jobs, queue depth 8).
 
+``--private-ram``: plain anonymous guest RAM instead of the harness's shared memfd
+(``memory-backend-memfd,share=on`` + ``-numa``, which vhost-user needs), to see
+whether the shared memfd matters.
+
 A migration counts as *broken* when the workload fails or does not end (verify
 failure, hang), the guest stops answering, or its kernel log has an oops/BUG/panic
 after the switch-over.  Printed: per QEMU and workload, broken/total and the median
@@ -22,6 +26,7 @@ Usage::
 
     python bench/migration_qemu_only.py                       # 2 rounds, both QEMUs
     python bench/migration_qemu_only.py --qemu 7.2 --rounds 4 --workload mem blk
+    python bench/migration_qemu_only.py --qemu 7.2 --rounds 4 --workload mem --private-ram
 
 Exit status 0 when every migration was clean, 1 otherwise, 2 when QEMU / the guest
 image are missing.
@@ -75,7 +80,25 @@ OOPS = (  # the kernel's own words for a crash (not "panic=-1" on its command li
 )
 
 
-async def one_migration(image_dir, qemu, workload: str) -> dict:
+class PrivateRamGuest(QemuGuest):
+    """The harness's guest with QEMU's default (private, anonymous) RAM."""
+
+    def command_line(self, qemu: str | None = None) -> list[str]:
+        args = super().command_line(qemu)
+        out: list[str] = []
+        for arg in args:
+            if (
+                out
+                and out[-1] in ("-object", "-numa")
+                and (arg.startswith("memory-backend-memfd,") or "memdev=mem" in arg)
+            ):
+                out.pop()  # the shared memfd backend and the node using it
+            else:
+                out.append(arg)
+        return out
+
+
+async def one_migration(image_dir, qemu, workload: str, private_ram: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="pyvirtio-qmig-") as tmp:
         work = Path(tmp)
         disk = work / "disk.img"
@@ -84,7 +107,8 @@ async def one_migration(image_dir, qemu, workload: str) -> dict:
         devices = [Disk(disk, cache="none")] if workload == "blk" else []
         uri = f"unix:{work / 'm.sock'}"
         fio = workload == "blk"
-        async with QemuGuest(image_dir, devices=devices, fio=fio, qmp=True, qemu=qemu) as src:
+        Guest = PrivateRamGuest if private_ram else QemuGuest
+        async with Guest(image_dir, devices=devices, fio=fio, qmp=True, qemu=qemu) as src:
             if workload == "mem":
                 await src.run("dd if=/dev/urandom of=/tmp/a bs=1M count=96 2>/dev/null")
             job = await src.spawn(LOOPS[workload])
@@ -94,7 +118,7 @@ async def one_migration(image_dir, qemu, workload: str) -> dict:
                         await trio.sleep(0.2)
                 else:
                     await trio.sleep(2)
-            async with QemuGuest(
+            async with Guest(
                 image_dir, devices=devices, fio=fio, qmp=True, qemu=qemu, incoming=uri
             ) as dst:
                 info = await migrate(src, dst, uri)
@@ -137,7 +161,7 @@ async def main_async(args) -> int:
         for r in range(args.rounds):
             for workload in args.workload:
                 try:
-                    run = await one_migration(image, qemu, workload)
+                    run = await one_migration(image, qemu, workload, args.private_ram)
                 except (QemuError, trio.TooSlowError) as e:  # broke before/while migrating
                     run = {"broken": True, "why": _why(e)}
                 per[workload].append(run)
@@ -164,6 +188,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--qemu", nargs="+", default=list(QEMU_VERSIONS), choices=QEMU_VERSIONS)
     parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--private-ram", action="store_true", help="no shared memfd RAM")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     try:
