@@ -37,7 +37,13 @@ from test_vu_blk_qemu import our_backend
 from virtio.devices.blk.backend import lock_holders
 from virtio.testing.blk_checks import stop_process
 from virtio.testing.guest_image import GuestImage
-from virtio.testing.migration import TcpStream, migrate, rx_bytes, start_switch
+from virtio.testing.migration import (
+    QEMU_72_TCG,
+    TcpStream,
+    migrate,
+    rx_bytes,
+    start_switch,
+)
 from virtio.testing.net_sniffer import Sniffer, sniff
 from virtio.testing.qemu import (
     GuestJob,
@@ -59,16 +65,6 @@ FIO = (
 FIO_LOOP = (
     f"n=0; while [ ! -e /tmp/stop ] || [ $n -lt 1 ]; do {FIO} || {{ cat /tmp/fio.out; exit 1; }};"
     " n=$((n+1)); done; echo fio-ok $n"
-)
-
-# Measured with /tmp loops of bench/migration.py's one_migration (docs/migration.md): on
-# QEMU 7.2 under TCG the guest breaks after switch-over with qemu-storage-daemon as the
-# back-end too (3 of 6 migrations: fio hung or verify failed), while both back-ends
-# migrate cleanly on QEMU 10.0 (qsd 5/5, ours 6/6).  Real users have KVM; the test keeps
-# QEMU 10.0, where a failure is ours.
-QEMU_72_TCG = (
-    "QEMU 7.2 under TCG corrupts or hangs the migrated guest under disk I/O with "
-    "qemu-storage-daemon as well (docs/migration.md); checked on QEMU 10.0"
 )
 
 
