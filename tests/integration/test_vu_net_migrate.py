@@ -23,8 +23,10 @@ it, A is migrated (``migrate`` over a unix socket).  What has to hold:
   switch forgets its addresses) until A sent something.  (GUEST_ANNOUNCE is the path
   of the disk+NIC migration in ``test_vu_blk_migrate.py``.)
 
-Afterwards the sha256 A computed over what it received equals B's.  Both QEMU
-versions (fixture ``qemu``); the downtime is printed.
+Afterwards the sha256 A computed over what it received equals B's.  QEMU 10.0; the
+downtime is printed.  QEMU 7.2 is skipped: under TCG it corrupts migrated guests with no
+back-end of ours involved (``QEMU_72_TCG``, bench/migration_qemu_only.py), which is
+what the stalled streams / reset connections seen on 7.2 looked like.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ import trio
 
 from virtio.testing.blk_checks import stop_process
 from virtio.testing.guest_image import GuestImage
-from virtio.testing.migration import TcpStream, migrate, rx_bytes, start_switch
+from virtio.testing.migration import (
+    QEMU_72_TCG,
+    TcpStream,
+    migrate,
+    rx_bytes,
+    start_switch,
+)
 from virtio.testing.net_sniffer import sniff
 from virtio.testing.qemu import QemuBinary, QemuGuest, VhostUserNet
 
@@ -52,7 +60,19 @@ ETH_P_RARP = 0x8035
 NO_ANNOUNCE = {"guest_announce": False}  # QEMU then sends SEND_RARP to the back-end
 
 
-async def test_live_migration_under_tcp_stream(guest_image: GuestImage, qemu: QemuBinary) -> None:
+@pytest.fixture
+def migratable_qemu(qemu: QemuBinary) -> QemuBinary:
+    """``qemu`` but 7.2, skipped here (a sync fixture: pytest-trio drops the reason of a
+    skip raised inside the async test)."""
+    if qemu.version == "7.2":
+        pytest.skip(QEMU_72_TCG)
+    return qemu
+
+
+async def test_live_migration_under_tcp_stream(
+    guest_image: GuestImage, migratable_qemu: QemuBinary
+) -> None:
+    qemu = migratable_qemu
     with tempfile.TemporaryDirectory(prefix="pyvirtio-netmig-") as tmp, trio.fail_after(420):
         work = Path(tmp)
         a_src, a_dst, b_sock = work / "a-src.sock", work / "a-dst.sock", work / "b.sock"
