@@ -234,6 +234,11 @@ static int net_rx_reserve(struct net_port *p, const struct net_frame *f, struct 
     }
     if (room < total)
         goto back;
+    /* Buffers are posted: no notification while the driver reposts (§2.7.10 / §2.8.10,
+     * as the Python path's _quiet); the Python path asks for one again when the ring
+     * runs dry (wait_for_more: enable, re-check, sleep). */
+    if (q->notify_enabled)
+        vq_disable_notification_u(q);
     VQ_UNLOCK(q);
     return NET_RX_OK;
 back:

@@ -333,3 +333,29 @@ async def test_flood_with_a_python_port_goes_through_python():
     finally:
         ga.close()
         gb.close()
+
+
+async def test_native_receive_turns_notifications_off_while_buffers_remain():
+    """§2.8.10 (packed: the device's event flags DISABLE once it uses receive
+    buffers): a frame written natively leaves receiveq notifications off, so the
+    driver's repost needs no notification; the Python path asks again when empty."""
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B)
+    ga, gb = Guest(a, packed=True), Guest(b, packed=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+            gb.post(RX, writable=[2048])
+            gb.post(RX, writable=[2048])
+            await trio.testing.wait_all_tasks_blocked()
+            token = ga.post(TX, readable=[_hdr() + ether(BROADCAST, MAC_A, b"n" * 60)])
+            await ga.wait_used(TX, token)
+            assert b.statistics()["native"]["rx"]["rx_native"] == 1
+            gb.drv[RX].add((), [2048])
+            assert not gb.drv[RX].publish()  # a repost while buffers remain: no kick
+            nursery.cancel_scope.cancel()
+    finally:
+        ga.close()
+        gb.close()

@@ -246,3 +246,37 @@ async def test_send_rarp_announces_on_the_switch():
         frame = got.data[12 : got.written]
         assert frame[:6] == BROADCAST and frame[12:14] == b"\x80\x35" and len(frame) == 60
     assert sw.addresses()["52:54:00:aa:bb:cc"] == "a"
+
+
+@pytest.mark.parametrize(
+    ("packed", "event_idx"), [(False, True), (False, False), (True, True), (True, False)]
+)
+async def test_receive_notifications_off_while_buffers_remain(packed, event_idx):
+    """§2.7.10 / §2.8.10 (as QEMU's virtio-net): once the device uses receive buffers
+    it turns receiveq notifications off (VRING_USED_F_NO_NOTIFY, packed DISABLE,
+    EVENT_IDX's avail_event left behind), so reposting costs no notification; only a
+    packet that finds the ring empty asks for one (enabled, re-checked, then slept)."""
+    _, a, b = _pair()
+    async with (
+        DeviceHarness.start(a) as ha,
+        DeviceHarness.start(b, packed=packed, event_idx=event_idx) as hb,
+    ):
+        await _settle()  # every queue served
+        rxn = hb.notifiers[RX]
+        tokens = [hb.submit(RX, writable=[2048]) for _ in range(2)]
+        frames = [ether(BROADCAST, MAC_A, bytes([i]) * 60) for i in range(4)]
+        await ha.request(TX, [_hdr() + frames[0]])
+        assert (await hb.wait_used(RX, tokens[0])).data[12:86] == frames[0]
+        before = rxn.kicks
+        tokens.append(hb.submit(RX, writable=[2048]))  # a repost while one remains
+        assert rxn.kicks == before  # no notification wanted
+        for i in (1, 2):
+            await ha.request(TX, [_hdr() + frames[i]])
+            assert (await hb.wait_used(RX, tokens[i])).data[12:86] == frames[i]
+        assert rxn.kicks == before  # the device never waited
+        await ha.request(TX, [_hdr() + frames[3]])  # the ring is empty now
+        await _settle()
+        last = hb.submit(RX, writable=[2048])
+        assert rxn.kicks == before + 1  # the device asked for this one
+        assert (await hb.wait_used(RX, last)).data[12:86] == frames[3]
+        assert not any(b.errors.values())

@@ -53,6 +53,7 @@ from virtio.devices.net.switch import Switch
 from virtio.errors import DriverError
 from virtio.native import lib
 from virtio.queues.chain import DescriptorChain
+from virtio.queues.virtqueue import Virtqueue
 from virtio.ratelimit import LogRateLimiter
 from virtio.service import BufferQueue, OrderedRequestService, QueueRole
 from virtio.spec.features import TransportFeature as TF
@@ -498,6 +499,7 @@ class VirtioNet(VirtioDevice):
             buffers.give_back(taken)
             self._rx_drop("too_big", index, total)
             return True
+        _quiet(buffers.queue)
         data = packet.header(len(taken), legacy=hdr_size == HDR_LEGACY.size) + packet.frame
         done = []
         pos = 0
@@ -613,6 +615,18 @@ class VirtioNet(VirtioDevice):
             "errors": dict(self.errors),
             "native": {"tx": {k: tx[k] for k in native.TX_STATISTICS}, "rx": rx},
         }
+
+
+def _quiet(queue: Virtqueue) -> None:
+    """Receive buffers are posted: the driver need not notify when it posts more
+    (§2.7.10: VRING_USED_F_NO_NOTIFY, or §2.8.10: the device event suppression's
+    flags DISABLE; with split EVENT_IDX ``avail_event`` is simply left behind).  They
+    are asked for again only when the device runs out (``BufferQueue.wait_for_more``
+    enables notifications and re-checks the ring before it sleeps), so reposting
+    costs the driver no notification while the device still holds buffers, as with
+    QEMU's virtio-net."""
+    if queue.native.notify_enabled:
+        queue.disable_notification()
 
 
 def _mac_table(data: bytes) -> tuple[list[bytes], bytes]:
