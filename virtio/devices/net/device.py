@@ -116,7 +116,10 @@ def _mask(bits) -> int:
 
 def parse_mac(text: str) -> bytes:
     """``"52:54:00:12:34:56"`` -> 6 bytes (``ValueError`` otherwise)."""
-    mac = bytes.fromhex(text.replace(":", "").replace("-", ""))
+    try:
+        mac = bytes.fromhex(text.replace(":", "").replace("-", ""))
+    except ValueError:
+        mac = b""
     if len(mac) != 6:
         raise ValueError(f"{text!r} is not a MAC address")
     if mac[0] & 1:
