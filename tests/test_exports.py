@@ -489,6 +489,21 @@ async def test_net_exports_share_one_switch_beside_blk(tmp_path) -> None:
             assert await c.receive() == again  # unknown again: flooded to c and d
             assert await d.receive() == again
             assert c.nothing_received() and d.nothing_received()
+            # set-link (QEMU's set_link), routed by export: status LINK_UP cleared
+            # (§5.1.4), nothing received or sent while down, both ways again once up
+            with pytest.raises(ControlReplyError, match="name the export"):
+                await ctl.execute("set-link", up=False)
+            r = await ctl.execute("set-link", export="a", up=False)
+            assert r["link"] == "down"
+            assert await a.fe.get_config(6, 2) == b"\0\0"  # status: link down
+            assert await c.fe.get_config(6, 2) == b"\1\0"  # the other port's is up
+            await c.send(ether(x, z, b"to a, down"))
+            await a.send(ether(z, x, b"from a, down"))
+            assert a.nothing_received() and c.nothing_received()
+            await ctl.execute("set-link", export="a", up=True)
+            assert await a.fe.get_config(6, 2) == b"\1\0"
+            await a.send(ether(z, x, b"from a, up"))
+            assert await c.receive() == ether(z, x, b"from a, up")
             await d.fe.aclose()
             await a.fe.aclose()
             await c.fe.aclose()

@@ -308,7 +308,7 @@ static inline uint16_t net_le16(const uint8_t *b) { return (uint16_t)(b[0] | b[1
 /* Whether port p takes this frame natively (p->mu held). */
 static int net_port_takes(const struct net_port *p, const struct net_frame *f)
 {
-    if (!p->native || !p->rxq || p->held > 0 || p->rxq->broken)
+    if (!p->native || p->link_down || !p->rxq || p->held > 0 || p->rxq->broken)
         return 0;
     if ((f->hdr[0] & NET_HDR_F_NEEDS_CSUM) && !p->guest_csum)
         return 0; /* checksum completion: switch.py / offload.py */
@@ -380,6 +380,9 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
     struct net_dp *n = dev;
     struct net_frame f;
     *err = 0;
+    struct net_port *self = n->src < NET_FDB_MAX_PORTS ? n->ports[n->src] : NULL;
+    if (self && __atomic_load_n(&self->link_down, __ATOMIC_RELAXED))
+        return 0; /* the link is down: VirtioNet._transmit drops it */
     if (!net_parse(n, c, segs, &f))
         return 0;
     struct vm_net_fdb *t = n->fdb;

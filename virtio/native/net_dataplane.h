@@ -22,6 +22,7 @@ struct net_port {
     uint8_t guest_csum;         /* VIRTIO_NET_F_GUEST_CSUM negotiated */
     uint8_t native;             /* frames to this port may be delivered natively */
     uint8_t vlan_filter;        /* CTRL_VLAN negotiated: tagged frames go to Python */
+    uint8_t link_down;          /* set-link off: its frames (both ways) go to Python */
     int32_t held;               /* packets the Python path holds for this port */
     /* used entries written natively and not yet published (under mu): one used
      * index update and one notification per batch of the transmitting thread */

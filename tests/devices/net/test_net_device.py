@@ -10,6 +10,7 @@ import struct
 import pytest
 import trio
 
+from virtio.control import ArgumentError
 from virtio.devices.net import Switch, VirtioNet
 from virtio.devices.net.packet import GSO_TCPV4, HDR, NEEDS_CSUM
 from virtio.spec.features import TransportFeature as TF
@@ -280,3 +281,29 @@ async def test_receive_notifications_off_while_buffers_remain(packed, event_idx)
         assert rxn.kicks == before + 1  # the device asked for this one
         assert (await hb.wait_used(RX, last)).data[12:86] == frames[3]
         assert not any(b.errors.values())
+
+
+async def test_set_link_down_drops_both_ways_and_clears_status():
+    """``set-link`` (QEMU's set_link): VIRTIO_NET_S_LINK_UP follows it (§5.1.4); while
+    down the port neither receives nor sends, counted; up again, both work."""
+    _, a, b = _pair()
+    async with DeviceHarness.start(a) as ha, DeviceHarness.start(b) as hb:
+        await _settle()  # every queue served
+        assert b.control_commands()["set-link"].handler({"up": False}) == {
+            "link": "down",
+            "announced": False,  # the harness has no configuration change channel
+        }
+        assert struct.unpack_from("<H", b.config_bytes(), 6) == (0,)
+        token = hb.submit(RX, writable=[2048])
+        await ha.request(TX, [_hdr() + ether(BROADCAST, MAC_A, b"a" * 60)])
+        await hb.request(TX, [_hdr() + ether(BROADCAST, MAC_B, b"b" * 60)])
+        assert b.errors["link_down"] == 1 and b.errors["tx_link_down"] == 1
+        assert b.statistics()["port"]["in_packets"] == 0  # b sent nothing into the switch
+        assert a.statistics()["port"]["out_packets"] == 0  # and a got nothing
+        with pytest.raises(ArgumentError, match="true or false"):
+            b.control_commands()["set-link"].handler({"up": "maybe"})
+        assert b.set_link(True) is False
+        assert struct.unpack_from("<H", b.config_bytes(), 6) == (1,)
+        frame = ether(BROADCAST, MAC_A, b"c" * 60)
+        await ha.request(TX, [_hdr() + frame])
+        assert (await hb.wait_used(RX, token)).data[12 : 12 + len(frame)] == frame

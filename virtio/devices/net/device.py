@@ -37,7 +37,8 @@ from collections import Counter, deque
 import trio
 
 from virtio.config_space import ConfigLayout
-from virtio.device import ActiveDevice, VirtioDevice
+from virtio.control import ArgumentError
+from virtio.device import ActiveDevice, ControlCommand, VirtioDevice
 from virtio.devices.net import dataplane as native
 from virtio.devices.net.offload import RxOffloads
 from virtio.devices.net.packet import (
@@ -228,6 +229,8 @@ class VirtioNet(VirtioDevice):
         self._dataplanes: dict[int, native.NetDataPlane] = {}
         self.native_tx: Counter[str] = Counter()
         """Counters of stopped transmit data planes (running ones: ``statistics``)."""
+        self.link_up = True
+        """The link as the operator set it (``set-link``); kept across device resets."""
         self.switch = switch if switch is not None else Switch()
         self._reset_state()
         self.switch.add_port(self)
@@ -252,6 +255,7 @@ class VirtioNet(VirtioDevice):
             return
         running = [i for i in self._rx if i // 2 < self.pairs]
         port.native = int(self.promisc and running == [0] and self._native_rx is not None)
+        port.link_down = int(not self.link_up)
         port.vlan_filter = int(self.has(NF.VIRTIO_NET_F_CTRL_VLAN))
 
     # -- features and configuration ----------------------------------------------------
@@ -285,7 +289,7 @@ class VirtioNet(VirtioDevice):
         )
 
     def config_values(self) -> dict[str, object]:
-        status = int(NetStatus.VIRTIO_NET_S_LINK_UP)
+        status = int(NetStatus.VIRTIO_NET_S_LINK_UP) if self.link_up else 0
         if self.announce_pending:
             status |= int(NetStatus.VIRTIO_NET_S_ANNOUNCE)
         return {
@@ -355,6 +359,9 @@ class VirtioNet(VirtioDevice):
                 )
             )
             return 0
+        if not self.link_up:
+            self.errors["tx_link_down"] += 1  # as QEMU: a NIC whose link is down sends nothing
+            return 0
         packet = Packet.parse(chain.reader().read(), hdr_size)
         try:
             check_transmit(packet, self.tx_offloads, self.mtu)
@@ -390,6 +397,35 @@ class VirtioNet(VirtioDevice):
             now.name if now is not None else "no port",
         )
 
+    def set_link(self, up: bool) -> bool:
+        """Set the link up or down (QEMU's ``set_link``): status VIRTIO_NET_S_LINK_UP
+        (§5.1.4, VIRTIO_NET_F_STATUS) and a configuration change notification (§2.5.2)
+        when it changes.  While down, frames are neither received nor sent (dropped,
+        counted ``link_down`` / ``tx_link_down``).  Returns whether the driver was told."""
+        up = bool(up)
+        if up == self.link_up:
+            return False
+        self.link_up = up
+        self._native_state()
+        log.info("%s: link %s", self.name, "up" if up else "down")
+        if self.active is None or not self.has(NF.VIRTIO_NET_F_STATUS):
+            return False
+        return self.active.config_changed()
+
+    def control_commands(self) -> dict[str, ControlCommand]:
+        return {
+            "set-link": ControlCommand(self._set_link_command, "up: true|false (virtio-net link)")
+        }
+
+    def _set_link_command(self, arguments: dict[str, object]) -> dict[str, object]:
+        up = arguments.get("up")
+        if isinstance(up, str) and up.lower() in ("on", "off", "true", "false"):
+            up = up.lower() in ("on", "true")
+        if not isinstance(up, bool):
+            raise ArgumentError(f"set-link: 'up' must be true or false, not {up!r}")
+        announced = self.set_link(up)
+        return {"link": "up" if self.link_up else "down", "announced": announced}
+
     def announce(self) -> bool:
         """Ask the driver to announce itself (GUEST_ANNOUNCE, §5.1.9.5.4): status
         ANNOUNCE and a configuration change notification.  ``False`` without the
@@ -420,6 +456,9 @@ class VirtioNet(VirtioDevice):
 
     def deliver(self, packet: Packet) -> bool:
         """Queue ``packet`` for a receive queue (the switch calls this; never blocks)."""
+        if not self.link_up:
+            self.errors["link_down"] += 1
+            return False
         if not self._accepts(packet.frame):
             self.errors["filtered"] += 1
             return True  # the driver asked not to see it: not a drop
