@@ -225,7 +225,8 @@ class VirtioNet(VirtioDevice):
         """Native transmit threads poll an idle ring this long before sleeping."""
         self.native_port = native.new_port()
         """This port for the native path (``struct net_port``)."""
-        self._native_rx: native.NativeRx | None = None
+        self._native_rx: dict[int, native.NativeRx] = {}
+        """Receive queues native transmit threads may write into, by queue index."""
         self._dataplanes: dict[int, native.NetDataPlane] = {}
         self.native_tx: Counter[str] = Counter()
         """Counters of stopped transmit data planes (running ones: ``statistics``)."""
@@ -247,14 +248,19 @@ class VirtioNet(VirtioDevice):
         self._native_state()
 
     def _native_state(self) -> None:
-        """Whether frames may be written into receiveq1 natively: the receive filter
-        lets everything through and it is the only receive queue in use (the
-        others are picked by flow hash in Python)."""
+        """Whether frames may be written into the receive queues natively: the
+        receive filter lets everything through and every receive queue in use
+        (``running``, the ones ``deliver`` picks from by flow hash) is native, so
+        the native path picks the same one (``net_flow_hash``)."""
         port = getattr(self, "native_port", None)
         if port is None:
             return
-        running = [i for i in self._rx if i // 2 < self.pairs]
-        port.native = int(self.promisc and running == [0] and self._native_rx is not None)
+        running = sorted(i for i in self._rx if i // 2 < self.pairs)
+        ok = running == list(range(0, 2 * len(running), 2)) and all(
+            i in self._native_rx for i in running
+        )
+        port.nrxq = len(running) if ok else 0
+        port.native = int(self.promisc and ok and bool(running))
         port.link_down = int(not self.link_up)
         port.vlan_filter = int(self.has(NF.VIRTIO_NET_F_CTRL_VLAN))
 
@@ -470,40 +476,43 @@ class VirtioNet(VirtioDevice):
         if not self._rx[index].put(packet):
             self.errors["backlog_full"] += 1
             return False
-        if index == 0:
-            self.native_port.held += 1  # the native path waits for this backlog
+        self.native_port.held += 1  # the native path waits for this backlog
         return True
 
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
         backlog = _Backlog(self.rx_backlog)
         rx = None
-        if queue_index == 0 and native.NativeRx.supported(self, buffers.notifier):
-            rx = native.NativeRx(self, buffers)
+        if native.NativeRx.supported(self, buffers.notifier, queue_index):
+            rx = native.NativeRx(self, buffers, queue_index // 2)
+        pending = 0  # the packet taken from the backlog and not written yet
         with contextlib.ExitStack() as stack:
             if rx is not None:
-                self._native_rx = stack.enter_context(rx)
+                self._native_rx[queue_index] = stack.enter_context(rx)
             self._rx[queue_index] = backlog
             self._native_state()
             try:
                 while True:
                     packet = await backlog.get()
+                    pending = 1
                     while not self._receive_locked(queue_index, buffers, packet):
                         await buffers.wait_for_more()
-                    if queue_index == 0:
-                        self.native_port.held -= 1
+                    pending = 0
+                    self.native_port.held -= 1
             finally:
                 if self._rx.get(queue_index) is backlog:
                     del self._rx[queue_index]
                 if rx is not None:
-                    self._native_rx = None
+                    self._native_rx.pop(queue_index, None)
                 self._native_state()
-                if backlog.packets:
-                    self.errors["stopped"] += len(backlog.packets)
+                lost = len(backlog.packets)
+                self.native_port.held -= lost + pending  # every packet deliver counted
+                if lost:
+                    self.errors["stopped"] += lost
 
     def _receive_locked(self, index: int, buffers: BufferQueue, packet: Packet) -> bool:
         """``_receive`` holding the port's lock while native threads may write into
         the same ring."""
-        if index != 0 or self._native_rx is None:
+        if index not in self._native_rx:
             return self._receive(index, buffers, packet)
         lib.net_port_lock(self.native_port)
         try:
