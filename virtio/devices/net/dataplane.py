@@ -1,7 +1,8 @@
 """virtio-net's native per-packet path: a port's transmit queue on the generic data
 plane (``virtio/dataplane.py``) with the net fast path
-(``virtio/native/net_dataplane.c``), and the port's first receive queue written by
-it (``NativeRx``).
+(``virtio/native/net_dataplane.c``), and the port's receive queues written by it
+(``NativeRx``, one per queue pair in use; the frame's queue by flow hash, as
+``VirtioNet.deliver`` picks it).
 
 The fast path serves the common case -- a frame without GSO, asking nothing or only
 NEEDS_CSUM from a port that negotiated GUEST_CSUM, to native ports whose receive
