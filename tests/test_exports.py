@@ -27,7 +27,8 @@ from virtio.cli.serve import (
 from virtio.control.client import ControlClient, ControlReplyError
 from virtio.spec.blk import BlkReqType, BlkStatus, virtio_blk_outhdr
 from virtio.testing.backend_stats import parse_statistics
-from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
+from virtio.testing.net_frames import ether
+from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend, footprint_for
 
 MiB = 1 << 20
 T = BlkReqType
@@ -121,12 +122,14 @@ def hdr(req_type: int, sector: int = 0) -> bytes:
     return virtio_blk_outhdr.build({"type": req_type, "reserved": 0, "sector": sector})
 
 
-async def blk_session(path: Path, ram: GuestRam, writes: int, sector: int = 8) -> None:
+async def blk_session(
+    path: Path, ram: GuestRam, writes: int, sector: int = 8, offset: int = 0
+) -> None:
     """Connect to a blk export, write ``writes`` x 4 KiB and read each back, flush."""
     fe = await VhostUserFrontend.connect(path)
     await fe.negotiate()
     await fe.set_mem_table(ram)
-    vq = await fe.setup_vring(0, ram, size=64, offset=0)
+    vq = await fe.setup_vring(0, ram, size=64, offset=offset)
     data = os.urandom(4096)
     for i in range(writes):
         vq.driver.add([hdr(T.VIRTIO_BLK_T_OUT, sector + 8 * i), data], [1])
@@ -392,3 +395,121 @@ async def test_export_tasks_run_while_served_and_a_failing_one_stops_only_its_ex
         await exports.remove("a")
         assert cancelled.is_set()
         nursery.cancel_scope.cancel()
+
+
+NET_HDR = bytes(12)  # virtio_net_hdr_v1, nothing to offload (§5.1.6)
+NET_RING = footprint_for(64, 64 << 10)
+
+
+class NetPort:
+    """One guest NIC on a net export: receiveq1 and transmitq1 over vhost-user."""
+
+    def __init__(self, fe: VhostUserFrontend, rx: Any, tx: Any, mac: bytes) -> None:
+        self.fe, self.rx, self.tx, self.mac = fe, rx, tx, mac
+
+    @classmethod
+    async def connect(cls, path: Path, ram: GuestRam, slot: int, mac: bytes) -> NetPort:
+        fe = await VhostUserFrontend.connect(path)
+        await fe.negotiate()
+        await fe.set_mem_table(ram)
+        rx = await fe.setup_vring(0, ram, size=64, offset=2 * slot * NET_RING, data_size=64 << 10)
+        tx = await fe.setup_vring(
+            1, ram, size=64, offset=(2 * slot + 1) * NET_RING, data_size=64 << 10
+        )
+        for _ in range(8):
+            rx.driver.add([], [2048])
+        rx.publish_and_kick()
+        port = cls(fe, rx, tx, mac)
+        # a frame to itself: the switch learns this guest's address and drops it
+        # (hairpin); once transmitq1 served it, receiveq1 is served too
+        await port.send(ether(mac, mac, b"hello"))
+        return port
+
+    async def send(self, frame: bytes) -> None:
+        self.tx.driver.add([NET_HDR + frame], [])
+        self.tx.publish_and_kick()
+        await self.tx.wait_used()
+
+    async def receive(self) -> bytes:
+        (used,) = await self.rx.wait_used()
+        return used.data[12 : used.written]
+
+    def nothing_received(self) -> bool:
+        return not self.rx.driver.get_used()
+
+
+async def test_net_exports_share_one_switch_beside_blk(tmp_path) -> None:
+    """Issue 13 §4: two net exports and a blk export in one process; every net export
+    is a port of one switch: a frame from one port's transmitq reaches the other's
+    receiveq over vhost-user.  export-del takes a port off the switch, which forgets
+    its addresses (a frame to them floods to a port added afterwards)."""
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(MiB))
+    be = Backend(
+        tmp_path,
+        f"net,id=a,socket-path={tmp_path}/a.sock",
+        f"net,id=b,socket-path={tmp_path}/b.sock,mac=02:00:00:00:00:0b",
+        f"blk,id=disk,socket-path={tmp_path}/d.sock,blk-file={img}",
+    )
+    ram = GuestRam(16 * MiB)  # net rings from 0, the disk's at 8 MiB
+    x, y, z = (bytes.fromhex(f"0200000000{n:02x}") for n in (0xA1, 0xB1, 0xC1))
+    try:
+        await be.wait_ready()
+        async with await ControlClient.connect(be.control) as ctl:
+            exports = await ctl.execute("query-exports")
+            assert [(e["id"], e["type"]) for e in exports] == [
+                ("a", "net"), ("b", "net"), ("disk", "blk"),
+            ]  # fmt: skip
+            config = {c["id"]: c for c in await ctl.execute("query-config")}
+            assert config["a"]["device"] == config["b"]["device"] == "net"
+            a = await NetPort.connect(tmp_path / "a.sock", ram, 0, x)
+            b_sock = tmp_path / "b.sock"
+            b = await NetPort.connect(b_sock, ram, 1, y)
+            to_b = ether(y, x, os.urandom(200))
+            await a.send(to_b)
+            assert await b.receive() == to_b
+            to_a = ether(x, y, os.urandom(1400))
+            await b.send(to_a)
+            assert await a.receive() == to_a
+            await blk_session(tmp_path / "d.sock", ram, 2, offset=8 * MiB)  # the disk beside
+            assert a.nothing_received() and b.nothing_received()
+            added = await ctl.execute(
+                "export-add", type="net", id="c", **{"socket-path": str(tmp_path / "c.sock")}
+            )
+            assert added["type"] == "net"
+            c = await NetPort.connect(tmp_path / "c.sock", ram, 2, z)
+            await a.send(ether(y, x, b"only for b"))  # learned: not flooded to c
+            assert await b.receive() == ether(y, x, b"only for b")
+            await b.fe.aclose()
+            await ctl.execute("export-del", id="b")
+            await ctl.execute("export-add", type="net", id="d", **{"socket-path": f"{b_sock}"})
+            d = await NetPort.connect(b_sock, ram, 3, b"\x02" * 6)  # b's port number now
+            again = ether(y, x, os.urandom(300))  # y was learned on b, which is gone
+            await a.send(again)
+            assert await c.receive() == again  # unknown again: flooded to c and d
+            assert await d.receive() == again
+            assert c.nothing_received() and d.nothing_received()
+            # set-link (QEMU's set_link), routed by export: status LINK_UP cleared
+            # (§5.1.4), nothing received or sent while down, both ways again once up
+            with pytest.raises(ControlReplyError, match="name the export"):
+                await ctl.execute("set-link", up=False)
+            r = await ctl.execute("set-link", export="a", up=False)
+            assert r["link"] == "down"
+            assert await a.fe.get_config(6, 2) == b"\0\0"  # status: link down
+            assert await c.fe.get_config(6, 2) == b"\1\0"  # the other port's is up
+            await c.send(ether(x, z, b"to a, down"))
+            await a.send(ether(z, x, b"from a, down"))
+            assert a.nothing_received() and c.nothing_received()
+            await ctl.execute("set-link", export="a", up=True)
+            assert await a.fe.get_config(6, 2) == b"\1\0"
+            await a.send(ether(z, x, b"from a, up"))
+            assert await c.receive() == ether(z, x, b"from a, up")
+            await d.fe.aclose()
+            await a.fe.aclose()
+            await c.fe.aclose()
+            stats = {e["id"]: e for e in (await ctl.execute("query-stats"))["exports"]}
+            assert set(stats) == {"a", "c", "d", "disk"}
+    finally:
+        ram.close()
+        rc = await trio.to_thread.run_sync(be.stop)
+    assert rc == 0, be.text()

@@ -77,7 +77,8 @@ EXPORTS_HELP = """several exports in one process (as qemu-storage-daemon's --exp
                --export blk,id=disk1,socket-path=/run/d1.sock,blk-file=d1.raw,read-only=on \\
                --export rng,socket-path=/run/rng.sock --control /run/virtio.ctl
 
-  TYPE is blk, rng or input; KEY=VALUE are the long options of 'virtio serve TYPE' without
+  TYPE is blk, rng, input or net (every net export is a port of one switch; tap=IFNAME
+  adds an uplink); KEY=VALUE are the long options of 'virtio serve TYPE' without
   the dashes (flags take on/off); id= names the export (default TYPE0, TYPE1, ...);
   a literal comma in a value is written ",,".  With --control, exports can be added
   and removed at run time (export-add, export-del) and queried (query-exports,
@@ -380,6 +381,19 @@ def build_input(args: argparse.Namespace) -> Built:
     return Built(device, tasks=[lambda: source.run(device)], close=source.close, commands=commands)
 
 
+def _add_net_options(parser: argparse.ArgumentParser) -> None:
+    from virtio.cli.serve_net import add_net_export_options
+
+    add_net_export_options(parser)
+
+
+def _build_net(args: argparse.Namespace) -> Any:
+    """A port on the process's one switch of net exports (serve_net.py ``NetHub``)."""
+    from virtio.cli.serve_net import build_net_export
+
+    return build_net_export(args)
+
+
 @dataclass
 class Built:
     """What a device builder made beyond the device (see ``Export``)."""
@@ -394,6 +408,7 @@ EXPORT_TYPES = {
     "blk": (_add_blk_options, build_blk),
     "rng": (_add_rng_options, build_rng),
     "input": (_add_input_options, build_input),
+    "net": (_add_net_options, _build_net),
 }
 """Device types an export can have: (their options, the device builder: a device or a
 ``Built``)."""
@@ -406,6 +421,7 @@ def make_export(kind: str, args: argparse.Namespace, export_id: str, *, name: st
 
     if args.socket_path is None and args.fd is None:
         raise ExportError("socket-path (or fd) is required", status=2)
+    args.export_id = export_id  # a net port is named after its export
     built = EXPORT_TYPES[kind][1](args)
     if not isinstance(built, Built):
         built = Built(built, close=getattr(built, "close", None))
@@ -414,7 +430,7 @@ def make_export(kind: str, args: argparse.Namespace, export_id: str, *, name: st
     options = {
         k.replace("_", "-"): v
         for k, v in vars(args).items()
-        if v not in (None, False, "") and not k.startswith("debug")
+        if v not in (None, False, "") and not k.startswith("debug") and k != "export_id"
     }
     return Export(
         export_id,

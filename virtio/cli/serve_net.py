@@ -5,6 +5,14 @@
     virtio serve net --socket-path /run/a.sock [--socket-path /run/b.sock ...]
                      [--tap IFNAME] [--mac MAC] [--mtu N] [--num-queue-pairs N]
     virtio serve net --print-capabilities      # {"type": "net"}
+    virtio serve --export net,id=a,socket-path=/run/a.sock,tap=tap0 \\
+                 --export net,id=b,socket-path=/run/b.sock --export blk,...
+
+As an export type (``--export net,...``, ``export-add type=net``) every net export of
+the process is one port of ONE switch (``NetHub``), made with the first net export and
+dropped with the last; ``tap=IFNAME`` gives an export its own uplink on that switch (it
+lives and goes with the export).  Removing an export (``export-del``) takes its port
+off the switch, which forgets the addresses learned on it.
 
 Every socket is one port (one guest NIC); the ports and the optional tap sit on one
 switch (``virtio/devices/net/switch.py``).  ``--mac`` is the first port's address in
@@ -190,3 +198,106 @@ async def _serve_ports(ports: list[Any], tap: Any, args: argparse.Namespace) -> 
         flush=True,
     )
     return 0
+
+
+# -- net as an export type (``virtio serve --export net,...``) -----------------------------
+DEFAULT_MAC = 0x525400123456
+"""The first port's address when a net export names none (the next count up)."""
+
+
+class NetHub:
+    """The switch the net exports of one process share: made by the first net
+    export, dropped once the last one is gone."""
+
+    def __init__(self) -> None:
+        self.switch: Any = None
+
+    def port_switch(self) -> Any:
+        from virtio.devices.net import Switch
+
+        if self.switch is None:
+            self.switch = Switch()
+        return self.switch
+
+    def free_mac(self) -> bytes:
+        """The lowest address from ``DEFAULT_MAC`` up no port of the switch has."""
+        taken = {getattr(p, "mac", None) for p in self.port_switch().ports}
+        n = DEFAULT_MAC
+        while n.to_bytes(6, "big") in taken:
+            n += 1
+        return n.to_bytes(6, "big")
+
+    def detach(self, port: Any, tap: Any = None) -> None:
+        """Take ``port`` (and its export's tap) off the switch; the switch forgets the
+        addresses learned on them.  The last port gone, the switch goes too."""
+        switch = self.switch
+        if tap is not None:
+            tap.close()
+        if switch is None:
+            return
+        if port in switch.ports:
+            switch.remove_port(port)
+        if not switch.ports:
+            self.switch = None
+
+
+HUB = NetHub()
+"""This process's switch of net exports."""
+
+
+def add_net_export_options(parser: argparse.ArgumentParser) -> None:
+    """The options of one net export (``--export net,KEY=VALUE`` / ``export-add``)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this unix socket")
+    where.add_argument(
+        "--fd", type=int, metavar="FDNUM", help="inherited unix socket (listening or connected)"
+    )
+    parser.add_argument("--mac", help="this port's MAC address (default: the next free one)")
+    parser.add_argument("--mtu", type=int, default=1500, help="MTU offered (VIRTIO_NET_F_MTU)")
+    parser.add_argument("--num-queue-pairs", type=int, default=1, metavar="N")
+    parser.add_argument("--poll-us", type=int, default=0, metavar="US")
+    parser.add_argument("--no-native", action="store_true")
+    parser.add_argument("--tap", metavar="IFNAME", help="a tap uplink on the shared switch")
+
+
+def build_net_export(args: argparse.Namespace) -> Any:
+    """A net export's port on the process's switch (``HUB``), with its tap if any."""
+    from virtio.cli.serve import Built, ExportError
+    from virtio.devices.net import VirtioNet
+    from virtio.devices.net.device import parse_mac
+
+    hub = HUB
+    name = getattr(args, "export_id", None) or "net"
+    try:
+        if args.poll_us < 0:
+            raise ValueError(f"poll-us {args.poll_us}: not negative")
+        switch = hub.port_switch()
+        mac = parse_mac(args.mac) if args.mac else hub.free_mac()
+        port = VirtioNet(
+            name=name,
+            switch=switch,
+            mac=mac,
+            mtu=args.mtu,
+            num_queue_pairs=args.num_queue_pairs,
+        )
+    except ValueError as exc:
+        if hub.switch is not None and not hub.switch.ports:
+            hub.switch = None
+        raise ExportError(str(exc), status=2) from None
+    port.native_dataplane = not args.no_native
+    port.poll_us = args.poll_us
+    tap = None
+    if args.tap:
+        from virtio.devices.net.tap import TapPort
+
+        try:
+            tap = TapPort(args.tap, switch)
+        except (OSError, ValueError) as exc:
+            hub.detach(port)
+            raise ExportError(f"tap {args.tap}: {exc}") from None
+    port.summary = f"mac {mac.hex(':')}" + (f", tap {args.tap}" if tap else "")
+    return Built(
+        port,
+        tasks=[tap.run] if tap is not None else [],
+        close=lambda: hub.detach(port, tap),
+    )

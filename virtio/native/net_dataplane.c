@@ -52,34 +52,44 @@ _Static_assert(sizeof(((struct net_port *)0)->mu_storage) >= sizeof(pthread_mute
 /* ---- ports ------------------------------------------------------------------------ */
 int net_port_init(struct net_port *p)
 {
-    p->rxq = NULL;
-    p->call_fd = -1;
+    for (uint32_t k = 0; k < NET_RXQ_MAX; k++) {
+        p->rx[k].q = NULL;
+        p->rx[k].call_fd = -1;
+        p->rx[k].npend = 0;
+    }
+    p->nrxq = 0;
     return pthread_mutex_init(NET_PORT_MU(p), NULL) ? -1 : 0;
 }
 
 void net_port_destroy(struct net_port *p) { pthread_mutex_destroy(NET_PORT_MU(p)); }
 
-/* Publish the gathered used entries with one used index update and notify as
+/* Publish rx[k]'s gathered used entries with one used index update and notify as
  * EVENT_IDX / flags allow (§2.7.8.2, §2.7.10); mu held. */
-static void net_port_flush(struct net_port *p)
+static void net_rxq_flush(struct net_port *p, struct net_rxq *r)
 {
-    struct vq *q = p->rxq;
-    if (!p->npend || !q)
+    struct vq *q = r->q;
+    if (!r->npend || !q)
         return;
     VQ_LOCK(q);
-    vq_add_used_batch_u(q, p->pend_ids, p->pend_lens, p->pend_ndescs, p->npend);
+    vq_add_used_batch_u(q, r->pend_ids, r->pend_lens, r->pend_ndescs, r->npend);
     if (q->stats)
-        q->stats->native += p->npend;
+        q->stats->native += r->npend;
     int notify = vq_needs_notification_u(q);
     VQ_UNLOCK(q);
-    p->npend = 0;
+    r->npend = 0;
     p->rx_publishes++;
-    if (notify && p->call_fd >= 0) {
+    if (notify && r->call_fd >= 0) {
         uint64_t one = 1;
-        ssize_t w = write(p->call_fd, &one, sizeof one);
+        ssize_t w = write(r->call_fd, &one, sizeof one);
         (void)w;
         p->rx_calls++;
     }
+}
+
+static void net_port_flush(struct net_port *p)
+{
+    for (uint32_t k = 0; k < NET_RXQ_MAX; k++)
+        net_rxq_flush(p, &p->rx[k]);
 }
 
 /* The Python path's entry: what native threads wrote so far is published first,
@@ -92,35 +102,93 @@ void net_port_lock(struct net_port *p)
 
 void net_port_unlock(struct net_port *p) { pthread_mutex_unlock(NET_PORT_MU(p)); }
 
-/* From now on frames may be written into q natively (the caller turned the
- * queue's locking on: Python's own operations on it serialise with ours). */
-void net_port_attach(struct net_port *p, struct vq *q, int call_fd, uint32_t hdr_size,
-                     int mrg_rxbuf, int guest_csum)
+/* From now on frames may be written into q, the port's receive queue k, natively
+ * (the caller turned the queue's locking on: Python's own operations on it
+ * serialise with ours). */
+void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd,
+                     uint32_t hdr_size, int mrg_rxbuf, int guest_csum)
 {
+    if (k >= NET_RXQ_MAX)
+        return;
     net_port_lock(p);
-    p->rxq = q;
-    p->call_fd = call_fd;
+    p->rx[k].q = q;
+    p->rx[k].call_fd = call_fd;
+    p->rx[k].npend = 0;
     p->hdr_size = hdr_size;
     p->mrg_rxbuf = (uint8_t)!!mrg_rxbuf;
     p->guest_csum = (uint8_t)!!guest_csum;
     net_port_unlock(p);
 }
 
-/* When this returns no thread touches the ring (or its memory) any more. */
-void net_port_detach(struct net_port *p)
+/* When this returns no thread touches receive queue k (or its memory) any more. */
+void net_port_detach(struct net_port *p, uint32_t k)
 {
+    if (k >= NET_RXQ_MAX)
+        return;
     net_port_lock(p);
-    p->npend = 0;
-    p->rxq = NULL;
-    p->call_fd = -1;
+    p->rx[k].npend = 0;
+    p->rx[k].q = NULL;
+    p->rx[k].call_fd = -1;
     net_port_unlock(p);
 }
 
-void net_port_set_call(struct net_port *p, int call_fd)
+void net_port_set_call(struct net_port *p, uint32_t k, int call_fd)
 {
+    if (k >= NET_RXQ_MAX)
+        return;
     net_port_lock(p);
-    p->call_fd = call_fd;
+    p->rx[k].call_fd = call_fd;
     net_port_unlock(p);
+}
+
+/* The flow hash VirtioNet.flow_hash computes (zlib's CRC-32 of the IPv4 / IPv6
+ * addresses and TCP/UDP ports, or of the MAC addresses): one flow, one receive
+ * queue (§5.1.9.5.6).  `frame` holds the first min(len, NET_FLOW_BYTES) bytes. */
+#define NET_FLOW_BYTES 96
+static uint32_t net_crc32(uint32_t crc, const uint8_t *b, uint32_t n)
+{
+    crc = ~crc;
+    while (n--) {
+        crc ^= *b++;
+        for (int i = 0; i < 8; i++)
+            crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    }
+    return ~crc;
+}
+
+static uint32_t net_span(uint32_t len, uint32_t from, uint32_t n)
+{ /* bytes of frame[from:from+n] there are (Python's slice) */
+    if (from >= len)
+        return 0;
+    return len - from < n ? len - from : n;
+}
+
+uint32_t net_flow_hash(const uint8_t *frame, uint32_t len)
+{
+    if (len > NET_FLOW_BYTES)
+        len = NET_FLOW_BYTES; /* enough for every key below */
+    if (len < NET_ETH_HLEN)
+        return net_crc32(0, frame, len < 12 ? len : 12);
+    uint32_t off = NET_ETH_HLEN;
+    uint32_t type = (uint32_t)frame[12] << 8 | frame[13];
+    if (type == NET_ETH_P_8021Q && len >= off + 4) {
+        type = (uint32_t)frame[16] << 8 | frame[17];
+        off += 4;
+    }
+    if (type == 0x0800 && len >= off + 20) {
+        uint32_t l4 = off + (frame[off] & 0x0Fu) * 4;
+        uint32_t crc = net_crc32(0, frame + off + 12, 8);
+        if (frame[off + 9] == 6 || frame[off + 9] == 17)
+            crc = net_crc32(crc, frame + l4, net_span(len, l4, 4));
+        return crc;
+    }
+    if (type == 0x86DD && len >= off + 40) {
+        uint32_t crc = net_crc32(0, frame + off + 8, 32);
+        if (frame[off + 6] == 6 || frame[off + 6] == 17)
+            crc = net_crc32(crc, frame + off + 40, net_span(len, off + 40, 4));
+        return crc;
+    }
+    return net_crc32(0, frame, 12);
 }
 
 /* ---- copying ---------------------------------------------------------------------- */
@@ -173,6 +241,8 @@ struct net_frame {
     uint32_t len;               /* frame bytes */
     uint8_t hdr[NET_HDR_MAX];   /* flags .. csum_offset as sent (num_buffers: ours) */
     uint8_t eth[NET_ETH_HLEN + NET_VLAN_HLEN];
+    uint32_t flow;              /* net_flow_hash, once flow_valid */
+    int flow_valid;
 };
 
 /* Give the last k popped chains back to the ring (they were not used: the next
@@ -207,13 +277,34 @@ enum { NET_RX_OK = 1, NET_RX_DEFER = 0 };
  * header, too small without MRG_RXBUF), or a ring error (the ring core marked the
  * queue broken).  Python does not touch the ring while p->mu is held and p->held
  * is 0, so the reservation stays valid until net_rx_commit / net_rx_cancel. */
-static int net_rx_reserve(struct net_port *p, const struct net_frame *f, struct net_resv *r)
+static uint32_t net_frame_flow(struct net_frame *f)
 {
-    struct vq *q = p->rxq;
+    if (!f->flow_valid) {
+        uint8_t b[NET_FLOW_BYTES];
+        struct net_cursor cur = f->body;
+        uint32_t n = f->len < NET_FLOW_BYTES ? f->len : NET_FLOW_BYTES;
+        net_cursor_read(&cur, b, n);
+        f->flow = net_flow_hash(b, n);
+        f->flow_valid = 1;
+    }
+    return f->flow;
+}
+
+static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r)
+{
+    uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX;
+    uint32_t qi = nq > 1 ? net_frame_flow(f) % nq : 0;
+    struct net_rxq *rq = &p->rx[qi];
+    struct vq *q = rq->q;
     uint32_t total = p->hdr_size + f->len, room = 0, nseg = 0;
     r->k = 0;
-    if (p->npend + NET_RX_MAX_BUFS > NET_RX_PEND)
-        net_port_flush(p);
+    r->qi = qi;
+    if (!q || q->broken) {
+        p->rx_deferred++; /* that queue is not native (now): Python */
+        return NET_RX_DEFER;
+    }
+    if (rq->npend + NET_RX_MAX_BUFS > NET_RX_PEND)
+        net_rxq_flush(p, rq);
     VQ_LOCK(q);
     while (room < total) {
         if (r->k == NET_RX_MAX_BUFS)
@@ -234,6 +325,11 @@ static int net_rx_reserve(struct net_port *p, const struct net_frame *f, struct 
     }
     if (room < total)
         goto back;
+    /* Buffers are posted: no notification while the driver reposts (§2.7.10 / §2.8.10,
+     * as the Python path's _quiet); the Python path asks for one again when the ring
+     * runs dry (wait_for_more: enable, re-check, sleep). */
+    if (q->notify_enabled)
+        vq_disable_notification_u(q);
     VQ_UNLOCK(q);
     return NET_RX_OK;
 back:
@@ -247,7 +343,7 @@ back:
 /* Give a reservation back unused (p->mu held). */
 static void net_rx_cancel(struct net_port *p, struct net_resv *r)
 {
-    struct vq *q = p->rxq;
+    struct vq *q = p->rx[r->qi].q;
     if (!r->k || !q)
         return; /* nothing reserved (a port that takes nothing natively: no ring) */
     VQ_LOCK(q);
@@ -258,10 +354,11 @@ static void net_rx_cancel(struct net_port *p, struct net_resv *r)
 
 /* Write the frame into the reserved buffers: the header (num_buffers: §5.1.6.4),
  * then the frame, buffer after buffer, all but the last filled; their used entries
- * wait in p->pend for the batch's publication (p->mu held). */
+ * wait in the queue's pend for the batch's publication (p->mu held). */
 static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct net_resv *r)
 {
-    struct vq *q = p->rxq;
+    struct net_rxq *rq = &p->rx[r->qi];
+    struct vq *q = rq->q;
     uint32_t k = r->k, total = p->hdr_size + f->len;
     uint8_t hdr[NET_HDR_MAX];
     memcpy(hdr, f->hdr, 10);
@@ -286,10 +383,10 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
             vm_log_dirty(q->mem, r->segs[s].gpa, n);
             want -= n;
         }
-        p->pend_ids[p->npend] = c->head;
-        p->pend_ndescs[p->npend] = c->ndesc;
-        p->pend_lens[p->npend] = in_buf;
-        p->npend++;
+        rq->pend_ids[rq->npend] = c->head;
+        rq->pend_ndescs[rq->npend] = c->ndesc;
+        rq->pend_lens[rq->npend] = in_buf;
+        rq->npend++;
         left -= in_buf;
     }
     r->k = 0;
@@ -303,7 +400,7 @@ static inline uint16_t net_le16(const uint8_t *b) { return (uint16_t)(b[0] | b[1
 /* Whether port p takes this frame natively (p->mu held). */
 static int net_port_takes(const struct net_port *p, const struct net_frame *f)
 {
-    if (!p->native || !p->rxq || p->held > 0 || p->rxq->broken)
+    if (!p->native || p->link_down || !p->nrxq || p->held > 0)
         return 0;
     if ((f->hdr[0] & NET_HDR_F_NEEDS_CSUM) && !p->guest_csum)
         return 0; /* checksum completion: switch.py / offload.py */
@@ -337,6 +434,7 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
     net_cursor_read(&cur, f->hdr, hs < 10 ? hs : 10);
     net_cursor_skip(&cur, hs > 10 ? hs - 10 : 0); /* the sender's num_buffers */
     f->body = cur;
+    f->flow_valid = 0;
     net_cursor_read(&cur, f->eth, f->len < sizeof f->eth ? f->len : (uint32_t)sizeof f->eth);
     uint8_t flags = f->hdr[0], gso_type = f->hdr[1];
     if (gso_type != 0 || (flags & ~NET_HDR_F_NEEDS_CSUM)) {
@@ -375,6 +473,9 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
     struct net_dp *n = dev;
     struct net_frame f;
     *err = 0;
+    struct net_port *self = n->src < NET_FDB_MAX_PORTS ? n->ports[n->src] : NULL;
+    if (self && __atomic_load_n(&self->link_down, __ATOMIC_RELAXED))
+        return 0; /* the link is down: VirtioNet._transmit drops it */
     if (!net_parse(n, c, segs, &f))
         return 0;
     struct vm_net_fdb *t = n->fdb;

@@ -9,35 +9,46 @@
 #define NET_RX_MAX_SEGS 256 /* their segments */
 #define NET_RX_PEND 256     /* used entries a port gathers before one publication */
 
-/* One switch port as the native path sees it: its first receive queue when that
- * queue may be written natively, and the state the decision needs.  Every write
- * into that ring -- native transmit threads of any port, and the Python path
- * (net_port_lock around VirtioNet._receive) -- holds `mu`. */
+#define NET_RXQ_MAX 8       /* receive queues (queue pairs) a port serves natively */
+
+/* One receive queue of a port written natively: receiveq(k+1) for rx[k]. */
+struct net_rxq {
+    struct vq *q;               /* the ring, or NULL: not native */
+    int call_fd;                /* its used buffer notification eventfd, or -1 */
+    /* used entries written natively and not yet published (under mu): one used
+     * index update and one notification per batch of the transmitting thread */
+    uint32_t npend;
+    uint16_t pend_ids[NET_RX_PEND], pend_ndescs[NET_RX_PEND];
+    uint32_t pend_lens[NET_RX_PEND];
+};
+
+/* One switch port as the native path sees it: its receive queues when they may be
+ * written natively, and the state the decision needs.  Every write into those
+ * rings -- native transmit threads of any port, and the Python path
+ * (net_port_lock around VirtioNet._receive) -- holds `mu`.  With nrxq > 1 a frame
+ * goes to rx[flow hash % nrxq] (VirtioNet.deliver's choice, §5.1.9.5.6). */
 struct net_port {
     void *mu_storage[8];
-    struct vq *rxq;             /* receiveq1, or NULL: Python path only */
-    int call_fd;                /* its used buffer notification eventfd, or -1 */
+    struct net_rxq rx[NET_RXQ_MAX];
+    uint32_t nrxq;              /* receive queues in use, rx[0 .. nrxq-1]; 0: Python only */
     uint32_t hdr_size;          /* 10 or 12 (§5.1.6.1) */
     uint8_t mrg_rxbuf;          /* VIRTIO_NET_F_MRG_RXBUF negotiated */
     uint8_t guest_csum;         /* VIRTIO_NET_F_GUEST_CSUM negotiated */
     uint8_t native;             /* frames to this port may be delivered natively */
     uint8_t vlan_filter;        /* CTRL_VLAN negotiated: tagged frames go to Python */
+    uint8_t link_down;          /* set-link off: its frames (both ways) go to Python */
     int32_t held;               /* packets the Python path holds for this port */
-    /* used entries written natively and not yet published (under mu): one used
-     * index update and one notification per batch of the transmitting thread */
-    uint16_t pend_ids[NET_RX_PEND], pend_ndescs[NET_RX_PEND];
-    uint32_t pend_lens[NET_RX_PEND];
-    uint32_t npend;
     /* counters (written under mu) */
     uint64_t rx_native, rx_native_bytes, rx_calls, rx_deferred, rx_publishes;
 };
 
 int net_port_init(struct net_port *p);
 void net_port_destroy(struct net_port *p);
-void net_port_attach(struct net_port *p, struct vq *q, int call_fd, uint32_t hdr_size,
-                     int mrg_rxbuf, int guest_csum);
-void net_port_detach(struct net_port *p);
-void net_port_set_call(struct net_port *p, int call_fd);
+void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd,
+                     uint32_t hdr_size, int mrg_rxbuf, int guest_csum);
+void net_port_detach(struct net_port *p, uint32_t k);
+void net_port_set_call(struct net_port *p, uint32_t k, int call_fd);
+uint32_t net_flow_hash(const uint8_t *frame, uint32_t len);
 void net_port_lock(struct net_port *p);
 void net_port_unlock(struct net_port *p);
 
@@ -48,6 +59,7 @@ struct net_resv {
     struct vq_chain ch[NET_RX_MAX_BUFS];
     struct vq_seg segs[NET_RX_MAX_SEGS];
     uint32_t k;
+    uint32_t qi;                /* the port's receive queue (rx[qi]) */
 };
 
 struct net_dp {

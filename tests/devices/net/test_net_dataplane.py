@@ -67,12 +67,16 @@ class Guest:
         features = device.offered_features() & ~without
         if not packed:
             features &= ~TF.VIRTIO_F_RING_PACKED.mask
-        features &= ~NF.VIRTIO_NET_F_MQ.mask
+        if device.max_pairs == 1:
+            features &= ~NF.VIRTIO_NET_F_MQ.mask
+            indices = [RX, TX]
+        else:  # every queue pair and the control queue (§5.1.2)
+            indices = list(range(2 * device.max_pairs + 1))
         device.ack_features(features)
         per_queue = footprint(QSIZE, packed=packed) + DATA
-        self.mem = MmapGuestMemory.anonymous(2 * per_queue + 4096)
+        self.mem = MmapGuestMemory.anonymous(len(indices) * per_queue + 4096)
         self.drv, queues, self.notifiers = {}, {}, {}
-        for qi in (RX, TX):
+        for qi in indices:
             dq = DriverQueue(
                 self.mem, QSIZE, base=qi * per_queue, packed=packed, indirect=True, data_size=DATA
             )
@@ -329,6 +333,111 @@ async def test_flood_with_a_python_port_goes_through_python():
             assert [d[12:] for d in ga.collect()] == [ether(MAC_A, MAC_B, b"u" * 50)]
             assert a.statistics()["native"]["tx"]["py_port"] == 1
             assert b.statistics()["native"]["tx"]["tx_native"] == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        ga.close()
+        gb.close()
+
+
+async def test_native_receive_turns_notifications_off_while_buffers_remain():
+    """§2.8.10 (packed: the device's event flags DISABLE once it uses receive
+    buffers): a frame written natively leaves receiveq notifications off, so the
+    driver's repost needs no notification; the Python path asks again when empty."""
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B)
+    ga, gb = Guest(a, packed=True), Guest(b, packed=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+            gb.post(RX, writable=[2048])
+            gb.post(RX, writable=[2048])
+            await trio.testing.wait_all_tasks_blocked()
+            token = ga.post(TX, readable=[_hdr() + ether(BROADCAST, MAC_A, b"n" * 60)])
+            await ga.wait_used(TX, token)
+            assert b.statistics()["native"]["rx"]["rx_native"] == 1
+            gb.drv[RX].add((), [2048])
+            assert not gb.drv[RX].publish()  # a repost while buffers remain: no kick
+            nursery.cancel_scope.cancel()
+    finally:
+        ga.close()
+        gb.close()
+
+
+def _flow_frames() -> list[bytes]:
+    """Frames of every kind ``flow_hash`` tells apart, whole and cut short."""
+    import random
+
+    rnd = random.Random(7)
+    tcp = tcp4(MAC_B, MAC_A, b"p" * 40)
+    udp = bytearray(tcp)
+    udp[23] = 17
+    opts = bytearray(tcp[:14]) + bytes([0x46]) + tcp[15:34] + b"\1\1\1\1" + tcp[34:]  # IHL 6
+    v6 = (
+        MAC_B + MAC_A + b"\x86\xdd" + b"\x60\0\0\0\0\x20\x06\x40"
+        + os.urandom(32) + b"\x12\x34\x00\x50" + bytes(40)
+    )  # fmt: skip
+    vlan = tcp[:12] + b"\x81\x00\x00\x05" + tcp[12:]
+    arp = ether(BROADCAST, MAC_A, os.urandom(28), 0x0806)
+    frames = []
+    for base in (tcp, bytes(udp), bytes(opts), v6, vlan, arp):
+        for cut in (len(base), 60, 40, 36, 34, 33, 20, 14):  # a frame has its 14 bytes
+            frames.append(bytes(base[:cut]))
+    for port in range(64):  # many flows
+        f = bytearray(tcp)
+        f[34:36] = port.to_bytes(2, "big")
+        f[26:30] = rnd.randbytes(4)
+        frames.append(bytes(f))
+    frames += [rnd.randbytes(rnd.randrange(14, 200)) for _ in range(200)]
+    return frames
+
+
+def test_native_flow_hash_is_the_python_flow_hash():
+    """``net_flow_hash`` (C) picks the receive queue exactly as ``flow_hash`` does
+    (§5.1.9.5.6: one flow, one receive queue), whichever path delivers the frame."""
+    from virtio.devices.net.device import flow_hash
+    from virtio.native import ffi, lib
+
+    for frame in _flow_frames():
+        assert lib.net_flow_hash(ffi.from_buffer(frame), len(frame)) == flow_hash(frame), frame
+
+
+async def test_two_queue_pairs_received_natively_by_flow_hash():
+    """With 2 queue pairs in use (VQ_PAIRS_SET, §5.1.9.5.5) both receive queues are
+    written natively, each frame into the queue ``deliver`` would pick."""
+    from virtio.devices.net.device import flow_hash
+
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B, num_queue_pairs=2)
+    ga, gb = Guest(a), Guest(b)
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+            ctrl = 4
+            token = gb.post(ctrl, readable=[bytes([4, 0]) + struct.pack("<H", 2)], writable=[1])
+            await gb.wait_used(ctrl, token)
+            assert b.pairs == 2
+            for q in (0, 2):
+                for _ in range(32):
+                    gb.post(q, writable=[2048])
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.native_port.nrxq == 2 and b.native_port.native == 1
+            frames = [f for f in _flow_frames()[60:] if len(f) >= 60][:40]
+            frames = [MAC_B + MAC_A + f[12:] for f in frames]
+            for f in frames:
+                token = ga.post(TX, readable=[_hdr() + f])
+                await ga.wait_used(TX, token)
+            got: dict[int, list[bytes]] = {0: [], 2: []}
+            for q in (0, 2):
+                got[q] = [u.data[12 : u.written] for u in gb.drv[q].get_used()]
+            want: dict[int, list[bytes]] = {0: [], 2: []}
+            for f in frames:
+                want[2 * (flow_hash(f) % 2)].append(f)
+            assert got == want and want[0] and want[2]
+            assert b.statistics()["native"]["rx"]["rx_native"] == len(frames)
             nursery.cancel_scope.cancel()
     finally:
         ga.close()

@@ -10,6 +10,7 @@ import struct
 import pytest
 import trio
 
+from virtio.control import ArgumentError
 from virtio.devices.net import Switch, VirtioNet
 from virtio.devices.net.packet import GSO_TCPV4, HDR, NEEDS_CSUM
 from virtio.spec.features import TransportFeature as TF
@@ -246,3 +247,63 @@ async def test_send_rarp_announces_on_the_switch():
         frame = got.data[12 : got.written]
         assert frame[:6] == BROADCAST and frame[12:14] == b"\x80\x35" and len(frame) == 60
     assert sw.addresses()["52:54:00:aa:bb:cc"] == "a"
+
+
+@pytest.mark.parametrize(
+    ("packed", "event_idx"), [(False, True), (False, False), (True, True), (True, False)]
+)
+async def test_receive_notifications_off_while_buffers_remain(packed, event_idx):
+    """§2.7.10 / §2.8.10 (as QEMU's virtio-net): once the device uses receive buffers
+    it turns receiveq notifications off (VRING_USED_F_NO_NOTIFY, packed DISABLE,
+    EVENT_IDX's avail_event left behind), so reposting costs no notification; only a
+    packet that finds the ring empty asks for one (enabled, re-checked, then slept)."""
+    _, a, b = _pair()
+    async with (
+        DeviceHarness.start(a) as ha,
+        DeviceHarness.start(b, packed=packed, event_idx=event_idx) as hb,
+    ):
+        await _settle()  # every queue served
+        rxn = hb.notifiers[RX]
+        tokens = [hb.submit(RX, writable=[2048]) for _ in range(2)]
+        frames = [ether(BROADCAST, MAC_A, bytes([i]) * 60) for i in range(4)]
+        await ha.request(TX, [_hdr() + frames[0]])
+        assert (await hb.wait_used(RX, tokens[0])).data[12:86] == frames[0]
+        before = rxn.kicks
+        tokens.append(hb.submit(RX, writable=[2048]))  # a repost while one remains
+        assert rxn.kicks == before  # no notification wanted
+        for i in (1, 2):
+            await ha.request(TX, [_hdr() + frames[i]])
+            assert (await hb.wait_used(RX, tokens[i])).data[12:86] == frames[i]
+        assert rxn.kicks == before  # the device never waited
+        await ha.request(TX, [_hdr() + frames[3]])  # the ring is empty now
+        await _settle()
+        last = hb.submit(RX, writable=[2048])
+        assert rxn.kicks == before + 1  # the device asked for this one
+        assert (await hb.wait_used(RX, last)).data[12:86] == frames[3]
+        assert not any(b.errors.values())
+
+
+async def test_set_link_down_drops_both_ways_and_clears_status():
+    """``set-link`` (QEMU's set_link): VIRTIO_NET_S_LINK_UP follows it (§5.1.4); while
+    down the port neither receives nor sends, counted; up again, both work."""
+    _, a, b = _pair()
+    async with DeviceHarness.start(a) as ha, DeviceHarness.start(b) as hb:
+        await _settle()  # every queue served
+        assert b.control_commands()["set-link"].handler({"up": False}) == {
+            "link": "down",
+            "announced": False,  # the harness has no configuration change channel
+        }
+        assert struct.unpack_from("<H", b.config_bytes(), 6) == (0,)
+        token = hb.submit(RX, writable=[2048])
+        await ha.request(TX, [_hdr() + ether(BROADCAST, MAC_A, b"a" * 60)])
+        await hb.request(TX, [_hdr() + ether(BROADCAST, MAC_B, b"b" * 60)])
+        assert b.errors["link_down"] == 1 and b.errors["tx_link_down"] == 1
+        assert b.statistics()["port"]["in_packets"] == 0  # b sent nothing into the switch
+        assert a.statistics()["port"]["out_packets"] == 0  # and a got nothing
+        with pytest.raises(ArgumentError, match="true or false"):
+            b.control_commands()["set-link"].handler({"up": "maybe"})
+        assert b.set_link(True) is False
+        assert struct.unpack_from("<H", b.config_bytes(), 6) == (1,)
+        frame = ether(BROADCAST, MAC_A, b"c" * 60)
+        await ha.request(TX, [_hdr() + frame])
+        assert (await hb.wait_used(RX, token)).data[12 : 12 + len(frame)] == frame

@@ -1,7 +1,8 @@
 """virtio-net's native per-packet path: a port's transmit queue on the generic data
 plane (``virtio/dataplane.py``) with the net fast path
-(``virtio/native/net_dataplane.c``), and the port's first receive queue written by
-it (``NativeRx``).
+(``virtio/native/net_dataplane.c``), and the port's receive queues written by it
+(``NativeRx``, one per queue pair in use; the frame's queue by flow hash, as
+``VirtioNet.deliver`` picks it).
 
 The fast path serves the common case -- a frame without GSO, asking nothing or only
 NEEDS_CSUM from a port that negotiated GUEST_CSUM, to native ports whose receive
@@ -90,11 +91,12 @@ class NetDataPlane(NativeDataPlane):
 
 
 class NativeRx:
-    """A port's first receive queue while native transmit threads may write into it
-    (``net_port_attach``); every Python write holds the port's lock (``locked``)."""
+    """A port's receive queue ``receiveq(k+1)`` while native transmit threads may
+    write into it (``net_port_attach``); every Python write holds the port's lock."""
 
-    def __init__(self, device: VirtioNet, buffers: BufferQueue) -> None:
+    def __init__(self, device: VirtioNet, buffers: BufferQueue, k: int = 0) -> None:
         self.device = device
+        self.k = k
         self.port = device.native_port
         self.queue = buffers.queue
         self.notifier = buffers.notifier
@@ -104,9 +106,9 @@ class NativeRx:
         dev = self.device
         self.queue.set_locking(True)
         call = getattr(self.notifier, "call_fd", None)
-        self.port.held = 0
         lib.net_port_attach(
             self.port,
+            self.k,
             self.queue.native,
             -1 if call is None else call,
             dev.hdr_size,
@@ -120,18 +122,18 @@ class NativeRx:
     def __exit__(self, *exc: object) -> None:
         if self.listeners is not None and self._fds_changed in self.listeners:
             self.listeners.remove(self._fds_changed)
-        lib.net_port_detach(self.port)  # afterwards no thread touches the ring
-        self.port.held = 0
+        lib.net_port_detach(self.port, self.k)  # afterwards no thread touches the ring
         self.queue.set_locking(False)
 
     def _fds_changed(self) -> None:
         call = getattr(self.notifier, "call_fd", None)
-        lib.net_port_set_call(self.port, -1 if call is None else call)
+        lib.net_port_set_call(self.port, self.k, -1 if call is None else call)
 
     @staticmethod
-    def supported(device: VirtioNet, notifier: object) -> bool:
+    def supported(device: VirtioNet, notifier: object, index: int = 0) -> bool:
         return (
-            enabled(device)
+            index // 2 < lib.NET_RXQ_MAX
+            and enabled(device)
             and isinstance(getattr(notifier, "kick_fd", None), int)
             and hasattr(notifier, "call_fd")
             and not getattr(notifier, "poll_fallback", False)

@@ -37,7 +37,8 @@ from collections import Counter, deque
 import trio
 
 from virtio.config_space import ConfigLayout
-from virtio.device import ActiveDevice, VirtioDevice
+from virtio.control import ArgumentError
+from virtio.device import ActiveDevice, ControlCommand, VirtioDevice
 from virtio.devices.net import dataplane as native
 from virtio.devices.net.offload import RxOffloads
 from virtio.devices.net.packet import (
@@ -53,6 +54,7 @@ from virtio.devices.net.switch import Switch
 from virtio.errors import DriverError
 from virtio.native import lib
 from virtio.queues.chain import DescriptorChain
+from virtio.queues.virtqueue import Virtqueue
 from virtio.ratelimit import LogRateLimiter
 from virtio.service import BufferQueue, OrderedRequestService, QueueRole
 from virtio.spec.features import TransportFeature as TF
@@ -115,7 +117,10 @@ def _mask(bits) -> int:
 
 def parse_mac(text: str) -> bytes:
     """``"52:54:00:12:34:56"`` -> 6 bytes (``ValueError`` otherwise)."""
-    mac = bytes.fromhex(text.replace(":", "").replace("-", ""))
+    try:
+        mac = bytes.fromhex(text.replace(":", "").replace("-", ""))
+    except ValueError:
+        mac = b""
     if len(mac) != 6:
         raise ValueError(f"{text!r} is not a MAC address")
     if mac[0] & 1:
@@ -220,10 +225,13 @@ class VirtioNet(VirtioDevice):
         """Native transmit threads poll an idle ring this long before sleeping."""
         self.native_port = native.new_port()
         """This port for the native path (``struct net_port``)."""
-        self._native_rx: native.NativeRx | None = None
+        self._native_rx: dict[int, native.NativeRx] = {}
+        """Receive queues native transmit threads may write into, by queue index."""
         self._dataplanes: dict[int, native.NetDataPlane] = {}
         self.native_tx: Counter[str] = Counter()
         """Counters of stopped transmit data planes (running ones: ``statistics``)."""
+        self.link_up = True
+        """The link as the operator set it (``set-link``); kept across device resets."""
         self.switch = switch if switch is not None else Switch()
         self._reset_state()
         self.switch.add_port(self)
@@ -240,14 +248,20 @@ class VirtioNet(VirtioDevice):
         self._native_state()
 
     def _native_state(self) -> None:
-        """Whether frames may be written into receiveq1 natively: the receive filter
-        lets everything through and it is the only receive queue in use (the
-        others are picked by flow hash in Python)."""
+        """Whether frames may be written into the receive queues natively: the
+        receive filter lets everything through and every receive queue in use
+        (``running``, the ones ``deliver`` picks from by flow hash) is native, so
+        the native path picks the same one (``net_flow_hash``)."""
         port = getattr(self, "native_port", None)
         if port is None:
             return
-        running = [i for i in self._rx if i // 2 < self.pairs]
-        port.native = int(self.promisc and running == [0] and self._native_rx is not None)
+        running = sorted(i for i in self._rx if i // 2 < self.pairs)
+        ok = running == list(range(0, 2 * len(running), 2)) and all(
+            i in self._native_rx for i in running
+        )
+        port.nrxq = len(running) if ok else 0
+        port.native = int(self.promisc and ok and bool(running))
+        port.link_down = int(not self.link_up)
         port.vlan_filter = int(self.has(NF.VIRTIO_NET_F_CTRL_VLAN))
 
     # -- features and configuration ----------------------------------------------------
@@ -281,7 +295,7 @@ class VirtioNet(VirtioDevice):
         )
 
     def config_values(self) -> dict[str, object]:
-        status = int(NetStatus.VIRTIO_NET_S_LINK_UP)
+        status = int(NetStatus.VIRTIO_NET_S_LINK_UP) if self.link_up else 0
         if self.announce_pending:
             status |= int(NetStatus.VIRTIO_NET_S_ANNOUNCE)
         return {
@@ -351,6 +365,9 @@ class VirtioNet(VirtioDevice):
                 )
             )
             return 0
+        if not self.link_up:
+            self.errors["tx_link_down"] += 1  # as QEMU: a NIC whose link is down sends nothing
+            return 0
         packet = Packet.parse(chain.reader().read(), hdr_size)
         try:
             check_transmit(packet, self.tx_offloads, self.mtu)
@@ -386,6 +403,35 @@ class VirtioNet(VirtioDevice):
             now.name if now is not None else "no port",
         )
 
+    def set_link(self, up: bool) -> bool:
+        """Set the link up or down (QEMU's ``set_link``): status VIRTIO_NET_S_LINK_UP
+        (§5.1.4, VIRTIO_NET_F_STATUS) and a configuration change notification (§2.5.2)
+        when it changes.  While down, frames are neither received nor sent (dropped,
+        counted ``link_down`` / ``tx_link_down``).  Returns whether the driver was told."""
+        up = bool(up)
+        if up == self.link_up:
+            return False
+        self.link_up = up
+        self._native_state()
+        log.info("%s: link %s", self.name, "up" if up else "down")
+        if self.active is None or not self.has(NF.VIRTIO_NET_F_STATUS):
+            return False
+        return self.active.config_changed()
+
+    def control_commands(self) -> dict[str, ControlCommand]:
+        return {
+            "set-link": ControlCommand(self._set_link_command, "up: true|false (virtio-net link)")
+        }
+
+    def _set_link_command(self, arguments: dict[str, object]) -> dict[str, object]:
+        up = arguments.get("up")
+        if isinstance(up, str) and up.lower() in ("on", "off", "true", "false"):
+            up = up.lower() in ("on", "true")
+        if not isinstance(up, bool):
+            raise ArgumentError(f"set-link: 'up' must be true or false, not {up!r}")
+        announced = self.set_link(up)
+        return {"link": "up" if self.link_up else "down", "announced": announced}
+
     def announce(self) -> bool:
         """Ask the driver to announce itself (GUEST_ANNOUNCE, §5.1.9.5.4): status
         ANNOUNCE and a configuration change notification.  ``False`` without the
@@ -416,6 +462,9 @@ class VirtioNet(VirtioDevice):
 
     def deliver(self, packet: Packet) -> bool:
         """Queue ``packet`` for a receive queue (the switch calls this; never blocks)."""
+        if not self.link_up:
+            self.errors["link_down"] += 1
+            return False
         if not self._accepts(packet.frame):
             self.errors["filtered"] += 1
             return True  # the driver asked not to see it: not a drop
@@ -427,40 +476,43 @@ class VirtioNet(VirtioDevice):
         if not self._rx[index].put(packet):
             self.errors["backlog_full"] += 1
             return False
-        if index == 0:
-            self.native_port.held += 1  # the native path waits for this backlog
+        self.native_port.held += 1  # the native path waits for this backlog
         return True
 
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
         backlog = _Backlog(self.rx_backlog)
         rx = None
-        if queue_index == 0 and native.NativeRx.supported(self, buffers.notifier):
-            rx = native.NativeRx(self, buffers)
+        if native.NativeRx.supported(self, buffers.notifier, queue_index):
+            rx = native.NativeRx(self, buffers, queue_index // 2)
+        pending = 0  # the packet taken from the backlog and not written yet
         with contextlib.ExitStack() as stack:
             if rx is not None:
-                self._native_rx = stack.enter_context(rx)
+                self._native_rx[queue_index] = stack.enter_context(rx)
             self._rx[queue_index] = backlog
             self._native_state()
             try:
                 while True:
                     packet = await backlog.get()
+                    pending = 1
                     while not self._receive_locked(queue_index, buffers, packet):
                         await buffers.wait_for_more()
-                    if queue_index == 0:
-                        self.native_port.held -= 1
+                    pending = 0
+                    self.native_port.held -= 1
             finally:
                 if self._rx.get(queue_index) is backlog:
                     del self._rx[queue_index]
                 if rx is not None:
-                    self._native_rx = None
+                    self._native_rx.pop(queue_index, None)
                 self._native_state()
-                if backlog.packets:
-                    self.errors["stopped"] += len(backlog.packets)
+                lost = len(backlog.packets)
+                self.native_port.held -= lost + pending  # every packet deliver counted
+                if lost:
+                    self.errors["stopped"] += lost
 
     def _receive_locked(self, index: int, buffers: BufferQueue, packet: Packet) -> bool:
         """``_receive`` holding the port's lock while native threads may write into
         the same ring."""
-        if index != 0 or self._native_rx is None:
+        if index not in self._native_rx:
             return self._receive(index, buffers, packet)
         lib.net_port_lock(self.native_port)
         try:
@@ -498,6 +550,7 @@ class VirtioNet(VirtioDevice):
             buffers.give_back(taken)
             self._rx_drop("too_big", index, total)
             return True
+        _quiet(buffers.queue)
         data = packet.header(len(taken), legacy=hdr_size == HDR_LEGACY.size) + packet.frame
         done = []
         pos = 0
@@ -613,6 +666,18 @@ class VirtioNet(VirtioDevice):
             "errors": dict(self.errors),
             "native": {"tx": {k: tx[k] for k in native.TX_STATISTICS}, "rx": rx},
         }
+
+
+def _quiet(queue: Virtqueue) -> None:
+    """Receive buffers are posted: the driver need not notify when it posts more
+    (§2.7.10: VRING_USED_F_NO_NOTIFY, or §2.8.10: the device event suppression's
+    flags DISABLE; with split EVENT_IDX ``avail_event`` is simply left behind).  They
+    are asked for again only when the device runs out (``BufferQueue.wait_for_more``
+    enables notifications and re-checks the ring before it sleeps), so reposting
+    costs the driver no notification while the device still holds buffers, as with
+    QEMU's virtio-net."""
+    if queue.native.notify_enabled:
+        queue.disable_notification()
 
 
 def _mac_table(data: bytes) -> tuple[list[bytes], bytes]:

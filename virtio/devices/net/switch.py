@@ -106,7 +106,7 @@ class Switch:
 
     # -- ports ---------------------------------------------------------------------------
     def add_port(self, port: Port) -> None:
-        if port.name in self.counters:
+        if any(p.name == port.name for p in self.ports):
             raise ValueError(f"a port named {port.name!r} is already on the switch")
         from virtio.devices.net.fdb import MAX_PORTS
 
