@@ -1,7 +1,10 @@
 """``NbdBackend``: a disk on an NBD server (NetworkBlockDevice ``doc/proto.md``).
 
 URIs as QEMU and libnbd write them: ``nbd://HOST[:PORT]/EXPORT`` (TCP, port 10809)
-and ``nbd+unix:///EXPORT?socket=PATH``.  TLS (``nbds://``) is refused.
+and ``nbd+unix:///EXPORT?socket=PATH``; with TLS required, ``nbds://`` and
+``nbds+unix://`` (X.509 certificates as libnbd's ``tls-certificates=DIR`` names them,
+``nbd_tls.py``): NBD_OPT_STARTTLS first, the rest of the handshake and transmission
+over TLS.
 
 Handshake: fixed newstyle; ``NBD_OPT_STRUCTURED_REPLY`` if the server has it, then
 ``NBD_OPT_SET_META_CONTEXT`` ``base:allocation``; then ``NBD_OPT_GO`` (export size,
@@ -25,7 +28,8 @@ server is back.
 
 Under vhost-user, well-formed IN / OUT / FLUSH do not come here: each queue's
 native data plane sends them on a connection of its own
-(``nbd_dataplane.py``, ``transmission_socket``).
+(``nbd_dataplane.py``, ``transmission_socket``) -- except over TLS, which the
+native code does not speak: then every request comes here.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import errno
 import logging
 import select
 import socket
+import ssl
 import struct
 import urllib.parse
 from collections import OrderedDict
@@ -43,7 +48,11 @@ from dataclasses import dataclass
 import trio
 
 from virtio.devices.blk.backend import Range
-from virtio.errors import BackendIOError
+from virtio.devices.blk.nbd_errors import NbdClosedError
+from virtio.devices.blk.nbd_errors import NbdError as NbdError
+from virtio.devices.blk.nbd_errors import NbdReplyError as NbdReplyError
+from virtio.devices.blk.nbd_errors import NbdTlsError as NbdTlsError
+from virtio.devices.blk.nbd_tls import SslSocketStream, TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +132,6 @@ _CHUNK = struct.Struct(">HHQI")
 """Structured reply chunk after its magic: flags, type, cookie, length."""
 
 
-class NbdError(BackendIOError):
-    """The NBD server refused something, broke the protocol, or went away."""
-
-
-class NbdReplyError(NbdError):
-    """A well-framed reply whose content breaks the protocol (e.g. a block status
-    chunk for another metadata context, a zero-length extent, extents beyond the
-    request): the request fails, the connection stays."""
-
-
 @dataclass(frozen=True)
 class Extent:
     """One extent of an ``NBD_CMD_BLOCK_STATUS`` reply (``base:allocation``)."""
@@ -164,24 +163,30 @@ class NbdAddress:
     host: str | None = None
     port: int = DEFAULT_PORT
     socket_path: str | None = None
+    tls: TlsConfig | None = None
+    """``nbds://`` / ``nbds+unix://``: TLS required, with these certificates."""
 
     @classmethod
     def parse(cls, uri: str) -> NbdAddress:
         u = urllib.parse.urlsplit(uri)
         export = urllib.parse.unquote(u.path[1:]) if u.path.startswith("/") else ""
         query = urllib.parse.parse_qs(u.query)
-        if u.scheme in ("nbds", "nbds+unix"):
-            raise NbdError(f"{uri}: NBD over TLS is not supported")
-        if u.scheme == "nbd":
+        scheme = u.scheme
+        tls = None
+        if scheme in ("nbds", "nbds+unix"):
+            host = u.hostname if scheme == "nbds" else None
+            tls = TlsConfig.from_query(uri, query, host)
+            scheme = scheme.replace("nbds", "nbd")
+        if scheme == "nbd":
             if not u.hostname:
                 raise NbdError(f"{uri}: no host")
-            return cls(export, host=u.hostname, port=u.port or DEFAULT_PORT)
-        if u.scheme == "nbd+unix":
+            return cls(export, host=u.hostname, port=u.port or DEFAULT_PORT, tls=tls)
+        if scheme == "nbd+unix":
             paths = query.get("socket")
-            if not paths or u.netloc:
+            if not paths or u.hostname or u.port:  # only a user name ('alice@') may be there
                 raise NbdError(f"{uri}: nbd+unix:///EXPORT?socket=PATH expected")
-            return cls(export, socket_path=paths[0])
-        raise NbdError(f"{uri}: not an nbd:// or nbd+unix:// URI")
+            return cls(export, socket_path=paths[0], tls=tls)
+        raise NbdError(f"{uri}: not an nbd://, nbds://, nbd+unix:// or nbds+unix:// URI")
 
     def connect(self, timeout: float) -> socket.socket:
         if self.socket_path is not None:
@@ -214,13 +219,22 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
         if not chunk:
-            raise NbdError("the NBD server closed the connection during the handshake")
+            raise NbdClosedError("the NBD server closed the connection during the handshake")
         buf += chunk
     return bytes(buf)
 
 
 def handshake(sock: socket.socket, export: str) -> ExportInfo:
-    """Fixed newstyle negotiation up to transmission (blocking socket)."""
+    """Fixed newstyle negotiation up to transmission (blocking socket, no TLS)."""
+    return negotiate(sock, export)[1]
+
+
+def negotiate(
+    sock: socket.socket, export: str, tls: TlsConfig | None = None, server: str = "NBD server"
+) -> tuple[socket.socket, ExportInfo]:
+    """Fixed newstyle negotiation up to transmission (blocking socket): with ``tls``,
+    NBD_OPT_STARTTLS first and the rest over TLS.  The socket to go on with (TLS:
+    an ``ssl.SSLSocket`` over ``sock``) and the export."""
     magic, opt_magic, hflags = struct.unpack(">QQH", _recv_exact(sock, 18))
     if magic != NBDMAGIC or opt_magic != IHAVEOPT:
         raise NbdError("not an NBD newstyle server")
@@ -229,14 +243,50 @@ def handshake(sock: socket.socket, export: str) -> ExportInfo:
     cflags = FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES)
     sock.sendall(struct.pack(">I", cflags))
 
+    if tls is not None:
+        _option(sock, OPT_STARTTLS, b"")
+        rtype, data = _reply(sock, OPT_STARTTLS, server)
+        if rtype != REP_ACK:
+            why = data.decode(errors="replace") or hex(rtype)
+            raise NbdTlsError(f"{server} does not offer TLS (NBD_OPT_STARTTLS refused: {why})")
+        tls_sock = tls.wrap(sock, server)
+        try:
+            return _options(tls_sock, export, server)
+        except (ssl.SSLError, NbdClosedError) as exc:
+            tls_sock.close()  # TLS 1.3: a server refuses our certificate after the handshake
+            raise NbdTlsError(
+                f"{server}: TLS failed after the handshake ({exc}): did the server refuse "
+                "our certificate (client-cert.pem in tls-certificates=DIR)?"
+            ) from exc
+        except BaseException:
+            tls_sock.close()
+            raise
+    return _options(sock, export, server)
+
+
+def _option(sock: socket.socket, opt: int, data: bytes) -> None:
+    sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+
+
+def _reply(sock: socket.socket, opt: int, server: str) -> tuple[int, bytes]:
+    magic, ropt, rtype, length = struct.unpack(">QIII", _recv_exact(sock, 20))
+    if magic != OPT_REPLY_MAGIC or ropt != opt or length > MAX_OPTION_REPLY:
+        raise NbdError(f"bad option reply (magic {magic:#x}, option {ropt})")
+    data = _recv_exact(sock, length)
+    if rtype == REP_ERR_TLS_REQD:
+        raise NbdTlsError(f"{server} requires TLS: use an nbds:// or nbds+unix:// URI")
+    return rtype, data
+
+
+def _options(sock: socket.socket, export: str, server: str) -> tuple[socket.socket, ExportInfo]:
+    """The options after the greeting (and STARTTLS): structured replies, meta
+    context, GO."""
+
     def option(opt: int, data: bytes) -> None:
-        sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+        _option(sock, opt, data)
 
     def reply(opt: int) -> tuple[int, bytes]:
-        magic, ropt, rtype, length = struct.unpack(">QIII", _recv_exact(sock, 20))
-        if magic != OPT_REPLY_MAGIC or ropt != opt or length > MAX_OPTION_REPLY:
-            raise NbdError(f"bad option reply (magic {magic:#x}, option {ropt})")
-        return rtype, _recv_exact(sock, length)
+        return _reply(sock, opt, server)
 
     option(OPT_STRUCTURED_REPLY, b"")
     rtype, _ = reply(OPT_STRUCTURED_REPLY)
@@ -280,7 +330,7 @@ def handshake(sock: socket.socket, export: str) -> ExportInfo:
     info.min_block = max(min_block, 1)
     info.base_allocation = context
     info.max_payload = max(min(max_payload, DEFAULT_MAX_PAYLOAD), 512)
-    return info
+    return sock, info
 
 
 @dataclass
@@ -304,7 +354,11 @@ class _Connection:
         sock.settimeout(None)
         sock.setblocking(False)
         self.raw = sock
-        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self.stream: trio.SocketStream | SslSocketStream
+        if isinstance(sock, ssl.SSLSocket):
+            self.stream = SslSocketStream(sock)
+        else:
+            self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self.info = info
         self._send_lock = trio.Lock()
         self._recv_lock = trio.Lock()
@@ -471,10 +525,34 @@ def _extents(p: _Pending, data: bytes, context: int | None) -> list[Extent]:
 
 def _peer_gone(sock: socket.socket) -> bool:
     """Whether an idle transmission-phase socket is readable: a server sends nothing
-    unasked, so that is its end of file (or garbage: either way not usable)."""
+    unasked, so that is its end of file (or garbage: either way not usable).  Over
+    TLS, records the server may send after the handshake (TLS 1.3 session tickets)
+    are not data: a non-blocking read tells."""
     p = select.poll()
     p.register(sock, select.POLLIN)
-    return bool(p.poll(0))
+    if not p.poll(0):
+        return False
+    if not isinstance(sock, ssl.SSLSocket):
+        return True
+    sock.setblocking(False)
+    try:
+        sock.recv(1)  # b"" (end of file) or data: gone either way
+    except ssl.SSLWantReadError:
+        return False
+    except (OSError, ssl.SSLError):
+        pass
+    finally:
+        sock.setblocking(True)
+    return True
+
+
+def _close_notify(sock: ssl.SSLSocket) -> None:
+    """Send TLS close_notify, not waiting for the server's (best effort)."""
+    try:
+        sock.setblocking(False)
+        sock.unwrap()
+    except (OSError, ValueError, ssl.SSLError):
+        pass
 
 
 def _error(code: int, msg: str) -> NbdError:
@@ -506,11 +584,21 @@ class NbdBackend:
     def _connect_blocking(self) -> tuple[socket.socket, ExportInfo]:
         sock = self.address.connect(self._timeout)
         try:
-            info = handshake(sock, self.address.export)
+            return negotiate(sock, self.address.export, self.address.tls, self._server)
         except BaseException:
             sock.close()
             raise
-        return sock, info
+
+    @property
+    def _server(self) -> str:
+        a = self.address
+        return f"NBD server {a.socket_path or f'{a.host}:{a.port}'}"
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection is TLS (then no native data plane: it speaks plain
+        sockets, every request goes through this client)."""
+        return self.address.tls is not None
 
     @property
     def size(self) -> int:
@@ -537,6 +625,8 @@ class NbdBackend:
         call it in a worker thread).  Python keeps its own: it must be able to serve
         what the data plane hands it.  A server that takes no second client
         (``qemu-nbd``'s default ``-e 1`` leaves it unanswered) times out."""
+        if self.tls:
+            raise NbdError(f"{self.uri}: TLS connections are not handed to native code")
         sock = self.address.connect(timeout)
         try:
             info = handshake(sock, self.address.export)
@@ -703,11 +793,16 @@ class NbdBackend:
             await self.flush()
 
     def close(self) -> None:
-        """Close the connection (outside trio: the socket is simply closed)."""
+        """Close the connection (outside trio: the socket is simply closed, after a
+        TLS close_notify)."""
         if self._sock is not None:
+            if isinstance(self._sock, ssl.SSLSocket):
+                _close_notify(self._sock)
             self._sock.close()
             self._sock = None
         if self._conn is not None:
+            if isinstance(self._conn.raw, ssl.SSLSocket):
+                _close_notify(self._conn.raw)
             try:
                 self._conn.stream.socket.close()
             except RuntimeError:  # outside trio.run: close the socket itself
