@@ -1,21 +1,27 @@
 """NBD block status (``base:allocation``, NBD_CMD_BLOCK_STATUS) against real
 ``qemu-nbd`` and ``nbdkit`` servers (memory plugin; file plugin on a sparse file),
 and its user: a qcow2 overlay over an NBD export reads no zero range of the
-export over the wire (counted by nbdkit's log filter)."""
+export over the wire (counted by nbdkit's log filter), and reads on, transferring
+everything, when a (fake) server's block status is hostile."""
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import re
+import socket
+import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 from test_nbd_client import MiB, nbd_server
 
-from virtio.devices.blk.nbd import NbdBackend, NbdError
+from virtio.devices.blk import nbd
+from virtio.devices.blk.nbd import NbdBackend, NbdError, NbdLayer
 
 DATA = [(1 * MiB, 64 * 1024), (5 * MiB, MiB)]
 """(offset, length) written in the 8 MiB export; the rest stays a hole."""
@@ -135,3 +141,69 @@ async def test_qcow2_overlay_transfers_no_zero_range_of_its_nbd_base(tmp_path):
             text=True,
         )
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _fake_server(listener: socket.socket, commands: list[int], context: int) -> None:
+    """A read-only 1 MiB export whose block status replies name metadata context
+    ``context`` (the handshake gave base:allocation id 5) and whose reads return
+    ``PATTERN``; the commands it got go to ``commands``."""
+    s, _ = listener.accept()
+    with s:
+        s.sendall(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, nbd.FLAG_FIXED_NEWSTYLE))
+        s.recv(4, socket.MSG_WAITALL)
+
+        def opt_reply(opt: int, rtype: int, data: bytes = b"") -> None:
+            s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, rtype, len(data)) + data)
+
+        while True:
+            _magic, opt, length = struct.unpack(">QII", s.recv(16, socket.MSG_WAITALL))
+            if length:
+                s.recv(length, socket.MSG_WAITALL)
+            if opt == nbd.OPT_SET_META_CONTEXT:
+                opt_reply(opt, nbd.REP_META_CONTEXT, struct.pack(">I", 5) + b"base:allocation")
+            elif opt == nbd.OPT_GO:
+                flags = nbd.TF_HAS_FLAGS | nbd.TF_READ_ONLY
+                opt_reply(opt, nbd.REP_INFO, struct.pack(">HQH", nbd.INFO_EXPORT, MiB, flags))
+                opt_reply(opt, nbd.REP_ACK)
+                break
+            opt_reply(opt, nbd.REP_ACK)
+        while req := s.recv(28, socket.MSG_WAITALL):
+            _magic, _flags, cmd, cookie, off, n = struct.unpack(">IHHQQI", req)
+            commands.append(cmd)
+            head = struct.pack(">IHH", nbd.STRUCTURED_REPLY_MAGIC, nbd.REPLY_FLAG_DONE, 0)
+            if cmd == nbd.CMD_BLOCK_STATUS:  # "all zeros", for a context we never asked for
+                body = struct.pack(">III", context, n, nbd.STATE_HOLE | nbd.STATE_ZERO)
+                rtype = nbd.REPLY_TYPE_BLOCK_STATUS
+            elif cmd == nbd.CMD_READ:
+                body = struct.pack(">Q", off) + PATTERN[off : off + n]
+                rtype = nbd.REPLY_TYPE_OFFSET_DATA
+            else:
+                return
+            head = head[:6] + struct.pack(">H", rtype)
+            s.sendall(head + struct.pack(">QI", cookie, len(body)) + body)
+
+
+PATTERN = random.Random(5).randbytes(MiB)
+
+
+def test_backing_layer_reads_on_when_block_status_is_hostile(tmp_path, caplog):
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / "fake.sock"))
+        listener.listen(1)
+        commands: list[int] = []
+        t = threading.Thread(target=_fake_server, args=(listener, commands, 6))
+        t.start()
+        layer = NbdLayer(f"nbd+unix:///?socket={tmp_path}/fake.sock")
+        try:
+            with caplog.at_level(logging.WARNING, logger="virtio.devices.blk.nbd"):
+                for off in (4096, 200_000):  # neither read believes the bogus "zeros"
+                    got = bytearray(65536)
+                    layer.read(off, [memoryview(got)])
+                    assert got == PATTERN[off : off + 65536]
+            assert "metadata context 6, not 5" in caplog.text
+            # Block status asked once, then not again; the connection served on.
+            assert commands == [nbd.CMD_BLOCK_STATUS, nbd.CMD_READ, nbd.CMD_READ]
+            assert layer.backend.reconnects == 0
+        finally:
+            layer.close()
+            t.join(10)

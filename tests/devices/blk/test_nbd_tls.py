@@ -183,3 +183,22 @@ def test_blk_device_on_a_tls_export(tmp_path, pki):
             assert dev.capacity == 8 * MiB // 512 and dev.backend.tls
         finally:
             dev.close()
+
+
+async def test_tls_reconnects_after_a_server_restart(tmp_path, pki):
+    with tls_server("nbdkit", tmp_path, pki) as server:
+        backend = NbdBackend(nbds(server.uri, **{"tls-certificates": str(pki)}))
+        await backend.write(0, [memoryview(b"a" * 4096)])
+        server.proc.kill()  # (nbdkit does not end on SIGTERM while a TLS client is on)
+        server.proc.wait()
+        with pytest.raises(NbdError):  # the server is gone: the request fails
+            await backend.read(0, [memoryview(bytearray(4096))])
+        with pytest.raises(NbdError, match="cannot reconnect"):
+            await backend.flush()
+    with tls_server("nbdkit", tmp_path, pki) as again:  # back: a new TLS handshake
+        assert again.uri == server.uri
+        await backend.write(0, [memoryview(b"b" * 4096)])
+        got = bytearray(4096)
+        await backend.read(0, [memoryview(got)])
+        assert got == b"b" * 4096 and backend.reconnects == 1
+        backend.close()
