@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,34 +15,9 @@ import trio
 from test_nbd_client import MiB, nbd_server
 
 from virtio.devices.blk.nbd import NbdAddress, NbdBackend, NbdError, NbdTlsError
+from virtio.testing.nbd_pki import OPENSSL, make_pki, tls_server_args
 
-OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(d: Path, *, client: bool = True) -> Path:
-    """A CA, a server certificate (localhost, 127.0.0.1) and optionally a client
-    certificate in ``d``: ca-cert.pem, server-{cert,key}.pem, client-{cert,key}.pem."""
-    d.mkdir()
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "30",
-             "-subj", "/CN=pyvirtio test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)  # fmt: skip
-    for who, usage in [("server", "serverAuth"), ("client", "clientAuth")][: 2 if client else 1]:
-        _openssl("req", *ec, "-keyout", f"{who}-key.pem", "-out", f"{who}.csr",
-                 "-subj", f"/CN={who}.test", cwd=d)  # fmt: skip
-        (d / f"{who}.ext").write_text(
-            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage={usage}\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
-        )
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey",
-                 "ca-key.pem", "-CAcreateserial", "-out", f"{who}-cert.pem", "-days", "30",
-                 "-extfile", f"{who}.ext", cwd=d)  # fmt: skip
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +32,10 @@ def other_pki(tmp_path_factory) -> Path:
 
 def tls_server(kind: str, tmp: Path, pki: Path, *, tcp: bool = False):
     if kind == "nbdkit":
-        args = ("--tls=require", f"--tls-certificates={pki}", "memory", "size=8M")
-        return nbd_server("nbdkit", tmp, tcp=tcp, args=args)
-    creds = f"tls-creds-x509,id=tls0,endpoint=server,dir={pki}"  # verify-peer: on
-    return nbd_server(
-        "qemu-nbd", tmp, tcp=tcp, qemu_args=("--object", creds, "--tls-creds", "tls0")
-    )
+        return nbd_server(
+            "nbdkit", tmp, tcp=tcp, args=(*tls_server_args(kind, pki), "memory", "size=8M")
+        )
+    return nbd_server("qemu-nbd", tmp, tcp=tcp, qemu_args=tuple(tls_server_args(kind, pki)))
 
 
 def nbds(uri: str, **params: str) -> str:
