@@ -13,6 +13,7 @@ PSK (``tls-psk-file``) is refused: Python's ``ssl`` has no TLS-PSK here.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ class TlsConfig:
             ctx.check_hostname = self.hostname is not None
         return ctx
 
-    def wrap(self, sock, server: str) -> ssl.SSLSocket:
+    def wrap(self, sock: socket.socket, server: str) -> ssl.SSLSocket:
         """The TLS handshake on the blocking ``sock`` (after NBD_OPT_STARTTLS)."""
         try:
             return self.context().wrap_socket(sock, server_hostname=self.hostname)
