@@ -174,3 +174,22 @@ async def test_tls_reconnects_after_a_server_restart(tmp_path, pki):
         await backend.read(0, [memoryview(got)])
         assert got == b"b" * 4096 and backend.reconnects == 1
         backend.close()
+
+
+def test_unusable_certificate_files_fail_before_connecting(tmp_path, pki):
+    nobody = f"socket={tmp_path}/nobody.sock"  # never connected to: the files fail first
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(pki / "ca-cert.pem", half)
+    shutil.copy(pki / "client-cert.pem", half)  # without its key
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "ca-cert.pem").write_text("not a certificate\n")
+    for certs, why in [
+        (tmp_path / "none", "not a directory"),
+        (tmp_path, "ca-cert.pem is missing"),
+        (half, "client-cert.pem and client-key.pem go together"),
+        (junk, "TLS certificates in"),
+    ]:
+        with pytest.raises(NbdTlsError, match=why):
+            NbdBackend(f"nbds+unix:///?{nobody}&tls-certificates={certs}")

@@ -235,6 +235,7 @@ def negotiate(
     """Fixed newstyle negotiation up to transmission (blocking socket): with ``tls``,
     NBD_OPT_STARTTLS first and the rest over TLS.  The socket to go on with (TLS:
     an ``ssl.SSLSocket`` over ``sock``) and the export."""
+    ctx = tls.context() if tls is not None else None  # unusable files: fail before any I/O
     magic, opt_magic, hflags = struct.unpack(">QQH", _recv_exact(sock, 18))
     if magic != NBDMAGIC or opt_magic != IHAVEOPT:
         raise NbdError("not an NBD newstyle server")
@@ -243,13 +244,13 @@ def negotiate(
     cflags = FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES)
     sock.sendall(struct.pack(">I", cflags))
 
-    if tls is not None:
+    if tls is not None and ctx is not None:
         _option(sock, OPT_STARTTLS, b"")
         rtype, data = _reply(sock, OPT_STARTTLS, server)
         if rtype != REP_ACK:
             why = data.decode(errors="replace") or hex(rtype)
             raise NbdTlsError(f"{server} does not offer TLS (NBD_OPT_STARTTLS refused: {why})")
-        tls_sock = tls.wrap(sock, server)
+        tls_sock = tls.wrap(sock, server, ctx)
         try:
             return _options(tls_sock, export, server)
         except (ssl.SSLError, NbdClosedError) as exc:
@@ -568,6 +569,8 @@ class NbdBackend:
     def __init__(self, uri: str, *, read_only: bool = False, timeout: float = 10.0) -> None:
         self.uri = uri
         self.address = NbdAddress.parse(uri)
+        if self.address.tls is not None:
+            self.address.tls.context()  # unusable certificate files: fail before connecting
         self._timeout = timeout
         sock, info = self._connect_blocking()
         self.info = info

@@ -86,10 +86,11 @@ class TlsConfig:
             ctx.check_hostname = self.hostname is not None
         return ctx
 
-    def wrap(self, sock: socket.socket, server: str) -> ssl.SSLSocket:
-        """The TLS handshake on the blocking ``sock`` (after NBD_OPT_STARTTLS)."""
+    def wrap(self, sock: socket.socket, server: str, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+        """The TLS handshake on the blocking ``sock`` (after NBD_OPT_STARTTLS) with
+        ``ctx`` (from ``context()``, made before connecting: bad files fail early)."""
         try:
-            return self.context().wrap_socket(sock, server_hostname=self.hostname)
+            return ctx.wrap_socket(sock, server_hostname=self.hostname)
         except ssl.SSLCertVerificationError as exc:
             msg = f"{server}: its certificate did not verify: {exc.verify_message}"
             raise NbdTlsError(msg) from exc
