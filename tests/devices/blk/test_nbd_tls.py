@@ -101,6 +101,7 @@ async def test_read_write_flush_over_tls(tmp_path, pki, kind, tcp):
             whole = bytearray(backend.size)
             await backend.read(0, [memoryview(whole)])
             assert whole == model
+            assert backend.reconnects == 0  # the constructor's idle connection was kept
         finally:
             backend.close()
         # A new connection reads what the first one wrote and flushed.
@@ -193,3 +194,22 @@ def test_unusable_certificate_files_fail_before_connecting(tmp_path, pki):
     ]:
         with pytest.raises(NbdTlsError, match=why):
             NbdBackend(f"nbds+unix:///?{nobody}&tls-certificates={certs}")
+
+
+async def test_idle_tls_connection_to_a_restarted_server_is_replaced(tmp_path, pki):
+    """The connection made by the constructor waits idle for the first request; if
+    the server went away meanwhile, that request opens a new one instead of failing
+    (session tickets the server sent after the TLS handshake are not taken for that)."""
+    with tls_server("qemu-nbd", tmp_path, pki) as server:
+        backend = NbdBackend(nbds(server.uri, **{"tls-certificates": str(pki)}))
+        server.proc.kill()
+        server.proc.wait()
+    with tls_server("qemu-nbd", tmp_path, pki) as again:
+        assert again.uri == server.uri
+        try:
+            await backend.write(0, [memoryview(b"c" * 4096)])
+            assert backend.reconnects == 1
+            await backend.flush()
+            assert backend.reconnects == 1  # the new TLS connection serves on
+        finally:
+            backend.close()
