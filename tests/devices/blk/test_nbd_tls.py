@@ -213,3 +213,39 @@ async def test_idle_tls_connection_to_a_restarted_server_is_replaced(tmp_path, p
             assert backend.reconnects == 1  # the new TLS connection serves on
         finally:
             backend.close()
+
+
+def test_session_tickets_on_an_idle_tls_socket_are_not_end_of_file(pki):
+    """OpenSSL servers send TLS 1.3 session tickets after the handshake: they make
+    the idle socket readable, but ``_peer_gone`` must see that no data (and no end
+    of file) came -- while a real end of file is one."""
+    import select
+    import socket
+    import ssl
+    import threading
+
+    from virtio.devices.blk.nbd import _peer_gone
+    from virtio.devices.blk.nbd_tls import TlsConfig
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki / "server-cert.pem", pki / "server-key.pem")
+    a, b = socket.socketpair()
+    close_now = threading.Event()
+
+    def serve() -> None:
+        with server_ctx.wrap_socket(b, server_side=True):
+            close_now.wait(10)  # then closed as a dying server would: no close_notify
+
+    t = threading.Thread(target=serve)
+    t.start()
+    config = TlsConfig(str(pki), hostname="localhost")
+    with config.context().wrap_socket(a, server_hostname="localhost") as client:
+        assert client.version() == "TLSv1.3"
+        poll = select.poll()
+        poll.register(client, select.POLLIN)
+        assert poll.poll(10_000), "no session ticket came"
+        assert not _peer_gone(client)
+        close_now.set()
+        t.join(10)
+        assert poll.poll(10_000)
+        assert _peer_gone(client)
