@@ -46,6 +46,7 @@ PYVIRTIO_APT_PACKAGES=(
     e2fsprogs
     fio
     liburing-dev
+    libgnutls28-dev
     nbdkit
     evtest
     dpdk-dev

@@ -26,6 +26,7 @@ SOURCES = (
     "dataplane.c",
     "aio.c",
     "blk_dataplane.c",
+    "nbd_tls.c",
     "nbd_dataplane.c",
     "net_fdb.c",
     "net_dataplane.c",
@@ -35,6 +36,7 @@ HEADERS = (
     "vm_native.h",
     "inflight.h",
     "dataplane.h",
+    "nbd_tls.h",
     "nbd_dataplane.h",
     "net_fdb.h",
     "net_dataplane.h",
@@ -52,6 +54,7 @@ def module_name() -> str:
         digest.update((HERE / name).read_bytes())
     digest.update(spec_defines().encode())
     digest.update(b"uring" if have_liburing() else b"")
+    digest.update(b"gnutls" if have_gnutls() else b"")
     return "_vm_native_" + digest.hexdigest()[:12]
 
 
@@ -61,6 +64,14 @@ def have_liburing() -> bool:
     from ctypes.util import find_library
 
     return Path("/usr/include/liburing.h").exists() and find_library("uring") is not None
+
+
+def have_gnutls() -> bool:
+    """Whether GnuTLS's headers and library are installed (Debian: libgnutls28-dev);
+    without them ``nbds://`` disks are served by Python only."""
+    from ctypes.util import find_library
+
+    return Path("/usr/include/gnutls/gnutls.h").exists() and find_library("gnutls") is not None
 
 
 def spec_defines() -> str:
@@ -111,8 +122,10 @@ def make_ffi(tmpdir: Path | None = None) -> FFI:
         f"virtio.native.{module_name()}",
         source,
         include_dirs=[str(HERE)],
-        libraries=["uring"] if have_liburing() else [],
-        define_macros=[("_GNU_SOURCE", None)] + ([("HAVE_LIBURING", None)] * have_liburing()),
+        libraries=["uring"] * have_liburing() + ["gnutls"] * have_gnutls(),
+        define_macros=[("_GNU_SOURCE", None)]
+        + [("HAVE_LIBURING", None)] * have_liburing()
+        + [("HAVE_GNUTLS", None)] * have_gnutls(),
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     )
     return ffi

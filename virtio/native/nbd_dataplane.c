@@ -84,7 +84,11 @@ struct nbd_priv {
     uint64_t rat, rleft;
     int kick, wake;
     int64_t stop_since;
+    uint8_t *tbuf;              /* TLS: plaintext staged for one record send */
+    size_t toff, tlen;          /* [toff, tlen) of tbuf still to send */
 };
+
+#define NBD_TBUF (64u * 1024u)
 
 static inline uint16_t nbd_be16(const uint8_t *p)
 {
@@ -149,6 +153,7 @@ static void nbd_fail_all(struct nbd_dp *dp, int err)
         if (pv->slots[i].busy)
             nbd_complete(pv, &pv->slots[i], err);
     pv->sq_n = pv->sq_pos = 0;
+    pv->toff = pv->tlen = 0;
     pv->rpos = pv->rend = 0;
     pv->rstate = RX_HDR;
     if (!dp->broken) {
@@ -173,10 +178,48 @@ static int nbd_sq_room(struct nbd_priv *pv, uint32_t more)
     return 1;
 }
 
+/* Over TLS: the send queue copied into tbuf and sent as records (GnuTLS wants a
+ * send that could not go on repeated with the same arguments: tbuf keeps them). */
+static int nbd_send_tls(struct nbd_dp *dp)
+{
+    struct nbd_priv *pv = dp->priv;
+    for (;;) {
+        if (pv->toff == pv->tlen) {
+            pv->toff = pv->tlen = 0;
+            while (pv->sq_pos < pv->sq_n && pv->tlen < NBD_TBUF) {
+                struct iovec *v = &pv->sq[pv->sq_pos];
+                size_t take = NBD_TBUF - pv->tlen < v->iov_len ? NBD_TBUF - pv->tlen : v->iov_len;
+                memcpy(pv->tbuf + pv->tlen, v->iov_base, take);
+                pv->tlen += take;
+                v->iov_base = (uint8_t *)v->iov_base + take;
+                v->iov_len -= take;
+                if (!v->iov_len)
+                    pv->sq_pos++;
+            }
+            if (pv->sq_pos == pv->sq_n)
+                pv->sq_n = pv->sq_pos = 0;
+            if (!pv->tlen)
+                return 0;
+        }
+        ssize_t n = nbd_tls_io_send(dp->tls, pv->tbuf + pv->toff, pv->tlen - pv->toff);
+        if (n == -EINTR)
+            continue;
+        if (n == -EAGAIN)
+            return 0;
+        if (n < 0)
+            return (int)n;
+        dp->sends++;
+        dp->bytes_out += (uint64_t)n;
+        pv->toff += (size_t)n;
+    }
+}
+
 /* Send what the socket takes now.  Returns 0, or -errno when the connection broke. */
 static int nbd_send(struct nbd_dp *dp)
 {
     struct nbd_priv *pv = dp->priv;
+    if (dp->tls)
+        return nbd_send_tls(dp);
     while (pv->sq_pos < pv->sq_n) {
         uint32_t cnt = pv->sq_n - pv->sq_pos;
         struct msghdr m = {0};
@@ -400,7 +443,19 @@ static int nbd_recv(struct nbd_dp *dp)
             pv->rpos = 0;
         }
         size_t room = NBD_RBUF - pv->rend;
-        ssize_t n = recv(dp->sock_fd, pv->rbuf + pv->rend, room, MSG_DONTWAIT);
+        ssize_t n;
+        if (dp->tls) {
+            /* until GnuTLS says EAGAIN: what it read ahead, poll() does not see */
+            n = nbd_tls_io_recv(dp->tls, pv->rbuf + pv->rend, room);
+            if (n == -EAGAIN)
+                return 0;
+            if (n == -EINTR)
+                continue;
+            if (n < 0)
+                return (int)n;
+        } else {
+            n = recv(dp->sock_fd, pv->rbuf + pv->rend, room, MSG_DONTWAIT);
+        }
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -415,7 +470,7 @@ static int nbd_recv(struct nbd_dp *dp)
         int r = nbd_parse(dp);
         if (r < 0)
             return r;
-        if ((size_t)n < room)
+        if ((size_t)n < room && !dp->tls)
             return 0;
     }
 }
@@ -425,7 +480,7 @@ static int nbd_progress(struct nbd_dp *dp, int can_send, int can_recv)
 {
     struct nbd_priv *pv = dp->priv;
     int r = 0;
-    if (can_send && pv->sq_n)
+    if (can_send && (pv->sq_n || pv->toff < pv->tlen))
         r = nbd_send(dp);
     if (!r && can_recv && pv->inflight)
         r = nbd_recv(dp);
@@ -503,6 +558,8 @@ static uint32_t nbd_serve(void *dev, const struct vq_chain *c, const struct vq_s
          * already (nbd_fail_all), nothing of it is read any more */
         int fd = __atomic_exchange_n(&dp->new_fd, -1, __ATOMIC_ACQ_REL);
         close(dp->sock_fd);
+        nbd_tls_free(dp->tls);
+        dp->tls = __atomic_exchange_n(&dp->new_tls, NULL, __ATOMIC_ACQ_REL);
         dp->sock_fd = fd;
         dp->broken = 0;
         dp->reconnects++;
@@ -635,9 +692,10 @@ static int nbd_wait(void *dev, int want, int timeout_ms)
         struct pollfd p[3] = {{dp->core.wake_fd, POLLIN, 0}, {-1, POLLIN, 0}, {-1, 0, 0}};
         if (want & DP_EV_KICK)
             p[1].fd = pv->kick;
-        if (!dp->broken && (pv->inflight || pv->sq_n)) {
+        int out = pv->sq_n || pv->toff < pv->tlen;
+        if (!dp->broken && (pv->inflight || out)) {
             p[2].fd = dp->sock_fd;
-            p[2].events = (short)((pv->inflight ? POLLIN : 0) | (pv->sq_n ? POLLOUT : 0));
+            p[2].events = (short)((pv->inflight ? POLLIN : 0) | (out ? POLLOUT : 0));
         }
         int ms = -1;
         if (deadline >= 0) {
@@ -690,8 +748,13 @@ static void nbd_finish(void *dev)
         uint8_t req[NBD_REQ_LEN] = {0};
         nbd_put(req, NBD_REQUEST_MAGIC, 4);
         nbd_put(req + 6, NBD_CMD_DISC, 2);
-        ssize_t w = send(dp->sock_fd, req, sizeof req, MSG_NOSIGNAL | MSG_DONTWAIT);
-        (void)w;
+        if (dp->tls) {
+            if (pv->toff == pv->tlen && nbd_tls_io_send(dp->tls, req, sizeof req) > 0)
+                nbd_tls_bye(dp->tls);
+        } else {
+            ssize_t w = send(dp->sock_fd, req, sizeof req, MSG_NOSIGNAL | MSG_DONTWAIT);
+            (void)w;
+        }
     }
     dp->priv = NULL;
     dp->core.watch = NULL;
@@ -700,6 +763,7 @@ static void nbd_finish(void *dev)
     free(pv->sq);
     free(pv->done);
     free(pv->rbuf);
+    free(pv->tbuf);
     free(pv);
 }
 
@@ -713,9 +777,12 @@ static int nbd_start(void *dev)
     pv->slots = calloc(nslots, sizeof *pv->slots);
     pv->done = calloc(nslots, sizeof *pv->done);
     pv->rbuf = malloc(NBD_RBUF);
+    pv->tbuf = dp->tls || dp->new_tls ? malloc(NBD_TBUF) : NULL;
     pv->nslots = nslots;
     pv->kick = pv->wake = -1;
-    if (!pv->slots || !pv->done || !pv->rbuf || !nbd_sq_room(pv, 256)) {
+    if (!pv->slots || !pv->done || !pv->rbuf || !nbd_sq_room(pv, 256) ||
+        ((dp->tls || dp->new_tls) && !pv->tbuf)) {
+        free(pv->tbuf);
         free(pv->slots);
         free(pv->done);
         free(pv->rbuf);
@@ -752,4 +819,7 @@ void nbd_dp_detach(struct nbd_dp *n)
     int fd = __atomic_exchange_n(&n->new_fd, -1, __ATOMIC_ACQ_REL);
     if (fd >= 0)
         close(fd);
+    nbd_tls_free(n->tls);
+    n->tls = NULL;
+    nbd_tls_free(__atomic_exchange_n(&n->new_tls, NULL, __ATOMIC_ACQ_REL));
 }

@@ -20,6 +20,9 @@ struct nbd_dp {
     /* a new connection from Python for a broken one (-1: none); the thread takes it
      * (atomic exchange) with the next request */
     int new_fd;
+    /* TLS (nbd_tls.c): the connection's session (NULL: plain socket; owned, freed
+     * by nbd_dp_detach), and new_fd's (stored before new_fd) */
+    void *tls, *new_tls;
     void *priv;
     uint64_t reads, writes, flushes, syncs;
     uint64_t sends, recvs, server_errors, conn_failed, reconnects, bytes_in, bytes_out;

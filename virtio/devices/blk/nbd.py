@@ -28,8 +28,8 @@ server is back.
 
 Under vhost-user, well-formed IN / OUT / FLUSH do not come here: each queue's
 native data plane sends them on a connection of its own
-(``nbd_dataplane.py``, ``transmission_socket``) -- except over TLS, which the
-native code does not speak: then every request comes here.
+(``nbd_dataplane.py``, ``transmission_socket``), over TLS too (GnuTLS in
+native code, ``nbd_tls.c``; this client keeps Python's ``ssl``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -52,7 +53,7 @@ from virtio.devices.blk.nbd_errors import NbdClosedError
 from virtio.devices.blk.nbd_errors import NbdError as NbdError
 from virtio.devices.blk.nbd_errors import NbdReplyError as NbdReplyError
 from virtio.devices.blk.nbd_errors import NbdTlsError as NbdTlsError
-from virtio.devices.blk.nbd_tls import SslSocketStream, TlsConfig
+from virtio.devices.blk.nbd_tls import NativeTls, SslSocketStream, TlsConfig, native_tls_available
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +231,21 @@ def handshake(sock: socket.socket, export: str) -> ExportInfo:
 
 
 def negotiate(
-    sock: socket.socket, export: str, tls: TlsConfig | None = None, server: str = "NBD server"
-) -> tuple[socket.socket, ExportInfo]:
+    sock: socket.socket,
+    export: str,
+    tls: TlsConfig | None = None,
+    server: str = "NBD server",
+    native_timeout: float | None = None,
+) -> tuple[socket.socket | NativeTls, ExportInfo]:
     """Fixed newstyle negotiation up to transmission (blocking socket): with ``tls``,
     NBD_OPT_STARTTLS first and the rest over TLS.  The socket to go on with (TLS:
-    an ``ssl.SSLSocket`` over ``sock``) and the export."""
-    ctx = tls.context() if tls is not None else None  # unusable files: fail before any I/O
+    an ``ssl.SSLSocket`` over ``sock``; with ``native_timeout``, a GnuTLS session
+    for the native data plane, ``NativeTls``) and the export."""
+    native = tls is not None and native_timeout is not None
+    ctx = tls.context() if tls is not None and not native else None  # unusable files: fail
+    if native:
+        assert tls is not None
+        tls.files()  # before any I/O
     magic, opt_magic, hflags = struct.unpack(">QQH", _recv_exact(sock, 18))
     if magic != NBDMAGIC or opt_magic != IHAVEOPT:
         raise NbdError("not an NBD newstyle server")
@@ -244,13 +254,17 @@ def negotiate(
     cflags = FLAG_FIXED_NEWSTYLE | (hflags & FLAG_NO_ZEROES)
     sock.sendall(struct.pack(">I", cflags))
 
-    if tls is not None and ctx is not None:
+    if tls is not None:
         _option(sock, OPT_STARTTLS, b"")
         rtype, data = _reply(sock, OPT_STARTTLS, server)
         if rtype != REP_ACK:
             why = data.decode(errors="replace") or hex(rtype)
             raise NbdTlsError(f"{server} does not offer TLS (NBD_OPT_STARTTLS refused: {why})")
-        tls_sock = tls.wrap(sock, server, ctx)
+        if native_timeout is not None:
+            tls_sock: Any = tls.native(sock, server, native_timeout)
+        else:
+            assert ctx is not None
+            tls_sock = tls.wrap(sock, server, ctx)
         try:
             return _options(tls_sock, export, server)
         except (ssl.SSLError, NbdClosedError) as exc:
@@ -599,8 +613,8 @@ class NbdBackend:
 
     @property
     def tls(self) -> bool:
-        """Whether the connection is TLS (then no native data plane: it speaks plain
-        sockets, every request goes through this client)."""
+        """Whether the connections are TLS (this client's: Python's ``ssl``; a native
+        data plane's: GnuTLS, ``nbd_tls.c``)."""
         return self.address.tls is not None
 
     @property
@@ -623,23 +637,34 @@ class NbdBackend:
         their FLUSH covers this connection too."""
         return sync or (self.native_connections > 0 and not self.multi_conn)
 
-    def transmission_socket(self, timeout: float = 1.0) -> tuple[socket.socket, ExportInfo]:
+    def transmission_socket(
+        self, timeout: float = 1.0
+    ) -> tuple[socket.socket | NativeTls, ExportInfo]:
         """A new connection in transmission phase for a native data plane (blocking:
         call it in a worker thread).  Python keeps its own: it must be able to serve
         what the data plane hands it.  A server that takes no second client
-        (``qemu-nbd``'s default ``-e 1`` leaves it unanswered) times out."""
-        if self.tls:
-            raise NbdError(f"{self.uri}: TLS connections are not handed to native code")
+        (``qemu-nbd``'s default ``-e 1`` leaves it unanswered) times out.  Over TLS
+        a GnuTLS session (``NativeTls``; its handshake may take this backend's
+        timeout: the server answered already)."""
+        tls = self.address.tls
+        if tls is not None and not native_tls_available():
+            raise NbdError(f"{self.uri}: built without GnuTLS: TLS stays in Python")
         sock = self.address.connect(timeout)
         try:
-            info = handshake(sock, self.address.export)
+            conn, info = negotiate(
+                sock,
+                self.address.export,
+                tls,
+                self._server,
+                native_timeout=self._timeout if tls is not None else None,
+            )
         except BaseException:
             sock.close()
             raise
         if info.size != self.info.size:
-            sock.close()
+            conn.close()
             raise NbdError(f"{self.uri}: export size changed")
-        return sock, info
+        return conn, info
 
     @property
     def can_unmap(self) -> bool:

@@ -4,7 +4,9 @@ FLUSH from the queue's thread, several in flight, without the interpreter.
 
 Each queue's thread gets a connection of its own in transmission phase
 (``NbdBackend.transmission_socket``: Python does the handshake, the thread only
-sends requests and parses simple and structured replies); Python keeps its own
+sends requests and parses simple and structured replies; over TLS, ``nbds://``,
+the TLS handshake and the thread's records are GnuTLS's, ``nbd_tls.c``, and a
+reconnect redoes NBD_OPT_STARTTLS and the TLS handshake); Python keeps its own
 for what the thread hands it.  A server that takes no further client (``qemu-nbd``
 without ``-e 2`` or more) leaves that handshake unanswered: after a 1 s timeout
 the disk is served by Python as before, and the server is not asked again (other
@@ -33,7 +35,8 @@ import trio
 
 from virtio.devices.blk.dataplane import BlkDataPlane
 from virtio.devices.blk.nbd import NbdBackend, NbdError
-from virtio.native import lib
+from virtio.devices.blk.nbd_tls import NativeTls, native_tls_available
+from virtio.native import ffi, lib
 
 if TYPE_CHECKING:
     import socket
@@ -56,7 +59,7 @@ class NbdDataPlane(BlkDataPlane):
 
     def __init__(self, device: VirtioBlk, active: ActiveDevice, index: int) -> None:
         super().__init__(device, active, index)
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | NativeTls | None = None
         self._nursery: trio.Nursery | None = None
         self._reconnecting = False
 
@@ -71,7 +74,7 @@ class NbdDataPlane(BlkDataPlane):
             and NbdDataPlane.notifier_supported(active, index)
             and (backend.multi_conn or len(device.queue_max_sizes) == 1)
             and backend.native_refused is None
-            and not backend.tls  # the C side speaks plain sockets: TLS stays in Python
+            and (not backend.tls or native_tls_available())  # GnuTLS in native code
         )
 
     async def prepare(self) -> bool:
@@ -95,14 +98,15 @@ class NbdDataPlane(BlkDataPlane):
     def attach(self, c: Any) -> None:
         backend: NbdBackend = self.device.backend  # type: ignore[assignment]
         assert self._sock is not None, "prepare() first"
-        self._sock.setblocking(False)
-        c.sock_fd = self._sock.detach()  # the C side owns it now (nbd_dp_detach closes it)
+        # the C side owns them now (nbd_dp_detach closes and frees them)
+        c.sock_fd, c.tls = _hand_over(self._sock)
         self._sock = None
         info = self._info
         c.structured = int(info.structured)
         c.tflags = info.flags
         c.max_payload = info.max_payload
         c.new_fd = -1
+        c.new_tls = ffi.NULL
         backend.native_connections += 1
         lib.nbd_dp_attach(c)
 
@@ -150,8 +154,9 @@ class NbdDataPlane(BlkDataPlane):
                     log.debug("vq%d: NBD reconnect failed: %s", self.index, exc)
                     pause = min(pause * 2, 30.0)
                     continue
-                sock.setblocking(False)
-                self.c.new_fd = sock.detach()
+                fd, tls = _hand_over(sock)
+                self.c.new_tls = tls  # before new_fd: the thread takes both with new_fd
+                self.c.new_fd = fd
                 log.info("vq%d: native NBD connection re-established", self.index)
                 return
         finally:
@@ -162,3 +167,11 @@ class NbdDataPlane(BlkDataPlane):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _hand_over(sock: socket.socket | NativeTls) -> tuple[int, Any]:
+    """A connection's non-blocking fd and TLS session (NULL: plain) for the C side."""
+    if isinstance(sock, NativeTls):
+        return sock.detach()
+    sock.setblocking(False)
+    return sock.detach(), ffi.NULL
