@@ -128,7 +128,7 @@ class TlsConfig:
             len(err),
         )
         if handle == ffi.NULL:
-            why = ffi.string(err).decode(errors="replace")
+            why = ffi.string(err).decode(errors="replace").strip()
             if why.startswith("certificate did not verify"):
                 raise NbdTlsError(f"{server}: its {why}")
             raise NbdTlsError(f"{server}: {why}")
