@@ -32,9 +32,10 @@ back-end process per run, so ratios come from the same minutes of the machine):
   read / write at QD 1 and 32, one queue.
 * ``nbd-tls``: the same with the export requiring TLS (qemu-nbd
   ``--tls-creds``, X.509 certificates made for the run by
-  ``virtio.testing.nbd_pki``); ours ``nbds+unix://...?tls-certificates=DIR`` (every
-  request on the Python path: the native data plane has no TLS), qsd ``driver=nbd``
-  with ``tls-creds``.
+  ``virtio.testing.nbd_pki``); ours ``nbds+unix://...?tls-certificates=DIR`` (the
+  native data plane speaks TLS with GnuTLS; ``--backends ours,baseline,qsd
+  --baseline-repo DIR`` runs an older checkout beside it), qsd ``driver=nbd`` with
+  ``tls-creds``.
 
 Per run: IOPS (requests completed / seconds) and the back-end's CPU time per
 request (utime + stime of all its threads, ``/proc/PID/stat``).  Per point: the
@@ -169,7 +170,7 @@ def backend_cmd(
     direct = matrix in ("cold", "qcow2")
     if fmt in ("nbd", "nbd-tls"):  # image: the NBD server's unix socket, export "disk"
         tls = fmt == "nbd-tls"  # certificates in image.parent / "pki"
-        if name.startswith("ours"):
+        if name.startswith("ours") or name == "baseline":  # (baseline: run from its cwd)
             uri = f"nbd+unix:///disk?socket={image}"
             if tls:
                 uri = uri.replace("nbd+", "nbds+") + f"&tls-certificates={image.parent / 'pki'}"
