@@ -243,6 +243,9 @@ class NativeTls:
         self.sock = self.handle = None
         return fd, handle
 
+    def __del__(self) -> None:
+        self.close()  # (a connection a cancelled reconnect dropped)
+
     def close(self) -> None:
         from virtio.native import lib
 
