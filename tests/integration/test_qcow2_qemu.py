@@ -235,8 +235,9 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
     """vda: an export of ``kind`` (qemu-nbd, or nbdkit's file plugin) served through
     ``--blk-file nbd+unix://...``; vdb: a qcow2 overlay whose backing file is another
     (read-only) export of the same server kind; vdc: a third export of that kind
-    requiring TLS, served through ``nbds+unix://...?tls-certificates=DIR`` (every
-    request on the Python path: the native data plane has no TLS).  O_DIRECT
+    requiring TLS, served through ``nbds+unix://...?tls-certificates=DIR`` by the
+    native data plane (GnuTLS; its final statistics line counts the requests it
+    served).  O_DIRECT
     patterns read back on all three, vdb outside them shows the NBD base, mkfs.ext4 +
     fsck on vda; afterwards the overlay passes qemu-img check, the base is
     unchanged, the pattern is in vdc's exported file and vda's is a clean ext4."""
@@ -266,11 +267,14 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
         _img("create", "-q", "-f", "qcow2", "-b", f"nbd+unix:///?socket={ksock}", "-F", "raw",
              str(top), "32M", cwd=tmp_path)  # fmt: skip
         cmd = _nbd_cmd(kind, secret, tsock, export="tls", read_only=False)
-        cmd = [cmd[0], *tls_server_args(kind, pki), *cmd[1:]]
+        more = ["-e", "2"] if kind == "qemu-nbd" else []  # the data plane's connection too
+        cmd = [cmd[0], *tls_server_args(kind, pki), *more, *cmd[1:]]
         servers.append(await _nbd_server(cmd, tsock, log))
         third = tmp_path / "vdc.sock"
         tls_uri = f"nbds+unix:///tls?socket={tsock}&tls-certificates={pki}"
-        procs.append(await _serve(third, tls_uri, log))
+        tls_log = tmp_path / "vdc.log"
+        with open(tls_log, "ab") as vdc_log:
+            procs.append(await _serve(third, tls_uri, vdc_log))
         second = tmp_path / "vdb.sock"
         procs.append(await _serve(second, os.fspath(top), log, "--format", "qcow2"))
 
@@ -312,6 +316,9 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
             assert await s.stop_backend(kill=False) == 0
         assert await stop_process(procs.pop()) == 0  # our qcow2 server: clean close
         assert await stop_process(procs.pop()) == 0  # our TLS client: clean close
+        final = [ln for ln in tls_log.read_text().splitlines() if "statistics:" in ln][-1]
+        served = dict(w.split("=", 1) for w in final.split() if "=" in w)
+        assert int(served["dataplane"]) >= 1000, final  # vdc's 500 writes + 500 reads
         got = hashlib.md5(secret.read_bytes()[700 * 4096 : 1200 * 4096]).hexdigest()
         assert got == want  # the pattern crossed TLS into vdc's exported file
         # (the base export still runs: qemu-img check opens the backing file)
