@@ -25,7 +25,14 @@
  * breaks the protocol) fails every request in flight with its errno; from then on
  * every request goes to Python, which reconnects (nbd.py) -- the documented
  * behaviour of the Python client, unchanged -- until Python hands over a new
- * connection for this thread (new_fd, taken with the next request). */
+ * connection for this thread (new_fd, taken with the next request).
+ *
+ * Over TLS (nbds://) the connection comes with a GnuTLS session (tls, nbd_tls.c:
+ * Python did STARTTLS, GnuTLS the handshake): a batch's requests are copied into
+ * tbuf and sent with gnutls_record_send (repeated with the same arguments after
+ * EAGAIN, as GnuTLS requires), replies read with gnutls_record_recv until EAGAIN
+ * (records GnuTLS read ahead are invisible to poll), then parsed as above; a
+ * reconnect brings a new session (new_tls) with new_fd. */
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>

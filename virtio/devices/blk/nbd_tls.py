@@ -17,6 +17,7 @@ the native data plane takes over, whose records its thread sends and receives.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -244,7 +245,8 @@ class NativeTls:
         return fd, handle
 
     def __del__(self) -> None:
-        self.close()  # (a connection a cancelled reconnect dropped)
+        with contextlib.suppress(Exception):  # (interpreter shutdown)
+            self.close()  # a connection a cancelled reconnect dropped
 
     def close(self) -> None:
         from virtio.native import lib
