@@ -11,6 +11,7 @@
  * receives its records on the then non-blocking socket.  Errors come back as the
  * GnuTLS error string in err (a certificate that did not verify: why). */
 #include <arpa/inet.h>
+#include <poll.h>
 
 #include "nbd_tls.h"
 
@@ -22,6 +23,7 @@ struct nbd_tls {
     gnutls_session_t session;
     gnutls_certificate_credentials_t cred;
     int fd;
+    int timeout_ms;             /* the blocking calls' (handshake, send/recv) */
 };
 
 #define NBD_TLS_PRIORITY "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
@@ -63,7 +65,8 @@ static void nbd_tls_verify_err(struct nbd_tls *t, char *err, size_t errlen)
 }
 
 void *nbd_tls_client(int fd, const char *cafile, const char *certfile, const char *keyfile,
-                     const char *hostname, int verify, char *err, size_t errlen)
+                     const char *hostname, int verify, int timeout_ms, char *err,
+                     size_t errlen)
 {
     struct nbd_tls *t = calloc(1, sizeof *t);
     if (!t) {
@@ -71,6 +74,7 @@ void *nbd_tls_client(int fd, const char *cafile, const char *certfile, const cha
         return NULL;
     }
     t->fd = fd;
+    t->timeout_ms = timeout_ms;
     int rc = gnutls_certificate_allocate_credentials(&t->cred);
     if (rc < 0) {
         nbd_tls_err(err, errlen, "credentials", rc);
@@ -141,16 +145,32 @@ fail:
     return NULL;
 }
 
-/* Blocking record I/O for Python's option haggling: bytes moved, or -1 (err set;
- * a timeout of the socket's SO_RCVTIMEO/SO_SNDTIMEO reads "Resource temporarily
- * unavailable"). */
+/* GNUTLS_E_AGAIN on the blocking socket: the socket's SO_RCVTIMEO/SO_SNDTIMEO ran
+ * out, or GnuTLS handled a record without data (an OpenSSL server's TLS 1.3
+ * session tickets after the handshake).  1: go on (the socket is ready within the
+ * timeout), 0: timed out. */
+static int nbd_tls_ready(struct nbd_tls *t)
+{
+    struct pollfd p = {t->fd, gnutls_record_get_direction(t->session) ? POLLOUT : POLLIN, 0};
+    int r;
+    do {
+        r = poll(&p, 1, t->timeout_ms);
+    } while (r < 0 && errno == EINTR);
+    return r > 0;
+}
+
+/* Blocking record I/O for Python's option haggling: bytes moved, or -1 (err set). */
 long nbd_tls_send(void *h, const void *buf, size_t len, char *err, size_t errlen)
 {
     struct nbd_tls *t = h;
     ssize_t n;
     do {
         n = gnutls_record_send(t->session, buf, len);
-    } while (n == GNUTLS_E_INTERRUPTED);
+    } while (n == GNUTLS_E_INTERRUPTED || (n == GNUTLS_E_AGAIN && nbd_tls_ready(t)));
+    if (n == GNUTLS_E_AGAIN) {
+        snprintf(err, errlen, "TLS send timed out");
+        return -1;
+    }
     if (n < 0) {
         nbd_tls_err(err, errlen, "TLS send", (int)n);
         return -1;
@@ -164,7 +184,12 @@ long nbd_tls_recv(void *h, void *buf, size_t len, char *err, size_t errlen)
     ssize_t n;
     do {
         n = gnutls_record_recv(t->session, buf, len);
-    } while (n == GNUTLS_E_INTERRUPTED || n == GNUTLS_E_REHANDSHAKE);
+    } while (n == GNUTLS_E_INTERRUPTED || n == GNUTLS_E_REHANDSHAKE ||
+             (n == GNUTLS_E_AGAIN && nbd_tls_ready(t)));
+    if (n == GNUTLS_E_AGAIN) {
+        snprintf(err, errlen, "TLS receive timed out");
+        return -1;
+    }
     if (n == GNUTLS_E_PREMATURE_TERMINATION)
         return 0; /* the server hung up without close_notify: end of file all the same */
     if (n < 0) {
@@ -218,7 +243,8 @@ int nbd_tls_available(void)
 }
 
 void *nbd_tls_client(int fd, const char *cafile, const char *certfile, const char *keyfile,
-                     const char *hostname, int verify, char *err, size_t errlen)
+                     const char *hostname, int verify, int timeout_ms, char *err,
+                     size_t errlen)
 {
     snprintf(err, errlen, "built without GnuTLS (libgnutls28-dev)");
     return NULL;

@@ -6,7 +6,8 @@
 #define PYVIRTIO_NBD_TLS_H
 
 void *nbd_tls_client(int fd, const char *cafile, const char *certfile, const char *keyfile,
-                     const char *hostname, int verify, char *err, size_t errlen);
+                     const char *hostname, int verify, int timeout_ms, char *err,
+                     size_t errlen);
 long nbd_tls_send(void *h, const void *buf, size_t len, char *err, size_t errlen);
 long nbd_tls_recv(void *h, void *buf, size_t len, char *err, size_t errlen);
 void nbd_tls_free(void *h);

@@ -2,12 +2,16 @@
 that breaks the protocol (NetworkBlockDevice ``doc/proto.md``) fails the guest's
 request with VIRTIO_BLK_S_IOERR and drops the thread's connection -- no crash, no
 hang, no byte of a refused chunk written to the guest -- and the device goes on
-serving through Python (a well-behaved second connection)."""
+serving through Python (a well-behaved second connection).  The same over TLS
+(``nbds+unix://``: GnuTLS in the thread, ``nbd_tls.c``), plus a record that is not
+TLS at all."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
@@ -19,6 +23,8 @@ from test_blk_dataplane import IN, IOERR, OK, Rig, hdr
 from test_nbd_dataplane import serve_nbd
 
 from virtio.devices.blk import nbd
+from virtio.devices.blk.nbd_tls import native_tls_available
+from virtio.testing.nbd_pki import OPENSSL, make_pki
 
 SIZE = 1 << 20
 
@@ -33,12 +39,25 @@ def _recv(s: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _handshake(s: socket.socket) -> None:
+def _handshake(s: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
+    """The options up to OPT_GO (STARTTLS with ``tls``); the socket to go on with."""
     s.sendall(struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, nbd.FLAG_FIXED_NEWSTYLE))
     _recv(s, 4)
+    return _options(s, tls)
+
+
+def _options(s: socket.socket, tls: ssl.SSLContext | None) -> socket.socket:
     while True:
         _magic, opt, length = struct.unpack(">QII", _recv(s, 16))
         _recv(s, length)
+        if opt == nbd.OPT_STARTTLS and tls is not None:
+            s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
+            wrapped = tls.wrap_socket(s, server_side=True)  # (closed if this fails)
+            try:
+                return _options(wrapped, None)
+            except BaseException:
+                wrapped.close()
+                raise
         if opt == nbd.OPT_STRUCTURED_REPLY:
             s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
             continue
@@ -48,7 +67,7 @@ def _handshake(s: socket.socket) -> None:
         info = struct.pack(">HQH", nbd.INFO_EXPORT, SIZE, nbd.TF_HAS_FLAGS | nbd.TF_SEND_FLUSH)
         s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, nbd.REP_INFO, len(info)) + info)
         s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
-        return
+        return s
 
 
 def chunk(rtype: int, payload: bytes, cookie: bytes, flags: int = 1) -> bytes:
@@ -56,33 +75,56 @@ def chunk(rtype: int, payload: bytes, cookie: bytes, flags: int = 1) -> bytes:
     return head + cookie + struct.pack(">I", len(payload)) + payload
 
 
-def _connection(s: socket.socket, hostile, disk: bytearray) -> None:
+def _not_tls(s: socket.socket, c: bytes) -> None:
+    """An application-data record header and 32 bytes that no key encrypted, written
+    past the TLS layer."""
+    with socket.socket(fileno=os.dup(s.fileno())) as raw:
+        raw.sendall(b"\x17\x03\x03\x00\x20" + os.urandom(32))
+
+
+def _connection(
+    s: socket.socket, hostile, disk: bytearray, tls: ssl.SSLContext | None = None
+) -> None:
     """Handshake, then answer reads: with ``hostile(cookie)`` bytes (then close), or
     from ``disk`` when ``hostile`` is None."""
-    with s, contextlib.suppress(OSError):  # the client may go away at any point
-        _handshake(s)
-        while True:
-            _magic, _flags, cmd, cookie, off, length = struct.unpack(">IHHQQI", _recv(s, 28))
-            c = struct.pack(">Q", cookie)
-            if cmd == nbd.CMD_DISC:
+    conn = s
+    with contextlib.suppress(OSError):  # the client may go away at any point
+        conn = _handshake(s, tls)
+        _serve(conn, hostile, disk)
+    conn.close()
+    s.close()
+
+
+def _serve(s: socket.socket, hostile, disk: bytearray) -> None:
+    while True:
+        _magic, _flags, cmd, cookie, off, length = struct.unpack(">IHHQQI", _recv(s, 28))
+        c = struct.pack(">Q", cookie)
+        if cmd == nbd.CMD_DISC:
+            return
+        if cmd == nbd.CMD_WRITE:
+            disk[off : off + length] = _recv(s, length)
+        if cmd != nbd.CMD_READ:
+            s.sendall(struct.pack(">II", nbd.SIMPLE_REPLY_MAGIC, 0) + c)
+        elif hostile is _not_tls:
+            _not_tls(s, c)
+            return
+        elif hostile is not None:
+            s.sendall(hostile(c))
+            if hostile not in KEEP_SERVING:
                 return
-            if cmd == nbd.CMD_WRITE:
-                disk[off : off + length] = _recv(s, length)
-            if cmd != nbd.CMD_READ:
-                s.sendall(struct.pack(">II", nbd.SIMPLE_REPLY_MAGIC, 0) + c)
-            elif hostile is not None:
-                s.sendall(hostile(c))
-                if hostile not in KEEP_SERVING:
-                    return
-                hostile = None
-            else:
-                s.sendall(chunk(1, struct.pack(">Q", off) + disk[off : off + length], c))
+            hostile = None
+        else:
+            s.sendall(chunk(1, struct.pack(">Q", off) + disk[off : off + length], c))
 
 
 @contextlib.contextmanager
-def hostile_server(path: Path, hostile) -> Iterator[str]:
+def hostile_server(path: Path, hostile, pki: Path | None = None) -> Iterator[str]:
     """The second connection (the data plane's: the first is Python's) is hostile,
-    the others behave."""
+    the others behave; with ``pki``, TLS required (its server certificate)."""
+    tls = None
+    if pki is not None:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(pki / "server-cert.pem", pki / "server-key.pem")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(8)
@@ -98,7 +140,9 @@ def hostile_server(path: Path, hostile) -> Iterator[str]:
             except OSError:
                 return
             t = threading.Thread(
-                target=_connection, args=(s, hostile if n == 1 else None, disk), daemon=True
+                target=_connection,
+                args=(s, hostile if n == 1 else None, disk, tls),
+                daemon=True,
             )
             t.start()
             threads.append(t)
@@ -107,7 +151,10 @@ def hostile_server(path: Path, hostile) -> Iterator[str]:
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
     try:
-        yield f"nbd+unix:///x?socket={path}"
+        if pki is None:
+            yield f"nbd+unix:///x?socket={path}"
+        else:
+            yield f"nbds+unix:///x?socket={path}&tls-certificates={pki}"
     finally:
         listener.shutdown(socket.SHUT_RDWR)
         listener.close()
@@ -158,6 +205,37 @@ async def test_malformed_reply_fails_the_request_and_the_device_goes_on(tmp_path
     with hostile_server(tmp_path / "nbd.sock", HOSTILE[kind]) as uri:
         rig = Rig(tmp_path, image=uri)
         try:
+            async with trio.open_nursery() as nursery:
+                plane = await serve_nbd(rig, nursery)
+                used = await rig.request([hdr(IN, 0)], [512, 1])
+                assert used.data == bytes(512) + bytes([IOERR])  # zeroed, not "X"
+                stats = plane.statistics()
+                assert stats["conn_failed"] == 1 and stats["reads"] == 0
+                used = await rig.request([hdr(IN, 0)], [512, 1])  # Python's connection
+                assert used.data == b"d" * 512 + bytes([OK])
+                nursery.cancel_scope.cancel()
+        finally:
+            rig.close()
+
+
+needs_tls = pytest.mark.skipif(
+    OPENSSL is None or not native_tls_available(), reason="openssl CLI or GnuTLS missing"
+)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    return make_pki(tmp_path_factory.mktemp("pki") / "good")
+
+
+@needs_tls
+@pytest.mark.parametrize("kind", [*HOSTILE, "not-tls"])
+async def test_over_tls_a_malformed_reply_or_record_fails_the_request(tmp_path, pki, kind):
+    hostile = _not_tls if kind == "not-tls" else HOSTILE[kind]
+    with hostile_server(tmp_path / "nbd.sock", hostile, pki) as uri:
+        rig = Rig(tmp_path, image=uri)
+        try:
+            assert rig.device.backend.tls
             async with trio.open_nursery() as nursery:
                 plane = await serve_nbd(rig, nursery)
                 used = await rig.request([hdr(IN, 0)], [512, 1])

@@ -125,6 +125,7 @@ class TlsConfig:
             *(str(p).encode() if p else ffi.NULL for p in (ca, cert, key)),
             self.hostname.encode() if self.hostname else ffi.NULL,
             int(self.verify_peer),
+            int(timeout * 1000),
             err,
             len(err),
         )
