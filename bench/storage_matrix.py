@@ -188,11 +188,13 @@ def backend_cmd(
         ]  # fmt: skip
     if name.startswith("ours"):
         aio = "threads" if name == "ours-threads" else "io_uring"
+        # ours-qtN: --queue-threads N (N threads serve the queues, one io_uring each)
+        qt = ["--queue-threads", name[len("ours-qt") :]] if name.startswith("ours-qt") else []
         return [
             backend_python(), "-m", "virtio", "serve", "blk",
             "--socket-path", str(sock), "--blk-file", str(image), "--format", fmt,
             "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
-            "--cache", "none" if direct else "writeback", "--aio", aio,
+            "--cache", "none" if direct else "writeback", "--aio", aio, *qt,
         ]  # fmt: skip
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:
@@ -573,7 +575,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--points", default="", help="comma-separated point names")
     ap.add_argument(
-        "--backends", default="ours,qsd", help="ours, ours-threads, qsd, baseline (the first is A)"
+        "--backends",
+        default="ours,qsd",
+        help="ours, ours-threads, ours-qtN (--queue-threads N), qsd, baseline (the first is A)",
     )
     ap.add_argument(
         "--baseline-repo", type=Path, help="a checkout whose back-end is 'baseline' (page cache)"
