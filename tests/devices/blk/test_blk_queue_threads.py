@@ -146,7 +146,7 @@ async def test_fewer_threads_than_queues_serve_every_queue(rig):
             stats = plane(rig, q).statistics()
             # served on the ring by the native thread, none handed to Python
             assert stats["async_started"] >= 5 and stats["deferred"] == 0, (q, stats)
-            assert stats["ring_wait"] == 1
+            assert stats["ring_wait"] == 1 and stats["queue_thread"] == q % THREADS
         nursery.cancel_scope.cancel()
     # Every queue left: the threads ended.
     with trio.fail_after(10):
@@ -185,6 +185,7 @@ async def test_default_is_a_thread_per_queue(tmp_path):
                 await write_read_flush(rig, q, 8 + 64 * q, rounds=1)
                 assert plane(rig, q).queue_thread() is None
                 assert plane(rig, q).c.core.group == ffi.NULL
+                assert plane(rig, q).statistics()["queue_thread"] == -1
             nursery.cancel_scope.cancel()
     finally:
         rig.close()

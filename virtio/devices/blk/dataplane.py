@@ -111,6 +111,15 @@ class BlkDataPlane(NativeDataPlane):
             return None
         return self.device.queue_thread(self.index % n)
 
+    def statistics(self) -> dict[str, int]:
+        """The counters, and ``queue_thread``: the shared thread serving this queue
+        (``--queue-threads``), or -1 for a thread of its own."""
+        out = super().statistics()
+        if out:
+            n = getattr(self.device.options, "queue_threads", 0)
+            out["queue_thread"] = self.index % n if n and self.c.core.group != ffi.NULL else -1
+        return out
+
     def update_state(self) -> None:
         c = self.c
         if c is None:
