@@ -18,6 +18,7 @@ import trio
 from test_blk_dataplane import FLUSH, IN, OK, OUT, EventfdPair, hdr
 
 from virtio.cli import build_parser
+from virtio.cli.serve import _export_parser, export_argv
 from virtio.device import ActiveDevice
 from virtio.devices.blk import BlkOptions, VirtioBlk
 from virtio.devices.blk.dataplane import uring_usable
@@ -196,6 +197,9 @@ def test_queue_threads_option():
         ["serve", "blk", "--socket-path", "s", "--blk-file", "d", "--queue-threads", "2"]
     )
     assert args.queue_threads == 2
+    parser = _export_parser("blk")  # --export blk,...,queue-threads=2 / export-add
+    spec = {"socket-path": "s", "blk-file": "d", "queue-threads": "2"}
+    assert parser.parse_args(export_argv(parser, spec)).queue_threads == 2
     with pytest.raises(ValueError, match="queue_threads"):
         BlkOptions(queue_threads=65)
     with pytest.raises(ValueError, match="queue_threads"):
