@@ -42,6 +42,8 @@ Usage (root, for drop_caches)::
     python bench/storage_matrix.py --matrix cold --rounds 3 --runtime 8
     python bench/storage_matrix.py --quick               # 2 points, 1 round (~1 min)
     python bench/storage_matrix.py --backends ours,ours-threads,qsd
+    python bench/storage_matrix.py --matrix cold --points randread-4k-qd1-q2 \
+        --backends ours-qt1,ours,qsd --profile     # --queue-threads 1; per-thread costs
     python bench/storage_matrix.py --matrix cache --backends ours,baseline,qsd \\
         --baseline-repo /work/main                       # page cache vs an older checkout
     python bench/storage_matrix.py --json > out.json
