@@ -23,7 +23,7 @@ from virtio.device import ActiveDevice
 from virtio.devices.blk import BlkOptions, VirtioBlk
 from virtio.devices.blk.dataplane import uring_usable
 from virtio.memory import MmapGuestMemory
-from virtio.native import ffi
+from virtio.native import ffi, lib
 from virtio.queues import Virtqueue
 from virtio.testing.driver import DriverQueue
 
@@ -174,6 +174,27 @@ async def test_a_queue_leaves_and_rejoins_a_shared_thread(rig):
         await write_read_flush(rig, 2, 192)
         await write_read_flush(rig, 0, 320)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_ring_that_cannot_be_waited_in_falls_back_to_a_thread_each(rig, caplog):
+    # Kernels whose eventfd READs on a ring fail instead of waiting: a shared thread
+    # cannot wait for its queues in one io_uring, so each queue gets its own thread
+    # (polling its ring's eventfd), logged once per queue.
+    lib.aio_set_ring_wait(0)
+    try:
+        async with trio.open_nursery() as nursery:
+            for q in range(QUEUES):
+                await start_queue(rig, nursery, q)
+            for q in range(QUEUES):
+                await write_read_flush(rig, q, 8 + 64 * q, rounds=2)
+            for q in range(QUEUES):
+                stats = plane(rig, q).statistics()
+                assert (stats["queue_thread"], stats["ring_wait"]) == (-1, 0), stats
+                assert stats["engine_used"] == lib.BLK_AIO_URING
+            nursery.cancel_scope.cancel()
+    finally:
+        lib.aio_set_ring_wait(1)
+    assert caplog.text.count("cannot share a thread") == QUEUES
 
 
 async def test_default_is_a_thread_per_queue(tmp_path):
