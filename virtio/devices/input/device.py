@@ -22,7 +22,10 @@ pausing the ring (vhost-user GET_VRING_BASE) or a reset never waits on it.
 Latency (issue 11 §5): a group whose buffers are already posted, with no group
 waiting before it, is delivered by ``inject`` itself (on the device's loop, before
 it returns; from another thread, in the loop's first callback), not by waking the
-eventq task, which then only handles groups that wait for buffers.
+eventq task, which then only handles groups that wait for buffers.  That delivery is
+one native call per group (``native.NativeDelivery``: pop, check, write the events,
+one used-index store, the notification decision); anything unusual takes the
+Python path below, the reference (``native_delivery = False`` forces it).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from evdev import ecodes as e
 from virtio.config_space import ConfigLayout
 from virtio.device import VirtioDevice
 from virtio.devices.input.capabilities import InputCapabilities
+from virtio.devices.input.native import FALLBACK, MAX_EVENTS, NativeDelivery
 from virtio.errors import DescriptorChainError
 from virtio.queues.chain import DescriptorChain
 from virtio.ratelimit import LogRateLimiter
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 
 EVENT = struct.Struct("<HHi")
 """``struct virtio_input_event`` (§5.8.6): le16 type, le16 code, le32 value."""
+_pack = EVENT.pack
 EVENTQ, STATUSQ = 0, 1
 INPUT_CONFIG = ConfigLayout(virtio_input_config, writable={"select", "subsel"}, section=S_5_8_4)
 STATUS_TYPES = frozenset({e.EV_LED, e.EV_SND, e.EV_REP, e.EV_FF})
@@ -120,6 +125,9 @@ class VirtioInput(VirtioDevice):
         holds its last event was stored (the driver is notified right after); whether it
         went out at injection (else it waited: for the driver's buffers, or behind a
         group that did)."""
+        self.native_delivery = True
+        """Deliver groups at injection with one native call (else the Python path)."""
+        self._native = NativeDelivery()
         self._stored_ns = 0
         self._pending: collections.deque[tuple[list[Event], int]] = collections.deque()
         self._held = 0
@@ -249,6 +257,16 @@ class VirtioInput(VirtioDevice):
             group, injected = item
             if len(group) > buffers.queue.size:
                 break  # delivered in pieces by the task
+            if self.native_delivery and len(group) <= MAX_EVENTS:
+                events = b"".join([_pack(*ev) for ev in group])
+                n = self._native.deliver(buffers, events, len(group))
+                if n > 0:
+                    self._stored_ns = self._native.stored_ns
+                    self._delivered(group, injected, at_inject=True)
+                    continue
+                if n == 0:
+                    break  # too few buffers: the task waits for them
+                assert n == FALLBACK  # unusual: the Python path below decides
             chains = buffers.next_buffers_nowait(len(group))
             if chains is None:
                 break
