@@ -29,6 +29,10 @@ class NativeDelivery:
     def __init__(self) -> None:
         self._out = ffi.new("struct input_delivery *")
         self.stored_ns = 0
+        self.groups = 0
+        """Groups delivered by the native call."""
+        self.fallbacks = 0
+        """Groups it declined (they took the Python path)."""
 
     def deliver(self, buffers: BufferQueue, events: bytes, count: int) -> int:
         """Deliver the group of ``count`` packed ``struct virtio_input_event``s
@@ -37,12 +41,16 @@ class NativeDelivery:
         ``FALLBACK``."""
         queue = buffers.queue
         if buffers.gate is not None or queue.inflight is not None or queue.memory.closed:
+            self.fallbacks += 1
             return FALLBACK
         out = self._out
         n = _input_deliver(queue.native, events, count, out)
         if n > 0:
+            self.groups += 1
             self.stored_ns = out.stored_ns
             buffers.completed += n
             if out.notify:
                 buffers.notifier.notify_used()
+        elif n:
+            self.fallbacks += 1
         return n
