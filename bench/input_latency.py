@@ -28,7 +28,7 @@ Figures, all from ``time.monotonic_ns()`` (one clock for every process):
   move; adds the Python front-end's own wake-up (the measurement side).
 
     python bench/input_latency.py [--source control|loop|thread] [--groups 5000]
-        [--interval-us 500] [--json]
+        [--interval-us 500] [--python-delivery] [--json]
 
 Prints p50 / p90 / p99 / max in µs and the load average; the goal (issue 11 §5) is
 p99 <= 100 µs.
@@ -87,11 +87,14 @@ def key(i: int) -> tuple[int, int, int]:
 
 
 # -- the back-end process -------------------------------------------------------------
-def backend(path: str, control: str, source: str, groups: int, interval_us: float, conn) -> None:
+def backend(
+    path: str, control: str, source: str, groups: int, interval_us: float, native: bool, conn
+) -> None:
     """``virtio serve input``'s stack; a ``loop``/``thread`` source once told "go";
     the latency log sent back once told "done"."""
     dev = VirtioInput(builtin("keyboard"))
     dev.record_latency = True
+    dev.native_delivery = native
     registry = CommandRegistry()
     register_input_commands(registry, dev)
     server = VhostUserServer(dev, name="virtio-input")
@@ -121,7 +124,11 @@ def backend(path: str, control: str, source: str, groups: int, interval_us: floa
                 elif msg == "go" and source == "thread":
                     threading.Thread(target=inject_thread, daemon=True).start()
                 elif msg == "done":
-                    stats = {**dev.statistics(), "cpu_s": time.process_time() - cpu}
+                    stats = {
+                        **dev.statistics(),
+                        "cpu_s": time.process_time() - cpu,
+                        "native_groups": getattr(getattr(dev, "_native", None), "groups", 0),
+                    }
                     conn.send((list(dev.latency_log), stats))
                     nursery.cancel_scope.cancel()
                     return
@@ -187,14 +194,16 @@ async def frontend(path: str, groups: int, start_source) -> list[int]:
     return seen
 
 
-def run(source: str, groups: int, interval_us: float) -> dict:
+def run(source: str, groups: int, interval_us: float, native: bool = True) -> dict:
     ctx = multiprocessing.get_context("spawn")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="input-lat-") as tmp:
         path, control = f"{tmp}/input.sock", f"{tmp}/input.ctl"
         here, there = ctx.Pipe()
         back = ctx.Process(
-            target=backend, args=(path, control, source, groups, interval_us, there), daemon=True
+            target=backend,
+            args=(path, control, source, groups, interval_us, native, there),
+            daemon=True,
         )
         back.start()
         if not here.poll(60) or here.recv() != "ready":
@@ -227,6 +236,7 @@ def run(source: str, groups: int, interval_us: float) -> dict:
         "load": [*load_before, *os.getloadavg()[:1]],
         "backend_cpu_us_per_group": stats["cpu_s"] * 1e6 / groups,
         "waited": sum(not direct for _, _, direct in log),
+        "native_groups": stats["native_groups"],
         "device": percentiles([u - i for i, u, _ in log]),
     }
     ready = [u - i for i, u, direct in log if direct]
@@ -245,7 +255,8 @@ def table(res: dict) -> str:
         f"source {res['source']}: {res['groups']} key groups, one every"
         f" {res['interval_us']:g} µs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         f" (1-min after: {load[3]:.2f}); {res['waited']} groups waited for buffers;"
-        f" back-end CPU {res['backend_cpu_us_per_group']:.1f} µs per group",
+        f" back-end CPU {res['backend_cpu_us_per_group']:.1f} µs per group;"
+        f" {res['native_groups']} groups delivered by the native call",
         "| latency | n | p50 µs | p90 µs | p99 µs | max µs |",
         "|---|---|---|---|---|---|",
     ]
@@ -264,9 +275,14 @@ def main() -> int:
     ap.add_argument("--source", choices=SOURCES, default="control")
     ap.add_argument("--groups", type=int, default=5000)
     ap.add_argument("--interval-us", type=float, default=500.0)
+    ap.add_argument(
+        "--python-delivery",
+        action="store_true",
+        help="deliver groups with the Python path only (the reference; no native call)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    res = run(args.source, args.groups, args.interval_us)
+    res = run(args.source, args.groups, args.interval_us, native=not args.python_delivery)
     print(json.dumps(res, indent=2, ensure_ascii=False) if args.json else table(res))
     return 0
 

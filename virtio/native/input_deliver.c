@@ -12,7 +12,8 @@
  * Returns n (delivered; out->notify, out->stored_ns set), 0 when fewer than n chains
  * are available (nothing popped), or INPUT_DELIVER_FALLBACK when anything is unusual:
  * a chain that fails validation, a buffer that is readable or shorter than an event,
- * more segments or events than this path handles, a queue with inflight tracking.
+ * more segments or events than this path handles, a packed ring whose pops the core
+ * marks in a vhost-user inflight region (a pop could not be undone there).
  * The ring position is then restored exactly, so the Python path pops the same chains
  * and reports the driver's error (or handles the case) as it always did. */
 #include <time.h>
@@ -40,7 +41,8 @@ static int input_deliver_u(struct vq *q, const uint8_t *events, uint32_t n,
 {
     struct vq_chain chains[INPUT_DELIVER_MAX];
     struct vq_seg segs[INPUT_DELIVER_MAX * INPUT_SEGS_PER_CHAIN];
-    uint16_t ids[INPUT_DELIVER_MAX], ndescs[INPUT_DELIVER_MAX];
+    uint16_t ndescs[INPUT_DELIVER_MAX];
+    uint16_t *ids = out->heads;
     uint32_t lens[INPUT_DELIVER_MAX];
 
     if (q->broken || q->inflight || n == 0 || n > INPUT_DELIVER_MAX)

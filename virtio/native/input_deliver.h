@@ -6,12 +6,13 @@
 /* input_deliver's return value when the group needs the Python path (ring untouched) */
 enum { INPUT_DELIVER_FALLBACK = -1 };
 
-/* Results of one delivery: when the used index was stored (CLOCK_MONOTONIC ns) and
- * whether the driver asked to be notified of it. */
+/* Results of one delivery: when the used index was stored (CLOCK_MONOTONIC ns),
+ * whether the driver asked to be notified of it, and the chains used (head index /
+ * buffer id, in order: for the queue's inflight tracker). */
 struct input_delivery {
     uint64_t stored_ns;
     uint32_t notify;
-    uint32_t _pad;
+    uint16_t heads[INPUT_DELIVER_MAX];
 };
 
 int input_deliver(struct vq *q, const uint8_t *events, uint32_t n, struct input_delivery *out);

@@ -28,6 +28,7 @@ from virtio.native import ffi, lib
 from virtio.testing.driver import QueueFull
 from virtio.testing.harness import DeviceHarness
 from virtio.testing.queues import make_queue_pair
+from virtio.transport.vhost_user.inflight import SplitInflightQueue, split_region_size
 
 SYN = (e.EV_SYN, e.SYN_REPORT, 0)
 KEYS = [e.KEY_A, e.KEY_B, e.KEY_LEFTSHIFT, e.KEY_ENTER, e.KEY_SPACE]
@@ -44,9 +45,12 @@ QUEUE_SIZE = 16
 STEPS = 80
 
 
-async def _scripted_run(*, native: bool, packed: bool, event_idx: bool) -> tuple[list, VirtioInput]:
-    """Run one seeded driver script; per step: guest memory, dirty log, used buffers,
-    interrupts and statistics."""
+async def _scripted_run(
+    *, native: bool, packed: bool, event_idx: bool, inflight: bool = False
+) -> tuple[list, VirtioInput]:
+    """Run one seeded driver script; per step: guest memory, dirty log, vhost-user
+    inflight region (``inflight``: split rings), used buffers, interrupts and
+    statistics."""
     dev = VirtioInput(builtin("keyboard"))
     dev.native_delivery = native
     rng = random.Random(2026)
@@ -58,6 +62,12 @@ async def _scripted_run(*, native: bool, packed: bool, event_idx: bool) -> tuple
         total = len(h.memory.buffers[0])
         log = bytearray((total >> 12) // 8 + 1)
         h.memory.set_dirty_log(memoryview(log))
+        region = bytearray(split_region_size(QUEUE_SIZE))
+        if inflight:
+            await trio.testing.wait_all_tasks_blocked()  # the eventq service is running
+            area = SplitInflightQueue(memoryview(region), QUEUE_SIZE)
+            area.initialize(0)
+            dev._buffers.queue.inflight = area
         for step in range(STEPS):
             # Mostly a full ring; sometimes a few buffers only (groups then wait).
             for _ in range(QUEUE_SIZE if rng.random() < 0.85 else rng.randrange(3)):
@@ -86,6 +96,7 @@ async def _scripted_run(*, native: bool, packed: bool, event_idx: bool) -> tuple
                     step,
                     h.memory.read(0, total),
                     bytes(log),
+                    bytes(region),
                     used,
                     h.notifiers[0].interrupts,
                     dev.statistics(),
@@ -95,13 +106,23 @@ async def _scripted_run(*, native: bool, packed: bool, event_idx: bool) -> tuple
     return steps, dev
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-@pytest.mark.parametrize("event_idx", [False, True], ids=["no-event-idx", "event-idx"])
+@pytest.mark.parametrize(
+    ("packed", "event_idx", "inflight"),
+    [
+        (False, False, False),
+        (False, True, False),
+        (True, False, False),
+        (True, True, False),
+        (False, True, True),
+    ],
+    ids=["split", "split-event-idx", "packed", "packed-event-idx", "split-event-idx-inflight"],
+)
 async def test_native_and_python_delivery_leave_guest_memory_equal(
-    packed: bool, event_idx: bool
+    packed: bool, event_idx: bool, inflight: bool
 ) -> None:
-    native, ndev = await _scripted_run(native=True, packed=packed, event_idx=event_idx)
-    python, pdev = await _scripted_run(native=False, packed=packed, event_idx=event_idx)
+    args = {"packed": packed, "event_idx": event_idx, "inflight": inflight}
+    native, ndev = await _scripted_run(native=True, **args)
+    python, pdev = await _scripted_run(native=False, **args)
     assert len(native) == len(python) == STEPS
     for a, b in zip(native, python, strict=True):
         step = a[0]
@@ -114,14 +135,17 @@ async def test_native_and_python_delivery_leave_guest_memory_equal(
     # wrapped many times, the driver was notified and not every time.
     assert ndev._native.groups > STEPS // 2 and ndev._native.fallbacks == 0
     assert pdev._native.groups == 0
-    stats = native[-1][5]
+    stats = native[-1][6]
     assert stats["groups"] > ndev._native.groups  # some waited
     assert stats["events"] > 8 * QUEUE_SIZE and stats["groups_dropped"] == 0
-    assert 0 < native[-1][4] < stats["groups"]
-    assert all(not s[6] for s in native)
-    events = [EVENT.unpack(d[:8]) for s in native for _, length, d in s[3]]
+    assert 0 < native[-1][5] < stats["groups"]
+    assert all(not s[7] for s in native)
+    if inflight:  # the region saw every batch: chains counted, none left in flight
+        area = SplitInflightQueue(memoryview(bytearray(native[-1][3])), QUEUE_SIZE)
+        assert area.used_idx == stats["events"] and area.in_flight() == []
+    events = [EVENT.unpack(d[:8]) for s in native for _, length, d in s[4]]
     assert len(events) == stats["events"] and events.count(SYN) == stats["groups"]
-    assert all(length == EVENT.size for s in native for _, length, _ in s[3])
+    assert all(length == EVENT.size for s in native for _, length, _ in s[4])
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,19 @@ publishes the used entries with one used-index store and returns the notificatio
 decision (§2.7.7 / §2.8.10, EVENT_IDX aware).  ``VirtioInput``'s Python delivery
 (``BufferQueue.next_buffers_nowait`` + ``complete_batch``) stays the reference: the
 native call declines (``FALLBACK``, ring untouched) whatever it does not handle
-(a malformed or short buffer, a completion gate, inflight tracking, closed
-memory), and that group takes the Python path, which reports the driver's error.
+(a malformed or short buffer, a completion gate, a packed ring marked in a vhost-user
+inflight region, closed memory), and that group takes the Python path, which reports
+the driver's error.
+
+The queue's ``inflight`` tracker (vhost-user: chains in flight, the inflight region
+of split rings) hears of the chains after the call, popped and used at once: the
+region ends as the Python path leaves it, and a back-end that dies inside the call
+leaves them unmarked and not used, so they are popped again after a reconnect.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from virtio.native import ffi, lib
 from virtio.service import BufferQueue
@@ -20,6 +28,13 @@ FALLBACK = lib.INPUT_DELIVER_FALLBACK
 """``deliver``'s answer when the group must take the Python path (nothing popped)."""
 MAX_EVENTS = lib.INPUT_DELIVER_MAX
 _input_deliver = lib.input_deliver
+
+
+@dataclass(slots=True, frozen=True)
+class UsedChain:
+    """A chain the native call popped and used, as the inflight tracker sees it."""
+
+    head: int
 
 
 class NativeDelivery:
@@ -40,7 +55,7 @@ class NativeDelivery:
         0 when the driver has not posted enough buffers yet (nothing popped), or
         ``FALLBACK``."""
         queue = buffers.queue
-        if buffers.gate is not None or queue.inflight is not None or queue.memory.closed:
+        if buffers.gate is not None or queue.memory.closed:
             self.fallbacks += 1
             return FALLBACK
         out = self._out
@@ -49,6 +64,11 @@ class NativeDelivery:
             self.groups += 1
             self.stored_ns = out.stored_ns
             buffers.completed += n
+            tracker = queue.inflight
+            if tracker is not None:
+                used = [UsedChain(head) for head in out.heads[0:n]]
+                tracker.on_pop(used)  # type: ignore[arg-type]  # only .head and len() are read
+                tracker.on_used(used, queue.next_used)  # type: ignore[arg-type]
             if out.notify:
                 buffers.notifier.notify_used()
         elif n:
