@@ -239,3 +239,33 @@ def test_too_few_buffers_pop_nothing_and_a_fitting_group_goes_out_whole() -> Non
         assert lib.input_deliver(pair.device.native, packed * big, big, out) == FALLBACK
     finally:
         pair.close()
+
+
+async def test_a_malformed_chain_is_a_driver_error_not_an_exception_in_inject() -> None:
+    """A hostile driver's chain met while ``inject`` delivers (on the loop, or in the
+    loop's callback for another thread) is reported like any driver error (the
+    eventq task raises it: DEVICE_NEEDS_RESET), with either delivery path; the
+    injector sees no exception and the loop keeps running."""
+    results = []
+    for native, from_thread in ((True, False), (False, False), (True, True)):
+        dev = VirtioInput(builtin("keyboard"))
+        dev.native_delivery = native
+        async with DeviceHarness.start(dev, queue_size=QUEUE_SIZE, data_size=1 << 16) as h:
+            dq = h.queues[0]
+            dq.add(writable=[8])
+            bad = dq.add(writable=[8])
+            dq.publish()
+            dq.write_desc(bad, 1 << 40, 8, 2)  # VIRTQ_DESC_F_WRITE, outside guest memory
+            await trio.testing.wait_all_tasks_blocked()
+            group = [(e.EV_KEY, e.KEY_A, 1)]
+            if from_thread:
+                assert await trio.to_thread.run_sync(dev.inject, group) == 1
+            else:
+                assert dev.inject(group) == 1
+            await trio.testing.wait_all_tasks_blocked()
+            assert dev.needs_reset
+            total = len(h.memory.buffers[0])
+            results.append((h.memory.read(0, total), [str(x) for x in h.driver_errors]))
+    assert results[0] == results[1] == results[2]
+    errors = results[0][1]
+    assert len(errors) == 1 and "not inside guest memory" in errors[0]

@@ -46,7 +46,7 @@ from virtio.config_space import ConfigLayout
 from virtio.device import VirtioDevice
 from virtio.devices.input.capabilities import InputCapabilities
 from virtio.devices.input.native import FALLBACK, MAX_EVENTS, NativeDelivery
-from virtio.errors import DescriptorChainError
+from virtio.errors import DescriptorChainError, DriverError
 from virtio.queues.chain import DescriptorChain
 from virtio.ratelimit import LogRateLimiter
 from virtio.service import BufferQueue, QueueRole
@@ -136,6 +136,8 @@ class VirtioInput(VirtioDevice):
         self._token: trio.lowlevel.TrioToken | None = None
         self._buffers: BufferQueue | None = None
         """The eventq's service while ``fill_buffers`` runs."""
+        self._failure: DriverError | None = None
+        """A driver error ``_deliver_now`` met, for the eventq task to raise."""
         self._fill_idle = False
         """``fill_buffers`` is parked on ``_wakeup`` with nothing pending (only read and
         written on the loop's thread)."""
@@ -267,7 +269,14 @@ class VirtioInput(VirtioDevice):
                 if n == 0:
                     break  # too few buffers: the task waits for them
                 assert n == FALLBACK  # unusual: the Python path below decides
-            chains = buffers.next_buffers_nowait(len(group))
+            try:
+                chains = buffers.next_buffers_nowait(len(group))
+            except DriverError as exc:
+                # A malformed chain broke the queue: raised in the eventq task, so it
+                # is reported (DEVICE_NEEDS_RESET) like any driver error, never into
+                # the injector (a control-socket client, an evdev reader, a thread).
+                self._failure = exc
+                break
             if chains is None:
                 break
             if not all(self._event_buffer_ok(c) for c in chains):
@@ -309,6 +318,7 @@ class VirtioInput(VirtioDevice):
         self._token = trio.lowlevel.current_trio_token()
         self._buffers = buffers
         self._fill_idle = False  # not parked yet (a ring restart: the old task's flag)
+        self._failure = None  # an error of the previous ring is not this one's
         try:
             await self._fill(buffers)
         finally:
@@ -319,6 +329,9 @@ class VirtioInput(VirtioDevice):
     async def _fill(self, buffers: BufferQueue) -> None:
         size = buffers.queue.size
         while True:
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
             with self._lock:
                 item = self._pending[0] if self._pending else None
             if item is None:
