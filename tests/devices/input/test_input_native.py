@@ -99,7 +99,7 @@ async def _scripted_run(
                     bytes(region),
                     used,
                     h.notifiers[0].interrupts,
-                    dev.statistics(),
+                    {k: v for k, v in dev.statistics().items() if k != "groups_native"},
                     h.driver_errors[:],
                 )
             )

@@ -432,6 +432,7 @@ class VirtioInput(VirtioDevice):
             "groups": self.groups_delivered,
             "groups_dropped": self.groups_dropped,
             "groups_split": self.groups_split,
+            "groups_native": self._native.groups,
             "events_dropped": self.events_dropped,
             "held": self._held,
             "status": len(self.status_events),
