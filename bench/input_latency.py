@@ -13,7 +13,10 @@ SYN_REPORT) come one every ``--interval-us`` from ``--source``:
 * ``loop``: a task in the back-end's loop calls ``VirtioInput.inject`` (what the
   evdev reader does);
 * ``thread``: a thread of the back-end process calls ``inject`` (a program that embeds
-  the device and has its own input thread).
+  the device and has its own input thread);
+* ``inproc``: no processes, no vhost-user: the device under the testing kit's
+  ``DeviceHarness`` in this process, a task calling ``inject`` (the driver reposts each
+  buffer right after): the device's own cost (only ``device`` is reported).
 
 Figures, all from ``time.monotonic_ns()`` (one clock for every process):
 
@@ -51,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
+import trio.testing
 from evdev import ecodes as e
 
 from virtio.control import CommandRegistry
@@ -58,12 +62,13 @@ from virtio.control.server import serve_control
 from virtio.devices.input import VirtioInput, builtin
 from virtio.devices.input.control import register_input_commands
 from virtio.devices.input.device import EVENT
+from virtio.testing.harness import DeviceHarness
 from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
 from virtio.transport.vhost_user.server import VhostUserServer
 
 MiB = 1 << 20
 QUEUE = 64
-SOURCES = ("control", "loop", "thread")
+SOURCES = ("control", "loop", "thread", "inproc")
 
 
 def percentiles(ns: list[int]) -> dict[str, float]:
@@ -194,7 +199,53 @@ async def frontend(path: str, groups: int, start_source) -> list[int]:
     return seen
 
 
+async def _inproc(groups: int, interval_us: float, native: bool) -> tuple[list, dict]:
+    """The device alone: ``inject`` on its loop, buffers always posted."""
+    dev = VirtioInput(builtin("keyboard"))
+    dev.record_latency = True
+    dev.native_delivery = native
+    async with DeviceHarness.start(dev, queue_size=QUEUE, data_size=MiB) as h:
+        dq = h.queues[0]
+        for _ in range(QUEUE):
+            dq.add([], [EVENT.size])
+        dq.publish()
+        await trio.testing.wait_all_tasks_blocked()
+        cpu = time.process_time()
+        for i in range(groups):
+            dev.inject([key(i)])
+            for _ in dq.get_used():
+                dq.add([], [EVENT.size])
+            dq.publish()
+            await trio.sleep(interval_us / 1e6)
+        cpu = time.process_time() - cpu
+    stats = {**dev.statistics(), "cpu_s": cpu, "native_groups": dev.statistics()["groups_native"]}
+    return list(dev.latency_log), stats
+
+
+def run_inproc(groups: int, interval_us: float, native: bool = True) -> dict:
+    load_before = os.getloadavg()
+    log, stats = trio.run(_inproc, groups, interval_us, native)
+    if stats["groups"] != groups:
+        raise SystemExit(f"lost groups: {stats}")
+    res = {
+        "source": "inproc",
+        "groups": groups,
+        "interval_us": interval_us,
+        "load": [*load_before, *os.getloadavg()[:1]],
+        "backend_cpu_us_per_group": stats["cpu_s"] * 1e6 / groups,
+        "waited": sum(not direct for _, _, direct in log),
+        "native_groups": stats["native_groups"],
+        "device": percentiles([u - i for i, u, _ in log]),
+    }
+    ready = [u - i for i, u, direct in log if direct]
+    if ready:
+        res["device, buffers ready"] = percentiles(ready)
+    return res
+
+
 def run(source: str, groups: int, interval_us: float, native: bool = True) -> dict:
+    if source == "inproc":
+        return run_inproc(groups, interval_us, native)
     ctx = multiprocessing.get_context("spawn")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="input-lat-") as tmp:
