@@ -269,3 +269,35 @@ async def test_a_malformed_chain_is_a_driver_error_not_an_exception_in_inject() 
     assert results[0] == results[1] == results[2]
     errors = results[0][1]
     assert len(errors) == 1 and "not inside guest memory" in errors[0]
+
+
+def test_a_stopping_vhost_user_ring_is_not_touched() -> None:
+    """Once the vhost-user handler stops a ring (GET_VRING_BASE: its ``_RingQueue``
+    hands out no chain from then on), the native call must not pop or use any: it
+    declines, and the Python path finds no buffers."""
+    from types import SimpleNamespace
+
+    from virtio.devices.input.native import NativeDelivery
+    from virtio.testing.harness import MemoryNotifier
+    from virtio.transport.vhost_user.handler import _RingQueue
+
+    pair = make_queue_pair(QUEUE_SIZE, event_idx=True)
+    try:
+        drv = pair.driver
+        for _ in range(2):
+            drv.add(writable=[8])
+        drv.publish()
+        queue = _RingQueue(pair.memory, drv.state())
+        buffers = SimpleNamespace(queue=queue, gate=None, completed=0, notifier=MemoryNotifier())
+        events = EVENT.pack(e.EV_KEY, e.KEY_A, 1) + EVENT.pack(*SYN)
+        native = NativeDelivery()
+        queue.stopping = True
+        before = queue.state()
+        assert native.deliver(buffers, events, 2) == FALLBACK  # type: ignore[arg-type]
+        assert queue.state() == before and drv.get_used() == []
+        assert queue.available_chains(2) == 0  # what the Python path then sees
+        queue.stopping = False
+        assert native.deliver(buffers, events, 2) == 2  # type: ignore[arg-type]
+        assert [u.written for u in drv.get_used()] == [8, 8] and buffers.completed == 2
+    finally:
+        pair.close()

@@ -6,10 +6,10 @@ one ``struct virtio_input_event`` (drivernormative §5.8.6.1), writes the events
 publishes the used entries with one used-index store and returns the notification
 decision (§2.7.7 / §2.8.10, EVENT_IDX aware).  ``VirtioInput``'s Python delivery
 (``BufferQueue.next_buffers_nowait`` + ``complete_batch``) stays the reference: the
-native call declines (``FALLBACK``, ring untouched) whatever it does not handle
-(a malformed or short buffer, a completion gate, a packed ring marked in a vhost-user
-inflight region, closed memory), and that group takes the Python path, which reports
-the driver's error.
+native call declines (``FALLBACK``, ring untouched) whatever it does not handle (a
+malformed or short buffer, a completion gate, a packed ring marked in a vhost-user
+inflight region, a ring being stopped, closed memory), and that group takes the
+Python path, which reports the driver's error.
 
 The queue's ``inflight`` tracker (vhost-user: chains in flight, the inflight region
 of split rings) hears of the chains after the call, popped and used at once: the
@@ -55,7 +55,9 @@ class NativeDelivery:
         0 when the driver has not posted enough buffers yet (nothing popped), or
         ``FALLBACK``."""
         queue = buffers.queue
-        if buffers.gate is not None or queue.memory.closed:
+        # A ring that is stopping (vhost-user GET_VRING_BASE: its pops return nothing
+        # from then on) must not be touched either: the Python path sees that.
+        if buffers.gate is not None or queue.memory.closed or getattr(queue, "stopping", False):
             self.fallbacks += 1
             return FALLBACK
         out = self._out
