@@ -32,18 +32,15 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from emulator import guest_build
+from emulator import guest_build, qemu_program
 from emulator import ne2000_paths as paths
 from emulator import run as emu
 from emulator.devices import debugport, dp8390
@@ -55,11 +52,7 @@ NE2000_REGION = "ne2000"
 CMD_PORT = debugport.DEBUG_BASE + debugport.REG_CMD
 ARG_PORT = debugport.DEBUG_BASE + debugport.REG_ARG
 QEMU_RAM_MIB = 64
-_MR_RE = re.compile(
-    r"memory_region_ops_(?P<rw>read|write) cpu (?P<cpu>-?\d+) mr 0x[0-9a-f]+ "
-    r"addr 0x(?P<addr>[0-9a-f]+) value 0x(?P<value>[0-9a-f]+) size (?P<size>\d+) "
-    r"name '(?P<name>[^']*)'"
-)
+_MR_RE = qemu_program.MR_RE
 
 
 @dataclasses.dataclass
@@ -123,20 +116,9 @@ def parse_trace(lines: Iterable[str]) -> Tally:
     return t
 
 
-def qemu_command(binary: QemuBinary, stub: Path, elf: Path, params: Path, tmp: Path) -> list[str]:
-    args = [
-        *binary.command(),
-        "-machine", "pc,accel=tcg", "-cpu", "max", "-m", str(QEMU_RAM_MIB),
-        "-display", "none", "-serial", "none", "-monitor", "none", "-no-reboot",
-        "-kernel", str(stub), "-initrd", f"{elf},{params}",
-        "-chardev", f"file,id=con,path={tmp / 'console'}",
-        "-device", f"isa-debugcon,iobase={debugport.DEBUG_BASE:#x},chardev=con",
-        # The command port as a second debugcon: its bytes (marks, RESULT) reach a file
-        # at once, so the run's end is seen without waiting for the trace log.
-        "-chardev", f"file,id=cmd,path={tmp / 'commands'}",
-        "-device", f"isa-debugcon,iobase={CMD_PORT:#x},chardev=cmd",
-        "-trace", f"events={tmp / 'events'}", "-D", str(tmp / "trace.log"),
-    ]  # fmt: skip
+def nic_devices() -> list[str]:
+    """Two ``ne2k_isa`` on one hub, at the emulator's I/O bases, IRQs and MACs."""
+    args: list[str] = []
     for i, (base, irq, mac) in enumerate(zip(paths.IO_BASES, paths.IRQS, paths.MACS, strict=True)):
         args += [
             "-netdev", f"hubport,id=n{i},hubid=0",
@@ -148,41 +130,12 @@ def qemu_command(binary: QemuBinary, stub: Path, elf: Path, params: Path, tmp: P
 
 def run_qemu(binary: QemuBinary, npackets: int, batch: int, timeout: float = 300.0) -> Tally:
     """Boot the guest program in QEMU (TCG) with two ne2k_isa on a hub; its tally."""
-    stub, elf = guest_build.build_qemu_stub(), guest_build.build("ne2000")
     with tempfile.TemporaryDirectory(prefix="pyvirtio-ne2k-") as tmp_s:
         tmp = Path(tmp_s)
         params = tmp / "params.bin"
         params.write_bytes(paths.params(npackets, batch, emu.IRQ_POLL, emu.WorkloadSpec.seed))
-        (tmp / "events").write_text("\n".join(TRACE_EVENTS) + "\n")
-        errlog = tmp / "stderr"
-        with open(errlog, "wb") as err:
-            proc = subprocess.Popen(
-                qemu_command(binary, stub, elf, params, tmp),
-                env=binary.env(),
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        commands = tmp / "commands"
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline and proc.poll() is None:
-                if commands.exists() and bytes([debugport.CMD_RESULT]) in commands.read_bytes():
-                    break
-                time.sleep(0.05)  # polling a file QEMU writes; bounded by the deadline
-            else:
-                raise RuntimeError(
-                    f"QEMU {binary.version}: no result within {timeout} s "
-                    f"(exit status {proc.poll()}): {errlog.read_text(errors='replace')}"
-                )
-        finally:
-            if proc.poll() is None:
-                proc.terminate()  # a clean exit flushes the trace log
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        with open(tmp / "trace.log", errors="replace") as f:
+        args = qemu_program.command(binary, "ne2000", params, tmp, nic_devices())
+        with open(qemu_program.run(binary, args, tmp, timeout), errors="replace") as f:
             return parse_trace(f)
 
 

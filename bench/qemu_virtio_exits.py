@@ -51,11 +51,8 @@ import dataclasses
 import functools
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +60,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from emulator import run as emu  # noqa: I001 -- emulator.run first: it registers the paths
-from emulator import guest_build
+from emulator import qemu_program
 from emulator import virtio_mmio as vmmio
 from emulator import virtio_net_paths as vnet
 from emulator.devices import debugport
@@ -72,10 +69,7 @@ from virtio.testing.qemu import QEMU_VERSIONS, QemuBinary, QemuUnavailable, qemu
 from virtio.transport.mmio import CONFIG_BASE, REGISTER_NAMES
 from virtio.transport.pci import COMMON_FIELDS
 
-TRACE_EVENTS = ("memory_region_ops_read", "memory_region_ops_write")
-CMD_PORT = debugport.DEBUG_BASE + debugport.REG_CMD
-ARG_PORT = debugport.DEBUG_BASE + debugport.REG_ARG
-QEMU_RAM_MIB = 64
+CMD_PORT, ARG_PORT = qemu_program.CMD_PORT, qemu_program.ARG_PORT
 # microvm's virtio-mmio slots (512 bytes each from 0xfeb00000); QEMU fills them from the
 # last one down, so the first virtio-net-device is at 0xfeb02e00, the second below it.
 MICROVM_MMIO_BASES = (0xFEB0_2E00, 0xFEB0_2C00)
@@ -88,11 +82,7 @@ PCI_REGION_REGISTERS = {  # QEMU's region name prefix -> the emulator's register
     "msix-pba": "msix_pba",
 }
 POLL_REGISTERS = ("status", "device_status")  # read while waiting for a slow device
-_MR_RE = re.compile(
-    r"memory_region_ops_(?P<rw>read|write) cpu (?P<cpu>-?\d+) mr 0x[0-9a-f]+ "
-    r"addr 0x(?P<addr>[0-9a-f]+) value 0x(?P<value>[0-9a-f]+) size (?P<size>\d+) "
-    r"name '(?P<name>[^']*)'"
-)
+_MR_RE = qemu_program.MR_RE
 
 
 @dataclasses.dataclass
@@ -307,56 +297,18 @@ WORKLOADS = _workloads()
 DEFAULT_WORKLOADS = ("virtio-net", "virtio-blk-pci")
 
 
-def qemu_command(binary: QemuBinary, w: Workload, tmp: Path, count: int) -> list[str]:
-    stub, elf = guest_build.build_qemu_stub(), guest_build.build(w.program)
-    return [
-        *binary.command(),
-        "-machine", f"{w.machine},accel=tcg", "-cpu", "max", "-m", str(QEMU_RAM_MIB),
-        "-nodefaults", "-display", "none", "-serial", "none", "-monitor", "none", "-no-reboot",
-        "-kernel", str(stub), "-initrd", f"{elf},{tmp / 'params.bin'}",
-        "-chardev", f"file,id=con,path={tmp / 'console'}",
-        "-device", f"isa-debugcon,iobase={debugport.DEBUG_BASE:#x},chardev=con",
-        # The command port as a second debugcon: its bytes (marks, RESULT) reach a file
-        # at once, so the run's end is seen without waiting for the trace log.
-        "-chardev", f"file,id=cmd,path={tmp / 'commands'}",
-        "-device", f"isa-debugcon,iobase={CMD_PORT:#x},chardev=cmd",
-        "-trace", f"events={tmp / 'events'}", "-D", str(tmp / "trace.log"),
-        *w.devices(tmp, count),
-    ]  # fmt: skip
-
-
 def run_qemu(binary: QemuBinary, w: Workload, count: int, qd: int, timeout: float = 300.0) -> Tally:
     """Boot the workload's program in QEMU (TCG) for ``count`` packets or requests at
     queue depth ``qd``; the tally of its measurement window."""
     with tempfile.TemporaryDirectory(prefix="pyvirtio-qemu-virtio-") as tmp_s:
         tmp = Path(tmp_s)
-        (tmp / "params.bin").write_bytes(w.params(count, qd))
-        (tmp / "events").write_text("\n".join(TRACE_EVENTS) + "\n")
-        errlog = tmp / "stderr"
-        cmd = qemu_command(binary, w, tmp, count)
-        with open(errlog, "wb") as err:
-            proc = subprocess.Popen(cmd, env=binary.env(), stdout=subprocess.DEVNULL, stderr=err)
-        commands = tmp / "commands"
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline and proc.poll() is None:
-                if commands.exists() and bytes([debugport.CMD_RESULT]) in commands.read_bytes():
-                    break
-                time.sleep(0.05)  # polling a file QEMU writes; bounded by the deadline
-            else:
-                raise RuntimeError(
-                    f"QEMU {binary.version}: no result within {timeout} s "
-                    f"(exit status {proc.poll()}): {errlog.read_text(errors='replace')}"
-                )
-        finally:
-            if proc.poll() is None:
-                proc.terminate()  # a clean exit flushes the trace log
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        with open(tmp / "trace.log", errors="replace") as f:
+        params = tmp / "params.bin"
+        params.write_bytes(w.params(count, qd))
+        args = qemu_program.command(
+            binary, w.program, params, tmp, w.devices(tmp, count), machine=w.machine,
+            nodefaults=True,
+        )  # fmt: skip
+        with open(qemu_program.run(binary, args, tmp, timeout), errors="replace") as f:
             return parse_trace(f, w.register)
 
 

@@ -30,6 +30,11 @@ back-end process per run, so ratios come from the same minutes of the machine):
   data plane's; qsd uses one) of the raw image started for every run, caches
   dropped; ours ``--blk-file nbd+unix://...``, qsd ``driver=nbd``; 4 KiB random
   read / write at QD 1 and 32, one queue.
+* ``nbd-tls``: the same with the export requiring TLS (qemu-nbd
+  ``--tls-creds``, X.509 certificates made for the run by
+  ``virtio.testing.nbd_pki``); ours ``nbds+unix://...?tls-certificates=DIR`` (every
+  request on the Python path: the native data plane has no TLS), qsd ``driver=nbd``
+  with ``tls-creds``.
 
 Per run: IOPS (requests completed / seconds) and the back-end's CPU time per
 request (utime + stime of all its threads, ``/proc/PID/stat``).  Per point: the
@@ -70,6 +75,7 @@ import cffi  # noqa: E402
 import trio  # noqa: E402
 
 from virtio.testing.blk_checks import stop_process, wait_for_socket  # noqa: E402
+from virtio.testing.nbd_pki import make_pki, tls_server_args  # noqa: E402
 from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend  # noqa: E402
 
 MiB = 1 << 20
@@ -123,10 +129,10 @@ class Point:
 def points_for(matrix: str) -> list[Point]:
     shapes = [("randread-4k", 4096, False, False), ("randwrite-4k", 4096, True, False)]
     out = []
-    if matrix == "nbd":
+    if matrix in ("nbd", "nbd-tls"):
         for name, bs, write, seq in shapes:
             for qd in (1, 32):
-                out.append(Point(f"nbd-{name}-qd{qd}", bs, qd, write, seq, 1, "nbd"))
+                out.append(Point(f"{matrix}-{name}-qd{qd}", bs, qd, write, seq, 1, matrix))
         return out
     if matrix == "qcow2":
         for kind in ("alloc", "fresh"):
@@ -161,17 +167,25 @@ def backend_cmd(
     fmt: str = "raw",
 ) -> list[str]:
     direct = matrix in ("cold", "qcow2")
-    if fmt == "nbd":  # image: the NBD server's unix socket, export "disk"
+    if fmt in ("nbd", "nbd-tls"):  # image: the NBD server's unix socket, export "disk"
+        tls = fmt == "nbd-tls"  # certificates in image.parent / "pki"
         if name.startswith("ours"):
+            uri = f"nbd+unix:///disk?socket={image}"
+            if tls:
+                uri = uri.replace("nbd+", "nbds+") + f"&tls-certificates={image.parent / 'pki'}"
+                uri += "&tls-hostname=localhost"  # as qsd (which needs one over unix)
             return [
                 backend_python(), "-m", "virtio", "serve", "blk",
-                "--socket-path", str(sock), "--blk-file", f"nbd+unix:///disk?socket={image}",
+                "--socket-path", str(sock), "--blk-file", uri,
                 "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
             ]  # fmt: skip
+        creds = f"tls-creds-x509,id=tls0,endpoint=client,dir={image.parent / 'pki'}"
         return [
             shutil.which("qemu-storage-daemon") or "qemu-storage-daemon",
+            *(["--object", creds] if tls else []),
             "--blockdev",
-            f"driver=nbd,node-name=disk0,server.type=unix,server.path={image},export=disk",
+            f"driver=nbd,node-name=disk0,server.type=unix,server.path={image},export=disk"
+            + (",tls-creds=tls0,tls-hostname=localhost" if tls else ""),
             "--export",
             f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
             f"writable=on,num-queues={queues}",
@@ -286,11 +300,16 @@ async def run_one(
     sock.unlink(missing_ok=True)
     image, fmt = args.image, "raw"
     nbd_server = None
-    if point.image == "nbd":
-        image, fmt = work / "nbd.sock", "nbd"
+    if point.image in ("nbd", "nbd-tls"):
+        image, fmt = work / "nbd.sock", point.image
         image.unlink(missing_ok=True)
+        tls: list[str] = []
+        if fmt == "nbd-tls":
+            if not (work / "pki").exists():
+                make_pki(work / "pki")
+            tls = tls_server_args("qemu-nbd", work / "pki")
         nbd_server = subprocess.Popen(
-            ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-e", "2", "-k", str(image),
+            ["qemu-nbd", "-f", "raw", "-x", "disk", "-t", "-e", "2", "-k", str(image), *tls,
              "--cache=none", "--aio=io_uring", str(args.image)],
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -299,7 +318,7 @@ async def run_one(
                 await trio.sleep(0.02)
     elif point.image != "raw":
         image, fmt = qcow2_image(args, point.image, work), "qcow2"
-    if args.matrix_now in ("cold", "qcow2", "nbd"):
+    if args.matrix_now in ("cold", "qcow2", "nbd", "nbd-tls"):
         drop_caches()
     cmd = backend_cmd(backend, args.matrix_now, sock, image, point.queues, args.baseline_repo, fmt)
     cwd = args.baseline_repo if backend == "baseline" else REPO
@@ -472,7 +491,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--matrix", default="cold,cache", help="cold, cache, qcow2, nbd, or several (cold,cache)"
+        "--matrix",
+        default="cold,cache",
+        help="cold, cache, qcow2, nbd, nbd-tls, or several (cold,cache)",
     )
     ap.add_argument("--image", type=Path, default=Path("/var/tmp/pyvirtio-storage-bench.img"))
     ap.add_argument("--size", type=int, default=4 * GiB, help="image size in bytes (4 GiB)")

@@ -90,6 +90,7 @@ from pathlib import Path
 
 from emulator import run as _run
 from emulator import virtio_mmio as _vmmio
+from emulator import workload_disk as _disk
 from emulator.machine import Machine
 from virtio.errors import DriverError
 from virtio.memory import FdRegion, MmapGuestMemory
@@ -951,19 +952,13 @@ def attach_backend(
 # -- workload paths -----------------------------------------------------------------------------
 def _setup(backend: str, socket_path: str | None = None):
     def setup(m: Machine, spec: _run.WorkloadSpec) -> Callable[[], bool]:
-        size = spec.total_bytes + (1 << 20)
         tmp = tempfile.mkdtemp(prefix="pyvirtio-vu-")
         m.closers.append(lambda: shutil.rmtree(tmp, ignore_errors=True))  # runs last
         process = None
         image = spec.image
         if socket_path is None:
             image = image or os.path.join(tmp, "disk.img")
-            fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
+            _disk.ensure_image(image, _disk.disk_size(spec))
             sock = os.path.join(tmp, "vhost-user.sock")
             process = BackendProcess(
                 backend_argv(backend, sock, image, _vmmio.QUEUE_SIZE), os.path.join(tmp, "log")
@@ -988,13 +983,7 @@ def _setup(backend: str, socket_path: str | None = None):
                 return False
             if image is None:  # an external back-end: only the guest's own check
                 return True
-            nsect = spec.nreqs * (_run.REQUEST_BYTES // 512)
-            with open(image, "rb") as f:
-                data = f.read(nsect * 512)
-            return all(
-                data[lba * 512 : (lba + 1) * 512] == _run.expected_sector(lba, spec.seed)
-                for lba in range(nsect)
-            )
+            return _disk.disk_ok(_disk.read_image(image, _disk.written_bytes(spec)), spec)
 
         return verify
 

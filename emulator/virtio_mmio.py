@@ -19,14 +19,13 @@ Registered paths (all 4 KiB requests, write + flush + read-verify):
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 
 from emulator import memory
 from emulator import run as _run
+from emulator import workload_disk as _disk
 from emulator.machine import Machine
-from virtio.devices.blk import BlkOptions, MemoryBackend, RawFileBackend, VirtioBlk
 from virtio.memory import FdRegion, MmapGuestMemory
 from virtio.spec.mmio import VIRTIO_MMIO_REGION_SIZE
 from virtio.transport.mmio import MmioTransport, TrioRunner
@@ -74,19 +73,7 @@ RESULT_NAMES = {
 
 def _setup(*, event_idx: bool, packed: bool):
     def setup(m: Machine, spec: _run.WorkloadSpec) -> Callable[[], bool]:
-        size = spec.total_bytes + (1 << 20)
-        if spec.image is None:
-            backend = MemoryBackend(size)
-        else:
-            fd = os.open(spec.image, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
-            backend = RawFileBackend(spec.image)
-        m.closers.append(backend.close)
-        blk = VirtioBlk(backend, BlkOptions(queue_size=QUEUE_SIZE, serial="pyvirtio-mmio"))
+        blk, backend = _disk.workload_blk(m, spec, queue_size=QUEUE_SIZE, serial="pyvirtio-mmio")
         mem_holder: list[MmapGuestMemory] = []
 
         def guest_memory() -> MmapGuestMemory:
@@ -114,22 +101,11 @@ def _setup(*, event_idx: bool, packed: bool):
         def verify() -> bool:
             if transport.errors:
                 return False
-            nsect = spec.nreqs * (_run.REQUEST_BYTES // 512)
-            data = _read_disk(backend, nsect * 512)
-            return all(
-                data[lba * 512 : (lba + 1) * 512] == _run.expected_sector(lba, spec.seed)
-                for lba in range(nsect)
-            )
+            return _disk.disk_ok(_disk.read_disk(backend, _disk.written_bytes(spec)), spec)
 
         return verify
 
     return setup
-
-
-def _read_disk(backend, length: int) -> bytes:
-    if isinstance(backend, MemoryBackend):
-        return bytes(backend.data[:length])
-    return os.pread(backend.fd, length, 0)
 
 
 def _phase_ios(nreqs: int) -> tuple[int, ...]:

@@ -346,3 +346,60 @@ def test_mmio_synchronous_mode_runs_the_same_service_and_reset_stops_it() -> Non
         t.write(R_.VIRTIO_MMIO_STATUS, 4, 0)  # reset: from this (vCPU) thread
         assert dev._runs == [] and all(done.is_set() for _, _, done in run._tasks.values())
         assert not t.errors
+
+
+class RacedBuffers(VirtioDevice):
+    """A ``BUFFERS`` device whose first look at the ring races the driver: the ring
+    is empty when popped, and the driver posts before notifications are re-enabled."""
+
+    device_id = DeviceId.VIRTIO_ID_CONSOLE
+    queue_max_sizes = (8,)
+    queue_roles = (QueueRole.BUFFERS,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.race: Any = None
+        self.ready = trio.Event()
+        self.took = trio.Event()
+
+    async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
+        await self.ready.wait()
+        queue, real_pop, raced = buffers.queue, buffers.queue.pop, []
+
+        def pop():
+            if not raced:
+                raced.append(True)
+                self.race()  # the driver posts just after the device found nothing
+                return None
+            return real_pop()
+
+        queue.pop = pop
+        try:
+            chain = await buffers.next_buffer()
+        finally:
+            del queue.pop
+        buffers.complete(chain, 0)
+        self.took.set()
+        await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(("packed", "event_idx"), [(False, False), (True, False), (True, True)])
+async def test_buffer_found_on_re_enable_leaves_notifications_off(packed, event_idx) -> None:
+    """§2.7.10 / §2.8.10: a device that finds buffers when it re-enables notifications
+    takes them and turns notifications off again, so the driver's next post needs no
+    kick (before: they stayed on and every post cost a notification)."""
+    dev = RacedBuffers()
+    async with DeviceHarness.start(dev, queue_size=8, packed=packed, event_idx=event_idx) as h:
+        dq = h.queues[0]
+
+        def race() -> None:
+            dq.add([], [8])
+            dq.publish()
+
+        dev.race = race
+        dev.ready.set()
+        with trio.fail_after(5):
+            await dev.took.wait()
+        assert len(dq.get_used()) == 1
+        dq.add([], [8])
+        assert dq.publish() is False  # notifications are off: no kick wanted

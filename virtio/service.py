@@ -297,7 +297,10 @@ class BufferQueue(QueueService):
                 self.outstanding += 1
                 return chain
             if queue.enable_notification():
-                continue  # posted while notifications were off
+                # Posted while notifications were off: take it, and keep them off
+                # while the device has buffers (§2.7.10, §2.8.10).
+                queue.disable_notification()
+                continue
             await self._wait_kick()
             queue.disable_notification()
 
@@ -370,6 +373,7 @@ class BufferQueue(QueueService):
             more = queue.enable_notification()
             queue.give_back(taken)
             if more:
+                queue.disable_notification()
                 return  # posted while we looked
             await self._wait_kick()
             queue.disable_notification()

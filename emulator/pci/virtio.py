@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 
 from emulator import run as _run
 from emulator import virtio_mmio as _vmmio
+from emulator import workload_disk as _disk
 from emulator.machine import Machine
 from emulator.pci.function import BarAllocator, PciFunction
 from emulator.pci.host import pci_host
 from virtio.device import VirtioDevice
-from virtio.devices.blk import BlkOptions, MemoryBackend, RawFileBackend, VirtioBlk
 from virtio.memory import FdRegion, MmapGuestMemory
 from virtio.transport.mmio import TrioRunner
 from virtio.transport.pci import NOTIFY_WIDTH, PciTransport
@@ -153,36 +153,18 @@ def _write_params(m: Machine, spec: _run.WorkloadSpec, *, event_idx: bool, packe
     )  # fmt: skip
 
 
-def _disk_ok(data: bytes, spec: _run.WorkloadSpec) -> bool:
-    return all(
-        data[lba * 512 : (lba + 1) * 512] == _run.expected_sector(lba, spec.seed)
-        for lba in range(spec.nreqs * (_run.REQUEST_BYTES // 512))
-    )
-
-
 def _setup(*, event_idx: bool, packed: bool):
     def setup(m: Machine, spec: _run.WorkloadSpec) -> Callable[[], bool]:
-        size = spec.total_bytes + (1 << 20)
-        if spec.image is None:
-            backend = MemoryBackend(size)
-        else:
-            fd = os.open(spec.image, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
-            backend = RawFileBackend(spec.image)
-        m.closers.append(backend.close)
-        blk = VirtioBlk(backend, BlkOptions(queue_size=_vmmio.QUEUE_SIZE, serial="pyvirtio-pci"))
+        blk, backend = _disk.workload_blk(
+            m, spec, queue_size=_vmmio.QUEUE_SIZE, serial="pyvirtio-pci"
+        )
         transport = add_virtio_pci(m, blk, name="virtio-blk")
         _write_params(m, spec, event_idx=event_idx, packed=packed)
 
         def verify() -> bool:
             if transport.errors:
                 return False
-            nsect = spec.nreqs * (_run.REQUEST_BYTES // 512)
-            return _disk_ok(_vmmio._read_disk(backend, nsect * 512), spec)
+            return _disk.disk_ok(_disk.read_disk(backend, _disk.written_bytes(spec)), spec)
 
         return verify
 
@@ -195,12 +177,7 @@ def _vhost_user_setup(m: Machine, spec: _run.WorkloadSpec) -> Callable[[], bool]
     tmp = tempfile.mkdtemp(prefix="pyvirtio-vu-pci-")
     m.closers.append(lambda: shutil.rmtree(tmp, ignore_errors=True))  # runs last
     image = spec.image or os.path.join(tmp, "disk.img")
-    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if os.fstat(fd).st_size < spec.total_bytes + (1 << 20):
-            os.ftruncate(fd, spec.total_bytes + (1 << 20))
-    finally:
-        os.close(fd)
+    _disk.ensure_image(image, _disk.disk_size(spec))
     sock = os.path.join(tmp, "vhost-user.sock")
     process = _vu.BackendProcess(
         _vu.backend_argv("ours", sock, image, _vmmio.QUEUE_SIZE), os.path.join(tmp, "log")
@@ -218,8 +195,7 @@ def _vhost_user_setup(m: Machine, spec: _run.WorkloadSpec) -> Callable[[], bool]
     def verify() -> bool:
         if dev.errors:
             return False
-        with open(image, "rb") as f:
-            return _disk_ok(f.read(spec.nreqs * _run.REQUEST_BYTES), spec)
+        return _disk.disk_ok(_disk.read_image(image, _disk.written_bytes(spec)), spec)
 
     return verify
 

@@ -39,6 +39,7 @@ from virtio.testing.blk_checks import (
     wait_for_socket,
 )
 from virtio.testing.guest_image import GuestImage
+from virtio.testing.nbd_pki import make_pki, tls_server_args
 from virtio.testing.qemu import VhostUserBlk
 
 pytestmark = pytest.mark.qemu
@@ -233,10 +234,12 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
 ) -> None:
     """vda: an export of ``kind`` (qemu-nbd, or nbdkit's file plugin) served through
     ``--blk-file nbd+unix://...``; vdb: a qcow2 overlay whose backing file is another
-    (read-only) export of the same server kind.  O_DIRECT patterns read back on
-    both, vdb outside them shows the NBD base, mkfs.ext4 + fsck on vda; afterwards
-    the overlay passes qemu-img check, the base is unchanged and the exported file
-    is a clean ext4."""
+    (read-only) export of the same server kind; vdc: a third export of that kind
+    requiring TLS, served through ``nbds+unix://...?tls-certificates=DIR`` (every
+    request on the Python path: the native data plane has no TLS).  O_DIRECT
+    patterns read back on all three, vdb outside them shows the NBD base, mkfs.ext4 +
+    fsck on vda; afterwards the overlay passes qemu-img check, the base is
+    unchanged, the pattern is in vdc's exported file and vda's is a clean ext4."""
     if shutil.which(kind) is None:
         pytest.skip(
             f"{kind} is needed (Debian package {'qemu-utils' if kind == 'qemu-nbd' else kind})"
@@ -247,6 +250,10 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
     base = tmp_path / "base.raw"
     base.write_bytes(hashlib.sha256(b"nbd base").digest() * (16 * MiB // 32))
     qsock, ksock = tmp_path / "plain.sock", tmp_path / "base.sock"
+    secret = tmp_path / "tls.raw"
+    secret.write_bytes(b"")
+    os.truncate(secret, 16 * MiB)
+    tsock, pki = tmp_path / "tls.sock", make_pki(tmp_path / "pki")
     log = open(tmp_path / "backend.log", "ab")  # noqa: SIM115 - handed to the children
     servers: list[subprocess.Popen] = []
     procs: list[trio.Process] = []
@@ -258,6 +265,12 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
         top = tmp_path / "top.qcow2"
         _img("create", "-q", "-f", "qcow2", "-b", f"nbd+unix:///?socket={ksock}", "-F", "raw",
              str(top), "32M", cwd=tmp_path)  # fmt: skip
+        cmd = _nbd_cmd(kind, secret, tsock, export="tls", read_only=False)
+        cmd = [cmd[0], *tls_server_args(kind, pki), *cmd[1:]]
+        servers.append(await _nbd_server(cmd, tsock, log))
+        third = tmp_path / "vdc.sock"
+        tls_uri = f"nbds+unix:///tls?socket={tsock}&tls-certificates={pki}"
+        procs.append(await _serve(third, tls_uri, log))
         second = tmp_path / "vdb.sock"
         procs.append(await _serve(second, os.fspath(top), log, "--format", "qcow2"))
 
@@ -272,14 +285,14 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
             start,
             disk_size=SIZE,
             num_queues=2,
-            guest_kwargs={"devices": [VhostUserBlk(second)]},
+            guest_kwargs={"devices": [VhostUserBlk(second), VhostUserBlk(third)]},
         ) as s:
             g = s.guest
-            sizes = (await g.run("cat /sys/block/vda/size /sys/block/vdb/size")).output.split()
-            assert sizes == [str(SIZE // 512), str(32 * MiB // 512)]
+            sizes = (await g.run("cat /sys/block/vd[abc]/size")).output.split()
+            assert sizes == [str(SIZE // 512), str(32 * MiB // 512), str(16 * MiB // 512)]
             await g.run("dd if=/dev/urandom of=/tmp/pat bs=4096 count=500 2>/dev/null")
             want = (await g.run("md5sum < /tmp/pat")).output.split()[0]
-            for dev, seek in (("vda", 3000), ("vdb", 1000)):  # vdb: across base's data
+            for dev, seek in (("vda", 3000), ("vdb", 1000), ("vdc", 700)):  # vdb: across base
                 await g.run(
                     f"dd if=/tmp/pat of=/dev/{dev} bs=4096 seek={seek} count=500 "
                     "oflag=direct conv=notrunc,fsync 2>/dev/null"
@@ -298,6 +311,9 @@ async def test_nbd_export_and_qcow2_over_nbd_in_a_guest(
             await check_mkfs_mount(g, BlkDisk("vda", plain, SIZE, 2))
             assert await s.stop_backend(kill=False) == 0
         assert await stop_process(procs.pop()) == 0  # our qcow2 server: clean close
+        assert await stop_process(procs.pop()) == 0  # our TLS client: clean close
+        got = hashlib.md5(secret.read_bytes()[700 * 4096 : 1200 * 4096]).hexdigest()
+        assert got == want  # the pattern crossed TLS into vdc's exported file
         # (the base export still runs: qemu-img check opens the backing file)
         r = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr

@@ -164,7 +164,11 @@ def _add_blk_options(blk: argparse.ArgumentParser) -> None:
     blk.add_argument(
         "--blk-file",
         metavar="PATH",
-        help="image file or block device, or nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=P",
+        help=(
+            "image file or block device, or an NBD URI: nbd://HOST[:PORT]/EXPORT,"
+            " nbd+unix:///EXPORT?socket=P, and over TLS nbds://... / nbds+unix://..."
+            " (?tls-certificates=DIR, tls-verify-peer=false)"
+        ),
     )
     blk.add_argument(
         "--format",

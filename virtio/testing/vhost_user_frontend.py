@@ -26,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -38,6 +39,9 @@ from virtio.queues.chain import DescriptorChain
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.ids import DeviceId
 from virtio.testing.driver import DriverQueue, UsedBuffer, footprint
+
+if TYPE_CHECKING:
+    from virtio.transport.vhost_user.server import VhostUserServer
 from virtio.transport.vhost_user.frontend import (
     Ack,
     BackendDisconnected,
@@ -441,3 +445,29 @@ class EchoDevice(VirtioDevice):
             await trio.sleep(self.delay)
         self.handled += 1
         return chain.writer().write(data[::-1][: chain.writable_len])
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    server: VhostUserServer, nursery: trio.Nursery
+) -> AsyncIterator[VhostUserFrontend]:
+    """A front-end connected to ``server`` over a socketpair, served in ``nursery``;
+    on exit the front-end closes and the server's side of the connection must end
+    within 10 s."""
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    done = trio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve_connection(b)
+        finally:
+            done.set()
+
+    nursery.start_soon(serve)
+    fe = VhostUserFrontend(a)
+    try:
+        yield fe
+    finally:
+        await fe.aclose()
+        with trio.fail_after(10):
+            await done.wait()

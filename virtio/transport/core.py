@@ -34,6 +34,7 @@ import trio
 from virtio.device import ActiveDevice, VirtioDevice
 from virtio.errors import DriverError, FeaturesRefused, QueueConfigError
 from virtio.memory import GuestMemory
+from virtio.queues.state import QueueState
 from virtio.queues.virtqueue import QueueConfig, Virtqueue
 from virtio.spec import sections as sec
 from virtio.spec._base import Section
@@ -340,6 +341,96 @@ class VirtioTransport:
         self.device.reset()
         with self._lock:
             self._reset_state()
+
+    # -- machine snapshots (the emulator's run-driver --save / --load) ------------------------
+    _SAVED_REGS: ClassVar[tuple[str, ...]] = ()
+    """Integer registers a snapshot keeps (each transport lists its own)."""
+
+    def save_state(self) -> dict[str, Any]:
+        """The registers, every queue (configuration and ring positions, §2.7 / §2.8
+        state as ``QueueState``) and the device's own state, as plain data.  Only
+        between exits of the synchronous mode, when the device has settled (no chain
+        popped and not yet used); an external (vhost-user) device keeps its state in
+        another process and cannot be saved here."""
+        if not isinstance(self.backend, DeviceBackend) or self.runner is None:
+            raise RuntimeError(
+                f"{self.name}: only an in-process device in synchronous mode can be saved"
+            )
+        queues = []
+        for i, q in enumerate(self.queues):
+            c = q.config
+            queues.append({
+                "size": c.size, "ready": c.ready, "desc_addr": c.desc_addr,
+                "driver_addr": c.driver_addr, "device_addr": c.device_addr,
+                "reset_pending": q.reset_pending,
+                "vq": q.vq.state().to_dict() if q.vq is not None else None,
+                **self._save_queue_extra(i),
+            })  # fmt: skip
+        return {
+            **{name: getattr(self, name) for name in self._SAVED_REGS},
+            **self._save_extra(),
+            "queues": queues,
+            "errors": [str(e) for e in self.errors],
+            "device": self.device.save_state(),  # type: ignore[union-attr]
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Apply ``save_state()`` output to a freshly built transport with the same
+        device: registers, queues rebuilt with ``Virtqueue.restore`` (validated,
+        untrusted input), the features replayed to the device, DRIVER_OK's activation
+        redone, then the interrupt state as it was."""
+        device = self.device
+        assert isinstance(device, VirtioDevice)
+        device.reset()
+        if len(state["queues"]) != len(self.queues):
+            raise ValueError(
+                f"{self.name}: the snapshot has {len(state['queues'])} queues,"
+                f" the device {len(self.queues)}"
+            )
+        with self._lock:
+            self._reset_state()
+            for name in self._SAVED_REGS:
+                value = state[name]
+                if not isinstance(value, int):
+                    raise ValueError(f"{self.name}: saved {name} is not an integer")
+                setattr(self, name, value)
+            self._load_extra(state)
+        self.errors = [DriverError(f"(before the snapshot) {msg}") for msg in state["errors"]]
+        if self.status & FEATURES_OK:
+            device.ack_features(self.driver_features & device.offered_features())
+        device.load_state(state["device"])
+        for i, (q, saved) in enumerate(zip(self.queues, state["queues"], strict=True)):
+            c = q.config
+            c.size, c.ready = int(saved["size"]), bool(saved["ready"])
+            c.desc_addr, c.driver_addr = int(saved["desc_addr"]), int(saved["driver_addr"])
+            c.device_addr = int(saved["device_addr"])
+            q.reset_pending = bool(saved["reset_pending"])
+            self._load_queue_extra(i, saved)
+            if saved["vq"] is not None:
+                q.vq = Virtqueue.restore(
+                    self.memory, QueueState.from_dict(saved["vq"]), f"{self.name}.q{i}"
+                )
+        if self.status & DRIVER_OK and not self.status & NEEDS_RESET:
+            self.backend.driver_ok(self.negotiated)
+        with self._lock:
+            self._load_interrupts(state)
+
+    def _save_queue_extra(self, index: int) -> dict[str, Any]:
+        """A transport's own per-queue fields in a snapshot (e.g. an MSI-X vector)."""
+        return {}
+
+    def _save_extra(self) -> dict[str, Any]:
+        """A transport's own non-integer state in a snapshot."""
+        return {}
+
+    def _load_extra(self, state: dict[str, Any]) -> None:
+        """Restore ``_save_extra``'s part (under the lock, after the registers)."""
+
+    def _load_queue_extra(self, index: int, saved: dict[str, Any]) -> None:
+        """Restore ``_save_queue_extra``'s part of queue ``index``."""
+
+    def _load_interrupts(self, state: dict[str, Any]) -> None:
+        """Drive the interrupt outputs to the restored state (under the lock, last)."""
 
     @property
     def memory(self) -> GuestMemory:

@@ -85,8 +85,6 @@ from typing import Any
 from virtio.device import ActiveDevice, VirtioDevice
 from virtio.errors import DriverError
 from virtio.memory import GuestMemory
-from virtio.queues.state import QueueState
-from virtio.queues.virtqueue import Virtqueue
 from virtio.spec import sections as sec
 from virtio.spec.mmio import (
     VIRTIO_MMIO_MAGIC,
@@ -96,9 +94,6 @@ from virtio.spec.mmio import (
 )
 from virtio.transport.core import (
     ALL_ONES_32,
-    DRIVER_OK,
-    FEATURES_OK,
-    NEEDS_RESET,
     TRANSPORT_FEATURES,
     DeviceBackend,
     DeviceStatusError,
@@ -249,69 +244,8 @@ class MmioTransport(VirtioTransport):
         "interrupts_raised", "kicks",
     )  # fmt: skip
 
-    def save_state(self) -> dict[str, Any]:
-        """The transport's registers, every queue (configuration and ring positions, §2.7
-        / §2.8 state as ``QueueState``) and the device's own state, as plain data for a
-        machine snapshot.  Only between exits of the synchronous mode, when the device
-        has settled (no chain popped and not yet used); an external (vhost-user) device
-        keeps its state in another process and cannot be saved here."""
-        if not isinstance(self.backend, DeviceBackend) or self.runner is None:
-            raise RuntimeError(
-                f"{self.name}: only an in-process device in synchronous mode can be saved"
-            )
-        queues = []
-        for q in self.queues:
-            c = q.config
-            queues.append({
-                "size": c.size, "ready": c.ready, "desc_addr": c.desc_addr,
-                "driver_addr": c.driver_addr, "device_addr": c.device_addr,
-                "reset_pending": q.reset_pending,
-                "vq": q.vq.state().to_dict() if q.vq is not None else None,
-            })  # fmt: skip
-        return {
-            **{name: getattr(self, name) for name in self._SAVED_REGS},
-            "queues": queues,
-            "errors": [str(e) for e in self.errors],
-            "device": self.device.save_state(),  # type: ignore[union-attr]
-        }
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Apply ``save_state()`` output to a freshly built transport with the same device:
-        registers, queues rebuilt with ``Virtqueue.restore`` (validated, untrusted input),
-        the features replayed to the device, and DRIVER_OK's activation redone."""
-        device = self.device
-        assert isinstance(device, VirtioDevice)
-        device.reset()
-        with self._lock:
-            self._reset_state()
-            for name in self._SAVED_REGS:
-                value = state[name]
-                if not isinstance(value, int):
-                    raise ValueError(f"{self.name}: saved {name} is not an integer")
-                setattr(self, name, value)
-        if len(state["queues"]) != len(self.queues):
-            raise ValueError(
-                f"{self.name}: the snapshot has {len(state['queues'])} queues,"
-                f" the device {len(self.queues)}"
-            )
-        self.errors = [DriverError(f"(before the snapshot) {msg}") for msg in state["errors"]]
-        if self.status & FEATURES_OK:
-            device.ack_features(self.driver_features & device.offered_features())
-        device.load_state(state["device"])
-        for i, (q, saved) in enumerate(zip(self.queues, state["queues"], strict=True)):
-            c = q.config
-            c.size, c.ready = int(saved["size"]), bool(saved["ready"])
-            c.desc_addr, c.driver_addr = int(saved["desc_addr"]), int(saved["driver_addr"])
-            c.device_addr = int(saved["device_addr"])
-            q.reset_pending = bool(saved["reset_pending"])
-            if saved["vq"] is not None:
-                q.vq = Virtqueue.restore(
-                    self.memory, QueueState.from_dict(saved["vq"]), f"{self.name}.q{i}"
-                )
-        if self.status & DRIVER_OK and not self.status & NEEDS_RESET:
-            self.backend.driver_ok(self.negotiated)
-        with self._lock:
-            self._update_line()
+    def _load_interrupts(self, state: dict[str, Any]) -> None:
+        self._update_line()
 
     # -- interrupts -------------------------------------------------------------------------
     def _update_line(self) -> None:

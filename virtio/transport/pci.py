@@ -46,13 +46,11 @@ set DEVICE_NEEDS_RESET.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from virtio.device import ActiveDevice, VirtioDevice
 from virtio.errors import DriverError
 from virtio.memory import GuestMemory
-from virtio.queues.state import QueueState
-from virtio.queues.virtqueue import Virtqueue
 from virtio.spec import sections as sec
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.ids import DeviceId
@@ -67,10 +65,6 @@ from virtio.spec.pci import (
 )
 from virtio.transport.core import (
     ALL_ONES_32,
-    DRIVER_OK,
-    FEATURES_OK,
-    NEEDS_RESET,
-    DeviceBackend,
     FeatureNegotiationError,
     MmioDevice,
     QueueSetupError,
@@ -263,84 +257,35 @@ class PciTransport(VirtioTransport):
         "config_vector", "msi_messages",
     )  # fmt: skip
 
-    def save_state(self) -> dict:
-        """The common configuration (§4.1.4.3), ISR status, MSI-X vectors and table, the
-        PCI configuration access window, every queue (``QueueState``) and the device's
-        own state, as plain data for a machine snapshot; only between exits of the
-        synchronous mode (the device has settled), and only for an in-process device."""
-        if not isinstance(self.backend, DeviceBackend) or self.runner is None:
-            raise RuntimeError(
-                f"{self.name}: only an in-process device in synchronous mode can be saved"
-            )
-        queues = []
-        for q, vector, configured in zip(
-            self.queues, self.queue_vectors, self.configured, strict=True
-        ):
-            c = q.config
-            queues.append({
-                "size": c.size, "ready": c.ready, "desc_addr": c.desc_addr,
-                "driver_addr": c.driver_addr, "device_addr": c.device_addr,
-                "reset_pending": q.reset_pending, "vector": vector,
-                "configured": sorted(configured),
-                "vq": q.vq.state().to_dict() if q.vq is not None else None,
-            })  # fmt: skip
+    def _save_queue_extra(self, index: int) -> dict[str, Any]:
         return {
-            **{name: getattr(self, name) for name in self._SAVED_REGS},
+            "vector": self.queue_vectors[index],
+            "configured": sorted(self.configured[index]),
+        }
+
+    def _save_extra(self) -> dict[str, Any]:
+        """The INTx level, the PCI configuration access window and MSI-X."""
+        return {
             "line": self._line,
             "cfg_window": list(self._cfg_window),
             "msix": self.msix.save_state(),
-            "queues": queues,
-            "errors": [str(e) for e in self.errors],
-            "device": self.device.save_state(),  # type: ignore[union-attr]
         }
 
-    def load_state(self, state: dict) -> None:
-        """Apply ``save_state()`` output to a freshly built transport with the same
-        device: registers, MSI-X, queues rebuilt with ``Virtqueue.restore`` (validated,
-        untrusted input), the features replayed to the device, DRIVER_OK's activation
-        redone, and the INTx level as it was."""
-        device = self.device
-        assert isinstance(device, VirtioDevice)
-        device.reset()
-        if len(state["queues"]) != len(self.queues):
-            raise ValueError(
-                f"{self.name}: the snapshot has {len(state['queues'])} queues,"
-                f" the device {len(self.queues)}"
-            )
-        with self._lock:
-            self._reset_state()
-            for name in self._SAVED_REGS:
-                value = state[name]
-                if not isinstance(value, int):
-                    raise ValueError(f"{self.name}: saved {name} is not an integer")
-                setattr(self, name, value)
-            window = [int(v) for v in state["cfg_window"]]
-            if len(window) != 4:
-                raise ValueError(f"{self.name}: saved cfg_window is not 4 values")
-            self._cfg_window = window
-            self.msix.load_state(state["msix"])
-        self.errors = [DriverError(f"(before the snapshot) {msg}") for msg in state["errors"]]
-        if self.status & FEATURES_OK:
-            device.ack_features(self.driver_features & device.offered_features())
-        device.load_state(state["device"])
-        for i, (q, saved) in enumerate(zip(self.queues, state["queues"], strict=True)):
-            c = q.config
-            c.size, c.ready = int(saved["size"]), bool(saved["ready"])
-            c.desc_addr, c.driver_addr = int(saved["desc_addr"]), int(saved["driver_addr"])
-            c.device_addr = int(saved["device_addr"])
-            q.reset_pending = bool(saved["reset_pending"])
-            self.queue_vectors[i] = int(saved["vector"])
-            self.configured[i] = {str(f) for f in saved["configured"]}
-            if saved["vq"] is not None:
-                q.vq = Virtqueue.restore(
-                    self.memory, QueueState.from_dict(saved["vq"]), f"{self.name}.q{i}"
-                )
-        if self.status & DRIVER_OK and not self.status & NEEDS_RESET:
-            self.backend.driver_ok(self.negotiated)
-        with self._lock:
-            self._line = not bool(state["line"])  # forces the level out again
-            self._update_intx()
-            self.interrupts_raised = int(state["interrupts_raised"])
+    def _load_extra(self, state: dict[str, Any]) -> None:
+        window = [int(v) for v in state["cfg_window"]]
+        if len(window) != 4:
+            raise ValueError(f"{self.name}: saved cfg_window is not 4 values")
+        self._cfg_window = window
+        self.msix.load_state(state["msix"])
+
+    def _load_queue_extra(self, index: int, saved: dict[str, Any]) -> None:
+        self.queue_vectors[index] = int(saved["vector"])
+        self.configured[index] = {str(f) for f in saved["configured"]}
+
+    def _load_interrupts(self, state: dict[str, Any]) -> None:
+        self._line = not bool(state["line"])  # forces the level out again
+        self._update_intx()
+        self.interrupts_raised = int(state["interrupts_raised"])
 
     # -- identity and capabilities ---------------------------------------------------------
     def _build_capabilities(self) -> None:

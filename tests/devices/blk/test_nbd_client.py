@@ -37,7 +37,6 @@ def test_uris_as_qemu_and_libnbd_write_them():
     u = NbdAddress.parse("nbd+unix:///exp?socket=/run/nbd.sock")
     assert (u.socket_path, u.export, u.host) == ("/run/nbd.sock", "exp", None)
     for bad, why in [
-        ("nbds://h/e", "TLS"),
         ("nbd+unix:///e", "socket=PATH"),
         ("nbd:///e", "no host"),
         ("http://h/e", "not an nbd"),
@@ -73,9 +72,10 @@ class Server:
 
 @contextlib.contextmanager
 def nbd_server(kind: str, tmp: Path, *, tcp: bool = False, args: tuple[str, ...] = (),
-               size: int = 8 * MiB, read_only: bool = False) -> Iterator[Server]:  # fmt: skip
-    """Start ``qemu-nbd`` (on a sparse raw file) or ``nbdkit`` (memory plugin unless
-    ``args`` says otherwise); yield it; stop it."""
+               size: int = 8 * MiB, read_only: bool = False,
+               qemu_args: tuple[str, ...] = ()) -> Iterator[Server]:  # fmt: skip
+    """Start ``qemu-nbd`` (on a sparse raw file; ``qemu_args``: more options) or
+    ``nbdkit`` (memory plugin unless ``args`` says otherwise); yield it; stop it."""
     if (kind == "qemu-nbd" and QEMU_NBD is None) or (kind == "nbdkit" and NBDKIT is None):
         pytest.skip(f"{kind} is not installed")
     sock = tmp / f"{kind}.sock"
@@ -90,7 +90,8 @@ def nbd_server(kind: str, tmp: Path, *, tcp: bool = False, args: tuple[str, ...]
             os.truncate(img, size)
         listen = ["-b", "127.0.0.1", "-p", str(port)] if tcp else ["-k", str(sock)]
         ro = ["-r"] if read_only else []
-        cmd = [QEMU_NBD, "-f", "raw", "-x", "exp", "-t", "-e", "8", *ro, *listen, str(img)]
+        cmd = [QEMU_NBD, "-f", "raw", "-x", "exp", "-t", "-e", "8", *ro, *listen, *qemu_args]
+        cmd.append(str(img))
     else:
         listen = ["-i", "127.0.0.1", "-p", str(port)] if tcp else ["-U", str(sock)]
         ro = ["-r"] if read_only else []

@@ -42,6 +42,9 @@ def _handshake(s: socket.socket) -> None:
         if opt == nbd.OPT_STRUCTURED_REPLY:
             s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))
             continue
+        if opt != nbd.OPT_GO:  # no block status here
+            s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ERR_UNSUP, 0))
+            continue
         info = struct.pack(">HQH", nbd.INFO_EXPORT, SIZE, nbd.TF_HAS_FLAGS | nbd.TF_SEND_FLUSH)
         s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, nbd.REP_INFO, len(info)) + info)
         s.sendall(struct.pack(">QIII", nbd.OPT_REPLY_MAGIC, opt, nbd.REP_ACK, 0))

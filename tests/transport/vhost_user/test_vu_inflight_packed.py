@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -17,7 +16,7 @@ import trio
 from virtio.errors import DeviceUsageError
 from virtio.native import ffi, lib
 from virtio.testing.queues import QueuePair, make_queue_pair
-from virtio.testing.vhost_user_frontend import EchoDevice, GuestRam, VhostUserFrontend
+from virtio.testing.vhost_user_frontend import EchoDevice, GuestRam, connected
 from virtio.transport.vhost_user.errors import InvalidMessage
 from virtio.transport.vhost_user.inflight import (
     InflightArea,
@@ -32,29 +31,6 @@ from virtio.transport.vhost_user.server import VhostUserServer
 MiB = 1 << 20
 FRESH = VringState.packed_num(0, True, 0, True)
 """The base QEMU sends a new back-end after a crash: its copy from the ring's start."""
-
-
-@contextlib.asynccontextmanager
-async def connected(
-    server: VhostUserServer, nursery: trio.Nursery
-) -> AsyncIterator[VhostUserFrontend]:
-    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    done = trio.Event()
-
-    async def serve() -> None:
-        try:
-            await server.serve_connection(b)
-        finally:
-            done.set()
-
-    nursery.start_soon(serve)
-    fe = VhostUserFrontend(a)
-    try:
-        yield fe
-    finally:
-        await fe.aclose()
-        with trio.fail_after(10):
-            await done.wait()
 
 
 async def test_restart_resubmits_packed_chains_whose_ring_slots_were_overwritten(

@@ -11,7 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from virtio.testing.vhost_user_frontend import (
     FrontendError,
     GuestRam,
     VhostUserFrontend,
+    connected,
 )
 from virtio.transport.vhost_user.frontend import RequestFailed
 from virtio.transport.vhost_user.messages import (
@@ -48,29 +49,6 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
     with trio.fail_after(timeout):
         while not condition():
             await trio.sleep(0.005)
-
-
-@contextlib.asynccontextmanager
-async def connected(
-    server: VhostUserServer, nursery: trio.Nursery
-) -> AsyncIterator[VhostUserFrontend]:
-    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    done = trio.Event()
-
-    async def serve() -> None:
-        try:
-            await server.serve_connection(b)
-        finally:
-            done.set()
-
-    nursery.start_soon(serve)
-    fe = VhostUserFrontend(a)
-    try:
-        yield fe
-    finally:
-        await fe.aclose()
-        with trio.fail_after(10):
-            await done.wait()
 
 
 async def test_bring_up_io_vring_base_and_reconnect(caplog: pytest.LogCaptureFixture) -> None:

@@ -71,6 +71,7 @@ class NbdDataPlane(BlkDataPlane):
             and NbdDataPlane.notifier_supported(active, index)
             and (backend.multi_conn or len(device.queue_max_sizes) == 1)
             and backend.native_refused is None
+            and not backend.tls  # the C side speaks plain sockets: TLS stays in Python
         )
 
     async def prepare(self) -> bool:
