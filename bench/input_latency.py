@@ -132,7 +132,7 @@ def backend(
                     stats = {
                         **dev.statistics(),
                         "cpu_s": time.process_time() - cpu,
-                        "native_groups": getattr(getattr(dev, "_native", None), "groups", 0),
+                        "native_groups": getattr(dev, "groups_native", 0),
                     }
                     conn.send((list(dev.latency_log), stats))
                     nursery.cancel_scope.cancel()

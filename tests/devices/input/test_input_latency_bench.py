@@ -35,4 +35,4 @@ def test_the_latency_bench_delivers_every_group(source: str) -> None:
     ready = res.get("device, buffers ready", {"n": 0})["n"]
     assert ready + res["waited"] == GROUPS
     # Groups that found their buffers posted went out through the native call.
-    assert res["native_groups"] == ready
+    assert ready <= res["native_groups"] <= GROUPS

@@ -116,6 +116,8 @@ class VirtioInput(VirtioDevice):
         self.status_unknown = 0
         self.groups_split = 0
         """Groups longer than the eventq, delivered in ring-sized pieces."""
+        self.groups_native = 0
+        """Groups delivered (every piece) by the native call."""
         self.record_latency = False
         self.latency_log: collections.deque[tuple[int, int, bool]] = collections.deque(
             maxlen=100_000
@@ -259,16 +261,14 @@ class VirtioInput(VirtioDevice):
             group, injected = item
             if len(group) > buffers.queue.size:
                 break  # delivered in pieces by the task
-            if self.native_delivery and len(group) <= MAX_EVENTS:
-                events = b"".join([_pack(*ev) for ev in group])
-                n = self._native.deliver(buffers, events, len(group))
-                if n > 0:
-                    self._stored_ns = self._native.stored_ns
-                    self._delivered(group, injected, at_inject=True)
-                    continue
-                if n == 0:
-                    break  # too few buffers: the task waits for them
-                assert n == FALLBACK  # unusual: the Python path below decides
+            n = self._deliver_native(buffers, group)
+            if n > 0:
+                self.groups_native += 1
+                self._delivered(group, injected, at_inject=True)
+                continue
+            if n == 0:
+                break  # too few buffers: the task waits for them
+            # FALLBACK (unusual, or native delivery off): the Python path decides
             try:
                 chains = buffers.next_buffers_nowait(len(group))
             except DriverError as exc:
@@ -292,6 +292,16 @@ class VirtioInput(VirtioDevice):
             self._delivered(group, injected, at_inject=True)
         self._fill_idle = False
         self._wakeup.set()
+
+    def _deliver_native(self, buffers: BufferQueue, group: Sequence[Event]) -> int:
+        """``group`` through the native call if the driver's buffers are there:
+        ``NativeDelivery.deliver``'s answer (``FALLBACK`` when it is off)."""
+        if not self.native_delivery or len(group) > MAX_EVENTS:
+            return FALLBACK
+        n = self._native.deliver(buffers, b"".join([_pack(*ev) for ev in group]), len(group))
+        if n > 0:
+            self._stored_ns = self._native.stored_ns
+        return n
 
     def _stamp(self) -> None:
         """``complete_batch``'s probe: when the used index was stored."""
@@ -353,8 +363,12 @@ class VirtioInput(VirtioDevice):
                     len(group),
                     size,
                 )
+            native = True
             for start in range(0, len(group), size):
                 piece = group[start : start + size]
+                if self._deliver_native(buffers, piece) > 0:
+                    continue  # its buffers were there already (behind a group that waited)
+                native = False
                 chains = await buffers.next_buffers(len(piece))
                 for chain in chains:
                     self._check_event_buffer(chain)
@@ -365,6 +379,7 @@ class VirtioInput(VirtioDevice):
                     ),
                     on_stored=self._stamp,
                 )
+            self.groups_native += native
             self._delivered(group, injected, at_inject=False)
 
     @staticmethod
@@ -432,7 +447,7 @@ class VirtioInput(VirtioDevice):
             "groups": self.groups_delivered,
             "groups_dropped": self.groups_dropped,
             "groups_split": self.groups_split,
-            "groups_native": self._native.groups,
+            "groups_native": self.groups_native,
             "events_dropped": self.events_dropped,
             "held": self._held,
             "status": len(self.status_events),

@@ -44,8 +44,8 @@ class NativeDelivery:
     def __init__(self) -> None:
         self._out = ffi.new("struct input_delivery *")
         self.stored_ns = 0
-        self.groups = 0
-        """Groups delivered by the native call."""
+        self.deliveries = 0
+        """Groups (or pieces of a group longer than the eventq) it delivered."""
         self.fallbacks = 0
         """Groups it declined (they took the Python path)."""
 
@@ -63,7 +63,7 @@ class NativeDelivery:
         out = self._out
         n = _input_deliver(queue.native, events, count, out)
         if n > 0:
-            self.groups += 1
+            self.deliveries += 1
             self.stored_ns = out.stored_ns
             buffers.completed += n
             tracker = queue.inflight
