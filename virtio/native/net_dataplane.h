@@ -80,6 +80,19 @@ struct net_dp {
     uint32_t resv_port[NET_FLOOD_MAX];
     double now;                 /* monotonic seconds, read once per batch */
     int now_valid;
+    /* Per batch (net_dp_batch_end ends it): the destination port whose mu this
+     * thread keeps between packets (port number + 1, 0: none), the last
+     * forwarding decision (destination MAC -> port, -1 flood) and source learned,
+     * and the switch counters gathered for one update under the database's lock. */
+    uint32_t sticky;
+    int32_t cache_target;
+    struct net_port *sticky_port; /* ports[sticky - 1] when locked (that may be NULLed) */
+    uint8_t cache_dst[6], learned_src[6];
+    uint8_t cache_valid, learned_valid;
+    uint8_t _pad2[2];
+    uint64_t acc_in, acc_in_bytes, acc_flooded;
+    uint64_t acc_out[NET_FDB_MAX_PORTS], acc_out_bytes[NET_FDB_MAX_PORTS];
+    uint64_t fdb_locks;         /* database lock acquisitions by this thread */
 };
 
 void net_dp_attach(struct net_dp *n);
