@@ -33,7 +33,9 @@
  * (held > 0) is not written natively, so a packet never overtakes the backlog,
  * and Python does not touch the ring while a native thread holds the port. */
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -719,9 +721,87 @@ static void net_dp_batch_end(void *dev)
     }
 }
 
+/* ---- waiting ------------------------------------------------------------------ */
+static int net_dp_watch(void *dev, int kick, int wake)
+{
+    struct net_dp *n = dev;
+    n->watch_kick = kick;
+    n->watch_wake = wake;
+    return 0;
+}
+
+/* dp_run's wait when its ring was found empty (notifications on) or it waits for
+ * room.  A ring just served is first polled for yield_ns with driver
+ * notifications off (§2.7.10 / §2.8.10: a busy driver's next chains then need no
+ * kick, and no wake-up here), the CPU given to the other threads between looks
+ * (the other ports' transmit threads share the backend CPU: while one polls, the
+ * others serve -- one CPU serving every port's transmit queue in turn, as a
+ * polling lcore does).  Then notifications are enabled again, the ring re-checked,
+ * and the thread sleeps on the eventfds.  After an idle timeout nothing polls the
+ * ring until the next kick (its memory need not be a ring any more, dp_run). */
+static int net_dp_wait(void *dev, int want, int timeout_ms)
+{
+    struct net_dp *n = dev;
+    struct dp *dp = &n->core;
+    if ((want & DP_EV_KICK) && n->yield_ns && !n->idle) {
+        struct vq *q = dp->q;
+        uint64_t end = dp_now_ns() + n->yield_ns;
+        vq_disable_notification(q);
+        n->yields++;
+        for (;;) {
+            if (vq_avail_count(q)) {
+                n->yield_hits++;
+                return DP_EV_WAKE; /* dp_run pops them */
+            }
+            if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
+                return DP_EV_WAKE;
+            if (dp_now_ns() >= end)
+                break;
+            sched_yield();
+        }
+        if (vq_enable_notification(q)) {
+            n->yield_hits++;
+            return DP_EV_WAKE;
+        }
+    }
+    int kick = (want & DP_EV_KICK) ? n->watch_kick : -1;
+    struct pollfd p[2] = {{n->watch_wake, POLLIN, 0}, {kick, POLLIN, 0}};
+    int r = poll(p, 2, timeout_ms);
+    if (r == 0) {
+        n->idle = 1;
+        return 0;
+    }
+    if (r < 0)
+        return -errno;
+    int ev = 0;
+    uint64_t v;
+    if (p[0].revents & POLLIN) {
+        ssize_t rr = read(n->watch_wake, &v, sizeof v);
+        (void)rr;
+        ev |= DP_EV_WAKE;
+    }
+    if (kick >= 0 && (p[1].revents & POLLIN)) {
+        /* read the kick only while it is still the ring's (dp_set_fds swaps under mu) */
+        pthread_mutex_lock(DP_MU(dp));
+        if (kick == dp->kick_fd) {
+            ssize_t rr = read(kick, &v, sizeof v);
+            (void)rr;
+            ev |= DP_EV_KICK;
+            n->idle = 0;
+        }
+        pthread_mutex_unlock(DP_MU(dp));
+    }
+    return ev ? ev : DP_EV_WAKE; /* (an fd that went away: the loop looks again) */
+}
+
 void net_dp_attach(struct net_dp *n)
 {
     n->core.serve = net_dp_serve;
     n->core.batch_end = net_dp_batch_end;
     n->core.dev = n;
+    if (n->yield_ns) {
+        n->core.watch = net_dp_watch;
+        n->core.wait = net_dp_wait;
+        n->watch_kick = n->watch_wake = -1;
+    }
 }

@@ -93,6 +93,13 @@ struct net_dp {
     uint64_t acc_in, acc_in_bytes, acc_flooded;
     uint64_t acc_out[NET_FDB_MAX_PORTS], acc_out_bytes[NET_FDB_MAX_PORTS];
     uint64_t fdb_locks;         /* database lock acquisitions by this thread */
+    /* Polling an emptied ring (net_dp_wait): this long (ns; 0: sleep at once) with
+     * driver notifications off, giving the CPU to the other threads between looks;
+     * the eventfds dp_run's watch named. */
+    uint64_t yield_ns;
+    uint64_t yields, yield_hits; /* polls done, and those that found chains */
+    int watch_kick, watch_wake;
+    int idle;                   /* the last wait timed out: no polling until a kick */
 };
 
 void net_dp_attach(struct net_dp *n);
