@@ -558,12 +558,38 @@ static void net_prefetch(const struct net_frame *f)
     }
 }
 
+/* Start fetching the next transmitted frame's first bytes (its header and
+ * Ethernet header, a cache miss: the driver wrote them on another CPU) while this
+ * one is served.  dp_run pops a batch into one array of DP_BATCH chains (their
+ * segments consecutive in one array) before serving any: the next chain is c + 1
+ * when it belongs to this batch.  Past the batch's end it holds an earlier
+ * batch's chain or zeros: its address is only prefetched (a prefetch never
+ * faults), and only what lies inside the arrays and the memory table is read. */
+static void net_prefetch_next(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs)
+{
+    if (!n->batch_first || c < n->batch_first || c - n->batch_first + 1 >= DP_BATCH)
+        return;
+    const struct vq_chain *next = c + 1;
+    if (c->seg_start > DP_MAX_SEGS || next->seg_start >= DP_MAX_SEGS || !next->nsegs)
+        return;
+    const struct vq_seg *s = segs - c->seg_start + next->seg_start;
+    struct vm_mem *m = n->core.q->mem;
+    if (s->region >= m->nregions)
+        return;
+    const uint8_t *b = m->regions[s->region].host + s->offset;
+    __builtin_prefetch(b, 0, 3);
+    __builtin_prefetch(b + 64, 0, 3);
+}
+
 static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs,
                              int *err)
 {
     struct net_dp *n = dev;
     struct net_frame f;
     *err = 0;
+    if (!n->batch_first)
+        n->batch_first = c; /* the first chain served since batch_end */
+    net_prefetch_next(n, c, segs);
     struct net_port *self = n->src < NET_FDB_MAX_PORTS ? n->ports[n->src] : NULL;
     if (self && __atomic_load_n(&self->link_down, __ATOMIC_RELAXED))
         goto defer; /* the link is down: VirtioNet._transmit drops it */
@@ -704,6 +730,7 @@ static void net_dp_batch_end(void *dev)
         n->acc_in = n->acc_in_bytes = n->acc_flooded = 0;
     }
     n->now_valid = 0;
+    n->batch_first = NULL;
     n->cache_valid = 0;
     n->learned_valid = 0;
     for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {

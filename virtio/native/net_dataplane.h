@@ -100,6 +100,7 @@ struct net_dp {
     uint64_t yields, yield_hits; /* polls done, and those that found chains */
     int watch_kick, watch_wake;
     int idle;                   /* the last wait timed out: no polling until a kick */
+    const struct vq_chain *batch_first; /* this batch's first chain (net_prefetch_next) */
 };
 
 void net_dp_attach(struct net_dp *n);
