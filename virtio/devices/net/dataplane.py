@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 TX_STATISTICS = (
     "tx_native", "tx_native_bytes", "tx_flooded", "tx_hairpin",
-    "py_malformed", "py_offload", "py_port", "py_no_room",
+    "py_malformed", "py_offload", "py_port", "py_no_room", "fdb_locks",
 )  # fmt: skip
 """Counters of a transmit data plane (``struct net_dp``)."""
 RX_STATISTICS = ("rx_native", "rx_native_bytes", "rx_calls", "rx_deferred", "rx_publishes")
