@@ -466,7 +466,9 @@ async def _one_batch(native: bool, packed: bool, body: list[bytes]):
                     g.post(RX, writable=[2048])
             await trio.testing.wait_all_tasks_blocked()
             dq = ga.drv[TX]
-            tokens = [dq.add([_hdr() + ether(d, s, p)]) for (d, s), p in zip(batch, body)]
+            tokens = [
+                dq.add([_hdr() + ether(d, s, p)]) for (d, s), p in zip(batch, body, strict=True)
+            ]
             if dq.publish():
                 os.eventfd_write(ga.notifiers[TX].kick_fd, 1)
             done: set[int] = set()
