@@ -574,11 +574,16 @@ static void net_prefetch_next(struct net_dp *n, const struct vq_chain *c, const 
         return;
     const struct vq_seg *s = segs - c->seg_start + next->seg_start;
     struct vm_mem *m = n->core.q->mem;
-    if (s->region >= m->nregions)
-        return;
-    const uint8_t *b = m->regions[s->region].host + s->offset;
-    __builtin_prefetch(b, 0, 3);
-    __builtin_prefetch(b + 64, 0, 3);
+    /* its first two segments: the header may be a buffer of its own (§5.1.6.2) */
+    uint32_t k = next->nsegs < 2 || next->seg_start + 1 >= DP_MAX_SEGS ? 1 : 2;
+    for (uint32_t i = 0; i < k; i++) {
+        if (s[i].region >= m->nregions)
+            return;
+        const uint8_t *b = m->regions[s[i].region].host + s[i].offset;
+        __builtin_prefetch(b, 0, 3);
+        if (s[i].len > 64)
+            __builtin_prefetch(b + 64, 0, 3);
+    }
 }
 
 static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs,
