@@ -89,6 +89,7 @@ class Run:
 
 
 OURS_REPO = REPO  # --ours-repo: benchmark another checkout's backend (e.g. a branch)
+MULTI_FLOW = False  # --multi-flow: the seeded frames carry many flows (source IPs)
 
 
 def python(repo: Path | None = None) -> str:
@@ -157,7 +158,12 @@ def measure(backend, point: Point, duration: float, tx_first: int) -> Run:
         with backend(a, b, point.queue_pairs) as pid:
             ports = [VirtioUserPort(s, point.queue_pairs, packed_vq=point.packed) for s in (a, b)]
             with Testpmd(
-                ports, forward_cpu=FRONTEND_CPU, forward_mode="io", txpkts=point.size, name="fe"
+                ports,
+                forward_cpu=FRONTEND_CPU,
+                forward_mode="io",
+                txpkts=point.size,
+                name="fe",
+                extra_args=["--txonly-multi-flow"] if MULTI_FLOW else [],
             ) as fe:
                 fe.start(tx_first=tx_first)
                 time.sleep(0.5)  # warm-up: the loop fills up
@@ -209,9 +215,17 @@ def main() -> int:
         help="another checkout (e.g. main) measured in the same run, as column 'base': "
         "before/after side by side",
     )
+    ap.add_argument(
+        "--multi-flow",
+        action="store_true",
+        help="seed the loop with testpmd's --txonly-multi-flow (the source IP varies per "
+        "frame): with 2 queue pairs our switch spreads the flows over both receive "
+        "queues by flow hash (DPDK's io forward keeps queue to queue)",
+    )
     args = ap.parse_args()
-    global OURS_REPO
+    global OURS_REPO, MULTI_FLOW
     OURS_REPO = args.ours_repo.resolve()
+    MULTI_FLOW = args.multi_flow
     try:
         find_testpmd()
     except TestpmdUnavailable as e:
