@@ -24,12 +24,17 @@
  * reach its receiver after a later frame served natively (only when the ring
  * was short of buffers and got more meanwhile).
  *
- * Locks: the forwarding database's mutex is held for the lookup, and again for
- * learning and counting once the packet was delivered (what was decided is what
- * is counted); the copy holds only destination ports' mutexes (net_port.mu, taken
- * in ascending port order), which every writer of that receive ring holds.  The
- * database's mutex is never taken while a port's is held, so transmit threads of
- * different ports copy in parallel.  A port whose Python path holds packets
+ * Locks: the forwarding database's mutex is taken to learn a source and look a
+ * destination up -- once per batch and per change of source or destination
+ * (net_decide) -- and once per batch to add the batch's counters, before its
+ * frames are published (what was decided is what is counted).  The destination
+ * port's mutex (net_port.mu, which every writer of that receive ring holds) is
+ * kept from one frame to the next within a batch and let go before a deferral
+ * to Python, another destination, a flood to several ports (locked in ascending
+ * order) and at the batch's end.  Order: a port's mutex, then its ring's lock or
+ * the database's; never a port's while the database's is held (nor does Python:
+ * its database calls each lock and unlock inside), so the threads of different
+ * ports copy in parallel without deadlock.  A port whose Python path holds packets
  * (held > 0) is not written natively, so a packet never overtakes the backlog,
  * and Python does not touch the ring while a native thread holds the port. */
 #include <errno.h>
