@@ -13,7 +13,10 @@ SYN_REPORT) come one every ``--interval-us`` from ``--source``:
 * ``loop``: a task in the back-end's loop calls ``VirtioInput.inject`` (what the
   evdev reader does);
 * ``thread``: a thread of the back-end process calls ``inject`` (a program that embeds
-  the device and has its own input thread).
+  the device and has its own input thread);
+* ``inproc``: no processes, no vhost-user: the device under the testing kit's
+  ``DeviceHarness`` in this process, a task calling ``inject`` (the driver reposts each
+  buffer right after): the device's own cost (only ``device`` is reported).
 
 Figures, all from ``time.monotonic_ns()`` (one clock for every process):
 
@@ -28,7 +31,7 @@ Figures, all from ``time.monotonic_ns()`` (one clock for every process):
   move; adds the Python front-end's own wake-up (the measurement side).
 
     python bench/input_latency.py [--source control|loop|thread] [--groups 5000]
-        [--interval-us 500] [--json]
+        [--interval-us 500] [--python-delivery] [--json]
 
 Prints p50 / p90 / p99 / max in µs and the load average; the goal (issue 11 §5) is
 p99 <= 100 µs.
@@ -51,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio
+import trio.testing
 from evdev import ecodes as e
 
 from virtio.control import CommandRegistry
@@ -58,12 +62,13 @@ from virtio.control.server import serve_control
 from virtio.devices.input import VirtioInput, builtin
 from virtio.devices.input.control import register_input_commands
 from virtio.devices.input.device import EVENT
+from virtio.testing.harness import DeviceHarness
 from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
 from virtio.transport.vhost_user.server import VhostUserServer
 
 MiB = 1 << 20
 QUEUE = 64
-SOURCES = ("control", "loop", "thread")
+SOURCES = ("control", "loop", "thread", "inproc")
 
 
 def percentiles(ns: list[int]) -> dict[str, float]:
@@ -87,11 +92,14 @@ def key(i: int) -> tuple[int, int, int]:
 
 
 # -- the back-end process -------------------------------------------------------------
-def backend(path: str, control: str, source: str, groups: int, interval_us: float, conn) -> None:
+def backend(
+    path: str, control: str, source: str, groups: int, interval_us: float, native: bool, conn
+) -> None:
     """``virtio serve input``'s stack; a ``loop``/``thread`` source once told "go";
     the latency log sent back once told "done"."""
     dev = VirtioInput(builtin("keyboard"))
     dev.record_latency = True
+    dev.native_delivery = native
     registry = CommandRegistry()
     register_input_commands(registry, dev)
     server = VhostUserServer(dev, name="virtio-input")
@@ -121,7 +129,11 @@ def backend(path: str, control: str, source: str, groups: int, interval_us: floa
                 elif msg == "go" and source == "thread":
                     threading.Thread(target=inject_thread, daemon=True).start()
                 elif msg == "done":
-                    stats = {**dev.statistics(), "cpu_s": time.process_time() - cpu}
+                    stats = {
+                        **dev.statistics(),
+                        "cpu_s": time.process_time() - cpu,
+                        "native_groups": getattr(dev, "groups_native", 0),
+                    }
                     conn.send((list(dev.latency_log), stats))
                     nursery.cancel_scope.cancel()
                     return
@@ -187,14 +199,62 @@ async def frontend(path: str, groups: int, start_source) -> list[int]:
     return seen
 
 
-def run(source: str, groups: int, interval_us: float) -> dict:
+async def _inproc(groups: int, interval_us: float, native: bool) -> tuple[list, dict]:
+    """The device alone: ``inject`` on its loop, buffers always posted."""
+    dev = VirtioInput(builtin("keyboard"))
+    dev.record_latency = True
+    dev.native_delivery = native
+    async with DeviceHarness.start(dev, queue_size=QUEUE, data_size=MiB) as h:
+        dq = h.queues[0]
+        for _ in range(QUEUE):
+            dq.add([], [EVENT.size])
+        dq.publish()
+        await trio.testing.wait_all_tasks_blocked()
+        cpu = time.process_time()
+        for i in range(groups):
+            dev.inject([key(i)])
+            for _ in dq.get_used():
+                dq.add([], [EVENT.size])
+            dq.publish()
+            await trio.sleep(interval_us / 1e6)
+        cpu = time.process_time() - cpu
+    stats = {**dev.statistics(), "cpu_s": cpu, "native_groups": dev.statistics()["groups_native"]}
+    return list(dev.latency_log), stats
+
+
+def run_inproc(groups: int, interval_us: float, native: bool = True) -> dict:
+    load_before = os.getloadavg()
+    log, stats = trio.run(_inproc, groups, interval_us, native)
+    if stats["groups"] != groups:
+        raise SystemExit(f"lost groups: {stats}")
+    res = {
+        "source": "inproc",
+        "groups": groups,
+        "interval_us": interval_us,
+        "load": [*load_before, *os.getloadavg()[:1]],
+        "backend_cpu_us_per_group": stats["cpu_s"] * 1e6 / groups,
+        "waited": sum(not direct for _, _, direct in log),
+        "native_groups": stats["native_groups"],
+        "device": percentiles([u - i for i, u, _ in log]),
+    }
+    ready = [u - i for i, u, direct in log if direct]
+    if ready:
+        res["device, buffers ready"] = percentiles(ready)
+    return res
+
+
+def run(source: str, groups: int, interval_us: float, native: bool = True) -> dict:
+    if source == "inproc":
+        return run_inproc(groups, interval_us, native)
     ctx = multiprocessing.get_context("spawn")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="input-lat-") as tmp:
         path, control = f"{tmp}/input.sock", f"{tmp}/input.ctl"
         here, there = ctx.Pipe()
         back = ctx.Process(
-            target=backend, args=(path, control, source, groups, interval_us, there), daemon=True
+            target=backend,
+            args=(path, control, source, groups, interval_us, native, there),
+            daemon=True,
         )
         back.start()
         if not here.poll(60) or here.recv() != "ready":
@@ -227,6 +287,7 @@ def run(source: str, groups: int, interval_us: float) -> dict:
         "load": [*load_before, *os.getloadavg()[:1]],
         "backend_cpu_us_per_group": stats["cpu_s"] * 1e6 / groups,
         "waited": sum(not direct for _, _, direct in log),
+        "native_groups": stats["native_groups"],
         "device": percentiles([u - i for i, u, _ in log]),
     }
     ready = [u - i for i, u, direct in log if direct]
@@ -245,7 +306,8 @@ def table(res: dict) -> str:
         f"source {res['source']}: {res['groups']} key groups, one every"
         f" {res['interval_us']:g} µs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         f" (1-min after: {load[3]:.2f}); {res['waited']} groups waited for buffers;"
-        f" back-end CPU {res['backend_cpu_us_per_group']:.1f} µs per group",
+        f" back-end CPU {res['backend_cpu_us_per_group']:.1f} µs per group;"
+        f" {res['native_groups']} groups delivered by the native call",
         "| latency | n | p50 µs | p90 µs | p99 µs | max µs |",
         "|---|---|---|---|---|---|",
     ]
@@ -264,9 +326,14 @@ def main() -> int:
     ap.add_argument("--source", choices=SOURCES, default="control")
     ap.add_argument("--groups", type=int, default=5000)
     ap.add_argument("--interval-us", type=float, default=500.0)
+    ap.add_argument(
+        "--python-delivery",
+        action="store_true",
+        help="deliver groups with the Python path only (the reference; no native call)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    res = run(args.source, args.groups, args.interval_us)
+    res = run(args.source, args.groups, args.interval_us, native=not args.python_delivery)
     print(json.dumps(res, indent=2, ensure_ascii=False) if args.json else table(res))
     return 0
 

@@ -89,21 +89,22 @@ class Run:
 
 
 OURS_REPO = REPO  # --ours-repo: benchmark another checkout's backend (e.g. a branch)
+MULTI_FLOW = False  # --multi-flow: the seeded frames carry many flows (source IPs)
 
 
-def python() -> str:
-    venv = OURS_REPO / ".venv" / "bin" / "python"
+def python(repo: Path | None = None) -> str:
+    venv = (repo or OURS_REPO) / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 
 
-def ours_available() -> bool:
+def ours_available(repo: Path | None = None) -> bool:
     """``virtio serve net --print-capabilities`` exits 0 (the vhost-user convention)."""
     try:
         r = subprocess.run(
-            [python(), "-m", "virtio", "serve", "net", "--print-capabilities"],
+            [python(repo), "-m", "virtio", "serve", "net", "--print-capabilities"],
             capture_output=True,
             timeout=30,
-            cwd=OURS_REPO,
+            cwd=repo or OURS_REPO,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -119,25 +120,25 @@ def dpdk_backend(a: Path, b: Path, qp: int) -> Iterator[int]:
         yield vh.pid
 
 
-def ours_backend(extra: list[str]):
-    """``virtio serve net`` (with ``extra`` arguments) as a backend."""
+def ours_backend(extra: list[str], repo: Path | None = None):
+    """``virtio serve net`` (with ``extra`` arguments, from ``repo``) as a backend."""
 
     def backend(a: Path, b: Path, qp: int):
-        return _ours(a, b, qp, extra)
+        return _ours(a, b, qp, extra, repo or OURS_REPO)
 
     return backend
 
 
 @contextlib.contextmanager
-def _ours(a: Path, b: Path, qp: int, extra: list[str]) -> Iterator[int]:
+def _ours(a: Path, b: Path, qp: int, extra: list[str], repo: Path) -> Iterator[int]:
     """``virtio serve net`` with two ports, pinned to the backend CPU; yields its pid."""
     cmd = [
         "taskset", "-c", str(BACKEND_CPU),
-        python(), "-m", "virtio", "serve", "net",
+        python(repo), "-m", "virtio", "serve", "net",
         "--socket-path", str(a), "--socket-path", str(b),
         "--num-queue-pairs", str(qp), *extra,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=OURS_REPO, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=repo, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_socket(a, proc=proc)
         wait_for_socket(b, proc=proc)
@@ -157,7 +158,12 @@ def measure(backend, point: Point, duration: float, tx_first: int) -> Run:
         with backend(a, b, point.queue_pairs) as pid:
             ports = [VirtioUserPort(s, point.queue_pairs, packed_vq=point.packed) for s in (a, b)]
             with Testpmd(
-                ports, forward_cpu=FRONTEND_CPU, forward_mode="io", txpkts=point.size, name="fe"
+                ports,
+                forward_cpu=FRONTEND_CPU,
+                forward_mode="io",
+                txpkts=point.size,
+                name="fe",
+                extra_args=["--txonly-multi-flow"] if MULTI_FLOW else [],
             ) as fe:
                 fe.start(tx_first=tx_first)
                 time.sleep(0.5)  # warm-up: the loop fills up
@@ -202,9 +208,24 @@ def main() -> int:
         help="extra arguments for virtio serve net, e.g. '--poll-us 50' (repeatable: one "
         "column of ours per value, all in the same run; default: one with none)",
     )
+    ap.add_argument(
+        "--baseline-repo",
+        type=Path,
+        default=None,
+        help="another checkout (e.g. main) measured in the same run, as column 'base': "
+        "before/after side by side",
+    )
+    ap.add_argument(
+        "--multi-flow",
+        action="store_true",
+        help="seed the loop with testpmd's --txonly-multi-flow (the source IP varies per "
+        "frame): with 2 queue pairs our switch spreads the flows over both receive "
+        "queues by flow hash (DPDK's io forward keeps queue to queue)",
+    )
     args = ap.parse_args()
-    global OURS_REPO
+    global OURS_REPO, MULTI_FLOW
     OURS_REPO = args.ours_repo.resolve()
+    MULTI_FLOW = args.multi_flow
     try:
         find_testpmd()
     except TestpmdUnavailable as e:
@@ -224,6 +245,8 @@ def main() -> int:
     if have_ours:
         for v in variants:
             backends[f"ours {v}".strip()] = ours_backend(v.split())
+    if args.baseline_repo is not None and ours_available(args.baseline_repo.resolve()):
+        backends["ours base"] = ours_backend([], args.baseline_repo.resolve())
     ours_names = [n for n in backends if n != "dpdk"] or ["ours"]
     results: dict[str, dict[str, Run | None]] = {}
     for point in points:

@@ -48,6 +48,8 @@ Usage (root, for drop_caches)::
     python bench/storage_matrix.py --matrix cold --rounds 3 --runtime 8
     python bench/storage_matrix.py --quick               # 2 points, 1 round (~1 min)
     python bench/storage_matrix.py --backends ours,ours-threads,qsd
+    python bench/storage_matrix.py --matrix cold --points randread-4k-qd1-q2 \
+        --backends ours-qt1,ours,qsd --profile     # --queue-threads 1; per-thread costs
     python bench/storage_matrix.py --matrix cache --backends ours,baseline,qsd \\
         --baseline-repo /work/main                       # page cache vs an older checkout
     python bench/storage_matrix.py --json > out.json
@@ -203,11 +205,13 @@ def backend_cmd(
         ]  # fmt: skip
     if name.startswith("ours"):
         aio = "threads" if name == "ours-threads" else "io_uring"
+        # ours-qtN: --queue-threads N (N threads serve the queues, one io_uring each)
+        qt = ["--queue-threads", name[len("ours-qt") :]] if name.startswith("ours-qt") else []
         return [
             backend_python(), "-m", "virtio", "serve", "blk",
             "--socket-path", str(sock), "--blk-file", str(image), "--format", fmt,
             "--num-queues", str(queues), "--queue-size", str(QUEUE_SIZE),
-            "--cache", "none" if direct else "writeback", "--aio", aio,
+            "--cache", "none" if direct else "writeback", "--aio", aio, *qt,
         ]  # fmt: skip
     qsd = shutil.which("qemu-storage-daemon")
     if qsd is None:
@@ -229,6 +233,81 @@ def cpu_seconds(pid: int) -> float:
         data = f.read()
     fields = data[data.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_snapshot(pid: int) -> dict[int, tuple[str, int, int, int]]:
+    """Per thread of pid: (name, CPU ns run (schedstat), voluntary and involuntary
+    context switches)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            run_ns = int((task / "schedstat").read_text().split()[0])
+            status = (task / "status").read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        sw = {k: int(v) for k, v in (ln.split(":\t") for ln in status if "ctxt_switches" in ln)}
+        out[int(task.name)] = (
+            comm,
+            run_ns,
+            sw.get("voluntary_ctxt_switches", 0),
+            sw.get("nonvoluntary_ctxt_switches", 0),
+        )
+    return out
+
+
+def thread_profile(
+    before: dict[int, tuple[str, int, int, int]],
+    after: dict[int, tuple[str, int, int, int]],
+    syscalls: dict[int, int],
+    ios: int,
+) -> list[dict[str, Any]]:
+    """Per thread busy during the run: CPU µs, context switches and system calls per
+    request (threads that did nothing are left out)."""
+    rows = []
+    for tid, (comm, run, vol, inv) in sorted(after.items()):
+        _, run0, vol0, inv0 = before.get(tid, (comm, 0, 0, 0))
+        d = (run - run0, vol - vol0, inv - inv0, syscalls.get(tid, 0))
+        if not any(d):
+            continue
+        rows.append(
+            {
+                "tid": tid,
+                "comm": comm,
+                "cpu_us_per_io": d[0] / 1e3 / ios,
+                "vol_cs_per_io": d[1] / ios,
+                "invol_cs_per_io": d[2] / ios,
+                "syscalls_per_io": d[3] / ios,
+            }
+        )
+    return rows
+
+
+def start_perf(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """``perf stat --per-thread`` counting system calls of pid (None: no perf)."""
+    perf = shutil.which("perf")
+    if perf is None:
+        return None
+    return subprocess.Popen(
+        [perf, "stat", "--per-thread", "-x", ",", "-o", str(out),
+         "-e", "raw_syscalls:sys_enter", "-p", str(pid)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def stop_perf(proc: subprocess.Popen[bytes] | None, out: Path) -> dict[int, int]:
+    """Stop perf (SIGINT: it prints its counts) and return system calls per thread."""
+    if proc is None:
+        return {}
+    proc.send_signal(2)
+    proc.wait(10)
+    counts: dict[int, int] = {}
+    for line in out.read_text().splitlines():
+        f = line.split(",")
+        # "comm-tid,count,,event,..."
+        if len(f) > 3 and "sys_enter" in f[3] and f[1].isdigit():
+            counts[int(f[0].rsplit("-", 1)[1])] = int(f[1])
+    return counts
 
 
 def drop_caches() -> None:
@@ -288,6 +367,7 @@ class Run:
     errors: int
     kicks: int
     waits: int
+    threads: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def cpu_us_per_io(self) -> float:
@@ -353,6 +433,9 @@ async def run_one(
             q.seconds = args.runtime
             qs.append(q)
         cpu0 = cpu_seconds(proc.pid)
+        if args.profile:
+            snap0 = thread_snapshot(proc.pid)
+            perf = start_perf(proc.pid, work / "perf.txt")
         rcs: list[int] = []
         async with trio.open_nursery() as nursery:
             for q in qs:
@@ -362,6 +445,9 @@ async def run_one(
 
                 nursery.start_soon(go)
         cpu = cpu_seconds(proc.pid) - cpu0
+        if args.profile:
+            snap1 = thread_snapshot(proc.pid)
+            syscalls = stop_perf(perf, work / "perf.txt")
         if any(rcs):
             raise RuntimeError(f"{backend} {point.name}: driver loop failed {rcs}")
         errors = sum(int(q.errors) for q in qs)
@@ -370,6 +456,7 @@ async def run_one(
             raise RuntimeError(f"{backend} {point.name}: {errors} requests failed; log:\n{tail}")
         ios = sum(int(q.ios) for q in qs)
         seconds = max(float(q.elapsed) for q in qs)
+        threads = thread_profile(snap0, snap1, syscalls, ios) if args.profile else []
         return Run(
             point.name,
             backend,
@@ -381,6 +468,7 @@ async def run_one(
             errors,
             sum(int(q.kicks) for q in qs),
             sum(int(q.waits) for q in qs),
+            threads,
         )
     finally:
         if fe is not None:
@@ -481,6 +569,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                             file=sys.stderr,
                             flush=True,
                         )
+                        for t in r.threads:
+                            print(
+                                f"    {t['comm']:<16} {t['tid']:>7}: "
+                                f"{t['cpu_us_per_io']:6.2f} µs CPU, "
+                                f"{t['vol_cs_per_io']:5.2f} + {t['invol_cs_per_io']:5.2f} "
+                                f"ctx switches, {t['syscalls_per_io']:5.2f} syscalls per IO",
+                                file=sys.stderr,
+                                flush=True,
+                            )
             rows = summarise(runs, points, backends)
             out["tables"][matrix] = rows
             out["runs"] += [dataclasses.asdict(r) | {"matrix": matrix} for r in runs]
@@ -502,12 +599,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--points", default="", help="comma-separated point names")
     ap.add_argument(
-        "--backends", default="ours,qsd", help="ours, ours-threads, qsd, baseline (the first is A)"
+        "--backends",
+        default="ours,qsd",
+        help="ours, ours-threads, ours-qtN (--queue-threads N), qsd, baseline (the first is A)",
     )
     ap.add_argument(
         "--baseline-repo", type=Path, help="a checkout whose back-end is 'baseline' (page cache)"
     )
     ap.add_argument("--quick", action="store_true", help="2 cold points, 1 round, 4 s")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="per back-end thread: CPU, context switches and system calls (perf) per IO",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:

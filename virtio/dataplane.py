@@ -24,6 +24,11 @@ A device's data plane subclasses ``NativeDataPlane``: it allocates its C struct
 device state the fast path decides by in ``update_state`` (the device calls it
 whenever that state changes), and answers failed chains.
 
+By default each queue has its thread; a device may instead have several queues
+served by one thread (``QueueThread``, ``struct dp_group``: QEMU's iothread with
+its virtqueue mapping) -- the thread then waits once for the events of all its
+queues, and a burst on two queues costs one wake-up, not two.
+
 The thread stops when the ring's scope is cancelled (ring stop, reset,
 disconnect): ``stop`` is set and a wake eventfd is written; the data plane
 returns once the batch in hand is completed.
@@ -32,8 +37,11 @@ returns once the batch in hand is completed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
@@ -54,6 +62,47 @@ CORE_STATISTICS = (
     "async_started", "reaps", "publishes", "max_pending", "dropped", "idles",
 )  # fmt: skip
 """Counters every data plane keeps (``struct dp``)."""
+
+
+class QueueThread:
+    """One thread serving the data planes of several queues (``struct dp_group``,
+    QEMU's iothread): queues join and leave at any time; the thread runs while it
+    has queues (started again by the next join).  The device's fast path must wait
+    in one mechanism for all of them (blk: one io_uring)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.c: Any = ffi.new("struct dp_group *")
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if lib.dp_group_init(self.c, self._wake):
+            os.close(self._wake)
+            raise MemoryError("dp_group_init failed")
+        weakref.finalize(self, os.close, self._wake)
+
+    def _run(self) -> None:
+        lib.dp_group_run(self.c)  # keeps self (and so the group) alive while it runs
+
+    async def serve(self, core: Any) -> int:
+        """Serve a data plane's ``struct dp`` on this thread until its loop ends;
+        returns what ``dp_run`` would.  Not cancellable: the caller stops the queue
+        (``stop`` and its wake eventfd) and this returns once the thread let go of it."""
+        done = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            core.done_fd = done
+            rc = lib.dp_group_join(self.c, ffi.addressof(core))
+            if rc < 0:
+                return int(rc)
+            if rc == 1:
+                threading.Thread(target=self._run, name=self.name, daemon=True).start()
+            with trio.CancelScope(shield=True):
+                await trio.lowlevel.wait_readable(done)
+            return int(core.result)
+        finally:
+            os.close(done)
+
+    def statistics(self) -> dict[str, int]:
+        """Waits of the thread, and those that ended with events."""
+        return {"waits": int(self.c.waits), "wakeups": int(self.c.wakeups)}
 
 
 class NativeDataPlane:
@@ -195,7 +244,7 @@ class NativeDataPlane:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_on_cancel)
                 nursery.start_soon(self._deferred_loop, nursery)
-                rc = await trio.to_thread.run_sync(lib.dp_run, ffi.addressof(core))
+                rc = await self._serve(core)
                 nursery.cancel_scope.cancel()
             # Outside the nursery: errors below reach the caller as themselves, not
             # wrapped in an exception group.
@@ -224,6 +273,23 @@ class NativeDataPlane:
             lib.dp_destroy(ffi.addressof(core))
             os.close(self._wake)
             os.close(self._defer)
+
+    def queue_thread(self) -> QueueThread | None:
+        """The shared thread to serve this queue on, or None for a thread of its own."""
+        return None
+
+    async def _serve(self, core: Any) -> int:
+        """Run the C loop (``dp_run``) until it returns its result."""
+        group = self.queue_thread()
+        if group is not None:
+            rc = await group.serve(core)
+            if rc != -errno.EOPNOTSUPP:
+                return rc
+            log.warning(
+                "vq%d: the data plane cannot share a thread here: one of its own", self.index
+            )
+            core.group = ffi.NULL
+        return await trio.to_thread.run_sync(lib.dp_run, ffi.addressof(core))
 
     async def _stop_on_cancel(self) -> None:
         try:

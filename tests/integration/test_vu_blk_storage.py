@@ -5,7 +5,8 @@ Three TCG guests boot with vhost-user-blk disks, each served by its own
 
 * every cache mode (none, writeback, writethrough, unsafe) on both I/O engines
   (io_uring, threads): fio writes random blocks and verifies them (crc32c) with
-  O_DIRECT, many requests in flight;
+  O_DIRECT, many requests in flight; with io_uring, two of the four back-ends
+  serve both queues from one thread (``--queue-threads 1``);
 * a disk whose image lives on a 16 MiB tmpfs: writes past what fits fail with
   ENOSPC, which reaches the guest as an I/O error (VIRTIO_BLK_S_IOERR), and the
   back-end keeps serving reads and writes of allocated blocks (the kernel has no
@@ -190,8 +191,15 @@ async def guest_with(guest_image: GuestImage, backends: list[Backend]):
 @pytest.mark.parametrize("aio", ["io_uring", "threads"])
 async def test_cache_modes_verify_and_flush_durability(guest_image: GuestImage, tmp_path, aio):
     modes = ("none", "writeback", "writethrough", "unsafe")
+    # io_uring: "none" and "writethrough" serve both queues from one thread
+    shared = ("none", "writethrough") if aio == "io_uring" else ()
     backends = [
-        Backend(tmp_path, c, sparse(tmp_path / f"{c}.img", SIZE), ["--cache", c, "--aio", aio])
+        Backend(
+            tmp_path,
+            c,
+            sparse(tmp_path / f"{c}.img", SIZE),
+            ["--cache", c, "--aio", aio, *(["--queue-threads", "1"] if c in shared else [])],
+        )
         for c in modes
     ]
     async with guest_with(guest_image, backends) as g:
@@ -200,6 +208,8 @@ async def test_cache_modes_verify_and_flush_durability(guest_image: GuestImage, 
             line = (await b.stats())["line"]
             engine = 2 if aio == "io_uring" else 1
             assert line.count("engine_used=") == line.count(f"engine_used={engine}") == 2, line
+            thread = "0" if b.image.stem in shared else "-1"
+            assert line.count(f"queue_thread={thread} ") == 2, line
         # 64 KiB sequential with verification, O_DIRECT on the host
         fio_ok((await g.run(fio_verify(backends[0].dev, bs="64k", rw="write"))).output)
         # A write acknowledged after FLUSH survives SIGKILL + drop_caches, and the

@@ -6,6 +6,7 @@
                      [--format raw|qcow2] [--force] [--l2-cache-size BYTES]
                      [--num-queues N] [--queue-size N] [--serial ID] [--idle-timeout S]
                      [--cache none|writeback|writethrough|unsafe] [--aio io_uring|threads]
+                     [--queue-threads N]
     virtio serve blk --fd 3 --blk-file disk.img        # socket inherited as fd 3
     virtio serve blk --print-capabilities             # JSON on stdout, then exit
     virtio serve rng --socket-path /run/rng.sock      # virtio-rng (os.getrandom)
@@ -201,6 +202,15 @@ def _add_blk_options(blk: argparse.ArgumentParser) -> None:
         default="io_uring",
         help="I/O engine of the data plane (default: io_uring, threads where it cannot run)",
     )
+    blk.add_argument(
+        "--queue-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="data plane threads: N threads serve the queues round-robin (queue i on "
+        "thread i mod N, as QEMU's iothread-vq-mapping), one io_uring each "
+        "(default 0: a thread per queue)",
+    )
     blk.add_argument("--num-queues", type=int, default=1, metavar="N", help="virtqueues (1)")
     blk.add_argument(
         "--queue-size", type=int, default=256, metavar="N", help="maximum virtqueue size (256)"
@@ -321,6 +331,7 @@ def build_blk(args: argparse.Namespace) -> Any:
             serial=args.serial,
             cache=args.cache,
             aio=args.aio,
+            queue_threads=args.queue_threads,
             incoming=args.incoming,
         )
     except ValueError as exc:

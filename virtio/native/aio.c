@@ -19,6 +19,14 @@
  * DEFER_TASKRUN, so the thread is woken once per wait, not once per completion.
  * Kicks are consumed by those READs (as the data plane's read() did).
  *
+ * Sharing a ring (--queue-threads, QEMU's iothread model).  One data plane thread
+ * may serve several queues (dataplane.c's dp_group): their engines are then
+ * "owners" of one struct aio_ring -- one io_uring, one wait for all of them.
+ * Each owner keeps its own slots and completed list; the ring's user_data names
+ * the owner, and its kick / wake eventfds are fixed files 2k and 2k + 1 (the
+ * group's wake eventfd is the last one).  Whoever drains the ring hands every
+ * completion to its owner.
+ *
  * Test hook: with a fault directory set (dp_set_fault_dir), each operation first
  * consults the file named after its libc equivalent ("preadv", "pwritev",
  * "fdatasync"), the protocol of virtio.testing.faults: "ERRNO COUNT" fails the next
@@ -94,14 +102,33 @@ struct aio_done {
 
 #define AIO_MAX_THREADS 64
 
-/* user_data of the ring's control requests (I/O is slot << 1 | is_sync) */
+/* user_data of the ring's control requests: kind | owner << 16 | generation (I/O
+ * is owner << 40 | slot << 1 | is_sync) */
 #define AIO_CTL (1ULL << 63)
 #define AIO_CTL_KICK (1ULL << 32)
 #define AIO_CTL_WAKE (2ULL << 32)
 #define AIO_CTL_CANCEL (3ULL << 32)
 #define AIO_CTL_KIND (3ULL << 32)
-#define AIO_FIX_KICK 0
-#define AIO_FIX_WAKE 1
+#define AIO_CTL_GROUP (4ULL << 32) /* the group's wake eventfd was read */
+#define AIO_OWNER_SHIFT 40
+#define AIO_MAX_OWNERS 64
+#define AIO_FIX_GROUP (2 * AIO_MAX_OWNERS)
+
+struct aio;
+
+/* One io_uring and what its owners share (see "Sharing a ring" above). */
+struct aio_ring {
+#ifdef HAVE_LIBURING
+    struct io_uring ring;
+#endif
+    int defer_taskrun, wait_in_ring, files_ok, refs;
+    unsigned queued;          /* SQEs prepared since the last submit */
+    uint64_t submits;
+    struct aio *owners[AIO_MAX_OWNERS];
+    uint16_t kick_gen[AIO_MAX_OWNERS], wake_gen[AIO_MAX_OWNERS];
+    uint64_t bufs[2 * AIO_MAX_OWNERS + 1]; /* the READs' targets: live as long as the ring */
+    int group_fd, group_armed, group_woken;
+};
 
 struct aio {
     int engine; /* BLK_AIO_THREADS / BLK_AIO_URING */
@@ -118,16 +145,13 @@ struct aio {
     pthread_t threads[AIO_MAX_THREADS];
     uint64_t submits;
     int wait_in_ring; /* io_uring: the data plane waits in the ring (else on efd) */
-#ifdef HAVE_LIBURING
-    struct io_uring ring;
+    struct aio_ring *r; /* io_uring: this engine's ring, maybe shared */
+    struct aio_ring **home; /* shared: where the group keeps it */
+    uint32_t owner;     /* index in r->owners */
     int ring_ok;
-    int defer_taskrun; /* completions are posted only when we ask (GETEVENTS) */
-    unsigned queued; /* SQEs prepared since the last submit */
-    /* waiting in the ring: kick/wake eventfds as fixed files 0 and 1 */
-    int files_ok, have_kick, kick_armed, wake_armed, kicked, woken;
-    uint32_t kick_gen;
-    uint64_t kick_buf, wake_buf;
-#endif
+    /* waiting in the ring: kick/wake eventfds as fixed files 2 owner, 2 owner + 1 */
+    int have_kick, kick_armed, wake_armed, kicked, woken, watched;
+    int want;           /* shared ring: the DP_EV_* this owner's data plane waits for */
 };
 
 static void aio_signal(struct aio *a)
@@ -236,16 +260,21 @@ static void *aio_worker(void *arg)
 }
 
 #ifdef HAVE_LIBURING
-static struct io_uring_sqe *aio_sqe(struct aio *a)
+static struct io_uring_sqe *ring_sqe(struct aio_ring *r)
 {
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&a->ring);
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
     if (!sqe) { /* SQ full: hand over what is queued, then there is room */
-        io_uring_submit(&a->ring);
-        a->submits++;
-        a->queued = 0;
-        sqe = io_uring_get_sqe(&a->ring);
+        io_uring_submit(&r->ring);
+        r->submits++;
+        r->queued = 0;
+        sqe = io_uring_get_sqe(&r->ring);
     }
     return sqe;
+}
+
+static struct io_uring_sqe *aio_sqe(struct aio *a)
+{
+    return ring_sqe(a->r);
 }
 
 /* Queue r (slot) on the ring. */
@@ -253,10 +282,10 @@ static void aio_uring_queue(struct aio *a, uint32_t slot)
 {
     struct aio_req *r = &a->reqs[slot];
     r->ncqe = 0;
-    if (r->op == AIO_WRITE_SYNC && io_uring_sq_space_left(&a->ring) < 2) {
-        io_uring_submit(&a->ring);
-        a->submits++;
-        a->queued = 0;
+    if (r->op == AIO_WRITE_SYNC && io_uring_sq_space_left(&a->r->ring) < 2) {
+        io_uring_submit(&a->r->ring);
+        a->r->submits++;
+        a->r->queued = 0;
     }
     struct io_uring_sqe *sqe = aio_sqe(a);
     if (r->op == AIO_FSYNC) {
@@ -272,18 +301,19 @@ static void aio_uring_queue(struct aio *a, uint32_t slot)
         else
             io_uring_prep_writev(sqe, r->fd, r->iov, (unsigned)r->iovcnt, r->off);
     }
-    sqe->user_data = (uint64_t)slot << 1;
+    uint64_t ud = (uint64_t)a->owner << AIO_OWNER_SHIFT | (uint64_t)slot << 1;
+    sqe->user_data = ud;
     r->ncqe++;
-    a->queued++;
+    a->r->queued++;
     if (r->op == AIO_WRITE_SYNC && !r->sync_fault) {
         /* The sync runs only once the write completed whole (a short or failed write
          * cancels it: -ECANCELED). */
         sqe->flags |= IOSQE_IO_LINK;
         sqe = aio_sqe(a);
         io_uring_prep_fsync(sqe, r->fd, IORING_FSYNC_DATASYNC);
-        sqe->user_data = (uint64_t)slot << 1 | 1;
+        sqe->user_data = ud | 1;
         r->ncqe++;
-        a->queued++;
+        a->r->queued++;
     }
 }
 
@@ -323,38 +353,57 @@ static int aio_uring_cqe(struct aio *a, uint32_t slot, int is_sync, int res)
     return 1;
 }
 
-/* A control completion: the kick or wake eventfd was read, or a cancellation. */
-static void aio_uring_ctl(struct aio *a, uint64_t ud, int res)
+static uint64_t ctl_ud(uint64_t kind, uint32_t owner, uint16_t gen)
 {
-    uint64_t kind = ud & AIO_CTL_KIND;
+    return AIO_CTL | kind | (uint64_t)owner << 16 | gen;
+}
+
+/* A control completion: a kick or wake eventfd was read, or a cancellation. */
+static void aio_uring_ctl(struct aio_ring *r, uint64_t ud, int res)
+{
+    uint64_t kind = ud & (AIO_CTL_KIND | AIO_CTL_GROUP);
+    uint32_t owner = (uint32_t)(ud >> 16) & 0xffff;
+    uint16_t gen = (uint16_t)ud;
+    if (kind == AIO_CTL_GROUP) {
+        r->group_armed = 0;
+        if (res != -ECANCELED)
+            r->group_woken = 1;
+        return;
+    }
+    struct aio *a = owner < AIO_MAX_OWNERS ? r->owners[owner] : NULL;
     if (kind == AIO_CTL_KICK) {
-        if ((uint32_t)ud != a->kick_gen)
-            return; /* the read of a kick eventfd since replaced */
+        if (!a || gen != r->kick_gen[owner])
+            return; /* the read of a kick eventfd since replaced, or of an owner gone */
         a->kick_armed = 0;
         if (res != -ECANCELED)
             a->kicked = 1; /* an error too: the ring is looked at, as after poll()'s POLLERR */
     } else if (kind == AIO_CTL_WAKE) {
+        if (!a || gen != r->wake_gen[owner])
+            return;
         a->wake_armed = 0;
         if (res != -ECANCELED)
             a->woken = 1;
     }
 }
 
-/* Move every posted completion out of the ring: I/O that finished goes to the
- * completed list (cq), kicks and wakes become flags.  No system call. */
-static void aio_uring_drain(struct aio *a)
+/* Move every posted completion out of the ring: I/O that finished goes to its
+ * owner's completed list (cq), kicks and wakes become flags.  No system call. */
+static void ring_drain(struct aio_ring *rg)
 {
     struct io_uring_cqe *cqes[64];
     unsigned got;
-    while ((got = io_uring_peek_batch_cqe(&a->ring, cqes, 64))) {
+    while ((got = io_uring_peek_batch_cqe(&rg->ring, cqes, 64))) {
         for (unsigned i = 0; i < got; i++) {
             uint64_t ud = cqes[i]->user_data;
             int res = cqes[i]->res;
             if (ud & AIO_CTL) {
-                aio_uring_ctl(a, ud, res);
+                aio_uring_ctl(rg, ud, res);
                 continue;
             }
-            uint32_t slot = (uint32_t)(ud >> 1);
+            struct aio *a = rg->owners[(ud >> AIO_OWNER_SHIFT) % AIO_MAX_OWNERS];
+            if (!a)
+                continue; /* (never: an owner leaves with nothing in flight) */
+            uint32_t slot = (uint32_t)((ud & ((1ULL << AIO_OWNER_SHIFT) - 1)) >> 1);
             /* a resubmission of a short transfer queues more: submitted later */
             if (aio_uring_cqe(a, slot, (int)(ud & 1), res)) {
                 pthread_mutex_lock(&a->mu);
@@ -362,32 +411,68 @@ static void aio_uring_drain(struct aio *a)
                 pthread_mutex_unlock(&a->mu);
             }
         }
-        io_uring_cq_advance(&a->ring, got);
+        io_uring_cq_advance(&rg->ring, got);
     }
+}
+
+static void aio_uring_drain(struct aio *a)
+{
+    ring_drain(a->r);
 }
 
 /* Keep a READ armed on the kick (when there is one) and on the wake eventfd. */
 static void aio_uring_arm(struct aio *a)
 {
-    if (!a->files_ok)
+    struct aio_ring *r = a->r;
+    if (!a->watched)
         return;
     struct io_uring_sqe *sqe;
+    uint32_t k = 2 * a->owner;
     if (a->have_kick && !a->kick_armed) {
         sqe = aio_sqe(a);
-        io_uring_prep_read(sqe, AIO_FIX_KICK, &a->kick_buf, sizeof a->kick_buf, 0);
+        io_uring_prep_read(sqe, (int)k, &r->bufs[k], sizeof r->bufs[k], 0);
         sqe->flags |= IOSQE_FIXED_FILE;
-        sqe->user_data = AIO_CTL | AIO_CTL_KICK | a->kick_gen;
+        sqe->user_data = ctl_ud(AIO_CTL_KICK, a->owner, r->kick_gen[a->owner]);
         a->kick_armed = 1;
-        a->queued++;
+        r->queued++;
     }
     if (!a->wake_armed) {
         sqe = aio_sqe(a);
-        io_uring_prep_read(sqe, AIO_FIX_WAKE, &a->wake_buf, sizeof a->wake_buf, 0);
+        io_uring_prep_read(sqe, (int)k + 1, &r->bufs[k + 1], sizeof r->bufs[k + 1], 0);
         sqe->flags |= IOSQE_FIXED_FILE;
-        sqe->user_data = AIO_CTL | AIO_CTL_WAKE;
+        sqe->user_data = ctl_ud(AIO_CTL_WAKE, a->owner, r->wake_gen[a->owner]);
         a->wake_armed = 1;
-        a->queued++;
+        r->queued++;
     }
+}
+
+/* The ring's sparse file table (every owner's kick and wake, the group's wake). */
+static int ring_files(struct aio_ring *r)
+{
+    if (r->files_ok)
+        return 0;
+    int fds[AIO_FIX_GROUP + 1];
+    for (unsigned i = 0; i <= AIO_FIX_GROUP; i++)
+        fds[i] = -1;
+    int rc = io_uring_register_files(&r->ring, fds, AIO_FIX_GROUP + 1);
+    if (rc < 0)
+        return rc;
+    r->files_ok = 1;
+    if (r->group_fd >= 0) {
+        rc = io_uring_register_files_update(&r->ring, AIO_FIX_GROUP, &r->group_fd, 1);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Cancel the armed READ whose user_data is ud (its completion is ignored). */
+static void ring_cancel(struct aio_ring *r, uint64_t ud)
+{
+    struct io_uring_sqe *sqe = ring_sqe(r);
+    io_uring_prep_cancel64(sqe, ud, 0);
+    sqe->user_data = AIO_CTL | AIO_CTL_CANCEL;
+    r->queued++;
 }
 
 /* The eventfds to wait on (kick may be -1).  The caller guarantees the numbers are
@@ -395,28 +480,36 @@ static void aio_uring_arm(struct aio *a)
  * own reference to the files, so later closes of these numbers do not matter. */
 static int aio_uring_watch(struct aio *a, int kick, int wake)
 {
+    struct aio_ring *r = a->r;
     int fds[2] = {kick, wake};
-    int rc;
-    if (!a->files_ok) {
-        rc = io_uring_register_files(&a->ring, fds, 2);
+    int rc = ring_files(r);
+    if (rc < 0)
+        return rc;
+    unsigned k = 2 * a->owner;
+    if (!a->watched) {
+        rc = io_uring_register_files_update(&r->ring, k, fds, 2);
         if (rc < 0)
             return rc;
-        a->files_ok = 1;
+        a->watched = 1;
     } else {
-        rc = io_uring_register_files_update(&a->ring, AIO_FIX_KICK, &fds[0], 1);
+        rc = io_uring_register_files_update(&r->ring, k, &fds[0], 1);
         if (rc < 0)
             return rc;
         if (a->kick_armed) { /* the old kick's read: cancelled, its completion ignored */
-            struct io_uring_sqe *sqe = aio_sqe(a);
-            io_uring_prep_cancel64(sqe, AIO_CTL | AIO_CTL_KICK | a->kick_gen, 0);
-            sqe->user_data = AIO_CTL | AIO_CTL_CANCEL;
-            a->queued++;
+            ring_cancel(r, ctl_ud(AIO_CTL_KICK, a->owner, r->kick_gen[a->owner]));
             a->kick_armed = 0;
         }
     }
-    a->kick_gen++;
+    r->kick_gen[a->owner]++;
     a->have_kick = kick >= 0;
     return 0;
+}
+
+/* Whether an owner has one of the events its data plane waits for. */
+static int aio_ready(struct aio *a, int want)
+{
+    return ((want & DP_EV_KICK) && a->kicked) || ((want & DP_EV_WAKE) && a->woken) ||
+           ((want & DP_EV_DONE) && __atomic_load_n(&a->cq_n, __ATOMIC_RELAXED));
 }
 
 /* Wait until one of `want` (DP_EV_*) happened or timeout_ms passed (< 0: no
@@ -441,20 +534,69 @@ static int aio_uring_wait(struct aio *a, int want, int timeout_ms)
                 a->woken = 0;
             return ev;
         }
+        if (timeout_ms == DP_WAIT_PEEK) {
+            a->want = want; /* the group's wait (ring_wait_any) looks for these */
+            return 0;
+        }
         if (slept && timeout_ms >= 0)
             return 0; /* timed out (or woken by something not wanted: the same to the caller) */
         aio_uring_arm(a);
         int rc;
         if (timeout_ms < 0) {
-            rc = io_uring_submit_and_wait(&a->ring, 1);
+            rc = io_uring_submit_and_wait(&a->r->ring, 1);
         } else {
             struct io_uring_cqe *cqe;
             struct __kernel_timespec ts = {timeout_ms / 1000, (timeout_ms % 1000) * 1000000LL};
-            rc = io_uring_submit_and_wait_timeout(&a->ring, &cqe, 1, &ts, NULL);
+            rc = io_uring_submit_and_wait_timeout(&a->r->ring, &cqe, 1, &ts, NULL);
         }
-        if (a->queued)
+        if (a->r->queued)
             a->submits++;
-        a->queued = 0;
+        a->r->queued = 0;
+        if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
+            return rc;
+        slept = 1;
+    }
+}
+
+/* A shared ring's one wait (dataplane.c's dp_group): until an owner has one of the
+ * events it waits for (its last DP_WAIT_PEEK), the group's wake eventfd was read,
+ * or timeout_ms passed (< 0: none).  Submits what is queued in the same system
+ * call.  Returns 1, 0 on timeout, or -errno. */
+static int ring_wait_any(struct aio_ring *r, int timeout_ms)
+{
+    int slept = 0;
+    for (;;) {
+        ring_drain(r);
+        int ready = r->group_woken;
+        r->group_woken = 0;
+        for (uint32_t i = 0; i < AIO_MAX_OWNERS && !ready; i++)
+            ready = r->owners[i] && aio_ready(r->owners[i], r->owners[i]->want);
+        if (ready)
+            return 1;
+        if (slept && timeout_ms >= 0)
+            return 0;
+        for (uint32_t i = 0; i < AIO_MAX_OWNERS; i++)
+            if (r->owners[i])
+                aio_uring_arm(r->owners[i]);
+        if (r->files_ok && r->group_fd >= 0 && !r->group_armed) {
+            struct io_uring_sqe *sqe = ring_sqe(r);
+            io_uring_prep_read(sqe, AIO_FIX_GROUP, &r->bufs[AIO_FIX_GROUP], 8, 0);
+            sqe->flags |= IOSQE_FIXED_FILE;
+            sqe->user_data = AIO_CTL | AIO_CTL_GROUP;
+            r->group_armed = 1;
+            r->queued++;
+        }
+        int rc;
+        if (timeout_ms < 0) {
+            rc = io_uring_submit_and_wait(&r->ring, 1);
+        } else {
+            struct io_uring_cqe *cqe;
+            struct __kernel_timespec ts = {timeout_ms / 1000, (timeout_ms % 1000) * 1000000LL};
+            rc = io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, &ts, NULL);
+        }
+        if (r->queued)
+            r->submits++;
+        r->queued = 0;
         if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
             return rc;
         slept = 1;
@@ -488,34 +630,117 @@ void aio_set_ring_wait(int on)
 /* Whether a READ of an empty non-blocking eventfd waits on this kernel (instead of
  * failing with EAGAIN): what waiting in the ring needs, since the kick eventfds the
  * front-end sends are non-blocking. */
-static int aio_uring_reads_wait(struct aio *a)
+static int aio_uring_reads_wait(struct aio_ring *r)
 {
     int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (efd < 0)
         return 0;
     uint64_t buf = 0, one = 1;
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&a->ring);
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
     io_uring_prep_read(sqe, efd, &buf, sizeof buf, 0);
     sqe->user_data = AIO_CTL | AIO_CTL_CANCEL;
-    io_uring_submit_and_get_events(&a->ring);
+    io_uring_submit_and_get_events(&r->ring);
     struct io_uring_cqe *cqe = NULL;
-    int waits = io_uring_peek_cqe(&a->ring, &cqe) != 0; /* nothing posted yet */
+    int waits = io_uring_peek_cqe(&r->ring, &cqe) != 0; /* nothing posted yet */
     if (cqe)
-        io_uring_cqe_seen(&a->ring, cqe);
+        io_uring_cqe_seen(&r->ring, cqe);
     ssize_t w = write(efd, &one, sizeof one); /* completes the read if it waits */
     (void)w;
-    if (waits && io_uring_wait_cqe(&a->ring, &cqe) == 0) {
+    if (waits && io_uring_wait_cqe(&r->ring, &cqe) == 0) {
         waits = cqe->res == (int)sizeof buf;
-        io_uring_cqe_seen(&a->ring, cqe);
+        io_uring_cqe_seen(&r->ring, cqe);
     }
     close(efd);
     return waits;
 }
+
+/* A new ring for nslots slots (shared: room for every owner's), or NULL; efd, when
+ * the ring cannot be waited in, is what its completions signal (-1: must wait in
+ * it). */
+static struct aio_ring *ring_create(uint32_t nslots, int shared, int efd, int group_fd)
+{
+    struct aio_ring *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->group_fd = group_fd;
+    unsigned entries = 1, want = shared ? 8 * nslots : 2 * nslots;
+    while (entries < want && entries < 4096)
+        entries <<= 1;
+    /* cq_entries: every slot's completions fit (2 per AIO_WRITE_SYNC), and the
+     * kick/wake reads and cancellations */
+    static const unsigned flags[] = {
+        IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+        IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN,
+        IORING_SETUP_CQSIZE, /* kernel < 6.0 */
+    };
+    int rc = -EINVAL;
+    for (unsigned i = 0; i < sizeof flags / sizeof *flags && rc == -EINVAL; i++) {
+        struct io_uring_params p;
+        memset(&p, 0, sizeof p);
+        p.flags = flags[i];
+        p.cq_entries = 4 * entries + 2 * AIO_MAX_OWNERS + 16;
+        rc = io_uring_queue_init_params(entries, &r->ring, &p);
+        r->defer_taskrun = rc == 0 && (flags[i] & IORING_SETUP_DEFER_TASKRUN);
+        if (rc == 0)
+            r->wait_in_ring = __atomic_load_n(&aio_ring_wait_allowed, __ATOMIC_RELAXED) &&
+                              aio_uring_reads_wait(r);
+        if (rc == 0 && r->defer_taskrun && !r->wait_in_ring) {
+            /* polling efd instead: completions must be posted without our
+             * GETEVENTS, which DEFER_TASKRUN would hold back */
+            io_uring_queue_exit(&r->ring);
+            rc = -EINVAL;
+        }
+    }
+    if (rc == 0 && !r->wait_in_ring && (efd < 0 || io_uring_register_eventfd(&r->ring, efd))) {
+        io_uring_queue_exit(&r->ring);
+        rc = -EOPNOTSUPP;
+    }
+    if (rc != 0) {
+        free(r);
+        return NULL;
+    }
+    r->refs = 1;
+    return r;
+}
+
+/* Leave the ring (the owner has nothing in flight): its armed READs are cancelled,
+ * its files dropped; the last owner out closes the ring. */
+static void ring_leave(struct aio *a)
+{
+    struct aio_ring *r = a->r;
+    a->r = NULL;
+    if (--r->refs == 0) {
+        io_uring_queue_exit(&r->ring);
+        if (a->home)
+            *a->home = NULL;
+        free(r);
+        return;
+    }
+    uint32_t o = a->owner;
+    if (a->kick_armed)
+        ring_cancel(r, ctl_ud(AIO_CTL_KICK, o, r->kick_gen[o]));
+    if (a->wake_armed)
+        ring_cancel(r, ctl_ud(AIO_CTL_WAKE, o, r->wake_gen[o]));
+    r->kick_gen[o]++;
+    r->wake_gen[o]++;
+    r->owners[o] = NULL;
+    if (a->watched) {
+        int none[2] = {-1, -1};
+        io_uring_register_files_update(&r->ring, 2 * o, none, 2);
+    }
+    io_uring_submit(&r->ring); /* the cancellations */
+    r->submits++;
+    r->queued = 0;
+}
 #endif
 
-/* Set up an engine for nslots slots.  Returns the engine running (io_uring falls
- * back to threads when it cannot be set up), or -errno. */
-static int aio_init(struct aio *a, int engine, uint32_t nslots, int threads)
+/* Set up an engine for nslots slots.  With shared (--queue-threads), the io_uring is
+ * the one *shared points to (created, and stored there, by the first owner; its
+ * group_fd is the group's wake eventfd), which must be waited in.  Returns the
+ * engine running (io_uring falls back to threads when it cannot be set up, or
+ * -EOPNOTSUPP when shared), or -errno. */
+static int aio_init(struct aio *a, int engine, uint32_t nslots, int threads,
+                    struct aio_ring **shared, int group_fd)
 {
     memset(a, 0, sizeof *a);
     a->nslots = nslots;
@@ -531,47 +756,35 @@ static int aio_init(struct aio *a, int engine, uint32_t nslots, int threads)
     a->engine = BLK_AIO_THREADS;
 #ifdef HAVE_LIBURING
     if (engine == BLK_AIO_URING) {
-        unsigned entries = 1;
-        while (entries < 2 * nslots && entries < 4096)
-            entries <<= 1;
-        /* cq_entries: every slot's completions fit (2 per AIO_WRITE_SYNC), and the
-         * kick/wake reads and cancellations */
-        static const unsigned flags[] = {
-            IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
-            IORING_SETUP_CQSIZE | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN,
-            IORING_SETUP_CQSIZE, /* kernel < 6.0 */
-        };
-        int rc = -EINVAL;
-        for (unsigned i = 0; i < sizeof flags / sizeof *flags && rc == -EINVAL; i++) {
-            struct io_uring_params p;
-            memset(&p, 0, sizeof p);
-            p.flags = flags[i];
-            p.cq_entries = 4 * entries + 16;
-            rc = io_uring_queue_init_params(entries, &a->ring, &p);
-            a->defer_taskrun = rc == 0 && (flags[i] & IORING_SETUP_DEFER_TASKRUN);
-            if (rc == 0)
-                a->wait_in_ring = __atomic_load_n(&aio_ring_wait_allowed, __ATOMIC_RELAXED) &&
-                                  aio_uring_reads_wait(a);
-            if (rc == 0 && a->defer_taskrun && !a->wait_in_ring) {
-                /* polling efd instead: completions must be posted without our
-                 * GETEVENTS, which DEFER_TASKRUN would hold back */
-                io_uring_queue_exit(&a->ring);
-                rc = -EINVAL;
-            }
+        struct aio_ring *r = shared ? *shared : NULL;
+        if (r) {
+            uint32_t o = 0;
+            while (o < AIO_MAX_OWNERS && r->owners[o])
+                o++;
+            if (o == AIO_MAX_OWNERS)
+                return -EBUSY;
+            r->refs++;
+            a->owner = o;
+        } else {
+            r = ring_create(nslots, shared != NULL, shared ? -1 : a->efd, group_fd);
+            if (!r)
+                return shared ? -EOPNOTSUPP : a->engine;
+            if (shared)
+                *shared = r;
         }
-        if (rc == 0) {
-            a->ring_ok = 1;
-            a->engine = BLK_AIO_URING;
-            if (!a->wait_in_ring && io_uring_register_eventfd(&a->ring, a->efd) != 0) {
-                io_uring_queue_exit(&a->ring);
-                a->ring_ok = 0;
-                a->engine = BLK_AIO_THREADS;
-            }
-        }
+        r->owners[a->owner] = a;
+        a->r = r;
+        a->home = shared;
+        a->ring_ok = 1;
+        a->engine = BLK_AIO_URING;
+        a->wait_in_ring = r->wait_in_ring;
     }
 #else
     (void)engine;
+    if (shared)
+        return -EOPNOTSUPP;
 #endif
+    (void)group_fd;
     return a->engine;
 }
 
@@ -585,15 +798,19 @@ static void aio_destroy(struct aio *a)
         pthread_join(a->threads[i], NULL);
 #ifdef HAVE_LIBURING
     if (a->ring_ok)
-        io_uring_queue_exit(&a->ring);
+        ring_leave(a);
+    a->ring_ok = 0;
 #endif
     if (a->efd >= 0)
         close(a->efd);
+    a->efd = -1;
     pthread_mutex_destroy(&a->mu);
     pthread_cond_destroy(&a->cv);
     free(a->reqs);
     free(a->cq);
     free(a->jq);
+    a->reqs = NULL;
+    a->cq = a->jq = NULL;
 }
 
 /* Start an operation in `slot`.  The iovec array stays the caller's until the slot
@@ -650,13 +867,13 @@ static void aio_submit(struct aio *a)
 #ifdef HAVE_LIBURING
     /* Waiting in the ring: the data plane's next wait submits them, in the same
      * system call (it waits right after the batch; no I/O is left unsubmitted). */
-    if (a->engine == BLK_AIO_URING && a->queued && !a->wait_in_ring) {
-        if (a->defer_taskrun)
-            io_uring_submit_and_get_events(&a->ring);
+    if (a->engine == BLK_AIO_URING && a->r->queued && !a->wait_in_ring) {
+        if (a->r->defer_taskrun)
+            io_uring_submit_and_get_events(&a->r->ring);
         else
-            io_uring_submit(&a->ring);
+            io_uring_submit(&a->r->ring);
         a->submits++;
-        a->queued = 0;
+        a->r->queued = 0;
     }
 #else
     (void)a;

@@ -570,6 +570,17 @@ static int blk_wait(void *dev, int want, int timeout_ms)
 #endif
 }
 
+/* dp_group.wait: the members' shared io_uring (aio.c) */
+static int blk_group_wait(void *shared, int timeout_ms)
+{
+#ifdef HAVE_LIBURING
+    return ring_wait_any(shared, timeout_ms);
+#else
+    (void)shared, (void)timeout_ms;
+    return -ENOSYS;
+#endif
+}
+
 static int blk_start(void *dev)
 {
     struct blk_dp *dp = dev;
@@ -584,7 +595,11 @@ static int blk_start(void *dev)
         free(pv);
         return -ENOMEM;
     }
-    int e = aio_init(&pv->aio, dp->engine, nslots, dp->threads);
+    struct dp_group *g = dp->core.group; /* --queue-threads: one io_uring per thread */
+    int e = aio_init(&pv->aio, dp->engine, nslots, dp->threads,
+                     g ? (struct aio_ring **)&g->shared : NULL, g ? g->wake_fd : -1);
+    if (g && e >= 0)
+        g->wait = blk_group_wait;
     if (e < 0) {
         aio_destroy(&pv->aio);
         free(pv->slots);

@@ -30,6 +30,7 @@ SOURCES = (
     "nbd_dataplane.c",
     "net_fdb.c",
     "net_dataplane.c",
+    "input_deliver.c",
 )
 """C sources, compiled as one translation unit (in this order)."""
 HEADERS = (
@@ -40,6 +41,7 @@ HEADERS = (
     "nbd_dataplane.h",
     "net_fdb.h",
     "net_dataplane.h",
+    "input_deliver.h",
 )
 PRIVATE_HEADERS = ("faultfile.h",)
 """Headers the C sources include that cffi does not see (static inline code)."""

@@ -340,35 +340,54 @@ static int dp_spin(struct dp *dp)
 }
 
 /* ---- the loop ------------------------------------------------------------------- */
-int dp_run(struct dp *dp)
+/* The loop's state between waits (a group serves several loops by turns). */
+struct dp_loop {
+    struct vq_chain *chains;
+    struct vq_seg *segs;
+    struct dp_out *o;
+    uint16_t heads[DP_BATCH];
+    int started, draining, rc;
+};
+
+static int dp_begin(struct dp *dp)
 {
     struct vq *q = dp->q;
-    struct vq_chain *chains = calloc(DP_BATCH, sizeof *chains);
-    struct vq_seg *segs = calloc(DP_MAX_SEGS, sizeof *segs);
-    struct dp_out *o = calloc(1, sizeof *o);
-    uint16_t heads[DP_BATCH];
-    int rc = 0, started = 0;
+    struct dp_loop *l = calloc(1, sizeof *l);
+    dp->loop = l;
     dp->pending = 0;
     dp->watched_kick = -2;
+    if (!l)
+        return -ENOMEM;
+    l->chains = calloc(DP_BATCH, sizeof *l->chains);
+    l->segs = calloc(DP_MAX_SEGS, sizeof *l->segs);
+    l->o = calloc(1, sizeof *l->o);
     dp->pend = dp->reap ? calloc(q->size ? q->size : 1, sizeof *dp->pend) : NULL;
-    if (!chains || !segs || !o || (dp->reap && !dp->pend)) {
-        rc = -ENOMEM;
-        goto out;
+    if (!l->chains || !l->segs || !l->o || (dp->reap && !dp->pend))
+        return -ENOMEM;
+    if (dp->start) {
+        int rc = dp->start(dp->dev);
+        if (rc < 0)
+            return rc;
     }
-    if (dp->start && (rc = dp->start(dp->dev)) < 0)
-        goto out;
-    started = 1;
+    l->started = 1;
+    return 0;
+}
+
+/* Serve the queue until it must wait.  Returns the events to wait for (DP_EV_*;
+ * with DP_EV_KICK: sleeping for the driver, with the idle timeout), or 0 when the
+ * loop ended (l->rc; dp_end then). */
+static int dp_step(struct dp *dp)
+{
+    struct vq *q = dp->q;
+    struct dp_loop *l = dp->loop;
+    struct dp_out *o = l->o;
+    if (l->draining)
+        goto drain;
     for (;;) {
         if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
-            goto out;
-        if (!dp_room(dp)) { /* Python has not taken the deferred chains yet */
-            int w = dp_wait(dp, -1, 0);
-            if (w <= 0) {
-                rc = w;
-                goto out;
-            }
-            continue;
-        }
+            goto stop;
+        if (!dp_room(dp)) /* Python has not taken the deferred chains yet */
+            return DP_EV_WAKE;
         vq_disable_notification(q);
         int more = 0;
         for (;;) {
@@ -376,22 +395,22 @@ int dp_run(struct dp *dp)
                 more = 1;
                 break;
             }
-            int n = vq_pop_batch(q, chains, DP_BATCH, segs, DP_MAX_SEGS);
+            int n = vq_pop_batch(q, l->chains, DP_BATCH, l->segs, DP_MAX_SEGS);
             if (n < 0) {
-                rc = n; /* driver error (queue broken) or a chain beyond our segments */
-                goto out;
+                l->rc = n; /* driver error (queue broken) or a chain beyond our segments */
+                goto stop;
             }
             if (n == 0)
                 break;
             dp->batches++;
             if (dp->inflight) {
                 for (int i = 0; i < n; i++)
-                    heads[i] = chains[i].head;
-                vu_inflight_pop(dp->inflight, dp->inflight_num, heads, (uint32_t)n,
+                    l->heads[i] = l->chains[i].head;
+                vu_inflight_pop(dp->inflight, dp->inflight_num, l->heads, (uint32_t)n,
                                 &dp->inflight_counter);
             }
             for (int i = 0; i < n; i++)
-                dp_serve_one(dp, &chains[i], segs + chains[i].seg_start, o);
+                dp_serve_one(dp, &l->chains[i], l->segs + l->chains[i].seg_start, o);
             dp->requests += (uint64_t)n;
             if (dp->submit && dp->pending)
                 dp->submit(dp->dev); /* the whole batch goes to the kernel together */
@@ -401,7 +420,7 @@ int dp_run(struct dp *dp)
                 dp_reap(dp, o); /* whatever finished meanwhile: one publication */
             dp_publish(dp, o);
             if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
-                goto out;
+                goto stop;
         }
         if (more)
             continue;
@@ -422,38 +441,29 @@ int dp_run(struct dp *dp)
          * hands over to the OS without a reset, and the OS reuses that memory until
          * its driver resets the device.  Reading its "avail idx" there, or writing
          * flags and used entries, would corrupt the guest. */
-        int w;
-        do
-            w = dp_wait(dp, __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE), 1);
-        while (w == 2);
-        if (w <= 0) {
-            rc = w;
-            goto out;
-        }
+        return DP_EV_KICK | DP_EV_WAKE | DP_EV_DONE;
     }
-out:
+stop:
+    l->draining = 1;
+drain:
     /* Nothing in progress may outlive the loop: guest memory may go away after it. */
-    while (dp->pending && rc != -ENOMEM) {
+    while (dp->pending && l->rc != -ENOMEM) {
         if (dp_room(dp) && dp_reap(dp, o)) {
             dp_publish(dp, o);
             continue;
         }
-        if (dp->wait) {
-            int ev = dp->wait(dp->dev, DP_EV_DONE | DP_EV_WAKE, 100);
-            if (ev < 0 && ev != -EINTR)
-                poll(NULL, 0, 100); /* not seen with a working ring; never spin */
-            continue;
-        }
-        struct pollfd p[2] = {{dp->poll_fd, POLLIN, 0}, {dp->wake_fd, POLLIN, 0}};
-        if (poll(p, 2, 100) > 0 && (p[1].revents & POLLIN)) {
-            uint64_t v;
-            ssize_t rr = read(dp->wake_fd, &v, sizeof v);
-            (void)rr;
-        }
+        return DP_EV_DONE | DP_EV_WAKE;
     }
-    if (o)
-        dp_publish(dp, o);
-    if (started && dp->finish)
+    return 0;
+}
+
+static void dp_end(struct dp *dp)
+{
+    struct dp_loop *l = dp->loop;
+    struct vq *q = dp->q;
+    if (l && l->o)
+        dp_publish(dp, l->o);
+    if (l && l->started && dp->finish)
         dp->finish(dp->dev);
     if (dp->pend) {
         for (uint32_t i = 0; i < q->size; i++)
@@ -461,10 +471,215 @@ out:
         free(dp->pend);
         dp->pend = NULL;
     }
-    free(o);
-    free(chains);
-    free(segs);
+    if (l) {
+        free(l->o);
+        free(l->chains);
+        free(l->segs);
+        free(l);
+    }
+    dp->loop = NULL;
+}
+
+/* The wait of a loop while it drains (stopping with requests in progress). */
+static void dp_wait_drain(struct dp *dp)
+{
+    if (dp->wait) {
+        int ev = dp->wait(dp->dev, DP_EV_DONE | DP_EV_WAKE, 100);
+        if (ev < 0 && ev != -EINTR)
+            poll(NULL, 0, 100); /* not seen with a working ring; never spin */
+        return;
+    }
+    struct pollfd p[2] = {{dp->poll_fd, POLLIN, 0}, {dp->wake_fd, POLLIN, 0}};
+    if (poll(p, 2, 100) > 0 && (p[1].revents & POLLIN)) {
+        uint64_t v;
+        ssize_t rr = read(dp->wake_fd, &v, sizeof v);
+        (void)rr;
+    }
+}
+
+/* Serve one queue on the calling thread until it stops. */
+int dp_run(struct dp *dp)
+{
+    int rc = dp_begin(dp);
+    if (rc < 0) {
+        dp_end(dp);
+        return rc;
+    }
+    struct dp_loop *l = dp->loop;
+    int want;
+    while ((want = dp_step(dp))) {
+        if (l->draining) {
+            dp_wait_drain(dp);
+            continue;
+        }
+        int w;
+        if (want & DP_EV_KICK) {
+            do
+                w = dp_wait(dp, __atomic_load_n(&dp->kick_fd, __ATOMIC_ACQUIRE), 1);
+            while (w == 2);
+        } else {
+            w = dp_wait(dp, -1, 0);
+        }
+        if (w < 0) {
+            l->rc = w;
+            l->draining = 1;
+        }
+    }
+    rc = l->rc;
+    dp_end(dp);
     return rc;
+}
+
+/* ---- several queues on one thread ------------------------------------------------- */
+#define DP_GROUP_MU(g) ((pthread_mutex_t *)(void *)(g)->mu_storage)
+_Static_assert(sizeof(((struct dp_group *)0)->mu_storage) >= sizeof(pthread_mutex_t), "mutex");
+
+int dp_group_init(struct dp_group *g, int wake_fd)
+{
+    g->wake_fd = wake_fd;
+    return pthread_mutex_init(DP_GROUP_MU(g), NULL) ? -1 : 0;
+}
+
+/* Add a member (its fields set as for dp_run; done_fd: written when its loop
+ * ended, dp->result then holds what dp_run would have returned).  Returns 1 when
+ * no thread runs the group: the caller starts one (dp_group_run), 0 when the
+ * running thread takes it, -EBUSY when the group is full. */
+int dp_group_join(struct dp_group *g, struct dp *dp)
+{
+    pthread_mutex_lock(DP_GROUP_MU(g));
+    if (g->n == DP_GROUP_MAX) {
+        pthread_mutex_unlock(DP_GROUP_MU(g));
+        return -EBUSY;
+    }
+    dp->group = g;
+    dp->loop = NULL;
+    g->members[g->n++] = dp;
+    int start = !g->running;
+    g->running = 1;
+    pthread_mutex_unlock(DP_GROUP_MU(g));
+    uint64_t one = 1;
+    ssize_t w = write(g->wake_fd, &one, sizeof one);
+    (void)w;
+    return start;
+}
+
+/* A member's loop ended: out of the group, and its owner told. */
+static void dp_group_leave(struct dp_group *g, struct dp *dp, int rc)
+{
+    dp_end(dp);
+    dp->result = rc;
+    pthread_mutex_lock(DP_GROUP_MU(g));
+    for (uint32_t i = 0; i < g->n; i++)
+        if (g->members[i] == dp) {
+            g->members[i] = g->members[--g->n];
+            break;
+        }
+    pthread_mutex_unlock(DP_GROUP_MU(g));
+    uint64_t one = 1;
+    ssize_t w = write(dp->done_fd, &one, sizeof one);
+    (void)w;
+}
+
+/* Run a member as far as it goes without waiting: begin it if new, then step while
+ * its device reports events it waits for.  Returns 0 when it left the group. */
+static int dp_group_serve(struct dp_group *g, struct dp *dp, uint64_t now_ms)
+{
+    struct dp_loop *l = dp->loop;
+    int ev = 0;
+    if (!l) {
+        int rc = dp_begin(dp);
+        if (rc == 0 && (!dp->wait || !dp->watch))
+            rc = -EOPNOTSUPP; /* a member must wait in the group's mechanism */
+        if (rc < 0) {
+            dp_group_leave(g, dp, rc);
+            return 0;
+        }
+        l = dp->loop;
+        dp->want = 0; /* runs now */
+    } else {
+        ev = dp->wait(dp->dev, dp->want, DP_WAIT_PEEK);
+        if (ev == 0 && (dp->want & DP_EV_KICK) && now_ms - dp->idle_since_ms >= DP_IDLE_MS) {
+            dp->idles++; /* as dp_wait's timeout: a lost notification is re-sent */
+            dp->idle_since_ms = now_ms;
+            if (!dp->pending)
+                dp_rescue(dp);
+        }
+        if (ev == 0)
+            return 1;
+    }
+    for (;;) {
+        if (ev & DP_EV_KICK)
+            dp->kicks++;
+        int want = dp_step(dp);
+        if (!want) {
+            dp_group_leave(g, dp, l->rc);
+            return 0;
+        }
+        if (want & DP_EV_KICK) {
+            pthread_mutex_lock(DP_MU(dp)); /* dp_set_fds cannot swap (and the caller close) */
+            int kick = dp->kick_fd;
+            int rc = kick == dp->watched_kick ? 0 : dp->watch(dp->dev, kick, dp->wake_fd);
+            if (rc == 0)
+                dp->watched_kick = kick;
+            pthread_mutex_unlock(DP_MU(dp));
+            if (rc < 0) {
+                l->rc = rc;
+                l->draining = 1;
+                continue;
+            }
+            if (!(dp->want & DP_EV_KICK))
+                dp->idle_since_ms = now_ms;
+        } else if (dp->watched_kick == -2) {
+            int rc = dp->watch(dp->dev, -1, dp->wake_fd); /* the wake, at least */
+            if (rc < 0) {
+                dp_group_leave(g, dp, rc);
+                return 0;
+            }
+            dp->watched_kick = -1;
+        }
+        dp->want = want;
+        ev = dp->wait(dp->dev, want, DP_WAIT_PEEK);
+        if (!ev)
+            return 1;
+    }
+}
+
+/* Serve the group's members until none is left. */
+int dp_group_run(struct dp_group *g)
+{
+    struct dp *batch[DP_GROUP_MAX];
+    for (;;) {
+        pthread_mutex_lock(DP_GROUP_MU(g));
+        uint32_t n = g->n;
+        if (!n) {
+            g->running = 0;
+            pthread_mutex_unlock(DP_GROUP_MU(g));
+            return 0;
+        }
+        memcpy(batch, g->members, n * sizeof *batch);
+        pthread_mutex_unlock(DP_GROUP_MU(g));
+        uint64_t now_ms = dp_now_ns() / 1000000u;
+        for (uint32_t i = 0; i < n; i++)
+            dp_group_serve(g, batch[i], now_ms);
+        pthread_mutex_lock(DP_GROUP_MU(g));
+        int joined = g->n > 0 && g->members[g->n - 1]->loop == NULL;
+        int empty = g->n == 0;
+        pthread_mutex_unlock(DP_GROUP_MU(g));
+        if (joined || empty)
+            continue;
+        g->waits++;
+        if (g->wait && g->shared) {
+            if (g->wait(g->shared, DP_IDLE_MS) > 0)
+                g->wakeups++;
+        } else {
+            struct pollfd p = {g->wake_fd, POLLIN, 0};
+            if (poll(&p, 1, DP_IDLE_MS) > 0) {
+                uint64_t v;
+                ssize_t rr = read(g->wake_fd, &v, sizeof v);
+                (void)rr;
+            }
+        }
+    }
 }
 
 int dp_init(struct dp *dp)

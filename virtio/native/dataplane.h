@@ -17,6 +17,11 @@
 #define DP_EV_KICK 1
 #define DP_EV_WAKE 2
 #define DP_EV_DONE 4
+/* dp.wait's timeout for a group member: no blocking and no system call -- report
+ * the events already seen and remember `want` for the group's one wait */
+#define DP_WAIT_PEEK (-2)
+/* queues one dp_group thread serves at most */
+#define DP_GROUP_MAX 64
 
 /* A chain served asynchronously, reported by the device's reap callback: used
  * length > 0 to complete it, or 0 to defer it to Python with the errno of the I/O
@@ -36,6 +41,8 @@ struct dp_pend {
     uint32_t cap;
     uint32_t busy;
 };
+
+struct dp_group;
 
 struct dp {
     struct vq *q;
@@ -92,12 +99,38 @@ struct dp {
      * once per idle period. */
     uint64_t spin_ns;
     uint64_t spins, spin_hits;  /* polls done, and those that found chains */
+    /* Served by a dp_group's thread instead of its own (NULL: dp_run).  The loop's
+     * state between steps (dataplane.c), the events it waits for, and, once it
+     * ended, its result; done_fd is written then. */
+    struct dp_group *group;
+    void *loop;
+    int want, done_fd, result;
+    uint64_t idle_since_ms;
+};
+
+/* One thread serving several queues (QEMU's iothread with its virtqueue mapping):
+ * members join and leave at any time (dp_group_join; a member leaves when its loop
+ * ends: stop, error).  The members' device waits in one mechanism for all of them
+ * (`wait`, set up by the members' start hook from `shared`, e.g. one io_uring);
+ * until the first member started, the thread waits on wake_fd alone. */
+struct dp_group {
+    void *mu_storage[8];
+    struct dp *members[DP_GROUP_MAX]; /* [0, n), guarded by mu */
+    uint32_t n;
+    int running;                /* a thread runs dp_group_run (guarded by mu) */
+    int wake_fd;                /* written on join */
+    void *shared;               /* the members' device's shared engine */
+    int (*wait)(void *shared, int timeout_ms); /* 1: some member has events, 0: timeout */
+    uint64_t waits, wakeups;
 };
 
 int dp_init(struct dp *dp);
 void dp_destroy(struct dp *dp);
 void dp_set_fds(struct dp *dp, int kick, int call);
 int dp_run(struct dp *dp);
+int dp_group_init(struct dp_group *g, int wake_fd);
+int dp_group_join(struct dp_group *g, struct dp *dp);
+int dp_group_run(struct dp_group *g);
 uint32_t dp_take(struct dp *dp, struct vq_chain *chains, uint32_t max, struct vq_seg *segs,
                  uint32_t max_segs, int32_t *errs);
 

@@ -24,16 +24,23 @@
  * reach its receiver after a later frame served natively (only when the ring
  * was short of buffers and got more meanwhile).
  *
- * Locks: the forwarding database's mutex is held for the lookup, and again for
- * learning and counting once the packet was delivered (what was decided is what
- * is counted); the copy holds only destination ports' mutexes (net_port.mu, taken
- * in ascending port order), which every writer of that receive ring holds.  The
- * database's mutex is never taken while a port's is held, so transmit threads of
- * different ports copy in parallel.  A port whose Python path holds packets
+ * Locks: the forwarding database's mutex is taken to learn a source and look a
+ * destination up -- once per batch and per change of source or destination
+ * (net_decide) -- and once per batch to add the batch's counters, before its
+ * frames are published (what was decided is what is counted).  The destination
+ * port's mutex (net_port.mu, which every writer of that receive ring holds) is
+ * kept from one frame to the next within a batch and let go before a deferral
+ * to Python, another destination, a flood to several ports (locked in ascending
+ * order) and at the batch's end.  Order: a port's mutex, then its ring's lock or
+ * the database's; never a port's while the database's is held (nor does Python:
+ * its database calls each lock and unlock inside), so the threads of different
+ * ports copy in parallel without deadlock.  A port whose Python path holds packets
  * (held > 0) is not written natively, so a packet never overtakes the backlog,
  * and Python does not touch the ring while a native thread holds the port. */
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -451,20 +458,137 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
     return 1;
 }
 
-/* Count a packet switched natively as fdb_decide would have (decision `target`:
- * a port, -1 flood, the source itself: hairpin) and learn its source; database
- * lock held. */
-static void net_count(struct vm_net_fdb *t, uint32_t src, const struct net_frame *f,
-                      int64_t target, double now)
+/* Count a hairpin as fdb_decide would have and learn its source; database lock
+ * held. */
+static void net_count_hairpin(struct vm_net_fdb *t, uint32_t src, const struct net_frame *f,
+                              double now)
 {
     struct vm_net_port_counters *c = &t->ports[src % NET_FDB_MAX_PORTS];
     c->in_packets++;
     c->in_bytes += f->len;
     fdb_learn(t, f->eth + 6, src, now);
-    if (target < 0)
-        c->flooded++;
-    else if (target == (int64_t)src)
-        c->dropped_hairpin++;
+    c->dropped_hairpin++;
+}
+
+/* Where a frame goes: a port, -1 (flood) or the source itself (hairpin), as
+ * fdb_decide would decide it, learning the source first (switch.py's order).
+ * Within a batch `now` is one instant, so learning the same source again changes
+ * nothing but its place in the learning order: it is learned once per batch (and
+ * on every change of source), and the last decision is reused for the next frame
+ * to the same destination.  A concurrent change by another port's thread is seen
+ * at the next batch (as if it had happened a few frames later); a learning by
+ * this thread drops the cached decision.  A frame deferred to Python afterwards
+ * is learned there again (the same port: no change). */
+static int64_t net_decide(struct net_dp *n, const struct net_frame *f)
+{
+    static const uint8_t zero[6];
+    const uint8_t *src = f->eth + 6;
+    int learn = !(src[0] & 1) && memcmp(src, zero, 6) != 0 &&
+                !(n->learned_valid && memcmp(n->learned_src, src, 6) == 0);
+    if (f->eth[0] & 1) { /* a group address: flooded (no lookup) */
+        if (!learn)
+            return -1;
+    } else if (memcmp(f->eth, src, 6) == 0 && memcmp(f->eth, zero, 6) != 0) {
+        return n->src; /* to its own source: a hairpin (net_count_hairpin learns) */
+    } else if (!learn && n->cache_valid && memcmp(n->cache_dst, f->eth, 6) == 0) {
+        return n->cache_target;
+    }
+    struct vm_net_fdb *t = n->fdb;
+    int64_t target = -1;
+    fdb_lock(t);
+    n->fdb_locks++;
+    if (learn)
+        fdb_learn(t, src, n->src, n->now);
+    if (!(f->eth[0] & 1))
+        target = fdb_lookup(t, f->eth, n->now);
+    fdb_unlock(t);
+    if (learn) {
+        memcpy(n->learned_src, src, 6);
+        n->learned_valid = 1;
+        n->cache_valid = 0;
+    }
+    if (!(f->eth[0] & 1)) {
+        memcpy(n->cache_dst, f->eth, 6);
+        n->cache_target = (int32_t)target;
+        n->cache_valid = 1;
+    }
+    return target;
+}
+
+/* Let go of the destination port kept locked between packets (writes stay
+ * pending: net_dp_batch_end publishes them). */
+static void net_unstick(struct net_dp *n)
+{
+    if (n->sticky) {
+        pthread_mutex_unlock(NET_PORT_MU(n->sticky_port));
+        n->sticky = 0;
+        n->sticky_port = NULL;
+    }
+}
+
+/* Deliver the frame to the one port `idx` (p): 1 written, 0 the port does not take
+ * it natively, -1 no room.  p's mu is kept (n->sticky) for the batch's next
+ * frames; any other port's is released first (one port locked at a time, so the
+ * ascending order of floods is never violated). */
+static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
+                           const struct net_frame *f)
+{
+    if (n->sticky != idx + 1 || n->sticky_port != p) {
+        net_unstick(n);
+        pthread_mutex_lock(NET_PORT_MU(p));
+        n->sticky = idx + 1;
+        n->sticky_port = p;
+    }
+    n->touched[idx] = 1;
+    if (!net_port_takes(p, f))
+        return 0;
+    if (net_rx_reserve(p, (struct net_frame *)f, &n->resv[0]) != NET_RX_OK)
+        return -1;
+    net_rx_commit(p, f, &n->resv[0]);
+    return 1;
+}
+
+/* Start fetching the frame's bytes (up to 4 KiB) while the decision and the
+ * reservation run: the copy then finds them in cache. */
+static void net_prefetch(const struct net_frame *f)
+{
+    const struct net_cursor *c = &f->body;
+    uint32_t left = f->len < 4096 ? f->len : 4096, off = c->off;
+    for (uint32_t i = c->i; left && i < c->nsegs; i++, off = 0) {
+        const uint8_t *b = net_host(c->q, &c->segs[i]) + off;
+        uint32_t n = c->segs[i].len - off < left ? c->segs[i].len - off : left;
+        for (uint32_t o = 0; o < n; o += 64)
+            __builtin_prefetch(b + o, 0, 3);
+        left -= n;
+    }
+}
+
+/* Start fetching the next transmitted frame's first bytes (its header and
+ * Ethernet header, a cache miss: the driver wrote them on another CPU) while this
+ * one is served.  dp_run pops a batch into one array of DP_BATCH chains (their
+ * segments consecutive in one array) before serving any: the next chain is c + 1
+ * when it belongs to this batch.  Past the batch's end it holds an earlier
+ * batch's chain or zeros: its address is only prefetched (a prefetch never
+ * faults), and only what lies inside the arrays and the memory table is read. */
+static void net_prefetch_next(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs)
+{
+    if (!n->batch_first || c < n->batch_first || c - n->batch_first + 1 >= DP_BATCH)
+        return;
+    const struct vq_chain *next = c + 1;
+    if (c->seg_start > DP_MAX_SEGS || next->seg_start >= DP_MAX_SEGS || !next->nsegs)
+        return;
+    const struct vq_seg *s = segs - c->seg_start + next->seg_start;
+    struct vm_mem *m = n->core.q->mem;
+    /* its first two segments: the header may be a buffer of its own (§5.1.6.2) */
+    uint32_t k = next->nsegs < 2 || next->seg_start + 1 >= DP_MAX_SEGS ? 1 : 2;
+    for (uint32_t i = 0; i < k; i++) {
+        if (s[i].region >= m->nregions)
+            return;
+        const uint8_t *b = m->regions[s[i].region].host + s[i].offset;
+        __builtin_prefetch(b, 0, 3);
+        if (s[i].len > 64)
+            __builtin_prefetch(b + 64, 0, 3);
+    }
 }
 
 static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs,
@@ -473,133 +597,238 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
     struct net_dp *n = dev;
     struct net_frame f;
     *err = 0;
+    if (!n->batch_first)
+        n->batch_first = c; /* the first chain served since batch_end */
+    net_prefetch_next(n, c, segs);
     struct net_port *self = n->src < NET_FDB_MAX_PORTS ? n->ports[n->src] : NULL;
     if (self && __atomic_load_n(&self->link_down, __ATOMIC_RELAXED))
-        return 0; /* the link is down: VirtioNet._transmit drops it */
+        goto defer; /* the link is down: VirtioNet._transmit drops it */
     if (!net_parse(n, c, segs, &f))
-        return 0;
-    struct vm_net_fdb *t = n->fdb;
+        goto defer;
+    net_prefetch(&f);
     if (!n->now_valid) { /* once per batch: ageing is counted in seconds */
         n->now = net_now();
         n->now_valid = 1;
     }
-    double now = n->now;
-    /* Where it goes, without learning or counting yet (net_count does both once
-     * the packet is known to be served here): switch.py learns the source first,
-     * so a frame to its own (learnable) source address is a hairpin.  The copy
-     * runs outside the database's lock (transmit threads of other ports switch
-     * meanwhile); what it decided is what is counted. */
-    static const uint8_t zero[6];
-    int64_t target;
-    if (f.eth[0] & 1) {
-        target = -1;
-    } else if (memcmp(f.eth, f.eth + 6, 6) == 0 && memcmp(f.eth, zero, 6) != 0) {
-        target = n->src;
-    } else {
-        fdb_lock(t);
-        target = fdb_lookup(t, f.eth, now);
-        fdb_unlock(t);
-    }
+    /* Where it goes (net_decide); counted once the packet is known to be served
+     * here, in the batch's totals (net_dp_batch_end adds them to the database's
+     * counters before the batch's frames are published): what was decided is
+     * what is counted. */
+    int64_t target = net_decide(n, &f);
     if (target == (int64_t)n->src) {
-        fdb_lock(t);
-        net_count(t, n->src, &f, target, now); /* dropped_hairpin */
-        fdb_unlock(t);
+        fdb_lock(n->fdb);
+        n->fdb_locks++;
+        net_count_hairpin(n->fdb, n->src, &f, n->now);
+        fdb_unlock(n->fdb);
+        n->cache_valid = 0; /* it learned */
         n->tx_hairpin++;
         return DP_USED_ZERO;
     }
+    /* The ports it goes to: the target, or every other port (flood). */
+    uint32_t single = NET_FDB_MAX_PORTS, nother = 0;
+    uint32_t nports = NET_FDB_MAX_PORTS;
     if (target >= 0) {
-        struct net_port *p = target < NET_FDB_MAX_PORTS ? n->ports[target] : NULL;
-        int ok = 0;
-        if (p) {
-            pthread_mutex_lock(NET_PORT_MU(p));
-            if (net_port_takes(p, &f)) {
-                ok = net_rx_reserve(p, &f, &n->resv[0]) == NET_RX_OK ? 1 : -1;
-                if (ok > 0)
-                    net_rx_commit(p, &f, &n->resv[0]);
-            }
-            pthread_mutex_unlock(NET_PORT_MU(p));
-            n->touched[target] = 1;
+        if (target < NET_FDB_MAX_PORTS && n->ports[target]) {
+            single = (uint32_t)target;
+            nother = 1;
         }
+    } else {
+        nports = n->nports ? __atomic_load_n(n->nports, __ATOMIC_ACQUIRE) : NET_FDB_MAX_PORTS;
+        if (nports > NET_FDB_MAX_PORTS)
+            nports = NET_FDB_MAX_PORTS;
+        for (uint32_t i = 0; i < nports && nother < 2; i++)
+            if (i != n->src && n->ports[i]) {
+                single = i;
+                nother++;
+            }
+    }
+    if (nother == 0 && target >= 0) {
+        n->py_port++; /* no such port (any more): Python decides */
+        goto defer;
+    }
+    if (nother == 1) {
+        int ok = net_deliver_one(n, single, n->ports[single], &f);
         if (ok <= 0) {
             if (ok < 0)
                 n->py_no_room++;
             else
                 n->py_port++;
-            return 0;
+            goto defer;
         }
-        fdb_lock(t);
-        net_count(t, n->src, &f, target, now);
-        fdb_delivered(t, (uint32_t)target, f.len, 1);
-        fdb_unlock(t);
-        n->tx_native++;
-        n->tx_native_bytes += f.len;
-        return DP_USED_ZERO;
-    }
-    /* flood: every other port, all of them native with room (else Python floods
-     * it): buffers reserved in every one, ports locked in ascending order, before
-     * anything is written */
-    struct net_port *held[NET_FLOOD_MAX];
-    uint32_t nheld = 0, failed = 0;
-    uint32_t nports = n->nports ? __atomic_load_n(n->nports, __ATOMIC_ACQUIRE) : NET_FDB_MAX_PORTS;
-    if (nports > NET_FDB_MAX_PORTS)
-        nports = NET_FDB_MAX_PORTS;
-    for (uint32_t i = 0; i < nports && !failed; i++) {
-        struct net_port *p = n->ports[i];
-        if (i == n->src || !p)
-            continue;
-        if (nheld == NET_FLOOD_MAX) {
-            failed = 1; /* more ports than reservations: Python floods */
-            break;
+        n->acc_out[single]++;
+        n->acc_out_bytes[single] += f.len;
+    } else if (nother > 1) {
+        /* a flood to several ports: every one native with room (else Python floods
+         * it): buffers reserved in every one, ports locked in ascending order,
+         * before anything is written */
+        net_unstick(n);
+        struct net_port *held[NET_FLOOD_MAX];
+        uint32_t nheld = 0, failed = 0;
+        for (uint32_t i = 0; i < nports && !failed; i++) {
+            struct net_port *p = n->ports[i];
+            if (i == n->src || !p)
+                continue;
+            if (nheld == NET_FLOOD_MAX) {
+                failed = 1; /* more ports than reservations: Python floods */
+                n->py_port++;
+                break;
+            }
+            pthread_mutex_lock(NET_PORT_MU(p));
+            held[nheld] = p;
+            n->resv_port[nheld] = i;
+            n->resv[nheld].k = 0;
+            nheld++;
+            if (!net_port_takes(p, &f)) {
+                failed = 1;
+                n->py_port++;
+            } else if (net_rx_reserve(p, &f, &n->resv[nheld - 1]) != NET_RX_OK) {
+                failed = 1;
+                n->py_no_room++;
+            }
         }
-        pthread_mutex_lock(NET_PORT_MU(p));
-        held[nheld] = p;
-        n->resv_port[nheld] = i;
-        n->resv[nheld].k = 0;
-        nheld++;
-        if (!net_port_takes(p, &f)) {
-            failed = 1;
-            n->py_port++;
-        } else if (net_rx_reserve(p, &f, &n->resv[nheld - 1]) != NET_RX_OK) {
-            failed = 1;
-            n->py_no_room++;
+        for (uint32_t j = nheld; j-- > 0;) {
+            if (failed)
+                net_rx_cancel(held[j], &n->resv[j]);
+            else
+                net_rx_commit(held[j], &f, &n->resv[j]);
+            n->touched[n->resv_port[j]] = 1;
+            pthread_mutex_unlock(NET_PORT_MU(held[j]));
         }
-    }
-    for (uint32_t j = nheld; j-- > 0;) {
         if (failed)
-            net_rx_cancel(held[j], &n->resv[j]);
-        else
-            net_rx_commit(held[j], &f, &n->resv[j]);
-        n->touched[n->resv_port[j]] = 1;
-        pthread_mutex_unlock(NET_PORT_MU(held[j]));
+            goto defer;
+        for (uint32_t j = 0; j < nheld; j++) {
+            n->acc_out[n->resv_port[j]]++;
+            n->acc_out_bytes[n->resv_port[j]] += f.len;
+        }
     }
-    if (failed)
-        return 0;
-    fdb_lock(t);
-    net_count(t, n->src, &f, -1, now); /* in, flooded */
-    for (uint32_t j = 0; j < nheld; j++)
-        fdb_delivered(t, n->resv_port[j], f.len, 1);
-    fdb_unlock(t);
+    /* (a flood with no other port: delivered nowhere, as switch.py's) */
+    n->acc_in++;
+    n->acc_in_bytes += f.len;
+    if (target < 0) {
+        n->acc_flooded++;
+        n->tx_flooded++;
+    }
     n->tx_native++;
     n->tx_native_bytes += f.len;
-    n->tx_flooded++;
     return DP_USED_ZERO;
+defer:
+    net_unstick(n); /* Python may write that port while it serves this chain */
+    return 0;
 }
 
-/* End of a transmit batch: one publication per destination ring written. */
+/* End of a transmit batch: the batch's switch counters into the database, then one
+ * publication per destination ring written. */
 static void net_dp_batch_end(void *dev)
 {
     struct net_dp *n = dev;
+    if (n->acc_in) {
+        struct vm_net_fdb *t = n->fdb;
+        fdb_lock(t);
+        n->fdb_locks++;
+        struct vm_net_port_counters *c = &t->ports[n->src % NET_FDB_MAX_PORTS];
+        c->in_packets += n->acc_in;
+        c->in_bytes += n->acc_in_bytes;
+        c->flooded += n->acc_flooded;
+        for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
+            if (n->acc_out[i]) {
+                t->ports[i].out_packets += n->acc_out[i];
+                t->ports[i].out_bytes += n->acc_out_bytes[i];
+                n->acc_out[i] = n->acc_out_bytes[i] = 0;
+            }
+        }
+        fdb_unlock(t);
+        n->acc_in = n->acc_in_bytes = n->acc_flooded = 0;
+    }
     n->now_valid = 0;
-    uint32_t nports = n->nports ? __atomic_load_n(n->nports, __ATOMIC_ACQUIRE) : NET_FDB_MAX_PORTS;
-    for (uint32_t i = 0; i < nports && i < NET_FDB_MAX_PORTS; i++) {
+    n->batch_first = NULL;
+    n->cache_valid = 0;
+    n->learned_valid = 0;
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
         struct net_port *p = n->touched[i] ? n->ports[i] : NULL;
         n->touched[i] = 0;
-        if (p) {
-            pthread_mutex_lock(NET_PORT_MU(p));
-            net_port_flush(p);
-            pthread_mutex_unlock(NET_PORT_MU(p));
+        if (!p || p == n->sticky_port)
+            continue;
+        pthread_mutex_lock(NET_PORT_MU(p));
+        net_port_flush(p);
+        pthread_mutex_unlock(NET_PORT_MU(p));
+    }
+    if (n->sticky) {
+        net_port_flush(n->sticky_port);
+        net_unstick(n);
+    }
+}
+
+/* ---- waiting ------------------------------------------------------------------ */
+static int net_dp_watch(void *dev, int kick, int wake)
+{
+    struct net_dp *n = dev;
+    n->watch_kick = kick;
+    n->watch_wake = wake;
+    return 0;
+}
+
+/* dp_run's wait when its ring was found empty (notifications on) or it waits for
+ * room.  A ring just served is first polled for yield_ns with driver
+ * notifications off (§2.7.10 / §2.8.10: a busy driver's next chains then need no
+ * kick, and no wake-up here), the CPU given to the other threads between looks
+ * (the other ports' transmit threads share the backend CPU: while one polls, the
+ * others serve -- one CPU serving every port's transmit queue in turn, as a
+ * polling lcore does).  Then notifications are enabled again, the ring re-checked,
+ * and the thread sleeps on the eventfds.  After an idle timeout nothing polls the
+ * ring until the next kick (its memory need not be a ring any more, dp_run). */
+static int net_dp_wait(void *dev, int want, int timeout_ms)
+{
+    struct net_dp *n = dev;
+    struct dp *dp = &n->core;
+    if ((want & DP_EV_KICK) && n->yield_ns && !n->idle) {
+        struct vq *q = dp->q;
+        uint64_t end = dp_now_ns() + n->yield_ns;
+        vq_disable_notification(q);
+        n->yields++;
+        for (;;) {
+            if (vq_avail_count(q)) {
+                n->yield_hits++;
+                return DP_EV_WAKE; /* dp_run pops them */
+            }
+            if (__atomic_load_n(&dp->stop, __ATOMIC_ACQUIRE))
+                return DP_EV_WAKE;
+            if (dp_now_ns() >= end)
+                break;
+            sched_yield();
+        }
+        if (vq_enable_notification(q)) {
+            n->yield_hits++;
+            return DP_EV_WAKE;
         }
     }
+    int kick = (want & DP_EV_KICK) ? n->watch_kick : -1;
+    struct pollfd p[2] = {{n->watch_wake, POLLIN, 0}, {kick, POLLIN, 0}};
+    int r = poll(p, 2, timeout_ms);
+    if (r == 0) {
+        n->idle = 1;
+        return 0;
+    }
+    if (r < 0)
+        return -errno;
+    int ev = 0;
+    uint64_t v;
+    if (p[0].revents & POLLIN) {
+        ssize_t rr = read(n->watch_wake, &v, sizeof v);
+        (void)rr;
+        ev |= DP_EV_WAKE;
+    }
+    if (kick >= 0 && (p[1].revents & POLLIN)) {
+        /* read the kick only while it is still the ring's (dp_set_fds swaps under mu) */
+        pthread_mutex_lock(DP_MU(dp));
+        if (kick == dp->kick_fd) {
+            ssize_t rr = read(kick, &v, sizeof v);
+            (void)rr;
+            ev |= DP_EV_KICK;
+            n->idle = 0;
+        }
+        pthread_mutex_unlock(DP_MU(dp));
+    }
+    return ev ? ev : DP_EV_WAKE; /* (an fd that went away: the loop looks again) */
 }
 
 void net_dp_attach(struct net_dp *n)
@@ -607,4 +836,9 @@ void net_dp_attach(struct net_dp *n)
     n->core.serve = net_dp_serve;
     n->core.batch_end = net_dp_batch_end;
     n->core.dev = n;
+    if (n->yield_ns) {
+        n->core.watch = net_dp_watch;
+        n->core.wait = net_dp_wait;
+        n->watch_kick = n->watch_wake = -1;
+    }
 }

@@ -80,6 +80,27 @@ struct net_dp {
     uint32_t resv_port[NET_FLOOD_MAX];
     double now;                 /* monotonic seconds, read once per batch */
     int now_valid;
+    /* Per batch (net_dp_batch_end ends it): the destination port whose mu this
+     * thread keeps between packets (port number + 1, 0: none), the last
+     * forwarding decision (destination MAC -> port, -1 flood) and source learned,
+     * and the switch counters gathered for one update under the database's lock. */
+    uint32_t sticky;
+    int32_t cache_target;
+    struct net_port *sticky_port; /* ports[sticky - 1] when locked (that may be NULLed) */
+    uint8_t cache_dst[6], learned_src[6];
+    uint8_t cache_valid, learned_valid;
+    uint8_t _pad2[2];
+    uint64_t acc_in, acc_in_bytes, acc_flooded;
+    uint64_t acc_out[NET_FDB_MAX_PORTS], acc_out_bytes[NET_FDB_MAX_PORTS];
+    uint64_t fdb_locks;         /* database lock acquisitions by this thread */
+    /* Polling an emptied ring (net_dp_wait): this long (ns; 0: sleep at once) with
+     * driver notifications off, giving the CPU to the other threads between looks;
+     * the eventfds dp_run's watch named. */
+    uint64_t yield_ns;
+    uint64_t yields, yield_hits; /* polls done, and those that found chains */
+    int watch_kick, watch_wake;
+    int idle;                   /* the last wait timed out: no polling until a kick */
+    const struct vq_chain *batch_first; /* this batch's first chain (net_prefetch_next) */
 };
 
 void net_dp_attach(struct net_dp *n);

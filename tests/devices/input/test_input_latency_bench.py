@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[3] / "bench" / "input_latency.py"
 GROUPS = 40
 
 
-@pytest.mark.parametrize("source", ["control", "loop", "thread"])
+@pytest.mark.parametrize("source", ["control", "loop", "thread", "inproc"])
 def test_the_latency_bench_delivers_every_group(source: str) -> None:
     out = subprocess.run(
         [sys.executable, str(BENCH), "--source", source, "--groups", str(GROUPS), "--json"],
@@ -26,10 +26,13 @@ def test_the_latency_bench_delivers_every_group(source: str) -> None:
     )
     res = json.loads(out.stdout)
     assert res["source"] == source and res["groups"] == GROUPS
-    names = ["device", "frontend"] + (["sent→inject", "sent→used"] if source == "control" else [])
+    names = ["device"] + (["frontend"] if source != "inproc" else [])
+    names += ["sent→inject", "sent→used"] if source == "control" else []
     for name in names:
         assert res[name]["n"] == GROUPS, name
         assert 0 < res[name]["p50"] <= res[name]["p99"] <= res[name]["max"], name
     # Every group went out, at injection or after waiting for buffers.
     ready = res.get("device, buffers ready", {"n": 0})["n"]
     assert ready + res["waited"] == GROUPS
+    # Groups that found their buffers posted went out through the native call.
+    assert ready <= res["native_groups"] <= GROUPS

@@ -77,6 +77,10 @@ class BlkOptions:
     starts at 0), unsafe (flushes ignored); see ``backend.RawFileBackend``."""
     aio: str = "io_uring"
     """The data plane's I/O engine: io_uring (threads where it cannot run) or threads."""
+    queue_threads: int = 0
+    """Data plane threads: 0 = one per queue; N = N threads with the queues assigned
+    round-robin (queue i on thread i mod N, as QEMU's iothread-vq-mapping), each
+    thread waiting in one io_uring for all its queues (io_uring only)."""
 
     def __post_init__(self) -> None:
         if self.cache not in ("none", "writeback", "writethrough", "unsafe"):
@@ -85,6 +89,8 @@ class BlkOptions:
             )
         if self.aio not in ("io_uring", "threads"):
             raise ValueError(f"aio must be io_uring or threads, not {self.aio!r}")
+        if not 0 <= self.queue_threads <= 64:
+            raise ValueError(f"queue_threads must be in 0..64, not {self.queue_threads}")
         if not 1 <= self.num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be in 1..65535, not {self.num_queues}")
         qs = self.queue_size

@@ -23,7 +23,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from virtio.dataplane import NativeDataPlane
+from virtio.dataplane import NativeDataPlane, QueueThread
 from virtio.native import ffi, lib
 
 if TYPE_CHECKING:
@@ -102,6 +102,23 @@ class BlkDataPlane(NativeDataPlane):
 
     def detach(self) -> None:
         lib.blk_dp_detach(self.c)
+
+    def queue_thread(self) -> QueueThread | None:
+        """With ``queue_threads`` N (io_uring), queue i is served by thread i mod N of
+        the device.  (The NBD data plane waits in its own mechanism: a thread each.)"""
+        n = getattr(self.device.options, "queue_threads", 0)
+        if not n or type(self) is not BlkDataPlane or self.c.engine != lib.BLK_AIO_URING:
+            return None
+        return self.device.queue_thread(self.index % n)
+
+    def statistics(self) -> dict[str, int]:
+        """The counters, and ``queue_thread``: the shared thread serving this queue
+        (``--queue-threads``), or -1 for a thread of its own."""
+        out = super().statistics()
+        if out:
+            n = getattr(self.device.options, "queue_threads", 0)
+            out["queue_thread"] = self.index % n if n and self.c.core.group != ffi.NULL else -1
+        return out
 
     def update_state(self) -> None:
         c = self.c

@@ -55,6 +55,7 @@ import logging
 import os
 from typing import Any, ClassVar
 
+from virtio.dataplane import QueueThread
 from virtio.device import ActiveDevice, ControlCommand, VirtioDevice
 from virtio.devices.blk.backend import BlockBackend, MemoryBackend, RawFileBackend
 from virtio.devices.blk.config import BLK_CONFIG, BlkOptions, config_values
@@ -135,6 +136,7 @@ class VirtioBlk(VirtioDevice):
     def __init__(self, backend: BlockBackend, options: BlkOptions | None = None) -> None:
         super().__init__()
         self._dataplanes: set[BlkDataPlane] = set()
+        self._queue_threads: dict[int, QueueThread] = {}
         self.native_dataplane = True
         """Serve eventfd-notified queues from the native data plane (``dataplane.py``);
         False forces the Python loop (``PYVIRTIO_BLK_DATAPLANE=0`` does so globally)."""
@@ -431,6 +433,12 @@ class VirtioBlk(VirtioDevice):
     def dataplanes(self) -> tuple[BlkDataPlane, ...]:
         """The native data planes serving queues now, by queue index."""
         return tuple(sorted(self._dataplanes, key=lambda p: p.index))
+
+    def queue_thread(self, k: int) -> QueueThread:
+        """Data plane thread k of ``options.queue_threads`` (made on first use)."""
+        if k not in self._queue_threads:
+            self._queue_threads[k] = QueueThread(f"blk-queues-{k}")
+        return self._queue_threads[k]
 
     def backend_sync_sources(self, count, *, add: bool) -> None:
         """Count a data plane's ``fdatasync`` calls in the backend's total."""

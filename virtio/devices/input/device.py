@@ -22,7 +22,10 @@ pausing the ring (vhost-user GET_VRING_BASE) or a reset never waits on it.
 Latency (issue 11 §5): a group whose buffers are already posted, with no group
 waiting before it, is delivered by ``inject`` itself (on the device's loop, before
 it returns; from another thread, in the loop's first callback), not by waking the
-eventq task, which then only handles groups that wait for buffers.
+eventq task, which then only handles groups that wait for buffers.  That delivery is
+one native call per group (``native.NativeDelivery``: pop, check, write the events,
+one used-index store, the notification decision); anything unusual takes the
+Python path below, the reference (``native_delivery = False`` forces it).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from evdev import ecodes as e
 from virtio.config_space import ConfigLayout
 from virtio.device import VirtioDevice
 from virtio.devices.input.capabilities import InputCapabilities
-from virtio.errors import DescriptorChainError
+from virtio.devices.input.native import FALLBACK, MAX_EVENTS, NativeDelivery
+from virtio.errors import DescriptorChainError, DriverError
 from virtio.queues.chain import DescriptorChain
 from virtio.ratelimit import LogRateLimiter
 from virtio.service import BufferQueue, QueueRole
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 
 EVENT = struct.Struct("<HHi")
 """``struct virtio_input_event`` (§5.8.6): le16 type, le16 code, le32 value."""
+_pack = EVENT.pack
 EVENTQ, STATUSQ = 0, 1
 INPUT_CONFIG = ConfigLayout(virtio_input_config, writable={"select", "subsel"}, section=S_5_8_4)
 STATUS_TYPES = frozenset({e.EV_LED, e.EV_SND, e.EV_REP, e.EV_FF})
@@ -111,6 +116,8 @@ class VirtioInput(VirtioDevice):
         self.status_unknown = 0
         self.groups_split = 0
         """Groups longer than the eventq, delivered in ring-sized pieces."""
+        self.groups_native = 0
+        """Groups delivered (every piece) by the native call."""
         self.record_latency = False
         self.latency_log: collections.deque[tuple[int, int, bool]] = collections.deque(
             maxlen=100_000
@@ -120,6 +127,9 @@ class VirtioInput(VirtioDevice):
         holds its last event was stored (the driver is notified right after); whether it
         went out at injection (else it waited: for the driver's buffers, or behind a
         group that did)."""
+        self.native_delivery = True
+        """Deliver groups at injection with one native call (else the Python path)."""
+        self._native = NativeDelivery()
         self._stored_ns = 0
         self._pending: collections.deque[tuple[list[Event], int]] = collections.deque()
         self._held = 0
@@ -128,6 +138,8 @@ class VirtioInput(VirtioDevice):
         self._token: trio.lowlevel.TrioToken | None = None
         self._buffers: BufferQueue | None = None
         """The eventq's service while ``fill_buffers`` runs."""
+        self._failure: DriverError | None = None
+        """A driver error ``_deliver_now`` met, for the eventq task to raise."""
         self._fill_idle = False
         """``fill_buffers`` is parked on ``_wakeup`` with nothing pending (only read and
         written on the loop's thread)."""
@@ -249,7 +261,22 @@ class VirtioInput(VirtioDevice):
             group, injected = item
             if len(group) > buffers.queue.size:
                 break  # delivered in pieces by the task
-            chains = buffers.next_buffers_nowait(len(group))
+            n = self._deliver_native(buffers, group)
+            if n > 0:
+                self.groups_native += 1
+                self._delivered(group, injected, at_inject=True)
+                continue
+            if n == 0:
+                break  # too few buffers: the task waits for them
+            # FALLBACK (unusual, or native delivery off): the Python path decides
+            try:
+                chains = buffers.next_buffers_nowait(len(group))
+            except DriverError as exc:
+                # A malformed chain broke the queue: raised in the eventq task, so it
+                # is reported (DEVICE_NEEDS_RESET) like any driver error, never into
+                # the injector (a control-socket client, an evdev reader, a thread).
+                self._failure = exc
+                break
             if chains is None:
                 break
             if not all(self._event_buffer_ok(c) for c in chains):
@@ -265,6 +292,16 @@ class VirtioInput(VirtioDevice):
             self._delivered(group, injected, at_inject=True)
         self._fill_idle = False
         self._wakeup.set()
+
+    def _deliver_native(self, buffers: BufferQueue, group: Sequence[Event]) -> int:
+        """``group`` through the native call if the driver's buffers are there:
+        ``NativeDelivery.deliver``'s answer (``FALLBACK`` when it is off)."""
+        if not self.native_delivery or len(group) > MAX_EVENTS:
+            return FALLBACK
+        n = self._native.deliver(buffers, b"".join([_pack(*ev) for ev in group]), len(group))
+        if n > 0:
+            self._stored_ns = self._native.stored_ns
+        return n
 
     def _stamp(self) -> None:
         """``complete_batch``'s probe: when the used index was stored."""
@@ -291,6 +328,7 @@ class VirtioInput(VirtioDevice):
         self._token = trio.lowlevel.current_trio_token()
         self._buffers = buffers
         self._fill_idle = False  # not parked yet (a ring restart: the old task's flag)
+        self._failure = None  # an error of the previous ring is not this one's
         try:
             await self._fill(buffers)
         finally:
@@ -301,6 +339,9 @@ class VirtioInput(VirtioDevice):
     async def _fill(self, buffers: BufferQueue) -> None:
         size = buffers.queue.size
         while True:
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
             with self._lock:
                 item = self._pending[0] if self._pending else None
             if item is None:
@@ -322,8 +363,12 @@ class VirtioInput(VirtioDevice):
                     len(group),
                     size,
                 )
+            native = True
             for start in range(0, len(group), size):
                 piece = group[start : start + size]
+                if self._deliver_native(buffers, piece) > 0:
+                    continue  # its buffers were there already (behind a group that waited)
+                native = False
                 chains = await buffers.next_buffers(len(piece))
                 for chain in chains:
                     self._check_event_buffer(chain)
@@ -334,6 +379,7 @@ class VirtioInput(VirtioDevice):
                     ),
                     on_stored=self._stamp,
                 )
+            self.groups_native += native
             self._delivered(group, injected, at_inject=False)
 
     @staticmethod
@@ -401,6 +447,7 @@ class VirtioInput(VirtioDevice):
             "groups": self.groups_delivered,
             "groups_dropped": self.groups_dropped,
             "groups_split": self.groups_split,
+            "groups_native": self.groups_native,
             "events_dropped": self.events_dropped,
             "held": self._held,
             "status": len(self.status_events),

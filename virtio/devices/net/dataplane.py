@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 TX_STATISTICS = (
     "tx_native", "tx_native_bytes", "tx_flooded", "tx_hairpin",
-    "py_malformed", "py_offload", "py_port", "py_no_room",
+    "py_malformed", "py_offload", "py_port", "py_no_room", "fdb_locks",
 )  # fmt: skip
 """Counters of a transmit data plane (``struct net_dp``)."""
 RX_STATISTICS = ("rx_native", "rx_native_bytes", "rx_calls", "rx_deferred", "rx_publishes")
@@ -68,7 +68,9 @@ class NetDataPlane(NativeDataPlane):
         c.ports = sw.native_ports
         c.nports = sw.native_count
         c.src = sw.number(dev)
-        c.core.spin_ns = max(0, dev.poll_us) * 1000
+        # --poll-us: the emptied ring is polled yielding the CPU (net_dp_wait), so
+        # the ports' transmit threads on one CPU take turns instead of spinning
+        c.yield_ns = max(0, dev.poll_us) * 1000
         lib.net_dp_attach(c)
 
     def update_state(self) -> None:
@@ -83,7 +85,7 @@ class NetDataPlane(NativeDataPlane):
     def statistics(self) -> dict[str, int]:
         out = super().statistics()
         if self.c is not None:
-            out.update(spins=int(self.c.core.spins), spin_hits=int(self.c.core.spin_hits))
+            out.update(spins=int(self.c.yields), spin_hits=int(self.c.yield_hits))
         return out
 
     def complete_failed(self, chain: DescriptorChain, err: int) -> int:
