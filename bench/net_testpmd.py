@@ -44,6 +44,7 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,7 @@ class Run:
 
 OURS_REPO = REPO  # --ours-repo: benchmark another checkout's backend (e.g. a branch)
 MULTI_FLOW = False  # --multi-flow: the seeded frames carry many flows (source IPs)
+BACKEND_STATS = False  # --backend-stats: ours prints its statistics line (stderr) mid-run
 
 
 def python(repo: Path | None = None) -> str:
@@ -126,6 +128,7 @@ def ours_backend(extra: list[str], repo: Path | None = None):
     def backend(a: Path, b: Path, qp: int):
         return _ours(a, b, qp, extra, repo or OURS_REPO)
 
+    backend.prints_statistics = True  # type: ignore[attr-defined]  # on SIGUSR1
     return backend
 
 
@@ -170,6 +173,9 @@ def measure(backend, point: Point, duration: float, tx_first: int) -> Run:
                 s0, c0, t0 = fe.port_stats(), cpu_seconds(pid), time.monotonic()
                 time.sleep(duration)
                 s1, c1, t1 = fe.port_stats(), cpu_seconds(pid), time.monotonic()
+                if BACKEND_STATS and getattr(backend, "prints_statistics", False):
+                    os.kill(pid, signal.SIGUSR1)  # per-queue counts and nrxq while running
+                    time.sleep(0.2)  # let it print before testpmd stops
                 fe.stop()
     pkts = sum(s1[p].rx_packets - s0[p].rx_packets for p in s0)
     nbytes = sum(s1[p].rx_bytes - s0[p].rx_bytes for p in s0)
@@ -222,8 +228,15 @@ def main() -> int:
         "frame): with 2 queue pairs our switch spreads the flows over both receive "
         "queues by flow hash (DPDK's io forward keeps queue to queue)",
     )
+    ap.add_argument(
+        "--backend-stats",
+        action="store_true",
+        help="at the end of each window ours prints its statistics line to stderr "
+        "(SIGUSR1): packets per queue, the native path's nrxq",
+    )
     args = ap.parse_args()
-    global OURS_REPO, MULTI_FLOW
+    global OURS_REPO, MULTI_FLOW, BACKEND_STATS
+    BACKEND_STATS = args.backend_stats
     OURS_REPO = args.ours_repo.resolve()
     MULTI_FLOW = args.multi_flow
     try:

@@ -63,6 +63,7 @@ int net_port_init(struct net_port *p)
         p->rx[k].q = NULL;
         p->rx[k].call_fd = -1;
         p->rx[k].npend = 0;
+        p->rx[k].rx_native = p->rx[k].rx_native_bytes = 0;
     }
     p->nrxq = 0;
     return pthread_mutex_init(NET_PORT_MU(p), NULL) ? -1 : 0;
@@ -399,6 +400,8 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
     r->k = 0;
     p->rx_native++;
     p->rx_native_bytes += f->len;
+    rq->rx_native++;
+    rq->rx_native_bytes += f->len;
 }
 
 /* ---- the transmit fast path ------------------------------------------------------- */

@@ -20,6 +20,7 @@ struct net_rxq {
     uint32_t npend;
     uint16_t pend_ids[NET_RX_PEND], pend_ndescs[NET_RX_PEND];
     uint32_t pend_lens[NET_RX_PEND];
+    uint64_t rx_native, rx_native_bytes; /* frames written natively into this queue */
 };
 
 /* One switch port as the native path sees it: its receive queues when they may be

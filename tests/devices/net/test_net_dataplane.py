@@ -403,6 +403,46 @@ def test_native_flow_hash_is_the_python_flow_hash():
         assert lib.net_flow_hash(ffi.from_buffer(frame), len(frame)) == flow_hash(frame), frame
 
 
+def _testpmd_multi_flow(variant: str, lcore: int) -> list[bytes]:
+    """256 frames as DPDK testpmd's txonly engine builds them with
+    ``--txonly-multi-flow`` (app/test-pmd/txonly.c): UDP 198.18.0.1:9 -> 198.18.0.2:9,
+    per frame the source IP's third byte (``ip``: DPDK 22.11) or the source port's
+    high byte ORed with 0xC0 (``port``: later releases) counting up, plus the
+    forwarding lcore's id."""
+    frames = []
+    for var in range(256):
+        src, sport = bytes([198, 18, 0, 1]), 9
+        if variant == "ip":
+            src = ((198 << 24 | 18 << 16 | 2 | var << 8) + lcore).to_bytes(4, "big")
+        else:
+            sport = ((var | 0xC0) << 8) + lcore
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 46, 0, 0, 64, 17, 0, src, bytes([198, 18, 0, 2]))
+        frames.append(
+            MAC_B + MAC_A + b"\x08\x00" + ip + struct.pack("!HHHH", sport, 9, 26, 0) + bytes(18)
+        )
+    return frames
+
+
+@pytest.mark.parametrize("variant", ["ip", "port"])
+@pytest.mark.parametrize("lcore", [0, 1, 5])
+def test_testpmd_multi_flow_frames_spread_over_two_queues(variant: str, lcore: int):
+    """testpmd's multi-flow frames (the 2 queue pair benchmark's traffic) use both
+    receive queues, neither under a quarter (§5.1.9.5.6: the device steers by flow;
+    issue 10), and the C hash picks the same queue as the Python one."""
+    from virtio.devices.net.device import flow_hash
+    from virtio.native import ffi, lib
+
+    frames = _testpmd_multi_flow(variant, lcore)
+    # distinct flows: 256 source IPs, or 64 source ports (0xC0..0xFF in the high byte)
+    assert len({f[26:38] for f in frames}) == (256 if variant == "ip" else 64)
+    per_queue = [0, 0]
+    for f in frames:
+        h = flow_hash(f)
+        assert lib.net_flow_hash(ffi.from_buffer(f), len(f)) == h
+        per_queue[h % 2] += 1
+    assert min(per_queue) >= len(frames) // 4, per_queue
+
+
 async def test_two_queue_pairs_received_natively_by_flow_hash():
     """With 2 queue pairs in use (VQ_PAIRS_SET, §5.1.9.5.5) both receive queues are
     written natively, each frame into the queue ``deliver`` would pick."""
@@ -437,7 +477,12 @@ async def test_two_queue_pairs_received_natively_by_flow_hash():
             for f in frames:
                 want[2 * (flow_hash(f) % 2)].append(f)
             assert got == want and want[0] and want[2]
-            assert b.statistics()["native"]["rx"]["rx_native"] == len(frames)
+            st = b.statistics()
+            assert st["native"]["rx"]["rx_native"] == len(frames)
+            assert st["native"]["rx"]["nrxq"] == 2
+            # each receive queue's count is what was written into it (issue 10: the
+            # native frames were once all counted on receiveq1)
+            assert st["queues"] == {0: len(want[0]), 2: len(want[2])}
             nursery.cancel_scope.cancel()
     finally:
         ga.close()

@@ -143,4 +143,13 @@ class NativeRx:
 
 
 def rx_statistics(port: Any) -> dict[str, int]:
-    return {n: int(getattr(port, n)) for n in RX_STATISTICS}
+    """The port's native receive counters and ``nrxq``, the receive queues the
+    native path spreads frames over now (0: all go through Python)."""
+    out = {n: int(getattr(port, n)) for n in RX_STATISTICS}
+    out["nrxq"] = int(port.nrxq)
+    return out
+
+
+def rx_queue_packets(port: Any) -> list[int]:
+    """Frames written natively into each receive queue: receiveq(k+1) at k."""
+    return [int(port.rx[k].rx_native) for k in range(lib.NET_RXQ_MAX)]

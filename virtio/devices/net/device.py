@@ -659,7 +659,8 @@ class VirtioNet(VirtioDevice):
             tx.update({k: stats.get(k, 0) for k in native.TX_STATISTICS})
             packets[index] += stats.get("tx_native", 0) + stats.get("tx_hairpin", 0)
         rx = native.rx_statistics(self.native_port)
-        packets[0] += rx["rx_native"]
+        for k, n in enumerate(native.rx_queue_packets(self.native_port)):
+            packets[2 * k] += n  # receiveq(k+1), written natively
         return {
             "port": self.switch.port_statistics(self),
             "queues": {k: v for k, v in sorted(packets.items()) if v},
