@@ -23,6 +23,11 @@ the previous one, so nothing can be lost and the check is exact.  The mechanism 
 checked too, deterministically: with the guest's reader stopped (SIGSTOP), 56 events
 all wait for it, while of 1,000 that the back-end delivers (its statistics) the
 reader gets a few and SYN_DROPPED.
+
+Deterministic under load (each was a flake): a reader counts as open once ``cat`` holds
+``/dev/input/eventN`` (not its ``eventN.raw`` output); each evtest dump has its own file;
+the guest's autorepeat (250 ms, a timer) is off except in the key-repeat check, which
+asserts structure (press, repeats, release), not timing.
 """
 
 from __future__ import annotations
