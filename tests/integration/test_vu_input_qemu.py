@@ -68,7 +68,15 @@ async def _start(kind: str, tmp: Path, *extra: str) -> tuple[trio.Process, Path,
              *source, "--control", str(ctl)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
         )  # fmt: skip
-    await wait_for_socket(sock, proc)
+    try:
+        # Ready when it listens: a Python start-up, 12 s at load 13 on 2 cores (past
+        # wait_for_socket's default 10 s), so the budget the other waits here have.
+        await wait_for_socket(sock, proc, timeout=60)
+    except BaseException:
+        proc.kill()  # not in ``procs`` yet: nobody else would end it
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+        raise
     return proc, ctl, log
 
 
