@@ -20,6 +20,7 @@ import json
 import os
 import re
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import trio
 from evdev import ecodes as e
 
 from virtio.testing.evdev_in_guest import DECLARED, GROUP_HELD, GROUPS, MARKER
-from virtio.testing.qemu import QemuGuest
+from virtio.testing.qemu import QemuGuest, find_qemu
 
 pytestmark = pytest.mark.qemu
 
@@ -52,8 +53,18 @@ chroot /host /bin/sh -c 'cd "$0" && exec env -i PATH=/usr/bin:/bin HOME=/tmp \
 
 
 def _guest_modules_missing(image: Any) -> list[str]:
-    have = set(image.manifest.get("modules_loaded_at_boot", []))
+    """Of uinput and the 9p client, what the image neither loads nor has built in."""
+    have = set(image.manifest.get("modules", [])) | set(image.manifest.get("modules_builtin", []))
     return [m for m in ("uinput", "9p", "9pnet_virtio") if m not in have]
+
+
+def _qemu_without_9p() -> str | None:
+    """Why the system QEMU cannot export a directory over 9p, or ``None``."""
+    qemu = find_qemu()
+    res = subprocess.run([qemu, "-device", "help"], capture_output=True, text=True, check=False)
+    if '"virtio-9p-pci"' not in res.stdout:
+        return f"{qemu} has no virtio-9p-pci device (built without virtfs)"
+    return None
 
 
 async def _run_in_guest(image: Any, console_log: Path) -> dict[str, Any]:
@@ -77,6 +88,9 @@ def observed(guest_image, tmp_path_factory) -> dict[str, Any]:
     missing = _guest_modules_missing(guest_image)
     if missing:
         pytest.skip(f"guest image {guest_image.directory} lacks modules {missing}")
+    no_9p = _qemu_without_9p()
+    if no_9p:
+        pytest.skip(no_9p)
     log = tmp_path_factory.mktemp("evdev-guest") / "console.log"
     return trio.run(_run_in_guest, guest_image, log)
 
