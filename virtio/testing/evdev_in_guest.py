@@ -7,8 +7,9 @@ runs ``python -m virtio.testing.evdev_in_guest`` with the project's venv.  This 
 
 1. creates a uinput device with the capabilities of :data:`DECLARED` (name, IDs,
    INPUT_PROP_* bits, keys, LEDs, MSC_SCAN and absolute axes with full ABS_INFO);
-2. serves it as ``virtio serve input --evdev-path`` does (``EvdevSource`` grabbed,
-   ``VirtioInput``, ``VhostUserServer``) and connects the testing kit's
+2. serves it with what ``virtio serve input --evdev-path`` builds
+   (``build_input_device``: ``EvdevSource`` grabbed, ``VirtioInput``; then
+   ``VhostUserServer``) and connects the testing kit's
    ``VhostUserFrontend`` to it (no VM in the VM);
 3. reads every select/subsel of the configuration space (virtio 1.4 §5.8.4:
    ``select``/``subsel`` written with SET_CONFIG, ``size`` and ``u`` read back);
@@ -26,6 +27,7 @@ host test compares with :data:`DECLARED` by its own encoding of the spec's struc
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -38,8 +40,7 @@ import trio
 from evdev import AbsInfo, InputDevice, UInput
 from evdev import ecodes as e
 
-from virtio.devices.input import VirtioInput
-from virtio.devices.input.evdev_source import EvdevSource
+from virtio.cli.serve_input import build_input_device
 from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
 from virtio.transport.vhost_user.messages import ConfigSpace
 from virtio.transport.vhost_user.messages import FrontendRequest as R
@@ -121,6 +122,13 @@ def _unpack(data: bytes) -> list[int]:
     ]
 
 
+def _serve_options(path: str, *, no_grab: bool) -> tuple[Any, Any]:
+    """(VirtioInput, EvdevSource) as ``virtio serve input --evdev-path PATH
+    [--no-grab]`` builds them (name and serial from the device)."""
+    args = argparse.Namespace(evdev_path=path, kind=None, no_grab=no_grab, name=None, serial=None)
+    return build_input_device(args)
+
+
 def _try_grab(path: str) -> int:
     """0 if a second opener could grab ``path`` (released again), else the errno."""
     other = InputDevice(path)
@@ -153,12 +161,11 @@ async def run_checks(sock_dir: str) -> dict[str, Any]:
     ui = create_device()
     path = ui.device.path
     result["evdev"] = path
-    source = EvdevSource(path)  # grabbed, as --evdev-path without --no-grab
+    device, source = _serve_options(path, no_grab=False)  # grabbed
     ram = GuestRam(4 * MiB)
     watcher = InputDevice(path)  # a host consumer: must see nothing while grabbed
     try:
         result["uniq"] = source.dev.uniq or ""
-        device = VirtioInput(source.capabilities(), status_sink=source.write_status)
         server = VhostUserServer(device, name="virtio-input")
         sock = os.path.join(sock_dir, "input.sock")
         async with trio.open_nursery() as nursery:
@@ -226,7 +233,7 @@ async def run_checks(sock_dir: str) -> dict[str, Any]:
         source.close()
         ram.close()
     result["grab_errno_after_close"] = _try_grab(path)
-    nograb = EvdevSource(path, grab=False)  # --no-grab
+    _, nograb = _serve_options(path, no_grab=True)
     try:
         result["grab_errno_no_grab"] = _try_grab(path)
     finally:
