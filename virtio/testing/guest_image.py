@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: Bump when the image content or the /init protocol changes: old caches are ignored.
-IMAGE_FORMAT = 3
+IMAGE_FORMAT = 4
 
 #: The Debian metapackage whose dependency names the kernel to use.
 KERNEL_METAPACKAGE = "linux-image-amd64"
@@ -94,6 +94,12 @@ BASE_MODULES: tuple[str, ...] = (
     # the script channel and input events
     "qemu_fw_cfg",
     "evdev",
+    # evdev passthrough checked inside the guest (tests/integration/
+    # test_input_evdev_in_guest.py): uinput makes a real evdev there, and the host's
+    # root file system is mounted over 9p to run the project's venv in a chroot
+    "uinput",
+    "9p",
+    "9pnet_virtio",
 )
 
 #: Host programs copied (with their shared libraries) into the base initramfs,
