@@ -43,7 +43,11 @@ set -e
 [ -e /dev/uinput ] || modprobe uinput
 mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host
+# A checkout under /tmp (CI clones there) must stay visible under the tmpfs: keep a
+# bind of it from before, and put it back on top.
+case "{repo}" in /tmp/*) mkdir -p /stash && mount -o bind "/host{repo}" /stash;; esac
 mount -t tmpfs tmpfs /host/tmp
+case "{repo}" in /tmp/*) mkdir -p "/host{repo}" && mount -o bind /stash "/host{repo}";; esac
 mount -o bind /dev /host/dev
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
