@@ -430,19 +430,11 @@ class _Connection:
 
     async def _into(self, views: Sequence[memoryview], skip: int, n: int) -> None:
         """Receive ``n`` bytes into ``views`` starting ``skip`` bytes in."""
-        for v in views:
-            if skip >= len(v):
-                skip -= len(v)
-                continue
-            part = v[skip : skip + n]
-            skip = 0
-            data = await self._exact(len(part))
-            part[:] = data
-            n -= len(part)
-            if not n:
-                return
-        if n:
+        parts = _slice(views, skip, n)
+        if sum(len(p) for p in parts) < n:
             raise NbdError("read reply beyond the request")
+        for part in parts:
+            part[:] = await self._exact(len(part))
 
     async def _receive_one(self) -> None:
         (magic,) = struct.unpack(">I", await self._exact(4))
