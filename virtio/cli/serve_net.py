@@ -73,6 +73,14 @@ def register_net(devices: Any, fail: Any, signals_help: str) -> None:
         "(0: sleep at once; a busy peer's next burst then needs no kick)",
     )
     net.add_argument(
+        "--queue-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve every port's native transmit queues from N shared threads, each "
+        "waiting once for all its queues (0: a thread per queue)",
+    )
+    net.add_argument(
         "--no-native",
         action="store_true",
         help="switch every packet in Python (no native per-packet path)",
@@ -112,9 +120,12 @@ def run_net(args: argparse.Namespace) -> int:
         ]
         if args.poll_us < 0:
             raise ValueError(f"--poll-us {args.poll_us}: not negative")
+        if not 0 <= args.queue_threads <= 64:
+            raise ValueError(f"--queue-threads {args.queue_threads}: must be in 0..64")
         for port in ports:
             port.native_dataplane = not args.no_native
             port.poll_us = args.poll_us
+            port.queue_threads = args.queue_threads
     except ValueError as exc:
         _fail(f"virtio serve net: {exc}", status=2)
     tap = None
@@ -256,6 +267,7 @@ def add_net_export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mtu", type=int, default=1500, help="MTU offered (VIRTIO_NET_F_MTU)")
     parser.add_argument("--num-queue-pairs", type=int, default=1, metavar="N")
     parser.add_argument("--poll-us", type=int, default=0, metavar="US")
+    parser.add_argument("--queue-threads", type=int, default=0, metavar="N")
     parser.add_argument("--no-native", action="store_true")
     parser.add_argument("--tap", metavar="IFNAME", help="a tap uplink on the shared switch")
 
@@ -271,6 +283,8 @@ def build_net_export(args: argparse.Namespace) -> Any:
     try:
         if args.poll_us < 0:
             raise ValueError(f"poll-us {args.poll_us}: not negative")
+        if not 0 <= args.queue_threads <= 64:
+            raise ValueError(f"queue-threads {args.queue_threads}: must be in 0..64")
         switch = hub.port_switch()
         mac = parse_mac(args.mac) if args.mac else hub.free_mac()
         port = VirtioNet(
@@ -286,6 +300,7 @@ def build_net_export(args: argparse.Namespace) -> Any:
         raise ExportError(str(exc), status=2) from None
     port.native_dataplane = not args.no_native
     port.poll_us = args.poll_us
+    port.queue_threads = args.queue_threads
     tap = None
     if args.tap:
         from virtio.devices.net.tap import TapPort

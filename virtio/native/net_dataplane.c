@@ -41,6 +41,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -770,6 +771,115 @@ static int net_dp_watch(void *dev, int kick, int wake)
     return 0;
 }
 
+/* ---- one thread for several ports' transmit queues (--queue-threads) ------------ */
+#define NET_GROUP_FDS (1 + 2 * DP_GROUP_MAX)
+#define NET_READY_WAKE 1
+#define NET_READY_KICK 2
+
+struct net_group {
+    struct dp_group *g;
+    struct pollfd fds[NET_GROUP_FDS];
+    struct net_dp *owner[NET_GROUP_FDS]; /* NULL: the group's own wake eventfd */
+    int kind[NET_GROUP_FDS];             /* NET_READY_* of fds[i] */
+};
+
+struct net_group *net_group_new(void)
+{
+    return calloc(1, sizeof(struct net_group));
+}
+
+void net_group_free(struct net_group *ng)
+{
+    free(ng);
+}
+
+/* dp_group.wait: one poll() over the group's wake eventfd and every member's wake
+ * eventfd and, where it sleeps for the driver, kick eventfd; what is ready is
+ * noted in the member (net_dp.ready) for its next peek.  1: something is ready. */
+static int net_group_wait(void *shared, int timeout_ms)
+{
+    struct net_group *ng = shared;
+    struct dp_group *g = ng->g;
+    uint32_t nf = 0;
+    ng->fds[nf] = (struct pollfd){g->wake_fd, POLLIN, 0};
+    ng->owner[nf++] = NULL;
+    pthread_mutex_lock((pthread_mutex_t *)(void *)g->mu_storage);
+    for (uint32_t i = 0; i < g->n; i++) {
+        struct dp *m = g->members[i];
+        struct net_dp *n = m->dev;
+        if (!m->loop)
+            continue; /* not begun: the group's wake_fd (join) covers it */
+        if (n->watch_wake >= 0) {
+            ng->fds[nf] = (struct pollfd){n->watch_wake, POLLIN, 0};
+            ng->owner[nf] = n;
+            ng->kind[nf++] = NET_READY_WAKE;
+        }
+        if ((m->want & DP_EV_KICK) && n->watch_kick >= 0) {
+            ng->fds[nf] = (struct pollfd){n->watch_kick, POLLIN, 0};
+            ng->owner[nf] = n;
+            ng->kind[nf++] = NET_READY_KICK;
+        }
+    }
+    pthread_mutex_unlock((pthread_mutex_t *)(void *)g->mu_storage);
+    int r = poll(ng->fds, nf, timeout_ms);
+    if (r <= 0)
+        return r < 0 && errno != EINTR ? -errno : 0;
+    for (uint32_t i = 0; i < nf; i++) {
+        if (!(ng->fds[i].revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL)))
+            continue;
+        if (ng->owner[i]) {
+            ng->owner[i]->ready |= ng->kind[i];
+        } else {
+            uint64_t v;
+            ssize_t rr = read(g->wake_fd, &v, sizeof v);
+            (void)rr;
+        }
+    }
+    return 1;
+}
+
+/* A member's wait in the group (DP_WAIT_PEEK): the events the group's last poll()
+ * found for it, consumed (its eventfds read; a kick only while it is still the
+ * ring's: dp_set_fds swaps it under mu).  No blocking. */
+static int net_group_peek(struct net_dp *n, int want)
+{
+    struct dp *dp = &n->core;
+    int ready = n->ready, ev = 0;
+    uint64_t v;
+    n->ready = 0;
+    if ((ready & NET_READY_WAKE) && n->watch_wake >= 0) {
+        if (read(n->watch_wake, &v, sizeof v) == sizeof v)
+            ev |= DP_EV_WAKE;
+    }
+    if ((ready & NET_READY_KICK) && (want & DP_EV_KICK) && n->watch_kick >= 0) {
+        pthread_mutex_lock(DP_MU(dp));
+        if (n->watch_kick == dp->kick_fd && read(n->watch_kick, &v, sizeof v) == sizeof v)
+            ev |= DP_EV_KICK;
+        pthread_mutex_unlock(DP_MU(dp));
+    }
+    if (ev)
+        n->idle = 0;
+    return ev;
+}
+
+static int net_dp_start(void *dev)
+{
+    struct net_dp *n = dev;
+    struct dp_group *g = n->core.group;
+    if (!g)
+        return 0;
+    if (!n->ng)
+        return -EOPNOTSUPP; /* no shared poll set: dp_run on a thread of its own */
+    pthread_mutex_lock((pthread_mutex_t *)(void *)g->mu_storage);
+    if (!g->shared) {
+        n->ng->g = g;
+        g->shared = n->ng;
+        g->wait = net_group_wait;
+    }
+    pthread_mutex_unlock((pthread_mutex_t *)(void *)g->mu_storage);
+    return g->shared == n->ng ? 0 : -EOPNOTSUPP;
+}
+
 /* dp_run's wait when its ring was found empty (notifications on) or it waits for
  * room.  A ring just served is first polled for yield_ns with driver
  * notifications off (§2.7.10 / §2.8.10: a busy driver's next chains then need no
@@ -783,7 +893,7 @@ static int net_dp_wait(void *dev, int want, int timeout_ms)
 {
     struct net_dp *n = dev;
     struct dp *dp = &n->core;
-    if ((want & DP_EV_KICK) && n->yield_ns && !n->idle) {
+    if ((want & DP_EV_KICK) && n->yield_ns && !n->idle && timeout_ms != DP_WAIT_PEEK) {
         struct vq *q = dp->q;
         uint64_t end = dp_now_ns() + n->yield_ns;
         vq_disable_notification(q);
@@ -804,6 +914,8 @@ static int net_dp_wait(void *dev, int want, int timeout_ms)
             return DP_EV_WAKE;
         }
     }
+    if (timeout_ms == DP_WAIT_PEEK)
+        return net_group_peek(n, want);
     int kick = (want & DP_EV_KICK) ? n->watch_kick : -1;
     struct pollfd p[2] = {{n->watch_wake, POLLIN, 0}, {kick, POLLIN, 0}};
     int r = poll(p, 2, timeout_ms);
@@ -839,7 +951,8 @@ void net_dp_attach(struct net_dp *n)
     n->core.serve = net_dp_serve;
     n->core.batch_end = net_dp_batch_end;
     n->core.dev = n;
-    if (n->yield_ns) {
+    n->core.start = net_dp_start;
+    if (n->yield_ns || n->ng) {
         n->core.watch = net_dp_watch;
         n->core.wait = net_dp_wait;
         n->watch_kick = n->watch_wake = -1;

@@ -63,6 +63,11 @@ struct net_resv {
     uint32_t qi;                /* the port's receive queue (rx[qi]) */
 };
 
+/* The wait of a dp_group serving several ports' transmit queues (--queue-threads:
+ * one thread for all of them, as one DPDK lcore polls every vhost port): one
+ * poll() over every member's eventfds.  net_dp.ng, before net_dp_attach. */
+struct net_group; /* net_dataplane.c */
+
 struct net_dp {
     struct dp core;
     struct vm_net_fdb *fdb;
@@ -101,9 +106,15 @@ struct net_dp {
     uint64_t yields, yield_hits; /* polls done, and those that found chains */
     int watch_kick, watch_wake;
     int idle;                   /* the last wait timed out: no polling until a kick */
+    /* --queue-threads: the shared thread's one poll() (net_group_wait) for all its
+     * ports' transmit queues, and what it found ready for this queue (NET_READY_*) */
+    struct net_group *ng;
+    int ready;                  /* NET_READY_* bits */
     const struct vq_chain *batch_first; /* this batch's first chain (net_prefetch_next) */
 };
 
 void net_dp_attach(struct net_dp *n);
+struct net_group *net_group_new(void);
+void net_group_free(struct net_group *ng);
 
 #endif

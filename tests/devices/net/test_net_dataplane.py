@@ -152,12 +152,14 @@ async def _scenario(
     poll_us: int = 0,
     packed: bool = False,
     bad_rx: int = 0,
+    queue_threads: int = 0,
 ):
     sw = Switch()
     a = VirtioNet(name="a", switch=sw, mac=MAC_A)
     b = VirtioNet(name="b", switch=sw, mac=MAC_B)
     a.native_dataplane = b.native_dataplane = native
     a.poll_us = b.poll_us = poll_us
+    a.queue_threads = b.queue_threads = queue_threads
     ga, gb = Guest(a, packed=packed), Guest(b, without_b, packed)
     guests = {"a": ga, "b": gb}
     try:
@@ -175,6 +177,7 @@ async def _scenario(
                 await g.wait_used(TX, token)
                 await trio.testing.wait_all_tasks_blocked()  # Python's backlog drained
             out = {name: (g.collect(), g.device.statistics()) for name, g in guests.items()}
+            out["_threads"] = {k: t.statistics() for k, (t, _) in sw._queue_threads.items()}
             nursery.cancel_scope.cancel()
     finally:
         ga.close()
@@ -188,23 +191,28 @@ MRG = NF.VIRTIO_NET_F_MRG_RXBUF.mask
 
 
 @pytest.mark.parametrize(
-    ("without_b", "rx_size", "poll_us", "packed"),
+    ("without_b", "rx_size", "poll_us", "packed", "queue_threads"),
     [
         # MRG_RXBUF, small buffers: frames span several (num_buffers > 1)
-        (0, 512, 0, False),
-        (0, 512, 0, True),  # packed rings (buffers given back: §2.8.21)
-        (0, 512, 200, False),  # transmit threads polling before they sleep
-        (MRG, 4096, 0, False),  # one buffer per packet (§5.1.6.3)
-        (MRG, 1200, 0, True),  # ... too small for some: dropped by both paths alike
-        (GUEST_CSUM | GUEST_TSO | NF.VIRTIO_NET_F_GUEST_ECN.mask, 1536, 0, False),
+        (0, 512, 0, False, 0),
+        (0, 512, 0, True, 0),  # packed rings (buffers given back: §2.8.21)
+        (0, 512, 200, False, 0),  # transmit threads polling before they sleep
+        (0, 512, 0, False, 1),  # both ports' transmit queues on one shared thread
+        (0, 512, 0, True, 2),  # ... and on a thread each, through the shared poll set
+        (MRG, 4096, 0, False, 0),  # one buffer per packet (§5.1.6.3)
+        (MRG, 1200, 0, True, 0),  # ... too small for some: dropped by both paths alike
+        (GUEST_CSUM | GUEST_TSO | NF.VIRTIO_NET_F_GUEST_ECN.mask, 1536, 0, False, 0),
     ],
 )
 async def test_native_path_delivers_what_the_python_path_delivers(
-    without_b, rx_size, poll_us, packed
+    without_b, rx_size, poll_us, packed, queue_threads
 ):
     frames = _frames()
     py = await _scenario(frames, False, without_b, rx_size, packed=packed)
-    nat = await _scenario(frames, True, without_b, rx_size, poll_us, packed)
+    assert py.pop("_threads") == {}
+    nat = await _scenario(
+        frames, True, without_b, rx_size, poll_us, packed, queue_threads=queue_threads
+    )
     for name in ("a", "b"):
         py_rx, py_stats = py[name]
         nat_rx, nat_stats = nat[name]
@@ -214,6 +222,11 @@ async def test_native_path_delivers_what_the_python_path_delivers(
         assert nat_stats == py_stats, name
         nat[name] = native
     assert len(py["b"][0]) >= 3  # something was delivered at all
+    # --queue-threads N: port p's transmit queue on shared thread p mod N, which
+    # waited in its one poll set for its queues (none ran on a thread of its own)
+    threads = nat.pop("_threads")
+    assert sorted(threads) == list(range(queue_threads))
+    assert all(t["waits"] > 0 for t in threads.values())
     tx = nat["a"]["tx"]
     # served natively: the flood, the unicast 1000 and 1514 byte frames, the
     # hairpin (dropped), the flood to an unknown address

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from virtio.dataplane import NativeDataPlane
+from virtio.dataplane import NativeDataPlane, QueueThread
 from virtio.native import ffi, lib
 from virtio.spec.net import NetFeature as NF
 
@@ -71,7 +71,26 @@ class NetDataPlane(NativeDataPlane):
         # --poll-us: the emptied ring is polled yielding the CPU (net_dp_wait), so
         # the ports' transmit threads on one CPU take turns instead of spinning
         c.yield_ns = max(0, dev.poll_us) * 1000
+        shared = self._shared()
+        c.ng = shared[1] if shared is not None else ffi.NULL
         lib.net_dp_attach(c)
+
+    def _shared(self) -> tuple[QueueThread, Any] | None:
+        """The switch's shared transmit thread for this queue (``--queue-threads``
+        N: transmit queue k of port p on thread (p + k) mod N), or None."""
+        dev = self.device
+        n = dev.queue_threads
+        if n <= 0:
+            return None
+        return dev.switch.queue_thread(self._thread_number(n))
+
+    def _thread_number(self, n: int) -> int:
+        k = (self.index - 1) // 2  # transmitq(k+1) is queue 2k+1 (§5.1.2)
+        return (self.device.switch.number(self.device) + k) % n
+
+    def queue_thread(self) -> QueueThread | None:
+        shared = self._shared()
+        return shared[0] if shared is not None else None
 
     def update_state(self) -> None:
         c = self.c

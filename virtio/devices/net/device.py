@@ -223,6 +223,9 @@ class VirtioNet(VirtioDevice):
         native per-packet path (``dataplane.py``); set before ``run``."""
         self.poll_us = 0
         """Native transmit threads poll an idle ring this long before sleeping."""
+        self.queue_threads = 0
+        """Native transmit queues of the switch's ports served by this many shared
+        threads (``--queue-threads``; 0: a thread per queue)."""
         self.native_port = native.new_port()
         """This port for the native path (``struct net_port``)."""
         self._native_rx: dict[int, native.NativeRx] = {}

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from virtio.devices.net.offload import OffloadError, RxOffloads, adapt, check_segmentable
 from virtio.devices.net.packet import GSO_NONE, Packet
@@ -103,6 +103,7 @@ class Switch:
         self._native_keep: list[object] = []
         self.native_count = ffi.new("uint32_t *")
         """Port numbers in use (the native path looks no further)."""
+        self._queue_threads: dict[int, tuple[Any, Any]] = {}
 
     # -- ports ---------------------------------------------------------------------------
     def add_port(self, port: Port) -> None:
@@ -138,6 +139,18 @@ class Switch:
     def number(self, port: Port) -> int:
         """``port``'s number in the native table (``fdb.py``)."""
         return self._number(port)
+
+    def queue_thread(self, k: int) -> tuple[Any, Any]:
+        """Shared transmit thread k (``--queue-threads``): the ``QueueThread`` and
+        its poll set (``struct net_group *``), made on first use."""
+        if k not in self._queue_threads:
+            from virtio.dataplane import QueueThread
+
+            ng = ffi.gc(lib.net_group_new(), lib.net_group_free)
+            if ng == ffi.NULL:
+                raise MemoryError("net_group_new failed")
+            self._queue_threads[k] = (QueueThread(f"net-tx-{k}"), ng)
+        return self._queue_threads[k]
 
     @property
     def native_fdb(self):
