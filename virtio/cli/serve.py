@@ -205,11 +205,11 @@ def _add_blk_options(blk: argparse.ArgumentParser) -> None:
     blk.add_argument(
         "--queue-threads",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="data plane threads: N threads serve the queues round-robin (queue i on "
-        "thread i mod N, as QEMU's iothread-vq-mapping), one io_uring each "
-        "(default 0: a thread per queue)",
+        "thread i mod N, as QEMU's iothread-vq-mapping), one io_uring each; 0: a "
+        "thread per queue (default: 1 with --cache none and io_uring, else 0)",
     )
     blk.add_argument("--num-queues", type=int, default=1, metavar="N", help="virtqueues (1)")
     blk.add_argument(

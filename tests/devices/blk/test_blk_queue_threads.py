@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
+import tempfile
 
 import pytest
 import trio
@@ -225,3 +227,35 @@ def test_queue_threads_option():
         BlkOptions(queue_threads=65)
     with pytest.raises(ValueError, match="queue_threads"):
         BlkOptions(queue_threads=-1)
+
+
+def test_default_data_plane_threads():
+    """Without --queue-threads: one thread for several queues under cache=none with
+    io_uring (O_DIRECT: QEMU's one iothread; issue 8's CPU-per-I/O point), a thread
+    per queue otherwise; an explicit value always wins."""
+    assert BlkOptions(cache="none", num_queues=2).data_plane_threads == 1
+    assert BlkOptions(cache="none", num_queues=1).data_plane_threads == 0
+    assert BlkOptions(cache="none", num_queues=2, aio="threads").data_plane_threads == 0
+    for cache in ("writeback", "writethrough", "unsafe"):
+        assert BlkOptions(cache=cache, num_queues=2).data_plane_threads == 0
+    assert BlkOptions(cache="none", num_queues=2, queue_threads=0).data_plane_threads == 0
+    assert BlkOptions(cache="writeback", num_queues=4, queue_threads=2).data_plane_threads == 2
+    args = build_parser().parse_args(["serve", "blk", "--socket-path", "s", "--blk-file", "d"])
+    assert args.queue_threads is None
+
+
+async def test_cache_none_shares_one_thread_by_default():
+    # an ext4 directory: O_DIRECT is refused on tmpfs
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        rig = MultiRig(pathlib.Path(d), cache="none")
+        try:
+            async with trio.open_nursery() as nursery:
+                for q in range(QUEUES):
+                    await start_queue(rig, nursery, q)
+                for q in range(QUEUES):
+                    await write_read_flush(rig, q, 8 + 64 * q, rounds=1)
+                    assert plane(rig, q).c.core.group != ffi.NULL
+                    assert plane(rig, q).statistics()["queue_thread"] == 0
+                nursery.cancel_scope.cancel()
+        finally:
+            rig.close()

@@ -77,10 +77,24 @@ class BlkOptions:
     starts at 0), unsafe (flushes ignored); see ``backend.RawFileBackend``."""
     aio: str = "io_uring"
     """The data plane's I/O engine: io_uring (threads where it cannot run) or threads."""
-    queue_threads: int = 0
+    queue_threads: int | None = None
     """Data plane threads: 0 = one per queue; N = N threads with the queues assigned
     round-robin (queue i on thread i mod N, as QEMU's iothread-vq-mapping), each
-    thread waiting in one io_uring for all its queues (io_uring only)."""
+    thread waiting in one io_uring for all its queues (io_uring only); None (the
+    default): ``data_plane_threads``."""
+
+    @property
+    def data_plane_threads(self) -> int:
+        """``queue_threads``, or by default: one thread for all queues (of several)
+        under ``cache=none`` with io_uring (O_DIRECT: the disk is the limit and the kernel
+        work per request is the same whoever submits it, so one thread's single
+        wake-up for several queues' events is the cheaper one -- QEMU's one
+        iothread), a thread per queue otherwise (the page cache: a queue thread is
+        CPU-bound, two use two cores).  Measured in docs/benchmarks.md (issue 8)."""
+        if self.queue_threads is not None:
+            return self.queue_threads
+        shared = self.cache == "none" and self.aio == "io_uring" and self.num_queues > 1
+        return 1 if shared else 0
 
     def __post_init__(self) -> None:
         if self.cache not in ("none", "writeback", "writethrough", "unsafe"):
@@ -89,7 +103,7 @@ class BlkOptions:
             )
         if self.aio not in ("io_uring", "threads"):
             raise ValueError(f"aio must be io_uring or threads, not {self.aio!r}")
-        if not 0 <= self.queue_threads <= 64:
+        if self.queue_threads is not None and not 0 <= self.queue_threads <= 64:
             raise ValueError(f"queue_threads must be in 0..64, not {self.queue_threads}")
         if not 1 <= self.num_queues <= 0xFFFF:
             raise ValueError(f"num_queues must be in 1..65535, not {self.num_queues}")

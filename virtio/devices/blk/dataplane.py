@@ -104,9 +104,9 @@ class BlkDataPlane(NativeDataPlane):
         lib.blk_dp_detach(self.c)
 
     def queue_thread(self) -> QueueThread | None:
-        """With ``queue_threads`` N (io_uring), queue i is served by thread i mod N of
+        """With ``data_plane_threads`` N (io_uring), queue i is served by thread i mod N of
         the device.  (The NBD data plane waits in its own mechanism: a thread each.)"""
-        n = getattr(self.device.options, "queue_threads", 0)
+        n = self.device.options.data_plane_threads
         if not n or type(self) is not BlkDataPlane or self.c.engine != lib.BLK_AIO_URING:
             return None
         return self.device.queue_thread(self.index % n)
@@ -116,7 +116,7 @@ class BlkDataPlane(NativeDataPlane):
         (``--queue-threads``), or -1 for a thread of its own."""
         out = super().statistics()
         if out:
-            n = getattr(self.device.options, "queue_threads", 0)
+            n = self.device.options.data_plane_threads
             out["queue_thread"] = self.index % n if n and self.c.core.group != ffi.NULL else -1
         return out
 

@@ -435,7 +435,7 @@ class VirtioBlk(VirtioDevice):
         return tuple(sorted(self._dataplanes, key=lambda p: p.index))
 
     def queue_thread(self, k: int) -> QueueThread:
-        """Data plane thread k of ``options.queue_threads`` (made on first use)."""
+        """Data plane thread k of ``options.data_plane_threads`` (made on first use)."""
         if k not in self._queue_threads:
             self._queue_threads[k] = QueueThread(f"blk-queues-{k}")
         return self._queue_threads[k]
