@@ -154,14 +154,25 @@ void net_port_set_call(struct net_port *p, uint32_t k, int call_fd)
  * addresses and TCP/UDP ports, or of the MAC addresses): one flow, one receive
  * queue (§5.1.9.5.6).  `frame` holds the first min(len, NET_FLOW_BYTES) bytes. */
 #define NET_FLOW_BYTES 96
+/* CRC-32 (IEEE 802.3, reflected, zlib.crc32's), one table lookup per byte: the
+ * bit-at-a-time loop cost ~100 ns per frame, a fifth of the 2 QP backend's CPU. */
+static uint32_t net_crc_table[256];
+
+__attribute__((constructor)) static void net_crc_table_init(void)
+{
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++)
+            c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+        net_crc_table[i] = c;
+    }
+}
+
 static uint32_t net_crc32(uint32_t crc, const uint8_t *b, uint32_t n)
 {
     crc = ~crc;
-    while (n--) {
-        crc ^= *b++;
-        for (int i = 0; i < 8; i++)
-            crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
-    }
+    while (n--)
+        crc = (crc >> 8) ^ net_crc_table[(crc ^ *b++) & 0xFFu];
     return ~crc;
 }
 
