@@ -267,7 +267,14 @@ def main() -> int:
         for rnd in range(args.rounds):
             for name, backend in backends.items():
                 print(f"[{point.label}] round {rnd + 1} {name} ...", file=sys.stderr, flush=True)
-                runs[name].append(measure(backend, point, args.duration, args.tx_first))
+                r = measure(backend, point, args.duration, args.tx_first)
+                runs[name].append(r)
+                print(
+                    f"[{point.label}] round {rnd + 1} {name}: {r.mpps:.2f} Mpps, "
+                    f"{r.gbps:.2f} Gbit/s, {r.cpu_ns_per_pkt:.0f} ns CPU/pkt",
+                    file=sys.stderr,
+                    flush=True,
+                )
         results[point.label] = {name: median(r) for name, r in runs.items()}
         for name in ours_names:
             results[point.label].setdefault(name, None)

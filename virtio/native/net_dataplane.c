@@ -154,9 +154,10 @@ void net_port_set_call(struct net_port *p, uint32_t k, int call_fd)
  * addresses and TCP/UDP ports, or of the MAC addresses): one flow, one receive
  * queue (§5.1.9.5.6).  `frame` holds the first min(len, NET_FLOW_BYTES) bytes. */
 #define NET_FLOW_BYTES 96
-/* CRC-32 (IEEE 802.3, reflected, zlib.crc32's), one table lookup per byte: the
- * bit-at-a-time loop cost ~100 ns per frame, a fifth of the 2 QP backend's CPU. */
-static uint32_t net_crc_table[256];
+/* CRC-32 (IEEE 802.3, reflected: zlib.crc32's), four bytes per step with four
+ * tables ("slicing by 4").  Bit at a time this was a fifth of the 2 QP backend's
+ * CPU, a byte-table lookup per byte still a tenth (12 dependent lookups a frame). */
+static uint32_t net_crc_table[4][256];
 
 __attribute__((constructor)) static void net_crc_table_init(void)
 {
@@ -164,15 +165,25 @@ __attribute__((constructor)) static void net_crc_table_init(void)
         uint32_t c = i;
         for (int k = 0; k < 8; k++)
             c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
-        net_crc_table[i] = c;
+        net_crc_table[0][i] = c;
     }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 4; t++) {
+            uint32_t prev = net_crc_table[t - 1][i];
+            net_crc_table[t][i] = (prev >> 8) ^ net_crc_table[0][prev & 0xFFu];
+        }
 }
 
 static uint32_t net_crc32(uint32_t crc, const uint8_t *b, uint32_t n)
 {
     crc = ~crc;
+    for (; n >= 4; n -= 4, b += 4) {
+        crc ^= (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+        crc = net_crc_table[3][crc & 0xFFu] ^ net_crc_table[2][(crc >> 8) & 0xFFu] ^
+              net_crc_table[1][(crc >> 16) & 0xFFu] ^ net_crc_table[0][crc >> 24];
+    }
     while (n--)
-        crc = (crc >> 8) ^ net_crc_table[(crc ^ *b++) & 0xFFu];
+        crc = (crc >> 8) ^ net_crc_table[0][(crc ^ *b++) & 0xFFu];
     return ~crc;
 }
 
@@ -196,7 +207,9 @@ uint32_t net_flow_hash(const uint8_t *frame, uint32_t len)
         off += 4;
     }
     if (type == 0x0800 && len >= off + 20) {
-        uint32_t l4 = off + (frame[off] & 0x0Fu) * 4;
+        /* read once: the frame may be guest memory the driver is changing, and l4
+         * bounds the read below */
+        uint32_t l4 = off + (__atomic_load_n(&frame[off], __ATOMIC_RELAXED) & 0x0Fu) * 4;
         uint32_t crc = net_crc32(0, frame + off + 12, 8);
         if (frame[off + 9] == 6 || frame[off + 9] == 17)
             crc = net_crc32(crc, frame + l4, net_span(len, l4, 4));
@@ -300,11 +313,18 @@ enum { NET_RX_OK = 1, NET_RX_DEFER = 0 };
 static uint32_t net_frame_flow(struct net_frame *f)
 {
     if (!f->flow_valid) {
-        uint8_t b[NET_FLOW_BYTES];
-        struct net_cursor cur = f->body;
+        const struct net_cursor *c = &f->body;
         uint32_t n = f->len < NET_FLOW_BYTES ? f->len : NET_FLOW_BYTES;
-        net_cursor_read(&cur, b, n);
-        f->flow = net_flow_hash(b, n);
+        if (c->i < c->nsegs && c->segs[c->i].len - c->off >= n) {
+            /* contiguous (the usual case): hashed in place.  The driver may change
+             * the bytes meanwhile: it only moves its frame to another queue. */
+            f->flow = net_flow_hash(net_host(c->q, &c->segs[c->i]) + c->off, n);
+        } else {
+            uint8_t b[NET_FLOW_BYTES];
+            struct net_cursor cur = *c;
+            net_cursor_read(&cur, b, n);
+            f->flow = net_flow_hash(b, n);
+        }
         f->flow_valid = 1;
     }
     return f->flow;
@@ -585,11 +605,13 @@ static void net_prefetch(const struct net_frame *f)
  * when it belongs to this batch.  Past the batch's end it holds an earlier
  * batch's chain or zeros: its address is only prefetched (a prefetch never
  * faults), and only what lies inside the arrays and the memory table is read. */
-static void net_prefetch_next(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs)
+#define NET_PF_DIST 8
+static void net_prefetch_chain(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs,
+                               uint32_t d)
 {
-    if (!n->batch_first || c < n->batch_first || c - n->batch_first + 1 >= DP_BATCH)
+    if (!n->batch_first || c < n->batch_first || c - n->batch_first + d >= DP_BATCH)
         return;
-    const struct vq_chain *next = c + 1;
+    const struct vq_chain *next = c + d;
     if (c->seg_start > DP_MAX_SEGS || next->seg_start >= DP_MAX_SEGS || !next->nsegs)
         return;
     const struct vq_seg *s = segs - c->seg_start + next->seg_start;
@@ -612,9 +634,12 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
     struct net_dp *n = dev;
     struct net_frame f;
     *err = 0;
-    if (!n->batch_first)
+    if (!n->batch_first) {
         n->batch_first = c; /* the first chain served since batch_end */
-    net_prefetch_next(n, c, segs);
+        for (uint32_t d = 1; d < NET_PF_DIST; d++)
+            net_prefetch_chain(n, c, segs, d);
+    }
+    net_prefetch_chain(n, c, segs, NET_PF_DIST);
     struct net_port *self = n->src < NET_FDB_MAX_PORTS ? n->ports[n->src] : NULL;
     if (self && __atomic_load_n(&self->link_down, __ATOMIC_RELAXED))
         goto defer; /* the link is down: VirtioNet._transmit drops it */
