@@ -53,7 +53,7 @@ from virtio.spec import sections as sec
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.ids import DeviceId
 from virtio.spec.sections import S_2_1_2
-from virtio.stats import DEFAULT_KINDS, DEFAULT_STATUSES, DeviceStats
+from virtio.stats import DEFAULT_KINDS, DEFAULT_STATUSES, LATENCY_SAMPLE, DeviceStats
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ class VirtioDevice:
     most ``VQS_KINDS``; the default counts every request as ``requests``."""
     stats_statuses: ClassVar[tuple[str, ...]] = DEFAULT_STATUSES
     """Names of the statuses the device counts, at most ``VQS_STATUSES``."""
+    stats_latency_sample: ClassVar[int] = LATENCY_SAMPLE
+    """Latency is measured for one popped batch in this many (a power of two)."""
 
     def __init__(self) -> None:
         self.driver_features = 0
@@ -199,7 +201,10 @@ class VirtioDevice:
         stats = self.__dict__.get("_stats")
         if stats is None:
             stats = self._stats = DeviceStats(
-                tuple(self.queue_max_sizes), self.stats_kinds, self.stats_statuses
+                tuple(self.queue_max_sizes),
+                self.stats_kinds,
+                self.stats_statuses,
+                self.stats_latency_sample,
             )
         return stats
 

@@ -134,10 +134,14 @@ class DeviceStats:
         queue_sizes: tuple[int, ...],
         kinds: tuple[str, ...] = DEFAULT_KINDS,
         statuses: tuple[str, ...] = DEFAULT_STATUSES,
+        latency_sample: int = LATENCY_SAMPLE,
     ) -> None:
         self.kinds = kinds
         self.statuses = statuses
-        self.queues = [QueueStats(i, size, kinds, statuses) for i, size in enumerate(queue_sizes)]
+        self.queues = [
+            QueueStats(i, size, kinds, statuses, latency_sample)
+            for i, size in enumerate(queue_sizes)
+        ]
 
     def queue(self, index: int) -> QueueStats:
         return self.queues[index]

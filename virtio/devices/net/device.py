@@ -186,6 +186,9 @@ class VirtioNet(VirtioDevice):
     device_id = DeviceId.VIRTIO_ID_NET
     config_layout = NET_CONFIG
     device_features = _mask(FEATURES)
+    stats_latency_sample = 64
+    """The native receive path pops one buffer per frame, so every fourth frame cost
+    two clock reads at the default sample (3 % of the back-end's CPU at 1518 B)."""
 
     def __init__(
         self,
