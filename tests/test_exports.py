@@ -83,11 +83,14 @@ def test_bad_exports_exit_2_with_one_line(tmp_path) -> None:
 class Backend:
     """A ``virtio serve --export ...`` process with a control socket."""
 
-    def __init__(self, tmp: Path, *exports: str, metrics: bool = False) -> None:
+    def __init__(
+        self, tmp: Path, *exports: str, metrics: bool = False, netns: str | None = None
+    ) -> None:
         self.tmp = tmp
         self.control = tmp / "ctl"
         self.log = tmp / "serve.log"
-        argv = [sys.executable, "-m", "virtio", "serve", "--control", str(self.control)]
+        argv = ["ip", "netns", "exec", netns] if netns else []
+        argv += [sys.executable, "-m", "virtio", "serve", "--control", str(self.control)]
         for spec in exports:
             argv += ["--export", spec]
         if metrics:
@@ -513,3 +516,75 @@ async def test_net_exports_share_one_switch_beside_blk(tmp_path) -> None:
         ram.close()
         rc = await trio.to_thread.run_sync(be.stop)
     assert rc == 0, be.text()
+
+
+def _arp(op: int, sha: bytes, spa: str, tha: bytes, tpa: str) -> bytes:
+    """An Ethernet/IPv4 ARP packet (RFC 826)."""
+    import ipaddress
+
+    return struct.pack("!HHBBH", 1, 0x0800, 6, 4, op) + (
+        sha + ipaddress.IPv4Address(spa).packed + tha + ipaddress.IPv4Address(tpa).packed
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace and a tap need root")
+async def test_net_export_tap_key_uplinks_a_namespace(tmp_path) -> None:
+    """Issue 10 §2 / issue 13 §4: ``--export net,...,tap=IFNAME`` opens the tap on the
+    export's switch (as ``virtio serve net --tap`` does).  In a network namespace this
+    test creates, the kernel pings a guest NIC's address over the tap: its ARP request
+    (tap -> port, flooded), our ARP reply (port -> tap, learned) and then its echo
+    request (tap -> port, unicast) cross the switch."""
+    netns = f"pyvirtio-{os.getpid()}-tapkey"
+    subprocess.run(["ip", "netns", "add", netns], check=True, capture_output=True, timeout=30)
+    be = None
+    ram = GuestRam(8 * MiB)
+    ping = None
+    port = None
+    try:
+        be = Backend(tmp_path, f"net,id=up,socket-path={tmp_path}/a.sock,tap=vtap9", netns=netns)
+        await be.wait_ready()
+
+        def ns(cmd: str) -> None:
+            r = subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", cmd],
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+
+        ns("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")  # no IPv6 chatter on the tap
+        ns("ip link set vtap9 up && ip addr add 10.77.0.1/24 dev vtap9")
+        mac = bytes.fromhex("0200000000a1")
+        port = await NetPort.connect(tmp_path / "a.sock", ram, 0, mac)
+        ping = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "busybox", "ping", "-c", "1", "-W", "20", "10.77.0.2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+        async def next_frame(ethertype: int) -> bytes:
+            with trio.fail_after(20):
+                while True:
+                    port.rx.driver.add([], [2048])
+                    port.rx.publish_and_kick()
+                    frame = await port.receive()
+                    if struct.unpack_from("!H", frame, 12)[0] == ethertype:
+                        return frame
+
+        request = await next_frame(0x0806)  # who-has 10.77.0.2, broadcast out of the tap
+        assert request[:6] == b"\xff" * 6
+        kernel_mac = request[6:12]
+        assert request[14:].startswith(struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1))
+        reply = _arp(2, mac, "10.77.0.2", kernel_mac, "10.77.0.1")
+        await port.send(ether(kernel_mac, mac, reply, ethertype=0x0806))
+        echo = await next_frame(0x0800)  # the kernel took our reply: unicast to us now
+        assert echo[:6] == mac and echo[6:12] == kernel_mac
+        assert echo[14 + 9] == 1 and echo[14 + 20] == 8  # ICMP echo request
+        assert "tap vtap9" in be.text()  # the export's summary line names its tap
+    finally:
+        if ping is not None and ping.poll() is None:
+            ping.kill()
+            ping.wait()
+        if port is not None:
+            await port.fe.aclose()
+        ram.close()
+        if be is not None:
+            rc = await trio.to_thread.run_sync(be.stop)
+            assert rc == 0, be.text()
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, timeout=30)
