@@ -212,6 +212,19 @@ async def _scenario(
     return out
 
 
+def _same_as_python(py: dict, nat: dict) -> None:
+    """Each port received the same bytes in the same order and ended with the same
+    counters in both runs; ``nat[port]`` becomes that port's native counters."""
+    for name in ("a", "b"):
+        py_rx, py_stats = py[name]
+        nat_rx, nat_stats = nat[name]
+        assert nat_rx == py_rx, name
+        py_stats.pop("native")
+        native = nat_stats.pop("native")
+        assert nat_stats == py_stats, name
+        nat[name] = native
+
+
 GUEST_CSUM = NF.VIRTIO_NET_F_GUEST_CSUM.mask
 GUEST_TSO = NF.VIRTIO_NET_F_GUEST_TSO4.mask | NF.VIRTIO_NET_F_GUEST_TSO6.mask
 MRG = NF.VIRTIO_NET_F_MRG_RXBUF.mask
@@ -287,14 +300,7 @@ async def test_one_transmit_batch_delivers_what_the_python_path_delivers(
     frames = [f for i, f in enumerate(_frames()) if i not in (6, 12)] * 3
     py = await _scenario(frames, False, without_b, rx_size, packed=packed, batched=True)
     nat = await _scenario(frames, True, without_b, rx_size, packed=packed, batched=True)
-    for name in ("a", "b"):
-        py_rx, py_stats = py[name]
-        nat_rx, nat_stats = nat[name]
-        assert nat_rx == py_rx, name
-        py_stats.pop("native")
-        native = nat_stats.pop("native")
-        assert nat_stats == py_stats, name
-        nat[name] = native
+    _same_as_python(py, nat)
     assert len(py["b"][0]) >= 9
     tx = nat["a"]["tx"]
     assert tx["tx_native"] >= 12 and tx["py_malformed"] == 9 and tx["tx_hairpin"] == 3
@@ -616,14 +622,7 @@ async def test_one_batch_switched_and_counted_as_python_does(packed):
     py = await _one_batch(False, packed, body)
     nat = await _one_batch(True, packed, body)
     assert nat["fdb"] == py["fdb"]
-    for name in ("a", "b"):
-        py_rx, py_stats = py[name]
-        nat_rx, nat_stats = nat[name]
-        assert nat_rx == py_rx, name
-        py_stats.pop("native")
-        native = nat_stats.pop("native")
-        assert nat_stats == py_stats, name
-        nat[name] = native
+    _same_as_python(py, nat)
     # b receives 1-4, 7, 9, 14 and the last frame; frame 10 moves B to port a, so
     # 11-13, 15 and 16 are hairpins like 5, 6 and 8
     assert len(py["b"][0]) == 8
