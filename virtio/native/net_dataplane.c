@@ -601,13 +601,14 @@ static void net_prefetch(const struct net_frame *f)
     }
 }
 
-/* Start fetching the next transmitted frame's first bytes (its header and
- * Ethernet header, a cache miss: the driver wrote them on another CPU) while this
- * one is served.  dp_run pops a batch into one array of DP_BATCH chains (their
- * segments consecutive in one array) before serving any: the next chain is c + 1
- * when it belongs to this batch.  Past the batch's end it holds an earlier
- * batch's chain or zeros: its address is only prefetched (a prefetch never
- * faults), and only what lies inside the arrays and the memory table is read. */
+/* Start fetching a later transmitted frame's first bytes (its header and Ethernet
+ * header, a cache miss: the driver wrote them on another CPU) while this one is
+ * served: chain c + d, NET_PF_DIST ahead (the batch's first chain also fetches
+ * the ones before that).  dp_run pops a batch into one array of DP_BATCH chains
+ * (their segments consecutive in one array) before serving any.  Past the batch's
+ * end the array holds an earlier batch's chain or zeros: its address is only
+ * prefetched (a prefetch never faults), and only what lies inside the arrays and
+ * the memory table is read. */
 #define NET_PF_DIST 8
 static void net_prefetch_chain(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs,
                                uint32_t d)
