@@ -81,12 +81,25 @@ class InvalidAvailIdx(DriverError):
 
     spec_section = S_2_7_6
 
-    def __init__(self, queue_size: int, reported_len: int) -> None:
+    def __init__(
+        self,
+        queue_size: int,
+        reported_len: int,
+        avail_idx: int | None = None,
+        last_avail_idx: int | None = None,
+    ) -> None:
         self.queue_size = queue_size
         self.reported_len = reported_len
+        self.avail_idx = avail_idx
+        self.last_avail_idx = last_avail_idx
+        seen = (
+            f" (avail idx {avail_idx:#06x}, the device's next {last_avail_idx:#06x})"
+            if avail_idx is not None and last_avail_idx is not None
+            else ""
+        )
         super().__init__(
             f"avail idx moved by {reported_len} entries, more than the queue size {queue_size}"
-            f" (a jump; a decrement would break §{S_2_7_6_1.number})"
+            f"{seen} (a jump; a decrement would break §{S_2_7_6_1.number})"
         )
 
 

@@ -98,7 +98,11 @@ class QueueService:
         """Waiting for the driver's next kick (nothing available)."""
         self.finished = False
         self._changed = trio.Event()
+        self._stale_logged = False
         active.services[index] = self
+        drain = getattr(self.notifier, "drain", None)
+        if drain is not None:
+            drain()  # a kick from before the service: the first look covers it
 
     @property
     def idle(self) -> bool:
@@ -116,10 +120,25 @@ class QueueService:
         self.parked = True
         if self.idle:
             self._signal()
+        stale = self.queue.stale_avail
+        if stale is not None and not self._stale_logged:
+            self._stale_logged = True
+            log.warning(
+                "vq%d: avail idx %#06x is impossible (the device's next is %#06x) on a "
+                "ring the driver has not used since it started: taken for memory that "
+                "is not a ring (firmware that left the device running?), left alone "
+                "until the driver kicks",
+                self.index,
+                stale,
+                self.queue.next_avail,
+            )
+        kicks = getattr(self.notifier, "kicks", None)
         try:
             await self.notifier.wait_kick()
         finally:
             self.parked = False
+        if kicks is None or getattr(self.notifier, "kicks", None) != kicks:
+            self.queue.kicked()
 
     def _notify(self) -> None:
         if self.queue.needs_notification():

@@ -256,11 +256,31 @@ static int split_walk(struct vq *q, struct walk *w, uint16_t head)
     }
 }
 
+/* An unproven ring (vm_native.h) whose avail idx is `avail_idx` (`n` ahead of the
+ * device): 1 if that is impossible (§2.7.6: at most the queue size ahead) and is to
+ * be ignored -- the ring is left alone until the driver kicks; a valid idx proves
+ * the ring. */
+static int split_avail_stale(struct vq *q, uint16_t avail_idx, uint16_t n)
+{
+    if (!q->unproven)
+        return 0;
+    if (n > q->size) {
+        q->stale = 1;
+        q->stale_avail = avail_idx;
+        return 1;
+    }
+    q->unproven = 0;
+    q->stale = 0;
+    return 0;
+}
+
 static int split_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
                            struct vq_seg *segs, uint32_t max_segs)
 {
     uint16_t avail_idx = vm_load_acquire_u16(SPLIT_AVAIL_IDX(q));
     uint16_t n = (uint16_t)(avail_idx - q->last_avail_idx);
+    if (split_avail_stale(q, avail_idx, n))
+        return 0;
     if (n > q->size)
         return vq_fail(q, VQ_E_AVAIL_IDX, avail_idx, q->last_avail_idx, q->size);
     uint32_t done = 0, seg_used = 0;
@@ -507,8 +527,9 @@ static uint32_t vq_avail_count_u(struct vq *q)
         uint16_t flags = vm_load_acquire_u16(q->desc + q->next_avail * 16u + 14);
         return packed_is_avail(flags, q->avail_wrap) ? 1 : 0;
     }
-    uint16_t n = (uint16_t)(vm_load_acquire_u16(SPLIT_AVAIL_IDX(q)) - q->last_avail_idx);
-    return n;
+    uint16_t idx = vm_load_acquire_u16(SPLIT_AVAIL_IDX(q));
+    uint16_t n = (uint16_t)(idx - q->last_avail_idx);
+    return split_avail_stale(q, idx, n) ? 0 : n;
 }
 
 static int vq_add_used_batch_u(struct vq *q, const uint16_t *ids, const uint32_t *lens,
@@ -601,8 +622,8 @@ static void packed_skip_chains(struct vq *q, uint32_t skip, uint16_t *pos_out, u
  * device waiting for a group of buffers, vq_avail_chains). */
 static int vq_enable_notification_u(struct vq *q, uint32_t skip)
 {
-    if (q->broken)
-        return 0;
+    if (q->broken || q->stale)
+        return 0; /* a stale ring is not written to: the kick fd is watched anyway */
     q->notify_enabled = 1;
     if (q->packed) {
         if (q->event_idx) {
@@ -629,8 +650,8 @@ static int vq_enable_notification_u(struct vq *q, uint32_t skip)
 
 static void vq_disable_notification_u(struct vq *q)
 {
-    if (q->broken)
-        return;
+    if (q->broken || (q->unproven && !q->packed))
+        return; /* not before the ring proved to be one: a spare kick does no harm */
     q->notify_enabled = 0;
     if (q->packed) {
         vm_store_release_u16(q->device + 2, VRING_PACKED_EVENT_FLAG_DISABLE);
@@ -752,7 +773,10 @@ static uint32_t vq_avail_chains_u(struct vq *q, uint32_t max)
     if (q->broken || max == 0)
         return 0;
     if (!q->packed) {
-        uint32_t n = (uint16_t)(vm_load_acquire_u16(SPLIT_AVAIL_IDX(q)) - q->last_avail_idx);
+        uint16_t idx = vm_load_acquire_u16(SPLIT_AVAIL_IDX(q));
+        uint32_t n = (uint16_t)(idx - q->last_avail_idx);
+        if (split_avail_stale(q, idx, (uint16_t)n))
+            return 0;
         return n < max ? n : max;
     }
     uint32_t chains = 0, walked = 0;
@@ -807,6 +831,17 @@ int vq_needs_notification(struct vq *q)
     int r = vq_needs_notification_u(q);
     VQ_UNLOCK(q);
     return r;
+}
+
+/* The driver notified the queue (§2.3) after the device's first look at it: an
+ * unproven ring that looked stale is now the driver's ring, and an impossible avail
+ * idx on it a driver error. */
+void vq_kicked(struct vq *q)
+{
+    VQ_LOCK(q);
+    if (q->stale)
+        q->unproven = q->stale = 0;
+    VQ_UNLOCK(q);
 }
 
 int vq_enable_notification(struct vq *q)

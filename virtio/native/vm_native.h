@@ -80,7 +80,14 @@ struct vq {
     uint8_t event_idx;
     uint8_t indirect;
     uint8_t broken;
-    uint16_t _pad;
+    /* Set by a transport whose ring starts asynchronously to the driver
+     * (vhost-user): until the ring shows a valid avail idx, or the driver kicks
+     * after the first look (vq_kicked), an impossible avail idx is taken for memory
+     * that is not a ring (yet) -- firmware that left the device running, its ring
+     * memory reused -- and neither fails the queue nor gets written to. */
+    uint8_t unproven;
+    uint8_t stale;              /* unproven, and the last look saw an impossible idx */
+    uint8_t _pad;
     uint64_t desc_gpa, driver_gpa, device_gpa;  /* desc table, avail/driver area, used/device area */
     uint8_t *desc, *driver, *device;           /* host pointers, validated at activation */
     /* split */
@@ -95,6 +102,7 @@ struct vq {
     uint16_t signalled_used;
     uint8_t signalled_used_valid;
     uint8_t notify_enabled;     /* device wants driver->device notifications */
+    uint16_t stale_avail;       /* the impossible avail idx an unproven ring showed */
     /* error reporting */
     int32_t error;
     uint64_t err_a, err_b, err_c;
@@ -138,6 +146,7 @@ void vm_fence(void);
 int vq_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
                  struct vq_seg *segs, uint32_t max_segs);
 uint32_t vq_avail_count(struct vq *q);
+void vq_kicked(struct vq *q);
 uint32_t vq_avail_chains(struct vq *q, uint32_t max);
 int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
                       const uint16_t *ndescs, uint32_t n);

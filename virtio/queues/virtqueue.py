@@ -153,7 +153,8 @@ _ERRORS: dict[int, tuple[type[DriverError], Section, Section, str]] = {
 
 def _raise_native(q, code: int) -> None:
     if code == lib.VQ_E_AVAIL_IDX:
-        raise InvalidAvailIdx(int(q.size), (int(q.err_a) - int(q.err_b)) & 0xFFFF)
+        a, b = int(q.err_a), int(q.err_b)
+        raise InvalidAvailIdx(int(q.size), (a - b) & 0xFFFF, a, b)
     try:
         cls, split_section, packed_section, template = _ERRORS[code]
     except KeyError:
@@ -308,6 +309,29 @@ class Virtqueue:
     def error(self) -> DriverError | None:
         """The driver error that broke this queue, if any."""
         return self._error
+
+    # -- a ring started asynchronously to its driver ------------------------------------
+    def start_unproven(self) -> None:
+        """Mark a split ring as not proven to be one yet (a transport that starts rings
+        asynchronously to the driver: vhost-user).  Until the ring shows a valid avail
+        idx, or the driver kicks after the device's first look (``kicked``), an
+        impossible avail idx (§2.7.6) is taken for memory that is not a ring -- firmware
+        (SeaBIOS) leaves a device running when it boots the OS, which reuses the ring's
+        memory before its own driver resets the device -- and the ring is neither
+        failed nor written to.  A packed ring has no avail idx to judge: unchanged."""
+        if not self._q.packed:
+            self._q.unproven = 1
+
+    def kicked(self) -> None:
+        """The driver notified this queue (§2.3) after the device looked at it: an
+        unproven ring that looked stale is the driver's now, its avail idx judged."""
+        lib.vq_kicked(self._q)
+
+    @property
+    def stale_avail(self) -> int | None:
+        """The impossible avail idx an unproven ring shows (``start_unproven``), or
+        ``None``."""
+        return int(self._q.stale_avail) if self._q.stale else None
 
     @property
     def next_avail(self) -> int:

@@ -9,6 +9,7 @@ offered for writing changes (canary pattern).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -20,6 +21,8 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from virtio.devices.blk import BlkOptions, VirtioBlk
+from virtio.spec.blk import BlkReqType, BlkStatus, virtio_blk_outhdr
 from virtio.spec.ring import VringDescFlag, split_ring_sizes
 from virtio.testing.vhost_user_frontend import (
     USER_BASE,
@@ -394,9 +397,11 @@ async def _hostile_ring(
     before = _snapshot(ram)
     await fe.request(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
     d.set_avail_idx(d._avail_idx + 1)  # publish whatever build() put in avail[0..]
-    vq.kick()
     with trio.fail_after(5):
+        # Kicking until then: a ring whose first look showed an impossible avail idx
+        # waits for a kick the device sees after that look (Virtqueue.start_unproven).
         while not await status(fe) & NEEDS_RESET:
+            vq.kick()
             await trio.sleep(0.01)
     assert vq.error_signalled()
     after = _snapshot(ram)
@@ -588,3 +593,79 @@ async def test_random_ring_requests_while_io_runs(ops) -> None:
                         os.close(fd)
 
     await serve_then_next(scenario, device=EchoDevice(num_queues=2), drain_timeout=0.1, timeout=20)
+
+
+# ------------------------------------------------- a ring the firmware left running
+
+
+def _blk_device(tmp_path) -> VirtioBlk:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(MiB))
+    return VirtioBlk.from_options(BlkOptions(path=path, serial="foreign"))
+
+
+@pytest.mark.parametrize("kind", ["echo", "blk-native"])
+async def test_ring_over_memory_that_is_not_a_ring_is_left_alone(kind, tmp_path) -> None:
+    """SeaBIOS sets DRIVER_OK and boots the OS without resetting the device; QEMU
+    starts the vhost-user ring then, with its kick eventfd signalled, and a back-end
+    that gets there late (a loaded machine) finds the OS's data where the ring was
+    (the initrd: avail idx 0xa5b3).  A ring that showed no valid avail idx and got
+    no kick since it started is neither failed (no NEEDS_RESET, no vring error) nor
+    written to; the OS's driver then resets the device and sets up its own ring,
+    which is served.  (A kick on such a ring is a driver error:
+    ``test_avail_index_jump``.)  Python's service loop (echo) and the native data
+    plane (blk) alike."""
+    device = EchoDevice() if kind == "echo" else _blk_device(tmp_path)
+    server = VhostUserServer(device)
+    ram = GuestRam(2 * MiB)
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                nursery.start_soon(server.serve_connection, b)
+                fe = VhostUserFrontend(a)
+                await fe.negotiate()
+                await fe.set_mem_table(ram)
+                vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024, enable=False)
+                d = vq.driver
+                # the OS's data over the ring, as it looks to the device
+                end = d.data_addr
+                noise = b"".join(
+                    hashlib.sha256(i.to_bytes(4, "little")).digest()
+                    for i in range((end - d.desc_addr) // 32 + 1)
+                )
+                ram.memory.write(d.desc_addr, noise[: end - d.desc_addr])
+                ram.memory.write(d.driver_addr + 2, (0xA5B3).to_bytes(2, "little"))
+                vq.kick()  # QEMU creates the kick eventfd signalled
+                before = _snapshot(ram)
+                await fe.request(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+                assert server.handler is not None
+                ring = server.handler.vrings[0]
+                while ring.queue is None or ring.queue.stale_avail is None:
+                    await trio.sleep(0.005)  # until the device has looked at the ring
+                assert ring.queue.stale_avail == 0xA5B3
+                assert not await status(fe) & NEEDS_RESET
+                assert not vq.error_signalled()
+                assert _changed_outside(before, _snapshot(ram), []) == []
+                # The OS's driver: reset, then a ring of its own where the old one was.
+                assert await fe.get_vring_base(0) == 0
+                vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
+                if kind == "echo":
+                    vq.driver.add([b"a ring now"], [16])
+                else:
+                    hdr = virtio_blk_outhdr.build(
+                        {"type": BlkReqType.VIRTIO_BLK_T_GET_ID, "reserved": 0, "sector": 0}
+                    )
+                    vq.driver.add([hdr], [20, 1])
+                vq.publish_and_kick()
+                (used,) = await vq.wait_used()
+                if kind == "echo":
+                    assert used.data[:10] == b"won gnir a"
+                else:
+                    assert used.data == b"foreign" + bytes(13) + bytes([BlkStatus.VIRTIO_BLK_S_OK])
+                assert not await status(fe) & NEEDS_RESET
+                await fe.aclose()
+    finally:
+        ram.close()
+        if kind != "echo":
+            device.close()

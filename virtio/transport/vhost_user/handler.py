@@ -148,6 +148,14 @@ class EventfdNotifier:
         """Called when the kick or call fd changes, before the old one is closed
         (a native data plane polls these fds itself)."""
 
+    def drain(self) -> None:
+        """Consume a kick pending from before the queue's service started (QEMU
+        creates the eventfd signalled): the service's first look covers it."""
+        fd = self.kick_fd
+        if fd is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.eventfd_read(fd)
+
     async def wait_kick(self) -> None:
         if self.stopping:
             await trio.sleep_forever()
@@ -840,6 +848,10 @@ class VhostUserHandler:
                     ring.recovered = True
             state = QueueState(**common, last_avail_idx=last_avail, used_idx=used_idx)
         queue = _RingQueue.restore(self.memory, state, name=f"{self.name}/vq{ring.index}")
+        if not heads:
+            # The ring starts when the front-end says so, not when the driver does:
+            # firmware's rings may be the OS's memory by now (Virtqueue.start_unproven).
+            queue.start_unproven()
         tracker = _Tracker(area)
         queue.inflight = tracker
         if packed_area is not None:
