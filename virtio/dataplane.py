@@ -123,6 +123,7 @@ class NativeDataPlane:
         self.c: Any = None
         """The device's C struct (``c.core`` is the generic part), once running."""
         self._keep: list[object] = []
+        self._region: Any = None
         self._fallback = False
 
     @staticmethod
@@ -168,7 +169,7 @@ class NativeDataPlane:
         area = getattr(getattr(self.queue, "inflight", None), "area", None)
         if area is not None and not self.queue.packed:
             region = ffi.from_buffer(area.region, require_writable=True)
-            self._keep.append(region)
+            self._region = region  # released when the thread is done (run)
             core.inflight = ffi.cast("uint8_t *", region)
             core.inflight_num = area.desc_num
             core.inflight_counter = area.counter
@@ -283,6 +284,13 @@ class NativeDataPlane:
             lib.dp_destroy(ffi.addressof(core))
             os.close(self._wake)
             os.close(self._defer)
+            if self._region is not None:
+                # The export on the inflight region ends now, not whenever the garbage
+                # collector clears this plane: a memoryview cleared in a reference
+                # cycle while exported loses its buffer, and the late release crashes
+                # (CPython's memory_clear), and the area could not be closed meanwhile.
+                ffi.release(self._region)
+                self._region = None
 
     def queue_thread(self) -> QueueThread | None:
         """The shared thread to serve this queue on, or None for a thread of its own."""
