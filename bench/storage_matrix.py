@@ -512,14 +512,17 @@ def summarise(runs: list[Run], points: list[Point], backends: list[str]) -> list
                 and b.backend == "qsd"
             ]
             row["ratio_min"], row["ratio_max"] = min(per), max(per)
+            # the median of the per-round ratios: each pair ran back to back, so a
+            # machine that changes speed between rounds moves both (net_testpmd.py too)
+            row["ratio_paired"] = statistics.median(per)
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
     head = "| point | " + " | ".join(f"{b} IOPS (min-max) | {b} CPU µs/IO" for b in backends)
-    head += " | IOPS ours/qsd (per-round range) | CPU ours/qsd |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(backends) + 1)]
+    head += " | IOPS ours/qsd (per-round range) | paired x | CPU ours/qsd |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(backends) + 2)]
     for r in rows:
         cells = [r["point"]]
         for b in backends:
@@ -533,9 +536,10 @@ def format_table(rows: list[dict[str, Any]], backends: list[str]) -> str:
             cells.append(f"{x['cpu_us_per_io']:.1f}")
         if "iops_ratio" in r:
             cells.append(f"{r['iops_ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
+            cells.append(f"{r['ratio_paired']:.2f}")
             cells.append(f"{r['cpu_ratio']:.2f}")
         else:
-            cells += ["-", "-"]
+            cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
