@@ -80,6 +80,7 @@ class QueueThread:
         weakref.finalize(self, os.close, self._wake)
 
     def _run(self) -> None:
+        lib.dp_name_thread(self.name.encode())  # the OS's name too (top -H, perf)
         lib.dp_group_run(self.c)  # keeps self (and so the group) alive while it runs
 
     async def serve(self, core: Any) -> int:
@@ -307,7 +308,9 @@ class NativeDataPlane:
                 "vq%d: the data plane cannot share a thread here: one of its own", self.index
             )
             core.group = ffi.NULL
-        return await trio.to_thread.run_sync(lib.dp_run, ffi.addressof(core))
+        # A worker thread of trio's, named for the queue while it serves it.
+        name = f"{type(self.device).__name__}-vq{self.index}".encode()
+        return await trio.to_thread.run_sync(lib.dp_run_named, ffi.addressof(core), name)
 
     async def _stop_on_cancel(self) -> None:
         try:

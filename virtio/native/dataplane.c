@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -545,6 +546,27 @@ int dp_run(struct dp *dp)
     }
     rc = l->rc;
     dp_end(dp);
+    return rc;
+}
+
+/* The calling thread's name (`top -H`, `perf report --sort comm`, /proc/PID/task):
+ * up to 15 bytes of `name`. */
+void dp_name_thread(const char *name)
+{
+    char buf[16];
+    snprintf(buf, sizeof buf, "%s", name);
+    pthread_setname_np(pthread_self(), buf);
+}
+
+/* dp_run on a borrowed thread (a worker pool's), named `name` while it serves. */
+int dp_run_named(struct dp *dp, const char *name)
+{
+    char old[16] = "";
+    int named = pthread_getname_np(pthread_self(), old, sizeof old) == 0;
+    dp_name_thread(name);
+    int rc = dp_run(dp);
+    if (named)
+        pthread_setname_np(pthread_self(), old);
     return rc;
 }
 

@@ -128,6 +128,8 @@ int dp_init(struct dp *dp);
 void dp_destroy(struct dp *dp);
 void dp_set_fds(struct dp *dp, int kick, int call);
 int dp_run(struct dp *dp);
+int dp_run_named(struct dp *dp, const char *name);
+void dp_name_thread(const char *name);
 int dp_group_init(struct dp_group *g, int wake_fd);
 int dp_group_join(struct dp_group *g, struct dp *dp);
 int dp_group_run(struct dp_group *g);

@@ -133,6 +133,15 @@ async def write_read_flush(rig: MultiRig, q: int, sector: int, rounds: int = 4) 
     assert [used[t].data for t in reads] == [blob + bytes([OK]) for blob in blobs]
 
 
+def thread_names() -> set[str]:
+    """This process's threads as the OS names them (``/proc/self/task/*/comm``)."""
+    names = set()
+    for comm in pathlib.Path("/proc/self/task").glob("*/comm"):
+        with contextlib.suppress(OSError):  # a thread that just ended
+            names.add(comm.read_text().strip())
+    return names
+
+
 async def test_fewer_threads_than_queues_serve_every_queue(rig):
     async with trio.open_nursery() as nursery:
         for q in range(QUEUES):
@@ -145,6 +154,8 @@ async def test_fewer_threads_than_queues_serve_every_queue(rig):
         for q in range(QUEUES):
             assert plane(rig, q).c.core.group == groups[q % THREADS]
         assert len(rig.device._queue_threads) == THREADS
+        # named for the OS too (top -H, perf): QueueThread's name
+        assert {f"blk-queues-{k}" for k in range(THREADS)} <= thread_names()
         for q in range(QUEUES):
             stats = plane(rig, q).statistics()
             # served on the ring by the native thread, none handed to Python
@@ -208,6 +219,9 @@ async def test_default_is_a_thread_per_queue(tmp_path):
             for q in range(QUEUES):
                 await write_read_flush(rig, q, 8 + 64 * q, rounds=1)
                 assert plane(rig, q).queue_thread() is None
+            # trio's worker threads, named for their queue while they serve it
+            assert {f"VirtioBlk-vq{q}" for q in range(QUEUES)} <= thread_names()
+            for q in range(QUEUES):
                 assert plane(rig, q).c.core.group == ffi.NULL
                 assert plane(rig, q).statistics()["queue_thread"] == -1
             nursery.cancel_scope.cancel()
