@@ -471,3 +471,25 @@ async def connected(
         await fe.aclose()
         with trio.fail_after(10):
             await done.wait()
+
+
+@contextlib.asynccontextmanager
+async def serve_device(
+    device: VirtioDevice, ram_size: int, *, timeout: float = 30
+) -> AsyncIterator[tuple[VhostUserServer, VhostUserFrontend, GuestRam]]:
+    """``device`` behind a ``VhostUserServer``, and a front-end connected to it:
+    features negotiated, guest RAM of ``ram_size`` bytes in the memory table.  The
+    whole exchange must end within ``timeout`` s; the RAM is closed on exit (the
+    device is the caller's)."""
+    from virtio.transport.vhost_user.server import VhostUserServer
+
+    server = VhostUserServer(device)
+    ram = GuestRam(ram_size)
+    try:
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery, connected(server, nursery) as fe:
+                await fe.negotiate()
+                await fe.set_mem_table(ram)
+                yield server, fe, ram
+    finally:
+        ram.close()

@@ -27,10 +27,9 @@ from virtio.devices.blk import BlkOptions, VirtioBlk
 from virtio.devices.blk.nbd import NbdAddress, NbdTlsError, negotiate
 from virtio.devices.blk.nbd_tls import NativeTls, TlsConfig, native_tls_available
 from virtio.testing.nbd_pki import OPENSSL, tls_server_args
-from virtio.testing.vhost_user_frontend import GuestRam, VhostUserFrontend
+from virtio.testing.vhost_user_frontend import serve_device
 from virtio.transport.vhost_user.messages import U64, VringState
 from virtio.transport.vhost_user.messages import FrontendRequest as R
-from virtio.transport.vhost_user.server import VhostUserServer
 
 NEEDS_RESET = 0x40
 
@@ -172,49 +171,39 @@ async def test_a_ring_reset_after_a_driver_error_is_served_natively_again(
     with tls_server("nbdkit", tmp_path, pki) as server:
         uri = nbds(server.uri, **{"tls-certificates": str(pki)})
         dev = VirtioBlk.from_options(BlkOptions(path=uri, serial="again"))
-        vu = VhostUserServer(dev)
-        ram = GuestRam(2 * MiB)
         try:
-            with trio.fail_after(30):
-                async with trio.open_nursery() as nursery:
-                    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                    nursery.start_soon(vu.serve_connection, b)
-                    fe = VhostUserFrontend(a)
-                    await fe.negotiate()
-                    await fe.set_mem_table(ram)
+            async with serve_device(dev, 2 * MiB) as (_server, fe, ram):
 
-                    async def read_sector(vq) -> None:
-                        vq.driver.add([hdr(IN, 0)], [512 + 1])
-                        vq.publish_and_kick()
-                        (used,) = await vq.wait_used()
-                        assert used.data == bytes(512) + bytes([OK])
+                async def read_sector(vq) -> None:
+                    vq.driver.add([hdr(IN, 0)], [512 + 1])
+                    vq.publish_and_kick()
+                    (used,) = await vq.wait_used()
+                    assert used.data == bytes(512) + bytes([OK])
 
-                    async def new_inflight_area() -> None:  # QEMU: at each start
-                        fd, size = await fe.get_inflight_fd(1, 16)
-                        try:
-                            await fe.set_inflight_fd(fd, size, 1, 16)
-                        finally:
-                            os.close(fd)
+                async def new_inflight_area() -> None:  # QEMU: at each start
+                    fd, size = await fe.get_inflight_fd(1, 16)
+                    try:
+                        await fe.set_inflight_fd(fd, size, 1, 16)
+                    finally:
+                        os.close(fd)
 
-                    await new_inflight_area()
-                    vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
-                    if first_read:
-                        await read_sector(vq)
-                    vq.driver.set_avail_idx(vq.driver._avail_idx + 100)  # a driver error
-                    while not await fe.get_u64(R.GET_STATUS) & NEEDS_RESET:
-                        vq.kick()
-                        await trio.sleep(0.01)
-                    assert vq.error_signalled()
-                    await fe.request(R.SET_STATUS, U64(0), need_reply=True)
-                    await fe.request(R.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
-                    await fe.get_vring_base(0)
-                    await new_inflight_area()
-                    vq = await fe.setup_vring(0, ram, size=16, offset=MiB, data_size=64 * 1024)
-                    await fe.request(R.SET_STATUS, U64(15), need_reply=True)
-                    for _ in range(3):
-                        await read_sector(vq)
-                    assert not await fe.get_u64(R.GET_STATUS) & NEEDS_RESET
-                    await fe.aclose()
+                await new_inflight_area()
+                vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
+                if first_read:
+                    await read_sector(vq)
+                vq.driver.set_avail_idx(vq.driver._avail_idx + 100)  # a driver error
+                while not await fe.get_u64(R.GET_STATUS) & NEEDS_RESET:
+                    vq.kick()
+                    await trio.sleep(0.01)
+                assert vq.error_signalled()
+                await fe.request(R.SET_STATUS, U64(0), need_reply=True)
+                await fe.request(R.SET_VRING_ENABLE, VringState(0, 0), need_reply=True)
+                await fe.get_vring_base(0)
+                await new_inflight_area()
+                vq = await fe.setup_vring(0, ram, size=16, offset=MiB, data_size=64 * 1024)
+                await fe.request(R.SET_STATUS, U64(15), need_reply=True)
+                for _ in range(3):
+                    await read_sector(vq)
+                assert not await fe.get_u64(R.GET_STATUS) & NEEDS_RESET
         finally:
-            ram.close()
             dev.close()

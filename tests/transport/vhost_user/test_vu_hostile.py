@@ -30,6 +30,7 @@ from virtio.testing.vhost_user_frontend import (
     FrontendError,
     GuestRam,
     VhostUserFrontend,
+    serve_device,
 )
 from virtio.transport.vhost_user.messages import (
     HEADER,
@@ -616,56 +617,46 @@ async def test_ring_over_memory_that_is_not_a_ring_is_left_alone(kind, tmp_path)
     ``test_avail_index_jump``.)  Python's service loop (echo) and the native data
     plane (blk) alike."""
     device = EchoDevice() if kind == "echo" else _blk_device(tmp_path)
-    server = VhostUserServer(device)
-    ram = GuestRam(2 * MiB)
     try:
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                nursery.start_soon(server.serve_connection, b)
-                fe = VhostUserFrontend(a)
-                await fe.negotiate()
-                await fe.set_mem_table(ram)
-                vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024, enable=False)
-                d = vq.driver
-                # the OS's data over the ring, as it looks to the device
-                end = d.data_addr
-                noise = b"".join(
-                    hashlib.sha256(i.to_bytes(4, "little")).digest()
-                    for i in range((end - d.desc_addr) // 32 + 1)
+        async with serve_device(device, 2 * MiB, timeout=20) as (server, fe, ram):
+            vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024, enable=False)
+            d = vq.driver
+            # the OS's data over the ring, as it looks to the device
+            end = d.data_addr
+            noise = b"".join(
+                hashlib.sha256(i.to_bytes(4, "little")).digest()
+                for i in range((end - d.desc_addr) // 32 + 1)
+            )
+            ram.memory.write(d.desc_addr, noise[: end - d.desc_addr])
+            ram.memory.write(d.driver_addr + 2, (0xA5B3).to_bytes(2, "little"))
+            vq.kick()  # QEMU creates the kick eventfd signalled
+            before = _snapshot(ram)
+            await fe.request(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
+            assert server.handler is not None
+            ring = server.handler.vrings[0]
+            while ring.queue is None or ring.queue.stale_avail is None:
+                await trio.sleep(0.005)  # until the device has looked at the ring
+            assert ring.queue.stale_avail == 0xA5B3
+            assert not await status(fe) & NEEDS_RESET
+            assert not vq.error_signalled()
+            assert _changed_outside(before, _snapshot(ram), []) == []
+            # The OS's driver: reset, then a ring of its own where the old one was.
+            assert await fe.get_vring_base(0) == 0
+            vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
+            if kind == "echo":
+                vq.driver.add([b"a ring now"], [16])
+            else:
+                hdr = virtio_blk_outhdr.build(
+                    {"type": BlkReqType.VIRTIO_BLK_T_GET_ID, "reserved": 0, "sector": 0}
                 )
-                ram.memory.write(d.desc_addr, noise[: end - d.desc_addr])
-                ram.memory.write(d.driver_addr + 2, (0xA5B3).to_bytes(2, "little"))
-                vq.kick()  # QEMU creates the kick eventfd signalled
-                before = _snapshot(ram)
-                await fe.request(R.SET_VRING_ENABLE, VringState(0, 1), need_reply=True)
-                assert server.handler is not None
-                ring = server.handler.vrings[0]
-                while ring.queue is None or ring.queue.stale_avail is None:
-                    await trio.sleep(0.005)  # until the device has looked at the ring
-                assert ring.queue.stale_avail == 0xA5B3
-                assert not await status(fe) & NEEDS_RESET
-                assert not vq.error_signalled()
-                assert _changed_outside(before, _snapshot(ram), []) == []
-                # The OS's driver: reset, then a ring of its own where the old one was.
-                assert await fe.get_vring_base(0) == 0
-                vq = await fe.setup_vring(0, ram, size=16, data_size=64 * 1024)
-                if kind == "echo":
-                    vq.driver.add([b"a ring now"], [16])
-                else:
-                    hdr = virtio_blk_outhdr.build(
-                        {"type": BlkReqType.VIRTIO_BLK_T_GET_ID, "reserved": 0, "sector": 0}
-                    )
-                    vq.driver.add([hdr], [20, 1])
-                vq.publish_and_kick()
-                (used,) = await vq.wait_used()
-                if kind == "echo":
-                    assert used.data[:10] == b"won gnir a"
-                else:
-                    assert used.data == b"foreign" + bytes(13) + bytes([BlkStatus.VIRTIO_BLK_S_OK])
-                assert not await status(fe) & NEEDS_RESET
-                await fe.aclose()
+                vq.driver.add([hdr], [20, 1])
+            vq.publish_and_kick()
+            (used,) = await vq.wait_used()
+            if kind == "echo":
+                assert used.data[:10] == b"won gnir a"
+            else:
+                assert used.data == b"foreign" + bytes(13) + bytes([BlkStatus.VIRTIO_BLK_S_OK])
+            assert not await status(fe) & NEEDS_RESET
     finally:
-        ram.close()
         if kind != "echo":
             device.close()
