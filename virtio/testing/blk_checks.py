@@ -119,7 +119,7 @@ async def stop_server(proc: subprocess.Popen, *, grace: float = 5.0) -> int:
 
 
 async def wait_for_socket(
-    path: Path, proc: trio.Process | None = None, timeout: float = 10.0
+    path: Path, proc: trio.Process | None = None, timeout: float = 30.0
 ) -> None:
     """Wait until a unix socket at ``path`` accepts connections (and leave it).
 

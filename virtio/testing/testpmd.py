@@ -174,7 +174,7 @@ class PortStats:
 
 
 def wait_for_socket(
-    path: Path, timeout: float = 10.0, proc: subprocess.Popen | None = None
+    path: Path, timeout: float = 30.0, proc: subprocess.Popen | None = None
 ) -> None:
     """Poll until ``path`` is a listening unix socket (a connect succeeds)."""
     import socket
