@@ -496,25 +496,12 @@ static int nbd_progress(struct nbd_dp *dp, int can_send, int can_recv)
     return r;
 }
 
-/* A request answered: status OK, dirty log, counters.  Returns the used length. */
+/* A request answered: blk_complete_ok (blk_dataplane.c).  Returns the used length. */
 static uint32_t nbd_finish_ok(struct nbd_dp *dp, struct nbd_slot *s)
 {
-    struct vq *q = dp->core.q;
-    if (s->type == VIRTIO_BLK_T_IN) {
-        if (q->mem->dirty_log)
-            for (uint32_t i = s->first; i < s->end; i++)
-                vm_log_dirty(q->mem, s->segs[i].gpa, s->segs[i].len);
-        dp->reads++;
-        vq_stats_request(q->stats, 1, BLK_STAT_IN, VIRTIO_BLK_S_OK, s->len);
-    } else if (s->type == VIRTIO_BLK_T_OUT) {
-        dp->writes++;
-        vq_stats_request(q->stats, 1, BLK_STAT_OUT, VIRTIO_BLK_S_OK, s->len);
-    } else {
-        dp->flushes++;
-        vq_stats_request(q->stats, 1, BLK_STAT_FLUSH, VIRTIO_BLK_S_OK, 0);
-    }
-    *s->status = VIRTIO_BLK_S_OK;
-    vm_log_dirty(q->mem, s->status_gpa, 1);
+    uint64_t *count[3] = {&dp->reads, &dp->writes, &dp->flushes};
+    (*count[blk_complete_ok(dp->core.q, s->type, s->segs, s->first, s->end, s->len, s->status,
+                            s->status_gpa)])++;
     return s->used;
 }
 
