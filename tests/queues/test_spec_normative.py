@@ -283,6 +283,45 @@ def test_spec_2_7_5_3_2_device_ignores_write_flag_on_table_and_handles_direct_th
 
 
 # -- 2.7.6 / 2.7.13.3: available ring and idx --------------------------------------------
+def _ring_bytes(pair) -> bytes:
+    drv = pair.driver
+    return bytes(pair.memory.read(drv.desc_addr, drv.data_addr - drv.desc_addr))
+
+
+def test_spec_2_7_6_unproven_ring_with_impossible_idx_waits_for_a_kick():
+    """A ring started asynchronously to its driver (``start_unproven``: vhost-user)
+    whose avail idx is impossible before it was ever valid is not failed and not
+    written to (no used flags; the memory may be the OS's, firmware left the device
+    running) -- until the driver kicks after that look: then it is the error."""
+    pair, drv, q = _raw_split(4)
+    pair.device.start_unproven()
+    drv.set_avail_idx(0xA5B3)
+    before = _ring_bytes(pair)
+    q.disable_notification()
+    assert q.pop() is None and not q.has_available() and q.available_chains(4) == 0
+    assert not q.enable_notification()  # nothing "arrived" either
+    assert q.stale_avail == 0xA5B3 and not q.broken
+    assert _ring_bytes(pair) == before  # not one byte written
+    q.kicked()
+    with pytest.raises(InvalidAvailIdx) as info:
+        q.pop()
+    assert (info.value.avail_idx, info.value.last_avail_idx) == (0xA5B3, 0)
+    assert "avail idx 0xa5b3, the device's next 0x0000" in str(info.value)
+    assert q.broken
+
+
+def test_spec_2_7_6_unproven_ring_proven_by_a_valid_idx():
+    """One valid look proves the ring: a jump afterwards is the error at once."""
+    pair, drv, q = _raw_split(4)
+    pair.device.start_unproven()
+    q.kicked()  # a kick before any look changes nothing
+    drv.set_avail_idx(0)
+    assert q.pop() is None and q.stale_avail is None
+    drv.set_avail_idx(5)
+    with pytest.raises(InvalidAvailIdx):
+        q.pop()
+
+
 def test_spec_2_7_6_head_out_of_range_rejected():
     _pair, drv, q = _raw_split(4)
     _offer_heads(drv, 7)
