@@ -266,16 +266,9 @@ class NativeDataPlane:
             return True
         finally:
             log.debug("vq%d: native data plane off: %s", self.index, self.statistics())
-            stale = self.queue.stale_avail
+            stale = self.queue.stale_note()
             if stale is not None:
-                log.warning(
-                    "vq%d: avail idx %#06x was impossible (the device's next %#06x) on a "
-                    "ring the driver never used or kicked: taken for memory that is not "
-                    "a ring (firmware that left the device running?) and left alone",
-                    self.index,
-                    stale,
-                    self.queue.next_avail,
-                )
+                log.warning("vq%d: %s", self.index, stale)
             if self._area is not None:
                 self._area.counter = max(self._area.counter, int(core.inflight_counter))
             if listeners is not None and self.fds_changed in listeners:

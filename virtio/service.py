@@ -100,9 +100,6 @@ class QueueService:
         self._changed = trio.Event()
         self._stale_logged = False
         active.services[index] = self
-        drain = getattr(self.notifier, "drain", None)
-        if drain is not None:
-            drain()  # a kick from before the service: the first look covers it
 
     @property
     def idle(self) -> bool:
@@ -120,18 +117,10 @@ class QueueService:
         self.parked = True
         if self.idle:
             self._signal()
-        stale = self.queue.stale_avail
+        stale = self.queue.stale_note()
         if stale is not None and not self._stale_logged:
             self._stale_logged = True
-            log.warning(
-                "vq%d: avail idx %#06x is impossible (the device's next is %#06x) on a "
-                "ring the driver has not used since it started: taken for memory that "
-                "is not a ring (firmware that left the device running?), left alone "
-                "until the driver kicks",
-                self.index,
-                stale,
-                self.queue.next_avail,
-            )
+            log.warning("vq%d: %s", self.index, stale)
         kicks = getattr(self.notifier, "kicks", None)
         try:
             await self.notifier.wait_kick()

@@ -130,9 +130,6 @@ static void dp_rescue(struct dp *dp)
 
 #define DP_IDLE_MS 500
 
-/* Wait for a kick, a completion (poll_fd) or a wake; with kick < 0 and !completions,
- * only for a wake.  Returns 1 to go on, 2 when the wait timed out with nothing to do
- * (the ring must not be touched then), 0 to stop, <0 on error. */
 /* A kick from the driver (§2.3): counted, and told to the ring (vq_kicked). */
 static void dp_kicked(struct dp *dp)
 {
@@ -140,6 +137,9 @@ static void dp_kicked(struct dp *dp)
     vq_kicked(dp->q);
 }
 
+/* Wait for a kick, a completion (poll_fd) or a wake; with kick < 0 and !completions,
+ * only for a wake.  Returns 1 to go on, 2 when the wait timed out with nothing to do
+ * (the ring must not be touched then), 0 to stop, <0 on error. */
 static int dp_wait_device(struct dp *dp, int kick, int completions)
 {
     if (kick >= 0) {
@@ -372,17 +372,6 @@ static int dp_begin(struct dp *dp)
     dp->pend = dp->reap ? calloc(q->size ? q->size : 1, sizeof *dp->pend) : NULL;
     if (!l->chains || !l->segs || !l->o || (dp->reap && !dp->pend))
         return -ENOMEM;
-    /* A kick pending from before the loop (QEMU creates the ring's eventfd
-     * signalled) is covered by the first look at the ring, which follows: only
-     * kicks after it tell an unproven ring (vm_native.h) that the driver uses it. */
-    pthread_mutex_lock(DP_MU(dp)); /* dp_set_fds cannot swap it meanwhile */
-    struct pollfd pk = {dp->kick_fd, POLLIN, 0};
-    if (pk.fd >= 0 && poll(&pk, 1, 0) > 0 && (pk.revents & POLLIN)) {
-        uint64_t v;
-        ssize_t rr = read(pk.fd, &v, sizeof v);
-        (void)rr;
-    }
-    pthread_mutex_unlock(DP_MU(dp));
     if (dp->start) {
         int rc = dp->start(dp->dev);
         if (rc < 0)

@@ -333,6 +333,18 @@ class Virtqueue:
         ``None``."""
         return int(self._q.stale_avail) if self._q.stale else None
 
+    def stale_note(self) -> str | None:
+        """One line for the log while the ring is stale (``stale_avail``), or None."""
+        stale = self.stale_avail
+        if stale is None:
+            return None
+        return (
+            f"avail idx {stale:#06x} is impossible (the device's next is "
+            f"{self.next_avail:#06x}) on a ring the driver has not used or kicked since "
+            "it started: taken for memory that is not a ring (firmware that left the "
+            "device running?), left alone until the driver kicks"
+        )
+
     @property
     def next_avail(self) -> int:
         """Split: the free-running index of the next available entry; packed: ring position."""

@@ -149,8 +149,8 @@ class EventfdNotifier:
         (a native data plane polls these fds itself)."""
 
     def drain(self) -> None:
-        """Consume a kick pending from before the queue's service started (QEMU
-        creates the eventfd signalled): the service's first look covers it."""
+        """Consume a pending kick (one from before the ring started: QEMU creates
+        the eventfd signalled); the caller looks at the ring next."""
         fd = self.kick_fd
         if fd is not None:
             with contextlib.suppress(BlockingIOError, OSError):
@@ -851,7 +851,10 @@ class VhostUserHandler:
         if not heads:
             # The ring starts when the front-end says so, not when the driver does:
             # firmware's rings may be the OS's memory by now (Virtqueue.start_unproven).
+            # A kick pending from before (QEMU creates the eventfd signalled) is covered
+            # by the device's first look: only later kicks count (Virtqueue.kicked).
             queue.start_unproven()
+            ring.notifier.drain()
         tracker = _Tracker(area)
         queue.inflight = tracker
         if packed_area is not None:
