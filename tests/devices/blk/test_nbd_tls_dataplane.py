@@ -26,12 +26,13 @@ from test_nbd_tls import nbds, other_pki, pki, tls_server  # noqa: F401 (fixture
 from virtio.devices.blk import BlkOptions, VirtioBlk
 from virtio.devices.blk.nbd import NbdAddress, NbdTlsError, negotiate
 from virtio.devices.blk.nbd_tls import NativeTls, TlsConfig, native_tls_available
+from virtio.spec.status import DeviceStatus
 from virtio.testing.nbd_pki import OPENSSL, tls_server_args
 from virtio.testing.vhost_user_frontend import serve_device
 from virtio.transport.vhost_user.messages import U64, VringState
 from virtio.transport.vhost_user.messages import FrontendRequest as R
 
-NEEDS_RESET = 0x40
+NEEDS_RESET = DeviceStatus.DEVICE_NEEDS_RESET
 
 pytestmark = [
     pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed"),
@@ -204,6 +205,8 @@ async def test_a_ring_reset_after_a_driver_error_is_served_natively_again(
                 await fe.request(R.SET_STATUS, U64(15), need_reply=True)
                 for _ in range(3):
                     await read_sector(vq)
+                (plane,) = dev.dataplanes  # the ring's new one, on its own connection
+                assert plane.statistics()["reads"] == 3
                 assert not await fe.get_u64(R.GET_STATUS) & NEEDS_RESET
         finally:
             dev.close()
