@@ -18,8 +18,9 @@ runs ``python -m virtio.testing.evdev_in_guest`` with the project's venv.  This 
 5. checks EVIOCGRAB: a second opener cannot grab and receives nothing while the
    device is served; with ``grab=False`` a second opener can grab;
 6. posts a status event (EV_LED LED_CAPSL 1) on the statusq (§5.8.6.2) and reads
-   what reaches the uinput file descriptor, and what then comes on the eventq (the
-   kernel echoes an LED change to the evdev's readers).
+   what reaches the uinput file descriptor; once the source has read the kernel's
+   echo of that LED change (the evdev passes it to its readers), writes a key group
+   and records what comes on the eventq next (the key group: the echo is dropped).
 
 It reports observations, not verdicts: one line ``@@EVDEV-RESULT <json>@@`` that the
 host test compares with :data:`DECLARED` by its own encoding of the spec's structs.
@@ -78,6 +79,8 @@ GROUPS = [
     *[[(e.EV_ABS, e.ABS_X, 2000 + 100 * i), (e.EV_ABS, e.ABS_PRESSURE, 10 + i)] for i in range(20)],
     [(e.EV_KEY, e.BTN_TOUCH, 0)],
 ]
+#: Written after the status event: the next group on the eventq.
+AFTER_STATUS = [(e.EV_KEY, e.KEY_CAPSLOCK, 1)]
 
 #: (select, subsel) pairs read from the configuration space (§5.8.4): every select the
 #: spec defines over the subsel range it can take, and an undefined select.
@@ -220,9 +223,16 @@ async def run_checks(sock_dir: str) -> dict[str, Any]:
             result["uinput_fd_events"] = _read_uinput(ui)
             # Linux passes an LED change written to an evdev to its readers too (the
             # input core's EV_LED disposition is "pass to all" when the state changes):
-            # the grabbed source reads it back and forwards it on the eventq.
-            echo = await eventq.wait_used(2, timeout=60)
-            result["eventq_after_status"] = [_unpack(u.data) for u in echo]
+            # the grabbed source reads it back and drops it (EvdevSource docstring).
+            with trio.fail_after(60):
+                while source.status_echoes < 1:
+                    await trio.sleep(0.01)
+            result["status_echoes"] = source.status_echoes
+            for ev in AFTER_STATUS:
+                ui.write(*ev)
+            ui.syn()
+            after = await eventq.wait_used(len(AFTER_STATUS) + 1, timeout=60)
+            result["eventq_after_status"] = [_unpack(u.data) for u in after]
             result["leds"] = sorted(ui.device.leds())
             result["statistics"] = device.statistics()
             result["events_read"] = source.events_read

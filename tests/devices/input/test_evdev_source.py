@@ -65,3 +65,40 @@ async def test_events_go_out_in_whole_groups_and_leds_come_back() -> None:
         nursery.cancel_scope.cancel()
     source.close()
     theirs.close()
+
+
+async def test_status_echoes_from_the_evdev_are_not_forwarded() -> None:
+    """The kernel passes an LED (sound, autorepeat) change written to an evdev on to
+    its readers: our own write comes back.  Forwarded, a guest that pressed Caps Lock
+    twice would get "on" after it set "off", flip back and send it again (§5.8.6.2
+    statusq): an oscillation.  The echoes are dropped and counted, a group they
+    leave empty is dropped, and events around them still go out."""
+    dev, theirs = _fake_evdev()
+    source = EvdevSource("fake-evdev", grab=False, dev=dev)
+    device = VirtioInput(builtin("keyboard"), status_sink=source.write_status)
+    async with DeviceHarness.start(device) as h, trio.open_nursery() as nursery:
+        nursery.start_soon(source.run, device)
+        tokens = [h.submit(0, writable=[8]) for _ in range(4)]
+        # Caps Lock on, then off: both written back to the evdev, which echoes them.
+        await h.request(1, [EVENT.pack(e.EV_LED, e.LED_CAPSL, 1)])
+        await h.request(1, [EVENT.pack(e.EV_LED, e.LED_CAPSL, 0)])
+        _send(theirs, (e.EV_LED, e.LED_CAPSL, 1), (e.EV_SYN, e.SYN_REPORT, 0))
+        _send(theirs, (e.EV_LED, e.LED_CAPSL, 0), (e.EV_SYN, e.SYN_REPORT, 0))
+        # An echo inside a device's group (the kernel batches both into one report),
+        # an autorepeat setting and a bell echoed alone, then a key group.
+        _send(theirs, (e.EV_KEY, e.KEY_A, 1), (e.EV_LED, e.LED_NUML, 1))
+        _send(theirs, (e.EV_SYN, e.SYN_REPORT, 0))
+        _send(theirs, (e.EV_REP, e.REP_DELAY, 250), (e.EV_SND, e.SND_BELL, 1))
+        _send(theirs, (e.EV_SYN, e.SYN_REPORT, 0))
+        _send(theirs, (e.EV_KEY, e.KEY_A, 0), (e.EV_SYN, e.SYN_REPORT, 0))
+        used = [await h.wait_used(0, t) for t in tokens]
+        assert [EVENT.unpack(u.data[:8]) for u in used] == [
+            (e.EV_KEY, e.KEY_A, 1), (e.EV_SYN, e.SYN_REPORT, 0),
+            (e.EV_KEY, e.KEY_A, 0), (e.EV_SYN, e.SYN_REPORT, 0),
+        ]  # fmt: skip
+        assert (source.events_read, source.status_echoes, source.groups_lost) == (12, 5, 0)
+        assert device.leds == {e.LED_CAPSL: 0}  # the driver's last word stands
+        assert h.driver_errors == []
+        nursery.cancel_scope.cancel()
+    source.close()
+    theirs.close()

@@ -10,7 +10,16 @@ consumers stop seeing its events while a guest has it.
 Events are read as they come and handed to the device in whole SYN_REPORT groups
 (a group split across reads is completed first; after SYN_DROPPED, evdev's "events
 were lost" marker, the incomplete group is discarded, as libevdev advises).  Status
-events from the driver (LEDs, sounds) are written back to the evdev.
+events from the driver (LEDs, sounds, autorepeat) are written back to the evdev.
+
+Those status types are not forwarded from the evdev to the driver: Linux's input
+core passes an LED, sound or autorepeat change written to an evdev on to every
+reader of it (the "pass to all" disposition), so what we read back is the driver's
+own write, late.  Forwarded, it makes a guest that changed the state again meanwhile
+(Caps Lock pressed twice) flip back and send that to the statusq, whose write echoes
+again: the LEDs oscillate.  QEMU's input-linux forwards key, relative and absolute
+events only; we drop EV_LED, EV_SND and EV_REP (counted: ``status_echoes``) and a
+group they leave empty.
 """
 
 from __future__ import annotations
@@ -27,6 +36,9 @@ from virtio.devices.input.capabilities import AbsInfo, DeviceIds, InputCapabilit
 from virtio.devices.input.device import Event, VirtioInput
 
 log = logging.getLogger(__name__)
+
+#: Types the driver sets (§5.8.6.2) that the kernel echoes to an evdev's readers.
+ECHOED_TYPES = frozenset({e.EV_LED, e.EV_SND, e.EV_REP})
 
 
 def capabilities_of(dev: InputDevice, *, name: str | None = None, serial: str | None = None):
@@ -63,6 +75,7 @@ class EvdevSource:
         self.grabbed = False
         self.events_read = 0
         self.groups_lost = 0
+        self.status_echoes = 0  # EV_LED / EV_SND / EV_REP read and not forwarded
         if grab:
             try:
                 self.dev.grab()
@@ -104,9 +117,13 @@ class EvdevSource:
                         self.groups_lost += 1
                     partial = []
                     continue
+                if ev.type in ECHOED_TYPES:
+                    self.status_echoes += 1
+                    continue
                 partial.append((ev.type, ev.code, ev.value))
                 if ev.type == e.EV_SYN and ev.code == e.SYN_REPORT:
-                    complete += partial
+                    if len(partial) > 1:  # not a group of echoes alone
+                        complete += partial
                     partial = []
             if complete:
                 device.inject(complete)
