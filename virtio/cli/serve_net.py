@@ -62,7 +62,13 @@ def register_net(devices: Any, fail: Any, signals_help: str) -> None:
     net.add_argument("--mac", default="52:54:00:12:34:56", help="first port's MAC address")
     net.add_argument("--mtu", type=int, default=1500, help="MTU offered (VIRTIO_NET_F_MTU)")
     net.add_argument(
-        "-q", "--num-queue-pairs", type=int, default=1, metavar="N", help="queue pairs"
+        "-q",
+        "--num-queue-pairs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="queue pairs; a received packet goes to the pair its guest last sent the "
+        "flow on (§5.1.9.5.6), else to one picked by the flow's hash",
     )
     net.add_argument(
         "--poll-us",

@@ -150,13 +150,16 @@ void net_port_set_call(struct net_port *p, uint32_t k, int call_fd)
     net_port_unlock(p);
 }
 
-/* The flow hash VirtioNet.flow_hash computes (zlib's CRC-32 of the IPv4 / IPv6
- * addresses and TCP/UDP ports, or of the MAC addresses): one flow, one receive
- * queue (§5.1.9.5.6).  `frame` holds the first min(len, NET_FLOW_BYTES) bytes. */
+/* The flow hash (VirtioNet.flow_hash is this function): zlib's CRC-32 of the flow's
+ * two endpoints -- IPv4 / IPv6 addresses with their TCP/UDP ports, or else the MAC
+ * addresses -- taken in a fixed order (the lower endpoint first), so both directions
+ * of a flow hash alike: a reply finds the queue pair its flow was transmitted on
+ * (§5.1.9.5.6, net_steer_note), and a flow no pair has sent stays on one receive
+ * queue.  `frame` holds the first min(len, NET_FLOW_BYTES) bytes. */
 #define NET_FLOW_BYTES 96
-/* CRC-32 (IEEE 802.3, reflected: zlib.crc32's), four bytes per step with four
- * tables ("slicing by 4").  Bit at a time this was a fifth of the 2 QP backend's
- * CPU, a byte-table lookup per byte still a tenth (12 dependent lookups a frame). */
+/* CRC-32 (IEEE 802.3, reflected: zlib.crc32's), four bytes per step with four tables
+ * ("slicing by 4").  Bit at a time this was a fifth of the 2 QP backend's CPU, a
+ * byte-table lookup per byte still a tenth (12 dependent lookups a frame). */
 static uint32_t net_crc_table[4][256];
 
 __attribute__((constructor)) static void net_crc_table_init(void)
@@ -187,21 +190,40 @@ static uint32_t net_crc32(uint32_t crc, const uint8_t *b, uint32_t n)
     return ~crc;
 }
 
-static uint32_t net_span(uint32_t len, uint32_t from, uint32_t n)
-{ /* bytes of frame[from:from+n] there are (Python's slice) */
-    if (from >= len)
-        return 0;
-    return len - from < n ? len - from : n;
+/* CRC-32 of endpoints a and b (alen-byte addresses, with 2-byte ports pa / pb
+ * unless pa is NULL), the lower (address, then port) first: lo_addr hi_addr
+ * [lo_port hi_port].  The bytes are copied once, so a frame the driver changes
+ * meanwhile only hashes to another queue. */
+static uint32_t net_endpoints_crc(const uint8_t *a, const uint8_t *b, uint32_t alen,
+                                  const uint8_t *pa, const uint8_t *pb)
+{
+    uint8_t ka[18], kb[18], key[36];
+    uint32_t n = alen + (pa ? 2 : 0);
+    memcpy(ka, a, alen);
+    memcpy(kb, b, alen);
+    if (pa) {
+        memcpy(ka + alen, pa, 2);
+        memcpy(kb + alen, pb, 2);
+    }
+    int swap = memcmp(ka, kb, n) > 0;
+    const uint8_t *lo = swap ? kb : ka, *hi = swap ? ka : kb;
+    memcpy(key, lo, alen);
+    memcpy(key + alen, hi, alen);
+    if (pa) {
+        memcpy(key + 2 * alen, lo + alen, 2);
+        memcpy(key + 2 * alen + 2, hi + alen, 2);
+    }
+    return net_crc32(0, key, 2 * n);
 }
 
 uint32_t net_flow_hash(const uint8_t *frame, uint32_t len)
 {
     if (len > NET_FLOW_BYTES)
         len = NET_FLOW_BYTES; /* enough for every key below */
-    if (len < NET_ETH_HLEN)
-        return net_crc32(0, frame, len < 12 ? len : 12);
+    if (len < 12)
+        return net_crc32(0, frame, len);
     uint32_t off = NET_ETH_HLEN;
-    uint32_t type = (uint32_t)frame[12] << 8 | frame[13];
+    uint32_t type = len < NET_ETH_HLEN ? 0 : (uint32_t)frame[12] << 8 | frame[13];
     if (type == NET_ETH_P_8021Q && len >= off + 4) {
         type = (uint32_t)frame[16] << 8 | frame[17];
         off += 4;
@@ -210,18 +232,53 @@ uint32_t net_flow_hash(const uint8_t *frame, uint32_t len)
         /* read once: the frame may be guest memory the driver is changing, and l4
          * bounds the read below */
         uint32_t l4 = off + (__atomic_load_n(&frame[off], __ATOMIC_RELAXED) & 0x0Fu) * 4;
-        uint32_t crc = net_crc32(0, frame + off + 12, 8);
-        if (frame[off + 9] == 6 || frame[off + 9] == 17)
-            crc = net_crc32(crc, frame + l4, net_span(len, l4, 4));
-        return crc;
+        uint8_t proto = __atomic_load_n(&frame[off + 9], __ATOMIC_RELAXED);
+        int ports = (proto == 6 || proto == 17) && len >= l4 + 4;
+        return net_endpoints_crc(frame + off + 12, frame + off + 16, 4,
+                                 ports ? frame + l4 : NULL, frame + l4 + 2);
     }
     if (type == 0x86DD && len >= off + 40) {
-        uint32_t crc = net_crc32(0, frame + off + 8, 32);
-        if (frame[off + 6] == 6 || frame[off + 6] == 17)
-            crc = net_crc32(crc, frame + off + 40, net_span(len, off + 40, 4));
-        return crc;
+        uint8_t next = __atomic_load_n(&frame[off + 6], __ATOMIC_RELAXED);
+        int ports = (next == 6 || next == 17) && len >= off + 44;
+        return net_endpoints_crc(frame + off + 8, frame + off + 24, 16,
+                                 ports ? frame + off + 40 : NULL, frame + off + 42);
     }
-    return net_crc32(0, frame, 12);
+    return net_endpoints_crc(frame, frame + 6, 6, NULL, NULL);
+}
+
+/* §5.1.9.5.6: "After the driver transmitted a packet of a flow on transmitqX, the
+ * device SHOULD cause incoming packets for that flow to be steered to receiveqX."
+ * Noted by the transmit paths of port p (written only when it changes: the line
+ * stays shared while the flow keeps its queue). */
+void net_steer_note(struct net_port *p, uint32_t hash, uint32_t pair)
+{
+    uint64_t want = (uint64_t)hash << 32 | (pair + 1u);
+    uint64_t *slot = &p->steer[hash % NET_STEER_SIZE];
+    if (__atomic_load_n(slot, __ATOMIC_RELAXED) != want)
+        __atomic_store_n(slot, want, __ATOMIC_RELAXED);
+}
+
+/* The queue pair port p last transmitted the flow on, or -1. */
+int32_t net_steer_pair(struct net_port *p, uint32_t hash)
+{
+    uint64_t e = __atomic_load_n(&p->steer[hash % NET_STEER_SIZE], __ATOMIC_RELAXED);
+    if (!e || (uint32_t)(e >> 32) != hash)
+        return -1;
+    return (int32_t)(uint32_t)e - 1;
+}
+
+void net_steer_clear(struct net_port *p)
+{
+    for (uint32_t i = 0; i < NET_STEER_SIZE; i++)
+        __atomic_store_n(&p->steer[i], 0, __ATOMIC_RELAXED);
+}
+
+/* The receive queue rx[k] (k < nq, nq > 1) of port p for a frame of flow `hash`:
+ * the pair p transmitted the flow on, else by hash (VirtioNet._rx_queue). */
+static uint32_t net_rx_pick(struct net_port *p, uint32_t hash, uint32_t nq)
+{
+    int32_t pair = net_steer_pair(p, hash);
+    return pair >= 0 && (uint32_t)pair < nq ? (uint32_t)pair : hash % nq;
 }
 
 /* ---- copying ---------------------------------------------------------------------- */
@@ -333,7 +390,7 @@ static uint32_t net_frame_flow(struct net_frame *f)
 static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r)
 {
     uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX;
-    uint32_t qi = nq > 1 ? net_frame_flow(f) % nq : 0;
+    uint32_t qi = nq > 1 ? net_rx_pick(p, net_frame_flow(f), nq) : 0;
     struct net_rxq *rq = &p->rx[qi];
     struct vq *q = rq->q;
     uint32_t total = p->hdr_size + f->len, room = 0, nseg = 0;
@@ -650,6 +707,8 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
     if (!net_parse(n, c, segs, &f))
         goto defer;
     net_prefetch(&f);
+    if (self && __atomic_load_n(&self->steer_pairs, __ATOMIC_RELAXED) > 1)
+        net_steer_note(self, net_frame_flow(&f), n->pair); /* §5.1.9.5.6 */
     if (!n->now_valid) { /* once per batch: ageing is counted in seconds */
         n->now = net_now();
         n->now_valid = 1;

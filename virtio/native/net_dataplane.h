@@ -10,6 +10,7 @@
 #define NET_RX_PEND 256     /* used entries a port gathers before one publication */
 
 #define NET_RXQ_MAX 8       /* receive queues (queue pairs) a port serves natively */
+#define NET_STEER_SIZE 256  /* flows a port remembers for receive steering */
 
 /* One receive queue of a port written natively: receiveq(k+1) for rx[k]. */
 struct net_rxq {
@@ -41,6 +42,13 @@ struct net_port {
     int32_t held;               /* packets the Python path holds for this port */
     /* counters (written under mu) */
     uint64_t rx_native, rx_native_bytes, rx_calls, rx_deferred, rx_publishes;
+    /* Automatic receive steering (§5.1.9.5.6): the queue pair the driver last
+     * transmitted each flow on, noted by every transmit path while it uses more than
+     * one pair (steer_pairs, VQ_PAIRS_SET); entries: flow hash << 32 | pair + 1, at
+     * steer[hash % NET_STEER_SIZE], 0 empty; read and written without a lock (one
+     * 64-bit word: a racing reader sees the old flow or the new one). */
+    uint32_t steer_pairs;
+    uint64_t steer[NET_STEER_SIZE];
 };
 
 int net_port_init(struct net_port *p);
@@ -50,6 +58,9 @@ void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd,
 void net_port_detach(struct net_port *p, uint32_t k);
 void net_port_set_call(struct net_port *p, uint32_t k, int call_fd);
 uint32_t net_flow_hash(const uint8_t *frame, uint32_t len);
+void net_steer_note(struct net_port *p, uint32_t hash, uint32_t pair);
+int32_t net_steer_pair(struct net_port *p, uint32_t hash);
+void net_steer_clear(struct net_port *p);
 void net_port_lock(struct net_port *p);
 void net_port_unlock(struct net_port *p);
 
@@ -74,6 +85,7 @@ struct net_dp {
     struct net_port **ports;    /* NET_FDB_MAX_PORTS entries (NULL: no port) */
     const uint32_t *nports;     /* entries in use (the switch's, may grow), or NULL: all */
     uint32_t src;               /* this port's number */
+    uint32_t pair;              /* this transmit queue's queue pair (transmitq(pair+1)) */
     uint32_t hdr_size;          /* this port's header size */
     uint32_t mtu;
     uint8_t csum;               /* VIRTIO_NET_F_CSUM negotiated by this port */

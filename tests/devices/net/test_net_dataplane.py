@@ -26,6 +26,7 @@ from virtio.devices.net import Switch, VirtioNet
 from virtio.devices.net.offload import RxOffloads
 from virtio.devices.net.packet import GSO_TCPV4, HDR, NEEDS_CSUM
 from virtio.memory import MmapGuestMemory
+from virtio.native import lib
 from virtio.queues import Virtqueue
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.net import NetFeature as NF
@@ -472,14 +473,56 @@ def _flow_frames() -> list[bytes]:
     return frames
 
 
-def test_native_flow_hash_is_the_python_flow_hash():
-    """``net_flow_hash`` (C) picks the receive queue exactly as ``flow_hash`` does
-    (§5.1.9.5.6: one flow, one receive queue), whichever path delivers the frame."""
-    from virtio.devices.net.device import flow_hash
-    from virtio.native import ffi, lib
+def _reply(frame: bytes) -> bytes:
+    """The other direction of ``frame``'s flow: MAC, IP address and port pairs swapped
+    (Ethernet + IPv4 with a 20-byte header + TCP/UDP, or IPv6 + TCP/UDP)."""
+    f = bytearray(frame)
+    f[0:6], f[6:12] = frame[6:12], frame[0:6]
+    if frame[12:14] == b"\x08\x00":
+        addrs, ports = (26, 30, 4), 34
+    else:
+        addrs, ports = (22, 38, 16), 54
+    a, b, n = addrs
+    f[a : a + n], f[b : b + n] = frame[b : b + n], frame[a : a + n]
+    p = ports
+    f[p : p + 2], f[p + 2 : p + 4] = frame[p + 2 : p + 4], frame[p : p + 2]
+    return bytes(f)
 
-    for frame in _flow_frames():
-        assert lib.net_flow_hash(ffi.from_buffer(frame), len(frame)) == flow_hash(frame), frame
+
+def test_flow_hash_is_the_same_both_ways_and_tells_flows_apart():
+    """§5.1.9.5.6 steers "incoming packets for that flow" to the queue the flow was
+    transmitted on: the key must be the same for a packet and its reply.  The hash
+    is CRC-32 of the lower endpoint (address, then port) first; frames cut short
+    still hash (what the key needs is checked against the length)."""
+    import zlib
+
+    from virtio.devices.net.device import flow_hash
+
+    tcp = tcp4(MAC_B, MAC_A, b"p" * 40)  # 10.0.0.1:<sport> -> 10.0.0.2:<dport>
+    sport, dport = tcp[34:36], tcp[36:38]
+    lo, hi = sorted([tcp[26:30] + sport, tcp[30:34] + dport])
+    assert flow_hash(tcp) == zlib.crc32(lo[:4] + hi[:4] + lo[4:] + hi[4:])
+    udp = bytearray(tcp)
+    udp[23] = 17
+    v6 = (
+        MAC_B + MAC_A + b"\x86\xdd" + b"\x60\0\0\0\0\x20\x06\x40"
+        + os.urandom(32) + b"\x12\x34\x00\x50" + bytes(40)
+    )  # fmt: skip
+    same_addr = bytearray(tcp)
+    same_addr[30:34] = same_addr[26:30]  # one host, two ports: ordered by port
+    for frame in (tcp, bytes(udp), v6, bytes(same_addr)):
+        assert flow_hash(_reply(frame)) == flow_hash(frame)
+    arp = ether(BROADCAST, MAC_A, os.urandom(28), 0x0806)
+    assert flow_hash(arp) == flow_hash(MAC_A + BROADCAST + arp[12:])  # by MAC addresses
+    flows = set()
+    for port in range(64):
+        f = bytearray(tcp)
+        f[34:36] = port.to_bytes(2, "big")
+        flows.add(flow_hash(bytes(f)))
+        flows.add(flow_hash(_reply(bytes(f))))
+    assert len(flows) == 64
+    for frame in _flow_frames():  # whole, cut short, random bytes: a hash, no error
+        assert 0 <= flow_hash(frame) < 1 << 32
 
 
 def _testpmd_multi_flow(variant: str, lcore: int) -> list[bytes]:
@@ -507,18 +550,15 @@ def _testpmd_multi_flow(variant: str, lcore: int) -> list[bytes]:
 def test_testpmd_multi_flow_frames_spread_over_two_queues(variant: str, lcore: int):
     """testpmd's multi-flow frames (the 2 queue pair benchmark's traffic) use both
     receive queues, neither under a quarter (§5.1.9.5.6: the device steers by flow;
-    issue 10), and the C hash picks the same queue as the Python one."""
+    issue 10)."""
     from virtio.devices.net.device import flow_hash
-    from virtio.native import ffi, lib
 
     frames = _testpmd_multi_flow(variant, lcore)
     # distinct flows: 256 source IPs, or 64 source ports (0xC0..0xFF in the high byte)
     assert len({f[26:38] for f in frames}) == (256 if variant == "ip" else 64)
     per_queue = [0, 0]
     for f in frames:
-        h = flow_hash(f)
-        assert lib.net_flow_hash(ffi.from_buffer(f), len(f)) == h
-        per_queue[h % 2] += 1
+        per_queue[flow_hash(f) % 2] += 1
     assert min(per_queue) >= len(frames) // 4, per_queue
 
 
@@ -562,6 +602,67 @@ async def test_two_queue_pairs_received_natively_by_flow_hash():
             # each receive queue's count is what was written into it (issue 10: the
             # native frames were once all counted on receiveq1)
             assert st["queues"] == {0: len(want[0]), 2: len(want[2])}
+            nursery.cancel_scope.cancel()
+    finally:
+        ga.close()
+        gb.close()
+
+
+@pytest.mark.parametrize("native", [True, False])
+async def test_replies_steered_to_the_pair_the_flow_was_sent_on(native: bool):
+    """§5.1.9.5.6: "After the driver transmitted a packet of a flow on transmitqX,
+    the device SHOULD cause incoming packets for that flow to be steered to
+    receiveqX."  Port b (2 pairs) sends flow F on transmitq2 and flow G on
+    transmitq1, each picked so that its hash alone would choose the other queue;
+    a's replies land on receiveq2 and receiveq1.  A flow b never sent goes by its
+    hash.  Both paths: the native one notes and steers in C, Python in
+    ``_transmit`` / ``_rx_queue``; a reset forgets the flows."""
+    from virtio.devices.net.device import flow_hash
+
+    def flow(sport: int) -> bytes:
+        f = bytearray(tcp4(MAC_A, MAC_B, b"s" * 20))
+        f[34:36] = sport.to_bytes(2, "big")
+        return bytes(f)
+
+    by_hash = {q: next(flow(p) for p in range(1000, 2000) if flow_hash(flow(p)) % 2 == q)
+               for q in (0, 1)}  # fmt: skip
+    f_sent, g_sent = by_hash[0], by_hash[1]  # F hashes to pair 0, G to pair 1
+    stranger = next(flow(p) for p in range(3000, 4000) if flow_hash(flow(p)) % 2 == 1)
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B, num_queue_pairs=2)
+    a.native_dataplane = b.native_dataplane = native
+    ga, gb = Guest(a), Guest(b)
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+            token = gb.post(4, readable=[bytes([4, 0]) + struct.pack("<H", 2)], writable=[1])
+            await gb.wait_used(4, token)
+            assert b.pairs == 2
+            for q in (0, 2):
+                for _ in range(8):
+                    gb.post(q, writable=[2048])
+            for _ in range(8):
+                ga.post(RX, writable=[2048])
+            await trio.testing.wait_all_tasks_blocked()
+            for q, frame in ((3, f_sent), (1, g_sent)):  # transmitq2, transmitq1
+                token = gb.post(q, readable=[_hdr() + frame])
+                await gb.wait_used(q, token)
+            await trio.testing.wait_all_tasks_blocked()  # the Python path's receive task
+            assert [u.data[12 : u.written] for u in ga.drv[RX].get_used()] == [f_sent, g_sent]
+            replies = [_reply(f_sent), _reply(g_sent), _reply(stranger)]
+            for frame in replies:
+                token = ga.post(TX, readable=[_hdr() + frame])
+                await ga.wait_used(TX, token)
+            await trio.testing.wait_all_tasks_blocked()
+            got = {q: [u.data[12 : u.written] for u in gb.drv[q].get_used()] for q in (0, 2)}
+            assert got == {0: [replies[1]], 2: [replies[0], replies[2]]}
+            if native:
+                st = b.statistics()["native"]
+                assert st["rx"]["rx_native"] == 3 and st["tx"]["tx_native"] == 2
+            b.reset()
+            assert lib.net_steer_pair(b.native_port, flow_hash(f_sent)) == -1
             nursery.cancel_scope.cancel()
     finally:
         ga.close()

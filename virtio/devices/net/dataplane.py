@@ -68,6 +68,7 @@ class NetDataPlane(NativeDataPlane):
         c.ports = sw.native_ports
         c.nports = sw.native_count
         c.src = sw.number(dev)
+        c.pair = (self.index - 1) // 2  # transmitq(k+1) is queue 2k+1 (§5.1.2)
         # --poll-us: the emptied ring is polled yielding the CPU (net_dp_wait), so
         # the ports' transmit threads on one CPU take turns instead of spinning
         c.yield_ns = max(0, dev.poll_us) * 1000

@@ -19,8 +19,8 @@ emulator the device serves it.
   all but the last completely, and ``num_buffers`` says how many (§5.1.9.4.1);
   when fewer are posted the buffers taken are given back and the device waits for
   the driver: it never holds buffers while waiting, so a ring stop does not wait on
-  it.  Receive queues are picked by a hash of the flow (§5.1.9.5.6: a flow stays on
-  one queue).
+  it.  Receive steering (§5.1.9.5.6): a packet goes to receiveqX when the driver
+  last transmitted its flow on transmitqX, else to a queue picked by the flow's hash.
 * Configuration (§5.1.4): mac, status (LINK_UP, ANNOUNCE), max_virtqueue_pairs, mtu,
   speed, duplex.  Control commands (§5.1.9.5): RX mode, MAC tables and address,
   VLAN filter, MQ pairs, announce ack.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
-import zlib
 from collections import Counter, deque
 
 import trio
@@ -52,7 +51,7 @@ from virtio.devices.net.packet import (
 )
 from virtio.devices.net.switch import Switch
 from virtio.errors import DriverError
-from virtio.native import lib
+from virtio.native import ffi, lib
 from virtio.queues.chain import DescriptorChain
 from virtio.queues.virtqueue import Virtqueue
 from virtio.ratelimit import LogRateLimiter
@@ -137,25 +136,12 @@ def rarp_frame(mac: bytes) -> bytes:
 
 
 def flow_hash(frame: bytes) -> int:
-    """A hash of the packet's flow: IPv4/IPv6 addresses and TCP/UDP ports, or the
-    MAC addresses for anything else (§5.1.9.5.6: one flow, one receive queue)."""
-    off = ETH_HLEN
-    (ethertype,) = struct.unpack_from("!H", frame, 12)
-    if ethertype == ETH_P_8021Q and len(frame) >= off + 4:
-        (ethertype,) = struct.unpack_from("!H", frame, 16)
-        off += 4
-    if ethertype == 0x0800 and len(frame) >= off + 20:
-        l4 = off + (frame[off] & 0x0F) * 4
-        key = frame[off + 12 : off + 20]
-        if frame[off + 9] in (6, 17):
-            key += frame[l4 : l4 + 4]
-    elif ethertype == 0x86DD and len(frame) >= off + 40:
-        key = frame[off + 8 : off + 40]
-        if frame[off + 6] in (6, 17):
-            key += frame[off + 40 : off + 44]
-    else:
-        key = frame[:12]
-    return zlib.crc32(key)
+    """The hash of the packet's flow, alike for both directions: the IPv4/IPv6
+    addresses and TCP/UDP ports, or the MAC addresses for anything else, lower
+    endpoint first (``net_flow_hash``, the native path's and this one).  Receive
+    steering (§5.1.9.5.6) keys on it."""
+    head = frame[:96]  # every key lies in the first 96 bytes
+    return int(lib.net_flow_hash(ffi.from_buffer(head), len(head)))
 
 
 class _Backlog:
@@ -256,8 +242,8 @@ class VirtioNet(VirtioDevice):
     def _native_state(self) -> None:
         """Whether frames may be written into the receive queues natively: the
         receive filter lets everything through and every receive queue in use
-        (``running``, the ones ``deliver`` picks from by flow hash) is native, so
-        the native path picks the same one (``net_flow_hash``)."""
+        (``running``, the ones ``deliver`` picks from: ``_rx_queue``) is native, so
+        the native path picks the same one (``net_rx_pick``)."""
         port = getattr(self, "native_port", None)
         if port is None:
             return
@@ -266,6 +252,7 @@ class VirtioNet(VirtioDevice):
             i in self._native_rx for i in running
         )
         port.nrxq = len(running) if ok else 0
+        port.steer_pairs = self.pairs
         port.native = int(self.promisc and ok and bool(running))
         port.link_down = int(not self.link_up)
         port.vlan_filter = int(self.has(NF.VIRTIO_NET_F_CTRL_VLAN))
@@ -330,6 +317,7 @@ class VirtioNet(VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self._reset_state()
+        lib.net_steer_clear(self.native_port)  # the flows a reset driver sent
         self.switch.forget(self)
 
     # -- serving ---------------------------------------------------------------------------
@@ -382,6 +370,8 @@ class VirtioNet(VirtioDevice):
             return 0
         self.queue_packets[index] += 1
         self.queue_bytes[index] += len(packet.frame)
+        if self.pairs > 1:  # §5.1.9.5.6: its flow's replies go to this pair
+            lib.net_steer_note(self.native_port, flow_hash(packet.frame), index // 2)
         self.switch.forward(self, packet)
         return 0
 
@@ -478,12 +468,24 @@ class VirtioNet(VirtioDevice):
         if not running:
             self.errors["link_down"] += 1
             return False
-        index = running[flow_hash(packet.frame) % len(running)]
+        index = self._rx_queue(packet.frame, running)
         if not self._rx[index].put(packet):
             self.errors["backlog_full"] += 1
             return False
         self.native_port.held += 1  # the native path waits for this backlog
         return True
+
+    def _rx_queue(self, frame: bytes, running: list[int]) -> int:
+        """The receive queue for ``frame`` (§5.1.9.5.6): receiveqX when the driver
+        last transmitted its flow on transmitqX, else one picked by the flow's hash
+        (the native path's ``net_rx_pick``)."""
+        if len(running) == 1:
+            return running[0]
+        h = flow_hash(frame)
+        pair = lib.net_steer_pair(self.native_port, h)
+        if pair >= 0 and 2 * pair in running:
+            return 2 * pair
+        return running[h % len(running)]
 
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
         backlog = _Backlog(self.rx_backlog)
