@@ -177,14 +177,21 @@ __attribute__((constructor)) static void net_crc_table_init(void)
         }
 }
 
+/* One four-byte step of net_crc32 on an inverted crc: w holds the next four bytes
+ * as a little-endian load of them gives. */
+static inline uint32_t net_crc_step(uint32_t crc, uint32_t w)
+{
+    crc ^= w;
+    return net_crc_table[3][crc & 0xFFu] ^ net_crc_table[2][(crc >> 8) & 0xFFu] ^
+           net_crc_table[1][(crc >> 16) & 0xFFu] ^ net_crc_table[0][crc >> 24];
+}
+
 static uint32_t net_crc32(uint32_t crc, const uint8_t *b, uint32_t n)
 {
     crc = ~crc;
-    for (; n >= 4; n -= 4, b += 4) {
-        crc ^= (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
-        crc = net_crc_table[3][crc & 0xFFu] ^ net_crc_table[2][(crc >> 8) & 0xFFu] ^
-              net_crc_table[1][(crc >> 16) & 0xFFu] ^ net_crc_table[0][crc >> 24];
-    }
+    for (; n >= 4; n -= 4, b += 4)
+        crc = net_crc_step(crc, (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 |
+                                    (uint32_t)b[3] << 24);
     while (n--)
         crc = (crc >> 8) ^ net_crc_table[0][(crc ^ *b++) & 0xFFu];
     return ~crc;
@@ -216,6 +223,39 @@ static uint32_t net_endpoints_crc(const uint8_t *a, const uint8_t *b, uint32_t a
     return net_crc32(0, key, 2 * n);
 }
 
+/* net_endpoints_crc for IPv4 (the common case, once per frame with 2 pairs or more):
+ * the same key, compared and fed to the CRC as words, no copies. */
+static uint32_t net_ipv4_crc(const uint8_t *a, const uint8_t *b, const uint8_t *pa,
+                             const uint8_t *pb)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint32_t wa, wb;
+    uint16_t qa = 0, qb = 0;
+    memcpy(&wa, a, 4);
+    memcpy(&wb, b, 4);
+    if (pa) {
+        memcpy(&qa, pa, 2);
+        memcpy(&qb, pb, 2);
+    }
+    uint64_t ka = (uint64_t)__builtin_bswap32(wa) << 16 | __builtin_bswap16(qa);
+    uint64_t kb = (uint64_t)__builtin_bswap32(wb) << 16 | __builtin_bswap16(qb);
+    if (ka > kb) {
+        uint32_t t = wa;
+        wa = wb;
+        wb = t;
+        uint16_t u = qa;
+        qa = qb;
+        qb = u;
+    }
+    uint32_t crc = net_crc_step(net_crc_step(~0u, wa), wb);
+    if (pa)
+        crc = net_crc_step(crc, (uint32_t)qa | (uint32_t)qb << 16);
+    return ~crc;
+#else
+    return net_endpoints_crc(a, b, 4, pa, pb);
+#endif
+}
+
 uint32_t net_flow_hash(const uint8_t *frame, uint32_t len)
 {
     if (len > NET_FLOW_BYTES)
@@ -234,8 +274,8 @@ uint32_t net_flow_hash(const uint8_t *frame, uint32_t len)
         uint32_t l4 = off + (__atomic_load_n(&frame[off], __ATOMIC_RELAXED) & 0x0Fu) * 4;
         uint8_t proto = __atomic_load_n(&frame[off + 9], __ATOMIC_RELAXED);
         int ports = (proto == 6 || proto == 17) && len >= l4 + 4;
-        return net_endpoints_crc(frame + off + 12, frame + off + 16, 4,
-                                 ports ? frame + l4 : NULL, frame + l4 + 2);
+        return net_ipv4_crc(frame + off + 12, frame + off + 16, ports ? frame + l4 : NULL,
+                            frame + l4 + 2);
     }
     if (type == 0x86DD && len >= off + 40) {
         uint8_t next = __atomic_load_n(&frame[off + 6], __ATOMIC_RELAXED);
