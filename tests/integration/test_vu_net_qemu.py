@@ -268,8 +268,12 @@ def test_transfer_into_two_queue_pairs(rig):
     _transfer(rig, "b", "a", IP_A, 8, 5002)
     for port in range(5003, 5007):  # several flows: the flow hash spreads them
         _transfer(rig, "b", "a", IP_A, 1, port)
-    queues = dict(q.split(":") for q in rig.statistics()["port0"]["queues"].split(","))
+    st = rig.statistics()["port0"]
+    queues = dict(q.split(":") for q in st["queues"].split(","))
     assert int(queues.get("0", 0)) > 0 and int(queues.get("2", 0)) > 0, queues
+    # §5.1.9.5.6: A's TCP stack answered each flow on a transmit queue of its choice,
+    # and B's next packets of that flow came in on that pair's receive queue
+    assert int(st["steered"]) > 0, st
 
 
 def test_tap_in_namespace(rig):

@@ -166,6 +166,7 @@ def statistics(ports: list[Any], servers: list[Any], tap: Any) -> str:
         st = port.statistics()
         queues = ",".join(f"{q}:{n}" for q, n in st["queues"].items())
         fields = [f"connections={server.connections}", f"queues={queues or '-'}"]
+        fields.append(f"steered={st['steered']}")  # received on the flow's sending pair
         fields += [f"{k}={v}" for k, v in st["port"].items()]
         fields += [f"rx_{k}={v}" for k, v in sorted(st["errors"].items())]
         fields.append(f"needs_reset={int(port.needs_reset)}")

@@ -314,11 +314,13 @@ void net_steer_clear(struct net_port *p)
 }
 
 /* The receive queue rx[k] (k < nq, nq > 1) of port p for a frame of flow `hash`:
- * the pair p transmitted the flow on, else by hash (VirtioNet._rx_queue). */
-static uint32_t net_rx_pick(struct net_port *p, uint32_t hash, uint32_t nq)
+ * the pair p transmitted the flow on (*steered = 1), else by hash
+ * (VirtioNet._rx_queue). */
+static uint32_t net_rx_pick(struct net_port *p, uint32_t hash, uint32_t nq, uint32_t *steered)
 {
     int32_t pair = net_steer_pair(p, hash);
-    return pair >= 0 && (uint32_t)pair < nq ? (uint32_t)pair : hash % nq;
+    *steered = pair >= 0 && (uint32_t)pair < nq;
+    return *steered ? (uint32_t)pair : hash % nq;
 }
 
 /* ---- copying ---------------------------------------------------------------------- */
@@ -430,12 +432,14 @@ static uint32_t net_frame_flow(struct net_frame *f)
 static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r)
 {
     uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX;
-    uint32_t qi = nq > 1 ? net_rx_pick(p, net_frame_flow(f), nq) : 0;
+    uint32_t steered = 0;
+    uint32_t qi = nq > 1 ? net_rx_pick(p, net_frame_flow(f), nq, &steered) : 0;
     struct net_rxq *rq = &p->rx[qi];
     struct vq *q = rq->q;
     uint32_t total = p->hdr_size + f->len, room = 0, nseg = 0;
     r->k = 0;
     r->qi = qi;
+    r->steered = steered;
     if (!q || q->broken) {
         p->rx_deferred++; /* that queue is not native (now): Python */
         return NET_RX_DEFER;
@@ -529,6 +533,7 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
     r->k = 0;
     p->rx_native++;
     p->rx_native_bytes += f->len;
+    p->rx_steered += r->steered;
     rq->rx_native++;
     rq->rx_native_bytes += f->len;
 }

@@ -48,6 +48,7 @@ struct net_port {
      * steer[hash % NET_STEER_SIZE], 0 empty; read and written without a lock (one
      * 64-bit word: a racing reader sees the old flow or the new one). */
     uint32_t steer_pairs;
+    uint64_t rx_steered;        /* frames written natively into the pair steering chose */
     uint64_t steer[NET_STEER_SIZE];
 };
 
@@ -72,6 +73,7 @@ struct net_resv {
     struct vq_seg segs[NET_RX_MAX_SEGS];
     uint32_t k;
     uint32_t qi;                /* the port's receive queue (rx[qi]) */
+    uint32_t steered;           /* qi is the pair the flow was sent on (§5.1.9.5.6) */
 };
 
 /* The wait of a dp_group serving several ports' transmit queues (--queue-threads:

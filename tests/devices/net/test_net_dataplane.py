@@ -711,9 +711,11 @@ async def test_replies_steered_to_the_pair_the_flow_was_sent_on(native: bool):
             await trio.testing.wait_all_tasks_blocked()
             got = {q: [u.data[12 : u.written] for u in gb.drv[q].get_used()] for q in (0, 2)}
             assert got == {0: [replies[1]], 2: [replies[0], replies[2]]}
+            assert b.statistics()["steered"] == 2  # the stranger went by its hash
             if native:
                 st = b.statistics()["native"]
                 assert st["rx"]["rx_native"] == 3 and st["tx"]["tx_native"] == 2
+                assert st["rx"]["rx_steered"] == 2 and b.rx_steered == 0
             b.reset()
             assert lib.net_steer_pair(b.native_port, flow_hash(f_sent)) == -1
             nursery.cancel_scope.cancel()

@@ -33,7 +33,14 @@ TX_STATISTICS = (
     "py_malformed", "py_offload", "py_port", "py_no_room", "fdb_locks",
 )  # fmt: skip
 """Counters of a transmit data plane (``struct net_dp``)."""
-RX_STATISTICS = ("rx_native", "rx_native_bytes", "rx_calls", "rx_deferred", "rx_publishes")
+RX_STATISTICS = (
+    "rx_native",
+    "rx_native_bytes",
+    "rx_calls",
+    "rx_deferred",
+    "rx_publishes",
+    "rx_steered",
+)
 """Counters of a port's natively written receive queue (``struct net_port``)."""
 
 

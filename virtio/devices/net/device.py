@@ -220,6 +220,10 @@ class VirtioNet(VirtioDevice):
         self._native_rx: dict[int, native.NativeRx] = {}
         """Receive queues native transmit threads may write into, by queue index."""
         self._dataplanes: dict[int, native.NetDataPlane] = {}
+        self.rx_steered = 0
+        """Packets the Python path put on the pair their flow was sent on (§5.1.9.5.6);
+        the native path's are ``native.rx.rx_steered``, ``statistics()["steered"]``
+        both."""
         self.native_tx: Counter[str] = Counter()
         """Counters of stopped transmit data planes (running ones: ``statistics``)."""
         self.link_up = True
@@ -484,6 +488,7 @@ class VirtioNet(VirtioDevice):
         h = flow_hash(frame)
         pair = lib.net_steer_pair(self.native_port, h)
         if pair >= 0 and 2 * pair in running:
+            self.rx_steered += 1
             return 2 * pair
         return running[h % len(running)]
 
@@ -672,6 +677,7 @@ class VirtioNet(VirtioDevice):
         return {
             "port": self.switch.port_statistics(self),
             "queues": {k: v for k, v in sorted(packets.items()) if v},
+            "steered": self.rx_steered + rx["rx_steered"],
             "errors": dict(self.errors),
             "native": {"tx": {k: tx[k] for k in native.TX_STATISTICS}, "rx": rx},
         }
