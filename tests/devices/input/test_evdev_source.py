@@ -7,6 +7,7 @@ machine's kernel lacks (tests/integration/test_vu_input_qemu.py skips it, saying
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 
@@ -34,12 +35,25 @@ def _send(sock: socket.socket, *events: tuple[int, int, int]) -> None:
     sock.sendall(b"".join(RECORD.pack(0, 0, *ev) for ev in events))
 
 
-async def test_events_go_out_in_whole_groups_and_leds_come_back() -> None:
+@contextlib.asynccontextmanager
+async def _served_keyboard():
+    """A built-in keyboard fed by an ``EvdevSource`` over a fake evdev, its status
+    events written back there: (source, device, harness, the evdev's other end)."""
     dev, theirs = _fake_evdev()
     source = EvdevSource("fake-evdev", grab=False, dev=dev)
     device = VirtioInput(builtin("keyboard"), status_sink=source.write_status)
-    async with DeviceHarness.start(device) as h, trio.open_nursery() as nursery:
-        nursery.start_soon(source.run, device)
+    try:
+        async with DeviceHarness.start(device) as h, trio.open_nursery() as nursery:
+            nursery.start_soon(source.run, device)
+            yield source, device, h, theirs
+            nursery.cancel_scope.cancel()
+    finally:
+        source.close()
+        theirs.close()
+
+
+async def test_events_go_out_in_whole_groups_and_leds_come_back() -> None:
+    async with _served_keyboard() as (source, device, h, theirs):
         tokens = [h.submit(0, writable=[8]) for _ in range(6)]
         _send(theirs, (e.EV_KEY, e.KEY_A, 1))  # half a group: not forwarded yet
         _send(theirs, (e.EV_SYN, e.SYN_REPORT, 0), (e.EV_KEY, e.KEY_Z, 1))
@@ -62,9 +76,6 @@ async def test_events_go_out_in_whole_groups_and_leds_come_back() -> None:
         got = [RECORD.unpack_from(data, i)[2:] for i in (0, RECORD.size)]
         assert got == [(e.EV_LED, e.LED_CAPSL, 1), (e.EV_SYN, e.SYN_REPORT, 0)]
         assert device.leds == {e.LED_CAPSL: 1} and h.driver_errors == []
-        nursery.cancel_scope.cancel()
-    source.close()
-    theirs.close()
 
 
 async def test_status_echoes_from_the_evdev_are_not_forwarded() -> None:
@@ -73,11 +84,7 @@ async def test_status_echoes_from_the_evdev_are_not_forwarded() -> None:
     twice would get "on" after it set "off", flip back and send it again (§5.8.6.2
     statusq): an oscillation.  The echoes are dropped and counted, a group they
     leave empty is dropped, and events around them still go out."""
-    dev, theirs = _fake_evdev()
-    source = EvdevSource("fake-evdev", grab=False, dev=dev)
-    device = VirtioInput(builtin("keyboard"), status_sink=source.write_status)
-    async with DeviceHarness.start(device) as h, trio.open_nursery() as nursery:
-        nursery.start_soon(source.run, device)
+    async with _served_keyboard() as (source, device, h, theirs):
         tokens = [h.submit(0, writable=[8]) for _ in range(4)]
         # Caps Lock on, then off: both written back to the evdev, which echoes them.
         await h.request(1, [EVENT.pack(e.EV_LED, e.LED_CAPSL, 1)])
@@ -99,6 +106,3 @@ async def test_status_echoes_from_the_evdev_are_not_forwarded() -> None:
         assert (source.events_read, source.status_echoes, source.groups_lost) == (12, 5, 0)
         assert device.leds == {e.LED_CAPSL: 0}  # the driver's last word stands
         assert h.driver_errors == []
-        nursery.cancel_scope.cancel()
-    source.close()
-    theirs.close()
