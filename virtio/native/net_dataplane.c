@@ -429,7 +429,41 @@ static uint32_t net_frame_flow(struct net_frame *f)
     return f->flow;
 }
 
-static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r)
+/* The ring lock of a receive queue for one reservation.  With `keep` (the
+ * transmitting thread's n->sticky_q) the lock stays held for the batch's next
+ * frames to the same ring, as the port's mu does (net_deliver_one): one lock per
+ * batch instead of one per frame.  Released by net_let_go_q (before a flush,
+ * which locks the ring itself, and with the port's mu). */
+static inline void net_q_take(struct vq **keep, struct vq *q)
+{
+    if (!keep) {
+        VQ_LOCK(q);
+        return;
+    }
+    if (*keep == q)
+        return;
+    if (*keep)
+        VQ_UNLOCK(*keep);
+    VQ_LOCK(q);
+    *keep = q;
+}
+
+static inline void net_q_put(struct vq **keep, struct vq *q)
+{
+    if (!keep)
+        VQ_UNLOCK(q);
+}
+
+static inline void net_let_go_q(struct vq **keep)
+{
+    if (keep && *keep) {
+        VQ_UNLOCK(*keep);
+        *keep = NULL;
+    }
+}
+
+static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r,
+                          struct vq **keep)
 {
     uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX;
     uint32_t steered = 0;
@@ -444,9 +478,11 @@ static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_re
         p->rx_deferred++; /* that queue is not native (now): Python */
         return NET_RX_DEFER;
     }
-    if (rq->npend + NET_RX_MAX_BUFS > NET_RX_PEND)
+    if (rq->npend + NET_RX_MAX_BUFS > NET_RX_PEND) {
+        net_let_go_q(keep);
         net_rxq_flush(p, rq);
-    VQ_LOCK(q);
+    }
+    net_q_take(keep, q);
     while (room < total) {
         if (r->k == NET_RX_MAX_BUFS)
             goto back;
@@ -471,11 +507,11 @@ static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_re
      * runs dry (wait_for_more: enable, re-check, sleep). */
     if (q->notify_enabled)
         vq_disable_notification_u(q);
-    VQ_UNLOCK(q);
+    net_q_put(keep, q);
     return NET_RX_OK;
 back:
     net_give_back(q, r->ch, r->k);
-    VQ_UNLOCK(q);
+    net_q_put(keep, q);
     r->k = 0;
     p->rx_deferred++;
     return NET_RX_DEFER;
@@ -659,6 +695,7 @@ static int64_t net_decide(struct net_dp *n, const struct net_frame *f)
  * pending: net_dp_batch_end publishes them). */
 static void net_unstick(struct net_dp *n)
 {
+    net_let_go_q(&n->sticky_q);
     if (n->sticky) {
         pthread_mutex_unlock(NET_PORT_MU(n->sticky_port));
         n->sticky = 0;
@@ -682,7 +719,7 @@ static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
     n->touched[idx] = 1;
     if (!net_port_takes(p, f))
         return 0;
-    if (net_rx_reserve(p, (struct net_frame *)f, &n->resv[0]) != NET_RX_OK)
+    if (net_rx_reserve(p, (struct net_frame *)f, &n->resv[0], &n->sticky_q) != NET_RX_OK)
         return -1;
     net_rx_commit(p, f, &n->resv[0]);
     return 1;
@@ -829,7 +866,7 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
             if (!net_port_takes(p, &f)) {
                 failed = 1;
                 n->py_port++;
-            } else if (net_rx_reserve(p, &f, &n->resv[nheld - 1]) != NET_RX_OK) {
+            } else if (net_rx_reserve(p, &f, &n->resv[nheld - 1], NULL) != NET_RX_OK) {
                 failed = 1;
                 n->py_no_room++;
             }
@@ -901,6 +938,7 @@ static void net_dp_batch_end(void *dev)
         pthread_mutex_unlock(NET_PORT_MU(p));
     }
     if (n->sticky) {
+        net_let_go_q(&n->sticky_q); /* the flush locks the ring itself */
         net_port_flush(n->sticky_port);
         net_unstick(n);
     }

@@ -107,6 +107,7 @@ struct net_dp {
     uint32_t sticky;
     int32_t cache_target;
     struct net_port *sticky_port; /* ports[sticky - 1] when locked (that may be NULLed) */
+    struct vq *sticky_q;        /* a receive ring of sticky_port whose lock is kept too */
     uint8_t cache_dst[6], learned_src[6];
     uint8_t cache_valid, learned_valid;
     uint8_t _pad2[2];
