@@ -29,9 +29,11 @@
  * (net_decide) -- and once per batch to add the batch's counters, before its
  * frames are published (what was decided is what is counted).  The destination
  * port's mutex (net_port.mu, which every writer of that receive ring holds) is
- * kept from one frame to the next within a batch and let go before a deferral
- * to Python, another destination, a flood to several ports (locked in ascending
- * order) and at the batch's end.  Order: a port's mutex, then its ring's lock or
+ * kept from one frame to the next within a batch, and with it the lock of the
+ * receive ring last reserved from (net_dp.sticky_q; let go first, and before a
+ * flush, which locks the ring itself); both are let go before a deferral to
+ * Python, another destination, a flood to several ports (locked in ascending
+ * order, each ring locked per reservation) and at the batch's end.  Order: a port's mutex, then its ring's lock or
  * the database's; never a port's while the database's is held (nor does Python:
  * its database calls each lock and unlock inside), so the threads of different
  * ports copy in parallel without deadlock.  A port whose Python path holds packets
