@@ -91,6 +91,7 @@ class Run:
 
 OURS_REPO = REPO  # --ours-repo: benchmark another checkout's backend (e.g. a branch)
 MULTI_FLOW = False  # --multi-flow: the seeded frames carry many flows (source IPs)
+HUGEPAGES = False  # --hugepages: testpmd's memory in 2 MiB hugetlbfs pages (DPDK's usual set-up)
 BACKEND_STATS = False  # --backend-stats: ours prints its statistics line (stderr) mid-run
 
 
@@ -117,7 +118,9 @@ def ours_available(repo: Path | None = None) -> bool:
 def dpdk_backend(a: Path, b: Path, qp: int) -> Iterator[int]:
     """DPDK's vhost PMD: two vhost ports, io forward between them; yields its pid."""
     ports = [VhostPort(a, qp), VhostPort(b, qp)]
-    with Testpmd(ports, forward_cpu=BACKEND_CPU, forward_mode="io", name="vhost") as vh:
+    with Testpmd(
+        ports, forward_cpu=BACKEND_CPU, forward_mode="io", name="vhost", hugepages=HUGEPAGES
+    ) as vh:
         vh.start()
         yield vh.pid
 
@@ -166,6 +169,7 @@ def measure(backend, point: Point, duration: float, tx_first: int) -> Run:
                 forward_mode="io",
                 txpkts=point.size,
                 name="fe",
+                hugepages=HUGEPAGES,
                 extra_args=["--txonly-multi-flow"] if MULTI_FLOW else [],
             ) as fe:
                 fe.start(tx_first=tx_first)
@@ -193,6 +197,22 @@ def median(runs: list[Run]) -> Run:
         gbps=statistics.median(r.gbps for r in runs),
         cpu_ns_per_pkt=statistics.median(r.cpu_ns_per_pkt for r in runs),
     )
+
+
+HUGEPAGES_MB = 2 * 1024 + 512  # two testpmd processes of 1 GiB each, and slack
+
+
+def reserve_hugepages(mb: int) -> None:
+    """At least ``mb`` MiB of free 2 MiB hugepages, and hugetlbfs on /dev/hugepages."""
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    free = int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text())
+    want = mb // 2
+    if free < want:
+        nr.write_text(str(int(nr.read_text()) + want - free))
+    mounts = Path("/proc/mounts").read_text().split()
+    if "hugetlbfs" not in mounts:
+        Path("/dev/hugepages").mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "hugetlbfs", "nodev", "/dev/hugepages"], check=True)
 
 
 def main() -> int:
@@ -234,8 +254,18 @@ def main() -> int:
         help="at the end of each window ours prints its statistics line to stderr "
         "(SIGUSR1): packets per queue, the native path's nrxq",
     )
+    ap.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="run both testpmd processes (frontend, DPDK's vhost PMD) on 2 MiB hugepages, "
+        "as DPDK is normally deployed (default: --no-huge, 4 KiB pages); reserves them "
+        "and mounts hugetlbfs on /dev/hugepages when needed (root)",
+    )
     args = ap.parse_args()
-    global OURS_REPO, MULTI_FLOW, BACKEND_STATS
+    global OURS_REPO, MULTI_FLOW, BACKEND_STATS, HUGEPAGES
+    HUGEPAGES = args.hugepages
+    if HUGEPAGES:
+        reserve_hugepages(HUGEPAGES_MB)
     BACKEND_STATS = args.backend_stats
     OURS_REPO = args.ours_repo.resolve()
     MULTI_FLOW = args.multi_flow

@@ -417,6 +417,8 @@ static int dp_step(struct dp *dp)
                 vu_inflight_pop(dp->inflight, dp->inflight_num, l->heads, (uint32_t)n,
                                 &dp->inflight_counter);
             }
+            if (dp->batch_begin)
+                dp->batch_begin(dp->dev, l->chains, (uint32_t)n, l->segs);
             for (int i = 0; i < n; i++)
                 dp_serve_one(dp, &l->chains[i], l->segs + l->chains[i].seg_start, o);
             dp->requests += (uint64_t)n;

@@ -93,6 +93,11 @@ struct dp {
     /* Optional: called after each popped batch was served, before its used entries
      * are published (a device that writes other rings publishes those here). */
     void (*batch_end)(void *dev);
+    /* Optional: called with each popped batch (n chains; chain i's segments at
+     * segs + c[i].seg_start) before any of them is served: a device reads what
+     * every chain starts with in one pass, so those loads (lines another CPU wrote)
+     * overlap instead of stalling one serve each. */
+    void (*batch_begin)(void *dev, const struct vq_chain *c, uint32_t n, const struct vq_seg *segs);
     /* Poll the ring this long (ns) for new chains before re-enabling driver
      * notifications and sleeping (0: sleep at once).  A busy peer's next burst is
      * then taken without a kick and a wake-up; an idle ring costs this much CPU

@@ -338,7 +338,12 @@ struct net_cursor {
     uint32_t nsegs, i, off;
 };
 
-static void net_cursor_skip(struct net_cursor *c, uint32_t n)
+/* Both inlined: a cursor kept in memory across a call is written field by field
+ * and then read whole (the struct copies of net_parse / net_rx_commit); such a
+ * load cannot be forwarded from the stores and waits until every older store --
+ * the previous frame's copy into lines another CPU holds -- has left the store
+ * buffer (measured: most of a 64 B frame's time when those lines are remote). */
+static inline __attribute__((always_inline)) void net_cursor_skip(struct net_cursor *c, uint32_t n)
 {
     while (n && c->i < c->nsegs) {
         uint32_t left = c->segs[c->i].len - c->off;
@@ -352,7 +357,8 @@ static void net_cursor_skip(struct net_cursor *c, uint32_t n)
     }
 }
 
-static uint32_t net_cursor_read(struct net_cursor *c, uint8_t *out, uint32_t n)
+static inline __attribute__((always_inline)) uint32_t net_cursor_read(struct net_cursor *c,
+                                                                      uint8_t *out, uint32_t n)
 {
     uint32_t got = 0;
     while (got < n && c->i < c->nsegs) {
@@ -544,14 +550,30 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
     hdr[10] = (uint8_t)k;
     hdr[11] = (uint8_t)(k >> 8);
     struct net_cursor body = f->body;
-    uint32_t hdr_left = p->hdr_size, left = total;
+    /* The usual first buffer holds the whole header: written straight from f->hdr
+     * with fixed-size stores (a variable-size copy out of `hdr`, just written byte by
+     * byte, reads it back wider than it was stored: not forwardable, so it would
+     * wait for every older store, see net_cursor_read). */
+    uint32_t hdr_left = p->hdr_size, left = total, pre = 0;
+    const struct vq_seg *s0 = k && r->ch[0].nsegs ? &r->segs[r->ch[0].seg_start] : NULL;
+    if (s0 && s0->len >= p->hdr_size) {
+        uint8_t *dst = net_host(q, s0);
+        memcpy(dst, f->hdr, 10);
+        if (p->hdr_size == NET_HDR_MAX) {
+            dst[10] = (uint8_t)k;
+            dst[11] = (uint8_t)(k >> 8);
+        }
+        pre = p->hdr_size; /* the first segment's first bytes are written */
+        hdr_left = 0;
+    }
     for (uint32_t b = 0; b < k; b++) {
         const struct vq_chain *c = &r->ch[b];
         uint32_t in_buf = c->writable_len < left ? c->writable_len : left;
         uint32_t want = in_buf;
         for (uint32_t s = c->seg_start; want && s < c->seg_start + c->nsegs; s++) {
             uint8_t *dst = net_host(q, &r->segs[s]);
-            uint32_t n = r->segs[s].len < want ? r->segs[s].len : want, done = 0;
+            uint32_t n = r->segs[s].len < want ? r->segs[s].len : want, done = pre;
+            pre = 0;
             if (hdr_left) {
                 uint32_t h = hdr_left < n ? hdr_left : n;
                 memcpy(dst, hdr + (p->hdr_size - hdr_left), h);
@@ -605,7 +627,7 @@ static double net_now(void)
 /* Parse and check a transmitted chain as VirtioNet._transmit and check_transmit
  * would; 1 when it is the plain case served here. */
 static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs,
-                     struct net_frame *f)
+                     struct net_frame *f, int got, const uint8_t *ghdr, const uint8_t *geth)
 {
     uint32_t hs = n->hdr_size;
     if (c->nreadable != c->nsegs || c->readable_len < hs + NET_ETH_HLEN ||
@@ -616,11 +638,23 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
     f->len = c->readable_len - hs;
     struct net_cursor cur = {n->core.q, segs, c->nsegs, 0, 0};
     memset(f->hdr, 0, sizeof f->hdr);
-    net_cursor_read(&cur, f->hdr, hs < 10 ? hs : 10);
-    net_cursor_skip(&cur, hs > 10 ? hs - 10 : 0); /* the sender's num_buffers */
+    if ((got & NET_GOT_HDR) && hs >= NET_HDR_GATHER) {
+        memcpy(f->hdr, ghdr, NET_HDR_GATHER); /* read in net_dp_batch_begin */
+        net_cursor_skip(&cur, hs);
+    } else {
+        net_cursor_read(&cur, f->hdr, hs < 10 ? hs : 10);
+        net_cursor_skip(&cur, hs > 10 ? hs - 10 : 0); /* the sender's num_buffers */
+    }
     f->body = cur;
     f->flow_valid = 0;
-    net_cursor_read(&cur, f->eth, f->len < sizeof f->eth ? f->len : (uint32_t)sizeof f->eth);
+    _Static_assert(sizeof f->eth == NET_ETH_GATHER, "the gathered Ethernet header");
+    if ((got & NET_GOT_ETH) && f->len >= sizeof f->eth)
+        memcpy(f->eth, geth, sizeof f->eth); /* read in net_dp_batch_begin */
+    else if (f->len >= sizeof f->eth && cur.i < cur.nsegs &&
+             segs[cur.i].len - cur.off >= sizeof f->eth)
+        memcpy(f->eth, net_host(cur.q, &segs[cur.i]) + cur.off, sizeof f->eth); /* fixed size */
+    else
+        net_cursor_read(&cur, f->eth, f->len < sizeof f->eth ? f->len : (uint32_t)sizeof f->eth);
     uint8_t flags = f->hdr[0], gso_type = f->hdr[1];
     if (gso_type != 0 || (flags & ~NET_HDR_F_NEEDS_CSUM)) {
         n->py_offload++; /* GSO (segmentation), DATA_VALID or unknown flags */
@@ -754,7 +788,7 @@ static void net_prefetch(const struct net_frame *f)
 static void net_prefetch_chain(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs,
                                uint32_t d)
 {
-    if (!n->batch_first || c < n->batch_first || c - n->batch_first + d >= DP_BATCH)
+    if (!n->batch_first || c < n->batch_first || c - n->batch_first + d >= n->batch_n)
         return;
     const struct vq_chain *next = c + d;
     if (c->seg_start > DP_MAX_SEGS || next->seg_start >= DP_MAX_SEGS || !next->nsegs)
@@ -773,22 +807,65 @@ static void net_prefetch_chain(struct net_dp *n, const struct vq_chain *c, const
     }
 }
 
+/* A popped batch: read the first NET_HDR_GATHER bytes of every chain's header
+ * now, in one tight loop.  Those lines were written by the driver on another CPU;
+ * read one per serve, each miss stalled that serve (prefetching them a few chains
+ * ahead did not hide it: docs/benchmarks.md), while here the loads are independent
+ * and their misses overlap.  net_parse then takes the copy (the driver may not
+ * change a buffer it made available, §2.7.13 / §2.8.21; if it does, the frame is
+ * judged on this one reading, as with any other). */
+static void net_dp_batch_begin(void *dev, const struct vq_chain *c, uint32_t k,
+                               const struct vq_seg *segs)
+{
+    struct net_dp *n = dev;
+    const struct vm_mem *m = n->core.q->mem;
+    n->batch_first = c;
+    n->batch_n = k;
+    uint32_t hs = n->hdr_size;
+    for (uint32_t i = 0; i < k; i++) {
+        const struct vq_seg *s = segs + c[i].seg_start;
+        /* readable segments come first (§2.7.4.2 / §2.8.8.2): the header's start,
+         * then the frame's, in the same segment or (a header of its own) the next */
+        uint8_t got = 0;
+        if (c[i].nreadable && s->len >= hs && hs >= NET_HDR_GATHER && s->region < m->nregions) {
+            const uint8_t *b = m->regions[s->region].host + s->offset;
+            memcpy(n->bhdr[i], b, NET_HDR_GATHER);
+            got = NET_GOT_HDR;
+            if (s->len >= hs + NET_ETH_GATHER) {
+                memcpy(n->beth[i], b + hs, NET_ETH_GATHER);
+                got |= NET_GOT_ETH;
+            } else if (s->len == hs && c[i].nreadable > 1 && s[1].len >= NET_ETH_GATHER &&
+                       s[1].region < m->nregions) {
+                memcpy(n->beth[i], m->regions[s[1].region].host + s[1].offset, NET_ETH_GATHER);
+                got |= NET_GOT_ETH;
+            }
+        }
+        n->bhdr_ok[i] = got;
+    }
+}
+
 static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct vq_seg *segs,
                              int *err)
 {
     struct net_dp *n = dev;
     struct net_frame f;
+    const uint8_t *ghdr = NULL, *geth = NULL;
+    int got = 0;
     *err = 0;
-    if (!n->batch_first) {
-        n->batch_first = c; /* the first chain served since batch_end */
-        for (uint32_t d = 1; d < NET_PF_DIST; d++)
-            net_prefetch_chain(n, c, segs, d);
+    if (n->batch_first && c >= n->batch_first && c < n->batch_first + n->batch_n) {
+        uint32_t i = (uint32_t)(c - n->batch_first);
+        if (i == 0)
+            for (uint32_t d = 1; d < NET_PF_DIST; d++)
+                net_prefetch_chain(n, c, segs, d);
+        net_prefetch_chain(n, c, segs, NET_PF_DIST);
+        got = n->bhdr_ok[i];
+        ghdr = n->bhdr[i];
+        geth = n->beth[i];
     }
-    net_prefetch_chain(n, c, segs, NET_PF_DIST);
     struct net_port *self = n->src < NET_FDB_MAX_PORTS ? n->ports[n->src] : NULL;
     if (self && __atomic_load_n(&self->link_down, __ATOMIC_RELAXED))
         goto defer; /* the link is down: VirtioNet._transmit drops it */
-    if (!net_parse(n, c, segs, &f))
+    if (!net_parse(n, c, segs, &f, got, ghdr, geth))
         goto defer;
     net_prefetch(&f);
     if (self && __atomic_load_n(&self->steer_pairs, __ATOMIC_RELAXED) > 1)
@@ -1134,6 +1211,7 @@ void net_dp_attach(struct net_dp *n)
 {
     n->core.serve = net_dp_serve;
     n->core.batch_end = net_dp_batch_end;
+    n->core.batch_begin = net_dp_batch_begin;
     n->core.dev = n;
     n->core.start = net_dp_start;
     if (n->yield_ns || n->ng) {

@@ -11,6 +11,9 @@
 
 #define NET_RXQ_MAX 8       /* receive queues (queue pairs) a port serves natively */
 #define NET_STEER_SIZE 256  /* flows a port remembers for receive steering */
+#define NET_HDR_GATHER 10   /* header bytes read per batch: flags .. csum_offset */
+#define NET_ETH_GATHER 18   /* and frame bytes: Ethernet header and one VLAN tag */
+enum { NET_GOT_HDR = 1, NET_GOT_ETH = 2 };
 
 /* One receive queue of a port written natively: receiveq(k+1) for rx[k]. */
 struct net_rxq {
@@ -125,7 +128,14 @@ struct net_dp {
      * ports' transmit queues, and what it found ready for this queue (NET_READY_*) */
     struct net_group *ng;
     int ready;                  /* NET_READY_* bits */
-    const struct vq_chain *batch_first; /* this batch's first chain (net_prefetch_next) */
+    /* The popped batch (net_dp_batch_begin): its chains, and the first bytes of
+     * every transmitted header, read in one pass (bhdr_ok[i]: chain i's header
+     * starts with NET_HDR_GATHER bytes in its first segment, copied to bhdr[i]) */
+    const struct vq_chain *batch_first;
+    uint32_t batch_n;
+    uint8_t bhdr_ok[DP_BATCH];  /* NET_GOT_* bits */
+    uint8_t bhdr[DP_BATCH][NET_HDR_GATHER];
+    uint8_t beth[DP_BATCH][NET_ETH_GATHER]; /* the frame's first bytes (NET_GOT_ETH) */
 };
 
 void net_dp_attach(struct net_dp *n);

@@ -144,6 +144,7 @@ def _frames():
     """(sender, readable buffers) in sending order: plain and hostile cases."""
     big = tcp4(MAC_B, MAC_A, os.urandom(3000), partial=True)
     partial = tcp4(MAC_B, MAC_A, os.urandom(600), partial=True)
+    cut, back = ether(MAC_B, MAC_A, os.urandom(300)), ether(MAC_A, MAC_B, os.urandom(300))
     return [
         ("a", [_hdr() + ether(BROADCAST, MAC_A, os.urandom(46), 0x0806)]),  # flood
         ("b", [_hdr() + ether(MAC_A, MAC_B, os.urandom(86))]),  # unicast b -> a
@@ -158,6 +159,10 @@ def _frames():
         ("a", [_hdr() + ether(MAC_B, MAC_A, os.urandom(1500))]),  # 1514 bytes
         ("a", [_hdr() + ether(MAC_B, MAC_A, os.urandom(1505))]),  # over the MTU
         ("a", [_hdr(2) + ether(MAC_B, MAC_A, os.urandom(100))]),  # DATA_VALID
+        # the header cut in two, the Ethernet header cut after 9 bytes: neither is
+        # where the per-batch header read (net_dp_batch_begin) looks for it
+        ("a", [_hdr()[:4], _hdr()[4:] + cut[:9], cut[9:]]),
+        ("b", [_hdr() + back[:9], back[9:]]),  # only the Ethernet header cut
     ]
 
 
