@@ -410,6 +410,7 @@ static void net_give_back(struct vq *q, const struct vq_chain *ch, uint32_t k)
 }
 
 enum { NET_RX_OK = 1, NET_RX_DEFER = 0 };
+#define NET_RX_PF_AHEAD 4 /* receive buffers prefetched for writing this far ahead */
 
 /* Reserve receive buffers of port p for the frame (p->mu held): pop as many
  * chains as it needs.  NET_RX_OK, or NET_RX_DEFER with the ring as it was: short of
@@ -515,6 +516,7 @@ static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_re
      * runs dry (wait_for_more: enable, re-check, sleep). */
     if (q->notify_enabled)
         vq_disable_notification_u(q);
+    vq_prefetch_avail_buffer_u(q, NET_RX_PF_AHEAD);
     net_q_put(keep, q);
     return NET_RX_OK;
 back:

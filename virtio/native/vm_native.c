@@ -274,6 +274,10 @@ static int split_avail_stale(struct vq *q, uint16_t avail_idx, uint16_t n)
     return 0;
 }
 
+/* Ring prefetching (packed_prefetch_ring, split_pop_batch) */
+#define VQ_PF_AHEAD 8   /* descriptors beyond the batch */
+#define VQ_PF_MAX 128   /* descriptors prefetched at most per pop */
+#define VQ_PF_HEADS 4   /* split rings: head descriptors prefetched this far ahead */
 static int split_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
                            struct vq_seg *segs, uint32_t max_segs)
 {
@@ -284,7 +288,19 @@ static int split_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchai
     if (n > q->size)
         return vq_fail(q, VQ_E_AVAIL_IDX, avail_idx, q->last_avail_idx, q->size);
     uint32_t done = 0, seg_used = 0;
+    /* the available entries this pop takes, then, chain by chain,
+     * the head descriptor VQ_PF_HEADS entries ahead (see packed_prefetch_ring) */
+    q->avail_idx_seen = avail_idx;
+    uint32_t pf = nchains < n ? nchains : n; /* published entries only: the driver
+                                              * may be writing the ones after them */
+    for (uint32_t k = 0; k < pf && k < VQ_PF_MAX; k += 32)
+        __builtin_prefetch(SPLIT_AVAIL_RING(q, (uint16_t)(q->last_avail_idx + k) % q->size), 0, 3);
     while (done < nchains && n) {
+        if (n > VQ_PF_HEADS) {
+            uint16_t ahead = ld16(SPLIT_AVAIL_RING(q, (uint16_t)(q->last_avail_idx + VQ_PF_HEADS) % q->size));
+            if (ahead < q->size)
+                __builtin_prefetch(q->desc + ahead * 16u, 0, 3);
+        }
         uint16_t head = ld16(SPLIT_AVAIL_RING(q, q->last_avail_idx % q->size));
         struct vq_chain *c = &chains[done];
         memset(c, 0, sizeof *c);
@@ -368,10 +384,31 @@ static int packed_chain_desc(struct vq *q, struct walk *w, const uint8_t *d, uin
     return rc;
 }
 
+/* Start fetching the ring's lines a pop will read: the driver wrote them on
+ * another CPU, and one descriptor read at a time leaves each miss exposed.  A
+ * batch prefetches what it may take (a descriptor per chain, plus a little); a
+ * pop of one chain (a receive buffer per frame) the line two ahead.  Only an
+ * address inside the ring is formed; a prefetch never faults. */
+static inline void packed_prefetch_ring(const struct vq *q, uint32_t nchains)
+{
+    uint32_t from = nchains > 1 ? 0 : VQ_PF_AHEAD, to = nchains + VQ_PF_AHEAD;
+    if (to > VQ_PF_MAX)
+        to = VQ_PF_MAX;
+    if (to > q->size)
+        to = q->size;
+    for (uint32_t k = from; k < to; k += 4) {
+        uint32_t slot = q->next_avail + k;
+        if (slot >= q->size)
+            slot -= q->size;
+        __builtin_prefetch(q->desc + slot * 16u, 0, 3);
+    }
+}
+
 static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchains,
                             struct vq_seg *segs, uint32_t max_segs)
 {
     uint32_t done = 0, seg_used = 0;
+    packed_prefetch_ring(q, nchains);
     struct vu_inflight_packed *ip = q->inflight;
     while (done < nchains) {
         uint16_t pos = q->next_avail;
@@ -517,6 +554,60 @@ static int vq_pop_batch_u(struct vq *q, struct vq_chain *chains, uint32_t nchain
     if (n > 0 && q->stats)
         vq_stats_popped(q->stats, chains, (uint32_t)n);
     return n;
+}
+
+static inline void vq_prefetchw(const void *p)
+{
+#if defined(__x86_64__)
+    __asm__ volatile("prefetchw %0" : : "m"(*(const char *)p)); /* a NOP before PRFCHW */
+#else
+    __builtin_prefetch(p, 1, 3);
+#endif
+}
+
+/* Start taking the buffer `ahead` chains past the next one into this CPU's cache
+ * for writing (the queue's lock held): a receive buffer the device fills a few
+ * frames later, whose first lines the driver's CPU last wrote -- without this the
+ * copy's stores wait for those lines in the store buffer and stall what follows.
+ * Only a hint: the descriptor is read once more, without ordering (a stale or
+ * not yet available one only prefetches a useless line), only a first direct
+ * descriptor is looked at, and only an address inside guest memory is formed. */
+static void vq_prefetch_avail_buffer_u(struct vq *q, uint32_t ahead)
+{
+    const uint8_t *d;
+    if (ahead >= q->size || q->broken)
+        return;
+    if (q->packed) {
+        uint32_t slot = q->next_avail + ahead;
+        uint8_t wrap = q->avail_wrap;
+        if (slot >= q->size) {
+            slot -= q->size;
+            wrap ^= 1;
+        }
+        d = q->desc + slot * 16u;
+        if (!packed_is_avail(ld16(d + 14), wrap))
+            return;
+    } else {
+        if ((uint16_t)(q->avail_idx_seen - q->last_avail_idx) <= ahead)
+            return; /* not published when last looked: the driver may be writing it */
+        uint16_t head = ld16(SPLIT_AVAIL_RING(q, (uint16_t)(q->last_avail_idx + ahead) % q->size));
+        if (head >= q->size)
+            return;
+        d = q->desc + head * 16u;
+    }
+    uint16_t flags = ld16(d + 14);
+    uint64_t addr = ld64(d);
+    uint32_t len = ld32(d + 8);
+    if (flags & VRING_DESC_F_INDIRECT || len == 0)
+        return;
+    int i = vm_find(q->mem, addr);
+    if (i < 0)
+        return;
+    const struct vm_region *r = &q->mem->regions[i];
+    uint64_t off = addr - r->gpa;
+    vq_prefetchw(r->host + off);
+    if (len > 64 && off + 64 < r->size)
+        vq_prefetchw(r->host + off + 64);
 }
 
 static uint32_t vq_avail_count_u(struct vq *q)

@@ -98,6 +98,9 @@ struct vq {
     uint16_t next_used;
     uint8_t avail_wrap;
     uint8_t used_wrap;
+    /* split: the avail idx the last pop read (only a prefetching hint: which
+     * entries past last_avail_idx were published, vq_prefetch_avail_buffer_u) */
+    uint16_t avail_idx_seen;
     /* notification suppression: device -> driver */
     uint16_t signalled_used;
     uint8_t signalled_used_valid;
