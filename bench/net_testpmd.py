@@ -31,6 +31,7 @@ Usage::
     python bench/net_testpmd.py                  # full table (2 sizes x 2 rings x 1,2 QP)
     python bench/net_testpmd.py --quick          # 64 B split 1 QP only, 1 round
     python bench/net_testpmd.py --json           # JSON on stdout instead of the table
+    python bench/net_testpmd.py --hugepages      # testpmd on 2 MiB hugepages (root)
 
 Progress goes to stderr.  Exit status 0 when every run completed, 2 when
 dpdk-testpmd is missing.

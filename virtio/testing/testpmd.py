@@ -1,6 +1,8 @@
 """Drive DPDK's ``dpdk-testpmd`` as a VM-less virtio-net peer (issue 10 §4-§5).
 
-Two kinds of testpmd port are used, both virtual devices (no NIC, no hugepages):
+Two kinds of testpmd port are used, both virtual devices (no NIC; 4 KiB pages
+with ``--no-huge`` unless ``Testpmd(hugepages=True)``, which needs hugetlbfs
+mounted and 2 MiB pages reserved):
 
 - :class:`VhostPort`: DPDK's vhost PMD, a vhost-user **backend** (the anchor we
   compare ``virtio serve net`` with): ``net_vhostN,iface=SOCK,queues=N[,client=1]``.
