@@ -53,6 +53,7 @@ Usage (root, for drop_caches)::
     python bench/storage_matrix.py --matrix cache --backends ours,baseline,qsd \\
         --baseline-repo /work/main                       # page cache vs an older checkout
     python bench/storage_matrix.py --json > out.json
+    python bench/storage_matrix.py --matrix cold --backends ours,qsd,host  # + the disk itself
 """
 
 from __future__ import annotations
@@ -378,9 +379,47 @@ class Run:
         return self.cpu_s / self.ios * 1e6 if self.ios else float("nan")
 
 
+async def run_host(point: Point, rnd: int, args: argparse.Namespace) -> Run:
+    """Back-end ``host``: no back-end at all -- fio on the host straight on the image
+    (O_DIRECT, io_uring; caches dropped first), one job per queue at the point's QD:
+    the disk's own rate in the same minutes, the ceiling the back-ends are held to.
+    CPU per I/O is fio's (user + system), not a back-end's."""
+    if args.matrix_now != "cold" or point.image != "raw":
+        raise SystemExit("back-end host: cold raw points only (fio on the raw image)")
+    fio = shutil.which("fio")
+    if fio is None:
+        raise SystemExit("back-end host needs fio (Debian: fio)")
+    drop_caches()
+    rw = (
+        ("write" if point.write else "read")
+        if point.seq
+        else ("randwrite" if point.write else "randread")
+    )
+    cmd = [
+        fio, "--name=host", f"--filename={args.image}", "--direct=1", "--ioengine=io_uring",
+        f"--rw={rw}", f"--bs={point.bs}", f"--iodepth={point.qd}",
+        f"--numjobs={point.queues}", "--group_reporting", "--time_based",
+        f"--runtime={args.runtime}", f"--size={args.size}", f"--randseed={rnd + 1}",
+        "--output-format=json",
+    ]  # fmt: skip
+    if point.seq and point.queues > 1:  # sequential streams of different jobs far apart
+        cmd.append(f"--offset_increment={args.size // point.queues}")
+        cmd[cmd.index(f"--size={args.size}")] = f"--size={args.size // point.queues}"
+    out = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True)
+    job = json.loads(out.stdout)["jobs"][0]
+    side = job["write" if point.write else "read"]
+    seconds = side["runtime"] / 1e3  # wall time (job_runtime sums the jobs')
+    cpu = (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] / 1e3
+    if job.get("error"):
+        raise RuntimeError(f"host {point.name}: fio error {job['error']}")
+    return Run(point.name, "host", rnd, side["iops"], side["total_ios"], seconds, cpu, 0, 0, 0)
+
+
 async def run_one(
     ffi: Any, lib: Any, point: Point, backend: str, rnd: int, args: argparse.Namespace, work: Path
 ) -> Run:
+    if backend == "host":
+        return await run_host(point, rnd, args)
     sock = work / f"{backend}.sock"
     sock.unlink(missing_ok=True)
     image, fmt = args.image, "raw"
@@ -618,7 +657,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backends",
         default="ours,qsd",
         help="ours, ours-threads, ours-qtN (--queue-threads N), qsd, qsd-iothread (the export "
-        "in an iothread), baseline; the first is A, ratios against the first qsd* listed",
+        "in an iothread), baseline, host (fio on the image itself: the disk's ceiling, cold "
+        "raw points only); the first is A, ratios against the first qsd* listed",
     )
     ap.add_argument(
         "--baseline-repo", type=Path, help="a checkout whose back-end is 'baseline' (page cache)"
