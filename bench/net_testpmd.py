@@ -263,10 +263,22 @@ def main() -> int:
         "and mounts hugetlbfs on /dev/hugepages when needed (root)",
     )
     args = ap.parse_args()
-    global OURS_REPO, MULTI_FLOW, BACKEND_STATS, HUGEPAGES
+    global HUGEPAGES
     HUGEPAGES = args.hugepages
     if HUGEPAGES:
+        nr = Path("/proc/sys/vm/nr_hugepages")
+        before = nr.read_text()
         reserve_hugepages(HUGEPAGES_MB)
+        try:
+            return run(args)
+        finally:
+            nr.write_text(before)  # give the pages back (the ones still in use stay)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The bench proper (main: arguments and hugepages)."""
+    global OURS_REPO, MULTI_FLOW, BACKEND_STATS
     BACKEND_STATS = args.backend_stats
     OURS_REPO = args.ours_repo.resolve()
     MULTI_FLOW = args.multi_flow

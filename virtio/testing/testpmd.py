@@ -87,6 +87,12 @@ class TestpmdError(RuntimeError):
     __test__ = False
 
 
+def hugetlbfs_mounts() -> list[Path]:
+    """Mount points of hugetlbfs (where DPDK keeps its hugepage segment files)."""
+    with open("/proc/mounts") as f:
+        return [Path(ln.split()[1]) for ln in f if ln.split()[2:3] == ["hugetlbfs"]]
+
+
 def find_testpmd() -> str:
     """Path of ``dpdk-testpmd``; raises :class:`TestpmdUnavailable` when absent."""
     path = shutil.which("dpdk-testpmd")
@@ -242,6 +248,7 @@ class Testpmd:
         self.forward_mode = forward_mode
         self.name = name or f"testpmd{next(_counter)}"
         self.file_prefix = f"pyvirtio-{self.name}-{uuid.uuid4().hex[:8]}"
+        self.hugepages = hugepages
         queues = rxq or max(p.queues for p in self.ports)
         self.argv = [
             "stdbuf", "-o0",
@@ -381,6 +388,10 @@ class Testpmd:
             self._reader.join(5)
         if proc.stdout is not None:
             proc.stdout.close()
+        if self.hugepages:  # a killed testpmd leaves its segment files: 1 GiB each
+            for mount in hugetlbfs_mounts():
+                for f in mount.glob(f"{self.file_prefix}map_*"):
+                    f.unlink(missing_ok=True)
         return proc.returncode
 
     # -- commands ---------------------------------------------------------------
