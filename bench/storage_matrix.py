@@ -395,16 +395,16 @@ async def run_host(point: Point, rnd: int, args: argparse.Namespace) -> Run:
         if point.seq
         else ("randwrite" if point.write else "randread")
     )
+    # one job per queue; sequential streams of different jobs start far apart
+    size = args.size // point.queues if point.seq else args.size
     cmd = [
         fio, "--name=host", f"--filename={args.image}", "--direct=1", "--ioengine=io_uring",
         f"--rw={rw}", f"--bs={point.bs}", f"--iodepth={point.qd}",
         f"--numjobs={point.queues}", "--group_reporting", "--time_based",
-        f"--runtime={args.runtime}", f"--size={args.size}", f"--randseed={rnd + 1}",
+        f"--runtime={args.runtime}", f"--size={size}", f"--randseed={rnd + 1}",
         "--output-format=json",
+        *([f"--offset_increment={size}"] if point.seq and point.queues > 1 else []),
     ]  # fmt: skip
-    if point.seq and point.queues > 1:  # sequential streams of different jobs far apart
-        cmd.append(f"--offset_increment={args.size // point.queues}")
-        cmd[cmd.index(f"--size={args.size}")] = f"--size={args.size // point.queues}"
     out = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True)
     job = json.loads(out.stdout)["jobs"][0]
     side = job["write" if point.write else "read"]

@@ -33,8 +33,8 @@
  * receive ring last reserved from (net_dp.sticky_q; let go first, and before a
  * flush, which locks the ring itself); both are let go before a deferral to
  * Python, another destination, a flood to several ports (locked in ascending
- * order, each ring locked per reservation) and at the batch's end.  Order: a port's mutex, then its ring's lock or
- * the database's; never a port's while the database's is held (nor does Python:
+ * order, each ring locked per reservation) and at the batch's end.  Order: a
+ * port's mutex, then its ring's lock or the database's; never a port's while the database's is held (nor does Python:
  * its database calls each lock and unlock inside), so the threads of different
  * ports copy in parallel without deadlock.  A port whose Python path holds packets
  * (held > 0) is not written natively, so a packet never overtakes the backlog,
@@ -548,9 +548,6 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
     struct vq *q = rq->q;
     uint32_t k = r->k, total = p->hdr_size + f->len;
     uint8_t hdr[NET_HDR_MAX];
-    memcpy(hdr, f->hdr, 10);
-    hdr[10] = (uint8_t)k;
-    hdr[11] = (uint8_t)(k >> 8);
     struct net_cursor body = f->body;
     /* The usual first buffer holds the whole header: written straight from f->hdr
      * with fixed-size stores (a variable-size copy out of `hdr`, just written byte by
@@ -567,6 +564,10 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
         }
         pre = p->hdr_size; /* the first segment's first bytes are written */
         hdr_left = 0;
+    } else { /* a header cut across segments: copied piece by piece below */
+        memcpy(hdr, f->hdr, 10);
+        hdr[10] = (uint8_t)k;
+        hdr[11] = (uint8_t)(k >> 8);
     }
     for (uint32_t b = 0; b < k; b++) {
         const struct vq_chain *c = &r->ch[b];
@@ -652,9 +653,6 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
     _Static_assert(sizeof f->eth == NET_ETH_GATHER, "the gathered Ethernet header");
     if ((got & NET_GOT_ETH) && f->len >= sizeof f->eth)
         memcpy(f->eth, geth, sizeof f->eth); /* read in net_dp_batch_begin */
-    else if (f->len >= sizeof f->eth && cur.i < cur.nsegs &&
-             segs[cur.i].len - cur.off >= sizeof f->eth)
-        memcpy(f->eth, net_host(cur.q, &segs[cur.i]) + cur.off, sizeof f->eth); /* fixed size */
     else
         net_cursor_read(&cur, f->eth, f->len < sizeof f->eth ? f->len : (uint32_t)sizeof f->eth);
     uint8_t flags = f->hdr[0], gso_type = f->hdr[1];
@@ -778,37 +776,6 @@ static void net_prefetch(const struct net_frame *f)
     }
 }
 
-/* Start fetching a later transmitted frame's first bytes (its header and Ethernet
- * header, a cache miss: the driver wrote them on another CPU) while this one is
- * served: chain c + d, NET_PF_DIST ahead (the batch's first chain also fetches
- * the ones before that).  dp_run pops a batch into one array of DP_BATCH chains
- * (their segments consecutive in one array) before serving any.  Past the batch's
- * end the array holds an earlier batch's chain or zeros: its address is only
- * prefetched (a prefetch never faults), and only what lies inside the arrays and
- * the memory table is read. */
-#define NET_PF_DIST 8
-static void net_prefetch_chain(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs,
-                               uint32_t d)
-{
-    if (!n->batch_first || c < n->batch_first || c - n->batch_first + d >= n->batch_n)
-        return;
-    const struct vq_chain *next = c + d;
-    if (c->seg_start > DP_MAX_SEGS || next->seg_start >= DP_MAX_SEGS || !next->nsegs)
-        return;
-    const struct vq_seg *s = segs - c->seg_start + next->seg_start;
-    struct vm_mem *m = n->core.q->mem;
-    /* its first two segments: the header may be a buffer of its own (§5.1.6.2) */
-    uint32_t k = next->nsegs < 2 || next->seg_start + 1 >= DP_MAX_SEGS ? 1 : 2;
-    for (uint32_t i = 0; i < k; i++) {
-        if (s[i].region >= m->nregions)
-            return;
-        const uint8_t *b = m->regions[s[i].region].host + s[i].offset;
-        __builtin_prefetch(b, 0, 3);
-        if (s[i].len > 64)
-            __builtin_prefetch(b + 64, 0, 3);
-    }
-}
-
 /* A popped batch: read the first NET_HDR_GATHER bytes of every chain's header
  * now, in one tight loop.  Those lines were written by the driver on another CPU;
  * read one per serve, each miss stalled that serve (prefetching them a few chains
@@ -856,10 +823,6 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
     *err = 0;
     if (n->batch_first && c >= n->batch_first && c < n->batch_first + n->batch_n) {
         uint32_t i = (uint32_t)(c - n->batch_first);
-        if (i == 0)
-            for (uint32_t d = 1; d < NET_PF_DIST; d++)
-                net_prefetch_chain(n, c, segs, d);
-        net_prefetch_chain(n, c, segs, NET_PF_DIST);
         got = n->bhdr_ok[i];
         ghdr = n->bhdr[i];
         geth = n->beth[i];

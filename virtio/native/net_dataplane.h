@@ -129,8 +129,9 @@ struct net_dp {
     struct net_group *ng;
     int ready;                  /* NET_READY_* bits */
     /* The popped batch (net_dp_batch_begin): its chains, and the first bytes of
-     * every transmitted header, read in one pass (bhdr_ok[i]: chain i's header
-     * starts with NET_HDR_GATHER bytes in its first segment, copied to bhdr[i]) */
+     * every transmitted header and frame, read in one pass (bhdr_ok[i]: NET_GOT_HDR
+     * when bhdr[i] holds chain i's first NET_HDR_GATHER header bytes, NET_GOT_ETH
+     * when beth[i] holds its frame's first NET_ETH_GATHER bytes) */
     const struct vq_chain *batch_first;
     uint32_t batch_n;
     uint8_t bhdr_ok[DP_BATCH];  /* NET_GOT_* bits */
