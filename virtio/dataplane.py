@@ -178,6 +178,10 @@ class NativeDataPlane:
         call = self.notifier.call_fd
         core.kick_fd = self.notifier.kick_fd
         core.call_fd = -1 if call is None else call
+        # No completion eventfd unless the device's attach gives one: a zeroed field
+        # would be fd 0 (stdin), and a /dev/null stdin is always readable -- the
+        # thread's idle wait would return at once, forever.
+        core.poll_fd = -1
         self.c = c
         self.attach(c)
         self.update_state()
