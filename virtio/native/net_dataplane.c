@@ -584,7 +584,8 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
                 done = h;
             }
             done += net_cursor_read(&body, dst + done, n - done);
-            vm_log_dirty(q->mem, r->segs[s].gpa, n);
+            if (q->mem->dirty_log) /* only while migrating: no call per segment */
+                vm_log_dirty(q->mem, r->segs[s].gpa, n);
             want -= n;
         }
         rq->pend_ids[rq->npend] = c->head;

@@ -43,8 +43,10 @@ void vq_stats_popped(struct vq_stats *s, const struct vq_chain *chains, uint32_t
     if (!s || !n || !s->t0)
         return;
     uint64_t now = (s->pops++ & s->sample_mask) ? 0 : vq_stats_now();
-    for (uint32_t i = 0; i < n; i++)
-        if (chains[i].head < s->t0_size)
+    for (uint32_t i = 0; i < n; i++) /* (an unsampled pop finds its slot cleared:
+                                        * no store, which would queue behind the
+                                        * data plane's stores to guest lines) */
+        if (chains[i].head < s->t0_size && s->t0[chains[i].head] != now)
             s->t0[chains[i].head] = now;
 }
 

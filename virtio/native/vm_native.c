@@ -129,7 +129,8 @@ struct walk {
 };
 
 /* Append the buffer [addr, addr+len) to the chain, split at region borders. */
-static int walk_add(struct vq *q, struct walk *w, uint64_t addr, uint32_t len, int writable)
+static inline __attribute__((always_inline)) int walk_add(struct vq *q, struct walk *w, uint64_t addr,
+                                                        uint32_t len, int writable)
 {
     if (writable)
         w->seen_writable = 1;
@@ -503,39 +504,57 @@ static int vq_packed_chain_recorded_u(struct vq *q, const uint8_t *descs, uint16
 static int packed_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
                                  const uint16_t *ndescs, uint32_t n)
 {
-    /* Where the batch ends: the inflight region moves there before the ring shows it. */
-    uint16_t first = q->next_used;
-    uint8_t first_wrap = q->used_wrap, end_wrap = q->used_wrap;
-    uint32_t end = first;
-    for (uint32_t i = 0; i < n; i++) {
-        end += ndescs[i] ? ndescs[i] : 1;
-        if (end >= q->size) {
-            end -= q->size;
-            end_wrap ^= 1;
+    /* The ring position in locals: stores through the ring's byte pointer may alias
+     * anything, so fields of *q would be reloaded and stored per element. */
+    const uint16_t first = q->next_used, size = q->size;
+    const uint8_t first_wrap = q->used_wrap;
+    uint8_t *const desc = q->desc;
+    uint32_t pos = first, total = 0;
+    uint8_t wrap = first_wrap;
+    if (q->inflight) {
+        /* Where the batch ends: the inflight region moves there before the ring
+         * shows it. */
+        uint32_t end = first;
+        uint8_t end_wrap = first_wrap;
+        for (uint32_t i = 0; i < n; i++) {
+            end += ndescs[i] ? ndescs[i] : 1;
+            if (end >= size) {
+                end -= size;
+                end_wrap ^= 1;
+            }
         }
-    }
-    if (q->inflight)
         vu_ifp_used_prepare(q->inflight, ids, n, (uint16_t)end, end_wrap);
+    }
     /* The first element's flags are written last (§2.8.21.3.1 batching): the driver,
      * and a restarted back-end reading old_used_idx, see all of the batch or none. */
     for (uint32_t i = 0; i < n; i++) {
-        uint8_t *d = q->desc + q->next_used * 16u;
+        uint8_t *d = desc + pos * 16u;
         st32(d + 8, lens[i]);
         st16(d + 12, ids[i]);
-        uint16_t flags = q->used_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0;
         if (i > 0)
-            vm_store_release_u16(d + 14, flags);
-        vm_log_dirty(q->mem, q->desc_gpa + q->next_used * 16u, 16);
-        uint32_t next = (uint32_t)q->next_used + (ndescs[i] ? ndescs[i] : 1);
-        if (next >= q->size) {
-            next -= q->size;
-            q->used_wrap ^= 1;
+            vm_store_release_u16(d + 14, wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0);
+        uint32_t nd = ndescs[i] ? ndescs[i] : 1;
+        total += nd;
+        pos += nd;
+        if (pos >= size) {
+            pos -= size;
+            wrap ^= 1;
         }
-        q->next_used = (uint16_t)next;
-        q->used_idx += ndescs[i] ? ndescs[i] : 1; /* descriptors used since reset */
     }
+    if (q->mem->dirty_log) { /* the elements written, for live migration */
+        uint32_t at = first;
+        for (uint32_t i = 0; i < n; i++) {
+            vm_log_dirty(q->mem, q->desc_gpa + at * 16u, 16);
+            at += ndescs[i] ? ndescs[i] : 1;
+            if (at >= size)
+                at -= size;
+        }
+    }
+    q->next_used = (uint16_t)pos;
+    q->used_wrap = wrap;
+    q->used_idx += (uint16_t)total; /* descriptors used since reset */
     if (n)
-        vm_store_release_u16(q->desc + first * 16u + 14,
+        vm_store_release_u16(desc + first * 16u + 14,
                              first_wrap ? (VRING_PACKED_DESC_F_AVAIL | VRING_PACKED_DESC_F_USED) : 0);
     if (q->inflight)
         vu_ifp_used_commit(q->inflight, ids, n);

@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""CPU per frame of the native virtio-net path alone, no peer, one CPU.
+
+Two in-memory guests on one switch (``virtio/devices/net``), native data plane on,
+no offloads and no EVENT_IDX (what testpmd's virtio-user negotiates): guest A's
+transmit ring holds ``--ring`` frames (virtio_net_hdr + an Ethernet frame of
+``--size`` bytes in one readable descriptor, as testpmd sends them), guest B's
+receive ring as many 2048-byte buffers.  One kick, and A's transmit thread
+forwards the lot through the switch into B's buffers.  The driver side keeps the
+same buffers and re-arms both rings from a template between rounds (untimed, and
+light enough to leave the caches mostly alone).
+
+Timed: the on-CPU time of the data plane threads (``/proc/self/task/TID/schedstat``)
+over the frames forwarded, after a warm-up -- the per-frame work plus one wake-up
+per ring's worth, without the cross-CPU line transfers a real peer adds.  Where
+``bench/net_testpmd.py`` answers "how fast against DPDK", this answers "how much
+work is one frame" steadily enough to compare two builds: ``--baseline-repo`` runs
+another checkout the same way, alternating round by round, and prints the paired
+ratio.  Pin it to one CPU (the driver and the data plane then share it).
+
+Usage::
+
+    taskset -c 1 python bench/net_dataplane_cpu.py [--packed] [--size 60] [--rounds 5] \
+        [--baseline-repo DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _schedstat_ns(prefix: str) -> int:
+    """On-CPU ns of this process's threads whose name starts with ``prefix``."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith(prefix):
+                    continue
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total
+
+
+def measure(packed: bool, size: int, ring: int, frames: int) -> float:
+    """ns of data plane CPU per forwarded frame (run inside the checkout to measure)."""
+    import struct
+
+    import trio
+    import trio.testing
+
+    from virtio.device import ActiveDevice
+    from virtio.devices.net import Switch, VirtioNet
+    from virtio.devices.net.packet import HDR
+    from virtio.memory import MmapGuestMemory
+    from virtio.queues import Virtqueue
+    from virtio.spec.features import TransportFeature as TF
+    from virtio.spec.net import NetFeature as NF
+    from virtio.testing.driver import P_AVAIL, P_USED, WRITE, DriverQueue, footprint
+    from virtio.testing.net_frames import MAC_A, MAC_B, ether
+
+    rx, tx, buf = 0, 1, 2048
+    frame = HDR.pack(0, 0, 0, 0, 0, 0, 0) + ether(MAC_B, MAC_A, bytes(size - 14))
+
+    class Notifier:
+        def __init__(self) -> None:
+            self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
+            self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
+            self.listeners: list = []
+            self.poll_fallback = False
+
+        async def wait_kick(self) -> None:
+            await trio.lowlevel.wait_readable(self.kick_fd)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.kick_fd)
+
+        def notify_used(self) -> None:
+            os.eventfd_write(self.call_fd, 1)
+
+    class Ring:
+        """A driver that keeps the same ``ring`` one-descriptor buffers (buffer i at
+        data + i * buf, id i) and re-arms all of them at once: cheap enough that the
+        untimed driver side barely disturbs the caches between rounds."""
+
+        def __init__(self, mem, base: int, writable: bool) -> None:
+            self.mem, self.dq = mem, DriverQueue(mem, ring, base=base, packed=packed)
+            d = self.dq
+            flags = WRITE if writable else 0
+            self.templates = []
+            for wrap in (1, 0):
+                bits = (P_AVAIL if wrap else P_USED) if packed else 0
+                t = bytearray()
+                length = buf if writable else len(frame)
+                for i in range(ring):  # packed: id i + flags; split: flags + next 0
+                    word = (i, flags | bits) if packed else (flags, 0)
+                    t += struct.pack("<QIHH", d.data_addr + i * buf, length, *word)
+                self.templates.append(bytes(t))
+            if not packed:
+                mem.write(d.driver_addr + 4, struct.pack(f"<{ring}H", *range(ring)))
+            if not writable:
+                for i in range(ring):
+                    mem.write(d.data_addr + i * buf, frame)
+            self.round = 0
+
+        def arm(self) -> None:
+            d, t = self.dq, self.templates[self.round % 2 if packed else 0]
+            if packed:  # the first descriptor's flags last (§2.8.21)
+                self.mem.write(d.desc_addr + 16, t[16:])
+                self.mem.write(d.desc_addr, t[:14])
+                self.mem.store_release_u16(d.desc_addr + 14, struct.unpack_from("<H", t, 14)[0])
+            else:
+                self.mem.write(d.desc_addr, t)
+                self.mem.store_release_u16(d.driver_addr + 2, ((self.round + 1) * ring) & 0xFFFF)
+            self.round += 1
+
+        def done(self) -> bool:
+            d = self.dq
+            if packed:
+                f = self.mem.load_acquire_u16(d.desc_addr + 16 * (ring - 1) + 14)
+                w = self.round % 2  # the wrap the device used the last round with
+                return bool(f & P_AVAIL) == bool(f & P_USED) == bool(w)
+            return self.mem.load_acquire_u16(d.device_addr + 2) == (self.round * ring) & 0xFFFF
+
+    class Guest:
+        def __init__(self, dev: VirtioNet) -> None:
+            feats = dev.offered_features() & ~NF.VIRTIO_NET_F_MQ.mask
+            feats &= ~TF.VIRTIO_F_EVENT_IDX.mask
+            if not packed:
+                feats &= ~TF.VIRTIO_F_RING_PACKED.mask
+            feats &= ~NF.VIRTIO_NET_F_CSUM.mask  # testpmd's virtio-user: no offloads
+            dev.ack_features(feats)
+            per = footprint(ring, packed=packed, event_idx=False) + ring * buf + 4096
+            self.mem = MmapGuestMemory.anonymous(2 * per + 4096)
+            self.rings = {qi: Ring(self.mem, qi * per, qi == rx) for qi in (rx, tx)}
+            queues = {
+                qi: Virtqueue(self.mem, r.dq.state(), name=f"{dev.name}q{qi}")
+                for qi, r in self.rings.items()
+            }
+            self.notifiers = {qi: Notifier() for qi in (rx, tx)}
+            self.errors: list = []
+            self.active = ActiveDevice(self.mem, feats, queues, self.notifiers, self.errors.append)
+
+    sw = Switch()
+    a, b = VirtioNet(name="a", switch=sw, mac=MAC_A), VirtioNet(name="b", switch=sw, mac=MAC_B)
+    ga, gb = Guest(a), Guest(b)
+    result = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.run, ga.active)
+            nursery.start_soon(b.run, gb.active)
+            await trio.testing.wait_all_tasks_blocked()
+            done = cpu = 0
+            warm = 4 * ring  # the first rounds fault the guest pages in: not counted
+            while done < frames + warm:
+                gb.rings[rx].arm()
+                os.eventfd_write(gb.notifiers[rx].kick_fd, 1)
+                await trio.testing.wait_all_tasks_blocked()
+                c0 = _schedstat_ns("VirtioNet-")
+                ga.rings[tx].arm()
+                os.eventfd_write(ga.notifiers[tx].kick_fd, 1)
+                while not (ga.rings[tx].done() and gb.rings[rx].done()):
+                    await trio.sleep(0.0002)  # polling the driver's view: untimed
+                if done >= warm:
+                    cpu += _schedstat_ns("VirtioNet-") - c0
+                done += ring
+            st = a.statistics()["native"]["tx"]
+            assert st["tx_native"] == done and not ga.errors and not gb.errors, st
+            result.append(cpu / (done - warm))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return result[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--packed", action="store_true", help="packed rings (default split)")
+    ap.add_argument("--size", type=int, default=60, help="Ethernet frame bytes (no CRC)")
+    ap.add_argument("--ring", type=int, default=1024, help="ring size = frames per kick")
+    ap.add_argument("--frames", type=int, default=200_000, help="frames per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--baseline-repo", type=Path, default=None)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child run
+    args = ap.parse_args()
+    if args.one:
+        sys.path.insert(0, os.getcwd())
+        print(measure(args.packed, args.size, args.ring, args.frames))
+        return 0
+    builds = {"ours": REPO}
+    if args.baseline_repo:
+        builds["base"] = args.baseline_repo.resolve()
+    res: dict[str, list[float]] = {k: [] for k in builds}
+    for r in range(args.rounds):
+        for name, repo in builds.items():
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--size", str(args.size)]
+            cmd += ["--ring", str(args.ring), "--frames", str(args.frames)]
+            cmd += ["--packed"] if args.packed else []
+            out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=True)
+            res[name].append(float(out.stdout.split()[-1]))
+            print(f"round {r + 1} {name}: {res[name][-1]:.1f} ns/frame", file=sys.stderr)
+    ring = "packed" if args.packed else "split"
+    for name, vals in res.items():
+        print(
+            f"{name:5} {ring:6} {args.size:5} B  median {statistics.median(vals):6.1f} ns/frame"
+            f"  (min {min(vals):.1f}, max {max(vals):.1f}, {args.rounds} rounds)"
+        )
+    if "base" in res:
+        ratios = [o / b for o, b in zip(res["ours"], res["base"], strict=True)]
+        print(f"ours/base paired: {statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
