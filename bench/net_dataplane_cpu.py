@@ -103,6 +103,9 @@ def measure(packed: bool, size: int, ring: int, frames: int) -> float:
                     word = (i, flags | bits) if packed else (flags, 0)
                     t += struct.pack("<QIHH", d.data_addr + i * buf, length, *word)
                 self.templates.append(bytes(t))
+            # no used buffer notifications, as a polling driver (testpmd) asks:
+            # packed event flags DISABLE (§2.8.10), split VRING_AVAIL_F_NO_INTERRUPT
+            mem.write(d.driver_addr + (2 if packed else 0), struct.pack("<H", 1))
             if not packed:
                 mem.write(d.driver_addr + 4, struct.pack(f"<{ring}H", *range(ring)))
             if not writable:
