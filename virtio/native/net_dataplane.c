@@ -379,7 +379,8 @@ static inline __attribute__((always_inline)) uint32_t net_cursor_read(struct net
 struct net_frame {
     struct net_cursor body;     /* at the first frame byte */
     uint32_t len;               /* frame bytes */
-    uint8_t hdr[NET_HDR_MAX];   /* flags .. csum_offset as sent (num_buffers: ours) */
+    uint8_t hdr[NET_HDR_MAX];   /* flags .. csum_offset when read by the cursor */
+    const uint8_t *hsrc;        /* the 10 header bytes as read: the batch's copy or hdr */
     uint8_t eth[NET_ETH_HLEN + NET_VLAN_HLEN];
     uint32_t flow;              /* net_flow_hash, once flow_valid */
     int flow_valid;
@@ -557,7 +558,7 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
     const struct vq_seg *s0 = k && r->ch[0].nsegs ? &r->segs[r->ch[0].seg_start] : NULL;
     if (s0 && s0->len >= p->hdr_size) {
         uint8_t *dst = net_host(q, s0);
-        memcpy(dst, f->hdr, 10);
+        memcpy(dst, f->hsrc, 10);
         if (p->hdr_size == NET_HDR_MAX) {
             dst[10] = (uint8_t)k;
             dst[11] = (uint8_t)(k >> 8);
@@ -565,7 +566,7 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
         pre = p->hdr_size; /* the first segment's first bytes are written */
         hdr_left = 0;
     } else { /* a header cut across segments: copied piece by piece below */
-        memcpy(hdr, f->hdr, 10);
+        memcpy(hdr, f->hsrc, 10);
         hdr[10] = (uint8_t)k;
         hdr[11] = (uint8_t)(k >> 8);
     }
@@ -610,7 +611,7 @@ static int net_port_takes(const struct net_port *p, const struct net_frame *f)
 {
     if (!p->native || p->link_down || !p->nrxq || p->held > 0)
         return 0;
-    if ((f->hdr[0] & NET_HDR_F_NEEDS_CSUM) && !p->guest_csum)
+    if ((f->hsrc[0] & NET_HDR_F_NEEDS_CSUM) && !p->guest_csum)
         return 0; /* checksum completion: switch.py / offload.py */
     if (p->vlan_filter && f->len >= NET_ETH_HLEN + 2 &&
         ((uint32_t)f->eth[12] << 8 | f->eth[13]) == NET_ETH_P_8021Q)
@@ -628,8 +629,34 @@ static double net_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* Start fetching the frame's bytes (up to 4 KiB) while the decision and the
+ * reservation run: the copy then finds them in cache.  The first line is being
+ * read already (the Ethernet header), so from the next one on.  `c` is the
+ * parse's local cursor: read back from the frame struct just written, its fields
+ * would wait for the stores (see net_cursor_read). */
+static inline __attribute__((always_inline)) void net_prefetch_body(const struct net_cursor *c,
+                                                                    uint32_t len)
+{
+    if (len <= 64)
+        return; /* a line or two, the first of them being read */
+    uint32_t left = len < 4096 ? len : 4096, off = c->off;
+    uintptr_t skip = 0; /* the first byte's line, skipped */
+    for (uint32_t i = c->i; left && i < c->nsegs; i++, off = 0) {
+        const uint8_t *b = net_host(c->q, &c->segs[i]) + off;
+        uint32_t n = c->segs[i].len - off < left ? c->segs[i].len - off : left;
+        if (!skip)
+            skip = ((uintptr_t)b | 63) + 1;
+        for (uintptr_t a = (uintptr_t)b & ~(uintptr_t)63; a < (uintptr_t)b + n; a += 64)
+            if (a >= skip)
+                __builtin_prefetch((const void *)a, 0, 3);
+        left -= n;
+    }
+}
+
 /* Parse and check a transmitted chain as VirtioNet._transmit and check_transmit
- * would; 1 when it is the plain case served here. */
+ * would; 1 when it is the plain case served here.  The checks read the header's
+ * fields from where they came from (the batch's copy, or bytes the cursor read),
+ * never back from f->hdr just stored. */
 static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq_seg *segs,
                      struct net_frame *f, int got, const uint8_t *ghdr, const uint8_t *geth)
 {
@@ -641,28 +668,32 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
     }
     f->len = c->readable_len - hs;
     struct net_cursor cur = {n->core.q, segs, c->nsegs, 0, 0};
-    memset(f->hdr, 0, sizeof f->hdr);
+    const uint8_t *h; /* flags .. csum_offset as read */
     if ((got & NET_GOT_HDR) && hs >= NET_HDR_GATHER) {
-        memcpy(f->hdr, ghdr, NET_HDR_GATHER); /* read in net_dp_batch_begin */
+        h = ghdr; /* read in net_dp_batch_begin (stays put for this serve) */
         net_cursor_skip(&cur, hs);
-    } else {
+    } else { /* (the rare path: a header cut across descriptors) */
+        memset(f->hdr, 0, sizeof f->hdr);
         net_cursor_read(&cur, f->hdr, hs < 10 ? hs : 10);
         net_cursor_skip(&cur, hs > 10 ? hs - 10 : 0); /* the sender's num_buffers */
+        h = f->hdr;
     }
+    f->hsrc = h;
     f->body = cur;
     f->flow_valid = 0;
+    net_prefetch_body(&cur, f->len);
     _Static_assert(sizeof f->eth == NET_ETH_GATHER, "the gathered Ethernet header");
     if ((got & NET_GOT_ETH) && f->len >= sizeof f->eth)
         memcpy(f->eth, geth, sizeof f->eth); /* read in net_dp_batch_begin */
     else
         net_cursor_read(&cur, f->eth, f->len < sizeof f->eth ? f->len : (uint32_t)sizeof f->eth);
-    uint8_t flags = f->hdr[0], gso_type = f->hdr[1];
+    uint8_t flags = h[0], gso_type = h[1];
     if (gso_type != 0 || (flags & ~NET_HDR_F_NEEDS_CSUM)) {
         n->py_offload++; /* GSO (segmentation), DATA_VALID or unknown flags */
         return 0;
     }
     if (flags & NET_HDR_F_NEEDS_CSUM) {
-        uint32_t start = net_le16(f->hdr + 6), off = net_le16(f->hdr + 8);
+        uint32_t start = net_le16(h + 6), off = net_le16(h + 8);
         if (!n->csum || start >= f->len || start + off + 2 > f->len) {
             n->py_malformed++; /* refused by check_transmit: counted there */
             return 0;
@@ -762,21 +793,6 @@ static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
     return 1;
 }
 
-/* Start fetching the frame's bytes (up to 4 KiB) while the decision and the
- * reservation run: the copy then finds them in cache. */
-static void net_prefetch(const struct net_frame *f)
-{
-    const struct net_cursor *c = &f->body;
-    uint32_t left = f->len < 4096 ? f->len : 4096, off = c->off;
-    for (uint32_t i = c->i; left && i < c->nsegs; i++, off = 0) {
-        const uint8_t *b = net_host(c->q, &c->segs[i]) + off;
-        uint32_t n = c->segs[i].len - off < left ? c->segs[i].len - off : left;
-        for (uint32_t o = 0; o < n; o += 64)
-            __builtin_prefetch(b + o, 0, 3);
-        left -= n;
-    }
-}
-
 /* A popped batch: read the first NET_HDR_GATHER bytes of every chain's header
  * now, in one tight loop.  Those lines were written by the driver on another CPU;
  * read one per serve, each miss stalled that serve (prefetching them a few chains
@@ -833,7 +849,6 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         goto defer; /* the link is down: VirtioNet._transmit drops it */
     if (!net_parse(n, c, segs, &f, got, ghdr, geth))
         goto defer;
-    net_prefetch(&f);
     if (self && __atomic_load_n(&self->steer_pairs, __ATOMIC_RELAXED) > 1)
         net_steer_note(self, net_frame_flow(&f), n->pair); /* §5.1.9.5.6 */
     if (!n->now_valid) { /* once per batch: ageing is counted in seconds */
@@ -862,6 +877,10 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
             single = (uint32_t)target;
             nother = 1;
         }
+    } else if (n->flood_valid) { /* the batch's earlier flood looked already */
+        single = n->flood_single;
+        nother = n->flood_n;
+        nports = n->flood_nports;
     } else {
         nports = n->nports ? __atomic_load_n(n->nports, __ATOMIC_ACQUIRE) : NET_FDB_MAX_PORTS;
         if (nports > NET_FDB_MAX_PORTS)
@@ -871,13 +890,25 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
                 single = i;
                 nother++;
             }
+        /* within a batch the ports are taken as they were at its first flood (a port
+         * attached meanwhile is flooded from the next batch on, as net_decide's
+         * cache sees a change then) */
+        n->flood_single = single;
+        n->flood_n = (uint8_t)nother;
+        n->flood_nports = nports;
+        n->flood_valid = 1;
     }
     if (nother == 0 && target >= 0) {
         n->py_port++; /* no such port (any more): Python decides */
         goto defer;
     }
+    struct net_port *one = nother == 1 ? n->ports[single] : NULL;
+    if (nother == 1 && !one) {
+        n->py_port++; /* detached since the batch looked: Python decides */
+        goto defer;
+    }
     if (nother == 1) {
-        int ok = net_deliver_one(n, single, n->ports[single], &f);
+        int ok = net_deliver_one(n, single, one, &f);
         if (ok <= 0) {
             if (ok < 0)
                 n->py_no_room++;
@@ -973,6 +1004,7 @@ static void net_dp_batch_end(void *dev)
     n->batch_first = NULL;
     n->cache_valid = 0;
     n->learned_valid = 0;
+    n->flood_valid = 0;
     for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
         struct net_port *p = n->touched[i] ? n->ports[i] : NULL;
         n->touched[i] = 0;

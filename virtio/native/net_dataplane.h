@@ -113,7 +113,8 @@ struct net_dp {
     struct vq *sticky_q;        /* a receive ring of sticky_port whose lock is kept too */
     uint8_t cache_dst[6], learned_src[6];
     uint8_t cache_valid, learned_valid;
-    uint8_t _pad2[2];
+    uint8_t flood_valid, flood_n; /* a flood's ports this batch: flood_n (0..2) others, */
+    uint32_t flood_single, flood_nports; /* the one when 1; ports scanned */
     uint64_t acc_in, acc_in_bytes, acc_flooded;
     uint64_t acc_out[NET_FDB_MAX_PORTS], acc_out_bytes[NET_FDB_MAX_PORTS];
     uint64_t fdb_locks;         /* database lock acquisitions by this thread */
