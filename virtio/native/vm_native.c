@@ -836,8 +836,19 @@ int vq_add_used1(struct vq *q, uint16_t id, uint32_t len, uint16_t ndesc)
 #include <pthread.h>
 #include <stdlib.h>
 
-#define VQ_LOCK(q) do { if ((q)->lock) pthread_mutex_lock((pthread_mutex_t *)(q)->lock); } while (0)
-#define VQ_UNLOCK(q) do { if ((q)->lock) pthread_mutex_unlock((pthread_mutex_t *)(q)->lock); } while (0)
+/* Functions, not macros: the queue expression is evaluated once (a macro took it
+ * twice, so an argument with a side effect locked one queue and tested another). */
+static inline void VQ_LOCK(struct vq *q)
+{
+    if (q->lock)
+        pthread_mutex_lock((pthread_mutex_t *)q->lock);
+}
+
+static inline void VQ_UNLOCK(struct vq *q)
+{
+    if (q->lock)
+        pthread_mutex_unlock((pthread_mutex_t *)q->lock);
+}
 
 int vq_set_locking(struct vq *q, int on)
 {
