@@ -333,6 +333,10 @@ class NativeDataPlane:
                 for i, chain in enumerate(taken):
                     nursery.start_soon(self._serve_deferred, chain, int(errs[i]))
                 os.eventfd_write(self._wake, 1)  # room again for the thread's next batch
+                # A thread that defers as fast as this loop takes (every frame of a busy
+                # port to a congested one) would keep it here for seconds: the tasks just
+                # started, and every other task and I/O wait, get their turn first.
+                await trio.lowlevel.checkpoint()
 
     async def _serve_deferred(self, chain: DescriptorChain, err: int) -> None:
         try:

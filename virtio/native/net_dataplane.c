@@ -67,7 +67,9 @@ int net_port_init(struct net_port *p)
         p->rx[k].call_fd = -1;
         p->rx[k].npend = 0;
         p->rx[k].rx_native = p->rx[k].rx_native_bytes = 0;
+        p->rx[k].backlog_full = 0;
     }
+    p->rx_backlog_full = 0;
     p->nrxq = 0;
     return pthread_mutex_init(NET_PORT_MU(p), NULL) ? -1 : 0;
 }
@@ -619,6 +621,26 @@ static int net_port_takes(const struct net_port *p, const struct net_frame *f)
     return 1;
 }
 
+/* Whether the frame is one VirtioNet.deliver would drop as "backlog_full": the
+ * port takes frames natively but for the packets Python holds for it (held > 0),
+ * and the receive queue the frame goes to has a full backlog (p->mu held).  Dropped
+ * here and counted as Python counts it: handing each such frame to Python only to
+ * be dropped kept the Python thread busy with frames it could not deliver, while
+ * the backlog it had to deliver waited. */
+static int net_port_drops(struct net_port *p, struct net_frame *f)
+{
+    if (p->held <= 0 || !p->native || p->link_down || !p->nrxq)
+        return 0;
+    if ((f->hsrc[0] & NET_HDR_F_NEEDS_CSUM) && !p->guest_csum)
+        return 0;
+    if (p->vlan_filter && f->len >= NET_ETH_HLEN + 2 &&
+        ((uint32_t)f->eth[12] << 8 | f->eth[13]) == NET_ETH_P_8021Q)
+        return 0;
+    uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX, steered = 0;
+    uint32_t qi = nq > 1 ? net_rx_pick(p, net_frame_flow(f), nq, &steered) : 0;
+    return __atomic_load_n(&p->rx[qi].backlog_full, __ATOMIC_RELAXED) != 0;
+}
+
 static double net_now(void)
 {
     struct timespec ts;
@@ -785,8 +807,12 @@ static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
         n->sticky_port = p;
     }
     n->touched[idx] = 1;
-    if (!net_port_takes(p, f))
-        return 0;
+    if (!net_port_takes(p, f)) {
+        if (!net_port_drops(p, (struct net_frame *)f))
+            return 0;
+        p->rx_backlog_full++;
+        return 2;
+    }
     if (net_rx_reserve(p, (struct net_frame *)f, &n->resv[0], &n->sticky_q) != NET_RX_OK)
         return -1;
     net_rx_commit(p, f, &n->resv[0]);
@@ -916,8 +942,12 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
                 n->py_port++;
             goto defer;
         }
-        n->acc_out[single]++;
-        n->acc_out_bytes[single] += f.len;
+        if (ok == 2) {
+            n->acc_no_room[single]++; /* the switch's dropped_no_room, as _deliver's */
+        } else {
+            n->acc_out[single]++;
+            n->acc_out_bytes[single] += f.len;
+        }
     } else if (nother > 1) {
         /* a flood to several ports: every one native with room (else Python floods
          * it): buffers reserved in every one, ports locked in ascending order,
@@ -995,6 +1025,10 @@ static void net_dp_batch_end(void *dev)
                 t->ports[i].out_packets += n->acc_out[i];
                 t->ports[i].out_bytes += n->acc_out_bytes[i];
                 n->acc_out[i] = n->acc_out_bytes[i] = 0;
+            }
+            if (n->acc_no_room[i]) {
+                t->ports[i].dropped_no_room += n->acc_no_room[i];
+                n->acc_no_room[i] = 0;
             }
         }
         fdb_unlock(t);

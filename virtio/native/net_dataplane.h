@@ -25,6 +25,9 @@ struct net_rxq {
     uint16_t pend_ids[NET_RX_PEND], pend_ndescs[NET_RX_PEND];
     uint32_t pend_lens[NET_RX_PEND];
     uint64_t rx_native, rx_native_bytes; /* frames written natively into this queue */
+    /* Python's backlog for this queue is full (set and cleared by Python, read
+     * without mu: a frame or two either way at the edge) */
+    uint8_t backlog_full;
 };
 
 /* One switch port as the native path sees it: its receive queues when they may be
@@ -45,6 +48,7 @@ struct net_port {
     int32_t held;               /* packets the Python path holds for this port */
     /* counters (written under mu) */
     uint64_t rx_native, rx_native_bytes, rx_calls, rx_deferred, rx_publishes;
+    uint64_t rx_backlog_full;   /* dropped natively: held, and that queue's backlog full */
     /* Automatic receive steering (§5.1.9.5.6): the queue pair the driver last
      * transmitted each flow on, noted by every transmit path while it uses more than
      * one pair (steer_pairs, VQ_PAIRS_SET); entries: flow hash << 32 | pair + 1, at
@@ -117,6 +121,7 @@ struct net_dp {
     uint32_t flood_single, flood_nports; /* the one when 1; ports scanned */
     uint64_t acc_in, acc_in_bytes, acc_flooded;
     uint64_t acc_out[NET_FDB_MAX_PORTS], acc_out_bytes[NET_FDB_MAX_PORTS];
+    uint64_t acc_no_room[NET_FDB_MAX_PORTS]; /* dropped: the destination's backlog full */
     uint64_t fdb_locks;         /* database lock acquisitions by this thread */
     /* Polling an emptied ring (net_dp_wait): this long (ns; 0: sleep at once) with
      * driver notifications off, giving the CPU to the other threads between looks;

@@ -358,6 +358,60 @@ async def test_python_backlog_is_not_overtaken():
         gb.close()
 
 
+async def _overload(native: bool, backlog: int, sent: int) -> tuple[dict, dict, list[bytes]]:
+    """a sends ``sent`` frames to b, one at a time, while b posts no receive buffers
+    and holds at most ``backlog`` packets; then b posts buffers.  Returns a's and b's
+    statistics before b posts, and what b received."""
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B, rx_backlog=backlog)
+    a.native_dataplane = b.native_dataplane = native
+    ga, gb = Guest(a), Guest(b)
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(sent):
+                frame = ether(MAC_B, MAC_A, struct.pack("!I", i) * 20)
+                token = ga.post(TX, readable=[_hdr() + frame])
+                await ga.wait_used(TX, token)
+                await trio.testing.wait_all_tasks_blocked()
+            stats = (a.statistics(), b.statistics())
+            for _ in range(sent):
+                gb.post(RX, writable=[2048])
+            while len(gb.collect()) < backlog:
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+            return (*stats, [data[12 + 14 :] for data in gb.received])
+    finally:
+        ga.close()
+        gb.close()
+
+
+async def test_full_backlog_drops_natively_as_python_drops():
+    """A receiver without buffers: its backlog fills, then frames for it are dropped
+    and counted (backlog_full, the switch's dropped_no_room) until the backlog has
+    drained to half.  The native path drops those itself -- the Python thread does
+    not take each frame only to drop it -- with the same counters, and the backlog
+    is delivered in order once buffers come."""
+    backlog, sent = 4, 12
+    kept = backlog + 1  # the backlog, and the packet its receive loop holds
+    py_a, py_b, py_got = await _overload(False, backlog, sent)
+    nat_a, nat_b, nat_got = await _overload(True, backlog, sent)
+    payloads = [struct.pack("!I", i) * 20 for i in range(kept)]
+    assert py_got == nat_got == payloads  # the first ones, in order
+    assert py_b["errors"]["backlog_full"] == sent - kept
+    nat = nat_b["native"]
+    for st in (py_a, py_b, nat_a, nat_b):
+        st.pop("native")
+    assert (nat_a, nat_b) == (py_a, py_b)
+    assert nat_b["port"]["dropped_no_room"] == sent - kept
+    # the first drop is Python's (it finds the backlog full); the rest native
+    assert nat["rx"]["rx_backlog_full"] == sent - kept - 1
+
+
 async def test_hostile_receive_buffers_judged_by_python():
     """Receive buffers with a device-readable part (§5.1.6.3.1): the native path
     gives them back untouched and hands the packet over; Python drops it and

@@ -40,6 +40,7 @@ RX_STATISTICS = (
     "rx_deferred",
     "rx_publishes",
     "rx_steered",
+    "rx_backlog_full",
 )
 """Counters of a port's natively written receive queue (``struct net_port``)."""
 

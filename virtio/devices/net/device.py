@@ -473,8 +473,15 @@ class VirtioNet(VirtioDevice):
             self.errors["link_down"] += 1
             return False
         index = self._rx_queue(packet.frame, running)
-        if not self._rx[index].put(packet):
+        rxq = self.native_port.rx[index // 2]
+        # A full backlog takes nothing more until it has drained to half (fill_buffers
+        # clears the mark): under a sustained overload the queue then empties, and
+        # the native path delivers straight into the ring again, instead of every
+        # freed slot being refilled at once and every packet going through here.
+        # Meanwhile the native path drops such frames itself, counted alike.
+        if rxq.backlog_full or not self._rx[index].put(packet):
             self.errors["backlog_full"] += 1
+            rxq.backlog_full = 1
             return False
         self.native_port.held += 1  # the native path waits for this backlog
         return True
@@ -506,12 +513,15 @@ class VirtioNet(VirtioDevice):
             try:
                 while True:
                     packet = await backlog.get()
+                    if len(backlog.packets) <= backlog.limit // 2:
+                        self.native_port.rx[queue_index // 2].backlog_full = 0  # room again
                     pending = 1
                     while not self._receive_locked(queue_index, buffers, packet):
                         await buffers.wait_for_more()
                     pending = 0
                     self.native_port.held -= 1
             finally:
+                self.native_port.rx[queue_index // 2].backlog_full = 0
                 if self._rx.get(queue_index) is backlog:
                     del self._rx[queue_index]
                 if rx is not None:
@@ -674,11 +684,14 @@ class VirtioNet(VirtioDevice):
         rx = native.rx_statistics(self.native_port)
         for k, n in enumerate(native.rx_queue_packets(self.native_port)):
             packets[2 * k] += n  # receiveq(k+1), written natively
+        errors = dict(self.errors)
+        if rx["rx_backlog_full"]:  # dropped natively as deliver() drops them
+            errors["backlog_full"] = errors.get("backlog_full", 0) + rx["rx_backlog_full"]
         return {
             "port": self.switch.port_statistics(self),
             "queues": {k: v for k, v in sorted(packets.items()) if v},
             "steered": self.rx_steered + rx["rx_steered"],
-            "errors": dict(self.errors),
+            "errors": errors,
             "native": {"tx": {k: tx[k] for k in native.TX_STATISTICS}, "rx": rx},
         }
 
