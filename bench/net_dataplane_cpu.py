@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import subprocess
@@ -35,19 +34,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _schedstat_ns(prefix: str) -> int:
-    """On-CPU ns of this process's threads whose name starts with ``prefix``."""
-    total = 0
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if not f.read().startswith(prefix):
-                    continue
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-    return total
 
 
 def measure(packed: bool, size: int, ring: int, frames: int) -> float:
@@ -65,25 +51,11 @@ def measure(packed: bool, size: int, ring: int, frames: int) -> float:
     from virtio.spec.features import TransportFeature as TF
     from virtio.spec.net import NetFeature as NF
     from virtio.testing.driver import P_AVAIL, P_USED, WRITE, DriverQueue, footprint
+    from virtio.testing.harness import EventfdNotifier, thread_cpu_ns
     from virtio.testing.net_frames import MAC_A, MAC_B, ether
 
     rx, tx, buf = 0, 1, 2048
     frame = HDR.pack(0, 0, 0, 0, 0, 0, 0) + ether(MAC_B, MAC_A, bytes(size - 14))
-
-    class Notifier:
-        def __init__(self) -> None:
-            self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
-            self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
-            self.listeners: list = []
-            self.poll_fallback = False
-
-        async def wait_kick(self) -> None:
-            await trio.lowlevel.wait_readable(self.kick_fd)
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self.kick_fd)
-
-        def notify_used(self) -> None:
-            os.eventfd_write(self.call_fd, 1)
 
     class Ring:
         """A driver that keeps the same ``ring`` one-descriptor buffers (buffer i at
@@ -147,7 +119,7 @@ def measure(packed: bool, size: int, ring: int, frames: int) -> float:
                 qi: Virtqueue(self.mem, r.dq.state(), name=f"{dev.name}q{qi}")
                 for qi, r in self.rings.items()
             }
-            self.notifiers = {qi: Notifier() for qi in (rx, tx)}
+            self.notifiers = {qi: EventfdNotifier() for qi in (rx, tx)}
             self.errors: list = []
             self.active = ActiveDevice(self.mem, feats, queues, self.notifiers, self.errors.append)
 
@@ -167,13 +139,13 @@ def measure(packed: bool, size: int, ring: int, frames: int) -> float:
                 gb.rings[rx].arm()
                 os.eventfd_write(gb.notifiers[rx].kick_fd, 1)
                 await trio.testing.wait_all_tasks_blocked()
-                c0 = _schedstat_ns("VirtioNet-")
+                c0 = thread_cpu_ns("VirtioNet-")
                 ga.rings[tx].arm()
                 os.eventfd_write(ga.notifiers[tx].kick_fd, 1)
                 while not (ga.rings[tx].done() and gb.rings[rx].done()):
                     await trio.sleep(0.0002)  # polling the driver's view: untimed
                 if done >= warm:
-                    cpu += _schedstat_ns("VirtioNet-") - c0
+                    cpu += thread_cpu_ns("VirtioNet-") - c0
                 done += ring
             st = a.statistics()["native"]["tx"]
             assert st["tx_native"] == done and not ga.errors and not gb.errors, st
@@ -191,7 +163,13 @@ def main() -> int:
     ap.add_argument("--ring", type=int, default=1024, help="ring size = frames per kick")
     ap.add_argument("--frames", type=int, default=200_000, help="frames per round")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--baseline-repo", type=Path, default=None)
+    ap.add_argument(
+        "--baseline-repo",
+        type=Path,
+        default=None,
+        help="another checkout measured alternately (one with virtio.testing.harness."
+        "thread_cpu_ns, i.e. from this script's first commit on)",
+    )
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child run
     args = ap.parse_args()
     if args.one:

@@ -12,6 +12,7 @@ their completion::
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Sequence
 
 import trio
@@ -48,6 +49,48 @@ class MemoryNotifier:
     async def wait_interrupt(self) -> None:
         await self._irq.wait()
         self._irq = trio.Event()
+
+
+def thread_cpu_ns(prefix: str) -> int:
+    """On-CPU nanoseconds of this process's threads whose name starts with
+    ``prefix`` (``/proc/self/task/TID/schedstat``): a data plane thread's work, or
+    what it burns while it should sleep."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith(prefix):
+                    continue
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total
+
+
+class EventfdNotifier:
+    """The notifier vhost-user gives a queue: a kick and a call eventfd.  A device's
+    native data plane waits on ``kick_fd`` itself; the Python path awaits
+    ``wait_kick``; ``notify_used`` signals ``call_fd``."""
+
+    def __init__(self) -> None:
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        self.listeners: list = []
+        self.poll_fallback = False
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+
+    async def wait_kick(self) -> None:
+        await trio.lowlevel.wait_readable(self.kick_fd)
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.kick_fd)
+
+    def notify_used(self) -> None:
+        os.eventfd_write(self.call_fd, 1)
+
+    def close(self) -> None:
+        os.close(self.kick_fd)
+        os.close(self.call_fd)
 
 
 class DeviceHarness:

@@ -26,6 +26,7 @@ from virtio.queues import Virtqueue
 from virtio.spec.blk import BlkReqType, BlkStatus
 from virtio.spec.features import TransportFeature as TF
 from virtio.testing.driver import DriverQueue
+from virtio.testing.harness import EventfdNotifier
 
 OUT = int(BlkReqType.VIRTIO_BLK_T_OUT)
 IN = int(BlkReqType.VIRTIO_BLK_T_IN)
@@ -38,27 +39,6 @@ UNSUPP = int(BlkStatus.VIRTIO_BLK_S_UNSUPP)
 
 def hdr(type_: int, sector: int = 0) -> bytes:
     return struct.pack("<IIQ", type_, 0, sector)
-
-
-class EventfdPair:
-    """The notifier vhost-user gives a queue: kick and call eventfds."""
-
-    def __init__(self) -> None:
-        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
-        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
-        self.listeners: list = []
-        self.poll_fallback = False
-
-    async def wait_kick(self) -> None:
-        await trio.lowlevel.wait_readable(self.kick_fd)
-        os.eventfd_read(self.kick_fd)
-
-    def notify_used(self) -> None:
-        os.eventfd_write(self.call_fd, 1)
-
-    def close(self) -> None:
-        os.close(self.kick_fd)
-        os.close(self.call_fd)
 
 
 class Rig:
@@ -99,7 +79,7 @@ class Rig:
             self.device.ack_features(features)
         self.drv = DriverQueue(self.mem, 64, packed=packed, event_idx=event_idx, indirect=True)
         self.queue = Virtqueue(self.mem, self.drv.state())
-        self.notifier = EventfdPair()
+        self.notifier = EventfdNotifier()
         self.errors: list[DriverError] = []
         self.active = ActiveDevice(
             self.mem, features, {0: self.queue}, {0: self.notifier}, self.errors.append

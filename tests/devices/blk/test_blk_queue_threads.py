@@ -17,7 +17,7 @@ import tempfile
 
 import pytest
 import trio
-from test_blk_dataplane import FLUSH, IN, OK, OUT, EventfdPair, hdr
+from test_blk_dataplane import FLUSH, IN, OK, OUT, hdr
 
 from virtio.cli import build_parser
 from virtio.cli.serve import _export_parser, export_argv
@@ -28,6 +28,7 @@ from virtio.memory import MmapGuestMemory
 from virtio.native import ffi, lib
 from virtio.queues import Virtqueue
 from virtio.testing.driver import DriverQueue
+from virtio.testing.harness import EventfdNotifier
 
 QUEUES = 3
 THREADS = 2
@@ -54,7 +55,7 @@ class MultiRig:
             DriverQueue(self.mem, 64, base=i * 2 * MiB, event_idx=True, data_size=MiB)
             for i in range(QUEUES)
         ]
-        self.notifiers = [EventfdPair() for _ in range(QUEUES)]
+        self.notifiers = [EventfdNotifier() for _ in range(QUEUES)]
         self.errors: list = []
         self.active = ActiveDevice(
             self.mem,

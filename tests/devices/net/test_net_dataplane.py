@@ -31,33 +31,12 @@ from virtio.queues import Virtqueue
 from virtio.spec.features import TransportFeature as TF
 from virtio.spec.net import NetFeature as NF
 from virtio.testing.driver import DriverQueue, footprint
+from virtio.testing.harness import EventfdNotifier, thread_cpu_ns
 from virtio.testing.net_frames import BROADCAST, MAC_A, MAC_B, MAC_C, ether, tcp4
 
 RX, TX = 0, 1
 QSIZE = 128
 DATA = 1 << 20
-
-
-class EventfdPair:
-    """The notifier vhost-user gives a queue: kick and call eventfds."""
-
-    def __init__(self) -> None:
-        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK)
-        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK)
-        self.listeners: list = []
-        self.poll_fallback = False
-
-    async def wait_kick(self) -> None:
-        await trio.lowlevel.wait_readable(self.kick_fd)
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.kick_fd)
-
-    def notify_used(self) -> None:
-        os.eventfd_write(self.call_fd, 1)
-
-    def close(self) -> None:
-        os.close(self.kick_fd)
-        os.close(self.call_fd)
 
 
 class Guest:
@@ -83,7 +62,7 @@ class Guest:
             )
             self.drv[qi] = dq
             queues[qi] = Virtqueue(self.mem, dq.state(), name=f"{device.name}q{qi}")
-            self.notifiers[qi] = EventfdPair()
+            self.notifiers[qi] = EventfdNotifier()
         self.errors: list = []
         self.active = ActiveDevice(self.mem, features, queues, self.notifiers, self.errors.append)
         self.received: list[bytes] = []
@@ -362,32 +341,20 @@ async def _overload(native: bool, backlog: int, sent: int) -> tuple[dict, dict, 
     """a sends ``sent`` frames to b, one at a time, while b posts no receive buffers
     and holds at most ``backlog`` packets; then b posts buffers.  Returns a's and b's
     statistics before b posts, and what b received."""
-    sw = Switch()
-    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
-    b = VirtioNet(name="b", switch=sw, mac=MAC_B, rx_backlog=backlog)
-    a.native_dataplane = b.native_dataplane = native
-    ga, gb = Guest(a), Guest(b)
-    try:
-        async with trio.open_nursery() as nursery:
-            for g in (ga, gb):
-                nursery.start_soon(g.device.run, g.active)
+    async with _running_ports(native=native, rx_backlog=backlog) as (ga, gb):
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(sent):
+            frame = ether(MAC_B, MAC_A, struct.pack("!I", i) * 20)
+            token = ga.post(TX, readable=[_hdr() + frame])
+            await ga.wait_used(TX, token)
             await trio.testing.wait_all_tasks_blocked()
-            for i in range(sent):
-                frame = ether(MAC_B, MAC_A, struct.pack("!I", i) * 20)
-                token = ga.post(TX, readable=[_hdr() + frame])
-                await ga.wait_used(TX, token)
-                await trio.testing.wait_all_tasks_blocked()
-            stats = (a.statistics(), b.statistics())
-            for _ in range(sent):
-                gb.post(RX, writable=[2048])
-            while len(gb.collect()) < backlog:
-                await trio.testing.wait_all_tasks_blocked()
-                await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-            return (*stats, [data[12 + 14 :] for data in gb.received])
-    finally:
-        ga.close()
-        gb.close()
+        stats = (ga.device.statistics(), gb.device.statistics())
+        for _ in range(sent):
+            gb.post(RX, writable=[2048])
+        while len(gb.collect()) < backlog + 1:  # and the packet its loop holds
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.01)
+    return (*stats, [data[12 + 14 :] for data in gb.received])
 
 
 async def test_full_backlog_drops_natively_as_python_drops():
@@ -478,43 +445,38 @@ async def test_flood_with_a_python_port_goes_through_python():
         gb.close()
 
 
-async def test_native_receive_turns_notifications_off_while_buffers_remain():
-    """§2.8.10 (packed: the device's event flags DISABLE once it uses receive
-    buffers): a frame written natively leaves receiveq notifications off, so the
-    driver's repost needs no notification; the Python path asks again when empty."""
+@contextlib.asynccontextmanager
+async def _running_ports(packed: bool = False, native: bool = True, **b_args):
+    """Ports a and b on one switch, each device running for an in-memory guest."""
     sw = Switch()
     a = VirtioNet(name="a", switch=sw, mac=MAC_A)
-    b = VirtioNet(name="b", switch=sw, mac=MAC_B)
-    ga, gb = Guest(a, packed=True), Guest(b, packed=True)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B, **b_args)
+    a.native_dataplane = b.native_dataplane = native
+    ga, gb = Guest(a, packed=packed), Guest(b, packed=packed)
     try:
         async with trio.open_nursery() as nursery:
             for g in (ga, gb):
                 nursery.start_soon(g.device.run, g.active)
-            gb.post(RX, writable=[2048])
-            gb.post(RX, writable=[2048])
-            await trio.testing.wait_all_tasks_blocked()
-            token = ga.post(TX, readable=[_hdr() + ether(BROADCAST, MAC_A, b"n" * 60)])
-            await ga.wait_used(TX, token)
-            assert b.statistics()["native"]["rx"]["rx_native"] == 1
-            gb.drv[RX].add((), [2048])
-            assert not gb.drv[RX].publish()  # a repost while buffers remain: no kick
+            yield ga, gb
             nursery.cancel_scope.cancel()
     finally:
         ga.close()
         gb.close()
 
 
-def _thread_cpu_ns(prefix: str) -> int:
-    """On-CPU ns of this process's threads named ``prefix``* (schedstat)."""
-    total = 0
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if not f.read().startswith(prefix):
-                    continue
-            with open(f"/proc/self/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-    return total
+async def test_native_receive_turns_notifications_off_while_buffers_remain():
+    """§2.8.10 (packed: the device's event flags DISABLE once it uses receive
+    buffers): a frame written natively leaves receiveq notifications off, so the
+    driver's repost needs no notification; the Python path asks again when empty."""
+    async with _running_ports(packed=True) as (ga, gb):
+        gb.post(RX, writable=[2048])
+        gb.post(RX, writable=[2048])
+        await trio.testing.wait_all_tasks_blocked()
+        token = ga.post(TX, readable=[_hdr() + ether(BROADCAST, MAC_A, b"n" * 60)])
+        await ga.wait_used(TX, token)
+        assert gb.device.statistics()["native"]["rx"]["rx_native"] == 1
+        gb.drv[RX].add((), [2048])
+        assert not gb.drv[RX].publish()  # a repost while buffers remain: no kick
 
 
 async def test_idle_transmit_thread_sleeps_with_stdin_at_dev_null():
@@ -526,31 +488,22 @@ async def test_idle_transmit_thread_sleeps_with_stdin_at_dev_null():
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    sw = Switch()
-    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
-    b = VirtioNet(name="b", switch=sw, mac=MAC_B)
-    ga, gb = Guest(a, packed=True), Guest(b, packed=True)
     try:
-        async with trio.open_nursery() as nursery:
-            for g in (ga, gb):
-                nursery.start_soon(g.device.run, g.active)
+        async with _running_ports(packed=True) as (ga, gb):
             gb.post(RX, writable=[2048])
             await trio.testing.wait_all_tasks_blocked()
             token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, b"i" * 60)])
             await ga.wait_used(TX, token)
-            assert a.statistics()["native"]["tx"]["tx_native"] == 1  # the thread ran
-            before = _thread_cpu_ns("VirtioNet-")
+            assert ga.device.statistics()["native"]["tx"]["tx_native"] == 1  # it ran
+            before = thread_cpu_ns("VirtioNet-")
             await trio.sleep(0.3)  # the window observed, not a synchronisation
-            idle_ms = (_thread_cpu_ns("VirtioNet-") - before) / 1e6
+            idle_ms = (thread_cpu_ns("VirtioNet-") - before) / 1e6
             # spinning costs a CPU's share of the window (>= 100 ms even on a loaded
             # machine); sleeping costs nothing
             assert idle_ms < 50, idle_ms
-            nursery.cancel_scope.cancel()
     finally:
         os.dup2(saved, 0)
         os.close(saved)
-        ga.close()
-        gb.close()
 
 
 def _flow_frames() -> list[bytes]:
