@@ -195,6 +195,9 @@ async def test_idle_ring_memory_is_left_alone(tmp_path, event_idx):
             await wait_idle(plane, 1)
             used = await rig.request([hdr(IN, 1)], [512, 1])  # a kick still wakes it
             assert used.data[-1] == OK
+            # back in its wait for a kick (its used entry is out before it looks at
+            # the ring a last time: overwriting the ring before that would race it)
+            await wait_idle(plane, 1)
             requests = plane.statistics()["requests"]
             # The OS now owns that memory: zeroes, and an "avail idx" one ahead of the
             # ring's (descriptor 0 then reads as a request), but no kick.
