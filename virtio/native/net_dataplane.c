@@ -608,10 +608,11 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
 /* ---- the transmit fast path ------------------------------------------------------- */
 static inline uint16_t net_le16(const uint8_t *b) { return (uint16_t)(b[0] | b[1] << 8); }
 
-/* Whether port p takes this frame natively (p->mu held). */
-static int net_port_takes(const struct net_port *p, const struct net_frame *f)
+/* Whether port p would take this frame natively were nothing held for it: its
+ * receive path is native and nothing in the frame needs Python (p->mu held). */
+static int net_port_accepts(const struct net_port *p, const struct net_frame *f)
 {
-    if (!p->native || p->link_down || !p->nrxq || p->held > 0)
+    if (!p->native || p->link_down || !p->nrxq)
         return 0;
     if ((f->hsrc[0] & NET_HDR_F_NEEDS_CSUM) && !p->guest_csum)
         return 0; /* checksum completion: switch.py / offload.py */
@@ -621,20 +622,21 @@ static int net_port_takes(const struct net_port *p, const struct net_frame *f)
     return 1;
 }
 
-/* Whether the frame is one VirtioNet.deliver would drop as "backlog_full": the
- * port takes frames natively but for the packets Python holds for it (held > 0),
- * and the receive queue the frame goes to has a full backlog (p->mu held).  Dropped
- * here and counted as Python counts it: handing each such frame to Python only to
- * be dropped kept the Python thread busy with frames it could not deliver, while
- * the backlog it had to deliver waited. */
+/* Whether port p takes this frame natively (p->mu held): not while the Python path
+ * holds packets for it (a frame never overtakes that backlog). */
+static int net_port_takes(const struct net_port *p, const struct net_frame *f)
+{
+    return p->held <= 0 && net_port_accepts(p, f);
+}
+
+/* Whether the frame is one VirtioNet.deliver would drop as "backlog_full": held
+ * packets, and the receive queue the frame goes to marked full (p->mu held).
+ * Dropped here and counted as Python counts it: handing each such frame to Python
+ * only to be dropped kept the Python thread busy with frames it could not deliver,
+ * while the backlog it had to deliver waited. */
 static int net_port_drops(struct net_port *p, struct net_frame *f)
 {
-    if (p->held <= 0 || !p->native || p->link_down || !p->nrxq)
-        return 0;
-    if ((f->hsrc[0] & NET_HDR_F_NEEDS_CSUM) && !p->guest_csum)
-        return 0;
-    if (p->vlan_filter && f->len >= NET_ETH_HLEN + 2 &&
-        ((uint32_t)f->eth[12] << 8 | f->eth[13]) == NET_ETH_P_8021Q)
+    if (p->held <= 0 || !net_port_accepts(p, f))
         return 0;
     uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX, steered = 0;
     uint32_t qi = nq > 1 ? net_rx_pick(p, net_frame_flow(f), nq, &steered) : 0;
