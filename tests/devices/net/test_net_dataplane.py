@@ -379,6 +379,22 @@ async def test_full_backlog_drops_natively_as_python_drops():
     assert nat["rx"]["rx_backlog_full"] == sent - kept - 1
 
 
+def test_full_backlog_beyond_the_native_queue_pairs():
+    """A receive queue past the NET_RXQ_MAX pairs the native path serves keeps its
+    backlog mark in Python alone: full, then nothing more until drained to half."""
+    from virtio.devices.net.device import _Backlog
+    from virtio.devices.net.packet import Packet
+
+    b = VirtioNet(name="b", switch=Switch(), mac=MAC_B, num_queue_pairs=lib.NET_RXQ_MAX + 1)
+    index = 2 * lib.NET_RXQ_MAX  # receiveq of the last pair
+    b._rx = {index: _Backlog(2)}
+    frame = ether(MAC_B, MAC_A, b"z" * 50)
+    results = [b.deliver(Packet(frame)) for _ in range(4)]
+    assert results == [True, True, False, False]
+    assert b._rx[index].full and b.errors["backlog_full"] == 2
+    assert not any(b.native_port.rx[k].backlog_full for k in range(lib.NET_RXQ_MAX))
+
+
 async def test_hostile_receive_buffers_judged_by_python():
     """Receive buffers with a device-readable part (§5.1.6.3.1): the native path
     gives them back untouched and hands the packet over; Python drops it and

@@ -150,6 +150,8 @@ class _Backlog:
     def __init__(self, limit: int) -> None:
         self.packets: deque[Packet] = deque()
         self.limit = limit
+        self.full = False
+        """Took nothing more since it filled up, until drained to half."""
         self._ready = trio.Event()
 
     def put(self, packet: Packet) -> bool:
@@ -473,15 +475,15 @@ class VirtioNet(VirtioDevice):
             self.errors["link_down"] += 1
             return False
         index = self._rx_queue(packet.frame, running)
-        rxq = self.native_port.rx[index // 2]
         # A full backlog takes nothing more until it has drained to half (fill_buffers
         # clears the mark): under a sustained overload the queue then empties, and
         # the native path delivers straight into the ring again, instead of every
         # freed slot being refilled at once and every packet going through here.
         # Meanwhile the native path drops such frames itself, counted alike.
-        if rxq.backlog_full or not self._rx[index].put(packet):
+        backlog = self._rx[index]
+        if backlog.full or not backlog.put(packet):
             self.errors["backlog_full"] += 1
-            rxq.backlog_full = 1
+            self._mark_full(index, backlog, True)
             return False
         self.native_port.held += 1  # the native path waits for this backlog
         return True
@@ -513,15 +515,15 @@ class VirtioNet(VirtioDevice):
             try:
                 while True:
                     packet = await backlog.get()
-                    if len(backlog.packets) <= backlog.limit // 2:
-                        self.native_port.rx[queue_index // 2].backlog_full = 0  # room again
+                    if backlog.full and len(backlog.packets) <= backlog.limit // 2:
+                        self._mark_full(queue_index, backlog, False)  # room again
                     pending = 1
                     while not self._receive_locked(queue_index, buffers, packet):
                         await buffers.wait_for_more()
                     pending = 0
                     self.native_port.held -= 1
             finally:
-                self.native_port.rx[queue_index // 2].backlog_full = 0
+                self._mark_full(queue_index, backlog, False)
                 if self._rx.get(queue_index) is backlog:
                     del self._rx[queue_index]
                 if rx is not None:
@@ -531,6 +533,13 @@ class VirtioNet(VirtioDevice):
                 self.native_port.held -= lost + pending  # every packet deliver counted
                 if lost:
                     self.errors["stopped"] += lost
+
+    def _mark_full(self, index: int, backlog: _Backlog, full: bool) -> None:
+        """Set receiveq ``index``'s backlog mark, and the native path's copy of it
+        (``net_rxq.backlog_full``: only the first NET_RXQ_MAX pairs are native)."""
+        backlog.full = full
+        if index // 2 < lib.NET_RXQ_MAX:
+            self.native_port.rx[index // 2].backlog_full = int(full)
 
     def _receive_locked(self, index: int, buffers: BufferQueue, packet: Packet) -> bool:
         """``_receive`` holding the port's lock while native threads may write into
