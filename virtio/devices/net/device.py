@@ -29,9 +29,11 @@ emulator the device serves it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import struct
 from collections import Counter, deque
+from collections.abc import Callable
 
 import trio
 
@@ -145,17 +147,29 @@ def flow_hash(frame: bytes) -> int:
 
 
 class _Backlog:
-    """Packets waiting for one receive queue's buffers."""
+    """Packets waiting for one receive queue's buffers.  A full backlog takes nothing
+    more until it has drained to half: under a sustained overload it then empties, and
+    the native path delivers straight into the ring again, instead of every freed slot
+    being refilled at once and every packet going through Python.  ``on_mark`` is
+    told each change of that mark (the native path drops such frames itself)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_mark: Callable[[bool], None] | None = None) -> None:
         self.packets: deque[Packet] = deque()
         self.limit = limit
         self.full = False
         """Took nothing more since it filled up, until drained to half."""
+        self._on_mark = on_mark
         self._ready = trio.Event()
 
+    def _mark(self, full: bool) -> None:
+        self.full = full
+        if self._on_mark is not None:
+            self._on_mark(full)
+
     def put(self, packet: Packet) -> bool:
-        if len(self.packets) >= self.limit:
+        if self.full or len(self.packets) >= self.limit:
+            if not self.full:
+                self._mark(True)
             return False
         self.packets.append(packet)
         self._ready.set()
@@ -165,7 +179,14 @@ class _Backlog:
         while not self.packets:
             self._ready = trio.Event()
             await self._ready.wait()
-        return self.packets.popleft()
+        packet = self.packets.popleft()
+        if self.full and len(self.packets) <= self.limit // 2:
+            self._mark(False)  # room again
+        return packet
+
+    def close(self) -> None:
+        """No longer served: the mark goes (and the native path's copy with it)."""
+        self._mark(False)
 
 
 class VirtioNet(VirtioDevice):
@@ -475,15 +496,8 @@ class VirtioNet(VirtioDevice):
             self.errors["link_down"] += 1
             return False
         index = self._rx_queue(packet.frame, running)
-        # A full backlog takes nothing more until it has drained to half (fill_buffers
-        # clears the mark): under a sustained overload the queue then empties, and
-        # the native path delivers straight into the ring again, instead of every
-        # freed slot being refilled at once and every packet going through here.
-        # Meanwhile the native path drops such frames itself, counted alike.
-        backlog = self._rx[index]
-        if backlog.full or not backlog.put(packet):
+        if not self._rx[index].put(packet):  # full (_Backlog)
             self.errors["backlog_full"] += 1
-            self._mark_full(index, backlog, True)
             return False
         self.native_port.held += 1  # the native path waits for this backlog
         return True
@@ -502,7 +516,7 @@ class VirtioNet(VirtioDevice):
         return running[h % len(running)]
 
     async def fill_buffers(self, queue_index: int, buffers: BufferQueue) -> None:
-        backlog = _Backlog(self.rx_backlog)
+        backlog = _Backlog(self.rx_backlog, functools.partial(self._mark_full, queue_index))
         rx = None
         if native.NativeRx.supported(self, buffers.notifier, queue_index):
             rx = native.NativeRx(self, buffers, queue_index // 2)
@@ -515,15 +529,13 @@ class VirtioNet(VirtioDevice):
             try:
                 while True:
                     packet = await backlog.get()
-                    if backlog.full and len(backlog.packets) <= backlog.limit // 2:
-                        self._mark_full(queue_index, backlog, False)  # room again
                     pending = 1
                     while not self._receive_locked(queue_index, buffers, packet):
                         await buffers.wait_for_more()
                     pending = 0
                     self.native_port.held -= 1
             finally:
-                self._mark_full(queue_index, backlog, False)
+                backlog.close()
                 if self._rx.get(queue_index) is backlog:
                     del self._rx[queue_index]
                 if rx is not None:
@@ -534,10 +546,9 @@ class VirtioNet(VirtioDevice):
                 if lost:
                     self.errors["stopped"] += lost
 
-    def _mark_full(self, index: int, backlog: _Backlog, full: bool) -> None:
-        """Set receiveq ``index``'s backlog mark, and the native path's copy of it
+    def _mark_full(self, index: int, full: bool) -> None:
+        """The native path's copy of receiveq ``index``'s backlog mark
         (``net_rxq.backlog_full``: only the first NET_RXQ_MAX pairs are native)."""
-        backlog.full = full
         if index // 2 < lib.NET_RXQ_MAX:
             self.native_port.rx[index // 2].backlog_full = int(full)
 
