@@ -30,7 +30,7 @@
  * frames are published (what was decided is what is counted).  The destination
  * port's mutex (net_port.mu, which every writer of that receive ring holds) is
  * kept from one frame to the next within a batch, and with it the lock of the
- * receive ring last reserved from (net_dp.sticky_q; let go first, and before a
+ * receive ring last reserved from (net_dp.kept; let go first, and before a
  * flush, which locks the ring itself); both are let go before a deferral to
  * Python, another destination, a flood to several ports (locked in ascending
  * order, each ring locked per reservation) and at the batch's end.  Order: a
@@ -76,27 +76,43 @@ int net_port_init(struct net_port *p)
 
 void net_port_destroy(struct net_port *p) { pthread_mutex_destroy(NET_PORT_MU(p)); }
 
-/* Publish rx[k]'s gathered used entries with one used index update and notify as
- * EVENT_IDX / flags allow (§2.7.8.2, §2.7.10); mu held. */
+/* Publish rx[k]'s gathered used entries with one used index update (§2.7.8.2);
+ * ring lock and mu held.  1 when the driver is to be notified (EVENT_IDX / flags,
+ * §2.7.10): net_rxq_notify, after the lock is let go. */
+static int net_rxq_publish(struct net_port *p, struct net_rxq *r)
+{
+    struct vq *q = r->q;
+    if (!r->npend || !q)
+        return 0;
+    vq_add_used_batch_u(q, r->pend_ids, r->pend_lens, r->pend_ndescs, r->npend);
+    if (q->stats)
+        q->stats->native += r->npend;
+    r->npend = 0;
+    p->rx_publishes++;
+    return vq_needs_notification_u(q);
+}
+
+static void net_rxq_notify(struct net_port *p, struct net_rxq *r)
+{
+    if (r->call_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(r->call_fd, &one, sizeof one);
+        (void)w;
+        p->rx_calls++;
+    }
+}
+
+/* net_rxq_publish and notify; mu held. */
 static void net_rxq_flush(struct net_port *p, struct net_rxq *r)
 {
     struct vq *q = r->q;
     if (!r->npend || !q)
         return;
     VQ_LOCK(q);
-    vq_add_used_batch_u(q, r->pend_ids, r->pend_lens, r->pend_ndescs, r->npend);
-    if (q->stats)
-        q->stats->native += r->npend;
-    int notify = vq_needs_notification_u(q);
+    int notify = net_rxq_publish(p, r);
     VQ_UNLOCK(q);
-    r->npend = 0;
-    p->rx_publishes++;
-    if (notify && r->call_fd >= 0) {
-        uint64_t one = 1;
-        ssize_t w = write(r->call_fd, &one, sizeof one);
-        (void)w;
-        p->rx_calls++;
-    }
+    if (notify)
+        net_rxq_notify(p, r);
 }
 
 static void net_port_flush(struct net_port *p)
@@ -441,41 +457,95 @@ static uint32_t net_frame_flow(struct net_frame *f)
     return f->flow;
 }
 
-/* The ring lock of a receive queue for one reservation.  With `keep` (the
- * transmitting thread's n->sticky_q) the lock stays held for the batch's next
- * frames to the same ring, as the port's mu does (net_deliver_one): one lock per
- * batch instead of one per frame.  Released by net_let_go_q (before a flush,
- * which locks the ring itself, and with the port's mu). */
-static inline void net_q_take(struct vq **keep, struct vq *q)
+/* The ring lock of a receive queue for one reservation.  With `kp` (the
+ * transmitting thread's n->kept) the lock stays held for the batch's next frames
+ * to the same ring, as the port's mu does (net_deliver_one): one lock per batch
+ * instead of one per frame, and chains popped for several frames at once
+ * (net_kept_pop).  Released by net_let_go_q (with the port's mu, or before
+ * another ring is taken), which first gives the chains not taken back. */
+static void net_kept_return(struct net_rxkeep *kp)
 {
-    if (!keep) {
+    if (kp->next < kp->n)
+        net_give_back(kp->q, kp->ch + kp->next, kp->n - kp->next);
+    kp->n = kp->next = 0;
+}
+
+static inline void net_let_go_q(struct net_rxkeep *kp)
+{
+    if (kp && kp->q) {
+        net_kept_return(kp);
+        VQ_UNLOCK(kp->q);
+        kp->q = NULL;
+    }
+}
+
+static inline void net_q_take(struct net_rxkeep *kp, struct vq *q)
+{
+    if (!kp) {
         VQ_LOCK(q);
         return;
     }
-    if (*keep == q)
+    if (kp->q == q)
         return;
-    if (*keep)
-        VQ_UNLOCK(*keep);
+    net_let_go_q(kp);
     VQ_LOCK(q);
-    *keep = q;
+    kp->q = q;
 }
 
-static inline void net_q_put(struct vq **keep, struct vq *q)
+static inline void net_q_put(struct net_rxkeep *kp, struct vq *q)
 {
-    if (!keep)
+    if (!kp)
         VQ_UNLOCK(q);
 }
 
-static inline void net_let_go_q(struct vq **keep)
+static inline void net_prefetchw_chain(const struct vq *q, const struct vq_chain *c,
+                                       const struct vq_seg *segs)
 {
-    if (keep && *keep) {
-        VQ_UNLOCK(*keep);
-        *keep = NULL;
+    const struct vq_seg *s = segs + c->seg_start;
+    if (!c->nsegs || s->region >= q->mem->nregions)
+        return;
+    const uint8_t *b = net_host((struct vq *)q, s);
+    __builtin_prefetch(b, 1, 3);
+    if (s->len > 64)
+        __builtin_prefetch(b + 64, 1, 3);
+}
+
+/* The next receive chain of kp's ring (q, lock held) into c and segs (room for
+ * max_segs): from the chains popped ahead, popping up to `want` more when none is
+ * left.  1, 0 (none posted, or more segments than room: the chain stays popped
+ * ahead for the caller's give-back) or a VQ_E_* error (the queue is broken). */
+static int net_kept_pop(struct net_rxkeep *kp, struct vq *q, struct vq_chain *c,
+                        struct vq_seg *segs, uint32_t max_segs, uint32_t want)
+{
+    if (kp->next == kp->n) {
+        kp->n = kp->next = 0;
+        if (want > NET_RXC_MAX)
+            want = NET_RXC_MAX;
+        if (q->inflight)
+            want = 1; /* a pop is recorded in the inflight area: none ahead of need */
+        int got = vq_pop_batch_u(q, kp->ch, want ? want : 1, kp->segs, NET_RX_MAX_SEGS);
+        if (got <= 0)
+            return got;
+        kp->n = (uint32_t)got;
+        for (uint32_t i = 0; i < kp->n && i < NET_RX_PF_AHEAD; i++)
+            net_prefetchw_chain(q, &kp->ch[i], kp->segs);
     }
+    const struct vq_chain *from = &kp->ch[kp->next];
+    if (from->nsegs > max_segs)
+        return 0;
+    *c = *from;
+    memcpy(segs, kp->segs + from->seg_start, from->nsegs * sizeof *segs);
+    kp->next++;
+    uint32_t ahead = kp->next + NET_RX_PF_AHEAD - 1;
+    if (ahead < kp->n)
+        net_prefetchw_chain(q, &kp->ch[ahead], kp->segs);
+    else
+        vq_prefetch_avail_buffer_u(q, ahead - kp->n);
+    return 1;
 }
 
 static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r,
-                          struct vq **keep)
+                          struct net_rxkeep *kp, uint32_t want)
 {
     uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX;
     uint32_t steered = 0;
@@ -490,16 +560,15 @@ static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_re
         p->rx_deferred++; /* that queue is not native (now): Python */
         return NET_RX_DEFER;
     }
-    if (rq->npend + NET_RX_MAX_BUFS > NET_RX_PEND) {
-        net_let_go_q(keep);
-        net_rxq_flush(p, rq);
-    }
-    net_q_take(keep, q);
+    net_q_take(kp, q);
+    if (rq->npend + NET_RX_MAX_BUFS > NET_RX_PEND && net_rxq_publish(p, rq))
+        net_rxq_notify(p, rq); /* (the ring's lock is kept for the batch: written under it) */
     while (room < total) {
         if (r->k == NET_RX_MAX_BUFS)
             goto back;
         struct vq_chain *c = &r->ch[r->k];
-        int n = vq_pop_batch_u(q, c, 1, r->segs + nseg, NET_RX_MAX_SEGS - nseg);
+        int n = kp ? net_kept_pop(kp, q, c, r->segs + nseg, NET_RX_MAX_SEGS - nseg, want)
+                   : vq_pop_batch_u(q, c, 1, r->segs + nseg, NET_RX_MAX_SEGS - nseg);
         if (n <= 0)
             goto back; /* none posted, or an error (the queue is broken now) */
         c->seg_start = nseg;
@@ -519,12 +588,15 @@ static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_re
      * runs dry (wait_for_more: enable, re-check, sleep). */
     if (q->notify_enabled)
         vq_disable_notification_u(q);
-    vq_prefetch_avail_buffer_u(q, NET_RX_PF_AHEAD);
-    net_q_put(keep, q);
+    if (!kp)
+        vq_prefetch_avail_buffer_u(q, NET_RX_PF_AHEAD);
+    net_q_put(kp, q);
     return NET_RX_OK;
 back:
+    if (kp)
+        net_kept_return(kp); /* and the chains popped ahead with r's */
     net_give_back(q, r->ch, r->k);
-    net_q_put(keep, q);
+    net_q_put(kp, q);
     r->k = 0;
     p->rx_deferred++;
     return NET_RX_DEFER;
@@ -787,7 +859,7 @@ static int64_t net_decide(struct net_dp *n, const struct net_frame *f)
  * pending: net_dp_batch_end publishes them). */
 static void net_unstick(struct net_dp *n)
 {
-    net_let_go_q(&n->sticky_q);
+    net_let_go_q(&n->kept);
     if (n->sticky) {
         pthread_mutex_unlock(NET_PORT_MU(n->sticky_port));
         n->sticky = 0;
@@ -815,7 +887,7 @@ static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
         p->rx_backlog_full++;
         return 2;
     }
-    if (net_rx_reserve(p, (struct net_frame *)f, &n->resv[0], &n->sticky_q) != NET_RX_OK)
+    if (net_rx_reserve(p, (struct net_frame *)f, &n->resv[0], &n->kept, n->rx_want) != NET_RX_OK)
         return -1;
     net_rx_commit(p, f, &n->resv[0]);
     return 1;
@@ -836,6 +908,13 @@ static void net_dp_batch_begin(void *dev, const struct vq_chain *c, uint32_t k,
     n->batch_first = c;
     n->batch_n = k;
     uint32_t hs = n->hdr_size;
+    /* First every chain's first line asked for (a prefetch retires at once, so all
+     * of the batch's misses are in flight together), then the copies. */
+    for (uint32_t i = 0; i < k; i++) {
+        const struct vq_seg *s = segs + c[i].seg_start;
+        if (c[i].nreadable && s->region < m->nregions)
+            __builtin_prefetch(m->regions[s->region].host + s->offset, 0, 3);
+    }
     for (uint32_t i = 0; i < k; i++) {
         const struct vq_seg *s = segs + c[i].seg_start;
         /* readable segments come first (§2.7.4.2 / §2.8.8.2): the header's start,
@@ -871,6 +950,9 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         got = n->bhdr_ok[i];
         ghdr = n->bhdr[i];
         geth = n->beth[i];
+        n->rx_want = n->batch_n - i;
+    } else {
+        n->rx_want = 1;
     }
     struct net_port *self = n->src < NET_FDB_MAX_PORTS ? n->ports[n->src] : NULL;
     if (self && __atomic_load_n(&self->link_down, __ATOMIC_RELAXED))
@@ -974,7 +1056,7 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
             if (!net_port_takes(p, &f)) {
                 failed = 1;
                 n->py_port++;
-            } else if (net_rx_reserve(p, &f, &n->resv[nheld - 1], NULL) != NET_RX_OK) {
+            } else if (net_rx_reserve(p, &f, &n->resv[nheld - 1], NULL, 1) != NET_RX_OK) {
                 failed = 1;
                 n->py_no_room++;
             }
@@ -1051,7 +1133,7 @@ static void net_dp_batch_end(void *dev)
         pthread_mutex_unlock(NET_PORT_MU(p));
     }
     if (n->sticky) {
-        net_let_go_q(&n->sticky_q); /* the flush locks the ring itself */
+        net_let_go_q(&n->kept); /* the flush locks the ring itself */
         net_port_flush(n->sticky_port);
         net_unstick(n);
     }

@@ -83,6 +83,19 @@ struct net_resv {
     uint32_t steered;           /* qi is the pair the flow was sent on (§5.1.9.5.6) */
 };
 
+/* The receive ring whose lock a transmitting thread keeps between frames of a batch
+ * (net_dp.kept), and the chains it popped from that ring ahead of need: one pop for
+ * the batch's frames instead of one per frame.  ch[next .. n) are popped and not
+ * yet taken; they are the ring's last popped chains and go back to it (the next pop
+ * hands them out again) before the lock is let go. */
+#define NET_RXC_MAX 64
+struct net_rxkeep {
+    struct vq *q;               /* the ring whose lock is held, or NULL */
+    uint32_t n, next;
+    struct vq_chain ch[NET_RXC_MAX];
+    struct vq_seg segs[NET_RX_MAX_SEGS];
+};
+
 /* The wait of a dp_group serving several ports' transmit queues (--queue-threads:
  * one thread for all of them, as one DPDK lcore polls every vhost port): one
  * poll() over every member's eventfds.  net_dp.ng, before net_dp_attach. */
@@ -101,6 +114,7 @@ struct net_dp {
     uint8_t _pad[3];
     /* transmitted frames served natively, and those handed to Python by cause */
     uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin;
+    struct net_rxkeep kept;     /* a receive ring of sticky_port whose lock is kept too */
     uint64_t py_malformed, py_offload, py_port, py_no_room;
     uint8_t touched[NET_FDB_MAX_PORTS]; /* ports written in this batch */
     struct net_resv resv[NET_FLOOD_MAX];
@@ -114,7 +128,7 @@ struct net_dp {
     uint32_t sticky;
     int32_t cache_target;
     struct net_port *sticky_port; /* ports[sticky - 1] when locked (that may be NULLed) */
-    struct vq *sticky_q;        /* a receive ring of sticky_port whose lock is kept too */
+    uint32_t rx_want;           /* chains the batch's frames from this one on may take */
     uint8_t cache_dst[6], learned_src[6];
     uint8_t cache_valid, learned_valid;
     uint8_t flood_valid, flood_n; /* a flood's ports this batch: flood_n (0..2) others, */

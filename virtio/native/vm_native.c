@@ -226,6 +226,38 @@ static int walk_indirect(struct vq *q, struct walk *w, uint64_t addr, uint32_t l
 #define SPLIT_USED_ELEM(q, i) ((q)->device + 4 + 8 * (uint32_t)(i))
 #define SPLIT_AVAIL_EVENT(q) ((q)->device + 4 + 8 * (uint32_t)(q)->size)
 
+/* The usual chain: one descriptor, neither NEXT nor INDIRECT, a non-empty buffer
+ * inside the region vm_find would try first.  Written as walk_add would write it,
+ * without the general walk; 0 leaves everything else (and every error) to it. */
+static inline __attribute__((always_inline)) int vq_chain_one(struct vq *q, struct vq_chain *c,
+                                                             struct vq_seg *s, uint32_t seg_used,
+                                                             uint32_t max_segs, uint64_t addr,
+                                                             uint32_t len, uint16_t flags)
+{
+    const struct vm_mem *m = q->mem;
+    uint32_t ri = m->last_hit;
+    if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) || !len || seg_used >= max_segs ||
+        ri >= m->nregions)
+        return 0;
+    const struct vm_region *r = &m->regions[ri];
+    uint64_t off = addr - r->gpa;
+    if (off >= r->size || len > r->size - off)
+        return 0;
+    int writable = (flags & VRING_DESC_F_WRITE) != 0;
+    c->ndesc = 1;
+    c->nsegs = 1;
+    c->nreadable = !writable;
+    c->readable_len = writable ? 0 : len;
+    c->writable_len = writable ? len : 0;
+    c->seg_start = seg_used;
+    s->gpa = addr;
+    s->offset = off;
+    s->len = len;
+    s->region = (uint16_t)ri;
+    s->writable = (uint16_t)writable;
+    return 1;
+}
+
 static int split_walk(struct vq *q, struct walk *w, uint16_t head)
 {
     if (head >= q->size)
@@ -304,6 +336,20 @@ static int split_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchai
         }
         uint16_t head = ld16(SPLIT_AVAIL_RING(q, q->last_avail_idx % q->size));
         struct vq_chain *c = &chains[done];
+        if (head < q->size) {
+            const uint8_t *d1 = q->desc + head * 16u; /* each field read once */
+            uint64_t a1 = ld64(d1);
+            uint32_t l1 = ld32(d1 + 8);
+            uint16_t f1 = ld16(d1 + 12);
+            if (vq_chain_one(q, c, segs + seg_used, seg_used, max_segs, a1, l1, f1)) {
+                c->head = head;
+                seg_used++;
+                q->last_avail_idx++;
+                n--;
+                done++;
+                continue;
+            }
+        }
         memset(c, 0, sizeof *c);
         c->head = head;
         c->ndesc = 1;
@@ -418,6 +464,22 @@ static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t ncha
         if (!packed_is_avail(flags, wrap))
             break;
         struct vq_chain *c = &chains[done];
+        const uint8_t *d1 = q->desc + pos * 16u; /* each field read once */
+        uint64_t a1 = ld64(d1);
+        uint32_t l1 = ld32(d1 + 8);
+        uint16_t id1 = ld16(d1 + 12), f1 = ld16(d1 + 14);
+        if (!ip && vq_chain_one(q, c, segs + seg_used, seg_used, max_segs, a1, l1, f1)) {
+            c->head = id1; /* §2.8.6: the buffer ID */
+            seg_used++;
+            if (++pos >= q->size) {
+                pos = 0;
+                wrap ^= 1;
+            }
+            q->next_avail = pos;
+            q->avail_wrap = wrap;
+            done++;
+            continue;
+        }
         memset(c, 0, sizeof *c);
         c->seg_start = seg_used;
         struct walk w = {c, segs + seg_used, 0, max_segs - seg_used, 0, 0};
