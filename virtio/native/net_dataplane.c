@@ -534,7 +534,10 @@ static int net_kept_pop(struct net_rxkeep *kp, struct vq *q, struct vq_chain *c,
     if (from->nsegs > max_segs)
         return 0;
     *c = *from;
-    memcpy(segs, kp->segs + from->seg_start, from->nsegs * sizeof *segs);
+    if (from->nsegs == 1) /* the usual buffer: no call to memcpy */
+        segs[0] = kp->segs[from->seg_start];
+    else
+        memcpy(segs, kp->segs + from->seg_start, from->nsegs * sizeof *segs);
     kp->next++;
     uint32_t ahead = kp->next + NET_RX_PF_AHEAD - 1;
     if (ahead < kp->n)
