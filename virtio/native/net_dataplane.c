@@ -780,6 +780,10 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
     f->hsrc = h;
     f->body = cur;
     f->flow_valid = 0;
+    if (got & NET_GOT_FLOW) { /* hashed in net_dp_batch_begin */
+        f->flow = n->bflow[c - n->batch_first];
+        f->flow_valid = 1;
+    }
     net_prefetch_body(&cur, f->len);
     _Static_assert(sizeof f->eth == NET_ETH_GATHER, "the gathered Ethernet header");
     if ((got & NET_GOT_ETH) && f->len >= sizeof f->eth)
@@ -915,9 +919,19 @@ static void net_dp_batch_begin(void *dev, const struct vq_chain *c, uint32_t k,
      * of the batch's misses are in flight together), then the copies. */
     for (uint32_t i = 0; i < k; i++) {
         const struct vq_seg *s = segs + c[i].seg_start;
-        if (c[i].nreadable && s->region < m->nregions)
-            __builtin_prefetch(m->regions[s->region].host + s->offset, 0, 3);
+        if (c[i].nreadable && s->region < m->nregions) {
+            const uint8_t *b = m->regions[s->region].host + s->offset;
+            __builtin_prefetch(b, 0, 3);
+            if (s->len > hs)
+                __builtin_prefetch(b + hs, 0, 3); /* the frame's first line */
+        }
     }
+    /* The flows, where queue pairs make them matter (a port sending on several
+     * pairs: steering notes every frame's flow, and its peers pick their receive
+     * queue by it): hashed here, in one pass, from frames in one segment with
+     * their header (net_frame_flow's contiguous case). */
+    struct net_port *self = n->src < NET_FDB_MAX_PORTS ? n->ports[n->src] : NULL;
+    int flows = self && __atomic_load_n(&self->steer_pairs, __ATOMIC_RELAXED) > 1;
     for (uint32_t i = 0; i < k; i++) {
         const struct vq_seg *s = segs + c[i].seg_start;
         /* readable segments come first (§2.7.4.2 / §2.8.8.2): the header's start,
@@ -934,6 +948,14 @@ static void net_dp_batch_begin(void *dev, const struct vq_chain *c, uint32_t k,
                        s[1].region < m->nregions) {
                 memcpy(n->beth[i], m->regions[s[1].region].host + s[1].offset, NET_ETH_GATHER);
                 got |= NET_GOT_ETH;
+            }
+        }
+        if (flows && (got & NET_GOT_ETH) && c[i].readable_len > hs) {
+            uint32_t len = c[i].readable_len - hs;
+            uint32_t fl = len < NET_FLOW_BYTES ? len : NET_FLOW_BYTES;
+            if (s->len >= hs + fl) {
+                n->bflow[i] = net_flow_hash(m->regions[s->region].host + s->offset + hs, fl);
+                got |= NET_GOT_FLOW;
             }
         }
         n->bhdr_ok[i] = got;

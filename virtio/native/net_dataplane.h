@@ -13,7 +13,7 @@
 #define NET_STEER_SIZE 256  /* flows a port remembers for receive steering */
 #define NET_HDR_GATHER 10   /* header bytes read per batch: flags .. csum_offset */
 #define NET_ETH_GATHER 18   /* and frame bytes: Ethernet header and one VLAN tag */
-enum { NET_GOT_HDR = 1, NET_GOT_ETH = 2 };
+enum { NET_GOT_HDR = 1, NET_GOT_ETH = 2, NET_GOT_FLOW = 4 };
 
 /* One receive queue of a port written natively: receiveq(k+1) for rx[k]. */
 struct net_rxq {
@@ -157,6 +157,7 @@ struct net_dp {
     uint8_t bhdr_ok[DP_BATCH];  /* NET_GOT_* bits */
     uint8_t bhdr[DP_BATCH][NET_HDR_GATHER];
     uint8_t beth[DP_BATCH][NET_ETH_GATHER]; /* the frame's first bytes (NET_GOT_ETH) */
+    uint32_t bflow[DP_BATCH];   /* its net_flow_hash (NET_GOT_FLOW) */
 };
 
 void net_dp_attach(struct net_dp *n);
