@@ -728,17 +728,21 @@ static double net_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Start fetching the frame's bytes (up to 4 KiB) while the decision and the
- * reservation run: the copy then finds them in cache.  The first line is being
- * read already (the Ethernet header), so from the next one on.  `c` is the
+/* Start fetching the frame's first bytes (NET_PF_BODY) while the decision and the
+ * reservation run: the copy then starts in cache, and the CPU's own prefetcher
+ * follows the copy's stream for the rest.  (Up to 4 KiB asked for here, a 1518 B
+ * frame's 24 prefetches waited for free miss buffers: 7 % of the backend's
+ * samples at 2 queue pairs.)  The first line is being read already (the Ethernet
+ * header), so from the next one on.  `c` is the
  * parse's local cursor: read back from the frame struct just written, its fields
  * would wait for the stores (see net_cursor_read). */
+#define NET_PF_BODY 256
 static inline __attribute__((always_inline)) void net_prefetch_body(const struct net_cursor *c,
                                                                     uint32_t len)
 {
     if (len <= 64)
         return; /* a line or two, the first of them being read */
-    uint32_t left = len < 4096 ? len : 4096, off = c->off;
+    uint32_t left = len < NET_PF_BODY ? len : NET_PF_BODY, off = c->off;
     uintptr_t skip = 0; /* the first byte's line, skipped */
     for (uint32_t i = c->i; left && i < c->nsegs; i++, off = 0) {
         const uint8_t *b = net_host(c->q, &c->segs[i]) + off;
