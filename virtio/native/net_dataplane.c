@@ -30,8 +30,9 @@
  * frames are published (what was decided is what is counted).  The destination
  * port's mutex (net_port.mu, which every writer of that receive ring holds) is
  * kept from one frame to the next within a batch, and with it the lock of the
- * receive ring last reserved from (net_dp.kept; let go first, and before a
- * flush, which locks the ring itself); both are let go before a deferral to
+ * receive ring last reserved from (net_dp.kept, with the chains popped from it
+ * ahead of need; let go first, and before the batch end's flush, which locks the
+ * ring itself); both are let go before a deferral to
  * Python, another destination, a flood to several ports (locked in ascending
  * order, each ring locked per reservation) and at the batch's end.  Order: a
  * port's mutex, then its ring's lock or the database's; never a port's while the database's is held (nor does Python:
@@ -498,16 +499,14 @@ static inline void net_q_put(struct net_rxkeep *kp, struct vq *q)
         VQ_UNLOCK(q);
 }
 
+/* A popped receive chain's first buffer, about to be written (the ring core's
+ * prefetch for writing: PREFETCHW). */
 static inline void net_prefetchw_chain(const struct vq *q, const struct vq_chain *c,
                                        const struct vq_seg *segs)
 {
     const struct vq_seg *s = segs + c->seg_start;
-    if (!c->nsegs || s->region >= q->mem->nregions)
-        return;
-    const uint8_t *b = net_host((struct vq *)q, s);
-    __builtin_prefetch(b, 1, 3);
-    if (s->len > 64)
-        __builtin_prefetch(b + 64, 1, 3);
+    if (c->nsegs && s->region < q->mem->nregions)
+        vq_prefetchw_buffer(&q->mem->regions[s->region], s->offset, s->len);
 }
 
 /* The next receive chain of kp's ring (q, lock held) into c and segs (room for

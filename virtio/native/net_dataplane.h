@@ -114,7 +114,6 @@ struct net_dp {
     uint8_t _pad[3];
     /* transmitted frames served natively, and those handed to Python by cause */
     uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin;
-    struct net_rxkeep kept;     /* a receive ring of sticky_port whose lock is kept too */
     uint64_t py_malformed, py_offload, py_port, py_no_room;
     uint8_t touched[NET_FDB_MAX_PORTS]; /* ports written in this batch */
     struct net_resv resv[NET_FLOOD_MAX];
@@ -129,6 +128,7 @@ struct net_dp {
     int32_t cache_target;
     struct net_port *sticky_port; /* ports[sticky - 1] when locked (that may be NULLed) */
     uint32_t rx_want;           /* chains the batch's frames from this one on may take */
+    struct net_rxkeep kept;     /* a receive ring of sticky_port whose lock is kept too */
     uint8_t cache_dst[6], learned_src[6];
     uint8_t cache_valid, learned_valid;
     uint8_t flood_valid, flood_n; /* a flood's ports this batch: flood_n (0..2) others, */

@@ -646,6 +646,15 @@ static inline void vq_prefetchw(const void *p)
 #endif
 }
 
+/* A device-writable buffer at `off` in region r, `len` bytes, about to be written:
+ * its first line or two asked for in the exclusive state. */
+static inline void vq_prefetchw_buffer(const struct vm_region *r, uint64_t off, uint32_t len)
+{
+    vq_prefetchw(r->host + off);
+    if (len > 64 && off + 64 < r->size)
+        vq_prefetchw(r->host + off + 64);
+}
+
 /* Start taking the buffer `ahead` chains past the next one into this CPU's cache
  * for writing (the queue's lock held): a receive buffer the device fills a few
  * frames later, whose first lines the driver's CPU last wrote -- without this the
@@ -685,10 +694,7 @@ static void vq_prefetch_avail_buffer_u(struct vq *q, uint32_t ahead)
     if (i < 0)
         return;
     const struct vm_region *r = &q->mem->regions[i];
-    uint64_t off = addr - r->gpa;
-    vq_prefetchw(r->host + off);
-    if (len > 64 && off + 64 < r->size)
-        vq_prefetchw(r->host + off + 64);
+    vq_prefetchw_buffer(r, addr - r->gpa, len);
 }
 
 static uint32_t vq_avail_count_u(struct vq *q)
