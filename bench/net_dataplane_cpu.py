@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def measure(packed: bool, size: int, ring: int, frames: int) -> float:
+def measure(packed: bool, size: int, ring: int, frames: int, pairs: int = 1) -> float:
     """ns of data plane CPU per forwarded frame (run inside the checkout to measure)."""
     import struct
 
@@ -106,25 +106,32 @@ def measure(packed: bool, size: int, ring: int, frames: int) -> float:
 
     class Guest:
         def __init__(self, dev: VirtioNet) -> None:
-            feats = dev.offered_features() & ~NF.VIRTIO_NET_F_MQ.mask
+            feats = dev.offered_features()
+            if pairs == 1:
+                feats &= ~NF.VIRTIO_NET_F_MQ.mask
             feats &= ~TF.VIRTIO_F_EVENT_IDX.mask
             if not packed:
                 feats &= ~TF.VIRTIO_F_RING_PACKED.mask
             feats &= ~NF.VIRTIO_NET_F_CSUM.mask  # testpmd's virtio-user: no offloads
             dev.ack_features(feats)
             per = footprint(ring, packed=packed, event_idx=False) + ring * buf + 4096
-            self.mem = MmapGuestMemory.anonymous(2 * per + 4096)
-            self.rings = {qi: Ring(self.mem, qi * per, qi == rx) for qi in (rx, tx)}
+            # with MQ and no control queue (as vhost-user serves it) every pair is in
+            # use (§5.1.9.5.5): all receive queues armed, transmitq1 sends
+            qis = (rx, tx, *(2 * k for k in range(1, pairs)))
+            self.mem = MmapGuestMemory.anonymous(len(qis) * per + 4096)
+            self.rings = {qi: Ring(self.mem, i * per, qi % 2 == 0) for i, qi in enumerate(qis)}
+            self.rx = [qi for qi in qis if qi % 2 == 0]
             queues = {
                 qi: Virtqueue(self.mem, r.dq.state(), name=f"{dev.name}q{qi}")
                 for qi, r in self.rings.items()
             }
-            self.notifiers = {qi: EventfdNotifier() for qi in (rx, tx)}
+            self.notifiers = {qi: EventfdNotifier() for qi in qis}
             self.errors: list = []
             self.active = ActiveDevice(self.mem, feats, queues, self.notifiers, self.errors.append)
 
     sw = Switch()
-    a, b = VirtioNet(name="a", switch=sw, mac=MAC_A), VirtioNet(name="b", switch=sw, mac=MAC_B)
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A, num_queue_pairs=pairs)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B, num_queue_pairs=pairs)
     ga, gb = Guest(a), Guest(b)
     result = []
 
@@ -135,15 +142,22 @@ def measure(packed: bool, size: int, ring: int, frames: int) -> float:
             await trio.testing.wait_all_tasks_blocked()
             done = cpu = 0
             warm = 4 * ring  # the first rounds fault the guest pages in: not counted
+            # one flow: every frame goes to the receive queue its hash picks (b never
+            # transmitted it, so no steering entry) -- found in the first round
+            to = None
             while done < frames + warm:
-                gb.rings[rx].arm()
-                os.eventfd_write(gb.notifiers[rx].kick_fd, 1)
+                for qi in gb.rx if to is None else (to,):
+                    gb.rings[qi].arm()
+                    os.eventfd_write(gb.notifiers[qi].kick_fd, 1)
                 await trio.testing.wait_all_tasks_blocked()
                 c0 = thread_cpu_ns("VirtioNet-")
                 ga.rings[tx].arm()
                 os.eventfd_write(ga.notifiers[tx].kick_fd, 1)
-                while not (ga.rings[tx].done() and gb.rings[rx].done()):
+                armed = gb.rx if to is None else [to]
+                while not ga.rings[tx].done() or not any(gb.rings[qi].done() for qi in armed):
                     await trio.sleep(0.0002)  # polling the driver's view: untimed
+                if to is None:
+                    to = next(qi for qi in gb.rx if gb.rings[qi].done())
                 if done >= warm:
                     cpu += thread_cpu_ns("VirtioNet-") - c0
                 done += ring
@@ -164,6 +178,9 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=200_000, help="frames per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(
+        "--queue-pairs", type=int, default=1, help="pairs of both ports (2: flow hashing, steering)"
+    )
+    ap.add_argument(
         "--baseline-repo",
         type=Path,
         default=None,
@@ -174,7 +191,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.one:
         sys.path.insert(0, os.getcwd())
-        print(measure(args.packed, args.size, args.ring, args.frames))
+        print(measure(args.packed, args.size, args.ring, args.frames, args.queue_pairs))
         return 0
     builds = {"ours": REPO}
     if args.baseline_repo:
@@ -185,13 +202,15 @@ def main() -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--size", str(args.size)]
             cmd += ["--ring", str(args.ring), "--frames", str(args.frames)]
             cmd += ["--packed"] if args.packed else []
+            cmd += ["--queue-pairs", str(args.queue_pairs)]
             out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=True)
             res[name].append(float(out.stdout.split()[-1]))
             print(f"round {r + 1} {name}: {res[name][-1]:.1f} ns/frame", file=sys.stderr)
     ring = "packed" if args.packed else "split"
     for name, vals in res.items():
         print(
-            f"{name:5} {ring:6} {args.size:5} B  median {statistics.median(vals):6.1f} ns/frame"
+            f"{name:5} {ring:6} {args.size:5} B {args.queue_pairs} QP"
+            f"  median {statistics.median(vals):6.1f} ns/frame"
             f"  (min {min(vals):.1f}, max {max(vals):.1f}, {args.rounds} rounds)"
         )
     if "base" in res:

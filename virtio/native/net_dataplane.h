@@ -101,6 +101,13 @@ struct net_rxkeep {
  * poll() over every member's eventfds.  net_dp.ng, before net_dp_attach. */
 struct net_group; /* net_dataplane.c */
 
+/* The last IPv4 flow key net_dp_batch_begin hashed (kind 0: none yet; 1: addresses;
+ * 2: addresses and ports), and its net_flow_hash. */
+struct net_flow_memo {
+    uint64_t addrs;
+    uint32_t ports, kind, hash;
+};
+
 struct net_dp {
     struct dp core;
     struct vm_net_fdb *fdb;
@@ -158,6 +165,7 @@ struct net_dp {
     uint8_t bhdr[DP_BATCH][NET_HDR_GATHER];
     uint8_t beth[DP_BATCH][NET_ETH_GATHER]; /* the frame's first bytes (NET_GOT_ETH) */
     uint32_t bflow[DP_BATCH];   /* its net_flow_hash (NET_GOT_FLOW) */
+    struct net_flow_memo flow_memo; /* the last IPv4 flow key hashed, and its hash */
 };
 
 void net_dp_attach(struct net_dp *n);

@@ -801,6 +801,62 @@ async def test_replies_steered_to_the_pair_the_flow_was_sent_on(native: bool):
         gb.close()
 
 
+async def test_a_batch_of_mixed_flows_noted_each_under_its_own_hash():
+    """The transmit batch hashes its frames' flows once each, remembering the last
+    IPv4 key (``net_flow_hash_memo``): runs of one flow, flows that differ only in
+    a port, in having ports at all (TCP 0 -> 0 vs ICMP), by a VLAN tag, an IPv6
+    flow between them -- each noted for steering (§5.1.9.5.6) under the hash
+    ``flow_hash`` gives it, in a first batch on transmitq1 and then, the same
+    frames, on transmitq2."""
+    from virtio.devices.net.device import flow_hash
+
+    def flow(sport: int, dport: int = 80, proto: int = 6, vlan: bool = False) -> bytes:
+        f = bytearray(tcp4(MAC_A, MAC_B, b"f" * 20))
+        f[23] = proto
+        f[34:38] = sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+        if vlan:
+            f[12:12] = b"\x81\x00\x00\x05"
+        return bytes(f)
+
+    ipv6 = ether(MAC_A, MAC_B, bytes([0x60]) + bytes(5) + b"\x11\x40" + os.urandom(32)
+                 + b"\x00\x35\x00\x35" + bytes(20), ethertype=0x86DD)  # fmt: skip
+    f1, f2, f3 = flow(1000), flow(1001), flow(1000, 81)
+    zero, icmp = flow(0, 0), flow(0, 0, proto=1)
+    tagged, tagged1 = flow(1002, vlan=True), flow(1000, vlan=True)  # tagged1: f1's flow
+    frames = [f1, f1, f2, f1, f3, f3, zero, icmp, icmp, zero, ipv6, f1, tagged, tagged1, f1]
+    distinct = list(dict.fromkeys(frames))
+    hashes = {flow_hash(f) for f in distinct}
+    slots = {h % lib.NET_STEER_SIZE for h in hashes}
+    assert len(hashes) == len(distinct) - 1 == len(slots)  # none shares a steering slot
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B, num_queue_pairs=2)
+    ga, gb = Guest(a), Guest(b)
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+            token = gb.post(4, readable=[bytes([4, 0]) + struct.pack("<H", 2)], writable=[1])
+            await gb.wait_used(4, token)
+            for _ in range(2 * len(frames)):
+                ga.post(RX, writable=[2048])
+            await trio.testing.wait_all_tasks_blocked()
+            for txq, pair in ((1, 0), (3, 1)):
+                dq = gb.drv[txq]
+                tokens = {dq.add([_hdr() + f]) for f in frames}
+                if dq.publish():  # one kick: one popped batch
+                    os.eventfd_write(gb.notifiers[txq].kick_fd, 1)
+                await gb.wait_all_used(txq, tokens)
+                for f in distinct:
+                    assert lib.net_steer_pair(b.native_port, flow_hash(f)) == pair, f.hex()
+            tx = b.statistics()["native"]["tx"]  # tagged frames: port a's VLAN rules in Python
+            assert (tx["tx_native"], tx["py_port"]) == (2 * (len(frames) - 2), 4), tx
+            nursery.cancel_scope.cancel()
+    finally:
+        ga.close()
+        gb.close()
+
+
 async def _one_batch(native: bool, packed: bool, body: list[bytes]):
     """Port a transmits 16 frames made available at once (one kick: one popped
     batch), then b answers and a sends once more."""
