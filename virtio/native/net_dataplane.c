@@ -446,7 +446,13 @@ struct net_frame {
     uint32_t len;               /* frame bytes */
     uint8_t hdr[NET_HDR_MAX];   /* flags .. csum_offset when read by the cursor */
     const uint8_t *hsrc;        /* the 10 header bytes as read: the batch's copy or hdr */
-    uint8_t eth[NET_ETH_HLEN + NET_VLAN_HLEN];
+    /* the frame's first bytes (Ethernet header, VLAN tag): the batch's copy, or ethbuf
+     * when read here.  Pointed at, not copied: a copy just stored and then read at
+     * other widths (a byte, a MAC address at offset 6) cannot be store-forwarded
+     * and waits for every older store (the previous frame's copy into the peer's
+     * lines) */
+    const uint8_t *eth;
+    uint8_t ethbuf[NET_ETH_HLEN + NET_VLAN_HLEN];
     uint32_t flow;              /* net_flow_hash, once flow_valid */
     int flow_valid;
 };
@@ -478,30 +484,30 @@ static void net_give_back(struct vq *q, const struct vq_chain *ch, uint32_t k)
 enum { NET_RX_OK = 1, NET_RX_DEFER = 0 };
 #define NET_RX_PF_AHEAD 4 /* receive buffers prefetched for writing this far ahead */
 
-/* Reserve receive buffers of port p for the frame (p->mu held): pop as many
- * chains as it needs.  NET_RX_OK, or NET_RX_DEFER with the ring as it was: short of
- * buffers, or a buffer the Python path must judge (readable, shorter than the
- * header, too small without MRG_RXBUF), or a ring error (the ring core marked the
- * queue broken).  Python does not touch the ring while p->mu is held and p->held
- * is 0, so the reservation stays valid until net_rx_commit / net_rx_cancel. */
-static uint32_t net_frame_flow(struct net_frame *f)
+/* net_frame_flow's first time for a frame the batch did not hash: out of line, so
+ * that the usual call (already hashed) does not pay this one's stack frame. */
+static __attribute__((noinline)) uint32_t net_frame_flow_hash(struct net_frame *f)
 {
-    if (!f->flow_valid) {
-        const struct net_cursor *c = &f->body;
-        uint32_t n = f->len < NET_FLOW_BYTES ? f->len : NET_FLOW_BYTES;
-        if (c->i < c->nsegs && c->segs[c->i].len - c->off >= n) {
-            /* contiguous (the usual case): hashed in place.  The driver may change
-             * the bytes meanwhile: it only moves its frame to another queue. */
-            f->flow = net_flow_hash(net_host(c->q, &c->segs[c->i]) + c->off, n);
-        } else {
-            uint8_t b[NET_FLOW_BYTES];
-            struct net_cursor cur = *c;
-            net_cursor_read(&cur, b, n);
-            f->flow = net_flow_hash(b, n);
-        }
-        f->flow_valid = 1;
+    const struct net_cursor *c = &f->body;
+    uint32_t n = f->len < NET_FLOW_BYTES ? f->len : NET_FLOW_BYTES;
+    if (c->i < c->nsegs && c->segs[c->i].len - c->off >= n) {
+        /* contiguous (the usual case): hashed in place.  The driver may change the
+         * bytes meanwhile: it only moves its frame to another queue. */
+        f->flow = net_flow_hash(net_host(c->q, &c->segs[c->i]) + c->off, n);
+    } else {
+        uint8_t b[NET_FLOW_BYTES];
+        struct net_cursor cur = *c;
+        net_cursor_read(&cur, b, n);
+        f->flow = net_flow_hash(b, n);
     }
+    f->flow_valid = 1;
     return f->flow;
+}
+
+/* The frame's flow (net_flow_hash): the batch's hash, or computed once. */
+static inline uint32_t net_frame_flow(struct net_frame *f)
+{
+    return __builtin_expect(f->flow_valid, 1) ? f->flow : net_frame_flow_hash(f);
 }
 
 /* The ring lock of a receive queue for one reservation.  With `kp` (the
@@ -592,6 +598,12 @@ static int net_kept_pop(struct net_rxkeep *kp, struct vq *q, struct vq_chain *c,
     return 1;
 }
 
+/* Reserve receive buffers of port p for the frame (p->mu held): pop as many
+ * chains as it needs.  NET_RX_OK, or NET_RX_DEFER with the ring as it was: short of
+ * buffers, or a buffer the Python path must judge (readable, shorter than the
+ * header, too small without MRG_RXBUF), or a ring error (the ring core marked the
+ * queue broken).  Python does not touch the ring while p->mu is held and p->held
+ * is 0, so the reservation stays valid until net_rx_commit / net_rx_cancel. */
 static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r,
                           struct net_rxkeep *kp, uint32_t want)
 {
@@ -834,11 +846,15 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
         f->flow_valid = 1;
     }
     net_prefetch_body(&cur, f->len);
-    _Static_assert(sizeof f->eth == NET_ETH_GATHER, "the gathered Ethernet header");
-    if ((got & NET_GOT_ETH) && f->len >= sizeof f->eth)
-        memcpy(f->eth, geth, sizeof f->eth); /* read in net_dp_batch_begin */
-    else
-        net_cursor_read(&cur, f->eth, f->len < sizeof f->eth ? f->len : (uint32_t)sizeof f->eth);
+    _Static_assert(sizeof f->ethbuf == NET_ETH_GATHER, "the gathered Ethernet header");
+    if ((got & NET_GOT_ETH) && f->len >= sizeof f->ethbuf) {
+        f->eth = geth; /* read in net_dp_batch_begin (stays put for this serve) */
+    } else {
+        uint32_t k = f->len < sizeof f->ethbuf ? f->len : (uint32_t)sizeof f->ethbuf;
+        memset(f->ethbuf, 0, sizeof f->ethbuf);
+        net_cursor_read(&cur, f->ethbuf, k);
+        f->eth = f->ethbuf;
+    }
     uint8_t flags = h[0], gso_type = h[1];
     if (gso_type != 0 || (flags & ~NET_HDR_F_NEEDS_CSUM)) {
         n->py_offload++; /* GSO (segmentation), DATA_VALID or unknown flags */
