@@ -21,7 +21,11 @@ ratio.  Pin it to one CPU (the driver and the data plane then share it).
 Usage::
 
     taskset -c 1 python bench/net_dataplane_cpu.py [--packed] [--size 60] [--rounds 5] \
-        [--baseline-repo DIR]
+        [--queue-pairs 2] [--baseline-repo DIR]
+
+With ``--queue-pairs 2`` both ports have two pairs in use (MQ, no control queue, as
+under vhost-user): the transmit batch hashes its frames' flows, notes them for
+steering (§5.1.9.5.6), and the receiving port picks its queue by them.
 """
 
 from __future__ import annotations
