@@ -277,21 +277,29 @@ static uint32_t net_ipv4_crc(const uint8_t *a, const uint8_t *b, const uint8_t *
 #endif
 }
 
+/* The frame's EtherType, past one VLAN tag, and in *off where its payload starts;
+ * 0 for a frame shorter than an Ethernet header. */
+static inline uint32_t net_flow_ethertype(const uint8_t *frame, uint32_t len, uint32_t *off)
+{
+    *off = NET_ETH_HLEN;
+    if (len < NET_ETH_HLEN)
+        return 0;
+    uint32_t type = (uint32_t)frame[12] << 8 | frame[13];
+    if (type == NET_ETH_P_8021Q && len >= NET_ETH_HLEN + 4) {
+        type = (uint32_t)frame[16] << 8 | frame[17];
+        *off += 4;
+    }
+    return type;
+}
+
 /* Where net_flow_hash's IPv4 key is in `frame` (len <= NET_FLOW_BYTES bytes): 1 and
  * *ip (the IPv4 header) and *l4 (its TCP / UDP ports, or NULL) for an IPv4 frame,
  * maybe VLAN-tagged, with its whole fixed header; else 0 (the other keys). */
 static inline int net_flow_ipv4(const uint8_t *frame, uint32_t len, const uint8_t **ip,
                                 const uint8_t **l4)
 {
-    if (len < NET_ETH_HLEN)
-        return 0;
-    uint32_t off = NET_ETH_HLEN;
-    uint32_t type = (uint32_t)frame[12] << 8 | frame[13];
-    if (type == NET_ETH_P_8021Q && len >= off + 4) {
-        type = (uint32_t)frame[16] << 8 | frame[17];
-        off += 4;
-    }
-    if (type != 0x0800 || len < off + 20)
+    uint32_t off;
+    if (net_flow_ethertype(frame, len, &off) != 0x0800 || len < off + 20)
         return 0;
     /* read once: the frame may be guest memory the driver is changing, and the
      * header length bounds the read of the ports */
@@ -311,13 +319,8 @@ uint32_t net_flow_hash(const uint8_t *frame, uint32_t len)
     const uint8_t *ip, *l4;
     if (net_flow_ipv4(frame, len, &ip, &l4))
         return net_ipv4_crc(ip + 12, ip + 16, l4, l4 ? l4 + 2 : NULL);
-    uint32_t off = NET_ETH_HLEN;
-    uint32_t type = len < NET_ETH_HLEN ? 0 : (uint32_t)frame[12] << 8 | frame[13];
-    if (type == NET_ETH_P_8021Q && len >= off + 4) {
-        type = (uint32_t)frame[16] << 8 | frame[17];
-        off += 4;
-    }
-    if (type == 0x86DD && len >= off + 40) {
+    uint32_t off;
+    if (net_flow_ethertype(frame, len, &off) == 0x86DD && len >= off + 40) {
         uint8_t next = __atomic_load_n(&frame[off + 6], __ATOMIC_RELAXED);
         int ports = (next == 6 || next == 17) && len >= off + 44;
         return net_endpoints_crc(frame + off + 8, frame + off + 24, 16,
