@@ -837,6 +837,47 @@ async def test_a_batch_of_mixed_flows_noted_each_under_its_own_hash():
         assert (tx["tx_native"], tx["py_port"]) == (2 * (len(frames) - 2), 4), tx
 
 
+async def test_hostile_ipv4_headers_in_one_batch_noted_under_their_own_hashes():
+    """The batch's IPv4 key parse and memo (``net_flow_ipv4``, ``net_flow_hash_memo``)
+    on headers a driver may send: IHL 0-15 (ports inside the IP header, or past the
+    frame's end), other protocols, non-IP EtherTypes, few addresses and ports so
+    that keys repeat and differ by one field.  Each steering slot ends up holding
+    the hash ``flow_hash`` gives the last frame noted in it (§5.1.9.5.6)."""
+    import random
+
+    from virtio.devices.net.device import flow_hash
+
+    rnd = random.Random(5)
+    frames = []
+    for _ in range(48):
+        ihl, size = rnd.randrange(16), rnd.randrange(60, 97)
+        ip = bytearray(rnd.randbytes(size - 14))
+        ip[0] = 0x40 | ihl
+        ip[9] = rnd.choice([6, 17, 1])
+        ip[12:20] = rnd.choice([b"\x0a\0\0\x01", b"\x0a\0\0\x02"]) + b"\x0a\0\0\x03"
+        if 4 * ihl + 4 <= len(ip):
+            ip[4 * ihl : 4 * ihl + 4] = rnd.choice([b"\0\x50\x04\x00", b"\0\x51\x04\x00"])
+        etype = rnd.choice([0x0800] * 5 + [0x86DD, 0x0806, 0x1234])
+        frames.append(ether(MAC_A, MAC_B, bytes(ip), ethertype=etype))
+    last = {flow_hash(f) % lib.NET_STEER_SIZE: flow_hash(f) for f in frames}
+    async with _b_with_two_pairs() as (b, ga, gb):
+        for _ in range(100):
+            ga.post(RX, writable=[2048])
+        await trio.testing.wait_all_tasks_blocked()
+        for txq, pair in ((1, 0), (3, 1)):
+            dq = gb.drv[txq]
+            tokens = {dq.add([_hdr() + f]) for f in frames}
+            if dq.publish():
+                os.eventfd_write(gb.notifiers[txq].kick_fd, 1)
+            await gb.wait_all_used(txq, tokens)
+            for h in last.values():
+                assert lib.net_steer_pair(b.native_port, h) == pair, hex(h)
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in ga.drv[RX].get_used():
+                ga.post(RX, writable=[2048])
+        assert b.statistics()["native"]["tx"]["tx_native"] == 2 * len(frames)
+
+
 async def _one_batch(native: bool, packed: bool, body: list[bytes]):
     """Port a transmits 16 frames made available at once (one kick: one popped
     batch), then b answers and a sends once more."""
