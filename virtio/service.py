@@ -387,6 +387,12 @@ class BufferQueue(QueueService):
             queue.disable_notification()
             return
 
+    async def wait_kick(self) -> None:
+        """Sleep until the driver notifies: for a caller that turned notifications on
+        and re-checked the ring itself (a native writer of the same ring, under its
+        own lock)."""
+        await self._wait_kick()
+
     def complete(self, chain: DescriptorChain, written: int) -> None:
         """Return ``chain`` with ``written`` bytes filled; notify as the driver asked."""
         self.complete_batch(((chain, written),))

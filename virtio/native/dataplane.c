@@ -181,6 +181,8 @@ static int dp_wait(struct dp *dp, int kick, int completions)
         p[1].fd = kick;
     if (completions && dp->poll_fd >= 0)
         p[2].fd = dp->poll_fd;
+    if (dp->before_sleep)
+        dp->before_sleep(dp->dev);
     int r = poll(p, 3, kick >= 0 ? DP_IDLE_MS : -1);
     if (r == 0) {
         dp->idles++;

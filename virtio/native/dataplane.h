@@ -98,6 +98,9 @@ struct dp {
      * every chain starts with in one pass, so those loads (lines another CPU wrote)
      * overlap instead of stalling one serve each. */
     void (*batch_begin)(void *dev, const struct vq_chain *c, uint32_t n, const struct vq_seg *segs);
+    /* Optional: called before the thread blocks in poll() (after any polling of the
+     * ring), so a device can hand work it keeps for later to another thread. */
+    void (*before_sleep)(void *dev);
     /* Poll the ring this long (ns) for new chains before re-enabling driver
      * notifications and sleeping (0: sleep at once).  A busy peer's next burst is
      * then taken without a kick and a wake-up; an idle ring costs this much CPU

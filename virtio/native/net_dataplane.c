@@ -69,8 +69,15 @@ int net_port_init(struct net_port *p)
         p->rx[k].npend = 0;
         p->rx[k].rx_native = p->rx[k].rx_native_bytes = 0;
         p->rx[k].backlog_full = 0;
+        p->rx[k].hold = NULL;
+        p->rx[k].nheld = 0;
+        p->rx[k].hold_fd = -1;
+        p->rx[k].hold_told = p->rx[k].hold_sleeping = 0;
+        p->rx[k].hold_stamp = 0;
+        p->rx[k].rx_held = p->rx[k].hold_served = 0;
     }
-    p->rx_backlog_full = 0;
+    p->rx_backlog_full = p->rx_held = p->rx_hold_lost = 0;
+    p->hold_limit = NET_HOLD_FRAMES;
     p->nrxq = 0;
     return pthread_mutex_init(NET_PORT_MU(p), NULL) ? -1 : 0;
 }
@@ -135,7 +142,7 @@ void net_port_unlock(struct net_port *p) { pthread_mutex_unlock(NET_PORT_MU(p));
 /* From now on frames may be written into q, the port's receive queue k, natively
  * (the caller turned the queue's locking on: Python's own operations on it
  * serialise with ours). */
-void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd,
+void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd, int hold_fd,
                      uint32_t hdr_size, int mrg_rxbuf, int guest_csum)
 {
     if (k >= NET_RXQ_MAX)
@@ -143,6 +150,7 @@ void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd,
     net_port_lock(p);
     p->rx[k].q = q;
     p->rx[k].call_fd = call_fd;
+    p->rx[k].hold_fd = hold_fd;
     p->rx[k].npend = 0;
     p->hdr_size = hdr_size;
     p->mrg_rxbuf = (uint8_t)!!mrg_rxbuf;
@@ -150,15 +158,23 @@ void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd,
     net_port_unlock(p);
 }
 
-/* When this returns no thread touches receive queue k (or its memory) any more. */
+/* When this returns no thread touches receive queue k (or its memory) any more;
+ * the frames its hold still has are lost (counted). */
 void net_port_detach(struct net_port *p, uint32_t k)
 {
     if (k >= NET_RXQ_MAX)
         return;
     net_port_lock(p);
-    p->rx[k].npend = 0;
-    p->rx[k].q = NULL;
-    p->rx[k].call_fd = -1;
+    struct net_rxq *rq = &p->rx[k];
+    rq->npend = 0;
+    rq->q = NULL;
+    rq->call_fd = -1;
+    rq->hold_fd = -1;
+    p->rx_hold_lost += rq->nheld;
+    rq->nheld = 0;
+    rq->hold_told = rq->hold_sleeping = 0;
+    free(rq->hold);
+    rq->hold = NULL;
     net_port_unlock(p);
 }
 
@@ -399,12 +415,18 @@ static inline uint8_t *net_host(struct vq *q, const struct vq_seg *s)
     return q->mem->regions[s->region].host + s->offset;
 }
 
-/* A read position in a chain's readable segments. */
+/* A read position in a chain's readable segments (of the memory `regions`: the
+ * sending guest's, or a hold's buffer). */
 struct net_cursor {
-    struct vq *q;
+    const struct vm_region *regions;
     const struct vq_seg *segs;
     uint32_t nsegs, i, off;
 };
+
+static inline const uint8_t *net_src(const struct net_cursor *c, const struct vq_seg *s)
+{
+    return c->regions[s->region].host + s->offset;
+}
 
 /* Both inlined: a cursor kept in memory across a call is written field by field
  * and then read whole (the struct copies of net_parse / net_rx_commit); such a
@@ -432,7 +454,7 @@ static inline __attribute__((always_inline)) uint32_t net_cursor_read(struct net
     while (got < n && c->i < c->nsegs) {
         uint32_t left = c->segs[c->i].len - c->off;
         uint32_t k = n - got < left ? n - got : left;
-        memcpy(out + got, net_host(c->q, &c->segs[c->i]) + c->off, k);
+        memcpy(out + got, net_src(c, &c->segs[c->i]) + c->off, k);
         got += k;
         c->off += k;
         if (c->off == c->segs[c->i].len) {
@@ -484,7 +506,10 @@ static void net_give_back(struct vq *q, const struct vq_chain *ch, uint32_t k)
     q->popped -= k;
 }
 
-enum { NET_RX_OK = 1, NET_RX_DEFER = 0 };
+/* Reservation outcomes (net_rx_reserve): written; deferred to Python; no room now
+ * (the frame may wait in the hold); frames are held for that ring already (this
+ * one goes behind them). */
+enum { NET_RX_OK = 1, NET_RX_DEFER = 0, NET_RX_NOROOM = 2, NET_RX_HOLD = 3 };
 #define NET_RX_PF_AHEAD 4 /* receive buffers prefetched for writing this far ahead */
 
 /* net_frame_flow's first time for a frame the batch did not hash: out of line, so
@@ -496,7 +521,7 @@ static __attribute__((noinline)) uint32_t net_frame_flow_hash(struct net_frame *
     if (c->i < c->nsegs && c->segs[c->i].len - c->off >= n) {
         /* contiguous (the usual case): hashed in place.  The driver may change the
          * bytes meanwhile: it only moves its frame to another queue. */
-        f->flow = net_flow_hash(net_host(c->q, &c->segs[c->i]) + c->off, n);
+        f->flow = net_flow_hash(net_src(c, &c->segs[c->i]) + c->off, n);
     } else {
         uint8_t b[NET_FLOW_BYTES];
         struct net_cursor cur = *c;
@@ -601,21 +626,22 @@ static int net_kept_pop(struct net_rxkeep *kp, struct vq *q, struct vq_chain *c,
     return 1;
 }
 
-/* Reserve receive buffers of port p for the frame (p->mu held): pop as many
- * chains as it needs.  NET_RX_OK, or NET_RX_DEFER with the ring as it was: short of
- * buffers, or a buffer the Python path must judge (readable, shorter than the
- * header, too small without MRG_RXBUF), or a ring error (the ring core marked the
- * queue broken).  Python does not touch the ring while p->mu is held and p->held
- * is 0, so the reservation stays valid until net_rx_commit / net_rx_cancel. */
-static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r,
-                          struct net_rxkeep *kp, uint32_t want)
+/* Reserve buffers of port p's receive queue rx[qi] for the frame (p->mu held): pop
+ * as many chains as it needs.  NET_RX_OK; NET_RX_NOROOM with the ring as it was:
+ * fewer buffers posted than the frame needs (it may wait for more in the hold);
+ * NET_RX_DEFER with the ring as it was: a buffer the Python path must judge
+ * (readable, shorter than the header, too small without MRG_RXBUF, more of them
+ * than a reservation holds or the ring has), a ring error (the ring core marked the
+ * queue broken), or a queue that is not native now.  Python does not touch the ring
+ * while p->mu is held, so the reservation stays valid until net_rx_commit /
+ * net_rx_cancel. */
+static int net_rx_reserve_q(struct net_port *p, const struct net_frame *f, struct net_resv *r,
+                            struct net_rxkeep *kp, uint32_t want, uint32_t qi, uint32_t steered)
 {
-    uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX;
-    uint32_t steered = 0;
-    uint32_t qi = nq > 1 ? net_rx_pick(p, net_frame_flow(f), nq, &steered) : 0;
     struct net_rxq *rq = &p->rx[qi];
     struct vq *q = rq->q;
     uint32_t total = p->hdr_size + f->len, room = 0, nseg = 0;
+    int why = NET_RX_DEFER;
     r->k = 0;
     r->qi = qi;
     r->steered = steered;
@@ -627,13 +653,15 @@ static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_re
     if (rq->npend + NET_RX_MAX_BUFS > NET_RX_PEND && net_rxq_publish(p, rq))
         net_rxq_notify(p, rq); /* (the ring's lock is kept for the batch: written under it) */
     while (room < total) {
-        if (r->k == NET_RX_MAX_BUFS)
-            goto back;
+        if (r->k == NET_RX_MAX_BUFS || r->k >= q->size)
+            goto back; /* never enough (Python drops it as too big) */
         struct vq_chain *c = &r->ch[r->k];
         int n = kp ? net_kept_pop(kp, q, c, r->segs + nseg, NET_RX_MAX_SEGS - nseg, want)
                    : vq_pop_batch_u(q, c, 1, r->segs + nseg, NET_RX_MAX_SEGS - nseg);
+        if (n == 0 && !(kp && kp->next < kp->n) && !vq_avail_count_u(q))
+            why = NET_RX_NOROOM; /* none posted (not a chain of more segments than left) */
         if (n <= 0)
-            goto back; /* none posted, or an error (the queue is broken now) */
+            goto back; /* or an error (the queue is broken now) */
         c->seg_start = nseg;
         nseg += c->nsegs;
         r->k++;
@@ -661,8 +689,9 @@ back:
     net_give_back(q, r->ch, r->k);
     net_q_put(kp, q);
     r->k = 0;
-    p->rx_deferred++;
-    return NET_RX_DEFER;
+    if (why == NET_RX_DEFER)
+        p->rx_deferred++;
+    return why;
 }
 
 /* Give a reservation back unused (p->mu held). */
@@ -740,6 +769,250 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
     rq->rx_native_bytes += f->len;
 }
 
+/* ---- the hold: frames waiting natively for a ring's buffers ----------------------- */
+/* A frame that finds its receive ring short of buffers is copied into the queue's
+ * hold (it was the Python path's backlog once: while that held a frame, every later
+ * frame for the port went through Python too, to keep their order, and the port
+ * ran at Python's pace -- 56 k frames/s -- until the backlog emptied).  Whoever
+ * writes the ring next delivers the held frames first, oldest first: the next
+ * transmitting thread with a frame for that queue, or Python (its own packets and,
+ * told by hold_fd, the hold when no transmitting thread comes: net_dp_before_sleep).
+ * Its frames are in one buffer used as a ring: bytes [ent[first].off, wpos) or,
+ * wrapped, [ent[first].off, end) and [0, wpos). */
+#define NET_HOLD_STALL_S 0.01 /* frames held this long without moving: Python is told */
+static double net_now(void);
+
+struct net_hold_ent {
+    uint32_t off, len;
+    uint8_t hdr[NET_HDR_GATHER]; /* flags .. csum_offset as the sender wrote them */
+    uint8_t steered;
+};
+
+struct net_hold {
+    uint32_t first, wpos;
+    struct vm_region region;    /* buf, for a net_cursor */
+    struct net_resv resv;       /* Python's reservation (net_hold_drain_locked) */
+    struct net_hold_ent ent[NET_HOLD_FRAMES];
+    uint8_t buf[NET_HOLD_BYTES];
+};
+
+/* Copy the frame into rx[qi]'s hold, behind the others (p->mu held).  0: the hold
+ * is full (the frame is dropped, as a full Python backlog drops it). */
+static int net_hold_put(struct net_port *p, uint32_t qi, const struct net_frame *f,
+                        uint32_t steered)
+{
+    struct net_rxq *rq = &p->rx[qi];
+    struct net_hold *h = rq->hold;
+    if (rq->nheld >= (p->hold_limit < NET_HOLD_FRAMES ? p->hold_limit : NET_HOLD_FRAMES))
+        return 0;
+    if (!h) {
+        h = malloc(sizeof *h);
+        if (!h)
+            return 0;
+        h->region = (struct vm_region){0, NET_HOLD_BYTES, h->buf};
+        rq->hold = h;
+        rq->nheld = 0;
+    }
+    uint32_t off, len = f->len;
+    if (!rq->nheld) {
+        h->first = 0;
+        off = 0;
+        rq->hold_stamp = net_now();
+    } else {
+        uint32_t rpos = h->ent[h->first].off;
+        if (h->wpos > rpos) { /* not wrapped: room at the end, or before rpos */
+            if (NET_HOLD_BYTES - h->wpos >= len)
+                off = h->wpos;
+            else if (rpos > len)
+                off = 0;
+            else
+                return 0;
+        } else if (rpos - h->wpos > len) { /* wrapped: between the newest and oldest */
+            off = h->wpos;
+        } else {
+            return 0;
+        }
+    }
+    if (len > NET_HOLD_BYTES)
+        return 0;
+    struct net_cursor body = f->body;
+    net_cursor_read(&body, h->buf + off, len);
+    struct net_hold_ent *e = &h->ent[(h->first + rq->nheld) % NET_HOLD_FRAMES];
+    e->off = off;
+    e->len = len;
+    e->steered = (uint8_t)steered;
+    memcpy(e->hdr, f->hsrc, NET_HDR_GATHER);
+    h->wpos = off + len;
+    rq->nheld++;
+    rq->rx_held++;
+    p->rx_held++;
+    return 1;
+}
+
+/* The oldest held frame of rq as a frame to deliver (its body in `seg`). */
+static void net_hold_head(struct net_rxq *rq, struct net_frame *f, struct vq_seg *seg,
+                          uint32_t *steered)
+{
+    struct net_hold *h = rq->hold;
+    const struct net_hold_ent *e = &h->ent[h->first];
+    *seg = (struct vq_seg){0, e->off, e->len, 0, 0};
+    f->body = (struct net_cursor){&h->region, seg, 1, 0, 0};
+    f->len = e->len;
+    f->hsrc = e->hdr;
+    f->eth = h->buf + e->off;
+    f->flow = 0;
+    f->flow_valid = 1; /* its queue is chosen */
+    *steered = e->steered;
+}
+
+static void net_hold_drop_head(struct net_rxq *rq)
+{
+    rq->hold->first = (rq->hold->first + 1) % NET_HOLD_FRAMES;
+    rq->nheld--;
+}
+
+/* Deliver rx[qi]'s held frames, oldest first, while the ring has room for them
+ * (p->mu held; r is scratch).  NET_HOLD_EMPTY, NET_HOLD_WAIT (the ring is short of
+ * buffers) or NET_HOLD_PYTHON (the oldest needs the Python path: a buffer it must
+ * judge, net_rx_reserve_q's NET_RX_DEFER). */
+static int net_hold_drain(struct net_port *p, uint32_t qi, struct net_resv *r,
+                          struct net_rxkeep *kp, uint32_t want)
+{
+    struct net_rxq *rq = &p->rx[qi];
+    int s = NET_RX_OK, moved = 0;
+    while (rq->nheld) {
+        struct net_frame f;
+        struct vq_seg seg;
+        uint32_t steered;
+        net_hold_head(rq, &f, &seg, &steered);
+        s = net_rx_reserve_q(p, &f, r, kp, want + rq->nheld, qi, steered);
+        if (s != NET_RX_OK)
+            break;
+        net_rx_commit(p, &f, r);
+        net_hold_drop_head(rq);
+        moved = 1;
+        if (kp)
+            rq->hold_served++;
+    }
+    if (moved && rq->nheld)
+        rq->hold_stamp = net_now();
+    if (!rq->nheld)
+        return NET_HOLD_EMPTY;
+    return s == NET_RX_NOROOM ? NET_HOLD_WAIT : NET_HOLD_PYTHON;
+}
+
+/* Python's turn at receive queue k's hold (it holds p->mu: net_port_lock):
+ * deliver what the ring has room for and publish it.  NET_HOLD_*; with
+ * NET_HOLD_PYTHON Python takes the oldest frame (net_hold_peek, net_hold_pop). */
+int net_hold_drain_locked(struct net_port *p, uint32_t k)
+{
+    if (k >= NET_RXQ_MAX)
+        return NET_HOLD_EMPTY;
+    struct net_rxq *rq = &p->rx[k];
+    rq->hold_sleeping = 0;
+    int h = NET_HOLD_EMPTY;
+    if (rq->nheld) {
+        h = net_hold_drain(p, k, &rq->hold->resv, NULL, 1);
+        net_rxq_flush(p, rq);
+    }
+    if (h == NET_HOLD_EMPTY)
+        rq->hold_told = 0; /* the next frame held is told anew */
+    return h;
+}
+
+/* Python waited for receive queue k's driver and was woken by it, not told: it
+ * leaves the hold to the transmitting threads (1) when they delivered from it
+ * meanwhile (hold_served moved from `served`) and none went to sleep leaving
+ * frames there -- they tell it again when they do -- or the hold is empty; else 0:
+ * it goes on (p->mu held). */
+int net_hold_step_back(struct net_port *p, uint32_t k, uint64_t served)
+{
+    if (k >= NET_RXQ_MAX)
+        return 1;
+    struct net_rxq *rq = &p->rx[k];
+    if (rq->nheld && (rq->hold_served == served || rq->hold_sleeping))
+        return 0;
+    rq->hold_told = 0;
+    return 1;
+}
+
+/* The oldest held frame of receive queue k (p->mu held): its 10 header bytes into
+ * hdr and up to max frame bytes into frame; its length (0: none held). */
+uint32_t net_hold_peek(struct net_port *p, uint32_t k, uint8_t *hdr, uint8_t *frame,
+                       uint32_t max)
+{
+    if (k >= NET_RXQ_MAX || !p->rx[k].nheld)
+        return 0;
+    struct net_hold *h = p->rx[k].hold;
+    const struct net_hold_ent *e = &h->ent[h->first];
+    memcpy(hdr, e->hdr, NET_HDR_GATHER);
+    if (frame && max)
+        memcpy(frame, h->buf + e->off, e->len < max ? e->len : max);
+    return e->len;
+}
+
+/* Python delivered (or dropped) the oldest held frame of receive queue k. */
+void net_hold_pop(struct net_port *p, uint32_t k)
+{
+    if (k < NET_RXQ_MAX && p->rx[k].nheld)
+        net_hold_drop_head(&p->rx[k]);
+}
+
+/* Python is about to sleep until receive queue k's driver posts buffers (p->mu held,
+ * so no transmitting thread pops meanwhile): notifications on, asked for past the
+ * chains posted now (§2.7.10 avail_event / §2.8.10: a held frame may need more
+ * buffers than those).  1: more were posted meanwhile (no sleep). */
+int net_hold_arm_locked(struct net_port *p, uint32_t k)
+{
+    struct vq *q = k < NET_RXQ_MAX ? p->rx[k].q : NULL;
+    if (!q)
+        return 0;
+    VQ_LOCK(q);
+    uint32_t now = vq_avail_chains_u(q, q->size);
+    vq_enable_notification_u(q, now);
+    int more = vq_avail_chains_u(q, now + 1) > now;
+    VQ_UNLOCK(q);
+    return more;
+}
+
+/* Tell Python to look at rx[qi]'s hold (hold_fd). */
+static void net_hold_tell(struct net_rxq *rq)
+{
+    if (rq->hold_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t w = write(rq->hold_fd, &one, sizeof one);
+        (void)w;
+    }
+}
+
+/* Reserve receive buffers of port p for a new frame (p->mu held): in the queue its
+ * flow goes to (net_rx_pick), behind any frames held for it.  With `kp` (a
+ * transmitting thread) the held frames are delivered first where the ring has room;
+ * NET_RX_HOLD when some remain (the frame goes behind them), and Python is told
+ * when the oldest needs it.  Else as net_rx_reserve_q. */
+static int net_rx_reserve(struct net_port *p, struct net_frame *f, struct net_resv *r,
+                          struct net_rxkeep *kp, uint32_t want)
+{
+    uint32_t nq = p->nrxq < NET_RXQ_MAX ? p->nrxq : NET_RXQ_MAX;
+    uint32_t steered = 0;
+    uint32_t qi = nq > 1 ? net_rx_pick(p, net_frame_flow(f), nq, &steered) : 0;
+    struct net_rxq *rq = &p->rx[qi];
+    if (__builtin_expect(rq->nheld != 0, 0)) {
+        int h = kp ? net_hold_drain(p, qi, r, kp, want) : NET_HOLD_WAIT;
+        if (h != NET_HOLD_EMPTY) {
+            if (h == NET_HOLD_PYTHON && !rq->hold_told) {
+                rq->hold_told = 1;
+                net_hold_tell(rq);
+            }
+            r->k = 0;
+            r->qi = qi;
+            r->steered = steered;
+            return NET_RX_HOLD;
+        }
+    }
+    return net_rx_reserve_q(p, f, r, kp, want, qi, steered);
+}
+
 /* ---- the transmit fast path ------------------------------------------------------- */
 static inline uint16_t net_le16(const uint8_t *b) { return (uint16_t)(b[0] | b[1] << 8); }
 
@@ -805,7 +1078,7 @@ static inline __attribute__((always_inline)) void net_prefetch_body(const struct
     uint32_t left = len < NET_PF_BODY ? len : NET_PF_BODY, off = c->off;
     uintptr_t skip = 0; /* the first byte's line, skipped */
     for (uint32_t i = c->i; left && i < c->nsegs; i++, off = 0) {
-        const uint8_t *b = net_host(c->q, &c->segs[i]) + off;
+        const uint8_t *b = net_src(c, &c->segs[i]) + off;
         uint32_t n = c->segs[i].len - off < left ? c->segs[i].len - off : left;
         if (!skip)
             skip = ((uintptr_t)b | 63) + 1;
@@ -830,7 +1103,7 @@ static int net_parse(struct net_dp *n, const struct vq_chain *c, const struct vq
         return 0;
     }
     f->len = c->readable_len - hs;
-    struct net_cursor cur = {n->core.q, segs, c->nsegs, 0, 0};
+    struct net_cursor cur = {n->core.q->mem->regions, segs, c->nsegs, 0, 0};
     const uint8_t *h; /* flags .. csum_offset as read */
     if ((got & NET_GOT_HDR) && hs >= NET_HDR_GATHER) {
         h = ghdr; /* read in net_dp_batch_begin (stays put for this serve) */
@@ -942,8 +1215,9 @@ static void net_unstick(struct net_dp *n)
     }
 }
 
-/* Deliver the frame to the one port `idx` (p): 1 written, 0 the port does not take
- * it natively, -1 no room.  p's mu is kept (n->sticky) for the batch's next
+/* Deliver the frame to the one port `idx` (p): 1 written, 3 held (it waits in the
+ * queue's hold for buffers), 2 dropped (the backlog or hold is full), 0 the port
+ * does not take it natively, -1 its buffers need the Python path.  p's mu is kept (n->sticky) for the batch's next
  * frames; any other port's is released first (one port locked at a time, so the
  * ascending order of floods is never violated). */
 static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
@@ -962,10 +1236,24 @@ static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
         p->rx_backlog_full++;
         return 2;
     }
-    if (net_rx_reserve(p, (struct net_frame *)f, &n->resv[0], &n->kept, n->rx_want) != NET_RX_OK)
+    struct net_resv *r = &n->resv[0];
+    int s = net_rx_reserve(p, (struct net_frame *)f, r, &n->kept, n->rx_want);
+    if (__builtin_expect(s == NET_RX_OK, 1)) {
+        net_rx_commit(p, f, r);
+        return 1;
+    }
+    if (s == NET_RX_DEFER)
         return -1;
-    net_rx_commit(p, f, &n->resv[0]);
-    return 1;
+    /* no room now, or frames held already: it waits (in order) in the hold */
+    if (!net_hold_put(p, r->qi, f, r->steered)) {
+        p->rx_backlog_full++;
+        return 2;
+    }
+    if (!n->holding[idx]) {
+        n->holding[idx] = 1;
+        n->nholding++;
+    }
+    return 3;
 }
 
 /* A popped batch: read the first NET_HDR_GATHER bytes of every chain's header
@@ -1123,6 +1411,7 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         if (ok == 2) {
             n->acc_no_room[single]++; /* the switch's dropped_no_room, as _deliver's */
         } else {
+            n->tx_held += ok == 3;
             n->acc_out[single]++;
             n->acc_out_bytes[single] += f.len;
         }
@@ -1185,6 +1474,31 @@ defer:
     return 0;
 }
 
+/* After a batch, for the ports this thread left frames held for: Python is told of
+ * a hold that has not moved for NET_HOLD_STALL_S (this thread may go on sending
+ * elsewhere and not sleep for a long time; while the holds move, Python is not
+ * woken). */
+static void net_dp_check_holds(struct net_dp *n)
+{
+    double now = net_now();
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
+        if (!n->holding[i])
+            continue;
+        struct net_port *p = __atomic_load_n(&n->ports[i], __ATOMIC_ACQUIRE);
+        if (!p)
+            continue;
+        pthread_mutex_lock(NET_PORT_MU(p));
+        for (uint32_t k = 0; k < NET_RXQ_MAX; k++) {
+            struct net_rxq *rq = &p->rx[k];
+            if (rq->nheld && !rq->hold_told && now - rq->hold_stamp > NET_HOLD_STALL_S) {
+                rq->hold_told = 1;
+                net_hold_tell(rq);
+            }
+        }
+        pthread_mutex_unlock(NET_PORT_MU(p));
+    }
+}
+
 /* End of a transmit batch: the batch's switch counters into the database, then one
  * publication per destination ring written. */
 static void net_dp_batch_end(void *dev)
@@ -1231,9 +1545,47 @@ static void net_dp_batch_end(void *dev)
         net_port_flush(n->sticky_port);
         net_unstick(n);
     }
+    if (n->nholding)
+        net_dp_check_holds(n);
 }
 
 /* ---- waiting ------------------------------------------------------------------ */
+/* Before this thread sleeps: Python is told of every receive queue it left frames
+ * held in (hold_fd), unless told already, to deliver them as the driver posts
+ * buffers, which nobody else may do meanwhile (and does not step back while such a
+ * sleep was noted: net_hold_step_back). */
+static void net_dp_before_sleep(void *dev)
+{
+    struct net_dp *n = dev;
+    if (!n->nholding)
+        return;
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS && n->nholding; i++) {
+        if (!n->holding[i])
+            continue;
+        struct net_port *p = __atomic_load_n(&n->ports[i], __ATOMIC_ACQUIRE);
+        uint32_t left = 0;
+        if (p) {
+            pthread_mutex_lock(NET_PORT_MU(p));
+            for (uint32_t k = 0; k < NET_RXQ_MAX; k++) {
+                struct net_rxq *rq = &p->rx[k];
+                if (rq->nheld) {
+                    left++;
+                    rq->hold_sleeping = 1;
+                    if (!rq->hold_told) {
+                        rq->hold_told = 1;
+                        net_hold_tell(rq);
+                    }
+                }
+            }
+            pthread_mutex_unlock(NET_PORT_MU(p));
+        }
+        if (!left) {
+            n->holding[i] = 0;
+            n->nholding--;
+        }
+    }
+}
+
 static int net_dp_watch(void *dev, int kick, int wake)
 {
     struct net_dp *n = dev;
@@ -1291,6 +1643,9 @@ static int net_group_wait(void *shared, int timeout_ms)
             ng->kind[nf++] = NET_READY_KICK;
         }
     }
+    for (uint32_t i = 0; i < g->n; i++)
+        if (g->members[i]->loop)
+            net_dp_before_sleep(g->members[i]->dev);
     pthread_mutex_unlock((pthread_mutex_t *)(void *)g->mu_storage);
     int r = poll(ng->fds, nf, timeout_ms);
     if (r <= 0)
@@ -1389,6 +1744,7 @@ static int net_dp_wait(void *dev, int want, int timeout_ms)
         return net_group_peek(n, want);
     int kick = (want & DP_EV_KICK) ? n->watch_kick : -1;
     struct pollfd p[2] = {{n->watch_wake, POLLIN, 0}, {kick, POLLIN, 0}};
+    net_dp_before_sleep(n);
     int r = poll(p, 2, timeout_ms);
     if (r == 0) {
         n->idle = 1;
@@ -1424,6 +1780,7 @@ void net_dp_attach(struct net_dp *n)
     n->core.batch_begin = net_dp_batch_begin;
     n->core.dev = n;
     n->core.start = net_dp_start;
+    n->core.before_sleep = net_dp_before_sleep;
     if (n->yield_ns || n->ng) {
         n->core.watch = net_dp_watch;
         n->core.wait = net_dp_wait;

@@ -15,6 +15,14 @@
 #define NET_ETH_GATHER 18   /* and frame bytes: Ethernet header and one VLAN tag */
 enum { NET_GOT_HDR = 1, NET_GOT_ETH = 2, NET_GOT_FLOW = 4 };
 
+/* Frames waiting natively for a receive ring's buffers (net_dataplane.c): a
+ * transmitting thread that finds the ring short of buffers copies the frame here
+ * instead of handing it to Python, and the ring's next writer delivers these first. */
+#define NET_HOLD_FRAMES 1024
+#define NET_HOLD_BYTES 2097152
+struct net_hold;
+enum { NET_HOLD_EMPTY = 0, NET_HOLD_WAIT = 1, NET_HOLD_PYTHON = 2 };
+
 /* One receive queue of a port written natively: receiveq(k+1) for rx[k]. */
 struct net_rxq {
     struct vq *q;               /* the ring, or NULL: not native */
@@ -28,6 +36,22 @@ struct net_rxq {
     /* Python's backlog for this queue is full (set and cleared by Python, read
      * without mu: a frame or two either way at the edge) */
     uint8_t backlog_full;
+    /* The hold (under mu): frames accepted for this queue while its ring had no
+     * room, oldest first, delivered before any later frame by whoever writes the
+     * ring next (a transmitting thread, or Python: net_hold_drain).  Allocated at
+     * the first frame held, freed by net_port_detach. */
+    struct net_hold *hold;
+    uint32_t nheld;             /* frames in it */
+    int hold_fd;                /* eventfd: a transmitting thread went to sleep with
+                                 * frames held here, or the oldest needs Python */
+    uint8_t hold_told;          /* hold_fd written: Python serves the hold until it
+                                 * finds it empty or steps back (net_hold_step_back) */
+    uint8_t hold_sleeping;      /* a transmitting thread went to sleep leaving frames
+                                 * here since Python's last look */
+    double hold_stamp;          /* when the hold last moved (net_now: a frame into an
+                                 * empty hold, or frames out of it) */
+    uint64_t rx_held;           /* frames that waited in the hold */
+    uint64_t hold_served;       /* frames delivered from it by transmitting threads */
 };
 
 /* One switch port as the native path sees it: its receive queues when they may be
@@ -46,9 +70,13 @@ struct net_port {
     uint8_t vlan_filter;        /* CTRL_VLAN negotiated: tagged frames go to Python */
     uint8_t link_down;          /* set-link off: its frames (both ways) go to Python */
     int32_t held;               /* packets the Python path holds for this port */
+    uint32_t hold_limit;        /* frames a receive queue's hold keeps (the device's
+                                 * rx_backlog; at most NET_HOLD_FRAMES) */
     /* counters (written under mu) */
     uint64_t rx_native, rx_native_bytes, rx_calls, rx_deferred, rx_publishes;
-    uint64_t rx_backlog_full;   /* dropped natively: held, and that queue's backlog full */
+    uint64_t rx_backlog_full;   /* dropped natively: that queue's backlog or hold full */
+    uint64_t rx_held;           /* frames that waited in a hold (net_rxq.hold) */
+    uint64_t rx_hold_lost;      /* frames a queue still held when it stopped */
     /* Automatic receive steering (§5.1.9.5.6): the queue pair the driver last
      * transmitted each flow on, noted by every transmit path while it uses more than
      * one pair (steer_pairs, VQ_PAIRS_SET); entries: flow hash << 32 | pair + 1, at
@@ -61,8 +89,14 @@ struct net_port {
 
 int net_port_init(struct net_port *p);
 void net_port_destroy(struct net_port *p);
-void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd,
+void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd, int hold_fd,
                      uint32_t hdr_size, int mrg_rxbuf, int guest_csum);
+int net_hold_drain_locked(struct net_port *p, uint32_t k);
+uint32_t net_hold_peek(struct net_port *p, uint32_t k, uint8_t *hdr, uint8_t *frame,
+                       uint32_t max);
+void net_hold_pop(struct net_port *p, uint32_t k);
+int net_hold_arm_locked(struct net_port *p, uint32_t k);
+int net_hold_step_back(struct net_port *p, uint32_t k, uint64_t served);
 void net_port_detach(struct net_port *p, uint32_t k);
 void net_port_set_call(struct net_port *p, uint32_t k, int call_fd);
 uint32_t net_flow_hash(const uint8_t *frame, uint32_t len);
@@ -122,7 +156,10 @@ struct net_dp {
     /* transmitted frames served natively, and those handed to Python by cause */
     uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin;
     uint64_t py_malformed, py_offload, py_port, py_no_room;
+    uint64_t tx_held;           /* frames that went into a destination's hold */
     uint8_t touched[NET_FDB_MAX_PORTS]; /* ports written in this batch */
+    uint8_t holding[NET_FDB_MAX_PORTS]; /* ports this thread left frames held for */
+    uint32_t nholding;          /* of them (net_dp_before_sleep tells Python) */
     struct net_resv resv[NET_FLOOD_MAX];
     uint32_t resv_port[NET_FLOOD_MAX];
     double now;                 /* monotonic seconds, read once per batch */

@@ -293,9 +293,12 @@ async def test_one_transmit_batch_delivers_what_the_python_path_delivers(
     assert nat["b"]["rx"]["rx_native"] >= 9
 
 
-async def test_python_backlog_is_not_overtaken():
-    """A port whose receive ring ran dry gets its backlog in order: while Python
-    holds packets for it, the native path hands new ones to Python too."""
+async def test_frames_held_natively_for_a_dry_ring_arrive_in_order():
+    """A port whose receive ring ran dry: the native path keeps the frames for it in
+    the queue's hold (none goes through Python, so later frames are not slowed to
+    Python's pace), and once the driver posts buffers they arrive in order, before
+    any later frame.  The transmitting thread sleeps after each frame here, so it is
+    Python, told so, that delivers them when the buffers come."""
     sw = Switch()
     a = VirtioNet(name="a", switch=sw, mac=MAC_A)
     b = VirtioNet(name="b", switch=sw, mac=MAC_B)
@@ -309,28 +312,123 @@ async def test_python_backlog_is_not_overtaken():
             token = gb.post(TX, readable=[_hdr() + ether(MAC_A, MAC_B, b"x" * 50)])
             await gb.wait_used(TX, token)  # a learned nothing yet; b is learned
             payloads = [struct.pack("!I", i) * 20 for i in range(6)]
-            for p in payloads:  # b has no receive buffers: the first waits in Python
+            for p in payloads:  # b has no receive buffers: held natively
                 token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, p)])
                 await ga.wait_used(TX, token)
                 await trio.testing.wait_all_tasks_blocked()
-            assert b.native_port.held == len(payloads)
+            assert b.native_port.rx[0].nheld == len(payloads)
+            assert b.native_port.held == 0  # nothing in Python's backlog
             for _ in payloads:
                 gb.post(RX, writable=[2048])
-            while len(gb.collect()) < len(payloads):
-                await trio.testing.wait_all_tasks_blocked()
-                await trio.sleep(0.01)
+            with trio.fail_after(10):  # delivered by Python, told by the sleeping sender
+                while len(gb.collect()) < len(payloads):
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.sleep(0.01)
             got = [data[12 + 14 :] for data in gb.received]
             assert got == payloads
-            assert b.native_port.held == 0
-            # the ring has buffers again and nothing is held: native once more
+            assert b.native_port.rx[0].nheld == 0
+            # the ring has buffers again and nothing is held: straight in
             gb.post(RX, writable=[2048])
             token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, b"y" * 60)])
             await ga.wait_used(TX, token)
             assert gb.collect()[-1][26:] == b"y" * 60
             stats = a.statistics()["native"]["tx"]
-            assert stats["py_port"] == len(payloads) - 1
-            assert stats["py_no_room"] == 1
-            assert stats["tx_native"] == 1
+            assert stats["py_port"] == stats["py_no_room"] == 0
+            assert stats["tx_held"] == len(payloads)
+            assert stats["tx_native"] == len(payloads) + 1
+            rx = b.statistics()
+            assert rx["native"]["rx"]["rx_held"] == len(payloads)
+            assert rx["native"]["rx"]["rx_native"] == len(payloads) + 1
+            assert rx["port"]["out_packets"] == len(payloads) + 1
+            assert not rx["errors"]
+            nursery.cancel_scope.cancel()
+    finally:
+        ga.close()
+        gb.close()
+
+
+async def test_held_frames_go_first_when_the_sender_keeps_sending():
+    """While frames are held, the transmitting thread itself delivers them, oldest
+    first, as soon as buffers are there -- before the frame it is sending -- and
+    frames that still find no room join the hold behind them."""
+    async with _running_ports() as (ga, gb):
+        await trio.testing.wait_all_tasks_blocked()
+        b = gb.device
+        payloads = [struct.pack("!I", i) * 20 for i in range(9)]
+
+        async def send(p: bytes) -> None:
+            token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, p)])
+            await ga.wait_used(TX, token)
+
+        for p in payloads[:4]:  # no buffers: 4 held
+            await send(p)
+        assert b.native_port.rx[0].nheld == 4
+        lib.net_port_lock(b.native_port)  # (Python must not deliver them meanwhile)
+        try:
+            for _ in range(2):  # posted without a notification: the sender finds them
+                gb.drv[RX].add((), [2048])
+            gb.drv[RX].publish()
+        finally:
+            lib.net_port_unlock(b.native_port)
+        # the next frame: two held ones go into the buffers, the rest wait with it
+        await send(payloads[4])
+        assert b.native_port.rx[0].nheld == 3
+        assert [d[26:] for d in gb.collect()] == payloads[:2]
+        for _ in range(8):
+            gb.post(RX, writable=[2048])
+        for p in payloads[5:]:
+            await send(p)
+        with trio.fail_after(10):
+            while len(gb.collect()) < len(payloads):
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.01)
+        assert [d[26:] for d in gb.received] == payloads
+        held = b.statistics()["native"]["rx"]
+        assert held["rx_held"] == 5 and b.native_port.rx[0].nheld == 0
+        assert b.native_port.rx[0].hold_served >= 2  # delivered by the sending thread
+
+
+async def test_python_backlog_is_not_overtaken():
+    """A frame only the Python path can deliver (checksum completion for a port
+    without GUEST_CSUM) waits in Python's backlog for a dry ring: while it does,
+    the native path hands the port's later frames to Python too, so none overtakes
+    it."""
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B)
+    ga, gb = Guest(a), Guest(b, NF.VIRTIO_NET_F_GUEST_CSUM.mask)
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+            ga.post(RX, writable=[2048])
+            await trio.testing.wait_all_tasks_blocked()
+            token = gb.post(TX, readable=[_hdr() + ether(MAC_A, MAC_B, b"x" * 50)])
+            await gb.wait_used(TX, token)  # b is learned
+            first = tcp4(MAC_B, MAC_A, b"c" * 40, partial=True)
+            token = ga.post(TX, readable=[_hdr(NEEDS_CSUM, 0, 0, 0, 34, 16) + first])
+            await ga.wait_used(TX, token)
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.native_port.held == 1
+            payloads = [struct.pack("!I", i) * 20 for i in range(4)]
+            for p in payloads:
+                token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, p)])
+                await ga.wait_used(TX, token)
+                await trio.testing.wait_all_tasks_blocked()
+            assert b.native_port.held == 1 + len(payloads)
+            assert b.native_port.rx[0].nheld == 0
+            for _ in range(5):
+                gb.post(RX, writable=[2048])
+            with trio.fail_after(10):
+                while len(gb.collect()) < 5:
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.sleep(0.01)
+            got = [data[12:] for data in gb.received]
+            assert got[0][:34] == first[:34]  # its checksum completed by Python
+            assert [g[14:] for g in got[1:]] == payloads
+            stats = a.statistics()["native"]["tx"]
+            assert stats["py_port"] == 1 + len(payloads)
+            assert stats["tx_held"] == 0
             nursery.cancel_scope.cancel()
     finally:
         ga.close()
@@ -351,32 +449,36 @@ async def _overload(native: bool, backlog: int, sent: int) -> tuple[dict, dict, 
         stats = (ga.device.statistics(), gb.device.statistics())
         for _ in range(sent):
             gb.post(RX, writable=[2048])
-        while len(gb.collect()) < backlog + 1:  # and the packet its loop holds
+        # the backlog, and without the native path the packet Python's loop holds
+        while len(gb.collect()) < backlog + (not native):
             await trio.testing.wait_all_tasks_blocked()
             await trio.sleep(0.01)
     return (*stats, [data[12 + 14 :] for data in gb.received])
 
 
 async def test_full_backlog_drops_natively_as_python_drops():
-    """A receiver without buffers: its backlog fills, then frames for it are dropped
-    and counted (backlog_full, the switch's dropped_no_room) until the backlog has
-    drained to half.  The native path drops those itself -- the Python thread does
-    not take each frame only to drop it -- with the same counters, and the backlog
-    is delivered in order once buffers come."""
+    """A receiver without buffers: Python's backlog, or the native path's hold,
+    keeps ``rx_backlog`` frames (Python's loop one more, the packet it holds) and
+    drops the rest, counted alike (backlog_full, the switch's dropped_no_room); the
+    native path drops them itself, no frame goes through Python; what was kept is
+    delivered in order once buffers come."""
     backlog, sent = 4, 12
-    kept = backlog + 1  # the backlog, and the packet its receive loop holds
     py_a, py_b, py_got = await _overload(False, backlog, sent)
     nat_a, nat_b, nat_got = await _overload(True, backlog, sent)
-    payloads = [struct.pack("!I", i) * 20 for i in range(kept)]
-    assert py_got == nat_got == payloads  # the first ones, in order
-    assert py_b["errors"]["backlog_full"] == sent - kept
+    payloads = [struct.pack("!I", i) * 20 for i in range(sent)]
+    assert py_got == payloads[: backlog + 1]  # the backlog, and the packet its loop holds
+    assert nat_got == payloads[:backlog]
+    assert py_b["errors"]["backlog_full"] == sent - backlog - 1
+    assert nat_b["errors"] == {"backlog_full": sent - backlog}
+    assert nat_b["port"]["dropped_no_room"] == sent - backlog
+    assert nat_b["port"]["out_packets"] == backlog
     nat = nat_b["native"]
-    for st in (py_a, py_b, nat_a, nat_b):
-        st.pop("native")
-    assert (nat_a, nat_b) == (py_a, py_b)
-    assert nat_b["port"]["dropped_no_room"] == sent - kept
-    # the first drop is Python's (it finds the backlog full); the rest native
-    assert nat["rx"]["rx_backlog_full"] == sent - kept - 1
+    assert nat["rx"]["rx_backlog_full"] == sent - backlog
+    assert nat["rx"]["rx_held"] == backlog
+    tx = nat_a["native"]["tx"]
+    assert tx["tx_native"] == sent and tx["tx_held"] == backlog
+    assert tx["py_port"] == tx["py_no_room"] == 0
+    assert nat_a["port"] == py_a["port"]  # the sender's side counted alike
 
 
 def test_full_backlog_beyond_the_native_queue_pairs():

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import trio
+
 from virtio.dataplane import NativeDataPlane, QueueThread
 from virtio.native import ffi, lib
 from virtio.spec.net import NetFeature as NF
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 TX_STATISTICS = (
     "tx_native", "tx_native_bytes", "tx_flooded", "tx_hairpin",
-    "py_malformed", "py_offload", "py_port", "py_no_room", "fdb_locks",
+    "py_malformed", "py_offload", "py_port", "py_no_room", "fdb_locks", "tx_held",
 )  # fmt: skip
 """Counters of a transmit data plane (``struct net_dp``)."""
 RX_STATISTICS = (
@@ -41,6 +43,8 @@ RX_STATISTICS = (
     "rx_publishes",
     "rx_steered",
     "rx_backlog_full",
+    "rx_held",
+    "rx_hold_lost",
 )
 """Counters of a port's natively written receive queue (``struct net_port``)."""
 
@@ -122,7 +126,12 @@ class NetDataPlane(NativeDataPlane):
 
 class NativeRx:
     """A port's receive queue ``receiveq(k+1)`` while native transmit threads may
-    write into it (``net_port_attach``); every Python write holds the port's lock."""
+    write into it (``net_port_attach``); every Python write holds the port's lock.
+
+    A frame that finds the ring short of buffers waits natively in the queue's hold
+    (``net_rxq.hold``), delivered before later frames by the next transmitting
+    thread; ``hold_fd`` (an eventfd) is written when one goes to sleep leaving frames
+    there, or the oldest needs the Python path: ``VirtioNet._serve_hold``."""
 
     def __init__(self, device: VirtioNet, buffers: BufferQueue, k: int = 0) -> None:
         self.device = device
@@ -131,16 +140,19 @@ class NativeRx:
         self.queue = buffers.queue
         self.notifier = buffers.notifier
         self.listeners = getattr(self.notifier, "listeners", None)
+        self.hold_fd = -1
 
     def __enter__(self) -> NativeRx:
         dev = self.device
         self.queue.set_locking(True)
         call = getattr(self.notifier, "call_fd", None)
+        self.hold_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         lib.net_port_attach(
             self.port,
             self.k,
             self.queue.native,
             -1 if call is None else call,
+            self.hold_fd,
             dev.hdr_size,
             int(dev.has(NF.VIRTIO_NET_F_MRG_RXBUF)),
             int(dev.has(NF.VIRTIO_NET_F_GUEST_CSUM)),
@@ -154,6 +166,19 @@ class NativeRx:
             self.listeners.remove(self._fds_changed)
         lib.net_port_detach(self.port, self.k)  # afterwards no thread touches the ring
         self.queue.set_locking(False)
+        trio.lowlevel.notify_closing(self.hold_fd)
+        os.close(self.hold_fd)
+        self.hold_fd = -1
+
+    async def wait_told(self) -> None:
+        """Until ``hold_fd`` is written (and reset)."""
+        while True:
+            await trio.lowlevel.wait_readable(self.hold_fd)
+            try:
+                os.eventfd_read(self.hold_fd)
+                return
+            except BlockingIOError:
+                continue
 
     def _fds_changed(self) -> None:
         call = getattr(self.notifier, "call_fd", None)

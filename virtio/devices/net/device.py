@@ -160,6 +160,7 @@ class _Backlog:
         """Took nothing more since it filled up, until drained to half."""
         self._on_mark = on_mark
         self._ready = trio.Event()
+        self._told = False
 
     def _mark(self, full: bool) -> None:
         self.full = full
@@ -175,14 +176,29 @@ class _Backlog:
         self._ready.set()
         return True
 
-    async def get(self) -> Packet:
+    def tell(self) -> None:
+        """The native hold of this queue needs serving (``get`` returns None)."""
+        self._told = True
+        self._ready.set()
+
+    async def get(self) -> Packet | None:
+        """The next packet; None when told (``tell``) and none waits."""
         while not self.packets:
+            if self._told:
+                self._told = False
+                return None
             self._ready = trio.Event()
             await self._ready.wait()
         packet = self.packets.popleft()
         if self.full and len(self.packets) <= self.limit // 2:
             self._mark(False)  # room again
         return packet
+
+    async def wait_told(self) -> None:
+        while not self._told:
+            self._ready = trio.Event()
+            await self._ready.wait()
+        self._told = False
 
     def close(self) -> None:
         """No longer served: the mark goes (and the native path's copy with it)."""
@@ -279,6 +295,7 @@ class VirtioNet(VirtioDevice):
             i in self._native_rx for i in running
         )
         port.nrxq = len(running) if ok else 0
+        port.hold_limit = min(self.rx_backlog, lib.NET_HOLD_FRAMES)
         port.steer_pairs = self.pairs
         port.native = int(self.promisc and ok and bool(running))
         port.link_down = int(not self.link_up)
@@ -527,13 +544,19 @@ class VirtioNet(VirtioDevice):
             self._rx[queue_index] = backlog
             self._native_state()
             try:
-                while True:
-                    packet = await backlog.get()
-                    pending = 1
-                    while not self._receive_locked(queue_index, buffers, packet):
-                        await buffers.wait_for_more()
-                    pending = 0
-                    self.native_port.held -= 1
+                async with trio.open_nursery() as nursery:
+                    if rx is not None:
+                        nursery.start_soon(_relay_told, rx, backlog)
+                    while True:
+                        packet = await backlog.get()
+                        if packet is None:  # told: the native hold needs us
+                            await self._serve_hold(queue_index, buffers, backlog)
+                            continue
+                        pending = 1
+                        while not self._receive_locked(queue_index, buffers, packet):
+                            await buffers.wait_for_more()
+                        pending = 0
+                        self.native_port.held -= 1
             finally:
                 backlog.close()
                 if self._rx.get(queue_index) is backlog:
@@ -554,14 +577,77 @@ class VirtioNet(VirtioDevice):
 
     def _receive_locked(self, index: int, buffers: BufferQueue, packet: Packet) -> bool:
         """``_receive`` holding the port's lock while native threads may write into
-        the same ring."""
+        the same ring, after the frames its native hold has (they came first)."""
         if index not in self._native_rx:
             return self._receive(index, buffers, packet)
         lib.net_port_lock(self.native_port)
         try:
+            if not self._drain_hold(index, buffers):
+                return False
             return self._receive(index, buffers, packet)
         finally:
             lib.net_port_unlock(self.native_port)
+
+    def _drain_hold(self, index: int, buffers: BufferQueue) -> bool:
+        """Deliver receiveq ``index``'s natively held frames, oldest first, while the
+        ring has room (the port's lock held): ``True`` once none is left.  A frame
+        whose buffers the native path cannot judge (§5.1.6.3.1: readable, too small)
+        is delivered or dropped here, by ``_receive``."""
+        port, k = self.native_port, index // 2
+        while True:
+            status = lib.net_hold_drain_locked(port, k)
+            if status != lib.NET_HOLD_PYTHON:
+                return status == lib.NET_HOLD_EMPTY
+            hdr = ffi.new("uint8_t[10]")
+            size = lib.net_hold_peek(port, k, hdr, ffi.NULL, 0)
+            frame = ffi.new("uint8_t[]", size)
+            lib.net_hold_peek(port, k, hdr, frame, size)
+            fields = HDR_LEGACY.unpack(ffi.buffer(hdr))
+            if not self._receive(index, buffers, Packet(bytes(ffi.buffer(frame)), *fields)):
+                return False
+            lib.net_hold_pop(port, k)
+
+    async def _serve_hold(self, index: int, buffers: BufferQueue, backlog: _Backlog) -> None:
+        """Deliver the native hold of receiveq ``index`` as the driver posts buffers:
+        told so by a transmitting thread that went to sleep leaving frames there (or
+        whose oldest needs ``_receive``, or that sees the hold stalled).  Steps back
+        when, while it waited, the transmitting threads delivered some themselves
+        and none went to sleep leaving frames (``net_hold_step_back``): they tell
+        again then, so Python is not woken by every posting of a busy driver."""
+        port, k = self.native_port, index // 2
+        while True:
+            lib.net_port_lock(port)
+            try:
+                if self._drain_hold(index, buffers):
+                    return
+                served = port.rx[k].hold_served
+                more = lib.net_hold_arm_locked(port, k)  # no native pop meanwhile
+            finally:
+                lib.net_port_unlock(port)
+            if more:
+                continue
+            told = False
+            async with trio.open_nursery() as nursery:
+
+                async def kick() -> None:
+                    await buffers.wait_kick()
+                    nursery.cancel_scope.cancel()
+
+                async def tell() -> None:
+                    nonlocal told
+                    await backlog.wait_told()
+                    told = True
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(kick)
+                nursery.start_soon(tell)
+            if not told:
+                lib.net_port_lock(port)
+                try:
+                    if lib.net_hold_step_back(port, k, served):
+                        return
+                finally:
+                    lib.net_port_unlock(port)
 
     def _receive(self, index: int, buffers: BufferQueue, packet: Packet) -> bool:
         """Write ``packet`` into posted buffers: ``True`` when done (delivered or
@@ -707,6 +793,8 @@ class VirtioNet(VirtioDevice):
         errors = dict(self.errors)
         if rx["rx_backlog_full"]:  # dropped natively as deliver() drops them
             errors["backlog_full"] = errors.get("backlog_full", 0) + rx["rx_backlog_full"]
+        if rx["rx_hold_lost"]:  # held natively when the queue stopped
+            errors["stopped"] = errors.get("stopped", 0) + rx["rx_hold_lost"]
         return {
             "port": self.switch.port_statistics(self),
             "queues": {k: v for k, v in sorted(packets.items()) if v},
@@ -714,6 +802,13 @@ class VirtioNet(VirtioDevice):
             "errors": errors,
             "native": {"tx": {k: tx[k] for k in native.TX_STATISTICS}, "rx": rx},
         }
+
+
+async def _relay_told(rx: native.NativeRx, backlog: _Backlog) -> None:
+    """Pass ``rx``'s hold_fd events on to the queue's loop (``_Backlog.tell``)."""
+    while True:
+        await rx.wait_told()
+        backlog.tell()
 
 
 def _quiet(queue: Virtqueue) -> None:
