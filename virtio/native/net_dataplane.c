@@ -1474,19 +1474,34 @@ defer:
     return 0;
 }
 
+/* Whether any receive queue of p holds frames (read without p->mu: a hint, the
+ * caller looks again under it where it matters). */
+static int net_port_holds(struct net_port *p)
+{
+    for (uint32_t k = 0; k < NET_RXQ_MAX; k++)
+        if (__atomic_load_n(&p->rx[k].nheld, __ATOMIC_RELAXED))
+            return 1;
+    return 0;
+}
+
 /* After a batch, for the ports this thread left frames held for: Python is told of
  * a hold that has not moved for NET_HOLD_STALL_S (this thread may go on sending
  * elsewhere and not sleep for a long time; while the holds move, Python is not
  * woken). */
 static void net_dp_check_holds(struct net_dp *n)
 {
-    double now = net_now();
-    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS; i++) {
+    double now = 0;
+    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS && n->nholding; i++) {
         if (!n->holding[i])
             continue;
         struct net_port *p = __atomic_load_n(&n->ports[i], __ATOMIC_ACQUIRE);
-        if (!p)
+        if (!p || !net_port_holds(p)) {
+            n->holding[i] = 0; /* (a frame held again sets it again) */
+            n->nholding--;
             continue;
+        }
+        if (!now)
+            now = net_now();
         pthread_mutex_lock(NET_PORT_MU(p));
         for (uint32_t k = 0; k < NET_RXQ_MAX; k++) {
             struct net_rxq *rq = &p->rx[k];
