@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import struct
 
 import pytest
@@ -386,6 +387,75 @@ async def test_held_frames_go_first_when_the_sender_keeps_sending():
         held = b.statistics()["native"]["rx"]
         assert held["rx_held"] == 5 and b.native_port.rx[0].nheld == 0
         assert b.native_port.rx[0].hold_served >= 2  # delivered by the sending thread
+
+
+async def test_a_full_hold_that_wraps_keeps_every_frame_it_took_intact_and_in_order():
+    """Jumbo frames of random sizes for a receive queue whose driver posts no
+    buffers for a while, then fewer than frames come, catching up now and then: the
+    hold runs full of bytes (NET_HOLD_BYTES) from its start, and again and again
+    with its buffer wrapped, and drops what does not fit.  Every frame it took
+    arrives once, intact, in order; the dropped ones are counted (backlog_full) and
+    only those are missing."""
+    rng = random.Random(7)
+    sw = Switch()
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A, mtu=9000)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B, mtu=9000)
+    ga, gb = Guest(a), Guest(b)
+    kept: list[bytes] = []
+    posted = dropped = 0
+
+    def post_rx() -> None:
+        nonlocal posted
+        if posted - len(gb.collect()) < 100:  # (the guest's 1 MiB of buffer space)
+            gb.post(RX, writable=[9100])
+            posted += 1
+
+    async def send() -> None:
+        nonlocal dropped
+        frame = ether(MAC_B, MAC_A, rng.randbytes(rng.randrange(1000, 9000)))
+        before = b.native_port.rx_backlog_full
+        await ga.wait_used(TX, ga.post(TX, readable=[_hdr() + frame]))
+        if b.native_port.rx_backlog_full == before:
+            kept.append(frame)
+        else:
+            dropped += 1
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb):
+                nursery.start_soon(g.device.run, g.active)
+            ga.post(RX, writable=[9100])
+            await trio.testing.wait_all_tasks_blocked()
+            token = gb.post(TX, readable=[_hdr() + ether(MAC_A, MAC_B, b"x" * 50)])
+            await gb.wait_used(TX, token)  # b is learned
+            for _cycle in range(4):
+                with trio.fail_after(10):  # emptied: the next frames fill it from offset 0
+                    while b.native_port.rx[0].nheld:
+                        post_rx()
+                        await trio.testing.wait_all_tasks_blocked()
+                        await trio.sleep(0.001)
+                for _ in range(450):  # full of bytes from offset 0: the next ones dropped
+                    await send()
+                for round_ in range(90):  # it wraps, full now and then
+                    for _ in range(100 if round_ % 30 == 29 else rng.randrange(0, 3)):
+                        post_rx()
+                    for _ in range(rng.randrange(2, 12)):
+                        await send()
+            with trio.fail_after(10):
+                while len(gb.collect()) < len(kept):
+                    if posted < len(kept) and posted - len(gb.received) < 100:
+                        post_rx()
+                        continue
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.sleep(0.01)
+            assert [d[12:] for d in gb.received] == kept
+            rx = b.statistics()
+            assert dropped > 0 and rx["errors"] == {"backlog_full": dropped}
+            assert rx["native"]["rx"]["rx_held"] > 3 * lib.NET_HOLD_BYTES // 9000
+            nursery.cancel_scope.cancel()
+    finally:
+        ga.close()
+        gb.close()
 
 
 async def test_python_backlog_is_not_overtaken():
