@@ -627,7 +627,8 @@ static int net_kept_pop(struct net_rxkeep *kp, struct vq *q, struct vq_chain *c,
 }
 
 /* Reserve buffers of port p's receive queue rx[qi] for the frame (p->mu held): pop
- * as many chains as it needs.  NET_RX_OK; NET_RX_NOROOM with the ring as it was:
+ * as many chains as it needs (inlined: one call per frame, as before the hold, not
+ * two with their prologues).  NET_RX_OK; NET_RX_NOROOM with the ring as it was:
  * fewer buffers posted than the frame needs (it may wait for more in the hold);
  * NET_RX_DEFER with the ring as it was: a buffer the Python path must judge
  * (readable, shorter than the header, too small without MRG_RXBUF, more of them
@@ -635,8 +636,9 @@ static int net_kept_pop(struct net_rxkeep *kp, struct vq *q, struct vq_chain *c,
  * queue broken), or a queue that is not native now.  Python does not touch the ring
  * while p->mu is held, so the reservation stays valid until net_rx_commit /
  * net_rx_cancel. */
-static int net_rx_reserve_q(struct net_port *p, const struct net_frame *f, struct net_resv *r,
-                            struct net_rxkeep *kp, uint32_t want, uint32_t qi, uint32_t steered)
+static inline __attribute__((always_inline)) int
+net_rx_reserve_q(struct net_port *p, const struct net_frame *f, struct net_resv *r,
+                 struct net_rxkeep *kp, uint32_t want, uint32_t qi, uint32_t steered)
 {
     struct net_rxq *rq = &p->rx[qi];
     struct vq *q = rq->q;
@@ -1411,7 +1413,8 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
         if (ok == 2) {
             n->acc_no_room[single]++; /* the switch's dropped_no_room, as _deliver's */
         } else {
-            n->tx_held += ok == 3;
+            if (__builtin_expect(ok == 3, 0))
+                n->tx_held++;
             n->acc_out[single]++;
             n->acc_out_bytes[single] += f.len;
         }
