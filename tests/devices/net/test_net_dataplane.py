@@ -300,52 +300,39 @@ async def test_frames_held_natively_for_a_dry_ring_arrive_in_order():
     Python's pace), and once the driver posts buffers they arrive in order, before
     any later frame.  The transmitting thread sleeps after each frame here, so it is
     Python, told so, that delivers them when the buffers come."""
-    sw = Switch()
-    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
-    b = VirtioNet(name="b", switch=sw, mac=MAC_B)
-    ga, gb = Guest(a), Guest(b)
-    try:
-        async with trio.open_nursery() as nursery:
-            for g in (ga, gb):
-                nursery.start_soon(g.device.run, g.active)
-            ga.post(RX, writable=[2048])
-            await trio.testing.wait_all_tasks_blocked()
-            token = gb.post(TX, readable=[_hdr() + ether(MAC_A, MAC_B, b"x" * 50)])
-            await gb.wait_used(TX, token)  # a learned nothing yet; b is learned
-            payloads = [struct.pack("!I", i) * 20 for i in range(6)]
-            for p in payloads:  # b has no receive buffers: held natively
-                token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, p)])
-                await ga.wait_used(TX, token)
-                await trio.testing.wait_all_tasks_blocked()
-            assert b.native_port.rx[0].nheld == len(payloads)
-            assert b.native_port.held == 0  # nothing in Python's backlog
-            for _ in payloads:
-                gb.post(RX, writable=[2048])
-            with trio.fail_after(10):  # delivered by Python, told by the sleeping sender
-                while len(gb.collect()) < len(payloads):
-                    await trio.testing.wait_all_tasks_blocked()
-                    await trio.sleep(0.01)
-            got = [data[12 + 14 :] for data in gb.received]
-            assert got == payloads
-            assert b.native_port.rx[0].nheld == 0
-            # the ring has buffers again and nothing is held: straight in
-            gb.post(RX, writable=[2048])
-            token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, b"y" * 60)])
+    async with _running_ports() as (ga, gb):
+        a, b = ga.device, gb.device
+        await _learn_b(ga, gb)
+        payloads = [struct.pack("!I", i) * 20 for i in range(6)]
+        for p in payloads:  # b has no receive buffers: held natively
+            token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, p)])
             await ga.wait_used(TX, token)
-            assert gb.collect()[-1][26:] == b"y" * 60
-            stats = a.statistics()["native"]["tx"]
-            assert stats["py_port"] == stats["py_no_room"] == 0
-            assert stats["tx_held"] == len(payloads)
-            assert stats["tx_native"] == len(payloads) + 1
-            rx = b.statistics()
-            assert rx["native"]["rx"]["rx_held"] == len(payloads)
-            assert rx["native"]["rx"]["rx_native"] == len(payloads) + 1
-            assert rx["port"]["out_packets"] == len(payloads) + 1
-            assert not rx["errors"]
-            nursery.cancel_scope.cancel()
-    finally:
-        ga.close()
-        gb.close()
+            await trio.testing.wait_all_tasks_blocked()
+        assert b.native_port.rx[0].nheld == len(payloads)
+        assert b.native_port.held == 0  # nothing in Python's backlog
+        for _ in payloads:
+            gb.post(RX, writable=[2048])
+        with trio.fail_after(10):  # delivered by Python, told by the sleeping sender
+            while len(gb.collect()) < len(payloads):
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.01)
+        got = [data[12 + 14 :] for data in gb.received]
+        assert got == payloads
+        assert b.native_port.rx[0].nheld == 0
+        # the ring has buffers again and nothing is held: straight in
+        gb.post(RX, writable=[2048])
+        token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, b"y" * 60)])
+        await ga.wait_used(TX, token)
+        assert gb.collect()[-1][26:] == b"y" * 60
+        stats = a.statistics()["native"]["tx"]
+        assert stats["py_port"] == stats["py_no_room"] == 0
+        assert stats["tx_held"] == len(payloads)
+        assert stats["tx_native"] == len(payloads) + 1
+        rx = b.statistics()
+        assert rx["native"]["rx"]["rx_held"] == len(payloads)
+        assert rx["native"]["rx"]["rx_native"] == len(payloads) + 1
+        assert rx["port"]["out_packets"] == len(payloads) + 1
+        assert not rx["errors"]
 
 
 async def test_held_frames_go_first_when_the_sender_keeps_sending():
@@ -397,65 +384,52 @@ async def test_a_full_hold_that_wraps_keeps_every_frame_it_took_intact_and_in_or
     arrives once, intact, in order; the dropped ones are counted (backlog_full) and
     only those are missing."""
     rng = random.Random(7)
-    sw = Switch()
-    a = VirtioNet(name="a", switch=sw, mac=MAC_A, mtu=9000)
-    b = VirtioNet(name="b", switch=sw, mac=MAC_B, mtu=9000)
-    ga, gb = Guest(a), Guest(b)
     kept: list[bytes] = []
     posted = dropped = 0
+    async with _running_ports(mtu=9000) as (ga, gb):
+        b = gb.device
 
-    def post_rx() -> None:
-        nonlocal posted
-        if posted - len(gb.collect()) < 100:  # (the guest's 1 MiB of buffer space)
-            gb.post(RX, writable=[9100])
-            posted += 1
+        def post_rx() -> None:
+            nonlocal posted
+            if posted - len(gb.collect()) < 100:  # (the guest's 1 MiB of buffer space)
+                gb.post(RX, writable=[9100])
+                posted += 1
 
-    async def send() -> None:
-        nonlocal dropped
-        frame = ether(MAC_B, MAC_A, rng.randbytes(rng.randrange(1000, 9000)))
-        before = b.native_port.rx_backlog_full
-        await ga.wait_used(TX, ga.post(TX, readable=[_hdr() + frame]))
-        if b.native_port.rx_backlog_full == before:
-            kept.append(frame)
-        else:
-            dropped += 1
+        async def send() -> None:
+            nonlocal dropped
+            frame = ether(MAC_B, MAC_A, rng.randbytes(rng.randrange(1000, 9000)))
+            before = b.native_port.rx_backlog_full
+            await ga.wait_used(TX, ga.post(TX, readable=[_hdr() + frame]))
+            if b.native_port.rx_backlog_full == before:
+                kept.append(frame)
+            else:
+                dropped += 1
 
-    try:
-        async with trio.open_nursery() as nursery:
-            for g in (ga, gb):
-                nursery.start_soon(g.device.run, g.active)
-            ga.post(RX, writable=[9100])
-            await trio.testing.wait_all_tasks_blocked()
-            token = gb.post(TX, readable=[_hdr() + ether(MAC_A, MAC_B, b"x" * 50)])
-            await gb.wait_used(TX, token)  # b is learned
-            for _cycle in range(4):
-                with trio.fail_after(10):  # emptied: the next frames fill it from offset 0
-                    while b.native_port.rx[0].nheld:
-                        post_rx()
-                        await trio.testing.wait_all_tasks_blocked()
-                        await trio.sleep(0.001)
-                for _ in range(450):  # full of bytes from offset 0: the next ones dropped
-                    await send()
-                for round_ in range(90):  # it wraps, full now and then
-                    for _ in range(100 if round_ % 30 == 29 else rng.randrange(0, 3)):
-                        post_rx()
-                    for _ in range(rng.randrange(2, 12)):
-                        await send()
-            with trio.fail_after(10):
-                while len(gb.collect()) < len(kept):
-                    if posted < len(kept) and posted - len(gb.received) < 100:
-                        post_rx()
-                        continue
+        await _learn_b(ga, gb, 9100)
+        for _cycle in range(4):
+            with trio.fail_after(10):  # emptied: the next frames fill it from offset 0
+                while b.native_port.rx[0].nheld:
+                    post_rx()
                     await trio.testing.wait_all_tasks_blocked()
-                    await trio.sleep(0.01)
-            assert [d[12:] for d in gb.received] == kept
-            rx = b.statistics()
-            assert dropped > 0 and rx["errors"] == {"backlog_full": dropped}
-            assert rx["native"]["rx"]["rx_held"] > 3 * lib.NET_HOLD_BYTES // 9000
-            nursery.cancel_scope.cancel()
-    finally:
-        ga.close()
-        gb.close()
+                    await trio.sleep(0.001)
+            for _ in range(450):  # full of bytes from offset 0: the next ones dropped
+                await send()
+            for round_ in range(90):  # it wraps, full now and then
+                for _ in range(100 if round_ % 30 == 29 else rng.randrange(0, 3)):
+                    post_rx()
+                for _ in range(rng.randrange(2, 12)):
+                    await send()
+        with trio.fail_after(10):
+            while len(gb.collect()) < len(kept):
+                if posted < len(kept) and posted - len(gb.received) < 100:
+                    post_rx()
+                    continue
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.01)
+        assert [d[12:] for d in gb.received] == kept
+        rx = b.statistics()
+        assert dropped > 0 and rx["errors"] == {"backlog_full": dropped}
+        assert rx["native"]["rx"]["rx_held"] > 3 * lib.NET_HOLD_BYTES // 9000
 
 
 async def test_python_backlog_is_not_overtaken():
@@ -463,46 +437,33 @@ async def test_python_backlog_is_not_overtaken():
     without GUEST_CSUM) waits in Python's backlog for a dry ring: while it does,
     the native path hands the port's later frames to Python too, so none overtakes
     it."""
-    sw = Switch()
-    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
-    b = VirtioNet(name="b", switch=sw, mac=MAC_B)
-    ga, gb = Guest(a), Guest(b, NF.VIRTIO_NET_F_GUEST_CSUM.mask)
-    try:
-        async with trio.open_nursery() as nursery:
-            for g in (ga, gb):
-                nursery.start_soon(g.device.run, g.active)
-            ga.post(RX, writable=[2048])
-            await trio.testing.wait_all_tasks_blocked()
-            token = gb.post(TX, readable=[_hdr() + ether(MAC_A, MAC_B, b"x" * 50)])
-            await gb.wait_used(TX, token)  # b is learned
-            first = tcp4(MAC_B, MAC_A, b"c" * 40, partial=True)
-            token = ga.post(TX, readable=[_hdr(NEEDS_CSUM, 0, 0, 0, 34, 16) + first])
+    async with _running_ports(without_b=NF.VIRTIO_NET_F_GUEST_CSUM.mask) as (ga, gb):
+        a, b = ga.device, gb.device
+        await _learn_b(ga, gb)
+        first = tcp4(MAC_B, MAC_A, b"c" * 40, partial=True)
+        token = ga.post(TX, readable=[_hdr(NEEDS_CSUM, 0, 0, 0, 34, 16) + first])
+        await ga.wait_used(TX, token)
+        await trio.testing.wait_all_tasks_blocked()
+        assert b.native_port.held == 1
+        payloads = [struct.pack("!I", i) * 20 for i in range(4)]
+        for p in payloads:
+            token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, p)])
             await ga.wait_used(TX, token)
             await trio.testing.wait_all_tasks_blocked()
-            assert b.native_port.held == 1
-            payloads = [struct.pack("!I", i) * 20 for i in range(4)]
-            for p in payloads:
-                token = ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, p)])
-                await ga.wait_used(TX, token)
+        assert b.native_port.held == 1 + len(payloads)
+        assert b.native_port.rx[0].nheld == 0
+        for _ in range(5):
+            gb.post(RX, writable=[2048])
+        with trio.fail_after(10):
+            while len(gb.collect()) < 5:
                 await trio.testing.wait_all_tasks_blocked()
-            assert b.native_port.held == 1 + len(payloads)
-            assert b.native_port.rx[0].nheld == 0
-            for _ in range(5):
-                gb.post(RX, writable=[2048])
-            with trio.fail_after(10):
-                while len(gb.collect()) < 5:
-                    await trio.testing.wait_all_tasks_blocked()
-                    await trio.sleep(0.01)
-            got = [data[12:] for data in gb.received]
-            assert got[0][:34] == first[:34]  # its checksum completed by Python
-            assert [g[14:] for g in got[1:]] == payloads
-            stats = a.statistics()["native"]["tx"]
-            assert stats["py_port"] == 1 + len(payloads)
-            assert stats["tx_held"] == 0
-            nursery.cancel_scope.cancel()
-    finally:
-        ga.close()
-        gb.close()
+                await trio.sleep(0.01)
+        got = [data[12:] for data in gb.received]
+        assert got[0][:34] == first[:34]  # its checksum completed by Python
+        assert [g[14:] for g in got[1:]] == payloads
+        stats = a.statistics()["native"]["tx"]
+        assert stats["py_port"] == 1 + len(payloads)
+        assert stats["tx_held"] == 0
 
 
 async def _overload(native: bool, backlog: int, sent: int) -> tuple[dict, dict, list[bytes]]:
@@ -633,14 +594,24 @@ async def test_flood_with_a_python_port_goes_through_python():
         gb.close()
 
 
+async def _learn_b(ga: Guest, gb: Guest, rx_size: int = 2048) -> None:
+    """b sends a frame to a (a receive buffer posted there): the switch learns b."""
+    ga.post(RX, writable=[rx_size])
+    await trio.testing.wait_all_tasks_blocked()
+    token = gb.post(TX, readable=[_hdr() + ether(MAC_A, MAC_B, b"x" * 50)])
+    await gb.wait_used(TX, token)
+
+
 @contextlib.asynccontextmanager
-async def _running_ports(packed: bool = False, native: bool = True, **b_args):
+async def _running_ports(
+    packed: bool = False, native: bool = True, mtu: int = 1500, without_b: int = 0, **b_args
+):
     """Ports a and b on one switch, each device running for an in-memory guest."""
     sw = Switch()
-    a = VirtioNet(name="a", switch=sw, mac=MAC_A)
-    b = VirtioNet(name="b", switch=sw, mac=MAC_B, **b_args)
+    a = VirtioNet(name="a", switch=sw, mac=MAC_A, mtu=mtu)
+    b = VirtioNet(name="b", switch=sw, mac=MAC_B, mtu=mtu, **b_args)
     a.native_dataplane = b.native_dataplane = native
-    ga, gb = Guest(a, packed=packed), Guest(b, packed=packed)
+    ga, gb = Guest(a, packed=packed), Guest(b, without_b, packed)
     try:
         async with trio.open_nursery() as nursery:
             for g in (ga, gb):
