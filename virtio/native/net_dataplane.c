@@ -13,16 +13,16 @@
  * It is an accelerator, not a second switch: only the common case is served here
  * -- a frame without GSO whose header asks nothing or only NEEDS_CSUM to a port
  * that negotiated GUEST_CSUM (passed through unchanged, as switch.py does), of a
- * length the Python path would accept, to native ports whose receive rings have
- * the buffers right now (a flood: every other port, up to NET_FLOOD_MAX, buffers
- * reserved in all of them before any is written).  Everything else (malformed or
- * hostile headers, TSO, checksum completion, the tap uplink, receive filters, a
- * destination with a backlog in Python, a ring short of buffers or with buffers
- * §5.1.6.3.1 forbids) is deferred, before anything was learned or counted, to
- * VirtioNet._transmit, which decides and counts it exactly as without the data
- * plane; the causes are counted (py_*).  Within one flow a deferred frame may
- * reach its receiver after a later frame served natively (only when the ring
- * was short of buffers and got more meanwhile).
+ * length the Python path would accept, to native ports (a flood: every other
+ * port, up to NET_FLOOD_MAX, buffers reserved in all of them before any is
+ * written).  A frame for a ring short of buffers waits in that queue's hold, ahead
+ * of later frames (see "the hold" below).  Everything else (malformed or hostile
+ * headers, TSO, checksum completion, the tap uplink, receive filters, a
+ * destination with a backlog in Python, buffers §5.1.6.3.1 forbids) is deferred,
+ * before anything was learned or counted, to VirtioNet._transmit, which decides
+ * and counts it exactly as without the data plane; the causes are counted
+ * (py_*).  A deferred frame may reach its receiver after later frames of its
+ * batch served here (Python takes it once the thread has moved on).
  *
  * Locks: the forwarding database's mutex is taken to learn a source and look a
  * destination up -- once per batch and per change of source or destination
@@ -1217,6 +1217,15 @@ static void net_unstick(struct net_dp *n)
     }
 }
 
+/* This thread left frames held for port idx (net_dp_before_sleep, check_holds). */
+static void net_dp_note_holding(struct net_dp *n, uint32_t idx)
+{
+    if (!n->holding[idx]) {
+        n->holding[idx] = 1;
+        n->nholding++;
+    }
+}
+
 /* Deliver the frame to the one port `idx` (p): 1 written, 3 held (it waits in the
  * queue's hold for buffers), 2 dropped (the backlog or hold is full), 0 the port
  * does not take it natively, -1 its buffers need the Python path.  p's mu is kept (n->sticky) for the batch's next
@@ -1251,10 +1260,7 @@ static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
         p->rx_backlog_full++;
         return 2;
     }
-    if (!n->holding[idx]) {
-        n->holding[idx] = 1;
-        n->nholding++;
-    }
+    net_dp_note_holding(n, idx);
     return 3;
 }
 
@@ -1419,11 +1425,13 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
             n->acc_out_bytes[single] += f.len;
         }
     } else if (nother > 1) {
-        /* a flood to several ports: every one native with room (else Python floods
-         * it): buffers reserved in every one, ports locked in ascending order,
-         * before anything is written */
+        /* a flood to several ports: every one native (else Python floods it):
+         * buffers reserved in every one with room, ports locked in ascending order,
+         * before anything is written; where a ring has no room now (or frames held
+         * already), the frame goes into that queue's hold */
         net_unstick(n);
         struct net_port *held[NET_FLOOD_MAX];
+        uint8_t wait[NET_FLOOD_MAX]; /* 1: into the hold; 2: dropped (hold full) */
         uint32_t nheld = 0, failed = 0;
         for (uint32_t i = 0; i < nports && !failed; i++) {
             struct net_port *p = n->ports[i];
@@ -1438,26 +1446,43 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
             held[nheld] = p;
             n->resv_port[nheld] = i;
             n->resv[nheld].k = 0;
+            wait[nheld] = 0;
             nheld++;
             if (!net_port_takes(p, &f)) {
                 failed = 1;
                 n->py_port++;
-            } else if (net_rx_reserve(p, &f, &n->resv[nheld - 1], NULL, 1) != NET_RX_OK) {
-                failed = 1;
-                n->py_no_room++;
+            } else {
+                int r = net_rx_reserve(p, &f, &n->resv[nheld - 1], NULL, 1);
+                wait[nheld - 1] = r == NET_RX_NOROOM || r == NET_RX_HOLD;
+                if (r == NET_RX_DEFER) {
+                    failed = 1;
+                    n->py_no_room++;
+                }
             }
         }
         for (uint32_t j = nheld; j-- > 0;) {
-            if (failed)
-                net_rx_cancel(held[j], &n->resv[j]);
-            else
-                net_rx_commit(held[j], &f, &n->resv[j]);
+            struct net_resv *r = &n->resv[j];
+            if (failed) {
+                net_rx_cancel(held[j], r);
+            } else if (!wait[j]) {
+                net_rx_commit(held[j], &f, r);
+            } else if (net_hold_put(held[j], r->qi, &f, r->steered)) {
+                net_dp_note_holding(n, n->resv_port[j]);
+                n->tx_held++;
+            } else {
+                held[j]->rx_backlog_full++;
+                wait[j] = 2;
+            }
             n->touched[n->resv_port[j]] = 1;
             pthread_mutex_unlock(NET_PORT_MU(held[j]));
         }
         if (failed)
             goto defer;
         for (uint32_t j = 0; j < nheld; j++) {
+            if (wait[j] == 2) {
+                n->acc_no_room[n->resv_port[j]]++;
+                continue;
+            }
             n->acc_out[n->resv_port[j]]++;
             n->acc_out_bytes[n->resv_port[j]] += f.len;
         }

@@ -335,6 +335,44 @@ async def test_frames_held_natively_for_a_dry_ring_arrive_in_order():
         assert not rx["errors"]
 
 
+async def test_a_flood_waits_in_the_hold_of_a_port_without_room():
+    """A flood to several ports, one of them with no receive buffers: the ports with
+    room get it at once, the other's hold keeps it (no frame goes through Python),
+    and that port gets the floods in order once its driver posts buffers."""
+    sw = Switch()
+    ports = [
+        VirtioNet(name=n, switch=sw, mac=m) for n, m in (("a", MAC_A), ("b", MAC_B), ("c", MAC_C))
+    ]
+    ga, gb, gc = guests = [Guest(p) for p in ports]
+    try:
+        async with trio.open_nursery() as nursery:
+            for g in guests:
+                nursery.start_soon(g.device.run, g.active)
+            for _ in range(8):
+                gb.post(RX, writable=[2048])
+            await trio.testing.wait_all_tasks_blocked()
+            floods = [ether(BROADCAST, MAC_A, struct.pack("!I", i) * 20, 0x0806) for i in range(5)]
+            for frame in floods:
+                await ga.wait_used(TX, ga.post(TX, readable=[_hdr() + frame]))
+            assert [d[12:] for d in gb.collect()] == floods
+            assert gc.device.native_port.rx[0].nheld == len(floods)
+            for _ in floods:
+                gc.post(RX, writable=[2048])
+            with trio.fail_after(10):
+                while len(gc.collect()) < len(floods):
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.sleep(0.01)
+            assert [d[12:] for d in gc.received] == floods
+            tx = ga.device.statistics()["native"]["tx"]
+            assert tx["py_port"] == tx["py_no_room"] == 0
+            assert tx["tx_flooded"] == tx["tx_held"] == len(floods)
+            assert gc.device.statistics()["port"]["out_packets"] == len(floods)
+            nursery.cancel_scope.cancel()
+    finally:
+        for g in guests:
+            g.close()
+
+
 async def test_held_frames_go_first_when_the_sender_keeps_sending():
     """While frames are held, the transmitting thread itself delivers them, oldest
     first, as soon as buffers are there -- before the frame it is sending -- and
