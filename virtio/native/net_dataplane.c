@@ -805,7 +805,8 @@ static int net_hold_put(struct net_port *p, uint32_t qi, const struct net_frame 
 {
     struct net_rxq *rq = &p->rx[qi];
     struct net_hold *h = rq->hold;
-    if (rq->nheld >= (p->hold_limit < NET_HOLD_FRAMES ? p->hold_limit : NET_HOLD_FRAMES))
+    if (rq->nheld >= (p->hold_limit < NET_HOLD_FRAMES ? p->hold_limit : NET_HOLD_FRAMES) ||
+        f->len > NET_HOLD_BYTES)
         return 0;
     if (!h) {
         h = malloc(sizeof *h);
@@ -835,8 +836,6 @@ static int net_hold_put(struct net_port *p, uint32_t qi, const struct net_frame 
             return 0;
         }
     }
-    if (len > NET_HOLD_BYTES)
-        return 0;
     struct net_cursor body = f->body;
     net_cursor_read(&body, h->buf + off, len);
     struct net_hold_ent *e = &h->ent[(h->first + rq->nheld) % NET_HOLD_FRAMES];
@@ -1217,7 +1216,7 @@ static void net_unstick(struct net_dp *n)
     }
 }
 
-/* This thread left frames held for port idx (net_dp_before_sleep, check_holds). */
+/* This thread left frames held for port idx (net_dp_tell_holds). */
 static void net_dp_note_holding(struct net_dp *n, uint32_t idx)
 {
     if (!n->holding[idx]) {
@@ -1512,11 +1511,14 @@ static int net_port_holds(struct net_port *p)
     return 0;
 }
 
-/* After a batch, for the ports this thread left frames held for: Python is told of
- * a hold that has not moved for NET_HOLD_STALL_S (this thread may go on sending
- * elsewhere and not sleep for a long time; while the holds move, Python is not
- * woken). */
-static void net_dp_check_holds(struct net_dp *n)
+/* Python is told (hold_fd, once until it looks: hold_told) of the holds of the
+ * ports this thread left frames held for, when nobody else may deliver them:
+ * `sleeping` -- this thread is about to sleep (noted in hold_sleeping: Python does
+ * not step back then, net_hold_step_back) -- or a hold has not moved for
+ * NET_HOLD_STALL_S (after a batch: this thread may go on sending elsewhere for a
+ * long time).  While the holds move, Python is not woken.  Ports whose holds are
+ * empty are forgotten (a frame held again notes them again). */
+static void net_dp_tell_holds(struct net_dp *n, int sleeping)
 {
     double now = 0;
     for (uint32_t i = 0; i < NET_FDB_MAX_PORTS && n->nholding; i++) {
@@ -1524,16 +1526,20 @@ static void net_dp_check_holds(struct net_dp *n)
             continue;
         struct net_port *p = __atomic_load_n(&n->ports[i], __ATOMIC_ACQUIRE);
         if (!p || !net_port_holds(p)) {
-            n->holding[i] = 0; /* (a frame held again sets it again) */
+            n->holding[i] = 0;
             n->nholding--;
             continue;
         }
-        if (!now)
+        if (!sleeping && !now)
             now = net_now();
         pthread_mutex_lock(NET_PORT_MU(p));
         for (uint32_t k = 0; k < NET_RXQ_MAX; k++) {
             struct net_rxq *rq = &p->rx[k];
-            if (rq->nheld && !rq->hold_told && now - rq->hold_stamp > NET_HOLD_STALL_S) {
+            if (!rq->nheld)
+                continue;
+            if (sleeping)
+                rq->hold_sleeping = 1;
+            if (!rq->hold_told && (sleeping || now - rq->hold_stamp > NET_HOLD_STALL_S)) {
                 rq->hold_told = 1;
                 net_hold_tell(rq);
             }
@@ -1589,44 +1595,14 @@ static void net_dp_batch_end(void *dev)
         net_unstick(n);
     }
     if (n->nholding)
-        net_dp_check_holds(n);
+        net_dp_tell_holds(n, 0);
 }
 
 /* ---- waiting ------------------------------------------------------------------ */
-/* Before this thread sleeps: Python is told of every receive queue it left frames
- * held in (hold_fd), unless told already, to deliver them as the driver posts
- * buffers, which nobody else may do meanwhile (and does not step back while such a
- * sleep was noted: net_hold_step_back). */
+/* dp.before_sleep (and the waits of net_dp_wait / net_group_wait). */
 static void net_dp_before_sleep(void *dev)
 {
-    struct net_dp *n = dev;
-    if (!n->nholding)
-        return;
-    for (uint32_t i = 0; i < NET_FDB_MAX_PORTS && n->nholding; i++) {
-        if (!n->holding[i])
-            continue;
-        struct net_port *p = __atomic_load_n(&n->ports[i], __ATOMIC_ACQUIRE);
-        uint32_t left = 0;
-        if (p) {
-            pthread_mutex_lock(NET_PORT_MU(p));
-            for (uint32_t k = 0; k < NET_RXQ_MAX; k++) {
-                struct net_rxq *rq = &p->rx[k];
-                if (rq->nheld) {
-                    left++;
-                    rq->hold_sleeping = 1;
-                    if (!rq->hold_told) {
-                        rq->hold_told = 1;
-                        net_hold_tell(rq);
-                    }
-                }
-            }
-            pthread_mutex_unlock(NET_PORT_MU(p));
-        }
-        if (!left) {
-            n->holding[i] = 0;
-            n->nholding--;
-        }
-    }
+    net_dp_tell_holds(dev, 1);
 }
 
 static int net_dp_watch(void *dev, int kick, int wake)
