@@ -373,6 +373,31 @@ async def test_a_flood_waits_in_the_hold_of_a_port_without_room():
             g.close()
 
 
+async def test_a_held_frame_meeting_a_hostile_receive_buffer_is_judged_by_python():
+    """§5.1.6.3.1 violated while frames are held: the driver posts a receive buffer
+    with a device-readable part first.  The oldest held frame meets it; the native
+    path leaves it to Python, which drops that frame and returns the buffer
+    (``bad_buffer``), as without the hold; the next held frames follow in order."""
+    async with _running_ports() as (ga, gb):
+        b = gb.device
+        await _learn_b(ga, gb)
+        payloads = [struct.pack("!I", i) * 20 for i in range(4)]
+        for p in payloads:  # b has no receive buffers: held natively
+            await ga.wait_used(TX, ga.post(TX, readable=[_hdr() + ether(MAC_B, MAC_A, p)]))
+        assert b.native_port.rx[0].nheld == len(payloads)
+        gb.post(RX, readable=[b"\0" * 16], writable=[2048])
+        for _ in payloads[1:]:
+            gb.post(RX, writable=[2048])
+        with trio.fail_after(10):
+            while len(gb.collect()) < len(payloads):  # the bad buffer comes back empty
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.01)
+        assert gb.received[0] == b""
+        assert [d[26:] for d in gb.received[1:]] == payloads[1:]
+        assert b.statistics()["errors"] == {"bad_buffer": 1}
+        assert b.native_port.rx[0].nheld == 0
+
+
 async def test_held_frames_go_first_when_the_sender_keeps_sending():
     """While frames are held, the transmitting thread itself delivers them, oldest
     first, as soon as buffers are there -- before the frame it is sending -- and
