@@ -229,13 +229,14 @@ static void dp_publish(struct dp *dp, struct dp_out *o)
     if (!o->n)
         return;
     struct vq *q = dp->q;
-    uint16_t used_idx = vq_add_used_batch_idx(q, o->ids, o->lens, o->ndescs, o->n);
+    uint16_t used_idx;
+    int notify = vq_publish_used(q, o->ids, o->lens, o->ndescs, o->n, &used_idx);
     if (q->stats)
         q->stats->native += o->n; /* under no lock: this thread is its only writer */
     if (dp->inflight)
         vu_inflight_used(dp->inflight, dp->inflight_num, o->ids, o->n, used_idx);
     dp->publishes++;
-    if (vq_needs_notification(q))
+    if (notify)
         dp_call(dp, &dp->calls);
     o->n = 0;
 }

@@ -1003,15 +1003,19 @@ int vq_add_used_batch(struct vq *q, const uint16_t *ids, const uint32_t *lens,
     return r;
 }
 
-/* As vq_add_used_batch; returns the used index after the update (for inflight logs). */
-uint16_t vq_add_used_batch_idx(struct vq *q, const uint16_t *ids, const uint32_t *lens,
-                               const uint16_t *ndescs, uint32_t n)
+/* A data plane's publication: the used entries (as vq_add_used_batch), then the
+ * notification decision (as vq_needs_notification), under one hold of the queue's
+ * lock.  *used_idx gets the used index after the update (for inflight logs).
+ * 1 when the driver is to be notified (§2.7.10 / §2.8.10). */
+int vq_publish_used(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+                    const uint16_t *ndescs, uint32_t n, uint16_t *used_idx)
 {
     VQ_LOCK(q);
     vq_add_used_batch_u(q, ids, lens, ndescs, n);
-    uint16_t idx = q->packed ? q->next_used : q->used_idx;
+    *used_idx = q->packed ? q->next_used : q->used_idx;
+    int r = vq_needs_notification_u(q);
     VQ_UNLOCK(q);
-    return idx;
+    return r;
 }
 
 int vq_needs_notification(struct vq *q)

@@ -159,8 +159,8 @@ int vq_enable_notification_after(struct vq *q, uint32_t skip);
 void vq_disable_notification(struct vq *q);
 int vq_add_used_chains(struct vq *q, const struct vq_chain *chains, uint32_t n, const uint32_t *lens);
 int vq_set_locking(struct vq *q, int on);
-uint16_t vq_add_used_batch_idx(struct vq *q, const uint16_t *ids, const uint32_t *lens,
-                               const uint16_t *ndescs, uint32_t n);
+int vq_publish_used(struct vq *q, const uint16_t *ids, const uint32_t *lens,
+                    const uint16_t *ndescs, uint32_t n, uint16_t *used_idx);
 int vq_add_used1(struct vq *q, uint16_t id, uint32_t len, uint16_t ndesc);
 int vq_chain_at(struct vq *q, uint16_t head, struct vq_chain *chain, struct vq_seg *segs,
                 uint32_t max_segs);
