@@ -398,6 +398,36 @@ async def test_a_held_frame_meeting_a_hostile_receive_buffer_is_judged_by_python
         assert b.native_port.rx[0].nheld == 0
 
 
+async def test_a_held_frame_python_delivers_arrives_whole():
+    """The oldest held frame meets buffers a native reservation does not span
+    (MRG_RXBUF, 16-byte buffers: 77 for its 1226 bytes, more than NET_RX_MAX_BUFS):
+    Python takes it from the hold (``net_hold_peek``) and writes it whole across
+    them, ``num_buffers`` saying how many (§5.1.6.4); the next held frame follows in
+    order.  Fails when the frame Python delivers is not the one held."""
+    async with _running_ports() as (ga, gb):
+        b = gb.device
+        await _learn_b(ga, gb)
+        frames = [ether(MAC_B, MAC_A, os.urandom(1200)), ether(MAC_B, MAC_A, os.urandom(60))]
+        for f in frames:  # b has no receive buffers: held natively
+            await ga.wait_used(TX, ga.post(TX, readable=[_hdr() + f]))
+        assert b.native_port.rx[0].nheld == len(frames)
+        for _ in range(100):
+            gb.post(RX, writable=[16])
+        want = sum(HDR.size + len(f) for f in frames)
+        with trio.fail_after(10):
+            while sum(map(len, gb.collect())) < want:
+                await trio.testing.wait_all_tasks_blocked()
+                await trio.sleep(0.01)
+        chunks, got = list(gb.received), []
+        while chunks:
+            n = int.from_bytes(chunks[0][10:12], "little")  # num_buffers
+            got.append((n, b"".join(chunks[:n])[HDR.size :]))
+            chunks = chunks[n:]
+        assert got == [(77, frames[0]), (6, frames[1])]
+        assert b.native_port.rx[0].nheld == 0
+        assert b.statistics()["errors"] == {}
+
+
 async def test_held_frames_go_first_when_the_sender_keeps_sending():
     """While frames are held, the transmitting thread itself delivers them, oldest
     first, as soon as buffers are there -- before the frame it is sending -- and
