@@ -938,18 +938,17 @@ int net_hold_step_back(struct net_port *p, uint32_t k, uint64_t served)
 }
 
 /* The oldest held frame of receive queue k (p->mu held): its 10 header bytes into
- * hdr and up to max frame bytes into frame; its length (0: none held). */
-uint32_t net_hold_peek(struct net_port *p, uint32_t k, uint8_t *hdr, uint8_t *frame,
-                       uint32_t max)
+ * hdr, its length into *len, and where its bytes are (valid while p->mu is held and
+ * until net_hold_pop); NULL when none is held. */
+const uint8_t *net_hold_peek(struct net_port *p, uint32_t k, uint8_t *hdr, uint32_t *len)
 {
     if (k >= NET_RXQ_MAX || !p->rx[k].nheld)
-        return 0;
+        return NULL;
     struct net_hold *h = p->rx[k].hold;
     const struct net_hold_ent *e = &h->ent[h->first];
     memcpy(hdr, e->hdr, NET_HDR_GATHER);
-    if (frame && max)
-        memcpy(frame, h->buf + e->off, e->len < max ? e->len : max);
-    return e->len;
+    *len = e->len;
+    return h->buf + e->off;
 }
 
 /* Python delivered (or dropped) the oldest held frame of receive queue k. */

@@ -92,8 +92,7 @@ void net_port_destroy(struct net_port *p);
 void net_port_attach(struct net_port *p, uint32_t k, struct vq *q, int call_fd, int hold_fd,
                      uint32_t hdr_size, int mrg_rxbuf, int guest_csum);
 int net_hold_drain_locked(struct net_port *p, uint32_t k);
-uint32_t net_hold_peek(struct net_port *p, uint32_t k, uint8_t *hdr, uint8_t *frame,
-                       uint32_t max);
+const uint8_t *net_hold_peek(struct net_port *p, uint32_t k, uint8_t *hdr, uint32_t *len);
 void net_hold_pop(struct net_port *p, uint32_t k);
 int net_hold_arm_locked(struct net_port *p, uint32_t k);
 int net_hold_step_back(struct net_port *p, uint32_t k, uint64_t served);

@@ -598,12 +598,11 @@ class VirtioNet(VirtioDevice):
             status = lib.net_hold_drain_locked(port, k)
             if status != lib.NET_HOLD_PYTHON:
                 return status == lib.NET_HOLD_EMPTY
-            hdr = ffi.new("uint8_t[10]")
-            size = lib.net_hold_peek(port, k, hdr, ffi.NULL, 0)
-            frame = ffi.new("uint8_t[]", size)
-            lib.net_hold_peek(port, k, hdr, frame, size)
+            hdr, size = ffi.new("uint8_t[10]"), ffi.new("uint32_t *")
+            held = lib.net_hold_peek(port, k, hdr, size)  # valid under the port's lock
+            frame = bytes(ffi.buffer(held, size[0]))
             fields = HDR_LEGACY.unpack(ffi.buffer(hdr))
-            if not self._receive(index, buffers, Packet(bytes(ffi.buffer(frame)), *fields)):
+            if not self._receive(index, buffers, Packet(frame, *fields)):
                 return False
             lib.net_hold_pop(port, k)
 
