@@ -157,3 +157,43 @@ def test_latency_sample_must_be_a_power_of_two() -> None:
     assert int(q.c.sample_mask) == 0
     with pytest.raises(ValueError, match="power of two"):
         q.latency_sample = 3
+
+
+def test_sampled_pops_alone_are_timed_and_stale_stamps_cleared() -> None:
+    """One popped batch in ``latency_sample`` is stamped; only its chains count a
+    latency when used.  A chain popped in a sampled batch and handed back unused
+    (``net_give_back``) has its stamp cleared by the unsampled pop that takes it
+    again, so its use counts no latency -- and once no stamp is left, unsampled
+    pops and uses skip the per-chain work (``stamped``)."""
+    from virtio.native import ffi, lib
+    from virtio.stats import QueueStats
+
+    q = QueueStats(0, 8, ("requests",), ("ok",), latency_sample=2)
+    c = q.c
+
+    def pop(*heads: int) -> None:
+        chains = ffi.new("struct vq_chain[]", len(heads))
+        for i, h in enumerate(heads):
+            chains[i].head = h
+        lib.vq_stats_popped(c, chains, len(heads))
+
+    def use(*ids: int) -> None:
+        lib.vq_stats_used(c, ffi.new("uint16_t[]", list(ids)), len(ids))
+
+    pop(0, 1)  # pop 0: sampled
+    pop(2)  # pop 1: not
+    assert [bool(q._t0[i]) for i in range(4)] == [True, True, False, False]
+    assert c.stamped == 2
+    use(2, 0, 1)
+    assert (c.latency_count, c.completed, c.stamped) == (2, 3, 0)
+    pop(3)  # pop 2: sampled, then given back unused
+    assert c.stamped == 1
+    pop(3)  # pop 3: not sampled: the stale stamp goes
+    assert (bool(q._t0[3]), c.stamped) == (False, 0)
+    use(3)
+    assert (c.latency_count, c.completed) == (2, 4)
+    pop(4, 5)  # pop 4: sampled
+    pop(6)  # pop 5: not
+    use(4, 5, 6)
+    assert (c.latency_count, c.completed, c.stamped) == (4, 7, 0)
+    assert sum(c.latency[b] for b in range(lib.VQS_LAT_BUCKETS)) == 4

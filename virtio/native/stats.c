@@ -43,11 +43,17 @@ void vq_stats_popped(struct vq_stats *s, const struct vq_chain *chains, uint32_t
     if (!s || !n || !s->t0)
         return;
     uint64_t now = (s->pops++ & s->sample_mask) ? 0 : vq_stats_now();
-    for (uint32_t i = 0; i < n; i++) /* (an unsampled pop finds its slot cleared:
-                                        * no store, which would queue behind the
-                                        * data plane's stores to guest lines) */
-        if (chains[i].head < s->t0_size && s->t0[chains[i].head] != now)
-            s->t0[chains[i].head] = now;
+    if (!now && !s->stamped)
+        return; /* an unsampled pop, and no slot to clear */
+    for (uint32_t i = 0; i < n; i++) { /* (an unsampled pop finds its slot cleared:
+                                          * no store, which would queue behind the
+                                          * data plane's stores to guest lines) */
+        uint16_t h = chains[i].head;
+        if (h < s->t0_size && s->t0[h] != now) {
+            s->stamped += (uint32_t)(now != 0) - (uint32_t)(s->t0[h] != 0);
+            s->t0[h] = now;
+        }
+    }
 }
 
 /* Count the latency of a stamped chain (*now: read once per publication, and only
@@ -60,6 +66,7 @@ static inline void vq_stats_done(struct vq_stats *s, uint16_t id, uint64_t *now)
         *now = vq_stats_now();
     uint64_t ns = *now > s->t0[id] ? *now - s->t0[id] : 0;
     s->t0[id] = 0;
+    s->stamped--;
     uint64_t us = ns / 1000u;
     uint32_t b = us ? 64u - (uint32_t)__builtin_clzll(us) : 0u;
     if (b >= VQS_LAT_BUCKETS)
@@ -75,7 +82,7 @@ void vq_stats_used(struct vq_stats *s, const uint16_t *ids, uint32_t n)
     if (!s || !n)
         return;
     uint64_t now = 0;
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; s->stamped && i < n; i++)
         vq_stats_done(s, ids[i], &now);
     s->completed += n;
 }
@@ -85,7 +92,7 @@ void vq_stats_used_chains(struct vq_stats *s, const struct vq_chain *chains, uin
     if (!s || !n)
         return;
     uint64_t now = 0;
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; s->stamped && i < n; i++)
         vq_stats_done(s, chains[i].head, &now);
     s->completed += n;
 }

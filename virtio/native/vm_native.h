@@ -64,6 +64,8 @@ struct vq_stats {
     uint32_t t0_size;
     uint32_t sample_mask;       /* latency of one popped batch in sample_mask + 1 (2^k - 1) */
     uint64_t pops;              /* non-empty pops (latency sampling) */
+    uint32_t stamped;           /* t0 slots not 0: none, and the per-chain loops are skipped */
+    uint32_t _pad;
 };
 
 void vq_stats_request(struct vq_stats *s, int native, uint32_t kind, uint32_t status,
