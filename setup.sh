@@ -33,6 +33,8 @@ set -euo pipefail
 #   e2fsprogs fio                  copied into the guest (mkfs.ext4/e2fsck, fio)
 #   nbdkit                         second NBD server for the NBD client tests (memory/file, error/delay)
 #   dpdk-dev                       dpdk-testpmd: vhost PMD (net anchor) and virtio-user (VM-less net peer)
+#   valgrind                       callgrind: bench/net_dataplane_cpu.py --instructions (work per frame,
+#                                  the same figure however fast the machine runs that day)
 PYVIRTIO_APT_PACKAGES=(
     gcc
     libc6-dev
@@ -50,6 +52,7 @@ PYVIRTIO_APT_PACKAGES=(
     nbdkit
     evtest
     dpdk-dev
+    valgrind
 )
 # ---------------------------------------------------------------------------
 

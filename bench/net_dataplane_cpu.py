@@ -22,6 +22,11 @@ Usage::
 
     taskset -c 1 python bench/net_dataplane_cpu.py [--packed] [--size 60] [--rounds 5] \
         [--queue-pairs 2] [--baseline-repo DIR]
+    python bench/net_dataplane_cpu.py --instructions --ring 256 --frames 20000 [...]
+
+``--instructions`` counts instead of timing (valgrind's callgrind): the instructions
+per frame of the serving step, the same figure on a fast or a slow machine, where
+time per frame moved 3x with the machine's state from one day to the next.
 
 With ``--queue-pairs 2`` both ports have two pairs in use (MQ, no control queue, as
 under vhost-user): the transmit batch hashes its frames' flows, notes them for
@@ -40,8 +45,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def measure(packed: bool, size: int, ring: int, frames: int, pairs: int = 1) -> float:
-    """ns of data plane CPU per forwarded frame (run inside the checkout to measure)."""
+def measure(packed: bool, size: int, ring: int, frames: int, pairs: int = 1) -> tuple[float, int]:
+    """ns of data plane CPU per forwarded frame, and the frames forwarded in all
+    (warm-up included; run inside the checkout to measure)."""
     import struct
 
     import trio
@@ -167,11 +173,57 @@ def measure(packed: bool, size: int, ring: int, frames: int, pairs: int = 1) -> 
                 done += ring
             st = a.statistics()["native"]["tx"]
             assert st["tx_native"] == done and not ga.errors and not gb.errors, st
-            result.append(cpu / (done - warm))
+            result.append((cpu / (done - warm), done))
             nursery.cancel_scope.cancel()
 
     trio.run(main)
     return result[0]
+
+
+def child(args: argparse.Namespace) -> list[str]:
+    """The command of one measuring run (in the checkout to measure: its cwd)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--size", str(args.size)]
+    cmd += ["--ring", str(args.ring), "--frames", str(args.frames)]
+    cmd += ["--packed"] if args.packed else []
+    return [*cmd, "--queue-pairs", str(args.queue_pairs)]
+
+
+def count_instructions(args: argparse.Namespace, builds: dict[str, Path]) -> int:
+    """Instructions per forwarded frame, counted by callgrind from the entry of each
+    data plane thread's serving step (``dp_step``: pops, switching, copies, used
+    entries, notifications; not the waits) over every frame forwarded."""
+    import re
+    import shutil
+    import tempfile
+
+    if not shutil.which("valgrind"):
+        print("--instructions needs valgrind (Debian: valgrind)", file=sys.stderr)
+        return 2
+    per: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, repo in builds.items():
+            cg = [
+                "valgrind",
+                "--tool=callgrind",
+                "--collect-atstart=no",
+                "--toggle-collect=dp_step",
+            ]
+            cg += [f"--callgrind-out-file={tmp}/{name}.out"]
+            out = subprocess.run(cg + child(args), cwd=repo, capture_output=True, text=True)
+            got = re.search(r"Collected : (\d+)", out.stderr)
+            frames = re.search(r"^frames (\d+)$", out.stdout, re.M)
+            if out.returncode or not got or not frames:
+                print(out.stdout, out.stderr[-2000:], file=sys.stderr)
+                return 1
+            per[name] = int(got.group(1)) / int(frames.group(1))
+            print(
+                f"{name:5} {'packed' if args.packed else 'split':6} {args.size:5} B"
+                f" {args.queue_pairs} QP  {per[name]:7.1f} instructions/frame"
+                f"  ({int(got.group(1))} over {frames.group(1)} frames)"
+            )
+    if "base" in per:
+        print(f"ours/base: {per['ours'] / per['base']:.3f}")
+    return 0
 
 
 def main() -> int:
@@ -191,23 +243,30 @@ def main() -> int:
         help="another checkout measured alternately (one with virtio.testing.harness."
         "thread_cpu_ns, i.e. from this script's first commit on)",
     )
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instead of timing: instructions the data plane threads retire per "
+        "frame (valgrind's callgrind, inside dp_step; one run per build, --frames 20000 "
+        "is plenty): the same on a fast or a slow machine",
+    )
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child run
     args = ap.parse_args()
     if args.one:
         sys.path.insert(0, os.getcwd())
-        print(measure(args.packed, args.size, args.ring, args.frames, args.queue_pairs))
+        ns, done = measure(args.packed, args.size, args.ring, args.frames, args.queue_pairs)
+        print(f"frames {done}")
+        print(ns)
         return 0
     builds = {"ours": REPO}
     if args.baseline_repo:
         builds["base"] = args.baseline_repo.resolve()
+    if args.instructions:
+        return count_instructions(args, builds)
     res: dict[str, list[float]] = {k: [] for k in builds}
     for r in range(args.rounds):
         for name, repo in builds.items():
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--size", str(args.size)]
-            cmd += ["--ring", str(args.ring), "--frames", str(args.frames)]
-            cmd += ["--packed"] if args.packed else []
-            cmd += ["--queue-pairs", str(args.queue_pairs)]
-            out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=True)
+            out = subprocess.run(child(args), cwd=repo, capture_output=True, text=True, check=True)
             res[name].append(float(out.stdout.split()[-1]))
             print(f"round {r + 1} {name}: {res[name][-1]:.1f} ns/frame", file=sys.stderr)
     ring = "packed" if args.packed else "split"
