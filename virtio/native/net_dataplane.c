@@ -402,7 +402,8 @@ void net_steer_clear(struct net_port *p)
 /* The receive queue rx[k] (k < nq, nq > 1) of port p for a frame of flow `hash`:
  * the pair p transmitted the flow on (*steered = 1), else by hash
  * (VirtioNet._rx_queue). */
-static uint32_t net_rx_pick(struct net_port *p, uint32_t hash, uint32_t nq, uint32_t *steered)
+static inline uint32_t net_rx_pick(struct net_port *p, uint32_t hash, uint32_t nq,
+                                   uint32_t *steered)
 {
     int32_t pair = net_steer_pair(p, hash);
     *steered = pair >= 0 && (uint32_t)pair < nq;
@@ -711,36 +712,28 @@ static void net_rx_cancel(struct net_port *p, struct net_resv *r)
     r->k = 0;
 }
 
+static inline void net_rx_count(struct net_port *p, struct net_rxq *rq, const struct net_frame *f,
+                                struct net_resv *r)
+{
+    r->k = 0;
+    p->rx_native++;
+    p->rx_native_bytes += f->len;
+    p->rx_steered += r->steered;
+    rq->rx_native++;
+    rq->rx_native_bytes += f->len;
+}
+
 /* Write the frame into the reserved buffers: the header (num_buffers: §5.1.6.4),
  * then the frame, buffer after buffer, all but the last filled; their used entries
- * wait in the queue's pend for the batch's publication (p->mu held). */
-static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct net_resv *r)
+ * wait in the queue's pend for the batch's publication (p->mu held).  Any layout
+ * (net_rx_commit takes the usual one itself). */
+static __attribute__((noinline)) void net_rx_commit_any(struct net_port *p,
+                                                        const struct net_frame *f,
+                                                        struct net_resv *r)
 {
     struct net_rxq *rq = &p->rx[r->qi];
     struct vq *q = rq->q;
     uint32_t k = r->k, total = p->hdr_size + f->len;
-    /* The usual frame: one buffer of one segment that holds header and frame, the
-     * frame's bytes in one segment of the sender's: two copies, no cursor walk. */
-    if (__builtin_expect(k == 1 && r->ch[0].nsegs == 1 && f->body.i < f->body.nsegs, 1)) {
-        const struct vq_seg *s = &r->segs[r->ch[0].seg_start];
-        const struct vq_seg *from = &f->body.segs[f->body.i];
-        if (s->len >= total && from->len - f->body.off >= f->len) {
-            uint8_t *dst = net_host(q, s);
-            memcpy(dst, f->hsrc, 10);
-            if (p->hdr_size == NET_HDR_MAX) {
-                dst[10] = 1;
-                dst[11] = 0;
-            }
-            memcpy(dst + p->hdr_size, net_src(&f->body, from) + f->body.off, f->len);
-            if (q->mem->dirty_log)
-                vm_log_dirty(q->mem, s->gpa, total);
-            rq->pend_ids[rq->npend] = r->ch[0].head;
-            rq->pend_ndescs[rq->npend] = r->ch[0].ndesc;
-            rq->pend_lens[rq->npend] = total;
-            rq->npend++;
-            goto counted;
-        }
-    }
     uint8_t hdr[NET_HDR_MAX];
     struct net_cursor body = f->body;
     /* The usual first buffer holds the whole header: written straight from f->hdr
@@ -788,13 +781,41 @@ static void net_rx_commit(struct net_port *p, const struct net_frame *f, struct 
         rq->npend++;
         left -= in_buf;
     }
-counted:
-    r->k = 0;
-    p->rx_native++;
-    p->rx_native_bytes += f->len;
-    p->rx_steered += r->steered;
-    rq->rx_native++;
-    rq->rx_native_bytes += f->len;
+    net_rx_count(p, rq, f, r);
+}
+
+/* net_rx_commit_any, inlined where a frame is delivered for the usual layout: one
+ * buffer of one segment that holds header and frame, the frame's bytes in one
+ * segment of the sender's -- two copies, no cursor walk, no call. */
+static inline __attribute__((always_inline)) void net_rx_commit(struct net_port *p,
+                                                                const struct net_frame *f,
+                                                                struct net_resv *r)
+{
+    struct net_rxq *rq = &p->rx[r->qi];
+    struct vq *q = rq->q;
+    uint32_t total = p->hdr_size + f->len;
+    if (__builtin_expect(r->k == 1 && r->ch[0].nsegs == 1 && f->body.i < f->body.nsegs, 1)) {
+        const struct vq_seg *s = &r->segs[r->ch[0].seg_start];
+        const struct vq_seg *from = &f->body.segs[f->body.i];
+        if (s->len >= total && from->len - f->body.off >= f->len) {
+            uint8_t *dst = net_host(q, s);
+            memcpy(dst, f->hsrc, 10);
+            if (p->hdr_size == NET_HDR_MAX) {
+                dst[10] = 1;
+                dst[11] = 0;
+            }
+            memcpy(dst + p->hdr_size, net_src(&f->body, from) + f->body.off, f->len);
+            if (q->mem->dirty_log)
+                vm_log_dirty(q->mem, s->gpa, total);
+            rq->pend_ids[rq->npend] = r->ch[0].head;
+            rq->pend_ndescs[rq->npend] = r->ch[0].ndesc;
+            rq->pend_lens[rq->npend] = total;
+            rq->npend++;
+            net_rx_count(p, rq, f, r);
+            return;
+        }
+    }
+    net_rx_commit_any(p, f, r);
 }
 
 /* ---- the hold: frames waiting natively for a ring's buffers ----------------------- */

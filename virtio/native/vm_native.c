@@ -226,6 +226,24 @@ static int walk_indirect(struct vq *q, struct walk *w, uint64_t addr, uint32_t l
 #define SPLIT_USED_ELEM(q, i) ((q)->device + 4 + 8 * (uint32_t)(i))
 #define SPLIT_AVAIL_EVENT(q) ((q)->device + 4 + 8 * (uint32_t)(q)->size)
 
+/* A chain of one descriptor: its buffer, at `off` in region `ri`, as segment s. */
+static inline __attribute__((always_inline)) void vq_fill_one(struct vq_chain *c, struct vq_seg *s,
+                                                              uint32_t seg_used, uint32_t ri,
+                                                              uint64_t addr, uint64_t off,
+                                                              uint32_t len, int writable)
+{
+    c->ndesc = 1;
+    c->nsegs = 1;
+    c->nreadable = !writable;
+    c->readable_len = writable ? 0 : len;
+    c->writable_len = writable ? len : 0;
+    c->seg_start = seg_used;
+    s->gpa = addr;
+    s->offset = off;
+    s->len = len;
+    s->region = (uint16_t)ri;
+    s->writable = (uint16_t)writable;
+}
 /* The usual chain: one descriptor, neither NEXT nor INDIRECT, a non-empty buffer
  * inside the region vm_find would try first.  Written as walk_add would write it,
  * without the general walk; 0 leaves everything else (and every error) to it. */
@@ -243,18 +261,7 @@ static inline __attribute__((always_inline)) int vq_chain_one(struct vq *q, stru
     uint64_t off = addr - r->gpa;
     if (off >= r->size || len > r->size - off)
         return 0;
-    int writable = (flags & VRING_DESC_F_WRITE) != 0;
-    c->ndesc = 1;
-    c->nsegs = 1;
-    c->nreadable = !writable;
-    c->readable_len = writable ? 0 : len;
-    c->writable_len = writable ? len : 0;
-    c->seg_start = seg_used;
-    s->gpa = addr;
-    s->offset = off;
-    s->len = len;
-    s->region = (uint16_t)ri;
-    s->writable = (uint16_t)writable;
+    vq_fill_one(c, s, seg_used, ri, addr, off, len, (flags & VRING_DESC_F_WRITE) != 0);
     return 1;
 }
 
@@ -328,6 +335,43 @@ static int split_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchai
                                               * may be writing the ones after them */
     for (uint32_t k = 0; k < pf && k < VQ_PF_MAX; k += 32)
         __builtin_prefetch(SPLIT_AVAIL_RING(q, (uint16_t)(q->last_avail_idx + k) % q->size), 0, 3);
+    const struct vm_mem *m = q->mem;
+    const uint32_t ri = m->last_hit;
+    if (ri < m->nregions && !(q->size & (q->size - 1))) {
+        /* The usual chains (vq_chain_one's), as packed_pop_batch takes them: locals
+         * for the ring and the region, the size a power of 2 (§2.7: always, checked
+         * where the ring is set up) for a mask instead of a division per entry.
+         * The first other chain ends this loop. */
+        const uint8_t *const desc = q->desc, *const ring = SPLIT_AVAIL_RING(q, 0);
+        const uint16_t size = q->size, mask = (uint16_t)(size - 1);
+        const uint64_t gpa = m->regions[ri].gpa, rsize = m->regions[ri].size;
+        uint16_t last = q->last_avail_idx;
+        while (done < nchains && n && seg_used < max_segs) {
+            if (n > VQ_PF_HEADS) {
+                uint16_t ahead = ld16(ring + 2u * ((uint16_t)(last + VQ_PF_HEADS) & mask));
+                if (ahead < size)
+                    __builtin_prefetch(desc + ahead * 16u, 0, 3);
+            }
+            uint16_t head = ld16(ring + 2u * (last & mask));
+            if (head >= size)
+                break;
+            const uint8_t *d = desc + head * 16u;
+            uint16_t flags = ld16(d + 12);
+            uint64_t addr = ld64(d), off = addr - gpa;
+            uint32_t len = ld32(d + 8);
+            if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) || !len || off >= rsize ||
+                len > rsize - off)
+                break;
+            vq_fill_one(&chains[done], &segs[seg_used], seg_used, ri, addr, off, len,
+                        (flags & VRING_DESC_F_WRITE) != 0);
+            chains[done].head = head;
+            done++;
+            seg_used++;
+            last++;
+            n--;
+        }
+        q->last_avail_idx = last;
+    }
     while (done < nchains && n) {
         if (n > VQ_PF_HEADS) {
             uint16_t ahead = ld16(SPLIT_AVAIL_RING(q, (uint16_t)(q->last_avail_idx + VQ_PF_HEADS) % q->size));
@@ -457,6 +501,41 @@ static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t ncha
     uint32_t done = 0, seg_used = 0;
     packed_prefetch_ring(q, nchains);
     struct vu_inflight_packed *ip = q->inflight;
+    const struct vm_mem *m = q->mem;
+    const uint32_t ri = m->last_hit;
+    if (!ip && ri < m->nregions) {
+        /* The usual chains, one descriptor each in the region vm_find would try
+         * first (vq_chain_one's), with the ring position and the region in locals:
+         * the stores into chains and segs may alias *q, whose fields would be
+         * read again after each.  The first other descriptor ends this loop. */
+        const uint8_t *const desc = q->desc;
+        const uint16_t size = q->size;
+        const uint64_t gpa = m->regions[ri].gpa, rsize = m->regions[ri].size;
+        uint16_t pos = q->next_avail;
+        uint8_t wrap = q->avail_wrap;
+        while (done < nchains && seg_used < max_segs) {
+            const uint8_t *d = desc + pos * 16u;
+            uint16_t flags = vm_load_acquire_u16(d + 14);
+            if (!packed_is_avail(flags, wrap) ||
+                (flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)))
+                break;
+            uint64_t addr = ld64(d), off = addr - gpa;
+            uint32_t len = ld32(d + 8);
+            if (!len || off >= rsize || len > rsize - off)
+                break;
+            vq_fill_one(&chains[done], &segs[seg_used], seg_used, ri, addr, off, len,
+                        (flags & VRING_DESC_F_WRITE) != 0);
+            chains[done].head = ld16(d + 12); /* §2.8.6: the buffer ID */
+            done++;
+            seg_used++;
+            if (++pos >= size) {
+                pos = 0;
+                wrap ^= 1;
+            }
+        }
+        q->next_avail = pos;
+        q->avail_wrap = wrap;
+    }
     while (done < nchains) {
         uint16_t pos = q->next_avail;
         uint8_t wrap = q->avail_wrap;
