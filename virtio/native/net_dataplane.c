@@ -712,6 +712,29 @@ static void net_rx_cancel(struct net_port *p, struct net_resv *r)
     r->k = 0;
 }
 
+/* The virtio_net_hdr of a frame spread over k buffers, at dst (hdr_size bytes
+ * there): the sender's 10 bytes with fixed-size stores, num_buffers (§5.1.6.4). */
+static inline void net_put_hdr(uint8_t *dst, uint32_t hdr_size, const struct net_frame *f,
+                               uint32_t k)
+{
+    memcpy(dst, f->hsrc, 10);
+    if (hdr_size == NET_HDR_MAX) {
+        dst[10] = (uint8_t)k;
+        dst[11] = (uint8_t)(k >> 8);
+    }
+}
+
+/* A buffer used (len bytes written), its used entry waiting for the publication. */
+static inline void net_rx_pend(struct net_rxq *rq, const struct vq_chain *c, uint32_t len)
+{
+    rq->pend_ids[rq->npend] = c->head;
+    rq->pend_ndescs[rq->npend] = c->ndesc;
+    rq->pend_lens[rq->npend] = len;
+    rq->npend++;
+}
+
+/* A frame received natively: the reservation is spent, the port's and the queue's
+ * counters. */
 static inline void net_rx_count(struct net_port *p, struct net_rxq *rq, const struct net_frame *f,
                                 struct net_resv *r)
 {
@@ -743,12 +766,7 @@ static __attribute__((noinline)) void net_rx_commit_any(struct net_port *p,
     uint32_t hdr_left = p->hdr_size, left = total, pre = 0;
     const struct vq_seg *s0 = k && r->ch[0].nsegs ? &r->segs[r->ch[0].seg_start] : NULL;
     if (s0 && s0->len >= p->hdr_size) {
-        uint8_t *dst = net_host(q, s0);
-        memcpy(dst, f->hsrc, 10);
-        if (p->hdr_size == NET_HDR_MAX) {
-            dst[10] = (uint8_t)k;
-            dst[11] = (uint8_t)(k >> 8);
-        }
+        net_put_hdr(net_host(q, s0), p->hdr_size, f, k);
         pre = p->hdr_size; /* the first segment's first bytes are written */
         hdr_left = 0;
     } else { /* a header cut across segments: copied piece by piece below */
@@ -775,10 +793,7 @@ static __attribute__((noinline)) void net_rx_commit_any(struct net_port *p,
                 vm_log_dirty(q->mem, r->segs[s].gpa, n);
             want -= n;
         }
-        rq->pend_ids[rq->npend] = c->head;
-        rq->pend_ndescs[rq->npend] = c->ndesc;
-        rq->pend_lens[rq->npend] = in_buf;
-        rq->npend++;
+        net_rx_pend(rq, c, in_buf);
         left -= in_buf;
     }
     net_rx_count(p, rq, f, r);
@@ -799,18 +814,11 @@ static inline __attribute__((always_inline)) void net_rx_commit(struct net_port 
         const struct vq_seg *from = &f->body.segs[f->body.i];
         if (s->len >= total && from->len - f->body.off >= f->len) {
             uint8_t *dst = net_host(q, s);
-            memcpy(dst, f->hsrc, 10);
-            if (p->hdr_size == NET_HDR_MAX) {
-                dst[10] = 1;
-                dst[11] = 0;
-            }
+            net_put_hdr(dst, p->hdr_size, f, 1);
             memcpy(dst + p->hdr_size, net_src(&f->body, from) + f->body.off, f->len);
             if (q->mem->dirty_log)
                 vm_log_dirty(q->mem, s->gpa, total);
-            rq->pend_ids[rq->npend] = r->ch[0].head;
-            rq->pend_ndescs[rq->npend] = r->ch[0].ndesc;
-            rq->pend_lens[rq->npend] = total;
-            rq->npend++;
+            net_rx_pend(rq, &r->ch[0], total);
             net_rx_count(p, rq, f, r);
             return;
         }

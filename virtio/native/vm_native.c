@@ -244,9 +244,35 @@ static inline __attribute__((always_inline)) void vq_fill_one(struct vq_chain *c
     s->region = (uint16_t)ri;
     s->writable = (uint16_t)writable;
 }
-/* The usual chain: one descriptor, neither NEXT nor INDIRECT, a non-empty buffer
- * inside the region vm_find would try first.  Written as walk_add would write it,
- * without the general walk; 0 leaves everything else (and every error) to it. */
+/* Whether a descriptor is the usual chain: neither NEXT nor INDIRECT, a non-empty
+ * buffer at `off` (its address less the region's gpa) inside a region of rsize
+ * bytes.  The one test of vq_chain_one and the pop loops. */
+static inline __attribute__((always_inline)) int vq_is_one(uint16_t flags, uint32_t len,
+                                                           uint64_t off, uint64_t rsize)
+{
+    return !(flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) && len && off < rsize &&
+           len <= rsize - off;
+}
+/* Descriptor d (flags already read), buffer ID / head `id`, as chain c with segment
+ * s if it is the usual chain in region ri ([gpa, gpa + rsize)): 1, else 0 (nothing
+ * written).  The pop loops' step. */
+static inline __attribute__((always_inline)) int vq_take_one(const uint8_t *d, uint16_t flags,
+                                                             uint16_t id, uint32_t ri,
+                                                             uint64_t gpa, uint64_t rsize,
+                                                             struct vq_chain *c, struct vq_seg *s,
+                                                             uint32_t seg_used)
+{
+    uint64_t addr = ld64(d), off = addr - gpa;
+    uint32_t len = ld32(d + 8);
+    if (!vq_is_one(flags, len, off, rsize))
+        return 0;
+    vq_fill_one(c, s, seg_used, ri, addr, off, len, (flags & VRING_DESC_F_WRITE) != 0);
+    c->head = id;
+    return 1;
+}
+/* The usual chain (vq_is_one) in the region vm_find would try first.  Written as
+ * walk_add would write it, without the general walk; 0 leaves everything else (and
+ * every error) to it. */
 static inline __attribute__((always_inline)) int vq_chain_one(struct vq *q, struct vq_chain *c,
                                                              struct vq_seg *s, uint32_t seg_used,
                                                              uint32_t max_segs, uint64_t addr,
@@ -254,12 +280,10 @@ static inline __attribute__((always_inline)) int vq_chain_one(struct vq *q, stru
 {
     const struct vm_mem *m = q->mem;
     uint32_t ri = m->last_hit;
-    if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) || !len || seg_used >= max_segs ||
-        ri >= m->nregions)
+    if (seg_used >= max_segs || ri >= m->nregions)
         return 0;
-    const struct vm_region *r = &m->regions[ri];
-    uint64_t off = addr - r->gpa;
-    if (off >= r->size || len > r->size - off)
+    uint64_t off = addr - m->regions[ri].gpa;
+    if (!vq_is_one(flags, len, off, m->regions[ri].size))
         return 0;
     vq_fill_one(c, s, seg_used, ri, addr, off, len, (flags & VRING_DESC_F_WRITE) != 0);
     return 1;
@@ -356,15 +380,9 @@ static int split_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t nchai
             if (head >= size)
                 break;
             const uint8_t *d = desc + head * 16u;
-            uint16_t flags = ld16(d + 12);
-            uint64_t addr = ld64(d), off = addr - gpa;
-            uint32_t len = ld32(d + 8);
-            if ((flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) || !len || off >= rsize ||
-                len > rsize - off)
+            if (!vq_take_one(d, ld16(d + 12), head, ri, gpa, rsize, &chains[done],
+                             &segs[seg_used], seg_used))
                 break;
-            vq_fill_one(&chains[done], &segs[seg_used], seg_used, ri, addr, off, len,
-                        (flags & VRING_DESC_F_WRITE) != 0);
-            chains[done].head = head;
             done++;
             seg_used++;
             last++;
@@ -517,15 +535,9 @@ static int packed_pop_batch(struct vq *q, struct vq_chain *chains, uint32_t ncha
             const uint8_t *d = desc + pos * 16u;
             uint16_t flags = vm_load_acquire_u16(d + 14);
             if (!packed_is_avail(flags, wrap) ||
-                (flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)))
+                !vq_take_one(d, flags, ld16(d + 12) /* §2.8.6: the buffer ID */, ri, gpa,
+                             rsize, &chains[done], &segs[seg_used], seg_used))
                 break;
-            uint64_t addr = ld64(d), off = addr - gpa;
-            uint32_t len = ld32(d + 8);
-            if (!len || off >= rsize || len > rsize - off)
-                break;
-            vq_fill_one(&chains[done], &segs[seg_used], seg_used, ri, addr, off, len,
-                        (flags & VRING_DESC_F_WRITE) != 0);
-            chains[done].head = ld16(d + 12); /* §2.8.6: the buffer ID */
             done++;
             seg_used++;
             if (++pos >= size) {
