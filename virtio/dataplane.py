@@ -114,6 +114,10 @@ class NativeDataPlane:
     """The device's C struct (embedding ``struct dp core``), e.g. ``"struct blk_dp"``."""
     device_statistics: ClassVar[tuple[str, ...]] = ()
     """Extra counters of the device's C struct."""
+    in_order: ClassVar[bool] = False
+    """Deferred chains are served one after the other in the order the thread
+    deferred them (net: frames leave in order), not each in a task of its own (trio
+    may run tasks started together in any order)."""
 
     def __init__(self, device: VirtioDevice, active: ActiveDevice, index: int) -> None:
         self.device = device
@@ -330,12 +334,16 @@ class NativeDataPlane:
                 tracker = self.queue.inflight
                 if tracker is not None:
                     tracker.on_pop(taken)
-                for i, chain in enumerate(taken):
-                    nursery.start_soon(self._serve_deferred, chain, int(errs[i]))
+                errors = [int(errs[i]) for i in range(n)]
+                for chain, err in zip(taken, errors, strict=True):
+                    if self.in_order:
+                        await self._serve_deferred(chain, err)
+                    else:
+                        nursery.start_soon(self._serve_deferred, chain, err)
                 os.eventfd_write(self._wake, 1)  # room again for the thread's next batch
                 # A thread that defers as fast as this loop takes (every frame of a busy
                 # port to a congested one) would keep it here for seconds: the tasks just
-                # started, and every other task and I/O wait, get their turn first.
+                # started (if any), and every other task and I/O wait, get their turn.
                 await trio.lowlevel.checkpoint()
 
     async def _serve_deferred(self, chain: DescriptorChain, err: int) -> None:
@@ -347,6 +355,8 @@ class NativeDataPlane:
         except DriverError as exc:
             self.device._driver_error(self.active, exc)
             return
+        finally:
+            self.c.core.deferred_done += 1  # (net: later chains wait for this one)
         if self.queue.broken:
             return
         self.queue.add_used(chain, written)

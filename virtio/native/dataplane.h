@@ -90,6 +90,10 @@ struct dp {
     uint64_t requests, batches, deferred, kicks, calls, rescues, io_errors;
     uint64_t async_started, reaps, publishes, max_pending, dropped;
     uint64_t idles;             /* waits that timed out with nothing to do */
+    /* Deferred chains Python has finished serving (written by Python only, after
+     * each one): a device whose chains must leave in order (net) compares it with
+     * `deferred` before it serves one natively past those. */
+    uint64_t deferred_done;
     /* Optional: called after each popped batch was served, before its used entries
      * are published (a device that writes other rings publishes those here). */
     void (*batch_end)(void *dev);

@@ -1216,6 +1216,9 @@ static void net_count_hairpin(struct vm_net_fdb *t, uint32_t src, const struct n
     c->dropped_hairpin++;
 }
 
+static inline int net_dp_python_behind(const struct net_dp *n);
+static void net_dp_wait_python(struct net_dp *n);
+
 /* Where a frame goes: a port, -1 (flood) or the source itself (hairpin), as
  * fdb_decide would decide it, learning the source first (switch.py's order).
  * Within a batch `now` is one instant, so learning the same source again changes
@@ -1239,6 +1242,8 @@ static int64_t net_decide(struct net_dp *n, const struct net_frame *f)
     } else if (!learn && n->cache_valid && memcmp(n->cache_dst, f->eth, 6) == 0) {
         return n->cache_target;
     }
+    if (learn && __builtin_expect(net_dp_python_behind(n), 0))
+        net_dp_wait_python(n);
     struct vm_net_fdb *t = n->fdb;
     int64_t target = -1;
     fdb_lock(t);
@@ -1273,6 +1278,38 @@ static void net_unstick(struct net_dp *n)
     }
 }
 
+/* Frames leave a transmit queue in the order they came, as a switch keeps a port's
+ * frames in order (a TCP flow mixing frames Python must segment or complete with
+ * plain ones would otherwise arrive reordered): a frame handed to Python is
+ * switched there, so one served here after it waits until Python has finished
+ * every chain handed over before it (dp.deferred_done): before it is delivered,
+ * and before its source is learned (net_decide, a hairpin), so that the switch
+ * judges each frame on what the frames before it taught it.  Nothing stays locked
+ * meanwhile (Python writes those ports; its entry publishes what this thread wrote
+ * so far first, net_port_lock).  Python takes a few tens of microseconds per frame;
+ * a frame waits NET_ORDER_WAIT_S at most (a Python path stuck for that long is
+ * not waited for). */
+#define NET_ORDER_WAIT_S 0.05
+static inline int net_dp_python_behind(const struct net_dp *n)
+{
+    return n->core.deferred != __atomic_load_n(&n->core.deferred_done, __ATOMIC_ACQUIRE);
+}
+
+static __attribute__((noinline)) void net_dp_wait_python(struct net_dp *n)
+{
+    net_unstick(n);
+    double until = net_now() + NET_ORDER_WAIT_S;
+    n->order_waits++;
+    while (net_dp_python_behind(n) && !__atomic_load_n(&n->core.stop, __ATOMIC_ACQUIRE)) {
+        if (net_now() > until) {
+            n->order_late++;
+            break;
+        }
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* This thread left frames held for port idx (net_dp_tell_holds). */
 static void net_dp_note_holding(struct net_dp *n, uint32_t idx)
 {
@@ -1297,6 +1334,12 @@ static int net_deliver_one(struct net_dp *n, uint32_t idx, struct net_port *p,
         n->sticky_port = p;
     }
     n->touched[idx] = 1;
+    if (__builtin_expect(net_dp_python_behind(n), 0) && net_port_takes(p, f)) {
+        net_dp_wait_python(n); /* (let go of p meanwhile) */
+        pthread_mutex_lock(NET_PORT_MU(p));
+        n->sticky = idx + 1;
+        n->sticky_port = p;
+    }
     if (!net_port_takes(p, f)) {
         if (!net_port_drops(p, (struct net_frame *)f))
             return 0;
@@ -1417,6 +1460,8 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
      * what is counted. */
     int64_t target = net_decide(n, &f);
     if (target == (int64_t)n->src) {
+        if (__builtin_expect(net_dp_python_behind(n), 0))
+            net_dp_wait_python(n); /* it learns its source */
         fdb_lock(n->fdb);
         n->fdb_locks++;
         net_count_hairpin(n->fdb, n->src, &f, n->now);
@@ -1485,6 +1530,8 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
          * buffers reserved in every one with room, ports locked in ascending order,
          * before anything is written; where a ring has no room now (or frames held
          * already), the frame goes into that queue's hold */
+        if (net_dp_python_behind(n))
+            net_dp_wait_python(n);
         net_unstick(n);
         struct net_port *held[NET_FLOOD_MAX];
         uint8_t wait[NET_FLOOD_MAX]; /* 1: into the hold; 2: dropped (hold full) */

@@ -156,6 +156,8 @@ struct net_dp {
     uint64_t tx_native, tx_native_bytes, tx_flooded, tx_hairpin;
     uint64_t py_malformed, py_offload, py_port, py_no_room;
     uint64_t tx_held;           /* frames that went into a destination's hold */
+    uint64_t order_waits;       /* frames that waited for Python's earlier ones */
+    uint64_t order_late;        /* ... and went on after NET_ORDER_WAIT_S */
     uint8_t touched[NET_FDB_MAX_PORTS]; /* ports written in this batch */
     uint8_t holding[NET_FDB_MAX_PORTS]; /* ports this thread left frames held for */
     uint32_t nholding;          /* of them (net_dp_before_sleep tells Python) */

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 TX_STATISTICS = (
     "tx_native", "tx_native_bytes", "tx_flooded", "tx_hairpin",
     "py_malformed", "py_offload", "py_port", "py_no_room", "fdb_locks", "tx_held",
+    "order_waits", "order_late",
 )  # fmt: skip
 """Counters of a transmit data plane (``struct net_dp``)."""
 RX_STATISTICS = (
@@ -67,6 +68,7 @@ class NetDataPlane(NativeDataPlane):
 
     c_type: ClassVar[str] = "struct net_dp"
     device_statistics: ClassVar[tuple[str, ...]] = TX_STATISTICS
+    in_order = True  # frames leave a transmit queue in order (net_dp_wait_python)
     device: VirtioNet
 
     @staticmethod
