@@ -1217,7 +1217,7 @@ static void net_count_hairpin(struct vm_net_fdb *t, uint32_t src, const struct n
 }
 
 static inline int net_dp_python_behind(const struct net_dp *n);
-static void net_dp_wait_python(struct net_dp *n);
+static inline void net_dp_keep_order(struct net_dp *n);
 
 /* Where a frame goes: a port, -1 (flood) or the source itself (hairpin), as
  * fdb_decide would decide it, learning the source first (switch.py's order).
@@ -1242,8 +1242,8 @@ static int64_t net_decide(struct net_dp *n, const struct net_frame *f)
     } else if (!learn && n->cache_valid && memcmp(n->cache_dst, f->eth, 6) == 0) {
         return n->cache_target;
     }
-    if (learn && __builtin_expect(net_dp_python_behind(n), 0))
-        net_dp_wait_python(n);
+    if (learn)
+        net_dp_keep_order(n);
     struct vm_net_fdb *t = n->fdb;
     int64_t target = -1;
     fdb_lock(t);
@@ -1286,9 +1286,8 @@ static void net_unstick(struct net_dp *n)
  * and before its source is learned (net_decide, a hairpin), so that the switch
  * judges each frame on what the frames before it taught it.  Nothing stays locked
  * meanwhile (Python writes those ports; its entry publishes what this thread wrote
- * so far first, net_port_lock).  Python takes a few tens of microseconds per frame;
- * a frame waits NET_ORDER_WAIT_S at most (a Python path stuck for that long is
- * not waited for). */
+ * so far first, net_port_lock).  A frame waits NET_ORDER_WAIT_S at most (a Python
+ * path stuck for that long is not waited for). */
 #define NET_ORDER_WAIT_S 0.05
 static inline int net_dp_python_behind(const struct net_dp *n)
 {
@@ -1308,6 +1307,13 @@ static __attribute__((noinline)) void net_dp_wait_python(struct net_dp *n)
         struct timespec ts = {0, 20000};
         nanosleep(&ts, NULL);
     }
+}
+
+/* net_dp_wait_python if Python has chains this queue handed over before. */
+static inline void net_dp_keep_order(struct net_dp *n)
+{
+    if (__builtin_expect(net_dp_python_behind(n), 0))
+        net_dp_wait_python(n);
 }
 
 /* This thread left frames held for port idx (net_dp_tell_holds). */
@@ -1460,8 +1466,7 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
      * what is counted. */
     int64_t target = net_decide(n, &f);
     if (target == (int64_t)n->src) {
-        if (__builtin_expect(net_dp_python_behind(n), 0))
-            net_dp_wait_python(n); /* it learns its source */
+        net_dp_keep_order(n); /* it learns its source */
         fdb_lock(n->fdb);
         n->fdb_locks++;
         net_count_hairpin(n->fdb, n->src, &f, n->now);
@@ -1530,8 +1535,7 @@ static uint32_t net_dp_serve(void *dev, const struct vq_chain *c, const struct v
          * buffers reserved in every one with room, ports locked in ascending order,
          * before anything is written; where a ring has no room now (or frames held
          * already), the frame goes into that queue's hold */
-        if (net_dp_python_behind(n))
-            net_dp_wait_python(n);
+        net_dp_keep_order(n);
         net_unstick(n);
         struct net_port *held[NET_FLOOD_MAX];
         uint8_t wait[NET_FLOOD_MAX]; /* 1: into the hold; 2: dropped (hold full) */
