@@ -38,7 +38,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import trio
-import trio.testing
 
 from virtio.queues.chain import DescriptorChain
 from virtio.queues.virtqueue import Virtqueue
@@ -486,4 +485,6 @@ class ServiceRun:
 
 async def wait_quiescent() -> None:
     """Until every other task of this trio loop is blocked."""
+    import trio.testing  # here, not at the top: it imports pytest (~150 ms at start-up)
+
     await trio.testing.wait_all_tasks_blocked()

@@ -31,6 +31,7 @@ SOURCES = (
     "net_fdb.c",
     "net_dataplane.c",
     "input_deliver.c",
+    "hostcalls.c",
 )
 """C sources, compiled as one translation unit (in this order)."""
 HEADERS = (
@@ -42,10 +43,11 @@ HEADERS = (
     "net_fdb.h",
     "net_dataplane.h",
     "input_deliver.h",
+    "hostcalls.h",
 )
+"""Headers whose declarations cffi exposes (in this order)."""
 PRIVATE_HEADERS = ("faultfile.h",)
 """Headers the C sources include that cffi does not see (static inline code)."""
-"""Headers whose declarations cffi exposes (in this order)."""
 
 
 def module_name() -> str:

@@ -44,11 +44,11 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-import cffi
 import trio
 
 from virtio.errors import BackendIOError
 from virtio.native import ffi as native_ffi
+from virtio.native import lib as native_lib
 
 log = logging.getLogger(__name__)
 
@@ -142,25 +142,10 @@ class BlockBackend(Protocol):
     def close(self) -> None: ...
 
 
-# -- libc fallocate and statx (cffi ABI mode: no compiler needed for libc calls) ------
-_ffi = cffi.FFI()
-_ffi.cdef("int fallocate64(int fd, int mode, int64_t offset, int64_t len);")
-_ffi.cdef("int statx(int dirfd, const char *path, int flags, unsigned int mask, void *buf);")
-_libc = _ffi.dlopen(None)
-try:
-    _fallocate_fn = _libc.fallocate64
-except AttributeError:  # not glibc
-    _fallocate_fn = None
-try:
-    _statx_fn = _libc.statx
-except AttributeError:  # glibc < 2.28
-    _statx_fn = None
-
 CACHE_MODES = ("none", "writeback", "writethrough", "unsafe")
 """QEMU's ``cache=`` modes (``directsync`` is not offered)."""
 _BLKSSZGET = 0x1268
 _BLKPBSZGET = 0x127B
-_AT_EMPTY_PATH = 0x1000
 _STATX_DIOALIGN = 0x2000
 _STATX = struct.Struct("<IIQIIIHH")  # mask, blksize, attributes, nlink, uid, gid, mode
 _STATX_DIO_OFFSET = 0x98  # stx_dio_mem_align, stx_dio_offset_align (u32 each)
@@ -180,27 +165,22 @@ def block_sizes(fd: int) -> tuple[int, int, int]:
         physical = int.from_bytes(buf, "little")
         return logical, max(physical, logical), logical
     logical = mem = 512
-    if _statx_fn is not None:
-        buf = _ffi.new("char[256]")
-        if _statx_fn(fd, b"", _AT_EMPTY_PATH, _STATX_DIOALIGN, buf) == 0:
-            raw = bytes(_ffi.buffer(buf, 256))
-            if _STATX.unpack_from(raw)[0] & _STATX_DIOALIGN:
-                mem, offset = struct.unpack_from("<II", raw, _STATX_DIO_OFFSET)
-                if offset:  # 0: no direct I/O on this file
-                    logical = max(offset, 512)
-                    mem = max(mem, 1)
+    buf = native_ffi.new("uint8_t[256]")
+    if native_lib.vm_statx_fd(fd, _STATX_DIOALIGN, buf) == 0:
+        raw = bytes(native_ffi.buffer(buf, 256))
+        if _STATX.unpack_from(raw)[0] & _STATX_DIOALIGN:
+            mem, offset = struct.unpack_from("<II", raw, _STATX_DIO_OFFSET)
+            if offset:  # 0: no direct I/O on this file
+                logical = max(offset, 512)
+                mem = max(mem, 1)
     physical = max(logical, st.st_blksize if st.st_blksize & (st.st_blksize - 1) == 0 else 0)
     return logical, min(physical, 1 << 16), mem
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """``fallocate(2)`` (Linux); raises ``OSError``."""
-    if _fallocate_fn is None:
-        raise OSError(errno.ENOSYS, "fallocate is not available")
-    while _fallocate_fn(fd, mode, offset, length) != 0:
-        err = _ffi.errno
-        if err != errno.EINTR:
-            raise OSError(err, f"fallocate(mode={mode:#x}): {os.strerror(err)}")
+    if (err := -native_lib.vm_fallocate(fd, mode, offset, length)) != 0:
+        raise OSError(err, f"fallocate(mode={mode:#x}): {os.strerror(err)}")
 
 
 # -- vectored I/O that copes with short transfers and IOV_MAX ----------------------------

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import zlib
 
-import cffi
-
 from virtio.devices.blk.qcow2.header import COMPRESSION_DEFLATE, COMPRESSION_ZSTD, Qcow2FormatError
 
-_ffi = cffi.FFI()
-_ffi.cdef(
-    """
+_ZSTD_CDEF = """
     typedef struct { const void *src; size_t size; size_t pos; } ZSTD_inBuffer;
     typedef struct { void *dst; size_t size; size_t pos; } ZSTD_outBuffer;
     typedef struct ZSTD_DCtx_s ZSTD_DCtx;
@@ -27,20 +23,28 @@ _ffi.cdef(
     size_t ZSTD_decompressStream(ZSTD_DCtx *zds, ZSTD_outBuffer *output, ZSTD_inBuffer *input);
     unsigned ZSTD_isError(size_t code);
     const char *ZSTD_getErrorName(size_t code);
-    """
-)
+"""
+_ffi = None
 _zstd = None
 
 
 def _libzstd():
-    global _zstd
+    """libzstd, loaded at the first zstd cluster (the cdef is parsed then, not when
+    every qcow2 image is opened)."""
+    global _ffi, _zstd
     if _zstd is None:
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef(_ZSTD_CDEF)
         try:
-            _zstd = _ffi.dlopen("libzstd.so.1")
+            lib = ffi.dlopen("libzstd.so.1")
         except OSError as exc:
             raise Qcow2FormatError(
                 f"zstd-compressed cluster, but libzstd is missing: {exc}"
             ) from None
+        _ffi = ffi  # before _zstd: another thread that sees _zstd uses _ffi
+        _zstd = lib
     return _zstd
 
 
