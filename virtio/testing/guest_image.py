@@ -9,7 +9,8 @@ Everything is cached in ``${PYVIRTIO_CACHE:-~/.cache/pyvirtio}/guest/<kver>-v<N>
 (``<kver>`` the kernel release, ``<N>`` :data:`IMAGE_FORMAT`), with:
 
 - ``vmlinuz``         the kernel;
-- ``initrd.img``      busybox + modules + mke2fs/e2fsck + /init (small, boots fast);
+- ``initrd.img``      busybox + modules + mke2fs/e2fsck + /init, an uncompressed cpio
+                      archive (small, boots fast);
 - ``initrd-fio.img``  the same followed by a second archive holding ``fio`` and its
                       shared libraries (Linux unpacks concatenated archives);
 - ``manifest.json``   what was put in, written last: a directory without it is junk.
@@ -31,7 +32,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import gzip
 import json
 import os
 import re
@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: Bump when the image content or the /init protocol changes: old caches are ignored.
-IMAGE_FORMAT = 5
+IMAGE_FORMAT = 6
 
 #: The Debian metapackage whose dependency names the kernel to use.
 KERNEL_METAPACKAGE = "linux-image-amd64"
@@ -385,7 +385,7 @@ def _build_into(tmp: Path, out: Path, package: str, kver: str, *, fio: bool) -> 
         _CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev=(5, 1)),
         _CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)),
     ]
-    base_bytes = _gzip_cpio(base_entries)
+    base_bytes = _cpio(base_entries)
     (out / "initrd.img").write_bytes(base_bytes)
 
     fio_progs: list[str] = []
@@ -396,7 +396,7 @@ def _build_into(tmp: Path, out: Path, package: str, kver: str, *, fio: bool) -> 
         if not fio_progs:
             raise GuestImageError("fio requested but /usr/bin/fio is not installed on the host")
         _log("writing initrd-fio.img")
-        (out / "initrd-fio.img").write_bytes(base_bytes + _gzip_cpio(_tree_entries(ftree)))
+        (out / "initrd-fio.img").write_bytes(base_bytes + _cpio(_tree_entries(ftree)))
 
     manifest = {
         "format": IMAGE_FORMAT,
@@ -615,8 +615,10 @@ def _tree_entries(tree: Path) -> Iterator[_CpioEntry]:
                 yield _CpioEntry(rel, stat.S_IFREG | (st.st_mode & 0o777), path.read_bytes())
 
 
-def _gzip_cpio(entries: Iterable[_CpioEntry]) -> bytes:
-    """A gzip'ed cpio "newc" archive (uid/gid 0, mtime 0: reproducible)."""
+def _cpio(entries: Iterable[_CpioEntry]) -> bytes:
+    """A cpio "newc" archive (uid/gid 0, mtime 0: reproducible), not compressed: the
+    kernel then copies it instead of inflating it, 0.5-2 s less per boot under TCG
+    (the fio archive is 36 MiB gzip'ed, 96 MiB as is) for more bytes on disk."""
     chunks: list[bytes] = []
     ino = 1
 
@@ -636,8 +638,7 @@ def _gzip_cpio(entries: Iterable[_CpioEntry]) -> bytes:
         add(e.name, e.mode, e.data, e.rdev)
     add("TRAILER!!!", 0, b"", (0, 0))
     raw = b"".join(chunks)
-    raw += b"\0" * (-len(raw) % 512)
-    return gzip.compress(raw, compresslevel=6, mtime=0)
+    return raw + b"\0" * (-len(raw) % 512)
 
 
 # --------------------------------------------------------------------------- /init
