@@ -168,6 +168,25 @@ class VhostUserServer:
         self._frontend_sock: trio.socket.SocketType | None = None
         self.requests: dict[int, int] = {}
         """Chains popped per vring index over all connections (statistics)."""
+        self._stopping = False
+        self._reading: trio.CancelScope | None = None  # the connection's message loop
+        self._idle = trio.Event()  # set while no connection is being served
+        self._idle.set()
+
+    def stop_serving(self) -> None:
+        """An orderly stop (SIGTERM): read no more messages and serve no new front-end;
+        the connected one's rings drain as on any disconnect (the requests in flight
+        complete and are published, up to ``drain_timeout``) and it is closed, so a
+        restarted back-end finds nothing to resubmit.  :meth:`wait_stopped` waits for
+        that."""
+        self._stopping = True
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def wait_stopped(self) -> None:
+        """Until no connection is being served (after :meth:`stop_serving`: the
+        connected front-end's rings have drained and the device is reset)."""
+        await self._idle.wait()
 
     def requests_per_vring(self) -> dict[int, int]:
         """Chains popped per vring index, this connection included."""
@@ -255,6 +274,9 @@ class VhostUserServer:
                     log.error("%s: accept failed: %s", self.name, exc)
                     await trio.sleep(0.1)
                     continue
+                if self._stopping:
+                    conn.close()
+                    continue
                 if self._frontend is not None and not self._frontend_hung_up():
                     self._refuse(conn)
                     continue
@@ -312,6 +334,15 @@ class VhostUserServer:
             self._unclaim(name)
 
     async def _serve_turn(self, sock: trio.socket.SocketType, name: str) -> None:
+        if self._stopping:
+            return
+        self._idle = trio.Event()
+        try:
+            await self._serve_counted(sock, name)
+        finally:
+            self._idle.set()
+
+    async def _serve_counted(self, sock: trio.socket.SocketType, name: str) -> None:
         self.connections += 1
         log.info("%s: front-end connected", name)
         conn = BackendConnection(max_queues=self.device.num_queues)
@@ -342,17 +373,22 @@ class VhostUserServer:
             if self._on_handler is not None:
                 self._on_handler(handler)
             try:
-                try:
-                    reason = await self._serve(sock, conn, handler, name)
-                except Exception as exc:  # a bug of ours: drop this connection only
-                    log.exception("%s: internal error", name)
-                    self._record(name, exc)
-                    reason = f"internal error {type(exc).__name__}"
+                reason = "the back-end is stopping"
+                with trio.CancelScope() as self._reading:
+                    if self._stopping:
+                        self._reading.cancel()
+                    try:
+                        reason = await self._serve(sock, conn, handler, name)
+                    except Exception as exc:  # a bug of ours: drop this connection only
+                        log.exception("%s: internal error", name)
+                        self._record(name, exc)
+                        reason = f"internal error {type(exc).__name__}"
                 log.info("%s: connection closed: %s", name, reason)
                 hint = handler.hint_on_close()
                 if hint is not None:
                     log.warning("%s: %s", name, hint)
             finally:
+                self._reading = None
                 self._unclaim(name)  # gone: the next front-end may queue up
                 await handler.aclose()
                 nursery.cancel_scope.cancel()
