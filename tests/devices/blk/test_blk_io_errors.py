@@ -19,6 +19,7 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -69,13 +70,12 @@ class Backend:
 
 
 @asynccontextmanager
-async def backend(tmp_path: Path, *, dataplane: str, features_off: int = 0):
-    img = tmp_path / "disk.img"
-    img.write_bytes(bytes(4 * MiB))
-    faults = FaultInjector(tmp_path / "faults")
-    env = faults.env()
-    env["PYVIRTIO_BLK_DATAPLANE"] = "0" if dataplane == "python" else "1"
-    aio = "threads" if dataplane == "python" else dataplane
+async def serve_blk_on_fd(
+    tmp_path: Path, img: Path, *options: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[trio.Process, str, Path]]:
+    """``virtio serve blk`` on ``img`` with ``options``, handed a listening socket
+    (``--fd``): the process, the socket's path (listening already) and its stderr;
+    killed at the end if it is still running."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path = os.fspath(tmp_path / "blk.sock")
     listener.bind(path)
@@ -84,31 +84,45 @@ async def backend(tmp_path: Path, *, dataplane: str, features_off: int = 0):
     with open(log, "wb") as err:
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "virtio", "serve", "blk", "--fd", str(listener.fileno()),
-             "--blk-file", os.fspath(img), "--aio", aio],
+             "--blk-file", os.fspath(img), *options],
             pass_fds=(listener.fileno(),),
             stderr=err,
             env=env,
             cwd=REPO,
         )  # fmt: skip
     listener.close()
-    ram = GuestRam(8 * MiB)
     try:
-        with trio.fail_after(30):
-            fe = await VhostUserFrontend.connect(path)
-        offered = await fe.get_u64(R.GET_FEATURES)
-        packed = TF.VIRTIO_F_RING_PACKED.mask
-        await fe.negotiate(features=offered & ~(1 << 26 | packed | features_off))
-        await fe.set_mem_table(ram)
-        vq = await fe.setup_vring(0, ram, size=32)
-        try:
-            yield Backend(proc, fe, vq, faults, log)
-        finally:
-            await fe.aclose()
+        yield proc, path, log
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        ram.close()
+
+
+@asynccontextmanager
+async def backend(tmp_path: Path, *, dataplane: str, features_off: int = 0):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4 * MiB))
+    faults = FaultInjector(tmp_path / "faults")
+    env = faults.env()
+    env["PYVIRTIO_BLK_DATAPLANE"] = "0" if dataplane == "python" else "1"
+    aio = "threads" if dataplane == "python" else dataplane
+    async with serve_blk_on_fd(tmp_path, img, "--aio", aio, env=env) as (proc, path, log):
+        ram = GuestRam(8 * MiB)
+        try:
+            with trio.fail_after(30):
+                fe = await VhostUserFrontend.connect(path)
+            offered = await fe.get_u64(R.GET_FEATURES)
+            packed = TF.VIRTIO_F_RING_PACKED.mask
+            await fe.negotiate(features=offered & ~(1 << 26 | packed | features_off))
+            await fe.set_mem_table(ram)
+            vq = await fe.setup_vring(0, ram, size=32)
+            try:
+                yield Backend(proc, fe, vq, faults, log)
+            finally:
+                await fe.aclose()
+        finally:
+            ram.close()
 
 
 @pytest.fixture(params=["io_uring", "threads", "python"])
