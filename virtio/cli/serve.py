@@ -65,7 +65,8 @@ RNG_CAPABILITIES = {"type": "rng"}
 
 
 SIGNALS_HELP = """signals:
-  SIGINT, SIGTERM  stop cleanly (exit status 0), printing final statistics
+  SIGINT, SIGTERM  stop cleanly (exit status 0): the requests in flight complete
+                   first (up to 5 s), then final statistics are printed
   SIGUSR1          print statistics on stderr (with a timestamp)
   SIGHUP           blk: re-read the image size and announce a resize to the guest
 
