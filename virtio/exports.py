@@ -35,7 +35,7 @@ import trio
 from virtio.control import ArgumentError, CommandRegistry, ControlError
 from virtio.device import ControlCommand, VirtioDevice
 from virtio.stats import latency_quantile
-from virtio.transport.vhost_user.server import VhostUserServer
+from virtio.transport.vhost_user.server import VhostUserServer, stop_servers
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,10 @@ class ExportSet:
         self._added = True
 
     async def remove(self, export_id: str) -> None:
-        """Stop serving export ``export_id`` (its front-end is disconnected) and close it."""
+        """Stop serving export ``export_id`` (its front-end is disconnected once the
+        requests in flight have completed: ``stop_servers``) and close it."""
         export = self.get(export_id)
+        await stop_servers((export.server,))
         export.scope.cancel()
         await export.done.wait()
         log.info("export %s (%s) removed", export.id, export.kind)

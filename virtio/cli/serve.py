@@ -615,23 +615,6 @@ def run_exports(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             export.release()
 
 
-STOP_GRACE = 5.0
-"""Seconds an orderly stop waits for the connections' in-flight requests (each ring
-drains for at most 1 s, as on a disconnect) before cancelling what is left."""
-
-
-async def stop_serving(servers: Any) -> None:
-    """An orderly stop (SIGTERM, SIGINT): every server reads no more messages, its
-    rings drain (requests in flight complete and are published to the guest), then it
-    closes; a restarted back-end has nothing to resubmit.  Cancelling straight away
-    abandoned those requests and waited out the drain of each ring in turn."""
-    for server in servers:
-        server.stop_serving()
-    with trio.move_on_after(STOP_GRACE):
-        for server in servers:
-            await server.wait_stopped()
-
-
 def _delay_requests(device: Any, seconds: float) -> None:
     """Testing aid: every request waits ``seconds`` before it runs."""
     handle = device.handle
@@ -733,6 +716,7 @@ async def _serve_exports(
     from virtio.cli.systemd import notify
     from virtio.control.server import serve_control
     from virtio.exports import ExportSet
+    from virtio.transport.vhost_user.server import stop_servers
 
     single = prefix != "virtio serve"
     control = getattr(args, "control", None)
@@ -775,7 +759,7 @@ async def _serve_exports(
                     continue
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 notify("STOPPING=1")
-                await stop_serving([e.server for e in exports_set.exports.values()])
+                await stop_servers(e.server for e in exports_set.exports.values())
                 nursery.cancel_scope.cancel()
                 break
     _print_statistics(prefix, served, single=single, stamp=False)

@@ -182,9 +182,9 @@ def statistics(ports: list[Any], servers: list[Any], tap: Any) -> str:
 
 
 async def _serve_ports(ports: list[Any], tap: Any, args: argparse.Namespace) -> int:
-    from virtio.cli.serve import _now, stop_serving
+    from virtio.cli.serve import _now
     from virtio.cli.systemd import notify
-    from virtio.transport.vhost_user.server import VhostUserServer
+    from virtio.transport.vhost_user.server import VhostUserServer, stop_servers
 
     servers = [VhostUserServer(p, name=f"virtio-net/{p.name}") for p in ports]
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
@@ -208,7 +208,7 @@ async def _serve_ports(ports: list[Any], tap: Any, args: argparse.Namespace) -> 
                     continue
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 notify("STOPPING=1")
-                await stop_serving(servers)
+                await stop_servers(servers)
                 nursery.cancel_scope.cancel()
                 break
     print(

@@ -55,7 +55,7 @@ import os
 import select
 import socket
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import trio
@@ -460,3 +460,21 @@ class VhostUserServer:
         log.error("%s: protocol error %s: %s; closing", name, type(exc).__name__, exc)
         self._record(name, exc)
         return f"protocol error {type(exc).__name__}"
+
+
+STOP_GRACE = 5.0
+"""Seconds an orderly stop waits for the connections' in-flight requests (each ring
+drains for at most 1 s, as on a disconnect) before the caller cancels what is left."""
+
+
+async def stop_servers(servers: Iterable[VhostUserServer], grace: float = STOP_GRACE) -> None:
+    """An orderly stop (SIGTERM, SIGINT, an export removed): every server reads no more
+    messages, its rings drain (the requests in flight complete and reach the guest),
+    then it closes; a restarted back-end has nothing to resubmit.  Cancelling straight
+    away abandoned those requests and waited out the drain of each ring in turn."""
+    servers = list(servers)
+    for server in servers:
+        server.stop_serving()
+    with trio.move_on_after(grace):
+        for server in servers:
+            await server.wait_stopped()
